@@ -1,0 +1,153 @@
+"""Model-level adapter operations: activate, disable, merge, unload, count parameters."""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from lorakit.inject import (_remove_adapter_everywhere, _set_submodule, get_state, iter_lora_layers,
+                            iter_saved_modules, mark_trainable, require_state)
+
+
+def _check_names(model: nn.Module, names: list[str]) -> None:
+    state = require_state(model)
+    unknown = [n for n in names if n not in state.configs]
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(state.configs)}")
+
+
+def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
+    """Make ``adapter_name`` (or a list: their updates are summed) the active adapter(s).
+
+    Which adapters train is not changed (see ``set_trainable``).
+    """
+    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    _check_names(model, names)
+    state = require_state(model)
+    state.active = names
+    for _, layer in iter_lora_layers(model):
+        layer.active_adapters = list(names)
+    for _, wrapper in iter_saved_modules(model):
+        wrapper.active_adapter = next((n for n in names if n in wrapper.modules_to_save), None)
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    """Names of the active adapters."""
+    return list(require_state(model).active)
+
+
+def set_trainable(model: nn.Module, adapter_names: str | list[str]) -> None:
+    """Make exactly ``adapter_names`` trainable (requires_grad) and freeze everything else."""
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    _check_names(model, names)
+    require_state(model).trainable = set(names)
+    mark_trainable(model)
+
+
+def delete_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Remove adapter ``adapter_name`` from the model and free its tensors."""
+    _check_names(model, [adapter_name])
+    _remove_adapter_everywhere(model, adapter_name)
+    state = require_state(model) if get_state(model) and get_state(model).configs else None
+    if state is not None:
+        set_adapter(model, state.active or [next(iter(state.configs))])
+
+
+@contextlib.contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Context manager in which ``model`` computes exactly the base model's output.
+
+    Merged adapters are unmerged for the duration and merged back afterwards.
+    """
+    require_state(model)
+    layers = [layer for _, layer in iter_lora_layers(model)]
+    wrappers = [w for _, w in iter_saved_modules(model)]
+    merged = {id(layer): list(layer.merged_adapters) for layer in layers}
+    for layer in layers:
+        if layer.merged_adapters:
+            layer.unmerge()
+        layer.disabled = True
+    for wrapper in wrappers:
+        wrapper.disabled = True
+    try:
+        yield model
+    finally:
+        for layer in layers:
+            layer.disabled = False
+            if merged[id(layer)]:
+                layer.merge(merged[id(layer)])
+        for wrapper in wrappers:
+            wrapper.disabled = False
+
+
+def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool = False) -> nn.Module:
+    """Fold the active (or given) adapters into the base weights, keeping the LoRA layers (undo with ``unmerge``)."""
+    if adapter_names is not None:
+        _check_names(model, adapter_names)
+    require_state(model)
+    for _, layer in iter_lora_layers(model):
+        layer.merge(adapter_names, safe=safe)
+    return model
+
+
+def unmerge(model: nn.Module) -> nn.Module:
+    """Take every merged adapter back out of the base weights."""
+    for _, layer in iter_lora_layers(model):
+        layer.unmerge()
+    return model
+
+
+def _strip(model: nn.Module, do_merge: bool, safe: bool = False) -> nn.Module:
+    require_state(model)
+    for name, layer in list(iter_lora_layers(model)):
+        if do_merge:
+            layer.merge(safe=safe)
+        elif layer.merged_adapters:
+            layer.unmerge()
+        _set_submodule(model, name, layer.base_layer)
+    for name, wrapper in list(iter_saved_modules(model)):
+        _set_submodule(model, name, wrapper.current() if do_merge else wrapper.original_module)
+    model.__dict__.pop("_lorakit", None)
+    return model
+
+
+def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
+    """Merge the active adapters into the base weights and remove every LoRA module.
+
+    Returns:
+        The same model object, now an ordinary model whose weights are W + scaling · B @ A
+        (and whose ``modules_to_save`` are the trained copies).
+    """
+    return _strip(model, do_merge=True, safe=safe)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every LoRA module without merging: back to exactly the base model."""
+    return _strip(model, do_merge=False)
+
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, total)`` parameter counts; tied parameters are counted once."""
+    seen: set[int] = set()
+    trainable = total = 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        n = p.numel()
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def print_trainable_parameters(model: nn.Module) -> dict[str, float]:
+    """Print and return total / trainable parameters and the trainable percentage."""
+    trainable, total = count_parameters(model)
+    percent = 100.0 * trainable / total if total else 0.0
+    print(f"Total parameters:     {total:,}")
+    print(f"Trainable parameters: {trainable:,}")
+    print(f"Trainable %:          {percent:.4f}%")
+    return {"total": total, "trainable": trainable, "percent": percent}

@@ -1,0 +1,63 @@
+"""The ``lorakit`` command line.
+
+Each feature area owns its subcommands in its own module and exposes ``register(subparsers)``;
+this file only wires them together, so adding a command never touches another area's code.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from lorakit import __version__
+
+# Modules that contribute subcommands, in the order they appear in ``lorakit --help``.
+# A module that is missing (a feature not built yet) is skipped, not an error.
+_COMMAND_MODULES = (
+    "lorakit.train.cli",
+    "lorakit.analysis.cli",
+    "lorakit.serve.cli",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Build the top-level parser with every registered subcommand."""
+    parser = argparse.ArgumentParser(
+        prog="lorakit",
+        description="LoRA fine-tuning for PyTorch models: train, generate, merge, analyse adapters.",
+    )
+    parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name is not None and name.startswith(exc.name):
+                continue  # that feature area is not installed / not built
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``lorakit`` console script; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
+    except (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError) as exc:
+        # User-facing errors carry a message that names the bad value; no deep traceback.
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"lorakit {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

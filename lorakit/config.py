@@ -1,0 +1,199 @@
+"""LoraConfig: the hyper-parameters of one adapter, with PEFT's field names and meanings.
+
+The same object is written to ``adapter_config.json`` so that an adapter saved by lorakit loads in
+Hugging Face PEFT (and from there in vLLM or llama.cpp's converter), and the other way round.
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+CONFIG_NAME = "adapter_config.json"
+
+# Keys PEFT writes that lorakit has no use for; they are accepted on load and ignored.
+_IGNORED_PEFT_KEYS = frozenset({
+    "peft_type", "peft_version", "auto_mapping", "revision", "lora_bias", "layer_replication",
+    "loftq_config", "megatron_config", "megatron_core", "eva_config", "corda_config", "arrow_config",
+    "alora_invocation_tokens", "use_qalora", "qalora_group_size", "trainable_token_indices",
+    "target_parameters", "ensure_weight_tying", "kasa_config", "lora_ga_config", "monteclora_config",
+    "use_bdlora", "velora_config", "runtime_config", "layers_pattern_regex",
+})
+
+_BIAS_CHOICES = ("none", "all", "lora_only")
+
+
+@dataclass
+class LoraConfig:
+    """Hyper-parameters of one LoRA adapter (PEFT's ``LoraConfig`` field names).
+
+    The update added to a frozen weight W is ``ΔW = scaling · B @ A`` with ``A: (r, in)``,
+    ``B: (out, r)`` and ``scaling = lora_alpha / r`` (or ``lora_alpha / sqrt(r)`` with rsLoRA).
+
+    Args:
+        r: Rank of the update (the inner dimension of B @ A). Must be >= 1.
+        lora_alpha: Numerator of the scaling factor.
+        lora_dropout: Dropout probability applied to the LoRA branch's input during training.
+        target_modules: Which modules get an adapter. A list matches a module whose full name equals
+            an entry or ends with ``"." + entry``; a string is a regex full-matched against the full
+            name; ``"all-linear"`` is every Linear / GPT-2 Conv1D except the output head.
+        exclude_modules: Modules never to target (same matching rules as ``target_modules``).
+        layers_to_transform: Only target modules inside these layer indices.
+        layers_pattern: Name of the layer list (e.g. ``"layers"``, ``"h"``) the indices refer to.
+        rank_pattern: ``{module-name pattern: r}`` overriding ``r`` for matching modules.
+        alpha_pattern: ``{module-name pattern: alpha}`` overriding ``lora_alpha``.
+        bias: Which biases train: ``"none"``, ``"all"`` or ``"lora_only"`` (biases of targeted layers).
+        modules_to_save: Modules (besides the adapters) that are fully trained and saved, e.g. a head.
+        init_lora_weights: ``True`` (A kaiming-uniform(a=√5), B = 0), ``False`` (both random: the
+            adapter changes the output from the start; for tests), ``"gaussian"`` (A ~ N(0, 1/r)),
+            or a variant's initialisation name (e.g. ``"pissa"``) where that variant is installed.
+        use_rslora: Use rank-stabilised scaling ``lora_alpha / sqrt(r)`` (Kalajdzievski 2023).
+        use_dora: Weight-decomposed LoRA (Liu et al. 2024), where the DoRA variant is installed.
+        fan_in_fan_out: True when the base weight is stored (in, out), as in GPT-2's Conv1D. lorakit
+            detects Conv1D itself; this field is kept for PEFT compatibility.
+        task_type: Free-form task tag PEFT uses to pick a wrapper class (e.g. ``"CAUSAL_LM"``).
+        base_model_name_or_path: Where the base model came from; informational.
+        inference_mode: Written by PEFT; True means the adapter loads frozen.
+    """
+
+    r: int = 8
+    lora_alpha: float = 8
+    lora_dropout: float = 0.0
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] | str | None = None
+    layers_to_transform: list[int] | int | None = None
+    layers_pattern: list[str] | str | None = None
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    bias: str = "none"
+    modules_to_save: list[str] | None = None
+    init_lora_weights: bool | str = True
+    use_rslora: bool = False
+    use_dora: bool = False
+    fan_in_fan_out: bool = False
+    task_type: str | None = None
+    base_model_name_or_path: str | None = None
+    inference_mode: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
+        if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
+            raise ValueError(f"LoraConfig.lora_alpha must be a number, got {self.lora_alpha!r}")
+        if not 0.0 <= float(self.lora_dropout) < 1.0:
+            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in _BIAS_CHOICES:
+            raise ValueError(f"LoraConfig.bias must be one of {_BIAS_CHOICES}, got {self.bias!r}")
+        # Copies, so that nothing lorakit does later can edit the caller's lists and dicts.
+        for name in ("target_modules", "exclude_modules", "layers_pattern", "modules_to_save"):
+            value = getattr(self, name)
+            if isinstance(value, (set, tuple)):
+                value = sorted(value)
+            if isinstance(value, list):
+                if not all(isinstance(v, str) for v in value):
+                    raise TypeError(f"LoraConfig.{name} must hold strings, got {value!r}")
+                value = list(value)
+            elif value is not None and not isinstance(value, str):
+                raise TypeError(f"LoraConfig.{name} must be a list of names or a string, got {value!r}")
+            setattr(self, name, value)
+        if isinstance(self.layers_to_transform, (tuple, range)):
+            self.layers_to_transform = list(self.layers_to_transform)
+        self.rank_pattern = dict(self.rank_pattern or {})
+        self.alpha_pattern = dict(self.alpha_pattern or {})
+        for key, value in self.rank_pattern.items():
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+        if not (isinstance(self.init_lora_weights, bool) or isinstance(self.init_lora_weights, str)):
+            raise TypeError(f"LoraConfig.init_lora_weights must be a bool or a string, got {self.init_lora_weights!r}")
+
+    # ---- per-module values -------------------------------------------------------------------
+
+    def rank_for(self, module_name: str) -> int:
+        """Rank of the adapter on ``module_name`` (``rank_pattern`` wins over ``r``)."""
+        key = _pattern_key(self.rank_pattern, module_name)
+        return int(self.rank_pattern[key]) if key is not None else self.r
+
+    def alpha_for(self, module_name: str) -> float:
+        """Alpha of the adapter on ``module_name`` (``alpha_pattern`` wins over ``lora_alpha``)."""
+        key = _pattern_key(self.alpha_pattern, module_name)
+        return float(self.alpha_pattern[key]) if key is not None else float(self.lora_alpha)
+
+    def scaling_for(self, module_name: str) -> float:
+        """``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023, eq. 5)."""
+        r = self.rank_for(module_name)
+        alpha = self.alpha_for(module_name)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    # ---- (de)serialisation -------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``adapter_config.json`` content, as PEFT writes it."""
+        data = asdict(self)
+        data["peft_type"] = "LORA"
+        if isinstance(self.target_modules, list):
+            data["target_modules"] = sorted(set(self.target_modules))
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "adapter config") -> "LoraConfig":
+        """Build a config from ``adapter_config.json`` content, refusing what PEFT would guess.
+
+        Raises:
+            ValueError: the config is not a LoRA config, lacks ``r`` or ``lora_alpha``, or holds a
+                field lorakit does not know (the field is named).
+        """
+        if not isinstance(data, dict):
+            raise ValueError(f"{source}: expected a JSON object, found {type(data).__name__}")
+        peft_type = data.get("peft_type", "LORA")
+        if str(peft_type).upper() != "LORA":
+            raise ValueError(f"{source}: peft_type is {peft_type!r}; lorakit reads LoRA adapters only ('LORA')")
+        for required in ("r", "lora_alpha"):
+            if required not in data:
+                raise ValueError(f"{source}: required field {required!r} is missing (PEFT would silently use a default; lorakit does not)")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(k for k in data if k not in known and k not in _IGNORED_PEFT_KEYS)
+        if unknown:
+            raise ValueError(f"{source}: unknown field(s) {unknown}; lorakit knows {sorted(known)}")
+        kwargs = {k: v for k, v in data.items() if k in known}
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"{source}: {exc}") from None
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``adapter_config.json`` into ``directory`` atomically; returns its path."""
+        from lorakit.io import atomic_write_bytes
+
+        path = Path(directory) / CONFIG_NAME
+        atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode())
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "LoraConfig":
+        """Read ``adapter_config.json`` from an adapter directory.
+
+        Raises:
+            FileNotFoundError: the directory or its config file does not exist.
+            ValueError: the file is not valid JSON or not a usable LoRA config.
+        """
+        path = Path(directory) / CONFIG_NAME
+        if not Path(directory).is_dir():
+            raise FileNotFoundError(f"adapter directory not found: {directory}")
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: an adapter directory holds {CONFIG_NAME} and adapter_model.safetensors")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"{path}: not valid JSON ({exc})") from None
+        return cls.from_dict(data, source=str(path))
+
+
+def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
+    """First pattern in ``patterns`` that matches the end of ``module_name`` (PEFT's rule)."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module_name):
+            return key
+    return None

@@ -1,0 +1,358 @@
+"""Injection: find the modules a config targets and wrap them in LoRA layers, in place.
+
+Target matching follows PEFT's rules exactly (so an adapter_config.json means the same thing in
+both libraries), except that a pattern that matches nothing is an error here, not a silent skip.
+"""
+from __future__ import annotations
+
+import copy
+import difflib
+import re
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.layers import LAYER_TYPES, LoraLayer, lora_class_for
+from lorakit.variants import variant_for
+
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class LoraState:
+    """What lorakit remembers on a model it injected into (stored as ``model._lorakit``).
+
+    Attributes:
+        configs: adapter name -> the config it was created with (a private copy).
+        active: names of the active adapters, in order (their updates are summed).
+        trainable: names of the adapters whose parameters require grad.
+    """
+
+    configs: dict[str, LoraConfig] = field(default_factory=dict)
+    active: list[str] = field(default_factory=list)
+    trainable: set[str] = field(default_factory=set)
+
+
+class ModulesToSave(nn.Module):
+    """A module trained in full beside the adapters (``modules_to_save``, e.g. a classifier head).
+
+    Each adapter gets its own trainable copy; the original is kept untouched so that disabling or
+    unloading the adapter gives back exactly the base model.
+    """
+
+    def __init__(self, original_module: nn.Module) -> None:
+        super().__init__()
+        self.original_module = original_module
+        self.modules_to_save = nn.ModuleDict()
+        self.active_adapter: str | None = None
+        self.disabled = False
+
+    def add_adapter(self, name: str) -> None:
+        """Give adapter ``name`` its own copy of the original module and make it the active one."""
+        self.modules_to_save[name] = copy.deepcopy(self.original_module)
+        self.active_adapter = name
+
+    def current(self) -> nn.Module:
+        """The module forward uses now: the active adapter's copy, or the original when disabled."""
+        if self.disabled or self.active_adapter not in self.modules_to_save:
+            return self.original_module
+        return self.modules_to_save[self.active_adapter]
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.current()(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name.startswith("_") or name in ("original_module", "modules_to_save", "disabled", "active_adapter"):
+                raise  # not set up yet (e.g. during copying): never recurse
+            # Let code that reads e.g. ``lm_head.weight`` see the module in use.
+            return getattr(self.current(), name)
+
+
+# ---- the state lorakit keeps on a model -------------------------------------------------------------
+
+def get_state(model: nn.Module, create: bool = False) -> LoraState | None:
+    """The ``LoraState`` of ``model`` (None if lorakit never injected into it, unless ``create``)."""
+    state = model.__dict__.get("_lorakit")
+    if state is None and create:
+        state = LoraState()
+        model.__dict__["_lorakit"] = state
+    return state
+
+
+def require_state(model: nn.Module) -> LoraState:
+    """Like ``get_state`` but raises a clear error for a model without adapters."""
+    state = get_state(model)
+    if state is None or not state.configs:
+        raise ValueError("this model has no LoRA adapters (use get_lora_model or load_adapter first)")
+    return state
+
+
+def iter_lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
+    """Yield ``(module path, LoraLayer)`` for every LoRA layer in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            yield name, module
+
+
+def iter_saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
+    """Yield ``(module path, ModulesToSave)`` for every fully trained module in ``model``."""
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSave):
+            yield name, module
+
+
+# ---- matching ---------------------------------------------------------------------------------------
+
+def _name_matches(patterns: list[str] | str, name: str) -> bool:
+    """PEFT's rule: a string is a regex full-matched; a list entry equals the name or a dotted suffix."""
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return name in patterns or any(name.endswith("." + p) for p in patterns)
+
+
+def _layer_index_ok(config: LoraConfig, name: str) -> bool:
+    """``layers_to_transform`` / ``layers_pattern``: is ``name`` inside one of the chosen layers?"""
+    wanted = config.layers_to_transform
+    if wanted is None or (isinstance(wanted, list) and not wanted):
+        return True
+    patterns = config.layers_pattern
+    if not patterns:
+        # The first numbered path segment is the layer index ("model.layers.3.mlp" -> 3).
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    else:
+        match = None
+        for pattern in [patterns] if isinstance(patterns, str) else patterns:
+            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            if match:
+                break
+    if not match:
+        return False
+    index = int(match.group("idx"))
+    return index == wanted if isinstance(wanted, int) else index in wanted
+
+
+def _linear_like_types() -> tuple[type, ...]:
+    types: list[type] = [nn.Linear]
+    try:
+        from transformers.pytorch_utils import Conv1D
+
+        types.append(Conv1D)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)
+
+
+def _output_head_names(model: nn.Module) -> set[str]:
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if head is None:
+        return set()
+    return {name for name, module in model.named_modules() if module is head}
+
+
+def _inside_lora(name: str, wrapper_prefixes: list[str]) -> bool:
+    return any(name.startswith(p + ".") for p in wrapper_prefixes)
+
+
+def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Full names of the modules ``config`` targets in ``model`` (already-wrapped layers included).
+
+    Raises:
+        ValueError: ``target_modules`` is missing, matches nothing (the message lists the closest
+            existing module names), or matches a module type that has no LoRA layer.
+    """
+    if config.target_modules is None:
+        raise ValueError("LoraConfig.target_modules is required, e.g. ['q_proj', 'v_proj'] or 'all-linear'")
+    all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR
+    linear_types = _linear_like_types()
+    heads = _output_head_names(model) if all_linear else set()
+    wrappers = [n for n, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))]
+    saved = config.modules_to_save or []
+    found: list[str] = []
+    for name, module in model.named_modules():
+        if not name or _inside_lora(name, wrappers):
+            continue
+        if config.exclude_modules and _name_matches(config.exclude_modules, name):
+            continue
+        if saved and any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in saved):
+            continue
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        if all_linear:
+            hit = isinstance(base, linear_types) and name not in heads
+        else:
+            hit = _name_matches(config.target_modules, name)
+        if not hit or not _layer_index_ok(config, name):
+            continue
+        if not isinstance(module, LoraLayer) and lora_class_for(module) is None:
+            supported = sorted({c.__name__ for c in LAYER_TYPES})
+            raise ValueError(
+                f"target module {name!r} is a {type(module).__name__}, which has no LoRA layer; "
+                f"supported types: {supported}. Name its Linear/Embedding/Conv children instead."
+            )
+        found.append(name)
+    if not found:
+        raise ValueError(_no_match_message(model, config))
+    return found
+
+
+def _no_match_message(model: nn.Module, config: LoraConfig) -> str:
+    names = [n for n, _ in model.named_modules() if n]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and lora_class_for(m) is not None})
+    patterns = [config.target_modules] if isinstance(config.target_modules, str) else config.target_modules
+    close: list[str] = []
+    for pattern in patterns:
+        close += difflib.get_close_matches(pattern, leaves + names, n=5, cutoff=0.3)
+    hint = f" Closest module names: {sorted(set(close))[:8]}." if close else ""
+    where = ""
+    if config.layers_to_transform is not None:
+        where = f" (with layers_to_transform={config.layers_to_transform}, layers_pattern={config.layers_pattern})"
+    return (f"target_modules {config.target_modules!r} matched no module of {type(model).__name__}{where}.{hint} "
+            f"Targetable leaf names: {leaves[:20]}")
+
+
+# ---- wrapping ---------------------------------------------------------------------------------------
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def _find_saved_module_names(model: nn.Module, config: LoraConfig) -> list[str]:
+    if not config.modules_to_save:
+        return []
+    names = [n for n, m in model.named_modules()
+             if n and _name_matches(config.modules_to_save, n) and not isinstance(m, LoraLayer)
+             and not _inside_lora(n, [p for p, q in model.named_modules() if isinstance(q, ModulesToSave)])]
+    missing = [m for m in config.modules_to_save if not any(n == m or n.endswith("." + m) for n in names)]
+    if missing:
+        raise ValueError(f"modules_to_save {missing} matched no module of {type(model).__name__}")
+    return names
+
+
+def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
+                   init_lora_weights: bool | str | None = None) -> list[str]:
+    """Add adapter ``adapter_name`` to every module ``config`` targets; returns the module names.
+
+    The model is only changed once every target has been checked, so a bad config leaves it as it was.
+    The caller's config object is never edited (a private copy is kept). ``init_lora_weights``
+    overrides the config's initialisation (loading uses ``False``: the weights come from the file,
+    and an init method such as PiSSA must not touch the base weights).
+    """
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"expected a lorakit LoraConfig, got {type(config).__name__}")
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
+        raise ValueError(f"adapter name must be a non-empty string without dots, got {adapter_name!r}")
+    state = get_state(model)
+    if state is not None and adapter_name in state.configs:
+        raise ValueError(f"adapter {adapter_name!r} already exists on this model; pick another name or delete it first")
+    config = copy.deepcopy(config)
+    targets = find_target_modules(model, config)
+    saved = _find_saved_module_names(model, config)
+    variant = variant_for(config)  # validates the variant before any change
+    state = get_state(model, create=True)
+    state.configs[adapter_name] = config
+    try:
+        for name in targets:
+            module = model.get_submodule(name)
+            if not isinstance(module, LoraLayer):
+                layer = lora_class_for(module)(module)
+                _set_submodule(model, name, layer)
+                module = layer
+            module.add_adapter(
+                adapter_name,
+                r=config.rank_for(name),
+                lora_alpha=config.alpha_for(name),
+                scaling=config.scaling_for(name),
+                lora_dropout=config.lora_dropout,
+                init_lora_weights=config.init_lora_weights if init_lora_weights is None else init_lora_weights,
+                variant=type(variant)() if variant is not None else None,
+            )
+            # Only the named adapter is active at first, as in PEFT.
+            module.active_adapters = [adapter_name] if not state.active else list(state.active)
+        for name in saved:
+            module = model.get_submodule(name)
+            if not isinstance(module, ModulesToSave):
+                wrapper = ModulesToSave(module)
+                _set_submodule(model, name, wrapper)
+                module = wrapper
+            module.add_adapter(adapter_name)
+            if state.active and adapter_name not in state.active:
+                module.active_adapter = state.active[0]
+    except Exception:
+        _remove_adapter_everywhere(model, adapter_name)
+        raise
+    if not state.active:
+        state.active = [adapter_name]
+    return targets
+
+
+def _remove_adapter_everywhere(model: nn.Module, adapter_name: str) -> None:
+    """Delete ``adapter_name`` from every layer and unwrap layers left without adapters."""
+    for name, layer in list(iter_lora_layers(model)):
+        if adapter_name in layer.lora_A:
+            layer.delete_adapter(adapter_name)
+        if not layer.lora_A:
+            _set_submodule(model, name, layer.base_layer)
+    for name, wrapper in list(iter_saved_modules(model)):
+        if adapter_name in wrapper.modules_to_save:
+            del wrapper.modules_to_save[adapter_name]
+            if wrapper.active_adapter == adapter_name:
+                wrapper.active_adapter = next(iter(wrapper.modules_to_save), None)
+        if not len(wrapper.modules_to_save):
+            _set_submodule(model, name, wrapper.original_module)
+    state = get_state(model)
+    if state is not None:
+        state.configs.pop(adapter_name, None)
+        state.trainable.discard(adapter_name)
+        if adapter_name in state.active:
+            state.active.remove(adapter_name)
+
+
+def mark_trainable(model: nn.Module) -> None:
+    """Freeze everything, then unfreeze the trainable adapters, their biases and saved modules."""
+    state = require_state(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name in state.trainable:
+        config = state.configs[name]
+        for _, layer in iter_lora_layers(model):
+            for store in layer.children():
+                if isinstance(store, nn.ParameterDict) and name in store:
+                    store[name].requires_grad_(True)
+            if config.bias == "lora_only" and name in layer.lora_A and getattr(layer.base_layer, "bias", None) is not None:
+                layer.base_layer.bias.requires_grad_(True)
+        for _, wrapper in iter_saved_modules(model):
+            if name in wrapper.modules_to_save:
+                wrapper.modules_to_save[name].requires_grad_(True)
+        if config.bias == "all":
+            for pname, p in model.named_parameters():
+                if pname.endswith("bias") or pname.endswith(".bias"):
+                    p.requires_grad_(True)
+
+
+def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
+    """Inject a trainable LoRA adapter into ``model`` in place and freeze everything else.
+
+    Args:
+        model: Any ``nn.Module`` (a transformers model, a torchvision net, your own).
+        config: Which modules to adapt and how.
+        adapter_name: Name of the adapter (several can live on one model).
+
+    Returns:
+        The same ``model`` object, with LoRA layers in place of its targeted modules.
+
+    Raises:
+        ValueError: the targets match nothing or an unsupported module type, or the name is taken.
+    """
+    inject_adapter(model, config, adapter_name)
+    state = require_state(model)
+    state.trainable.add(adapter_name)
+    mark_trainable(model)
+    return model

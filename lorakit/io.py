@@ -1,0 +1,274 @@
+"""Save and load adapters in Hugging Face PEFT's on-disk format.
+
+A directory holds ``adapter_config.json`` (see ``LoraConfig.to_dict``) and
+``adapter_model.safetensors`` whose keys are ``base_model.model.<module path>.<name>``:
+``lora_A.weight`` (r, in) / ``lora_B.weight`` (out, r) for linear-like layers (GPT-2 Conv1D
+included), ``lora_embedding_A`` (r, num) / ``lora_embedding_B`` (dim, r) for embeddings, biases as
+``<path>.base_layer.bias`` or ``<path>.bias``, and ``modules_to_save`` as full module tensors.
+The adapter's name never appears in a key. Loading never unpickles, checks every key and shape
+before touching the model, and leaves the model unchanged when anything is wrong.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lorakit.config import CONFIG_NAME, LoraConfig
+from lorakit.inject import (ModulesToSave, _find_saved_module_names, _remove_adapter_everywhere,
+                            find_target_modules, get_state, inject_adapter, iter_lora_layers,
+                            iter_saved_modules, mark_trainable, require_state)
+from lorakit.layers import LoraLayer, lora_class_for
+from lorakit.variants import variant_for
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _bias_keys(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
+    """State-dict names of the biases this adapter trains and saves (``bias="all"/"lora_only"``)."""
+    if config.bias == "none":
+        return []
+    inside_saved = [p for p, _ in iter_saved_modules(model)]
+    if config.bias == "all":
+        return [n for n, _ in model.named_parameters()
+                if n.rsplit(".", 1)[-1] == "bias" and not any(n.startswith(p + ".") for p in inside_saved)]
+    return [f"{path}.base_layer.bias" for path, layer in iter_lora_layers(model)
+            if adapter_name in layer.lora_A and getattr(layer.base_layer, "bias", None) is not None]
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
+    """The tensors of adapter ``adapter_name`` under their PEFT on-disk names."""
+    state = require_state(model)
+    if adapter_name not in state.configs:
+        raise ValueError(f"unknown adapter {adapter_name!r}; this model has {list(state.configs)}")
+    config = state.configs[adapter_name]
+    out = adapter_destinations(model, adapter_name)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    for key in _bias_keys(model, config, adapter_name):
+        out[PREFIX + key] = params[key]
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
+
+
+def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> Path:
+    """Write adapter ``adapter_name`` to ``directory`` in PEFT's format (atomically, file by file).
+
+    Args:
+        model: A model with the adapter injected.
+        directory: Created if needed; ``adapter_config.json`` and ``adapter_model.safetensors``
+            inside it are replaced.
+        adapter_name: Which adapter to save.
+
+    Returns:
+        The directory as a ``Path``.
+    """
+    from safetensors.torch import save
+
+    state = require_state(model)
+    tensors = adapter_state_dict(model, adapter_name)
+    config = LoraConfig(**{k: v for k, v in vars(state.configs[adapter_name]).items()})
+    if config.base_model_name_or_path is None:
+        name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(getattr(model, "config", None), "name_or_path", None)
+        config.base_model_name_or_path = name or None
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise FileExistsError(f"cannot save adapter: {directory} exists and is not a directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    # Weights first, config last: a directory with a config always has complete weights next to it.
+    atomic_write_bytes(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
+    config.save(directory)
+    return directory
+
+
+def read_adapter_files(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Read and check an adapter directory without touching any model.
+
+    Raises:
+        FileNotFoundError: the directory, its config or its weights are missing.
+        ValueError: the config is unusable, or the weights file is truncated or corrupt.
+    """
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    config = LoraConfig.load(directory)
+    weights = directory / WEIGHTS_NAME
+    if not weights.is_file():
+        if (directory / "adapter_model.bin").is_file():
+            raise ValueError(f"{directory} holds only adapter_model.bin (a pickle); lorakit never unpickles. "
+                             "Re-save it as safetensors (PEFT: save_pretrained(..., safe_serialization=True)).")
+        raise FileNotFoundError(f"{weights} not found: an adapter directory holds {CONFIG_NAME} and {WEIGHTS_NAME}")
+    try:
+        tensors = load_file(str(weights))
+    except Exception as exc:  # safetensors raises its own error type for bad headers / short files
+        raise ValueError(f"{weights} is truncated or corrupt: {exc}") from None
+    return config, tensors
+
+
+def _expected_tensors(model: nn.Module, config: LoraConfig) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """(required, optional) on-disk keys -> shapes for loading ``config`` into ``model``."""
+    required: dict[str, tuple[int, ...]] = {}
+    optional: dict[str, tuple[int, ...]] = {}
+    variant = variant_for(config)
+    for path in find_target_modules(model, config):
+        module = model.get_submodule(path)
+        shell = module if isinstance(module, LoraLayer) else lora_class_for(module)(module)
+        r = config.rank_for(path)
+        disk_a, disk_b = shell.disk_names
+        required[f"{PREFIX}{path}.{disk_a}"] = tuple(shell.a_shape(r))
+        required[f"{PREFIX}{path}.{disk_b}"] = tuple(shell.b_shape(r))
+        if variant is not None:
+            for disk, shape in variant.extra_shapes(shell, r).items():
+                required[f"{PREFIX}{path}.{disk}"] = tuple(shape)
+        base = shell.base_layer
+        for pname, p in base.named_parameters(recurse=False):
+            # PEFT may save a targeted embedding's base weight; biases when bias != "none".
+            optional[f"{PREFIX}{path}.base_layer.{pname}"] = tuple(p.shape)
+    for path in _find_saved_module_names(model, config):
+        module = model.get_submodule(path)
+        source = module.original_module if isinstance(module, ModulesToSave) else module
+        for key, tensor in source.state_dict().items():
+            required[f"{PREFIX}{path}.{key}"] = tuple(tensor.shape)
+    if config.bias == "all":
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 1)[-1] == "bias":
+                optional.setdefault(PREFIX + name, tuple(p.shape))
+    return required, optional
+
+
+def _check_tensors(tensors: dict[str, torch.Tensor], required: dict, optional: dict, source: str) -> None:
+    unexpected = sorted(k for k in tensors if k not in required and k not in optional)
+    if unexpected:
+        hint = "" if all(k.startswith(PREFIX) for k in unexpected) else f" (PEFT keys start with {PREFIX!r})"
+        raise ValueError(f"{source}: {len(unexpected)} key(s) the model has no place for, e.g. {unexpected[:3]}{hint}; "
+                         f"is this adapter for another model, or are its target_modules different?")
+    missing = sorted(k for k in required if k not in tensors)
+    if missing:
+        raise ValueError(f"{source}: {len(missing)} key(s) missing, e.g. {missing[:3]}")
+    for key, tensor in tensors.items():
+        expected = required.get(key, optional.get(key))
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"{source}: shape mismatch for {key}: the model expects {list(expected)}, the file has {list(tensor.shape)}")
+        if not tensor.is_floating_point():
+            raise ValueError(f"{source}: {key} has dtype {tensor.dtype}; expected a floating-point tensor")
+
+
+def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default",
+                 is_trainable: bool = False) -> nn.Module:
+    """Inject the adapter saved in ``directory`` (PEFT format) into ``model`` and load its weights.
+
+    Args:
+        model: The base model (or a model that already carries other adapters).
+        directory: An adapter directory written by lorakit or PEFT.
+        adapter_name: Name to give the loaded adapter.
+        is_trainable: Leave the adapter's parameters trainable (to continue training it).
+
+    Returns:
+        The same ``model`` object with the adapter injected and loaded.
+
+    Raises:
+        FileNotFoundError: the directory or one of its files is missing.
+        ValueError: the config is unusable, the file is corrupt, or keys / shapes do not fit the
+            model (the message names the key, the expected and the found shape). The model is then
+            left exactly as it was.
+    """
+    config, tensors = read_adapter_files(directory)
+    state = get_state(model)
+    if state is not None and adapter_name in state.configs:
+        raise ValueError(f"adapter {adapter_name!r} already exists on this model; pass another adapter_name")
+    required, optional = _expected_tensors(model, config)
+    _check_tensors(tensors, required, optional, str(Path(directory) / WEIGHTS_NAME))
+
+    backups: dict[str, torch.Tensor] = {}
+    inject_adapter(model, config, adapter_name, init_lora_weights=False)
+    try:
+        with torch.no_grad():
+            dest = adapter_destinations(model, adapter_name)
+            for key, tensor in tensors.items():
+                target = dest.get(key)
+                if target is None:  # an optional base tensor (bias / base weight) of the model
+                    name = key[len(PREFIX):]
+                    target = dict(model.named_parameters(remove_duplicate=False)).get(name)
+                    if target is None:
+                        raise ValueError(f"no parameter for {key} after injection")
+                    backups[name] = target.detach().clone()
+                target.copy_(tensor.to(target.dtype))
+    except BaseException:
+        with torch.no_grad():
+            for name, value in backups.items():
+                dict(model.named_parameters(remove_duplicate=False))[name].copy_(value)
+        _remove_adapter_everywhere(model, adapter_name)
+        raise
+    state = require_state(model)
+    if is_trainable:
+        state.trainable.add(adapter_name)
+    state.configs[adapter_name].inference_mode = not is_trainable
+    mark_trainable(model)
+    return model
+
+
+def adapter_destinations(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """On-disk key -> the live tensor of adapter ``adapter_name`` that the key loads into."""
+    out: dict[str, torch.Tensor] = {}
+    for path, layer in iter_lora_layers(model):
+        if adapter_name not in layer.lora_A:
+            continue
+        disk_a, disk_b = layer.disk_names
+        out[f"{PREFIX}{path}.{disk_a}"] = layer.lora_A[adapter_name]
+        out[f"{PREFIX}{path}.{disk_b}"] = layer.lora_B[adapter_name]
+        variant = layer.variants.get(adapter_name)
+        if variant is not None:
+            for attr, disk in variant.saved_stores.items():
+                out[f"{PREFIX}{path}.{disk}"] = getattr(layer, attr)[adapter_name]
+    for path, wrapper in iter_saved_modules(model):
+        if adapter_name in wrapper.modules_to_save:
+            module = wrapper.modules_to_save[adapter_name]
+            for key, tensor in module.state_dict(keep_vars=True).items():
+                out[f"{PREFIX}{path}.{key}"] = tensor
+    return out
+
+
+def load_adapter_weights(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> nn.Module:
+    """Replace the weights of an adapter already on ``model`` with those saved in ``directory``.
+
+    No re-injection: targets and ranks must be the same (a hot swap). Every key and shape is checked
+    before anything is copied, so a mismatch leaves the adapter as it was.
+
+    Raises:
+        ValueError: unknown adapter, merged adapter, or keys / shapes that differ (named in the message).
+    """
+    state = require_state(model)
+    if adapter_name not in state.configs:
+        raise ValueError(f"unknown adapter {adapter_name!r}; this model has {list(state.configs)}")
+    if any(adapter_name in layer.merged_adapters for _, layer in iter_lora_layers(model)):
+        raise ValueError(f"adapter {adapter_name!r} is merged; unmerge it before replacing its weights")
+    _, tensors = read_adapter_files(directory)
+    dest = adapter_destinations(model, adapter_name)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    optional = {PREFIX + k: tuple(params[k].shape) for k in _bias_keys(model, state.configs[adapter_name], adapter_name)}
+    _check_tensors(tensors, {k: tuple(v.shape) for k, v in dest.items()}, optional, str(Path(directory) / WEIGHTS_NAME))
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            target = dest[key] if key in dest else params[key[len(PREFIX):]]
+            target.copy_(tensor.to(target.dtype))
+    return model

@@ -1,0 +1,236 @@
+"""LoraLayer: a frozen base layer plus any number of named low-rank adapters.
+
+    h = base(x) + Σ_active  scaling_n · B_n(A_n(dropout(x)))
+
+Subclasses supply only geometry (see ``lorakit/layers/linear.py`` for the smallest one):
+the shapes of A and B, how the branch B(A(x)) is computed for that layer type, and how
+ΔW = B @ A is laid out in the base weight's layout for merging. Everything else — adapters kept in
+``ParameterDict``s so ``.to()`` reaches them, dropout, scaling, merge / unmerge, disabling, variants —
+lives here once.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from lorakit.variants import LoraVariant, get_init_method
+
+
+class LoraLayer(nn.Module):
+    """Base class of every LoRA layer type.
+
+    Attributes:
+        base_layer: The wrapped, frozen module. Its parameters keep their names
+            (``<path>.base_layer.weight``), as in PEFT.
+        lora_A / lora_B: ``ParameterDict`` adapter name -> A ``(r, in, ...)`` / B ``(out, r, ...)``.
+        scaling: adapter name -> alpha / r (or alpha / sqrt(r) with rsLoRA).
+        active_adapters: Names whose update is added in ``forward`` (their updates are summed).
+        merged_adapters: Names currently folded into ``base_layer.weight``.
+        disabled: When True, ``forward`` returns exactly the base layer's output.
+    """
+
+    #: Names of A and B in the PEFT on-disk format, after ``base_model.model.<module path>.``
+    disk_names: ClassVar[tuple[str, str]] = ("lora_A.weight", "lora_B.weight")
+    #: True when the layer type supports dropout on its input (not for token ids).
+    supports_dropout: ClassVar[bool] = True
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        self.lora_dropout = nn.ModuleDict()
+        # Variants that own extra tensors (DoRA's magnitude) register their own ParameterDicts.
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.variants: dict[str, LoraVariant] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disabled = False
+
+    # ---- geometry, supplied by each layer type ----------------------------------------------------
+
+    def a_shape(self, r: int) -> tuple[int, ...]:
+        """Shape of A for rank ``r``."""
+        raise NotImplementedError
+
+    def b_shape(self, r: int) -> tuple[int, ...]:
+        """Shape of B for rank ``r``."""
+        raise NotImplementedError
+
+    def branch(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """Unscaled B(A(x)) in the base output's layout; never builds B @ A."""
+        raise NotImplementedError
+
+    def delta_from(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """Unscaled ΔW = B @ A laid out like ``base_layer.weight``."""
+        raise NotImplementedError
+
+    def init_ab(self, A: torch.Tensor, B: torch.Tensor, r: int) -> None:
+        """Default init (``init_lora_weights=True``): A kaiming-uniform(a=√5), B = 0 (Hu et al. §4.1)."""
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        nn.init.zeros_(B)
+
+    # ---- adapters -------------------------------------------------------------------------------
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The base layer's weight (so code that reads ``module.weight`` keeps working)."""
+        return self.base_layer.weight
+
+    def add_adapter(
+        self,
+        name: str,
+        r: int,
+        lora_alpha: float,
+        scaling: float,
+        lora_dropout: float = 0.0,
+        init_lora_weights: bool | str = True,
+        variant: LoraVariant | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        """Create adapter ``name`` with A ``a_shape(r)`` and B ``b_shape(r)``.
+
+        Args:
+            name: Adapter name; must not exist on this layer yet.
+            r: Rank.
+            lora_alpha: Alpha (kept for reporting; ``scaling`` is what forward uses).
+            scaling: Multiplier of B(A(x)).
+            lora_dropout: Dropout probability on the branch input.
+            init_lora_weights: True, False, "gaussian", or an init method's name (e.g. "pissa").
+            variant: Hooks of a LoRA variant (DoRA, ...), or None for plain LoRA.
+            dtype: dtype of A and B; defaults to the base weight's dtype, upcast to float32 when the
+                base is half precision (adapters train in fp32 on a bf16/fp16 base).
+
+        Raises:
+            ValueError: the name is taken.
+        """
+        if name in self.lora_A:
+            raise ValueError(f"adapter {name!r} already exists on this layer")
+        weight = self.base_layer.weight
+        if dtype is None:
+            dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) or not weight.is_floating_point() else weight.dtype
+        device = weight.device if weight.device.type != "meta" else None
+        self.lora_A[name] = nn.Parameter(torch.empty(self.a_shape(r), dtype=dtype, device=device))
+        self.lora_B[name] = nn.Parameter(torch.empty(self.b_shape(r), dtype=dtype, device=device))
+        p = float(lora_dropout)
+        self.lora_dropout[name] = nn.Dropout(p) if p > 0 and self.supports_dropout else nn.Identity()
+        self.r[name], self.lora_alpha[name], self.scaling[name] = r, float(lora_alpha), float(scaling)
+        if variant is not None:
+            self.variants[name] = variant
+        self.reset_adapter(name, init_lora_weights)
+        if variant is not None:
+            variant.on_add(self, name)
+        if name not in self.active_adapters:
+            self.active_adapters.append(name)
+
+    @torch.no_grad()
+    def reset_adapter(self, name: str, init_lora_weights: bool | str = True) -> None:
+        """(Re)initialise A and B of ``name`` as ``init_lora_weights`` asks."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        if init_lora_weights is True:
+            self.init_ab(A, B, self.r[name])
+        elif init_lora_weights is False:
+            # Both non-zero: the adapter changes the output from the start (used by tests).
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+            nn.init.normal_(B, std=0.02)
+        elif isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian":
+            nn.init.normal_(A, std=1.0 / self.r[name])
+            nn.init.zeros_(B)
+        elif isinstance(init_lora_weights, str):
+            get_init_method(init_lora_weights)(self, name, init_lora_weights)
+        else:
+            raise ValueError(f"init_lora_weights must be True, False, 'gaussian' or a method name, got {init_lora_weights!r}")
+
+    def delete_adapter(self, name: str) -> None:
+        """Remove adapter ``name`` and release its tensors (unmerging it first if merged)."""
+        if name not in self.lora_A:
+            raise KeyError(f"adapter {name!r} not on this layer; it has {list(self.lora_A)}")
+        if name in self.merged_adapters:
+            self.unmerge([name])
+        variant = self.variants.pop(name, None)
+        if variant is not None:
+            variant.on_delete(self, name)
+        for store in (self.lora_A, self.lora_B, self.lora_dropout):
+            del store[name]
+        for store in (self.r, self.lora_alpha, self.scaling):
+            store.pop(name, None)
+        if name in self.active_adapters:
+            self.active_adapters.remove(name)
+
+    # ---- forward ---------------------------------------------------------------------------------
+
+    def lora_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        """scaling · B(A(dropout(x))) for adapter ``name``, in the adapter's dtype."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        return self.branch(self.lora_dropout[name](x), A, B) * self.scaling[name]
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        for name in self.active_adapters:
+            if name in self.merged_adapters or name not in self.lora_A:
+                continue  # already inside base_layer.weight, or not on this layer
+            variant = self.variants.get(name)
+            if variant is not None:
+                result = variant.forward(self, name, x, result)
+            else:
+                result = result + self.lora_delta(name, x).to(result.dtype)
+        return result
+
+    # ---- merge -----------------------------------------------------------------------------------
+
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """scaling · ΔW of adapter ``name`` in the base weight's layout (computed in float32 or better)."""
+        A, B = self.lora_A[name], self.lora_B[name]
+        dtype = torch.promote_types(A.dtype, torch.float32)
+        return self.delta_from(A.to(dtype), B.to(dtype)) * self.scaling[name]
+
+    @torch.no_grad()
+    def merge(self, adapter_names: list[str] | None = None, safe: bool = False) -> None:
+        """Fold adapters into ``base_layer.weight``: W ← W + scaling · ΔW.
+
+        Args:
+            adapter_names: Adapters to merge; default the active ones.
+            safe: Check the merged weight is finite before writing it.
+
+        Raises:
+            ValueError: ``safe`` is set and the merged weight has NaN/Inf.
+        """
+        names = self.active_adapters if adapter_names is None else adapter_names
+        weight = self.base_layer.weight
+        for name in names:
+            if name in self.merged_adapters or name not in self.lora_A:
+                continue
+            variant = self.variants.get(name)
+            if variant is not None:
+                new = variant.merged_weight(self, name)
+            else:
+                new = weight.to(torch.promote_types(weight.dtype, torch.float32)) + self.delta_weight(name)
+            if safe and not torch.isfinite(new).all():
+                raise ValueError(f"merging adapter {name!r} gives non-finite weights; the layer is unchanged")
+            weight.copy_(new.to(weight.dtype))
+            self.merged_adapters.append(name)
+
+    @torch.no_grad()
+    def unmerge(self, adapter_names: list[str] | None = None) -> None:
+        """Undo ``merge``: W ← W − scaling · ΔW, newest merge first."""
+        names = list(self.merged_adapters) if adapter_names is None else list(adapter_names)
+        weight = self.base_layer.weight
+        for name in reversed([n for n in self.merged_adapters if n in names]):
+            variant = self.variants.get(name)
+            if variant is not None:
+                old = variant.unmerged_weight(self, name)
+            else:
+                old = weight.to(torch.promote_types(weight.dtype, torch.float32)) - self.delta_weight(name)
+            weight.copy_(old.to(weight.dtype))
+            self.merged_adapters.remove(name)
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(f"{n}: r={self.r[n]} scale={self.scaling[n]:g}" for n in self.lora_A)
+        return f"adapters=[{ranks}], active={self.active_adapters}, merged={self.merged_adapters}"

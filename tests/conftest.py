@@ -1,0 +1,98 @@
+"""Shared fixtures: tiny models built in-process (no downloads), and the layer-type / variant grid."""
+from __future__ import annotations
+
+import os
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+warnings.filterwarnings("ignore", message=".*bos_token_id.*")
+warnings.filterwarnings("ignore", message=".*eos_token_id.*")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def tiny_llama(seed: int = 0, tie: bool = False):
+    """A random 2-layer Llama causal LM (hidden 32, vocab 101)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def tiny_gpt2(seed: int = 0):
+    """A random 2-layer GPT-2 LM (uses transformers' Conv1D; hidden 32, vocab 97)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(seed)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=97, n_positions=64, bos_token_id=1, eos_token_id=2)
+    return GPT2LMHeadModel(cfg).eval()
+
+
+class TinyConvNet(nn.Module):
+    """A small CNN classifier: two Conv2d (with bias), a pooled Linear head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, stride=2, padding=1)
+        self.head = nn.Linear(8, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv2(torch.relu(self.conv1(x))))
+        return self.head(h.mean(dim=(2, 3)))
+
+
+class Wrap(nn.Module):
+    """One layer under test inside a module, so injection has a name to target ("layer")."""
+
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def _conv1d():
+    from transformers.pytorch_utils import Conv1D
+
+    layer = Conv1D(12, 10)  # nf=12 outputs, nx=10 inputs; weight (10, 12)
+    nn.init.normal_(layer.weight, std=0.2)
+    nn.init.normal_(layer.bias, std=0.2)
+    return layer
+
+
+def _linear():
+    layer = nn.Linear(10, 12, bias=True)
+    nn.init.normal_(layer.bias, std=0.2)
+    return layer
+
+
+#: layer type -> (factory of a base layer with bias where the type has one, factory of an input)
+LAYER_CASES = {
+    "linear": (_linear, lambda: torch.randn(3, 5, 10)),
+    "gpt2_conv1d": (_conv1d, lambda: torch.randn(3, 5, 10)),
+    "embedding": (lambda: nn.Embedding(20, 12), lambda: torch.randint(0, 20, (3, 5))),
+    "conv2d": (lambda: nn.Conv2d(4, 6, 3, stride=1, padding=1, bias=True), lambda: torch.randn(2, 4, 7, 7)),
+}
+
+#: variant name -> extra LoraConfig fields. Variants added to lorakit add a row here so every
+#: invariant test runs over them too.
+VARIANT_CASES: dict[str, dict] = {
+    "lora": {},
+    "rslora": {"use_rslora": True},
+}
+
+
+@pytest.fixture(params=sorted(LAYER_CASES))
+def layer_case(request):
+    torch.manual_seed(0)
+    make_layer, make_input = LAYER_CASES[request.param]
+    return request.param, make_layer, make_input

@@ -1,0 +1,165 @@
+"""Target matching (PEFT's semantics), freezing, config immutability and clear errors."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit as lk
+from conftest import TinyConvNet, tiny_gpt2, tiny_llama
+
+
+def targets(model, **kw):
+    return lk.find_target_modules(model, lk.LoraConfig(**kw))
+
+
+def test_list_matches_full_name_or_dotted_suffix():
+    m = tiny_llama()
+    assert targets(m, target_modules=["q_proj"]) == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
+    assert targets(m, target_modules=["model.layers.1.self_attn.q_proj"]) == ["model.layers.1.self_attn.q_proj"]
+    # "proj" is not a dotted suffix of "q_proj": no partial-word matches.
+    with pytest.raises(ValueError, match="matched no module"):
+        targets(m, target_modules=["proj"])
+
+
+def test_string_is_full_match_regex():
+    m = tiny_llama()
+    assert targets(m, target_modules=r".*\.1\.self_attn\.(q|k)_proj") == [
+        "model.layers.1.self_attn.q_proj", "model.layers.1.self_attn.k_proj"]
+    with pytest.raises(ValueError):
+        targets(m, target_modules="q_proj")  # full match: the bare leaf name matches nothing
+
+
+def test_all_linear_skips_output_head():
+    m = tiny_llama()
+    found = targets(m, target_modules="all-linear")
+    assert "lm_head" not in found and len(found) == 2 * 7
+    g = tiny_gpt2()
+    found = targets(g, target_modules="all-linear")
+    assert "lm_head" not in found and len(found) == 2 * 4  # c_attn, c_proj, mlp.c_fc, mlp.c_proj (Conv1D)
+
+
+def test_exclude_and_layers_to_transform():
+    m = tiny_llama()
+    found = targets(m, target_modules="all-linear", exclude_modules=["down_proj", "up_proj"])
+    assert not any(n.endswith(("down_proj", "up_proj")) for n in found) and len(found) == 10
+    assert targets(m, target_modules=["v_proj"], layers_to_transform=[1]) == ["model.layers.1.self_attn.v_proj"]
+    assert targets(m, target_modules=["v_proj"], layers_to_transform=0, layers_pattern="layers") == ["model.layers.0.self_attn.v_proj"]
+
+
+def test_no_match_error_names_pattern_and_close_names():
+    with pytest.raises(ValueError) as err:
+        lk.get_lora_model(tiny_llama(), lk.LoraConfig(target_modules=["q_prj"]))
+    msg = str(err.value)
+    assert "q_prj" in msg and "q_proj" in msg
+
+
+def test_unsupported_module_type_is_named():
+    with pytest.raises(ValueError, match="LlamaMLP"):
+        lk.get_lora_model(tiny_llama(), lk.LoraConfig(target_modules=["mlp"]))
+
+
+def test_failed_injection_leaves_model_unchanged():
+    m = tiny_llama()
+    before = copy.deepcopy(m.state_dict())
+    with pytest.raises(ValueError):
+        lk.get_lora_model(m, lk.LoraConfig(target_modules=["q_proj"], modules_to_save=["nonexistent_head"]))
+    assert not any(isinstance(x, lk.LoraLayer) for x in m.modules())
+    assert m.state_dict().keys() == before.keys()
+
+
+def test_config_is_not_mutated():
+    cfg = lk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], rank_pattern={"q_proj": 2})
+    snapshot = copy.deepcopy(cfg)
+    m = lk.get_lora_model(tiny_gpt2(), lk.LoraConfig(target_modules="all-linear"))
+    lk.get_lora_model(tiny_llama(), cfg)
+    assert cfg == snapshot
+    assert m._lorakit.configs["default"].target_modules == "all-linear"
+    assert m._lorakit.configs["default"].fan_in_fan_out is False  # Conv1D is detected, not written into the config
+
+
+def test_rank_and_alpha_patterns():
+    m = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                                      rank_pattern={"layers.0.self_attn.q_proj": 2}, alpha_pattern={"v_proj": 4}))
+    q0, q1 = m.model.layers[0].self_attn.q_proj, m.model.layers[1].self_attn.q_proj
+    v0 = m.model.layers[0].self_attn.v_proj
+    assert q0.lora_A["default"].shape == (2, 32) and q0.scaling["default"] == 16 / 2
+    assert q1.lora_A["default"].shape == (8, 32) and q1.scaling["default"] == 16 / 8
+    assert v0.scaling["default"] == 4 / 8
+
+
+def test_freezing_and_bias_modes():
+    g = lk.get_lora_model(tiny_gpt2(), lk.LoraConfig(target_modules=["c_attn"]))
+    assert all(".lora_" in n for n, p in g.named_parameters() if p.requires_grad)
+    g = lk.get_lora_model(tiny_gpt2(), lk.LoraConfig(target_modules=["c_attn"], bias="lora_only"))
+    names = {n for n, p in g.named_parameters() if p.requires_grad and ".lora_" not in n}
+    assert names == {f"transformer.h.{i}.attn.c_attn.base_layer.bias" for i in range(2)}
+    g = lk.get_lora_model(tiny_gpt2(), lk.LoraConfig(target_modules=["c_attn"], bias="all"))
+    names = {n for n, p in g.named_parameters() if p.requires_grad and ".lora_" not in n}
+    assert names and all(n.endswith("bias") for n in names) and len(names) > 2
+
+
+def test_modules_to_save_trains_a_copy_and_disable_restores():
+    m = tiny_llama()
+    x = torch.randint(0, 101, (2, 6))
+    with torch.no_grad():
+        base = m(x).logits
+    lk.get_lora_model(m, lk.LoraConfig(target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert "lm_head.modules_to_save.default.weight" in trainable
+    assert "lm_head.original_module.weight" not in trainable
+    with torch.no_grad():
+        m.lm_head.modules_to_save["default"].weight.add_(0.5)
+        assert (m(x).logits - base).abs().max() > 0.1
+        with lk.disable_adapters(m):
+            torch.testing.assert_close(m(x).logits, base, rtol=0, atol=0)
+
+
+def test_parameter_counts_and_report(capsys):
+    m = tiny_llama()
+    total = sum(p.numel() for p in m.parameters())
+    lk.get_lora_model(m, lk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
+    # q_proj: 32 -> 32, v_proj: 32 -> 16 (2 kv heads of 8): r * (in + out) each, 2 layers.
+    expected = 2 * (4 * (32 + 32) + 4 * (32 + 16))
+    trainable, all_params = lk.count_parameters(m)
+    assert trainable == expected and all_params == total + expected
+    info = lk.print_trainable_parameters(m)
+    out = capsys.readouterr().out
+    assert f"{expected:,}" in out and f"{total + expected:,}" in out
+    assert info["percent"] == pytest.approx(100 * expected / (total + expected))
+
+
+def test_conv_model_and_duplicate_name():
+    net = TinyConvNet()
+    lk.get_lora_model(net, lk.LoraConfig(target_modules=["conv1", "conv2", "head"]))
+    assert sum(isinstance(m, lk.LoraLayer) for m in net.modules()) == 3
+    with pytest.raises(ValueError, match="already exists"):
+        lk.get_lora_model(net, lk.LoraConfig(target_modules=["conv1"]))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"r": 0}, "positive integer"), ({"r": 2.5}, "positive integer"), ({"lora_dropout": 1.0}, "lora_dropout"),
+    ({"bias": "some"}, "bias"), ({"rank_pattern": {"q": 0}}, "rank_pattern"), ({"target_modules": [1]}, "strings"),
+])
+def test_bad_config_values(kwargs, match):
+    with pytest.raises((ValueError, TypeError), match=match):
+        lk.LoraConfig(**kwargs)
+
+
+def test_missing_target_modules_and_wrong_config_type():
+    with pytest.raises(ValueError, match="target_modules is required"):
+        lk.get_lora_model(tiny_llama(), lk.LoraConfig())
+    with pytest.raises(TypeError, match="LoraConfig"):
+        lk.get_lora_model(tiny_llama(), {"r": 8})
+
+
+def test_dropout_only_in_training():
+    m = lk.get_lora_model(tiny_llama(), lk.LoraConfig(target_modules=["q_proj"], lora_dropout=0.5, init_lora_weights=False))
+    x = torch.randint(0, 101, (2, 6))
+    m.eval()
+    torch.testing.assert_close(m(x).logits, m(x).logits, rtol=0, atol=0)
+    m.train()
+    assert not torch.equal(m(x).logits, m(x).logits)
+    assert isinstance(m.model.layers[0].self_attn.q_proj.lora_dropout["default"], nn.Dropout)

@@ -1,0 +1,264 @@
+"""PEFT on-disk format: golden keys, interoperability with PEFT 0.21.2 both ways, and bad input."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import lorakit as lk
+from conftest import TinyConvNet, tiny_gpt2, tiny_llama
+
+peft = pytest.importorskip("peft")
+
+
+def llama_input():
+    return torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def test_golden_keys_and_shapes(tmp_path):
+    m = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"]))
+    lk.save_adapter(m, tmp_path)
+    shapes = {k: tuple(v.shape) for k, v in load_file(tmp_path / "adapter_model.safetensors").items()}
+    golden = {"base_model.model.model.embed_tokens.lora_embedding_A": (4, 101),
+              "base_model.model.model.embed_tokens.lora_embedding_B": (32, 4)}
+    for i in range(2):
+        p = f"base_model.model.model.layers.{i}.self_attn"
+        golden.update({f"{p}.q_proj.lora_A.weight": (4, 32), f"{p}.q_proj.lora_B.weight": (32, 4),
+                       f"{p}.v_proj.lora_A.weight": (4, 32), f"{p}.v_proj.lora_B.weight": (16, 4)})
+    assert shapes == golden
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["peft_type"] == "LORA" and cfg["r"] == 4 and cfg["lora_alpha"] == 8
+    assert cfg["target_modules"] == ["embed_tokens", "q_proj", "v_proj"]
+    for key in ("use_rslora", "rank_pattern", "alpha_pattern", "bias", "fan_in_fan_out", "modules_to_save",
+                "lora_dropout", "init_lora_weights", "task_type", "base_model_name_or_path"):
+        assert key in cfg
+
+
+def test_gpt2_conv1d_keys_use_linear_shapes(tmp_path):
+    g = lk.get_lora_model(tiny_gpt2(), lk.LoraConfig(r=2, target_modules=["c_attn"]))
+    lk.save_adapter(g, tmp_path)
+    sd = load_file(tmp_path / "adapter_model.safetensors")
+    assert sd["base_model.model.transformer.h.0.attn.c_attn.lora_A.weight"].shape == (2, 32)
+    assert sd["base_model.model.transformer.h.0.attn.c_attn.lora_B.weight"].shape == (96, 2)
+
+
+# ---- interoperability with PEFT --------------------------------------------------------------------
+
+def _peft_config(**kw):
+    return peft.LoraConfig(init_lora_weights=False, **kw)
+
+
+CASES = {
+    "llama_qv": (tiny_llama, llama_input, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])),
+    "llama_all_linear_rslora_patterns": (tiny_llama, llama_input, dict(
+        r=4, lora_alpha=16, target_modules="all-linear", use_rslora=True,
+        rank_pattern={"layers.0.mlp.down_proj": 2}, alpha_pattern={"o_proj": 3})),
+    "llama_embedding": (tiny_llama, llama_input, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])),
+    "llama_modules_to_save": (tiny_llama, llama_input, dict(r=4, lora_alpha=8, target_modules=["v_proj"], modules_to_save=["lm_head"])),
+    "gpt2_conv1d_bias": (tiny_gpt2, lambda: torch.randint(0, 97, (2, 9)), dict(
+        r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, bias="lora_only")),
+    "conv2d": (TinyConvNet, lambda: torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)),
+               dict(r=2, lora_alpha=4, target_modules=["conv1", "conv2", "head"])),
+}
+
+
+def _out(model, x):
+    with torch.no_grad():
+        out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _randomise_extras(model):
+    """Give modules_to_save copies and trainable biases non-trivial values (PEFT starts them as copies)."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if p.requires_grad and ".lora_" not in n:
+                p.add_(torch.randn_like(p) * 0.1)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_peft_saves_lorakit_loads(case, tmp_path):
+    make, make_x, kw = CASES[case]
+    torch.manual_seed(0)
+    base = make().eval()
+    fresh = copy.deepcopy(base)
+    pm = peft.get_peft_model(copy.deepcopy(base), _peft_config(**kw)).eval()
+    _randomise_extras(pm)
+    pm.save_pretrained(tmp_path)
+    x = make_x()
+    expected = _out(pm, x)
+    assert (expected - _out(base, x)).abs().max() > 1e-4  # the adapter really does something
+    loaded = lk.load_adapter(fresh, tmp_path)
+    torch.testing.assert_close(_out(loaded, x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_lorakit_saves_peft_loads(case, tmp_path):
+    make, make_x, kw = CASES[case]
+    torch.manual_seed(0)
+    base = make().eval()
+    fresh = copy.deepcopy(base)
+    m = lk.get_lora_model(copy.deepcopy(base), lk.LoraConfig(init_lora_weights=False, **kw))
+    _randomise_extras(m)
+    lk.save_adapter(m, tmp_path)
+    x = make_x()
+    expected = _out(m, x)
+    assert (expected - _out(base, x)).abs().max() > 1e-4
+    pm = peft.PeftModel.from_pretrained(fresh, tmp_path).eval()
+    torch.testing.assert_close(_out(pm, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_merged_model_matches_peft_merge(tmp_path):
+    base = tiny_llama()
+    pm = peft.get_peft_model(copy.deepcopy(base), _peft_config(r=4, lora_alpha=8, target_modules="all-linear"))
+    pm.save_pretrained(tmp_path)
+    peft_merged = pm.merge_and_unload().state_dict()
+    ours = lk.merge_and_unload(lk.load_adapter(copy.deepcopy(base), tmp_path)).state_dict()
+    assert ours.keys() == peft_merged.keys()
+    for k in ours:
+        torch.testing.assert_close(ours[k], peft_merged[k], rtol=1e-6, atol=1e-6)
+
+
+# ---- bad input ---------------------------------------------------------------------------------------
+
+@pytest.fixture
+def saved(tmp_path):
+    m = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lk.save_adapter(m, tmp_path / "ad")
+    return tmp_path / "ad"
+
+
+def _assert_untouched(model, snapshot):
+    assert not any(isinstance(x, lk.LoraLayer) for x in model.modules())
+    assert "_lorakit" not in model.__dict__ or not model._lorakit.configs
+    sd = model.state_dict()
+    assert sd.keys() == snapshot.keys()
+    for k in sd:
+        assert torch.equal(sd[k], snapshot[k]), k
+
+
+def _edit_config(path, **changes):
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    for k, v in changes.items():
+        if v is None:
+            cfg.pop(k)
+        else:
+            cfg[k] = v
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+@pytest.mark.parametrize("missing", ["r", "lora_alpha"])
+def test_config_without_r_or_alpha(saved, missing):
+    _edit_config(saved, **{missing: None})
+    model = tiny_llama()
+    snap = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=f"'{missing}' is missing"):
+        lk.load_adapter(model, saved)
+    _assert_untouched(model, snap)
+
+
+def _rewrite_weights(path, fn):
+    sd = load_file(path / "adapter_model.safetensors")
+    fn(sd)
+    save_file(sd, path / "adapter_model.safetensors")
+
+
+def test_unexpected_key(saved):
+    _rewrite_weights(saved, lambda sd: sd.__setitem__("base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight", torch.zeros(4, 32)))
+    model = tiny_llama()
+    snap = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="no place for.*gate_proj"):
+        lk.load_adapter(model, saved)
+    _assert_untouched(model, snap)
+
+
+def test_missing_key(saved):
+    _rewrite_weights(saved, lambda sd: sd.pop("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"))
+    model = tiny_llama()
+    snap = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="missing.*layers.1.self_attn.v_proj.lora_B"):
+        lk.load_adapter(model, saved)
+    _assert_untouched(model, snap)
+
+
+def test_shape_mismatch_names_key_and_shapes(saved):
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    _rewrite_weights(saved, lambda sd: sd.__setitem__(key, torch.zeros(4, 31)))
+    model = tiny_llama()
+    snap = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError) as err:
+        lk.load_adapter(model, saved)
+    assert key in str(err.value) and "[4, 32]" in str(err.value) and "[4, 31]" in str(err.value)
+    _assert_untouched(model, snap)
+
+
+def test_truncated_and_corrupt_files(saved):
+    data = (saved / "adapter_model.safetensors").read_bytes()
+    model = tiny_llama()
+    snap = copy.deepcopy(model.state_dict())
+    (saved / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        lk.load_adapter(model, saved)
+    (saved / "adapter_model.safetensors").write_bytes(b"\x00" * 3)
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        lk.load_adapter(model, saved)
+    (saved / "adapter_config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        lk.load_adapter(model, saved)
+    _assert_untouched(model, snap)
+
+
+def test_missing_files_and_dirs(saved, tmp_path):
+    with pytest.raises(FileNotFoundError, match="not found"):
+        lk.load_adapter(tiny_llama(), tmp_path / "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        lk.load_adapter(tiny_llama(), empty)
+    os.remove(saved / "adapter_model.safetensors")
+    with pytest.raises(FileNotFoundError, match="adapter_model.safetensors"):
+        lk.load_adapter(tiny_llama(), saved)
+    (saved / "adapter_model.bin").write_bytes(b"pickle")
+    with pytest.raises(ValueError, match="never unpickles"):
+        lk.load_adapter(tiny_llama(), saved)
+
+
+def test_wrong_model_and_wrong_peft_type(saved):
+    with pytest.raises(ValueError, match="matched no module"):
+        lk.load_adapter(TinyConvNet(), saved)
+    _edit_config(saved, peft_type="IA3")
+    with pytest.raises(ValueError, match="IA3"):
+        lk.load_adapter(tiny_llama(), saved)
+
+
+def test_save_is_atomic(saved, monkeypatch):
+    before = (saved / "adapter_model.safetensors").read_bytes()
+    m = lk.get_lora_model(tiny_llama(seed=5), lk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="disk full"):
+        lk.save_adapter(m, saved)
+    monkeypatch.undo()
+    assert (saved / "adapter_model.safetensors").read_bytes() == before
+    assert not [p for p in saved.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_load_twice_needs_new_name(saved):
+    m = lk.load_adapter(tiny_llama(), saved)
+    with pytest.raises(ValueError, match="already exists"):
+        lk.load_adapter(m, saved)
+    lk.load_adapter(m, saved, adapter_name="second")
+    assert set(m._lorakit.configs) == {"default", "second"}
+    assert not any(p.requires_grad for p in m.parameters())  # loaded for inference by default
+
+
+def test_load_trainable(saved):
+    m = lk.load_adapter(tiny_llama(), saved, is_trainable=True)
+    assert lk.count_parameters(m)[0] == 2 * (4 * 64 + 4 * 48)
