@@ -1,0 +1,500 @@
+"""Adapter inspection and surgery on PEFT-format LoRA adapters: inspect, extract, resize.
+
+These tools read and write the files directly (``adapter_config.json`` +
+``adapter_model.safetensors``), so they work on any PEFT LoRA adapter without building a model.
+
+Every LoRA module stores factors A (r, in) and B (out, r); its weight update is
+ΔW = scaling * B @ A with scaling = alpha / r (alpha / sqrt(r) under rsLoRA). The SVD of such a
+product never needs the full (out, in) matrix: with B = Q_b R_b and Aᵀ = Q_a R_a (thin QR),
+B @ A = Q_b (R_b R_aᵀ) Q_aᵀ, so the singular values are those of the r x r core (Eckart-Young then
+gives the best rank-k approximation for resizing).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lorakit.analysis.weights import is_default, load_config, load_state_dict, module_matches, weight_shapes
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PREFIX = "base_model.model."
+_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+?)\."
+    r"(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|lora_magnitude_vector)(?:\.weight)?$"
+)
+# Names PEFT's "all-linear" leaves out, and the usual input/output embedding names.
+_NOT_LINEAR = ("embed", "wte", "wpe", "lm_head", "word_embeddings", "position_embeddings")
+
+
+def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key k with ``(.*\\.)?(k)$`` matching."""
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def scaling_of(alpha: float, r: int, use_rslora: bool) -> float:
+    """LoRA scaling: alpha / r (Hu et al. 2021, section 4.1), or alpha / sqrt(r) (rsLoRA)."""
+    return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+
+@dataclass
+class LoraModule:
+    """One adapted module read from disk.
+
+    Attributes:
+        name: module path in the base model, e.g. ``model.layers.0.self_attn.q_proj``.
+        kind: "linear", "embedding" or "conv2d".
+        A: (r, in) — (r, num_embeddings) for embeddings, (r, in, kh, kw) for conv2d.
+        B: (out, r) — (dim, r) for embeddings, (out, r, 1, 1) for conv2d.
+        alpha: lora_alpha for this module (alpha_pattern applied).
+        scaling: the factor applied to B @ A.
+        magnitude: DoRA magnitude vector, if any.
+    """
+
+    name: str
+    kind: str
+    A: torch.Tensor
+    B: torch.Tensor
+    alpha: float
+    scaling: float
+    magnitude: torch.Tensor | None = None
+
+    @property
+    def r(self) -> int:
+        """Rank, from A's first dimension."""
+        return int(self.A.shape[0])
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(left (m, r), right (r, n)) in float64 with left @ right = ΔW as an (out, in*) matrix."""
+        left = self.B.reshape(self.B.shape[0], -1).double() * self.scaling
+        return left, self.A.reshape(self.r, -1).double()
+
+    def delta_matrix(self) -> torch.Tensor:
+        """ΔW as an (out, in*) matrix (embeddings: (dim, num_embeddings))."""
+        left, right = self.factors()
+        return left @ right
+
+    def num_params(self) -> int:
+        """Adapter parameters of this module."""
+        n = self.A.numel() + self.B.numel()
+        return n + (self.magnitude.numel() if self.magnitude is not None else 0)
+
+
+@dataclass
+class Adapter:
+    """A PEFT LoRA adapter read from a directory."""
+
+    path: Path
+    config: dict[str, Any]
+    modules: dict[str, LoraModule]
+    other: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def size_on_disk(self) -> int:
+        """Bytes of the adapter's files."""
+        return sum(p.stat().st_size for p in (self.path / CONFIG_NAME, self.path / WEIGHTS_NAME) if p.exists())
+
+
+def read_adapter(path: str | Path) -> Adapter:
+    """Read a PEFT LoRA adapter directory.
+
+    Raises:
+        FileNotFoundError: if the directory, its config or its weights are missing.
+        ValueError: if the config is not a LoRA config (no ``r`` / ``lora_alpha``, other peft_type)
+            or a module lacks its A or B factor.
+    """
+    root = Path(path)
+    if not root.is_dir():
+        raise FileNotFoundError(f"adapter directory {str(path)!r} does not exist")
+    cfg_path, w_path = root / CONFIG_NAME, root / WEIGHTS_NAME
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{str(cfg_path)!r} not found")
+    if not w_path.is_file():
+        raise FileNotFoundError(f"{str(w_path)!r} not found (pickled adapter_model.bin is not loaded)")
+    config = json.loads(cfg_path.read_text())
+    if str(config.get("peft_type", "LORA")).upper() != "LORA":
+        raise ValueError(f"{str(cfg_path)!r}: peft_type {config.get('peft_type')!r} is not LORA")
+    for key in ("r", "lora_alpha"):
+        if key not in config:
+            raise ValueError(f"{str(cfg_path)!r} has no {key!r}")
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    other: dict[str, torch.Tensor] = {}
+    with safe_open(str(w_path), framework="pt") as fh:
+        for key in fh.keys():
+            m = _KEY.match(key)
+            if m:
+                parts.setdefault(m.group("module"), {})[m.group("part")] = fh.get_tensor(key)
+            else:
+                other[key] = fh.get_tensor(key)
+    rslora = bool(config.get("use_rslora", False))
+    modules: dict[str, LoraModule] = {}
+    for name, p in sorted(parts.items()):
+        emb = "lora_embedding_A" in p or "lora_embedding_B" in p
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")
+        if a_key not in p or b_key not in p:
+            missing = a_key if a_key not in p else b_key
+            raise ValueError(f"adapter {str(path)!r}: module {name!r} has no {missing}")
+        A, B = p[a_key], p[b_key]
+        kind = "embedding" if emb else ("conv2d" if A.dim() == 4 else "linear")
+        alpha = float(pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"]))
+        modules[name] = LoraModule(name, kind, A, B, alpha, scaling_of(alpha, int(A.shape[0]), rslora),
+                                   p.get("lora_magnitude_vector"))
+    return Adapter(root, config, modules, other)
+
+
+def spectrum_of_product(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Thin SVD of left @ right (left (m, r), right (r, n)) via QR: returns U (m, k), S (k,), Vh (k, n)."""
+    qb, rb = torch.linalg.qr(left)
+    qa, ra = torch.linalg.qr(right.T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    return qb @ u, s, vh @ qa.T
+
+
+def energy_rank(s: torch.Tensor, fraction: float) -> int:
+    """Smallest k whose top-k singular values hold ``fraction`` of Σσ² (0 for a zero matrix)."""
+    total = float((s.double() ** 2).sum())
+    if total == 0.0:
+        return 0
+    cum = torch.cumsum(s.double() ** 2, 0) / total
+    return int(torch.searchsorted(cum, torch.tensor(fraction - 1e-12, dtype=cum.dtype)).item()) + 1
+
+
+def truncation_error(s: torch.Tensor, k: int) -> float:
+    """Relative Frobenius error ‖M − M_k‖ / ‖M‖ of the best rank-k approximation (Eckart-Young)."""
+    total = float((s.double() ** 2).sum())
+    if total == 0.0:
+        return 0.0
+    return math.sqrt(max(0.0, float((s.double()[k:] ** 2).sum())) / total)
+
+
+def _base_key_shape(module: LoraModule, config: dict[str, Any]) -> tuple[int, ...]:
+    if module.kind == "embedding":
+        return (int(module.A.shape[1]), int(module.B.shape[0]))
+    if module.kind == "conv2d":
+        return (int(module.B.shape[0]), *map(int, module.A.shape[1:]))
+    out, inp = int(module.B.shape[0]), int(module.A.shape[1])
+    return (inp, out) if config.get("fan_in_fan_out") else (out, inp)
+
+
+def check_against_base(adapter: Adapter, base: str | Path | None) -> dict[str, Any]:
+    """Whether every adapted module exists in the base with the shape the adapter expects.
+
+    Returns:
+        {"ok": bool, "problems": [str, ...]} — a problem names the module, expected and found shape.
+    """
+    shapes = weight_shapes(base)
+    problems = []
+    for name, mod in adapter.modules.items():
+        key = f"{name}.weight"
+        want = _base_key_shape(mod, adapter.config)
+        if key not in shapes:
+            problems.append(f"{name}: no {key!r} in the base model")
+        elif tuple(shapes[key]) != want:
+            problems.append(f"{name}: base weight has shape {tuple(shapes[key])}, adapter expects {want}")
+    return {"ok": not problems, "problems": problems}
+
+
+def inspect_adapter(path: str | Path, base: str | Path | None = None, check_base: bool = False) -> dict[str, Any]:
+    """Summarise an adapter: config, per-module rank/alpha/scaling/parameters, ‖ΔW‖ and effective rank.
+
+    Args:
+        path: adapter directory.
+        base: base model to check the adapter against (directory, or None for the embedded model).
+        check_base: run the base check (set automatically when ``base`` is given).
+
+    Returns:
+        A JSON-ready dict with "config", "modules" (list), "totals" and, with a base, "loads".
+    """
+    ad = read_adapter(path)
+    rows = []
+    for name, mod in ad.modules.items():
+        _, s, _ = spectrum_of_product(*mod.factors())
+        rows.append({
+            "module": name, "kind": mod.kind, "r": mod.r, "alpha": mod.alpha, "scaling": mod.scaling,
+            "params": mod.num_params(), "delta_norm": float(torch.linalg.vector_norm(s)),
+            "rank90": energy_rank(s, 0.90), "rank99": energy_rank(s, 0.99),
+            "dora": mod.magnitude is not None,
+        })
+    targets = ad.config.get("target_modules")
+    report: dict[str, Any] = {
+        "path": str(ad.path),
+        "config": {k: ad.config.get(k) for k in ("peft_type", "r", "lora_alpha", "use_rslora", "use_dora",
+                                                  "target_modules", "rank_pattern", "alpha_pattern", "bias",
+                                                  "fan_in_fan_out", "modules_to_save", "base_model_name_or_path")},
+        "targets": sorted(targets) if isinstance(targets, list) else targets,
+        "modules": rows,
+        "totals": {
+            "modules": len(rows),
+            "params": sum(r["params"] for r in rows) + sum(t.numel() for t in ad.other.values()),
+            "other_tensors": sorted(ad.other),
+            "size_on_disk": ad.size_on_disk(),
+        },
+    }
+    if base is not None or check_base:
+        report["loads"] = check_against_base(ad, base)
+    return report
+
+
+def _write_adapter(out: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+    """Write config + safetensors atomically (temp files, then rename)."""
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    for name, write in ((WEIGHTS_NAME, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, p,
+                                                            metadata={"format": "pt"})),
+                        (CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True)))):
+        fd, tmp = tempfile.mkstemp(dir=root, suffix=".tmp")
+        os.close(fd)
+        try:
+            write(tmp)
+            os.replace(tmp, root / name)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    return root
+
+
+def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Balanced factors B (m, k), A (k, n) with scaling * B @ A = U_k S_k V_kᵀ."""
+    root = torch.sqrt(s[:k] / scaling)
+    return u[:, :k] * root, root[:, None] * vh[:k]
+
+
+def _factors_to_tensors(name: str, kind: str, B: torch.Tensor, A: torch.Tensor, conv_shape: tuple[int, ...] | None,
+                        dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    if kind == "embedding":
+        return {f"{PREFIX}{name}.lora_embedding_A": A.to(dtype), f"{PREFIX}{name}.lora_embedding_B": B.to(dtype)}
+    if kind == "conv2d" and conv_shape is not None:
+        A = A.reshape(A.shape[0], *conv_shape[1:])
+        B = B.reshape(B.shape[0], B.shape[1], 1, 1)
+    return {f"{PREFIX}{name}.lora_A.weight": A.to(dtype), f"{PREFIX}{name}.lora_B.weight": B.to(dtype)}
+
+
+def _base_config(base: str | None, r: int, alpha: float, targets: list[str], use_rslora: bool) -> dict[str, Any]:
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r, "lora_alpha": alpha, "target_modules": targets,
+        "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False, "use_rslora": use_rslora,
+        "use_dora": False, "init_lora_weights": True, "modules_to_save": None, "rank_pattern": {},
+        "alpha_pattern": {}, "base_model_name_or_path": base, "inference_mode": True,
+        "layers_to_transform": None, "layers_pattern": None,
+    }
+
+
+def _compact_targets(chosen: list[str], all_candidates: list[str]) -> list[str]:
+    """Short target names (``q_proj``) when they select exactly ``chosen``, else the full paths."""
+    suffixes = sorted({n.rsplit(".", 1)[-1] for n in chosen})
+    if sorted(n for n in all_candidates if n.rsplit(".", 1)[-1] in suffixes) == sorted(chosen):
+        return suffixes
+    return sorted(chosen)
+
+
+def _rank_pattern(ranks: dict[str, int], r: int) -> dict[str, int]:
+    return {name: k for name, k in sorted(ranks.items()) if k != r}
+
+
+def extract_adapter(
+    base: str | Path | None,
+    tuned: str | Path,
+    rank: int,
+    out: str | Path,
+    alpha: float | None = None,
+    targets: list[str] | None = None,
+    energy: float | None = None,
+    min_rel_change: float = 0.0,
+    fan_in_fan_out: bool | None = None,
+) -> dict[str, Any]:
+    """Best rank-r LoRA approximation of (tuned − base), one truncated SVD per weight matrix.
+
+    For each targeted linear weight D = W_tuned − W_base (out, in), the SVD D = U S Vᵀ gives
+    B = U_r S_r^½ / √s and A = S_r^½ V_rᵀ / √s, so scaling * B @ A is the best rank-r
+    approximation of D in Frobenius norm (Eckart-Young), with relative error
+    sqrt(Σ_{i>r} σᵢ²) / ‖D‖.
+
+    Args:
+        base: base model directory (None / "default": the embedded model).
+        tuned: fully fine-tuned model directory with the same tensor names.
+        rank: LoRA rank r (per module, capped by min(out, in)).
+        out: output adapter directory.
+        alpha: lora_alpha (default: r, so scaling = 1).
+        targets: module names or suffixes to extract (default: every 2-D weight that changed,
+            except embeddings and lm_head, as PEFT's "all-linear").
+        energy: if given, each module gets the smallest rank holding this fraction of ‖D‖², up to
+            ``rank`` (written as a rank_pattern).
+        min_rel_change: skip modules with ‖D‖ / ‖W_base‖ at or below this.
+        fan_in_fan_out: weights are stored (in, out), as GPT-2's Conv1D (default: detected from
+            the tuned model's config.json model_type).
+
+    Returns:
+        A report: per-module rank, relative error, ‖D‖ and ‖D‖/‖W‖; skipped changed tensors.
+
+    Raises:
+        ValueError: if rank < 1, shapes differ, or nothing is left to extract.
+        FileNotFoundError: if a model path is missing.
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    if energy is not None and not 0 < energy <= 1:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    base_sd = load_state_dict(base)
+    tuned_sd = load_state_dict(tuned)
+    alpha = float(rank if alpha is None else alpha)
+    scaling = alpha / rank
+    if fan_in_fan_out is None:
+        try:
+            fan_in_fan_out = load_config(tuned).get("model_type") == "gpt2"
+        except FileNotFoundError:
+            fan_in_fan_out = False
+    rows, skipped, tensors, ranks, candidates = [], [], {}, {}, []
+    for key in sorted(tuned_sd):
+        if key not in base_sd:
+            skipped.append({"tensor": key, "why": "not in base"})
+            continue
+        w0, w1 = base_sd[key], tuned_sd[key]
+        if w0.shape != w1.shape:
+            raise ValueError(f"tensor {key!r}: base shape {tuple(w0.shape)} != tuned shape {tuple(w1.shape)}")
+        if not key.endswith(".weight") or w0.dim() != 2:
+            if not torch.equal(w0, w1):
+                skipped.append({"tensor": key, "why": "changed but not a 2-D weight (use modules_to_save)"})
+            continue
+        name = key[: -len(".weight")]
+        selected = module_matches(name, targets) if targets else not any(t in name for t in _NOT_LINEAR)
+        if not selected:
+            if not torch.equal(w0, w1):
+                skipped.append({"tensor": key, "why": "changed but not targeted"})
+            continue
+        candidates.append(name)
+        d = w1.double() - w0.double()
+        if fan_in_fan_out:
+            d = d.T  # LoRA factors are (out, r) and (r, in) whatever the weight layout
+        dn, wn = float(torch.linalg.vector_norm(d)), float(torch.linalg.vector_norm(w0.double()))
+        if dn == 0.0 or dn <= min_rel_change * wn:
+            continue
+        u, s, vh = torch.linalg.svd(d, full_matrices=False)
+        k = min(rank, s.numel())
+        if energy is not None:
+            k = max(1, min(k, energy_rank(s, energy)))
+        B, A = _split(u, s, vh, k, scaling)
+        tensors.update(_factors_to_tensors(name, "linear", B, A, None, torch.float32))
+        ranks[name] = k
+        rows.append({"module": name, "r": k, "rel_error": truncation_error(s, k), "delta_norm": dn,
+                     "rel_change": dn / wn if wn else float("inf"), "rank90": energy_rank(s, 0.9),
+                     "rank99": energy_rank(s, 0.99)})
+    if not rows:
+        raise ValueError(f"no targeted weight differs between {str(base)!r} and {str(tuned)!r}")
+    config = _base_config(None if is_default(base) else str(base), rank, alpha,
+                          _compact_targets(list(ranks), candidates), False)
+    config["fan_in_fan_out"] = bool(fan_in_fan_out)
+    config["rank_pattern"] = _rank_pattern(ranks, rank)
+    _write_adapter(out, config, tensors)
+    return {"out": str(out), "rank": rank, "alpha": alpha, "modules": rows, "skipped": skipped,
+            "mean_rel_error": sum(r["rel_error"] for r in rows) / len(rows)}
+
+
+def resize_adapter(
+    path: str | Path,
+    rank: int,
+    out: str | Path,
+    energy: float | None = None,
+) -> dict[str, Any]:
+    """Compress an adapter to rank ≤ ``rank`` by truncated SVD of each module's ΔW.
+
+    The new factors absorb the new scaling (lora_alpha and alpha_pattern are kept, so scaling =
+    alpha / r_new), hence scaling_new * B' @ A' is the best rank-r_new approximation of the old ΔW.
+    A module already below ``rank`` keeps its rank (recorded in rank_pattern).
+
+    Args:
+        path: adapter directory.
+        rank: target rank.
+        out: output directory.
+        energy: optionally, per module the smallest rank holding this fraction of ‖ΔW‖²
+            (capped at ``rank``), written as a rank_pattern.
+
+    Returns:
+        A report with per-module old/new rank and relative error ‖ΔW − ΔW'‖ / ‖ΔW‖.
+
+    Raises:
+        ValueError: on rank < 1 or a DoRA adapter (its magnitude depends on ΔW's column norms).
+    """
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+    if energy is not None and not 0 < energy <= 1:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    ad = read_adapter(path)
+    if ad.config.get("use_dora") or any(m.magnitude is not None for m in ad.modules.values()):
+        raise ValueError(f"adapter {str(path)!r} is DoRA: resizing would change its magnitude normalisation")
+    rslora = bool(ad.config.get("use_rslora", False))
+    tensors: dict[str, torch.Tensor] = dict(ad.other)
+    rows, ranks = [], {}
+    for name, mod in ad.modules.items():
+        u, s, vh = spectrum_of_product(*mod.factors())
+        k = min(rank, mod.r)
+        if energy is not None:
+            k = max(1, min(k, energy_rank(s, energy)))
+        new_scaling = scaling_of(mod.alpha, k, rslora)
+        B, A = _split(u, s, vh, k, new_scaling)
+        conv = tuple(mod.A.shape) if mod.kind == "conv2d" else None
+        tensors.update(_factors_to_tensors(name, mod.kind, B, A, conv, mod.A.dtype))
+        ranks[name] = k
+        rows.append({"module": name, "old_r": mod.r, "r": k, "rel_error": truncation_error(s, k),
+                     "delta_norm": float(torch.linalg.vector_norm(s))})
+    config = dict(ad.config)
+    config["r"] = rank
+    config["rank_pattern"] = _rank_pattern(ranks, rank)
+    _write_adapter(out, config, tensors)
+    errs = [r["rel_error"] for r in rows]
+    old_params = sum(m.num_params() for m in ad.modules.values())
+    new_params = sum(t.numel() for k, t in tensors.items() if k not in ad.other)
+    return {"out": str(out), "rank": rank, "modules": rows, "max_rel_error": max(errs, default=0.0),
+            "mean_rel_error": sum(errs) / len(errs) if errs else 0.0,
+            "old_params": old_params, "new_params": new_params}
+
+
+def delta_spectra(
+    adapter: str | Path | None = None,
+    base: str | Path | None = None,
+    tuned: str | Path | None = None,
+    targets: list[str] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Singular values of each module's ΔW, from an adapter or from a tuned model beside its base.
+
+    Raises:
+        ValueError: if neither an adapter nor a tuned model is given.
+    """
+    out: dict[str, torch.Tensor] = {}
+    if adapter is not None:
+        for name, mod in read_adapter(adapter).modules.items():
+            out[name] = spectrum_of_product(*mod.factors())[1]
+        return out
+    if tuned is None:
+        raise ValueError("give an adapter, or a tuned model with its base")
+    base_sd, tuned_sd = load_state_dict(base), load_state_dict(tuned)
+    for key in sorted(tuned_sd):
+        if not key.endswith(".weight") or key not in base_sd or tuned_sd[key].dim() != 2:
+            continue
+        name = key[: -len(".weight")]
+        if targets is not None and not module_matches(name, targets):
+            continue
+        if targets is None and any(t in name for t in _NOT_LINEAR):
+            continue
+        d = tuned_sd[key].double() - base_sd[key].double()
+        if torch.count_nonzero(d) == 0:
+            continue
+        out[name] = torch.linalg.svdvals(d)
+    return out
+
+
+__all__ = [
+    "Adapter", "LoraModule", "read_adapter", "inspect_adapter", "check_against_base", "extract_adapter",
+    "resize_adapter", "delta_spectra", "energy_rank", "truncation_error", "spectrum_of_product",
+]

@@ -1,0 +1,287 @@
+"""Inference helpers shared by train / generate / chat / eval / merge.
+
+* ``load_for_inference`` turns ``--model`` / ``--adapter`` into a ready model: the base model, with
+  a trained adapter (a run directory or any PEFT adapter directory) loaded on top, or a full
+  fine-tune's saved model.
+* ``greedy_answers`` generates short answers for a batch of prompts (left padded, greedy).
+* ``evaluate`` computes the held-out metrics the training table reports: the loss on answer
+  tokens and the exact-match accuracy of generated answers.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable, ContextManager
+
+import torch
+import torch.nn.functional as F
+
+from lorakit.train.data import (IGNORE_INDEX, Example, Tokenized, encode_prompt, iter_eval_batches,
+                                normalize_answer, tokenize_all)
+
+RUN_INFO = "lorakit_run.json"
+
+
+# --------------------------------------------------------------------------- precision
+def cpu_supports_bf16() -> bool:
+    """True if this CPU computes bf16 natively (AVX512-BF16 or AMX); else bf16 would be emulated."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as fh:
+            flags = fh.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(precision: str) -> str:
+    """Map ``auto`` to ``bf16`` or ``fp32`` for this machine; check the value.
+
+    Raises:
+        ValueError: for anything but auto / fp32 / bf16.
+    """
+    if precision not in ("auto", "fp32", "bf16"):
+        raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {precision!r}")
+    if precision == "auto":
+        return "bf16" if cpu_supports_bf16() else "fp32"
+    return precision
+
+
+def autocast(precision: str) -> ContextManager[Any]:
+    """bf16 autocast over fp32 weights for ``bf16``; nothing for ``fp32``.
+
+    Weights (base and adapter) stay fp32: matmuls run in bf16 on the CPU's bf16 units while
+    AdamW updates and the loss stay in fp32. On the 2-core demo machine this was faster than
+    storing the base weights in bf16 (no per-layer dtype casts between base and adapter).
+    """
+    if precision == "bf16":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# --------------------------------------------------------------------------- loss
+def _head_parts(model: Any) -> tuple[Any, Any] | None:
+    """(backbone, output head) when logits are just ``head(backbone(x))``; None otherwise."""
+    cfg = getattr(model, "config", None)
+    if cfg is not None and (getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None)):
+        return None  # logits are post-processed; use the model's own forward
+    prefix = getattr(model, "base_model_prefix", "")
+    backbone = getattr(model, prefix, None) if prefix else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if backbone is None or head is None or backbone is model:
+        return None
+    return backbone, head
+
+
+def loss_sum(model: Any, batch: dict[str, torch.Tensor], label_positions_only: bool = True) -> tuple[torch.Tensor, int]:
+    """Summed next-token cross-entropy over label positions, and how many there are.
+
+    With ``label_positions_only`` the backbone's hidden states are gathered at the positions that
+    predict a label and only those go through the output head, so the (tokens x vocab) logits of
+    the prompt are never built: for a 49k vocabulary and answers of two tokens that is most of the
+    head's time and memory. The result equals the plain path (``model(...).logits``), checked in
+    tests/test_train.py.
+
+    Args:
+        model: a causal LM.
+        batch: ``input_ids``, ``attention_mask``, ``labels`` (batch, seq).
+
+    Returns:
+        ``(loss_sum, n_labels)``; ``loss_sum`` is an fp32 scalar tensor.
+    """
+    labels = batch["labels"][:, 1:]
+    select = labels != IGNORE_INDEX
+    n = int(select.sum())
+    parts = _head_parts(model) if label_positions_only else None
+    if parts is not None:
+        backbone, head = parts
+        hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)[0]
+        logits = head(hidden[:, :-1][select])  # (n_labels, vocab)
+    else:
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+        logits = out.logits[:, :-1][select]
+    loss = F.cross_entropy(logits.float(), labels[select], reduction="sum")
+    return loss, n
+
+
+@torch.no_grad()
+def eval_loss(model: Any, data: list[Tokenized], batch_size: int, pad_id: int, precision: str) -> float:
+    """Mean cross-entropy per answer token over ``data`` (model switched to eval mode and back)."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for batch in iter_eval_batches(data, batch_size, pad_id):
+            with autocast(precision):
+                loss, n = loss_sum(model, batch)
+            total += float(loss)
+            count += n
+    finally:
+        model.train(was_training)
+    return total / max(count, 1)
+
+
+# --------------------------------------------------------------------------- generation
+@torch.no_grad()
+def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
+                    precision: str = "fp32") -> list[str]:
+    """Greedy continuation of a batch of token-id prompts (left padded); returns the new text."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    width = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), width), pad if pad is not None else 0, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for r, p in enumerate(prompts):
+        ids[r, width - len(p):] = torch.tensor(p)
+        mask[r, width - len(p):] = 1
+    was_training = model.training
+    model.eval()
+    try:
+        with autocast(precision):
+            out = model.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, temperature=None, top_p=None,
+                top_k=None,
+            )
+    finally:
+        model.train(was_training)
+    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+
+
+def evaluate(model: Any, tokenizer: Any, examples: list[Example], max_length: int = 512,
+             batch_size: int = 16, precision: str = "fp32",
+             tokenized: list[Tokenized] | None = None) -> dict[str, Any]:
+    """Held-out metrics: loss on answer tokens, and exact-match accuracy of generated answers.
+
+    Accuracy is measured on the examples that end with an assistant message: the conversation
+    before it is the prompt, the model answers greedily (a few tokens more than the reference),
+    and both are compared after ``normalize_answer``.
+
+    Returns:
+        ``{"loss", "accuracy" (None without answer examples), "n", "n_accuracy", "predictions"}``.
+    """
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if tokenized is None:
+        tokenized = tokenize_all(tokenizer, examples, max_length, what="eval data")
+    loss = eval_loss(model, tokenized, batch_size, pad, precision)
+    qa = [ex for ex in examples if ex.answer is not None]
+    predictions: list[dict[str, str]] = []
+    correct = 0
+    for b in range(0, len(qa), batch_size):
+        chunk = qa[b : b + batch_size]
+        prompts = [encode_prompt(tokenizer, ex.prompt_messages) for ex in chunk]  # type: ignore[arg-type]
+        longest = max(len(tokenizer(ex.answer, add_special_tokens=False)["input_ids"]) for ex in chunk)
+        outs = greedy_generate(model, tokenizer, prompts, min(longest + 2, 256), precision)
+        for ex, out in zip(chunk, outs):
+            ok = normalize_answer(out) == normalize_answer(ex.answer)  # type: ignore[arg-type]
+            correct += ok
+            predictions.append({"reference": ex.answer, "generated": out, "correct": ok})  # type: ignore[dict-item]
+    return {
+        "loss": loss,
+        "accuracy": correct / len(qa) if qa else None,
+        "n": len(tokenized),
+        "n_accuracy": len(qa),
+        "predictions": predictions,
+    }
+
+
+# --------------------------------------------------------------------------- loading
+def read_run_info(directory: str | Path) -> dict[str, Any]:
+    """The ``lorakit_run.json`` of a run directory, or {} if absent."""
+    path = Path(directory) / RUN_INFO
+    if path.is_file():
+        return json.loads(path.read_text(encoding="utf-8"))
+    return {}
+
+
+def load_for_inference(model: str | None = None, adapter: str | None = None,
+                       dtype: torch.dtype = torch.float32) -> tuple[Any, Any, dict[str, Any]]:
+    """Load the model the inference commands run: base, base + adapter, or a full fine-tune.
+
+    Args:
+        model: ``--model`` (None = the base recorded with the adapter, else the embedded default).
+        adapter: a run directory from ``lorakit train`` or a PEFT adapter directory.
+        dtype: weight dtype.
+
+    Returns:
+        ``(model, tokenizer, info)``; ``info`` describes what was loaded.
+
+    Raises:
+        FileNotFoundError: if the adapter directory holds neither an adapter nor a model.
+    """
+    from lorakit import load_adapter
+    from lorakit.models import load_model_and_tokenizer
+
+    info: dict[str, Any] = {"model": model, "adapter": adapter}
+    if adapter is None:
+        m, tok = load_model_and_tokenizer(model, dtype=dtype)
+        return m, tok, info
+    path = Path(adapter)
+    if not path.is_dir():
+        raise FileNotFoundError(f"adapter directory {adapter!r} not found")
+    run = read_run_info(path)
+    if (path / "model" / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        m, tok = load_model_and_tokenizer(str(path / "model"), dtype=dtype)  # a full fine-tune run
+        info["model"] = str(path / "model")
+        return m, tok, info
+    if not (path / "adapter_config.json").is_file():
+        raise FileNotFoundError(
+            f"{adapter!r} holds no adapter_config.json (and no model/): not a lorakit run or PEFT adapter "
+            "directory (a run that was interrupted keeps its state in checkpoint/: resume it first)"
+        )
+    if model is None:
+        model = run.get("model")
+        if model is None and "model" not in run:
+            recorded = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
+            if recorded and os.path.exists(recorded):
+                model = recorded
+    info["model"] = model
+    m, tok = load_model_and_tokenizer(model, dtype=dtype)
+    load_adapter(m, path, is_trainable=False)
+    m.eval()
+    return m, tok, info
+
+
+def chat_loop(model: Any, tokenizer: Any, max_new_tokens: int, precision: str, system: str | None = None,
+              read: Callable[[str], str] = input, write: Callable[[str], None] = print) -> int:
+    """Interactive chat with the chat template; EOF (Ctrl-D) or Ctrl-C ends it cleanly.
+
+    Commands: ``/reset`` clears the history, ``/exit`` quits.
+
+    Returns:
+        0 (the exit code).
+    """
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    write("chat with the model: /reset clears the history, /exit or Ctrl-D quits")
+    while True:
+        try:
+            line = read("you> ")
+        except (EOFError, KeyboardInterrupt):
+            write("")
+            return 0
+        text = line.strip()
+        if not text:
+            continue
+        if text in ("/exit", "/quit"):
+            return 0
+        if text == "/reset":
+            history = history[:1] if system else []
+            continue
+        history.append({"role": "user", "content": text})
+        try:
+            reply = greedy_generate(model, tokenizer, [encode_prompt(tokenizer, history)], max_new_tokens, precision)[0]
+        except KeyboardInterrupt:
+            history.pop()
+            write("\n(interrupted)")
+            continue
+        reply = reply.strip()
+        history.append({"role": "assistant", "content": reply})
+        write(f"model> {reply}")
+
+
+def format_metric(value: float | None, percent: bool = False) -> str:
+    """A table cell: ``-`` for missing values, a percentage or 4 decimals otherwise."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{100 * value:.1f}%" if percent else f"{value:.4f}"

@@ -1,0 +1,546 @@
+"""The training loop: LoRA (or full) fine-tuning of a causal LM with resumable checkpoints.
+
+One obvious path, top to bottom in ``train``:
+
+1. read and validate all data (a bad line fails before any model is loaded);
+2. load the model, inject LoRA (``--method lora``) or unfreeze everything (``--method full``);
+3. AdamW over the trainable parameters, linear warm-up then cosine decay, gradient clipping,
+   gradient accumulation; loss only on answer tokens, logits only where there are labels;
+4. evaluate before, train, evaluate after; print the table and write the run directory.
+
+Resuming is exact because everything a step depends on is either saved or a pure function of
+(seed, step): parameters, AdamW moments and the scheduler are saved; the batch order of an
+epoch is recomputed from ``(seed, epoch)``; the torch RNG (dropout) is saved. A run killed at any
+moment and resumed therefore ends with the same adapter as an uninterrupted run.
+
+Run directory layout (``runs/<name>/``)::
+
+    adapter_config.json, adapter_model.safetensors   the trained adapter (PEFT format), or
+    model/                                           the full fine-tune (transformers format)
+    lorakit_run.json      base model, config, before/after metrics
+    train_config.yaml     the exact configuration (for --resume and reproducibility)
+    log.jsonl             one line per step (+ eval lines);  loss.png  the loss curve
+    eval.jsonl            the held-out examples the table was measured on
+    checkpoint/           the latest resumable state
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import yaml
+
+from lorakit.train.config import TrainConfig
+from lorakit.train.data import (BUILTIN_TASK, Example, Tokenized, collate, epoch_batches, load_examples,
+                                tokenize_all, write_jsonl)
+from lorakit.train.generate import RUN_INFO, autocast, evaluate, eval_loss, format_metric, loss_sum, resolve_precision
+
+CHECKPOINT = "checkpoint"
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss or gradient became NaN/inf; the run stopped and kept its last good checkpoint."""
+
+
+class SimulatedKill(BaseException):
+    """Raised by test hooks to stop a run the way SIGKILL would: no cleanup, no checkpoint."""
+
+
+@dataclass
+class TrainResult:
+    """What a run produced (also written to ``lorakit_run.json``)."""
+
+    run_dir: Path
+    steps: int
+    total_steps: int
+    interrupted: bool = False
+    before: dict[str, Any] = field(default_factory=dict)
+    after: dict[str, Any] = field(default_factory=dict)
+    trainable_params: int = 0
+    total_params: int = 0
+    train_seconds: float = 0.0
+    wall_seconds: float = 0.0
+    tokens_per_second: float = 0.0
+    peak_memory_mb: float = 0.0
+    losses: list[float] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- schedule
+def lr_factor(step: int, total: int, warmup: int) -> float:
+    """Multiplier of the peak LR at ``step``: linear warm-up, then cosine decay to 0."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def plan_steps(cfg: TrainConfig, n_examples: int) -> tuple[int, int]:
+    """``(batches_per_epoch, total_optimizer_steps)`` for a dataset of ``n_examples``."""
+    per_epoch = math.ceil(n_examples / cfg.batch_size)
+    if cfg.max_steps:
+        return per_epoch, cfg.max_steps
+    return per_epoch, max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+
+
+def micro_batch(data: list[Tokenized], cfg: TrainConfig, index: int, per_epoch: int, pad_id: int,
+                cache: dict[int, list[list[int]]]) -> tuple[int, dict[str, torch.Tensor]]:
+    """The ``index``-th micro-batch of the run (epochs wrap around); returns ``(epoch, batch)``."""
+    epoch, pos = divmod(index, per_epoch)
+    if epoch not in cache:
+        cache.clear()
+        cache[epoch] = epoch_batches([len(t.input_ids) for t in data], cfg.batch_size, cfg.seed, epoch)
+    return epoch, collate([data[i] for i in cache[epoch][pos]], pad_id)
+
+
+# --------------------------------------------------------------------------- model set-up
+def prepare_model(model: Any, cfg: TrainConfig, base_name: str) -> Any:
+    """Inject LoRA (frozen base) or make every weight trainable (full fine-tuning)."""
+    if cfg.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    from lorakit import LoraConfig, get_lora_model
+
+    targets: str | list[str] = cfg.target_modules
+    if targets != "all-linear" and not any(c in targets for c in ".*+?[]()|^$\\"):
+        targets = [t.strip() for t in targets.split(",") if t.strip()]  # plain names; else a regex
+    lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                      task_type="CAUSAL_LM", base_model_name_or_path=base_name)
+    return get_lora_model(model, lcfg)
+
+
+def trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    """Copies of the trainable parameters by name (what a checkpoint must restore)."""
+    return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_checkpoint(run_dir: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    state: dict[str, Any], cfg: TrainConfig) -> Path:
+    """Write the resumable state atomically: a temp directory, then renames.
+
+    Contents: ``trainable.safetensors`` (every trainable tensor), ``optimizer.pt`` and
+    ``scheduler.pt`` (state dicts of plain tensors/numbers, loadable with weights_only=True),
+    ``rng.pt`` (torch RNG state), ``trainer_state.json`` (step, data position, metrics so far)
+    and, for LoRA, the adapter in PEFT format.
+    """
+    from safetensors.torch import save_file
+
+    final = run_dir / CHECKPOINT
+    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-tmp-", dir=run_dir))
+    try:
+        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+        state = dict(state, python_random=random.getstate()[1][:1])  # informational only
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+        if cfg.method == "lora":
+            from lorakit import save_adapter
+
+            save_adapter(model, tmp / "adapter")
+        old = run_dir / ".checkpoint-old"
+        if old.exists():
+            shutil.rmtree(old)
+        if final.exists():
+            os.rename(final, old)  # a kill between these renames leaves .checkpoint-old: still usable
+        os.rename(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(run_dir: Path) -> Path | None:
+    """The newest complete checkpoint directory of a run, or None."""
+    for name in (CHECKPOINT, ".checkpoint-old"):
+        path = run_dir / name
+        if (path / "trainer_state.json").is_file():
+            return path
+    return None
+
+
+def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+    """Restore parameters, optimizer, scheduler and RNG from ``path``; return the trainer state.
+
+    Raises:
+        ValueError: if the checkpoint does not fit the model (names or shapes differ).
+    """
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path / "trainable.safetensors"))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(saved) != set(params):
+        missing, extra = sorted(set(params) - set(saved))[:3], sorted(set(saved) - set(params))[:3]
+        raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, unexpected {extra}")
+    with torch.no_grad():
+        for name, p in params.items():
+            if p.shape != saved[name].shape:
+                raise ValueError(f"checkpoint {path}: {name} has shape {list(saved[name].shape)}, "
+                                 f"the model expects {list(p.shape)}")
+            p.copy_(saved[name])
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
+    return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+
+
+# --------------------------------------------------------------------------- outputs
+def plot_losses(log_path: Path, out_png: Path) -> None:
+    """Draw the loss curve (train per step, eval points) from ``log.jsonl`` into a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps, losses, esteps, elosses = [], [], [], []
+    for line in log_path.read_text(encoding="utf-8").splitlines():
+        rec = json.loads(line)
+        if "loss" in rec:
+            steps.append(rec["step"])
+            losses.append(rec["loss"])
+        if "eval_loss" in rec:
+            esteps.append(rec["step"])
+            elosses.append(rec["eval_loss"])
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if steps:
+        ax.plot(steps, losses, lw=0.8, alpha=0.5, label="train loss")
+        k = max(1, len(losses) // 20)
+        if k > 1:
+            smooth = [sum(losses[max(0, i - k + 1) : i + 1]) / len(losses[max(0, i - k + 1) : i + 1]) for i in range(len(losses))]
+            ax.plot(steps, smooth, lw=1.5, label=f"train loss (mean of {k})")
+    if esteps:
+        ax.plot(esteps, elosses, "o-", label="held-out loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("cross-entropy per answer token")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
+
+
+def results_table(result: TrainResult, cfg: TrainConfig) -> str:
+    """The end-of-run summary table (plain text)."""
+    b, a = result.before, result.after
+    rows = [
+        ("", "before", "after"),
+        ("held-out accuracy (exact match)", format_metric(b.get("accuracy"), True), format_metric(a.get("accuracy"), True)),
+        ("held-out loss (answer tokens)", format_metric(b.get("loss")), format_metric(a.get("loss"))),
+    ]
+    pct = 100 * result.trainable_params / max(1, result.total_params)
+    lines = [f"{r[0]:<34}{r[1]:>10}{r[2]:>10}" for r in rows]
+    lines.append("-" * 54)
+    extra = [
+        ("method", f"{cfg.method}" + (f" r={cfg.rank} alpha={cfg.alpha:g} on {cfg.target_modules}" if cfg.method == "lora" else "")),
+        ("trainable parameters", f"{result.trainable_params:,} of {result.total_params:,} ({pct:.2f}%)"),
+        ("held-out examples", f"{b.get('n', a.get('n', 0))}"),
+        ("optimizer steps", f"{result.steps} x {cfg.batch_size * cfg.grad_accum} examples"),
+        ("training time", f"{result.train_seconds:.0f} s (total {result.wall_seconds:.0f} s incl. load + evals)"),
+        ("training throughput", f"{result.tokens_per_second:.0f} tokens/s"),
+        ("peak memory (RSS)", f"{result.peak_memory_mb:.0f} MB"),
+        ("saved to", str(result.run_dir)),
+    ]
+    lines += [f"{k:<34}{v}" for k, v in extra]
+    return "\n".join(lines)
+
+
+def peak_memory_mb() -> float:
+    """Peak resident memory of this process in MB (Linux reports ru_maxrss in KiB)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 1024 if sys.platform != "darwin" else rss / 2**20
+
+
+# --------------------------------------------------------------------------- the loop
+def default_run_dir(cfg: TrainConfig) -> Path:
+    """``runs/<task>-<method>-<timestamp>``."""
+    task = Path(cfg.data).stem if cfg.data and cfg.data != BUILTIN_TASK else BUILTIN_TASK
+    return Path("runs") / f"{task}-{cfg.method}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def load_run_config(run_dir: str | Path) -> TrainConfig:
+    """The TrainConfig saved in a run directory (for ``--resume``).
+
+    Raises:
+        FileNotFoundError: if ``run_dir`` is not a run directory.
+    """
+    path = Path(run_dir) / "train_config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"cannot resume: {str(path)!r} not found (is {str(run_dir)!r} a lorakit run directory?)")
+    return TrainConfig.from_yaml(path)
+
+
+def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: Any = None,
+          progress: bool = True, on_step: Callable[[int, float], None] | None = None,
+          log: Callable[[str], None] = print) -> TrainResult:
+    """Run a training job end to end.
+
+    Args:
+        cfg: the configuration; ``cfg.output`` is the run directory (created, or resumed).
+        resume: continue the run in ``cfg.output`` from its checkpoint.
+        model: an already loaded model to train instead of loading ``cfg.model`` (tests).
+        tokenizer: its tokenizer (required with ``model``).
+        progress: show a tqdm progress bar.
+        on_step: called as ``on_step(step, loss)`` after each optimizer step (tests use it to
+            simulate a kill).
+        log: where human-readable messages go.
+
+    Returns:
+        The TrainResult (also written to ``lorakit_run.json``).
+
+    Raises:
+        FileNotFoundError / ValueError: bad data, model or configuration (before training starts).
+        FileExistsError: the output directory already holds a run and ``resume`` is False.
+        NonFiniteLossError: the loss diverged; the last good checkpoint is kept.
+    """
+    wall_start = time.time()
+    run_dir = Path(cfg.output) if cfg.output else default_run_dir(cfg)
+    ckpt = find_checkpoint(run_dir) if resume else None
+    if resume and ckpt is None:
+        if (run_dir / RUN_INFO).is_file() and json.loads((run_dir / RUN_INFO).read_text()).get("finished"):
+            raise ValueError(f"run {str(run_dir)!r} already finished; nothing to resume")
+        raise FileNotFoundError(f"cannot resume: no checkpoint in {str(run_dir)!r}")
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"output directory {str(run_dir)!r} already holds files; pass --resume "
+                              f"{run_dir} to continue that run, or choose another --output")
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    precision = resolve_precision(cfg.precision)
+
+    # 1. Data first: every line is validated before a model is loaded or a step is taken.
+    train_examples = load_examples(cfg.data, "train")
+    if cfg.max_train_samples:
+        train_examples = train_examples[: cfg.max_train_samples]
+    if cfg.eval_data:
+        eval_examples: list[Example] = load_examples(cfg.eval_data, "test")
+    elif cfg.data is None or cfg.data == BUILTIN_TASK:
+        eval_examples = load_examples(BUILTIN_TASK, "test")
+    else:
+        eval_examples = []
+    if cfg.eval_samples:
+        eval_examples = eval_examples[: cfg.eval_samples]
+
+    # 2. Model.
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    if model is None:
+        from lorakit.models import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=torch.float32)
+    elif tokenizer is None:
+        raise ValueError("train(model=...) also needs its tokenizer")
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad_id is None:
+        raise ValueError("the tokenizer has neither a pad nor an eos token")
+    train_data = tokenize_all(tokenizer, train_examples, cfg.max_length, what="training data")
+    eval_data = tokenize_all(tokenizer, eval_examples, cfg.max_length, what="eval data") if eval_examples else []
+
+    base_name = cfg.model or "SmolLM2-135M-Instruct"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not resume:
+        (run_dir / "train_config.yaml").write_text(yaml.safe_dump(dict(cfg.to_dict(), output=str(run_dir)), sort_keys=False))
+        if eval_examples:
+            write_jsonl(eval_examples, run_dir / "eval.jsonl")
+
+    def run_eval(tag: str) -> dict[str, Any]:
+        if not eval_examples:
+            return {}
+        t0 = time.time()
+        res = evaluate(model, tokenizer, eval_examples, cfg.max_length, max(cfg.batch_size, 16), precision, eval_data)
+        log(f"[{tag}] held-out loss {res['loss']:.4f}, accuracy {format_metric(res['accuracy'], True)} "
+            f"on {res['n']} examples ({time.time() - t0:.0f} s)")
+        return {k: v for k, v in res.items() if k != "predictions"} | {"samples": res["predictions"][:5]}
+
+    before = run_eval("before") if not resume else {}
+
+    model = prepare_model(model, cfg, base_name)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    params = [p for p in model.parameters() if p.requires_grad]
+    n_train = sum(p.numel() for p in params)
+    n_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+    per_epoch, total_steps = plan_steps(cfg, len(train_data))
+    warmup = math.ceil(cfg.warmup_ratio * total_steps)
+    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
+
+    step, tokens_done, train_seconds = 0, 0, 0.0
+    losses: list[float] = []
+    if ckpt is not None:
+        state = load_checkpoint(ckpt, model, optimizer, scheduler)
+        step, tokens_done, train_seconds = state["step"], state["tokens"], state["train_seconds"]
+        before, losses = state.get("before", {}), state.get("losses", [])
+        log(f"resumed {run_dir} at step {step}/{total_steps} (epoch {state['epoch']}, micro-batch {state['micro_batch']})")
+    log_path = run_dir / "log.jsonl"
+    _truncate_log(log_path, step)
+
+    def write_checkpoint() -> None:
+        epoch, pos = divmod(step * cfg.grad_accum, per_epoch)
+        save_checkpoint(run_dir, model, optimizer, scheduler, {
+            "step": step, "total_steps": total_steps, "epoch": epoch, "micro_batch": pos,
+            "tokens": tokens_done, "train_seconds": train_seconds, "before": before, "losses": losses,
+            "seed": cfg.seed}, cfg)
+
+    log(f"training {cfg.method} on {len(train_data)} examples: {total_steps} steps of "
+        f"{cfg.batch_size}x{cfg.grad_accum}, lr {cfg.learning_rate:g}, {precision}, "
+        f"{n_train:,} trainable parameters -> {run_dir}")
+    stop = {"flag": False}
+    old_handler = _install_sigint(stop)
+    batches_cache: dict[int, list[list[int]]] = {}
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    interrupted = False
+    model.train()
+    try:
+        with log_path.open("a", encoding="utf-8") as log_fh:
+            while step < total_steps:
+                t0 = time.time()
+                micro = [micro_batch(train_data, cfg, step * cfg.grad_accum + k, per_epoch, pad_id, batches_cache)
+                         for k in range(cfg.grad_accum)]
+                n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in micro)
+                step_loss, step_tokens = 0.0, 0
+                for _, batch in micro:
+                    with autocast(precision):
+                        loss, _ = loss_sum(model, batch)
+                    loss = loss / max(n_labels, 1)  # mean over the whole accumulated step's labels
+                    if not torch.isfinite(loss):
+                        raise NonFiniteLossError(_diverged_message(step + 1, "loss", run_dir))
+                    loss.backward()
+                    step_loss += float(loss)
+                    step_tokens += int(batch["attention_mask"].sum())
+                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+                if not torch.isfinite(norm):
+                    raise NonFiniteLossError(_diverged_message(step + 1, "gradient norm", run_dir))
+                lr = optimizer.param_groups[0]["lr"]
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                step += 1
+                dt = time.time() - t0
+                train_seconds += dt
+                tokens_done += step_tokens
+                losses.append(step_loss)
+                rec = {"step": step, "epoch": micro[-1][0], "loss": round(step_loss, 6), "lr": lr,
+                       "grad_norm": round(float(norm), 6), "tokens": step_tokens,
+                       "tokens_per_s": round(step_tokens / max(dt, 1e-9), 1), "elapsed_s": round(train_seconds, 2)}
+                if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps and eval_data:
+                    rec["eval_loss"] = eval_loss(model, eval_data, max(cfg.batch_size, 16), pad_id, precision)
+                log_fh.write(json.dumps(rec) + "\n")
+                log_fh.flush()
+                if bar is not None:
+                    bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_done / max(train_seconds, 1e-9):.0f}")
+                    bar.update(1)
+                elif cfg.logging_steps and step % cfg.logging_steps == 0:
+                    log(f"step {step}/{total_steps} loss {step_loss:.4f} lr {lr:.2e}")
+                if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
+                    write_checkpoint()
+                if on_step is not None:
+                    on_step(step, step_loss)
+                if stop["flag"] and step < total_steps:
+                    interrupted = True
+                    break
+    except KeyboardInterrupt:
+        # A second Ctrl-C mid-step: the model may be half-updated, so nothing is saved; the last
+        # checkpoint on disk stays the resume point.
+        log(f"stopped during step {step + 1}; resume from the last checkpoint with: lorakit train --resume {run_dir}")
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+        _restore_sigint(old_handler)
+
+    result = TrainResult(run_dir=run_dir, steps=step, total_steps=total_steps, interrupted=interrupted,
+                         before=before, trainable_params=n_train, total_params=n_total,
+                         train_seconds=train_seconds, tokens_per_second=tokens_done / max(train_seconds, 1e-9),
+                         losses=losses)
+    if interrupted:
+        optimizer.zero_grad(set_to_none=True)
+        write_checkpoint()
+        log(f"interrupted at step {step}/{total_steps}: checkpoint saved; continue with: "
+            f"lorakit train --resume {run_dir}")
+        return result
+
+    # 4. Final artefacts, then the after-training evaluation.
+    model.eval()
+    if cfg.method == "lora":
+        from lorakit import save_adapter
+
+        save_adapter(model, run_dir)
+    else:
+        model.config.use_cache = True
+        model.save_pretrained(run_dir / "model")
+        tokenizer.save_pretrained(run_dir / "model")
+    plot_losses(log_path, run_dir / "loss.png")
+    model.config.use_cache = True
+    result.after = run_eval("after")
+    result.wall_seconds = time.time() - wall_start
+    result.peak_memory_mb = peak_memory_mb()
+    info = {
+        "finished": True, "model": cfg.model, "method": cfg.method, "config": cfg.to_dict(),
+        "steps": step, "before": before, "after": result.after,
+        "trainable_params": n_train, "total_params": n_total, "train_seconds": round(train_seconds, 2),
+        "wall_seconds": round(result.wall_seconds, 2), "tokens_per_second": round(result.tokens_per_second, 1),
+        "peak_memory_mb": round(result.peak_memory_mb, 1), "precision": precision,
+    }
+    (run_dir / RUN_INFO).write_text(json.dumps(info, indent=1), encoding="utf-8")
+    shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)
+    log(results_table(result, cfg))
+    return result
+
+
+def _diverged_message(step: int, what: str, run_dir: Path) -> str:
+    ckpt = find_checkpoint(run_dir)
+    where = (f"the last good checkpoint (step {json.loads((ckpt / 'trainer_state.json').read_text())['step']}) "
+             f"is kept in {ckpt}") if ckpt else "no checkpoint had been written yet"
+    return (f"non-finite {what} at step {step}: training stopped; {where}. "
+            "Try a lower --lr, --precision fp32 or a smaller --max-grad-norm.")
+
+
+def _truncate_log(log_path: Path, step: int) -> None:
+    """Drop log lines after ``step`` (written by a run killed after its last checkpoint)."""
+    if not log_path.is_file():
+        return
+    keep = [line for line in log_path.read_text(encoding="utf-8").splitlines()
+            if line.strip() and json.loads(line).get("step", 0) <= step]
+    log_path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+def _install_sigint(stop: dict[str, bool]) -> Any:
+    """First Ctrl-C: finish the current step, save a checkpoint, exit. Second: stop at once."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        if stop["flag"]:
+            raise KeyboardInterrupt
+        stop["flag"] = True
+        print("\nCtrl-C: finishing this step and saving a checkpoint (press again to stop at once)",
+              file=sys.stderr)
+
+    return signal.signal(signal.SIGINT, handler)
+
+
+def _restore_sigint(old: Any) -> None:
+    if old is not None:
+        signal.signal(signal.SIGINT, old)
