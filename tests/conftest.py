@@ -88,6 +88,7 @@ LAYER_CASES = {
 VARIANT_CASES: dict[str, dict] = {
     "lora": {},
     "rslora": {"use_rslora": True},
+    "dora": {"use_dora": True},
 }
 
 

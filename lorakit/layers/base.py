@@ -180,8 +180,12 @@ class LoraLayer(nn.Module):
             if variant is not None:
                 result = variant.forward(self, name, x, result)
             else:
-                result = result + self.lora_delta(name, x).to(result.dtype)
+                result = self.add_lora(name, x, result)
         return result
+
+    def add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """``result + scaling · B(A(dropout(x)))`` for adapter ``name`` (layer types may fuse this)."""
+        return result + self.lora_delta(name, x).to(result.dtype)
 
     # ---- merge -----------------------------------------------------------------------------------
 

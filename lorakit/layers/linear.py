@@ -7,6 +7,7 @@ from torch import nn
 
 from lorakit.layers import register_layer_type
 from lorakit.layers.base import LoraLayer
+from lorakit.layers.fused import fused_lora_add
 
 
 @register_layer_type(nn.Linear)
@@ -25,3 +26,9 @@ class LoraLinear(LoraLayer):
 
     def delta_from(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         return B @ A
+
+    def add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        # One fused autograd node: in-place addmm, no saved dropout copy (see layers/fused.py).
+        dropout = self.lora_dropout[name]
+        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        return fused_lora_add(result, x, self.lora_A[name], self.lora_B[name], self.scaling[name], p, self.training)

@@ -425,7 +425,7 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
                     if not torch.isfinite(loss):
                         raise NonFiniteLossError(_diverged_message(step + 1, "loss", run_dir))
                     loss.backward()
-                    step_loss += float(loss)
+                    step_loss += float(loss.detach())
                     step_tokens += int(batch["attention_mask"].sum())
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
                 if not torch.isfinite(norm):

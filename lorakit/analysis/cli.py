@@ -1,0 +1,322 @@
+"""``lorakit lowrank | recommend | estimate | inspect | extract | resize``: the low-rank lab's commands.
+
+Each handler prints a table (or JSON with ``--json``) and, where a picture helps, writes PNG plots
+into ``--out`` (next to the JSON report, or inside the adapter directory it wrote).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from lorakit.analysis import adapter_tools, estimate, lowrank, recommend
+from lorakit.analysis import plots
+
+DEFAULT_OUT = "lorakit-lab"
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}")
+    return values
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def _table(rows: Sequence[Sequence[Any]], header: Sequence[str]) -> str:
+    cells = [list(map(str, header))] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _emit(args: argparse.Namespace, report: dict[str, Any], text: str, name: str) -> None:
+    """Print text or JSON; save the JSON report into --out when plots are on."""
+    if getattr(args, "json", False):
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print(text)
+    out = getattr(args, "out", None)
+    if out and not getattr(args, "no_plot", False):
+        path = Path(out) / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2, default=str))
+
+
+def _note_plots(args: argparse.Namespace, paths: list[Path]) -> None:
+    if paths and not getattr(args, "json", False):
+        print("plots: " + ", ".join(str(p) for p in paths))
+
+
+# ---- lowrank ---------------------------------------------------------------------------------
+def cmd_lowrank(args: argparse.Namespace) -> int:
+    rows = lowrank.parameter_table(args.d, args.k, args.ranks)
+    text = [f"LoRA factors for a {args.d} x {args.k} matrix ({args.d * args.k:,} parameters)",
+            _table([(r["rank"], f"{r['params_A']:,}", f"{r['params_B']:,}", f"{r['lora_params']:,}",
+                     f"{r['compression']:.1f}x", f"{r['removed_pct']:.2f}%") for r in rows],
+                   ("rank", "A (r x k)", "B (d x r)", "LoRA params", "compression", "removed"))]
+    W = lowrank.synthetic_low_rank(args.size, args.size, args.true_rank, args.seed)
+    errs = lowrank.reconstruction_errors(W, args.svd_ranks)
+    text += ["", f"Truncated SVD of a {args.size} x {args.size} matrix of true rank {args.true_rank}",
+             _table([(e["rank"], f"{e['abs_error']:.3e}", f"{e['rel_error']:.3e}", f"{100 * e['energy']:.2f}%")
+                     for e in errs], ("rank", "‖W−W_r‖", "relative", "energy"))]
+    report: dict[str, Any] = {"parameter_table": rows, "synthetic": {"size": args.size, "true_rank": args.true_rank,
+                                                                     "rows": errs}}
+    spectra = None
+    if args.model is not None:
+        weights = lowrank.select_weights(args.model, args.module)
+        spectra = lowrank.spectrum_report(weights, args.ranks)
+        report["model"] = {"source": args.model, "matrices": spectra}
+        ranks = list(args.ranks)
+        text += ["", f"Weight matrices of {args.model}: energy captured at rank r, effective rank (90% / 99%)",
+                 _table([(n, "x".join(map(str, v["shape"])), *[f"{100 * v['energy'][r]:.1f}%" for r in ranks],
+                          v["rank90"], v["rank99"]) for n, v in spectra.items()],
+                        ("module", "shape", *[f"r={r}" for r in ranks], "r90", "r99"))]
+    _emit(args, report, "\n".join(text), "lowrank")
+    if args.out and not args.no_plot:
+        out = Path(args.out)
+        made = [plots.plot_param_table(rows, out / "lowrank_params.png"),
+                plots.plot_error_vs_rank({f"synthetic {args.size}x{args.size}, rank {args.true_rank}":
+                                          ([e["rank"] for e in errs], [e["rel_error"] for e in errs])},
+                                         out / "lowrank_error.png", true_rank=args.true_rank)]
+        if spectra:
+            made.append(plots.plot_spectra({n: v["singular_values"] for n, v in spectra.items()},
+                                           out / "lowrank_spectrum.png", f"Spectrum of {Path(str(args.model)).name}"))
+        _note_plots(args, made)
+    return 0
+
+
+# ---- recommend -------------------------------------------------------------------------------
+def cmd_recommend(args: argparse.Namespace) -> int:
+    report: dict[str, Any] = {}
+    text: list[str] = []
+    table_mode = args.task is not None or args.data_size is not None
+    data_mode = args.adapter is not None or args.tuned is not None
+    if not table_mode and not data_mode:
+        raise ValueError("give --task/--data-size (rule table) or --adapter / --tuned (data-driven mode)")
+    if table_mode:
+        if args.task is None or args.data_size is None:
+            raise ValueError("the rule table needs both --task and --data-size")
+        size = args.model_size
+        if size is None:
+            if args.model is None:
+                raise ValueError("give --model-size (7B, 13B, 70B) or --model to read it from")
+            size = recommend.model_total_params(args.model)
+        rec = recommend.recommend_rank(args.task, args.data_size, size)
+        report["recommendation"] = rec
+        text += [f"rank {rec['rank']}, alpha {rec['alpha']}", rec["reasoning"]]
+        if args.model is not None:
+            cost = recommend.model_cost(args.model, rec["rank"], tuple(args.targets), args.batch_size, args.seq_len,
+                                        args.precision)
+            report["cost"] = cost
+            text += ["", f"On {args.model} with targets {','.join(args.targets)}: {cost['modules']} modules, "
+                     f"{cost['trainable_params']:,} trainable parameters "
+                     f"({100 * cost['trainable_params'] / cost['total_params']:.3f}% of {cost['total_params']:,}), "
+                     f"adapter ≈ {estimate.human(cost['adapter_bytes'])} on disk"]
+            if cost.get("memory"):
+                m = cost["memory"]
+                text.append(f"training step ({args.batch_size} x {args.seq_len} tokens, {args.precision}, AdamW): "
+                            f"peak ≈ {estimate.human(m['peak'])} (weights {estimate.human(m['weights'])}, "
+                            f"activations {estimate.human(m['activations'])})")
+            else:
+                text.append(cost.get("memory_note", ""))
+    if data_mode:
+        dd = recommend.data_driven_ranks(adapter=args.adapter, base=args.base, tuned=args.tuned,
+                                         targets=args.targets if args.tuned else None, energy=args.energy)
+        report["data_driven"] = dd
+        text += ["", f"Effective rank of each ΔW ({'adapter ' + str(args.adapter) if args.adapter else 'tuned − base'})",
+                 _table([(r["module"], r["max_rank"], r["rank90"], r["rank99"], f"{r['norm']:.3g}", r["suggested"])
+                         for r in dd["modules"]], ("module", "max", "r90", "r99", "‖ΔW‖", "suggested")),
+                 f"suggested: r = {dd['r']}, rank_pattern = {json.dumps(dd['rank_pattern'])}"]
+    _emit(args, report, "\n".join(text), "recommend")
+    if data_mode and args.out and not args.no_plot:
+        rows = report["data_driven"]["modules"]
+        _note_plots(args, [plots.plot_module_bars([r["module"] for r in rows],
+                                                  {"90% energy": [r["rank90"] for r in rows],
+                                                   "99% energy": [r["rank99"] for r in rows]},
+                                                  Path(args.out) / "recommend_ranks.png", "effective rank",
+                                                  "Effective rank of ΔW per module")])
+    return 0
+
+
+# ---- estimate --------------------------------------------------------------------------------
+def cmd_estimate(args: argparse.Namespace) -> int:
+    shape = estimate.load_shape(args.model)
+    results = [estimate.estimate_memory(shape, method=m, batch_size=args.batch_size, seq_len=args.seq_len,
+                                        precision=args.precision, optimizer=args.optimizer,
+                                        gradient_checkpointing=args.gradient_checkpointing, r=args.r,
+                                        target_modules=tuple(args.targets), attention=args.attention,
+                                        optimizer_impl=args.optimizer_impl) for m in args.methods]
+    h = estimate.human
+    text = [f"{shape.name}: {shape.total_params():,} parameters; {args.batch_size} x {args.seq_len} tokens, "
+            f"{args.precision}, {args.optimizer}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}",
+            _table([(e.method, f"{e.trainable_params:,}", h(e.weights), h(e.gradients), h(e.optimizer_states),
+                     h(e.activations), h(e.transient), h(e.peak), e.peak_phase, f"{e.flops_per_token / 1e9:.2f}")
+                    for e in results],
+                   ("method", "trainable", "weights", "grads", "optimizer", "activations", "transient", "peak",
+                    "peak during", "GFLOP/token")),
+            "assumptions: " + "; ".join(results[0].assumptions)]
+    report = {"model": shape.name, "estimates": [e.to_dict() for e in results]}
+    _emit(args, report, "\n".join(text), "estimate")
+    if args.out and not args.no_plot:
+        _note_plots(args, [plots.plot_memory_breakdown(report["estimates"], Path(args.out) / "estimate_memory.png",
+                                                       f"{shape.name}, {args.batch_size}x{args.seq_len}, {args.precision}")])
+    return 0
+
+
+# ---- inspect / extract / resize --------------------------------------------------------------
+def cmd_inspect(args: argparse.Namespace) -> int:
+    rep = adapter_tools.inspect_adapter(args.adapter, base=args.base, check_base=args.base is not None)
+    c, t = rep["config"], rep["totals"]
+    text = [f"adapter {rep['path']}: r={c['r']} alpha={c['lora_alpha']} rslora={bool(c['use_rslora'])} "
+            f"dora={bool(c['use_dora'])} targets={rep['targets']}",
+            f"{t['modules']} modules, {t['params']:,} parameters, {estimate.human(t['size_on_disk'])} on disk"
+            + (f", other tensors: {', '.join(t['other_tensors'])}" if t["other_tensors"] else ""),
+            _table([(r["module"], r["kind"], r["r"], f"{r['alpha']:g}", f"{r['scaling']:.4g}", f"{r['params']:,}",
+                     f"{r['delta_norm']:.4g}", r["rank90"], r["rank99"]) for r in rep["modules"]],
+                   ("module", "kind", "r", "alpha", "scaling", "params", "‖ΔW‖", "r90", "r99"))]
+    if "loads" in rep:
+        loads = rep["loads"]
+        text.append(f"loads against {args.base}: {'yes' if loads['ok'] else 'NO'}")
+        text += [f"  {p}" for p in loads["problems"]]
+    _emit(args, rep, "\n".join(text), "inspect")
+    if args.out and not args.no_plot:
+        rows = rep["modules"]
+        _note_plots(args, [plots.plot_module_bars([r["module"] for r in rows],
+                                                  {"r": [r["r"] for r in rows], "90% energy": [r["rank90"] for r in rows],
+                                                   "99% energy": [r["rank99"] for r in rows]},
+                                                  Path(args.out) / "inspect_ranks.png", "rank", "Rank vs effective rank")])
+    return 0 if rep.get("loads", {"ok": True})["ok"] else 1
+
+
+def _surgery_text(rep: dict[str, Any], what: str) -> str:
+    old = "old_r" in rep["modules"][0] if rep["modules"] else False
+    rows = [((r["module"], r["old_r"]) if old else (r["module"],)) + (r["r"], f"{r['rel_error']:.4f}")
+            for r in rep["modules"]]
+    head = ("module", "old r", "r", "rel. error") if old else ("module", "r", "rel. error")
+    lines = [f"{what} -> {rep['out']}", _table(rows, head),
+             f"mean relative error {rep['mean_rel_error']:.4f}"]
+    for s in rep.get("skipped", []):
+        lines.append(f"skipped {s['tensor']}: {s['why']}")
+    return "\n".join(lines)
+
+
+def _surgery_plot(args: argparse.Namespace, rep: dict[str, Any], name: str) -> None:
+    if args.no_plot or not rep["modules"]:
+        return
+    _note_plots(args, [plots.plot_module_bars([r["module"] for r in rep["modules"]],
+                                              {"relative error": [r["rel_error"] for r in rep["modules"]]},
+                                              Path(rep["out"]) / f"{name}_error.png", "‖ΔW − ΔW_r‖ / ‖ΔW‖",
+                                              f"{name}: error per module")])
+
+
+def cmd_extract(args: argparse.Namespace) -> int:
+    rep = adapter_tools.extract_adapter(args.base, args.tuned, args.rank, args.out, alpha=args.alpha,
+                                        targets=args.targets, energy=args.energy)
+    args_json = argparse.Namespace(json=args.json, out=None)
+    _emit(args_json, rep, _surgery_text(rep, f"extracted rank-{args.rank} LoRA of {args.tuned} − {args.base}"), "extract")
+    _surgery_plot(args, rep, "extract")
+    return 0
+
+
+def cmd_resize(args: argparse.Namespace) -> int:
+    rep = adapter_tools.resize_adapter(args.adapter, args.rank, args.out, energy=args.energy)
+    args_json = argparse.Namespace(json=args.json, out=None)
+    text = _surgery_text(rep, f"resized {args.adapter} to rank {args.rank}")
+    text += f"\nparameters {rep['old_params']:,} -> {rep['new_params']:,}; max relative error {rep['max_rel_error']:.4f}"
+    _emit(args_json, rep, text, "resize")
+    _surgery_plot(args, rep, "resize")
+    return 0
+
+
+# ---- registration ----------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser, out_default: str | None = DEFAULT_OUT) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    if out_default is not None:
+        p.add_argument("--out", default=out_default, help=f"folder for the JSON report and PNG plots (default {out_default})")
+    p.add_argument("--no-plot", action="store_true", help="write no files")
+
+
+def _add(sub: Any, name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_text, description=help_text)
+    p.set_defaults(func=func)
+    return p
+
+
+def register(subparsers: Any) -> None:
+    """Add the lab's subcommands to the ``lorakit`` parser."""
+    p = _add(subparsers, "lowrank", cmd_lowrank, "Low-rank demo: LoRA parameter table and truncated-SVD error vs rank.")
+    p.add_argument("--d", type=int, default=1000, help="rows of the matrix (default 1000)")
+    p.add_argument("--k", type=int, default=1000, help="columns of the matrix (default 1000)")
+    p.add_argument("--ranks", type=_ints, default=list(lowrank.LESSON_RANKS), help="ranks for the table (1,2,4,...,64)")
+    p.add_argument("--size", type=int, default=100, help="side of the synthetic matrix (default 100)")
+    p.add_argument("--true-rank", type=int, default=5, help="rank of the synthetic matrix (default 5)")
+    p.add_argument("--svd-ranks", type=_ints, default=list(lowrank.LESSON_SYNTHETIC["ranks"]),
+                   help="ranks for the reconstruction (1,2,5,10,20,50)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--model", nargs="?", const="default", default=None,
+                   help="also analyse a model's weights: a local model directory, or no value for the embedded model")
+    p.add_argument("--module", default=None, help="regex on module names (default: layer 0's projections)")
+    _common(p)
+
+    p = _add(subparsers, "recommend", cmd_recommend, "Recommend LoRA rank and alpha (the lesson's table), "
+             "with costs on a real model, or from the effective rank of trained updates.")
+    p.add_argument("--task", choices=recommend.TASKS, default=None)
+    p.add_argument("--model-size", default=None, help="7B, 13B or 70B (other sizes map to the nearest column)")
+    p.add_argument("--data-size", type=int, default=None, help="number of training examples")
+    p.add_argument("--model", nargs="?", const="default", default=None,
+                   help="model to cost the recommendation on (directory, or no value for the embedded model)")
+    p.add_argument("--targets", type=_names, default=["q_proj", "v_proj"], help="target modules (q_proj,v_proj)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--precision", choices=estimate.PRECISIONS, default="bf16")
+    p.add_argument("--adapter", default=None, help="data-driven mode: a trained adapter directory")
+    p.add_argument("--tuned", default=None, help="data-driven mode: a fully fine-tuned model directory (with --base)")
+    p.add_argument("--base", nargs="?", const="default", default=None, help="base model of --tuned")
+    p.add_argument("--energy", type=float, default=0.99, help="energy kept by the suggested ranks (default 0.99)")
+    _common(p)
+
+    p = _add(subparsers, "estimate", cmd_estimate, "Memory and FLOPs of one training step: full, LoRA, QLoRA.")
+    p.add_argument("--model", default="7B", help="preset 7B/13B/70B, a config.json or model directory, or 'default'")
+    p.add_argument("--methods", type=_names, default=list(estimate.METHODS), help="full,lora,qlora")
+    p.add_argument("--batch-size", type=int, default=1)
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--precision", choices=estimate.PRECISIONS, default="bf16")
+    p.add_argument("--optimizer", choices=estimate.OPTIMIZERS, default="adamw")
+    p.add_argument("--optimizer-impl", choices=estimate.OPTIMIZER_IMPLS, default="per-tensor")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
+    p.add_argument("--targets", type=_names, default=["q_proj", "v_proj"])
+    p.add_argument("--attention", choices=estimate.ATTENTIONS, default="sdpa")
+    _common(p)
+
+    p = _add(subparsers, "inspect", cmd_inspect, "Inspect a PEFT-format LoRA adapter.")
+    p.add_argument("adapter", help="adapter directory")
+    p.add_argument("--base", nargs="?", const="default", default=None,
+                   help="check the adapter loads against this base (directory, or no value for the embedded model)")
+    _common(p, out_default="")
+
+    p = _add(subparsers, "extract", cmd_extract, "Extract a LoRA adapter from a fully fine-tuned model (truncated SVD).")
+    p.add_argument("--base", default="default", help="base model directory (default: the embedded model)")
+    p.add_argument("--tuned", required=True, help="fully fine-tuned model directory")
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--out", required=True, help="output adapter directory")
+    p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: rank)")
+    p.add_argument("--targets", type=_names, default=None, help="module names/suffixes (default: all changed linears)")
+    p.add_argument("--energy", type=float, default=None, help="per-module rank holding this energy (<= --rank)")
+    _common(p, out_default=None)
+
+    p = _add(subparsers, "resize", cmd_resize, "Compress a LoRA adapter to a lower rank by SVD of its ΔW.")
+    p.add_argument("adapter", help="adapter directory")
+    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--out", required=True, help="output adapter directory")
+    p.add_argument("--energy", type=float, default=None, help="per-module rank holding this energy (<= --rank)")
+    _common(p, out_default=None)

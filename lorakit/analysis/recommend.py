@@ -1,0 +1,192 @@
+"""Rank and alpha recommendation: the lesson's rule table, a model-aware cost report, and a
+data-driven mode that reads the effective rank of real weight updates.
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lorakit.analysis.adapter_tools import delta_spectra, energy_rank
+from lorakit.analysis.estimate import ModelShape, estimate_memory
+from lorakit.analysis.weights import load_config, module_matches, weight_shapes
+
+TASKS = ("simple", "medium", "complex")
+SIZES = ("7B", "13B", "70B")
+# The lesson's table: task complexity x model size -> (rank, alpha).
+RULES: dict[tuple[str, str], tuple[int, int]] = {
+    ("simple", "7B"): (4, 8), ("simple", "13B"): (4, 8), ("simple", "70B"): (8, 16),
+    ("medium", "7B"): (8, 16), ("medium", "13B"): (8, 16), ("medium", "70B"): (16, 32),
+    ("complex", "7B"): (16, 32), ("complex", "13B"): (16, 32), ("complex", "70B"): (32, 64),
+}
+SMALL_DATA, LARGE_DATA, RANK_FLOOR, RANK_CAP = 1_000, 10_000, 4, 64
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kKmMbBtT]?)\s*$")
+
+
+def parse_model_size(model_size: str | int | float) -> tuple[str, str | None]:
+    """Map a model size to the table's column: "7B", "13B" or "70B".
+
+    Other sizes ("135M", "1.5B", 3e9) go to the nearest column by the rule ≤ 10B → 7B,
+    ≤ 40B → 13B, else 70B; the second value explains that mapping (None for an exact column).
+
+    Raises:
+        ValueError: if the size cannot be read.
+    """
+    text = str(model_size).strip().upper()
+    if text in SIZES:
+        return text, None
+    if isinstance(model_size, (int, float)) and not isinstance(model_size, bool):
+        n = float(model_size)
+    else:
+        m = _SIZE.match(str(model_size))
+        if not m:
+            raise ValueError(f"model_size must be like 7B, 13B, 70B or 135M, got {model_size!r}")
+        n = float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}[m.group(2).upper()]
+    if n <= 0:
+        raise ValueError(f"model_size must be positive, got {model_size!r}")
+    column = "7B" if n <= 10e9 else "13B" if n <= 40e9 else "70B"
+    return column, f"{model_size} parameters read as the {column} column (<=10B: 7B, <=40B: 13B, else 70B)"
+
+
+def recommend_rank(task_complexity: str, data_size: int, model_size: str | int | float) -> dict[str, Any]:
+    """The lesson's LoRA hyperparameter guide.
+
+    Table (rank, alpha), task x model size: simple (4, 8) (4, 8) (8, 16); medium (8, 16) (8, 16)
+    (16, 32); complex (16, 32) (16, 32) (32, 64) for 7B / 13B / 70B. Fewer than 1,000 examples
+    halve the rank (not below 4) — little data cannot fill a larger update and overfits it; more
+    than 10,000 double it (not above 64). Alpha stays as the table gives it.
+
+    Args:
+        task_complexity: "simple", "medium" or "complex".
+        data_size: number of training examples.
+        model_size: "7B", "13B", "70B" (other sizes map to the nearest column).
+
+    Returns:
+        {"rank": int, "alpha": int, "reasoning": str}.
+
+    Raises:
+        ValueError: on an unknown complexity, a negative data size or an unreadable model size.
+    """
+    task = str(task_complexity).strip().lower()
+    if task not in TASKS:
+        raise ValueError(f"task_complexity must be one of {', '.join(TASKS)}, got {task_complexity!r}")
+    if isinstance(data_size, bool) or int(data_size) != data_size or data_size < 0:
+        raise ValueError(f"data_size must be a non-negative integer, got {data_size!r}")
+    column, mapped = parse_model_size(model_size)
+    rank, alpha = RULES[(task, column)]
+    why = []
+    if mapped:
+        why.append(mapped + ".")
+    why.append(f"A {task} task on a {column} model starts at rank {rank}, alpha {alpha} (alpha = 2 x rank).")
+    if data_size < SMALL_DATA:
+        new = max(RANK_FLOOR, rank // 2)
+        why.append(f"{data_size:,} examples is under {SMALL_DATA:,}: halve the rank to limit overfitting "
+                   f"({rank} -> {new}, floor {RANK_FLOOR}).")
+        rank = new
+    elif data_size > LARGE_DATA:
+        new = min(RANK_CAP, rank * 2)
+        why.append(f"{data_size:,} examples is over {LARGE_DATA:,}: double the rank for capacity "
+                   f"({rank} -> {new}, cap {RANK_CAP}).")
+        rank = new
+    else:
+        why.append(f"{data_size:,} examples is between {SMALL_DATA:,} and {LARGE_DATA:,}: rank unchanged.")
+    why.append(f"Alpha stays {alpha} (scaling alpha/r = {alpha / rank:g}).")
+    return {"rank": rank, "alpha": alpha, "reasoning": " ".join(why)}
+
+
+def model_total_params(source: str | Path | None) -> int:
+    """Number of parameters of a model, from its safetensors headers."""
+    return sum(math.prod(s) for s in weight_shapes(source).values())
+
+
+def model_cost(
+    source: str | Path | None,
+    rank: int,
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj"),
+    batch_size: int = 4,
+    seq_len: int = 512,
+    precision: str = "bf16",
+    adapter_dtype_bytes: int = 4,
+) -> dict[str, Any]:
+    """What a recommendation costs on a real model: trainable parameters, adapter size, memory.
+
+    Trainable parameters are r * (in + out) over every 2-D weight whose module matches
+    ``target_modules`` (PEFT's suffix rule), read from the model's safetensors headers. The
+    adapter file holds those parameters (fp32 by default) plus a small safetensors header.
+
+    Raises:
+        ValueError: if no weight matches the targets.
+    """
+    shapes = weight_shapes(source)
+    matched = {k[: -len(".weight")]: s for k, s in shapes.items()
+               if k.endswith(".weight") and len(s) == 2 and module_matches(k[: -len(".weight")], target_modules)}
+    if not matched:
+        raise ValueError(f"no 2-D weight matches target_modules {list(target_modules)!r} in {str(source)!r}")
+    params = sum(rank * (s[0] + s[1]) for s in matched.values())
+    header = 8 + 160 * 2 * len(matched)  # safetensors: length prefix + ~160 bytes of JSON per tensor
+    out: dict[str, Any] = {"modules": len(matched), "trainable_params": params,
+                           "adapter_bytes": params * adapter_dtype_bytes + header}
+    total = sum(math.prod(s) for s in shapes.values())
+    out["total_params"] = total
+    try:
+        shape = ModelShape.from_config(load_config(source), name=str(source or "default"))
+        est = estimate_memory(shape, "lora", batch_size=batch_size, seq_len=seq_len, precision=precision, r=rank,
+                              target_modules=tuple(t for t in target_modules if "." not in t))
+        out["memory"] = est.to_dict()
+    except (ValueError, FileNotFoundError) as exc:
+        out["memory"] = None
+        out["memory_note"] = f"no memory estimate: {exc}"
+    return out
+
+
+def _pow2_at_least(n: int) -> int:
+    return 1 if n <= 1 else 2 ** math.ceil(math.log2(n))
+
+
+def data_driven_ranks(
+    adapter: str | Path | None = None,
+    base: str | Path | None = None,
+    tuned: str | Path | None = None,
+    targets: list[str] | None = None,
+    energy: float = 0.99,
+    cap: int = RANK_CAP,
+) -> dict[str, Any]:
+    """Effective rank of each module's ΔW and a suggested ``r`` + ``rank_pattern``.
+
+    Each module needs rank k = the smallest number of singular values holding ``energy`` of
+    ‖ΔW‖²; it is rounded up to a power of two and capped. The global r is the most common such
+    rank, and modules that need another rank go into rank_pattern (PEFT's per-module override).
+
+    Args:
+        adapter: a trained adapter directory; or
+        base, tuned: a fully fine-tuned model beside its base.
+        targets: restrict to these module names / suffixes (tuned-model mode).
+        energy: energy fraction defining the suggested rank (0 < energy <= 1).
+        cap: largest rank suggested.
+
+    Returns:
+        {"modules": [{module, shape_rank, rank90, rank99, norm, suggested}], "r", "rank_pattern"}.
+
+    Raises:
+        ValueError: on a bad energy, or when no module has a non-zero update.
+    """
+    if not 0 < energy <= 1:
+        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    spectra = delta_spectra(adapter=adapter, base=base, tuned=tuned, targets=targets)
+    if not spectra:
+        raise ValueError("no module has a non-zero weight update to analyse")
+    rows = []
+    for name, s in spectra.items():
+        need = energy_rank(s, energy)
+        rows.append({"module": name, "max_rank": int(s.numel()), "rank90": energy_rank(s, 0.90),
+                     "rank99": energy_rank(s, 0.99), "norm": float(torch.linalg.vector_norm(s)),
+                     "suggested": min(cap, _pow2_at_least(max(1, need)))})
+    counts: dict[int, int] = {}
+    for r in rows:
+        counts[r["suggested"]] = counts.get(r["suggested"], 0) + 1
+    r_global = max(sorted(counts), key=lambda k: counts[k])
+    pattern = {r["module"]: r["suggested"] for r in rows if r["suggested"] != r_global}
+    return {"energy": energy, "r": r_global, "rank_pattern": pattern, "modules": rows}

@@ -1,0 +1,232 @@
+"""``lorakit train | generate | chat | eval | merge``.
+
+``lorakit train`` with no arguments is the demo: LoRA on the embedded SmolLM2-135M-Instruct, the
+bundled Rotten Tomatoes sentiment task, a before/after table at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+from lorakit.train.config import HELP, TrainConfig
+
+
+def _quiet_transformers() -> None:
+    """Silence transformers' load progress bars and generation chatter (our own output is enough)."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+# --------------------------------------------------------------------------- train
+def _add_train_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field; the help shows the dataclass default."""
+    types = {"str": str, "int": int, "float": float}
+    for f in fields(TrainConfig):
+        if f.name == "extra":
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        shown = "empty" if default is None else default
+        help_text = f"{HELP[f.name]} (default: {shown})"
+        if isinstance(default, bool):
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+            continue
+        kind = type(default).__name__ if default is not None else ("float" if f.name == "lr" else "str")
+        kwargs: dict[str, Any] = {"type": types[kind], "default": argparse.SUPPRESS, "help": help_text}
+        if f.name == "method":
+            kwargs["choices"] = ("lora", "full")
+        if f.name == "precision":
+            kwargs["choices"] = ("auto", "fp32", "bf16")
+        p.add_argument(flag, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """Defaults < ``--config`` YAML (or the resumed run's saved config) < flags given."""
+    names = [f.name for f in fields(TrainConfig) if f.name != "extra"]
+    given = {n: getattr(args, n) for n in names if hasattr(args, n)}
+    if args.resume:
+        from lorakit.train.loop import load_run_config
+
+        base = load_run_config(args.resume).to_dict()
+        if given:
+            print(f"warning: overriding the saved configuration of {args.resume} with {sorted(given)}", file=sys.stderr)
+        base["output"] = args.resume
+    elif args.config:
+        base = TrainConfig.from_yaml(args.config).to_dict()
+    else:
+        base = TrainConfig().to_dict()
+    if "epochs" in given and "max_steps" not in given:
+        given["max_steps"] = 0  # --epochs alone means "train for that many epochs"
+    base.update(given)
+    return TrainConfig.from_dict(base, where="command line")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Handler of ``lorakit train``."""
+    _quiet_transformers()
+    from lorakit.train.loop import NonFiniteLossError, train
+
+    cfg = config_from_args(args)
+    try:
+        result = train(cfg, resume=bool(args.resume), progress=not args.no_progress)
+    except NonFiniteLossError as exc:
+        print(f"lorakit train: error: {exc}", file=sys.stderr)
+        return 1
+    if result.interrupted:
+        return 130
+    print(f"\ntry it:  lorakit generate --adapter {result.run_dir} \"Review: a tender, funny film.\"")
+    return 0
+
+
+# --------------------------------------------------------------------------- inference commands
+def _add_model_flags(p: argparse.ArgumentParser, adapter_required: bool = False) -> None:
+    p.add_argument("--adapter", required=adapter_required, default=None,
+                   help="a run directory from `lorakit train` or a PEFT adapter directory"
+                   + ("" if adapter_required else " (default: none, the base model)"))
+    p.add_argument("--model", default=None,
+                   help="base model: transformers directory or .gguf (default: the adapter's base model, "
+                   "else the embedded SmolLM2-135M-Instruct)")
+
+
+def _add_precision(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="compute precision (default: auto = bf16 autocast where the CPU supports it)")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Handler of ``lorakit generate``."""
+    _quiet_transformers()
+    from lorakit.train.data import encode_prompt
+    from lorakit.train.generate import greedy_generate, load_for_inference, resolve_precision
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    model, tok, _ = load_for_inference(args.model, args.adapter)
+    prompt = " ".join(args.prompt)
+    if args.raw:
+        ids = tok(prompt)["input_ids"]
+    else:
+        msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
+        ids = encode_prompt(tok, msgs)
+    print(greedy_generate(model, tok, [ids], args.max_new_tokens, resolve_precision(args.precision))[0].strip())
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """Handler of ``lorakit chat``."""
+    _quiet_transformers()
+    from lorakit.train.generate import chat_loop, load_for_inference, resolve_precision
+
+    model, tok, _ = load_for_inference(args.model, args.adapter)
+    return chat_loop(model, tok, args.max_new_tokens, resolve_precision(args.precision), args.system)
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Handler of ``lorakit eval``."""
+    _quiet_transformers()
+    from lorakit.train.data import load_examples
+    from lorakit.train.generate import evaluate, format_metric, load_for_inference, resolve_precision
+
+    examples = load_examples(args.data, "test")  # validated before the model is loaded
+    if args.max_samples:
+        examples = examples[: args.max_samples]
+    model, tok, info = load_for_inference(args.model, args.adapter)
+    res = evaluate(model, tok, examples, args.max_length, args.batch_size, resolve_precision(args.precision))
+    report = {"adapter": args.adapter, "model": info.get("model") or "SmolLM2-135M-Instruct (embedded)",
+              "data": args.data, "n": res["n"], "loss": res["loss"], "accuracy": res["accuracy"],
+              "n_accuracy": res["n_accuracy"]}
+    if args.json:
+        print(json.dumps(report, indent=1))
+    else:
+        print(f"model     {report['model']}" + (f" + adapter {args.adapter}" if args.adapter else ""))
+        print(f"data      {args.data} ({res['n']} examples)")
+        print(f"loss      {format_metric(res['loss'])}  (cross-entropy per answer token)")
+        print(f"accuracy  {format_metric(res['accuracy'], True)}  (exact match of the generated answer, "
+              f"{res['n_accuracy']} examples)")
+    return 0
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    """Handler of ``lorakit merge``: adapter folded into the weights, saved as a plain model."""
+    _quiet_transformers()
+    from lorakit import merge_and_unload
+    from lorakit.train.generate import load_for_inference
+
+    out = Path(args.out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"--out {str(out)!r} already exists and is not empty")
+    model, tok, _ = load_for_inference(args.model, args.adapter)
+    plain = merge_and_unload(model)
+    plain.config.use_cache = True
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        plain.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+# --------------------------------------------------------------------------- registration
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add train / generate / chat / eval / merge to the ``lorakit`` parser."""
+    fmt = argparse.RawDescriptionHelpFormatter
+    p = subparsers.add_parser(
+        "train", help="fine-tune a causal LM with LoRA (no arguments: the CPU demo)", formatter_class=fmt,
+        description="Fine-tune a causal LM with LoRA (or fully). With no arguments: LoRA on the embedded "
+        "SmolLM2-135M-Instruct, the bundled Rotten Tomatoes sentiment task, a before/after table.\n"
+        "Options come from the defaults below, then --config FILE.yaml, then the flags given.")
+    p.add_argument("--config", default=None, help="YAML file of option: value (default: none)")
+    p.add_argument("--resume", default=None, metavar="RUN_DIR",
+                   help="continue the run in RUN_DIR from its last checkpoint (default: start a new run)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar; print a line every --logging-steps")
+    _add_train_flags(p)
+    p.set_defaults(func=cmd_train)
+
+    p = subparsers.add_parser("generate", help="generate a reply to one prompt (greedy)")
+    p.add_argument("prompt", nargs="+", help="the user message (rendered with the chat template)")
+    _add_model_flags(p)
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
+    p.add_argument("--system", default=None, help="system message (default: the template's own)")
+    p.add_argument("--raw", action="store_true", help="continue the prompt as plain text, no chat template")
+    _add_precision(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = subparsers.add_parser("chat", help="interactive chat (Ctrl-D or /exit to quit)")
+    _add_model_flags(p)
+    p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply at most (default: 256)")
+    p.add_argument("--system", default=None, help="system message (default: the template's own)")
+    _add_precision(p)
+    p.set_defaults(func=cmd_chat)
+
+    p = subparsers.add_parser("eval", help="held-out loss and answer accuracy on a JSONL file")
+    _add_model_flags(p)
+    p.add_argument("--data", required=True, help="JSONL file (any training format) or 'rotten_tomatoes' "
+                   "(the bundled task's held-out split)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--max-samples", type=int, default=0, help="evaluate the first N examples only (default: 0 = all)")
+    p.add_argument("--batch-size", type=int, default=16, help="examples per batch (default: 16)")
+    p.add_argument("--max-length", type=int, default=512, help="truncate examples to N tokens (default: 512)")
+    _add_precision(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = subparsers.add_parser("merge", help="fold an adapter into the base weights; save a plain model")
+    _add_model_flags(p, adapter_required=True)
+    p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
+    p.set_defaults(func=cmd_merge)

@@ -1,0 +1,141 @@
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al. 2024, "DoRA", eq. 5 and §4.3).
+
+    W' = m · (W + s·B·A) / ‖W + s·B·A‖_c
+
+``m`` is a trainable magnitude, one entry per output channel, started at ‖W + s·B·A‖_c so that a fresh
+adapter changes nothing beyond what plain LoRA would. ‖·‖_c is the L2 norm of each output channel
+(over every other axis of the weight) and is treated as a constant in backward (§4.3: "we suggest
+treating ‖V + ΔV‖_c as a constant, thereby detaching it from the gradient graph"). The bias stays out
+of the rescaling: y = (m/n) · (W x + s·B A x) + b.
+
+One file for every layer type: the variant only needs the layer's ``delta_from`` (ΔW in the base
+weight's layout) and which axis of that layout holds the output channels (``_out_axis``). The full
+matrix B·A is built once per forward, without autograd, for the norm; the input still goes through
+the thin branch B(A(x)). Nothing is cached across calls, so the norm is never stale after a step.
+
+On disk (PEFT 0.21 format): ``<module>.lora_magnitude_vector`` with shape (out,) for Linear /
+GPT-2 Conv1D, (embedding_dim,) for Embedding and (1, out, 1, 1) for Conv2d; ``use_dora: true``.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from lorakit.variants import LoraVariant, register_variant
+
+if TYPE_CHECKING:
+    from lorakit.layers.base import LoraLayer
+
+
+def _out_axis(layer: "LoraLayer") -> int:
+    """Axis of ``base_layer.weight`` that indexes output channels.
+
+    Linear (out, in) and Conv2d (out, in, kh, kw): 0. GPT-2 Conv1D (in, out) and Embedding
+    (num_embeddings, dim), whose ``delta_from`` returns a transpose: 1.
+    """
+    from lorakit.layers.embedding import LoraEmbedding
+
+    if isinstance(layer, LoraEmbedding):
+        return 1
+    try:
+        from lorakit.layers.gpt2_conv1d import LoraConv1D
+    except ImportError:  # pragma: no cover - transformers missing
+        return 0
+    return 1 if isinstance(layer, LoraConv1D) else 0
+
+
+def _magnitude_shape(layer: "LoraLayer", weight: torch.Tensor | None = None) -> tuple[int, ...]:
+    """Shape of m: broadcastable against the layer's *output* ((..., out) or (N, out, H, W))."""
+    weight = base_weight(layer) if weight is None else weight
+    out = weight.shape[_out_axis(layer)]
+    return (1, out, 1, 1) if weight.dim() == 4 else (out,)
+
+
+def base_weight(layer: "LoraLayer") -> torch.Tensor:
+    """The base weight as a dense tensor (dequantised when the base layer stores it quantised)."""
+    dequantize = getattr(layer.base_layer, "dequantize_weight", None)
+    return dequantize() if callable(dequantize) else layer.base_layer.weight
+
+
+def _channel_view(layer: "LoraLayer", per_channel: torch.Tensor, ndim: int) -> torch.Tensor:
+    """Reshape a per-output-channel vector to broadcast against an ``ndim``-d weight in the base layout."""
+    shape = [1] * ndim
+    shape[_out_axis(layer)] = -1
+    return per_channel.reshape(shape)
+
+
+@register_variant
+class DoraVariant(LoraVariant):
+    """Hooks for DoRA; one instance per (layer, adapter), so the merge-time norm can live on it."""
+
+    config_flag = "use_dora"
+    saved_stores = {"lora_magnitude_vector": "lora_magnitude_vector"}
+
+    def __init__(self) -> None:
+        # ‖W + sΔW‖_c at merge time, needed to undo the merge exactly (W itself is overwritten).
+        self._merge_norm: torch.Tensor | None = None
+
+    def extra_shapes(self, layer: "LoraLayer", r: int) -> dict[str, tuple[int, ...]]:
+        return {"lora_magnitude_vector": _magnitude_shape(layer)}
+
+    def weight_norm(self, layer: "LoraLayer", name: str) -> torch.Tensor:
+        """‖W + s·B·A‖_c per output channel, shaped like m, computed in fp32 without autograd."""
+        with torch.no_grad():
+            combined = self._combined_weight(layer, name)
+            axis = _out_axis(layer)
+            dims = tuple(d for d in range(combined.dim()) if d != axis)
+            return torch.linalg.vector_norm(combined, dim=dims).reshape(_magnitude_shape(layer, combined))
+
+    def _combined_weight(self, layer: "LoraLayer", name: str) -> torch.Tensor:
+        weight = base_weight(layer)
+        return weight.to(torch.promote_types(weight.dtype, torch.float32)) + layer.delta_weight(name)
+
+    def on_add(self, layer: "LoraLayer", name: str) -> None:
+        if not isinstance(getattr(layer, "lora_magnitude_vector", None), nn.ParameterDict):
+            layer.lora_magnitude_vector = nn.ParameterDict()
+        A = layer.lora_A[name]
+        # m starts at ‖W + sBA‖_c (§4.1 init: m = ‖W₀‖_c, and BA = 0 for a standard init).
+        layer.lora_magnitude_vector[name] = nn.Parameter(self.weight_norm(layer, name).to(A.dtype), requires_grad=A.requires_grad)
+
+    def on_delete(self, layer: "LoraLayer", name: str) -> None:
+        store = getattr(layer, "lora_magnitude_vector", None)
+        if isinstance(store, nn.ParameterDict) and name in store:
+            del store[name]
+
+    def forward(self, layer: "LoraLayer", name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """y = result + (m/n − 1)·(W x) + (m/n)·s·B A x, with n detached and the bias left out."""
+        magnitude = layer.lora_magnitude_vector[name]
+        scale = magnitude / self.weight_norm(layer, name).to(magnitude.dtype)  # (out,) or (1, out, 1, 1)
+        dropout = layer.lora_dropout[name]
+        bias = getattr(layer.base_layer, "bias", None)
+        if isinstance(dropout, nn.Identity) or not layer.training:
+            x_branch, base_out = x, result
+        else:
+            # Dropout on the input: the rescaled base term must see the same dropped input (as PEFT).
+            x_branch = dropout(x)
+            base_out = layer.base_layer(x_branch)
+        if bias is not None:
+            base_out = base_out - bias.reshape(magnitude.shape) if magnitude.dim() == 4 else base_out - bias
+        branch = layer.branch(x_branch, layer.lora_A[name], layer.lora_B[name]) * layer.scaling[name]
+        update = (scale - 1) * base_out.to(scale.dtype) + scale * branch
+        return result + update.to(result.dtype)
+
+    def merged_weight(self, layer: "LoraLayer", name: str) -> torch.Tensor:
+        """W' = (m/n) ⊙ (W + s·ΔW), scaled per output channel."""
+        norm = self.weight_norm(layer, name)
+        self._merge_norm = norm
+        scale = layer.lora_magnitude_vector[name].detach().to(norm.dtype) / norm
+        combined = self._combined_weight(layer, name)
+        return _channel_view(layer, scale, combined.dim()) * combined
+
+    def unmerged_weight(self, layer: "LoraLayer", name: str) -> torch.Tensor:
+        """W = W' / (m/n) − s·ΔW, with the norm n remembered from the merge."""
+        weight = base_weight(layer)
+        weight = weight.to(torch.promote_types(weight.dtype, torch.float32))
+        if self._merge_norm is None:
+            raise ValueError(f"DoRA adapter {name!r} was not merged by this layer; cannot unmerge it")
+        scale = layer.lora_magnitude_vector[name].detach().to(weight.dtype) / self._merge_norm
+        self._merge_norm = None
+        return weight / _channel_view(layer, scale, weight.dim()) - layer.delta_weight(name)

@@ -1,0 +1,141 @@
+"""DoRA: PEFT 0.21 interoperability both ways, gradients equal to PEFT's, detached norm, B·A built once."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import lorakit as lk
+from conftest import LAYER_CASES, TinyConvNet, Wrap, tiny_gpt2, tiny_llama
+
+peft = pytest.importorskip("peft")
+
+
+def _llama_x():
+    return torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+CASES = {
+    "llama_qv_mlp": (tiny_llama, _llama_x, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])),
+    "llama_embedding": (tiny_llama, _llama_x, dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"])),
+    "gpt2_conv1d": (tiny_gpt2, lambda: torch.randint(0, 97, (2, 9)), dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True)),
+    "conv2d": (TinyConvNet, lambda: torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)),
+               dict(r=2, lora_alpha=4, target_modules=["conv1", "conv2", "head"])),
+}
+
+
+def _out(model, x):
+    out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _perturb_magnitudes(model):
+    """A fresh magnitude equals the norm (m/n = 1); move it so the test sees the rescaling."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1 + 0.2 * torch.randn_like(p))
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_peft_saves_lorakit_loads(case, tmp_path):
+    make, make_x, kw = CASES[case]
+    torch.manual_seed(0)
+    base = make().eval()
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, use_dora=True, **kw)).eval()
+    _perturb_magnitudes(pm)
+    pm.save_pretrained(tmp_path)
+    x = make_x()
+    with torch.no_grad():
+        expected = _out(pm, x)
+    loaded = lk.load_adapter(copy.deepcopy(base), tmp_path)
+    assert any("lora_magnitude_vector" in n for n, _ in loaded.named_parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(_out(loaded, x), expected, rtol=1e-5, atol=1e-5)
+        # Merging gives the same model too.
+        torch.testing.assert_close(_out(lk.merge_and_unload(loaded), x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_lorakit_saves_peft_loads(case, tmp_path):
+    make, make_x, kw = CASES[case]
+    torch.manual_seed(0)
+    base = make().eval()
+    m = lk.get_lora_model(copy.deepcopy(base), lk.LoraConfig(init_lora_weights=False, use_dora=True, **kw))
+    _perturb_magnitudes(m)
+    lk.save_adapter(m, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["use_dora"] is True
+    x = make_x()
+    with torch.no_grad():
+        expected = _out(m, x)
+        assert (expected - _out(base, x)).abs().max() > 1e-4
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(_out(pm, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_disk_keys_and_shapes(tmp_path):
+    m = lk.get_lora_model(TinyConvNet(), lk.LoraConfig(r=2, target_modules=["conv1", "head"], use_dora=True))
+    lk.save_adapter(m, tmp_path)
+    shapes = {k: tuple(v.shape) for k, v in load_file(tmp_path / "adapter_model.safetensors").items()}
+    assert shapes["base_model.model.conv1.lora_magnitude_vector"] == (1, 8, 1, 1)
+    assert shapes["base_model.model.head.lora_magnitude_vector"] == (5,)
+
+
+@pytest.mark.parametrize("case", ["llama_qv_mlp", "gpt2_conv1d", "conv2d", "llama_embedding"])
+def test_gradients_match_peft(case):
+    """Same weights, same loss => same gradients on A, B and m (so the norm is detached as in §4.3)."""
+    make, make_x, kw = CASES[case]
+    torch.manual_seed(0)
+    base = make().eval()  # model dropout off (GPT-2 has some); autograd still runs
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, use_dora=True, **kw))
+    _perturb_magnitudes(pm)
+    ours = lk.get_lora_model(copy.deepcopy(base), lk.LoraConfig(init_lora_weights=False, use_dora=True, **kw))
+    theirs = {k.replace(".default", "").replace(".weight", ""): p for k, p in pm.named_parameters() if p.requires_grad}
+    mine = {k.replace(".default", "").replace(".weight", ""): p for k, p in ours.named_parameters() if p.requires_grad}
+    assert set(mine) == {k.replace("base_model.model.", "") for k in theirs}
+    with torch.no_grad():
+        for k, p in mine.items():
+            p.copy_(theirs["base_model.model." + k].reshape(p.shape))
+    x = make_x()
+    _out(pm, x).square().mean().backward()
+    _out(ours, x).square().mean().backward()
+    for k, p in mine.items():
+        torch.testing.assert_close(p.grad, theirs["base_model.model." + k].grad.reshape(p.shape), rtol=1e-4, atol=1e-6)
+
+
+def test_norm_is_detached_and_delta_built_once(monkeypatch):
+    make_layer, make_input = LAYER_CASES["linear"]
+    torch.manual_seed(0)
+    model = lk.get_lora_model(Wrap(make_layer()), lk.LoraConfig(r=4, lora_alpha=8, target_modules=["layer"], use_dora=True, init_lora_weights=False))
+    layer = model.layer
+    calls = []
+    original = type(layer).delta_from
+
+    def counting(self, A, B):
+        calls.append(torch.is_grad_enabled())
+        return original(self, A, B)
+
+    monkeypatch.setattr(type(layer), "delta_from", counting)
+    out = model(make_input())
+    assert calls == [False]  # once per forward, outside autograd
+    out.sum().backward()
+    # With the norm a constant, the B gradient only flows through the branch: dL/dB = (m/n)·s·Σ (A x)ᵀ.
+    assert layer.lora_B["default"].grad is not None and layer.lora_magnitude_vector["default"].grad is not None
+
+
+def test_fresh_dora_equals_plain_lora_output():
+    make_layer, make_input = LAYER_CASES["conv2d"]
+    torch.manual_seed(0)
+    base = Wrap(make_layer())
+    x = make_input()
+    outs = []
+    for use_dora in (False, True):
+        torch.manual_seed(1)
+        m = lk.get_lora_model(copy.deepcopy(base), lk.LoraConfig(r=2, target_modules=["layer"], init_lora_weights=False, use_dora=use_dora))
+        outs.append(m(x))
+    # At init m = ‖W + sBA‖_c, so DoRA's output is exactly LoRA's.
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
