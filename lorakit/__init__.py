@@ -13,9 +13,24 @@ from lorakit.config import LoraConfig
 from lorakit.inject import find_target_modules, get_lora_model, iter_lora_layers
 from lorakit.io import adapter_state_dict, load_adapter, load_adapter_weights, save_adapter
 from lorakit.layers import LAYER_TYPES, LoraLayer, register_layer_type
+from lorakit.layers.nf4_linear import LinearNF4
+from lorakit.loraplus import create_loraplus_optimizer, loraplus_param_groups
+from lorakit.quant import nf4_memory, quantize_model_nf4
+from lorakit.multi import BASE_NAME, CombineReport, adapter_batch, combine_adapters, generate, hotswap_adapter
 from lorakit.lesson import apply_lora_to_model, load_lora_weights, merge_lora_weights, save_lora_weights
 
 __all__ = [
+    "LinearNF4",
+    "create_loraplus_optimizer",
+    "loraplus_param_groups",
+    "nf4_memory",
+    "quantize_model_nf4",
+    "BASE_NAME",
+    "CombineReport",
+    "adapter_batch",
+    "combine_adapters",
+    "generate",
+    "hotswap_adapter",
     "LAYER_TYPES",
     "LoraConfig",
     "LoraLayer",

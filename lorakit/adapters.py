@@ -21,13 +21,17 @@ def _check_names(model: nn.Module, names: list[str]) -> None:
 def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
     """Make ``adapter_name`` (or a list: their updates are summed) the active adapter(s).
 
-    Which adapters train is not changed (see ``set_trainable``).
+    Which adapters train is not changed (see ``set_trainable``). Merged adapters that are not in the
+    new active set are unmerged first, so the model computes exactly the active adapters.
     """
     names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
     _check_names(model, names)
     state = require_state(model)
     state.active = names
     for _, layer in iter_lora_layers(model):
+        stale = [n for n in layer.merged_adapters if n not in names]
+        if stale:
+            layer.unmerge(stale)
         layer.active_adapters = list(names)
     for _, wrapper in iter_saved_modules(model):
         wrapper.active_adapter = next((n for n in names if n in wrapper.modules_to_save), None)

@@ -49,6 +49,7 @@ class ModulesToSave(nn.Module):
         self.modules_to_save = nn.ModuleDict()
         self.active_adapter: str | None = None
         self.disabled = False
+        self.batch_context: Any = None  # shared mixed-batch context (lorakit.multi), set at injection
 
     def add_adapter(self, name: str) -> None:
         """Give adapter ``name`` its own copy of the original module and make it the active one."""
@@ -62,13 +63,18 @@ class ModulesToSave(nn.Module):
         return self.modules_to_save[self.active_adapter]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        plan = self.batch_context.plan if self.batch_context is not None else None
+        if plan is not None and not self.disabled:  # mixed-adapter batch: each row its adapter's copy
+            from lorakit.multi import _saved_module_mixed_forward
+
+            return _saved_module_mixed_forward(self, plan, args, kwargs)
         return self.current()(*args, **kwargs)
 
     def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name.startswith("_") or name in ("original_module", "modules_to_save", "disabled", "active_adapter"):
+            if name.startswith("_") or name in ("original_module", "modules_to_save", "disabled", "active_adapter", "batch_context"):
                 raise  # not set up yet (e.g. during copying): never recurse
             # Let code that reads e.g. ``lm_head.weight`` see the module in use.
             return getattr(self.current(), name)
@@ -290,6 +296,9 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
         raise
     if not state.active:
         state.active = [adapter_name]
+    from lorakit.multi import attach_mixed_batch  # here, not at the top: multi imports this module
+
+    attach_mixed_batch(model)  # lets model(..., adapter_names=[...]) run a mixed-adapter batch
     return targets
 
 

@@ -71,7 +71,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
 
 
-def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> Path:
+def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default",
+                 convert_to_lora: bool = False) -> Path:
     """Write adapter ``adapter_name`` to ``directory`` in PEFT's format (atomically, file by file).
 
     Args:
@@ -79,9 +80,15 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
         directory: Created if needed; ``adapter_config.json`` and ``adapter_model.safetensors``
             inside it are replaced.
         adapter_name: Which adapter to save.
+        convert_to_lora: For a PiSSA/OLoRA adapter (whose init changed the base weights), write a
+            plain rank-2r LoRA against the *original* base instead: ΔW = s·[B, −B₀]·[A; A₀]
+            (see ``lorakit/variants/pissa.py``; PEFT's ``path_initial_model_for_weight_conversion``).
 
     Returns:
         The directory as a ``Path``.
+
+    Raises:
+        ValueError: ``convert_to_lora`` on an adapter that was not initialised with PiSSA/OLoRA.
     """
     from safetensors.torch import save
 
@@ -91,6 +98,10 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     if config.base_model_name_or_path is None:
         name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(getattr(model, "config", None), "name_or_path", None)
         config.base_model_name_or_path = name or None
+    if convert_to_lora:
+        from lorakit.variants.pissa import convert_to_lora as _convert
+
+        tensors, config = _convert(model, adapter_name, tensors, config)
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"cannot save adapter: {directory} exists and is not a directory")
@@ -200,7 +211,19 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     _check_tensors(tensors, required, optional, str(Path(directory) / WEIGHTS_NAME))
 
     backups: dict[str, torch.Tensor] = {}
-    inject_adapter(model, config, adapter_name, init_lora_weights=False)
+    # A PiSSA/OLoRA adapter saved without convert_to_lora holds A, B for the *residual* base: redo the
+    # init on the base first (as PEFT does on load) so that W_res + s·B·A is what was trained. Exact for
+    # the deterministic "pissa"/"olora"; "pissa_niter_K" is randomised, so save those converted.
+    from lorakit.variants.pissa import is_convertible
+
+    init = config.init_lora_weights if is_convertible(config.init_lora_weights) else False
+    base_backups = []
+    if init is not False:
+        for path in find_target_modules(model, config):
+            module = model.get_submodule(path)
+            weight = (module.base_layer if isinstance(module, LoraLayer) else module).weight
+            base_backups.append((weight, weight.detach().clone()))
+    inject_adapter(model, config, adapter_name, init_lora_weights=init)
     try:
         with torch.no_grad():
             dest = adapter_destinations(model, adapter_name)
@@ -217,6 +240,8 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
         with torch.no_grad():
             for name, value in backups.items():
                 dict(model.named_parameters(remove_duplicate=False))[name].copy_(value)
+            for weight, value in base_backups:
+                weight.copy_(value)
         _remove_adapter_everywhere(model, adapter_name)
         raise
     state = require_state(model)

@@ -89,6 +89,11 @@ VARIANT_CASES: dict[str, dict] = {
     "lora": {},
     "rslora": {"use_rslora": True},
     "dora": {"use_dora": True},
+    # Init methods that move the principal part of W into A, B (the base keeps the residual): the
+    # output is kept up to float rounding, and saving uses convert_to_lora=True (see test_invariants).
+    "pissa": {"init_lora_weights": "pissa"},
+    "pissa_niter": {"init_lora_weights": "pissa_niter_4"},
+    "olora": {"init_lora_weights": "olora"},
 }
 
 

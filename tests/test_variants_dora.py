@@ -94,7 +94,8 @@ def test_gradients_match_peft(case):
     pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(init_lora_weights=False, use_dora=True, **kw))
     _perturb_magnitudes(pm)
     ours = lk.get_lora_model(copy.deepcopy(base), lk.LoraConfig(init_lora_weights=False, use_dora=True, **kw))
-    theirs = {k.replace(".default", "").replace(".weight", ""): p for k, p in pm.named_parameters() if p.requires_grad}
+    theirs = {k.replace(".default", "").replace(".weight", "").replace("lora_embedding_", "lora_"): p
+              for k, p in pm.named_parameters() if p.requires_grad}
     mine = {k.replace(".default", "").replace(".weight", ""): p for k, p in ours.named_parameters() if p.requires_grad}
     assert set(mine) == {k.replace("base_model.model.", "") for k in theirs}
     with torch.no_grad():

@@ -201,7 +201,8 @@ def check_against_base(adapter: Adapter, base: str | Path | None) -> dict[str, A
         want = _base_key_shape(mod, adapter.config)
         if key not in shapes:
             problems.append(f"{name}: no {key!r} in the base model")
-        elif tuple(shapes[key]) != want:
+        elif tuple(shapes[key]) != want and not (
+                mod.kind == "linear" and tuple(shapes[key]) == want[::-1]):  # (in, out) Conv1D layout
             problems.append(f"{name}: base weight has shape {tuple(shapes[key])}, adapter expects {want}")
     return {"ok": not problems, "problems": problems}
 

@@ -241,7 +241,8 @@ def cmd_resize(args: argparse.Namespace) -> int:
 def _common(p: argparse.ArgumentParser, out_default: str | None = DEFAULT_OUT) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     if out_default is not None:
-        p.add_argument("--out", default=out_default, help=f"folder for the JSON report and PNG plots (default {out_default})")
+        where = f"default {out_default}" if out_default else "default: none written"
+        p.add_argument("--out", default=out_default or None, help=f"folder for the JSON report and PNG plots ({where})")
     p.add_argument("--no-plot", action="store_true", help="write no files")
 
 
@@ -282,7 +283,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tuned", default=None, help="data-driven mode: a fully fine-tuned model directory (with --base)")
     p.add_argument("--base", nargs="?", const="default", default=None, help="base model of --tuned")
     p.add_argument("--energy", type=float, default=0.99, help="energy kept by the suggested ranks (default 0.99)")
-    _common(p)
+    _common(p, out_default="")
 
     p = _add(subparsers, "estimate", cmd_estimate, "Memory and FLOPs of one training step: full, LoRA, QLoRA.")
     p.add_argument("--model", default="7B", help="preset 7B/13B/70B, a config.json or model directory, or 'default'")

@@ -175,6 +175,8 @@ class MemoryEstimate:
             optimizer update temporaries, a recomputed layer under gradient checkpointing).
         peak: estimated peak of live tensor bytes during the step.
         peak_phase: which phase sets the peak.
+        at_peak: what is live at the peak (weights, optimizer states, gradients, activations,
+            transient); sums to ``peak``.
         trainable_params: parameters updated by the optimizer.
         total_params: all parameters (base + adapter).
         flops_per_token: training FLOPs (forward + backward) per token.
@@ -190,6 +192,7 @@ class MemoryEstimate:
     transient: int
     peak: int
     peak_phase: str
+    at_peak: dict[str, int]
     trainable_params: int
     total_params: int
     flops_per_token: float
@@ -392,26 +395,27 @@ def estimate_memory(
     else:
         fixed_fwd_extra = 0
 
-    phases: dict[str, tuple[int, int]] = {}
+    # Each phase: (gradients live, activations live, temporaries on top).
+    phases: dict[str, tuple[int, int, int]] = {}
+    acts_fwd = activations + fixed_fwd_extra
     # end of forward, inside the loss: logits (and their fp32 upcast when 16-bit) + log_softmax
     upcast = N * V * 4 if act != 4 else 0
-    phases["forward (loss)"] = (activations + fixed_fwd_extra, logits_b + upcast)
+    phases["forward (loss)"] = (0, acts_fwd, logits_b + upcast)
     # backward at the loss: nll grad and log_softmax grad, both vocabulary-sized fp32
-    phases["backward (loss)"] = (activations + fixed_fwd_extra, 2 * N * V * 4)
+    phases["backward (loss)"] = (0, acts_fwd, 2 * N * V * 4)
     # then lm_head's backward: the log-softmax gradient, its 16-bit cast, lm_head's weight gradient
     lm_grad = (V * h * wt) if not lora else 0
     cast_back = N * V * act if act != 4 else 0
-    phases["backward (lm_head)"] = (activations - lsm + fixed_fwd_extra, N * V * 4 + cast_back + lm_grad + N * h * act)
+    phases["backward (lm_head)"] = (lm_grad, acts_fwd - lsm, N * V * 4 + cast_back + N * h * act)
     # backward through the layers, top down: activations of layers below stay, gradients above exist
     grads_so_far = g_head + (g_embed if s.tie_word_embeddings else 0)
     live_acts = sum(saved_layers)
     mlp_transient = 3 * N * f * act + N * h * act
-    best_layer = (0, 0)
+    best_layer = (0, 0, 0)
     for i in reversed(range(L)):
-        base_live = live_acts + grads_so_far + g_layer + fixed_fwd_extra
-        extra = mlp_transient + recompute
-        if base_live + extra > sum(best_layer):
-            best_layer = (base_live, extra)
+        candidate = (grads_so_far + g_layer, live_acts + fixed_fwd_extra, mlp_transient + recompute)
+        if sum(candidate) > sum(best_layer):
+            best_layer = candidate
         live_acts -= saved_layers[i]
         grads_so_far += g_layer
     phases["backward (layers)"] = best_layer
@@ -422,11 +426,13 @@ def estimate_memory(
         opt_tmp = trainable * wt
     else:
         opt_tmp = 2 * largest * wt  # sqrt(v) and its division, one tensor at a time
-    phases["optimizer step"] = (gradients, opt_tmp)
+    phases["optimizer step"] = (gradients, 0, opt_tmp)
 
-    phase, (live, extra) = max(phases.items(), key=lambda kv: sum(kv[1]))
-    peak = fixed + live + extra
+    phase, (g_live, a_live, extra) = max(phases.items(), key=lambda kv: sum(kv[1]))
+    peak = fixed + g_live + a_live + extra
     transient = extra
+    at_peak = {"weights": int(weights), "optimizer_states": int(states), "gradients": int(g_live),
+               "activations": int(a_live), "transient": int(extra)}
 
     # ---- compute ---------------------------------------------------------------------------------
     mm = L * sum(o * i for o, i in s.linear_shapes().values()) + V * h  # matmul params incl. lm_head
@@ -456,6 +462,7 @@ def estimate_memory(
         transient=int(transient),
         peak=int(peak),
         peak_phase=phase,
+        at_peak=at_peak,
         trainable_params=int(trainable),
         total_params=int(P + P_lora),
         flops_per_token=float(flops),

@@ -86,19 +86,20 @@ def plot_spectra(spectra: dict[str, Sequence[float]], path: str | Path, title: s
 
 
 def plot_memory_breakdown(estimates: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
-    """Stacked bars of weights / gradients / optimizer states / activations / transient per method."""
+    """Stacked bars of what is live at each method's peak: weights, gradients, optimizer states,
+    activations, temporaries (they sum to the peak)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     parts = ("weights", "gradients", "optimizer_states", "activations", "transient")
     labels = [e["method"] for e in estimates]
     bottom = [0.0] * len(estimates)
     for part in parts:
-        vals = [e[part] / 2**30 for e in estimates]
+        vals = [e["at_peak"][part] / 2**30 for e in estimates]
         ax.bar(labels, vals, bottom=bottom, label=part.replace("_", " "))
         bottom = [b + v for b, v in zip(bottom, vals)]
     for i, e in enumerate(estimates):
         ax.annotate(f"peak {e['peak'] / 2**30:.1f} GiB", (i, e["peak"] / 2**30), ha="center", va="bottom", fontsize=8)
-    ax.set_ylabel("GiB")
+    ax.set_ylabel("GiB live at the peak")
     ax.set_title(title, fontsize=10)
     ax.legend(fontsize=8)
     return _save(fig, path)

@@ -83,13 +83,15 @@ def recommend_rank(task_complexity: str, data_size: int, model_size: str | int |
     why.append(f"A {task} task on a {column} model starts at rank {rank}, alpha {alpha} (alpha = 2 x rank).")
     if data_size < SMALL_DATA:
         new = max(RANK_FLOOR, rank // 2)
+        change = f"{rank} -> {new}" if new != rank else f"{rank} is already the floor"
         why.append(f"{data_size:,} examples is under {SMALL_DATA:,}: halve the rank to limit overfitting "
-                   f"({rank} -> {new}, floor {RANK_FLOOR}).")
+                   f"({change}; floor {RANK_FLOOR}).")
         rank = new
     elif data_size > LARGE_DATA:
         new = min(RANK_CAP, rank * 2)
+        change = f"{rank} -> {new}" if new != rank else f"{rank} is already the cap"
         why.append(f"{data_size:,} examples is over {LARGE_DATA:,}: double the rank for capacity "
-                   f"({rank} -> {new}, cap {RANK_CAP}).")
+                   f"({change}; cap {RANK_CAP}).")
         rank = new
     else:
         why.append(f"{data_size:,} examples is between {SMALL_DATA:,} and {LARGE_DATA:,}: rank unchanged.")

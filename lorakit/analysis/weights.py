@@ -1,7 +1,8 @@
 """Read model weights and configs for analysis without building the model.
 
 A local model directory is read straight from its safetensors files (one file, or shards with an
-index). ``None`` / "default" means lorakit's embedded default model, loaded through
+index). ``None`` / "default" means lorakit's embedded default model: :mod:`lorakit.models` turns it
+into a cached transformers directory, read the same way; a ``.gguf`` file is loaded through
 :mod:`lorakit.models`. Pickled checkpoints (``*.bin``, ``*.pt``) are refused: loading never unpickles.
 """
 from __future__ import annotations
@@ -21,16 +22,26 @@ def is_default(source: str | Path | None) -> bool:
     return source is None or str(source) in DEFAULT_NAMES
 
 
-def _default_model() -> Any:
+def resolve(source: str | Path | None) -> Path:
+    """The local path behind ``source``: the embedded model's cached directory for None / "default".
+
+    Raises:
+        FileNotFoundError: if the path (or the embedded model) is missing.
+    """
+    if not is_default(source):
+        return Path(source)  # type: ignore[arg-type]
     try:
-        from lorakit.models import load_model_and_tokenizer  # type: ignore[import-not-found]
-    except ImportError as exc:
-        raise ValueError(
-            "the embedded default model needs lorakit.models, which is not available here; "
-            "pass a local model directory instead"
-        ) from exc
-    model, _tokenizer = load_model_and_tokenizer(None)
-    return model
+        from lorakit.models import resolve_model_path
+    except ImportError as exc:  # pragma: no cover - lorakit.models ships with lorakit
+        raise FileNotFoundError("the embedded default model needs lorakit.models; pass a model directory") from exc
+    return Path(resolve_model_path(None))
+
+
+def _gguf_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    from lorakit.models import load_model_and_tokenizer
+
+    model, _tokenizer = load_model_and_tokenizer(path)
+    return {k: v.detach() for k, v in model.state_dict().items()}
 
 
 def safetensors_files(source: str | Path) -> list[Path]:
@@ -43,7 +54,7 @@ def safetensors_files(source: str | Path) -> list[Path]:
         FileNotFoundError: if the path does not exist or holds no safetensors weights.
         ValueError: if it holds only pickled weights.
     """
-    path = Path(source)
+    path = resolve(source)
     if not path.exists():
         raise FileNotFoundError(f"model path {str(source)!r} does not exist")
     if path.is_file():
@@ -72,12 +83,13 @@ def load_state_dict(source: str | Path | None, keys: list[str] | None = None) ->
     Raises:
         FileNotFoundError: see :func:`safetensors_files`.
     """
-    if is_default(source):
-        sd = {k: v.detach() for k, v in _default_model().state_dict().items()}
+    path = resolve(source)
+    if path.suffix == ".gguf" and path.is_file():
+        sd = _gguf_state_dict(path)
         return {k: sd[k] for k in keys if k in sd} if keys is not None else sd
     wanted = set(keys) if keys is not None else None
     out: dict[str, torch.Tensor] = {}
-    for file in safetensors_files(source):  # type: ignore[arg-type]
+    for file in safetensors_files(path):
         with safe_open(str(file), framework="pt") as fh:
             for name in fh.keys():
                 if wanted is None or name in wanted:
@@ -87,10 +99,11 @@ def load_state_dict(source: str | Path | None, keys: list[str] | None = None) ->
 
 def weight_shapes(source: str | Path | None) -> dict[str, tuple[int, ...]]:
     """Name -> shape of every tensor, read from safetensors headers (no data loaded)."""
-    if is_default(source):
-        return {k: tuple(v.shape) for k, v in _default_model().state_dict().items()}
+    path = resolve(source)
+    if path.suffix == ".gguf" and path.is_file():
+        return {k: tuple(v.shape) for k, v in _gguf_state_dict(path).items()}
     out: dict[str, tuple[int, ...]] = {}
-    for file in safetensors_files(source):  # type: ignore[arg-type]
+    for file in safetensors_files(path):
         with safe_open(str(file), framework="pt") as fh:
             for name in fh.keys():
                 out[name] = tuple(fh.get_slice(name).get_shape())
@@ -103,9 +116,11 @@ def load_config(source: str | Path | None) -> dict[str, Any]:
     Raises:
         FileNotFoundError: if a directory has no config.json.
     """
-    if is_default(source):
-        return _default_model().config.to_dict()
-    path = Path(source)  # type: ignore[arg-type]
+    path = resolve(source)
+    if path.suffix == ".gguf" and path.is_file():
+        from lorakit.models import load_model_and_tokenizer
+
+        return load_model_and_tokenizer(path)[0].config.to_dict()
     cfg = path / "config.json" if path.is_dir() else path.parent / "config.json"
     if not cfg.is_file():
         raise FileNotFoundError(f"no config.json next to model {str(source)!r}")

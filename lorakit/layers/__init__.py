@@ -36,6 +36,6 @@ def lora_class_for(module: nn.Module) -> type[LoraLayer] | None:
 
 
 # Importing the modules registers them.
-from lorakit.layers import conv2d, embedding, gpt2_conv1d, linear  # noqa: E402,F401
+from lorakit.layers import conv2d, embedding, gpt2_conv1d, linear, nf4_linear  # noqa: E402,F401
 
 __all__ = ["LAYER_TYPES", "LoraLayer", "lora_class_for", "register_layer_type"]

@@ -36,6 +36,9 @@ class LoraLayer(nn.Module):
     disk_names: ClassVar[tuple[str, str]] = ("lora_A.weight", "lora_B.weight")
     #: True when the layer type supports dropout on its input (not for token ids).
     supports_dropout: ClassVar[bool] = True
+    #: Shared per-model context of mixed-adapter batches (``lorakit.multi.MixedBatchContext``),
+    #: set on every layer at injection; its ``plan`` says which rows use which adapter, or is None.
+    batch_context: Any = None
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -173,6 +176,9 @@ class LoraLayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
+        plan = self.batch_context.plan if self.batch_context is not None else None
+        if plan is not None:
+            return self.mixed_forward(x, result, plan)
         for name in self.active_adapters:
             if name in self.merged_adapters or name not in self.lora_A:
                 continue  # already inside base_layer.weight, or not on this layer
@@ -186,6 +192,47 @@ class LoraLayer(nn.Module):
     def add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """``result + scaling · B(A(dropout(x)))`` for adapter ``name`` (layer types may fuse this)."""
         return result + self.lora_delta(name, x).to(result.dtype)
+
+    def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, plan: Any) -> torch.Tensor:
+        """Mixed-adapter batch: each row group gets only its own adapter (``__base__`` rows: none).
+
+        Rows were grouped once per model forward (``lorakit.multi.MixedBatchPlan``): a contiguous
+        group is a slice (views, no copies), any other an index (index_select + index_add_).
+
+        Args:
+            x: Layer input, batch first ``(batch, ...)``.
+            result: ``base_layer(x)``, updated in place.
+            plan: ``batch_size`` and ``groups``: ``(adapter name, slice | LongTensor of rows)``.
+
+        Raises:
+            ValueError: an adapter of this layer is merged, or the input's batch size is not the plan's.
+        """
+        if self.merged_adapters:
+            raise ValueError(f"mixed-adapter batch on a layer with merged adapters {self.merged_adapters}; unmerge first")
+        if x.shape[0] != plan.batch_size:
+            raise ValueError(f"mixed-adapter batch of {plan.batch_size} rows, but this layer's input has shape "
+                             f"{tuple(x.shape)} (LoRA layers must see the batch on dim 0)")
+        for name, rows in plan.groups:
+            if name not in self.lora_A:
+                continue  # "__base__", or an adapter that does not target this layer
+            if not isinstance(rows, slice) and rows.device != x.device:
+                rows = rows.to(x.device)
+            sub_x = x[rows] if isinstance(rows, slice) else x.index_select(0, rows)
+            variant = self.variants.get(name)
+            if variant is not None:  # the variant rewrites its rows' output (e.g. DoRA's rescaling)
+                sub = result[rows].clone() if isinstance(rows, slice) else result.index_select(0, rows)
+                out = variant.forward(self, name, sub_x, sub).to(result.dtype)
+                if isinstance(rows, slice):
+                    result[rows] = out
+                else:
+                    result.index_copy_(0, rows, out)
+                continue
+            delta = self.branch(self.lora_dropout[name](sub_x), self.lora_A[name], self.lora_B[name])
+            if isinstance(rows, slice):
+                result[rows].add_(delta, alpha=self.scaling[name])
+            else:
+                result.index_add_(0, rows, delta.to(result.dtype), alpha=self.scaling[name])
+        return result
 
     # ---- merge -----------------------------------------------------------------------------------
 

@@ -101,48 +101,48 @@ def _add_model_flags(p: argparse.ArgumentParser, adapter_required: bool = False)
 
 def _add_precision(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="compute precision (default: auto = bf16 autocast where the CPU supports it)")
+                   help="weights precision (default: auto = bf16 base weights where the CPU supports bf16)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Handler of ``lorakit generate``."""
     _quiet_transformers()
     from lorakit.train.data import encode_prompt
-    from lorakit.train.generate import greedy_generate, load_for_inference, resolve_precision
+    from lorakit.train.generate import greedy_generate, load_for_inference
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    model, tok, _ = load_for_inference(args.model, args.adapter)
+    model, tok, _ = load_for_inference(args.model, args.adapter, args.precision)
     prompt = " ".join(args.prompt)
     if args.raw:
         ids = tok(prompt)["input_ids"]
     else:
         msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
         ids = encode_prompt(tok, msgs)
-    print(greedy_generate(model, tok, [ids], args.max_new_tokens, resolve_precision(args.precision))[0].strip())
+    print(greedy_generate(model, tok, [ids], args.max_new_tokens)[0].strip())
     return 0
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
     """Handler of ``lorakit chat``."""
     _quiet_transformers()
-    from lorakit.train.generate import chat_loop, load_for_inference, resolve_precision
+    from lorakit.train.generate import chat_loop, load_for_inference
 
-    model, tok, _ = load_for_inference(args.model, args.adapter)
-    return chat_loop(model, tok, args.max_new_tokens, resolve_precision(args.precision), args.system)
+    model, tok, _ = load_for_inference(args.model, args.adapter, args.precision)
+    return chat_loop(model, tok, args.max_new_tokens, "fp32", args.system)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     """Handler of ``lorakit eval``."""
     _quiet_transformers()
     from lorakit.train.data import load_examples
-    from lorakit.train.generate import evaluate, format_metric, load_for_inference, resolve_precision
+    from lorakit.train.generate import evaluate, format_metric, load_for_inference
 
     examples = load_examples(args.data, "test")  # validated before the model is loaded
     if args.max_samples:
         examples = examples[: args.max_samples]
-    model, tok, info = load_for_inference(args.model, args.adapter)
-    res = evaluate(model, tok, examples, args.max_length, args.batch_size, resolve_precision(args.precision))
+    model, tok, info = load_for_inference(args.model, args.adapter, args.precision)
+    res = evaluate(model, tok, examples, args.max_length, args.batch_size)
     report = {"adapter": args.adapter, "model": info.get("model") or "SmolLM2-135M-Instruct (embedded)",
               "data": args.data, "n": res["n"], "loss": res["loss"], "accuracy": res["accuracy"],
               "n_accuracy": res["n_accuracy"]}

@@ -39,7 +39,8 @@ HELP: dict[str, str] = {
     "max_length": "truncate sequences to this many tokens",
     "max_grad_norm": "clip the gradient norm to this value (0 = no clipping)",
     "seed": "random seed (data order, initialisation, dropout)",
-    "precision": "'auto' (bf16 autocast where the CPU supports it, else fp32), 'fp32' or 'bf16'",
+    "precision": "'auto' (bf16 where the CPU supports it natively, else fp32), 'fp32' or 'bf16'; bf16 "
+    "means bf16 base weights + fp32 adapters for lora, fp32 weights + bf16 autocast for full",
     "save_steps": "write a resumable checkpoint every N steps (0 = only at the end)",
     "eval_steps": "compute the held-out loss every N steps (0 = only before and after)",
     "logging_steps": "print a log line every N steps (every step is always written to log.jsonl)",

@@ -50,11 +50,10 @@ def resolve_precision(precision: str) -> str:
 
 
 def autocast(precision: str) -> ContextManager[Any]:
-    """bf16 autocast over fp32 weights for ``bf16``; nothing for ``fp32``.
+    """bf16 autocast (over fp32 weights) for ``"bf16"``; nothing for ``"fp32"``.
 
-    Weights (base and adapter) stay fp32: matmuls run in bf16 on the CPU's bf16 units while
-    AdamW updates and the loss stay in fp32. On the 2-core demo machine this was faster than
-    storing the base weights in bf16 (no per-layer dtype casts between base and adapter).
+    Used for full fine-tuning in bf16. LoRA in bf16 instead stores the frozen base weights in bf16
+    (see ``lorakit.train.loop``), which needs no autocast.
     """
     if precision == "bf16":
         return torch.autocast("cpu", dtype=torch.bfloat16)
@@ -98,6 +97,11 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor], label_positions_only: b
     if parts is not None:
         backbone, head = parts
         hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)[0]
+        if type(head) is torch.nn.Linear:
+            # Chunked head + loss: the (n_labels, vocab) logits never exist (lorakit/ops).
+            from lorakit.ops import linear_cross_entropy
+
+            return linear_cross_entropy(hidden[:, :-1][select], head.weight, labels[select], bias=head.bias).float(), n
         logits = head(hidden[:, :-1][select])  # (n_labels, vocab)
     else:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
@@ -196,13 +200,13 @@ def read_run_info(directory: str | Path) -> dict[str, Any]:
 
 
 def load_for_inference(model: str | None = None, adapter: str | None = None,
-                       dtype: torch.dtype = torch.float32) -> tuple[Any, Any, dict[str, Any]]:
+                       dtype: torch.dtype | str = torch.float32) -> tuple[Any, Any, dict[str, Any]]:
     """Load the model the inference commands run: base, base + adapter, or a full fine-tune.
 
     Args:
         model: ``--model`` (None = the base recorded with the adapter, else the embedded default).
         adapter: a run directory from ``lorakit train`` or a PEFT adapter directory.
-        dtype: weight dtype.
+        dtype: weight dtype, or a ``--precision`` value (``bf16`` -> bfloat16 base weights).
 
     Returns:
         ``(model, tokenizer, info)``; ``info`` describes what was loaded.
@@ -213,6 +217,8 @@ def load_for_inference(model: str | None = None, adapter: str | None = None,
     from lorakit import load_adapter
     from lorakit.models import load_model_and_tokenizer
 
+    if isinstance(dtype, str):
+        dtype = torch.bfloat16 if resolve_precision(dtype) == "bf16" else torch.float32
     info: dict[str, Any] = {"model": model, "adapter": adapter}
     if adapter is None:
         m, tok = load_model_and_tokenizer(model, dtype=dtype)

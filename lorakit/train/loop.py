@@ -320,6 +320,11 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     precision = resolve_precision(cfg.precision)
+    # bf16 for LoRA = bf16 base weights (frozen) with fp32 adapters: half the memory traffic, and the
+    # LoRA layers compute their branch in fp32. bf16 for full fine-tuning = fp32 master weights
+    # under bf16 autocast (AdamW on bf16 weights would lose small updates to rounding).
+    weight_dtype = torch.bfloat16 if precision == "bf16" and cfg.method == "lora" else torch.float32
+    amp = "bf16" if precision == "bf16" and cfg.method == "full" else "fp32"
 
     # 1. Data first: every line is validated before a model is loaded or a step is taken.
     train_examples = load_examples(cfg.data, "train")
@@ -340,9 +345,11 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
     if model is None:
         from lorakit.models import load_model_and_tokenizer
 
-        model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=torch.float32)
+        model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=weight_dtype)
     elif tokenizer is None:
         raise ValueError("train(model=...) also needs its tokenizer")
+    else:
+        model = model.to(weight_dtype)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
         raise ValueError("the tokenizer has neither a pad nor an eos token")
@@ -360,7 +367,7 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
         if not eval_examples:
             return {}
         t0 = time.time()
-        res = evaluate(model, tokenizer, eval_examples, cfg.max_length, max(cfg.batch_size, 16), precision, eval_data)
+        res = evaluate(model, tokenizer, eval_examples, cfg.max_length, max(cfg.batch_size, 16), amp, eval_data)
         log(f"[{tag}] held-out loss {res['loss']:.4f}, accuracy {format_metric(res['accuracy'], True)} "
             f"on {res['n']} examples ({time.time() - t0:.0f} s)")
         return {k: v for k, v in res.items() if k != "predictions"} | {"samples": res["predictions"][:5]}
@@ -368,6 +375,9 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
     before = run_eval("before") if not resume else {}
 
     model = prepare_model(model, cfg, base_name)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()  # trainable weights are always fp32 (AdamW precision)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False
@@ -419,7 +429,7 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
                 n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in micro)
                 step_loss, step_tokens = 0.0, 0
                 for _, batch in micro:
-                    with autocast(precision):
+                    with autocast(amp):
                         loss, _ = loss_sum(model, batch)
                     loss = loss / max(n_labels, 1)  # mean over the whole accumulated step's labels
                     if not torch.isfinite(loss):
@@ -443,7 +453,7 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
                        "grad_norm": round(float(norm), 6), "tokens": step_tokens,
                        "tokens_per_s": round(step_tokens / max(dt, 1e-9), 1), "elapsed_s": round(train_seconds, 2)}
                 if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps and eval_data:
-                    rec["eval_loss"] = eval_loss(model, eval_data, max(cfg.batch_size, 16), pad_id, precision)
+                    rec["eval_loss"] = eval_loss(model, eval_data, max(cfg.batch_size, 16), pad_id, amp)
                 log_fh.write(json.dumps(rec) + "\n")
                 log_fh.flush()
                 if bar is not None:

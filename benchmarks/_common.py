@@ -1,0 +1,77 @@
+"""Helpers shared by the benchmark scripts: machine description, peak-RSS reset, timing, tables."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def machine() -> str:
+    """One line naming the CPU, cores and library versions."""
+    import torch
+    import transformers
+
+    cpu = "unknown CPU"
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    try:
+        import peft
+
+        peft_v = peft.__version__
+    except ImportError:
+        peft_v = "absent"
+    return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
+            f"transformers {transformers.__version__}, peft {peft_v}, {torch.get_num_threads()} torch threads")
+
+
+def reset_peak_rss() -> None:
+    """Reset the kernel's peak-RSS counter (VmHWM) of this process (Linux)."""
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size (VmHWM) since the last reset, in MiB."""
+    for line in open("/proc/self/status"):
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("VmHWM not found in /proc/self/status")
+
+
+def timed(fn, repeats: int) -> list[float]:
+    """Wall times of ``repeats`` calls of ``fn`` (seconds)."""
+    out = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def run_worker(script: Path, args: list[str], timeout: float = 900) -> dict:
+    """Run ``script --worker args`` in a fresh interpreter; return the JSON it prints last."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, str(script), "--worker", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env, cwd=ROOT)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker {script.name} {args} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def ratio_stats(values: list[float]) -> str:
+    """'median (min–max)' of a list of ratios."""
+    if len(values) == 1:
+        return f"{values[0]:.3f}"
+    return f"{statistics.median(values):.3f} ({min(values):.3f}–{max(values):.3f})"

@@ -1,0 +1,148 @@
+"""LoRA variants side by side on the embedded task (same data, seed, steps and hyper-parameters).
+
+    python benchmarks/variants_compare.py [--steps 30] [--ranks 8 64] [--eval 100] [--json out.json]
+
+Methods: lora, rslora (alpha/√r), dora, pissa (``pissa_niter_4``), loraplus (η_B = 16·η_A) and
+qlora (NF4 base, LoRA on top), each at every rank, on SmolLM2-135M-Instruct / rotten-tomatoes
+sentiment (lorakit.train.data). Every run is a fresh subprocess, so the peak resident memory
+(ru_maxrss) belongs to that run alone. Reported: held-out loss on answer tokens and accuracy of the
+greedy answer (lorakit.train.generate.evaluate), mean step time (steps 3..N), peak RSS.
+
+The loop here is deliberately minimal (AdamW, linear warm-up + cosine, clip 1.0, loss on answer
+tokens via lorakit.train.generate.loss_sum): lorakit.train.loop.train builds its own plain-LoRA
+config and AdamW, so it has no hook yet for a variant's LoraConfig fields, a LoRA+ optimizer or a
+quantised base.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+METHODS = ("lora", "rslora", "dora", "pissa", "loraplus", "qlora")
+
+
+def lora_config(method: str, rank: int, alpha: float):
+    """The LoraConfig a method uses (LoRA+ and QLoRA use plain LoRA's)."""
+    import lorakit as lk
+
+    extra = {"rslora": {"use_rslora": True}, "dora": {"use_dora": True},
+             "pissa": {"init_lora_weights": "pissa_niter_4"}}.get(method, {})
+    return lk.LoraConfig(r=rank, lora_alpha=alpha, target_modules="all-linear", task_type="CAUSAL_LM", **extra)
+
+
+def run_one(method: str, rank: int, args: argparse.Namespace) -> dict:
+    """Train one (method, rank) and evaluate it; returns the measurements."""
+    import lorakit as lk
+    from lorakit.models import load_model_and_tokenizer
+    from lorakit.train.data import collate, epoch_batches, load_rotten_tomatoes, tokenize_all
+    from lorakit.train.generate import evaluate, loss_sum
+
+    torch.manual_seed(args.seed)
+    model, tok = load_model_and_tokenizer()
+    pad = tok.pad_token_id
+    train_ex, test_ex = load_rotten_tomatoes()
+    train = tokenize_all(tok, train_ex[: args.steps * args.batch_size], args.max_length)
+    test_ex = test_ex[: args.eval]
+    if method == "base":
+        res = evaluate(model, tok, test_ex, args.max_length, 25, "fp32")
+        return {"method": "base", "rank": 0, "eval_loss": res["loss"], "accuracy": res["accuracy"],
+                "step_s": None, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if method == "qlora":
+        lk.quantize_model_nf4(model, skip=["lm_head"])
+    t_setup = time.time()
+    lk.get_lora_model(model, lora_config(method, rank, args.alpha))
+    setup_s = time.time() - t_setup
+    model.config.use_cache = False
+    if method == "loraplus":
+        opt = lk.create_loraplus_optimizer(model, lr=args.lr, ratio=16)
+    else:
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr)
+    warmup = max(1, math.ceil(0.05 * args.steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: (s + 1) / (warmup + 1) if s < warmup else
+                                              0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, args.steps - warmup))))
+    order = epoch_batches([len(t.input_ids) for t in train], args.batch_size, args.seed, 0)
+    model.train()
+    times, losses = [], []
+    for step in range(args.steps):
+        batch = collate([train[i] for i in order[step % len(order)]], pad)
+        t0 = time.time()
+        loss, n = loss_sum(model, batch)
+        (loss / max(n, 1)).backward()
+        torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        times.append(time.time() - t0)
+        losses.append(float(loss) / max(n, 1))
+    model.eval()
+    model.config.use_cache = True
+    res = evaluate(model, tok, test_ex, args.max_length, 25, "fp32")
+    steady = times[2:] if len(times) > 3 else times
+    return {"method": method, "rank": rank, "eval_loss": res["loss"], "accuracy": res["accuracy"],
+            "train_loss_last5": sum(losses[-5:]) / len(losses[-5:]), "step_s": sum(steady) / len(steady),
+            "setup_s": setup_s, "trainable": lk.count_parameters(model)[0],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS) + ["base"])
+    parser.add_argument("--ranks", nargs="+", type=int, default=[8, 64])
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--alpha", type=float, default=16.0)
+    parser.add_argument("--eval", type=int, default=100, help="held-out examples")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=str, default=None)
+    parser.add_argument("--one", nargs=2, metavar=("METHOD", "RANK"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    if args.one:
+        print("RESULT " + json.dumps(run_one(args.one[0], int(args.one[1]), args)), flush=True)
+        return
+    passthrough = [f"--steps={args.steps}", f"--batch-size={args.batch_size}", f"--max-length={args.max_length}",
+                   f"--lr={args.lr}", f"--alpha={args.alpha}", f"--eval={args.eval}", f"--seed={args.seed}",
+                   f"--threads={args.threads}"]
+    jobs = [("base", 0)] + [(m, r) for r in args.ranks for m in args.methods if m != "base"]
+    rows = []
+    t0 = time.time()
+    for method, rank in jobs:
+        out = subprocess.run([sys.executable, __file__, "--one", method, str(rank), *passthrough],
+                             capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        line = next((l for l in out.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if line is None:
+            print(f"{method} r={rank} failed:\n{out.stderr[-2000:]}", file=sys.stderr)
+            continue
+        rows.append(json.loads(line[len("RESULT "):]))
+        r = rows[-1]
+        print(f"{method:9s} r={rank:<3d} eval loss {r['eval_loss']:.4f} acc {r['accuracy']:.3f} "
+              f"step {r['step_s'] or 0:.2f}s peak {r['peak_rss_mb']:.0f} MB  ({time.time() - t0:.0f}s)", flush=True)
+    print(f"\n{args.steps} steps x batch {args.batch_size}, lr {args.lr:g}, alpha {args.alpha:g}, seed {args.seed}, "
+          f"all-linear, eval on {args.eval} held-out examples; total {time.time() - t0:.0f}s\n")
+    print("| method | r | eval loss | accuracy | step time (s) | peak RSS (MB) | trainable params |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        step = f"{r['step_s']:.2f}" if r["step_s"] is not None else "–"
+        print(f"| {r['method']} | {r['rank'] or '–'} | {r['eval_loss']:.4f} | {r['accuracy']:.3f} | {step} | "
+              f"{r['peak_rss_mb']:.0f} | {r.get('trainable', 0):,} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,516 @@
+"""One base, many experts: mixed-adapter batches, exact adapter combination, hot swap.
+
+* **Mixed batches.** ``model(input_ids, adapter_names=["medical", "__base__", "legal"])`` runs each
+  row with only its own adapter (``"__base__"``: none). A forward pre-hook on the root model, put
+  there at injection, pops ``adapter_names``, checks it and groups the rows by adapter *once per
+  forward* (a ``MixedBatchPlan``); every LoRA layer reads the plan from a context object shared by
+  the model's layers and handles each group with slices (contiguous rows) or index_select /
+  index_add_ (``LoraLayer.mixed_forward``). A forward hook with ``always_call=True`` clears the plan,
+  also when the forward raises. ``transformers``' ``generate`` rejects unknown model kwargs, so use
+  ``lorakit.generate(model, ..., adapter_names=...)`` or ``with adapter_batch(model, names):``.
+* **combine_adapters.** ``method="cat"`` is exactly Σ wᵢ·ΔWᵢ (the A's stacked, the weighted, scaled
+  B's stacked; rank Σ rᵢ); ``method="svd"`` truncates that exact sum to a chosen rank and returns
+  the relative Frobenius error it made. The result is an ordinary adapter that saves in PEFT format
+  (scaling folded into B, ``lora_alpha = r`` per module).
+* **hotswap_adapter.** New weights (and alpha) for a loaded adapter, without re-injection.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Mapping, Sequence
+
+import torch
+from torch import nn
+
+from lorakit.config import LoraConfig
+from lorakit.inject import (ModulesToSave, find_target_modules, get_state, inject_adapter, iter_lora_layers,
+                            iter_saved_modules, mark_trainable, require_state)
+from lorakit.variants import variant_for
+
+#: Name that, in ``adapter_names``, means "this row runs the base model only" (as in PEFT).
+BASE_NAME = "__base__"
+_CONTEXT_KEY = "_lorakit_batch"
+
+# ---------------------------------------------------------------------------- mixed batches
+
+
+@dataclass(frozen=True)
+class MixedBatchPlan:
+    """Rows of one forward grouped by adapter.
+
+    Attributes:
+        batch_size: Number of rows the plan was made for.
+        groups: ``(adapter name, rows)`` per distinct name in order of first use; ``rows`` is a
+            ``slice`` when the rows are contiguous, else a LongTensor of row indices.
+        names: The per-row names the plan was made from.
+    """
+
+    batch_size: int
+    groups: tuple[tuple[str, slice | torch.Tensor], ...]
+    names: tuple[str, ...]
+
+
+class MixedBatchContext:
+    """Per-model holder of the current ``MixedBatchPlan`` (thread-local, a stack for nesting).
+
+    Every LoRA layer and ``ModulesToSave`` of a model holds the same instance, so setting the plan
+    once per forward reaches all of them. Copies and pickles start empty.
+    """
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self._local = threading.local()
+
+    @property
+    def stack(self) -> list[list[Any]]:
+        """Entries ``[owner, plan or None, names, cache]``; owner "hook" (one forward) or "scope"."""
+        stack = getattr(self._local, "stack", None)
+        if stack is None:
+            stack = self._local.stack = []
+        return stack
+
+    @property
+    def plan(self) -> MixedBatchPlan | None:
+        """The plan LoRA layers apply now, or None (then they use the active adapters)."""
+        stack = getattr(self._local, "stack", None)
+        return stack[-1][1] if stack else None
+
+
+def _check_names(model: nn.Module, adapter_names: Any) -> tuple[str, ...]:
+    """Validate a per-row name list against the adapters on ``model``."""
+    if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
+        raise ValueError(f"adapter_names must be a list with one adapter name per row, got {adapter_names!r}")
+    names = tuple(adapter_names)
+    bad_types = [n for n in names if not isinstance(n, str)]
+    if bad_types:
+        raise ValueError(f"adapter_names must hold strings, got {bad_types[:3]}")
+    state = get_state(model)
+    known = set(state.configs) if state is not None else set()
+    unknown = sorted({n for n in names if n != BASE_NAME and n not in known})
+    if unknown:
+        raise ValueError(f"unknown adapter name(s) {unknown} in adapter_names; this model has {sorted(known)} "
+                         f"(and {BASE_NAME!r} for the base model)")
+    return names
+
+
+def make_plan(names: Sequence[str], device: torch.device | str | None = None) -> MixedBatchPlan:
+    """Group rows by adapter name: one slice per contiguous group, else one index tensor per name."""
+    rows: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        rows.setdefault(name, []).append(i)
+    groups: list[tuple[str, slice | torch.Tensor]] = []
+    for name, idx in rows.items():
+        if name == BASE_NAME:
+            continue  # base rows need nothing: result already is the base output
+        if idx[-1] - idx[0] + 1 == len(idx):
+            groups.append((name, slice(idx[0], idx[-1] + 1)))
+        else:
+            groups.append((name, torch.tensor(idx, dtype=torch.long, device=device)))
+    return MixedBatchPlan(len(names), tuple(groups), tuple(names))
+
+
+def _batch_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | None:
+    """The tensor whose first dimension is the batch: first positional tensor, else a known kwarg."""
+    for value in args:
+        if isinstance(value, torch.Tensor):
+            return value
+    for key in ("input_ids", "inputs_embeds", "pixel_values", "x", "input", "decoder_input_ids"):
+        value = kwargs.get(key)
+        if isinstance(value, torch.Tensor):
+            return value
+    return next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+
+
+def _pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """Root forward pre-hook: pop ``adapter_names`` and publish the row plan for the LoRA layers."""
+    ctx: MixedBatchContext | None = module.__dict__.get(_CONTEXT_KEY)
+    scope = ctx.stack[-1] if ctx is not None and ctx.stack and ctx.stack[-1][0] == "scope" else None
+    if "adapter_names" not in kwargs and scope is None:
+        return None
+    names = kwargs.pop("adapter_names", None)
+    if names is None and scope is None:
+        return args, kwargs
+    if get_state(module) is None or not get_state(module).configs:
+        raise ValueError("adapter_names was given, but this model has no LoRA adapters")
+    batch = _batch_of(args, kwargs)
+    if batch is None or batch.dim() == 0:
+        raise ValueError("adapter_names was given, but the forward has no batched tensor input to match it with")
+    size, device = batch.shape[0], batch.device
+    if names is not None:
+        names = _check_names(module, names)
+        if len(names) != size:
+            raise ValueError(f"adapter_names has {len(names)} entries but the batch has {size} rows")
+        plan = make_plan(names, device)
+    else:  # inside adapter_batch(...): generate may expand each row k times (beams, num_return_sequences)
+        scope_names, cache = scope[2], scope[3]
+        plan = cache.get((size, str(device)))
+        if plan is None:
+            if size % len(scope_names):
+                raise ValueError(f"adapter_batch was given {len(scope_names)} names, but the model was called "
+                                 f"with {size} rows (not a multiple)")
+            repeat = size // len(scope_names)
+            plan = cache[(size, str(device))] = make_plan([n for n in scope_names for _ in range(repeat)], device)
+    ctx.stack.append(["hook", plan, plan.names, None])  # pushed only after every check passed
+    return args, kwargs
+
+
+def _post_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    """Root forward hook (``always_call``): drop the plan ``_pre_hook`` pushed, also after an error."""
+    ctx: MixedBatchContext | None = module.__dict__.get(_CONTEXT_KEY)
+    if ctx is not None and ctx.stack and ctx.stack[-1][0] == "hook":
+        ctx.stack.pop()
+
+
+def attach_mixed_batch(model: nn.Module) -> MixedBatchContext:
+    """Give ``model`` (once) the hooks that accept ``adapter_names``, and every LoRA layer the context.
+
+    Called at the end of every injection (idempotent). The hooks are plain functions that look the
+    context up on the module they run on, so ``copy.deepcopy(model)`` gets a working, separate copy.
+    """
+    ctx = model.__dict__.get(_CONTEXT_KEY)
+    if ctx is None:
+        ctx = MixedBatchContext()
+        model.__dict__[_CONTEXT_KEY] = ctx
+        model.register_forward_pre_hook(_pre_hook, with_kwargs=True)
+        model.register_forward_hook(_post_hook, always_call=True)
+    for _, layer in iter_lora_layers(model):
+        layer.batch_context = ctx
+    for _, wrapper in iter_saved_modules(model):
+        wrapper.batch_context = ctx
+    return ctx
+
+
+def _context(model: nn.Module) -> MixedBatchContext:
+    require_state(model)
+    ctx = model.__dict__.get(_CONTEXT_KEY)
+    return ctx if ctx is not None else attach_mixed_batch(model)
+
+
+@contextlib.contextmanager
+def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.Module]:
+    """Within the block, every call of ``model`` runs row i with adapter ``adapter_names[i]``.
+
+    For ``model.generate``, which rejects unknown kwargs: when the model is called with k times as
+    many rows (beam search, ``num_return_sequences`` repeat each row k times in a row), each name
+    is repeated k times. An explicit ``adapter_names=`` in a call wins over the block's.
+
+    Args:
+        model: A model with adapters.
+        adapter_names: One adapter name per row (``"__base__"``: the base model).
+
+    Raises:
+        ValueError: unknown names, an empty list, or later a batch whose size does not fit.
+    """
+    names = _check_names(model, adapter_names)
+    if not names:
+        raise ValueError("adapter_names is empty; give one name per row")
+    ctx = _context(model)
+    entry = ["scope", None, names, {}]
+    ctx.stack.append(entry)
+    try:
+        yield model
+    finally:
+        ctx.stack.remove(entry)
+
+
+def _saved_module_mixed_forward(wrapper: ModulesToSave, plan: MixedBatchPlan, args: tuple[Any, ...],
+                                kwargs: dict[str, Any]) -> torch.Tensor:
+    """``ModulesToSave`` in a mixed batch: each row group through its adapter's copy (else the original)."""
+    def take(value: Any, rows: slice | torch.Tensor) -> Any:
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == plan.batch_size:
+            return value[rows] if isinstance(rows, slice) else value.index_select(0, rows.to(value.device))
+        return value
+
+    covered = torch.zeros(plan.batch_size, dtype=torch.bool)
+    parts: list[tuple[slice | torch.Tensor, torch.Tensor]] = []
+    for name, rows in plan.groups:
+        if name in wrapper.modules_to_save:
+            covered[rows] = True
+            module = wrapper.modules_to_save[name]
+            out = module(*(take(a, rows) for a in args), **{k: take(v, rows) for k, v in kwargs.items()})
+            parts.append((rows, out))
+    rest = (~covered).nonzero().flatten()
+    if len(rest):
+        rows = slice(int(rest[0]), int(rest[-1]) + 1) if int(rest[-1] - rest[0]) + 1 == len(rest) else rest
+        out = wrapper.original_module(*(take(a, rows) for a in args), **{k: take(v, rows) for k, v in kwargs.items()})
+        parts.append((rows, out))
+    if not all(isinstance(out, torch.Tensor) for _, out in parts):
+        raise ValueError(f"mixed-adapter batches support modules_to_save that return one tensor, got {type(parts[0][1]).__name__}")
+    first = parts[0][1]
+    result = first.new_empty((plan.batch_size, *first.shape[1:]))
+    for rows, out in parts:
+        if isinstance(rows, slice):
+            result[rows] = out
+        else:
+            result.index_copy_(0, rows.to(result.device), out)
+    return result
+
+
+def generate(model: nn.Module, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+    """``model.generate(*args, **kwargs)`` with one adapter per row (``"__base__"``: the base model).
+
+    Args:
+        model: A transformers model with adapters.
+        *args: Passed to ``model.generate`` (e.g. ``input_ids``).
+        adapter_names: One name per input row, or None for the active adapters.
+        **kwargs: Passed to ``model.generate``.
+
+    Returns:
+        What ``model.generate`` returns.
+    """
+    if adapter_names is None:
+        return model.generate(*args, **kwargs)
+    with adapter_batch(model, adapter_names):
+        return model.generate(*args, **kwargs)
+
+
+# ---------------------------------------------------------------------------- combine
+
+
+@dataclass
+class CombineReport:
+    """What ``combine_adapters`` made.
+
+    Attributes:
+        name: The new adapter's name.
+        method: "cat" or "svd".
+        ranks: module path -> rank of the new adapter there.
+        errors: module path -> ‖ΔW − ΔW_new‖_F / ‖ΔW‖_F (0 for "cat", exact by construction).
+        overall_error: sqrt(Σ‖ΔW − ΔW_new‖²) / sqrt(Σ‖ΔW‖²) over all modules.
+    """
+
+    name: str
+    method: str
+    ranks: dict[str, int] = field(default_factory=dict)
+    errors: dict[str, float] = field(default_factory=dict)
+    overall_error: float = 0.0
+
+
+def _svd_truncate(A: torch.Tensor, B: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Best rank-``rank`` factors of B @ A (B: (out, R), A: (R, in)) without forming B @ A.
+
+    With B = Q_b R_b and Aᵀ = Q_a R_a (thin QR), B @ A = Q_b (R_b R_aᵀ) Q_aᵀ, so the SVD of the small
+    core gives the exact singular values and vectors of the full product (Eckart–Young).
+
+    Returns:
+        ``(A_k (k, in), B_k (out, k), squared error, squared norm)`` in float64.
+    """
+    qb, rb = torch.linalg.qr(B)
+    qa, ra = torch.linalg.qr(A.T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    k = min(rank, s.numel())
+    root = s[:k].sqrt()
+    B_k = (qb @ u[:, :k]) * root
+    A_k = root[:, None] * (vh[:k] @ qa.T)
+    return A_k, B_k, float(s[k:].square().sum()), float(s.square().sum())
+
+
+def _layer_terms(layer: Any, weights: Mapping[str, float]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Stacked (A (R, ...), B (out, R, ...)) with B_i scaled by w_i·scaling_i, or None if untargeted."""
+    names = [n for n, w in weights.items() if w != 0 and n in layer.lora_A]
+    if not names:
+        return None
+    A = torch.cat([layer.lora_A[n].detach() for n in names], dim=0)
+    B = torch.cat([layer.lora_B[n].detach() * (weights[n] * layer.scaling[n]) for n in names], dim=1)
+    return A, B
+
+
+def combine_adapters(model: nn.Module, weights: Mapping[str, float], name: str, method: str = "cat",
+                     rank: int | None = None) -> CombineReport:
+    """Add adapter ``name`` whose update is Σᵢ wᵢ·ΔWᵢ (``cat``, exact) or its best rank-k fit (``svd``).
+
+    ΔWᵢ = scalingᵢ · Bᵢ Aᵢ on every module adapter i targets; a module targeted by only some of the
+    adapters gets only their terms. ``cat`` stacks [A₁; A₂; …] and [w₁s₁B₁, w₂s₂B₂, …] (rank Σ rᵢ
+    there); ``svd`` keeps the top ``rank`` singular directions of that exact sum (Eckart–Young) and
+    reports the relative Frobenius error. The scaling is folded into B and the new config says
+    ``lora_alpha = r`` per module (``rank_pattern`` / ``alpha_pattern`` where ranks differ), so it
+    saves and loads in PEFT format. The new adapter is neither activated nor trainable.
+
+    Args:
+        model: A model carrying the adapters to combine.
+        weights: adapter name -> weight wᵢ (any real number; 0 drops the adapter).
+        name: Name of the new adapter (must not exist).
+        method: "cat" (exact, rank Σ rᵢ) or "svd" (rank ``rank``, approximate).
+        rank: For "svd": the target rank (default: the largest rank among the inputs). Must be None
+            for "cat".
+
+    Returns:
+        A ``CombineReport`` with per-module ranks and relative errors.
+
+    Raises:
+        ValueError: unknown method / adapters, bad weights or rank, a taken name, or adapters that
+            are not plain sums of B @ A (DoRA and other forward-changing variants, modules_to_save,
+            trained biases).
+    """
+    if method not in ("cat", "svd"):
+        raise ValueError(f"method must be 'cat' (exact weighted sum) or 'svd' (truncated), got {method!r}")
+    state = require_state(model)
+    if not isinstance(weights, Mapping) or not weights:
+        raise ValueError(f"weights must be a non-empty mapping adapter name -> weight, got {weights!r}")
+    unknown = [n for n in weights if n not in state.configs]
+    if unknown:
+        raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(state.configs)}")
+    for n, w in weights.items():
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
+            raise ValueError(f"weight of adapter {n!r} must be a finite number, got {w!r}")
+    if not isinstance(name, str) or not name or "." in name or name == BASE_NAME:
+        raise ValueError(f"adapter name must be a non-empty string without dots (not {BASE_NAME!r}), got {name!r}")
+    if name in state.configs:
+        raise ValueError(f"adapter {name!r} already exists on this model; pick another name")
+    if method == "cat" and rank is not None:
+        raise ValueError(f"method='cat' keeps the exact rank Σ rᵢ; rank must be None, got {rank!r} (use method='svd')")
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    for n in weights:
+        config = state.configs[n]
+        if config.modules_to_save:
+            raise ValueError(f"adapter {n!r} has modules_to_save {config.modules_to_save}: full modules have no low-rank sum")
+        if config.bias != "none":
+            raise ValueError(f"adapter {n!r} trains biases (bias={config.bias!r}): they are not part of B @ A")
+    weights = {n: float(w) for n, w in weights.items()}
+    if rank is None:
+        rank = max(layer.r[n] for _, layer in iter_lora_layers(model) for n in weights if n in layer.r)
+
+    report = CombineReport(name, method)
+    new_tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    err_sq = norm_sq = 0.0
+    for path, layer in iter_lora_layers(model):
+        for n in weights:
+            if n in layer.variants:
+                raise ValueError(f"adapter {n!r} on {path} uses the {type(layer.variants[n]).__name__} variant, "
+                                 "whose update is not B @ A; it cannot be summed exactly")
+        terms = _layer_terms(layer, weights)
+        if terms is None:
+            continue
+        A, B = terms
+        total = A.shape[0]
+        if tuple(layer.a_shape(total)) != tuple(A.shape) or tuple(layer.b_shape(total)) != tuple(B.shape):
+            raise ValueError(f"{type(layer).__name__} at {path}: rank is not dim 0 of A / dim 1 of B; cannot stack")
+        if method == "cat":
+            new_tensors[path] = (A.clone(), B.clone())
+            report.ranks[path], report.errors[path] = total, 0.0
+            continue
+        A2 = A.reshape(total, -1).double()
+        B2 = B.reshape(B.shape[0], total).double()
+        A_k, B_k, err, norm = _svd_truncate(A2, B2, rank)
+        k = A_k.shape[0]
+        new_tensors[path] = (A_k.reshape(layer.a_shape(k)).to(A.dtype), B_k.reshape(layer.b_shape(k)).to(B.dtype))
+        report.ranks[path] = k
+        report.errors[path] = math.sqrt(err / norm) if norm > 0 else 0.0
+        err_sq, norm_sq = err_sq + err, norm_sq + norm
+    if not new_tensors:
+        raise ValueError(f"adapters {list(weights)} with weights {weights} target no module (all weights zero?)")
+    report.overall_error = math.sqrt(err_sq / norm_sq) if norm_sq > 0 else 0.0
+
+    config = _combined_config(model, list(weights), report.ranks)
+    inject_adapter(model, config, name, init_lora_weights=False)
+    try:
+        with torch.no_grad():
+            for path, layer in iter_lora_layers(model):
+                if path in new_tensors:
+                    A, B = new_tensors[path]
+                    layer.lora_A[name].copy_(A)
+                    layer.lora_B[name].copy_(B)
+    except BaseException:
+        from lorakit.inject import _remove_adapter_everywhere
+
+        _remove_adapter_everywhere(model, name)
+        raise
+    mark_trainable(model)  # the new parameters start frozen, like any adapter not in set_trainable
+    return report
+
+
+def _combined_config(model: nn.Module, sources: list[str], ranks: dict[str, int]) -> LoraConfig:
+    """PEFT-format config of a combined adapter: exact module paths, scaling 1 (lora_alpha = r)."""
+    state = require_state(model)
+    counts: dict[int, int] = {}
+    for r in ranks.values():
+        counts[r] = counts.get(r, 0) + 1
+    r = max(counts, key=lambda k: (counts[k], k))
+    # Escaped full paths: PEFT and lorakit read pattern keys as regexes matched at a name's end.
+    rank_pattern = {re.escape(p): k for p, k in ranks.items() if k != r}
+    first = state.configs[sources[0]]
+    return LoraConfig(r=r, lora_alpha=r, target_modules=sorted(ranks), rank_pattern=rank_pattern,
+                      alpha_pattern={key: k for key, k in rank_pattern.items()}, init_lora_weights=False,
+                      task_type=first.task_type, base_model_name_or_path=first.base_model_name_or_path,
+                      inference_mode=True)
+
+
+# ---------------------------------------------------------------------------- hot swap
+
+
+def hotswap_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default") -> nn.Module:
+    """Replace adapter ``adapter_name``'s weights and alpha with those saved in ``directory``.
+
+    No re-injection and no new tensors: the saved adapter must target the same modules with the
+    same ranks and variant; A, B (and variant tensors, modules_to_save, trained biases) are copied
+    into the existing parameters and the per-module scaling is updated from the new config's
+    ``lora_alpha`` / ``alpha_pattern`` / ``use_rslora``. Everything is checked before anything is
+    written, so a mismatch leaves the model as it was.
+
+    Args:
+        model: A model that carries ``adapter_name``.
+        directory: A PEFT-format adapter directory.
+        adapter_name: The adapter to overwrite.
+
+    Returns:
+        The same model.
+
+    Raises:
+        FileNotFoundError: the directory or its files are missing.
+        ValueError: unknown or merged adapter, different targets / ranks / variant / keys / shapes.
+    """
+    from lorakit.io import PREFIX, WEIGHTS_NAME, _bias_keys, _check_tensors, adapter_destinations, read_adapter_files
+
+    state = require_state(model)
+    if adapter_name not in state.configs:
+        raise ValueError(f"unknown adapter {adapter_name!r}; this model has {list(state.configs)}")
+    layers = {path: layer for path, layer in iter_lora_layers(model) if adapter_name in layer.lora_A}
+    merged = [p for p, layer in layers.items() if adapter_name in layer.merged_adapters]
+    if merged:
+        raise ValueError(f"adapter {adapter_name!r} is merged (e.g. in {merged[0]}); unmerge it before a hot swap")
+    config, tensors = read_adapter_files(directory)
+    old = state.configs[adapter_name]
+    new_variant, old_variant = variant_for(config), variant_for(old)
+    if type(new_variant) is not type(old_variant):
+        raise ValueError(f"{directory}: variant {type(new_variant).__name__} differs from the loaded adapter's "
+                         f"{type(old_variant).__name__}; load it as a new adapter instead")
+    targets = set(find_target_modules(model, config))
+    if targets != set(layers):
+        diff = sorted(targets ^ set(layers))
+        raise ValueError(f"{directory}: targets differ from adapter {adapter_name!r}'s (e.g. {diff[:3]}); "
+                         "a hot swap needs the same target modules")
+    for path, layer in layers.items():
+        if config.rank_for(path) != layer.r[adapter_name]:
+            raise ValueError(f"{directory}: rank of {path} is {config.rank_for(path)}, the loaded adapter has "
+                             f"{layer.r[adapter_name]}; a hot swap needs the same ranks")
+    dest = adapter_destinations(model, adapter_name)
+    params = dict(model.named_parameters(remove_duplicate=False))
+    optional = {PREFIX + k: tuple(params[k].shape) for k in _bias_keys(model, config, adapter_name)}
+    _check_tensors(tensors, {k: tuple(v.shape) for k, v in dest.items()}, optional, str(Path(directory) / WEIGHTS_NAME))
+    with torch.no_grad():
+        for key, tensor in tensors.items():
+            target = dest[key] if key in dest else params[key[len(PREFIX):]]
+            target.copy_(tensor.to(target.dtype))
+    for path, layer in layers.items():
+        layer.lora_alpha[adapter_name] = config.alpha_for(path)
+        layer.scaling[adapter_name] = config.scaling_for(path)
+    config = copy.deepcopy(config)
+    config.inference_mode = old.inference_mode
+    state.configs[adapter_name] = config
+    return model
+
+
+__all__ = ["BASE_NAME", "CombineReport", "MixedBatchContext", "MixedBatchPlan", "adapter_batch",
+           "attach_mixed_batch", "combine_adapters", "generate", "hotswap_adapter", "make_plan"]

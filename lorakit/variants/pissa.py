@@ -1,0 +1,171 @@
+"""PiSSA and OLoRA: start A and B from the principal part of W and keep only the residual in the base.
+
+PiSSA (Meng et al. 2024, §3, eq. 2-4): with W = U S Vᵀ (viewed as an (out, in) matrix),
+    B₀ = U[:, :r] · √(S[:r] / s),   A₀ = √(S[:r] / s) · Vᵀ[:r],   W_res = W − s · B₀ A₀,
+so W_res + s·B₀A₀ = W: the output is unchanged at the start, but A and B now train the principal
+directions. ``"pissa_niter_K"`` uses a randomised SVD (``torch.svd_lowrank`` with K subspace
+iterations, Halko et al. 2011) instead of the full one (§3, "fast SVD").
+
+OLoRA (Büyükakyüz 2024, §3): W = Q R,  B₀ = Q[:, :r],  A₀ = R[:r],  W_res = W − s · B₀ A₀.
+
+Both change the base weight, so an adapter saved as is only fits the residual base. Saving with
+``save_adapter(..., convert_to_lora=True)`` writes a plain LoRA against the *original* W instead
+(PEFT's ``path_initial_model_for_weight_conversion``; PEFT ``subtract_mutated_init``):
+    ΔW = s·(B A − B₀ A₀) = s · [B, −B₀] · [A; A₀]           (rank 2r, same scaling)
+which is why the initial A₀, B₀ are kept as buffers (``lora_init_A`` / ``lora_init_B``).
+
+Every layer type works: W is viewed as the (out, in·k) matrix whose factors are B and A — W itself
+for Linear and Conv2d (kernel flattened), Wᵀ for GPT-2 Conv1D and Embedding.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from lorakit.variants import register_init_method
+from lorakit.variants.dora import _out_axis
+
+if TYPE_CHECKING:
+    from lorakit.config import LoraConfig
+    from lorakit.layers.base import LoraLayer
+
+#: init_lora_weights values (lower case, prefixes end in "_") whose adapters can be converted.
+CONVERTIBLE_PREFIXES = ("pissa", "olora")
+
+
+class BufferDict(nn.Module):
+    """adapter name -> tensor, held as (persistent) buffers so ``.to()`` and ``state_dict`` see them."""
+
+    def __setitem__(self, name: str, tensor: torch.Tensor) -> None:
+        self.register_buffer(name, tensor)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self._buffers[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._buffers
+
+    def __delitem__(self, name: str) -> None:
+        del self._buffers[name]
+
+
+def _weight_matrix(layer: "LoraLayer") -> torch.Tensor:
+    """The base weight as the fp32 (out, in·k) matrix that B @ A approximates."""
+    weight = layer.base_layer.weight.detach().to(torch.float32)
+    if _out_axis(layer) == 1:
+        return weight.T
+    return weight.reshape(weight.shape[0], -1)
+
+
+def _set_residual(layer: "LoraLayer", name: str, A: torch.Tensor, B: torch.Tensor) -> None:
+    """Write A₀, B₀ into the adapter, keep copies as buffers, and replace W by W − s·B₀A₀."""
+    if callable(getattr(layer.base_layer, "dequantize_weight", None)):
+        raise ValueError("PiSSA/OLoRA initialisation needs a full-precision base layer; initialise on the "
+                         "unquantised model, then quantise the residual (quantize_model_nf4)")
+    lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
+    lora_A.copy_(A.reshape(lora_A.shape))
+    lora_B.copy_(B.reshape(lora_B.shape))
+    for attr, value in (("lora_init_A", lora_A), ("lora_init_B", lora_B)):
+        if not isinstance(getattr(layer, attr, None), BufferDict):
+            setattr(layer, attr, BufferDict())
+        getattr(layer, attr)[name] = value.detach().clone()
+    weight = layer.base_layer.weight
+    # Residual from the adapter's stored (possibly rounded) A₀, B₀, so W_res + s·B₀A₀ = W as exactly as possible.
+    weight.copy_((weight.to(torch.float32) - layer.delta_weight(name)).to(weight.dtype))
+
+
+@register_init_method("pissa")
+@register_init_method("pissa_niter_", prefix=True)
+def pissa_init(layer: "LoraLayer", name: str, init: str) -> None:
+    """PiSSA init of adapter ``name``: A, B from the top-r singular triplets of W (see module docstring).
+
+    Raises:
+        ValueError: ``init`` is neither "pissa" nor "pissa_niter_K" with an integer K >= 0.
+    """
+    r, scaling = layer.r[name], layer.scaling[name]
+    matrix = _weight_matrix(layer)
+    if r > min(matrix.shape):
+        raise ValueError(f"PiSSA rank r={r} exceeds the weight's smallest dimension {min(matrix.shape)}")
+    key = init.lower()
+    if key == "pissa":
+        U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
+        U, S, Vh = U[:, :r], S[:r], Vh[:r]
+    else:
+        niter = key[len("pissa_niter_"):]
+        if not niter.isdigit():
+            raise ValueError(f"init_lora_weights {init!r}: expected 'pissa_niter_<iterations>', e.g. 'pissa_niter_4'")
+        U, S, V = torch.svd_lowrank(matrix, q=r, niter=int(niter))
+        Vh = V.T
+    root = torch.sqrt(S / scaling)  # s·B₀A₀ = U S Vᵀ  (§3: the scaling is divided out, as in PEFT)
+    _set_residual(layer, name, A=root[:, None] * Vh, B=U * root[None, :])
+
+
+@register_init_method("olora")
+def olora_init(layer: "LoraLayer", name: str, init: str) -> None:
+    """OLoRA init of adapter ``name``: B₀ = Q[:, :r], A₀ = R[:r] from W = QR (Büyükakyüz 2024, §3)."""
+    r = layer.r[name]
+    Q, R = torch.linalg.qr(_weight_matrix(layer))
+    if r > Q.shape[1]:
+        raise ValueError(f"OLoRA rank r={r} exceeds the weight's smallest dimension {Q.shape[1]}")
+    _set_residual(layer, name, A=R[:r], B=Q[:, :r])
+
+
+def is_convertible(init_lora_weights: bool | str) -> bool:
+    """True when adapters made with this ``init_lora_weights`` changed the base weight (PiSSA, OLoRA)."""
+    return isinstance(init_lora_weights, str) and init_lora_weights.lower().startswith(CONVERTIBLE_PREFIXES)
+
+
+def convert_to_lora(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor],
+                    config: "LoraConfig") -> tuple[dict[str, torch.Tensor], "LoraConfig"]:
+    """Rewrite a PiSSA/OLoRA adapter's saved tensors as a rank-2r LoRA against the original base.
+
+    ΔW = s·(B A − B₀ A₀) = s·[B, −B₀]·[A; A₀]. Rank doubles; alpha doubles (×√2 with rsLoRA) so the
+    scaling s is unchanged; ``init_lora_weights`` becomes True (loading must not re-run PiSSA).
+
+    Args:
+        model: The model carrying the adapter (its layers hold A₀, B₀).
+        adapter_name: The adapter to convert.
+        tensors: Its on-disk tensors (``adapter_state_dict``), not modified.
+        config: Its config, not modified.
+
+    Returns:
+        (new tensors, new config).
+
+    Raises:
+        ValueError: the adapter was not initialised with PiSSA/OLoRA, uses DoRA, or a layer lacks A₀/B₀.
+    """
+    import copy
+
+    from lorakit.inject import iter_lora_layers
+    from lorakit.io import PREFIX
+
+    if not is_convertible(config.init_lora_weights):
+        raise ValueError(f"convert_to_lora needs a PiSSA/OLoRA adapter; adapter {adapter_name!r} has "
+                         f"init_lora_weights={config.init_lora_weights!r} and already fits the original base")
+    if config.use_dora:
+        raise ValueError("convert_to_lora cannot express a DoRA adapter as plain LoRA (the magnitude rescales W)")
+    out = dict(tensors)
+    for path, layer in iter_lora_layers(model):
+        if adapter_name not in layer.lora_A:
+            continue
+        stores = getattr(layer, "lora_init_A", None), getattr(layer, "lora_init_B", None)
+        if not all(isinstance(s, BufferDict) and adapter_name in s for s in stores):
+            raise ValueError(f"layer {path!r} has no initial A0/B0 for adapter {adapter_name!r}; cannot convert")
+        disk_a, disk_b = layer.disk_names
+        key_a, key_b = f"{PREFIX}{path}.{disk_a}", f"{PREFIX}{path}.{disk_b}"
+        A0 = stores[0][adapter_name].detach().to("cpu", out[key_a].dtype)
+        B0 = stores[1][adapter_name].detach().to("cpu", out[key_b].dtype)
+        out[key_a] = torch.cat([out[key_a], A0], dim=0).contiguous()
+        out[key_b] = torch.cat([out[key_b], -B0], dim=1).contiguous()
+    new = copy.deepcopy(config)
+    alpha_factor = math.sqrt(2.0) if config.use_rslora else 2.0  # alpha/r, or alpha/√r, stays the same
+    new.r = 2 * config.r
+    new.lora_alpha = config.lora_alpha * alpha_factor
+    new.rank_pattern = {k: 2 * v for k, v in config.rank_pattern.items()}
+    new.alpha_pattern = {k: v * alpha_factor for k, v in config.alpha_pattern.items()}
+    # A module with a rank_pattern entry but no alpha_pattern entry takes the global alpha, already scaled.
+    new.init_lora_weights = True
+    return out, new

@@ -1,0 +1,212 @@
+"""inspect / extract / resize and the data-driven rank mode, checked against PEFT itself."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lorakit.analysis import adapter_tools as at
+from lorakit.analysis import recommend
+from lorakit.cli import main
+
+peft = pytest.importorskip("peft")
+
+
+def _llama(seed: int = 0, hidden: int = 32):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=101, hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _save_model(model, path):
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    return _save_model(_llama(0), tmp_path_factory.mktemp("base"))
+
+
+def _peft_adapter(tmp_path, **cfg):
+    model = _llama(0)
+    cfg.setdefault("target_modules", ["q_proj", "v_proj"])
+    peft_model = peft.get_peft_model(model, peft.LoraConfig(init_lora_weights=False, **cfg))
+    out = tmp_path / "adapter"
+    peft_model.save_pretrained(out)
+    return out, peft_model
+
+
+def _peft_deltas(peft_model):
+    """name -> ΔW in the base weight's layout, as PEFT computes it."""
+    out = {}
+    for name, module in peft_model.base_model.model.named_modules():
+        if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
+            out[name] = module.get_delta_weight("default").detach().double()
+    return out
+
+
+def test_inspect_matches_peft(tmp_path, base_dir):
+    path, pm = _peft_adapter(tmp_path, r=8, lora_alpha=16, use_rslora=True,
+                             rank_pattern={"layers.1.self_attn.q_proj": 4}, alpha_pattern={"v_proj": 5})
+    rep = at.inspect_adapter(path, base=base_dir)
+    rows = {r["module"]: r for r in rep["modules"]}
+    deltas = _peft_deltas(pm)
+    assert set(rows) == set(deltas) and len(rows) == 4
+    for name, module in pm.base_model.model.named_modules():
+        if name in rows:
+            assert rows[name]["r"] == module.r["default"]
+            assert rows[name]["scaling"] == pytest.approx(module.scaling["default"])
+            assert rows[name]["delta_norm"] == pytest.approx(float(deltas[name].norm()), rel=1e-6)
+            true_rank = int(torch.linalg.matrix_rank(deltas[name], rtol=1e-5))
+            assert rows[name]["rank99"] <= true_rank == rows[name]["r"]
+    trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    assert rep["totals"]["params"] == trainable
+    assert rep["totals"]["size_on_disk"] > 4 * trainable
+    assert rep["loads"] == {"ok": True, "problems": []}
+
+
+def test_inspect_flags_mismatched_base(tmp_path):
+    path, _ = _peft_adapter(tmp_path, r=4, lora_alpha=8)
+    other = _save_model(_llama(1, hidden=48), tmp_path / "other")
+    loads = at.inspect_adapter(path, base=other)["loads"]
+    assert not loads["ok"]
+    assert any("q_proj" in p and "(48, 48)" in p and "expects (32, 32)" in p for p in loads["problems"])
+
+
+def test_resize_is_the_best_low_rank_approximation_and_loads_in_peft(tmp_path, base_dir):
+    path, pm = _peft_adapter(tmp_path, r=8, lora_alpha=16)
+    before = _peft_deltas(pm)
+    out = tmp_path / "small"
+    rep = at.resize_adapter(path, 3, out)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["r"] == 3 and cfg["lora_alpha"] == 16
+    loaded = peft.PeftModel.from_pretrained(_llama(0), out)
+    after = _peft_deltas(loaded)
+    for row in rep["modules"]:
+        d0, d1 = before[row["module"]], after[row["module"]]
+        u, s, vh = torch.linalg.svd(d0)
+        best = (u[:, :3] * s[:3]) @ vh[:3]
+        assert torch.allclose(d1, best, atol=1e-5)
+        assert row["rel_error"] == pytest.approx(float((d0 - d1).norm() / d0.norm()), abs=1e-5)
+        assert row["rel_error"] > 0.01
+    assert rep["new_params"] < rep["old_params"]
+
+
+def test_resize_to_full_rank_keeps_outputs(tmp_path):
+    path, pm = _peft_adapter(tmp_path, r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"])
+    out = tmp_path / "same"
+    rep = at.resize_adapter(path, 4, out)
+    assert rep["max_rel_error"] < 1e-6
+    ids = torch.randint(0, 101, (2, 7))
+    loaded = peft.PeftModel.from_pretrained(_llama(0), out)
+    with torch.no_grad():
+        assert torch.allclose(pm(input_ids=ids).logits, loaded(input_ids=ids).logits, atol=1e-5)
+
+
+def _tuned_copy(base_model, ranks: dict[str, int], seed: int = 3):
+    """A 'fully fine-tuned' model: base + an exact rank-k update on the named modules."""
+    import copy
+
+    tuned = copy.deepcopy(base_model)
+    g = torch.Generator().manual_seed(seed)
+    for name, k in ranks.items():
+        w = tuned.get_submodule(name).weight
+        with torch.no_grad():
+            w += 0.05 * torch.randn(w.shape[0], k, generator=g) @ torch.randn(k, w.shape[1], generator=g)
+    return tuned
+
+
+def test_extract_recovers_a_low_rank_finetune(tmp_path, base_dir):
+    base_model = _llama(0)
+    ranks = {"model.layers.0.self_attn.q_proj": 2, "model.layers.1.self_attn.q_proj": 2,
+             "model.layers.0.mlp.up_proj": 3}
+    tuned = _tuned_copy(base_model, ranks)
+    tuned_dir = _save_model(tuned, tmp_path / "tuned")
+    out = tmp_path / "extracted"
+    rep = at.extract_adapter(base_dir, tuned_dir, rank=3, out=out)
+    assert {r["module"] for r in rep["modules"]} == set(ranks)
+    for row in rep["modules"]:
+        assert row["rank99"] == ranks[row["module"]]
+        assert row["rel_error"] < 1e-6
+    loaded = peft.PeftModel.from_pretrained(_llama(0), out)
+    ids = torch.randint(0, 101, (2, 9))
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, tuned(input_ids=ids).logits, atol=1e-4)
+
+    # rank 1 cannot hold a rank-2/3 update: the reported error is the true one
+    rep1 = at.extract_adapter(base_dir, tuned_dir, rank=1, out=tmp_path / "r1")
+    sd_b, sd_t = base_model.state_dict(), tuned.state_dict()
+    for row in rep1["modules"]:
+        d = (sd_t[row["module"] + ".weight"] - sd_b[row["module"] + ".weight"]).double()
+        s = torch.linalg.svdvals(d)
+        assert row["rel_error"] == pytest.approx(math.sqrt(float((s[1:] ** 2).sum() / (s**2).sum())), rel=1e-6)
+        assert row["rel_error"] > 0.1
+
+
+def test_data_driven_ranks_from_tuned_model_and_adapter(tmp_path, base_dir):
+    ranks = {"model.layers.0.self_attn.q_proj": 2, "model.layers.1.mlp.down_proj": 5}
+    tuned_dir = _save_model(_tuned_copy(_llama(0), ranks), tmp_path / "tuned")
+    dd = recommend.data_driven_ranks(base=base_dir, tuned=tuned_dir)
+    got = {r["module"]: r for r in dd["modules"]}
+    assert set(got) == set(ranks)
+    assert {m: got[m]["rank99"] for m in ranks} == ranks
+    assert got["model.layers.1.mlp.down_proj"]["suggested"] == 8  # 5 rounded up to a power of two
+    assert set(dd["rank_pattern"].values()) | {dd["r"]} == {2, 8}
+
+    # adapter mode: an r=8 adapter whose q_proj updates really have rank 1
+    path, pm = _peft_adapter(tmp_path, r=8, lora_alpha=16)
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(path / "adapter_model.safetensors"))
+    for k in sd:
+        if "q_proj.lora_A" in k:
+            sd[k][1:] = 0
+    save_file(sd, str(path / "adapter_model.safetensors"))
+    dd = recommend.data_driven_ranks(adapter=path)
+    for row in dd["modules"]:
+        assert (row["rank99"] == 1) == ("q_proj" in row["module"])
+
+
+def test_model_cost_counts_what_peft_trains(tmp_path, base_dir):
+    cost = recommend.model_cost(base_dir, 8, ("q_proj", "v_proj", "down_proj"), batch_size=2, seq_len=16,
+                                precision="fp32")
+    path, pm = _peft_adapter(tmp_path, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "down_proj"])
+    trainable = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    assert cost["trainable_params"] == trainable
+    size = (path / "adapter_model.safetensors").stat().st_size
+    assert abs(cost["adapter_bytes"] - size) / size < 0.05
+    assert cost["memory"]["peak"] > cost["memory"]["weights"] > 0
+
+
+def test_cli_inspect_extract_resize(tmp_path, base_dir, capsys):
+    path, _ = _peft_adapter(tmp_path, r=8, lora_alpha=16)
+    assert main(["inspect", str(path), "--base", str(base_dir), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["loads"]["ok"] and len(rep["modules"]) == 4
+    assert main(["resize", str(path), "--rank", "2", "--out", str(tmp_path / "r2")]) == 0
+    text = capsys.readouterr().out
+    assert "mean relative error" in text and (tmp_path / "r2" / "resize_error.png").read_bytes()[:4] == b"\x89PNG"
+    tuned_dir = _save_model(_tuned_copy(_llama(0), {"model.layers.0.self_attn.v_proj": 1}), tmp_path / "t")
+    assert main(["extract", "--base", str(base_dir), "--tuned", str(tuned_dir), "--rank", "4",
+                 "--out", str(tmp_path / "ex"), "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert [m["module"] for m in rep["modules"]] == ["model.layers.0.self_attn.v_proj"]
+    assert main(["resize", str(tmp_path / "nope"), "--rank", "2", "--out", str(tmp_path / "x")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["resize", str(path), "--rank", "0", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_read_adapter_rejects_bad_input(tmp_path):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "lora_alpha": 8}))
+    (tmp_path / "adapter_model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match="'r'"):
+        at.read_adapter(tmp_path)
+    with pytest.raises(FileNotFoundError):
+        at.read_adapter(tmp_path / "missing")

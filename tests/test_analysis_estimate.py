@@ -1,0 +1,83 @@
+"""The memory estimator against measured peak memory of real training steps, and its invariants."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorakit.analysis.estimate import PRESETS, ModelShape, estimate_memory, load_shape
+from lorakit.analysis.measure import measure_config
+from lorakit.cli import main
+
+TINY = ModelShape(64, 160, 2, 4, 2, 16, 512, name="tiny")
+SMALL = ModelShape(128, 352, 3, 8, 4, 16, 2048, tie_word_embeddings=True, name="small")
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+@pytest.mark.parametrize("shape,batch,seq", [(TINY, 2, 32), (SMALL, 4, 64)], ids=["tiny", "small"])
+def test_estimate_within_15_percent_of_measured_peak(shape, method, batch, seq):
+    measured = measure_config(shape, method, batch, seq, r=8, target_modules=("q_proj", "v_proj"))
+    est = estimate_memory(shape, method=method, batch_size=batch, seq_len=seq, precision="fp32",
+                          r=8, target_modules=("q_proj", "v_proj"))
+    assert abs(est.peak - measured["peak"]) / measured["peak"] < 0.15, (est.peak, measured)
+    # the fixed part (weights + optimizer states) is what was alive before the step
+    assert abs(est.weights + est.optimizer_states - measured["baseline"]) / measured["baseline"] < 0.05
+
+
+def test_estimate_with_sgd_and_all_linear_targets():
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    for method in ("full", "lora"):
+        measured = measure_config(TINY, method, 2, 48, r=4, target_modules=targets, optimizer="sgd")
+        est = estimate_memory(TINY, method=method, batch_size=2, seq_len=48, precision="fp32", optimizer="sgd",
+                              r=4, target_modules=targets)
+        assert est.optimizer_states == 0
+        assert abs(est.peak - measured["peak"]) / measured["peak"] < 0.15, (method, est.peak, measured)
+
+
+def test_presets_have_llama2_parameter_counts():
+    # published parameter counts of Llama-2 7B / 13B / 70B
+    assert PRESETS["7B"].total_params() == 6_738_415_616
+    assert PRESETS["13B"].total_params() == 13_015_864_320
+    assert PRESETS["70B"].total_params() == 68_976_648_192
+
+
+def test_estimate_orderings():
+    kw = dict(batch_size=4, seq_len=512, precision="bf16")
+    full, lora, qlora = (estimate_memory("7B", method=m, **kw) for m in ("full", "lora", "qlora"))
+    assert qlora.peak < lora.peak < full.peak
+    assert lora.trainable_params == 32 * 2 * 8 * (4096 + 4096)  # q and v, r = 8, 32 layers
+    assert full.flops_per_token > lora.flops_per_token > 4 * 6.7e9
+    ckpt = estimate_memory("7B", method="lora", gradient_checkpointing=True, **kw)
+    assert ckpt.activations < lora.activations / 5 and ckpt.flops_per_token > lora.flops_per_token
+    bigger = estimate_memory("7B", method="lora", batch_size=8, seq_len=512, precision="bf16")
+    assert bigger.activations == pytest.approx(2 * lora.activations, rel=0.01)
+    sgd = estimate_memory("7B", method="full", optimizer="sgd", **kw)
+    adam8 = estimate_memory("7B", method="full", optimizer="adamw8bit", **kw)
+    assert sgd.optimizer_states == 0 < adam8.optimizer_states < full.optimizer_states
+
+
+def test_bad_input_names_the_value(tmp_path):
+    with pytest.raises(ValueError, match="'sparse'"):
+        estimate_memory("7B", method="sparse")
+    with pytest.raises(ValueError, match="'wq'"):
+        estimate_memory("7B", method="lora", target_modules=("wq",))
+    with pytest.raises(ValueError, match="batch_size"):
+        estimate_memory("7B", batch_size=0)
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_shape(str(tmp_path / "nope"))
+
+
+def test_config_dir_and_cli(tmp_path, capsys):
+    cfg = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+           "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert load_shape(tmp_path) == ModelShape(64, 160, 2, 4, 2, 16, 512, name=tmp_path.name)
+    out = tmp_path / "lab"
+    assert main(["estimate", "--model", str(tmp_path), "--json", "--out", str(out)]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert [e["method"] for e in rep["estimates"]] == ["full", "lora", "qlora"]
+    assert (out / "estimate_memory.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(SystemExit):
+        main(["estimate", "--model", "7B", "--precision", "fp8"])
+    assert main(["estimate", "--model", "7B", "--batch-size", "0"]) == 2
+    assert "batch_size" in capsys.readouterr().err

@@ -1,0 +1,78 @@
+"""The low-rank demo: the lesson's parameter table and truncated-SVD reconstruction."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from lorakit.analysis import lowrank
+from lorakit.cli import main
+
+
+def test_parameter_table_matches_the_lesson():
+    rows = {r["rank"]: r for r in lowrank.parameter_table()}
+    assert sorted(rows) == [1, 2, 4, 8, 16, 32, 64]
+    r8 = rows[8]
+    assert (r8["params_A"], r8["params_B"], r8["lora_params"]) == (8_000, 8_000, 16_000)
+    assert f"{r8['compression']:.1f}x" == "62.5x" and f"{r8['removed_pct']:.2f}%" == "98.40%"
+    for r, row in rows.items():  # a rectangular check of the arithmetic
+        assert row["lora_params"] == r * 2000 and row["full_params"] == 1_000_000
+    rect = lowrank.parameter_table(300, 50, [5])[0]
+    assert (rect["params_A"], rect["params_B"]) == (5 * 50, 300 * 5)
+    with pytest.raises(ValueError, match="0"):
+        lowrank.parameter_table(0, 10)
+
+
+def test_error_drops_to_zero_at_the_true_rank():
+    W = lowrank.synthetic_low_rank(100, 100, 5, seed=1)
+    assert int(torch.linalg.matrix_rank(W)) == 5
+    rows = {r["rank"]: r for r in lowrank.reconstruction_errors(W, [1, 2, 5, 10, 20, 50])}
+    assert rows[1]["rel_error"] > rows[2]["rel_error"] > 0.05
+    for r in (5, 10, 20, 50):
+        assert rows[r]["rel_error"] < 1e-10 and rows[r]["energy"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="true_rank"):
+        lowrank.synthetic_low_rank(10, 10, 11)
+
+
+def test_reconstruction_error_is_eckart_young():
+    W = torch.randn(40, 30, generator=torch.Generator().manual_seed(0))
+    s = torch.linalg.svdvals(W.double())
+    for row in lowrank.reconstruction_errors(W, [1, 7, 30]):
+        k = row["rank"]
+        assert row["rel_error"] == pytest.approx(math.sqrt(float((s[k:] ** 2).sum() / (s**2).sum())), abs=1e-9)
+
+
+def _model_dir(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    model = LlamaForCausalLM(cfg)
+    with torch.no_grad():  # make one matrix exactly rank 3 so its spectrum is known
+        q = model.model.layers[0].self_attn.q_proj.weight
+        q.copy_(torch.randn(32, 3) @ torch.randn(3, 32))
+    model.save_pretrained(tmp_path / "m", safe_serialization=True)
+    return tmp_path / "m"
+
+
+def test_model_spectrum_and_cli_plots(tmp_path, capsys):
+    path = _model_dir(tmp_path)
+    weights = lowrank.select_weights(str(path), r"layers\.0\.self_attn\.(q|k)_proj")
+    rep = lowrank.spectrum_report(weights, [1, 3, 8])
+    q = rep["model.layers.0.self_attn.q_proj"]
+    assert q["energy"][3] == pytest.approx(1.0) and q["rank99"] <= 3 and q["energy"][1] < 1
+    k = rep["model.layers.0.self_attn.k_proj"]
+    assert k["shape"] == [16, 32] and k["rank90"] > 3 and k["energy"][8] < 1
+    out = tmp_path / "lab"
+    assert main(["lowrank", "--model", str(path), "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "62.5x" in text and "98.40%" in text and "model.layers.0.mlp.down_proj" in text
+    for png in ("lowrank_params.png", "lowrank_error.png", "lowrank_spectrum.png"):
+        assert (out / png).read_bytes()[:4] == b"\x89PNG"
+    saved = json.loads((out / "lowrank.json").read_text())
+    assert saved["synthetic"]["true_rank"] == 5
+    assert main(["lowrank", "--model", str(path), "--module", "nothing_like_this", "--no-plot"]) == 2
+    assert "nothing_like_this" in capsys.readouterr().err

@@ -1,0 +1,52 @@
+"""The lesson's rank / alpha guide, exactly, and the `lorakit recommend` command."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorakit.analysis import recommend_rank
+from lorakit.cli import main
+
+# The lesson's table, restated here independently of the implementation.
+LESSON = {
+    "simple": {"7B": (4, 8), "13B": (4, 8), "70B": (8, 16)},
+    "medium": {"7B": (8, 16), "13B": (8, 16), "70B": (16, 32)},
+    "complex": {"7B": (16, 32), "13B": (16, 32), "70B": (32, 64)},
+}
+
+
+@pytest.mark.parametrize("task", LESSON)
+@pytest.mark.parametrize("size", ["7B", "13B", "70B"])
+def test_table_and_data_size_rules(task, size):
+    rank, alpha = LESSON[task][size]
+    for data, expect in ((5_000, rank), (1_000, rank), (10_000, rank), (999, max(4, rank // 2)),
+                         (10_001, min(64, rank * 2)), (0, max(4, rank // 2)), (10**7, min(64, rank * 2))):
+        rec = recommend_rank(task, data, size)
+        assert set(rec) == {"rank", "alpha", "reasoning"}
+        assert (rec["rank"], rec["alpha"]) == (expect, alpha), (task, size, data)
+        assert str(rec["rank"]) in rec["reasoning"] and len(rec["reasoning"]) > 40
+
+
+def test_other_sizes_and_bad_input():
+    assert recommend_rank("medium", 5000, "135M")["rank"] == 8
+    assert "7B column" in recommend_rank("medium", 5000, "135M")["reasoning"]
+    assert recommend_rank("medium", 5000, "34B")["rank"] == 8
+    assert recommend_rank("medium", 5000, 65e9)["rank"] == 16
+    with pytest.raises(ValueError, match="'hard'"):
+        recommend_rank("hard", 10, "7B")
+    with pytest.raises(ValueError, match="-5"):
+        recommend_rank("simple", -5, "7B")
+    with pytest.raises(ValueError, match="'huge'"):
+        recommend_rank("simple", 10, "huge")
+
+
+def test_cli(capsys):
+    assert main(["recommend", "--task", "complex", "--model-size", "70B", "--data-size", "50000", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)["recommendation"]
+    assert (rec["rank"], rec["alpha"]) == (64, 64)
+    assert main(["recommend", "--task", "simple", "--model-size", "7B", "--data-size", "500"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("rank 4, alpha 8") and "1,000" in out
+    assert main(["recommend", "--task", "simple", "--data-size", "500"]) == 2
+    assert "--model-size" in capsys.readouterr().err

@@ -1,0 +1,58 @@
+"""The chunked head + cross-entropy equals the plain path in value and gradients (float64)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lorakit.ops import linear_cross_entropy
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("weight_grad", [False, True])
+@pytest.mark.parametrize("chunk", [1, 5, 1000])
+def test_matches_plain_cross_entropy(with_bias, weight_grad, chunk):
+    torch.manual_seed(0)
+    h = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(21, 8, dtype=torch.float64, requires_grad=weight_grad)
+    b = torch.randn(21, dtype=torch.float64, requires_grad=True) if with_bias else None
+    y = torch.randint(0, 21, (13,))
+    y[3] = -100
+    ref = F.cross_entropy(F.linear(h, W, b), y, reduction="sum", ignore_index=-100)
+    got = linear_cross_entropy(h, W, y, bias=b, chunk_size=chunk)
+    torch.testing.assert_close(got.double(), ref, rtol=1e-6, atol=1e-6)
+    inputs = [t for t in (h, W, b) if t is not None and t.requires_grad]
+    ref_g = torch.autograd.grad(ref * 1.3, inputs)
+    got_g = torch.autograd.grad(got * 1.3, inputs)
+    for a, e in zip(got_g, ref_g):
+        torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
+
+
+def test_bf16_hidden_close_to_fp32():
+    torch.manual_seed(0)
+    h = torch.randn(40, 16)
+    W = torch.randn(50, 16) * 0.3
+    y = torch.randint(0, 50, (40,))
+    ref = F.cross_entropy(h @ W.T, y, reduction="sum")
+    got = linear_cross_entropy(h.bfloat16(), W.bfloat16(), y)
+    assert got.dtype == torch.float32
+    assert abs(got.item() - ref.item()) / ref.item() < 0.02
+
+
+def test_bad_shapes_and_labels():
+    with pytest.raises(ValueError, match="do not fit"):
+        linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 6), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match="labels"):
+        linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"\[0, 5\)"):
+        linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 7]))
+
+
+def test_saves_no_logits_for_backward():
+    saved = []
+    h = torch.randn(64, 16, requires_grad=True)
+    W = torch.randn(1000, 16)
+    y = torch.randint(0, 1000, (64,))
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
+        linear_cross_entropy(h, W, y)
+    assert max(saved) <= 64 * 16  # only dL/dh, never (64 x 1000) logits

@@ -1,0 +1,473 @@
+"""One base, many experts: several named adapters, mixed-adapter batches, exact combination, hot swap."""
+from __future__ import annotations
+
+import copy
+import gc
+import weakref
+
+import pytest
+import torch
+
+import lorakit as lk
+from conftest import LAYER_CASES, TinyConvNet, Wrap, tiny_gpt2, tiny_llama
+
+# Two / three adapters with different ranks, alphas and targets (some modules have only one of them).
+LLAMA_ADAPTERS = {
+    "medical": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"]),
+    "legal": dict(r=2, lora_alpha=3, target_modules=["v_proj", "o_proj", "gate_proj"], use_rslora=True),
+    "code": dict(r=3, lora_alpha=6, target_modules="all-linear", rank_pattern={"down_proj": 5}),
+}
+GPT2_ADAPTERS = {
+    "a": dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"]),
+    "b": dict(r=2, lora_alpha=5, target_modules=["c_proj", "wte"]),
+}
+CONV_ADAPTERS = {
+    "a": dict(r=2, lora_alpha=4, target_modules=["conv1", "head"]),
+    "b": dict(r=3, lora_alpha=2, target_modules=["conv1", "conv2"]),
+}
+
+
+def with_adapters(model, specs, seed=0):
+    torch.manual_seed(seed)
+    for name, kw in specs.items():
+        lk.get_lora_model(model, lk.LoraConfig(init_lora_weights=False, **kw), adapter_name=name)
+    return model.eval()
+
+
+def out(model, x, **kw):
+    with torch.no_grad():
+        y = model(x, **kw)
+    return y.logits if hasattr(y, "logits") else y
+
+
+def llama_ids(rows=4, seq=7, seed=1):
+    return torch.randint(3, 101, (rows, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def run_alone(model, x, name):
+    """Output of one row with only adapter ``name`` active (or the base model for "__base__")."""
+    if name == lk.BASE_NAME:
+        with lk.disable_adapters(model):
+            return out(model, x)
+    lk.set_adapter(model, name)
+    return out(model, x)
+
+
+# ---- several adapters on one base ----------------------------------------------------------------------
+
+def test_each_adapter_alone_and_summed_equals_merged_model():
+    base = tiny_llama()
+    m = with_adapters(copy.deepcopy(base), LLAMA_ADAPTERS)
+    x = llama_ids()
+    outs = {}
+    for name in LLAMA_ADAPTERS:
+        outs[name] = run_alone(m, x, name)
+        # The same adapter merged into a fresh copy: active adapters are exactly what runs.
+        plain = copy.deepcopy(m)
+        lk.merge_and_unload(plain)
+        torch.testing.assert_close(out(plain, x), outs[name], rtol=1e-5, atol=1e-5)
+    assert len({round(float(v.sum()), 3) for v in outs.values()}) == 3  # three different adapters
+    lk.set_adapter(m, ["medical", "legal"])
+    summed = out(m, x)
+    plain = lk.merge_and_unload(copy.deepcopy(m))
+    torch.testing.assert_close(out(plain, x), summed, rtol=1e-5, atol=1e-5)
+    with lk.disable_adapters(m):
+        torch.testing.assert_close(out(m, x), out(base, x), rtol=0, atol=0)
+
+
+def test_summed_adapters_at_layer_level(layer_case):
+    _, make_layer, make_input = layer_case
+    model = Wrap(make_layer()).eval()
+    x = make_input()
+    with_adapters(model, {"a": dict(r=2, lora_alpha=4, target_modules=["layer"]),
+                          "b": dict(r=3, lora_alpha=2, target_modules=["layer"])})
+    layer = model.layer
+    base = layer.base_layer(x)
+    lk.set_adapter(model, ["a", "b"])
+    expected = base + layer.lora_delta("a", x) + layer.lora_delta("b", x)
+    torch.testing.assert_close(out(model, x), expected.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_ranks_and_targets_are_per_adapter():
+    m = with_adapters(tiny_llama(), LLAMA_ADAPTERS)
+    q = m.model.layers[0].self_attn.q_proj
+    assert q.r == {"medical": 4, "code": 3} and "legal" not in q.lora_A
+    down = m.model.layers[0].mlp.down_proj
+    assert down.r == {"code": 5}
+    v = m.model.layers[1].self_attn.v_proj
+    assert v.scaling["legal"] == pytest.approx(3 / 2 ** 0.5) and v.scaling["medical"] == pytest.approx(2.0)
+
+
+def test_set_adapter_never_changes_what_trains():
+    m = with_adapters(tiny_llama(), LLAMA_ADAPTERS)
+    lk.set_trainable(m, "legal")
+
+    def trainable_adapters():
+        return {n.split(".")[-1] for n, p in m.named_parameters() if p.requires_grad}
+
+    assert trainable_adapters() == {"legal"}
+    lk.set_adapter(m, "medical")
+    assert trainable_adapters() == {"legal"}
+    lk.set_adapter(m, ["code", "medical"])
+    assert trainable_adapters() == {"legal"}
+    lk.set_trainable(m, ["medical", "code"])
+    assert trainable_adapters() == {"medical", "code"}
+    assert not any(p.requires_grad for n, p in m.named_parameters() if ".lora_" not in n)
+
+
+def test_set_adapter_unmerges_adapters_it_deactivates():
+    base = tiny_llama()
+    m = with_adapters(copy.deepcopy(base), LLAMA_ADAPTERS)
+    x = llama_ids()
+    legal = run_alone(m, x, "legal")
+    lk.set_adapter(m, "medical")
+    lk.merge(m)
+    lk.set_adapter(m, "legal")  # medical must not stay inside the weights
+    torch.testing.assert_close(out(m, x), legal, rtol=1e-5, atol=1e-5)
+    assert not any(layer.merged_adapters for _, layer in lk.iter_lora_layers(m))
+
+
+def test_delete_adapter_frees_its_tensors():
+    base = tiny_llama()
+    m = with_adapters(copy.deepcopy(base), LLAMA_ADAPTERS)
+    x = llama_ids()
+    legal = run_alone(m, x, "legal")
+    q = m.model.layers[0].self_attn.q_proj
+    refs = [weakref.ref(q.lora_A["medical"]), weakref.ref(q.lora_B["medical"]),
+            weakref.ref(m.model.embed_tokens.lora_A["medical"])]
+    out(m, x).sum()  # a forward must not keep references either
+    lk.set_adapter(m, "medical")
+    lk.delete_adapter(m, "medical")
+    gc.collect()
+    assert all(r() is None for r in refs)
+    assert "medical" not in m._lorakit.configs
+    assert not any("medical" in n for n, _ in m.named_parameters())
+    assert not isinstance(m.model.embed_tokens, lk.LoraLayer)  # only medical targeted it: unwrapped
+    torch.testing.assert_close(run_alone(m, x, "legal"), legal, rtol=0, atol=0)
+    lk.delete_adapter(m, "legal")
+    lk.delete_adapter(m, "code")
+    assert not any(isinstance(mod, lk.LoraLayer) for mod in m.modules())
+    torch.testing.assert_close(out(m, x), out(base, x), rtol=0, atol=0)
+
+
+def test_delete_unknown_adapter_names_it():
+    m = with_adapters(tiny_llama(), LLAMA_ADAPTERS)
+    with pytest.raises(ValueError, match="nope"):
+        lk.delete_adapter(m, "nope")
+
+
+# ---- mixed-adapter batches ---------------------------------------------------------------------------
+
+def check_rows(model, x, names, atol=1e-5):
+    mixed = out(model, x, adapter_names=names)
+    for i, name in enumerate(names):
+        alone = run_alone(model, x[i:i + 1], name)
+        torch.testing.assert_close(mixed[i:i + 1], alone, rtol=atol, atol=atol, msg=f"row {i} ({name})")
+    return mixed
+
+
+@pytest.mark.parametrize("order", ["interleaved", "contiguous"])
+def test_mixed_batch_per_layer_type(layer_case, order):
+    _, make_layer, make_input = layer_case
+    model = Wrap(make_layer()).eval()
+    x = make_input()
+    x = torch.cat([x, x])[:4]  # 4 rows
+    with_adapters(model, {"a": dict(r=2, lora_alpha=4, target_modules=["layer"]),
+                          "b": dict(r=3, lora_alpha=2, target_modules=["layer"], use_rslora=True)})
+    names = ["a", "__base__", "b", "a"] if order == "interleaved" else ["b", "b", "a", "__base__"]
+    mixed = check_rows(model, x, names)
+    other = "b" if names[0] == "a" else "a"
+    assert (mixed[:1] - run_alone(model, x[:1], other)).abs().max() > 1e-4  # the rows really differ
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2", "conv"])
+def test_mixed_batch_full_models(arch):
+    if arch == "llama":
+        m, x = with_adapters(tiny_llama(), LLAMA_ADAPTERS), llama_ids(rows=6)
+        names = ["medical", "legal", "__base__", "code", "legal", "medical"]
+    elif arch == "gpt2":
+        m, x = with_adapters(tiny_gpt2(), GPT2_ADAPTERS), torch.randint(0, 97, (5, 6))
+        names = ["b", "a", "__base__", "b", "a"]
+    else:
+        m, x = with_adapters(TinyConvNet(), CONV_ADAPTERS), torch.randn(4, 3, 8, 8)
+        names = ["a", "b", "__base__", "a"]
+    before = out(m, x)
+    check_rows(m, x, names)
+    lk.set_adapter(m, names[0])
+    torch.testing.assert_close(out(m, x), run_alone(m, x, names[0]))  # plan cleared after each call
+    assert before.shape == out(m, x).shape
+
+
+def test_mixed_batch_with_modules_to_save():
+    specs = {"a": dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
+             "b": dict(r=2, lora_alpha=4, target_modules=["v_proj"], modules_to_save=["lm_head"]),
+             "c": dict(r=2, lora_alpha=4, target_modules=["k_proj"])}
+    m = with_adapters(tiny_llama(), specs)
+    with torch.no_grad():
+        for name in ("a", "b"):
+            m.lm_head.modules_to_save[name].weight.add_(torch.randn_like(m.lm_head.weight) * 0.1)
+    check_rows(m, llama_ids(rows=5), ["b", "a", "__base__", "c", "b"])
+
+
+def test_mixed_batch_trains_each_adapter_on_its_rows():
+    m = with_adapters(tiny_llama(), LLAMA_ADAPTERS)
+    lk.set_trainable(m, list(LLAMA_ADAPTERS))
+    x = llama_ids(rows=3)
+    m(x, adapter_names=["medical", "__base__", "medical"]).logits.square().mean().backward()
+    grads = {n.split(".")[-1] for n, p in m.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads == {"medical"}
+    # Gradients equal those of the same rows run with only medical active.
+    ref = copy.deepcopy(m)
+    ref.zero_grad()
+    lk.set_adapter(ref, "medical")
+    logits = ref(x[[0, 2]]).logits
+    (logits.square().sum() / (3 * logits[0].numel())).backward()
+    g1 = m.model.layers[0].self_attn.q_proj.lora_B["medical"].grad
+    g2 = ref.model.layers[0].self_attn.q_proj.lora_B["medical"].grad
+    torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-6)
+
+
+def test_mixed_batch_errors_are_clear_and_leave_no_state():
+    m = with_adapters(tiny_llama(), LLAMA_ADAPTERS)
+    x = llama_ids(rows=3)
+    lk.set_adapter(m, "code")
+    expected = out(m, x)
+    with pytest.raises(ValueError, match="3 rows"):
+        m(x, adapter_names=["medical", "legal"])
+    with pytest.raises(ValueError, match="'surgery'"):
+        m(x, adapter_names=["medical", "surgery", "legal"])
+    with pytest.raises(ValueError, match="one adapter name per row"):
+        m(x, adapter_names="medical")
+    lk.merge(m, ["code"])
+    with pytest.raises(ValueError, match="merged"):
+        m(x, adapter_names=["medical", "code", "legal"])
+    lk.unmerge(m)
+    ctx = m.__dict__["_lorakit_batch"]
+    assert ctx.plan is None and not ctx.stack  # cleared even though the forward raised
+    torch.testing.assert_close(out(m, x), expected)
+
+
+def test_adapter_names_none_means_active_adapters():
+    m = with_adapters(tiny_llama(), LLAMA_ADAPTERS)
+    x = llama_ids(rows=2)
+    torch.testing.assert_close(out(m, x, adapter_names=None), out(m, x))
+
+
+def test_mixed_batch_on_a_deep_copy_is_independent():
+    m = with_adapters(tiny_llama(), LLAMA_ADAPTERS)
+    twin = copy.deepcopy(m)
+    assert twin.__dict__["_lorakit_batch"] is not m.__dict__["_lorakit_batch"]
+    check_rows(twin, llama_ids(rows=3), ["legal", "medical", "__base__"])
+
+
+def test_adapter_added_after_first_mixed_batch_is_seen():
+    m = with_adapters(tiny_llama(), {"medical": LLAMA_ADAPTERS["medical"]})
+    x = llama_ids(rows=2)
+    check_rows(m, x, ["medical", "__base__"])
+    with_adapters(m, {"legal": LLAMA_ADAPTERS["legal"]}, seed=3)
+    check_rows(m, x, ["legal", "medical"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_mixed_batch_generate(arch):
+    if arch == "llama":
+        m, x = with_adapters(tiny_llama(), LLAMA_ADAPTERS), llama_ids(rows=4, seq=5)
+        names = ["legal", "__base__", "medical", "code"]
+    else:
+        m, x = with_adapters(tiny_gpt2(), GPT2_ADAPTERS), torch.randint(3, 97, (3, 5))
+        names = ["b", "a", "__base__"]
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        mixed = lk.generate(m, x, adapter_names=names, **kw)
+        for i, name in enumerate(names):
+            if name == lk.BASE_NAME:
+                with lk.disable_adapters(m):
+                    alone = m.generate(x[i:i + 1], **kw)
+            else:
+                lk.set_adapter(m, name)
+                alone = m.generate(x[i:i + 1], **kw)
+            assert torch.equal(mixed[i:i + 1], alone), (i, name)
+        # The context-manager form, with beam search expanding each row 2 times.
+        with lk.adapter_batch(m, names):
+            beams = m.generate(x, num_beams=2, **kw)
+        lk.set_adapter(m, names[0])
+        alone = m.generate(x[:1], num_beams=2, **kw)
+    assert torch.equal(beams[:1], alone)
+    assert m.__dict__["_lorakit_batch"].plan is None
+
+
+def test_mixed_batch_generate_rejects_unknown_name():
+    m = with_adapters(tiny_llama(), LLAMA_ADAPTERS)
+    with pytest.raises(ValueError, match="'nope'"):
+        lk.generate(m, llama_ids(rows=2), adapter_names=["nope", "code"], max_new_tokens=2)
+
+
+# ---- combine_adapters --------------------------------------------------------------------------------
+
+COMBINE_CASES = {
+    "llama": (tiny_llama, LLAMA_ADAPTERS, {"medical": 0.7, "legal": 0.3, "code": -0.5}),
+    "gpt2": (tiny_gpt2, GPT2_ADAPTERS, {"a": 0.6, "b": 1.5}),
+    "conv": (TinyConvNet, CONV_ADAPTERS, {"a": 0.25, "b": 2.0}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(COMBINE_CASES))
+def test_combine_cat_is_the_exact_weighted_sum(case):
+    make, specs, weights = COMBINE_CASES[case]
+    m = with_adapters(make(), specs)
+    report = lk.combine_adapters(m, weights, name="mix", method="cat")
+    assert report.overall_error == 0.0
+    seen = 0
+    for path, layer in lk.iter_lora_layers(m):
+        terms = [n for n in weights if n in layer.lora_A]
+        if not terms:
+            assert "mix" not in layer.lora_A
+            continue
+        seen += 1
+        expected = sum(weights[n] * layer.delta_weight(n) for n in terms)
+        torch.testing.assert_close(layer.delta_weight("mix"), expected, rtol=0, atol=1e-6)
+        assert layer.r["mix"] == sum(layer.r[n] for n in terms) == report.ranks[path]
+        assert layer.scaling["mix"] == 1.0
+    assert seen == len(report.ranks)
+    assert not any(p.requires_grad for n, p in m.named_parameters() if ".mix" in n)
+
+
+def test_combined_adapter_only_gets_terms_where_targeted():
+    m = with_adapters(tiny_llama(), LLAMA_ADAPTERS)
+    lk.combine_adapters(m, {"medical": 1.0, "legal": 1.0}, name="mix")
+    layer0 = m.model.layers[0]
+    assert layer0.self_attn.q_proj.r["mix"] == 4      # medical only
+    assert layer0.self_attn.v_proj.r["mix"] == 4 + 2  # both
+    assert layer0.mlp.gate_proj.r["mix"] == 2         # legal only
+    assert "mix" not in layer0.mlp.down_proj.lora_A    # code only (weight absent)
+
+
+@pytest.mark.parametrize("case", sorted(COMBINE_CASES))
+def test_combine_svd_reports_its_true_error(case):
+    make, specs, weights = COMBINE_CASES[case]
+    m = with_adapters(make(), specs)
+    report = lk.combine_adapters(m, weights, name="low", method="svd", rank=2)
+    err_sq = norm_sq = 0.0
+    for path, layer in lk.iter_lora_layers(m):
+        terms = [n for n in weights if n in layer.lora_A]
+        if not terms:
+            continue
+        exact = sum(weights[n] * layer.delta_weight(n) for n in terms).double()
+        approx = layer.delta_weight("low").double()
+        assert layer.r["low"] == min(2, sum(layer.r[n] for n in terms))
+        err, norm = (exact - approx).norm(), exact.norm()
+        assert report.errors[path] == pytest.approx(float(err / norm), abs=1e-5)
+        # Eckart–Young: nothing of rank 2 is closer than the SVD truncation.
+        mat = exact.reshape(exact.shape[0], -1)
+        s = torch.linalg.svdvals(mat)
+        assert float(err) == pytest.approx(float(s[2:].square().sum().sqrt()), rel=1e-4, abs=1e-6)
+        err_sq, norm_sq = err_sq + float(err) ** 2, norm_sq + float(norm) ** 2
+    assert report.overall_error == pytest.approx((err_sq / norm_sq) ** 0.5, rel=1e-4)
+    assert 0 < report.overall_error < 1
+
+
+def test_combine_svd_with_enough_rank_is_exact():
+    m = with_adapters(tiny_llama(), LLAMA_ADAPTERS)
+    report = lk.combine_adapters(m, {"medical": 0.7, "legal": 0.3}, name="full", method="svd", rank=6)
+    assert report.overall_error < 1e-6
+    for _, layer in lk.iter_lora_layers(m):
+        if "full" in layer.lora_A:
+            expected = sum(w * layer.delta_weight(n) for n, w in {"medical": 0.7, "legal": 0.3}.items() if n in layer.lora_A)
+            torch.testing.assert_close(layer.delta_weight("full"), expected, rtol=0, atol=1e-6)
+
+
+def test_combine_rejects_bad_input():
+    m = with_adapters(tiny_llama(), LLAMA_ADAPTERS)
+    with pytest.raises(ValueError, match="'linear'"):
+        lk.combine_adapters(m, {"medical": 1.0}, name="x", method="linear")
+    with pytest.raises(ValueError, match="rank must be None"):
+        lk.combine_adapters(m, {"medical": 1.0}, name="x", method="cat", rank=4)
+    with pytest.raises(ValueError, match="'nope'"):
+        lk.combine_adapters(m, {"nope": 1.0}, name="x")
+    with pytest.raises(ValueError, match="already exists"):
+        lk.combine_adapters(m, {"medical": 1.0}, name="legal")
+    with pytest.raises(ValueError, match="finite"):
+        lk.combine_adapters(m, {"medical": float("nan")}, name="x")
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        lk.combine_adapters(m, {"medical": 1.0}, name="x", method="svd", rank=0)
+    assert set(m._lorakit.configs) == set(LLAMA_ADAPTERS)
+
+
+@pytest.mark.parametrize("method", ["cat", "svd"])
+def test_combined_adapter_round_trips_through_peft(method, tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_llama()
+    m = with_adapters(copy.deepcopy(base), LLAMA_ADAPTERS)
+    lk.combine_adapters(m, {"medical": 0.7, "legal": 0.3, "code": 0.2}, name="mix", method=method,
+                        rank=3 if method == "svd" else None)
+    lk.set_adapter(m, "mix")
+    x = llama_ids()
+    expected = out(m, x)
+    lk.save_adapter(m, tmp_path / "mix", adapter_name="mix")
+    ours = lk.load_adapter(copy.deepcopy(base), tmp_path / "mix", adapter_name="mix")
+    torch.testing.assert_close(out(ours, x), expected, rtol=1e-5, atol=1e-5)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "mix", adapter_name="mix").eval()
+    torch.testing.assert_close(out(pm, x), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---- PEFT format, several adapters --------------------------------------------------------------------
+
+def test_each_adapter_saves_and_peft_loads_them_all(tmp_path):
+    peft = pytest.importorskip("peft")
+    base = tiny_llama()
+    m = with_adapters(copy.deepcopy(base), LLAMA_ADAPTERS)
+    for name in LLAMA_ADAPTERS:
+        lk.save_adapter(m, tmp_path / name, adapter_name=name)
+    names = list(LLAMA_ADAPTERS)
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        pm.load_adapter(tmp_path / name, adapter_name=name)
+    pm.eval()
+    x = llama_ids(rows=4)
+    for name in names:
+        pm.set_adapter(name)
+        torch.testing.assert_close(out(pm, x), run_alone(m, x, name), rtol=1e-5, atol=1e-5)
+    rows = ["legal", "__base__", "code", "medical"]
+    torch.testing.assert_close(out(m, x, adapter_names=rows), out(pm, x, adapter_names=rows), rtol=1e-5, atol=1e-5)
+    # And back: lorakit loads every directory as its own adapter onto a fresh base.
+    again = copy.deepcopy(base)
+    for name in names:
+        lk.load_adapter(again, tmp_path / name, adapter_name=name)
+    torch.testing.assert_close(out(again, x, adapter_names=rows), out(m, x, adapter_names=rows), rtol=0, atol=0)
+
+
+# ---- hot swap ----------------------------------------------------------------------------------------
+
+def test_hotswap_replaces_weights_and_alpha_in_place(tmp_path):
+    base = tiny_llama()
+    spec = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    first = with_adapters(copy.deepcopy(base), {"default": spec}, seed=1)
+    second = with_adapters(copy.deepcopy(base), {"default": {**spec, "lora_alpha": 16}}, seed=2)
+    lk.save_adapter(second, tmp_path / "second")
+    x = llama_ids()
+    q = first.model.layers[0].self_attn.q_proj
+    ptr, param = q.lora_A["default"].data_ptr(), q.lora_A["default"]
+    before = out(first, x)
+    lk.hotswap_adapter(first, tmp_path / "second", "default")
+    assert q.lora_A["default"] is param and param.data_ptr() == ptr  # no re-injection
+    assert q.scaling["default"] == 4.0 and first._lorakit.configs["default"].lora_alpha == 16
+    torch.testing.assert_close(out(first, x), out(second, x), rtol=0, atol=0)
+    assert (out(first, x) - before).abs().max() > 1e-4
+
+
+def test_hotswap_mismatch_leaves_model_unchanged(tmp_path):
+    base = tiny_llama()
+    m = with_adapters(copy.deepcopy(base), {"default": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])})
+    other_rank = with_adapters(copy.deepcopy(base), {"default": dict(r=2, lora_alpha=8, target_modules=["q_proj", "v_proj"])})
+    other_targets = with_adapters(copy.deepcopy(base), {"default": dict(r=4, lora_alpha=8, target_modules=["q_proj"])})
+    lk.save_adapter(other_rank, tmp_path / "rank")
+    lk.save_adapter(other_targets, tmp_path / "targets")
+    x = llama_ids()
+    before = out(m, x)
+    with pytest.raises(ValueError, match="rank"):
+        lk.hotswap_adapter(m, tmp_path / "rank", "default")
+    with pytest.raises(ValueError, match="targets differ"):
+        lk.hotswap_adapter(m, tmp_path / "targets", "default")
+    with pytest.raises(ValueError, match="'nope'"):
+        lk.hotswap_adapter(m, tmp_path / "rank", "nope")
+    torch.testing.assert_close(out(m, x), before, rtol=0, atol=0)

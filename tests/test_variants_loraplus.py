@@ -1,0 +1,57 @@
+"""LoRA+: B's learning rate is ratio x A's; nothing else changes."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lorakit as lk
+from conftest import tiny_llama
+
+
+def _model(**kw):
+    return lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"], init_lora_weights=False, **kw))
+
+
+def test_groups_cover_every_trainable_parameter_once():
+    m = _model(use_dora=True)
+    groups = lk.loraplus_param_groups(m, lr=1e-3, ratio=16, weight_decay=0.1)
+    by_name = {g["name"]: g for g in groups}
+    assert by_name["lora_A"]["lr"] == 1e-3 and by_name["lora_B"]["lr"] == pytest.approx(16e-3)
+    assert by_name["other_no_decay"]["weight_decay"] == 0.0  # DoRA magnitudes
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {id(p) for p in m.parameters() if p.requires_grad}
+    names = {id(p): n for n, p in m.named_parameters()}
+    assert all(".lora_B." in names[id(p)] for p in by_name["lora_B"]["params"])
+    assert all(".lora_A." in names[id(p)] for p in by_name["lora_A"]["params"])
+
+
+def test_one_sgd_step_moves_b_ratio_times_further():
+    torch.manual_seed(0)
+    x = torch.randint(0, 101, (2, 7))
+    moved = {}
+    for ratio in (1.0, 8.0):
+        m = _model()
+        start = copy.deepcopy({n: p.detach().clone() for n, p in m.named_parameters() if p.requires_grad})
+        opt = lk.create_loraplus_optimizer(m, lr=0.01, ratio=ratio, optimizer_cls=torch.optim.SGD)
+        m(x).logits.float().logsumexp(-1).mean().backward()
+        opt.step()
+        moved[ratio] = {n: (p.detach() - start[n]) for n, p in m.named_parameters() if p.requires_grad}
+    for n, d in moved[8.0].items():
+        factor = 8.0 if ".lora_B." in n else 1.0
+        torch.testing.assert_close(d, factor * moved[1.0][n], rtol=1e-4, atol=1e-7)
+
+
+def test_embedding_lr_and_bad_input():
+    groups = lk.loraplus_param_groups(_model(), lr=1e-3, lr_embedding=1e-6)
+    emb = next(g for g in groups if g["name"] == "lora_embedding")
+    assert emb["lr"] == 1e-6 and len(emb["params"]) == 2
+    with pytest.raises(ValueError, match="ratio must be a positive number, got 0"):
+        lk.loraplus_param_groups(_model(), lr=1e-3, ratio=0)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        m = _model()
+        for p in m.parameters():
+            p.requires_grad_(False)
+        lk.loraplus_param_groups(m, lr=1e-3)

@@ -1,0 +1,151 @@
+"""PiSSA / OLoRA: init equal to PEFT's, training then convert_to_lora loads into the original base (lorakit + PEFT)."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import lorakit as lk
+from conftest import TinyConvNet, tiny_gpt2, tiny_llama
+
+peft = pytest.importorskip("peft")
+
+
+def _x_llama():
+    return torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def _x_gpt2():
+    return torch.randint(0, 97, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        out = model(x)
+    return out.logits if hasattr(out, "logits") else out
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+@pytest.mark.parametrize("make,targets,fan", [(tiny_llama, ["q_proj", "v_proj", "down_proj"], False), (tiny_gpt2, ["c_attn"], True)])
+def test_init_matches_peft(init, make, targets, fan):
+    if fan and init == "olora":
+        pytest.skip("PEFT 0.21's olora_init ignores fan_in_fan_out (QR of the (in, out) Conv1D weight gives "
+                    "A, B of swapped shapes); lorakit factors Wᵀ, see test_trained_adapter_converts...[gpt2]")
+    base = make()
+    cfg = dict(r=4, lora_alpha=8, target_modules=targets, init_lora_weights=init)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(fan_in_fan_out=fan, **cfg))
+    ours = lk.get_lora_model(copy.deepcopy(base), lk.LoraConfig(**cfg))
+    theirs = {k.replace("base_model.model.", "").replace(".default.weight", "").replace(".default", ""): v
+              for k, v in pm.state_dict().items()}
+    mine = {k.replace(".default", ""): v for k, v in ours.state_dict().items() if "lora_init" not in k}
+    assert set(mine) == set(theirs)
+    for k in mine:
+        torch.testing.assert_close(mine[k], theirs[k], rtol=1e-5, atol=1e-5, msg=k)
+
+
+def _train(model, x, steps=3):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(steps):
+        opt.zero_grad()
+        out = model(x)
+        logits = out.logits if hasattr(out, "logits") else out
+        logits.float().logsumexp(-1).mean().backward()  # any loss that moves the adapter
+        opt.step()
+
+
+CASES = {
+    "llama_pissa": (tiny_llama, _x_llama, dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "gate_proj"], init_lora_weights="pissa")),
+    "llama_pissa_niter_rslora_patterns": (tiny_llama, _x_llama, dict(
+        r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights="pissa_niter_2", use_rslora=True,
+        rank_pattern={"down_proj": 2}, alpha_pattern={"o_proj": 3})),
+    "llama_olora_embedding": (tiny_llama, _x_llama, dict(r=4, lora_alpha=4, target_modules=["embed_tokens", "k_proj"], init_lora_weights="olora")),
+    "gpt2_pissa": (tiny_gpt2, _x_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], init_lora_weights="pissa")),
+    "gpt2_olora": (tiny_gpt2, _x_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights="olora")),
+    "conv2d_pissa": (TinyConvNet, lambda: torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)),
+                     dict(r=2, lora_alpha=4, target_modules=["conv1", "conv2", "head"], init_lora_weights="pissa")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_trained_adapter_converts_to_lora_on_original_base(case, tmp_path):
+    make, make_x, kw = CASES[case]
+    torch.manual_seed(0)
+    original = make().eval()
+    model = lk.get_lora_model(copy.deepcopy(original), lk.LoraConfig(**kw))
+    x = make_x()
+    torch.testing.assert_close(_logits(model, x), _logits(original, x), rtol=1e-4, atol=1e-4)  # init keeps the output
+    _train(model, x)
+    expected = _logits(model, x)
+    assert (expected - _logits(original, x)).abs().max() > 1e-3  # training moved it
+    lk.save_adapter(model, tmp_path, convert_to_lora=True)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert cfg["r"] == 2 * kw["r"] and cfg["init_lora_weights"] is True
+    # lorakit, into an untouched copy of the original base
+    ours = lk.load_adapter(copy.deepcopy(original), tmp_path)
+    torch.testing.assert_close(_logits(ours, x), expected, rtol=1e-4, atol=1e-4)
+    # PEFT, likewise
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path).eval()
+    torch.testing.assert_close(_logits(theirs, x), expected, rtol=1e-4, atol=1e-4)
+    # and beside another adapter: the converted one is an ordinary LoRA
+    lk.load_adapter(ours, tmp_path, adapter_name="second")
+    lk.set_adapter(ours, "second")
+    torch.testing.assert_close(_logits(ours, x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_conversion_equals_peft_conversion(tmp_path):
+    """PEFT's path_initial_model_for_weight_conversion and ours write the same tensors."""
+    torch.manual_seed(0)
+    original = tiny_llama()
+    kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights="pissa")
+    pm = peft.get_peft_model(copy.deepcopy(original), peft.LoraConfig(**kw))
+    pm.save_pretrained(tmp_path / "init")  # the initial adapter, as PEFT's recipe wants
+    ours = lk.get_lora_model(copy.deepcopy(original), lk.LoraConfig(**kw))
+    with torch.no_grad():  # the same "trained" weights in both
+        for (n1, p1), (n2, p2) in zip(sorted((n, p) for n, p in pm.named_parameters() if p.requires_grad),
+                                      sorted((n, p) for n, p in ours.named_parameters() if p.requires_grad)):
+            p1.add_(0.1 * torch.randn_like(p1))
+            p2.copy_(p1)
+    pm.save_pretrained(tmp_path / "peft", path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+    lk.save_adapter(ours, tmp_path / "ours", convert_to_lora=True)
+    from safetensors.torch import load_file
+
+    a, b = load_file(tmp_path / "peft" / "adapter_model.safetensors"), load_file(tmp_path / "ours" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-6, atol=1e-6, msg=k)
+    ca, cb = (json.loads((tmp_path / d / "adapter_config.json").read_text()) for d in ("peft", "ours"))
+    assert (ca["r"], ca["lora_alpha"], ca["init_lora_weights"]) == (cb["r"], cb["lora_alpha"], cb["init_lora_weights"])
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="convert_to_lora needs a PiSSA/OLoRA adapter"):
+        m = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"]))
+        lk.save_adapter(m, "/tmp/never-written", convert_to_lora=True)
+    with pytest.raises(ValueError, match="pissa_niter_<iterations>"):
+        lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa_niter_x"))
+    with pytest.raises(ValueError, match="exceeds"):
+        lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=40, target_modules=["q_proj"], init_lora_weights="pissa"))
+    with pytest.raises(ValueError, match="unknown init_lora_weights"):
+        lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pisa"))
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_unconverted_adapter_loads_like_peft(init, tmp_path):
+    """Saved as is (residual-relative), PEFT re-runs the init on load; lorakit does the same."""
+    torch.manual_seed(0)
+    original = tiny_llama()
+    x = _x_llama()
+    pm = peft.get_peft_model(copy.deepcopy(original), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "up_proj"], init_lora_weights=init))
+    with torch.no_grad():
+        for p in pm.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    pm.save_pretrained(tmp_path / "peft")
+    expected = _logits(pm, x)
+    ours = lk.load_adapter(copy.deepcopy(original), tmp_path / "peft")
+    torch.testing.assert_close(_logits(ours, x), expected, rtol=1e-5, atol=1e-5)
+    lk.save_adapter(ours, tmp_path / "ours")  # and back: PEFT reads lorakit's unconverted file the same way
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "ours")
+    torch.testing.assert_close(_logits(theirs, x), expected, rtol=1e-5, atol=1e-5)

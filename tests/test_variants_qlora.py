@@ -1,0 +1,114 @@
+"""QLoRA: NF4 storage with double quantization, LoRA / DoRA on an NF4 base, merge into a dense copy."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit as lk
+from lorakit.layers.nf4_linear import LinearNF4, LoraLinearNF4
+from lorakit.quant import NF4_LEVELS, dequantize_nf4, quantize_nf4
+from conftest import tiny_llama
+
+
+def _x():
+    return torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def test_roundtrip_error_and_size():
+    torch.manual_seed(0)
+    w = torch.randn(256, 512) * 0.02
+    state = quantize_nf4(w)
+    d = dequantize_nf4(state, w.shape)
+    # Each weight is within half the widest NF4 gap of its block's absmax (plus the 8-bit scale error).
+    absmax = w.reshape(-1, 64).abs().amax(1, keepdim=True)
+    gap = max(b - a for a, b in zip(NF4_LEVELS, NF4_LEVELS[1:]))
+    assert ((d - w).reshape(-1, 64).abs() <= absmax * (gap / 2 + 0.01)).all()
+    assert (d - w).abs().mean() / w.abs().mean() < 0.12
+    nbytes = sum(t.numel() * t.element_size() for t in state.values())
+    assert 8 * nbytes / w.numel() == pytest.approx(4 + 8 / 64 + 32 / (64 * 256), abs=1e-3)  # QLoRA §3: 4.127 bits
+    # odd shapes are padded, and the exact zero level keeps zeros exact
+    odd = torch.randn(7, 9)
+    odd[0, :5] = 0
+    back = dequantize_nf4(quantize_nf4(odd), odd.shape)
+    assert back.shape == odd.shape and (back[0, :5] == 0).all()
+    with pytest.raises(ValueError, match="finite"):
+        quantize_nf4(torch.tensor([1.0, float("nan")]))
+
+
+def _quantized(seed=0):
+    return lk.quantize_model_nf4(tiny_llama(seed))
+
+
+def test_quantize_model():
+    original = tiny_llama()
+    q = lk.quantize_model_nf4(copy.deepcopy(original))
+    nf4 = [n for n, m in q.named_modules() if isinstance(m, LinearNF4)]
+    assert len(nf4) == 14 and not any("lm_head" in n for n in nf4)
+    assert not any(isinstance(m, LinearNF4) for m in [q.lm_head])
+    with torch.no_grad():
+        a, b = original(_x()).logits, q(_x()).logits
+    assert 0 < (a - b).abs().mean() < 0.15 * a.abs().mean()  # close, not equal (4-bit weights)
+    # copies are exact (no re-quantisation); .to(bf16) leaves the NF4 state alone and still runs
+    c = copy.deepcopy(q)
+    with torch.no_grad():
+        torch.testing.assert_close(c(_x()).logits, b, rtol=0, atol=0)
+    codes = c.model.layers[0].self_attn.q_proj.codes.clone()
+    c.to(torch.bfloat16)
+    assert torch.equal(c.model.layers[0].self_attn.q_proj.codes, codes)
+    with torch.no_grad():
+        assert c(_x()).logits.dtype == torch.bfloat16
+    mem = lk.nf4_memory(q)
+    assert mem["params"] == sum(m.in_features * m.out_features for m in q.modules() if isinstance(m, LinearNF4))
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_lora_on_nf4(use_dora, tmp_path):
+    q = _quantized()
+    with torch.no_grad():
+        base_out = q(_x()).logits
+    reference = copy.deepcopy(q)
+    m = lk.get_lora_model(q, lk.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_dora=use_dora))
+    layer = m.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoraLinearNF4) and isinstance(layer.base_layer, LinearNF4)
+    with torch.no_grad():
+        torch.testing.assert_close(m(_x()).logits, base_out, rtol=0, atol=0)  # fresh adapter: no change
+    # train: only adapter tensors get gradients, the NF4 state is untouched
+    codes = layer.base_layer.codes.clone()
+    opt = torch.optim.SGD([p for p in m.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        opt.zero_grad()
+        m(_x()).logits.logsumexp(-1).mean().backward()
+        opt.step()
+    assert all(".lora_" in n for n, p in m.named_parameters() if p.requires_grad)
+    assert torch.equal(layer.base_layer.codes, codes)
+    with torch.no_grad():
+        trained = m(_x()).logits
+        assert (trained - base_out).abs().max() > 1e-3
+        # merge goes into a dense copy; unmerge brings the very same NF4 layer back
+        nf4_layer = layer.base_layer
+        lk.merge(m)
+        assert type(layer.base_layer) is nn.Linear
+        torch.testing.assert_close(m(_x()).logits, trained, rtol=1e-4, atol=1e-4)
+        lk.unmerge(m)
+        assert layer.base_layer is nf4_layer and not hasattr(layer, "quantized_base")
+        torch.testing.assert_close(m(_x()).logits, trained, rtol=1e-5, atol=1e-5)
+    # save -> load into another quantised copy gives the same output
+    lk.save_adapter(m, tmp_path)
+    loaded = lk.load_adapter(reference, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(_x()).logits, trained, rtol=1e-5, atol=1e-5)
+        # merge_and_unload: dense nn.Linear with the merged weight
+        plain = lk.merge_and_unload(m)
+        assert not any(isinstance(x, (LinearNF4, lk.LoraLayer)) for x in plain.modules())
+        torch.testing.assert_close(plain(_x()).logits, trained, rtol=1e-4, atol=1e-4)
+
+
+def test_bad_input():
+    m = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="already has LoRA layers"):
+        lk.quantize_model_nf4(m)
+    with pytest.raises(ValueError, match="full-precision base"):
+        lk.get_lora_model(_quantized(), lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa"))
