@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator
 
 import torch
@@ -86,11 +87,37 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             wrapper.disabled = False
 
 
+def _untie_before_merge(model: nn.Module) -> None:
+    """Give every LoRA layer whose base weight is shared (tied) its own copy before merging.
+
+    A tied weight (e.g. SmolLM2's input embedding is also its output head) would otherwise carry the
+    merged update into the other module too, and the merged model would no longer compute what the
+    unmerged one did.
+    """
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    for name, layer in iter_lora_layers(model):
+        weight = layer.base_layer.weight
+        if uses.get(id(weight), 0) > 1 and not layer.merged_adapters:
+            warnings.warn(f"{name}: its base weight is tied to another module; merging unties it "
+                          "(the other module keeps the original weight)", stacklevel=3)
+            layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+            config = getattr(model, "config", None)
+            if config is not None and getattr(config, "tie_word_embeddings", False):
+                config.tie_word_embeddings = False
+
+
 def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool = False) -> nn.Module:
-    """Fold the active (or given) adapters into the base weights, keeping the LoRA layers (undo with ``unmerge``)."""
+    """Fold the active (or given) adapters into the base weights, keeping the LoRA layers (undo with ``unmerge``).
+
+    A tied base weight is untied first (with a warning), so the merged model computes what the
+    unmerged one did.
+    """
     if adapter_names is not None:
         _check_names(model, adapter_names)
     require_state(model)
+    _untie_before_merge(model)
     for _, layer in iter_lora_layers(model):
         layer.merge(adapter_names, safe=safe)
     return model
@@ -105,6 +132,8 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def _strip(model: nn.Module, do_merge: bool, safe: bool = False) -> nn.Module:
     require_state(model)
+    if do_merge:
+        _untie_before_merge(model)
     for name, layer in list(iter_lora_layers(model)):
         if do_merge:
             layer.merge(safe=safe)

@@ -163,3 +163,17 @@ def test_dropout_only_in_training():
     m.train()
     assert not torch.equal(m(x).logits, m(x).logits)
     assert isinstance(m.model.layers[0].self_attn.q_proj.lora_dropout["default"], nn.Dropout)
+
+
+def test_merge_unties_a_tied_embedding():
+    m = tiny_llama(tie=True)
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    x = torch.randint(0, 101, (2, 6))
+    lk.get_lora_model(m, lk.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], init_lora_weights=False))
+    with torch.no_grad():
+        torch.nn.init.normal_(m.model.embed_tokens.lora_A["default"])
+        expected = m(x).logits
+        with pytest.warns(UserWarning, match="tied"):
+            plain = lk.merge_and_unload(m)
+        torch.testing.assert_close(plain(x).logits, expected, rtol=1e-5, atol=1e-5)
+    assert plain.lm_head.weight is not plain.model.embed_tokens.weight
