@@ -253,8 +253,9 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"expected a lorakit LoraConfig, got {type(config).__name__}")
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter name must be a non-empty string without dots, got {adapter_name!r}")
+    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == "__base__":
+        raise ValueError(f"adapter name must be a non-empty string without dots (and not '__base__', which "
+                         f"means 'no adapter' in mixed batches), got {adapter_name!r}")
     state = get_state(model)
     if state is not None and adapter_name in state.configs:
         raise ValueError(f"adapter {adapter_name!r} already exists on this model; pick another name or delete it first")

@@ -277,7 +277,8 @@ def load_adapter_weights(model: nn.Module, directory: str | Path, adapter_name: 
     """Replace the weights of an adapter already on ``model`` with those saved in ``directory``.
 
     No re-injection: targets and ranks must be the same (a hot swap). Every key and shape is checked
-    before anything is copied, so a mismatch leaves the adapter as it was.
+    before anything is copied, so a mismatch leaves the adapter as it was. Only tensors are read:
+    the adapter keeps its alpha / scaling; ``lorakit.hotswap_adapter`` also takes the new config's.
 
     Raises:
         ValueError: unknown adapter, merged adapter, or keys / shapes that differ (named in the message).

@@ -133,12 +133,23 @@ def _batch_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor | N
 
 
 def _pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-    """Root forward pre-hook: pop ``adapter_names`` and publish the row plan for the LoRA layers."""
+    """Root forward pre-hook: pop ``adapter_names`` and publish the row plan for the LoRA layers.
+
+    Whenever it does anything it first pushes one "hook" entry (inheriting the plan in force), which
+    ``_post_hook`` pops: so pushes and pops pair up even when a check below raises, or when the root
+    module is called inside its own forward.
+    """
     ctx: MixedBatchContext | None = module.__dict__.get(_CONTEXT_KEY)
-    scope = ctx.stack[-1] if ctx is not None and ctx.stack and ctx.stack[-1][0] == "scope" else None
-    if "adapter_names" not in kwargs and scope is None:
+    if ctx is None:
         return None
+    stack = ctx.stack
+    if "adapter_names" not in kwargs and not stack:
+        return None  # the common case: a plain forward
     names = kwargs.pop("adapter_names", None)
+    top = stack[-1] if stack else None
+    entry = ["hook", top[1] if top is not None else None, None, None]
+    stack.append(entry)
+    scope = top if top is not None and top[0] == "scope" else None
     if names is None and scope is None:
         return args, kwargs
     if get_state(module) is None or not get_state(module).configs:
@@ -161,12 +172,12 @@ def _pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
                                  f"with {size} rows (not a multiple)")
             repeat = size // len(scope_names)
             plan = cache[(size, str(device))] = make_plan([n for n in scope_names for _ in range(repeat)], device)
-    ctx.stack.append(["hook", plan, plan.names, None])  # pushed only after every check passed
+    entry[1] = plan
     return args, kwargs
 
 
 def _post_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-    """Root forward hook (``always_call``): drop the plan ``_pre_hook`` pushed, also after an error."""
+    """Root forward hook (``always_call``): drop the entry ``_pre_hook`` pushed, also after an error."""
     ctx: MixedBatchContext | None = module.__dict__.get(_CONTEXT_KEY)
     if ctx is not None and ctx.stack and ctx.stack[-1][0] == "hook":
         ctx.stack.pop()
@@ -236,7 +247,7 @@ def _saved_module_mixed_forward(wrapper: ModulesToSave, plan: MixedBatchPlan, ar
     parts: list[tuple[slice | torch.Tensor, torch.Tensor]] = []
     for name, rows in plan.groups:
         if name in wrapper.modules_to_save:
-            covered[rows] = True
+            covered[rows if isinstance(rows, slice) else rows.cpu()] = True
             module = wrapper.modules_to_save[name]
             out = module(*(take(a, rows) for a in args), **{k: take(v, rows) for k, v in kwargs.items()})
             parts.append((rows, out))
@@ -273,6 +284,51 @@ def generate(model: nn.Module, *args: Any, adapter_names: Sequence[str] | None =
         return model.generate(*args, **kwargs)
     with adapter_batch(model, adapter_names):
         return model.generate(*args, **kwargs)
+
+
+def parse_adapter_args(values: Sequence[str] | None) -> list[tuple[str | None, str]]:
+    """``--adapter`` values of the CLI: ``NAME=DIR`` -> (NAME, DIR); a bare ``DIR`` -> (None, DIR).
+
+    Raises:
+        ValueError: an empty or repeated name, or a name with a dot or ``"__base__"``.
+    """
+    out: list[tuple[str | None, str]] = []
+    for value in values or []:
+        name, sep, directory = value.partition("=")
+        if not sep or "/" in name or "\\" in name:
+            out.append((None, value))  # a plain directory (it may contain "=" after a slash)
+            continue
+        if not name or "." in name or name == BASE_NAME or not directory:
+            raise ValueError(f"--adapter {value!r}: expected NAME=DIR with a NAME without dots (not {BASE_NAME!r})")
+        out.append((name, directory))
+    names = [n for n, _ in out if n is not None]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"--adapter names must be unique, got {repeated} more than once")
+    if len(out) > 1 and any(n is None for n, _ in out):
+        raise ValueError(f"with several --adapter, name each one (NAME=DIR), got {list(values or [])}")
+    return out
+
+
+def load_named_adapters(model: nn.Module, specs: Sequence[tuple[str, str | Path]]) -> nn.Module:
+    """Load each ``(name, directory)`` onto ``model`` as its own adapter (for inference)."""
+    from lorakit.io import load_adapter
+
+    for name, directory in specs:
+        load_adapter(model, directory, adapter_name=name)
+    return model
+
+
+def check_uses(model: nn.Module, uses: Sequence[str], n_prompts: int) -> list[str]:
+    """``--use`` values of the CLI, checked: one known adapter (or ``"__base__"``) per prompt.
+
+    Raises:
+        ValueError: the counts differ or a name is unknown (the message lists the loaded ones).
+    """
+    if len(uses) != n_prompts:
+        raise ValueError(f"got {len(uses)} --use for {n_prompts} prompt(s): give one --use per prompt "
+                         "(quote each prompt)")
+    return list(_check_names(model, uses))
 
 
 # ---------------------------------------------------------------------------- combine

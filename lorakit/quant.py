@@ -38,6 +38,12 @@ def _levels(device: torch.device) -> torch.Tensor:
     return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
 
 
+def _pair_table(device: torch.device) -> torch.Tensor:
+    """(256, 2): byte ``hi << 4 | lo`` -> (level[hi], level[lo]), so one lookup decodes two weights."""
+    levels = _levels(device)
+    return torch.stack((levels.repeat_interleave(16), levels.repeat(16)), dim=1)
+
+
 @torch.no_grad()
 def quantize_nf4(weight: torch.Tensor, block_size: int = 64, scale_block_size: int = 256) -> dict[str, torch.Tensor]:
     """Quantise ``weight`` to NF4 with double-quantised block scales.
@@ -93,10 +99,9 @@ def dequantize_nf4(state: dict[str, torch.Tensor], shape: torch.Size | tuple[int
                    scale_block_size: int = 256, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Rebuild the dense weight of shape ``shape`` from ``quantize_nf4``'s buffers, in ``dtype``."""
     codes = state["codes"]
-    idx = torch.stack(((codes >> 4), (codes & 0x0F)), dim=1).reshape(-1).long()
     scale = _dequantize_scales(state["scales"], state["group_factors"].view(torch.float32),
                                state["scale_mean"].view(torch.float32), scale_block_size)
-    values = _levels(codes.device)[idx].view(-1, block_size) * scale[:, None]
+    values = _pair_table(codes.device).index_select(0, codes.int()).view(-1, block_size) * scale[:, None]
     numel = 1
     for d in shape:
         numel *= int(d)

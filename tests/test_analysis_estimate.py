@@ -34,6 +34,14 @@ def test_estimate_with_sgd_and_all_linear_targets():
         assert abs(est.peak - measured["peak"]) / measured["peak"] < 0.15, (method, est.peak, measured)
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_estimate_with_eager_attention_and_gradient_checkpointing(method):
+    measured = measure_config(TINY, method, 4, 64, attention="eager", gradient_checkpointing=True)
+    est = estimate_memory(TINY, method=method, batch_size=4, seq_len=64, precision="fp32", attention="eager",
+                          gradient_checkpointing=True)
+    assert abs(est.peak - measured["peak"]) / measured["peak"] < 0.15, (est.peak, measured)
+
+
 def test_presets_have_llama2_parameter_counts():
     # published parameter counts of Llama-2 7B / 13B / 70B
     assert PRESETS["7B"].total_params() == 6_738_415_616

@@ -77,6 +77,20 @@ def toy_records(n: int, seed: int = 0) -> list[dict]:
     return out
 
 
+def one_thread():
+    """Generator for a module fixture: run tiny models on one thread, then restore the setting.
+
+    Tiny matmuls gain nothing from a second thread, and on a shared 2-core machine OpenMP workers
+    spinning for a busy core made these tests several times slower.
+    """
+    import torch
+
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 def write_jsonl(records: list[dict], path: Path) -> Path:
     """Write records one JSON object per line."""
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")

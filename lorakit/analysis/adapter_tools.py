@@ -37,6 +37,11 @@ _KEY = re.compile(
 _NOT_LINEAR = ("embed", "wte", "wpe", "lm_head", "word_embeddings", "position_embeddings")
 
 
+def natural_key(name: str) -> list[Any]:
+    """Sort key that orders ``layers.2`` before ``layers.10``."""
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
 def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
     """PEFT's rank_pattern / alpha_pattern lookup: the first key k with ``(.*\\.)?(k)$`` matching."""
     for key, value in patterns.items():
@@ -140,7 +145,7 @@ def read_adapter(path: str | Path) -> Adapter:
                 other[key] = fh.get_tensor(key)
     rslora = bool(config.get("use_rslora", False))
     modules: dict[str, LoraModule] = {}
-    for name, p in sorted(parts.items()):
+    for name, p in sorted(parts.items(), key=lambda kv: natural_key(kv[0])):
         emb = "lora_embedding_A" in p or "lora_embedding_B" in p
         a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if emb else ("lora_A", "lora_B")
         if a_key not in p or b_key not in p:
@@ -357,7 +362,7 @@ def extract_adapter(
         except FileNotFoundError:
             fan_in_fan_out = False
     rows, skipped, tensors, ranks, candidates = [], [], {}, {}, []
-    for key in sorted(tuned_sd):
+    for key in sorted(tuned_sd, key=natural_key):
         if key not in base_sd:
             skipped.append({"tensor": key, "why": "not in base"})
             continue
@@ -480,7 +485,7 @@ def delta_spectra(
     if tuned is None:
         raise ValueError("give an adapter, or a tuned model with its base")
     base_sd, tuned_sd = load_state_dict(base), load_state_dict(tuned)
-    for key in sorted(tuned_sd):
+    for key in sorted(tuned_sd, key=natural_key):
         if not key.endswith(".weight") or key not in base_sd or tuned_sd[key].dim() != 2:
             continue
         name = key[: -len(".weight")]

@@ -154,7 +154,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
                                         precision=args.precision, optimizer=args.optimizer,
                                         gradient_checkpointing=args.gradient_checkpointing, r=args.r,
                                         target_modules=tuple(args.targets), attention=args.attention,
-                                        optimizer_impl=args.optimizer_impl) for m in args.methods]
+                                        optimizer_impl=args.optimizer_impl, state_precision=args.state_precision)
+               for m in args.methods]
     h = estimate.human
     text = [f"{shape.name}: {shape.total_params():,} parameters; {args.batch_size} x {args.seq_len} tokens, "
             f"{args.precision}, {args.optimizer}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}",
@@ -293,6 +294,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--precision", choices=estimate.PRECISIONS, default="bf16")
     p.add_argument("--optimizer", choices=estimate.OPTIMIZERS, default="adamw")
     p.add_argument("--optimizer-impl", choices=estimate.OPTIMIZER_IMPLS, default="per-tensor")
+    p.add_argument("--state-precision", choices=("fp32", "bf16", "fp16"), default=None,
+                   help="dtype of AdamW's moments (default: the trainable weights' dtype, as torch.optim)")
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--targets", type=_names, default=["q_proj", "v_proj"])

@@ -249,6 +249,7 @@ def estimate_memory(
     target_modules: tuple[str, ...] | list[str] = ("q_proj", "v_proj"),
     attention: str = "sdpa",
     optimizer_impl: str = "per-tensor",
+    state_precision: str | None = None,
 ) -> MemoryEstimate:
     """Estimate the peak memory and FLOPs of one training step.
 
@@ -271,6 +272,8 @@ def estimate_memory(
         attention: "sdpa" (flash-style, no T x T matrix kept) or "eager".
         optimizer_impl: "per-tensor" (torch's CPU default), "foreach" (torch's CUDA default:
             temporaries the size of all trainable parameters) or "fused".
+        state_precision: dtype of AdamW's two moments, "fp32" / "bf16" / "fp16"; default: the
+            trainable weights' dtype (what ``torch.optim.AdamW`` does).
 
     Returns:
         A :class:`MemoryEstimate`.
@@ -284,6 +287,8 @@ def estimate_memory(
     _check_choice("optimizer", optimizer, OPTIMIZERS)
     _check_choice("attention", attention, ATTENTIONS)
     _check_choice("optimizer_impl", optimizer_impl, OPTIMIZER_IMPLS)
+    if state_precision is not None:
+        _check_choice("state_precision", state_precision, ("fp32", "bf16", "fp16"))
     for label, value in (("batch_size", batch_size), ("seq_len", seq_len), ("r", r)):
         if int(value) < 1:
             raise ValueError(f"{label} must be >= 1, got {value!r}")
@@ -322,8 +327,9 @@ def estimate_memory(
             assumptions.append("QLoRA: layer linears in NF4 with double quantisation (4.127 bits/param); "
                                "embeddings, norms and lm_head in 16-bit")
     gradients = trainable * wt
+    state_bytes = wt if state_precision is None else (4 if state_precision == "fp32" else half)
     if optimizer == "adamw":
-        states = 2 * trainable * wt
+        states = 2 * trainable * state_bytes
     elif optimizer == "adamw8bit":
         states = int(2 * trainable * INT8_STATE_BYTES)
     else:
@@ -420,12 +426,12 @@ def estimate_memory(
         grads_so_far += g_layer
     phases["backward (layers)"] = best_layer
     # optimizer step: all gradients + the update's temporaries
-    if optimizer == "sgd" or optimizer_impl == "fused":
+    if optimizer in ("sgd", "adamw8bit") or optimizer_impl == "fused":  # bnb updates in a fused kernel
         opt_tmp = 0
     elif optimizer_impl == "foreach":
-        opt_tmp = trainable * wt
+        opt_tmp = trainable * state_bytes
     else:
-        opt_tmp = 2 * largest * wt  # sqrt(v) and its division, one tensor at a time
+        opt_tmp = 2 * largest * state_bytes  # sqrt(v) and its division, one tensor at a time
     phases["optimizer step"] = (gradients, 0, opt_tmp)
 
     phase, (g_live, a_live, extra) = max(phases.items(), key=lambda kv: sum(kv[1]))
@@ -447,7 +453,8 @@ def estimate_memory(
     if gradient_checkpointing:
         flops += fwd
     assumptions += [
-        f"{batch_size} x {seq_len} tokens, precision {precision}, optimizer {optimizer} ({optimizer_impl})",
+        f"{batch_size} x {seq_len} tokens, precision {precision}, optimizer {optimizer} ({optimizer_impl}"
+        + (f", {state_precision} states)" if state_precision else ")"),
         "zero_grad(set_to_none=True); the model output is dropped after .loss",
         f"{attention} attention without a padding mask; no dropout",
         "counts live tensor bytes (what torch allocates), not allocator caching or CUDA context",
@@ -467,6 +474,7 @@ def estimate_memory(
         total_params=int(P + P_lora),
         flops_per_token=float(flops),
         settings=dict(batch_size=batch_size, seq_len=seq_len, precision=precision, optimizer=optimizer,
+                      state_precision=state_precision,
                       gradient_checkpointing=gradient_checkpointing, r=r, target_modules=list(targets),
                       attention=attention, optimizer_impl=optimizer_impl),
         assumptions=assumptions,

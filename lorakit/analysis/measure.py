@@ -150,6 +150,8 @@ def measure_config(
     optimizer: str = "adamw",
     model: nn.Module | None = None,
     seed: int = 0,
+    attention: str = "sdpa",
+    gradient_checkpointing: bool = False,
 ) -> dict[str, Any]:
     """Build (or take) a model, train one measured step in fp32, and return the measurement.
 
@@ -163,6 +165,8 @@ def measure_config(
         optimizer: "adamw" or "sgd".
         model: an existing fp32 model with this shape (e.g. the embedded one).
         seed: RNG seed for the model and the batch.
+        attention: "sdpa" or "eager" (for a built model).
+        gradient_checkpointing: enable transformers' per-layer checkpointing (non-reentrant).
 
     Returns:
         {"baseline", "peak", "end"} in bytes.
@@ -174,7 +178,11 @@ def measure_config(
         raise ValueError(f"measurement supports method 'full' or 'lora', got {method!r}")
     if optimizer not in ("adamw", "sgd"):
         raise ValueError(f"measurement supports optimizer 'adamw' or 'sgd', got {optimizer!r}")
-    net = model if model is not None else build_llama(shape, seed)
+    net = model if model is not None else build_llama(shape, seed, attention)
+    if gradient_checkpointing:
+        net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if method == "lora":
+            net.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     if method == "lora":
         net = add_lora(net, r, target_modules)
     params = [p for p in net.parameters() if p.requires_grad]

@@ -250,7 +250,7 @@ def load_for_inference(model: str | None = None, adapter: str | None = None,
 
 
 def chat_loop(model: Any, tokenizer: Any, max_new_tokens: int, precision: str, system: str | None = None,
-              read: Callable[[str], str] = input, write: Callable[[str], None] = print) -> int:
+              read: Callable[[str], str] | None = None, write: Callable[[str], None] = print) -> int:
     """Interactive chat with the chat template; EOF (Ctrl-D) or Ctrl-C ends it cleanly.
 
     Commands: ``/reset`` clears the history, ``/exit`` quits.
@@ -258,6 +258,7 @@ def chat_loop(model: Any, tokenizer: Any, max_new_tokens: int, precision: str, s
     Returns:
         0 (the exit code).
     """
+    read = read or input  # looked up at call time, so tests can replace builtins.input
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     write("chat with the model: /reset clears the history, /exit or Ctrl-D quits")
     while True:

@@ -46,11 +46,13 @@ def _out_axis(layer: "LoraLayer") -> int:
     return 1 if isinstance(layer, LoraConv1D) else 0
 
 
-def _magnitude_shape(layer: "LoraLayer", weight: torch.Tensor | None = None) -> tuple[int, ...]:
-    """Shape of m: broadcastable against the layer's *output* ((..., out) or (N, out, H, W))."""
-    weight = base_weight(layer) if weight is None else weight
-    out = weight.shape[_out_axis(layer)]
-    return (1, out, 1, 1) if weight.dim() == 4 else (out,)
+def _magnitude_shape(layer: "LoraLayer") -> tuple[int, ...]:
+    """Shape of m: broadcastable against the layer's *output* ((..., out) or (N, out, H, W)).
+
+    B is (out, r, ...) for every layer type, so its first dimension counts the output channels.
+    """
+    out = layer.b_shape(1)[0]
+    return (1, out, 1, 1) if len(layer.b_shape(1)) == 4 else (out,)
 
 
 def base_weight(layer: "LoraLayer") -> torch.Tensor:
@@ -80,15 +82,16 @@ class DoraVariant(LoraVariant):
     def extra_shapes(self, layer: "LoraLayer", r: int) -> dict[str, tuple[int, ...]]:
         return {"lora_magnitude_vector": _magnitude_shape(layer)}
 
-    def weight_norm(self, layer: "LoraLayer", name: str) -> torch.Tensor:
+    def weight_norm(self, layer: "LoraLayer", name: str, combined: torch.Tensor | None = None) -> torch.Tensor:
         """‖W + s·B·A‖_c per output channel, shaped like m, computed in fp32 without autograd."""
         with torch.no_grad():
-            combined = self._combined_weight(layer, name)
+            combined = self._combined_weight(layer, name) if combined is None else combined
             axis = _out_axis(layer)
             dims = tuple(d for d in range(combined.dim()) if d != axis)
-            return torch.linalg.vector_norm(combined, dim=dims).reshape(_magnitude_shape(layer, combined))
+            return torch.linalg.vector_norm(combined, dim=dims).reshape(_magnitude_shape(layer))
 
     def _combined_weight(self, layer: "LoraLayer", name: str) -> torch.Tensor:
+        """W + s·ΔW in the base weight's layout (fp32 or wider); builds B·A once."""
         weight = base_weight(layer)
         return weight.to(torch.promote_types(weight.dtype, torch.float32)) + layer.delta_weight(name)
 
@@ -124,10 +127,10 @@ class DoraVariant(LoraVariant):
 
     def merged_weight(self, layer: "LoraLayer", name: str) -> torch.Tensor:
         """W' = (m/n) ⊙ (W + s·ΔW), scaled per output channel."""
-        norm = self.weight_norm(layer, name)
+        combined = self._combined_weight(layer, name)
+        norm = self.weight_norm(layer, name, combined)
         self._merge_norm = norm
         scale = layer.lora_magnitude_vector[name].detach().to(norm.dtype) / norm
-        combined = self._combined_weight(layer, name)
         return _channel_view(layer, scale, combined.dim()) * combined
 
     def unmerged_weight(self, layer: "LoraLayer", name: str) -> torch.Tensor:

@@ -1,0 +1,74 @@
+"""`make bench`: run the benchmark suite and write docs/benchmarks.md.
+
+Every benchmark prints a markdown section (machine, command, ratio table); this script runs them one
+after another (never in parallel: they would disturb each other's timings), and writes the sections
+into docs/benchmarks.md. A benchmark that fails is reported in the file with its error, not hidden.
+
+    python benchmarks/run_all.py [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# (title, script, arguments, arguments with --quick)
+SUITE = [
+    ("Training step: lorakit vs PEFT, LoRA vs full fine-tuning (issue 7: 1, 3)", "train_step.py",
+     ["--repeats", "2", "--steps", "2"], ["--repeats", "1", "--steps", "1"]),
+    ("Time to the same quality: `lorakit train` vs the transformers + PEFT recipe (issue 7: 2)", "time_to_quality.py",
+     [], ["--quick"]),
+    ("Inference: unmerged / merged vs base (issue 7: 4)", "inference.py", ["--rounds", "7"], ["--rounds", "2"]),
+    ("Mixed-adapter batches (issue 4)", "multi_adapter.py", [], ["--quick"]),
+]
+
+
+def gpu_note() -> str:
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return f"CUDA device present: {torch.cuda.get_device_name(0)}."
+    except ImportError:
+        pass
+    return "No CUDA GPU on this machine: GPU rows are skipped."
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run, not for the docs)")
+    ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    args = ap.parse_args()
+    parts = [f"# Benchmarks\n\nWritten by `make bench` (`python benchmarks/run_all.py`) on "
+             f"{datetime.date.today().isoformat()}. Ratios are medians over interleaved repeats with "
+             f"(min–max); absolute times on this shared machine are noisy and given for scale only. {gpu_note()}\n"]
+    failed = 0
+    for title, script, full_args, quick_args in SUITE:
+        path = ROOT / "benchmarks" / script
+        if not path.exists():
+            parts.append(f"## {title}\n\n(not run: {script} is missing)\n")
+            continue
+        cmd = [sys.executable, str(path), *(quick_args if args.quick else full_args)]
+        print(f"== {title}: {' '.join(cmd[1:])}", flush=True)
+        start = time.perf_counter()
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        elapsed = time.perf_counter() - start
+        if proc.returncode != 0:
+            failed += 1
+            parts.append(f"## {title}\n\nFAILED after {elapsed:.0f} s:\n\n```\n{proc.stderr[-2000:]}\n```\n")
+            print(proc.stderr[-2000:], file=sys.stderr)
+            continue
+        print(proc.stdout, flush=True)
+        parts.append(f"## {title}\n\n{proc.stdout.strip()}\n\n(ran in {elapsed:.0f} s)\n")
+    Path(args.out).write_text("\n".join(parts))
+    print(f"wrote {args.out}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

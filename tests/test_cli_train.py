@@ -1,0 +1,186 @@
+"""``lorakit train / generate / chat / eval / merge`` end to end on tiny saved models, plus one
+integration run on the real embedded SmolLM2-135M-Instruct."""
+from __future__ import annotations
+
+import json
+from dataclasses import fields
+
+import pytest
+import torch
+
+from lorakit.cli import main
+from lorakit.train.config import TrainConfig
+from tiny_lm import one_thread, save_tiny_model, toy_records, write_jsonl
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
+
+PROMPT = "Review : a tender funny film Is this review positive or negative ?"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny Llama saved with save_pretrained, data files, and a run trained on them via the CLI."""
+    d = tmp_path_factory.mktemp("cli")
+    model_dir = save_tiny_model(d / "model")
+    train_file = write_jsonl(toy_records(64), d / "train.jsonl")
+    eval_file = write_jsonl(toy_records(16, seed=1), d / "eval.jsonl")
+    run = d / "run"
+    code = main(["train", "--model", str(model_dir), "--data", str(train_file), "--eval-data", str(eval_file),
+                 "--max-steps", "12", "--batch-size", "8", "--lr", "1e-2", "--precision", "fp32",
+                 "--output", str(run), "--no-progress", "--save-steps", "5", "--target-modules", "q_proj,v_proj,up_proj"])
+    assert code == 0
+    return {"dir": d, "model": model_dir, "train": train_file, "eval": eval_file, "run": run}
+
+
+def test_train_cli_writes_run_and_table(trained, capsys):
+    run = trained["run"]
+    info = json.loads((run / "lorakit_run.json").read_text())
+    assert info["model"] == str(trained["model"]) and info["steps"] == 12
+    assert info["config"]["target_modules"] == "q_proj,v_proj,up_proj"
+    cfg = json.loads((run / "adapter_config.json").read_text())
+    assert cfg["r"] == 8 and sorted(cfg["target_modules"]) == ["q_proj", "up_proj", "v_proj"]
+    for name in ("log.jsonl", "loss.png", "train_config.yaml", "eval.jsonl", "adapter_model.safetensors"):
+        assert (run / name).is_file(), name
+
+
+def test_train_help_documents_every_flag_with_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    for f in fields(TrainConfig):
+        if f.name == "extra":
+            continue
+        assert "--" + f.name.replace("_", "-") in out, f.name
+    for flag in ("--config", "--resume"):
+        assert flag in out
+    assert out.count("(default:") >= len(fields(TrainConfig)) - 1
+    assert "(default: 8)" in out and "(default: all-linear)" in out
+
+
+def test_train_cli_config_yaml_and_flag_precedence(trained, tmp_path, capsys):
+    y = tmp_path / "c.yaml"
+    y.write_text(f"model: {trained['model']}\ndata: {trained['train']}\nmax_steps: 50\nrank: 2\n"
+                 f"precision: fp32\noutput: {tmp_path / 'r'}\n")
+    assert main(["train", "--config", str(y), "--max-steps", "2", "--no-progress"]) == 0  # flag wins
+    info = json.loads((tmp_path / "r" / "lorakit_run.json").read_text())
+    assert info["steps"] == 2 and info["config"]["rank"] == 2
+
+
+def test_train_cli_bad_line_is_a_clean_error(trained, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"messages": "hi"}\n')
+    code = main(["train", "--model", str(trained["model"]), "--data", str(bad), "--output", str(tmp_path / "r")])
+    err = capsys.readouterr().err
+    assert code == 2 and "bad.jsonl:2" in err and "'messages' must be a non-empty list" in err
+    assert "Traceback" not in err
+
+
+def test_generate_cli(trained, capsys):
+    code = main(["generate", "--adapter", str(trained["run"]), PROMPT, "--max-new-tokens", "3", "--precision", "fp32"])
+    out = capsys.readouterr().out.strip()
+    assert code == 0 and out
+    assert main(["generate", "--model", str(trained["model"]), "--raw", "a good", "--max-new-tokens", "2"]) == 0
+
+
+def test_eval_cli_json_with_and_without_adapter(trained, capsys):
+    assert main(["eval", "--adapter", str(trained["run"]), "--data", str(trained["eval"]), "--json",
+                 "--precision", "fp32"]) == 0
+    tuned = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--model", str(trained["model"]), "--data", str(trained["eval"]), "--json",
+                 "--precision", "fp32"]) == 0
+    base = json.loads(capsys.readouterr().out)
+    assert tuned["n"] == base["n"] == 16 and base["adapter"] is None
+    assert tuned["loss"] < base["loss"]
+    # The run's own numbers are reproduced by `lorakit eval` on the eval.jsonl it wrote.
+    info = json.loads((trained["run"] / "lorakit_run.json").read_text())
+    assert tuned["loss"] == pytest.approx(info["after"]["loss"], rel=1e-4)
+    assert tuned["accuracy"] == info["after"]["accuracy"]
+    assert main(["eval", "--adapter", str(trained["run"]), "--data", str(trained["eval"])]) == 0
+    assert "accuracy" in capsys.readouterr().out
+
+
+def test_merge_cli_gives_plain_transformers_model(trained, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lorakit.train.generate import load_for_inference
+
+    out = tmp_path / "merged"
+    assert main(["merge", "--adapter", str(trained["run"]), "--out", str(out)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    model, _, _ = load_for_inference(None, str(trained["run"]))
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
+    assert main(["merge", "--adapter", str(trained["run"]), "--out", str(out)]) == 2  # not empty: refused
+    assert "already exists" in capsys.readouterr().err
+
+
+def test_chat_cli_handles_eof_and_ctrl_c(trained, monkeypatch, capsys):
+    replies = iter(["hello", "/reset", "good film"])
+
+    def fake_input(prompt=""):
+        try:
+            return next(replies)
+        except StopIteration:
+            raise EOFError from None
+    monkeypatch.setattr("builtins.input", fake_input)
+    assert main(["chat", "--adapter", str(trained["run"]), "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.count("model>") == 2
+
+    def interrupted(prompt=""):
+        raise KeyboardInterrupt
+    monkeypatch.setattr("builtins.input", interrupted)
+    assert main(["chat", "--model", str(trained["model"])]) == 0
+
+
+def test_resume_cli_after_kill(trained, tmp_path, capsys):
+    from lorakit.train.loop import SimulatedKill, train
+
+    run = tmp_path / "r"
+    cfg = TrainConfig(model=str(trained["model"]), data=str(trained["train"]), output=str(run), max_steps=4,
+                      save_steps=2, precision="fp32")
+
+    def kill(step, _loss):
+        if step == 3:
+            raise SimulatedKill
+    with pytest.raises(SimulatedKill):
+        train(cfg, progress=False, on_step=kill, log=lambda _m: None)
+    assert not (run / "adapter_config.json").exists()
+    assert main(["generate", "--adapter", str(run), "hi"]) == 2  # an unfinished run: clear error
+    assert "checkpoint" in capsys.readouterr().err
+    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert json.loads((run / "lorakit_run.json").read_text())["steps"] == 4
+
+
+def test_gpt2_model_without_chat_template(tmp_path, capsys):
+    model_dir = save_tiny_model(tmp_path / "gpt2", kind="gpt2")
+    data = write_jsonl(toy_records(16), tmp_path / "t.jsonl")
+    assert main(["train", "--model", str(model_dir), "--data", str(data), "--max-steps", "2", "--no-progress",
+                 "--output", str(tmp_path / "run"), "--batch-size", "4"]) == 0
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+@pytest.mark.integration
+def test_real_embedded_model_few_steps(tmp_path, capsys):
+    """The embedded SmolLM2-135M-Instruct: a few LoRA steps on the bundled task, then generate."""
+    pytest.importorskip("gguf")
+    from lorakit.models import default_gguf_path
+
+    try:
+        default_gguf_path()
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    run = tmp_path / "run"
+    code = main(["train", "--max-steps", "3", "--batch-size", "4", "--eval-samples", "8", "--output", str(run),
+                 "--no-progress", "--max-train-samples", "64"])
+    out = capsys.readouterr().out
+    assert code == 0
+    assert "held-out accuracy" in out and "trainable parameters" in out
+    info = json.loads((run / "lorakit_run.json").read_text())
+    assert info["trainable_params"] > 0 and info["before"]["n"] == 8
+    assert all(x > 0 and x == x for x in (info["before"]["loss"], info["after"]["loss"]))
+    assert main(["generate", "--adapter", str(run), "Review: a tender, funny film. Sentiment?",
+                 "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()

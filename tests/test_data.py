@@ -1,0 +1,177 @@
+"""Training data: JSONL formats and validation, prompt masking, batching, the bundled task."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lorakit.train import data as D
+from tiny_lm import one_thread, CHAT_TEMPLATE, tiny_tokenizer, toy_records, write_jsonl
+
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+def _labelled_tokens(tok, t: D.Tokenized) -> list[str]:
+    return [tok.convert_ids_to_tokens(i) for i, lab in zip(t.input_ids, t.labels) if lab != D.IGNORE_INDEX]
+
+
+# ----------------------------------------------------------------------------- formats
+def test_all_four_formats_parse(tmp_path):
+    lines = [
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                      {"role": "assistant", "content": "hello"}]},
+        {"prompt": "p", "completion": "c"},
+        {"instruction": "do", "input": "this", "output": "done"},
+        {"instruction": "do", "output": "done"},
+        {"text": "some text"},
+    ]
+    path = write_jsonl(lines, tmp_path / "d.jsonl")
+    ex = D.read_jsonl(path)
+    assert [e.answer for e in ex] == ["hello", "c", "done", "done", None]
+    assert ex[2].messages[0] == {"role": "user", "content": "do\n\nthis"}
+    assert ex[3].messages[0] == {"role": "user", "content": "do"}
+    assert ex[4].text == "some text"
+    assert ex[0].prompt_messages == lines[0]["messages"][:2]
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("{not json", "invalid JSON"),
+    ("[1, 2]", "expected a JSON object"),
+    ('{"prompt": "p"}', "'completion' must be a string"),
+    ('{"prompt": "p", "completion": ""}', "'completion' is empty"),
+    ('{"messages": []}', "non-empty list"),
+    ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
+    ('{"messages": [{"role": "bot", "content": "hi"}]}', "role 'bot'"),
+    ('{"messages": [{"role": "user"}]}', "messages[0]"),
+    ('{"instruction": "x"}', "'output' must be a string"),
+    ('{"text": 3}', "'text' must be a string"),
+    ('{"question": "q", "answer": "a"}', "unrecognised record with keys ['answer', 'question']"),
+])
+def test_bad_line_reports_line_number_and_problem(tmp_path, line, problem):
+    good = json.dumps({"prompt": "p", "completion": "c"})
+    path = tmp_path / "bad.jsonl"
+    path.write_text(f"{good}\n\n{good}\n{line}\n{good}\n", encoding="utf-8")
+    with pytest.raises(ValueError) as info:
+        D.read_jsonl(path)
+    msg = str(info.value)
+    assert f"{path}:4:" in msg  # blank line 2 still counts
+    assert problem in msg
+
+
+def test_missing_and_empty_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.jsonl"):
+        D.read_jsonl(tmp_path / "nope.jsonl")
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(ValueError, match="no records"):
+        D.read_jsonl(tmp_path / "empty.jsonl")
+
+
+def test_write_jsonl_roundtrip(tmp_path):
+    ex = [D.Example(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]),
+          D.Example(text="t")]
+    D.write_jsonl(ex, tmp_path / "x.jsonl")
+    assert D.read_jsonl(tmp_path / "x.jsonl") == ex
+
+
+# ----------------------------------------------------------------------------- masking
+def test_prompt_tokens_are_masked(tok):
+    ex = D.parse_record(toy_records(1)[0], "x")
+    t = D.tokenize_example(tok, ex, 128)
+    assert len(t.labels) == len(t.input_ids)
+    # Only the answer and its end-of-turn token carry labels; the rest is -100.
+    assert _labelled_tokens(tok, t) == [ex.answer, "<|im_end|>"]
+    assert t.n_labels == 2
+    first = t.labels.index(next(x for x in t.labels if x != D.IGNORE_INDEX))
+    assert tok.convert_ids_to_tokens(t.input_ids[first - 1]) == "assistant"
+    # Labels equal the input ids where they are set (the shift happens in the loss).
+    assert all(lab in (D.IGNORE_INDEX, i) for i, lab in zip(t.input_ids, t.labels))
+
+
+def test_multi_turn_labels_every_assistant_turn(tok):
+    ex = D.Example(messages=[
+        {"role": "system", "content": "very"}, {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"}, {"role": "user", "content": "good film"},
+        {"role": "assistant", "content": "positive"}])
+    t = D.tokenize_example(tok, ex, 128)
+    assert _labelled_tokens(tok, t) == ["hello", "<|im_end|>", "positive", "<|im_end|>"]
+
+
+def test_plain_text_is_fully_labelled(tok):
+    t = D.tokenize_example(tok, D.Example(text="a good film"), 128)
+    assert t.labels == t.input_ids and tok.convert_ids_to_tokens(t.input_ids[-1]) == "<|im_end|>"
+
+
+def test_fallback_template_without_chat_template():
+    tok = tiny_tokenizer(chat_template=None)
+    ex = D.Example(messages=[{"role": "user", "content": "good film"}, {"role": "assistant", "content": "positive"}])
+    t = D.tokenize_example(tok, ex, 128)
+    assert _labelled_tokens(tok, t) == ["positive", "<|im_end|>"]
+    prompt = D.encode_prompt(tok, ex.prompt_messages)
+    assert t.input_ids[: len(prompt)] == prompt  # the generation prompt is a prefix of the example
+
+
+def test_truncation_drops_examples_without_answer(tok, capsys):
+    ex = [D.parse_record(r, "x") for r in toy_records(3)]
+    short = D.parse_record({"prompt": "hi", "completion": "hello"}, "x")  # 8 tokens in all
+    kept = D.tokenize_all(tok, ex + [short], 8, what="train")
+    assert len(kept) == 1 and kept[0].n_labels == 2
+    assert "dropped 3 examples" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="max_length=8"):
+        D.tokenize_all(tok, ex, 8)
+    assert len(D.tokenize_all(tok, ex, 128)) == 3
+
+
+# ----------------------------------------------------------------------------- batching
+def test_epoch_batches_cover_each_example_once_and_are_deterministic():
+    lengths = [(i * 37) % 50 + 1 for i in range(203)]
+    b1 = D.epoch_batches(lengths, 8, seed=3, epoch=0, chunk_batches=4)
+    assert sorted(i for b in b1 for i in b) == list(range(203))
+    assert all(len(b) <= 8 for b in b1)
+    assert b1 == D.epoch_batches(lengths, 8, seed=3, epoch=0, chunk_batches=4)
+    assert b1 != D.epoch_batches(lengths, 8, seed=3, epoch=1, chunk_batches=4)
+    # Bucketing: far less padding than random batches.
+    waste = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in b1)
+    rand = [list(range(203))[k : k + 8] for k in range(0, 203, 8)]
+    waste_rand = sum(max(lengths[i] for i in b) * len(b) - sum(lengths[i] for i in b) for b in rand)
+    assert waste < waste_rand / 2
+
+
+def test_collate_pads_right_and_masks():
+    items = [D.Tokenized([5, 6, 7], [-100, 6, 7]), D.Tokenized([8], [8])]
+    b = D.collate(items, pad_id=0)
+    assert b["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
+    assert b["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert b["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+
+
+def test_normalize_answer():
+    assert D.normalize_answer("  Positive.\n") == "positive"
+    assert D.normalize_answer("NEGATIVE!") == D.normalize_answer("negative")
+    assert D.normalize_answer("not  bad, really") == "not bad really"
+
+
+# ----------------------------------------------------------------------------- bundled task
+def test_rotten_tomatoes_split_is_fixed_balanced_and_disjoint():
+    train, test = D.load_rotten_tomatoes()
+    assert len(test) == 500 and len(train) > 4000
+    labels = [e.answer for e in test]
+    assert set(labels) == {"positive", "negative"}
+    assert 0.4 < labels.count("positive") / len(labels) < 0.6
+    assert {e.messages[0]["content"] for e in train}.isdisjoint({e.messages[0]["content"] for e in test})
+    again_train, again_test = D.load_rotten_tomatoes()
+    assert again_test == test and again_train[:10] == train[:10]
+    assert test[0].messages[0]["content"].startswith("Review: ")
+    assert D.SENTIMENT_QUESTION in test[0].messages[0]["content"]
+    assert D.load_examples("rotten_tomatoes", "test") == test
+
+
+def test_chat_template_constant_renders(tok):
+    assert tok.chat_template == CHAT_TEMPLATE
+    text = D.render_chat(tok, [{"role": "user", "content": "hi"}], add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")

@@ -1,0 +1,255 @@
+"""The training loop on tiny in-process models: learning, exact resume, divergence, Ctrl-C, formats."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from lorakit.train.config import TrainConfig
+from lorakit.train.data import collate, parse_record, tokenize_example
+from lorakit.train.generate import loss_sum
+from lorakit.train.loop import (NonFiniteLossError, SimulatedKill, find_checkpoint, lr_factor, plan_steps,
+                                train)
+from tiny_lm import one_thread, tiny_gpt2_lm, tiny_llama_lm, tiny_tokenizer, toy_records, write_jsonl
+
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def data_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    return write_jsonl(toy_records(96), d / "train.jsonl"), write_jsonl(toy_records(24, seed=1), d / "eval.jsonl")
+
+
+def _cfg(tmp_path, data_files, name="run", **kw):
+    base = dict(data=str(data_files[0]), output=str(tmp_path / name), batch_size=8, lr=1e-2, precision="fp32",
+                max_steps=10, save_steps=0, seed=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _quiet(*_a):
+    pass
+
+
+# ----------------------------------------------------------------------------- loss
+@pytest.mark.parametrize("factory", [tiny_llama_lm, tiny_gpt2_lm], ids=["llama", "gpt2"])
+def test_label_positions_loss_equals_plain_path(tok, factory):
+    model = factory(tok).eval()
+    ex = [parse_record(r, "x") for r in toy_records(4)]
+    ex.append(parse_record({"text": "a good film and a very dull plot"}, "x"))
+    batch = collate([tokenize_example(tok, e, 64) for e in ex], tok.pad_token_id)
+    with torch.no_grad():
+        fast, n = loss_sum(model, batch)
+        slow, n2 = loss_sum(model, batch, label_positions_only=False)
+        hf = model(**batch).loss  # transformers' own mean over the shifted labels
+    assert n == n2 == int((batch["labels"][:, 1:] != -100).sum())
+    torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast / n, hf, rtol=1e-5, atol=1e-5)
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = [lr_factor(s, 100, 10) for s in range(100)]
+    assert f[0] < f[5] < f[9] <= 1.0
+    assert max(f) == pytest.approx(1.0, abs=0.02)
+    assert all(a >= b for a, b in zip(f[10:], f[11:]))
+    assert f[-1] < 0.01
+    cfg = TrainConfig(batch_size=8, grad_accum=2, max_steps=0, epochs=2)
+    assert plan_steps(cfg, 100) == (13, 13)
+
+
+# ----------------------------------------------------------------------------- learning
+def test_lora_loss_goes_down_and_accuracy_rises(tmp_path, tok, data_files):
+    cfg = _cfg(tmp_path, data_files, eval_data=str(data_files[1]), max_steps=30)
+    res = train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert len(res.losses) == 30
+    assert sum(res.losses[-5:]) / 5 < 0.5 * sum(res.losses[:5]) / 5
+    assert res.after["loss"] < 0.5 * res.before["loss"]
+    assert res.after["accuracy"] > res.before["accuracy"]
+    run = res.run_dir
+    # PEFT-format adapter, step log, loss curve, run info; the checkpoint is gone after success.
+    assert (run / "adapter_config.json").is_file() and (run / "adapter_model.safetensors").is_file()
+    log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 31))
+    assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(log[0])
+    assert (run / "loss.png").stat().st_size > 1000
+    info = json.loads((run / "lorakit_run.json").read_text())
+    assert info["finished"] and info["after"]["accuracy"] == res.after["accuracy"]
+    assert not (run / "checkpoint").exists()
+    trainable = sum(p.numel() for p in load_file(str(run / "adapter_model.safetensors")).values())
+    assert res.trainable_params == trainable < res.total_params
+
+
+def test_full_finetune_baseline_saves_a_model(tmp_path, tok, data_files):
+    from transformers import AutoModelForCausalLM
+
+    cfg = _cfg(tmp_path, data_files, method="full", lr=5e-3, max_steps=15)
+    res = train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert res.trainable_params == res.total_params
+    assert res.losses[-1] < res.losses[0]
+    loaded = AutoModelForCausalLM.from_pretrained(res.run_dir / "model")
+    assert loaded.config.vocab_size == len(tok)
+
+
+def test_gradient_checkpointing_and_accumulation_match(tmp_path, tok, data_files):
+    """Accumulating 2 micro-batches of 4 == one batch of 8 (same examples); checkpointing changes nothing."""
+    a = train(_cfg(tmp_path, data_files, "a", max_steps=3), model=tiny_llama_lm(tok), tokenizer=tok,
+              progress=False, log=_quiet)
+    b = train(_cfg(tmp_path, data_files, "b", max_steps=3, gradient_checkpointing=True), model=tiny_llama_lm(tok),
+              tokenizer=tok, progress=False, log=_quiet)
+    assert a.losses == pytest.approx(b.losses, rel=1e-5)
+    wa = load_file(str(a.run_dir / "adapter_model.safetensors"))
+    wb = load_file(str(b.run_dir / "adapter_model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- resume
+def test_resume_after_kill_equals_uninterrupted_run(tmp_path, tok, data_files):
+    kw = dict(max_steps=9, save_steps=3, dropout=0.1, batch_size=16)  # 96/16 = 6 batches: crosses an epoch
+    full = train(_cfg(tmp_path, data_files, "full", **kw), model=tiny_llama_lm(tok), tokenizer=tok,
+                 progress=False, log=_quiet)
+
+    def kill_at_5(step, _loss):
+        if step == 5:
+            raise SimulatedKill  # like SIGKILL: no cleanup, steps 4-5 are lost
+    cfg = _cfg(tmp_path, data_files, "killed", **kw)
+    with pytest.raises(SimulatedKill):
+        train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, on_step=kill_at_5, log=_quiet)
+    ckpt = find_checkpoint(cfg_dir := tmp_path / "killed")
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 3
+    # Checkpoint files are plain tensors: they load without unpickling arbitrary objects.
+    torch.load(ckpt / "optimizer.pt", weights_only=True)
+    torch.load(ckpt / "scheduler.pt", weights_only=True)
+    assert (ckpt / "adapter" / "adapter_config.json").is_file()
+
+    messages = []
+    resumed = train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=messages.append)
+    assert any("resumed" in m and "step 3" in m for m in messages)
+    assert resumed.steps == 9
+    assert resumed.losses == pytest.approx(full.losses, rel=1e-5)
+    wf = load_file(str(full.run_dir / "adapter_model.safetensors"))
+    wr = load_file(str(cfg_dir / "adapter_model.safetensors"))
+    assert wf.keys() == wr.keys()
+    for k in wf:
+        torch.testing.assert_close(wr[k], wf[k], rtol=1e-5, atol=1e-7)
+    steps = [json.loads(line)["step"] for line in (cfg_dir / "log.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, 10))  # the lost steps 4-5 were dropped from the log, then redone
+
+
+def test_resume_falls_back_to_previous_checkpoint(tmp_path, tok, data_files):
+    """A kill between the checkpoint renames leaves only .checkpoint-old: still resumable."""
+    cfg = _cfg(tmp_path, data_files, max_steps=4, save_steps=2)
+
+    def kill(step, _loss):
+        if step == 3:
+            raise SimulatedKill
+    with pytest.raises(SimulatedKill):
+        train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, on_step=kill, log=_quiet)
+    run = tmp_path / "run"
+    os.rename(run / "checkpoint", run / ".checkpoint-old")
+    assert find_checkpoint(run) == run / ".checkpoint-old"
+    res = train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert res.steps == 4
+
+
+def test_resume_and_output_errors(tmp_path, tok, data_files):
+    cfg = _cfg(tmp_path, data_files, max_steps=2)
+    with pytest.raises(FileNotFoundError, match="no checkpoint"):
+        train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    with pytest.raises(ValueError, match="already finished"):
+        train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+
+
+# ----------------------------------------------------------------------------- failures
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tok, data_files):
+    model = tiny_llama_lm(tok)
+
+    def poison(step, _loss):
+        if step == 4:  # after the step-4 checkpoint is written
+            with torch.no_grad():
+                next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+    cfg = _cfg(tmp_path, data_files, max_steps=8, save_steps=2)
+    with pytest.raises(NonFiniteLossError) as info:
+        train(cfg, model=model, tokenizer=tok, progress=False, on_step=poison, log=_quiet)
+    msg = str(info.value)
+    assert "non-finite loss at step 5" in msg and "step 4" in msg
+    ckpt = find_checkpoint(tmp_path / "run")
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 4
+    assert all(torch.isfinite(t).all() for t in load_file(str(ckpt / "trainable.safetensors")).values())
+    assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
+def test_ctrl_c_saves_checkpoint_and_resumes(tmp_path, tok, data_files):
+    def ctrl_c(step, _loss):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler only sets a flag: the step finishes
+    cfg = _cfg(tmp_path, data_files, max_steps=5)
+    res = train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, on_step=ctrl_c, log=_quiet)
+    assert res.interrupted and res.steps == 2
+    ckpt = find_checkpoint(tmp_path / "run")
+    assert json.loads((ckpt / "trainer_state.json").read_text())["step"] == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    res = train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert res.steps == 5 and not res.interrupted
+
+
+def test_bad_data_fails_before_training(tmp_path, tok):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": 1, "completion": "b"}\n')
+    cfg = TrainConfig(data=str(bad), output=str(tmp_path / "run"), precision="fp32")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: 'prompt' must be a string"):
+        train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert not (tmp_path / "run").exists()
+
+
+# ----------------------------------------------------------------------------- config
+def test_config_yaml_validation_and_precedence(tmp_path):
+    y = tmp_path / "c.yaml"
+    y.write_text("rank: 4\nlr: 1e-3\nbatch-size: 2\ntarget_modules: [q_proj, v_proj]\nepochs: 2\n")
+    cfg = TrainConfig.from_yaml(y)
+    assert (cfg.rank, cfg.lr, cfg.batch_size, cfg.target_modules) == (4, 1e-3, 2, "q_proj,v_proj")
+    assert cfg.max_steps == 0  # epochs given without max_steps: train for the epochs
+    assert TrainConfig().learning_rate == 1e-3 and TrainConfig(method="full").learning_rate == 5e-5
+    y.write_text("rnak: 4\n")
+    with pytest.raises(ValueError, match="rnak"):
+        TrainConfig.from_yaml(y)
+    with pytest.raises(ValueError, match="method"):
+        TrainConfig(method="qlora")
+    with pytest.raises(ValueError, match="batch_size"):
+        TrainConfig(batch_size=0)
+    with pytest.raises(ValueError, match="rank must be a int"):
+        TrainConfig.from_dict({"rank": "big"})
+    with pytest.raises(FileNotFoundError):
+        TrainConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_adapter_loads_in_peft_with_same_outputs(tmp_path, tok, data_files):
+    peft = pytest.importorskip("peft")
+    from lorakit import load_adapter
+
+    res = train(_cfg(tmp_path, data_files, max_steps=5, target_modules="q_proj,v_proj,gate_proj"),
+                model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    ids = torch.tensor([[3, 5, 7, 9, 11, 13]])
+    ours = load_adapter(tiny_llama_lm(tok), res.run_dir).eval()
+    theirs = peft.PeftModel.from_pretrained(tiny_llama_lm(tok), str(res.run_dir)).eval()
+    base = tiny_llama_lm(tok).eval()
+    with torch.no_grad():
+        out_ours, out_peft, out_base = ours(ids).logits, theirs(ids).logits, base(ids).logits
+    torch.testing.assert_close(out_ours, out_peft, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(out_ours, out_base, atol=1e-4)  # the adapter learned something
+    assert math.isfinite(float(out_ours.sum()))
