@@ -13,7 +13,7 @@ Two measurements per configuration:
   (parameters, buffers, optimizer states, batch). Exact and deterministic; it counts tensors,
   which is what the estimate models.
 * **RSS rise** (cross-check): in a fresh subprocess, the resident set is read once the model is
-  built (R0: libraries + weights), the peak-RSS counter (VmHWM) is reset, three steps run, and
+  built and its weights touched (R0: libraries + weights), the peak-RSS counter (VmHWM) is reset, three steps run, and
   the rise VmHWM - R0 is compared with the estimate's peak minus the weights (optimizer states +
   the step's own peak). RSS adds what the tensor count leaves out (allocator slack and
   fragmentation, freed memory not yet returned, thread scratch buffers) and loses nothing, so it
@@ -89,6 +89,9 @@ def rss_child(name: str, method: str, batch: int, seq: int) -> None:
         net(input_ids=ids, labels=ids).loss.backward()
         opt.step()
 
+    with torch.no_grad():  # fault in weights that from_pretrained left memory-mapped, so R0 holds them
+        for p in net.parameters():
+            p.sum()
     gc.collect()
     reset_peak_rss()
     before = peak_rss_mb()

@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import copy
 import os
+import platform
 import statistics
 import sys
 import tempfile
@@ -86,8 +87,8 @@ def names_for(rows: int, k: int) -> list[str]:
     return [f"a{i % k}" for i in range(rows)]
 
 
-def run_rounds(cases: dict, rounds: int, warmup: int = 1) -> dict[str, float]:
-    """Median seconds per case; each round runs every case once, the order rotated per round.
+def run_rounds(cases: dict, rounds: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Seconds per case and round; each round runs every case once, the order rotated per round.
 
     With one torch thread the clock is the main thread's CPU time (``time.thread_time``): on a
     machine shared with other jobs it counts the work done, not the time spent waiting for a core.
@@ -104,7 +105,17 @@ def run_rounds(cases: dict, rounds: int, warmup: int = 1) -> dict[str, float]:
                 elapsed = clock() - start
                 if r >= warmup:
                     times[k].append(elapsed)
-    return {k: statistics.median(v) for k, v in times.items()}
+    return times
+
+
+def ratio(times: dict, case, baseline) -> str:
+    """Median (min–max) over rounds of time(case) / time(baseline) measured in the same round."""
+    per_round = [a / b for a, b in zip(times[case], times[baseline])]
+    return f"{statistics.median(per_round):.3f} ({min(per_round):.2f}–{max(per_round):.2f})"
+
+
+def ms(times: dict, case) -> str:
+    return f"{1000 * statistics.median(times[case]):.1f}"
 
 
 def mixed_cases(lkm, pm, ids: torch.Tensor, extra: dict) -> dict:
@@ -154,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; with 1 (default) times are CPU time of the main thread")
     parser.add_argument("--write", type=Path, default=None, help="also write the markdown report here")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 rounds, 2 + 2 layers (numbers not for the docs)")
     args = parser.parse_args(argv)
+    if args.quick:
+        args.rounds, args.layers, args.decode_layers = 2, 2, 2
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
 
@@ -180,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     swap_ms, swap_params = hotswap_ms(base)
     total = time.perf_counter() - t0
 
+    cmd = "python benchmarks/multi_adapter.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     lines = [
+        f"Command: `{cmd}` on {platform.machine()} ({os.cpu_count()} CPUs, shared).",
+        "",
         f"Random Llama with SmolLM2-135M shapes (prefill: **{args.layers} decoder layers** of 30, to fit the "
         f"time; decode, loaded-adapter cost and hot swap: {args.decode_layers} layers), fp32, "
         f"torch {torch.__version__}, {args.threads} thread(s), "
@@ -188,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{', '.join(TARGETS)}; median of {args.rounds} interleaved rounds. Mixed batch rows cycle over "
         "k adapters (row i uses adapter i mod k: non-contiguous groups). Prefill computes the logits of "
         "the last position only (as `generate` does); decode is one token per row without a KV cache. "
-        "Ratio = time / time of the same batch with one active adapter, in the same library.",
+        "Ratio = time / time of the same batch with one active adapter, in the same library and the "
+        "same round: median (min–max) over rounds.",
         "",
         "| shape | library | 1 adapter (ms) | 4 adapters (ms) | ratio 4 | 8 adapters (ms) | ratio 8 | ratio 8, rows sorted | target |",
         "|---|---|---|---|---|---|---|---|---|",
@@ -196,17 +214,16 @@ def main(argv: list[str] | None = None) -> int:
     for label, res in results.items():
         target = "<= 1.05" if label.startswith("prefill") else "<= 1.15"  # the issue's targets
         for lib in ("lorakit", "peft"):
-            one, four, eight, eight_sorted = (1000 * res[(lib, k)] for k in (1, 4, 8, "8s"))
-            lines.append(f"| {label} | {lib} | {one:.1f} | {four:.1f} | {four / one:.3f} | {eight:.1f} | "
-                         f"{eight / one:.3f} | {eight_sorted / one:.3f} | {target} |")
-    one = load_times[1]
+            one = (lib, 1)
+            lines.append(f"| {label} | {lib} | {ms(res, one)} | {ms(res, (lib, 4))} | {ratio(res, (lib, 4), one)} | "
+                         f"{ms(res, (lib, 8))} | {ratio(res, (lib, 8), one)} | {ratio(res, (lib, '8s'), one)} | {target} |")
     lines += [
         "",
         f"Adapters loaded, one active (decode 16x1, {args.decode_layers} layers, lorakit):",
         "",
-        "| loaded | ms | ratio to 1 loaded |",
+        "| loaded | ms | ratio to 1 loaded, median (min–max) |",
         "|---|---|---|",
-        *[f"| {n} | {1000 * t:.1f} | {t / one:.3f} |" for n, t in load_times.items()],
+        *[f"| {n} | {ms(load_times, n)} | {ratio(load_times, n, 1)} |" for n in load_times],
         "",
         f"Hot swap (`hotswap_adapter`, {args.decode_layers}-layer model, adapter of {swap_params:,} parameters, "
         f"read from safetensors + checked + copied in place): **{swap_ms:.0f} ms** (median of 5).",
@@ -216,13 +233,12 @@ def main(argv: list[str] | None = None) -> int:
     report = "\n".join(lines)
     print(report)
     if args.write:
-        cmd = "python benchmarks/multi_adapter.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
         # Replace only the "## Measurements" section of the doc, keeping the prose above it.
         head = "# Multi-adapter inference\n\n"
         if args.write.is_file():
             head = args.write.read_text().split(MEASUREMENTS)[0]
         args.write.parent.mkdir(parents=True, exist_ok=True)
-        args.write.write_text(f"{head}{MEASUREMENTS}\n\nCommand: `{cmd}`\n\n{report}\n")
+        args.write.write_text(f"{head}{MEASUREMENTS}\n\n{report}\n")
     return 0
 
 

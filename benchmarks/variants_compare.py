@@ -131,6 +131,50 @@ def run_one(method: str, rank: int, args: argparse.Namespace) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def interleaved_step_times(methods: list[str], rank: int, args: argparse.Namespace, rounds: int = 4) -> dict[str, float]:
+    """Median training-step time of each method, measured round-robin in one process.
+
+    On a shared machine the load changes from one run to the next, so the per-run step times of
+    the sweep are not comparable; here every method's step k runs right after the others' step k.
+    """
+    import copy
+    import statistics
+
+    import lorakit as lk
+    from lorakit.models import load_model_and_tokenizer
+    from lorakit.train.data import collate, epoch_batches, load_rotten_tomatoes, tokenize_all
+    from lorakit.train.generate import loss_sum
+
+    torch.manual_seed(args.seed)
+    base, tok = load_model_and_tokenizer()
+    train = tokenize_all(tok, load_rotten_tomatoes()[0][: rounds * args.batch_size], args.max_length)
+    order = epoch_batches([len(t.input_ids) for t in train], args.batch_size, args.seed, 0)
+    setups = {}
+    for method in methods:
+        model = copy.deepcopy(base)
+        if method == "qlora":
+            lk.quantize_model_nf4(model, skip=["lm_head"])
+        lk.get_lora_model(model, lora_config(method, rank, args.alpha))
+        model.config.use_cache = False
+        model.train()
+        opt = (lk.create_loraplus_optimizer(model, lr=args.lr, ratio=16) if method == "loraplus" else
+               torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr))
+        setups[method] = (model, opt)
+    del base
+    times: dict[str, list[float]] = {m: [] for m in methods}
+    for k in range(rounds + 1):
+        batch = collate([train[i] for i in order[k % len(order)]], tok.pad_token_id)
+        for method, (model, opt) in setups.items():
+            t0 = time.time()
+            loss, n = loss_sum(model, batch)
+            (loss / max(n, 1)).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            if k:  # the first round warms up
+                times[method].append(time.time() - t0)
+    return {m: statistics.median(v) for m, v in times.items()}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS) + ["base"])
@@ -145,8 +189,15 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=str, default=None)
     parser.add_argument("--one", nargs=2, metavar=("METHOD", "RANK"), help=argparse.SUPPRESS)
+    parser.add_argument("--timing-only", action="store_true",
+                        help="only measure step times, round-robin over the methods in one process, per rank")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.timing_only:
+        for rank in args.ranks:
+            times = interleaved_step_times([m for m in args.methods if m != "base"], rank, args)
+            print(f"r={rank} interleaved median step time (s): " + ", ".join(f"{m} {t:.2f}" for m, t in times.items()), flush=True)
+        return
     if args.one:
         print("RESULT " + json.dumps(run_one(args.one[0], int(args.one[1]), args)), flush=True)
         return

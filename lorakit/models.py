@@ -16,6 +16,7 @@ import importlib.metadata
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -90,6 +91,8 @@ def default_model_path() -> Path:
     # Key the cache on the file's size so a different GGUF build never reuses a stale conversion.
     target = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-Q4_1-{gguf.stat().st_size}"
     if not (target / "config.json").is_file():
+        print(f"lorakit: converting the embedded {DEFAULT_MODEL_NAME} GGUF once into {target} (about 20 s)...",
+              file=sys.stderr)
         convert_gguf(gguf, target)
     return target
 
@@ -108,6 +111,7 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
     model, tokenizer = _load_gguf(gguf_file, torch.float32)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; the renamed cache dir should be ordinary
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

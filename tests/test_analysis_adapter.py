@@ -47,7 +47,7 @@ def _peft_deltas(peft_model):
     """name -> ΔW in the base weight's layout, as PEFT computes it."""
     out = {}
     for name, module in peft_model.base_model.model.named_modules():
-        if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
+        if hasattr(module, "get_delta_weight") and "default" in (getattr(module, "r", None) or {}):
             out[name] = module.get_delta_weight("default").detach().double()
     return out
 
@@ -80,18 +80,24 @@ def test_inspect_flags_mismatched_base(tmp_path):
     assert any("q_proj" in p and "(48, 48)" in p and "expects (32, 32)" in p for p in loads["problems"])
 
 
-def test_resize_is_the_best_low_rank_approximation_and_loads_in_peft(tmp_path, base_dir):
-    path, pm = _peft_adapter(tmp_path, r=8, lora_alpha=16)
+@pytest.mark.parametrize("extra", [
+    {},
+    {"use_rslora": True, "alpha_pattern": {"v_proj": 3}, "target_modules": ["q_proj", "v_proj", "embed_tokens"]},
+], ids=["plain", "rslora-alpha_pattern-embedding"])
+def test_resize_is_the_best_low_rank_approximation_and_loads_in_peft(tmp_path, extra):
+    cfg = {"r": 8, "lora_alpha": 16, **extra}
+    path, pm = _peft_adapter(tmp_path, **cfg)
     before = _peft_deltas(pm)
     out = tmp_path / "small"
     rep = at.resize_adapter(path, 3, out)
     cfg = json.loads((out / "adapter_config.json").read_text())
     assert cfg["r"] == 3 and cfg["lora_alpha"] == 16
+    assert len(rep["modules"]) == len(before)
     loaded = peft.PeftModel.from_pretrained(_llama(0), out)
     after = _peft_deltas(loaded)
     for row in rep["modules"]:
         d0, d1 = before[row["module"]], after[row["module"]]
-        u, s, vh = torch.linalg.svd(d0)
+        u, s, vh = torch.linalg.svd(d0, full_matrices=False)
         best = (u[:, :3] * s[:3]) @ vh[:3]
         assert torch.allclose(d1, best, atol=1e-5)
         assert row["rel_error"] == pytest.approx(float((d0 - d1).norm() / d0.norm()), abs=1e-5)
@@ -198,6 +204,13 @@ def test_cli_inspect_extract_resize(tmp_path, base_dir, capsys):
                  "--out", str(tmp_path / "ex"), "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     assert [m["module"] for m in rep["modules"]] == ["model.layers.0.self_attn.v_proj"]
+    assert main(["recommend", "--task", "medium", "--data-size", "500", "--model", str(base_dir),
+                 "--targets", "q_proj,v_proj,down_proj", "--json"]) == 0
+    rec = json.loads(capsys.readouterr().out)
+    assert rec["recommendation"]["rank"] == 4 and rec["cost"]["modules"] == 6
+    assert main(["recommend", "--adapter", str(path), "--out", str(tmp_path / "rec")]) == 0
+    assert "rank_pattern" in capsys.readouterr().out
+    assert (tmp_path / "rec" / "recommend_ranks.png").is_file()
     assert main(["resize", str(tmp_path / "nope"), "--rank", "2", "--out", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
     assert main(["resize", str(path), "--rank", "0", "--out", str(tmp_path / "x")]) == 2
@@ -210,3 +223,27 @@ def test_read_adapter_rejects_bad_input(tmp_path):
         at.read_adapter(tmp_path)
     with pytest.raises(FileNotFoundError):
         at.read_adapter(tmp_path / "missing")
+
+
+def test_extract_from_gpt2_conv1d_layout(tmp_path):
+    import copy
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=97, n_positions=64)
+    base = GPT2LMHeadModel(cfg).eval()
+    tuned = copy.deepcopy(base)
+    with torch.no_grad():  # Conv1D weights are (in, out)
+        tuned.transformer.h[0].attn.c_attn.weight += 0.05 * torch.randn(32, 2) @ torch.randn(2, 96)
+    base.save_pretrained(tmp_path / "b")
+    tuned.save_pretrained(tmp_path / "t")
+    rep = at.extract_adapter(tmp_path / "b", tmp_path / "t", rank=2, out=tmp_path / "ex")
+    assert [m["module"] for m in rep["modules"]] == ["transformer.h.0.attn.c_attn"]
+    assert json.loads((tmp_path / "ex" / "adapter_config.json").read_text())["fan_in_fan_out"] is True
+    torch.manual_seed(0)  # the same initialisation as `base`
+    loaded = peft.PeftModel.from_pretrained(GPT2LMHeadModel(cfg).eval(), tmp_path / "ex").eval()
+    ids = torch.randint(0, 97, (1, 8))
+    with torch.no_grad():
+        assert torch.allclose(loaded(input_ids=ids).logits, tuned(input_ids=ids).logits, atol=1e-4)
+    assert at.inspect_adapter(tmp_path / "ex", base=tmp_path / "b")["loads"]["ok"]

@@ -253,3 +253,22 @@ def test_adapter_loads_in_peft_with_same_outputs(tmp_path, tok, data_files):
     torch.testing.assert_close(out_ours, out_peft, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(out_ours, out_base, atol=1e-4)  # the adapter learned something
     assert math.isfinite(float(out_ours.sum()))
+
+
+@pytest.mark.parametrize("steps", [0, 25])
+def test_eval_shortcut_gives_the_same_accuracy_as_generating_everything(tmp_path, tok, data_files, steps):
+    from lorakit.train.data import read_jsonl
+    from lorakit.train.generate import evaluate
+
+    model = tiny_llama_lm(tok)
+    if steps:
+        train(_cfg(tmp_path, data_files, max_steps=steps), model=model, tokenizer=tok, progress=False, log=_quiet)
+    examples = read_jsonl(data_files[1])
+    fast = evaluate(model, tok, examples, batch_size=8)
+    slow = evaluate(model, tok, examples, batch_size=8, shortcut=False)
+    assert slow["n_generated"] == len(examples)
+    assert fast["loss"] == pytest.approx(slow["loss"], rel=1e-5)
+    assert fast["accuracy"] == slow["accuracy"]
+    assert [p["correct"] for p in fast["predictions"]] == [p["correct"] for p in slow["predictions"]]
+    if steps:
+        assert fast["accuracy"] > 0.5 and fast["n_generated"] < len(examples)

@@ -112,3 +112,26 @@ def test_bad_input():
         lk.quantize_model_nf4(m)
     with pytest.raises(ValueError, match="full-precision base"):
         lk.get_lora_model(_quantized(), lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa"))
+
+
+def test_nf4_backward_matches_dense_and_keeps_no_weight():
+    torch.manual_seed(0)
+    dense = nn.Linear(64, 48)
+    q = LinearNF4.from_linear(dense)
+    ref = q.to_linear()
+    x = torch.randn(5, 64, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    def saved_shapes(module, inp):
+        shapes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: shapes.append(tuple(t.shape)) or t, lambda t: t):
+            result = module(inp)
+        return result, shapes
+
+    out, shapes = saved_shapes(q, x)
+    weight_sized = lambda shapes: [s for s in shapes if sorted(s) == [48, 64]]  # W or Wᵀ  # noqa: E731
+    assert not weight_sized(shapes)  # autograd keeps no dense copy of the NF4 weight ...
+    assert weight_sized(saved_shapes(ref, x.detach().clone().requires_grad_(True))[1])  # ... a dense Linear does
+    out.square().sum().backward()
+    ref(x2).square().sum().backward()
+    torch.testing.assert_close(out, ref(x2))
+    torch.testing.assert_close(x.grad, x2.grad)

@@ -58,6 +58,7 @@ def _note_plots(args: argparse.Namespace, paths: list[Path]) -> None:
 
 # ---- lowrank ---------------------------------------------------------------------------------
 def cmd_lowrank(args: argparse.Namespace) -> int:
+    """``lorakit lowrank``: parameter table, synthetic SVD demo, optional model spectrum."""
     rows = lowrank.parameter_table(args.d, args.k, args.ranks)
     text = [f"LoRA factors for a {args.d} x {args.k} matrix ({args.d * args.k:,} parameters)",
             _table([(r["rank"], f"{r['params_A']:,}", f"{r['params_B']:,}", f"{r['lora_params']:,}",
@@ -76,7 +77,8 @@ def cmd_lowrank(args: argparse.Namespace) -> int:
         spectra = lowrank.spectrum_report(weights, args.ranks)
         report["model"] = {"source": args.model, "matrices": spectra}
         ranks = list(args.ranks)
-        text += ["", f"Weight matrices of {args.model}: energy captured at rank r, effective rank (90% / 99%)",
+        label = "the embedded model" if args.model == "default" else Path(str(args.model)).name
+        text += ["", f"Weight matrices of {label}: energy captured at rank r, effective rank (90% / 99%)",
                  _table([(n, "x".join(map(str, v["shape"])), *[f"{100 * v['energy'][r]:.1f}%" for r in ranks],
                           v["rank90"], v["rank99"]) for n, v in spectra.items()],
                         ("module", "shape", *[f"r={r}" for r in ranks], "r90", "r99"))]
@@ -89,13 +91,14 @@ def cmd_lowrank(args: argparse.Namespace) -> int:
                                          out / "lowrank_error.png", true_rank=args.true_rank)]
         if spectra:
             made.append(plots.plot_spectra({n: v["singular_values"] for n, v in spectra.items()},
-                                           out / "lowrank_spectrum.png", f"Spectrum of {Path(str(args.model)).name}"))
+                                           out / "lowrank_spectrum.png", f"Spectrum of {label}"))
         _note_plots(args, made)
     return 0
 
 
 # ---- recommend -------------------------------------------------------------------------------
 def cmd_recommend(args: argparse.Namespace) -> int:
+    """``lorakit recommend``: rule table (+ costs on --model) and/or the data-driven mode."""
     report: dict[str, Any] = {}
     text: list[str] = []
     table_mode = args.task is not None or args.data_size is not None
@@ -149,6 +152,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
 # ---- estimate --------------------------------------------------------------------------------
 def cmd_estimate(args: argparse.Namespace) -> int:
+    """``lorakit estimate``: memory breakdown and FLOPs per method."""
     shape = estimate.load_shape(args.model)
     results = [estimate.estimate_memory(shape, method=m, batch_size=args.batch_size, seq_len=args.seq_len,
                                         precision=args.precision, optimizer=args.optimizer,
@@ -175,6 +179,7 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 
 # ---- inspect / extract / resize --------------------------------------------------------------
 def cmd_inspect(args: argparse.Namespace) -> int:
+    """``lorakit inspect``: adapter summary; exit code 1 when it does not fit --base."""
     rep = adapter_tools.inspect_adapter(args.adapter, base=args.base, check_base=args.base is not None)
     c, t = rep["config"], rep["totals"]
     text = [f"adapter {rep['path']}: r={c['r']} alpha={c['lora_alpha']} rslora={bool(c['use_rslora'])} "
@@ -220,6 +225,7 @@ def _surgery_plot(args: argparse.Namespace, rep: dict[str, Any], name: str) -> N
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
+    """``lorakit extract``: truncated-SVD adapter of tuned − base."""
     rep = adapter_tools.extract_adapter(args.base, args.tuned, args.rank, args.out, alpha=args.alpha,
                                         targets=args.targets, energy=args.energy)
     args_json = argparse.Namespace(json=args.json, out=None)
@@ -229,6 +235,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_resize(args: argparse.Namespace) -> int:
+    """``lorakit resize``: lower-rank adapter by truncated SVD of each ΔW."""
     rep = adapter_tools.resize_adapter(args.adapter, args.rank, args.out, energy=args.energy)
     args_json = argparse.Namespace(json=args.json, out=None)
     text = _surgery_text(rep, f"resized {args.adapter} to rank {args.rank}")
@@ -247,15 +254,18 @@ def _common(p: argparse.ArgumentParser, out_default: str | None = DEFAULT_OUT) -
     p.add_argument("--no-plot", action="store_true", help="write no files")
 
 
-def _add(sub: Any, name: str, func: Callable[[argparse.Namespace], int], help_text: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help_text, description=help_text)
+def _add(sub: Any, name: str, func: Callable[[argparse.Namespace], int], help_text: str,
+         description: str) -> argparse.ArgumentParser:
+    p = sub.add_parser(name, help=help_text, description=description)
     p.set_defaults(func=func)
     return p
 
 
 def register(subparsers: Any) -> None:
     """Add the lab's subcommands to the ``lorakit`` parser."""
-    p = _add(subparsers, "lowrank", cmd_lowrank, "Low-rank demo: LoRA parameter table and truncated-SVD error vs rank.")
+    p = _add(subparsers, "lowrank", cmd_lowrank, "low-rank demo: LoRA sizes, SVD error vs rank",
+             "The lesson's LoRA parameter table, truncated-SVD reconstruction of a known-rank matrix, and "
+             "the singular-value spectrum of a model's weights.")
     p.add_argument("--d", type=int, default=1000, help="rows of the matrix (default 1000)")
     p.add_argument("--k", type=int, default=1000, help="columns of the matrix (default 1000)")
     p.add_argument("--ranks", type=_ints, default=list(lowrank.LESSON_RANKS), help="ranks for the table (1,2,4,...,64)")
@@ -269,8 +279,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--module", default=None, help="regex on module names (default: layer 0's projections)")
     _common(p)
 
-    p = _add(subparsers, "recommend", cmd_recommend, "Recommend LoRA rank and alpha (the lesson's table), "
-             "with costs on a real model, or from the effective rank of trained updates.")
+    p = _add(subparsers, "recommend", cmd_recommend, "recommend LoRA rank and alpha",
+             "Recommend LoRA rank and alpha (the lesson's table), with costs on a real model, or from the "
+             "effective rank of trained updates.")
     p.add_argument("--task", choices=recommend.TASKS, default=None)
     p.add_argument("--model-size", default=None, help="7B, 13B or 70B (other sizes map to the nearest column)")
     p.add_argument("--data-size", type=int, default=None, help="number of training examples")
@@ -286,7 +297,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--energy", type=float, default=0.99, help="energy kept by the suggested ranks (default 0.99)")
     _common(p, out_default="")
 
-    p = _add(subparsers, "estimate", cmd_estimate, "Memory and FLOPs of one training step: full, LoRA, QLoRA.")
+    p = _add(subparsers, "estimate", cmd_estimate, "memory and FLOPs of a training step",
+             "Memory breakdown and FLOPs of one training step: full fine-tuning, LoRA, QLoRA.")
     p.add_argument("--model", default="7B", help="preset 7B/13B/70B, a config.json or model directory, or 'default'")
     p.add_argument("--methods", type=_names, default=list(estimate.METHODS), help="full,lora,qlora")
     p.add_argument("--batch-size", type=int, default=1)
@@ -302,13 +314,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--attention", choices=estimate.ATTENTIONS, default="sdpa")
     _common(p)
 
-    p = _add(subparsers, "inspect", cmd_inspect, "Inspect a PEFT-format LoRA adapter.")
+    p = _add(subparsers, "inspect", cmd_inspect, "what an adapter holds; does it fit a base",
+             "Inspect a PEFT-format LoRA adapter: ranks, scaling, parameters, ‖ΔW‖ and effective rank per "
+             "module, and whether it loads against a base.")
     p.add_argument("adapter", help="adapter directory")
     p.add_argument("--base", nargs="?", const="default", default=None,
                    help="check the adapter loads against this base (directory, or no value for the embedded model)")
     _common(p, out_default="")
 
-    p = _add(subparsers, "extract", cmd_extract, "Extract a LoRA adapter from a fully fine-tuned model (truncated SVD).")
+    p = _add(subparsers, "extract", cmd_extract, "LoRA adapter from a fully fine-tuned model",
+             "Extract a LoRA adapter approximating a fully fine-tuned model's difference from its base "
+             "(truncated SVD per module).")
     p.add_argument("--base", default="default", help="base model directory (default: the embedded model)")
     p.add_argument("--tuned", required=True, help="fully fine-tuned model directory")
     p.add_argument("--rank", type=int, required=True)
@@ -318,7 +334,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--energy", type=float, default=None, help="per-module rank holding this energy (<= --rank)")
     _common(p, out_default=None)
 
-    p = _add(subparsers, "resize", cmd_resize, "Compress a LoRA adapter to a lower rank by SVD of its ΔW.")
+    p = _add(subparsers, "resize", cmd_resize, "compress an adapter to a lower rank",
+             "Compress a LoRA adapter to a lower rank by truncated SVD of each module's ΔW.")
     p.add_argument("adapter", help="adapter directory")
     p.add_argument("--rank", type=int, required=True)
     p.add_argument("--out", required=True, help="output adapter directory")

@@ -100,7 +100,10 @@ def select_weights(source: str | None, module: str | None = None, limit: int = 1
     Raises:
         ValueError: if nothing matches.
     """
-    pattern = re.compile(module or DEFAULT_MODULES)
+    try:
+        pattern = re.compile(module or DEFAULT_MODULES)
+    except re.error as exc:
+        raise ValueError(f"--module {module!r} is not a valid regular expression: {exc}") from exc
     sd = load_state_dict(source)
     out = {}
     for key, t in sd.items():

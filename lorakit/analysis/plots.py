@@ -78,7 +78,7 @@ def plot_spectra(spectra: dict[str, Sequence[float]], path: str | Path, title: s
         a2.axhline(level, color="gray", ls=":", lw=0.8)
     a2.set_xscale("log")
     a2.set_xlabel("rank r")
-    a2.set_ylabel("energy Σ_{i≤r} σᵢ² / Σ σᵢ²")
+    a2.set_ylabel("energy captured (top-r σ² / all σ²)")
     a2.set_title("Energy captured")
     if len(spectra) <= 12:
         a2.legend(fontsize=7)

@@ -3,7 +3,8 @@
 ``LinearNF4`` subclasses ``nn.Linear`` (so ``target_modules="all-linear"`` and ``isinstance`` checks
 keep working) but holds no weight parameter: ``weight`` is a read-only dense copy rebuilt from the
 NF4 buffers (see ``lorakit/quant.py``), and ``forward`` dequantises into the input's dtype, one layer
-at a time, so only one dense weight is alive at once. A and B stay in fp32 (or bf16) and train.
+at a time, so only one dense weight is alive at once — in backward too: the weight is dequantised
+again for dX = dY·W rather than kept from the forward. A and B stay in fp32 (or bf16) and train.
 
 Merging never re-quantises (that would add a second rounding to every weight): ``merge`` swaps the
 base for a dense ``nn.Linear`` holding the dequantised W + ΔW, and keeps the NF4 layer aside; once
@@ -19,6 +20,21 @@ from torch import nn
 from lorakit.layers import register_layer_type
 from lorakit.layers.linear import LoraLinear
 from lorakit.quant import dequantize_nf4, quantize_nf4
+
+
+class _NF4MatMul(torch.autograd.Function):
+    """y = x Wᵀ with W dequantised in forward *and again in backward*, so that autograd never keeps
+    the dense weight alive between the two (QLoRA's memory saving; §3 "QLoRA", the backward of the
+    frozen base only needs dX = dY · W)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, layer: "LinearNF4") -> torch.Tensor:  # type: ignore[override]
+        ctx.layer = layer
+        return F.linear(x, layer.dequantize_weight(x.dtype))
+
+    @staticmethod
+    def backward(ctx, grad_out: torch.Tensor):  # type: ignore[override]
+        return grad_out @ ctx.layer.dequantize_weight(grad_out.dtype), None
 
 
 class LinearNF4(nn.Linear):
@@ -70,9 +86,11 @@ class LinearNF4(nn.Linear):
         return self.dequantize_weight()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype if x.is_floating_point() else self.compute_dtype
-        bias = self.bias.to(dtype) if self.bias is not None else None
-        return F.linear(x, self.dequantize_weight(dtype), bias)
+        if x.requires_grad and torch.is_grad_enabled():
+            out = _NF4MatMul.apply(x, self)  # re-dequantise in backward instead of saving W
+        else:
+            out = F.linear(x, self.dequantize_weight(x.dtype))
+        return out + self.bias.to(out.dtype) if self.bias is not None else out
 
     def to_linear(self) -> nn.Linear:
         """A dense ``nn.Linear`` with the dequantised weight and the same bias object."""

@@ -367,7 +367,7 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
         if not eval_examples:
             return {}
         t0 = time.time()
-        res = evaluate(model, tokenizer, eval_examples, cfg.max_length, max(cfg.batch_size, 16), amp, eval_data)
+        res = evaluate(model, tokenizer, eval_examples, cfg.max_length, max(cfg.batch_size, 16), amp)
         log(f"[{tag}] held-out loss {res['loss']:.4f}, accuracy {format_metric(res['accuracy'], True)} "
             f"on {res['n']} examples ({time.time() - t0:.0f} s)")
         return {k: v for k, v in res.items() if k != "predictions"} | {"samples": res["predictions"][:5]}

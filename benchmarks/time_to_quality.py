@@ -1,0 +1,142 @@
+"""Time to the same quality: `lorakit train` (its defaults) vs the usual transformers + PEFT recipe.
+
+Both fine-tune the embedded SmolLM2-135M-Instruct on the built-in Rotten Tomatoes task with the same
+LoRA (r = 8, alpha 16, all linear layers), learning rate, warm-up + cosine schedule, batch size,
+gradient clipping and number of steps; eval loss on the same held-out examples every few steps.
+
+- lorakit: ``lorakit.train.loop.train`` with its defaults (``--precision auto``: bf16 base weights
+  where the CPU supports bf16, fp32 adapters; length-bucketed batches; head and loss only at answer
+  tokens, chunked).
+- recipe: what a user typically writes with transformers + PEFT: fp32 model, ``get_peft_model``,
+  shuffled batches padded to the longest row, ``model(input_ids, attention_mask, labels).loss``
+  (full logits), AdamW.
+
+The target quality is the recipe's final eval loss; the table gives each run's training time
+(evaluation excluded) to first reach it, interpolating between eval points, and the ratio.
+
+    python benchmarks/time_to_quality.py [--steps 40] [--eval-every 10] [--quick]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import machine  # noqa: E402
+
+
+def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
+    """First training time at which the eval-loss curve [(seconds, loss)] reaches ``target`` (interpolated)."""
+    prev = None
+    for t, loss in curve:
+        if loss <= target:
+            if prev is None or prev[1] == loss:
+                return t
+            (t0, l0) = prev
+            return t0 + (t - t0) * (l0 - target) / (l0 - loss)
+        prev = (t, loss)
+    return None
+
+
+def run_recipe(cfg, tokenizer, train_data, eval_data, pad_id: int) -> list[tuple[float, float]]:
+    import peft
+    import torch
+
+    from lorakit.models import load_model_and_tokenizer
+    from lorakit.train.data import collate
+    from lorakit.train.generate import eval_loss
+    from lorakit.train.loop import lr_factor
+
+    torch.manual_seed(cfg.seed)
+    model, _ = load_model_and_tokenizer(cfg.model, dtype=torch.float32)
+    model = peft.get_peft_model(model, peft.LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                                                       target_modules="all-linear", task_type="CAUSAL_LM"))
+    model.config.use_cache = False
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.max_steps, warmup))
+    order = list(range(len(train_data)))
+    random.Random(cfg.seed).shuffle(order)
+    curve = [(0.0, eval_loss(model, eval_data, 16, pad_id, "fp32"))]
+    elapsed = 0.0
+    model.train()
+    for step in range(1, cfg.max_steps + 1):
+        t0 = time.perf_counter()
+        idx = order[(step - 1) * cfg.batch_size: step * cfg.batch_size]
+        batch = collate([train_data[i] for i in idx], pad_id)
+        loss = model(**batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        elapsed += time.perf_counter() - t0
+        if step % cfg.eval_steps == 0 or step == cfg.max_steps:
+            curve.append((elapsed, eval_loss(model, eval_data, 16, pad_id, "fp32")))
+            print(f"  recipe step {step}: {elapsed:.1f} s, eval loss {curve[-1][1]:.4f}", file=sys.stderr, flush=True)
+    return curve
+
+
+def run_lorakit(cfg) -> list[tuple[float, float]]:
+    from lorakit.train.loop import train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg.output = str(Path(tmp) / "run")
+        result = train(cfg, progress=False, log=lambda s: print("  " + s, file=sys.stderr, flush=True))
+        log = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
+    curve = [(0.0, result.before["loss"])]
+    curve += [(rec["elapsed_s"], rec["eval_loss"]) for rec in log if "eval_loss" in rec]
+    curve.append((log[-1]["elapsed_s"], result.after["loss"]))
+    return curve
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--eval-every", type=int, default=10)
+    ap.add_argument("--eval-samples", type=int, default=64)
+    ap.add_argument("--quick", action="store_true", help="8 steps, for a smoke run")
+    args = ap.parse_args()
+    if args.quick:
+        args.steps, args.eval_every, args.eval_samples = 8, 4, 16
+
+    from lorakit.models import load_model_and_tokenizer
+    from lorakit.train.config import TrainConfig
+    from lorakit.train.data import load_examples, tokenize_all
+
+    cfg = TrainConfig(max_steps=args.steps, eval_steps=args.eval_every, eval_samples=args.eval_samples, save_steps=0)
+    _, tokenizer = load_model_and_tokenizer(cfg.model)
+    pad_id = tokenizer.pad_token_id
+    train_data = tokenize_all(tokenizer, load_examples(None, "train"), cfg.max_length)
+    eval_data = tokenize_all(tokenizer, load_examples(None, "test")[: cfg.eval_samples], cfg.max_length)
+
+    recipe = run_recipe(cfg, tokenizer, train_data, eval_data, pad_id)
+    ours = run_lorakit(TrainConfig(**{**cfg.to_dict(), "output": None}))
+    target = recipe[-1][1]
+    t_recipe, t_ours = time_to(recipe, target), time_to(ours, target)
+
+    print(f"Machine: {machine()}\n")
+    print(f"Command: `python benchmarks/time_to_quality.py --steps {args.steps} --eval-every {args.eval_every} "
+          f"--eval-samples {args.eval_samples}`\n")
+    print(f"Target: the recipe's eval loss after {args.steps} steps, {target:.4f} "
+          f"({args.eval_samples} held-out examples, batch {cfg.batch_size}, r {cfg.rank}, lr {cfg.learning_rate:g}).\n")
+    print("| run | eval loss at each eval point (train seconds) | time to target s |")
+    print("|---|---|---|")
+    for name, curve, t in (("transformers + PEFT recipe (fp32)", recipe, t_recipe), ("lorakit train (defaults)", ours, t_ours)):
+        points = ", ".join(f"{loss:.3f} ({sec:.0f})" for sec, loss in curve)
+        print(f"| {name} | {points} | {'not reached' if t is None else f'{t:.1f}'} |")
+    if t_ours is not None and t_recipe:
+        print(f"\n**Time to the same quality, lorakit ÷ recipe: {t_ours / t_recipe:.3f}**")
+    else:
+        print("\nlorakit did not reach the recipe's final eval loss within the same number of steps.")
+
+
+if __name__ == "__main__":
+    main()

