@@ -19,13 +19,16 @@ from lorakit.train.config import HELP, TrainConfig
 
 
 def _quiet_transformers() -> None:
-    """Silence transformers' load progress bars and generation chatter (our own output is enough)."""
+    """Silence transformers' load progress bars and generation chatter; pick the thread count."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    from lorakit.train.generate import auto_threads
+
+    auto_threads()  # train may override it with --threads
 
 
 # --------------------------------------------------------------------------- train
@@ -145,7 +148,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     res = evaluate(model, tok, examples, args.max_length, args.batch_size)
     report = {"adapter": args.adapter, "model": info.get("model") or "SmolLM2-135M-Instruct (embedded)",
               "data": args.data, "n": res["n"], "loss": res["loss"], "accuracy": res["accuracy"],
-              "n_accuracy": res["n_accuracy"]}
+              "n_accuracy": res["n_accuracy"], "n_generated": res["n_generated"]}
     if args.json:
         print(json.dumps(report, indent=1))
     else:

@@ -45,7 +45,7 @@ import yaml
 from lorakit.train.config import TrainConfig
 from lorakit.train.data import (BUILTIN_TASK, Example, Tokenized, collate, epoch_batches, load_examples,
                                 tokenize_all, write_jsonl)
-from lorakit.train.generate import RUN_INFO, autocast, evaluate, eval_loss, format_metric, loss_sum, resolve_precision
+from lorakit.train.generate import RUN_INFO, auto_threads, autocast, evaluate, eval_loss, format_metric, loss_sum, resolve_precision
 
 CHECKPOINT = "checkpoint"
 
@@ -317,8 +317,7 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(f"output directory {str(run_dir)!r} already holds files; pass --resume "
                               f"{run_dir} to continue that run, or choose another --output")
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    threads = auto_threads(cfg.threads)
     precision = resolve_precision(cfg.precision)
     # bf16 for LoRA = bf16 base weights (frozen) with fp32 adapters: half the memory traffic, and the
     # LoRA layers compute their branch in fp32. bf16 for full fine-tuning = fp32 master weights
@@ -408,7 +407,7 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
             "seed": cfg.seed}, cfg)
 
     log(f"training {cfg.method} on {len(train_data)} examples: {total_steps} steps of "
-        f"{cfg.batch_size}x{cfg.grad_accum}, lr {cfg.learning_rate:g}, {precision}, "
+        f"{cfg.batch_size}x{cfg.grad_accum}, lr {cfg.learning_rate:g}, {precision}, {threads} thread(s), "
         f"{n_train:,} trainable parameters -> {run_dir}")
     stop = {"flag": False}
     old_handler = _install_sigint(stop)
@@ -509,7 +508,7 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
         "steps": step, "before": before, "after": result.after,
         "trainable_params": n_train, "total_params": n_total, "train_seconds": round(train_seconds, 2),
         "wall_seconds": round(result.wall_seconds, 2), "tokens_per_second": round(result.tokens_per_second, 1),
-        "peak_memory_mb": round(result.peak_memory_mb, 1), "precision": precision,
+        "peak_memory_mb": round(result.peak_memory_mb, 1), "precision": precision, "threads": threads,
     }
     (run_dir / RUN_INFO).write_text(json.dumps(info, indent=1), encoding="utf-8")
     shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)
