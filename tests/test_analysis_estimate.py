@@ -42,6 +42,17 @@ def test_estimate_with_eager_attention_and_gradient_checkpointing(method):
     assert abs(est.peak - measured["peak"]) / measured["peak"] < 0.15, (est.peak, measured)
 
 
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_estimate_in_bf16(method):
+    import torch
+
+    from lorakit.analysis.measure import build_llama
+
+    measured = measure_config(SMALL, method, 4, 64, model=build_llama(SMALL).to(torch.bfloat16))
+    est = estimate_memory(SMALL, method=method, batch_size=4, seq_len=64, precision="bf16")
+    assert abs(est.peak - measured["peak"]) / measured["peak"] < 0.15, (est.peak, measured)
+
+
 def test_presets_have_llama2_parameter_counts():
     # published parameter counts of Llama-2 7B / 13B / 70B
     assert PRESETS["7B"].total_params() == 6_738_415_616

@@ -14,6 +14,7 @@ from lorakit.analysis.adapter_tools import (
 )
 from lorakit.analysis.estimate import PRESETS, MemoryEstimate, ModelShape, compare_methods, estimate_memory
 from lorakit.analysis.lowrank import parameter_table, reconstruction_errors, spectrum_report, synthetic_low_rank
+from lorakit.analysis.measure import measure_config, measure_step_peak
 from lorakit.analysis.recommend import data_driven_ranks, model_cost, recommend_rank
 
 __all__ = [
@@ -26,6 +27,8 @@ __all__ = [
     "estimate_memory",
     "extract_adapter",
     "inspect_adapter",
+    "measure_config",
+    "measure_step_peak",
     "model_cost",
     "parameter_table",
     "read_adapter",

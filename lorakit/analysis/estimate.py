@@ -263,7 +263,8 @@ def estimate_memory(
         precision: "fp32"; "bf16"/"fp16" (weights, gradients, activations and optimizer states
             in that dtype, as ``torch.optim`` keeps states in the parameter dtype); "mixed" (fp32
             trainable weights, gradients and states, 16-bit activations under autocast, frozen
-            base weights in 16-bit). QLoRA always computes in 16-bit.
+            base weights in 16-bit). LoRA adapters, their gradients and states are fp32 in every
+            case (lorakit and PEFT keep adapters fp32 over a 16-bit base). QLoRA computes in 16-bit.
         optimizer: "adamw" (two states), "sgd" (no momentum, no state) or "adamw8bit"
             (bitsandbytes blockwise 8-bit states).
         gradient_checkpointing: recompute each decoder layer in backward, keeping only its input.
@@ -307,6 +308,8 @@ def estimate_memory(
     if method == "qlora":
         act = half
     wt = 4 if precision in ("fp32", "mixed") else half
+    if method != "full":
+        wt = 4  # adapters stay fp32 over a 16-bit base (lorakit, and PEFT's autocast_adapter_dtype)
     base = 4 if precision == "fp32" else half
     lora = method != "full"
     assumptions: list[str] = []
