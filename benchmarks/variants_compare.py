@@ -131,8 +131,11 @@ def run_one(method: str, rank: int, args: argparse.Namespace) -> dict:
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def interleaved_step_times(methods: list[str], rank: int, args: argparse.Namespace, rounds: int = 4) -> dict[str, float]:
-    """Median training-step time of each method, measured round-robin in one process.
+def interleaved_step_times(methods: list[str], rank: int, args: argparse.Namespace,
+                           rounds: int = 4) -> dict[str, tuple[float, float]]:
+    """Median training-step time and resident model size (parameters + buffers, MiB) of each method.
+
+    Step times are measured round-robin in one process.
 
     On a shared machine the load changes from one run to the next, so the per-run step times of
     the sweep are not comparable; here every method's step k runs right after the others' step k.
@@ -172,7 +175,10 @@ def interleaved_step_times(methods: list[str], rank: int, args: argparse.Namespa
             opt.zero_grad(set_to_none=True)
             if k:  # the first round warms up
                 times[method].append(time.time() - t0)
-    return {m: statistics.median(v) for m, v in times.items()}
+    sizes = {m: (sum(p.numel() * p.element_size() for p in model.parameters())
+                 + sum(b.numel() * b.element_size() for b in model.buffers())) / 2**20
+             for m, (model, _) in setups.items()}
+    return {m: (statistics.median(v), sizes[m]) for m, v in times.items()}
 
 
 def main() -> None:
@@ -196,7 +202,8 @@ def main() -> None:
     if args.timing_only:
         for rank in args.ranks:
             times = interleaved_step_times([m for m in args.methods if m != "base"], rank, args)
-            print(f"r={rank} interleaved median step time (s): " + ", ".join(f"{m} {t:.2f}" for m, t in times.items()), flush=True)
+            print(f"r={rank} interleaved median step time (s) / resident model (MiB): "
+                  + ", ".join(f"{m} {t:.2f} / {mb:.0f}" for m, (t, mb) in times.items()), flush=True)
         return
     if args.one:
         print("RESULT " + json.dumps(run_one(args.one[0], int(args.one[1]), args)), flush=True)

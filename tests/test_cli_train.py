@@ -184,3 +184,39 @@ def test_real_embedded_model_few_steps(tmp_path, capsys):
     assert main(["generate", "--adapter", str(run), "Review: a tender, funny film. Sentiment?",
                  "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out.strip()
+
+
+def test_sigkilled_cli_run_resumes_to_the_uninterrupted_result(trained, tmp_path):
+    """A real ``lorakit train`` process killed with SIGKILL after a checkpoint, then resumed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    args = ["train", "--model", str(trained["model"]), "--data", str(trained["train"]), "--max-steps", "120",
+            "--batch-size", "4", "--save-steps", "3", "--dropout", "0.1", "--precision", "fp32", "--threads", "1",
+            "--no-progress"]
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "lorakit.cli", *args, "--output", str(killed)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while not (killed / "checkpoint" / "trainer_state.json").is_file():
+            assert proc.poll() is None, "the run ended before its first checkpoint"
+            assert time.time() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.05)
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "adapter_model.safetensors").exists()  # killed before the end
+    assert main(["train", "--resume", str(killed), "--no-progress"]) == 0
+    assert main([*args, "--output", str(tmp_path / "straight")]) == 0
+    a = load_file(str(killed / "adapter_model.safetensors"))
+    b = load_file(str(tmp_path / "straight" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

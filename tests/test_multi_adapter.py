@@ -578,3 +578,37 @@ def test_root_called_inside_its_own_forward_keeps_the_outer_plan():
     finally:
         handle.remove()
     assert calls and not m.__dict__["_lorakit_batch"].stack
+
+
+def test_cli_generate_several_adapters_one_per_prompt(tmp_path, capsys):
+    from lorakit.cli import main
+    from tiny_lm import tiny_llama_lm, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    base_dir = tmp_path / "base"
+    tiny_llama_lm(tok).save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    for name, seed in (("pos", 1), ("neg", 2)):
+        torch.manual_seed(seed)
+        m = lk.get_lora_model(tiny_llama_lm(tok), lk.LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False), name)
+        with torch.no_grad():
+            for _, layer in lk.iter_lora_layers(m):
+                layer.lora_B[name].mul_(100)  # strong enough to change greedy tokens
+        lk.save_adapter(m, tmp_path / name, adapter_name=name)
+    prompts, uses = ["good film", "bad movie", "the plot"], ["pos", "__base__", "neg"]
+    common = ["--model", str(base_dir), "--raw", "--precision", "fp32", "--max-new-tokens", "5"]
+    argv = ["generate", *common, "--adapter", f"pos={tmp_path / 'pos'}", "--adapter", f"neg={tmp_path / 'neg'}"]
+    for use in uses:
+        argv += ["--use", use]
+    assert main(argv + prompts) == 0
+    mixed = capsys.readouterr().out.splitlines()
+    alone = []
+    for use, prompt in zip(uses, prompts):
+        adapter = [] if use == "__base__" else ["--adapter", str(tmp_path / use)]
+        assert main(["generate", *common, *adapter, prompt]) == 0
+        alone.append(capsys.readouterr().out.strip())
+    assert mixed == [f"[{use}] {text}" for use, text in zip(uses, alone)]
+    assert len(set(alone)) > 1  # the adapters really change the replies
+    assert main(argv + prompts[:2]) == 2  # 3 --use for 2 prompts: a clear error, exit code 2
+    assert "--use" in capsys.readouterr().err

@@ -6,6 +6,7 @@ bundled Rotten Tomatoes sentiment task, a before/after table at the end.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -93,10 +94,16 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------- inference commands
-def _add_model_flags(p: argparse.ArgumentParser, adapter_required: bool = False) -> None:
-    p.add_argument("--adapter", required=adapter_required, default=None,
-                   help="a run directory from `lorakit train` or a PEFT adapter directory"
-                   + ("" if adapter_required else " (default: none, the base model)"))
+def _add_model_flags(p: argparse.ArgumentParser, adapter_required: bool = False, several: bool = False) -> None:
+    if several:  # generate: --adapter NAME=DIR may repeat; --use picks one per prompt
+        p.add_argument("--adapter", action="append", default=None, metavar="[NAME=]DIR",
+                       help="a run directory from `lorakit train` or a PEFT adapter directory; repeat as "
+                       "NAME=DIR to load several adapters and pick one per prompt with --use "
+                       "(default: none, the base model)")
+    else:
+        p.add_argument("--adapter", required=adapter_required, default=None,
+                       help="a run directory from `lorakit train` or a PEFT adapter directory"
+                       + ("" if adapter_required else " (default: none, the base model)"))
     p.add_argument("--model", default=None,
                    help="base model: transformers directory or .gguf (default: the adapter's base model, "
                    "else the embedded SmolLM2-135M-Instruct)")
@@ -115,14 +122,40 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    model, tok, _ = load_for_inference(args.model, args.adapter, args.precision)
-    prompt = " ".join(args.prompt)
-    if args.raw:
-        ids = tok(prompt)["input_ids"]
+    from lorakit.multi import adapter_batch, check_uses, load_named_adapters, parse_adapter_args
+
+    specs = parse_adapter_args(args.adapter)
+    named = [(n, d) for n, d in specs if n is not None]
+    uses = list(args.use or [])
+    if uses and not named:
+        raise ValueError("--use NAME needs adapters loaded with --adapter NAME=DIR")
+    # Several --use: each positional argument is one (quoted) prompt; else the words form one prompt.
+    prompts = list(args.prompt) if len(uses) > 1 else [" ".join(args.prompt)]
+    model, tok, _ = load_for_inference(args.model, specs[0][1] if specs else None, args.precision)
+    if named:  # reload every adapter under its own name (load_for_inference named the first "default")
+        from lorakit import delete_adapter
+        from lorakit.inject import get_state
+
+        if get_state(model) is not None and "default" in get_state(model).configs:
+            delete_adapter(model, "default")
+        load_named_adapters(model, named)
+        if not uses and len(named) > 1:
+            raise ValueError(f"{len(named)} adapters loaded: say which one each prompt uses with --use NAME")
+        uses = check_uses(model, uses or [named[0][0]], len(prompts))
+    ids = []
+    for prompt in prompts:
+        if args.raw:
+            ids.append(tok(prompt)["input_ids"])
+        else:
+            msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
+            ids.append(encode_prompt(tok, msgs))
+    with adapter_batch(model, uses) if named else contextlib.nullcontext():  # one batch, a row per prompt
+        replies = greedy_generate(model, tok, ids, args.max_new_tokens)
+    if len(prompts) == 1:
+        print(replies[0].strip())
     else:
-        msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
-        ids = encode_prompt(tok, msgs)
-    print(greedy_generate(model, tok, [ids], args.max_new_tokens)[0].strip())
+        for use, reply in zip(uses, replies):
+            print(f"[{use}] {reply.strip()}")
     return 0
 
 
@@ -203,8 +236,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train)
 
     p = subparsers.add_parser("generate", help="generate a reply to one prompt (greedy)")
-    p.add_argument("prompt", nargs="+", help="the user message (rendered with the chat template)")
-    _add_model_flags(p)
+    p.add_argument("prompt", nargs="+", help="the user message (rendered with the chat template); with "
+                   "several --use, one quoted prompt per --use")
+    _add_model_flags(p, several=True)
+    p.add_argument("--use", action="append", default=None, metavar="NAME",
+                   help="adapter (loaded as --adapter NAME=DIR, or __base__ for none) for the prompt at the "
+                   "same position; repeat once per prompt: all prompts run as one mixed-adapter batch")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
     p.add_argument("--system", default=None, help="system message (default: the template's own)")
     p.add_argument("--raw", action="store_true", help="continue the prompt as plain text, no chat template")

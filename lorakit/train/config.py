@@ -68,7 +68,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
     epochs: float = 1.0
-    max_steps: int = 200
+    max_steps: int = 150
     max_train_samples: int = 0
     batch_size: int = 8
     grad_accum: int = 1

@@ -23,7 +23,6 @@ import bz2
 import csv
 import importlib.metadata
 import importlib.util
-import io
 import json
 import random
 import re
