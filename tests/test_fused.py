@@ -91,3 +91,23 @@ def test_saved_tensors_are_smaller_than_plain_path_with_dropout():
     finally:
         layer_type.add_lora = plain
     assert fused < unfused
+
+
+def test_backward_under_bf16_autocast():
+    """Training under torch.autocast(bf16) works and matches the fp32 gradients closely."""
+    from conftest import tiny_llama
+
+    import lorakit as lk
+
+    grads = {}
+    for use_amp in (False, True):
+        model = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+        x = torch.randint(0, 101, (2, 8))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=use_amp):
+            loss = model(x, labels=x).loss
+        loss.backward()
+        A = model.model.layers[0].self_attn.q_proj.lora_A["default"]
+        assert A.grad is not None and A.grad.dtype == torch.float32
+        grads[use_amp] = A.grad.clone()
+    cos = torch.nn.functional.cosine_similarity(grads[False].flatten(), grads[True].flatten(), dim=0)
+    assert cos > 0.95

@@ -27,13 +27,15 @@ class FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                 scale: float, mask: torch.Tensor | None, keep: float) -> torch.Tensor:
-        x2 = x.reshape(-1, x.shape[-1])
-        xa = x2.to(A.dtype)
-        if mask is not None:
-            xa = xa * mask.reshape(xa.shape) / keep
-        h = xa @ A.T                                               # (tokens, r)
-        out2 = result.view(-1, result.shape[-1])
-        out2.addmm_(h.to(result.dtype), B.T.to(result.dtype), alpha=scale)
+        # Autocast off: the branch runs in the adapter's dtype, so backward sees the dtypes it saved.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x2 = x.reshape(-1, x.shape[-1])
+            xa = x2.to(A.dtype)
+            if mask is not None:
+                xa = xa * mask.reshape(xa.shape) / keep
+            h = xa @ A.T                                           # (tokens, r)
+            out2 = result.view(-1, result.shape[-1])
+            out2.addmm_(h.to(result.dtype), B.T.to(result.dtype), alpha=scale)
         ctx.mark_dirty(result)
         ctx.save_for_backward(x, A, B, h, mask)
         ctx.scale, ctx.keep = scale, keep
