@@ -229,7 +229,11 @@ def test_config_yaml_validation_and_precedence(tmp_path):
     with pytest.raises(ValueError, match="rnak"):
         TrainConfig.from_yaml(y)
     with pytest.raises(ValueError, match="method"):
-        TrainConfig(method="qlora")
+        TrainConfig(method="qdora")
+    with pytest.raises(ValueError, match="not full"):
+        TrainConfig(method="full", use_dora=True)
+    with pytest.raises(ValueError, match="lora_plus_ratio"):
+        TrainConfig(lora_plus_ratio=-1)
     with pytest.raises(ValueError, match="batch_size"):
         TrainConfig(batch_size=0)
     with pytest.raises(ValueError, match="rank must be a int"):
@@ -272,3 +276,19 @@ def test_eval_shortcut_gives_the_same_accuracy_as_generating_everything(tmp_path
     assert [p["correct"] for p in fast["predictions"]] == [p["correct"] for p in slow["predictions"]]
     if steps:
         assert fast["accuracy"] > 0.5 and fast["n_generated"] < len(examples)
+
+
+@pytest.mark.parametrize("variant", [
+    dict(method="qlora"), dict(use_dora=True), dict(use_rslora=True), dict(init="pissa"), dict(lora_plus_ratio=16.0),
+], ids=["qlora", "dora", "rslora", "pissa", "loraplus"])
+def test_variants_train_and_save_loadable_adapters(tmp_path, tok, data_files, variant):
+    """Every variant flag of `lorakit train` trains (loss falls) and saves an adapter that loads on the original base."""
+    import lorakit as lk
+
+    cfg = _cfg(tmp_path, data_files, max_steps=20, **variant)
+    res = train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert sum(res.losses[-5:]) / 5 < 0.7 * sum(res.losses[:5]) / 5
+    saved = json.loads((res.run_dir / "adapter_config.json").read_text())
+    assert saved["use_dora"] == bool(variant.get("use_dora")) and saved["use_rslora"] == bool(variant.get("use_rslora"))
+    fresh = lk.load_adapter(tiny_llama_lm(tok), res.run_dir)
+    assert any(isinstance(m, lk.LoraLayer) for m in fresh.modules())

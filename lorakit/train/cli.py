@@ -49,7 +49,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         kind = type(default).__name__ if default is not None else ("float" if f.name == "lr" else "str")
         kwargs: dict[str, Any] = {"type": types[kind], "default": argparse.SUPPRESS, "help": help_text}
         if f.name == "method":
-            kwargs["choices"] = ("lora", "full")
+            kwargs["choices"] = ("lora", "qlora", "full")
         if f.name == "precision":
             kwargs["choices"] = ("auto", "fp32", "bf16")
         p.add_argument(flag, **kwargs)

@@ -22,7 +22,11 @@ HELP: dict[str, str] = {
     "when training on it, else none",
     "eval_samples": "evaluate on at most this many held-out examples (0 = all)",
     "output": "run directory; empty = runs/<task>-<method>-<timestamp>",
-    "method": "'lora' (adapters only) or 'full' (every weight: a baseline)",
+    "method": "'lora' (adapters only), 'qlora' (adapters on a 4-bit NF4 base) or 'full' (every weight: a baseline)",
+    "use_rslora": "rank-stabilised scaling alpha/sqrt(r) (rsLoRA)",
+    "use_dora": "weight-decomposed LoRA (DoRA): a learned magnitude per output channel",
+    "init": "adapter initialisation: 'default' (A random, B zero), 'gaussian', 'pissa', 'pissa_niter_K' or 'olora'",
+    "lora_plus_ratio": "LoRA+: learning rate of B = this ratio x that of A (0 = off; 16 is the paper's choice)",
     "rank": "LoRA rank r",
     "alpha": "LoRA alpha (the update is scaled by alpha/r)",
     "dropout": "dropout on the LoRA branch input",
@@ -64,6 +68,10 @@ class TrainConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: str = "all-linear"
+    use_rslora: bool = False
+    use_dora: bool = False
+    init: str = "default"
+    lora_plus_ratio: float = 0.0
     lr: float | None = None
     weight_decay: float = 0.0
     warmup_ratio: float = 0.05
@@ -88,8 +96,12 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Check every value; raises ValueError naming the bad field and value."""
-        if self.method not in ("lora", "full"):
-            raise ValueError(f"method must be 'lora' or 'full', got {self.method!r}")
+        if self.method not in ("lora", "qlora", "full"):
+            raise ValueError(f"method must be 'lora', 'qlora' or 'full', got {self.method!r}")
+        if not isinstance(self.lora_plus_ratio, (int, float)) or self.lora_plus_ratio < 0:
+            raise ValueError(f"lora_plus_ratio must be >= 0, got {self.lora_plus_ratio!r}")
+        if self.method == "full" and (self.use_dora or self.use_rslora or self.lora_plus_ratio or self.init != "default"):
+            raise ValueError("use_dora / use_rslora / lora_plus_ratio / init apply to --method lora or qlora, not full")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         positive = ("rank", "batch_size", "grad_accum", "max_length")
@@ -120,7 +132,7 @@ class TrainConfig:
         """The effective peak learning rate (method-dependent default)."""
         if self.lr is not None:
             return self.lr
-        return 1e-3 if self.method == "lora" else 5e-5
+        return 5e-5 if self.method == "full" else 1e-3
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON/YAML-serialisable dict of the fields (``extra`` left out)."""

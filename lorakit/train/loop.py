@@ -111,12 +111,16 @@ def prepare_model(model: Any, cfg: TrainConfig, base_name: str) -> Any:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    from lorakit import LoraConfig, get_lora_model
+    from lorakit import LoraConfig, get_lora_model, quantize_model_nf4
 
     targets: str | list[str] = cfg.target_modules
     if targets != "all-linear" and not any(c in targets for c in ".*+?[]()|^$\\"):
         targets = [t.strip() for t in targets.split(",") if t.strip()]  # plain names; else a regex
+    if cfg.method == "qlora":
+        quantize_model_nf4(model, skip=["lm_head"])  # QLoRA: the frozen base held in NF4
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
+                      use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
+                      init_lora_weights=True if cfg.init == "default" else cfg.init,
                       task_type="CAUSAL_LM", base_model_name_or_path=base_name)
     return get_lora_model(model, lcfg)
 
@@ -147,7 +151,7 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: torch.optim.Optimizer,
         torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
         state = dict(state, python_random=random.getstate()[1][:1])  # informational only
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-        if cfg.method == "lora":
+        if cfg.method != "full":
             from lorakit import save_adapter
 
             save_adapter(model, tmp / "adapter")
@@ -246,7 +250,7 @@ def results_table(result: TrainResult, cfg: TrainConfig) -> str:
     lines = [f"{r[0]:<34}{r[1]:>10}{r[2]:>10}" for r in rows]
     lines.append("-" * 54)
     extra = [
-        ("method", f"{cfg.method}" + (f" r={cfg.rank} alpha={cfg.alpha:g} on {cfg.target_modules}" if cfg.method == "lora" else "")),
+        ("method", f"{cfg.method}" + (f" r={cfg.rank} alpha={cfg.alpha:g} on {cfg.target_modules}" if cfg.method != "full" else "")),
         ("trainable parameters", f"{result.trainable_params:,} of {result.total_params:,} ({pct:.2f}%)"),
         ("held-out examples", f"{b.get('n', a.get('n', 0))}"),
         ("optimizer steps", f"{result.steps} x {cfg.batch_size * cfg.grad_accum} examples"),
@@ -322,7 +326,7 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
     # bf16 for LoRA = bf16 base weights (frozen) with fp32 adapters: half the memory traffic, and the
     # LoRA layers compute their branch in fp32. bf16 for full fine-tuning = fp32 master weights
     # under bf16 autocast (AdamW on bf16 weights would lose small updates to rounding).
-    weight_dtype = torch.bfloat16 if precision == "bf16" and cfg.method == "lora" else torch.float32
+    weight_dtype = torch.bfloat16 if precision == "bf16" and cfg.method != "full" else torch.float32
     amp = "bf16" if precision == "bf16" and cfg.method == "full" else "fp32"
 
     # 1. Data first: every line is validated before a model is loaded or a step is taken.
@@ -390,7 +394,13 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
 
     per_epoch, total_steps = plan_steps(cfg, len(train_data))
     warmup = math.ceil(cfg.warmup_ratio * total_steps)
-    optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+    if cfg.lora_plus_ratio:
+        from lorakit import create_loraplus_optimizer  # LoRA+: B learns ratio x faster than A
+
+        optimizer = create_loraplus_optimizer(model, lr=cfg.learning_rate, ratio=cfg.lora_plus_ratio,
+                                              weight_decay=cfg.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
 
     step, tokens_done, train_seconds = 0, 0, 0.0
@@ -494,10 +504,11 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
 
     # 4. Final artefacts, then the after-training evaluation.
     model.eval()
-    if cfg.method == "lora":
+    if cfg.method != "full":
         from lorakit import save_adapter
 
-        save_adapter(model, run_dir)
+        # PiSSA / OLoRA adapters are exported as plain LoRA against the original base weights.
+        save_adapter(model, run_dir, convert_to_lora=cfg.init.lower().startswith(("pissa", "olora")))
     else:
         model.config.use_cache = True
         model.save_pretrained(run_dir / "model")
