@@ -341,3 +341,39 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", required=True, help="output adapter directory")
     p.add_argument("--energy", type=float, default=None, help="per-module rank holding this energy (<= --rank)")
     _common(p, out_default=None)
+
+    p = _add(subparsers, "sweep", cmd_sweep, "train at several ranks and compare",
+             "The lesson's exercise: train the same task at several LoRA ranks (alpha = 2r) for the same "
+             "number of steps, then print and plot trainable parameters, held-out loss, accuracy and step time.")
+    p.add_argument("--ranks", type=_ints, default=list(DEFAULT_SWEEP_RANKS), help="ranks to train (default 1,2,4,8,16,32,64)")
+    p.add_argument("--max-steps", type=int, default=50, help="optimizer steps per rank (default 50)")
+    p.add_argument("--eval-samples", type=int, default=100, help="held-out examples per evaluation (default 100)")
+    p.add_argument("--data", default=None, help="training JSONL (default: the bundled Rotten Tomatoes task)")
+    p.add_argument("--eval-data", default=None, help="held-out JSONL (default: the bundled task's held-out split)")
+    p.add_argument("--model", default=None, help="base model directory or .gguf (default: the embedded SmolLM2-135M)")
+    p.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: lorakit train's, 1e-3)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default=None, help="parent directory of the runs (default runs/sweep-<time>)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--no-plot", action="store_true", help="write no PNG")
+
+
+DEFAULT_SWEEP_RANKS = (1, 2, 4, 8, 16, 32, 64)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """Handler of ``lorakit sweep``."""
+    import time
+
+    from lorakit.analysis.sweep import plot_sweep, run_sweep, sweep_table
+    from lorakit.train.config import TrainConfig
+
+    base = TrainConfig(model=args.model, data=args.data, eval_data=args.eval_data, eval_samples=args.eval_samples,
+                       max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_steps=0)
+    out = Path(args.output or f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
+    rows = run_sweep(base, args.ranks, out, log=(lambda s: None) if args.json else print)
+    print(json.dumps(rows, indent=2) if args.json else sweep_table(rows))
+    if not args.no_plot:
+        print(f"plot: {plot_sweep(rows, out / 'sweep.png')}")
+    return 0
