@@ -292,3 +292,27 @@ def test_variants_train_and_save_loadable_adapters(tmp_path, tok, data_files, va
     assert saved["use_dora"] == bool(variant.get("use_dora")) and saved["use_rslora"] == bool(variant.get("use_rslora"))
     fresh = lk.load_adapter(tiny_llama_lm(tok), res.run_dir)
     assert any(isinstance(m, lk.LoraLayer) for m in fresh.modules())
+
+
+def test_auto_threads_leaves_busy_cores_alone(monkeypatch):
+    import torch
+
+    import lorakit.train.generate as gen
+
+    before = torch.get_num_threads()
+    try:
+        for busy, expected in ((0.1, 2), (0.9, 1), (1.7, 1), (None, 2)):
+            torch.set_num_threads(2)
+            monkeypatch.setattr(gen, "busy_cores", lambda window=0.3, b=busy: b)
+            assert gen.auto_threads() == expected, busy
+        torch.set_num_threads(2)
+        assert gen.auto_threads(requested=1) == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_busy_cores_reads_proc_stat():
+    from lorakit.train.generate import busy_cores
+
+    value = busy_cores(window=0.05)
+    assert value is None or 0.0 <= value <= (__import__("os").cpu_count() or 1) + 1e-6

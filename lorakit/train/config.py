@@ -49,8 +49,8 @@ HELP: dict[str, str] = {
     "eval_steps": "compute the held-out loss every N steps (0 = only before and after)",
     "logging_steps": "print a log line every N steps (every step is always written to log.jsonl)",
     "gradient_checkpointing": "recompute activations in the backward pass (less memory, slower)",
-    "threads": "torch CPU threads (0 = auto: one per core, fewer when the load average says the cores "
-    "are busy)",
+    "threads": "torch CPU threads (0 = auto: one per core, minus the cores other processes keep busy "
+    "when training starts)",
 }
 
 

@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
@@ -60,23 +61,45 @@ def autocast(precision: str) -> ContextManager[Any]:
     return contextlib.nullcontext()
 
 
+def busy_cores(window: float = 0.3) -> float | None:
+    """How many cores other work keeps busy right now, from two ``/proc/stat`` samples (Linux).
+
+    Unlike the load average (a one-minute moving average, still high for a minute after a pip
+    install or a finished job), this sees the machine as it is when training starts. Returns None
+    where ``/proc/stat`` cannot be read.
+    """
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as handle:
+            values = [int(v) for v in handle.readline().split()[1:]]
+        idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+        return sum(values) - idle, sum(values)
+
+    try:
+        busy0, total0 = sample()
+        time.sleep(window)
+        busy1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    if total1 <= total0:
+        return None
+    return (busy1 - busy0) / (total1 - total0) * (os.cpu_count() or 1)
+
+
 def auto_threads(requested: int = 0) -> int:
     """Set and return torch's CPU thread count: ``requested``, or (0) one that fits the machine.
 
-    Auto: torch's default (one per core), except on a machine whose cores are already busy (the
-    1-minute load average leaves less than one core free per thread): there OpenMP threads spend
-    their time spin-waiting for each other, and one thread was measured 4-6x faster than two on
-    the shared 2-core demo machine.
+    Auto: torch's default (one per core), minus the cores other processes keep busy right now
+    (``busy_cores``): on a busy machine OpenMP threads spend their time spin-waiting for each
+    other, and one thread was measured 4-6x faster than two on the shared 2-core demo machine.
     """
     if requested:
         torch.set_num_threads(requested)
         return requested
     threads = torch.get_num_threads()
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
+    busy = busy_cores()
+    if busy is None:
         return threads
-    free = max(1, round(threads - load))
+    free = max(1, round(threads - busy))
     if free < threads:
         torch.set_num_threads(free)
     return torch.get_num_threads()
