@@ -89,7 +89,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     if result.interrupted:
         return 130
-    print(f"\ntry it:  lorakit generate --adapter {result.run_dir} \"Review: a tender, funny film.\"")
+    where = f"--model {result.run_dir / 'model'}" if cfg.method == "full" else f"--adapter {result.run_dir}"
+    print(f"\ntry it:  lorakit generate {where} \"Review: a tender, funny film.\"")
     return 0
 
 
