@@ -316,3 +316,22 @@ def test_busy_cores_reads_proc_stat():
 
     value = busy_cores(window=0.05)
     assert value is None or 0.0 <= value <= (__import__("os").cpu_count() or 1) + 1e-6
+
+
+def test_head_split_used_for_plain_lm_and_not_for_peft_wrapper(tok):
+    """The label-positions fast path applies to a plain LM, and falls back for a PEFT-wrapped one."""
+    import peft
+    import torch
+
+    from lorakit.train.generate import _head_parts, loss_sum
+
+    plain = tiny_llama_lm(tok)
+    assert _head_parts(plain) is not None
+    wrapped = peft.get_peft_model(tiny_llama_lm(tok), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert _head_parts(wrapped) is None
+    ids = torch.randint(4, len(tok), (2, 7))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+    with torch.no_grad():
+        a, n = loss_sum(plain, batch)
+        b, m = loss_sum(wrapped, batch)  # fresh PEFT adapter: same function as the plain model
+    assert n == m and torch.allclose(a, b, atol=1e-4)

@@ -116,6 +116,9 @@ def _head_parts(model: Any) -> tuple[Any, Any] | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if backbone is None or head is None or backbone is model:
         return None
+    get_head = getattr(backbone, "get_output_embeddings", None)
+    if callable(get_head) and get_head() is not None:
+        return None  # a wrapper (e.g. a PeftModel) whose "backbone" is the whole LM, head included
     return backbone, head
 
 
