@@ -210,7 +210,7 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     required, optional = _expected_tensors(model, config)
     _check_tensors(tensors, required, optional, str(Path(directory) / WEIGHTS_NAME))
 
-    backups: dict[str, torch.Tensor] = {}
+    backups: list[tuple[torch.Tensor, torch.Tensor]] = []  # (model tensor, its value before loading)
     # A PiSSA/OLoRA adapter saved without convert_to_lora holds A, B for the *residual* base: redo the
     # init on the base first (as PEFT does on load) so that W_res + s·B·A is what was trained. Exact for
     # the deterministic "pissa"/"olora"; "pissa_niter_K" is randomised, so save those converted.
@@ -227,20 +227,18 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     try:
         with torch.no_grad():
             dest = adapter_destinations(model, adapter_name)
+            params = dict(model.named_parameters(remove_duplicate=False))
             for key, tensor in tensors.items():
                 target = dest.get(key)
                 if target is None:  # an optional base tensor (bias / base weight) of the model
-                    name = key[len(PREFIX):]
-                    target = dict(model.named_parameters(remove_duplicate=False)).get(name)
+                    target = params.get(key[len(PREFIX):])
                     if target is None:
                         raise ValueError(f"no parameter for {key} after injection")
-                    backups[name] = target.detach().clone()
+                    backups.append((target, target.detach().clone()))
                 target.copy_(tensor.to(target.dtype))
     except BaseException:
         with torch.no_grad():
-            for name, value in backups.items():
-                dict(model.named_parameters(remove_duplicate=False))[name].copy_(value)
-            for weight, value in base_backups:
+            for weight, value in backups + base_backups:
                 weight.copy_(value)
         _remove_adapter_everywhere(model, adapter_name)
         raise
