@@ -6,11 +6,13 @@ repeated; the table reports ratios (median, min–max over repeats), never absol
     python benchmarks/train_step.py [--repeats 2] [--steps 3]
 
 Workloads (batch 4 × 256 tokens of the embedded SmolLM2-135M-Instruct, r = 16 on all linear layers,
-lora_alpha 32, dropout 0.05, AdamW, fp32):
+lora_alpha 32, AdamW, fp32; LoRA dropout 0 — both libraries' default — and 0.05 for ``lm``):
 - ``lm``: every position is a label (plain language-model batch);
 - ``sft``: only the last 32 tokens of each row are labels (prompt masked, as in instruction tuning).
-PEFT runs the usual recipe: ``model(input_ids, attention_mask, labels).loss``. lorakit runs its
-training loss (``lorakit.train.generate.loss_sum``: head + loss only at label positions, chunked).
+PEFT runs the usual recipe: ``model(input_ids, attention_mask, labels).loss``. lorakit runs what
+``lorakit train`` runs: ``get_lora_model`` + ``fuse_swiglu_mlps`` and its training loss
+(``lorakit.train.generate.loss_sum``: head + loss only at label positions, chunked). The full
+fine-tuning step uses lorakit's loss too, so LoRA ÷ full compares like with like.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, peak_rss_mb, ratio_stats, reset_peak_rss, run_worker  # noqa: E402
 
 BATCH, SEQ, RANK, ANSWER = 4, 256, 16, 32
+#: (workload, LoRA dropout): both libraries' LoraConfig default is dropout 0; `lorakit train` uses 0.05.
+WORKLOADS = [("lm", 0.0), ("sft", 0.0), ("lm", 0.05)]
 
 
 def make_batch(workload: str, vocab: int):
@@ -37,7 +41,7 @@ def make_batch(workload: str, vocab: int):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def worker(lib: str, method: str, workload: str, steps: int) -> dict:
+def worker(lib: str, method: str, workload: str, steps: int, dropout: float) -> dict:
     import time
 
     import torch
@@ -51,7 +55,7 @@ def worker(lib: str, method: str, workload: str, steps: int) -> dict:
     if lib == "peft":
         import peft
 
-        cfg = peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.05, target_modules="all-linear")
+        cfg = peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=dropout, target_modules="all-linear")
         model = peft.get_peft_model(model, cfg)
 
         def loss_fn():
@@ -60,8 +64,9 @@ def worker(lib: str, method: str, workload: str, steps: int) -> dict:
         import lorakit as lk
         from lorakit.train.generate import loss_sum
 
-        if method == "lora":
-            lk.get_lora_model(model, lk.LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=0.05, target_modules="all-linear"))
+        if method == "lora":  # as `lorakit train` sets it up (lorakit.train.loop.prepare_model)
+            lk.get_lora_model(model, lk.LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=dropout, target_modules="all-linear"))
+            lk.fuse_swiglu_mlps(model)
 
         def loss_fn():
             loss, n = loss_sum(model, batch)
@@ -111,27 +116,32 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--worker", nargs=4, metavar=("LIB", "METHOD", "WORKLOAD", "STEPS"))
+    ap.add_argument("--worker", nargs=5, metavar=("LIB", "METHOD", "WORKLOAD", "STEPS", "DROPOUT"))
     args = ap.parse_args()
     if args.worker:
-        lib, method, workload, steps = args.worker
-        print(json.dumps(worker(lib, method, workload, int(steps))))
+        lib, method, workload, steps, dropout = args.worker
+        print(json.dumps(worker(lib, method, workload, int(steps), float(dropout))))
         return
     script = Path(__file__)
     rows = []
-    for workload in ("lm", "sft"):
+    full_by_workload: dict[str, list[dict]] = {}
+    for workload, dropout in WORKLOADS:
         runs: dict[str, list[dict]] = {"lorakit": [], "peft": [], "full": []}
         for _ in range(args.repeats):
             for key, lib, method in (("lorakit", "lorakit", "lora"), ("peft", "peft", "lora"), ("full", "lorakit", "full")):
-                runs[key].append(run_worker(script, [lib, method, workload, str(args.steps)]))
-                print(f"  {workload} {key}: {runs[key][-1]}", file=sys.stderr, flush=True)
+                if key == "full" and dropout:
+                    continue  # full fine-tuning has no LoRA dropout: the p = 0 row already measures it
+                runs[key].append(run_worker(script, [lib, method, workload, str(args.steps), str(dropout)]))
+                print(f"  {workload} p={dropout} {key}: {runs[key][-1]}", file=sys.stderr, flush=True)
         t = [a["time"] / b["time"] for a, b in zip(runs["lorakit"], runs["peft"])]
         m = [a["peak_mb"] / b["peak_mb"] for a, b in zip(runs["lorakit"], runs["peft"])]
         s = [a["saved_mb"] / b["saved_mb"] for a, b in zip(runs["lorakit"], runs["peft"])]
-        f = [a["time"] / b["time"] for a, b in zip(runs["lorakit"], runs["full"])]
+        full = runs["full"] or full_by_workload[workload]
+        f = [a["time"] / b["time"] for a, b in zip(runs["lorakit"], full)]
+        full_by_workload.setdefault(workload, runs["full"])
         lk0 = runs["lorakit"][0]
         floor = 2 / 3 + lk0["trainable"] / lk0["frozen"]
-        rows.append((workload, t, m, s, f, floor, runs))
+        rows.append((f"{workload}, dropout {dropout:g}", t, m, s, f, floor, runs))
     print(f"Machine: {machine()}\n")
     print(f"Command: `python benchmarks/train_step.py --repeats {args.repeats} --steps {args.steps}`\n")
     print("| workload | step time lorakit ÷ PEFT | peak RSS lorakit ÷ PEFT | saved-for-backward lorakit ÷ PEFT | LoRA ÷ full step (floor 2/3 + P/N) |")
@@ -143,6 +153,8 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for workload, *_, runs in rows:
         for key, vals in runs.items():
+            if not vals:
+                continue  # the dropout row reuses the p = 0 full fine-tuning runs
             print(f"| {workload} | {key} | {statistics.median(v['time'] for v in vals):.2f} | "
                   f"{statistics.median(v['peak_mb'] for v in vals):.0f} | {statistics.median(v['saved_mb'] for v in vals):.0f} |")
 

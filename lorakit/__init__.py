@@ -18,8 +18,11 @@ from lorakit.loraplus import create_loraplus_optimizer, loraplus_param_groups
 from lorakit.quant import nf4_memory, quantize_model_nf4
 from lorakit.multi import BASE_NAME, CombineReport, adapter_batch, combine_adapters, generate, hotswap_adapter
 from lorakit.lesson import apply_lora_to_model, load_lora_weights, merge_lora_weights, save_lora_weights
+from lorakit.ops import fuse_swiglu_mlps, unfuse_swiglu_mlps
 
 __all__ = [
+    "fuse_swiglu_mlps",
+    "unfuse_swiglu_mlps",
     "LinearNF4",
     "create_loraplus_optimizer",
     "loraplus_param_groups",

@@ -5,7 +5,8 @@
   there at injection, pops ``adapter_names``, checks it and groups the rows by adapter *once per
   forward* (a ``MixedBatchPlan``); every LoRA layer reads the plan from a context object shared by
   the model's layers and handles each group with slices (contiguous rows) or index_select /
-  index_add_ (``LoraLayer.mixed_forward``). A forward hook with ``always_call=True`` clears the plan,
+  index_add_ (``LoraLayer.mixed_forward``); for few tokens (decode steps) Linear layers run all
+  groups in two batched matmuls instead (``LoraLinear.mixed_forward``). A forward hook with ``always_call=True`` clears the plan,
   also when the forward raises. ``transformers``' ``generate`` rejects unknown model kwargs, so use
   ``lorakit.generate(model, ..., adapter_names=...)`` or ``with adapter_batch(model, names):``.
 * **combine_adapters.** ``method="cat"`` is exactly Σ wᵢ·ΔWᵢ (the A's stacked, the weighted, scaled
@@ -54,6 +55,8 @@ class MixedBatchPlan:
     batch_size: int
     groups: tuple[tuple[str, slice | torch.Tensor], ...]
     names: tuple[str, ...]
+    #: Per-forward scratch shared by the layers (e.g. the token layout of the batched decode path).
+    cache: dict[Any, Any] = field(default_factory=dict, compare=False, repr=False)
 
 
 class MixedBatchContext:

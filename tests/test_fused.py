@@ -4,11 +4,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorakit.layers.fused import FusedLoraLinear, dropout_mask, fused_lora_add
+from lorakit.layers.fused import FusedLoraLinear, KeepMask, dropout_mask, fused_lora_add
 
 
-def reference(result, x, A, B, scale, mask, keep):
-    xa = x if mask is None else x * mask / keep
+def reference(result, x, A, B, scale, drop):
+    xa = x if drop is None else x * drop.get().reshape(x.shape) / drop.keep
     return result + scale * (xa @ A.T) @ B.T
 
 
@@ -20,20 +20,57 @@ def test_fused_matches_plain_in_float64(p, shape):
     x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     A = torch.randn(4, 10, dtype=torch.float64, requires_grad=True)
     B = torch.randn(12, 4, dtype=torch.float64, requires_grad=True)
-    mask = dropout_mask(x.shape, p, x.device) if p else None
-    keep = 1 - p
+    drop = KeepMask((x.numel() // 10, 10), p, x.device) if p else None
 
-    ref = reference(x @ W.T, x, A, B, 1.7, mask, keep)
+    ref = reference(x @ W.T, x, A, B, 1.7, drop)
     g = torch.randn_like(ref)
     ref_grads = torch.autograd.grad(ref, (x, A, B), g)
 
-    out = FusedLoraLinear.apply(x @ W.T, x, A, B, 1.7, mask, keep)
+    out = FusedLoraLinear.apply(x @ W.T, x, A, B, 1.7, drop)
     grads = torch.autograd.grad(out, (x, A, B), g)
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
-    assert torch.autograd.gradcheck(lambda x_, A_, B_: FusedLoraLinear.apply(x_ @ W.T, x_, A_, B_, 1.7, mask, keep),
+    assert torch.autograd.gradcheck(lambda x_, A_, B_: FusedLoraLinear.apply(x_ @ W.T, x_, A_, B_, 1.7, drop),
                                     (x, A, B))
+
+
+def test_keep_mask_is_redrawn_bit_for_bit_and_advances_the_global_generator():
+    torch.manual_seed(1)
+    drop = KeepMask((300, 70), 0.1, torch.device("cpu"))
+    first = drop.get().clone()
+    after_draw = torch.rand(3)
+    drop.release()
+    assert torch.equal(drop.get(), first)                  # redrawn from the saved state
+    torch.manual_seed(1)
+    KeepMask((300, 70), 0.1, torch.device("cpu"))
+    assert torch.equal(torch.rand(3), after_draw)          # the redraw did not touch the global generator
+    assert abs(first.float().mean().item() - drop.keep) < 0.01
+    assert drop.keep == round(0.9 * 65536) / 65536
+
+
+def test_keep_mask_edge_probabilities():
+    assert KeepMask((5, 7), 0.0, torch.device("cpu")).get().all()
+    none = KeepMask((5, 7), 1.0, torch.device("cpu"))
+    assert not none.get().any() and none.inv_keep == 0.0
+    with pytest.raises(ValueError, match="dropout probability"):
+        KeepMask((2, 2), 1.5, torch.device("cpu"))
+    x, A, B = torch.randn(5, 7), torch.randn(2, 7), torch.randn(3, 2)
+    base = torch.randn(5, 3)
+    out = FusedLoraLinear.apply(base.clone(), x, A, B, 2.0, none)
+    torch.testing.assert_close(out, base)                  # p = 1: the branch adds nothing
+
+
+def test_fused_dropout_on_a_view_falls_back_with_the_same_statistics():
+    torch.manual_seed(0)
+    x = torch.randn(64, 32, requires_grad=True)
+    A, B = torch.randn(4, 32, requires_grad=True), torch.randn(6, 4, requires_grad=True)
+    base = torch.zeros(64, 12)[:, :6]                      # a view: the in-place path is not safe
+    out = fused_lora_add(base, x, A, B, 1.0, 0.5, training=True)
+    zeroed = ((x @ A.T) @ B.T - out).abs().sum(1) > 0
+    assert out.shape == (64, 6) and 0 < int(zeroed.sum()) <= 64
+    out.sum().backward()
+    assert A.grad is not None and x.grad is not None
 
 
 def test_dropout_mask_statistics_and_eval_has_no_dropout():

@@ -612,3 +612,42 @@ def test_cli_generate_several_adapters_one_per_prompt(tmp_path, capsys):
     assert len(set(alone)) > 1  # the adapters really change the replies
     assert main(argv + prompts[:2]) == 2  # 3 --use for 2 prompts: a clear error, exit code 2
     assert "--use" in capsys.readouterr().err
+
+
+# ---- the batched decode path of Linear layers (few tokens: two bmm for all adapters) --------------------
+
+
+def test_batched_and_grouped_mixed_paths_agree(monkeypatch):
+    import lorakit.layers.linear as linear_mod
+
+    m = with_adapters(tiny_llama(), LLAMA_ADAPTERS)  # ranks 4, 2, 3 and 5: padded to the largest
+    x = llama_ids(rows=7, seq=1)
+    names = ["code", "legal", "__base__", "medical", "legal", "code", "code"]
+    batched = check_rows(m, x, names)
+    layer = m.model.layers[0].self_attn.v_proj
+    assert "_stack_cache" in layer.__dict__                  # the batched path ran
+    monkeypatch.setattr(linear_mod, "BATCHED_MIXED_MAX_TOKENS", 0)
+    grouped = out(m, x, adapter_names=names)
+    torch.testing.assert_close(batched, grouped, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_path_sees_changed_weights_and_deleted_adapters():
+    m = with_adapters(tiny_llama(), LLAMA_ADAPTERS)
+    x = llama_ids(rows=4, seq=2)
+    names = ["code", "legal", "medical", "code"]
+    check_rows(m, x, names)
+    with torch.no_grad():  # an optimizer step or hot swap changes weights in place
+        m.model.layers[1].mlp.gate_proj.lora_B["legal"].add_(0.5)
+    check_rows(m, x, names)
+    lk.delete_adapter(m, "medical")
+    assert "_stack_cache" not in m.model.layers[0].self_attn.v_proj.__dict__
+    check_rows(m, x, ["code", "legal", "__base__", "code"])
+
+
+def test_mixed_batch_with_gradients_takes_the_grouped_path():
+    m = with_adapters(tiny_llama(), LLAMA_ADAPTERS)
+    x = llama_ids(rows=3, seq=2)
+    loss = m(x, adapter_names=["code", "legal", "medical"], labels=x).loss
+    loss.backward()
+    assert m.model.layers[0].self_attn.v_proj.lora_B["legal"].grad is not None
+    assert "_stack_cache" not in m.model.layers[0].self_attn.v_proj.__dict__

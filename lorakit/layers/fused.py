@@ -6,76 +6,151 @@ input (a full (tokens, in) float tensor per adapted layer) and allocate two (tok
 
 - adds the branch into the base output in place, ``result.addmm_(h, Bᵀ, alpha=s)`` (no temporaries),
 - saves for backward only the input ``x`` itself (usually already alive for other layers: q, k and v
-  share it), the (tokens, r) product ``h`` and, with dropout, a 1-byte-per-element keep mask,
-- recomputes the dropped-out input inside backward, where it is needed once for dL/dA.
+  share it) and the (tokens, r) product ``h``,
+- keeps no dropout mask at all: it remembers the random generator's state and redraws the same
+  mask in backward (``KeepMask``), where it is needed once for dL/dA and dL/dx.
 
 The gradients equal the plain path's (tests compare them in float64).
+
+Dropout masks are drawn 16 bits per element from 64-bit random words (four elements per word), which
+is about six times faster on CPU than ``bernoulli_``; the keep probability is therefore rounded to a
+multiple of 1/65536 (p = 0.05 keeps with probability 0.949997), and the survivors are scaled by the
+inverse of that exact probability, so the branch stays unbiased.
 """
 from __future__ import annotations
 
+import math
+
 import torch
+
+_RESOLUTION = 1 << 16
+
+
+def _default_generator(device: torch.device) -> torch.Generator | None:
+    """The global generator that ``torch.empty(..., device=device).random_()`` draws from, if known."""
+    if device.type == "cpu":
+        return torch.default_generator
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return None
+
+
+class KeepMask:
+    """An inverted-dropout keep-mask that can be redrawn from the generator state instead of stored.
+
+    Drawing it advances the global generator as dropout would. ``get()`` returns the boolean mask;
+    ``release()`` drops the tensor (it is redrawn bit for bit by the next ``get()``) where the device's
+    generator state can be captured, and keeps it otherwise.
+
+    Attributes:
+        shape: Shape of the mask.
+        keep: Exact keep probability (``1 - p`` rounded to a multiple of 1/65536).
+        inv_keep: ``1 / keep`` (0 when nothing is kept, i.e. p = 1).
+    """
+
+    def __init__(self, shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> None:
+        if not 0.0 <= p <= 1.0:
+            raise ValueError(f"dropout probability must be in [0, 1], got {p}")
+        self.shape, self.device = torch.Size(shape), torch.device(device)
+        self.threshold = round((1.0 - p) * _RESOLUTION)  # keep where a uniform 16-bit draw is below it
+        self.keep = self.threshold / _RESOLUTION
+        self.inv_keep = 1.0 / self.keep if self.threshold else 0.0
+        generator = _default_generator(self.device)
+        self._state = generator.get_state() if generator is not None else None
+        self._mask: torch.Tensor | None = self._draw(None)
+
+    def _draw(self, generator: torch.Generator | None) -> torch.Tensor:
+        if self.threshold >= _RESOLUTION:
+            return torch.ones(self.shape, dtype=torch.bool, device=self.device)
+        n = math.prod(self.shape)
+        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=self.device)
+        words.random_(-(1 << 63), (1 << 63) - 1, generator=generator)
+        lanes = words.view(torch.int16)[:n].view(self.shape)             # uniform in [-32768, 32767]
+        return lanes < self.threshold - _RESOLUTION // 2
+
+    def get(self) -> torch.Tensor:
+        """The boolean keep-mask (True = kept), redrawn from the saved state if it was released."""
+        if self._mask is None:
+            generator = torch.Generator(self.device)
+            generator.set_state(self._state)
+            self._mask = self._draw(generator)
+        return self._mask
+
+    def release(self) -> None:
+        """Free the mask tensor when it can be redrawn later."""
+        if self._state is not None:
+            self._mask = None
 
 
 def dropout_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """Boolean keep-mask for inverted dropout with drop probability ``p``."""
-    return torch.empty(shape, device=device).bernoulli_(1.0 - p).bool()
+    """Boolean keep-mask for inverted dropout with drop probability ``p`` (see ``KeepMask``)."""
+    return KeepMask(shape, p, device).get()
 
 
 class FusedLoraLinear(torch.autograd.Function):
-    """``result += scale · (drop(x) Aᵀ) Bᵀ`` in place; gradients for x, A, B and result."""
+    """``result += scale · (drop(x) Aᵀ) Bᵀ`` in place; gradients for x, A, B and result.
+
+    ``drop`` is a ``KeepMask`` over ``x`` viewed as (tokens, in), or None for no dropout.
+    """
 
     @staticmethod
     def forward(ctx, result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
-                scale: float, mask: torch.Tensor | None, keep: float) -> torch.Tensor:
+                scale: float, drop: KeepMask | None) -> torch.Tensor:
         # Autocast off: the branch runs in the adapter's dtype, so backward sees the dtypes it saved.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1])
-            xa = x2.to(A.dtype)
-            if mask is not None:
-                xa = xa * mask.reshape(xa.shape) / keep
-            h = xa @ A.T                                           # (tokens, r)
+            x2 = x.reshape(-1, x.shape[-1]).to(A.dtype)
+            if drop is not None:
+                h = (x2 * drop.get().view(torch.uint8)) @ A.T      # (tokens, r); uint8 is 4x faster than bool
+                h.mul_(drop.inv_keep)
+                drop.release()
+            else:
+                h = x2 @ A.T
             out2 = result.view(-1, result.shape[-1])
             out2.addmm_(h.to(result.dtype), B.T.to(result.dtype), alpha=scale)
         ctx.mark_dirty(result)
-        ctx.save_for_backward(x, A, B, h, mask)
-        ctx.scale, ctx.keep = scale, keep
+        ctx.save_for_backward(x, A, B, h)
+        ctx.scale, ctx.drop = scale, drop
         return result
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, A, B, h, mask = ctx.saved_tensors
-        scale, keep = ctx.scale, ctx.keep
+        x, A, B, h = ctx.saved_tensors
+        scale, drop = ctx.scale, ctx.drop
         g2 = grad.reshape(-1, grad.shape[-1]).to(B.dtype)
-        gh = (g2 @ B) * scale                                      # (tokens, r)
         grad_x = grad_A = grad_B = None
         if ctx.needs_input_grad[3]:
-            grad_B = (g2.T @ h) * scale                            # (out, r)
+            grad_B = (g2.T @ h).mul_(scale)                        # (out, r)
+        if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
+            return grad, None, None, grad_B, None, None
+        gh = (g2 @ B).mul_(scale * (drop.inv_keep if drop is not None else 1.0))   # (tokens, r)
+        mask = drop.get().view(torch.uint8) if drop is not None else None
         if ctx.needs_input_grad[2]:
             xa = x.reshape(-1, x.shape[-1]).to(A.dtype)
             if mask is not None:
-                xa = xa * mask.reshape(xa.shape) / keep
+                xa = xa * mask
             grad_A = gh.T @ xa                                     # (r, in)
         if ctx.needs_input_grad[1]:
             gx = gh @ A                                            # (tokens, in)
             if mask is not None:
-                gx = gx * mask.reshape(gx.shape) / keep
+                gx = gx * mask
             grad_x = gx.reshape(x.shape).to(x.dtype)
-        return grad, grad_x, grad_A, grad_B, None, None, None
+        if drop is not None:
+            drop.release()
+        return grad, grad_x, grad_A, grad_B, None, None
 
 
 def fused_lora_add(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                    scale: float, p: float, training: bool) -> torch.Tensor:
     """``result + scale · B(A(dropout_p(x)))`` computed by ``FusedLoraLinear`` (result is reused).
 
-    Falls back to the out-of-place formula where writing into ``result`` would not be safe (a view,
-    or a tensor autograd may need unchanged).
+    Falls back to autograd's out-of-place ops where writing into ``result`` would not be safe (a
+    view, or a leaf autograd may need unchanged); both paths draw the same kind of mask.
     """
-    use_dropout = training and p > 0
-    mask = dropout_mask(x.shape, p, x.device) if use_dropout else None
-    keep = 1.0 - p
+    drop = KeepMask((x.numel() // x.shape[-1], x.shape[-1]), p, x.device) if training and p > 0 else None
     if result._base is not None or result.is_leaf and result.requires_grad:
-        xa = x.to(A.dtype)
-        if mask is not None:
-            xa = xa * mask / keep
-        return result + ((xa @ A.T) @ B.T * scale).to(result.dtype)
-    return FusedLoraLinear.apply(result, x, A, B, scale, mask, keep)
+        x2 = x.reshape(-1, x.shape[-1]).to(A.dtype)
+        if drop is not None:
+            x2 = x2 * drop.get().view(torch.uint8) * drop.inv_keep
+        delta = ((x2 @ A.T) @ B.T * scale).reshape(*result.shape[:-1], -1)
+        return result + delta.to(result.dtype)
+    return FusedLoraLinear.apply(result, x, A, B, scale, drop)

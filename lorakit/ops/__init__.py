@@ -1,4 +1,5 @@
 """Fused operations used on the training hot path."""
 from lorakit.ops.linear_cross_entropy import linear_cross_entropy
+from lorakit.ops.swiglu import fuse_swiglu_mlps, unfuse_swiglu_mlps
 
-__all__ = ["linear_cross_entropy"]
+__all__ = ["fuse_swiglu_mlps", "linear_cross_entropy", "unfuse_swiglu_mlps"]

@@ -122,7 +122,12 @@ def prepare_model(model: Any, cfg: TrainConfig, base_name: str) -> Any:
                       use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
                       init_lora_weights=True if cfg.init == "default" else cfg.init,
                       task_type="CAUSAL_LM", base_model_name_or_path=base_name)
-    return get_lora_model(model, lcfg)
+    model = get_lora_model(model, lcfg)
+    # SwiGLU MLPs (Llama, SmolLM2, Qwen2, Mistral, ...) keep 2 instead of 4 wide tensors for backward.
+    from lorakit.ops import fuse_swiglu_mlps
+
+    fuse_swiglu_mlps(model)
+    return model
 
 
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:

@@ -1,0 +1,124 @@
+"""The fused SwiGLU MLP tail gives the unfused path's outputs and gradients and saves fewer bytes."""
+from __future__ import annotations
+
+import copy
+import pickle
+
+import pytest
+import torch
+from conftest import tiny_gpt2, tiny_llama
+
+import lorakit as lk
+import lorakit.inject
+from lorakit.ops import fuse_swiglu_mlps, unfuse_swiglu_mlps
+
+
+def _lora_llama(dropout=0.0, targets="all-linear", dtype=torch.float64):
+    model = tiny_llama().to(dtype)
+    lk.get_lora_model(model, lk.LoraConfig(r=4, target_modules=targets, lora_dropout=dropout, init_lora_weights=False))
+    return model.train()
+
+
+def _loss_and_grads(model, ids, seed):
+    torch.manual_seed(seed)  # same dropout masks in both runs
+    loss = model(ids, labels=ids).loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    return loss.detach(), torch.autograd.grad(loss, params)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+@pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"], ["down_proj"], ["gate_proj"]])
+def test_fused_equals_unfused_in_float64(dropout, targets):
+    model = _lora_llama(dropout, targets)
+    ids = torch.randint(3, 101, (3, 9))
+    ref_loss, ref_grads = _loss_and_grads(model, ids, seed=5)
+    assert fuse_swiglu_mlps(model) == 2
+    loss, grads = _loss_and_grads(model, ids, seed=5)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    assert len(grads) == len(ref_grads) > 0
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_fused_gradcheck():
+    from lorakit.ops.swiglu import _SwiGLUDown
+    from lorakit.layers.fused import KeepMask
+
+    torch.manual_seed(0)
+    g = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    W, b = torch.randn(5, 6, dtype=torch.float64), torch.randn(5, dtype=torch.float64)
+    A = torch.randn(2, 6, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(5, 2, dtype=torch.float64, requires_grad=True)
+    drop = KeepMask((6, 6), 0.25, torch.device("cpu"))
+    assert torch.autograd.gradcheck(lambda g_, u_, A_, B_: _SwiGLUDown.apply(g_, u_, W, b, A_, B_, 0.7, drop), (g, u, A, B))
+    assert torch.autograd.gradcheck(lambda g_, u_: _SwiGLUDown.apply(g_, u_, W, None, None, None, 1.0, None), (g, u))
+
+
+def test_fused_saves_fewer_bytes_for_backward():
+    def saved_bytes(model, ids):
+        total = []
+
+        def pack(t):
+            if not isinstance(t, torch.nn.Parameter):
+                total.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(ids, labels=ids).loss
+        return sum(total)
+
+    model = _lora_llama(0.1, dtype=torch.float32)
+    ids = torch.randint(3, 101, (4, 32))
+    plain = saved_bytes(model, ids)
+    fuse_swiglu_mlps(model)
+    fused = saved_bytes(model, ids)
+    inter, layers = 64, 2
+    # silu(g) and the product (4 x 32 x 64 floats each) are no longer kept, in both layers
+    assert plain - fused >= 2 * layers * 4 * 32 * inter * 4
+
+
+def test_fallbacks_keep_exact_outputs():
+    model = _lora_llama(0.0)
+    ids = torch.randint(3, 101, (2, 7))
+    with torch.no_grad():
+        ref = model(ids).logits
+    fuse_swiglu_mlps(model)
+    with torch.no_grad():                                  # no grad: the module's own forward
+        torch.testing.assert_close(model(ids).logits, ref, rtol=0, atol=0)
+    with lk.disable_adapters(model):                       # disabled: base only, still fused
+        base = model(ids).logits
+    unfuse_swiglu_mlps(model)
+    with lk.disable_adapters(model), torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, base.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_two_active_adapters_and_merged_fall_back():
+    model = _lora_llama(0.0)
+    lorakit.inject.inject_adapter(model, lk.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False), "b")
+    lk.set_adapter(model, ["default", "b"])
+    ids = torch.randint(3, 101, (2, 7))
+    ref_loss, ref_grads = _loss_and_grads(model, ids, seed=1)
+    fuse_swiglu_mlps(model)
+    loss, grads = _loss_and_grads(model, ids, seed=1)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    lk.merge(model)
+    with torch.enable_grad():
+        out = model(ids, labels=ids).loss
+    assert torch.isfinite(out)
+
+
+def test_only_swiglu_mlps_are_fused_and_copies_work():
+    assert fuse_swiglu_mlps(tiny_gpt2()) == 0              # GPT-2's MLP is not SwiGLU
+    model = _lora_llama(0.0)
+    assert fuse_swiglu_mlps(model) == 2
+    assert fuse_swiglu_mlps(model) == 2                    # idempotent
+    twin = copy.deepcopy(model)
+    assert twin.model.layers[0].mlp.forward.module is twin.model.layers[0].mlp
+    restored = pickle.loads(pickle.dumps(model))
+    ids = torch.randint(3, 101, (2, 5))
+    ref_loss, _ = _loss_and_grads(model, ids, seed=0)
+    for other in (twin, restored):
+        loss, _ = _loss_and_grads(other, ids, seed=0)
+        torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    assert unfuse_swiglu_mlps(model) == 2 and "forward" not in model.model.layers[0].mlp.__dict__
