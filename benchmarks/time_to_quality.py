@@ -14,7 +14,7 @@ gradient clipping and number of steps; eval loss on the same held-out examples e
 The target quality is the recipe's final eval loss; the table gives each run's training time
 (evaluation excluded) to first reach it, interpolating between eval points, and the ratio.
 
-    python benchmarks/time_to_quality.py [--steps 40] [--eval-every 10] [--quick]
+    python benchmarks/time_to_quality.py [--steps 30] [--eval-every 3] [--eval-samples 48] [--quick]
 """
 from __future__ import annotations
 
@@ -99,9 +99,9 @@ def run_lorakit(cfg) -> list[tuple[float, float]]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--eval-every", type=int, default=10)
-    ap.add_argument("--eval-samples", type=int, default=64)
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--eval-every", type=int, default=3, help="eval points resolve the time to target (default 3 steps)")
+    ap.add_argument("--eval-samples", type=int, default=48)
     ap.add_argument("--quick", action="store_true", help="8 steps, for a smoke run")
     args = ap.parse_args()
     if args.quick:

@@ -180,10 +180,11 @@ class LoraLayer(nn.Module):
         plan = self.batch_context.plan if self.batch_context is not None else None
         if plan is not None:
             return self.mixed_forward(x, result, plan)
+        present = self.lora_A._parameters  # plain dict: ParameterDict's own lookups cost ~1 µs each
         for name in self.active_adapters:
-            if name in self.merged_adapters or name not in self.lora_A:
-                continue  # already inside base_layer.weight, or not on this layer
-            variant = self.variants.get(name)
+            if name not in present or name in self.merged_adapters:
+                continue  # not on this layer, or already inside base_layer.weight
+            variant = self.variants.get(name) if self.variants else None
             if variant is not None:
                 result = variant.forward(self, name, x, result)
             else:

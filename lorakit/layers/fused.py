@@ -20,6 +20,7 @@ inverse of that exact probability, so the branch stays unbiased.
 from __future__ import annotations
 
 import math
+import threading
 
 import torch
 
@@ -35,6 +36,31 @@ def _default_generator(device: torch.device) -> torch.Generator | None:
     return None
 
 
+class _Workspace(threading.local):
+    """Per-thread scratch buffers, reused by every layer instead of allocated per call (fewer
+    allocator holes between the activations autograd keeps, hence a lower peak resident memory)."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[str, torch.dtype, torch.device], torch.Tensor] = {}
+
+    def take(self, tag: str, n: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (tag, dtype, device)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < n:
+            self.buffers.pop(key, None)
+            buf = self.buffers[key] = torch.empty(n, dtype=dtype, device=device)
+        return buf[:n]
+
+
+_WORKSPACE = _Workspace()
+
+
+def masked(x2: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``x2 * mask`` (a uint8 view of the keep-mask) written into a reused buffer: valid until the next call."""
+    out = _WORKSPACE.take("masked", x2.numel(), x2.dtype, x2.device).view(x2.shape)
+    return torch.mul(x2, mask, out=out)
+
+
 class KeepMask:
     """An inverted-dropout keep-mask that can be redrawn from the generator state instead of stored.
 
@@ -48,13 +74,16 @@ class KeepMask:
         inv_keep: ``1 / keep`` (0 when nothing is kept, i.e. p = 1).
     """
 
-    def __init__(self, shape: torch.Size | tuple[int, ...], p: float, device: torch.device) -> None:
+    def __init__(self, shape: torch.Size | tuple[int, ...], p: float, device: torch.device, reuse: bool = False) -> None:
+        """``reuse``: draw into a per-thread buffer shared by all masks; the caller must be done with
+        the tensor ``get()`` returned before any other mask is drawn (the fused functions are)."""
         if not 0.0 <= p <= 1.0:
             raise ValueError(f"dropout probability must be in [0, 1], got {p}")
         self.shape, self.device = torch.Size(shape), torch.device(device)
         self.threshold = round((1.0 - p) * _RESOLUTION)  # keep where a uniform 16-bit draw is below it
         self.keep = self.threshold / _RESOLUTION
         self.inv_keep = 1.0 / self.keep if self.threshold else 0.0
+        self.reuse = reuse
         generator = _default_generator(self.device)
         self._state = generator.get_state() if generator is not None else None
         self._mask: torch.Tensor | None = self._draw(None)
@@ -63,10 +92,15 @@ class KeepMask:
         if self.threshold >= _RESOLUTION:
             return torch.ones(self.shape, dtype=torch.bool, device=self.device)
         n = math.prod(self.shape)
-        words = torch.empty((n + 3) // 4, dtype=torch.int64, device=self.device)
+        if self.reuse:
+            words = _WORKSPACE.take("words", (n + 3) // 4, torch.int64, self.device)
+            mask = _WORKSPACE.take("mask", n, torch.bool, self.device).view(self.shape)
+        else:
+            words = torch.empty((n + 3) // 4, dtype=torch.int64, device=self.device)
+            mask = torch.empty(self.shape, dtype=torch.bool, device=self.device)
         words.random_(-(1 << 63), (1 << 63) - 1, generator=generator)
         lanes = words.view(torch.int16)[:n].view(self.shape)             # uniform in [-32768, 32767]
-        return lanes < self.threshold - _RESOLUTION // 2
+        return torch.lt(lanes, self.threshold - _RESOLUTION // 2, out=mask)
 
     def get(self) -> torch.Tensor:
         """The boolean keep-mask (True = kept), redrawn from the saved state if it was released."""
@@ -100,7 +134,7 @@ class FusedLoraLinear(torch.autograd.Function):
         with torch.autocast(device_type=x.device.type, enabled=False):
             x2 = x.reshape(-1, x.shape[-1]).to(A.dtype)
             if drop is not None:
-                h = (x2 * drop.get().view(torch.uint8)) @ A.T      # (tokens, r); uint8 is 4x faster than bool
+                h = masked(x2, drop.get().view(torch.uint8)) @ A.T  # (tokens, r); uint8 is 4x faster than bool
                 h.mul_(drop.inv_keep)
                 drop.release()
             else:
@@ -127,7 +161,7 @@ class FusedLoraLinear(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             xa = x.reshape(-1, x.shape[-1]).to(A.dtype)
             if mask is not None:
-                xa = xa * mask
+                xa = masked(xa, mask)
             grad_A = gh.T @ xa                                     # (r, in)
         if ctx.needs_input_grad[1]:
             gx = gh @ A                                            # (tokens, in)
@@ -146,8 +180,21 @@ def fused_lora_add(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: to
     Falls back to autograd's out-of-place ops where writing into ``result`` would not be safe (a
     view, or a leaf autograd may need unchanged); both paths draw the same kind of mask.
     """
-    drop = KeepMask((x.numel() // x.shape[-1], x.shape[-1]), p, x.device) if training and p > 0 else None
-    if result._base is not None or result.is_leaf and result.requires_grad:
+    use_dropout = training and p > 0
+    if (not use_dropout and result._base is None and result.is_contiguous() and not torch.is_autocast_enabled(x.device.type)
+            and not (torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
+                                                  or result.requires_grad))):
+        # Nothing to differentiate (inference): the same two matmuls without an autograd node, whose
+        # Python-side cost (~50 µs) is as large as the matmuls themselves for a decode step.
+        x2 = x.reshape(-1, x.shape[-1])
+        h = torch.mm(x2 if x2.dtype == A.dtype else x2.to(A.dtype), A.t())
+        if h.dtype != result.dtype:
+            h, B = h.to(result.dtype), B.to(result.dtype)
+        result.view(-1, result.shape[-1]).addmm_(h, B.t(), alpha=scale)
+        return result
+    fallback = result._base is not None or result.is_leaf and result.requires_grad
+    drop = KeepMask((x.numel() // x.shape[-1], x.shape[-1]), p, x.device, reuse=not fallback) if use_dropout else None
+    if fallback:  # autograd keeps the mask here: it must be a tensor of its own
         x2 = x.reshape(-1, x.shape[-1]).to(A.dtype)
         if drop is not None:
             x2 = x2 * drop.get().view(torch.uint8) * drop.inv_keep

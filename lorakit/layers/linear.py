@@ -36,9 +36,11 @@ class LoraLinear(LoraLayer):
 
     def add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         # One fused autograd node: in-place addmm, no saved dropout copy (see layers/fused.py).
-        dropout = self.lora_dropout[name]
+        training = self.training
+        dropout = self.lora_dropout._modules[name] if training else None
         p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-        return fused_lora_add(result, x, self.lora_A[name], self.lora_B[name], self.scaling[name], p, self.training)
+        return fused_lora_add(result, x, self.lora_A._parameters[name], self.lora_B._parameters[name],
+                              self.scaling[name], p, training)
 
     # ---- mixed-adapter batches, batched over adapters ---------------------------------------------
 

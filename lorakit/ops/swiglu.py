@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.layers.fused import KeepMask
+from lorakit.layers.fused import KeepMask, masked
 
 _EXPRESSION = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
 
@@ -39,7 +39,7 @@ class _SwiGLUDown(torch.autograd.Function):
         if A is not None:
             p2 = prod.reshape(-1, prod.shape[-1]).to(A.dtype)
             if drop is not None:
-                h = (p2 * drop.get().view(torch.uint8)) @ A.T
+                h = masked(p2, drop.get().view(torch.uint8)) @ A.T
                 h.mul_(drop.inv_keep)
                 drop.release()
             else:
@@ -67,7 +67,7 @@ class _SwiGLUDown(torch.autograd.Function):
             if ctx.needs_input_grad[4]:
                 p2 = (silu * up).reshape(-1, up.shape[-1]).to(A.dtype)
                 if mask is not None:
-                    p2 = p2 * mask
+                    p2 = masked(p2, mask)
                 grad_A = gh.T @ p2
             gp = gh @ A
             if mask is not None:
@@ -125,7 +125,7 @@ class _FusedMLPForward:
         gate, up = m.gate_proj(x), m.up_proj(x)
         if not (gate.requires_grad or up.requires_grad or (A is not None and A.requires_grad)):
             return type(m).forward(m, x)
-        drop = KeepMask((gate.numel() // gate.shape[-1], gate.shape[-1]), p, gate.device) if p > 0 else None
+        drop = KeepMask((gate.numel() // gate.shape[-1], gate.shape[-1]), p, gate.device, reuse=True) if p > 0 else None
         return _SwiGLUDown.apply(gate, up, weight, bias, A, B, scale, drop)
 
 
