@@ -2,7 +2,8 @@
 
 One process holds the base model, a lorakit copy (unmerged), a lorakit copy merged, and a PEFT copy,
 and times them round-robin (interleaved), so machine noise hits all alike. Ratios are medians over
-rounds, with the min–max spread.
+rounds, with the min–max spread, then "best": the fastest round of each ÷ the fastest of the base
+(the least disturbed measurement on a shared machine, as ``timeit`` advises).
 
     python benchmarks/inference.py [--rounds 7]
 
@@ -65,7 +66,8 @@ def main() -> None:
     for shape_name, res in results.items():
         cols = []
         for name in ("lorakit", "lorakit merged", "peft"):
-            cols.append(ratio_stats([a / b for a, b in zip(res[name], res["base"])]))
+            best = min(res[name]) / min(res["base"])
+            cols.append(f"{ratio_stats([a / b for a, b in zip(res[name], res['base'])])}, best {best:.3f}")
         print(f"| {shape_name} | {' | '.join(cols)} |")
     print("\nBase forward medians (s): " + ", ".join(
         f"{s}: {statistics.median(r['base']) / inner[s]:.4f}" for s, r in results.items()))

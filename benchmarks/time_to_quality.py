@@ -11,8 +11,9 @@ gradient clipping and number of steps; eval loss on the same held-out examples e
   shuffled batches padded to the longest row, ``model(input_ids, attention_mask, labels).loss``
   (full logits), AdamW.
 
-The target quality is the recipe's final eval loss; the table gives each run's training time
-(evaluation excluded) to first reach it, interpolating between eval points, and the ratio.
+Two target qualities: the recipe's final eval loss (strict), and the worse of the two runs' final
+eval losses (a level both reach); the table gives each run's training time (evaluation excluded) to
+first reach each, interpolating between eval points, and the ratio.
 
     python benchmarks/time_to_quality.py [--steps 30] [--eval-every 3] [--eval-samples 48] [--quick]
 """
@@ -121,21 +122,33 @@ def main() -> None:
     ours = run_lorakit(TrainConfig(**{**cfg.to_dict(), "output": None}))
     target = recipe[-1][1]
     t_recipe, t_ours = time_to(recipe, target), time_to(ours, target)
+    # Eval losses of 30-step runs on 48 examples move by ±0.05 between eval points, so the strict
+    # target (the recipe's final loss) is hit or missed by noise; also report a level both runs reach.
+    common = max(recipe[-1][1], ours[-1][1])
+    c_recipe, c_ours = time_to(recipe, common), time_to(ours, common)
 
     print(f"Machine: {machine()}\n")
     print(f"Command: `python benchmarks/time_to_quality.py --steps {args.steps} --eval-every {args.eval_every} "
           f"--eval-samples {args.eval_samples}`\n")
-    print(f"Target: the recipe's eval loss after {args.steps} steps, {target:.4f} "
-          f"({args.eval_samples} held-out examples, batch {cfg.batch_size}, r {cfg.rank}, lr {cfg.learning_rate:g}).\n")
-    print("| run | eval loss at each eval point (train seconds) | time to target s |")
+    print(f"Same data, LoRA (r {cfg.rank}, all linear layers), lr {cfg.learning_rate:g} with warm-up + cosine, batch "
+          f"{cfg.batch_size}, {args.steps} steps; eval loss on {args.eval_samples} held-out examples every "
+          f"{args.eval_every} steps; seconds are training time only.\n")
+    print("| run | eval loss at each eval point (train seconds) | s per step |")
     print("|---|---|---|")
-    for name, curve, t in (("transformers + PEFT recipe (fp32)", recipe, t_recipe), ("lorakit train (defaults)", ours, t_ours)):
+    for name, curve in (("transformers + PEFT recipe (fp32)", recipe), ("lorakit train (defaults)", ours)):
         points = ", ".join(f"{loss:.3f} ({sec:.0f})" for sec, loss in curve)
-        print(f"| {name} | {points} | {'not reached' if t is None else f'{t:.1f}'} |")
-    if t_ours is not None and t_recipe:
-        print(f"\n**Time to the same quality, lorakit ÷ recipe: {t_ours / t_recipe:.3f}**")
-    else:
-        print("\nlorakit did not reach the recipe's final eval loss within the same number of steps.")
+        print(f"| {name} | {points} | {curve[-1][0] / args.steps:.2f} |")
+    print("\n| target eval loss | recipe reaches it at s | lorakit at s | lorakit ÷ recipe |")
+    print("|---|---|---|---|")
+
+    def fmt(t):
+        return "not reached" if t is None else f"{t:.1f}"
+
+    for label, goal, a, b in ((f"the recipe's final loss, {target:.4f}", target, t_recipe, t_ours),
+                              (f"the worse final loss of the two, {common:.4f} (both reach it)", common, c_recipe, c_ours)):
+        ratio = f"**{b / a:.3f}**" if a and b is not None else "—"
+        print(f"| {label} | {fmt(a)} | {fmt(b)} | {ratio} |")
+    print(f"\nPer step, lorakit took {ours[-1][0] / recipe[-1][0]:.3f}x the recipe's training time.")
 
 
 if __name__ == "__main__":

@@ -58,10 +58,17 @@ class LoraLinear(LoraLayer):
         if (torch.is_grad_enabled() or self.merged_adapters or tokens > BATCHED_MIXED_MAX_TOKENS
                 or x.dim() < 2 or x.shape[0] != plan.batch_size or not result.is_contiguous()):
             return super().mixed_forward(x, result, plan)
-        used = [n for n, _ in plan.groups if n in self.lora_A]
-        if len(used) < 2 or any(n in self.variants for n in used):
+        # Layers with the same adapters share one decision per forward (this runs per layer and step).
+        present = self.lora_A._parameters
+        signature = ("slots", tuple(present), tuple(self.variants))
+        slots = plan.cache.get(signature, False)
+        if slots is False:
+            used = [n for n, _ in plan.groups if n in present]
+            ok = len(used) >= 2 and not any(n in self.variants for n in used)
+            slots = plan.cache[signature] = tuple(n for n in present if n not in self.variants) if ok else None
+        if slots is None:
             return super().mixed_forward(x, result, plan)
-        slots, A_t, B_t = self._stacked()
+        A_t, B_t = self._stacked(slots)
         index, scales = self._token_layout(plan, slots, tokens // plan.batch_size, A_t.dtype, x.device)
         if index.numel() > 4 * tokens:  # mostly padding (many loaded adapters, few used)
             return super().mixed_forward(x, result, plan)
@@ -73,14 +80,14 @@ class LoraLinear(LoraLayer):
         out2.index_add_(0, index, delta.view(-1, delta.shape[-1]).to(result.dtype))
         return result
 
-    def _stacked(self) -> tuple[tuple[str, ...], torch.Tensor, torch.Tensor]:
-        """Names, Aᵀ stack and Bᵀ stack of the layer's plain adapters; cached while their weights are unchanged."""
+    def _stacked(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Aᵀ and Bᵀ stacks of adapters ``names``; cached while their storages and versions are unchanged."""
         As, Bs = self.lora_A._parameters, self.lora_B._parameters
-        names = tuple(n for n in As if n not in self.variants)
-        key = tuple((n, As[n].data_ptr(), As[n]._version, Bs[n].data_ptr(), Bs[n]._version, As[n].dtype) for n in names)
+        params = [As[n] for n in names] + [Bs[n] for n in names]
+        key = (names, tuple([p._version for p in params]), tuple([p.data_ptr() for p in params]), params[0].dtype)
         cached = self.__dict__.get("_stack_cache")
         if cached is not None and cached[0] == key:
-            return names, cached[1], cached[2]
+            return cached[1], cached[2]
         self.__dict__.pop("_stack_cache", None)  # free the old stacks before building new ones
         r_max = max(self.r[n] for n in names)
         A0 = As[names[0]]
@@ -92,7 +99,7 @@ class LoraLinear(LoraLayer):
                 A_t[i, :, :r] = As[n].T
                 B_t[i, :r, :] = Bs[n].T
         self.__dict__["_stack_cache"] = (key, A_t, B_t)
-        return names, A_t, B_t
+        return A_t, B_t
 
     def _token_layout(self, plan: Any, slots: tuple[str, ...], seq: int, dtype: torch.dtype,
                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
