@@ -9,7 +9,8 @@ Each process times ``--steps`` steps after a warm-up step and reports the fastes
 by other work on a shared machine).
 
 Workloads (batch 4 × 256 tokens of the embedded SmolLM2-135M-Instruct, r = 16 on all linear layers,
-lora_alpha 32, AdamW, fp32; LoRA dropout 0 — both libraries' default — and 0.05 for ``lm``):
+lora_alpha 32, AdamW, fp32; LoRA dropout 0 — both libraries' default — and 0.05 for ``lm``; and
+``lm`` with the frozen base in bf16, adapters fp32 in both libraries):
 - ``lm``: every position is a label (plain language-model batch);
 - ``sft``: only the last 32 tokens of each row are labels (prompt masked, as in instruction tuning).
 PEFT runs the usual recipe: ``model(input_ids, attention_mask, labels).loss``. lorakit runs what
@@ -29,8 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, peak_rss_mb, ratio_stats, reset_peak_rss, run_worker  # noqa: E402
 
 BATCH, SEQ, RANK, ANSWER = 4, 256, 16, 32
-#: (workload, LoRA dropout): 0 is the default of both LoraConfigs and of `lorakit train`; 0.05 is common in recipes.
-WORKLOADS = [("lm", 0.0), ("sft", 0.0), ("lm", 0.05)]
+#: (workload, LoRA dropout, base dtype): dropout 0 is the default of both LoraConfigs and of
+#: `lorakit train`, 0.05 is common in recipes; bf16 is `lorakit train`'s default on CPUs with bf16.
+WORKLOADS = [("lm", 0.0, "fp32"), ("sft", 0.0, "fp32"), ("lm", 0.05, "fp32"), ("lm", 0.0, "bf16")]
 
 
 def make_batch(workload: str, vocab: int):
@@ -44,7 +46,7 @@ def make_batch(workload: str, vocab: int):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def worker(lib: str, method: str, workload: str, steps: int, dropout: float) -> dict:
+def worker(lib: str, method: str, workload: str, steps: int, dropout: float, dtype: str = "fp32") -> dict:
     import time
 
     import torch
@@ -52,8 +54,8 @@ def worker(lib: str, method: str, workload: str, steps: int, dropout: float) -> 
     from lorakit.models import load_model_and_tokenizer
 
     torch.manual_seed(0)
-    model, _ = load_model_and_tokenizer()
-    model.train()
+    model, _ = load_model_and_tokenizer(dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    model.train()  # bf16: the frozen base in bf16; both libraries keep the adapters in fp32
     batch = make_batch(workload, model.config.vocab_size)
     if lib == "peft":
         import peft
@@ -120,29 +122,29 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per process; the fastest counts")
-    ap.add_argument("--worker", nargs=5, metavar=("LIB", "METHOD", "WORKLOAD", "STEPS", "DROPOUT"))
+    ap.add_argument("--worker", nargs=6, metavar=("LIB", "METHOD", "WORKLOAD", "STEPS", "DROPOUT", "DTYPE"))
     args = ap.parse_args()
     if args.worker:
-        lib, method, workload, steps, dropout = args.worker
-        print(json.dumps(worker(lib, method, workload, int(steps), float(dropout))))
+        lib, method, workload, steps, dropout, dtype = args.worker
+        print(json.dumps(worker(lib, method, workload, int(steps), float(dropout), dtype)))
         return
     script = Path(__file__)
     rows = []
-    for workload, dropout in WORKLOADS:
+    for workload, dropout, dtype in WORKLOADS:
         runs: dict[str, list[dict]] = {"lorakit": [], "peft": [], "full": []}
         for _ in range(args.repeats):
             for key, lib, method in (("lorakit", "lorakit", "lora"), ("peft", "peft", "lora"), ("full", "lorakit", "full")):
-                if key == "full" and (dropout or workload != "lm"):
-                    continue  # LoRA ÷ full is measured once, on the lm workload without dropout
-                runs[key].append(run_worker(script, [lib, method, workload, str(args.steps), str(dropout)]))
-                print(f"  {workload} p={dropout} {key}: {runs[key][-1]}", file=sys.stderr, flush=True)
+                if key == "full" and (dropout or workload != "lm" or dtype != "fp32"):
+                    continue  # LoRA ÷ full is measured once, on the fp32 lm workload without dropout
+                runs[key].append(run_worker(script, [lib, method, workload, str(args.steps), str(dropout), dtype]))
+                print(f"  {workload} p={dropout} {dtype} {key}: {runs[key][-1]}", file=sys.stderr, flush=True)
         t = [a["time"] / b["time"] for a, b in zip(runs["lorakit"], runs["peft"])]
         m = [a["peak_mb"] / b["peak_mb"] for a, b in zip(runs["lorakit"], runs["peft"])]
         s = [a["saved_mb"] / b["saved_mb"] for a, b in zip(runs["lorakit"], runs["peft"])]
         f = [a["time"] / b["time"] for a, b in zip(runs["lorakit"], runs["full"])]
         lk0 = runs["lorakit"][0]
         floor = 2 / 3 + lk0["trainable"] / lk0["frozen"]
-        rows.append((f"{workload}, dropout {dropout:g}", t, m, s, f, floor, runs))
+        rows.append((f"{workload}, dropout {dropout:g}, {dtype}", t, m, s, f, floor, runs))
     print(f"Machine: {machine()}\n")
     print(f"Command: `python benchmarks/train_step.py --repeats {args.repeats} --steps {args.steps}`\n")
     print("| workload | step time lorakit ÷ PEFT | peak RSS lorakit ÷ PEFT | saved-for-backward lorakit ÷ PEFT | LoRA ÷ full step (floor 2/3 + P/N) |")
