@@ -108,12 +108,12 @@ def main() -> None:
     if args.quick:
         args.steps, args.eval_every, args.eval_samples = 8, 4, 16
 
-    from lorakit.models import load_model_and_tokenizer
+    from lorakit.models import load_tokenizer
     from lorakit.train.config import TrainConfig
     from lorakit.train.data import load_examples, tokenize_all
 
     cfg = TrainConfig(max_steps=args.steps, eval_steps=args.eval_every, eval_samples=args.eval_samples, save_steps=0)
-    _, tokenizer = load_model_and_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model)
     pad_id = tokenizer.pad_token_id
     train_data = tokenize_all(tokenizer, load_examples(None, "train"), cfg.max_length)
     eval_data = tokenize_all(tokenizer, load_examples(None, "test")[: cfg.eval_samples], cfg.max_length)

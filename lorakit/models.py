@@ -207,3 +207,21 @@ def load_model_and_tokenizer(
         _ensure_pad_token(tokenizer)
     model.eval()
     return model, tokenizer
+
+
+def load_tokenizer(name_or_path: str | Path | None = None) -> Any:
+    """The tokenizer of ``load_model_and_tokenizer(name_or_path)`` without loading the weights.
+
+    For a model directory (the embedded model once converted and cached is one) only the tokenizer
+    files are read; a ``.gguf`` file has to be parsed as a whole, so that case loads both.
+    """
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    path = resolve_model_path(name_or_path)
+    if path.is_file():
+        return _load_gguf(path, torch.float32)[1]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    _ensure_pad_token(tokenizer)
+    return tokenizer
+

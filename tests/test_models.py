@@ -104,3 +104,13 @@ def test_load_local_directory_in_bf16(tmp_path):
     assert next(model.parameters()).dtype == torch.bfloat16 and not model.training
     assert tok.pad_token is not None
     assert Path(str(path)).is_dir()
+
+
+def test_load_tokenizer_alone_matches_the_pair(tmp_path):
+    path = save_tiny_model(tmp_path / "m", kind="llama")
+    _, tok = models.load_model_and_tokenizer(str(path))
+    alone = models.load_tokenizer(str(path))
+    text = "Review: a tender, funny film."
+    assert alone(text)["input_ids"] == tok(text)["input_ids"] and alone.pad_token_id == tok.pad_token_id
+    with pytest.raises(FileNotFoundError):
+        models.load_tokenizer(tmp_path / "missing")
