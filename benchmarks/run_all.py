@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # (title, script, arguments, arguments with --quick)
 SUITE = [
     ("Training step: lorakit vs PEFT, LoRA vs full fine-tuning (issue 7: 1, 3)", "train_step.py",
-     ["--repeats", "2", "--steps", "2"], ["--repeats", "1", "--steps", "1"]),
+     ["--repeats", "2", "--steps", "1"], ["--repeats", "1", "--steps", "1"]),
     ("Time to the same quality: `lorakit train` vs the transformers + PEFT recipe (issue 7: 2)", "time_to_quality.py",
-     ["--eval-samples", "32"], ["--quick"]),
+     ["--steps", "24", "--eval-every", "4", "--eval-samples", "32"], ["--quick"]),
     ("Inference: unmerged / merged vs base (issue 7: 4)", "inference.py", ["--rounds", "5"], ["--rounds", "2"]),
     ("Mixed-adapter batches (issue 4)", "multi_adapter.py", ["--rounds", "7"], ["--quick"]),
 ]
