@@ -122,3 +122,21 @@ def test_only_swiglu_mlps_are_fused_and_copies_work():
         loss, _ = _loss_and_grads(other, ids, seed=0)
         torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
     assert unfuse_swiglu_mlps(model) == 2 and "forward" not in model.model.layers[0].mlp.__dict__
+
+
+def test_grad_enabled_but_nothing_trainable_runs_each_projection_once():
+    model = _lora_llama(0.0)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    fuse_swiglu_mlps(model)
+    calls = []
+    mlp = model.model.layers[0].mlp
+    handle = mlp.gate_proj.register_forward_hook(lambda *a: calls.append(1))
+    ids = torch.randint(3, 101, (2, 5))
+    with torch.no_grad():
+        ref = model(ids).logits
+    calls.clear()
+    out = model(ids).logits                                # grad mode on, but nothing requires grad
+    handle.remove()
+    assert len(calls) == 1
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)

@@ -85,8 +85,17 @@ class KeepMask:
         self.inv_keep = 1.0 / self.keep if self.threshold else 0.0
         self.reuse = reuse
         generator = _default_generator(self.device)
-        self._state = generator.get_state() if generator is not None else None
-        self._mask: torch.Tensor | None = self._draw(None)
+        self._state: torch.Tensor | None = None
+        if generator is None:
+            self._mask: torch.Tensor | None = self._draw(None)
+        else:
+            # Draw from a private copy of the global state, then move the global generator past the
+            # draw: backward redraws from exactly this state even if another thread drew meanwhile.
+            self._state = generator.get_state()
+            private = torch.Generator(self.device)
+            private.set_state(self._state)
+            self._mask = self._draw(private)
+            generator.set_state(private.get_state())
 
     def _draw(self, generator: torch.Generator | None) -> torch.Tensor:
         if self.threshold >= _RESOLUTION:
