@@ -651,3 +651,16 @@ def test_mixed_batch_with_gradients_takes_the_grouped_path():
     loss.backward()
     assert m.model.layers[0].self_attn.v_proj.lora_B["legal"].grad is not None
     assert "_stack_cache" not in m.model.layers[0].self_attn.v_proj.__dict__
+
+
+def test_batched_path_with_a_subset_of_loaded_adapters(monkeypatch):
+    import lorakit.layers.linear as linear_mod
+
+    specs = {f"x{i}": dict(r=2 + i % 3, lora_alpha=4, target_modules=["q_proj", "v_proj"]) for i in range(5)}
+    m = with_adapters(tiny_llama(), specs)
+    x = llama_ids(rows=5, seq=1)
+    names = ["x3", "x1", "__base__", "x3", "x1"]            # slots 1..3 of 5: x2 unused inside the run
+    batched = check_rows(m, x, names)
+    assert "_stack_cache" in m.model.layers[1].self_attn.q_proj.__dict__  # the batched path ran
+    monkeypatch.setattr(linear_mod, "BATCHED_MIXED_MAX_TOKENS", 0)
+    torch.testing.assert_close(batched, out(m, x, adapter_names=names), rtol=1e-5, atol=1e-5)

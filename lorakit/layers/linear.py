@@ -51,7 +51,8 @@ class LoraLinear(LoraLayer):
         and (adapters, r_max, out), ranks padded with zeros — and kept until an adapter is added,
         deleted or changes its weights (this costs as much memory as those adapters). Each forward
         gathers the tokens adapter by adapter into (adapters, m, in), m the largest group, with a
-        scale of 0 on padding slots and on adapters absent from the batch. Anything else (training,
+        scale of 0 on padding slots and on adapters absent from the batch; only the slots from the
+        first to the last adapter used are multiplied. Anything else (training,
         dropout, variants, more tokens) takes ``LoraLayer.mixed_forward``.
         """
         tokens = x.numel() // x.shape[-1] if x.dim() else 0
@@ -61,14 +62,20 @@ class LoraLinear(LoraLayer):
         # Layers with the same adapters share one decision per forward (this runs per layer and step).
         present = self.lora_A._parameters
         signature = ("slots", tuple(present), tuple(self.variants))
-        slots = plan.cache.get(signature, False)
-        if slots is False:
-            used = [n for n, _ in plan.groups if n in present]
+        decision = plan.cache.get(signature, False)
+        if decision is False:
+            used = {n for n, _ in plan.groups if n in present}
             ok = len(used) >= 2 and not any(n in self.variants for n in used)
-            slots = plan.cache[signature] = tuple(n for n in present if n not in self.variants) if ok else None
-        if slots is None:
+            stacked = tuple(n for n in present if n not in self.variants)
+            # Only the run of stack slots from the first to the last adapter in the batch is
+            # multiplied (a view of the stacks): adapters loaded but unused outside it cost nothing.
+            where = [i for i, n in enumerate(stacked) if n in used]
+            decision = plan.cache[signature] = (stacked, where[0], where[-1] + 1) if ok else None
+        if decision is None:
             return super().mixed_forward(x, result, plan)
-        A_t, B_t = self._stacked(slots)
+        stacked, lo, hi = decision
+        A_t, B_t = self._stacked(stacked)
+        A_t, B_t, slots = A_t[lo:hi], B_t[lo:hi], stacked[lo:hi]
         index, scales = self._token_layout(plan, slots, tokens // plan.batch_size, A_t.dtype, x.device)
         if index.numel() > 4 * tokens:  # mostly padding (many loaded adapters, few used)
             return super().mixed_forward(x, result, plan)
