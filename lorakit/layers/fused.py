@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import threading
+from typing import Callable
 
 import torch
 
@@ -92,10 +93,14 @@ class KeepMask:
             # Draw from a private copy of the global state, then move the global generator past the
             # draw: backward redraws from exactly this state even if another thread drew meanwhile.
             self._state = generator.get_state()
-            private = torch.Generator(self.device)
-            private.set_state(self._state)
+            private = self._at_saved_state()
             self._mask = self._draw(private)
             generator.set_state(private.get_state())
+
+    def _at_saved_state(self) -> torch.Generator:
+        generator = torch.Generator(self.device)
+        generator.set_state(self._state)
+        return generator
 
     def _draw(self, generator: torch.Generator | None) -> torch.Tensor:
         if self.threshold >= _RESOLUTION:
@@ -114,9 +119,7 @@ class KeepMask:
     def get(self) -> torch.Tensor:
         """The boolean keep-mask (True = kept), redrawn from the saved state if it was released."""
         if self._mask is None:
-            generator = torch.Generator(self.device)
-            generator.set_state(self._state)
-            self._mask = self._draw(generator)
+            self._mask = self._draw(self._at_saved_state())
         return self._mask
 
     def release(self) -> None:
@@ -130,6 +133,50 @@ def dropout_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Ten
     return KeepMask(shape, p, device).get()
 
 
+def add_branch(out2: torch.Tensor, x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
+               drop: KeepMask | None) -> torch.Tensor:
+    """``out2 += scale · (drop(x2) Aᵀ) Bᵀ`` in place; returns ``h = drop(x2) Aᵀ`` (tokens, r).
+
+    ``out2``: (tokens, out); ``x2``: (tokens, in) in A's dtype. Shared by every fused LoRA node.
+    """
+    if drop is not None:
+        h = masked(x2, drop.get().view(torch.uint8)) @ A.T      # uint8 is 4x faster than bool
+        h.mul_(drop.inv_keep)
+        drop.release()
+    else:
+        h = x2 @ A.T
+    out2.addmm_(h.to(out2.dtype), B.T.to(out2.dtype), alpha=scale)
+    return h
+
+
+def branch_grads(g2: torch.Tensor, x2_of: Callable[[], torch.Tensor], A: torch.Tensor, B: torch.Tensor,
+                 h: torch.Tensor, scale: float, drop: KeepMask | None, need_x: bool, need_A: bool,
+                 need_B: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """Gradients of ``add_branch`` for dL/d(out2) = ``g2``: (dL/dx2 (tokens, in), dL/dA, dL/dB).
+
+    ``x2_of()`` gives ``x2`` again (called only when dL/dA is needed, so callers may recompute it);
+    the dropout mask is redrawn once and released at the end.
+    """
+    g2 = g2.to(B.dtype)
+    grad_x = grad_A = grad_B = None
+    if need_B:
+        grad_B = (g2.T @ h).mul_(scale)                            # (out, r)
+    if not (need_x or need_A):
+        return grad_x, grad_A, grad_B
+    gh = (g2 @ B).mul_(scale * (drop.inv_keep if drop is not None else 1.0))   # (tokens, r)
+    mask = drop.get().view(torch.uint8) if drop is not None else None
+    if need_A:
+        xa = x2_of()
+        grad_A = gh.T @ (masked(xa, mask) if mask is not None else xa)          # (r, in)
+    if need_x:
+        grad_x = gh @ A                                            # (tokens, in)
+        if mask is not None:
+            grad_x = grad_x * mask
+    if drop is not None:
+        drop.release()
+    return grad_x, grad_A, grad_B
+
+
 class FusedLoraLinear(torch.autograd.Function):
     """``result += scale · (drop(x) Aᵀ) Bᵀ`` in place; gradients for x, A, B and result.
 
@@ -141,15 +188,7 @@ class FusedLoraLinear(torch.autograd.Function):
                 scale: float, drop: KeepMask | None) -> torch.Tensor:
         # Autocast off: the branch runs in the adapter's dtype, so backward sees the dtypes it saved.
         with torch.autocast(device_type=x.device.type, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1]).to(A.dtype)
-            if drop is not None:
-                h = masked(x2, drop.get().view(torch.uint8)) @ A.T  # (tokens, r); uint8 is 4x faster than bool
-                h.mul_(drop.inv_keep)
-                drop.release()
-            else:
-                h = x2 @ A.T
-            out2 = result.view(-1, result.shape[-1])
-            out2.addmm_(h.to(result.dtype), B.T.to(result.dtype), alpha=scale)
+            h = add_branch(result.view(-1, result.shape[-1]), x.reshape(-1, x.shape[-1]).to(A.dtype), A, B, scale, drop)
         ctx.mark_dirty(result)
         ctx.save_for_backward(x, A, B, h)
         ctx.scale, ctx.drop = scale, drop
@@ -158,27 +197,10 @@ class FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, A, B, h = ctx.saved_tensors
-        scale, drop = ctx.scale, ctx.drop
-        g2 = grad.reshape(-1, grad.shape[-1]).to(B.dtype)
-        grad_x = grad_A = grad_B = None
-        if ctx.needs_input_grad[3]:
-            grad_B = (g2.T @ h).mul_(scale)                        # (out, r)
-        if not (ctx.needs_input_grad[1] or ctx.needs_input_grad[2]):
-            return grad, None, None, grad_B, None, None
-        gh = (g2 @ B).mul_(scale * (drop.inv_keep if drop is not None else 1.0))   # (tokens, r)
-        mask = drop.get().view(torch.uint8) if drop is not None else None
-        if ctx.needs_input_grad[2]:
-            xa = x.reshape(-1, x.shape[-1]).to(A.dtype)
-            if mask is not None:
-                xa = masked(xa, mask)
-            grad_A = gh.T @ xa                                     # (r, in)
-        if ctx.needs_input_grad[1]:
-            gx = gh @ A                                            # (tokens, in)
-            if mask is not None:
-                gx = gx * mask
-            grad_x = gx.reshape(x.shape).to(x.dtype)
-        if drop is not None:
-            drop.release()
+        need = ctx.needs_input_grad
+        gx, grad_A, grad_B = branch_grads(grad.reshape(-1, grad.shape[-1]), lambda: x.reshape(-1, x.shape[-1]).to(A.dtype),
+                                          A, B, h, ctx.scale, ctx.drop, need[1], need[2], need[3])
+        grad_x = gx.reshape(x.shape).to(x.dtype) if gx is not None else None
         return grad, grad_x, grad_A, grad_B, None, None
 
 
@@ -195,11 +217,7 @@ def fused_lora_add(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: to
                                                   or result.requires_grad))):
         # Nothing to differentiate (inference): the same two matmuls without an autograd node, whose
         # Python-side cost (~50 µs) is as large as the matmuls themselves for a decode step.
-        x2 = x.reshape(-1, x.shape[-1])
-        h = torch.mm(x2 if x2.dtype == A.dtype else x2.to(A.dtype), A.t())
-        if h.dtype != result.dtype:
-            h, B = h.to(result.dtype), B.to(result.dtype)
-        result.view(-1, result.shape[-1]).addmm_(h, B.t(), alpha=scale)
+        add_branch(result.view(-1, result.shape[-1]), x.reshape(-1, x.shape[-1]).to(A.dtype), A, B, scale, None)
         return result
     fallback = result._base is not None or result.is_leaf and result.requires_grad
     drop = KeepMask((x.numel() // x.shape[-1], x.shape[-1]), p, x.device, reuse=not fallback) if use_dropout else None

@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.layers.fused import KeepMask, masked
+from lorakit.layers.fused import KeepMask, add_branch, branch_grads
+from lorakit.layers.linear import LoraLinear
 
 _EXPRESSION = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
 
@@ -37,14 +38,7 @@ class _SwiGLUDown(torch.autograd.Function):
         out = F.linear(prod, weight, bias)
         h = None
         if A is not None:
-            p2 = prod.reshape(-1, prod.shape[-1]).to(A.dtype)
-            if drop is not None:
-                h = masked(p2, drop.get().view(torch.uint8)) @ A.T
-                h.mul_(drop.inv_keep)
-                drop.release()
-            else:
-                h = p2 @ A.T
-            out.view(-1, out.shape[-1]).addmm_(h.to(out.dtype), B.T.to(out.dtype), alpha=scale)
+            h = add_branch(out.view(-1, out.shape[-1]), prod.reshape(-1, prod.shape[-1]).to(A.dtype), A, B, scale, drop)
         ctx.save_for_backward(gate, up, weight, A, B, h)
         ctx.scale, ctx.drop = scale, drop
         return out
@@ -57,26 +51,16 @@ class _SwiGLUDown(torch.autograd.Function):
         grad_prod = (g2.to(weight.dtype) @ weight).to(gate.dtype).reshape(gate.shape)  # through the frozen base
         sig = torch.sigmoid(gate)
         silu = gate * sig
+        need = ctx.needs_input_grad
         grad_A = grad_B = None
-        if A is not None:
-            gb = g2.to(B.dtype)
-            if ctx.needs_input_grad[5]:
-                grad_B = (gb.T @ h).mul_(scale)
-            gh = (gb @ B).mul_(scale * (drop.inv_keep if drop is not None else 1.0))
-            mask = drop.get().view(torch.uint8) if drop is not None else None
-            if ctx.needs_input_grad[4]:
-                p2 = (silu * up).reshape(-1, up.shape[-1]).to(A.dtype)
-                if mask is not None:
-                    p2 = masked(p2, mask)
-                grad_A = gh.T @ p2
-            gp = gh @ A
-            if mask is not None:
-                gp = gp * mask
-                drop.release()
-            grad_prod = grad_prod + gp.reshape(grad_prod.shape).to(grad_prod.dtype)
-        grad_up = grad_prod * silu if ctx.needs_input_grad[1] else None
+        if A is not None:  # the LoRA branch of down_proj, its input (silu(g)·u) recomputed
+            gp, grad_A, grad_B = branch_grads(g2, lambda: (silu * up).reshape(-1, up.shape[-1]).to(A.dtype), A, B, h,
+                                              scale, drop, need[0] or need[1], need[4], need[5])
+            if gp is not None:
+                grad_prod = grad_prod + gp.reshape(grad_prod.shape).to(grad_prod.dtype)
+        grad_up = grad_prod * silu if need[1] else None
         grad_gate = None
-        if ctx.needs_input_grad[0]:
+        if need[0]:
             # d silu(g)/dg = σ(g) (1 + g (1 − σ(g)))
             grad_gate = grad_prod * up * (sig * (1 + gate * (1 - sig)))
         return grad_gate, grad_up, None, None, grad_A, grad_B, None, None
@@ -84,8 +68,6 @@ class _SwiGLUDown(torch.autograd.Function):
 
 def _down_plan(down: nn.Module):
     """(weight, bias, A, B, scale, p) for the fused path, or None when it would not be equivalent."""
-    from lorakit.layers.linear import LoraLinear
-
     if type(down) is nn.Linear:
         base, adapter = down, None
     elif isinstance(down, LoraLinear) and type(down.base_layer) is nn.Linear:
