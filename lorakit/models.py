@@ -225,3 +225,12 @@ def load_tokenizer(name_or_path: str | Path | None = None) -> Any:
     _ensure_pad_token(tokenizer)
     return tokenizer
 
+
+def enable_checkpointing(model: Any) -> None:
+    """transformers' non-reentrant activation checkpointing (which works with frozen embeddings, as
+    under LoRA), under its transformers 5 name or, before that, its old one."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+

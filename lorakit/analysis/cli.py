@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 from lorakit.analysis import adapter_tools, estimate, lowrank, recommend
-from lorakit.analysis import plots
+from lorakit.analysis import plots, sweep
 
 DEFAULT_OUT = "lorakit-lab"
 
@@ -345,7 +345,7 @@ def register(subparsers: Any) -> None:
     p = _add(subparsers, "sweep", cmd_sweep, "train at several ranks and compare",
              "The lesson's exercise: train the same task at several LoRA ranks (alpha = 2r) for the same "
              "number of steps, then print and plot trainable parameters, held-out loss, accuracy and step time.")
-    p.add_argument("--ranks", type=_ints, default=list(DEFAULT_SWEEP_RANKS), help="ranks to train (default 1,2,4,8,16,32,64)")
+    p.add_argument("--ranks", type=_ints, default=list(sweep.DEFAULT_RANKS), help="ranks to train (default 1,2,4,8,16,32,64)")
     p.add_argument("--max-steps", type=int, default=50, help="optimizer steps per rank (default 50)")
     p.add_argument("--eval-samples", type=int, default=100, help="held-out examples per evaluation (default 100)")
     p.add_argument("--data", default=None, help="training JSONL (default: the bundled Rotten Tomatoes task)")
@@ -359,21 +359,17 @@ def register(subparsers: Any) -> None:
     p.add_argument("--no-plot", action="store_true", help="write no PNG")
 
 
-DEFAULT_SWEEP_RANKS = (1, 2, 4, 8, 16, 32, 64)
-
-
 def cmd_sweep(args: argparse.Namespace) -> int:
     """Handler of ``lorakit sweep``."""
     import time
 
-    from lorakit.analysis.sweep import plot_sweep, run_sweep, sweep_table
     from lorakit.train.config import TrainConfig
 
     base = TrainConfig(model=args.model, data=args.data, eval_data=args.eval_data, eval_samples=args.eval_samples,
                        max_steps=args.max_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, save_steps=0)
     out = Path(args.output or f"runs/sweep-{time.strftime('%Y%m%d-%H%M%S')}")
-    rows = run_sweep(base, args.ranks, out, log=(lambda s: None) if args.json else print)
-    print(json.dumps(rows, indent=2) if args.json else sweep_table(rows))
+    rows = sweep.run_sweep(base, args.ranks, out, log=(lambda s: None) if args.json else print)
+    print(json.dumps(rows, indent=2) if args.json else sweep.sweep_table(rows))
     if not args.no_plot:
-        print(f"plot: {plot_sweep(rows, out / 'sweep.png')}")
+        print(f"plot: {sweep.plot_sweep(rows, out / 'sweep.png')}")
     return 0

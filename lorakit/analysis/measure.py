@@ -180,10 +180,9 @@ def measure_config(
         raise ValueError(f"measurement supports optimizer 'adamw' or 'sgd', got {optimizer!r}")
     net = model if model is not None else build_llama(shape, seed, attention)
     if gradient_checkpointing:
-        if hasattr(net, "activation_checkpointing_enable"):  # transformers >= 5 name
-            net.activation_checkpointing_enable({"use_reentrant": False})
-        else:
-            net.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from lorakit.models import enable_checkpointing
+
+        enable_checkpointing(net)
         if method == "lora":
             net.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
     if method == "lora":

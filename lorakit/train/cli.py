@@ -19,17 +19,19 @@ from typing import Any
 from lorakit.train.config import HELP, TrainConfig
 
 
-def _quiet_transformers() -> None:
-    """Silence transformers' load progress bars and generation chatter; pick the thread count."""
+def _quiet_transformers(pick_threads: bool = True) -> None:
+    """Silence transformers' load progress bars and generation chatter; pick the thread count
+    (``lorakit train`` leaves that to ``train``, which honours ``--threads``)."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    from lorakit.train.generate import auto_threads
+    if pick_threads:
+        from lorakit.train.generate import auto_threads
 
-    auto_threads()  # train may override it with --threads
+        auto_threads()
 
 
 # --------------------------------------------------------------------------- train
@@ -78,7 +80,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """Handler of ``lorakit train``."""
-    _quiet_transformers()
+    _quiet_transformers(pick_threads=False)  # train() samples the machine once, after --threads
     from lorakit.train.loop import NonFiniteLossError, train
 
     cfg = config_from_args(args)

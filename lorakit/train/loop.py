@@ -387,11 +387,9 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()  # trainable weights are always fp32 (AdamW precision)
     if cfg.gradient_checkpointing:
-        # transformers 5 renamed it; the non-reentrant variant works with frozen embeddings (LoRA).
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        from lorakit.models import enable_checkpointing
+
+        enable_checkpointing(model)
     model.config.use_cache = False
     params = [p for p in model.parameters() if p.requires_grad]
     n_train = sum(p.numel() for p in params)
