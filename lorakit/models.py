@@ -131,8 +131,11 @@ def _load_gguf(gguf_file: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-    model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=dtype)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=dtype)
+    except (ValueError, OSError, KeyError) as exc:  # empty, truncated or not a GGUF model file
+        raise ValueError(f"{gguf_file}: not a readable GGUF model file ({exc})") from exc
     # The weights are now plain dense tensors; drop the GGUF marker so the saved directory is an
     # ordinary model (transformers would otherwise look for the .gguf file when reloading it).
     if hasattr(model.config, "quantization_config"):

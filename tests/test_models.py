@@ -114,3 +114,15 @@ def test_load_tokenizer_alone_matches_the_pair(tmp_path):
     assert alone(text)["input_ids"] == tok(text)["input_ids"] and alone.pad_token_id == tok.pad_token_id
     with pytest.raises(FileNotFoundError):
         models.load_tokenizer(tmp_path / "missing")
+
+
+def test_empty_or_corrupt_gguf_names_the_file(tmp_path):
+    empty = tmp_path / "empty.gguf"
+    empty.write_bytes(b"")
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"not a gguf file at all" * 10)
+    for path in (empty, junk):
+        with pytest.raises(ValueError, match=f"{path.name}: not a readable GGUF model file"):
+            models.load_tokenizer(path)
+        with pytest.raises(ValueError, match="not a readable GGUF model file"):
+            models.load_model_and_tokenizer(path)

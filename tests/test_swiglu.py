@@ -140,3 +140,9 @@ def test_grad_enabled_but_nothing_trainable_runs_each_projection_once():
     handle.remove()
     assert len(calls) == 1
     torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_fuse_rejects_what_is_not_a_module():
+    for fn in (fuse_swiglu_mlps, unfuse_swiglu_mlps):
+        with pytest.raises(TypeError, match="expected a torch.nn.Module, got str"):
+            fn("model")

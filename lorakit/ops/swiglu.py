@@ -125,6 +125,11 @@ def _is_swiglu_mlp(module: nn.Module) -> bool:
     return body in ([f"return {_EXPRESSION}"], [f"down_proj = {_EXPRESSION}", "return down_proj"])
 
 
+def _check_module(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+
+
 def fuse_swiglu_mlps(model: nn.Module) -> int:
     """Route every SwiGLU MLP of ``model`` through the fused tail; returns how many were switched.
 
@@ -132,6 +137,7 @@ def fuse_swiglu_mlps(model: nn.Module) -> int:
     Modules whose forward is not exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with a SiLU
     activation are left alone.
     """
+    _check_module(model)
     count = 0
     for module in model.modules():
         if isinstance(module.__dict__.get("forward"), _FusedMLPForward):
@@ -144,6 +150,7 @@ def fuse_swiglu_mlps(model: nn.Module) -> int:
 
 def unfuse_swiglu_mlps(model: nn.Module) -> int:
     """Give every fused MLP of ``model`` its own forward back; returns how many were restored."""
+    _check_module(model)
     count = 0
     for module in model.modules():
         if isinstance(module.__dict__.get("forward"), _FusedMLPForward):
