@@ -70,9 +70,10 @@ def test_lr_schedule_warmup_then_cosine():
 
 
 # ----------------------------------------------------------------------------- learning
-def test_lora_loss_goes_down_and_accuracy_rises(tmp_path, tok, data_files):
+@pytest.mark.parametrize("factory", [tiny_llama_lm, tiny_gpt2_lm], ids=["llama", "gpt2"])
+def test_lora_loss_goes_down_and_accuracy_rises(tmp_path, tok, data_files, factory):
     cfg = _cfg(tmp_path, data_files, eval_data=str(data_files[1]), max_steps=30)
-    res = train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    res = train(cfg, model=factory(tok), tokenizer=tok, progress=False, log=_quiet)
     assert len(res.losses) == 30
     assert sum(res.losses[-5:]) / 5 < 0.5 * sum(res.losses[:5]) / 5
     assert res.after["loss"] < 0.5 * res.before["loss"]
@@ -89,6 +90,24 @@ def test_lora_loss_goes_down_and_accuracy_rises(tmp_path, tok, data_files):
     assert not (run / "checkpoint").exists()
     trainable = sum(p.numel() for p in load_file(str(run / "adapter_model.safetensors")).values())
     assert res.trainable_params == trainable < res.total_params
+
+
+@pytest.mark.parametrize("factory", [tiny_llama_lm, tiny_gpt2_lm], ids=["llama", "gpt2"])
+def test_bf16_training_uses_lorakit_attention_and_restores_sdpa(tmp_path, tok, data_files, factory, monkeypatch):
+    from lorakit.ops.attention import ShortAttention
+
+    calls = []
+    real = ShortAttention.apply
+    monkeypatch.setattr(ShortAttention, "apply", lambda *a: calls.append(a[0].dtype) or real(*a))
+    model = factory(tok)
+    for module in model.modules():  # GPT-2's attention dropout (0.1) would send it to SDPA
+        if hasattr(module, "attn_dropout"):
+            module.attn_dropout.p = 0.0
+    cfg = _cfg(tmp_path, data_files, eval_data=str(data_files[1]), max_steps=20, precision="bf16")
+    res = train(cfg, model=model, tokenizer=tok, progress=False, log=_quiet)
+    assert calls and set(calls) == {torch.bfloat16}  # the short-sequence path ran in training
+    assert model.config._attn_implementation == "sdpa"  # and the model is handed back on SDPA
+    assert sum(res.losses[-5:]) / 5 < 0.7 * sum(res.losses[:5]) / 5
 
 
 def test_full_finetune_baseline_saves_a_model(tmp_path, tok, data_files):

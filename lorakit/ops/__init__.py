@@ -1,5 +1,7 @@
 """Fused operations used on the training hot path."""
+from lorakit.ops.attention import restore_attention, short_attention, use_lorakit_attention
 from lorakit.ops.linear_cross_entropy import linear_cross_entropy
 from lorakit.ops.swiglu import fuse_swiglu_mlps, unfuse_swiglu_mlps
 
-__all__ = ["fuse_swiglu_mlps", "linear_cross_entropy", "unfuse_swiglu_mlps"]
+__all__ = ["fuse_swiglu_mlps", "linear_cross_entropy", "restore_attention", "short_attention", "unfuse_swiglu_mlps",
+           "use_lorakit_attention"]

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.layers.fused import KeepMask, add_branch, branch_grads
+from lorakit.layers.fused import KeepMask, add_branch, branch_dtype, branch_grads
 from lorakit.layers.linear import LoraLinear
 
 _EXPRESSION = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
@@ -38,7 +38,8 @@ class _SwiGLUDown(torch.autograd.Function):
         out = F.linear(prod, weight, bias)
         h = None
         if A is not None:
-            h = add_branch(out.view(-1, out.shape[-1]), prod.reshape(-1, prod.shape[-1]).to(A.dtype), A, B, scale, drop)
+            x2 = prod.reshape(-1, prod.shape[-1]).to(branch_dtype(out.dtype, A.dtype))
+            h = add_branch(out.view(-1, out.shape[-1]), x2, A, B, scale, drop)
         ctx.save_for_backward(gate, up, weight, A, B, h)
         ctx.scale, ctx.drop = scale, drop
         return out
@@ -54,10 +55,10 @@ class _SwiGLUDown(torch.autograd.Function):
         need = ctx.needs_input_grad
         grad_A = grad_B = None
         if A is not None:  # the LoRA branch of down_proj, its input (silu(g)·u) recomputed
-            gp, grad_A, grad_B = branch_grads(g2, lambda: (silu * up).reshape(-1, up.shape[-1]).to(A.dtype), A, B, h,
+            gp, grad_A, grad_B = branch_grads(g2, lambda: (silu * up).reshape(-1, up.shape[-1]).to(h.dtype), A, B, h,
                                               scale, drop, need[0] or need[1], need[4], need[5])
             if gp is not None:
-                grad_prod = grad_prod + gp.reshape(grad_prod.shape).to(grad_prod.dtype)
+                grad_prod.add_(gp.reshape(grad_prod.shape).to(grad_prod.dtype))  # a fresh tensor: in place is safe
         grad_up = grad_prod * silu if need[1] else None
         grad_gate = None
         if need[0]:

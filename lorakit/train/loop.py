@@ -42,6 +42,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
+from lorakit.ops.attention import restore_attention
 from lorakit.train.config import TrainConfig
 from lorakit.train.data import (BUILTIN_TASK, Example, Tokenized, collate, epoch_batches, load_examples,
                                 tokenize_all, write_jsonl)
@@ -106,7 +107,14 @@ def micro_batch(data: list[Tokenized], cfg: TrainConfig, index: int, per_epoch: 
 
 # --------------------------------------------------------------------------- model set-up
 def prepare_model(model: Any, cfg: TrainConfig, base_name: str) -> Any:
-    """Inject LoRA (frozen base) or make every weight trainable (full fine-tuning)."""
+    """Inject LoRA (frozen base) or make every weight trainable (full fine-tuning).
+
+    Also switches SDPA attention to ``lorakit.ops.attention`` (faster bf16 backward at short
+    lengths; ``train`` switches it back when the loop ends).
+    """
+    from lorakit.ops.attention import use_lorakit_attention
+
+    use_lorakit_attention(model)
     if cfg.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -493,6 +501,7 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
         if bar is not None:
             bar.close()
         _restore_sigint(old_handler)
+        restore_attention(model)
 
     result = TrainResult(run_dir=run_dir, steps=step, total_steps=total_steps, interrupted=interrupted,
                          before=before, trainable_params=n_train, total_params=n_total,
