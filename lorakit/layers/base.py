@@ -107,7 +107,8 @@ class LoraLayer(nn.Module):
             init_lora_weights: True, False, "gaussian", or an init method's name (e.g. "pissa").
             variant: Hooks of a LoRA variant (DoRA, ...), or None for plain LoRA.
             dtype: dtype of A and B; defaults to the base weight's dtype, upcast to float32 when the
-                base is half precision (adapters train in fp32 on a bf16/fp16 base).
+                base is half precision (adapters train in fp32 on a bf16/fp16 base; on a bf16 base the
+                branch's products run in bf16, see ``lorakit.layers.fused.branch_dtype``).
 
         Raises:
             ValueError: the name is taken.

@@ -364,7 +364,9 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
         model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=weight_dtype)
     elif tokenizer is None:
         raise ValueError("train(model=...) also needs its tokenizer")
-    else:
+    elif any(p.is_floating_point() and p.dtype != weight_dtype for p in model.parameters()):
+        # Only when needed: ``.to`` also casts buffers (e.g. rotary inv_freq), which loading in
+        # ``weight_dtype`` keeps in fp32, so a model already in that dtype is left exactly as loaded.
         model = model.to(weight_dtype)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     if pad_id is None:
