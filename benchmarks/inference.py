@@ -1,7 +1,8 @@
 """Inference cost of LoRA: unmerged forward ÷ base, merged ÷ base, for lorakit and PEFT 0.21.
 
-One process holds the base model, a lorakit copy (unmerged), a lorakit copy merged, and a PEFT copy,
-and times them round-robin (interleaved), so machine noise hits all alike. Ratios are medians over
+One process holds the base model, a lorakit copy (unmerged), a lorakit copy merged, and a PEFT copy
+(all four deep copies of the loaded model, so all live in the same kind of memory), and times them
+round-robin (interleaved, the first of each round rotating), so machine noise hits all alike. Ratios are medians over
 rounds, with the min–max spread, then "best": the fastest round of each ÷ the fastest of the base
 (the least disturbed measurement on a shared machine, as ``timeit`` advises).
 
@@ -37,23 +38,27 @@ def main() -> None:
     torch.manual_seed(0)
     base, _ = load_model_and_tokenizer()
     cfg = dict(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
-    ours = lk.get_lora_model(copy.deepcopy(base), lk.LoraConfig(**cfg))
+    loaded, base = base, copy.deepcopy(base)  # every model in the same kind of memory (copies, not the file map)
+    ours = lk.get_lora_model(copy.deepcopy(loaded), lk.LoraConfig(**cfg))
     merged = lk.merge_and_unload(copy.deepcopy(ours))
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**cfg))
+    theirs = peft.get_peft_model(copy.deepcopy(loaded), peft.LoraConfig(**cfg))
+    del loaded
     models = {"base": base, "lorakit": ours, "lorakit merged": merged, "peft": theirs}
     for m in models.values():
         m.eval()
 
     shapes = {"4 x 128": (4, 128), "16 x 1": (16, 1)}
-    inner = {"4 x 128": 1, "16 x 1": 20}
+    inner = {"4 x 128": 2, "16 x 1": 20}
     results: dict[str, dict[str, list[float]]] = {s: {k: [] for k in models} for s in shapes}
     with torch.inference_mode():
         for shape_name, (b, t) in shapes.items():
             ids = torch.randint(3, base.config.vocab_size, (b, t))
             for m in models.values():  # warm-up
                 m(input_ids=ids, use_cache=False)
-            for _ in range(args.rounds):
-                for name, m in models.items():
+            names = list(models)
+            for r in range(args.rounds):
+                for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
+                    m = models[name]
                     start = time.perf_counter()
                     for _ in range(inner[shape_name]):
                         m(input_ids=ids, use_cache=False)

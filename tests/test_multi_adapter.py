@@ -639,6 +639,12 @@ def test_batched_path_sees_changed_weights_and_deleted_adapters():
     with torch.no_grad():  # an optimizer step or hot swap changes weights in place
         m.model.layers[1].mlp.gate_proj.lora_B["legal"].add_(0.5)
     check_rows(m, x, names)
+    layer = m.model.layers[0].self_attn.q_proj  # new storage under the same parameter, then a new parameter
+    with torch.no_grad():
+        layer.lora_A["code"].data = layer.lora_A["code"].data * 2.0
+    check_rows(m, x, names)
+    layer.lora_B["medical"] = torch.nn.Parameter(layer.lora_B["medical"].detach() + 0.3, requires_grad=False)
+    check_rows(m, x, names)
     lk.delete_adapter(m, "medical")
     assert "_stack_cache" not in m.model.layers[0].self_attn.v_proj.__dict__
     check_rows(m, x, ["code", "legal", "__base__", "code"])
