@@ -75,7 +75,7 @@ def worker(lib: str, method: str, workload: str, steps: int, dropout: float, dty
             lk.fuse_swiglu_mlps(model)
             from lorakit.ops.attention import use_lorakit_attention
 
-            use_lorakit_attention(model)  # switches only bf16 runs of <= 192 keys; these are 256
+            use_lorakit_attention(model)  # engages only in bf16 at <= 128 keys; these are 256
 
         def loss_fn():
             loss, n = loss_sum(model, batch)

@@ -29,9 +29,9 @@ import torch
 
 #: Longest key sequence that takes the matmul path; above it the flash kernel is as fast or faster
 #: and saves less (its saved state grows with queries, not queries x keys). Measured on a 2-core
-#: AVX-512 CPU (benchmarks/attention.py): bf16 forward + backward 0.3-0.6x SDPA's time up to 128
-#: keys, 0.8x at 192, 1.15x at 256.
-SHORT_ATTENTION_MAX_KEYS = 192
+#: AVX-512 CPU (benchmarks/attention.py): bf16 forward + backward 0.3-0.65x SDPA's time up to 128
+#: keys; at 192 keys 0.8x in one run and 1.1x in another, at 256 keys 1.15-1.2x.
+SHORT_ATTENTION_MAX_KEYS = 128
 _HALF = (torch.bfloat16, torch.float16)
 
 _NAME = "lorakit"
