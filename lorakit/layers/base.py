@@ -169,6 +169,12 @@ class LoraLayer(nn.Module):
 
     # ---- forward ---------------------------------------------------------------------------------
 
+    def live_adapters(self) -> list[str]:
+        """Active adapters whose update ``forward`` adds: present on this layer and not merged."""
+        present = self.lora_A._parameters  # plain dict: ParameterDict's own lookups cost ~1 µs each
+        merged = self.merged_adapters
+        return [n for n in self.active_adapters if n in present and n not in merged]
+
     def lora_delta(self, name: str, x: torch.Tensor) -> torch.Tensor:
         """scaling · B(A(dropout(x))) for adapter ``name``, in the adapter's dtype."""
         A, B = self.lora_A[name], self.lora_B[name]
@@ -181,10 +187,7 @@ class LoraLayer(nn.Module):
         plan = self.batch_context.plan if self.batch_context is not None else None
         if plan is not None:
             return self.mixed_forward(x, result, plan)
-        present = self.lora_A._parameters  # plain dict: ParameterDict's own lookups cost ~1 µs each
-        for name in self.active_adapters:
-            if name not in present or name in self.merged_adapters:
-                continue  # not on this layer, or already inside base_layer.weight
+        for name in self.live_adapters():
             variant = self.variants.get(name) if self.variants else None
             if variant is not None:
                 result = variant.forward(self, name, x, result)

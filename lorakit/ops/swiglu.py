@@ -78,7 +78,7 @@ def _down_plan(down: nn.Module):
         else:
             if down.batch_context is not None and down.batch_context.plan is not None:
                 return None
-            names = [n for n in down.active_adapters if n in down.lora_A and n not in down.merged_adapters]
+            names = down.live_adapters()
             if len(names) > 1 or any(n in down.variants for n in names):
                 return None
             adapter = names[0] if names else None
