@@ -118,6 +118,9 @@ def test_dispatch_only_for_half_precision_with_gradients(monkeypatch):
 
     run(torch.float32)
     run(torch.bfloat16, grad=False)
+    q = torch.randn(2, 6, 16, 8, dtype=torch.bfloat16, requires_grad=True)
+    att.attention_forward(Module(), q, q[:, :2], q[:, :2], None, head_mask=torch.ones(6))
+    att.attention_forward(Module(), q, q[:, :2], q[:, :2], None, dropout=0.1)
     run(torch.bfloat16, length=att.SHORT_ATTENTION_MAX_KEYS + 1)
     assert calls == []
     assert torch.isfinite(run(torch.bfloat16)).all()

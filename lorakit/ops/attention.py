@@ -1,8 +1,8 @@
 """Attention for short sequences on CPU: two batched matmuls instead of the flash kernel.
 
 PyTorch's CPU ``scaled_dot_product_attention`` runs a blocked ("flash") kernel. In bf16 its
-backward is slow at the sequence lengths of instruction or classification fine-tuning (tens to a
-couple of hundred tokens): with the embedded model's heads, batch 8 x 64 tokens, one layer's forward
+backward is slow at the sequence lengths of instruction or classification fine-tuning (tens to
+about a hundred tokens): with the embedded model's heads, batch 8 x 64 tokens, one layer's forward
 + backward takes ~7 ms, against ~3.5 ms for the plain formula softmax(q kᵀ · s + mask) v with
 batched matmuls in float32 (benchmarks/attention.py; in fp32, and for forward only, the two are
 even or SDPA wins, so those keep SDPA). This module provides that formula as one autograd node:
@@ -17,8 +17,8 @@ even or SDPA wins, so those keep SDPA). This module provides that formula as one
 ``attention_forward`` has the signature of transformers' attention interface and is registered as
 ``"lorakit"`` by ``use_lorakit_attention(model)``; it takes this path when gradients are needed,
 the inputs are bf16 or fp16, the keys number at most ``SHORT_ATTENTION_MAX_KEYS`` and nothing exotic
-is asked (attention dropout, soft-capping, sinks, a sliding window, a KV cache longer than the
-queries); otherwise it calls transformers' SDPA function unchanged. Gradients equal SDPA's (tests
+is asked (attention dropout, soft-capping, sinks, a sliding window, a head mask, a KV cache longer
+than the queries); otherwise it calls transformers' SDPA function unchanged. Gradients equal SDPA's (tests
 compare them in float64, calling ``ShortAttention`` directly).
 """
 from __future__ import annotations
@@ -144,7 +144,8 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     causal = bool(causal) and attention_mask is None and S > 1
     exotic = (dropout or kwargs.get("softcap") is not None or kwargs.get("sliding_window") is not None
               or kwargs.get("s_aux") is not None or kwargs.get("sinks") is not None
-              or kwargs.get("position_bias") is not None or kwargs.get("output_attentions"))
+              or kwargs.get("position_bias") is not None or kwargs.get("head_mask") is not None
+              or kwargs.get("output_attentions"))
     needs_grad = torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
     if (exotic or not needs_grad or query.dtype not in _HALF or T > SHORT_ATTENTION_MAX_KEYS
             or (causal and S != T) or query.device.type != "cpu"
