@@ -110,6 +110,16 @@ def test_bf16_training_uses_lorakit_attention_and_restores_sdpa(tmp_path, tok, d
     assert sum(res.losses[-5:]) / 5 < 0.7 * sum(res.losses[:5]) / 5
 
 
+def test_training_leaves_a_model_already_on_lorakit_attention_as_it_was(tmp_path, tok, data_files):
+    from lorakit.ops.attention import use_lorakit_attention
+
+    model = tiny_llama_lm(tok)
+    assert use_lorakit_attention(model)
+    cfg = _cfg(tmp_path, data_files, max_steps=2, precision="bf16")
+    train(cfg, model=model, tokenizer=tok, progress=False, log=_quiet)
+    assert model.config._attn_implementation == "lorakit"
+
+
 def test_full_finetune_baseline_saves_a_model(tmp_path, tok, data_files):
     from transformers import AutoModelForCausalLM
 

@@ -392,6 +392,7 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
 
     before = run_eval("before") if not resume else {}
 
+    attention_before = getattr(getattr(model, "config", None), "_attn_implementation", None)
     model = prepare_model(model, cfg, base_name)
     for p in model.parameters():
         if p.requires_grad and p.dtype != torch.float32:
@@ -503,7 +504,8 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
         if bar is not None:
             bar.close()
         _restore_sigint(old_handler)
-        restore_attention(model)
+        if attention_before == "sdpa":  # switched by prepare_model: hand the model back as it came
+            restore_attention(model)
 
     result = TrainResult(run_dir=run_dir, steps=step, total_steps=total_steps, interrupted=interrupted,
                          before=before, trainable_params=n_train, total_params=n_total,
