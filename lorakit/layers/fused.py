@@ -28,6 +28,17 @@ import torch
 _RESOLUTION = 1 << 16
 
 
+#: Attribute a fused RMSNorm (``lorakit.ops.rmsnorm``) sets on its output: ``(h, weight, rstd)``, from
+#: which ``recompute_norm`` rebuilds that output bit for bit, so LoRA nodes need not keep it.
+RMSNORM_RECIPE = "_lorakit_rmsnorm"
+
+
+def recompute_norm(recipe: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """The fused RMSNorm's output again, from its ``RMSNORM_RECIPE`` (same ops as its forward)."""
+    h, weight, rstd = recipe
+    return weight * (h.to(rstd.dtype) * rstd).to(h.dtype)
+
+
 def _default_generator(device: torch.device) -> torch.Generator | None:
     """The global generator that ``torch.empty(..., device=device).random_()`` draws from, if known."""
     if device.type == "cpu":
@@ -211,17 +222,29 @@ class FusedLoraLinear(torch.autograd.Function):
             x2 = x.reshape(-1, x.shape[-1]).to(branch_dtype(result.dtype, A.dtype))
             h = add_branch(result.view(-1, result.shape[-1]), x2, A, B, scale, drop)
         ctx.mark_dirty(result)
-        ctx.save_for_backward(x, A, B, h)
+        # x is the output of a fused RMSNorm (lorakit/ops/rmsnorm.py)? Then keep its recipe (the
+        # norm's input, which the norm keeps anyway, and one rstd per token) and rebuild x in backward.
+        recipe = getattr(x, RMSNORM_RECIPE, None)
+        ctx.from_norm = recipe is not None and recipe[0].shape[:-1] == x.shape[:-1]
+        ctx.save_for_backward(*(recipe if ctx.from_norm else (x,)), A, B, h)
+        ctx.x_meta = (x.shape, x.dtype)
         ctx.scale, ctx.drop = scale, drop
         return result
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
-        x, A, B, h = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        A, B, h = saved[-3:]
+        x_shape, x_dtype = ctx.x_meta
+
+        def x2_of() -> torch.Tensor:
+            x = recompute_norm(saved[:3]) if ctx.from_norm else saved[0]
+            return x.reshape(-1, x_shape[-1]).to(h.dtype)
+
         need = ctx.needs_input_grad
-        gx, grad_A, grad_B = branch_grads(grad.reshape(-1, grad.shape[-1]), lambda: x.reshape(-1, x.shape[-1]).to(h.dtype),
+        gx, grad_A, grad_B = branch_grads(grad.reshape(-1, grad.shape[-1]), x2_of,
                                           A, B, h, ctx.scale, ctx.drop, need[1], need[2], need[3])
-        grad_x = gx.reshape(x.shape).to(x.dtype) if gx is not None else None
+        grad_x = gx.reshape(x_shape).to(x_dtype) if gx is not None else None
         return grad, grad_x, grad_A, grad_B, None, None
 
 

@@ -132,9 +132,10 @@ def prepare_model(model: Any, cfg: TrainConfig, base_name: str) -> Any:
                       task_type="CAUSAL_LM", base_model_name_or_path=base_name)
     model = get_lora_model(model, lcfg)
     # SwiGLU MLPs (Llama, SmolLM2, Qwen2, Mistral, ...) keep 2 instead of 4 wide tensors for backward.
-    from lorakit.ops import fuse_swiglu_mlps
+    from lorakit.ops import fuse_rmsnorms, fuse_swiglu_mlps
 
     fuse_swiglu_mlps(model)
+    fuse_rmsnorms(model)  # the LoRA nodes after each norm rebuild its output instead of keeping it
     return model
 
 

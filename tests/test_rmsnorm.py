@@ -1,0 +1,116 @@
+"""lorakit.ops.rmsnorm: the fused norm equals the module, and LoRA nodes that rebuild its output
+from the recipe give the same gradients while keeping less for backward."""
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_gpt2, tiny_llama
+
+import lorakit as lk
+from lorakit.layers.fused import RMSNORM_RECIPE, fused_lora_add, recompute_norm
+from lorakit.ops import fuse_rmsnorms, fuse_swiglu_mlps, unfuse_rmsnorms
+from lorakit.ops.rmsnorm import RMSNormFn
+
+
+def test_gradcheck_float64():
+    h = torch.randn(3, 5, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a, b: RMSNormFn.apply(a, b, 1e-5), (h, w))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_output_is_bit_identical_to_the_module(dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    norm = LlamaRMSNorm(16, eps=1e-5).to(dtype)
+    with torch.no_grad():
+        norm.weight.normal_()
+    h = torch.randn(4, 7, 16, dtype=dtype, requires_grad=True)
+    y = RMSNormFn.apply(h, norm.weight, norm.variance_epsilon)
+    ref = norm(h)
+    assert torch.equal(y, ref)
+    assert torch.equal(recompute_norm(getattr(y, RMSNORM_RECIPE)), y)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (h, norm.weight), g)
+    want = torch.autograd.grad(ref, (h, norm.weight), g)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+def test_lora_node_rebuilding_its_input_gives_the_same_gradients_in_float64():
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64)
+    assert not hasattr(RMSNormFn.apply(h.detach(), w, 1e-5), RMSNORM_RECIPE)  # no gradient: no recipe
+    W = torch.randn(6, 8, dtype=torch.float64)
+    A = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    B = torch.randn(6, 3, dtype=torch.float64, requires_grad=True)
+
+    def run(tagged: bool):
+        y = RMSNormFn.apply(h, w, 1e-5)
+        if not tagged:
+            y = y * 1.0  # a plain tensor: the LoRA node keeps it
+            assert not hasattr(y, RMSNORM_RECIPE)
+        out = fused_lora_add(y @ W.T, y, A, B, 0.7, 0.0, training=True)
+        return torch.autograd.grad(out.pow(2).sum(), (h, A, B))
+
+    for got, want in zip(run(True), run(False)):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def _lora_llama(dtype=torch.float32):
+    model = tiny_llama().to(dtype)
+    lk.get_lora_model(model, lk.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    return model.train()
+
+
+def _loss_and_grads(model, ids):
+    loss = model(ids, labels=ids).loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    return loss.detach(), torch.autograd.grad(loss, params)
+
+
+def test_model_same_loss_and_gradients_and_fewer_saved_bytes():
+    model = _lora_llama()
+    fuse_swiglu_mlps(model)
+    ids = torch.randint(3, 101, (3, 9))
+
+    def saved_bytes():
+        storages = {}
+
+        def pack(t):
+            if not isinstance(t, torch.nn.Parameter):
+                storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(ids, labels=ids).loss
+        return sum(storages.values())
+
+    ref_loss, ref_grads = _loss_and_grads(model, ids)
+    plain = saved_bytes()
+    assert fuse_rmsnorms(model) == 5  # 2 per layer + the final norm
+    loss, grads = _loss_and_grads(model, ids)
+    assert torch.equal(loss, ref_loss)  # the forward is bit-identical
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
+    fused = saved_bytes()
+    # the normalised inputs (3 x 9 tokens x 32 floats each) are no longer kept, except the first
+    # layer's first one (its input, the embeddings, needs no gradient, so the norm keeps nothing)
+    assert plain - fused >= 3 * 3 * 9 * 32 * 4
+    assert unfuse_rmsnorms(model) == 5 and fuse_rmsnorms(model) == 5 and fuse_rmsnorms(model) == 5
+
+
+def test_no_grad_float64_and_other_norms_use_the_module():
+    model = _lora_llama(torch.float64)
+    ids = torch.randint(3, 101, (2, 6))
+    ref_loss, ref_grads = _loss_and_grads(model, ids)
+    fuse_rmsnorms(model)
+    loss, grads = _loss_and_grads(model, ids)  # float64: the module's own forward, exactly
+    assert torch.equal(loss, ref_loss)
+    for got, want in zip(grads, ref_grads):
+        assert torch.equal(got, want)
+    assert fuse_rmsnorms(tiny_gpt2()) == 0  # LayerNorm is not this formula
+    with pytest.raises(TypeError, match="nn.Module"):
+        fuse_rmsnorms("model")
