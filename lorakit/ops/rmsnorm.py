@@ -15,12 +15,11 @@ equal the plain path's (tests compare them in float64).
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 from torch import nn
 
 from lorakit.layers.fused import RMSNORM_RECIPE as RECIPE
+from lorakit.ops.patching import forward_body, patch_forwards, unpatch_forwards
 
 _BODY = [
     "input_dtype = hidden_states.dtype",
@@ -84,42 +83,18 @@ class _FusedNormForward:
 def _is_llama_rmsnorm(module: nn.Module) -> bool:
     if not isinstance(getattr(module, "weight", None), nn.Parameter) or not hasattr(module, "variance_epsilon"):
         return False
-    try:
-        source = inspect.getsource(type(module).forward)
-    except (OSError, TypeError):
-        return False
-    body = [line.strip() for line in source.splitlines()[1:] if line.strip() and not line.strip().startswith(("#", '"""'))]
-    return body == _BODY
-
-
-def _check_module(model: object) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    return forward_body(module) == _BODY
 
 
 def fuse_rmsnorms(model: nn.Module) -> int:
     """Route every Llama-formula RMSNorm of ``model`` through ``RMSNormFn``; returns how many.
 
     Safe to call more than once and before or after injecting LoRA; ``unfuse_rmsnorms`` undoes it.
-    Without gradients or under autocast the module's own forward runs.
+    Without gradients, for float64 inputs or under autocast the module's own forward runs.
     """
-    _check_module(model)
-    count = 0
-    for module in model.modules():
-        if isinstance(module.__dict__.get("forward"), _FusedNormForward):
-            count += 1
-        elif _is_llama_rmsnorm(module):
-            module.forward = _FusedNormForward(module)
-            count += 1
-    return count
+    return patch_forwards(model, _FusedNormForward, _is_llama_rmsnorm)
 
 
 def unfuse_rmsnorms(model: nn.Module) -> int:
     """Give every fused norm of ``model`` its own forward back; returns how many were restored."""
-    _check_module(model)
-    count = 0
-    for module in model.modules():
-        if isinstance(module.__dict__.get("forward"), _FusedNormForward):
-            del module.forward
-            count += 1
-    return count
+    return unpatch_forwards(model, _FusedNormForward)

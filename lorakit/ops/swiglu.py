@@ -16,14 +16,13 @@ own forward runs otherwise. Gradients equal the unfused path's (tests compare th
 """
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from lorakit.layers.fused import KeepMask, add_branch, branch_dtype, branch_grads
 from lorakit.layers.linear import LoraLinear
+from lorakit.ops.patching import forward_body, patch_forwards, unpatch_forwards
 
 _EXPRESSION = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
 
@@ -118,17 +117,7 @@ def _is_swiglu_mlp(module: nn.Module) -> bool:
     act = module.act_fn
     if not (isinstance(act, nn.SiLU) or type(act).__name__ == "SiLUActivation"):
         return False
-    try:
-        source = inspect.getsource(type(module).forward)
-    except (OSError, TypeError):
-        return False
-    body = [line.strip() for line in source.splitlines()[1:] if line.strip() and not line.strip().startswith(("#", '"""'))]
-    return body in ([f"return {_EXPRESSION}"], [f"down_proj = {_EXPRESSION}", "return down_proj"])
-
-
-def _check_module(model: object) -> None:
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    return forward_body(module) in ([f"return {_EXPRESSION}"], [f"down_proj = {_EXPRESSION}", "return down_proj"])
 
 
 def fuse_swiglu_mlps(model: nn.Module) -> int:
@@ -138,23 +127,9 @@ def fuse_swiglu_mlps(model: nn.Module) -> int:
     Modules whose forward is not exactly ``down_proj(act_fn(gate_proj(x)) * up_proj(x))`` with a SiLU
     activation are left alone.
     """
-    _check_module(model)
-    count = 0
-    for module in model.modules():
-        if isinstance(module.__dict__.get("forward"), _FusedMLPForward):
-            count += 1
-        elif _is_swiglu_mlp(module):
-            module.forward = _FusedMLPForward(module)
-            count += 1
-    return count
+    return patch_forwards(model, _FusedMLPForward, _is_swiglu_mlp)
 
 
 def unfuse_swiglu_mlps(model: nn.Module) -> int:
     """Give every fused MLP of ``model`` its own forward back; returns how many were restored."""
-    _check_module(model)
-    count = 0
-    for module in model.modules():
-        if isinstance(module.__dict__.get("forward"), _FusedMLPForward):
-            del module.forward
-            count += 1
-    return count
+    return unpatch_forwards(model, _FusedMLPForward)

@@ -1,0 +1,52 @@
+"""Switching modules to an instance ``forward`` (a callable object) and back, for the fused ops.
+
+The wrapper is a plain object holding the module, so deepcopy and pickling keep working, and
+deleting the instance attribute gives the class's own ``forward`` back.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Callable
+
+from torch import nn
+
+
+def check_module(model: object) -> None:
+    """TypeError unless ``model`` is a torch module."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a torch.nn.Module, got {type(model).__name__}")
+
+
+def forward_body(module: nn.Module) -> list[str] | None:
+    """The code lines of ``type(module).forward`` after its signature (no comments or docstring
+    delimiters, stripped), or None when the source cannot be read."""
+    try:
+        source = inspect.getsource(type(module).forward)
+    except (OSError, TypeError):
+        return None
+    return [line.strip() for line in source.splitlines()[1:] if line.strip() and not line.strip().startswith(("#", '"""'))]
+
+
+def patch_forwards(model: nn.Module, wrapper: type, applies: Callable[[nn.Module], bool]) -> int:
+    """Give every module of ``model`` for which ``applies`` holds ``wrapper(module)`` as its forward;
+    returns how many modules are switched (already switched ones count, and are left as they are)."""
+    check_module(model)
+    count = 0
+    for module in model.modules():
+        if isinstance(module.__dict__.get("forward"), wrapper):
+            count += 1
+        elif applies(module):
+            module.forward = wrapper(module)
+            count += 1
+    return count
+
+
+def unpatch_forwards(model: nn.Module, wrapper: type) -> int:
+    """Remove every ``wrapper`` forward from ``model``'s modules; returns how many were restored."""
+    check_module(model)
+    count = 0
+    for module in model.modules():
+        if isinstance(module.__dict__.get("forward"), wrapper):
+            del module.forward
+            count += 1
+    return count
