@@ -14,8 +14,8 @@ lora_alpha 32, AdamW, fp32; LoRA dropout 0 — both libraries' default — and 0
 - ``lm``: every position is a label (plain language-model batch);
 - ``sft``: only the last 32 tokens of each row are labels (prompt masked, as in instruction tuning).
 PEFT runs the usual recipe: ``model(input_ids, attention_mask, labels).loss``. lorakit runs what
-``lorakit train`` runs: ``get_lora_model`` + ``fuse_swiglu_mlps`` + ``fuse_rmsnorms`` (+ its attention
-switch, which does not engage at 256 tokens) and its training loss
+``lorakit train`` runs: ``get_lora_model`` + ``use_lora_training_kernels`` (fused SwiGLU tails and
+RMSNorms; its attention switch does not engage at 256 tokens) and its training loss
 (``lorakit.train.generate.loss_sum``: head + loss only at label positions, chunked). The full
 fine-tuning step uses lorakit's loss too, so LoRA ÷ full compares like with like.
 """
@@ -71,14 +71,10 @@ def worker(lib: str, method: str, workload: str, steps: int, dropout: float, dty
         from lorakit.train.generate import loss_sum
 
         if method == "lora":  # as `lorakit train` sets it up (lorakit.train.loop.prepare_model)
+            from lorakit.train.loop import use_lora_training_kernels
+
             lk.get_lora_model(model, lk.LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=dropout, target_modules="all-linear"))
-            lk.fuse_swiglu_mlps(model)
-            from lorakit.ops import fuse_rmsnorms
-
-            fuse_rmsnorms(model)
-            from lorakit.ops.attention import use_lorakit_attention
-
-            use_lorakit_attention(model)  # engages only in bf16 at <= 128 keys; these are 256
+            use_lora_training_kernels(model)  # its attention engages only in bf16 at <= 128 keys; these are 256
 
         def loss_fn():
             loss, n = loss_sum(model, batch)

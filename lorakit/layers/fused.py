@@ -33,10 +33,11 @@ _RESOLUTION = 1 << 16
 RMSNORM_RECIPE = "_lorakit_rmsnorm"
 
 
-def recompute_norm(recipe: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """The fused RMSNorm's output again, from its ``RMSNORM_RECIPE`` (same ops as its forward)."""
+def recompute_norm(recipe: tuple[torch.Tensor, ...], h_acc: torch.Tensor | None = None) -> torch.Tensor:
+    """The fused RMSNorm's output from its ``RMSNORM_RECIPE``: the norm's forward computes it with
+    this function too (passing ``h_acc``, h already in rstd's dtype), so the two are bit-identical."""
     h, weight, rstd = recipe
-    return weight * (h.to(rstd.dtype) * rstd).to(h.dtype)
+    return weight * ((h.to(rstd.dtype) if h_acc is None else h_acc) * rstd).to(h.dtype)
 
 
 def _default_generator(device: torch.device) -> torch.Generator | None:

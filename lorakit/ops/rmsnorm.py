@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lorakit.layers.fused import RMSNORM_RECIPE as RECIPE
+from lorakit.layers.fused import recompute_norm as recompute
 from lorakit.ops.patching import forward_body, patch_forwards, unpatch_forwards
 
 _BODY = [
@@ -41,12 +42,13 @@ class RMSNormFn(torch.autograd.Function):
     def forward(ctx, h: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         h32 = h.to(torch.promote_types(h.dtype, torch.float32))  # float32 (float64 stays float64)
         rstd = torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)
-        y = weight * (h32 * rstd).to(h.dtype)
+        recipe = (h, weight, rstd)
+        y = recompute(recipe, h_acc=h32)
         ctx.save_for_backward(h, weight, rstd)
         if ctx.needs_input_grad[0]:
             # For the LoRA nodes that consume y (layers/fused.py): h is kept here anyway. (Not for an
             # input without gradient, e.g. the embeddings: keeping h there would only replace y.)
-            setattr(y, RECIPE, (h, weight, rstd))
+            setattr(y, RECIPE, recipe)
         return y
 
     @staticmethod
@@ -54,15 +56,14 @@ class RMSNormFn(torch.autograd.Function):
         h, weight, rstd = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[:2]
         acc = rstd.dtype
-        xhat = (h.to(acc) * rstd).to(h.dtype)
+        x32 = h.to(acc) * rstd                                     # x̂, once for both gradients
         grad_h = grad_w = None
         if need_h:
             gx = (grad * weight).to(acc)                           # dL/d(x̂) through the cast
-            x32 = h.to(acc) * rstd
             # x̂ = h·r, r = (mean(h²) + eps)^-1/2:  dL/dh = r (gx − x̂ · mean(gx ⊙ x̂))
             grad_h = ((gx - x32 * (gx * x32).mean(-1, keepdim=True)) * rstd).to(h.dtype)
         if need_w:
-            grad_w = (grad * xhat).reshape(-1, grad.shape[-1]).sum(0).to(weight.dtype)
+            grad_w = (grad * x32.to(h.dtype)).reshape(-1, grad.shape[-1]).sum(0).to(weight.dtype)
         return grad_h, grad_w, None
 
 

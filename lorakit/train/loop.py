@@ -131,12 +131,20 @@ def prepare_model(model: Any, cfg: TrainConfig, base_name: str) -> Any:
                       init_lora_weights=True if cfg.init == "default" else cfg.init,
                       task_type="CAUSAL_LM", base_model_name_or_path=base_name)
     model = get_lora_model(model, lcfg)
-    # SwiGLU MLPs (Llama, SmolLM2, Qwen2, Mistral, ...) keep 2 instead of 4 wide tensors for backward.
-    from lorakit.ops import fuse_rmsnorms, fuse_swiglu_mlps
+    use_lora_training_kernels(model)
+    return model
+
+
+def use_lora_training_kernels(model: Any) -> None:
+    """lorakit's training kernels on a model with LoRA injected (``prepare_model`` and the train-step
+    benchmark use this one list): SwiGLU MLPs (Llama, SmolLM2, Qwen2, Mistral, ...) keep 2 instead of
+    4 wide tensors for backward, the LoRA nodes after each RMSNorm rebuild its output instead of
+    keeping it, and SDPA attention becomes ``lorakit.ops.attention`` (engages in bf16 at <= 128 keys)."""
+    from lorakit.ops import fuse_rmsnorms, fuse_swiglu_mlps, use_lorakit_attention
 
     fuse_swiglu_mlps(model)
-    fuse_rmsnorms(model)  # the LoRA nodes after each norm rebuild its output instead of keeping it
-    return model
+    fuse_rmsnorms(model)
+    use_lorakit_attention(model)
 
 
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:
