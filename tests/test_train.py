@@ -110,6 +110,17 @@ def test_bf16_training_uses_lorakit_attention_and_restores_sdpa(tmp_path, tok, d
     assert sum(res.losses[-5:]) / 5 < 0.7 * sum(res.losses[:5]) / 5
 
 
+def test_a_failing_run_still_hands_the_model_back_on_sdpa(tmp_path, tok, data_files):
+    def boom(step, loss):
+        raise RuntimeError("stop here")
+
+    model = tiny_llama_lm(tok)
+    cfg = _cfg(tmp_path, data_files, max_steps=3, precision="bf16")
+    with pytest.raises(RuntimeError, match="stop here"):
+        train(cfg, model=model, tokenizer=tok, progress=False, on_step=boom, log=_quiet)
+    assert model.config._attn_implementation == "sdpa"
+
+
 def test_training_leaves_a_model_already_on_lorakit_attention_as_it_was(tmp_path, tok, data_files):
     from lorakit.ops.attention import use_lorakit_attention
 
