@@ -10,9 +10,13 @@ even or SDPA wins, so those keep SDPA). This module provides that formula as one
 - grouped-query attention without ``repeat_kv`` copies: the query heads that share a key/value head
   are stacked along the rows, so (batch, kv heads, group · queries, head dim) @ kᵀ does every group
   in one matmul, and dL/dk, dL/dv sum over the group for free;
-- scores, softmax and gradients in float32 (float64 stays float64), as the flash kernel does for
-  bf16 inputs; the probabilities (batch, heads, queries, keys) and float32 copies of q, k and v are
-  saved for backward, which at these lengths is about what the flash kernel saves.
+- scores, softmax, the output's product and the softmax gradient in float32 (float64 stays
+  float64), as the flash kernel does for bf16 inputs; the three backward products whose results
+  are rounded to half precision anyway (dL/dq, dL/dk, dL/dv) run in half precision from rounded
+  probabilities and score gradients, as the flash kernel's backward does (fp32 accumulation;
+  ~4x faster than float32 matmuls on this repo's CPU);
+- saved for backward: q, k and v as they came and the float32 probabilities (batch, heads,
+  queries, keys), which at these lengths is about what the flash kernel saves.
 
 ``attention_forward`` has the signature of transformers' attention interface and is registered as
 ``"lorakit"`` by ``use_lorakit_attention(model)``; it takes this path when gradients are needed,
@@ -29,8 +33,8 @@ import torch
 
 #: Longest key sequence that takes the matmul path; above it the flash kernel is as fast or faster
 #: and saves less (its saved state grows with queries, not queries x keys). Measured on a 2-core
-#: AVX-512 CPU (benchmarks/attention.py): bf16 forward + backward 0.3-0.65x SDPA's time up to 128
-#: keys; at 192 keys 0.8x in one run and 1.1x in another, at 256 keys 1.15-1.2x.
+#: AVX-512 CPU (benchmarks/attention.py): bf16 forward + backward 0.3-0.5x SDPA's time up to 128
+#: keys; at 192 keys 0.7-1.1x over runs, at 256 keys 1.1x.
 SHORT_ATTENTION_MAX_KEYS = 128
 _HALF = (torch.bfloat16, torch.float16)
 
@@ -78,34 +82,37 @@ class ShortAttention(torch.autograd.Function):
         probs = torch.softmax(scores, dim=-1)
         if mask is not None:
             probs.nan_to_num_(0.0)  # a row with every key masked: no attention, zero output
-        vf = v.to(acc)
-        out = torch.matmul(probs, vf)                                            # (B, KV, G·S, D)
-        # The float32 copies are kept (not redone in backward): at these lengths they are small.
-        ctx.save_for_backward(qg, kf, vf, probs)
-        ctx.dtypes = (q.dtype, k.dtype, v.dtype)
+        out = torch.matmul(probs, v.to(acc))                                     # (B, KV, G·S, D)
+        # q, k and v are kept as they came (half precision: half the bytes of float32 copies).
+        ctx.save_for_backward(q.reshape(B, KV, G * S, D), k, v, probs)
         ctx.scale = scale
         return out.view(B, H, S, D).to(q.dtype)
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
-        qg, kf, vf, probs = ctx.saved_tensors
-        q_dtype, k_dtype, v_dtype = ctx.dtypes
+        qg, k, v, probs = ctx.saved_tensors
         B, KV, GS, D = qg.shape
         H = grad_out.shape[1]
         need_q, need_k, need_v = ctx.needs_input_grad[:3]
-        g = grad_out.reshape(B, KV, GS, D).to(probs.dtype)
+        acc = probs.dtype
+        # Products whose result is rounded to the input's half precision anyway (dL/dv, dL/dq, dL/dk)
+        # run in that precision from rounded probabilities and score gradients, as the flash kernel
+        # does (fp32 accumulation inside the matmul; ~4x faster than float32 here). dL/dP, which the
+        # softmax gradient subtracts from its row sum, stays in float32 like the scores.
+        low = qg.dtype if qg.dtype in _HALF else acc
+        g = grad_out.reshape(B, KV, GS, D)
         grad_q = grad_k = grad_v = None
         if need_v:
-            grad_v = torch.matmul(probs.transpose(-1, -2), g).to(v_dtype)         # (B, KV, T, D)
+            grad_v = torch.matmul(probs.to(low).transpose(-1, -2), g.to(low)).to(v.dtype)   # (B, KV, T, D)
         if need_q or need_k:
-            dp = torch.matmul(g, vf.transpose(-1, -2))                            # (B, KV, G·S, T)
+            dp = torch.matmul(g.to(acc), v.to(acc).transpose(-1, -2))                       # (B, KV, G·S, T)
             # dL/dscores = P ⊙ (dP − rowsum(dP ⊙ P)), then the score scale
             row = (dp * probs).sum(-1, keepdim=True)
-            ds = dp.sub_(row).mul_(probs).mul_(ctx.scale)
+            ds = dp.sub_(row).mul_(probs).mul_(ctx.scale).to(low)
             if need_q:
-                grad_q = torch.matmul(ds, kf).view(B, H, GS * KV // H, D).to(q_dtype)
+                grad_q = torch.matmul(ds, k.to(low)).view(B, H, GS * KV // H, D).to(qg.dtype)
             if need_k:
-                grad_k = torch.matmul(ds.transpose(-1, -2), qg).to(k_dtype)       # (B, KV, T, D)
+                grad_k = torch.matmul(ds.transpose(-1, -2), qg.to(low)).to(k.dtype)          # (B, KV, T, D)
         return grad_q, grad_k, grad_v, None, None, None
 
 
