@@ -60,13 +60,15 @@ def timed(fn, repeats: int) -> list[float]:
     return out
 
 
-def run_worker(script: Path, args: list[str], timeout: float = 900) -> dict:
-    """Run ``script --worker args`` in a fresh interpreter; return the JSON it prints last."""
+def run_worker(script: Path, args: list[str], timeout: float = 900, extra: list[str] | None = None) -> dict:
+    """Run ``script --worker args`` (or ``script *extra`` when given) in a fresh interpreter; return
+    the JSON it prints last."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
-    proc = subprocess.run([sys.executable, str(script), "--worker", *args], capture_output=True, text=True,
+    argv = extra if extra is not None else ["--worker", *args]
+    proc = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)
     if proc.returncode != 0:
-        raise RuntimeError(f"worker {script.name} {args} failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"worker {script.name} {argv} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

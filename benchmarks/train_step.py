@@ -18,6 +18,11 @@ PEFT runs the usual recipe: ``model(input_ids, attention_mask, labels).loss``. l
 RMSNorms; its attention switch does not engage at 256 tokens) and its training loss
 (``lorakit.train.generate.loss_sum``: head + loss only at label positions, chunked). The full
 fine-tuning step uses lorakit's loss too, so LoRA ÷ full compares like with like.
+
+LoRA ÷ full is measured in one process holding both models (the full one a copy of the base
+taken before injection), their steps alternating (who goes first rotates), so machine noise hits
+both alike: the whole step, and forward + backward alone — the part the arithmetic floor
+2/3 + P/N describes (a full step also runs AdamW over all N weights, which the floor leaves out).
 """
 from __future__ import annotations
 
@@ -45,6 +50,55 @@ def make_batch(workload: str, vocab: int):
     if workload == "sft":
         labels[:, : SEQ - ANSWER] = -100
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+
+
+def pair_worker(steps: int) -> dict:
+    """LoRA (as ``lorakit train`` sets it up) and full fine-tuning in one process, steps alternating.
+
+    Returns per-pair ratios LoRA ÷ full of the whole step and of forward + backward alone.
+    """
+    import copy
+    import time
+
+    import torch
+
+    import lorakit as lk
+    from lorakit.models import load_model_and_tokenizer
+    from lorakit.train.generate import loss_sum
+    from lorakit.train.loop import use_lora_training_kernels
+
+    torch.manual_seed(0)
+    full, _ = load_model_and_tokenizer(dtype=torch.float32)
+    lora = copy.deepcopy(full)
+    lk.get_lora_model(lora, lk.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear"))
+    use_lora_training_kernels(lora)
+    batch = make_batch("lm", full.config.vocab_size)
+
+    def stepper(model):
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=1e-4)
+
+        def step() -> tuple[float, float]:
+            t0 = time.perf_counter()
+            loss, n = loss_sum(model, batch)
+            (loss / n).backward()
+            t1 = time.perf_counter()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            return time.perf_counter() - t0, t1 - t0
+
+        return step, sum(p.numel() for p in params), sum(p.numel() for p in model.parameters() if not p.requires_grad)
+
+    (lora_step, trainable, frozen), (full_step, _, _) = stepper(lora), stepper(full)
+    lora_step(), full_step()  # warm-up; allocates the optimizer states
+    whole, fwd_bwd = [], []
+    for i in range(steps):
+        order = [("lora", lora_step), ("full", full_step)]
+        times = dict((name, fn()) for name, fn in (order if i % 2 == 0 else order[::-1]))
+        whole.append(times["lora"][0] / times["full"][0])
+        fwd_bwd.append(times["lora"][1] / times["full"][1])
+    return {"whole": whole, "fwd_bwd": fwd_bwd, "trainable": trainable, "frozen": frozen}
 
 
 def worker(lib: str, method: str, workload: str, steps: int, dropout: float, dtype: str = "fp32") -> dict:
@@ -125,8 +179,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per process; the fastest counts")
+    ap.add_argument("--pairs", type=int, default=4, help="alternating LoRA / full step pairs (LoRA ÷ full)")
     ap.add_argument("--worker", nargs=6, metavar=("LIB", "METHOD", "WORKLOAD", "STEPS", "DROPOUT", "DTYPE"))
+    ap.add_argument("--pair-worker", type=int, metavar="PAIRS", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.pair_worker:
+        print(json.dumps(pair_worker(args.pair_worker)))
+        return
     if args.worker:
         lib, method, workload, steps, dropout, dtype = args.worker
         print(json.dumps(worker(lib, method, workload, int(steps), float(dropout), dtype)))
@@ -134,34 +193,37 @@ def main() -> None:
     script = Path(__file__)
     rows = []
     for workload, dropout, dtype in WORKLOADS:
-        runs: dict[str, list[dict]] = {"lorakit": [], "peft": [], "full": []}
+        runs: dict[str, list[dict]] = {"lorakit": [], "peft": []}
         for _ in range(args.repeats):
-            for key, lib, method in (("lorakit", "lorakit", "lora"), ("peft", "peft", "lora"), ("full", "lorakit", "full")):
-                if key == "full" and (dropout or workload != "lm" or dtype != "fp32"):
-                    continue  # LoRA ÷ full is measured once, on the fp32 lm workload without dropout
-                runs[key].append(run_worker(script, [lib, method, workload, str(args.steps), str(dropout), dtype]))
+            for key, lib in (("lorakit", "lorakit"), ("peft", "peft")):
+                runs[key].append(run_worker(script, [lib, "lora", workload, str(args.steps), str(dropout), dtype]))
                 print(f"  {workload} p={dropout} {dtype} {key}: {runs[key][-1]}", file=sys.stderr, flush=True)
         t = [a["time"] / b["time"] for a, b in zip(runs["lorakit"], runs["peft"])]
         m = [a["peak_mb"] / b["peak_mb"] for a, b in zip(runs["lorakit"], runs["peft"])]
         s = [a["saved_mb"] / b["saved_mb"] for a, b in zip(runs["lorakit"], runs["peft"])]
-        f = [a["time"] / b["time"] for a, b in zip(runs["lorakit"], runs["full"])]
-        lk0 = runs["lorakit"][0]
-        floor = 2 / 3 + lk0["trainable"] / lk0["frozen"]
-        rows.append((f"{workload}, dropout {dropout:g}, {dtype}", t, m, s, f, floor, runs))
+        rows.append((f"{workload}, dropout {dropout:g}, {dtype}", t, m, s, runs))
+    # LoRA ÷ full: once, on the fp32 lm workload without dropout, both models in one process
+    pair = run_worker(script, [], extra=["--pair-worker", str(args.pairs)]) if args.pairs else None
+    if pair:
+        print(f"  lora vs full: {pair}", file=sys.stderr, flush=True)
     print(f"Machine: {machine()}\n")
-    print(f"Command: `python benchmarks/train_step.py --repeats {args.repeats} --steps {args.steps}`\n")
-    print("| workload | step time lorakit ÷ PEFT | peak RSS lorakit ÷ PEFT | saved-for-backward lorakit ÷ PEFT | LoRA ÷ full step (floor 2/3 + P/N) |")
-    print("|---|---|---|---|---|")
-    for workload, t, m, s, f, floor, runs in rows:
-        lora_full = f"{ratio_stats(f)} (floor {floor:.3f})" if f else "—"
-        print(f"| {workload} | {ratio_stats(t)} | {ratio_stats(m)} | {ratio_stats(s)} | {lora_full} |")
+    print(f"Command: `python benchmarks/train_step.py --repeats {args.repeats} --steps {args.steps} --pairs {args.pairs}`\n")
+    print("| workload | step time lorakit ÷ PEFT | peak RSS lorakit ÷ PEFT | saved-for-backward lorakit ÷ PEFT |")
+    print("|---|---|---|---|")
+    for workload, t, m, s, runs in rows:
+        print(f"| {workload} | {ratio_stats(t)} | {ratio_stats(m)} | {ratio_stats(s)} |")
+    if pair:
+        floor = 2 / 3 + pair["trainable"] / pair["frozen"]
+        print(f"\nLoRA ÷ full fine-tuning (lm, dropout 0, fp32; {args.pairs} alternating step pairs in one process; "
+              f"arithmetic floor 2/3 + P/N = {floor:.3f}):\n")
+        print("| whole step (with AdamW) | forward + backward |")
+        print("|---|---|")
+        print(f"| {ratio_stats(pair['whole'])} | {ratio_stats(pair['fwd_bwd'])} |")
     print("\nAbsolute medians (for scale only; this machine is noisy):\n")
     print("| workload | run | step s | peak RSS MiB | saved MiB |")
     print("|---|---|---|---|---|")
     for workload, *_, runs in rows:
         for key, vals in runs.items():
-            if not vals:
-                continue  # full fine-tuning runs only in the first row
             print(f"| {workload} | {key} | {statistics.median(v['time'] for v in vals):.2f} | "
                   f"{statistics.median(v['peak_mb'] for v in vals):.0f} | {statistics.median(v['saved_mb'] for v in vals):.0f} |")
 
