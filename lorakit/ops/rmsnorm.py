@@ -58,12 +58,14 @@ class RMSNormFn(torch.autograd.Function):
         acc = rstd.dtype
         x32 = h.to(acc) * rstd                                     # x̂, once for both gradients
         grad_h = grad_w = None
-        if need_h:
-            gx = (grad * weight).to(acc)                           # dL/d(x̂) through the cast
-            # x̂ = h·r, r = (mean(h²) + eps)^-1/2:  dL/dh = r (gx − x̂ · mean(gx ⊙ x̂))
-            grad_h = ((gx - x32 * (gx * x32).mean(-1, keepdim=True)) * rstd).to(h.dtype)
         if need_w:
             grad_w = (grad * x32.to(h.dtype)).reshape(-1, grad.shape[-1]).sum(0).to(weight.dtype)
+        if need_h:
+            gx = (grad * weight).to(acc)                           # dL/d(x̂) through the cast
+            # x̂ = h·r, r = (mean(h²) + eps)^-1/2:  dL/dh = r (gx − x̂ · mean(gx ⊙ x̂)); in place in
+            # the two fresh buffers (x̂ is not needed after this)
+            x32.mul_((gx * x32).mean(-1, keepdim=True))
+            grad_h = gx.sub_(x32).mul_(rstd).to(h.dtype)
         return grad_h, grad_w, None
 
 

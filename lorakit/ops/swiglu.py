@@ -33,7 +33,7 @@ class _SwiGLUDown(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 A: torch.Tensor | None, B: torch.Tensor | None, scale: float, drop: KeepMask | None) -> torch.Tensor:
-        prod = F.silu(gate) * up
+        prod = F.silu(gate).mul_(up)  # one (tokens, intermediate) allocation instead of two
         out = F.linear(prod, weight, bias)
         h = None
         if A is not None:
@@ -58,11 +58,12 @@ class _SwiGLUDown(torch.autograd.Function):
                                               scale, drop, need[0] or need[1], need[4], need[5])
             if gp is not None:
                 grad_prod.add_(gp.reshape(grad_prod.shape).to(grad_prod.dtype))  # a fresh tensor: in place is safe
-        grad_up = grad_prod * silu if need[1] else None
+        grad_up = silu.mul_(grad_prod) if need[1] else None  # silu(g) is not needed after this
         grad_gate = None
         if need[0]:
-            # d silu(g)/dg = σ(g) (1 + g (1 − σ(g)))
-            grad_gate = grad_prod * up * (sig * (1 + gate * (1 - sig)))
+            # d silu(g)/dg = σ(g) (1 + g (1 − σ(g))), built in place in one fresh buffer that becomes
+            # dL/dg (each fresh (tokens, intermediate) tensor costs an allocation and its page faults)
+            grad_gate = torch.rsub(sig, 1).mul_(gate).add_(1).mul_(sig).mul_(grad_prod).mul_(up)
         return grad_gate, grad_up, None, None, grad_A, grad_B, None, None
 
 
