@@ -148,3 +148,29 @@ def test_backward_under_bf16_autocast():
         grads[use_amp] = A.grad.clone()
     cos = torch.nn.functional.cosine_similarity(grads[False].flatten(), grads[True].flatten(), dim=0)
     assert cos > 0.95
+
+
+@pytest.mark.parametrize("tokens", [1, 16, 64])
+def test_bf16_base_inference_branch(tokens):
+    # Decode-sized inputs on a bf16 base take fp32 products, rounded once into the bf16 output:
+    # the result equals bf16(result + s·(x Aᵀ) Bᵀ computed in fp32) to one rounding step. Larger
+    # inputs keep the bf16 products (a few bf16 roundings more).
+    from lorakit.layers.fused import FP32_BRANCH_MAX_TOKENS
+
+    torch.manual_seed(1)
+    x = torch.randn(tokens, 64, dtype=torch.bfloat16)
+    W = torch.randn(96, 64, dtype=torch.bfloat16)
+    A, B = torch.randn(8, 64), torch.randn(96, 8)
+    result = x @ W.T
+    exact = result.double() + 0.7 * (x.double() @ A.double().T) @ B.double().T
+    with torch.no_grad():
+        out = fused_lora_add(result.clone(), x, A, B, 0.7, 0.0, training=False)
+    assert out.dtype == torch.bfloat16
+    diff = (out.double() - exact).abs()
+    if tokens <= FP32_BRANCH_MAX_TOKENS:
+        err = (diff / exact.abs().clamp_min(1.0)).max().item()
+        assert err <= 2.0 ** -8 * 1.01, err  # one bf16 rounding of the exact value (plus fp32 noise)
+    else:
+        # each bf16 rounding is relative to the absolute products it rounds
+        terms = result.double().abs() + 0.7 * (x.double().abs() @ A.double().abs().T) @ B.double().abs().T + 1.0
+        assert (diff / terms).max().item() <= 0.02
