@@ -77,3 +77,23 @@ def ratio_stats(values: list[float]) -> str:
     if len(values) == 1:
         return f"{values[0]:.3f}"
     return f"{statistics.median(values):.3f} ({min(values):.3f}–{max(values):.3f})"
+
+
+def saved_for_backward(model, loss_fn) -> tuple[object, int]:
+    """Run ``loss_fn()`` under ``saved_tensors_hooks``: (its loss, the bytes autograd keeps for backward),
+    counting each storage once and leaving out the model's parameters."""
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        try:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        except RuntimeError:
+            pass
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    return loss, sum(v for k, v in seen.items() if k not in weights)

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, ratio_stats  # noqa: E402
+from _common import machine, ratio_stats, saved_for_backward  # noqa: E402
 from train_step import RANK, make_batch  # noqa: E402
 
 
@@ -93,21 +93,10 @@ def build(kind: str, base, device, dtype):
         return time.perf_counter() - start
 
     def saved_mb() -> float:
-        seen: dict[int, int] = {}
-
-        def pack(t):
-            try:
-                seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            except RuntimeError:
-                pass
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = loss_fn()
+        loss, saved = saved_for_backward(model, loss_fn)
         loss.backward()
         opt.zero_grad(set_to_none=True)
-        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        return sum(v for k, v in seen.items() if k not in weights) / 2**20
+        return saved / 2**20
 
     counts = (sum(p.numel() for p in params), sum(p.numel() for p in model.parameters() if not p.requires_grad))
     return model, step, saved_mb, counts

@@ -33,7 +33,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, peak_rss_mb, ratio_stats, reset_peak_rss, run_worker  # noqa: E402
+from _common import machine, peak_rss_mb, ratio_stats, reset_peak_rss, run_worker, saved_for_backward  # noqa: E402
 
 BATCH, SEQ, RANK, ANSWER = 4, 256, 16, 32
 #: (workload, LoRA dropout, base dtype): dropout 0 is the default of both LoraConfigs and of
@@ -146,23 +146,11 @@ def worker(lib: str, method: str, workload: str, steps: int, dropout: float, dty
         return float(loss)
 
     # bytes autograd keeps for backward in one forward (distinct storages)
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        try:
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        except RuntimeError:
-            pass
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn()
+    loss, saved = saved_for_backward(model, loss_fn)
     loss.backward()
     opt.step()  # this first step is also the warm-up (it allocates the optimizer state)
     opt.zero_grad(set_to_none=True)
     del loss
-    param_ptrs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = sum(v for k, v in seen.items() if k not in param_ptrs)
 
     reset_peak_rss()
     times = []
@@ -178,7 +166,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per process; the fastest counts")
-    ap.add_argument("--pairs", type=int, default=4, help="alternating LoRA / full step pairs (LoRA ÷ full)")
+    ap.add_argument("--pairs", type=int, default=3, help="alternating LoRA / full step pairs (LoRA ÷ full)")
     ap.add_argument("--worker", nargs=6, metavar=("LIB", "METHOD", "WORKLOAD", "STEPS", "DROPOUT", "DTYPE"))
     ap.add_argument("--pair-worker", type=int, metavar="PAIRS", help=argparse.SUPPRESS)
     args = ap.parse_args()
