@@ -91,11 +91,11 @@ class LoraLinear(LoraLayer):
         """Aᵀ and Bᵀ stacks of adapters ``names``; cached while their storages and versions are unchanged."""
         As, Bs = self.lora_A._parameters, self.lora_B._parameters
         params = [As[n] for n in names] + [Bs[n] for n in names]
-        cached = self.__dict__.get("_stack_cache")
         # The current parameters' versions and addresses: a change in place, new storage or a new
         # parameter object (new storage too) all rebuild the stacks.
-        if (cached is not None and cached[0] == names and [p._version for p in params] == cached[3]
-                and [p.data_ptr() for p in params] == cached[4]):
+        versions, addresses = [p._version for p in params], [p.data_ptr() for p in params]
+        cached = self.__dict__.get("_stack_cache")
+        if cached is not None and cached[0] == names and cached[3] == versions and cached[4] == addresses:
             return cached[1], cached[2]
         self.__dict__.pop("_stack_cache", None)  # free the old stacks before building new ones
         r_max = max(self.r[n] for n in names)
@@ -107,7 +107,7 @@ class LoraLinear(LoraLayer):
                 r = self.r[n]
                 A_t[i, :, :r] = As[n].T
                 B_t[i, :r, :] = Bs[n].T
-        self.__dict__["_stack_cache"] = (names, A_t, B_t, [p._version for p in params], [p.data_ptr() for p in params])
+        self.__dict__["_stack_cache"] = (names, A_t, B_t, versions, addresses)
         return A_t, B_t
 
     def _token_layout(self, plan: Any, slots: tuple[str, ...], seq: int, dtype: torch.dtype,
