@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, ratio_stats, saved_for_backward  # noqa: E402
-from train_step import RANK, make_batch  # noqa: E402
+from train_step import RANK, make_batch, setup  # noqa: E402
 
 
 def _sync(device) -> None:
@@ -53,32 +53,13 @@ def _step_peak_mb(device, step) -> float:
 
 
 def build(kind: str, base, device, dtype):
-    """A training setup on ``device``: (step function, saved-bytes function)."""
+    """A training setup on ``device``: (model, step function, saved-bytes function, (trainable, frozen) counts)."""
     import torch
-
-    import lorakit as lk
-    from lorakit.train.generate import loss_sum
 
     model = copy.deepcopy(base).to(device=device, dtype=dtype)
     model.train()
     batch = {k: v.to(device) for k, v in make_batch("lm", model.config.vocab_size).items()}
-    if kind == "peft":
-        import peft
-
-        model = peft.get_peft_model(model, peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear"))
-
-        def loss_fn():
-            return model(**batch).loss
-    else:
-        if kind == "lorakit":
-            from lorakit.train.loop import use_lora_training_kernels
-
-            lk.get_lora_model(model, lk.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear"))
-            use_lora_training_kernels(model)
-
-        def loss_fn():
-            loss, n = loss_sum(model, batch)
-            return loss / n
+    model, loss_fn = setup(kind, model, batch)
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)

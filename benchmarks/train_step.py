@@ -52,6 +52,38 @@ def make_batch(workload: str, vocab: int):
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
+def setup(kind: str, model, batch: dict, dropout: float = 0.0):
+    """The compared setups on ``model``: (the model to train, its loss function).
+
+    ``"peft"``: PEFT 0.21's LoRA and the usual ``model(**batch).loss``; ``"lorakit"``: LoRA as
+    ``lorakit train`` sets it up (``get_lora_model`` + ``use_lora_training_kernels``, whose attention
+    engages only in bf16 at <= 128 keys) with its loss at label positions; ``"full"``: every weight
+    trained, with lorakit's loss (so LoRA ÷ full compares like with like). r = RANK on all linear
+    layers, alpha 2·RANK.
+    """
+    if kind == "peft":
+        import peft
+
+        cfg = peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=dropout, target_modules="all-linear")
+        model = peft.get_peft_model(model, cfg)
+        return model, lambda: model(**batch).loss
+    import lorakit as lk
+    from lorakit.train.generate import loss_sum
+    from lorakit.train.loop import use_lora_training_kernels
+
+    if kind == "lorakit":
+        lk.get_lora_model(model, lk.LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=dropout, target_modules="all-linear"))
+        use_lora_training_kernels(model)
+    elif kind != "full":
+        raise ValueError(f"unknown setup {kind!r}: expected 'peft', 'lorakit' or 'full'")
+
+    def loss_fn():
+        loss, n = loss_sum(model, batch)
+        return loss / n
+
+    return model, loss_fn
+
+
 def pair_worker(steps: int) -> dict:
     """LoRA (as ``lorakit train`` sets it up) and full fine-tuning in one process, steps alternating.
 
@@ -62,27 +94,22 @@ def pair_worker(steps: int) -> dict:
 
     import torch
 
-    import lorakit as lk
     from lorakit.models import load_model_and_tokenizer
-    from lorakit.train.generate import loss_sum
-    from lorakit.train.loop import use_lora_training_kernels
 
     torch.manual_seed(0)
     full, _ = load_model_and_tokenizer(dtype=torch.float32)
-    lora = copy.deepcopy(full)
-    lk.get_lora_model(lora, lk.LoraConfig(r=RANK, lora_alpha=2 * RANK, target_modules="all-linear"))
-    use_lora_training_kernels(lora)
     batch = make_batch("lm", full.config.vocab_size)
+    lora = copy.deepcopy(full)  # taken before any injection
 
-    def stepper(model):
+    def stepper(kind, model):
+        model, loss_fn = setup(kind, model, batch)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
 
         def step() -> tuple[float, float]:
             t0 = time.perf_counter()
-            loss, n = loss_sum(model, batch)
-            (loss / n).backward()
+            loss_fn().backward()
             t1 = time.perf_counter()
             opt.step()
             opt.zero_grad(set_to_none=True)
@@ -90,7 +117,7 @@ def pair_worker(steps: int) -> dict:
 
         return step, sum(p.numel() for p in params), sum(p.numel() for p in model.parameters() if not p.requires_grad)
 
-    (lora_step, trainable, frozen), (full_step, _, _) = stepper(lora), stepper(full)
+    (lora_step, trainable, frozen), (full_step, _, _) = stepper("lorakit", lora), stepper("full", full)
     lora_step(), full_step()  # warm-up; allocates the optimizer states
     times: dict[str, list[tuple[float, float]]] = {"lora": [], "full": []}
     for i in range(steps):
@@ -111,27 +138,7 @@ def worker(lib: str, method: str, workload: str, steps: int, dropout: float, dty
     model, _ = load_model_and_tokenizer(dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
     model.train()  # bf16: the frozen base in bf16; both libraries keep the adapters in fp32
     batch = make_batch(workload, model.config.vocab_size)
-    if lib == "peft":
-        import peft
-
-        cfg = peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=dropout, target_modules="all-linear")
-        model = peft.get_peft_model(model, cfg)
-
-        def loss_fn():
-            return model(**batch).loss
-    else:
-        import lorakit as lk
-        from lorakit.train.generate import loss_sum
-
-        if method == "lora":  # as `lorakit train` sets it up (lorakit.train.loop.prepare_model)
-            from lorakit.train.loop import use_lora_training_kernels
-
-            lk.get_lora_model(model, lk.LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=dropout, target_modules="all-linear"))
-            use_lora_training_kernels(model)  # its attention engages only in bf16 at <= 128 keys; these are 256
-
-        def loss_fn():
-            loss, n = loss_sum(model, batch)
-            return loss / n
+    model, loss_fn = setup("peft" if lib == "peft" else "lorakit" if method == "lora" else "full", model, batch, dropout)
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
