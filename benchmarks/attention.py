@@ -2,8 +2,9 @@
 
 Shapes of SmolLM2-135M (9 query heads, 3 key/value heads, head dim 64), causal, batch x length as
 in fine-tuning; forward + backward (and forward only), fp32 and bf16; median of interleaved rounds.
-The ratio column is lorakit ÷ SDPA (below 1: lorakit faster). ``SHORT_ATTENTION_MAX_KEYS`` is
-chosen from this table: the matmul path is used up to that many keys.
+The ratio column is lorakit ÷ SDPA (below 1: lorakit faster). ``SHORT_ATTENTION_MAX_KEYS`` (any
+mask) and ``CAUSAL_ATTENTION_MAX_KEYS`` (causal, in blocks of ``QUERY_BLOCK`` queries) are chosen
+from this table: the matmul path is used in half precision up to that many keys.
 
     python benchmarks/attention.py [--rounds 7] [--quick]
 """
@@ -33,7 +34,7 @@ def main() -> None:
     import torch
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from lorakit.ops.attention import SHORT_ATTENTION_MAX_KEYS, ShortAttention
+    from lorakit.ops.attention import CAUSAL_ATTENTION_MAX_KEYS, QUERY_BLOCK, SHORT_ATTENTION_MAX_KEYS, ShortAttention
 
     shapes = [(8, 32), (8, 64), (8, 96), (8, 128), (4, 192), (4, 256)]
     if args.quick:
@@ -49,7 +50,9 @@ def main() -> None:
     print(f"Machine: {machine()}\n")
     print(f"Command: `python benchmarks/attention.py --rounds {args.rounds}`\n")
     print(f"9 query / 3 key-value heads, head dim 64, causal; time of one layer's attention; median of "
-          f"{args.rounds} interleaved rounds. Matmul path used up to {SHORT_ATTENTION_MAX_KEYS} keys.\n")
+          f"{args.rounds} interleaved rounds. In half precision the matmul path is used up to "
+          f"{SHORT_ATTENTION_MAX_KEYS} keys with any mask and up to {CAUSAL_ATTENTION_MAX_KEYS} keys for causal "
+          f"attention, which runs in blocks of {QUERY_BLOCK} queries (as here).\n")
     print("| batch x length | dtype | fwd+bwd SDPA (ms) | fwd+bwd lorakit (ms) | ratio | forward SDPA (ms) | forward lorakit (ms) | ratio |")
     print("|---|---|---|---|---|---|---|---|")
     for batch, length in shapes:

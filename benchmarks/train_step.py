@@ -15,7 +15,7 @@ lora_alpha 32, AdamW, fp32; LoRA dropout 0 — both libraries' default — and 0
 - ``sft``: only the last 32 tokens of each row are labels (prompt masked, as in instruction tuning).
 PEFT runs the usual recipe: ``model(input_ids, attention_mask, labels).loss``. lorakit runs what
 ``lorakit train`` runs: ``get_lora_model`` + ``use_lora_training_kernels`` (fused SwiGLU tails and
-RMSNorms; its attention switch does not engage at 256 tokens) and its training loss
+RMSNorms; its attention, causal in blocks of 64 queries, engages in bf16 only) and its training loss
 (``lorakit.train.generate.loss_sum``: head + loss only at label positions, chunked). The full
 fine-tuning step uses lorakit's loss too, so LoRA ÷ full compares like with like.
 
@@ -57,7 +57,7 @@ def setup(kind: str, model, batch: dict, dropout: float = 0.0):
 
     ``"peft"``: PEFT 0.21's LoRA and the usual ``model(**batch).loss``; ``"lorakit"``: LoRA as
     ``lorakit train`` sets it up (``get_lora_model`` + ``use_lora_training_kernels``, whose attention
-    engages only in bf16 at <= 128 keys) with its loss at label positions; ``"full"``: every weight
+    engages only in bf16: at <= 128 keys, or <= 256 when causal) with its loss at label positions; ``"full"``: every weight
     trained, with lorakit's loss (so LoRA ÷ full compares like with like). r = RANK on all linear
     layers, alpha 2·RANK.
     """

@@ -71,7 +71,7 @@ def test_fully_masked_row_gives_zeros_not_nan():
     assert torch.isfinite(q.grad).all() and torch.isfinite(k.grad).all()
 
 
-def test_bf16_is_at_least_as_accurate_as_sdpa():
+def test_bf16_is_at_least_as_accurate_as_sdpa(monkeypatch):
     q, k, v = _qkv(B=2, H=6, KV=2, S=40, T=40, D=16, seed=3)
     grad = torch.randn(2, 6, 40, 16, dtype=torch.float64)
     exact = F.scaled_dot_product_attention(q, _repeat(k, 3), _repeat(v, 3), is_causal=True)
@@ -84,11 +84,13 @@ def test_bf16_is_at_least_as_accurate_as_sdpa():
         return [float((a.detach().double() - b.detach()).norm() / b.detach().norm())
                 for a, b in zip((out, *grads), (exact, *exact_grads))]
 
-    ours = error(lambda a, b, c: short_attention(a, b, c, causal=True))
     sdpa = error(lambda a, b, c: F.scaled_dot_product_attention(a, _repeat(b, 3), _repeat(c, 3), is_causal=True))
-    assert ours[0] < 0.01
-    for o, s in zip(ours, sdpa):
-        assert o <= s * 1.1, (ours, sdpa)
+    for block in (64, 16):  # one block of queries, and three (dL/dk, dL/dv summed over blocks)
+        monkeypatch.setattr(att, "QUERY_BLOCK", block)
+        ours = error(lambda a, b, c: short_attention(a, b, c, causal=True))
+        assert ours[0] < 0.01
+        for o, s in zip(ours, sdpa):
+            assert o <= s * 1.1, (block, ours, sdpa)
 
 
 def test_bad_shapes_are_named():
@@ -121,10 +123,46 @@ def test_dispatch_only_for_half_precision_with_gradients(monkeypatch):
     q = torch.randn(2, 6, 16, 8, dtype=torch.bfloat16, requires_grad=True)
     att.attention_forward(Module(), q, q[:, :2], q[:, :2], None, head_mask=torch.ones(6))
     att.attention_forward(Module(), q, q[:, :2], q[:, :2], None, dropout=0.1)
-    run(torch.bfloat16, length=att.SHORT_ATTENTION_MAX_KEYS + 1)
+    run(torch.bfloat16, length=att.CAUSAL_ATTENTION_MAX_KEYS + 1)
+    # past SHORT_ATTENTION_MAX_KEYS only causal attention takes the matmul path: not with a mask
+    # that lets a query see later keys (a bidirectional padding mask)
+    n = att.SHORT_ATTENTION_MAX_KEYS + 1
+    q = torch.randn(2, 6, n, 8, dtype=torch.bfloat16, requires_grad=True)
+    bidirectional = torch.ones(2, 1, n, n, dtype=torch.bool)
+    bidirectional[1, :, :, -3:] = False
+    att.attention_forward(Module(), q, q[:, :2], q[:, :2], bidirectional)
     assert calls == []
     assert torch.isfinite(run(torch.bfloat16)).all()
-    assert calls == [torch.bfloat16]
+    assert torch.isfinite(run(torch.bfloat16, length=n)).all()  # causal, no mask
+    causal_padded = torch.ones(n, n, dtype=torch.bool).tril()[None, None].repeat(2, 1, 1, 1)
+    causal_padded[1, :, :, -3:] = False
+    att.attention_forward(Module(), q, q[:, :2], q[:, :2], causal_padded)
+    assert calls == [torch.bfloat16] * 3
+
+
+@pytest.mark.parametrize("case", ["causal", "fewer_queries", "causal_padding", "one_block"])
+def test_query_blocks_equal_sdpa_in_float64(monkeypatch, case):
+    # blocks of 3 queries: 7 queries make blocks of 3, 3 and 1; each sees keys up to its last query
+    monkeypatch.setattr(att, "QUERY_BLOCK", 7 if case == "one_block" else 3)
+    S, T = (5, 7) if case == "fewer_queries" else (7, 7)
+    q, k, v = _qkv(S=S, T=T, seed=4)
+    visible = torch.ones(S, T, dtype=torch.bool).tril(T - S)[None, None]
+    mask = _padding_mask() if case == "causal_padding" else None
+    assert len(att._query_blocks(S, T, True)) == (1 if case == "one_block" else 3 if S == 7 else 2)
+    grad = torch.randn(3, 6, S, 8, dtype=torch.float64)
+    ref = F.scaled_dot_product_attention(q, _repeat(k, 3), _repeat(v, 3), attn_mask=visible if mask is None else mask)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), grad)
+    out = ShortAttention.apply(q, k, v, mask, 8 ** -0.5, True)
+    grads = torch.autograd.grad(out, (q, k, v), grad)
+    torch.testing.assert_close(out, ref, rtol=1e-12, atol=1e-12)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_query_blocks_gradcheck(monkeypatch):
+    monkeypatch.setattr(att, "QUERY_BLOCK", 2)
+    q, k, v = _qkv(B=2, H=4, KV=2, S=5, T=5, D=3)
+    assert torch.autograd.gradcheck(lambda a, b, c: short_attention(a, b, c, causal=True, scale=0.7), (q, k, v))
 
 
 def test_model_switch_gives_sdpa_outputs_and_gradients_in_bf16(monkeypatch):

@@ -139,7 +139,7 @@ def use_lora_training_kernels(model: Any) -> None:
     """lorakit's training kernels on a model with LoRA injected (``prepare_model`` and the train-step
     benchmark use this one list): SwiGLU MLPs (Llama, SmolLM2, Qwen2, Mistral, ...) keep 2 instead of
     4 wide tensors for backward, the LoRA nodes after each RMSNorm rebuild its output instead of
-    keeping it, and SDPA attention becomes ``lorakit.ops.attention`` (engages in bf16 at <= 128 keys)."""
+    keeping it, and SDPA attention becomes ``lorakit.ops.attention`` (engages in bf16 at <= 128 keys, <= 256 when causal)."""
     from lorakit.ops import fuse_rmsnorms, fuse_swiglu_mlps, use_lorakit_attention
 
     fuse_swiglu_mlps(model)
