@@ -59,6 +59,40 @@ def test_lora_node_rebuilding_its_input_gives_the_same_gradients_in_float64():
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
+def test_consumers_of_one_norm_share_one_rebuild(monkeypatch):
+    # q, k and v read one norm's output: backward rebuilds it once for the three, also when the
+    # graph is run twice (retain_graph), with the same gradients as three separate rebuilds
+    import lorakit.layers.fused as fused
+
+    calls = []
+    real = fused.recompute_norm
+    monkeypatch.setattr(fused, "recompute_norm", lambda *a, **k: calls.append(k.get("h_acc") is None) or real(*a, **k))
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(8, dtype=torch.float64)
+    Ws = [torch.randn(6, 8, dtype=torch.float64) for _ in range(3)]
+    As = [torch.randn(3, 8, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+    Bs = [torch.randn(6, 3, dtype=torch.float64, requires_grad=True) for _ in range(3)]
+
+    def loss(tagged: bool):
+        y = RMSNormFn.apply(h, w, 1e-5)
+        if not tagged:
+            y = y * 1.0
+        outs = [fused_lora_add(y @ W.T, y, A, B, 0.7, 0.0, training=True) for W, A, B in zip(Ws, As, Bs)]
+        return sum((o * (i + 1)).pow(2).sum() for i, o in enumerate(outs))
+
+    want = torch.autograd.grad(loss(False), (h, *As, *Bs))
+    calls.clear()
+    tagged = loss(True)
+    got = torch.autograd.grad(tagged, (h, *As, *Bs), retain_graph=True)
+    assert sum(calls) == 1  # one rebuild in backward for the three consumers
+    again = torch.autograd.grad(tagged, (h, *As, *Bs))
+    assert sum(calls) == 4  # the second run: its count is spent, each consumer rebuilds
+    for a, b, c in zip(got, again, want):
+        torch.testing.assert_close(a, c, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(b, c, rtol=1e-12, atol=1e-12)
+
+
 def _lora_llama(dtype=torch.float32):
     model = tiny_llama().to(dtype)
     lk.get_lora_model(model, lk.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))

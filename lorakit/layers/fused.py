@@ -28,16 +28,38 @@ import torch
 _RESOLUTION = 1 << 16
 
 
-#: Attribute a fused RMSNorm (``lorakit.ops.rmsnorm``) sets on its output: ``(h, weight, rstd)``, from
-#: which ``recompute_norm`` rebuilds that output bit for bit, so LoRA nodes need not keep it.
+#: Attribute a fused RMSNorm (``lorakit.ops.rmsnorm``) sets on its output: ``(h, weight, rstd,
+#: SharedRecompute())``, from which ``recompute_norm`` rebuilds that output bit for bit, so LoRA nodes
+#: need not keep it.
 RMSNORM_RECIPE = "_lorakit_rmsnorm"
 
 
-def recompute_norm(recipe: tuple[torch.Tensor, ...], h_acc: torch.Tensor | None = None) -> torch.Tensor:
+def recompute_norm(recipe: tuple, h_acc: torch.Tensor | None = None) -> torch.Tensor:
     """The fused RMSNorm's output from its ``RMSNORM_RECIPE``: the norm's forward computes it with
     this function too (passing ``h_acc``, h already in rstd's dtype), so the two are bit-identical."""
-    h, weight, rstd = recipe
+    h, weight, rstd = recipe[:3]
     return weight * ((h.to(rstd.dtype) if h_acc is None else h_acc) * rstd).to(h.dtype)
+
+
+class SharedRecompute:
+    """One recomputation of a norm's output for all the LoRA nodes that consume it (q, k and v; gate
+    and up): each node ``expect``s it in forward; in backward the first to ask computes it, the last
+    one drops it. A second backward through the same graph (``retain_graph``) finds the count spent
+    and recomputes per node: the result is the same either way, only the work differs."""
+
+    __slots__ = ("pending", "value")
+
+    def __init__(self) -> None:
+        self.pending, self.value = 0, None
+
+    def expect(self) -> None:
+        self.pending += 1
+
+    def get(self, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+        value = self.value if self.value is not None else compute()
+        self.pending -= 1
+        self.value = value if self.pending > 0 else None
+        return value
 
 
 def _default_generator(device: torch.device) -> torch.Generator | None:
@@ -188,12 +210,16 @@ def add_branch(out2: torch.Tensor, x2: torch.Tensor, A: torch.Tensor, B: torch.T
 
 def branch_grads(g2: torch.Tensor, x2_of: Callable[[], torch.Tensor], A: torch.Tensor, B: torch.Tensor,
                  h: torch.Tensor, scale: float, drop: KeepMask | None, need_x: bool, need_A: bool,
-                 need_B: bool) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+                 need_B: bool, grad_x_into: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
     """Gradients of ``add_branch`` for dL/d(out2) = ``g2``: (dL/dx2 (tokens, in), dL/dA, dL/dB).
 
     ``x2_of()`` gives ``x2`` again (called only when dL/dA is needed, so callers may recompute it);
     the dropout mask is redrawn once and released at the end. Products run in ``h``'s dtype (the
     branch dtype); dL/dA and dL/dB come back in A's and B's dtypes, dL/dx2 in the branch dtype.
+    ``grad_x_into``: a (tokens, in) tensor of the branch dtype that dL/dx2 is added to in place
+    (one ``addmm_`` instead of a fresh tensor and a sum) when there is no dropout; it is then the
+    returned dL/dx2.
     """
     cd = h.dtype
     g2 = g2.to(cd)
@@ -208,9 +234,12 @@ def branch_grads(g2: torch.Tensor, x2_of: Callable[[], torch.Tensor], A: torch.T
         xa = x2_of()
         grad_A = (gh.T @ (masked(xa, mask) if mask is not None else xa)).to(A.dtype)   # (r, in)
     if need_x:
-        grad_x = gh @ A.to(cd)                                     # (tokens, in)
-        if mask is not None:
-            grad_x = grad_x * mask
+        if grad_x_into is not None and mask is None and grad_x_into.dtype == cd:
+            grad_x = grad_x_into.addmm_(gh, A.to(cd))
+        else:
+            grad_x = gh @ A.to(cd)                                 # (tokens, in)
+            if mask is not None:
+                grad_x = grad_x * mask
     if drop is not None:
         drop.release()
     return grad_x, grad_A, grad_B
@@ -234,7 +263,11 @@ class FusedLoraLinear(torch.autograd.Function):
         # norm's input, which the norm keeps anyway, and one rstd per token) and rebuild x in backward.
         recipe = getattr(x, RMSNORM_RECIPE, None)
         ctx.from_norm = recipe is not None and recipe[0].shape[:-1] == x.shape[:-1]
-        ctx.save_for_backward(*(recipe if ctx.from_norm else (x,)), A, B, h)
+        ctx.shared = None
+        if ctx.from_norm and A.requires_grad:  # dL/dA will need x: one rebuild shared by the norm's consumers
+            ctx.shared = recipe[3]
+            ctx.shared.expect()
+        ctx.save_for_backward(*(recipe[:3] if ctx.from_norm else (x,)), A, B, h)
         ctx.x_meta = (x.shape, x.dtype)
         ctx.scale, ctx.drop = scale, drop
         return result
@@ -246,7 +279,10 @@ class FusedLoraLinear(torch.autograd.Function):
         x_shape, x_dtype = ctx.x_meta
 
         def x2_of() -> torch.Tensor:
-            x = recompute_norm(saved[:3]) if ctx.from_norm else saved[0]
+            if ctx.shared is not None:
+                x = ctx.shared.get(lambda: recompute_norm(saved[:3]))
+            else:
+                x = recompute_norm(saved[:3]) if ctx.from_norm else saved[0]
             return x.reshape(-1, x_shape[-1]).to(h.dtype)
 
         need = ctx.needs_input_grad

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lorakit.layers.fused import RMSNORM_RECIPE as RECIPE
+from lorakit.layers.fused import SharedRecompute
 from lorakit.layers.fused import recompute_norm as recompute
 from lorakit.ops.patching import forward_body, patch_forwards, unpatch_forwards
 
@@ -48,7 +49,7 @@ class RMSNormFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # For the LoRA nodes that consume y (layers/fused.py): h is kept here anyway. (Not for an
             # input without gradient, e.g. the embeddings: keeping h there would only replace y.)
-            setattr(y, RECIPE, recipe)
+            setattr(y, RECIPE, (*recipe, SharedRecompute()))
         return y
 
     @staticmethod

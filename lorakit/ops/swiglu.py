@@ -54,10 +54,11 @@ class _SwiGLUDown(torch.autograd.Function):
         need = ctx.needs_input_grad
         grad_A = grad_B = None
         if A is not None:  # the LoRA branch of down_proj, its input (silu(g)·u) recomputed
+            into = grad_prod.view(-1, grad_prod.shape[-1])  # a fresh tensor: in place is safe
             gp, grad_A, grad_B = branch_grads(g2, lambda: (silu * up).reshape(-1, up.shape[-1]).to(h.dtype), A, B, h,
-                                              scale, drop, need[0] or need[1], need[4], need[5])
-            if gp is not None:
-                grad_prod.add_(gp.reshape(grad_prod.shape).to(grad_prod.dtype))  # a fresh tensor: in place is safe
+                                              scale, drop, need[0] or need[1], need[4], need[5], grad_x_into=into)
+            if gp is not None and gp is not into:
+                grad_prod.add_(gp.reshape(grad_prod.shape).to(grad_prod.dtype))
         grad_up = silu.mul_(grad_prod) if need[1] else None  # silu(g) is not needed after this
         grad_gate = None
         if need[0]:
