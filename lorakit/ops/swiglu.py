@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.layers.fused import KeepMask, add_branch, branch_dtype, branch_grads
-from lorakit.layers.linear import LoraLinear
+from lorakit.ops.grouped import linear_plan, shared_input_linears
 from lorakit.ops.patching import forward_body, patch_forwards, unpatch_forwards
 
 _EXPRESSION = "self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"
@@ -70,28 +70,7 @@ class _SwiGLUDown(torch.autograd.Function):
 
 def _down_plan(down: nn.Module):
     """(weight, bias, A, B, scale, p) for the fused path, or None when it would not be equivalent."""
-    if type(down) is nn.Linear:
-        base, adapter = down, None
-    elif isinstance(down, LoraLinear) and type(down.base_layer) is nn.Linear:
-        base = down.base_layer
-        if down.disabled:
-            adapter = None
-        else:
-            if down.batch_context is not None and down.batch_context.plan is not None:
-                return None
-            names = down.live_adapters()
-            if len(names) > 1 or any(n in down.variants for n in names):
-                return None
-            adapter = names[0] if names else None
-    else:
-        return None
-    if base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
-        return None
-    if adapter is None:
-        return base.weight, base.bias, None, None, 1.0, 0.0
-    dropout = down.lora_dropout[adapter]
-    p = dropout.p if isinstance(dropout, nn.Dropout) and down.training else 0.0
-    return base.weight, base.bias, down.lora_A[adapter], down.lora_B[adapter], down.scaling[adapter], p
+    return linear_plan(down)
 
 
 class _FusedMLPForward:
@@ -106,7 +85,8 @@ class _FusedMLPForward:
         if plan is None:
             return type(m).forward(m, x)
         weight, bias, A, B, scale, p = plan
-        gate, up = m.gate_proj(x), m.up_proj(x)
+        pair = shared_input_linears(x, [m.gate_proj, m.up_proj])  # one node for both, where equivalent
+        gate, up = pair if pair is not None else (m.gate_proj(x), m.up_proj(x))
         if not (gate.requires_grad or up.requires_grad or (A is not None and A.requires_grad)):
             return m.down_proj(m.act_fn(gate) * up)  # nothing to differentiate: the plain tail
         drop = KeepMask((gate.numel() // gate.shape[-1], gate.shape[-1]), p, gate.device, reuse=True) if p > 0 else None

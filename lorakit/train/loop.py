@@ -139,10 +139,12 @@ def use_lora_training_kernels(model: Any) -> None:
     """lorakit's training kernels on a model with LoRA injected (``prepare_model`` and the train-step
     benchmark use this one list): SwiGLU MLPs (Llama, SmolLM2, Qwen2, Mistral, ...) keep 2 instead of
     4 wide tensors for backward, the LoRA nodes after each RMSNorm rebuild its output instead of
-    keeping it, and SDPA attention becomes ``lorakit.ops.attention`` (engages in bf16 at <= 128 keys, <= 256 when causal)."""
-    from lorakit.ops import fuse_rmsnorms, fuse_swiglu_mlps, use_lorakit_attention
+    keeping it, q/k/v projections (and the MLP's gate/up) run as one node each, and SDPA attention
+    becomes ``lorakit.ops.attention`` (engages in bf16 at <= 128 keys, <= 256 when causal)."""
+    from lorakit.ops import fuse_qkv_projections, fuse_rmsnorms, fuse_swiglu_mlps, use_lorakit_attention
 
     fuse_swiglu_mlps(model)
+    fuse_qkv_projections(model)
     fuse_rmsnorms(model)
     use_lorakit_attention(model)
 
