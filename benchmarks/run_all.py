@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # (title, script, arguments, arguments with --quick)
 SUITE = [
     ("Training step: lorakit vs PEFT, LoRA vs full fine-tuning (issue 7: 1, 3)", "train_step.py",
-     ["--repeats", "2", "--steps", "1", "--pairs", "3"], ["--repeats", "1", "--steps", "1", "--pairs", "2"]),
+     ["--repeats", "1", "--steps", "1", "--pairs", "3"], ["--repeats", "1", "--steps", "1", "--pairs", "2"]),
     ("Time to the same quality: `lorakit train` vs the transformers + PEFT recipe (issue 7: 2)", "time_to_quality.py",
      ["--steps", "24", "--eval-every", "4", "--eval-samples", "64"], ["--quick"]),
     ("Inference: unmerged / merged vs base (issue 7: 4)", "inference.py", ["--rounds", "3"], ["--rounds", "2"]),

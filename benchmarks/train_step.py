@@ -1,12 +1,13 @@
 """Training step: lorakit vs PEFT 0.21 (same model, rank, batch, precision, optimizer), and LoRA vs full.
 
-Each measurement runs in a fresh process (so peak RSS is its own), lorakit and PEFT interleaved,
-repeated; the table reports ratios (median, min–max over repeats), never absolute times alone.
+Step time: both setups on copies of one loaded model in ONE process, their steps alternating (who
+goes first alternates), so machine noise hits both alike; the table gives the median of the
+per-pair ratios (min–max) and best = fastest ÷ fastest. Peak RSS and bytes saved for backward: each
+library alone in a fresh process (so each peak is its own), lorakit and PEFT interleaved, repeated.
 
-    python benchmarks/train_step.py [--repeats 2] [--steps 2]
+    python benchmarks/train_step.py [--repeats 2] [--steps 2] [--pairs 3]
 
-Each process times ``--steps`` steps after a warm-up step and reports the fastest (the least disturbed
-by other work on a shared machine).
+Each single-library process reports its peak RSS over ``--steps`` steps after a warm-up step.
 
 Workloads (batch 4 × 256 tokens of the embedded SmolLM2-135M-Instruct, r = 16 on all linear layers,
 lora_alpha 32, AdamW, fp32; LoRA dropout 0 — both libraries' default — and 0.05 for ``lm``; and
@@ -84,11 +85,11 @@ def setup(kind: str, model, batch: dict, dropout: float = 0.0):
     return model, loss_fn
 
 
-def pair_worker(steps: int) -> dict:
-    """LoRA (as ``lorakit train`` sets it up) and full fine-tuning in one process, steps alternating.
-
-    Returns the (whole step, forward + backward) seconds of each LoRA and each full step.
-    """
+def pair_worker(kinds: tuple[str, str], workload: str, dropout: float, dtype: str, steps: int) -> dict:
+    """Two setups (``setup`` kinds, e.g. lorakit and PEFT, or lorakit and full) on copies of one
+    loaded model in one process, their steps alternating (who goes first alternates), so machine
+    noise hits both alike. Returns the (whole step, forward + backward) seconds of each step of each,
+    and the trainable / frozen parameter counts of each."""
     import copy
     import time
 
@@ -97,12 +98,12 @@ def pair_worker(steps: int) -> dict:
     from lorakit.models import load_model_and_tokenizer
 
     torch.manual_seed(0)
-    full, _ = load_model_and_tokenizer(dtype=torch.float32)
-    batch = make_batch("lm", full.config.vocab_size)
-    lora = copy.deepcopy(full)  # taken before any injection
+    model, _ = load_model_and_tokenizer(dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
+    batch = make_batch(workload, model.config.vocab_size)
+    models = {kinds[0]: model, kinds[1]: copy.deepcopy(model)}  # copies taken before any injection
 
     def stepper(kind, model):
-        model, loss_fn = setup(kind, model, batch)
+        model, loss_fn = setup(kind, model, batch, dropout)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
@@ -117,14 +118,14 @@ def pair_worker(steps: int) -> dict:
 
         return step, sum(p.numel() for p in params), sum(p.numel() for p in model.parameters() if not p.requires_grad)
 
-    (lora_step, trainable, frozen), (full_step, _, _) = stepper("lorakit", lora), stepper("full", full)
-    lora_step(), full_step()  # warm-up; allocates the optimizer states
-    times: dict[str, list[tuple[float, float]]] = {"lora": [], "full": []}
+    steppers = {kind: stepper(kind, m) for kind, m in models.items()}
+    for fn, *_ in steppers.values():
+        fn()  # warm-up; allocates the optimizer states
+    times: dict[str, list[tuple[float, float]]] = {kind: [] for kind in kinds}
     for i in range(steps):
-        order = [("lora", lora_step), ("full", full_step)]
-        for name, fn in order if i % 2 == 0 else order[::-1]:
-            times[name].append(fn())
-    return {"lora": times["lora"], "full": times["full"], "trainable": trainable, "frozen": frozen}
+        for kind in kinds if i % 2 == 0 else kinds[::-1]:
+            times[kind].append(steppers[kind][0]())
+    return {"times": times, "params": {kind: steppers[kind][1:] for kind in kinds}}
 
 
 def worker(lib: str, method: str, workload: str, steps: int, dropout: float, dtype: str = "fp32") -> dict:
@@ -173,12 +174,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per process; the fastest counts")
-    ap.add_argument("--pairs", type=int, default=3, help="alternating LoRA / full step pairs (LoRA ÷ full)")
+    ap.add_argument("--pairs", type=int, default=3,
+                    help="alternating step pairs in one process: lorakit / PEFT (step time) and LoRA / full")
     ap.add_argument("--worker", nargs=6, metavar=("LIB", "METHOD", "WORKLOAD", "STEPS", "DROPOUT", "DTYPE"))
-    ap.add_argument("--pair-worker", type=int, metavar="PAIRS", help=argparse.SUPPRESS)
+    ap.add_argument("--pair-worker", nargs=6, metavar=("KIND_A", "KIND_B", "WORKLOAD", "DROPOUT", "DTYPE", "PAIRS"),
+                    help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.pair_worker:
-        print(json.dumps(pair_worker(args.pair_worker)))
+        a, b, workload, dropout, dtype, pairs = args.pair_worker
+        print(json.dumps(pair_worker((a, b), workload, float(dropout), dtype, int(pairs))))
         return
     if args.worker:
         lib, method, workload, steps, dropout, dtype = args.worker
@@ -192,41 +196,49 @@ def main() -> None:
             for key, lib in (("lorakit", "lorakit"), ("peft", "peft")):
                 runs[key].append(run_worker(script, [lib, "lora", workload, str(args.steps), str(dropout), dtype]))
                 print(f"  {workload} p={dropout} {dtype} {key}: {runs[key][-1]}", file=sys.stderr, flush=True)
-        t = [a["time"] / b["time"] for a, b in zip(runs["lorakit"], runs["peft"])]
+        pair = run_worker(script, [], extra=["--pair-worker", "lorakit", "peft", workload, str(dropout), dtype,
+                                             str(args.pairs)])
+        print(f"  {workload} p={dropout} {dtype} lorakit vs peft: {pair}", file=sys.stderr, flush=True)
+        whole = [(a[0], b[0]) for a, b in zip(pair["times"]["lorakit"], pair["times"]["peft"])]
         m = [a["peak_mb"] / b["peak_mb"] for a, b in zip(runs["lorakit"], runs["peft"])]
         s = [a["saved_mb"] / b["saved_mb"] for a, b in zip(runs["lorakit"], runs["peft"])]
-        rows.append((f"{workload}, dropout {dropout:g}, {dtype}", t, m, s, runs))
+        rows.append((f"{workload}, dropout {dropout:g}, {dtype}", whole, m, s, runs))
     # LoRA ÷ full: once, on the fp32 lm workload without dropout, both models in one process
-    pair = run_worker(script, [], extra=["--pair-worker", str(args.pairs)]) if args.pairs else None
-    if pair:
-        print(f"  lora vs full: {pair}", file=sys.stderr, flush=True)
+    full = run_worker(script, [], extra=["--pair-worker", "lorakit", "full", "lm", "0", "fp32", str(args.pairs)])
+    print(f"  lora vs full: {full}", file=sys.stderr, flush=True)
     print(f"Machine: {machine()}\n")
     print(f"Command: `python benchmarks/train_step.py --repeats {args.repeats} --steps {args.steps} --pairs {args.pairs}`\n")
+    print(f"Step time: {args.pairs} alternating lorakit / PEFT step pairs in one process (both on copies of one "
+          "loaded model), median of the per-pair ratios (min–max), and best = fastest ÷ fastest. Peak RSS "
+          f"and saved bytes: each library alone in a fresh process ({args.repeats} interleaved "
+          "repeat(s)), so each peak is its own.\n")
     print("| workload | step time lorakit ÷ PEFT | peak RSS lorakit ÷ PEFT | saved-for-backward lorakit ÷ PEFT |")
     print("|---|---|---|---|")
-    for workload, t, m, s, runs in rows:
-        print(f"| {workload} | {ratio_stats(t)} | {ratio_stats(m)} | {ratio_stats(s)} |")
-    if pair:
-        floor = 2 / 3 + pair["trainable"] / pair["frozen"]
-        print(f"\nLoRA ÷ full fine-tuning (lm, dropout 0, fp32; {args.pairs} alternating step pairs in one process; "
-              f"arithmetic floor 2/3 + P/N = {floor:.3f}):\n")
-        cols = []
-        for k in (0, 1):  # whole step, forward + backward
-            lora, full = [t[k] for t in pair["lora"]], [t[k] for t in pair["full"]]
-            cols.append(f"{ratio_stats([a / b for a, b in zip(lora, full)])}, best {min(lora) / min(full):.3f}")
-        print("| whole step (with AdamW) | forward + backward |")
-        print("|---|---|")
-        print(f"| {' | '.join(cols)} |")
-        print("\nMedian of the per-pair ratios (min–max); best = fastest LoRA step ÷ fastest full step "
-              "(noise only ever slows a step down). Full step medians: "
-              f"{statistics.median(t[0] for t in pair['full']):.2f} s whole, "
-              f"{statistics.median(t[1] for t in pair['full']):.2f} s forward + backward.")
-    print("\nAbsolute medians (for scale only; this machine is noisy):\n")
+    for workload, whole, m, s, runs in rows:
+        t = f"{ratio_stats([a / b for a, b in whole])}, best {min(a for a, _ in whole) / min(b for _, b in whole):.3f}"
+        print(f"| {workload} | {t} | {ratio_stats(m)} | {ratio_stats(s)} |")
+    trainable, frozen = full["params"]["lorakit"]
+    floor = 2 / 3 + trainable / frozen
+    print(f"\nLoRA ÷ full fine-tuning (lm, dropout 0, fp32; {args.pairs} alternating step pairs in one process; "
+          f"arithmetic floor 2/3 + P/N = {floor:.3f}):\n")
+    cols = []
+    for k in (0, 1):  # whole step, forward + backward
+        lora, fullt = [t[k] for t in full["times"]["lorakit"]], [t[k] for t in full["times"]["full"]]
+        cols.append(f"{ratio_stats([a / b for a, b in zip(lora, fullt)])}, best {min(lora) / min(fullt):.3f}")
+    print("| whole step (with AdamW) | forward + backward |")
+    print("|---|---|")
+    print(f"| {' | '.join(cols)} |")
+    print("\nMedian of the per-pair ratios (min–max); best = fastest LoRA step ÷ fastest full step "
+          "(noise only ever slows a step down). Full step medians: "
+          f"{statistics.median(t[0] for t in full['times']['full']):.2f} s whole, "
+          f"{statistics.median(t[1] for t in full['times']['full']):.2f} s forward + backward.")
+    print("\nAbsolute medians (for scale only; this machine is noisy): step s from the alternating pairs; "
+          "peak RSS and saved bytes from the single-library processes.\n")
     print("| workload | run | step s | peak RSS MiB | saved MiB |")
     print("|---|---|---|---|---|")
-    for workload, *_, runs in rows:
-        for key, vals in runs.items():
-            print(f"| {workload} | {key} | {statistics.median(v['time'] for v in vals):.2f} | "
+    for workload, whole, _, _, runs in rows:
+        for i, (key, vals) in enumerate(runs.items()):
+            print(f"| {workload} | {key} | {statistics.median(w[i] for w in whole):.2f} | "
                   f"{statistics.median(v['peak_mb'] for v in vals):.0f} | {statistics.median(v['saved_mb'] for v in vals):.0f} |")
 
 
