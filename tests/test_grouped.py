@@ -153,3 +153,22 @@ def test_shared_input_linears_declines_unknown_layers():
     assert shared_input_linears(x, [torch.nn.Linear(4, 3), torch.nn.Conv1d(4, 3, 1)]) is None
     with pytest.raises(TypeError, match="expected a torch.nn.Module"):
         fuse_qkv_projections("model")
+
+
+def test_bf16_base_with_fp32_adapters_matches_the_separate_layers(grouped_calls):
+    # the branch runs in bf16 on a bf16 base (as the separate nodes do); adapter gradients stay fp32
+    model = _lora_llama(dtype=torch.bfloat16)
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    ids = torch.randint(3, 101, (3, 9))
+    ref_loss, ref_grads = _loss_and_grads(model, ids)
+    fuse_qkv_projections(model)
+    fuse_swiglu_mlps(model)
+    grouped_calls.clear()
+    loss, grads = _loss_and_grads(model, ids)
+    assert grouped_calls == [3, 2, 3, 2]
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=1e-2)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == torch.float32
+        assert float((got - want).norm()) <= 0.03 * float(want.norm()) + 1e-6
