@@ -62,6 +62,14 @@ class SharedRecompute:
         return value
 
 
+def norm_recipe(x: torch.Tensor) -> tuple | None:
+    """The ``RMSNORM_RECIPE`` of ``x`` when ``x`` is a fused RMSNorm's output (same tokens), else None:
+    a node reading ``x`` may then keep the recipe's first three tensors instead of ``x`` and rebuild
+    it with ``recompute_norm``."""
+    recipe = getattr(x, RMSNORM_RECIPE, None)
+    return recipe if recipe is not None and recipe[0].shape[:-1] == x.shape[:-1] else None
+
+
 def _default_generator(device: torch.device) -> torch.Generator | None:
     """The global generator that ``torch.empty(..., device=device).random_()`` draws from, if known."""
     if device.type == "cpu":
@@ -214,9 +222,15 @@ def add_branch(out2: torch.Tensor, x2: torch.Tensor, A: torch.Tensor, B: torch.T
         drop.release()
     else:
         h = x2 @ Ac.T
-    od = out2.dtype
-    out2.addmm_(h if cd == od else h.to(od), B.T if B.dtype == od else B.T.to(od), alpha=scale)
+    add_product(out2, h, B, scale)
     return h
+
+
+def add_product(out2: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: float) -> None:
+    """``out2 += scale · h Bᵀ`` in place, in out2's dtype: the branch's second product, given its
+    first one ``h`` (tokens, r)."""
+    od = out2.dtype
+    out2.addmm_(h if h.dtype == od else h.to(od), B.T if B.dtype == od else B.T.to(od), alpha=scale)
 
 
 def branch_grads(g2: torch.Tensor, x2_of: Callable[[], torch.Tensor], A: torch.Tensor, B: torch.Tensor,
@@ -272,8 +286,8 @@ class FusedLoraLinear(torch.autograd.Function):
         ctx.mark_dirty(result)
         # x is the output of a fused RMSNorm (lorakit/ops/rmsnorm.py)? Then keep its recipe (the
         # norm's input, which the norm keeps anyway, and one rstd per token) and rebuild x in backward.
-        recipe = getattr(x, RMSNORM_RECIPE, None)
-        ctx.from_norm = recipe is not None and recipe[0].shape[:-1] == x.shape[:-1]
+        recipe = norm_recipe(x)
+        ctx.from_norm = recipe is not None
         ctx.shared = None
         if ctx.from_norm and A.requires_grad:  # dL/dA will need x: one rebuild shared by the norm's consumers
             ctx.shared = recipe[3]

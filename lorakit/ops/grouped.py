@@ -28,12 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.layers.fused import RMSNORM_RECIPE, branch_dtype, recompute_norm
+from lorakit.layers.fused import add_product, branch_dtype, norm_recipe, recompute_norm
 from lorakit.layers.linear import LoraLinear
 from lorakit.ops.patching import forward_body, patch_forwards, unpatch_forwards
 
 
-def linear_plan(module: nn.Module, training: bool | None = None):
+def linear_plan(module: nn.Module):
     """(weight, bias, A, B, scale, dropout p) for computing ``module(x)`` by hand, or None when that
     would not be equivalent. ``module``: a frozen ``nn.Linear`` (A = B = None) or a LoRA Linear over
     one, with at most one live adapter that is plain LoRA (no variant) and no mixed-adapter batch."""
@@ -57,8 +57,7 @@ def linear_plan(module: nn.Module, training: bool | None = None):
     if adapter is None:
         return base.weight, base.bias, None, None, 1.0, 0.0
     dropout = module.lora_dropout[adapter]
-    on = module.training if training is None else training
-    p = dropout.p if isinstance(dropout, nn.Dropout) and on else 0.0
+    p = dropout.p if isinstance(dropout, nn.Dropout) and module.training else 0.0
     return base.weight, base.bias, module.lora_A[adapter], module.lora_B[adapter], module.scaling[adapter], p
 
 
@@ -86,13 +85,10 @@ class SharedInputLinears(torch.autograd.Function):
                 for i in adapted:
                     B = members[i][3]
                     r = B.shape[1]
-                    out2 = outs[i].view(-1, outs[i].shape[-1])
-                    od = out2.dtype
-                    hi = h[:, start:start + r]
-                    out2.addmm_(hi if cd == od else hi.to(od), B.T if B.dtype == od else B.T.to(od), alpha=scales[i])
+                    add_product(outs[i].view(-1, outs[i].shape[-1]), h[:, start:start + r], B, scales[i])
                     start += r
-        recipe = getattr(x, RMSNORM_RECIPE, None)
-        ctx.from_norm = recipe is not None and recipe[0].shape[:-1] == x.shape[:-1]
+        recipe = norm_recipe(x)
+        ctx.from_norm = recipe is not None
         kept = recipe[:3] if ctx.from_norm else (x,)
         ctx.n_kept = len(kept)
         ctx.save_for_backward(*kept, h, *flat)
@@ -136,10 +132,7 @@ class SharedInputLinears(torch.autograd.Function):
             gh = torch.cat(ghs, dim=1) if len(ghs) > 1 else ghs[0]          # (tokens, Σ r)
             need_A = [need[2 + 4 * i + 2] for i in ctx.adapted]
             if any(need_A):
-                if ctx.from_norm:
-                    x = recompute_norm(kept)
-                else:
-                    x = kept[0]
+                x = recompute_norm(kept) if ctx.from_norm else kept[0]
                 x2 = x.reshape(-1, x_shape[-1])
                 gA = gh.T @ (x2 if x2.dtype == cd else x2.to(cd))          # (Σ r, in)
                 start = 0

@@ -68,11 +68,6 @@ class _SwiGLUDown(torch.autograd.Function):
         return grad_gate, grad_up, None, None, grad_A, grad_B, None, None
 
 
-def _down_plan(down: nn.Module):
-    """(weight, bias, A, B, scale, p) for the fused path, or None when it would not be equivalent."""
-    return linear_plan(down)
-
-
 class _FusedMLPForward:
     """Instance ``forward`` of a fused MLP (a plain object, so deepcopy and pickling keep working)."""
 
@@ -81,7 +76,7 @@ class _FusedMLPForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
-        plan = _down_plan(m.down_proj) if torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type) else None
+        plan = linear_plan(m.down_proj) if torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type) else None
         if plan is None:
             return type(m).forward(m, x)
         weight, bias, A, B, scale, p = plan
