@@ -15,15 +15,43 @@ warnings.filterwarnings("ignore", message=".*eos_token_id.*")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
-def tiny_llama(seed: int = 0, tie: bool = False):
-    """A random 2-layer Llama causal LM (hidden 32, vocab 101)."""
+def tiny_llama(seed: int = 0, tie: bool = False, bias: bool = False):
+    """A random 2-layer Llama causal LM (hidden 32, vocab 101); ``bias``: q/k/v/o with biases (as Qwen2)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     cfg = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      tie_word_embeddings=tie, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+                      tie_word_embeddings=tie, attention_bias=bias, pad_token_id=0, bos_token_id=1, eos_token_id=2)
     return LlamaForCausalLM(cfg).eval()
+
+
+def lora_llama(targets="all-linear", dropout: float = 0.0, dtype=torch.float64, bias: bool = False):
+    """``tiny_llama`` in ``dtype`` with an r = 4 LoRA (random B, so gradients flow everywhere), in train mode."""
+    import lorakit as lk
+
+    model = tiny_llama(bias=bias).to(dtype)
+    lk.get_lora_model(model, lk.LoraConfig(r=4, target_modules=targets, lora_dropout=dropout, init_lora_weights=False))
+    return model.train()
+
+
+def loss_and_grads(model, ids, seed: int | None = None):
+    """(LM loss on ``ids``, gradients of the trainable parameters); ``seed`` first, so two runs draw
+    the same dropout masks."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    loss = model(ids, labels=ids).loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    return loss.detach(), torch.autograd.grad(loss, params)
+
+
+def assert_same_in_float64(result, reference) -> None:
+    """Two ``loss_and_grads`` results agree to float64 rounding (and there are gradients to compare)."""
+    (loss, grads), (ref_loss, ref_grads) = result, reference
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
+    assert len(grads) == len(ref_grads) > 0
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
 
 
 def tiny_gpt2(seed: int = 0):

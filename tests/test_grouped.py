@@ -7,31 +7,12 @@ import pickle
 
 import pytest
 import torch
-from conftest import tiny_gpt2
+from conftest import assert_same_in_float64, lora_llama, loss_and_grads, tiny_gpt2
 
 import lorakit as lk
 from lorakit.ops import fuse_qkv_projections, fuse_rmsnorms, fuse_swiglu_mlps, unfuse_qkv_projections
 from lorakit.ops import grouped
 from lorakit.ops.grouped import SharedInputLinears, shared_input_linears
-
-
-def _lora_llama(targets="all-linear", dropout=0.0, dtype=torch.float64, bias=False):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                      attention_bias=bias, pad_token_id=0, bos_token_id=1, eos_token_id=2)
-    model = LlamaForCausalLM(cfg).to(dtype)
-    lk.get_lora_model(model, lk.LoraConfig(r=4, target_modules=targets, lora_dropout=dropout, init_lora_weights=False))
-    return model.train()
-
-
-def _loss_and_grads(model, ids, seed=0):
-    torch.manual_seed(seed)
-    loss = model(ids, labels=ids).loss
-    params = [p for p in model.parameters() if p.requires_grad]
-    return loss.detach(), torch.autograd.grad(loss, params)
 
 
 @pytest.fixture
@@ -50,17 +31,14 @@ def grouped_calls(monkeypatch):
 ])
 @pytest.mark.parametrize("bias", [False, True])
 def test_grouped_equals_separate_in_float64(grouped_calls, targets, expected, bias):
-    model = _lora_llama(targets, bias=bias)
+    model = lora_llama(targets, bias=bias)
     ids = torch.randint(3, 101, (3, 9))
-    ref_loss, ref_grads = _loss_and_grads(model, ids)
+    reference = loss_and_grads(model, ids, seed=0)
     assert fuse_qkv_projections(model) == 2 and fuse_swiglu_mlps(model) == 2 and fuse_rmsnorms(model) == 5
     grouped_calls.clear()
-    loss, grads = _loss_and_grads(model, ids)
+    result = loss_and_grads(model, ids, seed=0)
     assert grouped_calls == expected
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
-    assert len(grads) == len(ref_grads) > 0
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert_same_in_float64(result, reference)
 
 
 def test_gradcheck_with_mixed_members():
@@ -88,11 +66,11 @@ def test_gradcheck_with_mixed_members():
 
 def test_not_grouped_where_not_equivalent(grouped_calls):
     ids = torch.randint(3, 101, (2, 7))
-    model = _lora_llama(dropout=0.1)                       # dropout: each layer draws its own mask
+    model = lora_llama(dropout=0.1)                       # dropout: each layer draws its own mask
     fuse_qkv_projections(model)
     model(ids, labels=ids).loss.backward()
     assert grouped_calls == []
-    model = _lora_llama()
+    model = lora_llama()
     fuse_qkv_projections(model)
     with torch.no_grad():                                  # nothing to differentiate
         model(ids)
@@ -111,7 +89,7 @@ def test_not_grouped_where_not_equivalent(grouped_calls):
 
 
 def test_served_output_only_for_its_own_input():
-    model = _lora_llama()
+    model = lora_llama()
     q = model.model.layers[0].self_attn.q_proj
     x = torch.randn(2, 3, 32, dtype=torch.float64)
     served = grouped._Served(q, x, torch.zeros(2, 3, 32, dtype=torch.float64))
@@ -127,7 +105,7 @@ def test_served_output_only_for_its_own_input():
 
 def test_projections_get_their_forward_back_and_copies_work():
     assert fuse_qkv_projections(tiny_gpt2()) == 0          # GPT-2 has a fused c_attn, not q/k/v
-    model = _lora_llama()
+    model = lora_llama()
     assert fuse_qkv_projections(model) == 2 == fuse_qkv_projections(model)
     ids = torch.randint(3, 101, (2, 5))
     attn = model.model.layers[0].self_attn
@@ -141,9 +119,9 @@ def test_projections_get_their_forward_back_and_copies_work():
         model(ids, labels=ids)
     handle.remove()
     assert all("forward" not in p.__dict__ for p in (attn.q_proj, attn.k_proj, attn.v_proj))  # ...restores them
-    ref_loss, _ = _loss_and_grads(model, ids)
+    ref_loss, _ = loss_and_grads(model, ids, seed=0)
     for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
-        loss, _ = _loss_and_grads(other, ids)
+        loss, _ = loss_and_grads(other, ids, seed=0)
         torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
     assert unfuse_qkv_projections(model) == 2 and "forward" not in attn.__dict__
 
@@ -157,16 +135,16 @@ def test_shared_input_linears_declines_unknown_layers():
 
 def test_bf16_base_with_fp32_adapters_matches_the_separate_layers(grouped_calls):
     # the branch runs in bf16 on a bf16 base (as the separate nodes do); adapter gradients stay fp32
-    model = _lora_llama(dtype=torch.bfloat16)
+    model = lora_llama(dtype=torch.bfloat16)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
     ids = torch.randint(3, 101, (3, 9))
-    ref_loss, ref_grads = _loss_and_grads(model, ids)
+    ref_loss, ref_grads = loss_and_grads(model, ids, seed=0)
     fuse_qkv_projections(model)
     fuse_swiglu_mlps(model)
     grouped_calls.clear()
-    loss, grads = _loss_and_grads(model, ids)
+    loss, grads = loss_and_grads(model, ids, seed=0)
     assert grouped_calls == [3, 2, 3, 2]
     torch.testing.assert_close(loss, ref_loss, rtol=1e-2, atol=1e-2)
     for got, want in zip(grads, ref_grads):

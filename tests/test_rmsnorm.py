@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from conftest import lora_llama, loss_and_grads, tiny_gpt2
 
-import lorakit as lk
 from lorakit.layers.fused import RMSNORM_RECIPE, fused_lora_add, recompute_norm
 from lorakit.ops import fuse_rmsnorms, fuse_swiglu_mlps, unfuse_rmsnorms
 from lorakit.ops.rmsnorm import RMSNormFn
@@ -93,20 +92,8 @@ def test_consumers_of_one_norm_share_one_rebuild(monkeypatch):
         torch.testing.assert_close(b, c, rtol=1e-12, atol=1e-12)
 
 
-def _lora_llama(dtype=torch.float32):
-    model = tiny_llama().to(dtype)
-    lk.get_lora_model(model, lk.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
-    return model.train()
-
-
-def _loss_and_grads(model, ids):
-    loss = model(ids, labels=ids).loss
-    params = [p for p in model.parameters() if p.requires_grad]
-    return loss.detach(), torch.autograd.grad(loss, params)
-
-
 def test_model_same_loss_and_gradients_and_fewer_saved_bytes():
-    model = _lora_llama()
+    model = lora_llama(dtype=torch.float32)
     fuse_swiglu_mlps(model)
     ids = torch.randint(3, 101, (3, 9))
 
@@ -122,10 +109,10 @@ def test_model_same_loss_and_gradients_and_fewer_saved_bytes():
             model(ids, labels=ids).loss
         return sum(storages.values())
 
-    ref_loss, ref_grads = _loss_and_grads(model, ids)
+    ref_loss, ref_grads = loss_and_grads(model, ids)
     plain = saved_bytes()
     assert fuse_rmsnorms(model) == 5  # 2 per layer + the final norm
-    loss, grads = _loss_and_grads(model, ids)
+    loss, grads = loss_and_grads(model, ids)
     assert torch.equal(loss, ref_loss)  # the forward is bit-identical
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-6)
@@ -137,11 +124,11 @@ def test_model_same_loss_and_gradients_and_fewer_saved_bytes():
 
 
 def test_no_grad_float64_and_other_norms_use_the_module():
-    model = _lora_llama(torch.float64)
+    model = lora_llama(dtype=torch.float64)
     ids = torch.randint(3, 101, (2, 6))
-    ref_loss, ref_grads = _loss_and_grads(model, ids)
+    ref_loss, ref_grads = loss_and_grads(model, ids)
     fuse_rmsnorms(model)
-    loss, grads = _loss_and_grads(model, ids)  # float64: the module's own forward, exactly
+    loss, grads = loss_and_grads(model, ids)  # float64: the module's own forward, exactly
     assert torch.equal(loss, ref_loss)
     for got, want in zip(grads, ref_grads):
         assert torch.equal(got, want)

@@ -6,38 +6,21 @@ import pickle
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama
+from conftest import assert_same_in_float64, lora_llama, loss_and_grads, tiny_gpt2
 
 import lorakit as lk
 import lorakit.inject
 from lorakit.ops import fuse_swiglu_mlps, unfuse_swiglu_mlps
 
 
-def _lora_llama(dropout=0.0, targets="all-linear", dtype=torch.float64):
-    model = tiny_llama().to(dtype)
-    lk.get_lora_model(model, lk.LoraConfig(r=4, target_modules=targets, lora_dropout=dropout, init_lora_weights=False))
-    return model.train()
-
-
-def _loss_and_grads(model, ids, seed):
-    torch.manual_seed(seed)  # same dropout masks in both runs
-    loss = model(ids, labels=ids).loss
-    params = [p for p in model.parameters() if p.requires_grad]
-    return loss.detach(), torch.autograd.grad(loss, params)
-
-
 @pytest.mark.parametrize("dropout", [0.0, 0.3])
 @pytest.mark.parametrize("targets", ["all-linear", ["q_proj", "v_proj"], ["down_proj"], ["gate_proj"]])
 def test_fused_equals_unfused_in_float64(dropout, targets):
-    model = _lora_llama(dropout, targets)
+    model = lora_llama(targets, dropout)
     ids = torch.randint(3, 101, (3, 9))
-    ref_loss, ref_grads = _loss_and_grads(model, ids, seed=5)
+    reference = loss_and_grads(model, ids, seed=5)
     assert fuse_swiglu_mlps(model) == 2
-    loss, grads = _loss_and_grads(model, ids, seed=5)
-    torch.testing.assert_close(loss, ref_loss, rtol=1e-12, atol=1e-12)
-    assert len(grads) == len(ref_grads) > 0
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    assert_same_in_float64(loss_and_grads(model, ids, seed=5), reference)
 
 
 def test_fused_gradcheck():
@@ -68,7 +51,7 @@ def test_fused_saves_fewer_bytes_for_backward():
             model(ids, labels=ids).loss
         return sum(total)
 
-    model = _lora_llama(0.1, dtype=torch.float32)
+    model = lora_llama(dropout=0.1, dtype=torch.float32)
     ids = torch.randint(3, 101, (4, 32))
     plain = saved_bytes(model, ids)
     fuse_swiglu_mlps(model)
@@ -79,7 +62,7 @@ def test_fused_saves_fewer_bytes_for_backward():
 
 
 def test_fallbacks_keep_exact_outputs():
-    model = _lora_llama(0.0)
+    model = lora_llama()
     ids = torch.randint(3, 101, (2, 7))
     with torch.no_grad():
         ref = model(ids).logits
@@ -94,13 +77,13 @@ def test_fallbacks_keep_exact_outputs():
 
 
 def test_two_active_adapters_and_merged_fall_back():
-    model = _lora_llama(0.0)
+    model = lora_llama()
     lorakit.inject.inject_adapter(model, lk.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False), "b")
     lk.set_adapter(model, ["default", "b"])
     ids = torch.randint(3, 101, (2, 7))
-    ref_loss, ref_grads = _loss_and_grads(model, ids, seed=1)
+    ref_loss, ref_grads = loss_and_grads(model, ids, seed=1)
     fuse_swiglu_mlps(model)
-    loss, grads = _loss_and_grads(model, ids, seed=1)
+    loss, grads = loss_and_grads(model, ids, seed=1)
     torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
     lk.merge(model)
     with torch.enable_grad():
@@ -110,22 +93,22 @@ def test_two_active_adapters_and_merged_fall_back():
 
 def test_only_swiglu_mlps_are_fused_and_copies_work():
     assert fuse_swiglu_mlps(tiny_gpt2()) == 0              # GPT-2's MLP is not SwiGLU
-    model = _lora_llama(0.0)
+    model = lora_llama()
     assert fuse_swiglu_mlps(model) == 2
     assert fuse_swiglu_mlps(model) == 2                    # idempotent
     twin = copy.deepcopy(model)
     assert twin.model.layers[0].mlp.forward.module is twin.model.layers[0].mlp
     restored = pickle.loads(pickle.dumps(model))
     ids = torch.randint(3, 101, (2, 5))
-    ref_loss, _ = _loss_and_grads(model, ids, seed=0)
+    ref_loss, _ = loss_and_grads(model, ids, seed=0)
     for other in (twin, restored):
-        loss, _ = _loss_and_grads(other, ids, seed=0)
+        loss, _ = loss_and_grads(other, ids, seed=0)
         torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
     assert unfuse_swiglu_mlps(model) == 2 and "forward" not in model.model.layers[0].mlp.__dict__
 
 
 def test_grad_enabled_but_nothing_trainable_runs_each_projection_once():
-    model = _lora_llama(0.0)
+    model = lora_llama()
     for p in model.parameters():
         p.requires_grad_(False)
     fuse_swiglu_mlps(model)
