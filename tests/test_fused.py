@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorakit.layers.fused import FusedLoraLinear, KeepMask, dropout_mask, fused_lora_add
+from lorakit.layers.fused import FusedLoraLinear, KeepMask, dropout_mask, fused_lora_add, pack_bits, unpack_bits
 
 
 def reference(result, x, A, B, scale, drop):
@@ -35,18 +35,51 @@ def test_fused_matches_plain_in_float64(p, shape):
                                     (x, A, B))
 
 
-def test_keep_mask_is_redrawn_bit_for_bit_and_advances_the_global_generator():
+def test_keep_mask_survives_release_bit_for_bit_and_advances_the_global_generator():
     torch.manual_seed(1)
     drop = KeepMask((300, 70), 0.1, torch.device("cpu"))
     first = drop.get().clone()
     after_draw = torch.rand(3)
     drop.release()
-    assert torch.equal(drop.get(), first)                  # redrawn from the saved state
+    assert drop._mask is None and drop._packed[0].numel() == 300 * 70 // 8   # only the bits are kept
+    assert torch.equal(drop.get(), first)                  # unpacked bit for bit
+    drop.release()
+    assert torch.equal(drop.get(), first)                  # again (a second backward through the graph)
     torch.manual_seed(1)
     KeepMask((300, 70), 0.1, torch.device("cpu"))
-    assert torch.equal(torch.rand(3), after_draw)          # the redraw did not touch the global generator
+    assert torch.equal(torch.rand(3), after_draw)          # getting it back did not touch the generator
     assert abs(first.float().mean().item() - drop.keep) < 0.01
     assert drop.keep == round(0.9 * 65536) / 65536
+
+
+@pytest.mark.parametrize("shape", [(1,), (7,), (8,), (5, 7), (3, 16), (2, 3, 11)])
+def test_pack_bits_round_trip(shape):
+    g = torch.Generator().manual_seed(sum(shape))
+    for keep in (0.0, 0.3, 0.97, 1.0):
+        mask = torch.rand(shape, generator=g) < keep
+        packed = pack_bits(mask)
+        assert packed[0].dtype == torch.uint8 and packed[0].numel() == mask.numel() // 8
+        assert torch.equal(unpack_bits(packed, mask.shape), mask)
+        out = torch.ones(shape, dtype=torch.bool)
+        assert unpack_bits(packed, mask.shape, out=out) is out and torch.equal(out, mask)
+    # bit i of byte j is element 8j + i
+    mask = torch.zeros(16, dtype=torch.bool)
+    mask[[0, 3, 9]] = True
+    assert pack_bits(mask)[0].tolist() == [0b1001, 0b10]
+
+
+def test_reused_buffers_keep_each_mask_apart():
+    torch.manual_seed(2)
+    first = KeepMask((40, 9), 0.5, torch.device("cpu"), reuse=True)
+    a = first.get().clone()
+    first.release()
+    second = KeepMask((40, 9), 0.5, torch.device("cpu"), reuse=True)   # drawn into the same buffer
+    b = second.get().clone()
+    second.release()
+    assert not torch.equal(a, b)
+    assert torch.equal(first.get(), a)
+    first.release()
+    assert torch.equal(second.get(), b)
 
 
 def test_keep_mask_edge_probabilities():

@@ -13,9 +13,13 @@ and saves what the separate nodes save (x, or the recipe of the RMSNorm that mad
 rank-r products). On the embedded model, fp32, 4 × 256 tokens, one layer's q/k/v forward + backward
 took 16.0 ms instead of 18.8, gate/up with the SwiGLU tail 74.5 instead of 77.5 (median of 8 rounds).
 
+With LoRA dropout each member keeps its own mask (as the separate layers do: q, k and v see
+independent masks), so a member with dropout makes its own first product and dL/dA from x ⊙ mask;
+the frozen bases' dL/dx still go into the one buffer.
+
 The grouped path is taken only where it is equivalent: gradients enabled, no autocast, every
-member a frozen ``nn.Linear`` or a LoRA Linear with one active, unmerged, plain adapter without
-dropout and no mixed-adapter batch. ``fuse_qkv_projections(model)`` routes the attention modules
+member a frozen ``nn.Linear`` or a LoRA Linear with one active, unmerged, plain adapter and no
+mixed-adapter batch. ``fuse_qkv_projections(model)`` routes the attention modules
 whose forward projects ``hidden_states`` with ``self.q_proj``, ``self.k_proj`` and ``self.v_proj``
 (Llama, SmolLM2, Qwen2, Mistral, ...) through it; the SwiGLU tail (``lorakit.ops.swiglu``) groups
 gate and up itself. Gradients equal the separate layers' (tests compare them in float64).
@@ -28,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.layers.fused import add_product, branch_dtype, norm_recipe, recompute_norm
+from lorakit.layers.fused import KeepMask, add_branch, add_product, branch_dtype, branch_grads, norm_recipe, recompute_norm
 from lorakit.layers.linear import LoraLinear
 from lorakit.ops.patching import forward_body, patch_forwards, unpatch_forwards
 
@@ -62,45 +66,58 @@ def linear_plan(module: nn.Module):
 
 
 class SharedInputLinears(torch.autograd.Function):
-    """``[F.linear(x, Wᵢ, bᵢ) + sᵢ · (x Aᵢᵀ) Bᵢᵀ for each member]`` in one node (no dropout).
+    """``[F.linear(x, Wᵢ, bᵢ) + sᵢ · (drop_pᵢ(x) Aᵢᵀ) Bᵢᵀ for each member]`` in one node.
 
-    Arguments after ``x``: ``scales`` (a tuple, None for a member without adapter), then per member
-    ``W, b, A, B`` (b, A, B may be None).
+    Arguments after ``x``: ``scales`` (a tuple, None for a member without adapter), ``ps`` (each
+    adapted member's LoRA dropout probability, or None for no dropout anywhere), then per member
+    ``W, b, A, B`` (b, A, B may be None). Each member with dropout draws its own mask (``KeepMask``,
+    in member order, as the separate layers would); its first product is its own, x ⊙ mask,
+    while the members without dropout share one.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, scales: tuple, *flat: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    def forward(ctx, x: torch.Tensor, scales: tuple, ps: tuple | None, *flat: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
         members = [flat[i:i + 4] for i in range(0, len(flat), 4)]
+        adapted = [i for i, (_, _, A, _) in enumerate(members) if A is not None]
+        drops: list[KeepMask | None] = [None] * len(members)
+        hs: list[torch.Tensor | None] = [None] * len(members)
         with torch.autocast(device_type=x.device.type, enabled=False):
             outs = [F.linear(x, W, b) for W, b, _, _ in members]
-            adapted = [i for i, (_, _, A, _) in enumerate(members) if A is not None]
-            h = None
             if adapted:
                 cd = branch_dtype(outs[adapted[0]].dtype, members[adapted[0]][2].dtype)
                 x2 = x.reshape(-1, x.shape[-1])
                 x2 = x2 if x2.dtype == cd else x2.to(cd)
-                A_cat = torch.cat([members[i][2].to(cd) for i in adapted])
-                h = x2 @ A_cat.T                                             # (tokens, Σ r)
-                start = 0
+                tokens = x2.shape[0]
+                plain = [i for i in adapted if not (ps and ps[i])]
+                if plain:
+                    h = x2 @ torch.cat([members[i][2].to(cd) for i in plain]).T   # (tokens, Σ r)
+                    start = 0
+                    for i in plain:
+                        r = members[i][2].shape[0]
+                        hs[i] = h[:, start:start + r]
+                        start += r
                 for i in adapted:
-                    B = members[i][3]
-                    r = B.shape[1]
-                    add_product(outs[i].view(-1, outs[i].shape[-1]), h[:, start:start + r], B, scales[i])
-                    start += r
+                    W, _, A, B = members[i]
+                    if i not in plain:  # its own mask, drawn in member order; kept as bits for backward
+                        drops[i] = KeepMask((tokens, x2.shape[1]), ps[i], x.device, reuse=True)
+                        hs[i] = add_branch(outs[i].view(-1, outs[i].shape[-1]), x2, A, B, scales[i], drops[i])
+                    else:
+                        add_product(outs[i].view(-1, outs[i].shape[-1]), hs[i], B, scales[i])
         recipe = norm_recipe(x)
         ctx.from_norm = recipe is not None
         kept = recipe[:3] if ctx.from_norm else (x,)
         ctx.n_kept = len(kept)
-        ctx.save_for_backward(*kept, h, *flat)
-        ctx.scales, ctx.adapted, ctx.x_meta = scales, adapted, (x.shape, x.dtype)
+        ctx.save_for_backward(*kept, *(hs[i] for i in adapted), *flat)
+        ctx.scales, ctx.adapted, ctx.drops, ctx.x_meta = scales, adapted, drops, (x.shape, x.dtype)
         ctx.set_materialize_grads(False)  # an output the loss does not use passes None, not zeros
         return tuple(outs)
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor | None):
         saved = ctx.saved_tensors
-        n = ctx.n_kept
-        kept, h, flat = saved[:n], saved[n], saved[n + 1:]
+        n, adapted, drops = ctx.n_kept, ctx.adapted, ctx.drops
+        kept, flat = saved[:n], saved[n + len(adapted):]
+        hs = dict(zip(adapted, saved[n:n + len(adapted)]))
         members = [flat[i:i + 4] for i in range(0, len(flat), 4)]
         x_shape, x_dtype = ctx.x_meta
         need = ctx.needs_input_grad
@@ -112,44 +129,63 @@ class SharedInputLinears(torch.autograd.Function):
                     continue
                 g2 = g.reshape(-1, g.shape[-1]).to(W.dtype)
                 gx = g2 @ W if gx is None else gx.addmm_(g2, W)             # (tokens, in), one buffer
-        results: list[torch.Tensor | None] = [None] * (2 + len(flat))
-        if ctx.adapted:
-            cd = h.dtype
-            tokens = h.shape[0]
-            ghs, start = [], 0
-            for i in ctx.adapted:
+        results: list[torch.Tensor | None] = [None] * (3 + len(flat))
+        if adapted:
+            cd = hs[adapted[0]].dtype
+            tokens = hs[adapted[0]].shape[0]
+            x2 = None
+
+            def x2_of() -> torch.Tensor:
+                nonlocal x2
+                if x2 is None:
+                    x = recompute_norm(kept) if ctx.from_norm else kept[0]
+                    x2 = x.reshape(-1, x_shape[-1])
+                    x2 = x2 if x2.dtype == cd else x2.to(cd)
+                return x2
+
+            plain, ghs = [], []
+            for i in adapted:
                 _, _, A, B = members[i]
                 r, s = B.shape[1], ctx.scales[i]
                 g = grads[i]
+                if drops[i] is not None:  # its own products, with its mask (as the separate layer's)
+                    if g is None:
+                        continue
+                    into = gx if gx is not None and gx.dtype == cd else None
+                    gxi, gAi, gBi = branch_grads(g.reshape(-1, g.shape[-1]), x2_of, A, B, hs[i], s, drops[i],
+                                                 need_x, need[3 + 4 * i + 2], need[3 + 4 * i + 3], grad_x_into=into)
+                    results[3 + 4 * i + 2], results[3 + 4 * i + 3] = gAi, gBi
+                    if gxi is not None and gxi is not into:
+                        gx = gxi.to(flat[4 * i].dtype) if gx is None else gx.add_(gxi.to(gx.dtype))
+                    continue
+                plain.append(i)
                 if g is None:
-                    ghs.append(torch.zeros(tokens, r, dtype=cd, device=h.device))
+                    ghs.append(torch.zeros(tokens, r, dtype=cd, device=hs[i].device))
                 else:
                     g2 = g.reshape(-1, g.shape[-1]).to(cd)
-                    if need[2 + 4 * i + 3]:
-                        results[2 + 4 * i + 3] = (g2.T @ h[:, start:start + r]).to(B.dtype).mul_(s)   # (out, r)
+                    if need[3 + 4 * i + 3]:
+                        results[3 + 4 * i + 3] = (g2.T @ hs[i]).to(B.dtype).mul_(s)   # (out, r)
                     ghs.append((g2 @ B.to(cd)).mul_(s))                      # (tokens, r)
-                start += r
-            gh = torch.cat(ghs, dim=1) if len(ghs) > 1 else ghs[0]          # (tokens, Σ r)
-            need_A = [need[2 + 4 * i + 2] for i in ctx.adapted]
-            if any(need_A):
-                x = recompute_norm(kept) if ctx.from_norm else kept[0]
-                x2 = x.reshape(-1, x_shape[-1])
-                gA = gh.T @ (x2 if x2.dtype == cd else x2.to(cd))          # (Σ r, in)
-                start = 0
-                for i, want in zip(ctx.adapted, need_A):
-                    A = members[i][2]
-                    r = A.shape[0]
-                    if want:
-                        results[2 + 4 * i + 2] = gA[start:start + r].to(A.dtype)
-                    start += r
-            if need_x:
-                A_cat = torch.cat([members[i][2].to(cd) for i in ctx.adapted])
-                if gx is None:
-                    gx = gh @ A_cat
-                elif gx.dtype == cd:
-                    gx.addmm_(gh, A_cat)
-                else:
-                    gx.add_((gh @ A_cat).to(gx.dtype))
+            if plain:
+                gh = torch.cat(ghs, dim=1) if len(ghs) > 1 else ghs[0]      # (tokens, Σ r)
+                need_A = [need[3 + 4 * i + 2] for i in plain]
+                if any(need_A):
+                    gA = gh.T @ x2_of()                                      # (Σ r, in)
+                    start = 0
+                    for i, want in zip(plain, need_A):
+                        A = members[i][2]
+                        r = A.shape[0]
+                        if want:
+                            results[3 + 4 * i + 2] = gA[start:start + r].to(A.dtype)
+                        start += r
+                if need_x:
+                    A_cat = torch.cat([members[i][2].to(cd) for i in plain])
+                    if gx is None:
+                        gx = gh @ A_cat
+                    elif gx.dtype == cd:
+                        gx.addmm_(gh, A_cat)
+                    else:
+                        gx.add_((gh @ A_cat).to(gx.dtype))
         if gx is not None:
             results[0] = gx.reshape(x_shape).to(x_dtype)  # None when no output was used
         return tuple(results)
@@ -161,7 +197,7 @@ def shared_input_linears(x: torch.Tensor, modules: list[nn.Module]) -> list[torc
     if not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
         return None
     plans = [linear_plan(m) for m in modules]
-    if any(p is None or p[5] > 0 for p in plans):
+    if any(p is None for p in plans):
         return None
     adapted = [p for p in plans if p[2] is not None]
     if not adapted:
@@ -174,7 +210,8 @@ def shared_input_linears(x: torch.Tensor, modules: list[nn.Module]) -> list[torc
     for W, b, A, B, _, _ in plans:
         flat += [W, b, A, B]
     scales = tuple(p[4] if p[2] is not None else None for p in plans)
-    return list(SharedInputLinears.apply(x, scales, *flat))
+    ps = tuple(p[5] if p[2] is not None else 0.0 for p in plans)
+    return list(SharedInputLinears.apply(x, scales, ps if any(ps) else None, *flat))
 
 
 _QKV_LINES = ("self.q_proj(hidden_states)", "self.k_proj(hidden_states)", "self.v_proj(hidden_states)")

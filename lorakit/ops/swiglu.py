@@ -6,7 +6,7 @@ of a LoRA-adapted ``down_proj``). For SmolLM2-135M with a 4 × 256 batch that is
 of everything a LoRA step saves. ``_SwiGLUDown`` saves only g and u (plus the (tokens × r) LoRA
 product) and recomputes silu(g) and p in backward, two cheap elementwise passes. The frozen
 ``down_proj`` base weight needs no saved input at all; its LoRA branch gets p recomputed, with the
-dropout mask redrawn as in ``lorakit.layers.fused``.
+dropout mask kept as bits as in ``lorakit.layers.fused``.
 
 ``fuse_swiglu_mlps(model)`` switches every MLP whose ``forward`` is exactly that expression (found by
 reading its source) and whose activation is SiLU to the fused path. The fused path is taken only
