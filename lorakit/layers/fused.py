@@ -116,10 +116,13 @@ def pack_bits(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     flat = mask.reshape(-1)
     whole = flat.numel() - flat.numel() % 8
     words = flat[:whole].view(torch.int64)                 # byte i of a word = boolean i of 8
-    words = words | (words >> 7)                            # bits 0-1 of each byte: booleans i, i+1
-    words = words | (words >> 14)                           # bits 0-3: booleans i .. i+3
-    words = words | (words >> 28)                           # bits 0-7 of byte 0: booleans 0 .. 7
-    return (words & 0xFF).to(torch.uint8), flat[whole:].clone()
+    folded = words >> 7
+    folded |= words                                         # bits 0-1 of each byte: booleans i, i+1
+    shifted = folded >> 14
+    folded |= shifted                                       # bits 0-3: booleans i .. i+3
+    folded |= torch.bitwise_right_shift(folded, 28, out=shifted)   # bits 0-7 of byte 0: booleans 0 .. 7
+    folded &= 0xFF
+    return folded.to(torch.uint8), flat[whole:].clone()
 
 
 def unpack_bits(packed: tuple[torch.Tensor, torch.Tensor], shape: torch.Size,
@@ -128,9 +131,12 @@ def unpack_bits(packed: tuple[torch.Tensor, torch.Tensor], shape: torch.Size,
     a contiguous boolean tensor of that shape)."""
     bits, tail = packed
     words = bits.to(torch.int64)
-    words = (words | (words << 28)) & 0x0000000F0000000F      # the inverse of the three folds
-    words = (words | (words << 14)) & 0x0003000300030003
-    words = words | (words << 7)
+    shifted = words << 28                                   # the inverse of the three folds, in place
+    words |= shifted
+    words &= 0x0000000F0000000F
+    words |= torch.bitwise_left_shift(words, 14, out=shifted)
+    words &= 0x0003000300030003
+    words |= torch.bitwise_left_shift(words, 7, out=shifted)
     mask = torch.empty(shape, dtype=torch.bool, device=bits.device) if out is None else out
     flat = mask.view(-1)
     whole = bits.numel() * 8
