@@ -62,6 +62,11 @@ def test_pack_bits_round_trip(shape):
         assert torch.equal(unpack_bits(packed, mask.shape), mask)
         out = torch.ones(shape, dtype=torch.bool)
         assert unpack_bits(packed, mask.shape, out=out) is out and torch.equal(out, mask)
+    # a view starting mid-word packs the same; a wrong ``out`` is refused
+    mask = torch.rand(50, generator=g) < 0.5
+    assert torch.equal(unpack_bits(pack_bits(mask[3:]), (47,)), mask[3:])
+    with pytest.raises(ValueError, match="out must be"):
+        unpack_bits(pack_bits(mask), (50,), out=torch.empty(49, dtype=torch.bool))
     # bit i of byte j is element 8j + i
     mask = torch.zeros(16, dtype=torch.bool)
     mask[[0, 3, 9]] = True

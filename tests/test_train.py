@@ -142,12 +142,14 @@ def test_full_finetune_baseline_saves_a_model(tmp_path, tok, data_files):
     assert loaded.config.vocab_size == len(tok)
 
 
-def test_gradient_checkpointing_and_accumulation_match(tmp_path, tok, data_files):
-    """Accumulating 2 micro-batches of 4 == one batch of 8 (same examples); checkpointing changes nothing."""
-    a = train(_cfg(tmp_path, data_files, "a", max_steps=3), model=tiny_llama_lm(tok), tokenizer=tok,
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_gradient_checkpointing_and_accumulation_match(tmp_path, tok, data_files, dropout):
+    """Accumulating 2 micro-batches of 4 == one batch of 8 (same examples); checkpointing changes nothing
+    (with dropout too: the recomputed forward draws the same masks)."""
+    a = train(_cfg(tmp_path, data_files, "a", max_steps=3, dropout=dropout), model=tiny_llama_lm(tok), tokenizer=tok,
               progress=False, log=_quiet)
-    b = train(_cfg(tmp_path, data_files, "b", max_steps=3, gradient_checkpointing=True), model=tiny_llama_lm(tok),
-              tokenizer=tok, progress=False, log=_quiet)
+    b = train(_cfg(tmp_path, data_files, "b", max_steps=3, dropout=dropout, gradient_checkpointing=True),
+              model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
     assert a.losses == pytest.approx(b.losses, rel=1e-5)
     wa = load_file(str(a.run_dir / "adapter_model.safetensors"))
     wb = load_file(str(b.run_dir / "adapter_model.safetensors"))

@@ -114,6 +114,8 @@ def pack_bits(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Eight booleans (bytes of value 0 or 1) read as one little-endian 64-bit word are folded into its
     low byte with three shift-or steps, so packing is a few passes over numel / 8 words."""
     flat = mask.reshape(-1)
+    if flat.storage_offset() % 8:  # 64-bit words must start on an 8-byte boundary
+        flat = flat.clone()
     whole = flat.numel() - flat.numel() % 8
     words = flat[:whole].view(torch.int64)                 # byte i of a word = boolean i of 8
     folded = words >> 7
@@ -137,6 +139,10 @@ def unpack_bits(packed: tuple[torch.Tensor, torch.Tensor], shape: torch.Size,
     words |= torch.bitwise_left_shift(words, 14, out=shifted)
     words &= 0x0003000300030003
     words |= torch.bitwise_left_shift(words, 7, out=shifted)
+    if out is not None and (out.shape != torch.Size(shape) or out.dtype != torch.bool or not out.is_contiguous()
+                            or out.storage_offset() % 8):
+        raise ValueError(f"unpack_bits: out must be a contiguous boolean tensor of shape {tuple(shape)} starting "
+                         f"on an 8-byte boundary, got {out.dtype} {tuple(out.shape)}")
     mask = torch.empty(shape, dtype=torch.bool, device=bits.device) if out is None else out
     flat = mask.view(-1)
     whole = bits.numel() * 8
@@ -262,7 +268,7 @@ def branch_grads(g2: torch.Tensor, x2_of: Callable[[], torch.Tensor], A: torch.T
     """Gradients of ``add_branch`` for dL/d(out2) = ``g2``: (dL/dx2 (tokens, in), dL/dA, dL/dB).
 
     ``x2_of()`` gives ``x2`` again (called only when dL/dA is needed, so callers may recompute it);
-    the dropout mask is redrawn once and released at the end. Products run in ``h``'s dtype (the
+    the dropout mask is unpacked once and released at the end. Products run in ``h``'s dtype (the
     branch dtype); dL/dA and dL/dB come back in A's and B's dtypes, dL/dx2 in the branch dtype.
     ``grad_x_into``: a (tokens, in) tensor of the branch dtype that dL/dx2 is added to in place
     (one ``addmm_``, or with dropout an ``addcmul_`` of the product and the mask, instead of a fresh

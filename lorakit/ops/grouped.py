@@ -97,7 +97,7 @@ class SharedInputLinears(torch.autograd.Function):
                         hs[i] = h[:, start:start + r]
                         start += r
                 for i in adapted:
-                    W, _, A, B = members[i]
+                    _, _, A, B = members[i]
                     if i not in plain:  # its own mask, drawn in member order; kept as bits for backward
                         drops[i] = KeepMask((tokens, x2.shape[1]), ps[i], x.device, reuse=True)
                         hs[i] = add_branch(outs[i].view(-1, outs[i].shape[-1]), x2, A, B, scales[i], drops[i])
