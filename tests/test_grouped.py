@@ -142,9 +142,10 @@ def test_shared_input_linears_declines_unknown_layers():
         fuse_qkv_projections("model")
 
 
-def test_bf16_base_with_fp32_adapters_matches_the_separate_layers(grouped_calls):
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_bf16_base_with_fp32_adapters_matches_the_separate_layers(grouped_calls, dropout):
     # the branch runs in bf16 on a bf16 base (as the separate nodes do); adapter gradients stay fp32
-    model = lora_llama(dtype=torch.bfloat16)
+    model = lora_llama(dtype=torch.bfloat16, dropout=dropout)
     for p in model.parameters():
         if p.requires_grad:
             p.data = p.data.float()
