@@ -49,8 +49,7 @@ class _SwiGLUDown(torch.autograd.Function):
         scale, drop = ctx.scale, ctx.drop
         g2 = grad.reshape(-1, grad.shape[-1])
         grad_prod = (g2.to(weight.dtype) @ weight).to(gate.dtype).reshape(gate.shape)  # through the frozen base
-        sig = torch.sigmoid(gate)
-        silu = gate * sig
+        silu = F.silu(gate)  # the forward's silu(g), bit for bit (gate · σ(gate) may round differently)
         need = ctx.needs_input_grad
         grad_A = grad_B = None
         if A is not None:  # the LoRA branch of down_proj, its input (silu(g)·u) recomputed
@@ -62,9 +61,11 @@ class _SwiGLUDown(torch.autograd.Function):
         grad_up = silu.mul_(grad_prod) if need[1] else None  # silu(g) is not needed after this
         grad_gate = None
         if need[0]:
-            # d silu(g)/dg = σ(g) (1 + g (1 − σ(g))), built in place in one fresh buffer that becomes
-            # dL/dg (each fresh (tokens, intermediate) tensor costs an allocation and its page faults)
-            grad_gate = torch.rsub(sig, 1).mul_(gate).add_(1).mul_(sig).mul_(grad_prod).mul_(up)
+            # dL/dg = (dL/dp ⊙ u) ⊙ silu'(g) by the kernel autograd uses for F.silu (one pass, rounded
+            # once: the same values as the unfused path), in place in dL/dp, which is not needed after
+            # this: two passes and no fresh (tokens, intermediate) tensor instead of six and one
+            grad_prod.mul_(up)
+            grad_gate = torch.ops.aten.silu_backward.grad_input(grad_prod, gate, grad_input=grad_prod)
         return grad_gate, grad_up, None, None, grad_A, grad_B, None, None
 
 
