@@ -81,7 +81,10 @@ def ratio_stats(values: list[float]) -> str:
 
 def saved_for_backward(model, loss_fn) -> tuple[object, int]:
     """Run ``loss_fn()`` under ``saved_tensors_hooks``: (its loss, the bytes autograd keeps for backward),
-    counting each storage once and leaving out the model's parameters."""
+    counting each storage once and leaving out the model's parameters. lorakit's dropout masks, which
+    its nodes keep as bits outside autograd's saved tensors (``KeepMask``), are counted too."""
+    import gc
+
     import torch
 
     seen: dict[int, int] = {}
@@ -96,4 +99,10 @@ def saved_for_backward(model, loss_fn) -> tuple[object, int]:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         loss = loss_fn()
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    return loss, sum(v for k, v in seen.items() if k not in weights)
+    masks = 0
+    if "lorakit.layers.fused" in sys.modules:
+        keep_mask = sys.modules["lorakit.layers.fused"].KeepMask
+        for obj in gc.get_objects():
+            if isinstance(obj, keep_mask) and obj._packed is not None:
+                masks += sum(t.untyped_storage().nbytes() for t in obj._packed)
+    return loss, sum(v for k, v in seen.items() if k not in weights) + masks

@@ -211,7 +211,8 @@ def main() -> None:
     print(f"Step time: {args.pairs} alternating lorakit / PEFT step pairs in one process (both on copies of one "
           "loaded model), median of the per-pair ratios (min–max), and best = fastest ÷ fastest. Peak RSS "
           f"and saved bytes: each library alone in a fresh process ({args.repeats} interleaved "
-          "repeat(s)), so each peak is its own.\n")
+          "repeat(s)), so each peak is its own. Saved bytes: the storages autograd keeps for backward "
+          "(`saved_tensors_hooks`), plus lorakit's dropout masks, which its nodes keep as bits.\n")
     print("| workload | step time lorakit ÷ PEFT | peak RSS lorakit ÷ PEFT | saved-for-backward lorakit ÷ PEFT |")
     print("|---|---|---|---|")
     for workload, whole, m, s, runs in rows:
