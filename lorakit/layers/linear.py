@@ -34,13 +34,15 @@ class LoraLinear(LoraLayer):
     def delta_from(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         return B @ A
 
+    def dropout_p(self, name: str) -> float:
+        """Drop probability adapter ``name``'s LoRA dropout applies now (0 in eval mode or without dropout)."""
+        dropout = self.lora_dropout._modules[name] if self.training else None
+        return dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+
     def add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         # One fused autograd node: in-place addmm, no saved dropout copy (see layers/fused.py).
-        training = self.training
-        dropout = self.lora_dropout._modules[name] if training else None
-        p = dropout.p if isinstance(dropout, nn.Dropout) else 0.0
         return fused_lora_add(result, x, self.lora_A._parameters[name], self.lora_B._parameters[name],
-                              self.scaling[name], p, training)
+                              self.scaling[name], self.dropout_p(name), self.training)
 
     # ---- mixed-adapter batches, batched over adapters ---------------------------------------------
 

@@ -60,9 +60,8 @@ def linear_plan(module: nn.Module):
         return None
     if adapter is None:
         return base.weight, base.bias, None, None, 1.0, 0.0
-    dropout = module.lora_dropout[adapter]
-    p = dropout.p if isinstance(dropout, nn.Dropout) and module.training else 0.0
-    return base.weight, base.bias, module.lora_A[adapter], module.lora_B[adapter], module.scaling[adapter], p
+    return (base.weight, base.bias, module.lora_A[adapter], module.lora_B[adapter], module.scaling[adapter],
+            module.dropout_p(adapter))
 
 
 class SharedInputLinears(torch.autograd.Function):
