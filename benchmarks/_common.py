@@ -8,6 +8,7 @@ import statistics
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,6 +35,25 @@ def machine() -> str:
         peft_v = "absent"
     return (f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, torch {torch.__version__}, "
             f"transformers {transformers.__version__}, peft {peft_v}, {torch.get_num_threads()} torch threads")
+
+
+def smollm_config(layers: int = 30):
+    """A ``LlamaConfig`` with the embedded SmolLM2-135M-Instruct's shapes (``layers`` of its 30)."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
+                       tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0,
+                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def build_base(layers: int = 30, seed: int = 0):
+    """A randomly initialised Llama of the embedded model's shapes, in eval mode (fp32)."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(smollm_config(layers)).eval()
 
 
 def reset_peak_rss() -> None:
@@ -102,7 +122,10 @@ def saved_for_backward(model, loss_fn) -> tuple[object, int]:
     masks = 0
     if "lorakit.layers.fused" in sys.modules:
         keep_mask = sys.modules["lorakit.layers.fused"].KeepMask
-        for obj in gc.get_objects():
-            if isinstance(obj, keep_mask) and obj._packed is not None:
+        with warnings.catch_warnings():  # isinstance on some deprecated module objects warns
+            warnings.simplefilter("ignore")
+            live = [obj for obj in gc.get_objects() if isinstance(obj, keep_mask)]
+        for obj in live:
+            if obj._packed is not None:
                 masks += sum(t.untyped_storage().nbytes() for t in obj._packed)
     return loss, sum(v for k, v in seen.items() if k not in weights) + masks

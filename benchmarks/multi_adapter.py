@@ -37,27 +37,13 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 import lorakit as lk  # noqa: E402
+from _common import build_base  # noqa: E402
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 RANK, ALPHA = 16, 32
 MEASUREMENTS = "## Measurements"
-
-
-def smollm_config(layers: int):
-    from transformers import LlamaConfig
-
-    return LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
-                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
-                       tie_word_embeddings=True, rms_norm_eps=1e-5, rope_theta=100000.0,
-                       pad_token_id=0, bos_token_id=1, eos_token_id=2)
-
-
-def build_base(layers: int, seed: int = 0):
-    from transformers import LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(smollm_config(layers)).eval()
 
 
 def add_lk_adapters(model, n_adapters: int):

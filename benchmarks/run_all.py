@@ -40,7 +40,7 @@ def gpu_note() -> str:
             return f"CUDA device present: {torch.cuda.get_device_name(0)}."
     except ImportError:
         pass
-    return "No CUDA GPU on this machine: GPU rows are skipped."
+    return "No CUDA GPU on this machine: GPU rows are skipped (measured on an H200: docs/benchmarks_gpu.md)."
 
 
 def main() -> int:
