@@ -269,7 +269,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
         for name in targets:
             module = model.get_submodule(name)
             if not isinstance(module, LoraLayer):
-                layer = lora_class_for(module)(module)
+                layer = lora_class_for(module)(module).train(module.training)  # the wrapped module's mode
                 _set_submodule(model, name, layer)
                 module = layer
             module.add_adapter(
@@ -286,7 +286,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
         for name in saved:
             module = model.get_submodule(name)
             if not isinstance(module, ModulesToSave):
-                wrapper = ModulesToSave(module)
+                wrapper = ModulesToSave(module).train(module.training)
                 _set_submodule(model, name, wrapper)
                 module = wrapper
             module.add_adapter(adapter_name)

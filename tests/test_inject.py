@@ -165,6 +165,23 @@ def test_dropout_only_in_training():
     assert isinstance(m.model.layers[0].self_attn.q_proj.lora_dropout["default"], nn.Dropout)
 
 
+def test_injected_layers_take_the_mode_of_the_modules_they_wrap():
+    # An adapter injected or loaded into a model in eval mode must not drop anything (nn.Module's
+    # default mode is training, so new wrappers and dropout modules must be set explicitly).
+    m = tiny_llama()  # eval
+    cfg = dict(target_modules=["q_proj"], lora_dropout=0.5, init_lora_weights=False, modules_to_save=["lm_head"])
+    lk.get_lora_model(m, lk.LoraConfig(**cfg))
+    lk.get_lora_model(m, lk.LoraConfig(**cfg), adapter_name="second")  # added to existing (eval) layers
+    assert not any(mod.training for mod in m.modules())
+    x = torch.randint(0, 101, (2, 6))
+    for name in ("default", "second"):
+        lk.set_adapter(m, name)
+        with torch.no_grad():
+            torch.testing.assert_close(m(x).logits, m(x).logits, rtol=0, atol=0)
+    trained = lk.get_lora_model(tiny_llama().train(), lk.LoraConfig(**cfg))
+    assert all(mod.training for mod in trained.modules())
+
+
 def test_merge_unties_a_tied_embedding():
     m = tiny_llama(tie=True)
     assert m.lm_head.weight is m.model.embed_tokens.weight

@@ -217,6 +217,28 @@ def test_mixed_batch_full_models(arch):
     assert before.shape == out(m, x).shape
 
 
+def test_contiguous_groups_add_in_place_without_the_generic_branch(monkeypatch):
+    # Inference: a contiguous row group's delta is added into its rows by the single-adapter code
+    # (no group-sized temporary); with gradients needed the generic branch runs.
+    m = with_adapters(tiny_llama(), LLAMA_ADAPTERS)
+    x = llama_ids(rows=6, seq=40)  # 240 tokens: above the batched decode path's limit
+    names = ["medical", "medical", "legal", "legal", "__base__", "code"]
+    expected = [run_alone(m, x[i:i + 1], n) for i, n in enumerate(names)]
+
+    def generic_branch(*_a, **_k):
+        raise AssertionError("generic branch used")
+
+    from lorakit.layers.linear import LoraLinear
+
+    monkeypatch.setattr(LoraLinear, "branch", generic_branch)
+    mixed = out(m, x, adapter_names=names)
+    for i, want in enumerate(expected):
+        torch.testing.assert_close(mixed[i:i + 1], want, rtol=1e-6, atol=1e-6)
+    lk.set_trainable(m, ["legal"])
+    with pytest.raises(AssertionError, match="generic branch used"):
+        m(x, adapter_names=names)
+
+
 def test_mixed_batch_with_modules_to_save():
     specs = {"a": dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
              "b": dict(r=2, lora_alpha=4, target_modules=["v_proj"], modules_to_save=["lm_head"]),

@@ -122,7 +122,8 @@ class LoraLayer(nn.Module):
         self.lora_A[name] = nn.Parameter(torch.empty(self.a_shape(r), dtype=dtype, device=device))
         self.lora_B[name] = nn.Parameter(torch.empty(self.b_shape(r), dtype=dtype, device=device))
         p = float(lora_dropout)
-        self.lora_dropout[name] = nn.Dropout(p) if p > 0 and self.supports_dropout else nn.Identity()
+        # in the layer's mode: an adapter added to a model in eval mode must not drop anything
+        self.lora_dropout[name] = (nn.Dropout(p) if p > 0 and self.supports_dropout else nn.Identity()).train(self.training)
         self.r[name], self.lora_alpha[name], self.scaling[name] = r, float(lora_alpha), float(scaling)
         if variant is not None:
             self.variants[name] = variant
@@ -221,6 +222,12 @@ class LoraLayer(nn.Module):
         # Per group and layer this runs once per adapter in the batch, so it avoids Python overhead:
         # direct dict reads (ParameterDict's __getitem__ costs ~1 µs) and no dropout call in eval.
         As, Bs, drops = self.lora_A._parameters, self.lora_B._parameters, self.lora_dropout._modules
+        # Nothing to differentiate and no dropout: a contiguous group's delta goes straight into its
+        # rows of the output (no group-sized temporary), by the code a forward with that adapter
+        # alone runs (fused_lora_add's inference path).
+        in_place = result.is_contiguous() and not torch.is_autocast_enabled(x.device.type)
+        grad_on = torch.is_grad_enabled()
+        input_grad = grad_on and (x.requires_grad or result.requires_grad)
         for name, rows in plan.groups:
             A = As.get(name)
             if A is None:
@@ -237,6 +244,12 @@ class LoraLayer(nn.Module):
                 else:
                     result.index_copy_(0, rows, out)
                 continue
+            drop = drops[name]
+            if (in_place and isinstance(rows, slice) and not input_grad
+                    and not (grad_on and (A.requires_grad or Bs[name].requires_grad))
+                    and not (self.training and isinstance(drop, nn.Dropout) and drop.p > 0)
+                    and self.add_rows(result[rows], sub_x, A, Bs[name], self.scaling[name])):
+                continue
             if self.training:
                 sub_x = drops[name](sub_x)
             delta = self.branch(sub_x, A, Bs[name])
@@ -247,6 +260,12 @@ class LoraLayer(nn.Module):
             else:
                 result.index_add_(0, rows, delta, alpha=self.scaling[name])
         return result
+
+    def add_rows(self, out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> bool:
+        """Inference hook of ``mixed_forward``: add ``scale · B(A(x))`` into ``out`` (a contiguous row
+        block of the layer's output) in place and return True, or return False to take the generic
+        path. Layer types that can do it without temporaries override this."""
+        return False
 
     # ---- merge -----------------------------------------------------------------------------------
 

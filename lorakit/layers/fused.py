@@ -349,6 +349,21 @@ class FusedLoraLinear(torch.autograd.Function):
         return grad, grad_x, grad_A, grad_B, None, None
 
 
+def add_lora_no_grad(out2: torch.Tensor, x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
+    """``out2 += scale · (x2 Aᵀ) Bᵀ`` in place, for inference (no autograd node, no dropout): the
+    branch of every LoRA Linear forward that needs no gradient, and of each row group of a mixed
+    batch (so a group's rows get exactly what running them alone gives).
+
+    ``out2``: (tokens, out), contiguous or a row block of a contiguous tensor; ``x2``: (tokens, in)."""
+    cd = branch_dtype(out2.dtype, A.dtype)
+    if cd != A.dtype and x2.shape[0] <= FP32_BRANCH_MAX_TOKENS:
+        # a few tokens on a bf16 base: both products in the adapter's fp32 (faster here, and
+        # rounded once, when the fp32 delta is added into the bf16 output)
+        out2.add_((x2.to(A.dtype) @ A.T) @ B.T, alpha=scale)
+        return
+    add_branch(out2, x2 if x2.dtype == cd else x2.to(cd), A, B, scale, None)
+
+
 def fused_lora_add(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                    scale: float, p: float, training: bool) -> torch.Tensor:
     """``result + scale · B(A(dropout_p(x)))`` computed by ``FusedLoraLinear`` (result is reused).
@@ -362,15 +377,7 @@ def fused_lora_add(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: to
             and not torch.is_autocast_enabled(x.device.type)):
         # Nothing to differentiate (inference): the same two matmuls without an autograd node, whose
         # Python-side cost (~50 µs) is as large as the matmuls themselves for a decode step.
-        x2 = x.reshape(-1, x.shape[-1])
-        out2 = result.view(-1, result.shape[-1])
-        cd = branch_dtype(result.dtype, A.dtype)
-        if cd != A.dtype and x2.shape[0] <= FP32_BRANCH_MAX_TOKENS:
-            # a few tokens on a bf16 base: both products in the adapter's fp32 (faster here, and
-            # rounded once, when the fp32 delta is added into the bf16 output)
-            out2.add_((x2.to(A.dtype) @ A.T) @ B.T, alpha=scale)
-            return result
-        add_branch(out2, x2 if x2.dtype == cd else x2.to(cd), A, B, scale, None)
+        add_lora_no_grad(result.view(-1, result.shape[-1]), x.reshape(-1, x.shape[-1]), A, B, scale)
         return result
     fallback = result._base is not None or result.is_leaf and result.requires_grad
     drop = KeepMask((x.numel() // x.shape[-1], x.shape[-1]), p, x.device, reuse=not fallback) if use_dropout else None

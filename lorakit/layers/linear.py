@@ -9,7 +9,7 @@ from torch import nn
 
 from lorakit.layers import register_layer_type
 from lorakit.layers.base import LoraLayer
-from lorakit.layers.fused import fused_lora_add
+from lorakit.layers.fused import add_lora_no_grad, fused_lora_add
 
 #: Mixed-adapter batches with at most this many tokens (decode steps, short prompts) take the
 #: batched path: one gather, two ``bmm`` and one ``index_add_`` per layer for all adapters, instead
@@ -45,6 +45,12 @@ class LoraLinear(LoraLayer):
                               self.scaling[name], self.dropout_p(name), self.training)
 
     # ---- mixed-adapter batches, batched over adapters ---------------------------------------------
+
+    def add_rows(self, out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> bool:
+        if not out.is_contiguous():
+            return False
+        add_lora_no_grad(out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), A, B, scale)
+        return True
 
     def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, plan: Any) -> torch.Tensor:
         """Mixed batch; few tokens without gradients: all adapters in two ``bmm`` calls.
