@@ -159,5 +159,6 @@ def quantize_model_nf4(model: nn.Module, skip: list[str] | None = None, block_si
     for name, linear in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LinearNF4.from_linear(linear, block_size=block_size, scale_block_size=scale_block_size))
+        setattr(parent, child, LinearNF4.from_linear(linear, block_size=block_size,
+                                                     scale_block_size=scale_block_size).train(linear.training))
     return model
