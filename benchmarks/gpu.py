@@ -229,7 +229,8 @@ def main() -> None:
                          "and one that keeps the GPU busy)")
     ap.add_argument("--infer-shapes", type=parse_shapes, default=parse_shapes("4x128,16x1,16x512"),
                     help="inference batches, rows x tokens (default 4x128,16x1,16x512)")
-    ap.add_argument("--quick", action="store_true", help="2 steps, 2 rounds (a smoke run)")
+    ap.add_argument("--quick", action="store_true", help="2 steps, 2 rounds, the first training shape and two "
+                    "inference shapes (a smoke run)")
     args = ap.parse_args()
     import torch
 
@@ -237,8 +238,9 @@ def main() -> None:
         print("No CUDA GPU on this machine: the GPU rows are skipped (the last measurement on an H200: "
               "docs/benchmarks_gpu.md).")
         return
-    if args.quick:
+    if args.quick:  # a smoke run: the first training shape and two inference shapes
         args.steps, args.rounds = 2, 2
+        args.train_shapes, args.infer_shapes = args.train_shapes[:1], args.infer_shapes[:2]
     from lorakit.models import load_model_and_tokenizer
 
     device = torch.device(args.device)
