@@ -377,3 +377,36 @@ def test_head_split_used_for_plain_lm_and_not_for_peft_wrapper(tok):
         a, n = loss_sum(plain, batch)
         b, m = loss_sum(wrapped, batch)  # fresh PEFT adapter: same function as the plain model
     assert n == m and torch.allclose(a, b, atol=1e-4)
+
+
+def test_optimizer_is_fused_adamw_where_torch_has_it_and_plain_otherwise(tmp_path, tok, data_files, monkeypatch):
+    import lorakit.train.loop as loop
+
+    params = [torch.nn.Parameter(torch.randn(4, 3)) for _ in range(3)]
+    fused = loop.fused_if_supported(lambda **kw: torch.optim.AdamW(params, lr=1e-3, **kw))
+    assert fused.defaults["fused"] is True  # CPU, fp32: torch >= 2.4 has the fused kernel
+
+    def refuses_fused(**kw):
+        if kw.get("fused"):
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return torch.optim.AdamW(params, lr=1e-3, **kw)
+
+    assert not loop.fused_if_supported(refuses_fused).defaults.get("fused")
+    # the same update as the plain implementation, to rounding
+    a = [torch.nn.Parameter(torch.randn(5, 7)) for _ in range(4)]
+    b = [torch.nn.Parameter(p.detach().clone()) for p in a]
+    opt_a, opt_b = torch.optim.AdamW(a, lr=1e-2), loop.fused_if_supported(lambda **kw: torch.optim.AdamW(b, lr=1e-2, **kw))
+    for _ in range(3):
+        for p, q in zip(a, b):
+            p.grad = torch.randn_like(p)
+            q.grad = p.grad.clone()
+        opt_a.step()
+        opt_b.step()
+    for p, q in zip(a, b):
+        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-6)
+    # and `train` builds its optimizer through it
+    made = []
+    real = loop.fused_if_supported
+    monkeypatch.setattr(loop, "fused_if_supported", lambda make: made.append(real(make)) or made[-1])
+    train(_cfg(tmp_path, data_files, max_steps=2), model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert len(made) == 1 and made[0].defaults["fused"] is True
