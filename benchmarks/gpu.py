@@ -38,7 +38,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import build_base, machine, ratio_stats, saved_for_backward  # noqa: E402
-from train_step import BATCH, RANK, SEQ, setup  # noqa: E402
+from train_step import BATCH, RANK, SEQ, make_batch, setup  # noqa: E402
 
 
 def _sync(device) -> None:
@@ -74,23 +74,13 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return shapes
 
 
-def lm_batch(shape: tuple[int, int], vocab: int, device) -> dict:
-    """A plain language-model batch of ``shape`` (every position a label), as train_step.py's ``lm``."""
-    import torch
-
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, vocab, shape, generator=g)
-    return {k: v.to(device) for k, v in {"input_ids": ids, "attention_mask": torch.ones_like(ids),
-                                          "labels": ids.clone()}.items()}
-
-
 def build(kind: str, base, device, dtype, shape: tuple[int, int] = (BATCH, SEQ)):
     """A training setup on ``device``: (model, step function, saved-bytes function, (trainable, frozen) counts)."""
     import torch
 
     model = copy.deepcopy(base).to(device=device, dtype=dtype)
     model.train()
-    batch = lm_batch(shape, model.config.vocab_size, device)
+    batch = {k: v.to(device) for k, v in make_batch("lm", model.config.vocab_size, shape).items()}
     model, loss_fn = setup(kind, model, batch)
 
     params = [p for p in model.parameters() if p.requires_grad]

@@ -42,14 +42,14 @@ BATCH, SEQ, RANK, ANSWER = 4, 256, 16, 32
 WORKLOADS = [("lm", 0.0, "fp32"), ("sft", 0.0, "fp32"), ("lm", 0.05, "fp32"), ("lm", 0.0, "bf16")]
 
 
-def make_batch(workload: str, vocab: int):
+def make_batch(workload: str, vocab: int, shape: tuple[int, int] = (BATCH, SEQ)):
     import torch
 
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, vocab, (BATCH, SEQ), generator=g)
+    ids = torch.randint(3, vocab, shape, generator=g)
     labels = ids.clone()
     if workload == "sft":
-        labels[:, : SEQ - ANSWER] = -100
+        labels[:, : shape[1] - ANSWER] = -100
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 

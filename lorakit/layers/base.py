@@ -244,10 +244,9 @@ class LoraLayer(nn.Module):
                 else:
                     result.index_copy_(0, rows, out)
                 continue
-            drop = drops[name]
             if (in_place and isinstance(rows, slice) and not input_grad
                     and not (grad_on and (A.requires_grad or Bs[name].requires_grad))
-                    and not (self.training and isinstance(drop, nn.Dropout) and drop.p > 0)
+                    and not self.dropout_p(name)
                     and self.add_rows(result[rows], sub_x, A, Bs[name], self.scaling[name])):
                 continue
             if self.training:
@@ -260,6 +259,11 @@ class LoraLayer(nn.Module):
             else:
                 result.index_add_(0, rows, delta, alpha=self.scaling[name])
         return result
+
+    def dropout_p(self, name: str) -> float:
+        """Drop probability adapter ``name``'s LoRA dropout applies now (0 in eval mode or without dropout)."""
+        dropout = self.lora_dropout._modules[name] if self.training else None
+        return dropout.p if isinstance(dropout, nn.Dropout) else 0.0
 
     def add_rows(self, out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> bool:
         """Inference hook of ``mixed_forward``: add ``scale · B(A(x))`` into ``out`` (a contiguous row

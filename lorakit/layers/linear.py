@@ -34,11 +34,6 @@ class LoraLinear(LoraLayer):
     def delta_from(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         return B @ A
 
-    def dropout_p(self, name: str) -> float:
-        """Drop probability adapter ``name``'s LoRA dropout applies now (0 in eval mode or without dropout)."""
-        dropout = self.lora_dropout._modules[name] if self.training else None
-        return dropout.p if isinstance(dropout, nn.Dropout) else 0.0
-
     def add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         # One fused autograd node: in-place addmm, no saved dropout copy (see layers/fused.py).
         return fused_lora_add(result, x, self.lora_A._parameters[name], self.lora_B._parameters[name],
@@ -47,8 +42,6 @@ class LoraLinear(LoraLayer):
     # ---- mixed-adapter batches, batched over adapters ---------------------------------------------
 
     def add_rows(self, out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> bool:
-        if not out.is_contiguous():
-            return False
         add_lora_no_grad(out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), A, B, scale)
         return True
 
