@@ -24,9 +24,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, ratio_stats  # noqa: E402
 
 
+def sharing_weights(model):
+    """A deep copy of ``model``'s modules that holds the same parameter and buffer tensors."""
+    memo = {id(t): t for t in model.state_dict(keep_vars=True).values()}
+    memo.update({id(t): t for t in model.parameters()})
+    memo.update({id(t): t for t in model.buffers()})
+    copied = copy.deepcopy(model, memo)
+    shared = [a is b for a, b in zip(model.parameters(), copied.parameters())]
+    assert all(shared) and len(shared) == sum(1 for _ in model.parameters()), "weights not shared"
+    return copied
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--separate-copies", action="store_true",
+                    help="give each unmerged model its own copy of the base weights (the old method)")
     args = ap.parse_args()
 
     import peft
@@ -38,10 +51,18 @@ def main() -> None:
     torch.manual_seed(0)
     base, _ = load_model_and_tokenizer()
     cfg = dict(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
-    loaded, base = base, copy.deepcopy(base)  # every model in the same kind of memory (copies, not the file map)
-    ours = lk.get_lora_model(copy.deepcopy(loaded), lk.LoraConfig(**cfg))
-    merged = lk.merge_and_unload(copy.deepcopy(ours))
-    theirs = peft.get_peft_model(copy.deepcopy(loaded), peft.LoraConfig(**cfg))
+    loaded, base = base, copy.deepcopy(base)  # every model in anonymous memory (copies, not the file map)
+    if args.separate_copies:
+        ours = lk.get_lora_model(copy.deepcopy(loaded), lk.LoraConfig(**cfg))
+        theirs = peft.get_peft_model(copy.deepcopy(loaded), peft.LoraConfig(**cfg))
+    else:
+        # The LoRA models wrap the very tensors the base model holds (module structure copied,
+        # parameters and buffers shared): the ratio is then the adapters' cost alone, not also the
+        # difference between two placements of the same 540 MB in memory (which the merged row,
+        # a separate copy doing the base computation, shows).
+        ours = lk.get_lora_model(sharing_weights(base), lk.LoraConfig(**cfg))
+        theirs = peft.get_peft_model(sharing_weights(base), peft.LoraConfig(**cfg))
+    merged = lk.merge_and_unload(copy.deepcopy(ours))  # its own copy of every tensor
     del loaded
     models = {"base": base, "lorakit": ours, "lorakit merged": merged, "peft": theirs}
     for m in models.values():

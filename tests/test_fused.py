@@ -212,3 +212,46 @@ def test_bf16_base_inference_branch(tokens):
         # each bf16 rounding is relative to the absolute products it rounds
         terms = result.double().abs() + 0.7 * (x.double().abs() @ A.double().abs().T) @ B.double().abs().T + 1.0
         assert (diff / terms).max().item() <= 0.02
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(16, 1, 24), (3, 40, 24), (5, 24)])
+def test_lean_inference_path_is_bitwise_the_generic_path(dtype, shape):
+    """LoraLinear.forward's inference path (no autograd, eval) gives exactly what the generic
+    LoraLayer.forward gives, with one and with two active adapters (an adapter absent from the layer
+    skipped), and the generic path still runs where gradients or training mode ask for it."""
+    from torch import nn
+
+    from lorakit.layers.base import LoraLayer
+    from lorakit.layers.linear import LoraLinear
+
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(24, 20).to(dtype))
+    for name in ("a", "b"):
+        layer.add_adapter(name, r=4, lora_alpha=8, scaling=2.0 - 0.5 * (name == "b"), init_lora_weights=False)
+    layer.eval()
+    x = torch.randn(*shape, dtype=dtype)
+    for active in (["a"], ["a", "b"], ["b", "missing", "a"]):
+        layer.active_adapters = active
+        with torch.inference_mode():
+            lean = layer(x)
+            generic = LoraLayer.forward(layer, x)
+        assert torch.equal(lean, generic)
+        with torch.no_grad():  # no_grad takes the lean path too
+            assert torch.equal(layer(x), LoraLayer.forward(layer, x))
+        # a fresh reference: the base plus each adapter's product, in float64
+        ref = layer.base_layer(x).double()
+        for n in active:
+            if n in layer.lora_A:
+                ref += layer.scaling[n] * (x.double() @ layer.lora_A[n].double().T) @ layer.lora_B[n].double().T
+        tol = 1e-5 if dtype == torch.float32 else 3e-2
+        torch.testing.assert_close(lean.double(), ref, rtol=tol, atol=tol)
+    # with gradients the generic (autograd) path runs and agrees (other kernels: to rounding)
+    layer.active_adapters = ["a", "b"]
+    out = layer(x)
+    assert out.requires_grad
+    torch.testing.assert_close(out.detach(), lean, rtol=1e-5, atol=1e-6 if dtype == torch.float32 else 1e-2)
+    # disabled: exactly the base layer
+    layer.disabled = True
+    with torch.inference_mode():
+        assert torch.equal(layer(x), layer.base_layer(x))

@@ -83,7 +83,7 @@ def test_lora_loss_goes_down_and_accuracy_rises(tmp_path, tok, data_files, facto
     assert (run / "adapter_config.json").is_file() and (run / "adapter_model.safetensors").is_file()
     log = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 31))
-    assert {"loss", "lr", "grad_norm", "tokens_per_s"} <= set(log[0])
+    assert {"loss", "lr", "grad_norm", "tokens_per_s", "step_s"} <= set(log[0]) and log[0]["step_s"] > 0
     assert (run / "loss.png").stat().st_size > 1000
     info = json.loads((run / "lorakit_run.json").read_text())
     assert info["finished"] and info["after"]["accuracy"] == res.after["accuracy"]

@@ -355,6 +355,9 @@ def add_lora_no_grad(out2: torch.Tensor, x2: torch.Tensor, A: torch.Tensor, B: t
     batch (so a group's rows get exactly what running them alone gives).
 
     ``out2``: (tokens, out), contiguous or a row block of a contiguous tensor; ``x2``: (tokens, in)."""
+    if x2.dtype == A.dtype == out2.dtype == B.dtype:  # all one dtype: add_branch's ops, called directly
+        out2.addmm_(x2 @ A.T, B.T, alpha=scale)
+        return
     cd = branch_dtype(out2.dtype, A.dtype)
     if cd != A.dtype and x2.shape[0] <= FP32_BRANCH_MAX_TOKENS:
         # a few tokens on a bf16 base: both products in the adapter's fp32 (faster here, and

@@ -34,6 +34,38 @@ class LoraLinear(LoraLayer):
     def delta_from(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         return B @ A
 
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """``LoraLayer.forward``, with a lean path for inference (no autograd, eval mode).
+
+        There the generic path's Python work (module attribute lookups, the checks that choose the
+        fused node's branch) costs as much as the two rank-r products themselves at decode sizes
+        (~15 µs per layer at 16 tokens); this path reads the layer's state from its ``__dict__``
+        and runs the very ops the generic path runs in that case (``add_lora_no_grad``), so the
+        outputs are bitwise the same. Anything else (gradients, training mode, merged adapters,
+        variants, mixed batches, a disabled layer) takes the generic path.
+        """
+        d = self.__dict__
+        ctx = d.get("batch_context")
+        if (args or kwargs or torch.is_grad_enabled() or d["training"] or d["disabled"] or d["merged_adapters"]
+                or d["variants"] or (ctx is not None and ctx.plan is not None)):
+            return super().forward(x, *args, **kwargs)
+        mods = d["_modules"]
+        result = mods["base_layer"](x)
+        As, Bs, scaling = mods["lora_A"]._parameters, mods["lora_B"]._parameters, d["scaling"]
+        in_place = None
+        for name in d["active_adapters"]:
+            A = As.get(name)
+            if A is None:
+                continue
+            if in_place is None:  # what fused_lora_add checks before its no-grad branch
+                in_place = (result._base is None and result.is_contiguous()
+                            and not torch.is_autocast_enabled(x.device.type))
+            if in_place:
+                add_lora_no_grad(result.view(-1, result.shape[-1]), x.reshape(-1, x.shape[-1]), A, Bs[name], scaling[name])
+            else:
+                result = self.add_lora(name, x, result)
+        return result
+
     def add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         # One fused autograd node: in-place addmm, no saved dropout copy (see layers/fused.py).
         return fused_lora_add(result, x, self.lora_A._parameters[name], self.lora_B._parameters[name],

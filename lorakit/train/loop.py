@@ -503,7 +503,8 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
                 losses.append(step_loss)
                 rec = {"step": step, "epoch": micro[-1][0], "loss": round(step_loss, 6), "lr": lr,
                        "grad_norm": round(float(norm), 6), "tokens": step_tokens,
-                       "tokens_per_s": round(step_tokens / max(dt, 1e-9), 1), "elapsed_s": round(train_seconds, 2)}
+                       "tokens_per_s": round(step_tokens / max(dt, 1e-9), 1), "step_s": round(dt, 6),
+                       "elapsed_s": round(train_seconds, 2)}
                 if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps and eval_data:
                     rec["eval_loss"] = eval_loss(model, eval_data, max(cfg.batch_size, 16), pad_id, amp)
                 log_fh.write(json.dumps(rec) + "\n")
