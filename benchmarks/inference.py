@@ -1,7 +1,10 @@
 """Inference cost of LoRA: unmerged forward ÷ base, merged ÷ base, for lorakit and PEFT 0.21.
 
-One process holds the base model, a lorakit copy (unmerged), a lorakit copy merged, and a PEFT copy
-(all four deep copies of the loaded model, so all live in the same kind of memory), and times them
+One process holds the base model, lorakit's and PEFT's unmerged models built on it (module
+structure copied, the base weights themselves shared, so every unmerged ratio is the adapters' cost
+on the very same weight memory; ``--separate-copies`` gives each its own copy as before), and a
+merged lorakit model (its own copy of every weight: it does the base model's computation on another
+copy of the weights, so its ratio shows what the placement of 540 MB in memory alone does), and times them
 round-robin (interleaved, the first of each round rotating), so machine noise hits all alike. Ratios are medians over
 rounds, with the min–max spread, then "best": the fastest round of each ÷ the fastest of the base
 (the least disturbed measurement on a shared machine, as ``timeit`` advises).
