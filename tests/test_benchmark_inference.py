@@ -1,0 +1,38 @@
+"""benchmarks/inference.py builds its unmerged models on the base model's own tensors."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_llama
+
+import lorakit as lk
+from lorakit.layers.base import LoraLayer
+
+peft = pytest.importorskip("peft")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from inference import sharing_weights  # noqa: E402
+
+
+def test_sharing_weights_copies_modules_but_not_tensors():
+    base = tiny_llama().eval()
+    ids = torch.randint(3, 100, (2, 6))
+    with torch.no_grad():
+        before = base(ids).logits
+    copy = sharing_weights(base)
+    assert copy is not base
+    for (name, p), q in zip(base.named_parameters(), copy.parameters()):
+        assert p is q, name
+    cfg = dict(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False)
+    ours = lk.get_lora_model(copy, lk.LoraConfig(**cfg)).eval()
+    theirs = peft.get_peft_model(sharing_weights(base), peft.LoraConfig(**cfg)).eval()
+    with torch.no_grad():
+        # the base model is untouched by the injections into its copies (its modules are its own)
+        assert torch.equal(base(ids).logits, before)
+        assert not torch.allclose(ours(ids).logits, before)
+        assert not torch.allclose(theirs(ids).logits, before)
+        with lk.disable_adapters(ours):
+            assert torch.equal(ours(ids).logits, before)
+    assert not any(isinstance(m, LoraLayer) for m in base.modules())
