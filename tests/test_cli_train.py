@@ -117,6 +117,39 @@ def test_merge_cli_gives_plain_transformers_model(trained, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+def test_merge_flag_of_generate_eval_and_chat(trained, capsys):
+    from lorakit.inject import iter_lora_layers
+    from lorakit.train.generate import load_for_inference
+
+    merged, _, info = load_for_inference(None, str(trained["run"]), "fp32", merge=True)
+    unmerged, tok, _ = load_for_inference(None, str(trained["run"]), "fp32")
+    assert info["merged"] and not list(iter_lora_layers(merged)) and list(iter_lora_layers(unmerged))
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, unmerged(ids).logits, rtol=1e-4, atol=1e-5)
+    # eval reports the same loss merged and unmerged (fp32: to rounding), and says it merged
+    reports = []
+    for extra in ([], ["--merge"]):
+        assert main(["eval", "--adapter", str(trained["run"]), "--data", str(trained["eval"]), "--json",
+                     "--precision", "fp32", *extra]) == 0
+        reports.append(json.loads(capsys.readouterr().out))
+    assert reports[1]["merged"] and not reports[0]["merged"]
+    assert reports[1]["loss"] == pytest.approx(reports[0]["loss"], rel=1e-4)
+    args = ["generate", "--adapter", str(trained["run"]), PROMPT, "--max-new-tokens", "3", "--precision", "fp32"]
+    assert main(args) == 0
+    unmerged_reply = capsys.readouterr().out
+    assert main(args + ["--merge"]) == 0
+    assert capsys.readouterr().out == unmerged_reply
+    # what --merge cannot do is refused with a message naming why
+    assert main(["generate", "--model", str(trained["model"]), "--merge", PROMPT]) == 2
+    assert "--adapter" in capsys.readouterr().err
+    assert main(["generate", "--adapter", f"a={trained['run']}", "--adapter", f"b={trained['run']}",
+                 "--use", "a", "--use", "b", "--merge", "x", "y"]) == 2
+    assert "one --adapter" in capsys.readouterr().err
+    assert main(["chat", "--merge", "--model", str(trained["model"])]) == 2
+    assert "--adapter" in capsys.readouterr().err
+
+
 def test_chat_cli_handles_eof_and_ctrl_c(trained, monkeypatch, capsys):
     replies = iter(["hello", "/reset", "good film"])
 

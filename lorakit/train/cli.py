@@ -112,6 +112,13 @@ def _add_model_flags(p: argparse.ArgumentParser, adapter_required: bool = False,
                    "else the embedded SmolLM2-135M-Instruct)")
 
 
+def _add_merge(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--merge", action="store_true",
+                   help="fold the adapter into the base weights in memory first: decoding at the base model's "
+                   "speed; on a bf16 base the merged weights are rounded to bf16, so replies can differ "
+                   "slightly (default: keep the adapter unmerged, exact)")
+
+
 def _add_precision(p: argparse.ArgumentParser) -> None:
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="weights precision (default: auto = bf16 base weights where the CPU supports bf16)")
@@ -130,11 +137,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
     specs = parse_adapter_args(args.adapter)
     named = [(n, d) for n, d in specs if n is not None]
     uses = list(args.use or [])
+    if args.merge and (named or len(specs) > 1):
+        raise ValueError("--merge folds one adapter into the base weights: give one --adapter DIR (no NAME=, "
+                         "no --use); several adapters run unmerged as a mixed batch")
     if uses and not named:
         raise ValueError("--use NAME needs adapters loaded with --adapter NAME=DIR")
     # Several --use: each positional argument is one (quoted) prompt; else the words form one prompt.
     prompts = list(args.prompt) if len(uses) > 1 else [" ".join(args.prompt)]
-    model, tok, _ = load_for_inference(args.model, specs[0][1] if specs else None, args.precision)
+    model, tok, _ = load_for_inference(args.model, specs[0][1] if specs else None, args.precision, merge=args.merge)
     if named:  # reload every adapter under its own name (load_for_inference named the first "default")
         from lorakit import delete_adapter
         from lorakit.inject import get_state
@@ -167,7 +177,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     _quiet_transformers()
     from lorakit.train.generate import chat_loop, load_for_inference
 
-    model, tok, _ = load_for_inference(args.model, args.adapter, args.precision)
+    model, tok, _ = load_for_inference(args.model, args.adapter, args.precision, merge=args.merge)
     return chat_loop(model, tok, args.max_new_tokens, "fp32", args.system)
 
 
@@ -180,15 +190,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     examples = load_examples(args.data, "test")  # validated before the model is loaded
     if args.max_samples:
         examples = examples[: args.max_samples]
-    model, tok, info = load_for_inference(args.model, args.adapter, args.precision)
+    model, tok, info = load_for_inference(args.model, args.adapter, args.precision, merge=args.merge)
     res = evaluate(model, tok, examples, args.max_length, args.batch_size)
-    report = {"adapter": args.adapter, "model": info.get("model") or "SmolLM2-135M-Instruct (embedded)",
+    report = {"adapter": args.adapter, "merged": args.merge,
+              "model": info.get("model") or "SmolLM2-135M-Instruct (embedded)",
               "data": args.data, "n": res["n"], "loss": res["loss"], "accuracy": res["accuracy"],
               "n_accuracy": res["n_accuracy"], "n_generated": res["n_generated"]}
     if args.json:
         print(json.dumps(report, indent=1))
     else:
-        print(f"model     {report['model']}" + (f" + adapter {args.adapter}" if args.adapter else ""))
+        print(f"model     {report['model']}" + (f" + adapter {args.adapter}" if args.adapter else "")
+              + (" (merged)" if args.merge else ""))
         print(f"data      {args.data} ({res['n']} examples)")
         print(f"loss      {format_metric(res['loss'])}  (cross-entropy per answer token)")
         print(f"accuracy  {format_metric(res['accuracy'], True)}  (exact match of the generated answer, "
@@ -248,6 +260,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
     p.add_argument("--system", default=None, help="system message (default: the template's own)")
     p.add_argument("--raw", action="store_true", help="continue the prompt as plain text, no chat template")
+    _add_merge(p)
     _add_precision(p)
     p.set_defaults(func=cmd_generate)
 
@@ -255,6 +268,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_model_flags(p)
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply at most (default: 256)")
     p.add_argument("--system", default=None, help="system message (default: the template's own)")
+    _add_merge(p)
     _add_precision(p)
     p.set_defaults(func=cmd_chat)
 
@@ -266,6 +280,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--max-samples", type=int, default=0, help="evaluate the first N examples only (default: 0 = all)")
     p.add_argument("--batch-size", type=int, default=16, help="examples per batch (default: 16)")
     p.add_argument("--max-length", type=int, default=512, help="truncate examples to N tokens (default: 512)")
+    _add_merge(p)
     _add_precision(p)
     p.set_defaults(func=cmd_eval)
 

@@ -331,26 +331,32 @@ def read_run_info(directory: str | Path) -> dict[str, Any]:
 
 
 def load_for_inference(model: str | None = None, adapter: str | None = None,
-                       dtype: torch.dtype | str = torch.float32) -> tuple[Any, Any, dict[str, Any]]:
+                       dtype: torch.dtype | str = torch.float32, merge: bool = False) -> tuple[Any, Any, dict[str, Any]]:
     """Load the model the inference commands run: base, base + adapter, or a full fine-tune.
 
     Args:
         model: ``--model`` (None = the base recorded with the adapter, else the embedded default).
         adapter: a run directory from ``lorakit train`` or a PEFT adapter directory.
         dtype: weight dtype, or a ``--precision`` value (``bf16`` -> bfloat16 base weights).
+        merge: fold the adapter into the base weights in memory (``merge_and_unload``): the model
+            then runs at the base model's speed; on a bf16 base the merged weights are rounded to
+            bf16, so its outputs can differ slightly from the unmerged adapter's.
 
     Returns:
         ``(model, tokenizer, info)``; ``info`` describes what was loaded.
 
     Raises:
         FileNotFoundError: if the adapter directory holds neither an adapter nor a model.
+        ValueError: ``merge`` without an adapter, or with a full fine-tune (nothing to merge).
     """
-    from lorakit import load_adapter
+    from lorakit import load_adapter, merge_and_unload
     from lorakit.models import load_model_and_tokenizer
 
+    if merge and adapter is None:
+        raise ValueError("--merge folds an adapter into the base weights: give it --adapter DIR")
     if isinstance(dtype, str):
         dtype = torch.bfloat16 if resolve_precision(dtype) == "bf16" else torch.float32
-    info: dict[str, Any] = {"model": model, "adapter": adapter}
+    info: dict[str, Any] = {"model": model, "adapter": adapter, "merged": merge}
     if adapter is None:
         m, tok = load_model_and_tokenizer(model, dtype=dtype)
         return m, tok, info
@@ -359,6 +365,9 @@ def load_for_inference(model: str | None = None, adapter: str | None = None,
         raise FileNotFoundError(f"adapter directory {adapter!r} not found")
     run = read_run_info(path)
     if (path / "model" / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+        if merge:
+            raise ValueError(f"--merge: {adapter!r} is a full fine-tune (its model/ holds every weight), "
+                             "there is no adapter to merge")
         m, tok = load_model_and_tokenizer(str(path / "model"), dtype=dtype)  # a full fine-tune run
         info["model"] = str(path / "model")
         return m, tok, info
@@ -376,6 +385,8 @@ def load_for_inference(model: str | None = None, adapter: str | None = None,
     info["model"] = model
     m, tok = load_model_and_tokenizer(model, dtype=dtype)
     load_adapter(m, path, is_trainable=False)
+    if merge:
+        m = merge_and_unload(m)
     m.eval()
     return m, tok, info
 
