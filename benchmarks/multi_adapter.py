@@ -168,7 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", type=int, default=6, help="decoder layers for the prefill shapes (default: 6)")
     parser.add_argument("--decode-layers", type=int, default=30,
                         help="decoder layers for decode shapes, loaded-adapter cost and hot swap (default: 30)")
-    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds (default: 9)")
+    parser.add_argument("--rounds", type=int, default=9, help="interleaved rounds of the prefill shapes (default: 9)")
+    parser.add_argument("--decode-rounds", type=int, default=None,
+                        help="interleaved rounds of the decode shapes and the loaded-adapter cost, which take "
+                        "a tenth of a prefill round (default: 3 x --rounds)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; with 1 (default) times are CPU time of the main thread")
     parser.add_argument("--write", type=Path, default=None, help="also write the markdown report here")
@@ -176,26 +179,30 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.layers, args.decode_layers = 2, 2, 2
+    if args.decode_rounds is None:
+        args.decode_rounds = 3 * args.rounds
+    if min(args.rounds, args.decode_rounds) < 1:
+        parser.error("--rounds and --decode-rounds must be >= 1")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
 
     gen = torch.Generator().manual_seed(0)
     prefill = torch.randint(3, 49152, (8, 128), generator=gen)
     decode = torch.randint(3, 49152, (16, 1), generator=gen)
-    shapes = {f"prefill 8x128, {args.layers} layers": (args.layers, prefill, {"logits_to_keep": 1, "use_cache": False}),
-              f"decode 16x1, {args.decode_layers} layers": (args.decode_layers, decode, {"use_cache": False})}
+    shapes = {f"prefill 8x128, {args.layers} layers": (args.layers, prefill, {"logits_to_keep": 1, "use_cache": False}, args.rounds),
+              f"decode 16x1, {args.decode_layers} layers": (args.decode_layers, decode, {"use_cache": False}, args.decode_rounds)}
     results = {}
-    for label, (layers, ids, extra) in shapes.items():
+    for label, (layers, ids, extra, rounds) in shapes.items():
         base = build_base(layers)
         lkm, pm = add_lk_adapters(copy.deepcopy(base), 8), peft_model(base, 8)
-        results[label] = run_rounds(mixed_cases(lkm, pm, ids, extra), args.rounds)
+        results[label] = run_rounds(mixed_cases(lkm, pm, ids, extra), rounds)
         del lkm, pm
         print(f"[{time.perf_counter() - t0:.0f}s] {label} done", file=sys.stderr)
 
     # base is now the decode-depth model: loaded-adapter cost and hot swap run on it.
     loaded = {n: add_lk_adapters(copy.deepcopy(base), n) for n in (1, 4, 16)}
     load_cases = {n: (lambda m: lambda: m(decode, use_cache=False))(m) for n, m in loaded.items()}
-    load_times = run_rounds(load_cases, args.rounds)
+    load_times = run_rounds(load_cases, args.decode_rounds)
     del loaded
     print(f"[{time.perf_counter() - t0:.0f}s] loaded-adapter cost done", file=sys.stderr)
     cold_ms, warm_ms = restack_ms(base, decode)
@@ -210,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         f"time; decode, loaded-adapter cost and hot swap: {args.decode_layers} layers), fp32, "
         f"torch {torch.__version__}, {args.threads} thread(s), "
         f"{'CPU time of the main thread' if args.threads == 1 else 'wall-clock time'}; adapters r={RANK}, alpha={ALPHA} on "
-        f"{', '.join(TARGETS)}; median of {args.rounds} interleaved rounds. Mixed batch rows cycle over "
+        f"{', '.join(TARGETS)}; median of {args.rounds} interleaved rounds (prefill) and {args.decode_rounds} "
+        "(decode, loaded-adapter cost). Mixed batch rows cycle over "
         "k adapters (row i uses adapter i mod k: non-contiguous groups). Prefill computes the logits of "
         "the last position only (as `generate` does); decode is one token per row without a KV cache. "
         "Ratio = time / time of the same batch with one active adapter, in the same library and the "
@@ -245,12 +253,15 @@ def main(argv: list[str] | None = None) -> int:
     report = "\n".join(lines)
     print(report)
     if args.write:
-        # Replace only the "## Measurements" section of the doc, keeping the prose above it.
-        head = "# Multi-adapter inference\n\n"
+        # Replace only the generated part of the "## Measurements" section, keeping the prose above
+        # the section and the notes between its heading and the previous report's "Command:" line.
+        head, notes = "# Multi-adapter inference\n\n", ""
         if args.write.is_file():
-            head = args.write.read_text().split(MEASUREMENTS)[0]
+            head, _, section = args.write.read_text().partition(MEASUREMENTS)
+            notes = section.split("\nCommand: `python benchmarks/multi_adapter.py")[0].strip()
         args.write.parent.mkdir(parents=True, exist_ok=True)
-        args.write.write_text(f"{head}{MEASUREMENTS}\n\n{report}\n")
+        notes = f"{notes}\n\n" if notes else ""
+        args.write.write_text(f"{head}{MEASUREMENTS}\n\n{notes}{report}\n")
     return 0
 
 
