@@ -253,16 +253,23 @@ def main(argv: list[str] | None = None) -> int:
     report = "\n".join(lines)
     print(report)
     if args.write:
-        # Replace only the generated part of the "## Measurements" section, keeping the prose above
-        # the section and the notes between its heading and the previous report's "Command:" line.
-        head, notes = "# Multi-adapter inference\n\n", ""
-        if args.write.is_file():
-            head, _, section = args.write.read_text().partition(MEASUREMENTS)
-            notes = section.split("\nCommand: `python benchmarks/multi_adapter.py")[0].strip()
-        args.write.parent.mkdir(parents=True, exist_ok=True)
-        notes = f"{notes}\n\n" if notes else ""
-        args.write.write_text(f"{head}{MEASUREMENTS}\n\n{notes}{report}\n")
+        write_report(args.write, report)
     return 0
+
+
+def write_report(path: Path, report: str) -> None:
+    """Put ``report`` (which starts with its "Command:" line) under the "## Measurements" heading
+    of the doc at ``path``, replacing only the previous report: the prose above the heading and the
+    notes between the heading and the previous report's "Command:" line stay."""
+    head, notes = "# Multi-adapter inference\n\n", ""
+    if path.is_file():
+        head, found, section = path.read_text().partition(MEASUREMENTS)
+        if not found:  # a doc without the section: keep all of it, add the section at its end
+            head = head.rstrip() + "\n\n"
+        notes = section.split("\nCommand: `python benchmarks/multi_adapter.py")[0].strip()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    notes = f"{notes}\n\n" if notes else ""
+    path.write_text(f"{head}{MEASUREMENTS}\n\n{notes}{report}\n")
 
 
 if __name__ == "__main__":
