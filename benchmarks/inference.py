@@ -29,9 +29,7 @@ from _common import machine, ratio_stats  # noqa: E402
 
 def sharing_weights(model):
     """A deep copy of ``model``'s modules that holds the same parameter and buffer tensors."""
-    memo = {id(t): t for t in model.state_dict(keep_vars=True).values()}
-    memo.update({id(t): t for t in model.parameters()})
-    memo.update({id(t): t for t in model.buffers()})
+    memo = {id(t): t for t in (*model.parameters(), *model.buffers())}  # persistent or not
     copied = copy.deepcopy(model, memo)
     shared = [a is b for a, b in zip(model.parameters(), copied.parameters())]
     assert all(shared) and len(shared) == sum(1 for _ in model.parameters()), "weights not shared"

@@ -349,12 +349,19 @@ class FusedLoraLinear(torch.autograd.Function):
         return grad, grad_x, grad_A, grad_B, None, None
 
 
-def add_lora_no_grad(out2: torch.Tensor, x2: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
-    """``out2 += scale · (x2 Aᵀ) Bᵀ`` in place, for inference (no autograd node, no dropout): the
+def writes_in_place(result: torch.Tensor, x: torch.Tensor) -> bool:
+    """Whether inference may add the branch into ``result`` itself (``add_lora_no_grad``): it is not
+    a view of another tensor, it is contiguous, and no autocast is choosing the dtypes."""
+    return result._base is None and result.is_contiguous() and not torch.is_autocast_enabled(x.device.type)
+
+
+def add_lora_no_grad(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
+    """``out += scale · (x Aᵀ) Bᵀ`` in place, for inference (no autograd node, no dropout): the
     branch of every LoRA Linear forward that needs no gradient, and of each row group of a mixed
     batch (so a group's rows get exactly what running them alone gives).
 
-    ``out2``: (tokens, out), contiguous or a row block of a contiguous tensor; ``x2``: (tokens, in)."""
+    ``out``: (..., out_features), contiguous or a row block of a contiguous tensor; ``x``: (..., in)."""
+    out2, x2 = out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1])
     if x2.dtype == A.dtype == out2.dtype == B.dtype:  # all one dtype: add_branch's ops, called directly
         out2.addmm_(x2 @ A.T, B.T, alpha=scale)
         return
@@ -376,11 +383,10 @@ def fused_lora_add(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: to
     """
     use_dropout = training and p > 0
     if ((not torch.is_grad_enabled() or not (x.requires_grad or A.requires_grad or B.requires_grad or result.requires_grad))
-            and not use_dropout and result._base is None and result.is_contiguous()
-            and not torch.is_autocast_enabled(x.device.type)):
+            and not use_dropout and writes_in_place(result, x)):
         # Nothing to differentiate (inference): the same two matmuls without an autograd node, whose
         # Python-side cost (~50 µs) is as large as the matmuls themselves for a decode step.
-        add_lora_no_grad(result.view(-1, result.shape[-1]), x.reshape(-1, x.shape[-1]), A, B, scale)
+        add_lora_no_grad(result, x, A, B, scale)
         return result
     fallback = result._base is not None or result.is_leaf and result.requires_grad
     drop = KeepMask((x.numel() // x.shape[-1], x.shape[-1]), p, x.device, reuse=not fallback) if use_dropout else None

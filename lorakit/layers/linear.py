@@ -9,7 +9,7 @@ from torch import nn
 
 from lorakit.layers import register_layer_type
 from lorakit.layers.base import LoraLayer
-from lorakit.layers.fused import add_lora_no_grad, fused_lora_add
+from lorakit.layers.fused import add_lora_no_grad, fused_lora_add, writes_in_place
 
 #: Mixed-adapter batches with at most this many tokens (decode steps, short prompts) take the
 #: batched path: one gather, two ``bmm`` and one ``index_add_`` per layer for all adapters, instead
@@ -52,16 +52,13 @@ class LoraLinear(LoraLayer):
         mods = d["_modules"]
         result = mods["base_layer"](x)
         As, Bs, scaling = mods["lora_A"]._parameters, mods["lora_B"]._parameters, d["scaling"]
-        in_place = None
+        in_place = writes_in_place(result, x)  # what fused_lora_add checks before its no-grad branch
         for name in d["active_adapters"]:
             A = As.get(name)
             if A is None:
                 continue
-            if in_place is None:  # what fused_lora_add checks before its no-grad branch
-                in_place = (result._base is None and result.is_contiguous()
-                            and not torch.is_autocast_enabled(x.device.type))
             if in_place:
-                add_lora_no_grad(result.view(-1, result.shape[-1]), x.reshape(-1, x.shape[-1]), A, Bs[name], scaling[name])
+                add_lora_no_grad(result, x, A, Bs[name], scaling[name])
             else:
                 result = self.add_lora(name, x, result)
         return result
@@ -74,7 +71,7 @@ class LoraLinear(LoraLayer):
     # ---- mixed-adapter batches, batched over adapters ---------------------------------------------
 
     def add_rows(self, out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> bool:
-        add_lora_no_grad(out.view(-1, out.shape[-1]), x.reshape(-1, x.shape[-1]), A, B, scale)
+        add_lora_no_grad(out, x, A, B, scale)
         return True
 
     def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, plan: Any) -> torch.Tensor:
