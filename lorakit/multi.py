@@ -22,6 +22,7 @@ import copy
 import math
 import re
 import threading
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
@@ -68,12 +69,26 @@ class MixedBatchContext:
 
     def __init__(self) -> None:
         self._local = threading.local()
+        #: Layers holding stacks of the batched decode path (``LoraLinear.mixed_forward``, ``BatchedStacks``).
+        self.layouts: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
     def __getstate__(self) -> dict[str, Any]:
         return {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self._local = threading.local()
+        self.__init__()
+
+    def check_layouts(self, plan: MixedBatchPlan) -> None:
+        """Mark the layers whose kept batched stacks still hold (same adapters, weights, scales) for ``plan``.
+
+        Runs once per forward in the root pre-hook, in one loop: checked there, the stacks cost their
+        layer a single comparison, where the same checks inside each layer's forward, between the
+        base model's matmuls, ran several times slower (their code and data evicted from the caches).
+        """
+        for layer in self.layouts:
+            stacks = layer.__dict__.get("_batched")
+            if stacks is not None:
+                stacks.check(plan, layer)
 
     @property
     def stack(self) -> list[list[Any]]:
@@ -176,6 +191,8 @@ def _pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
             repeat = size // len(scope_names)
             plan = cache[(size, str(device))] = make_plan([n for n in scope_names for _ in range(repeat)], device)
     entry[1] = plan
+    if ctx.layouts:
+        ctx.check_layouts(plan)
     return args, kwargs
 
 

@@ -647,7 +647,7 @@ def test_batched_and_grouped_mixed_paths_agree(monkeypatch):
     names = ["code", "legal", "__base__", "medical", "legal", "code", "code"]
     batched = check_rows(m, x, names)
     layer = m.model.layers[0].self_attn.v_proj
-    assert "_stack_cache" in layer.__dict__                  # the batched path ran
+    assert "_batched" in layer.__dict__                  # the batched path ran
     monkeypatch.setattr(linear_mod, "BATCHED_MIXED_MAX_TOKENS", 0)
     grouped = out(m, x, adapter_names=names)
     torch.testing.assert_close(batched, grouped, rtol=1e-5, atol=1e-5)
@@ -668,8 +668,70 @@ def test_batched_path_sees_changed_weights_and_deleted_adapters():
     layer.lora_B["medical"] = torch.nn.Parameter(layer.lora_B["medical"].detach() + 0.3, requires_grad=False)
     check_rows(m, x, names)
     lk.delete_adapter(m, "medical")
-    assert "_stack_cache" not in m.model.layers[0].self_attn.v_proj.__dict__
+    assert "_batched" not in m.model.layers[0].self_attn.v_proj.__dict__
     check_rows(m, x, ["code", "legal", "__base__", "code"])
+
+
+def test_batched_layout_is_repeated_bitwise_and_rebuilt_after_any_change(monkeypatch):
+    from lorakit.layers.linear import LoraLinear
+
+    m = with_adapters(tiny_llama(), LLAMA_ADAPTERS)
+    x = llama_ids(rows=4, seq=2)
+    names = ["code", "legal", "medical", "code"]
+    rebuilt = []
+    real = LoraLinear.mixed_forward
+    monkeypatch.setattr(LoraLinear, "mixed_forward", lambda self, *a: rebuilt.append(self) or real(self, *a))
+
+    def kept():
+        return {layer for _, layer in lk.iter_lora_layers(m) if "_batched" in layer.__dict__}
+
+    first = check_rows(m, x, names)
+    batched = kept()
+    assert len(batched) >= 8  # the layers where >= 2 of the rows' adapters sit (q, v, o, gate of 2 layers)
+    rebuilt.clear()
+    assert torch.equal(out(m, x, adapter_names=names), first)  # the repeated layouts: bitwise the same
+    assert not batched & set(rebuilt)
+    other = ["medical", "code", "code", "legal"]
+    check_rows(m, x, other)  # layouts are kept per set of rows: alternating two sets rebuilds nothing
+    rebuilt.clear()
+    assert torch.equal(out(m, x, adapter_names=names), first)
+    out(m, x, adapter_names=other)
+    assert not batched & set(rebuilt)
+
+    v_proj, gate = m.model.layers[0].self_attn.v_proj, m.model.layers[1].mlp.gate_proj
+    changes = {
+        "scale": lambda: v_proj.scaling.__setitem__("legal", v_proj.scaling["legal"] * 3),
+        "in place": lambda: gate.lora_B["code"].add_(0.25),
+        "new storage": lambda: setattr(v_proj.lora_A["medical"], "data", v_proj.lora_A["medical"].data * 2),
+        "new parameter": lambda: gate.lora_A.__setitem__("legal", torch.nn.Parameter(gate.lora_A["legal"].detach() - 0.1)),
+    }
+    for what, change in changes.items():
+        layer = gate if what in ("in place", "new parameter") else v_proj
+        with torch.no_grad():
+            change()
+        rebuilt.clear()
+        check_rows(m, x, names)
+        assert layer in rebuilt, what            # the changed layer built a new layout
+        assert len(set(rebuilt) & batched) == 1, what  # the others repeated theirs
+
+    rebuilt.clear()
+    check_rows(m, x, ["legal", "code", "medical", "code"])  # other rows: every layout is rebuilt
+    assert batched <= set(rebuilt)
+    rebuilt.clear()
+    check_rows(m, llama_ids(rows=4, seq=3), ["legal", "code", "medical", "code"])  # another shape
+    assert batched <= set(rebuilt)
+    lk.delete_adapter(m, "medical")  # adapters deleted, added: the layouts go
+    check_rows(m, x, ["legal", "code", "__base__", "code"])
+    with_adapters(m, {"extra": dict(r=2, lora_alpha=2, target_modules=["v_proj"])}, seed=3)
+    rebuilt.clear()
+    check_rows(m, x, ["legal", "extra", "extra", "code"])
+    assert v_proj in rebuilt
+    copied = copy.deepcopy(m)  # a copy has its own context: it builds its own layouts, then repeats them
+    rows = ["legal", "extra", "extra", "code"]
+    torch.testing.assert_close(out(copied, x, adapter_names=rows), out(m, x, adapter_names=rows), rtol=0, atol=0)
+    rebuilt.clear()
+    out(copied, x, adapter_names=rows)
+    assert not {layer for _, layer in lk.iter_lora_layers(copied) if "_batched" in layer.__dict__} & set(rebuilt)
 
 
 def test_mixed_batch_with_gradients_takes_the_grouped_path():
@@ -678,7 +740,7 @@ def test_mixed_batch_with_gradients_takes_the_grouped_path():
     loss = m(x, adapter_names=["code", "legal", "medical"], labels=x).loss
     loss.backward()
     assert m.model.layers[0].self_attn.v_proj.lora_B["legal"].grad is not None
-    assert "_stack_cache" not in m.model.layers[0].self_attn.v_proj.__dict__
+    assert "_batched" not in m.model.layers[0].self_attn.v_proj.__dict__
 
 
 def test_batched_path_with_a_subset_of_loaded_adapters(monkeypatch):
@@ -689,6 +751,6 @@ def test_batched_path_with_a_subset_of_loaded_adapters(monkeypatch):
     x = llama_ids(rows=5, seq=1)
     names = ["x3", "x1", "__base__", "x3", "x1"]            # slots 1..3 of 5: x2 unused inside the run
     batched = check_rows(m, x, names)
-    assert "_stack_cache" in m.model.layers[1].self_attn.q_proj.__dict__  # the batched path ran
+    assert "_batched" in m.model.layers[1].self_attn.q_proj.__dict__  # the batched path ran
     monkeypatch.setattr(linear_mod, "BATCHED_MIXED_MAX_TOKENS", 0)
     torch.testing.assert_close(batched, out(m, x, adapter_names=names), rtol=1e-5, atol=1e-5)

@@ -166,7 +166,7 @@ class LoraLayer(nn.Module):
             store.pop(name, None)
         if name in self.active_adapters:
             self.active_adapters.remove(name)
-        self.__dict__.pop("_stack_cache", None)  # stacked copies of the mixed-batch path (layers/linear.py)
+        self.__dict__.pop("_batched", None)  # stacked copies of the mixed-batch path (layers/linear.py)
 
     # ---- forward ---------------------------------------------------------------------------------
 

@@ -41,16 +41,24 @@ class LoraLinear(LoraLayer):
         fused node's branch) costs as much as the two rank-r products themselves at decode sizes
         (~15 µs per layer at 16 tokens); this path reads the layer's state from its ``__dict__``
         and runs the very ops the generic path runs in that case (``add_lora_no_grad``), so the
-        outputs are bitwise the same. Anything else (gradients, training mode, merged adapters,
-        variants, mixed batches, a disabled layer) takes the generic path.
+        outputs are bitwise the same. A mixed batch whose rows and shapes this layer has run before
+        with unchanged adapters repeats the layout it built then (``BatchedStacks``). Anything else
+        (gradients, training mode, merged adapters, variants, a disabled layer) takes the generic path.
         """
         d = self.__dict__
-        ctx = d.get("batch_context")
-        if (args or kwargs or torch.is_grad_enabled() or d["training"] or d["disabled"] or d["merged_adapters"]
-                or d["variants"] or (ctx is not None and ctx.plan is not None)):
+        if args or kwargs or torch.is_grad_enabled() or d["training"] or d["disabled"] or d["merged_adapters"] or d["variants"]:
             return super().forward(x, *args, **kwargs)
         mods = d["_modules"]
         result = mods["base_layer"](x)
+        ctx = d.get("batch_context")
+        plan = ctx.plan if ctx is not None else None
+        if plan is not None:  # a mixed batch: repeat a kept layout for these rows if the root checked it
+            stacks = d.get("_batched")
+            if stacks is not None and stacks.plan is plan:
+                layout = stacks.current
+                if layout is not None and x.shape == layout.shape and x.dtype == layout.dtype and result.is_contiguous():
+                    return layout.add(x, result)
+            return self.mixed_forward(x, result, plan)
         As, Bs, scaling = mods["lora_A"]._parameters, mods["lora_B"]._parameters, d["scaling"]
         in_place = writes_in_place(result, x)  # what fused_lora_add checks before its no-grad branch
         for name in d["active_adapters"]:
@@ -82,13 +90,22 @@ class LoraLinear(LoraLayer):
         deleted or changes its weights (this costs as much memory as those adapters). Each forward
         gathers the tokens adapter by adapter into (adapters, m, in), m the largest group, with a
         scale of 0 on padding slots and on adapters absent from the batch; only the slots from the
-        first to the last adapter used are multiplied. Anything else (training,
-        dropout, variants, more tokens) takes ``LoraLayer.mixed_forward``.
+        first to the last adapter used are multiplied. The gather index and scales for the rows'
+        names are kept with the stacks (``BatchedStacks.layouts``, the most recent 16 sets of rows),
+        so a decode loop builds them once. Anything else (training, dropout, variants, more tokens)
+        takes ``LoraLayer.mixed_forward``.
         """
         tokens = x.numel() // x.shape[-1] if x.dim() else 0
-        if (torch.is_grad_enabled() or self.merged_adapters or tokens > BATCHED_MIXED_MAX_TOKENS
+        if (torch.is_grad_enabled() or self.training or self.merged_adapters or tokens > BATCHED_MIXED_MAX_TOKENS
                 or x.dim() < 2 or x.shape[0] != plan.batch_size or not result.is_contiguous()):
             return super().mixed_forward(x, result, plan)
+        d = self.__dict__
+        stacks = d.get("_batched")
+        if stacks is not None and stacks.plan is plan:  # checked by the root pre-hook for this forward
+            layout = stacks.layouts.get(plan.names)
+            if layout is not None and x.shape == layout.shape and x.dtype == layout.dtype:
+                stacks.current = layout
+                return layout.add(x, result)
         # Layers with the same adapters share one decision per forward (this runs per layer and step).
         present = self.lora_A._parameters
         signature = ("slots", tuple(present), tuple(self.variants))
@@ -104,41 +121,18 @@ class LoraLinear(LoraLayer):
         if decision is None:
             return super().mixed_forward(x, result, plan)
         stacked, lo, hi = decision
-        A_t, B_t = self._stacked(stacked)
-        A_t, B_t, slots = A_t[lo:hi], B_t[lo:hi], stacked[lo:hi]
+        if stacks is None or stacks.names != stacked or (stacks.plan is not plan and not stacks.holds(self)):
+            d.pop("_batched", None)  # free the old stacks before building new ones
+            stacks = d["_batched"] = BatchedStacks(self, stacked)
+            if self.batch_context is not None:
+                self.batch_context.layouts.add(self)
+        stacks.plan, stacks.current = plan, None
+        A_t, B_t, slots = stacks.A_t[lo:hi], stacks.B_t[lo:hi], stacked[lo:hi]
         index, scales = self._token_layout(plan, slots, tokens // plan.batch_size, A_t.dtype, x.device)
         if index.numel() > 4 * tokens:  # mostly padding (many loaded adapters, few used)
             return super().mixed_forward(x, result, plan)
-        x2 = x.reshape(tokens, x.shape[-1])
-        xs = x2.index_select(0, index).view(len(slots), -1, x2.shape[-1]).to(A_t.dtype)
-        h = torch.bmm(xs, A_t).mul_(scales)                      # (adapters, m, r): padding rows are 0
-        delta = torch.bmm(h, B_t)                                 # (adapters, m, out)
-        out2 = result.view(tokens, result.shape[-1])
-        out2.index_add_(0, index, delta.view(-1, delta.shape[-1]).to(result.dtype))
-        return result
-
-    def _stacked(self, names: tuple[str, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Aᵀ and Bᵀ stacks of adapters ``names``; cached while their storages and versions are unchanged."""
-        As, Bs = self.lora_A._parameters, self.lora_B._parameters
-        params = [As[n] for n in names] + [Bs[n] for n in names]
-        # The current parameters' versions and addresses: a change in place, new storage or a new
-        # parameter object (new storage too) all rebuild the stacks.
-        versions, addresses = [p._version for p in params], [p.data_ptr() for p in params]
-        cached = self.__dict__.get("_stack_cache")
-        if cached is not None and cached[0] == names and cached[3] == versions and cached[4] == addresses:
-            return cached[1], cached[2]
-        self.__dict__.pop("_stack_cache", None)  # free the old stacks before building new ones
-        r_max = max(self.r[n] for n in names)
-        A0 = As[names[0]]
-        A_t = torch.zeros(len(names), A0.shape[1], r_max, dtype=A0.dtype, device=A0.device)
-        B_t = torch.zeros(len(names), r_max, Bs[names[0]].shape[0], dtype=A0.dtype, device=A0.device)
-        with torch.no_grad():
-            for i, n in enumerate(names):
-                r = self.r[n]
-                A_t[i, :, :r] = As[n].T
-                B_t[i, :r, :] = Bs[n].T
-        self.__dict__["_stack_cache"] = (names, A_t, B_t, versions, addresses)
-        return A_t, B_t
+        layout = stacks.keep(plan.names, BatchedLayout(x, A_t, B_t, index, scales))
+        return layout.add(x, result)
 
     def _token_layout(self, plan: Any, slots: tuple[str, ...], seq: int, dtype: torch.dtype,
                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -168,3 +162,98 @@ class LoraLinear(LoraLayer):
                 scale[i, :len(toks)] = scales[i]
         hit = plan.cache[key] = (index.view(-1).to(device), scale.to(device))
         return hit
+
+
+class BatchedStacks:
+    """The batched mixed-batch path's state on one Linear layer: its plain adapters' Aᵀ and Bᵀ
+    stacked — (adapters, in, r_max) and (adapters, r_max, out), ranks padded with zeros — what they
+    were built from (the layer's adapter names, the parameter objects with their versions and
+    storages, the scales), and the layouts built on them for recent sets of rows.
+
+    ``holds`` says whether the stacks are still the layer's adapters. The root pre-hook runs it for
+    every layer with stacks once per forward (``MixedBatchContext.check_layouts``) and, where it
+    holds, sets ``plan`` to the forward's plan and ``current`` to the layout kept for its rows; the
+    layer's forward then only compares ``plan`` and the input's shape and dtype before ``add``.
+    Checked there, in one loop, the checks cost several times less than inside each layer's
+    forward, between the base model's matmuls (their code and data evicted from the caches); and
+    rebuilding the layout each forward (module lookups, cache keys) cost tens of µs per layer. Any
+    change — an adapter added, deleted or updated in place, new storage or a new parameter, a new
+    scale — fails ``holds``, and ``mixed_forward`` builds new stacks.
+    """
+
+    __slots__ = ("names", "present", "variants", "params", "versions", "addresses", "scales", "A_t", "B_t",
+                 "layouts", "plan", "current")
+    MAX_LAYOUTS = 16
+
+    def __init__(self, layer: LoraLinear, names: tuple[str, ...]) -> None:
+        As, Bs = layer.lora_A._parameters, layer.lora_B._parameters
+        self.names, self.present, self.variants = names, tuple(As), tuple(layer.variants)
+        self.params = [As[n] for n in names] + [Bs[n] for n in names]
+        self.versions = [p._version for p in self.params]
+        self.addresses = [p.data_ptr() for p in self.params]
+        self.scales = [layer.scaling[n] for n in names]
+        r_max = max(layer.r[n] for n in names)
+        A0 = As[names[0]]
+        self.A_t = torch.zeros(len(names), A0.shape[1], r_max, dtype=A0.dtype, device=A0.device)
+        self.B_t = torch.zeros(len(names), r_max, Bs[names[0]].shape[0], dtype=A0.dtype, device=A0.device)
+        with torch.no_grad():
+            for i, n in enumerate(names):
+                r = layer.r[n]
+                self.A_t[i, :, :r] = As[n].T
+                self.B_t[i, :r, :] = Bs[n].T
+        self.layouts: dict[tuple[str, ...], BatchedLayout] = {}
+        self.plan: Any = None
+        self.current: BatchedLayout | None = None
+
+    def holds(self, layer: nn.Module) -> bool:
+        """Whether the stacks are still ``layer``'s adapters: same names, parameters, versions, storages, scales."""
+        d = layer.__dict__
+        mods = d["_modules"]
+        As, Bs = mods["lora_A"]._parameters, mods["lora_B"]._parameters
+        if tuple(As) != self.present or tuple(d["variants"]) != self.variants:
+            return False
+        names, scaling = self.names, d["scaling"]
+        current = [As[n] for n in names] + [Bs.get(n) for n in names]
+        return (all(a is b for a, b in zip(current, self.params))
+                and [p._version for p in current] == self.versions
+                and [p.data_ptr() for p in current] == self.addresses
+                and [scaling.get(n) for n in names] == self.scales)
+
+    def check(self, plan: Any, layer: nn.Module) -> None:
+        """For the root pre-hook: mark the stacks checked for ``plan`` (and pick its rows' layout), or not."""
+        if self.holds(layer):
+            self.plan, self.current = plan, self.layouts.get(plan.names)
+        else:
+            self.plan = self.current = None
+
+    def keep(self, rows: tuple[str, ...], layout: BatchedLayout) -> BatchedLayout:
+        """Keep ``layout`` for the rows' adapter names ``rows`` (dropping the oldest beyond ``MAX_LAYOUTS``)."""
+        self.layouts.pop(rows, None)
+        if len(self.layouts) >= self.MAX_LAYOUTS:
+            del self.layouts[next(iter(self.layouts))]
+        self.layouts[rows] = self.current = layout
+        return layout
+
+
+class BatchedLayout:
+    """The batched path for one set of rows: the used slots of the stacks (views), the token index
+    and per-slot scales, and the input shape and dtype they were built for. ``add`` runs the ops
+    ``mixed_forward`` ran when it built them, so a repeat is bitwise the same."""
+
+    __slots__ = ("shape", "dtype", "A_t", "B_t", "index", "scale_t")
+
+    def __init__(self, x: torch.Tensor, A_t: torch.Tensor, B_t: torch.Tensor, index: torch.Tensor,
+                 scale_t: torch.Tensor) -> None:
+        self.shape, self.dtype = x.shape, x.dtype
+        self.A_t, self.B_t, self.index, self.scale_t = A_t, B_t, index, scale_t
+
+    def add(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
+        """Gather each adapter's tokens, two ``bmm`` for all adapters, scatter-add into ``result``."""
+        A_t, index = self.A_t, self.index
+        x2 = x.reshape(-1, x.shape[-1])
+        xs = x2.index_select(0, index).view(A_t.shape[0], -1, x2.shape[-1]).to(A_t.dtype)
+        h = torch.bmm(xs, A_t).mul_(self.scale_t)                 # (adapters, m, r): padding rows are 0
+        delta = torch.bmm(h, self.B_t)                            # (adapters, m, out)
+        out2 = result.view(-1, result.shape[-1])
+        out2.index_add_(0, index, delta.view(-1, delta.shape[-1]).to(result.dtype))
+        return result
