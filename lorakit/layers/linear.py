@@ -54,8 +54,9 @@ class LoraLinear(LoraLayer):
         plan = ctx.plan if ctx is not None else None
         if plan is not None:  # a mixed batch: repeat a kept layout for these rows if the root checked it
             stacks = d.get("_batched")
-            if stacks is not None and stacks.plan is plan:
-                layout = stacks.current
+            mark = stacks.mark if stacks is not None else None
+            if mark is not None and mark[0] is plan:
+                layout = mark[1]
                 if layout is not None and x.shape == layout.shape and x.dtype == layout.dtype and result.is_contiguous():
                     return layout.add(x, result)
             return self.mixed_forward(x, result, plan)
@@ -87,10 +88,11 @@ class LoraLinear(LoraLayer):
 
         The A's and B's of every plain adapter on the layer are stacked once — (adapters, in, r_max)
         and (adapters, r_max, out), ranks padded with zeros — and kept until an adapter is added,
-        deleted or changes its weights (this costs as much memory as those adapters). Each forward
-        gathers the tokens adapter by adapter into (adapters, m, in), m the largest group, with a
-        scale of 0 on padding slots and on adapters absent from the batch; only the slots from the
-        first to the last adapter used are multiplied. The gather index and scales for the rows'
+        deleted or changes its weights or scale (this costs as much memory as those adapters; each
+        B is stacked times its scale). Each forward gathers the tokens adapter by adapter into
+        (adapters, m, in), m the largest group, with a mask zeroing padding slots and adapters
+        absent from the batch (no mask where every adapter has m tokens); only the slots from the
+        first to the last adapter used are multiplied. The gather index and mask for the rows'
         names are kept with the stacks (``BatchedStacks.layouts``, the most recent 16 sets of rows),
         so a decode loop builds them once. Anything else (training, dropout, variants, more tokens)
         takes ``LoraLayer.mixed_forward``.
@@ -101,10 +103,12 @@ class LoraLinear(LoraLayer):
             return super().mixed_forward(x, result, plan)
         d = self.__dict__
         stacks = d.get("_batched")
-        if stacks is not None and stacks.plan is plan:  # checked by the root pre-hook for this forward
+        mark = stacks.mark if stacks is not None else None
+        checked = mark is not None and mark[0] is plan  # by the root pre-hook, for this forward
+        if checked:
             layout = stacks.layouts.get(plan.names)
             if layout is not None and x.shape == layout.shape and x.dtype == layout.dtype:
-                stacks.current = layout
+                stacks.mark = (plan, layout)
                 return layout.add(x, result)
         # Layers with the same adapters share one decision per forward (this runs per layer and step).
         present = self.lora_A._parameters
@@ -121,24 +125,22 @@ class LoraLinear(LoraLayer):
         if decision is None:
             return super().mixed_forward(x, result, plan)
         stacked, lo, hi = decision
-        if stacks is None or stacks.names != stacked or (stacks.plan is not plan and not stacks.holds(self)):
+        if stacks is None or stacks.names != stacked or not (checked or stacks.holds(self)):
             d.pop("_batched", None)  # free the old stacks before building new ones
             stacks = d["_batched"] = BatchedStacks(self, stacked)
             if self.batch_context is not None:
                 self.batch_context.layouts.add(self)
-        stacks.plan, stacks.current = plan, None
         A_t, B_t, slots = stacks.A_t[lo:hi], stacks.B_t[lo:hi], stacked[lo:hi]
-        index, scales = self._token_layout(plan, slots, tokens // plan.batch_size, A_t.dtype, x.device)
+        index, mask = self._token_layout(plan, slots, tokens // plan.batch_size, A_t.dtype, x.device)
         if index.numel() > 4 * tokens:  # mostly padding (many loaded adapters, few used)
             return super().mixed_forward(x, result, plan)
-        layout = stacks.keep(plan.names, BatchedLayout(x, A_t, B_t, index, scales))
-        return layout.add(x, result)
+        return stacks.keep(plan, BatchedLayout(x, A_t, B_t, index, mask)).add(x, result)
 
     def _token_layout(self, plan: Any, slots: tuple[str, ...], seq: int, dtype: torch.dtype,
-                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token index (slots · m,) and per-slot scale (slots, m, 1) for this layer; cached on the plan."""
-        scales = tuple(self.scaling[n] for n in slots)
-        key = ("batched", slots, scales, seq, dtype, str(device))
+                      device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Token index (slots · m,) and a 0/1 mask (slots, m, 1) of the padding slots, None where
+        there are none (every slot has m tokens); cached on the plan."""
+        key = ("batched", slots, seq, dtype, str(device))
         hit = plan.cache.get(key)
         if hit is not None:
             return hit
@@ -155,25 +157,27 @@ class LoraLinear(LoraLayer):
             per_slot.append([row * seq + s for row in rows for s in range(seq)])
         m = max(len(t) for t in per_slot)
         index = torch.zeros(len(slots), m, dtype=torch.long)
-        scale = torch.zeros(len(slots), m, 1, dtype=dtype)
+        mask = torch.zeros(len(slots), m, 1, dtype=dtype)
         for i, toks in enumerate(per_slot):
             if toks:
                 index[i, :len(toks)] = torch.tensor(toks, dtype=torch.long)
-                scale[i, :len(toks)] = scales[i]
-        hit = plan.cache[key] = (index.view(-1).to(device), scale.to(device))
+                mask[i, :len(toks)] = 1.0
+        padded = any(len(t) < m for t in per_slot)
+        hit = plan.cache[key] = (index.view(-1).to(device), mask.to(device) if padded else None)
         return hit
 
 
 class BatchedStacks:
-    """The batched mixed-batch path's state on one Linear layer: its plain adapters' Aᵀ and Bᵀ
-    stacked — (adapters, in, r_max) and (adapters, r_max, out), ranks padded with zeros — what they
+    """The batched mixed-batch path's state on one Linear layer: its plain adapters' Aᵀ and
+    scale · Bᵀ stacked — (adapters, in, r_max) and (adapters, r_max, out), ranks padded with zeros — what they
     were built from (the layer's adapter names, the parameter objects with their versions and
     storages, the scales), and the layouts built on them for recent sets of rows.
 
     ``holds`` says whether the stacks are still the layer's adapters. The root pre-hook runs it for
     every layer with stacks once per forward (``MixedBatchContext.check_layouts``) and, where it
-    holds, sets ``plan`` to the forward's plan and ``current`` to the layout kept for its rows; the
-    layer's forward then only compares ``plan`` and the input's shape and dtype before ``add``.
+    holds, sets ``mark`` to the pair (the forward's plan, the layout kept for its rows) — one
+    attribute, so a forward in another thread never pairs its plan with this one's layout; the
+    layer's forward then only compares the plan and the input's shape and dtype before ``add``.
     Checked there, in one loop, the checks cost several times less than inside each layer's
     forward, between the base model's matmuls (their code and data evicted from the caches); and
     rebuilding the layout each forward (module lookups, cache keys) cost tens of µs per layer. Any
@@ -182,7 +186,7 @@ class BatchedStacks:
     """
 
     __slots__ = ("names", "present", "variants", "params", "versions", "addresses", "scales", "A_t", "B_t",
-                 "layouts", "plan", "current")
+                 "layouts", "mark")
     MAX_LAYOUTS = 16
 
     def __init__(self, layer: LoraLinear, names: tuple[str, ...]) -> None:
@@ -200,10 +204,10 @@ class BatchedStacks:
             for i, n in enumerate(names):
                 r = layer.r[n]
                 self.A_t[i, :, :r] = As[n].T
-                self.B_t[i, :r, :] = Bs[n].T
+                self.B_t[i, :r, :] = Bs[n].T * layer.scaling[n]  # the scale folded in: one kernel less per forward
         self.layouts: dict[tuple[str, ...], BatchedLayout] = {}
-        self.plan: Any = None
-        self.current: BatchedLayout | None = None
+        #: (plan, its rows' layout or None) once checked for that plan's forward, else None.
+        self.mark: tuple[Any, BatchedLayout | None] | None = None
 
     def holds(self, layer: nn.Module) -> bool:
         """Whether the stacks are still ``layer``'s adapters: same names, parameters, versions, storages, scales."""
@@ -221,39 +225,47 @@ class BatchedStacks:
 
     def check(self, plan: Any, layer: nn.Module) -> None:
         """For the root pre-hook: mark the stacks checked for ``plan`` (and pick its rows' layout), or not."""
-        if self.holds(layer):
-            self.plan, self.current = plan, self.layouts.get(plan.names)
-        else:
-            self.plan = self.current = None
+        self.mark = (plan, self.layouts.get(plan.names)) if self.holds(layer) else None
 
-    def keep(self, rows: tuple[str, ...], layout: BatchedLayout) -> BatchedLayout:
-        """Keep ``layout`` for the rows' adapter names ``rows`` (dropping the oldest beyond ``MAX_LAYOUTS``)."""
-        self.layouts.pop(rows, None)
-        if len(self.layouts) >= self.MAX_LAYOUTS:
-            del self.layouts[next(iter(self.layouts))]
-        self.layouts[rows] = self.current = layout
+    def keep(self, plan: Any, layout: BatchedLayout) -> BatchedLayout:
+        """Keep ``layout`` for ``plan``'s rows (dropping the oldest beyond ``MAX_LAYOUTS``); mark it as this forward's."""
+        layouts = self.layouts
+        layouts.pop(plan.names, None)
+        if len(layouts) >= self.MAX_LAYOUTS:
+            layouts.pop(next(iter(layouts), None), None)
+        layouts[plan.names] = layout
+        self.mark = (plan, layout)
         return layout
 
 
 class BatchedLayout:
-    """The batched path for one set of rows: the used slots of the stacks (views), the token index
-    and per-slot scales, and the input shape and dtype they were built for. ``add`` runs the ops
-    ``mixed_forward`` ran when it built them, so a repeat is bitwise the same."""
+    """The batched path for one set of rows: the used slots of the stacks (views), the token index,
+    the padding mask (None without padding), and the input shape and dtype they were built for.
+    ``add`` runs the ops ``mixed_forward`` ran when it built them, so a repeat is bitwise the same."""
 
-    __slots__ = ("shape", "dtype", "A_t", "B_t", "index", "scale_t")
+    __slots__ = ("shape", "dtype", "A_t", "B_t", "index", "mask", "gathered", "tokens")
 
     def __init__(self, x: torch.Tensor, A_t: torch.Tensor, B_t: torch.Tensor, index: torch.Tensor,
-                 scale_t: torch.Tensor) -> None:
+                 mask: torch.Tensor | None) -> None:
         self.shape, self.dtype = x.shape, x.dtype
-        self.A_t, self.B_t, self.index, self.scale_t = A_t, B_t, index, scale_t
+        self.A_t, self.B_t, self.index, self.mask = A_t, B_t, index, mask
+        self.gathered = (A_t.shape[0], index.numel() // A_t.shape[0], x.shape[-1])  # (adapters, m, in)
+        self.tokens = x.numel() // x.shape[-1]
 
     def add(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """Gather each adapter's tokens, two ``bmm`` for all adapters, scatter-add into ``result``."""
+        """Gather each adapter's tokens, two ``bmm`` for all adapters (B's stacked pre-scaled),
+        scatter-add into ``result``. No-op dtype conversions and an all-ones mask are skipped
+        (each call costs µs, in ~200 layers per decode step)."""
         A_t, index = self.A_t, self.index
-        x2 = x.reshape(-1, x.shape[-1])
-        xs = x2.index_select(0, index).view(A_t.shape[0], -1, x2.shape[-1]).to(A_t.dtype)
-        h = torch.bmm(xs, A_t).mul_(self.scale_t)                 # (adapters, m, r): padding rows are 0
-        delta = torch.bmm(h, self.B_t)                            # (adapters, m, out)
-        out2 = result.view(-1, result.shape[-1])
-        out2.index_add_(0, index, delta.view(-1, delta.shape[-1]).to(result.dtype))
+        xs = x.reshape(self.tokens, -1).index_select(0, index).view(self.gathered)
+        if xs.dtype != A_t.dtype:
+            xs = xs.to(A_t.dtype)
+        h = torch.bmm(xs, A_t)                                    # (adapters, m, r)
+        if self.mask is not None:
+            h.mul_(self.mask)                                     # padding rows to 0
+        delta = torch.bmm(h, self.B_t)                            # (adapters, m, out), scaled
+        delta = delta.view(-1, delta.shape[-1])
+        if delta.dtype != result.dtype:
+            delta = delta.to(result.dtype)
+        result.view(self.tokens, -1).index_add_(0, index, delta)
         return result
