@@ -734,6 +734,37 @@ def test_batched_layout_is_repeated_bitwise_and_rebuilt_after_any_change(monkeyp
     assert not {layer for _, layer in lk.iter_lora_layers(copied) if "_batched" in layer.__dict__} & set(rebuilt)
 
 
+def test_batched_path_without_padding_and_from_two_threads():
+    import threading
+
+    specs = {"a": dict(r=2, lora_alpha=4, target_modules="all-linear"), "b": dict(r=3, lora_alpha=3, target_modules="all-linear")}
+    m = with_adapters(tiny_llama(), specs)
+    x = llama_ids(rows=4, seq=1)
+    even, other = ["a", "b", "a", "b"], ["b", "__base__", "a", "a"]
+    check_rows(m, x, even)  # two tokens per adapter: no padding mask
+    layouts = [layer.__dict__["_batched"].layouts for _, layer in lk.iter_lora_layers(m) if "_batched" in layer.__dict__]
+    assert layouts and all(lay[tuple(even)].mask is None for lay in layouts)
+    check_rows(m, x, other)  # padding (one token of b, none of a's second slot): masked
+    assert all(lay[tuple(other)].mask is not None for lay in layouts)
+    expected = {tuple(n): out(m, x, adapter_names=n) for n in (even, other)}
+    errors = []
+
+    def worker(names):  # each thread's forwards pair their own plan with their own layouts
+        try:
+            for _ in range(30):
+                if not torch.equal(out(m, x, adapter_names=names), expected[tuple(names)]):
+                    errors.append(names)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in (even, other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+
+
 def test_mixed_batch_with_gradients_takes_the_grouped_path():
     m = with_adapters(tiny_llama(), LLAMA_ADAPTERS)
     x = llama_ids(rows=3, seq=2)
