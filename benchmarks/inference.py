@@ -9,7 +9,13 @@ round-robin (interleaved, the first of each round rotating), so machine noise hi
 rounds, with the min–max spread, then "best": the fastest round of each ÷ the fastest of the base
 (the least disturbed measurement on a shared machine, as ``timeit`` advises).
 
-    python benchmarks/inference.py [--rounds 7]
+    python benchmarks/inference.py [--rounds 7] [--threads 1]
+
+With ``--threads 1`` the clock is the main thread's CPU time (``time.thread_time``, as in
+benchmarks/multi_adapter.py: on a shared machine it counts the work done, not the waits for a
+core); otherwise wall-clock time with torch's default threads. The two differ at 16 × 1: the
+base model's matmuls use every core, while the rank-r products at 16 tokens are too small to be
+split, so the adapters' share of the step is larger with two threads than with one.
 
 Shapes: prefill-like 4 × 128 tokens, and 16 × 1 (one token per row, as in a decode step without a
 cache). Adapter: r = 16 on all linear layers of the embedded SmolLM2-135M-Instruct, non-zero weights.
@@ -36,12 +42,16 @@ def sharing_weights(model):
     return copied
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch threads (default: torch's own); with 1 the clock is the main thread's CPU time")
     ap.add_argument("--separate-copies", action="store_true",
                     help="give each unmerged model its own copy of the base weights (the old method)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
+    if args.threads is not None and args.threads < 1:
+        ap.error("--threads must be >= 1")
 
     import peft
     import torch
@@ -49,6 +59,9 @@ def main() -> None:
     import lorakit as lk
     from lorakit.models import load_model_and_tokenizer
 
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     torch.manual_seed(0)
     base, _ = load_model_and_tokenizer()
     cfg = dict(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
@@ -81,13 +94,16 @@ def main() -> None:
             for r in range(args.rounds):
                 for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
                     m = models[name]
-                    start = time.perf_counter()
+                    start = clock()
                     for _ in range(inner[shape_name]):
                         m(input_ids=ids, use_cache=False)
-                    results[shape_name][name].append(time.perf_counter() - start)
+                    results[shape_name][name].append(clock() - start)
 
     print(f"Machine: {machine()}\n")
-    print(f"Command: `python benchmarks/inference.py --rounds {args.rounds}`\n")
+    flags = f" --threads {args.threads}" if args.threads is not None else ""
+    print(f"Command: `python benchmarks/inference.py --rounds {args.rounds}{flags}`; "
+          f"{torch.get_num_threads()} torch thread(s), "
+          f"{'CPU time of the main thread' if clock is time.thread_time else 'wall-clock time'}\n")
     print("| shape | lorakit unmerged ÷ base | lorakit merged ÷ base | PEFT unmerged ÷ base |")
     print("|---|---|---|---|")
     for shape_name, res in results.items():

@@ -13,7 +13,7 @@ from lorakit.layers.base import LoraLayer
 
 peft = pytest.importorskip("peft")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from inference import sharing_weights  # noqa: E402
+from inference import main, sharing_weights  # noqa: E402
 
 
 def test_sharing_weights_copies_modules_but_not_tensors():
@@ -36,3 +36,16 @@ def test_sharing_weights_copies_modules_but_not_tensors():
         with lk.disable_adapters(ours):
             assert torch.equal(ours(ids).logits, before)
     assert not any(isinstance(m, LoraLayer) for m in base.modules())
+
+
+def test_bad_thread_count_is_refused_before_any_model_loads(capsys, monkeypatch):
+    import lorakit.models
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(lorakit.models, "load_model_and_tokenizer", no_load)
+    with pytest.raises(SystemExit) as exc:
+        main(["--threads", "0"])
+    assert exc.value.code == 2
+    assert "--threads must be >= 1" in capsys.readouterr().err
