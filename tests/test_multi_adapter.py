@@ -765,6 +765,23 @@ def test_batched_path_without_padding_and_from_two_threads():
     assert not errors
 
 
+def test_model_with_kept_batched_layouts_saves_and_loads_whole():
+    import io
+
+    m = with_adapters(tiny_llama(), LLAMA_ADAPTERS)
+    x = llama_ids(rows=4, seq=1)
+    names = ["code", "legal", "medical", "code"]
+    first = out(m, x, adapter_names=names)
+    assert torch.equal(out(m, x, adapter_names=names), first)  # layouts kept and repeated
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    assert torch.equal(out(loaded, x, adapter_names=names), first)
+    assert torch.equal(out(loaded, x, adapter_names=names), first)  # and repeated in the loaded copy
+    check_rows(loaded, x, names)
+
+
 def test_mixed_batch_with_gradients_takes_the_grouped_path():
     m = with_adapters(tiny_llama(), LLAMA_ADAPTERS)
     x = llama_ids(rows=3, seq=2)
