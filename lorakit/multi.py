@@ -70,7 +70,7 @@ class MixedBatchContext:
     def __init__(self) -> None:
         self._local = threading.local()
         #: Layers holding stacks of the batched decode path (``LoraLinear.mixed_forward``, ``BatchedStacks``).
-        self.layouts: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        self.batched_layers: weakref.WeakSet[nn.Module] = weakref.WeakSet()
 
     def __getstate__(self) -> dict[str, Any]:
         return {}
@@ -85,7 +85,7 @@ class MixedBatchContext:
         layer a single comparison, where the same checks inside each layer's forward, between the
         base model's matmuls, ran several times slower (their code and data evicted from the caches).
         """
-        for layer in self.layouts:
+        for layer in self.batched_layers:
             stacks = layer.__dict__.get("_batched")
             if stacks is not None:
                 stacks.check(plan, layer)
@@ -191,7 +191,7 @@ def _pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
             repeat = size // len(scope_names)
             plan = cache[(size, str(device))] = make_plan([n for n in scope_names for _ in range(repeat)], device)
     entry[1] = plan
-    if ctx.layouts:
+    if ctx.batched_layers:
         ctx.check_layouts(plan)
     return args, kwargs
 

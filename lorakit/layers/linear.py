@@ -54,11 +54,9 @@ class LoraLinear(LoraLayer):
         plan = ctx.plan if ctx is not None else None
         if plan is not None:  # a mixed batch: repeat a kept layout for these rows if the root checked it
             stacks = d.get("_batched")
-            mark = stacks.mark if stacks is not None else None
-            if mark is not None and mark[0] is plan:
-                layout = mark[1]
-                if layout is not None and x.shape == layout.shape and x.dtype == layout.dtype and result.is_contiguous():
-                    return layout.add(x, result)
+            layout = stacks.ready(plan, x) if stacks is not None else None
+            if layout is not None and result.is_contiguous():
+                return layout.add(x, result)
             return self.mixed_forward(x, result, plan)
         As, Bs, scaling = mods["lora_A"]._parameters, mods["lora_B"]._parameters, d["scaling"]
         in_place = writes_in_place(result, x)  # what fused_lora_add checks before its no-grad branch
@@ -103,13 +101,10 @@ class LoraLinear(LoraLayer):
             return super().mixed_forward(x, result, plan)
         d = self.__dict__
         stacks = d.get("_batched")
-        mark = stacks.mark if stacks is not None else None
-        checked = mark is not None and mark[0] is plan  # by the root pre-hook, for this forward
-        if checked:
-            layout = stacks.layouts.get(plan.names)
-            if layout is not None and x.shape == layout.shape and x.dtype == layout.dtype:
-                stacks.mark = (plan, layout)
-                return layout.add(x, result)
+        checked = stacks is not None and stacks.checked_for(plan)  # by the root pre-hook, for this forward
+        layout = stacks.ready(plan, x) if checked else None
+        if layout is not None:
+            return layout.add(x, result)
         # Layers with the same adapters share one decision per forward (this runs per layer and step).
         present = self.lora_A._parameters
         signature = ("slots", tuple(present), tuple(self.variants))
@@ -129,7 +124,7 @@ class LoraLinear(LoraLayer):
             d.pop("_batched", None)  # free the old stacks before building new ones
             stacks = d["_batched"] = BatchedStacks(self, stacked)
             if self.batch_context is not None:
-                self.batch_context.layouts.add(self)
+                self.batch_context.batched_layers.add(self)
         A_t, B_t, slots = stacks.A_t[lo:hi], stacks.B_t[lo:hi], stacked[lo:hi]
         index, mask = self._token_layout(plan, slots, tokens // plan.batch_size, A_t.dtype, x.device)
         if index.numel() > 4 * tokens:  # mostly padding (many loaded adapters, few used)
@@ -185,17 +180,13 @@ class BatchedStacks:
     scale — fails ``holds``, and ``mixed_forward`` builds new stacks.
     """
 
-    __slots__ = ("names", "present", "variants", "params", "versions", "addresses", "scales", "A_t", "B_t",
-                 "layouts", "mark")
+    __slots__ = ("names", "present", "variants", "params", "stamp", "A_t", "B_t", "layouts", "mark")
     MAX_LAYOUTS = 16
 
     def __init__(self, layer: LoraLinear, names: tuple[str, ...]) -> None:
         As, Bs = layer.lora_A._parameters, layer.lora_B._parameters
         self.names, self.present, self.variants = names, tuple(As), tuple(layer.variants)
-        self.params = [As[n] for n in names] + [Bs[n] for n in names]
-        self.versions = [p._version for p in self.params]
-        self.addresses = [p.data_ptr() for p in self.params]
-        self.scales = [layer.scaling[n] for n in names]
+        self.params, self.stamp = self._state(names, As, Bs, layer.scaling)
         r_max = max(layer.r[n] for n in names)
         A0 = As[names[0]]
         self.A_t = torch.zeros(len(names), A0.shape[1], r_max, dtype=A0.dtype, device=A0.device)
@@ -216,16 +207,32 @@ class BatchedStacks:
         As, Bs = mods["lora_A"]._parameters, mods["lora_B"]._parameters
         if tuple(As) != self.present or tuple(d["variants"]) != self.variants:
             return False
-        names, scaling = self.names, d["scaling"]
-        current = [As[n] for n in names] + [Bs.get(n) for n in names]
-        return (all(a is b for a, b in zip(current, self.params))
-                and [p._version for p in current] == self.versions
-                and [p.data_ptr() for p in current] == self.addresses
-                and [scaling.get(n) for n in names] == self.scales)
+        params, stamp = self._state(self.names, As, Bs, d["scaling"])
+        return all(a is b for a, b in zip(params, self.params)) and stamp == self.stamp
+
+    @staticmethod
+    def _state(names: tuple[str, ...], As: dict, Bs: dict, scaling: dict) -> tuple[list, tuple[list, list, list]]:
+        """The adapters' A and B parameter objects, and their version counters, storages and scales."""
+        params = [As.get(n) for n in names] + [Bs.get(n) for n in names]
+        return params, ([p._version for p in params], [p.data_ptr() for p in params], [scaling.get(n) for n in names])
 
     def check(self, plan: Any, layer: nn.Module) -> None:
         """For the root pre-hook: mark the stacks checked for ``plan`` (and pick its rows' layout), or not."""
         self.mark = (plan, self.layouts.get(plan.names)) if self.holds(layer) else None
+
+    def checked_for(self, plan: Any) -> bool:
+        """Whether the stacks were checked (or built) for ``plan``'s forward."""
+        mark = self.mark
+        return mark is not None and mark[0] is plan
+
+    def ready(self, plan: Any, x: torch.Tensor) -> BatchedLayout | None:
+        """The layout kept for ``plan``'s rows if the stacks are checked for ``plan`` and it was built
+        for ``x``'s shape and dtype, else None."""
+        mark = self.mark
+        if mark is None or mark[0] is not plan:
+            return None
+        layout = mark[1]
+        return layout if layout is not None and x.shape == layout.shape and x.dtype == layout.dtype else None
 
     def keep(self, plan: Any, layout: BatchedLayout) -> BatchedLayout:
         """Keep ``layout`` for ``plan``'s rows (dropping the oldest beyond ``MAX_LAYOUTS``); mark it as this forward's."""
