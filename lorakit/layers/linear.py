@@ -6,6 +6,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module
 
 from lorakit.layers import register_layer_type
 from lorakit.layers.base import LoraLayer
@@ -15,6 +16,22 @@ from lorakit.layers.fused import add_lora_no_grad, fused_lora_add, writes_in_pla
 #: batched path: one gather, two ``bmm`` and one ``index_add_`` per layer for all adapters, instead
 #: of four small ops per adapter. Above it the per-group path is faster (benchmarks/multi_adapter.py).
 BATCHED_MIXED_MAX_TOKENS = 128
+
+
+def plain_linear(module: nn.Module) -> bool:
+    """Whether ``module`` is an ``nn.Linear`` itself (not a subclass, no ``forward`` replaced on the
+    instance) and no hook of its own or global would run on its call: calling ``F.linear``'s ops on
+    its tensors is then exactly what calling it does."""
+    d = module.__dict__
+    return (type(module) is nn.Linear and "forward" not in d
+            and not (d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
+                     or _module._global_forward_hooks or _module._global_forward_pre_hooks
+                     or _module._global_backward_hooks or _module._global_backward_pre_hooks))
+
+
+def autocast_on(x: torch.Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device type (then it, not the tensors, picks the dtypes)."""
+    return torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type)
 
 
 @register_layer_type(nn.Linear)
@@ -41,26 +58,50 @@ class LoraLinear(LoraLayer):
         fused node's branch) costs as much as the two rank-r products themselves at decode sizes
         (~15 µs per layer at 16 tokens); this path reads the layer's state from its ``__dict__``
         and runs the very ops the generic path runs in that case (``add_lora_no_grad``), so the
-        outputs are bitwise the same. A mixed batch whose rows and shapes this layer has run before
-        with unchanged adapters repeats the layout it built then (``BatchedStacks``). Anything else
-        (gradients, training mode, merged adapters, variants, a disabled layer) takes the generic path.
+        outputs are bitwise the same. On a plain ``nn.Linear`` (no hooks, no subclass:
+        ``plain_linear``) with a contiguous input of its dtype it also skips the base layer's module
+        call: ``mm`` (``addmm`` with a bias) on the flattened input is the very kernel ``F.linear``
+        runs there; with one active adapter of that dtype the layer is then five ops in all (about
+        1% of a 16 × 1 decode step of the embedded model, benchmarks/inference.py), and no_grad
+        gives inference mode's very bits (the output is the layer's own tensor in both, so the
+        adapters are added in place). A mixed batch whose rows and shapes
+        this layer has run before with unchanged adapters repeats the layout it built then
+        (``BatchedStacks``). Anything else (gradients, training mode, merged adapters, variants, a
+        disabled layer) takes the generic path.
         """
         d = self.__dict__
         if args or kwargs or torch.is_grad_enabled() or d["training"] or d["disabled"] or d["merged_adapters"] or d["variants"]:
             return super().forward(x, *args, **kwargs)
         mods = d["_modules"]
-        result = mods["base_layer"](x)
+        base = mods["base_layer"]
         ctx = d.get("batch_context")
         plan = ctx.plan if ctx is not None else None
+        As, Bs, scaling = mods["lora_A"]._parameters, mods["lora_B"]._parameters, d["scaling"]
+        active = d["active_adapters"]
+        W = base.__dict__["_parameters"].get("weight") if type(base) is nn.Linear else None
+        if W is not None and x.dtype is W.dtype and x.is_contiguous() and plain_linear(base) and not autocast_on(x):
+            # F.linear's own kernel on the flattened input (mm, or addmm with the bias): bitwise the
+            # base layer's output, without its module call
+            x2 = x.view(-1, x.shape[-1])
+            bias = base._parameters["bias"]
+            out = torch.mm(x2, W.t()) if bias is None else torch.addmm(bias, x2, W.t())
+            if plan is None and len(active) == 1:  # the commonest case: five ops in all
+                A = As.get(active[0])
+                B = Bs[active[0]] if A is not None else None
+                if A is not None and A.dtype is B.dtype is W.dtype:
+                    out.addmm_(torch.mm(x2, A.t()), B.t(), alpha=scaling[active[0]])
+                    return out.view(*x.shape[:-1], out.shape[-1])
+            result, in_place = out.view(*x.shape[:-1], out.shape[-1]), True  # a view, but of our own tensor
+        else:
+            result = base(x)
+            in_place = writes_in_place(result, x)  # what fused_lora_add checks before its no-grad branch
         if plan is not None:  # a mixed batch: repeat a kept layout for these rows if the root checked it
             stacks = d.get("_batched")
             layout = stacks.ready(plan, x) if stacks is not None else None
             if layout is not None and result.is_contiguous():
                 return layout.add(x, result)
             return self.mixed_forward(x, result, plan)
-        As, Bs, scaling = mods["lora_A"]._parameters, mods["lora_B"]._parameters, d["scaling"]
-        in_place = writes_in_place(result, x)  # what fused_lora_add checks before its no-grad branch
-        for name in d["active_adapters"]:
+        for name in active:
             A = As.get(name)
             if A is None:
                 continue
