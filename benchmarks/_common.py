@@ -92,10 +92,14 @@ def run_worker(script: Path, args: list[str], timeout: float = 900, extra: list[
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def ratio_stats(values: list[float]) -> str:
-    """'median (min–max)' of a list of ratios."""
+def ratio_stats(values: list[float], quartiles: bool = False) -> str:
+    """'median (min–max)' of a list of ratios; with ``quartiles``, 'median (IQR q1–q3)' instead
+    (for many short rounds, where min and max only show the rarest bursts of machine noise)."""
     if len(values) == 1:
         return f"{values[0]:.3f}"
+    if quartiles and len(values) >= 8:
+        q1, _, q3 = statistics.quantiles(values, n=4)
+        return f"{statistics.median(values):.3f} (IQR {q1:.3f}–{q3:.3f})"
     return f"{statistics.median(values):.3f} ({min(values):.3f}–{max(values):.3f})"
 
 

@@ -5,8 +5,10 @@ structure copied, the base weights themselves shared, so every unmerged ratio is
 on the very same weight memory; ``--separate-copies`` gives each its own copy as before), and a
 merged lorakit model (its own copy of every weight: it does the base model's computation on another
 copy of the weights, so its ratio shows what the placement of 540 MB in memory alone does), and times them
-round-robin (interleaved, the first of each round rotating), so machine noise hits all alike. Ratios are medians over
-rounds, with the min–max spread, then "best": the fastest round of each ÷ the fastest of the base
+in rounds of one forward each (every model once per round, the order shuffled), so machine noise
+hits all alike: ``--rounds N`` is 20·N rounds at 16 × 1 and 2·N at 4 × 128. Ratios are medians of
+the per-round ratios with the interquartile range (the min–max spread of many short rounds shows
+only the rarest bursts of noise), then "best": the fastest round of each ÷ the fastest of the base
 (the least disturbed measurement on a shared machine, as ``timeit`` advises).
 
     python benchmarks/inference.py [--rounds 7] [--threads 1]
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import random
 import statistics
 import sys
 import time
@@ -83,20 +86,21 @@ def main(argv: list[str] | None = None) -> None:
         m.eval()
 
     shapes = {"4 x 128": (4, 128), "16 x 1": (16, 1)}
-    inner = {"4 x 128": 2, "16 x 1": 20}
+    rounds = {"4 x 128": 2 * args.rounds, "16 x 1": 20 * args.rounds}  # one forward per model and round
     results: dict[str, dict[str, list[float]]] = {s: {k: [] for k in models} for s in shapes}
+    order = random.Random(0)
     with torch.inference_mode():
         for shape_name, (b, t) in shapes.items():
             ids = torch.randint(3, base.config.vocab_size, (b, t))
             for m in models.values():  # warm-up
                 m(input_ids=ids, use_cache=False)
             names = list(models)
-            for r in range(args.rounds):
-                for name in names[r % len(names):] + names[: r % len(names)]:  # rotate who goes first
+            for _ in range(rounds[shape_name]):
+                order.shuffle(names)  # no model always runs right after the same other one
+                for name in names:
                     m = models[name]
                     start = clock()
-                    for _ in range(inner[shape_name]):
-                        m(input_ids=ids, use_cache=False)
+                    m(input_ids=ids, use_cache=False)
                     results[shape_name][name].append(clock() - start)
 
     print(f"Machine: {machine()}\n")
@@ -110,10 +114,11 @@ def main(argv: list[str] | None = None) -> None:
         cols = []
         for name in ("lorakit", "lorakit merged", "peft"):
             best = min(res[name]) / min(res["base"])
-            cols.append(f"{ratio_stats([a / b for a, b in zip(res[name], res['base'])])}, best {best:.3f}")
+            ratios = [a / b for a, b in zip(res[name], res["base"])]
+            cols.append(f"{ratio_stats(ratios, quartiles=True)}, best {best:.3f}")
         print(f"| {shape_name} | {' | '.join(cols)} |")
-    print("\nBase forward medians (s): " + ", ".join(
-        f"{s}: {statistics.median(r['base']) / inner[s]:.4f}" for s, r in results.items()))
+    print(f"\nRounds: {', '.join(f'{s}: {n}' for s, n in rounds.items())}. Base forward medians (s): "
+          + ", ".join(f"{s}: {statistics.median(r['base']):.4f}" for s, r in results.items()))
 
 
 if __name__ == "__main__":

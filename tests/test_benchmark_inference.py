@@ -49,3 +49,12 @@ def test_bad_thread_count_is_refused_before_any_model_loads(capsys, monkeypatch)
         main(["--threads", "0"])
     assert exc.value.code == 2
     assert "--threads must be >= 1" in capsys.readouterr().err
+
+
+def test_ratio_stats_gives_the_interquartile_range_for_many_rounds():
+    from _common import ratio_stats
+
+    values = [1.0 + i / 100 for i in range(9)]  # 1.00 ... 1.08
+    assert ratio_stats(values) == "1.040 (1.000–1.080)"
+    assert ratio_stats(values, quartiles=True) == "1.040 (IQR 1.015–1.065)"  # quartiles of 9 points: 2.5th, 7.5th
+    assert ratio_stats(values[:5], quartiles=True) == "1.020 (1.000–1.040)"  # too few rounds: min–max
