@@ -215,7 +215,7 @@ def test_bf16_base_inference_branch(tokens):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(16, 1, 24), (3, 40, 24), (5, 24)])
+@pytest.mark.parametrize("shape", [(16, 1, 24), (3, 40, 24), (5, 24), (24,)])
 def test_lean_inference_path_is_bitwise_the_generic_path(dtype, shape):
     """LoraLinear.forward's inference path (no autograd, eval) gives exactly what the generic
     LoraLayer.forward gives, with one and with two active adapters (an adapter absent from the layer

@@ -64,10 +64,10 @@ class LoraLinear(LoraLayer):
         runs there; with one active adapter of that dtype the layer is then five ops in all (about
         1% of a 16 × 1 decode step of the embedded model, benchmarks/inference.py), and no_grad
         gives inference mode's very bits (the output is the layer's own tensor in both, so the
-        adapters are added in place). A mixed batch whose rows and shapes
-        this layer has run before with unchanged adapters repeats the layout it built then
-        (``BatchedStacks``). Anything else (gradients, training mode, merged adapters, variants, a
-        disabled layer) takes the generic path.
+        adapters are added in place). A mixed batch whose rows and shapes this layer has run before
+        with unchanged adapters repeats the layout it built then (``BatchedStacks``). Anything else
+        (gradients, training mode, merged adapters, variants, a disabled layer) takes the generic
+        path.
         """
         d = self.__dict__
         if args or kwargs or torch.is_grad_enabled() or d["training"] or d["disabled"] or d["merged_adapters"] or d["variants"]:
@@ -79,7 +79,9 @@ class LoraLinear(LoraLayer):
         As, Bs, scaling = mods["lora_A"]._parameters, mods["lora_B"]._parameters, d["scaling"]
         active = d["active_adapters"]
         W = base.__dict__["_parameters"].get("weight") if type(base) is nn.Linear else None
-        if W is not None and x.dtype is W.dtype and x.is_contiguous() and plain_linear(base) and not autocast_on(x):
+        direct = (W is not None and x.dtype is W.dtype and x.is_contiguous()
+                  and plain_linear(base) and not autocast_on(x))
+        if direct:
             # F.linear's own kernel on the flattened input (mm, or addmm with the bias): bitwise the
             # base layer's output, without its module call
             x2 = x.view(-1, x.shape[-1])
@@ -98,8 +100,13 @@ class LoraLinear(LoraLayer):
         if plan is not None:  # a mixed batch: repeat a kept layout for these rows if the root checked it
             stacks = d.get("_batched")
             layout = stacks.ready(plan, x) if stacks is not None else None
-            if layout is not None and result.is_contiguous():
-                return layout.add(x, result)
+            if layout is not None:
+                if direct:
+                    layout.add(x2, out)
+                    return result
+                if result.is_contiguous():
+                    layout.add(x.reshape(-1, x.shape[-1]), result.view(-1, result.shape[-1]))
+                    return result
             return self.mixed_forward(x, result, plan)
         for name in active:
             A = As.get(name)
@@ -145,7 +152,8 @@ class LoraLinear(LoraLayer):
         checked = stacks is not None and stacks.checked_for(plan)  # by the root pre-hook, for this forward
         layout = stacks.ready(plan, x) if checked else None
         if layout is not None:
-            return layout.add(x, result)
+            layout.add(x.reshape(-1, x.shape[-1]), result.view(-1, result.shape[-1]))
+            return result
         # Layers with the same adapters share one decision per forward (this runs per layer and step).
         present = self.lora_A._parameters
         signature = ("slots", tuple(present), tuple(self.variants))
@@ -170,7 +178,9 @@ class LoraLinear(LoraLayer):
         index, mask = self._token_layout(plan, slots, tokens // plan.batch_size, A_t.dtype, x.device)
         if index.numel() > 4 * tokens:  # mostly padding (many loaded adapters, few used)
             return super().mixed_forward(x, result, plan)
-        return stacks.keep(plan, BatchedLayout(x, A_t, B_t, index, mask)).add(x, result)
+        stacks.keep(plan, BatchedLayout(x, A_t, B_t, index, mask)).add(x.reshape(-1, x.shape[-1]),
+                                                                      result.view(-1, result.shape[-1]))
+        return result
 
     def _token_layout(self, plan: Any, slots: tuple[str, ...], seq: int, dtype: torch.dtype,
                       device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -291,21 +301,21 @@ class BatchedLayout:
     the padding mask (None without padding), and the input shape and dtype they were built for.
     ``add`` runs the ops ``mixed_forward`` ran when it built them, so a repeat is bitwise the same."""
 
-    __slots__ = ("shape", "dtype", "A_t", "B_t", "index", "mask", "gathered", "tokens")
+    __slots__ = ("shape", "dtype", "A_t", "B_t", "index", "mask", "gathered")
 
     def __init__(self, x: torch.Tensor, A_t: torch.Tensor, B_t: torch.Tensor, index: torch.Tensor,
                  mask: torch.Tensor | None) -> None:
         self.shape, self.dtype = x.shape, x.dtype
         self.A_t, self.B_t, self.index, self.mask = A_t, B_t, index, mask
         self.gathered = (A_t.shape[0], index.numel() // A_t.shape[0], x.shape[-1])  # (adapters, m, in)
-        self.tokens = x.numel() // x.shape[-1]
 
-    def add(self, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
-        """Gather each adapter's tokens, two ``bmm`` for all adapters (B's stacked pre-scaled),
-        scatter-add into ``result``. No-op dtype conversions and an all-ones mask are skipped
-        (each call costs µs, in ~200 layers per decode step)."""
+    def add(self, x2: torch.Tensor, out2: torch.Tensor) -> None:
+        """Gather each adapter's tokens from ``x2`` (tokens, in), two ``bmm`` for all adapters (B's
+        stacked pre-scaled), scatter-add into ``out2`` (tokens, out), a view of the layer's output.
+        No-op dtype conversions and an all-ones mask are skipped (each call costs µs, in ~200
+        layers per decode step)."""
         A_t, index = self.A_t, self.index
-        xs = x.reshape(self.tokens, -1).index_select(0, index).view(self.gathered)
+        xs = x2.index_select(0, index).view(self.gathered)
         if xs.dtype != A_t.dtype:
             xs = xs.to(A_t.dtype)
         h = torch.bmm(xs, A_t)                                    # (adapters, m, r)
@@ -313,7 +323,6 @@ class BatchedLayout:
             h.mul_(self.mask)                                     # padding rows to 0
         delta = torch.bmm(h, self.B_t)                            # (adapters, m, out), scaled
         delta = delta.view(-1, delta.shape[-1])
-        if delta.dtype != result.dtype:
-            delta = delta.to(result.dtype)
-        result.view(self.tokens, -1).index_add_(0, index, delta)
-        return result
+        if delta.dtype != out2.dtype:
+            delta = delta.to(out2.dtype)
+        out2.index_add_(0, index, delta)
