@@ -263,8 +263,9 @@ def test_lean_inference_path_is_bitwise_the_generic_path(dtype, shape):
 def test_lean_path_calls_the_base_layer_where_calling_it_does_more_than_f_linear():
     """The one-adapter inference path runs ``F.linear``'s ops on the base weight itself, skipping the
     base module's call, only where that call would do nothing else: a forward or pre-hook on the base
-    layer, a global module hook, a subclass of nn.Linear or a ``forward`` replaced on the instance
-    makes it call the base layer (so the hook runs and the subclass's forward is used); a bias-less
+    layer, a global module hook, a subclass of nn.Linear, a ``forward`` replaced on the instance or a
+    tensor subclass as the weight makes it call the base layer (so the hook runs, the subclass's
+    forward is used, the weight's own F.linear runs); a bias-less
     base, a non-contiguous input and autocast keep the generic path's results."""
     from torch import nn
 
@@ -313,6 +314,22 @@ def test_lean_path_calls_the_base_layer_where_calling_it_does_more_than_f_linear
     replaced.base_layer.forward = lambda inp: torch.zeros(*inp.shape[:-1], 20)
     with torch.inference_mode():
         torch.testing.assert_close(replaced(x), F_linear_plus_lora(replaced, x, base=False))
+
+    class Logged(torch.Tensor):  # a tensor subclass as the base weight, as quantized or sharded ones are
+        seen: list = []
+
+        @classmethod
+        def __torch_function__(cls, func, types, args=(), kwargs=None):
+            cls.seen.append(getattr(func, "__name__", str(func)))
+            return super().__torch_function__(func, types, args, kwargs or {})
+
+    sub = make(nn.Linear(24, 20))
+    sub.base_layer.weight = nn.Parameter(sub.base_layer.weight.detach().as_subclass(Logged), requires_grad=False)
+    with torch.inference_mode():
+        Logged.seen.clear()
+        out = sub(x)
+        assert "linear" in Logged.seen  # the subclass saw F.linear itself, not mm on a transposed view
+        torch.testing.assert_close(out.as_subclass(torch.Tensor), F_linear_plus_lora(sub, x).as_subclass(torch.Tensor))
 
     for layer in (make(nn.Linear(24, 20, bias=False)), make(nn.Linear(24, 20))):
         for inp in (x, x.transpose(0, 1)):  # contiguous, and not

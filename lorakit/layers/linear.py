@@ -18,6 +18,10 @@ from lorakit.layers.fused import add_lora_no_grad, fused_lora_add, writes_in_pla
 BATCHED_MIXED_MAX_TOKENS = 128
 
 
+#: Types of a weight the lean inference path multiplies itself (anything else goes through the module).
+PLAIN_TENSORS = (nn.Parameter, torch.Tensor)
+
+
 def plain_linear(module: nn.Module) -> bool:
     """Whether ``module`` is an ``nn.Linear`` itself (not a subclass, no ``forward`` replaced on the
     instance) and no hook of its own or global would run on its call: calling ``F.linear``'s ops on
@@ -59,12 +63,12 @@ class LoraLinear(LoraLayer):
         (~15 µs per layer at 16 tokens); this path reads the layer's state from its ``__dict__``
         and runs the very ops the generic path runs in that case (``add_lora_no_grad``), so the
         outputs are bitwise the same. On a plain ``nn.Linear`` (no hooks, no subclass:
-        ``plain_linear``) with a contiguous input of its dtype it also skips the base layer's module
-        call: ``mm`` (``addmm`` with a bias) on the flattened input is the very kernel ``F.linear``
-        runs there; with one active adapter of that dtype the layer is then five ops in all (about
-        1% of a 16 × 1 decode step of the embedded model, benchmarks/inference.py), and no_grad
-        gives inference mode's very bits (the output is the layer's own tensor in both, so the
-        adapters are added in place). A mixed batch whose rows and shapes this layer has run before
+        ``plain_linear``; a plain tensor as its weight) with a contiguous input of the weight's
+        dtype it also skips the base layer's module call: ``mm`` (``addmm`` with a bias) on the
+        flattened input is the very kernel ``F.linear`` runs there; with one active adapter of that
+        dtype the layer is then five ops in all (about 1% of a 16 × 1 decode step of the embedded
+        model, benchmarks/inference.py), and no_grad gives inference mode's very bits (the output
+        is the layer's own tensor in both, so the adapters are added in place). A mixed batch whose rows and shapes this layer has run before
         with unchanged adapters repeats the layout it built then (``BatchedStacks``). Anything else
         (gradients, training mode, merged adapters, variants, a disabled layer) takes the generic
         path.
@@ -79,7 +83,8 @@ class LoraLinear(LoraLayer):
         As, Bs, scaling = mods["lora_A"]._parameters, mods["lora_B"]._parameters, d["scaling"]
         active = d["active_adapters"]
         W = base.__dict__["_parameters"].get("weight") if type(base) is nn.Linear else None
-        direct = (W is not None and x.dtype is W.dtype and x.is_contiguous()
+        # (a tensor subclass as weight — quantized, distributed, fake — may implement F.linear its own way)
+        direct = (type(W) in PLAIN_TENSORS and x.dtype is W.dtype and x.is_contiguous()
                   and plain_linear(base) and not autocast_on(x))
         if direct:
             # F.linear's own kernel on the flattened input (mm, or addmm with the bias): bitwise the
