@@ -265,8 +265,8 @@ def test_lean_path_calls_the_base_layer_where_calling_it_does_more_than_f_linear
     base module's call, only where that call would do nothing else: a forward or pre-hook on the base
     layer, a global module hook, a subclass of nn.Linear, a ``forward`` replaced on the instance or a
     tensor subclass as the weight makes it call the base layer (so the hook runs, the subclass's
-    forward is used, the weight's own F.linear runs); a bias-less
-    base, a non-contiguous input and autocast keep the generic path's results."""
+    forward is used, the weight's own F.linear runs); a bias-less base, a non-contiguous input and
+    autocast keep the generic path's results."""
     from torch import nn
 
     from lorakit.layers.base import LoraLayer
@@ -309,11 +309,11 @@ def test_lean_path_calls_the_base_layer_where_calling_it_does_more_than_f_linear
     shifted = make(Shifted(24, 20))
     with torch.inference_mode():
         assert torch.equal(shifted(x), LoraLayer.forward(shifted, x))
-        torch.testing.assert_close(shifted(x) - 1.0, F_linear_plus_lora(shifted, x))
+        torch.testing.assert_close(shifted(x) - 1.0, linear_plus_lora(shifted, x))
     replaced = make(nn.Linear(24, 20))
     replaced.base_layer.forward = lambda inp: torch.zeros(*inp.shape[:-1], 20)
     with torch.inference_mode():
-        torch.testing.assert_close(replaced(x), F_linear_plus_lora(replaced, x, base=False))
+        torch.testing.assert_close(replaced(x), linear_plus_lora(replaced, x, base=False))
 
     class Logged(torch.Tensor):  # a tensor subclass as the base weight, as quantized or sharded ones are
         seen: list = []
@@ -329,7 +329,7 @@ def test_lean_path_calls_the_base_layer_where_calling_it_does_more_than_f_linear
         Logged.seen.clear()
         out = sub(x)
         assert "linear" in Logged.seen  # the subclass saw F.linear itself, not mm on a transposed view
-        torch.testing.assert_close(out.as_subclass(torch.Tensor), F_linear_plus_lora(sub, x).as_subclass(torch.Tensor))
+        torch.testing.assert_close(out.as_subclass(torch.Tensor), linear_plus_lora(sub, x).as_subclass(torch.Tensor))
 
     for layer in (make(nn.Linear(24, 20, bias=False)), make(nn.Linear(24, 20))):
         for inp in (x, x.transpose(0, 1)):  # contiguous, and not
@@ -341,7 +341,7 @@ def test_lean_path_calls_the_base_layer_where_calling_it_does_more_than_f_linear
         assert out.dtype == torch.bfloat16  # autocast chose the dtype, as it does for the base layer
 
 
-def F_linear_plus_lora(layer, x, base=True):
+def linear_plus_lora(layer, x, base=True):
     """The base layer's plain ``F.linear`` (or nothing) plus the adapter's product, computed apart."""
     out = torch.nn.functional.linear(x, layer.base_layer.weight, layer.base_layer.bias) if base else 0.0
     return out + layer.scaling["a"] * (x @ layer.lora_A["a"].T) @ layer.lora_B["a"].T
