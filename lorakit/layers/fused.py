@@ -349,10 +349,15 @@ class FusedLoraLinear(torch.autograd.Function):
         return grad, grad_x, grad_A, grad_B, None, None
 
 
+def autocast_on(x: torch.Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device type (then it, not the tensors, picks the dtypes)."""
+    return torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type)
+
+
 def writes_in_place(result: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether inference may add the branch into ``result`` itself (``add_lora_no_grad``): it is not
     a view of another tensor, it is contiguous, and no autocast is choosing the dtypes."""
-    return result._base is None and result.is_contiguous() and not torch.is_autocast_enabled(x.device.type)
+    return result._base is None and result.is_contiguous() and not autocast_on(x)
 
 
 def add_lora_no_grad(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:

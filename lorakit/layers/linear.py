@@ -10,7 +10,7 @@ from torch.nn.modules import module as _module
 
 from lorakit.layers import register_layer_type
 from lorakit.layers.base import LoraLayer
-from lorakit.layers.fused import add_lora_no_grad, fused_lora_add, writes_in_place
+from lorakit.layers.fused import add_lora_no_grad, autocast_on, fused_lora_add, writes_in_place
 
 #: Mixed-adapter batches with at most this many tokens (decode steps, short prompts) take the
 #: batched path: one gather, two ``bmm`` and one ``index_add_`` per layer for all adapters, instead
@@ -31,11 +31,6 @@ def plain_linear(module: nn.Module) -> bool:
             and not (d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
                      or _module._global_forward_hooks or _module._global_forward_pre_hooks
                      or _module._global_backward_hooks or _module._global_backward_pre_hooks))
-
-
-def autocast_on(x: torch.Tensor) -> bool:
-    """Whether autocast is on for ``x``'s device type (then it, not the tensors, picks the dtypes)."""
-    return torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type)
 
 
 @register_layer_type(nn.Linear)
@@ -68,10 +63,10 @@ class LoraLinear(LoraLayer):
         flattened input is the very kernel ``F.linear`` runs there; with one active adapter of that
         dtype the layer is then five ops in all (about 1% of a 16 × 1 decode step of the embedded
         model, benchmarks/inference.py), and no_grad gives inference mode's very bits (the output
-        is the layer's own tensor in both, so the adapters are added in place). A mixed batch whose rows and shapes this layer has run before
-        with unchanged adapters repeats the layout it built then (``BatchedStacks``). Anything else
-        (gradients, training mode, merged adapters, variants, a disabled layer) takes the generic
-        path.
+        is the layer's own tensor in both, so the adapters are added in place). A mixed batch whose
+        rows and shapes this layer has run before with unchanged adapters repeats the layout it built
+        then (``BatchedStacks``). Anything else (gradients, training mode, merged adapters,
+        variants, a disabled layer) takes the generic path.
         """
         d = self.__dict__
         if args or kwargs or torch.is_grad_enabled() or d["training"] or d["disabled"] or d["merged_adapters"] or d["variants"]:
@@ -82,7 +77,7 @@ class LoraLinear(LoraLayer):
         plan = ctx.plan if ctx is not None else None
         As, Bs, scaling = mods["lora_A"]._parameters, mods["lora_B"]._parameters, d["scaling"]
         active = d["active_adapters"]
-        W = base.__dict__["_parameters"].get("weight") if type(base) is nn.Linear else None
+        W = base.__dict__["_parameters"].get("weight")
         # (a tensor subclass as weight — quantized, distributed, fake — may implement F.linear its own way)
         direct = (type(W) in PLAIN_TENSORS and x.dtype is W.dtype and x.is_contiguous()
                   and plain_linear(base) and not autocast_on(x))
@@ -104,14 +99,10 @@ class LoraLinear(LoraLayer):
             in_place = writes_in_place(result, x)  # what fused_lora_add checks before its no-grad branch
         if plan is not None:  # a mixed batch: repeat a kept layout for these rows if the root checked it
             stacks = d.get("_batched")
-            layout = stacks.ready(plan, x) if stacks is not None else None
-            if layout is not None:
-                if direct:
-                    layout.add(x2, out)
-                    return result
-                if result.is_contiguous():
-                    layout.add(x.reshape(-1, x.shape[-1]), result.view(-1, result.shape[-1]))
-                    return result
+            layout = stacks.ready(plan, x) if direct and stacks is not None else None
+            if layout is not None:  # (mixed_forward repeats a kept layout for the other cases)
+                layout.add(x2, out)
+                return result
             return self.mixed_forward(x, result, plan)
         for name in active:
             A = As.get(name)
