@@ -345,3 +345,26 @@ def linear_plus_lora(layer, x, base=True):
     """The base layer's plain ``F.linear`` (or nothing) plus the adapter's product, computed apart."""
     out = torch.nn.functional.linear(x, layer.base_layer.weight, layer.base_layer.bias) if base else 0.0
     return out + layer.scaling["a"] * (x @ layer.lora_A["a"].T) @ layer.lora_B["a"].T
+
+
+def test_lean_path_bad_and_empty_inputs_behave_as_the_base_layer():
+    """A wrong feature size or dtype raises the base layer's own error, weights untouched; an empty
+    batch gives an empty output."""
+    from torch import nn
+
+    from lorakit.layers.linear import LoraLinear
+
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(24, 20))
+    layer.add_adapter("a", r=4, lora_alpha=8, scaling=2.0, init_lora_weights=False)
+    layer.eval()
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    for bad in (torch.randn(3, 23), torch.randn(2, 5, 24, dtype=torch.float64)):
+        with pytest.raises(RuntimeError) as base_err:
+            layer.base_layer(bad)
+        with torch.inference_mode(), pytest.raises(RuntimeError) as lora_err:
+            layer(bad)
+        assert str(lora_err.value) == str(base_err.value)
+    assert all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items())
+    with torch.inference_mode():
+        assert layer(torch.randn(0, 3, 24)).shape == (0, 3, 20)
