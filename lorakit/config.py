@@ -14,14 +14,29 @@ from typing import Any
 
 CONFIG_NAME = "adapter_config.json"
 
-# Keys PEFT writes that lorakit has no use for; they are accepted on load and ignored.
+# Keys PEFT writes that do not change what a loaded adapter computes (bookkeeping, how it was
+# initialised or trained, runtime options); they are accepted on load and ignored.
 _IGNORED_PEFT_KEYS = frozenset({
-    "peft_type", "peft_version", "auto_mapping", "revision", "lora_bias", "layer_replication",
-    "loftq_config", "megatron_config", "megatron_core", "eva_config", "corda_config", "arrow_config",
-    "alora_invocation_tokens", "use_qalora", "qalora_group_size", "trainable_token_indices",
-    "target_parameters", "ensure_weight_tying", "kasa_config", "lora_ga_config", "monteclora_config",
-    "use_bdlora", "velora_config", "runtime_config", "layers_pattern_regex",
+    "peft_type", "peft_version", "auto_mapping", "revision", "loftq_config", "megatron_config",
+    "megatron_core", "eva_config", "corda_config", "lora_ga_config", "velora_config", "runtime_config",
+    "qalora_group_size", "ensure_weight_tying", "layers_pattern_regex",
 })
+
+# PEFT fields that, when set, make an adapter compute something plain LoRA does not (or lay out its
+# tensors differently). lorakit implements none of them, so an adapter that sets one is refused with
+# the field named, instead of loading as the plain LoRA it is not. {field: what it enables}
+_UNSUPPORTED_PEFT_FIELDS = {
+    "alora_invocation_tokens": "activated LoRA (aLoRA: the adapter acts only from its invocation tokens on)",
+    "use_qalora": "QA-LoRA (pooled inputs on a GPTQ base)",
+    "lora_bias": "a trainable bias on LoRA B",
+    "trainable_token_indices": "trainable token embeddings",
+    "layer_replication": "replicated decoder layers",
+    "target_parameters": "LoRA on bare parameters (e.g. MoE experts)",
+    "use_bdlora": "block-diagonal LoRA (BD-LoRA)",
+    "arrow_config": "Arrow routing between adapters",
+    "kasa_config": "KaSA (a learned singular-value diagonal between A and B)",
+    "monteclora_config": "MonteCLoRA (Monte Carlo sampling of the adapters)",
+}
 
 _BIAS_CHOICES = ("none", "all", "lora_only")
 
@@ -41,12 +56,16 @@ class LoraConfig:
             an entry or ends with ``"." + entry``; a string is a regex full-matched against the full
             name; ``"all-linear"`` is every Linear / GPT-2 Conv1D except the output head.
         exclude_modules: Modules never to target (same matching rules as ``target_modules``).
-        layers_to_transform: Only target modules inside these layer indices.
-        layers_pattern: Name of the layer list (e.g. ``"layers"``, ``"h"``) the indices refer to.
+        layers_to_transform: Only target modules inside these layer indices (with ``target_modules``
+            as a list, as in PEFT).
+        layers_pattern: Name of the layer list (e.g. ``"layers"``, ``"h"``) the indices refer to;
+            needs ``layers_to_transform``.
         rank_pattern: ``{module-name pattern: r}`` overriding ``r`` for matching modules.
         alpha_pattern: ``{module-name pattern: alpha}`` overriding ``lora_alpha``.
         bias: Which biases train: ``"none"``, ``"all"`` or ``"lora_only"`` (biases of targeted layers).
         modules_to_save: Modules (besides the adapters) that are fully trained and saved, e.g. a head.
+            As in PEFT, an entry names every module whose full name ends with it (a plain suffix:
+            ``"classifier"`` also names ``pre_classifier``); a string is a regex full-matched.
         init_lora_weights: ``True`` (A kaiming-uniform(a=√5), B = 0), ``False`` (both random: the
             adapter changes the output from the start; for tests), ``"gaussian"`` (A ~ N(0, 1/r)),
             or a variant's initialisation name (e.g. ``"pissa"``) where that variant is installed.
@@ -54,7 +73,9 @@ class LoraConfig:
         use_dora: Weight-decomposed LoRA (Liu et al. 2024), where the DoRA variant is installed.
         fan_in_fan_out: True when the base weight is stored (in, out), as in GPT-2's Conv1D. lorakit
             detects Conv1D itself; this field is kept for PEFT compatibility.
-        task_type: Free-form task tag PEFT uses to pick a wrapper class (e.g. ``"CAUSAL_LM"``).
+        task_type: PEFT's task tag (e.g. ``"CAUSAL_LM"``). As in PEFT, ``"SEQ_CLS"`` and
+            ``"TOKEN_CLS"`` add the heads ``classifier`` and ``score``, ``"QUESTION_ANS"`` adds
+            ``qa_outputs``, to ``modules_to_save`` (those the model has).
         base_model_name_or_path: Where the base model came from; informational.
         inference_mode: Written by PEFT; True means the adapter loads frozen.
     """
@@ -101,6 +122,14 @@ class LoraConfig:
             setattr(self, name, value)
         if isinstance(self.layers_to_transform, (tuple, range)):
             self.layers_to_transform = list(self.layers_to_transform)
+        if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
+            # (as in PEFT, which refuses such a config: a regex names the layers itself)
+            which = "layers_to_transform" if self.layers_to_transform is not None else "layers_pattern"
+            raise ValueError(f"LoraConfig.{which} cannot be combined with target_modules given as a string "
+                             f"({self.target_modules!r}); name the layers in the regex, or give target_modules as a list")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ValueError(f"LoraConfig.layers_pattern={self.layers_pattern!r} needs layers_to_transform "
+                             f"(the layer indices it refers to)")
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
         for key, value in self.rank_pattern.items():
@@ -153,8 +182,13 @@ class LoraConfig:
         for required in ("r", "lora_alpha"):
             if required not in data:
                 raise ValueError(f"{source}: required field {required!r} is missing (PEFT would silently use a default; lorakit does not)")
+        for key, what in _UNSUPPORTED_PEFT_FIELDS.items():
+            value = data.get(key)
+            if value not in (None, False, [], {}):
+                raise ValueError(f"{source}: {key}={value!r} asks for PEFT's {what}, which lorakit does not "
+                                 f"implement; loaded as plain LoRA it would compute something else, so it is refused")
         known = {f.name for f in fields(cls)}
-        unknown = sorted(k for k in data if k not in known and k not in _IGNORED_PEFT_KEYS)
+        unknown = sorted(k for k in data if k not in known and k not in _IGNORED_PEFT_KEYS and k not in _UNSUPPORTED_PEFT_FIELDS)
         if unknown:
             raise ValueError(f"{source}: unknown field(s) {unknown}; lorakit knows {sorted(known)}")
         kwargs = {k: v for k, v in data.items() if k in known}
@@ -168,7 +202,11 @@ class LoraConfig:
         from lorakit.io import atomic_write_bytes
 
         path = Path(directory) / CONFIG_NAME
-        atomic_write_bytes(path, (json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n").encode())
+        # Fields sorted, but not the patterns inside rank_pattern / alpha_pattern: where several match
+        # a module the first one wins, so their order is part of the adapter (PEFT's own save sorts
+        # them, which can change the ranks or scales an adapter loads with).
+        data = dict(sorted(self.to_dict().items()))
+        atomic_write_bytes(path, (json.dumps(data, indent=2) + "\n").encode())
         return path
 
     @classmethod

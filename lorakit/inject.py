@@ -20,6 +20,27 @@ from lorakit.variants import variant_for
 
 ALL_LINEAR = "all-linear"
 
+#: Heads PEFT's task wrappers add to ``modules_to_save`` (PeftModelForSequenceClassification and
+#: the like), so that an adapter of that task type trains, saves and loads its head in both libraries.
+TASK_HEADS = {"SEQ_CLS": ("classifier", "score"), "TOKEN_CLS": ("classifier", "score"),
+              "QUESTION_ANS": ("qa_outputs",)}
+
+
+def task_heads(config: LoraConfig) -> tuple[str, ...]:
+    """The head names ``config.task_type`` adds to ``modules_to_save`` (PEFT's rule); () for others."""
+    return TASK_HEADS.get(str(config.task_type).upper(), ()) if config.task_type else ()
+
+
+def with_task_heads(config: LoraConfig) -> LoraConfig:
+    """A copy of ``config`` whose ``modules_to_save`` lists the heads its task type adds (PEFT's task
+    wrappers do this to the config they save, so a lorakit adapter of that type saves them too)."""
+    config = copy.deepcopy(config)
+    heads = task_heads(config)
+    if heads and not isinstance(config.modules_to_save, str):
+        present = list(config.modules_to_save or [])
+        config.modules_to_save = present + [h for h in heads if h not in present]
+    return config
+
 
 @dataclass
 class LoraState:
@@ -154,6 +175,15 @@ def _linear_like_types() -> tuple[type, ...]:
     return tuple(types)
 
 
+def _in_saved(entries: list[str] | str, name: str) -> bool:
+    """Whether ``name`` is a ``modules_to_save`` module or inside one, by PEFT's rule for keeping
+    adapters off them (an entry matches at a dotted boundary; a string is a regex on a prefix)."""
+    if isinstance(entries, str):
+        parts = name.split(".")
+        return any(re.fullmatch(entries, ".".join(parts[:i])) for i in range(1, len(parts) + 1))
+    return any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in entries)
+
+
 def _output_head_names(model: nn.Module) -> set[str]:
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None
@@ -178,15 +208,19 @@ def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
     all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR
     linear_types = _linear_like_types()
     heads = _output_head_names(model) if all_linear else set()
+    if all_linear and not heads and str(config.task_type).upper() == "SEQ_CLS":
+        # PEFT's rule for classification models: the top-level score / classifier head is not a target
+        head = next((getattr(model, n) for n in ("score", "classifier") if isinstance(getattr(model, n, None), nn.Module)), None)
+        heads = {n for n, m in model.named_modules() if head is not None and m is head}
     wrappers = [n for n, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))]
-    saved = config.modules_to_save or []
+    saved = config.modules_to_save
     found: list[str] = []
     for name, module in model.named_modules():
         if not name or _inside_lora(name, wrappers):
             continue
         if config.exclude_modules and _name_matches(config.exclude_modules, name):
             continue
-        if saved and any(re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", name) for m in saved):
+        if saved and _in_saved(saved, name):
             continue
         base = module.base_layer if isinstance(module, LoraLayer) else module
         if all_linear:
@@ -209,7 +243,9 @@ def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
 
 def _no_match_message(model: nn.Module, config: LoraConfig) -> str:
     names = [n for n, _ in model.named_modules() if n]
-    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if n and lora_class_for(m) is not None})
+    wrappers = [n for n, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                     if n and (isinstance(m, LoraLayer) or lora_class_for(m) is not None) and not _inside_lora(n, wrappers)})
     patterns = [config.target_modules] if isinstance(config.target_modules, str) else config.target_modules
     close: list[str] = []
     for pattern in patterns:
@@ -230,26 +266,48 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _find_saved_module_names(model: nn.Module, config: LoraConfig) -> list[str]:
-    if not config.modules_to_save:
+def _saved_matches(entries: list[str] | str, name: str) -> bool:
+    """PEFT's ``modules_to_save`` rule: an entry names every module whose full name ends with it (a
+    plain suffix, so ``"classifier"`` also names ``pre_classifier``); a string is a regex full-matched."""
+    if isinstance(entries, str):
+        return re.fullmatch(entries, name) is not None
+    return any(name.endswith(e) for e in entries)
+
+
+def _find_saved_module_names(model: nn.Module, config: LoraConfig, targets: list[str], strict: bool = True) -> list[str]:
+    """Modules ``config.modules_to_save`` names (not LoRA targets, nor inside another saved module).
+
+    ``strict``: an entry naming no module is an error (a typo would otherwise train nothing), except
+    the heads the task type adds (PEFT adds both ``classifier`` and ``score`` for classification,
+    whatever the model has); loading (``strict=False``) skips such entries, as PEFT does."""
+    entries = config.modules_to_save
+    if not entries:
         return []
-    names = [n for n, m in model.named_modules()
-             if n and _name_matches(config.modules_to_save, n) and not isinstance(m, LoraLayer)
-             and not _inside_lora(n, [p for p, q in model.named_modules() if isinstance(q, ModulesToSave)])]
-    missing = [m for m in config.modules_to_save if not any(n == m or n.endswith("." + m) for n in names)]
-    if missing:
-        raise ValueError(f"modules_to_save {missing} matched no module of {type(model).__name__}")
+    wrapped = [p for p, q in model.named_modules() if isinstance(q, ModulesToSave)]
+    names: list[str] = []
+    for n, m in model.named_modules():
+        if (n and n not in targets and _saved_matches(entries, n) and not isinstance(m, LoraLayer)
+                and not _inside_lora(n, wrapped + names)):
+            names.append(n)
+    if strict and isinstance(entries, list):
+        optional = set(task_heads(config))
+        missing = [e for e in entries if e not in optional and not any(n.endswith(e) for n in names)]
+        if missing:
+            raise ValueError(f"modules_to_save {missing} matched no module of {type(model).__name__}")
+    elif strict and not names:
+        raise ValueError(f"modules_to_save {entries!r} matched no module of {type(model).__name__}")
     return names
 
 
 def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
-                   init_lora_weights: bool | str | None = None) -> list[str]:
+                   init_lora_weights: bool | str | None = None, loading: bool = False) -> list[str]:
     """Add adapter ``adapter_name`` to every module ``config`` targets; returns the module names.
 
     The model is only changed once every target has been checked, so a bad config leaves it as it was.
     The caller's config object is never edited (a private copy is kept). ``init_lora_weights``
     overrides the config's initialisation (loading uses ``False``: the weights come from the file,
-    and an init method such as PiSSA must not touch the base weights).
+    and an init method such as PiSSA must not touch the base weights; ``loading=True`` also skips
+    ``modules_to_save`` entries that name no module, as PEFT does, instead of refusing them).
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"expected a lorakit LoraConfig, got {type(config).__name__}")
@@ -259,9 +317,9 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     state = get_state(model)
     if state is not None and adapter_name in state.configs:
         raise ValueError(f"adapter {adapter_name!r} already exists on this model; pick another name or delete it first")
-    config = copy.deepcopy(config)
+    config = with_task_heads(config)  # a private copy
     targets = find_target_modules(model, config)
-    saved = _find_saved_module_names(model, config)
+    saved = _find_saved_module_names(model, config, targets, strict=not loading)
     variant = variant_for(config)  # validates the variant before any change
     state = get_state(model, create=True)
     state.configs[adapter_name] = config

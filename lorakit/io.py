@@ -21,7 +21,7 @@ from torch import nn
 from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.inject import (ModulesToSave, _find_saved_module_names, _remove_adapter_everywhere,
                             find_target_modules, get_state, inject_adapter, iter_lora_layers,
-                            iter_saved_modules, mark_trainable, require_state)
+                            iter_saved_modules, mark_trainable, require_state, with_task_heads)
 from lorakit.layers import LoraLayer, lora_class_for
 from lorakit.variants import variant_for
 
@@ -141,7 +141,9 @@ def _expected_tensors(model: nn.Module, config: LoraConfig) -> tuple[dict[str, t
     required: dict[str, tuple[int, ...]] = {}
     optional: dict[str, tuple[int, ...]] = {}
     variant = variant_for(config)
-    for path in find_target_modules(model, config):
+    config = with_task_heads(config)
+    targets = find_target_modules(model, config)
+    for path in targets:
         module = model.get_submodule(path)
         shell = module if isinstance(module, LoraLayer) else lora_class_for(module)(module)
         r = config.rank_for(path)
@@ -155,7 +157,7 @@ def _expected_tensors(model: nn.Module, config: LoraConfig) -> tuple[dict[str, t
         for pname, p in base.named_parameters(recurse=False):
             # PEFT may save a targeted embedding's base weight; biases when bias != "none".
             optional[f"{PREFIX}{path}.base_layer.{pname}"] = tuple(p.shape)
-    for path in _find_saved_module_names(model, config):
+    for path in _find_saved_module_names(model, config, targets, strict=False):
         module = model.get_submodule(path)
         source = module.original_module if isinstance(module, ModulesToSave) else module
         for key, tensor in source.state_dict().items():
@@ -219,11 +221,11 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     init = config.init_lora_weights if is_convertible(config.init_lora_weights) else False
     base_backups = []
     if init is not False:
-        for path in find_target_modules(model, config):
+        for path in find_target_modules(model, with_task_heads(config)):
             module = model.get_submodule(path)
             weight = (module.base_layer if isinstance(module, LoraLayer) else module).weight
             base_backups.append((weight, weight.detach().clone()))
-    inject_adapter(model, config, adapter_name, init_lora_weights=init)
+    inject_adapter(model, config, adapter_name, init_lora_weights=init, loading=True)
     try:
         with torch.no_grad():
             dest = adapter_destinations(model, adapter_name)

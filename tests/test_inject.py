@@ -194,3 +194,21 @@ def test_merge_unties_a_tied_embedding():
             plain = lk.merge_and_unload(m)
         torch.testing.assert_close(plain(x).logits, expected, rtol=1e-5, atol=1e-5)
     assert plain.lm_head.weight is not plain.model.embed_tokens.weight
+
+
+def test_layer_selection_needs_target_modules_as_a_list():
+    """As in PEFT (which refuses such configs on load): a regex names the layers itself."""
+    with pytest.raises(ValueError, match="layers_to_transform cannot be combined with target_modules given as a string"):
+        lk.LoraConfig(target_modules=r".*q_proj", layers_to_transform=[1])
+    with pytest.raises(ValueError, match="layers_pattern cannot be combined"):
+        lk.LoraConfig(target_modules="all-linear", layers_pattern="layers")
+    with pytest.raises(ValueError, match="layers_pattern='layers' needs layers_to_transform"):
+        lk.LoraConfig(target_modules=["q_proj"], layers_pattern="layers")
+
+
+def test_no_match_hint_names_wrapped_layers_not_their_insides():
+    m = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="Targetable leaf names") as info:
+        lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["nothing_here"]), adapter_name="b")
+    hint = str(info.value).split("Targetable leaf names")[1]
+    assert "'q_proj'" in hint and "base_layer" not in hint

@@ -63,7 +63,35 @@ CASES = {
         r=4, lora_alpha=8, target_modules=["c_attn", "c_fc"], fan_in_fan_out=True, bias="lora_only")),
     "conv2d": (TinyConvNet, lambda: torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)),
                dict(r=2, lora_alpha=4, target_modules=["conv1", "conv2", "head"])),
+    # PEFT's task wrapper adds modules_to_save ["classifier", "score"]; this model has only `score`
+    "llama_seq_cls": (lambda: tiny_llama_classifier(), llama_input,
+                      dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")),
+    # modules_to_save entries are plain suffixes in PEFT: "classifier" also names pre_classifier
+    "modules_to_save_suffix": (lambda: TwoHeads(), lambda: torch.randn(3, 8, generator=torch.Generator().manual_seed(1)),
+                               dict(r=2, lora_alpha=4, target_modules=["body"], modules_to_save=["classifier"])),
 }
+
+
+def tiny_llama_classifier():
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    return LlamaForSequenceClassification(LlamaConfig(
+        vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_labels=3, pad_token_id=0)).eval()
+
+
+class TwoHeads(torch.nn.Module):
+    """DistilBERT's head layout: ``pre_classifier`` then ``classifier``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = torch.nn.Linear(8, 16)
+        self.pre_classifier = torch.nn.Linear(16, 16)
+        self.classifier = torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        return self.classifier(torch.relu(self.pre_classifier(torch.relu(self.body(x)))))
 
 
 def _out(model, x):
@@ -123,7 +151,67 @@ def test_merged_model_matches_peft_merge(tmp_path):
         torch.testing.assert_close(ours[k], peft_merged[k], rtol=1e-6, atol=1e-6)
 
 
+def test_task_heads_and_suffix_matching_wrap_what_peft_wraps():
+    m = lk.get_lora_model(tiny_llama_classifier(), lk.LoraConfig(r=2, target_modules=["q_proj"], task_type="seq_cls"))
+    assert [n for n, x in m.named_modules() if isinstance(x, lk.inject.ModulesToSave)] == ["score"]
+    assert m._lorakit.configs["default"].modules_to_save == ["classifier", "score"]  # as PEFT saves it
+    m = lk.get_lora_model(TwoHeads(), lk.LoraConfig(r=2, target_modules=["body"], modules_to_save=["classifier"]))
+    assert [n for n, x in m.named_modules() if isinstance(x, lk.inject.ModulesToSave)] == ["pre_classifier", "classifier"]
+    # all-linear on a classification model leaves its head to modules_to_save, as PEFT does
+    m = lk.get_lora_model(tiny_llama_classifier(), lk.LoraConfig(r=2, target_modules="all-linear", task_type="SEQ_CLS"))
+    assert isinstance(m.score, lk.inject.ModulesToSave) and isinstance(m.model.layers[0].mlp.down_proj, lk.LoraLayer)
+    # a typo is still an error when creating an adapter; only the task's own heads may be absent
+    with pytest.raises(ValueError, match=r"modules_to_save \['clasifier'\] matched no module"):
+        lk.get_lora_model(tiny_llama_classifier(), lk.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["clasifier"]))
+
+
+def test_loading_skips_modules_to_save_entries_naming_no_module(tmp_path):
+    """PEFT ignores modules_to_save entries that name nothing in the model (it saved no tensors for them)."""
+    m = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    lk.save_adapter(m, tmp_path)
+    _edit_config(tmp_path, modules_to_save=["nowhere"])
+    x = llama_input()
+    torch.testing.assert_close(_out(lk.load_adapter(tiny_llama(), tmp_path), x), _out(m, x), rtol=0, atol=0)
+
+
+def test_overlapping_patterns_keep_their_order_on_disk(tmp_path):
+    """Where several rank / alpha patterns match a module the first wins (PEFT's rule), so saving must
+    not reorder them (sorted, "gate_proj" would come first and give layer 1 rank 3 and alpha 1)."""
+    patterns = {"rank_pattern": {"layers.1.mlp.gate_proj": 2, "gate_proj": 3},
+                "alpha_pattern": {"layers.1.mlp.gate_proj": 16.0, "gate_proj": 1.0}}
+    m = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=4, target_modules=["gate_proj"], init_lora_weights=False, **patterns))
+    layer = m.model.layers[1].mlp.gate_proj
+    assert layer.lora_A["default"].shape[0] == 2 and layer.scaling["default"] == 16.0 / 2
+    assert m.model.layers[0].mlp.gate_proj.lora_A["default"].shape[0] == 3
+    lk.save_adapter(m, tmp_path)
+    on_disk = json.loads((tmp_path / "adapter_config.json").read_text())
+    for key, value in patterns.items():
+        assert list(on_disk[key]) == list(value)
+    x = llama_input()
+    torch.testing.assert_close(_out(lk.load_adapter(tiny_llama(), tmp_path), x), _out(m, x), rtol=0, atol=0)
+    pm = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()
+    torch.testing.assert_close(_out(pm, x), _out(m, x), rtol=1e-5, atol=1e-5)
+
+
 # ---- bad input ---------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("field,value", [("alora_invocation_tokens", [5, 6]), ("lora_bias", True),
+                                         ("trainable_token_indices", [3]), ("layer_replication", [[0, 2], [1, 2]]),
+                                         ("target_parameters", ["mlp.experts.down_proj"]), ("use_qalora", True)])
+def test_peft_fields_lorakit_does_not_implement_are_refused(saved, field, value):
+    """An adapter whose config asks for a PEFT feature beyond plain LoRA is refused with the field
+    named, not loaded as the plain LoRA it is not (its defaults, None / False, load as usual)."""
+    _edit_config(saved, **{field: value})
+    model = tiny_llama()
+    snap = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=f"{field}=.*lorakit does not implement"):
+        lk.load_adapter(model, saved)
+    _assert_untouched(model, snap)
+    cfg = json.loads((saved / "adapter_config.json").read_text())
+    cfg[field] = False if value is True else None
+    (saved / "adapter_config.json").write_text(json.dumps(cfg))
+    lk.load_adapter(model, saved)
+
 
 @pytest.fixture
 def saved(tmp_path):
