@@ -195,24 +195,6 @@ def test_overlapping_patterns_keep_their_order_on_disk(tmp_path):
 
 # ---- bad input ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("field,value", [("alora_invocation_tokens", [5, 6]), ("lora_bias", True),
-                                         ("trainable_token_indices", [3]), ("layer_replication", [[0, 2], [1, 2]]),
-                                         ("target_parameters", ["mlp.experts.down_proj"]), ("use_qalora", True)])
-def test_peft_fields_lorakit_does_not_implement_are_refused(saved, field, value):
-    """An adapter whose config asks for a PEFT feature beyond plain LoRA is refused with the field
-    named, not loaded as the plain LoRA it is not (its defaults, None / False, load as usual)."""
-    _edit_config(saved, **{field: value})
-    model = tiny_llama()
-    snap = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=f"{field}=.*lorakit does not implement"):
-        lk.load_adapter(model, saved)
-    _assert_untouched(model, snap)
-    cfg = json.loads((saved / "adapter_config.json").read_text())
-    cfg[field] = False if value is True else None
-    (saved / "adapter_config.json").write_text(json.dumps(cfg))
-    lk.load_adapter(model, saved)
-
-
 @pytest.fixture
 def saved(tmp_path):
     m = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
@@ -247,6 +229,24 @@ def test_config_without_r_or_alpha(saved, missing):
     with pytest.raises(ValueError, match=f"'{missing}' is missing"):
         lk.load_adapter(model, saved)
     _assert_untouched(model, snap)
+
+
+@pytest.mark.parametrize("field,value", [("alora_invocation_tokens", [5, 6]), ("lora_bias", True),
+                                         ("trainable_token_indices", [3]), ("layer_replication", [[0, 2], [1, 2]]),
+                                         ("target_parameters", ["mlp.experts.down_proj"]), ("use_qalora", True)])
+def test_peft_fields_lorakit_does_not_implement_are_refused(saved, field, value):
+    """An adapter whose config asks for a PEFT feature beyond plain LoRA is refused with the field
+    named, not loaded as the plain LoRA it is not (its defaults, None / False, load as usual)."""
+    _edit_config(saved, **{field: value})
+    model = tiny_llama()
+    snap = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=f"{field}=.*lorakit does not implement"):
+        lk.load_adapter(model, saved)
+    _assert_untouched(model, snap)
+    cfg = json.loads((saved / "adapter_config.json").read_text())
+    cfg[field] = False if value is True else None
+    (saved / "adapter_config.json").write_text(json.dumps(cfg))
+    lk.load_adapter(model, saved)
 
 
 def _rewrite_weights(path, fn):
