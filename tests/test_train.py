@@ -410,3 +410,18 @@ def test_optimizer_is_fused_adamw_where_torch_has_it_and_plain_otherwise(tmp_pat
     monkeypatch.setattr(loop, "fused_if_supported", lambda make: made.append(real(make)) or made[-1])
     train(_cfg(tmp_path, data_files, max_steps=2), model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
     assert len(made) == 1 and made[0].defaults["fused"] is True
+
+
+@pytest.mark.parametrize("spec,expected", [
+    ("q_proj, v_proj", ["0.q_proj", "0.v_proj", "1.q_proj", "1.v_proj"]),
+    ("self_attn.q_proj", ["0.q_proj", "1.q_proj"]),           # a dotted name end is a name, not a regex
+    ("model.layers.1.self_attn.q_proj", ["1.q_proj"]),
+    (r".*\.1\.self_attn\.(q|k)_proj", ["1.k_proj", "1.q_proj"]),  # regex characters make it a regex
+])
+def test_target_modules_flag_names_and_regexes(tok, spec, expected):
+    from lorakit.layers import LoraLayer
+    from lorakit.train.loop import prepare_model
+
+    model = prepare_model(tiny_llama_lm(tok), TrainConfig(target_modules=spec, rank=2), "tiny")
+    hit = sorted(f"{n.split('.')[2]}.{n.rsplit('.', 1)[-1]}" for n, m in model.named_modules() if isinstance(m, LoraLayer))
+    assert hit == expected

@@ -251,12 +251,27 @@ def _common(p: argparse.ArgumentParser, out_default: str | None = DEFAULT_OUT) -
     if out_default is not None:
         where = f"default {out_default}" if out_default else "default: none written"
         p.add_argument("--out", default=out_default or None, help=f"folder for the JSON report and PNG plots ({where})")
-    p.add_argument("--no-plot", action="store_true", help="write no files")
+        p.add_argument("--no-plot", action="store_true", help="write no report or plot files")
+    else:  # extract / resize: --out is the adapter they write
+        p.add_argument("--no-plot", action="store_true", help="write no error plot (the adapter is still written)")
+
+
+class _DefaultsHelp(argparse.HelpFormatter):
+    """Appends a flag's default to its help text, unless the text already gives it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and "default" not in text and default not in (None, argparse.SUPPRESS)
+                and not isinstance(default, bool)):
+            shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+            text = f"{text} (default: {shown})"
+        return text
 
 
 def _add(sub: Any, name: str, func: Callable[[argparse.Namespace], int], help_text: str,
          description: str) -> argparse.ArgumentParser:
-    p = sub.add_parser(name, help=help_text, description=description)
+    p = sub.add_parser(name, help=help_text, description=description, formatter_class=_DefaultsHelp)
     p.set_defaults(func=func)
     return p
 
@@ -273,7 +288,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("--true-rank", type=int, default=5, help="rank of the synthetic matrix (default 5)")
     p.add_argument("--svd-ranks", type=_ints, default=list(lowrank.LESSON_SYNTHETIC["ranks"]),
                    help="ranks for the reconstruction (1,2,5,10,20,50)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random matrices")
     p.add_argument("--model", nargs="?", const="default", default=None,
                    help="also analyse a model's weights: a local model directory, or no value for the embedded model")
     p.add_argument("--module", default=None, help="regex on module names (default: layer 0's projections)")
@@ -282,15 +297,15 @@ def register(subparsers: Any) -> None:
     p = _add(subparsers, "recommend", cmd_recommend, "recommend LoRA rank and alpha",
              "Recommend LoRA rank and alpha (the lesson's table), with costs on a real model, or from the "
              "effective rank of trained updates.")
-    p.add_argument("--task", choices=recommend.TASKS, default=None)
+    p.add_argument("--task", choices=recommend.TASKS, default=None, help="task kind, for the rule table's row")
     p.add_argument("--model-size", default=None, help="7B, 13B or 70B (other sizes map to the nearest column)")
     p.add_argument("--data-size", type=int, default=None, help="number of training examples")
     p.add_argument("--model", nargs="?", const="default", default=None,
                    help="model to cost the recommendation on (directory, or no value for the embedded model)")
-    p.add_argument("--targets", type=_names, default=["q_proj", "v_proj"], help="target modules (q_proj,v_proj)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--precision", choices=estimate.PRECISIONS, default="bf16")
+    p.add_argument("--targets", type=_names, default=["q_proj", "v_proj"], help="target modules")
+    p.add_argument("--batch-size", type=int, default=4, help="batch size the costs are computed for")
+    p.add_argument("--seq-len", type=int, default=512, help="sequence length the costs are computed for")
+    p.add_argument("--precision", choices=estimate.PRECISIONS, default="bf16", help="precision of the costed step")
     p.add_argument("--adapter", default=None, help="data-driven mode: a trained adapter directory")
     p.add_argument("--tuned", default=None, help="data-driven mode: a fully fine-tuned model directory (with --base)")
     p.add_argument("--base", nargs="?", const="default", default=None, help="base model of --tuned")
@@ -299,19 +314,23 @@ def register(subparsers: Any) -> None:
 
     p = _add(subparsers, "estimate", cmd_estimate, "memory and FLOPs of a training step",
              "Memory breakdown and FLOPs of one training step: full fine-tuning, LoRA, QLoRA.")
-    p.add_argument("--model", default="7B", help="preset 7B/13B/70B, a config.json or model directory, or 'default'")
-    p.add_argument("--methods", type=_names, default=list(estimate.METHODS), help="full,lora,qlora")
-    p.add_argument("--batch-size", type=int, default=1)
-    p.add_argument("--seq-len", type=int, default=512)
-    p.add_argument("--precision", choices=estimate.PRECISIONS, default="bf16")
-    p.add_argument("--optimizer", choices=estimate.OPTIMIZERS, default="adamw")
-    p.add_argument("--optimizer-impl", choices=estimate.OPTIMIZER_IMPLS, default="per-tensor")
+    p.add_argument("--model", nargs="?", const="default", default="7B",
+                   help="preset 7B/13B/70B, a config.json, a model directory or .gguf file, or no value (or "
+                        "'default') for the embedded model (default: 7B)")
+    p.add_argument("--methods", type=_names, default=list(estimate.METHODS), help="methods to compare")
+    p.add_argument("--batch-size", type=int, default=1, help="sequences per step")
+    p.add_argument("--seq-len", type=int, default=512, help="tokens per sequence")
+    p.add_argument("--precision", choices=estimate.PRECISIONS, default="bf16", help="weights and activations")
+    p.add_argument("--optimizer", choices=estimate.OPTIMIZERS, default="adamw", help="optimizer of the trained weights")
+    p.add_argument("--optimizer-impl", choices=estimate.OPTIMIZER_IMPLS, default="per-tensor",
+                   help="AdamW's implementation (its temporary buffers differ)")
     p.add_argument("--state-precision", choices=("fp32", "bf16", "fp16"), default=None,
                    help="dtype of AdamW's moments (default: the trainable weights' dtype, as torch.optim)")
-    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass")
     p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
-    p.add_argument("--targets", type=_names, default=["q_proj", "v_proj"])
-    p.add_argument("--attention", choices=estimate.ATTENTIONS, default="sdpa")
+    p.add_argument("--targets", type=_names, default=["q_proj", "v_proj"], help="LoRA target modules")
+    p.add_argument("--attention", choices=estimate.ATTENTIONS, default="sdpa",
+                   help="attention kernel (eager keeps the scores for backward)")
     _common(p)
 
     p = _add(subparsers, "inspect", cmd_inspect, "what an adapter holds; does it fit a base",
@@ -327,7 +346,7 @@ def register(subparsers: Any) -> None:
              "(truncated SVD per module).")
     p.add_argument("--base", default="default", help="base model directory (default: the embedded model)")
     p.add_argument("--tuned", required=True, help="fully fine-tuned model directory")
-    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--rank", type=int, required=True, help="rank of the extracted adapter (the largest, with --energy)")
     p.add_argument("--out", required=True, help="output adapter directory")
     p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: rank)")
     p.add_argument("--targets", type=_names, default=None, help="module names/suffixes (default: all changed linears)")
@@ -337,7 +356,7 @@ def register(subparsers: Any) -> None:
     p = _add(subparsers, "resize", cmd_resize, "compress an adapter to a lower rank",
              "Compress a LoRA adapter to a lower rank by truncated SVD of each module's ΔW.")
     p.add_argument("adapter", help="adapter directory")
-    p.add_argument("--rank", type=int, required=True)
+    p.add_argument("--rank", type=int, required=True, help="new rank (the largest, with --energy)")
     p.add_argument("--out", required=True, help="output adapter directory")
     p.add_argument("--energy", type=float, default=None, help="per-module rank holding this energy (<= --rank)")
     _common(p, out_default=None)
@@ -350,10 +369,11 @@ def register(subparsers: Any) -> None:
     p.add_argument("--eval-samples", type=int, default=100, help="held-out examples per evaluation (default 100)")
     p.add_argument("--data", default=None, help="training JSONL (default: the bundled Rotten Tomatoes task)")
     p.add_argument("--eval-data", default=None, help="held-out JSONL (default: the bundled task's held-out split)")
-    p.add_argument("--model", default=None, help="base model directory or .gguf (default: the embedded SmolLM2-135M)")
+    p.add_argument("--model", nargs="?", const="default", default=None,
+                   help="base model directory or .gguf (default, or no value: the embedded SmolLM2-135M)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: lorakit train's, 1e-3)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of every run")
     p.add_argument("--output", default=None, help="parent directory of the runs (default runs/sweep-<time>)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--no-plot", action="store_true", help="write no PNG")

@@ -205,7 +205,8 @@ class MemoryEstimate:
 
 
 def load_shape(model: ModelShape | dict[str, Any] | str | Path) -> ModelShape:
-    """Resolve a preset name ("7B", "13B", "70B"), a config dict, a config.json or a model directory.
+    """Resolve a preset name ("7B", "13B", "70B"), a config dict, a config.json, a model directory or a
+    ``.gguf`` file ("default" / "embedded": the embedded model).
 
     Raises:
         FileNotFoundError: if a path does not exist or has no config.json.
@@ -225,6 +226,10 @@ def load_shape(model: ModelShape | dict[str, Any] | str | Path) -> ModelShape:
     path = Path(key)
     if not path.exists():
         raise FileNotFoundError(f"model {key!r}: not a preset ({', '.join(PRESETS)}) and no such path")
+    if path.is_file() and path.suffix == ".gguf":
+        from lorakit.analysis.weights import load_config
+
+        return ModelShape.from_config(load_config(path), name=path.name)
     cfg_path = path / "config.json" if path.is_dir() else path
     if not cfg_path.is_file():
         raise FileNotFoundError(f"model directory {key!r} has no config.json")

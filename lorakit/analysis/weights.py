@@ -118,9 +118,9 @@ def load_config(source: str | Path | None) -> dict[str, Any]:
     """
     path = resolve(source)
     if path.suffix == ".gguf" and path.is_file():
-        from lorakit.models import load_model_and_tokenizer
+        from transformers import AutoConfig  # reads the GGUF's metadata only, no tensors
 
-        return load_model_and_tokenizer(path)[0].config.to_dict()
+        return AutoConfig.from_pretrained(str(path.resolve().parent), gguf_file=path.name).to_dict()
     cfg = path / "config.json" if path.is_dir() else path.parent / "config.json"
     if not cfg.is_file():
         raise FileNotFoundError(f"no config.json next to model {str(source)!r}")

@@ -30,7 +30,8 @@ HELP: dict[str, str] = {
     "rank": "LoRA rank r",
     "alpha": "LoRA alpha (the update is scaled by alpha/r)",
     "dropout": "dropout on the LoRA branch input",
-    "target_modules": "modules to adapt: 'all-linear', a comma-separated list of names, or a regex",
+    "target_modules": "modules to adapt: 'all-linear', a comma-separated list of names or dotted name ends "
+    "(q_proj,self_attn.v_proj), or a regex (any of * + ? [ ] ( ) | ^ $ \\ { } makes it one)",
     "lr": "peak learning rate; empty = 1e-3 for lora, 5e-5 for full",
     "weight_decay": "AdamW weight decay",
     "warmup_ratio": "fraction of the steps spent in linear warm-up before the cosine decay",
@@ -45,7 +46,8 @@ HELP: dict[str, str] = {
     "seed": "random seed (data order, initialisation, dropout)",
     "precision": "'auto' (bf16 where the CPU supports it natively, else fp32), 'fp32' or 'bf16'; bf16 "
     "means bf16 base weights + fp32 adapters for lora, fp32 weights + bf16 autocast for full",
-    "save_steps": "write a resumable checkpoint every N steps (0 = only at the end)",
+    "save_steps": "write a resumable checkpoint every N steps (0 = none, except on Ctrl-C; a finished run "
+    "keeps only its adapter)",
     "eval_steps": "compute the held-out loss every N steps (0 = only before and after)",
     "logging_steps": "print a log line every N steps (every step is always written to log.jsonl)",
     "gradient_checkpointing": "recompute activations in the backward pass (less memory, slower)",

@@ -122,8 +122,9 @@ def prepare_model(model: Any, cfg: TrainConfig, base_name: str) -> Any:
     from lorakit import LoraConfig, get_lora_model, quantize_model_nf4
 
     targets: str | list[str] = cfg.target_modules
-    if targets != "all-linear" and not any(c in targets for c in ".*+?[]()|^$\\"):
-        targets = [t.strip() for t in targets.split(",") if t.strip()]  # plain names; else a regex
+    if targets != "all-linear" and not any(c in targets for c in "*+?[]()|^$\\{}"):
+        # names or dotted name ends (a list entry matches a full name or its end at a dot); else a regex
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
     if cfg.method == "qlora":
         quantize_model_nf4(model, skip=["lm_head"])  # QLoRA: the frozen base held in NF4
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
