@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from lorakit import __version__
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`lorakit ... | head`): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the flush at exit does not fail again
+        return 1
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError) as exc:
         # User-facing errors carry a message that names the bad value; no deep traceback.
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc

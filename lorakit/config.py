@@ -104,6 +104,8 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.r must be a positive integer, got {self.r!r}")
         if isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)):
             raise ValueError(f"LoraConfig.lora_alpha must be a number, got {self.lora_alpha!r}")
+        if not math.isfinite(self.lora_alpha):
+            raise ValueError(f"LoraConfig.lora_alpha must be finite, got {self.lora_alpha!r}")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in _BIAS_CHOICES:
@@ -135,6 +137,9 @@ class LoraConfig:
         for key, value in self.rank_pattern.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+        for key, value in self.alpha_pattern.items():
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ValueError(f"LoraConfig.alpha_pattern[{key!r}] must be a finite number, got {value!r}")
         if not (isinstance(self.init_lora_weights, bool) or isinstance(self.init_lora_weights, str)):
             raise TypeError(f"LoraConfig.init_lora_weights must be a bool or a string, got {self.init_lora_weights!r}")
 

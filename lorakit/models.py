@@ -12,6 +12,7 @@ interrupted conversion never leaves a half-written model that later loads would 
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata
 import importlib.util
 import os
@@ -19,7 +20,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
@@ -205,11 +206,25 @@ def load_model_and_tokenizer(
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        with _unreadable_model(path):
+            tokenizer = AutoTokenizer.from_pretrained(path)
+            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         _ensure_pad_token(tokenizer)
     model.eval()
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def _unreadable_model(path: Path) -> Iterator[None]:
+    """Turn what transformers raises on a broken model directory (bad config.json, missing or
+    truncated weights, an unknown model type) into one ``ValueError`` naming the directory."""
+    from safetensors import SafetensorError
+
+    try:
+        yield
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, UnicodeDecodeError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ValueError(f"model directory {str(path)!r} could not be loaded: {reason}") from exc
 
 
 def load_tokenizer(name_or_path: str | Path | None = None) -> Any:
@@ -224,7 +239,8 @@ def load_tokenizer(name_or_path: str | Path | None = None) -> Any:
         return _load_gguf(path, torch.float32)[1]
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    with _unreadable_model(path):
+        tokenizer = AutoTokenizer.from_pretrained(path)
     _ensure_pad_token(tokenizer)
     return tokenizer
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -212,3 +213,18 @@ def test_no_match_hint_names_wrapped_layers_not_their_insides():
         lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["nothing_here"]), adapter_name="b")
     hint = str(info.value).split("Targetable leaf names")[1]
     assert "'q_proj'" in hint and "base_layer" not in hint
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_alpha_is_refused(bad, tmp_path):
+    """A NaN or infinite alpha would turn every output into NaN; refused in the config, also on load."""
+    with pytest.raises(ValueError, match="lora_alpha must be finite"):
+        lk.LoraConfig(target_modules=["q_proj"], lora_alpha=bad)
+    with pytest.raises(ValueError, match=r"alpha_pattern\['q_proj'\] must be a finite number"):
+        lk.LoraConfig(target_modules=["q_proj"], alpha_pattern={"q_proj": bad})
+    m = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"]))
+    lk.save_adapter(m, tmp_path)
+    path = tmp_path / "adapter_config.json"
+    path.write_text(path.read_text().replace('"lora_alpha": 8', f'"lora_alpha": {json.dumps(bad)}'))  # NaN, Infinity
+    with pytest.raises(ValueError, match="lora_alpha must be finite"):
+        lk.load_adapter(tiny_llama(), tmp_path)

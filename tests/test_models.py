@@ -126,3 +126,18 @@ def test_empty_or_corrupt_gguf_names_the_file(tmp_path):
             models.load_tokenizer(path)
         with pytest.raises(ValueError, match="not a readable GGUF model file"):
             models.load_model_and_tokenizer(path)
+
+
+@pytest.mark.parametrize("damage", ["bad config.json", "no weights", "truncated weights"])
+def test_broken_model_directory_is_one_clear_error(tmp_path, damage):
+    """What transformers raises on a broken directory becomes one ValueError naming it."""
+    path = save_tiny_model(tmp_path / "m")
+    weights = path / "model.safetensors"
+    if damage == "bad config.json":
+        (path / "config.json").write_text("{not json")
+    elif damage == "no weights":
+        weights.unlink()
+    else:
+        weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"model directory {str(path)!r} could not be loaded: "):
+        models.load_model_and_tokenizer(path)

@@ -1,0 +1,23 @@
+"""The ``lorakit`` entry point itself: exit codes and what reaches stderr."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_a_closed_pipe_stops_quietly():
+    """``lorakit ... | head -1``: once the reader has gone, no BrokenPipeError traceback."""
+    code = ("import os, sys\n"
+            "r, w = os.pipe(); os.close(r); os.dup2(w, 1)\n"  # stdout: a pipe nobody reads
+            "from lorakit.cli import main\n"
+            "sys.exit(main(['lowrank', '--no-plot']))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr
+
+
+def test_user_errors_are_one_line_with_exit_2(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "lorakit.cli", "inspect", str(tmp_path / "nowhere")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("lorakit inspect: error: ") and "Traceback" not in proc.stderr
