@@ -247,3 +247,171 @@ def test_extract_from_gpt2_conv1d_layout(tmp_path):
     with torch.no_grad():
         assert torch.allclose(loaded(input_ids=ids).logits, tuned(input_ids=ids).logits, atol=1e-4)
     assert at.inspect_adapter(tmp_path / "ex", base=tmp_path / "b")["loads"]["ok"]
+
+
+# ---- bad input: every refusal is one clear error, and nothing on disk is overwritten or half-written ----
+
+def _files(path):
+    return {p.relative_to(path): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def test_resize_and_extract_refuse_an_existing_out(tmp_path, base_dir, capsys):
+    path, _ = _peft_adapter(tmp_path, r=4, lora_alpha=8)
+    before = _files(path)
+    with pytest.raises(FileExistsError, match="already exists and is not empty"):
+        at.resize_adapter(path, 2, path)  # in place
+    run = tmp_path / "run"  # a training run directory holding an adapter
+    run.mkdir()
+    (run / "adapter_config.json").write_text("{}")
+    (run / "log.jsonl").write_text("keep me\n")
+    kept = _files(run)
+    tuned_dir = _save_model(_tuned_copy(_llama(0), {"model.layers.0.self_attn.v_proj": 1}), tmp_path / "t")
+    with pytest.raises(FileExistsError, match="'.*run'"):
+        at.extract_adapter(base_dir, tuned_dir, 2, run)
+    assert main(["resize", str(path), "--rank", "2", "--out", str(run)]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert main(["extract", "--base", str(base_dir), "--tuned", str(tuned_dir), "--rank", "2", "--out", str(path)]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert _files(path) == before and _files(run) == kept
+    (tmp_path / "empty").mkdir()  # an existing empty directory is fine
+    at.resize_adapter(path, 2, tmp_path / "empty")
+    assert json.loads((tmp_path / "empty" / "adapter_config.json").read_text())["r"] == 2
+
+
+def test_a_failed_write_leaves_no_adapter(tmp_path, monkeypatch):
+    path, _ = _peft_adapter(tmp_path, r=4, lora_alpha=8)
+
+    def broken_save(tensors, filename, metadata=None):
+        with open(filename, "wb") as fh:
+            fh.write(b"half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(at, "save_file", broken_save)
+    out = tmp_path / "out" / "small"
+    with pytest.raises(OSError, match="disk full"):
+        at.resize_adapter(path, 2, out)
+    assert not out.exists() and list((tmp_path / "out").iterdir()) == []
+
+
+@pytest.mark.parametrize("alpha", [0.0, -2.0, float("nan"), float("inf")])
+def test_extract_refuses_alpha_that_is_not_finite_and_positive(tmp_path, base_dir, alpha):
+    tuned_dir = _save_model(_tuned_copy(_llama(0), {"model.layers.0.self_attn.v_proj": 1}), tmp_path / "t")
+    with pytest.raises(ValueError, match="alpha must be a finite number > 0"):
+        at.extract_adapter(base_dir, tuned_dir, 2, tmp_path / "ex", alpha=alpha)
+    assert not (tmp_path / "ex").exists()
+
+
+def _edit_config(path, **changes):
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+
+
+def test_resize_refuses_zero_scaling_and_handles_negative_alpha(tmp_path):
+    path, _ = _peft_adapter(tmp_path / "zero", r=4, lora_alpha=8)
+    _edit_config(path, lora_alpha=0)
+    with pytest.raises(ValueError, match="scaling 0"):
+        at.resize_adapter(path, 2, tmp_path / "z2")
+    assert not (tmp_path / "z2").exists()
+    # a negative alpha is a valid (sign-flipped) scaling: the resized factors must stay finite and exact
+    path, pm = _peft_adapter(tmp_path / "neg", r=4, lora_alpha=-8)
+    at.resize_adapter(path, 4, tmp_path / "n4")
+    loaded = _peft_deltas(peft.PeftModel.from_pretrained(_llama(0), tmp_path / "n4"))
+    for name, d in _peft_deltas(pm).items():
+        assert torch.allclose(loaded[name], d, atol=1e-5)
+
+
+def test_write_refuses_non_finite_tensors(tmp_path):
+    with pytest.raises(ValueError, match="NaN or inf.*lora_A"):
+        at._write_adapter(tmp_path / "out", {"r": 1}, {"m.lora_A.weight": torch.tensor([[float("nan")]]),
+                                                       "m.lora_B.weight": torch.ones(1, 1)})
+    assert not (tmp_path / "out").exists()
+
+
+def test_non_finite_alpha_or_tensors_are_clear_errors(tmp_path, capsys):
+    path, _ = _peft_adapter(tmp_path / "a", r=4, lora_alpha=8)
+    _edit_config(path, lora_alpha=float("nan"))  # json writes NaN, which json reads back
+    for argv in (["inspect", str(path)], ["resize", str(path), "--rank", "2", "--out", str(tmp_path / "o")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "lora_alpha" in err and "Traceback" not in err
+    path, _ = _peft_adapter(tmp_path / "b", r=4, lora_alpha=8)
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(path / "adapter_model.safetensors"))
+    key = sorted(sd)[0]
+    sd[key][0, 0] = float("inf")
+    save_file(sd, str(path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match=f"{key}.*NaN or inf"):
+        at.inspect_adapter(path)
+
+
+def test_resize_refuses_a_rank_above_the_adapters(tmp_path, capsys):
+    path, _ = _peft_adapter(tmp_path, r=4, lora_alpha=8)
+    assert main(["resize", str(path), "--rank", "64", "--out", str(tmp_path / "big")]) == 2
+    assert "above the adapter's largest rank (4)" in capsys.readouterr().err
+    assert not (tmp_path / "big").exists()
+
+
+def test_inspect_loads_verdict_is_the_loaders(tmp_path, base_dir, capsys):
+    # config says r=8, tensors are rank 4: lorakit's loader refuses it, so inspect must say NO
+    path, _ = _peft_adapter(tmp_path / "r", r=4, lora_alpha=8)
+    _edit_config(path, r=8)
+    rep = at.inspect_adapter(path, base=base_dir)
+    assert not rep["loads"]["ok"] and "shape mismatch" in rep["loads"]["problems"][0]
+    assert any("r=8" in w and "rank 4" in w for w in rep["warnings"])
+    assert main(["inspect", str(path), "--base", str(base_dir)]) == 1
+    out = capsys.readouterr().out
+    assert f"loads against {base_dir}: NO" in out and "warning:" in out and "r=8" in out
+    # lora_alpha as a string: the loader's own message
+    path, _ = _peft_adapter(tmp_path / "s", r=4, lora_alpha=8)
+    _edit_config(path, lora_alpha="16")
+    assert main(["inspect", str(path), "--base", str(base_dir)]) == 2
+    assert "lora_alpha must be a number" in capsys.readouterr().err
+
+
+def test_mismatched_factor_ranks_are_refused(tmp_path):
+    path, _ = _peft_adapter(tmp_path, r=4, lora_alpha=8)
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(path / "adapter_model.safetensors"))
+    key = next(k for k in sorted(sd) if "lora_A" in k)
+    sd[key] = sd[key][:2]
+    save_file(sd, str(path / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="ranks .* must agree"):
+        at.read_adapter(path)
+
+
+@pytest.mark.parametrize("content,message", [
+    (b"[1, 2]", "expected a JSON object"),
+    (b"{not json", "not valid JSON"),
+    (b'{"r": 4, "lora_alpha": "\xff"}', "not valid JSON"),
+], ids=["list", "bad-json", "not-utf8"])
+def test_unreadable_adapter_config_names_the_file(tmp_path, capsys, content, message):
+    path, _ = _peft_adapter(tmp_path, r=4, lora_alpha=8)
+    (path / "adapter_config.json").write_bytes(content)
+    for argv in (["inspect", str(path)], ["resize", str(path), "--rank", "2", "--out", str(tmp_path / "o")],
+                 ["recommend", "--adapter", str(path)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and str(path / "adapter_config.json") in err
+
+
+def test_truncated_weights_are_one_line_errors(tmp_path, base_dir, capsys):
+    path, _ = _peft_adapter(tmp_path, r=4, lora_alpha=8)
+    weights = path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    for argv in (["inspect", str(path)], ["resize", str(path), "--rank", "2", "--out", str(tmp_path / "o")],
+                 ["recommend", "--adapter", str(path)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "truncated or corrupt" in err and str(weights) in err
+    tuned = _save_model(_llama(1), tmp_path / "m_trunc")
+    model_file = tuned / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:5000])
+    for argv in (["extract", "--base", str(base_dir), "--tuned", str(tuned), "--rank", "2", "--out", str(tmp_path / "x")],
+                 ["lowrank", "--model", str(tuned), "--no-plot"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "truncated or corrupt" in err and str(model_file) in err
+    assert not (tmp_path / "x").exists()

@@ -118,3 +118,30 @@ def test_embedded_model_by_flag_without_value_and_by_gguf_file(capsys):
     shape = load_shape(gguf)
     assert (shape.hidden_size, shape.num_layers, shape.vocab_size) == (576, 30, 49152)
     assert dataclasses.replace(shape, name="x") == dataclasses.replace(load_shape("default"), name="x")
+
+
+def test_unusable_model_configs_are_clear_errors(tmp_path, capsys):
+    good = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 160, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512}
+    listed = tmp_path / "listcfg.json"
+    listed.write_text(json.dumps([good]))
+    with pytest.raises(ValueError, match="listcfg.json: expected a JSON object"):
+        load_shape(listed)
+    broken = tmp_path / "broken.json"
+    broken.write_text("{oops")
+    with pytest.raises(ValueError, match="broken.json: not valid JSON"):
+        load_shape(broken)
+    with pytest.raises(ValueError, match="JSON object"):
+        ModelShape.from_config([good])
+    for key, value in (("num_attention_heads", 0), ("hidden_size", -64), ("vocab_size", "many")):
+        bad = tmp_path / f"{key}.json"
+        bad.write_text(json.dumps({**good, key: value}))
+        with pytest.raises(ValueError, match=f"{key} must be an integer >= 1, got {value!r}"):
+            load_shape(bad)
+    assert main(["estimate", "--model", str(tmp_path / "num_attention_heads.json")]) == 2
+    assert "num_attention_heads" in capsys.readouterr().err
+
+
+def test_empty_methods_is_refused(capsys):
+    assert main(["estimate", "--methods", ""]) == 2
+    assert "--methods is empty" in capsys.readouterr().err

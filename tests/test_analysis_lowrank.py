@@ -76,3 +76,17 @@ def test_model_spectrum_and_cli_plots(tmp_path, capsys):
     assert saved["synthetic"]["true_rank"] == 5
     assert main(["lowrank", "--model", str(path), "--module", "nothing_like_this", "--no-plot"]) == 2
     assert "nothing_like_this" in capsys.readouterr().err
+
+
+def test_ranks_out_of_range_are_refused(capsys):
+    with pytest.raises(ValueError, match=r"\[5000\] exceed min\(d, k\) = 100"):
+        lowrank.parameter_table(100, 100, [4, 5000])
+    assert main(["lowrank", "--ranks", "5000", "--d", "100", "--k", "100", "--no-plot"]) == 2
+    assert "5000" in capsys.readouterr().err
+    W = lowrank.synthetic_low_rank(10, 10, 2)
+    with pytest.raises(ValueError, match="ranks must be >= 1"):
+        lowrank.reconstruction_errors(W, [2, -3])
+    with pytest.raises(ValueError, match="ranks must be >= 1"):
+        lowrank.spectrum_report({"w": W}, [0])
+    assert main(["lowrank", "--svd-ranks=-3", "--no-plot"]) == 2
+    assert "-3" in capsys.readouterr().err

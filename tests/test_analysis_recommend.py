@@ -50,3 +50,10 @@ def test_cli(capsys):
     assert out.startswith("rank 4, alpha 8") and "1,000" in out
     assert main(["recommend", "--task", "simple", "--data-size", "500"]) == 2
     assert "--model-size" in capsys.readouterr().err
+
+
+def test_data_driven_flags_that_do_not_go_together(tmp_path, capsys):
+    assert main(["recommend", "--adapter", str(tmp_path), "--base", str(tmp_path)]) == 2
+    assert "--base needs --tuned" in capsys.readouterr().err
+    assert main(["recommend", "--adapter", str(tmp_path), "--tuned", str(tmp_path)]) == 2
+    assert "not both" in capsys.readouterr().err

@@ -34,3 +34,38 @@ def test_sweep_rejects_bad_ranks(tmp_path):
         run_sweep(TrainConfig(), [0, 4], tmp_path)
     with pytest.raises(ValueError, match="full"):
         run_sweep(TrainConfig(method="full"), [4], tmp_path)
+
+
+def test_sweep_refuses_existing_runs_before_training(tmp_path):
+    (tmp_path / "sweep" / "r4").mkdir(parents=True)
+    (tmp_path / "sweep" / "r4" / "log.jsonl").write_text("old run\n")
+
+    def load():
+        raise AssertionError("nothing may be trained")
+
+    with pytest.raises(FileExistsError, match=r"r4'.*choose another --output") as info:
+        run_sweep(TrainConfig(save_steps=0), [1, 4], tmp_path / "sweep", load=load, log=lambda s: None)
+    assert "--resume" not in str(info.value)
+    assert not (tmp_path / "sweep" / "r1").exists()
+
+
+def test_sweep_without_eval_data_says_so(tmp_path):
+    tok = tiny_tokenizer()
+    train_file = write_jsonl(toy_records(16), tmp_path / "train.jsonl")
+    base = TrainConfig(data=str(train_file), max_steps=1, batch_size=8, precision="fp32", save_steps=0)
+    logged = []
+    rows = run_sweep(base, [1], tmp_path / "sweep", load=lambda: (tiny_llama_lm(tok), tok), progress=False,
+                     log=logged.append)
+    assert rows[0]["eval_loss"] is None
+    assert any("no --eval-data" in line for line in logged)
+
+
+def test_sweep_help_says_what_the_flags_do(capsys):
+    from lorakit.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["sweep", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "0 = one full epoch" in text
+    assert "no evaluation unless this is given" in text
+    assert "write no sweep.png (each run still writes its own loss.png" in text

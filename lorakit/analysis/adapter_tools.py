@@ -15,16 +15,18 @@ import json
 import math
 import os
 import re
-import tempfile
+import secrets
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from lorakit.analysis.weights import is_default, load_config, load_state_dict, module_matches, weight_shapes
+from lorakit.analysis.weights import is_default, load_config, load_state_dict, module_matches, resolve, weight_shapes
+from lorakit.config import LoraConfig
+from lorakit.io import _check_tensors, _expected_tensors, read_adapter_files
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -40,14 +42,6 @@ _NOT_LINEAR = ("embed", "wte", "wpe", "lm_head", "word_embeddings", "position_em
 def natural_key(name: str) -> list[Any]:
     """Sort key that orders ``layers.2`` before ``layers.10``."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
-
-
-def pattern_value(patterns: dict[str, Any], module: str, default: Any) -> Any:
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key k with ``(.*\\.)?(k)$`` matching."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
 
 
 def scaling_of(alpha: float, r: int, use_rslora: bool) -> float:
@@ -100,12 +94,23 @@ class LoraModule:
 
 @dataclass
 class Adapter:
-    """A PEFT LoRA adapter read from a directory."""
+    """A PEFT LoRA adapter read from a directory.
+
+    Attributes:
+        path: the directory.
+        config: ``adapter_config.json`` as lorakit's loader reads it (defaults filled in).
+        modules: the LoRA modules, by module path.
+        other: tensors that are not LoRA factors (modules_to_save, biases, embedding base weights).
+        lora_config: the parsed config.
+        tensors: every tensor of the weights file, under its on-disk name.
+    """
 
     path: Path
     config: dict[str, Any]
     modules: dict[str, LoraModule]
     other: dict[str, torch.Tensor] = field(default_factory=dict)
+    lora_config: LoraConfig | None = None
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def size_on_disk(self) -> int:
         """Bytes of the adapter's files."""
@@ -113,37 +118,30 @@ class Adapter:
 
 
 def read_adapter(path: str | Path) -> Adapter:
-    """Read a PEFT LoRA adapter directory.
+    """Read a PEFT LoRA adapter directory, with the checks of lorakit's own loader
+    (:func:`lorakit.io.read_adapter_files`).
 
     Raises:
         FileNotFoundError: if the directory, its config or its weights are missing.
-        ValueError: if the config is not a LoRA config (no ``r`` / ``lora_alpha``, other peft_type)
-            or a module lacks its A or B factor.
+        ValueError: if the config is not valid JSON or not a usable LoRA config, the weights file is
+            truncated or corrupt, a module lacks its A or B factor or their ranks differ, a tensor
+            holds NaN or inf, or a module's scaling is not finite (the file or module is named).
     """
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"adapter directory {str(path)!r} does not exist")
-    cfg_path, w_path = root / CONFIG_NAME, root / WEIGHTS_NAME
-    if not cfg_path.is_file():
-        raise FileNotFoundError(f"{str(cfg_path)!r} not found")
-    if not w_path.is_file():
-        raise FileNotFoundError(f"{str(w_path)!r} not found (pickled adapter_model.bin is not loaded)")
-    config = json.loads(cfg_path.read_text())
-    if str(config.get("peft_type", "LORA")).upper() != "LORA":
-        raise ValueError(f"{str(cfg_path)!r}: peft_type {config.get('peft_type')!r} is not LORA")
-    for key in ("r", "lora_alpha"):
-        if key not in config:
-            raise ValueError(f"{str(cfg_path)!r} has no {key!r}")
+    lora_config, tensors = read_adapter_files(root)
+    w_path = root / WEIGHTS_NAME
     parts: dict[str, dict[str, torch.Tensor]] = {}
     other: dict[str, torch.Tensor] = {}
-    with safe_open(str(w_path), framework="pt") as fh:
-        for key in fh.keys():
-            m = _KEY.match(key)
-            if m:
-                parts.setdefault(m.group("module"), {})[m.group("part")] = fh.get_tensor(key)
-            else:
-                other[key] = fh.get_tensor(key)
-    rslora = bool(config.get("use_rslora", False))
+    for key, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"{w_path}: tensor {key!r} holds NaN or inf")
+        m = _KEY.match(key)
+        if m:
+            parts.setdefault(m.group("module"), {})[m.group("part")] = tensor
+        else:
+            other[key] = tensor
     modules: dict[str, LoraModule] = {}
     for name, p in sorted(parts.items(), key=lambda kv: natural_key(kv[0])):
         emb = "lora_embedding_A" in p or "lora_embedding_B" in p
@@ -152,11 +150,17 @@ def read_adapter(path: str | Path) -> Adapter:
             missing = a_key if a_key not in p else b_key
             raise ValueError(f"adapter {str(path)!r}: module {name!r} has no {missing}")
         A, B = p[a_key], p[b_key]
+        if A.dim() < 2 or B.dim() < 2 or A.shape[0] != B.shape[1]:
+            raise ValueError(f"{w_path}: module {name!r} has {a_key} of shape {list(A.shape)} and {b_key} of "
+                             f"shape {list(B.shape)}; their ranks (A's first, B's second dimension) must agree")
         kind = "embedding" if emb else ("conv2d" if A.dim() == 4 else "linear")
-        alpha = float(pattern_value(config.get("alpha_pattern") or {}, name, config["lora_alpha"]))
-        modules[name] = LoraModule(name, kind, A, B, alpha, scaling_of(alpha, int(A.shape[0]), rslora),
-                                   p.get("lora_magnitude_vector"))
-    return Adapter(root, config, modules, other)
+        alpha = lora_config.alpha_for(name)
+        scaling = scaling_of(alpha, int(A.shape[0]), lora_config.use_rslora)
+        if not math.isfinite(scaling):
+            raise ValueError(f"adapter {str(path)!r}: module {name!r} has scaling {scaling} (lora_alpha {alpha}); "
+                             f"it must be finite")
+        modules[name] = LoraModule(name, kind, A, B, alpha, scaling, p.get("lora_magnitude_vector"))
+    return Adapter(root, lora_config.to_dict(), modules, other, lora_config, tensors)
 
 
 def spectrum_of_product(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -193,14 +197,52 @@ def _base_key_shape(module: LoraModule, config: dict[str, Any]) -> tuple[int, ..
     return (inp, out) if config.get("fan_in_fan_out") else (out, inp)
 
 
+def _meta_model(base: str | Path | None) -> torch.nn.Module:
+    """The base model as lorakit loads it (``AutoModelForCausalLM``), built on the meta device: its
+    modules and shapes without reading or allocating any weight."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    path = resolve(base)
+    if not path.exists():
+        raise FileNotFoundError(f"base model {str(base)!r} does not exist")
+    try:
+        if path.is_file() and path.suffix == ".gguf":
+            config = AutoConfig.from_pretrained(str(path.resolve().parent), gguf_file=path.name)
+        else:
+            config = AutoConfig.from_pretrained(str(path if path.is_dir() else path.parent))
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"cannot build base model {str(base)!r} to check the adapter against: {exc}") from None
+
+
 def check_against_base(adapter: Adapter, base: str | Path | None) -> dict[str, Any]:
-    """Whether every adapted module exists in the base with the shape the adapter expects.
+    """Whether lorakit's loader (:func:`lorakit.io.load_adapter`) would load the adapter into the base.
+
+    The adapter goes through the loader's own checks (config, expected keys and shapes, dtypes)
+    against the base model built on the meta device; when they fail, the loader's message comes
+    first in "problems", followed by each adapted module missing from the base or of another shape.
+    A base transformers cannot build as a causal LM gets the per-module shape check only.
 
     Returns:
-        {"ok": bool, "problems": [str, ...]} — a problem names the module, expected and found shape.
+        {"ok": bool, "problems": [str, ...]}.
     """
-    shapes = weight_shapes(base)
     problems = []
+    try:
+        model = _meta_model(base)
+    except ValueError:
+        model = None  # not a causal LM transformers can build: the per-module shape check below only
+    if model is not None:
+        try:
+            config = adapter.lora_config or LoraConfig.from_dict(adapter.config, source=str(adapter.path / CONFIG_NAME))
+            tensors = adapter.tensors or read_adapter_files(adapter.path)[1]
+            required, optional = _expected_tensors(model, config)
+            _check_tensors(tensors, required, optional, str(adapter.path / WEIGHTS_NAME))
+        except (ValueError, TypeError) as exc:
+            problems.append(f"lorakit's loader refuses it: {exc}")
+        if not problems:
+            return {"ok": True, "problems": []}
+    shapes = weight_shapes(base)
     for name, mod in adapter.modules.items():
         key = f"{name}.weight"
         want = _base_key_shape(mod, adapter.config)
@@ -221,11 +263,16 @@ def inspect_adapter(path: str | Path, base: str | Path | None = None, check_base
         check_base: run the base check (set automatically when ``base`` is given).
 
     Returns:
-        A JSON-ready dict with "config", "modules" (list), "totals" and, with a base, "loads".
+        A JSON-ready dict with "config", "modules" (list), "totals", "warnings" (modules whose tensors
+        do not have the rank the config gives them) and, with a base, "loads".
     """
     ad = read_adapter(path)
-    rows = []
+    rows, warnings = [], []
     for name, mod in ad.modules.items():
+        configured = ad.lora_config.rank_for(name) if ad.lora_config is not None else mod.r
+        if configured != mod.r:
+            warnings.append(f"{name}: the config gives r={configured} (r / rank_pattern) but its tensors "
+                            f"have rank {mod.r}")
         _, s, _ = spectrum_of_product(*mod.factors())
         rows.append({
             "module": name, "kind": mod.kind, "r": mod.r, "alpha": mod.alpha, "scaling": mod.scaling,
@@ -241,6 +288,7 @@ def inspect_adapter(path: str | Path, base: str | Path | None = None, check_base
                                                   "fan_in_fan_out", "modules_to_save", "base_model_name_or_path")},
         "targets": sorted(targets) if isinstance(targets, list) else targets,
         "modules": rows,
+        "warnings": warnings,
         "totals": {
             "modules": len(rows),
             "params": sum(r["params"] for r in rows) + sum(t.numel() for t in ad.other.values()),
@@ -253,28 +301,51 @@ def inspect_adapter(path: str | Path, base: str | Path | None = None, check_base
     return report
 
 
-def _write_adapter(out: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
-    """Write config + safetensors atomically (temp files, then rename)."""
+def _check_out(out: str | Path) -> None:
+    """Refuse an output directory that would overwrite something (as ``lorakit merge`` does)."""
     root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
-    for name, write in ((WEIGHTS_NAME, lambda p: save_file({k: v.contiguous() for k, v in tensors.items()}, p,
-                                                            metadata={"format": "pt"})),
-                        (CONFIG_NAME, lambda p: Path(p).write_text(json.dumps(config, indent=2, sort_keys=True)))):
-        fd, tmp = tempfile.mkstemp(dir=root, suffix=".tmp")
-        os.close(fd)
-        try:
-            write(tmp)
-            os.replace(tmp, root / name)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    return root
+    if root.exists() and not root.is_dir():
+        raise FileExistsError(f"--out {str(out)!r} already exists and is not a directory")
+    if root.is_dir() and any(root.iterdir()):
+        raise FileExistsError(f"--out {str(out)!r} already exists and is not empty")
+
+
+def _write_adapter(out: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+    """Write config + safetensors into a new directory ``out``, atomically: both files go into a
+    temporary sibling directory that is then renamed, so a failure leaves no half-written adapter.
+
+    Raises:
+        FileExistsError: ``out`` exists and is not an empty directory.
+        ValueError: a tensor holds NaN or inf (nothing is written).
+    """
+    bad = sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    if bad:
+        raise ValueError(f"refusing to write {str(out)!r}: {len(bad)} tensor(s) would hold NaN or inf, "
+                         f"e.g. {bad[:3]}")
+    _check_out(out)
+    root = Path(out).resolve()
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = root.parent / f".{root.name}.{secrets.token_hex(4)}.tmp"
+    tmp.mkdir()
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
+        # fields sorted, rank / alpha patterns in their order (the first match wins: see LoraConfig.save)
+        (tmp / CONFIG_NAME).write_text(json.dumps(dict(sorted(config.items())), indent=2))
+        _check_out(out)  # again: something may have appeared there meanwhile
+        if root.exists():
+            root.rmdir()
+        os.rename(tmp, root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return Path(out)
 
 
 def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Balanced factors B (m, k), A (k, n) with scaling * B @ A = U_k S_k V_kᵀ."""
-    root = torch.sqrt(s[:k] / scaling)
-    return u[:, :k] * root, root[:, None] * vh[:k]
+    """Balanced factors B (m, k), A (k, n) with scaling * B @ A = U_k S_k V_kᵀ (scaling non-zero;
+    a negative one flips the sign of B)."""
+    root = torch.sqrt(s[:k] / abs(scaling))
+    return u[:, :k] * root * math.copysign(1.0, scaling), root[:, None] * vh[:k]
 
 
 def _factors_to_tensors(name: str, kind: str, B: torch.Tensor, A: torch.Tensor, conv_shape: tuple[int, ...] | None,
@@ -345,13 +416,18 @@ def extract_adapter(
         A report: per-module rank, relative error, ‖D‖ and ‖D‖/‖W‖; skipped changed tensors.
 
     Raises:
-        ValueError: if rank < 1, shapes differ, or nothing is left to extract.
+        ValueError: if rank < 1, alpha is not a finite number > 0, shapes differ, a weights file is
+            corrupt, or nothing is left to extract.
         FileNotFoundError: if a model path is missing.
+        FileExistsError: if ``out`` exists and is not an empty directory (nothing is overwritten).
     """
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
+    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
     if energy is not None and not 0 < energy <= 1:
         raise ValueError(f"energy must be in (0, 1], got {energy}")
+    _check_out(out)
     base_sd = load_state_dict(base)
     tuned_sd = load_state_dict(tuned)
     alpha = float(rank if alpha is None else alpha)
@@ -430,15 +506,27 @@ def resize_adapter(
         A report with per-module old/new rank and relative error ‖ΔW − ΔW'‖ / ‖ΔW‖.
 
     Raises:
-        ValueError: on rank < 1 or a DoRA adapter (its magnitude depends on ΔW's column norms).
+        ValueError: on rank < 1, a rank above the adapter's largest, a DoRA adapter (its magnitude
+            depends on ΔW's column norms), or a module whose scaling is zero (lora_alpha 0).
+        FileExistsError: if ``out`` exists and is not an empty directory (so never the input itself).
     """
     if rank < 1:
         raise ValueError(f"rank must be >= 1, got {rank}")
     if energy is not None and not 0 < energy <= 1:
         raise ValueError(f"energy must be in (0, 1], got {energy}")
+    _check_out(out)
     ad = read_adapter(path)
+    if not ad.modules:
+        raise ValueError(f"adapter {str(path)!r} holds no LoRA modules to resize")
     if ad.config.get("use_dora") or any(m.magnitude is not None for m in ad.modules.values()):
         raise ValueError(f"adapter {str(path)!r} is DoRA: resizing would change its magnitude normalisation")
+    largest = max(m.r for m in ad.modules.values())
+    if rank > largest:
+        raise ValueError(f"rank {rank} is above the adapter's largest rank ({largest}); resize only lowers ranks")
+    for mod in ad.modules.values():
+        if mod.scaling == 0:
+            raise ValueError(f"adapter {str(path)!r}: module {mod.name!r} has scaling 0 (lora_alpha {mod.alpha:g}), "
+                             f"so its ΔW is zero: there is nothing to resize")
     rslora = bool(ad.config.get("use_rslora", False))
     tensors: dict[str, torch.Tensor] = dict(ad.other)
     rows, ranks = [], {}

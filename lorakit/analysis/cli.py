@@ -105,6 +105,10 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     data_mode = args.adapter is not None or args.tuned is not None
     if not table_mode and not data_mode:
         raise ValueError("give --task/--data-size (rule table) or --adapter / --tuned (data-driven mode)")
+    if args.base is not None and args.tuned is None:
+        raise ValueError("--base needs --tuned (the fine-tuned model whose difference from --base is analysed)")
+    if args.adapter is not None and args.tuned is not None:
+        raise ValueError("give --adapter or --tuned (with --base), not both")
     if table_mode:
         if args.task is None or args.data_size is None:
             raise ValueError("the rule table needs both --task and --data-size")
@@ -153,6 +157,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 # ---- estimate --------------------------------------------------------------------------------
 def cmd_estimate(args: argparse.Namespace) -> int:
     """``lorakit estimate``: memory breakdown and FLOPs per method."""
+    if not args.methods:
+        raise ValueError(f"--methods is empty; give one or more of {', '.join(estimate.METHODS)}")
     shape = estimate.load_shape(args.model)
     results = [estimate.estimate_memory(shape, method=m, batch_size=args.batch_size, seq_len=args.seq_len,
                                         precision=args.precision, optimizer=args.optimizer,
@@ -189,6 +195,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             _table([(r["module"], r["kind"], r["r"], f"{r['alpha']:g}", f"{r['scaling']:.4g}", f"{r['params']:,}",
                      f"{r['delta_norm']:.4g}", r["rank90"], r["rank99"]) for r in rep["modules"]],
                    ("module", "kind", "r", "alpha", "scaling", "params", "‖ΔW‖", "r90", "r99"))]
+    text += [f"warning: {w}" for w in rep["warnings"]]
     if "loads" in rep:
         loads = rep["loads"]
         text.append(f"loads against {args.base}: {'yes' if loads['ok'] else 'NO'}")
@@ -365,10 +372,13 @@ def register(subparsers: Any) -> None:
              "The lesson's exercise: train the same task at several LoRA ranks (alpha = 2r) for the same "
              "number of steps, then print and plot trainable parameters, held-out loss, accuracy and step time.")
     p.add_argument("--ranks", type=_ints, default=list(sweep.DEFAULT_RANKS), help="ranks to train (default 1,2,4,8,16,32,64)")
-    p.add_argument("--max-steps", type=int, default=50, help="optimizer steps per rank (default 50)")
+    p.add_argument("--max-steps", type=int, default=50,
+                   help="optimizer steps per rank (default 50; 0 = one full epoch over the training data)")
     p.add_argument("--eval-samples", type=int, default=100, help="held-out examples per evaluation (default 100)")
     p.add_argument("--data", default=None, help="training JSONL (default: the bundled Rotten Tomatoes task)")
-    p.add_argument("--eval-data", default=None, help="held-out JSONL (default: the bundled task's held-out split)")
+    p.add_argument("--eval-data", default=None,
+                   help="held-out JSONL (default: the bundled task's held-out split when training on it; "
+                        "with your own --data, no evaluation unless this is given)")
     p.add_argument("--model", nargs="?", const="default", default=None,
                    help="base model directory or .gguf (default, or no value: the embedded SmolLM2-135M)")
     p.add_argument("--batch-size", type=int, default=8, help="examples per step (default 8)")
@@ -376,7 +386,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, default=0, help="random seed of every run")
     p.add_argument("--output", default=None, help="parent directory of the runs (default runs/sweep-<time>)")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    p.add_argument("--no-plot", action="store_true", help="write no PNG")
+    p.add_argument("--no-plot", action="store_true",
+                   help="write no sweep.png (each run still writes its own loss.png, as lorakit train does)")
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:

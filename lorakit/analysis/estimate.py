@@ -30,7 +30,6 @@ activation memory is well below full fine-tuning's even at equal batch and seque
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,9 +85,12 @@ class ModelShape:
         """Read the shape from a ``config.json`` dictionary of a Llama-style model.
 
         Raises:
-            ValueError: if a required key (hidden_size, intermediate_size, num_hidden_layers,
-                num_attention_heads, vocab_size) is missing.
+            ValueError: if the config is not a dict, a required key (hidden_size, intermediate_size,
+                num_hidden_layers, num_attention_heads, vocab_size) is missing, or a size is not an
+                integer >= 1.
         """
+        if not isinstance(config, dict):
+            raise ValueError(f"config of {name!r} must be a JSON object, got {type(config).__name__}")
         need = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
         missing = [k for k in need if config.get(k) is None]
         if missing:
@@ -96,16 +98,23 @@ class ModelShape:
                 f"config of {name!r} lacks {missing}: the estimator models Llama-style decoders "
                 f"(model_type {config.get('model_type')!r})"
             )
-        heads = int(config["num_attention_heads"])
-        h = int(config["hidden_size"])
+
+        def size(key: str, default: Any = None) -> int:
+            value = config.get(key) if config.get(key) is not None else default
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"config of {name!r}: {key} must be an integer >= 1, got {value!r}")
+            return value
+
+        heads = size("num_attention_heads")
+        h = size("hidden_size")
         return cls(
             hidden_size=h,
-            intermediate_size=int(config["intermediate_size"]),
-            num_layers=int(config["num_hidden_layers"]),
+            intermediate_size=size("intermediate_size"),
+            num_layers=size("num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=int(config.get("num_key_value_heads") or heads),
-            head_dim=int(config.get("head_dim") or h // heads),
-            vocab_size=int(config["vocab_size"]),
+            num_kv_heads=size("num_key_value_heads", heads),
+            head_dim=size("head_dim", h // heads),
+            vocab_size=size("vocab_size"),
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
             attention_bias=bool(config.get("attention_bias", False)),
             mlp_bias=bool(config.get("mlp_bias", False)),
@@ -210,7 +219,8 @@ def load_shape(model: ModelShape | dict[str, Any] | str | Path) -> ModelShape:
 
     Raises:
         FileNotFoundError: if a path does not exist or has no config.json.
-        ValueError: if the string is neither a preset nor a path.
+        ValueError: if the string is neither a preset nor a path, or the config is not a valid JSON
+            object of a Llama-style model (the file is named).
     """
     if isinstance(model, ModelShape):
         return model
@@ -233,7 +243,9 @@ def load_shape(model: ModelShape | dict[str, Any] | str | Path) -> ModelShape:
     cfg_path = path / "config.json" if path.is_dir() else path
     if not cfg_path.is_file():
         raise FileNotFoundError(f"model directory {key!r} has no config.json")
-    return ModelShape.from_config(json.loads(cfg_path.read_text()), name=path.name or key)
+    from lorakit.analysis.weights import read_json
+
+    return ModelShape.from_config(read_json(cfg_path), name=path.name or key)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:

@@ -34,10 +34,13 @@ def parameter_table(d: int = 1000, k: int = 1000, ranks: Sequence[int] = LESSON_
         compression = d*k / (r(d+k)), removed_pct = 100 * (1 - r(d+k) / (d*k)).
 
     Raises:
-        ValueError: if d, k or a rank is < 1.
+        ValueError: if d, k or a rank is < 1, or a rank exceeds min(d, k) (the matrix's own rank limit).
     """
     if d < 1 or k < 1:
         raise ValueError(f"matrix dimensions must be >= 1, got {d} x {k}")
+    too_big = [r for r in ranks if r > min(d, k)]
+    if too_big:
+        raise ValueError(f"rank(s) {too_big} exceed min(d, k) = {min(d, k)} of a {d} x {k} matrix")
     rows = []
     for r in ranks:
         if r < 1:
@@ -75,10 +78,12 @@ def reconstruction_errors(W: torch.Tensor, ranks: Sequence[int]) -> list[dict[st
         Rows of rank, abs_error ‖W − W_r‖_F, rel_error (divided by ‖W‖_F), energy captured.
 
     Raises:
-        ValueError: if W is not 2-D.
+        ValueError: if W is not 2-D or a rank is < 1.
     """
     if W.dim() != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(W.shape)}")
+    if any(int(r) < 1 for r in ranks):
+        raise ValueError(f"ranks must be >= 1, got {list(ranks)}")
     W = W.double()
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     norm = float(torch.linalg.vector_norm(W)) or 1.0
@@ -119,7 +124,13 @@ def select_weights(source: str | None, module: str | None = None, limit: int = 1
 
 def spectrum_report(weights: dict[str, torch.Tensor], ranks: Sequence[int] = LESSON_RANKS) -> dict[str, Any]:
     """Singular values of each matrix, energy captured and relative error at each rank, and the
-    effective ranks at 90% / 99% energy."""
+    effective ranks at 90% / 99% energy (a rank above a matrix's size counts as its full rank).
+
+    Raises:
+        ValueError: if a rank is < 1.
+    """
+    if any(int(r) < 1 for r in ranks):
+        raise ValueError(f"ranks must be >= 1, got {list(ranks)}")
     report: dict[str, Any] = {}
     for name, W in weights.items():
         S = torch.linalg.svdvals(W.double())

@@ -36,7 +36,10 @@ def run_sweep(base: TrainConfig, ranks: list[int], out_dir: str | Path,
 
     Raises:
         ValueError: no ranks, a rank < 1, or a method other than lora / qlora.
+        FileExistsError: a run directory ``out_dir/r<rank>`` already holds files (checked for every
+            rank before any training starts).
     """
+    from lorakit.train.data import BUILTIN_TASK
     from lorakit.train.loop import train
 
     if not ranks or any(not isinstance(r, int) or r < 1 for r in ranks):
@@ -44,6 +47,13 @@ def run_sweep(base: TrainConfig, ranks: list[int], out_dir: str | Path,
     if base.method == "full":
         raise ValueError("sweep compares LoRA ranks; --method full has no rank")
     out_dir = Path(out_dir)
+    for r in ranks:
+        run_dir = out_dir / f"r{r}"
+        if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
+            raise FileExistsError(f"run directory {str(run_dir)!r} already holds files; sweep starts every run "
+                                  f"afresh, so choose another --output")
+    if not base.eval_data and base.data not in (None, BUILTIN_TASK):
+        log("note: no --eval-data, so the runs are not evaluated (held-out loss and accuracy stay empty)")
     rows = []
     for r in ranks:
         cfg = TrainConfig.from_dict({**base.to_dict(), "rank": r, "alpha": 2.0 * r, "output": str(out_dir / f"r{r}")})

@@ -7,12 +7,13 @@ into a cached transformers directory, read the same way; a ``.gguf`` file is loa
 """
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 DEFAULT_NAMES = (None, "", "default", "embedded")
 
@@ -44,6 +45,31 @@ def _gguf_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k: v.detach() for k, v in model.state_dict().items()}
 
 
+def read_json(path: Path) -> dict[str, Any]:
+    """A JSON object from ``path``.
+
+    Raises:
+        ValueError: the file is not UTF-8, not valid JSON, or not a JSON object (the file is named).
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
+    return data
+
+
+@contextlib.contextmanager
+def open_safetensors(file: Path) -> Iterator[Any]:
+    """``safe_open`` a file, turning a short or corrupt file (on opening or reading) into a ValueError."""
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            yield fh
+    except SafetensorError as exc:
+        raise ValueError(f"{file} is truncated or corrupt: {exc}") from None
+
+
 def safetensors_files(source: str | Path) -> list[Path]:
     """The safetensors files holding a model's weights.
 
@@ -63,8 +89,10 @@ def safetensors_files(source: str | Path) -> list[Path]:
         return [path]
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        return [path / n for n in names]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
+            raise ValueError(f"{index}: 'weight_map' must map tensor names to file names")
+        return [path / n for n in sorted(set(weight_map.values()))]
     files = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("adapter_model"))
     if files:
         return files
@@ -82,6 +110,7 @@ def load_state_dict(source: str | Path | None, keys: list[str] | None = None) ->
 
     Raises:
         FileNotFoundError: see :func:`safetensors_files`.
+        ValueError: a weights file is truncated or corrupt.
     """
     path = resolve(source)
     if path.suffix == ".gguf" and path.is_file():
@@ -90,7 +119,7 @@ def load_state_dict(source: str | Path | None, keys: list[str] | None = None) ->
     wanted = set(keys) if keys is not None else None
     out: dict[str, torch.Tensor] = {}
     for file in safetensors_files(path):
-        with safe_open(str(file), framework="pt") as fh:
+        with open_safetensors(file) as fh:
             for name in fh.keys():
                 if wanted is None or name in wanted:
                     out[name] = fh.get_tensor(name)
@@ -104,7 +133,7 @@ def weight_shapes(source: str | Path | None) -> dict[str, tuple[int, ...]]:
         return {k: tuple(v.shape) for k, v in _gguf_state_dict(path).items()}
     out: dict[str, tuple[int, ...]] = {}
     for file in safetensors_files(path):
-        with safe_open(str(file), framework="pt") as fh:
+        with open_safetensors(file) as fh:
             for name in fh.keys():
                 out[name] = tuple(fh.get_slice(name).get_shape())
     return out
@@ -115,6 +144,7 @@ def load_config(source: str | Path | None) -> dict[str, Any]:
 
     Raises:
         FileNotFoundError: if a directory has no config.json.
+        ValueError: if config.json is not a valid JSON object.
     """
     path = resolve(source)
     if path.suffix == ".gguf" and path.is_file():
@@ -124,7 +154,7 @@ def load_config(source: str | Path | None) -> dict[str, Any]:
     cfg = path / "config.json" if path.is_dir() else path.parent / "config.json"
     if not cfg.is_file():
         raise FileNotFoundError(f"no config.json next to model {str(source)!r}")
-    return json.loads(cfg.read_text())
+    return read_json(cfg)
 
 
 def module_matches(module: str, targets: list[str] | tuple[str, ...] | str) -> bool:
