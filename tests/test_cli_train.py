@@ -75,6 +75,128 @@ def test_train_cli_bad_line_is_a_clean_error(trained, tmp_path, capsys):
     assert "Traceback" not in err
 
 
+def test_train_cli_failed_new_run_can_be_rerun(trained, tmp_path, capsys):
+    run = tmp_path / "r"
+    args = ["train", "--model", str(trained["model"]), "--data", str(trained["train"]), "--eval-data",
+            str(trained["eval"]), "--max-steps", "2", "--precision", "fp32", "--output", str(run), "--no-progress"]
+    assert main(args + ["--target-modules", "nosuchmod"]) == 2  # fails after the model is loaded
+    assert "nosuchmod" in capsys.readouterr().err and not run.exists()
+    assert main(args + ["--target-modules", "q_proj"]) == 0
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--init", "bogus"], "init must be one of"),
+    (["--target-modules", "q_proj["], "is not a valid regex"),
+    (["--weight-decay", "-5"], "weight_decay must be >= 0"),
+    (["--lora-plus-ratio", "nan"], "lora_plus_ratio must be a finite number"),
+    (["--alpha", "nan"], "alpha must be a finite number"),
+    (["--alpha", "inf"], "alpha must be a finite number"),
+    (["--epochs", "inf"], "epochs must be a finite number"),
+])
+def test_train_cli_rejects_bad_numbers_and_names_before_loading(trained, tmp_path, capsys, flags, problem):
+    code = main(["train", "--model", str(trained["model"]), "--data", str(trained["train"]), "--output",
+                 str(tmp_path / "r"), "--no-progress", *flags])
+    err = capsys.readouterr().err
+    assert code == 2 and problem in err and "Traceback" not in err
+    assert not (tmp_path / "r").exists()
+
+
+def test_train_and_merge_cli_output_that_is_a_file(trained, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    assert main(["train", "--model", str(trained["model"]), "--data", str(trained["train"]), "--output", str(afile),
+                 "--no-progress"]) == 2
+    assert f"{str(afile)!r} is a file" in capsys.readouterr().err
+    assert main(["merge", "--adapter", str(trained["run"]), "--out", str(afile)]) == 2
+    assert f"{str(afile)!r} is a file" in capsys.readouterr().err
+    assert afile.read_text() == "keep me"
+
+
+def test_train_cli_resume_refuses_config(trained, tmp_path, capsys):
+    y = tmp_path / "c.yaml"
+    y.write_text("rank: 2\n")
+    assert main(["train", "--resume", str(trained["run"]), "--config", str(y)]) == 2
+    assert "--config cannot be combined with --resume" in capsys.readouterr().err
+
+
+def test_train_cli_bad_config_file_names_it(tmp_path, capsys):
+    y = tmp_path / "bad.yaml"
+    y.write_text("rank: [\n")
+    assert main(["train", "--config", str(y)]) == 2
+    err = capsys.readouterr().err
+    assert str(y) in err and "not valid YAML" in err and "Traceback" not in err
+
+
+def test_full_method_warns_about_adapter_flags(capsys):
+    from lorakit.cli import build_parser
+    from lorakit.train.cli import config_from_args
+
+    cfg = config_from_args(build_parser().parse_args(["train", "--method", "full", "--rank", "4",
+                                                      "--target-modules", "q_proj"]))
+    assert cfg.method == "full"
+    err = capsys.readouterr().err
+    assert "warning: --method full" in err and "--rank, --target-modules" in err
+    config_from_args(build_parser().parse_args(["train", "--method", "full"]))
+    assert capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("flags, problem", [
+    (["--batch-size", "-1"], "--batch-size must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--max-samples", "-6"], "--max-samples must be >= 0"),
+    (["--max-length", "-1"], "--max-length must be >= 1"),
+])
+def test_eval_cli_rejects_bad_sizes_before_loading(trained, monkeypatch, capsys, flags, problem):
+    import lorakit.train.generate as gen
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the model must not be loaded")
+    monkeypatch.setattr(gen, "load_for_inference", no_load)
+    assert main(["eval", "--model", str(trained["model"]), "--data", str(trained["eval"]), *flags]) == 2
+    assert problem in capsys.readouterr().err
+
+
+def test_chat_and_generate_check_their_input_before_loading(trained, monkeypatch, capsys):
+    import lorakit.train.generate as gen
+
+    def no_load(*_a, **_k):
+        raise AssertionError("the model must not be loaded")
+    monkeypatch.setattr(gen, "load_for_inference", no_load)
+    assert main(["chat", "--model", str(trained["model"]), "--max-new-tokens", "0"]) == 2
+    assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
+    assert main(["generate", "--model", str(trained["model"]), "--raw", ""]) == 2
+    assert "the prompt is empty" in capsys.readouterr().err
+
+
+def test_corrupt_adapter_and_run_metadata_name_the_file(trained, tmp_path, capsys):
+    import shutil
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy(trained["run"] / name, adapter / name)
+    (adapter / "adapter_config.json").write_text("[1, 2]")
+    assert main(["generate", "--adapter", str(adapter), "hi"]) == 2
+    err = capsys.readouterr().err
+    assert "adapter_config.json' must hold a JSON object" in err and "Traceback" not in err
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    (run / "lorakit_run.json").write_text("{oops")
+    assert main(["generate", "--adapter", str(run), "hi"]) == 2
+    assert "lorakit_run.json' is not valid JSON" in capsys.readouterr().err
+
+
+def test_merge_cli_full_finetune_run_is_explained(trained, tmp_path, capsys):
+    import shutil
+
+    run = tmp_path / "full"
+    shutil.copytree(trained["model"], run / "model")  # what a --method full run holds
+    assert main(["merge", "--adapter", str(run), "--out", str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err
+    assert "is a full fine-tune run" in err and "already a plain" in err
+    assert not (tmp_path / "merged").exists()
+
+
 def test_generate_cli(trained, capsys):
     code = main(["generate", "--adapter", str(trained["run"]), PROMPT, "--max-new-tokens", "3", "--precision", "fp32"])
     out = capsys.readouterr().out.strip()

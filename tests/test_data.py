@@ -72,6 +72,25 @@ def test_missing_and_empty_files(tmp_path):
         D.read_jsonl(tmp_path / "empty.jsonl")
 
 
+def test_byte_order_mark_on_the_first_line_is_skipped(tmp_path):
+    path = tmp_path / "bom.jsonl"
+    path.write_text('\ufeff{"prompt": "p", "completion": "c"}\n{"text": "t"}\n', encoding="utf-8")
+    assert [e.answer for e in D.read_jsonl(path)] == ["c", None]
+
+
+def test_non_utf8_file_names_the_file_and_line(tmp_path):
+    path = tmp_path / "latin1.jsonl"
+    good = json.dumps({"prompt": "p", "completion": "c"}).encode()
+    path.write_bytes(good + b"\n" + good + b"\n" + '{"prompt": "caf\u00e9", "completion": "c"}\n'.encode("latin-1"))
+    with pytest.raises(ValueError, match=rf"{path}:3: not UTF-8 text"):
+        D.read_jsonl(path)
+
+
+def test_directory_is_not_reported_as_missing(tmp_path):
+    with pytest.raises(ValueError, match="is a directory"):
+        D.read_jsonl(tmp_path)
+
+
 def test_write_jsonl_roundtrip(tmp_path):
     ex = [D.Example(messages=[{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]),
           D.Example(text="t")]

@@ -236,6 +236,20 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tok, dat
     assert not (tmp_path / "run" / "adapter_model.safetensors").exists()
 
 
+def test_diverged_run_without_checkpoint_keeps_its_log(tmp_path, tok, data_files):
+    """A failed new run removes what it wrote, except when it diverged: log.jsonl shows how."""
+    model = tiny_llama_lm(tok)
+
+    def poison(step, _loss):
+        with torch.no_grad():
+            next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+    with pytest.raises(NonFiniteLossError, match="no checkpoint had been written yet"):
+        train(_cfg(tmp_path, data_files, max_steps=4, save_steps=0), model=model, tokenizer=tok, progress=False,
+              on_step=poison, log=_quiet)
+    lines = (tmp_path / "run" / "log.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1]
+
+
 def test_ctrl_c_saves_checkpoint_and_resumes(tmp_path, tok, data_files):
     def ctrl_c(step, _loss):
         if step == 2:
@@ -259,7 +273,142 @@ def test_bad_data_fails_before_training(tmp_path, tok):
     assert not (tmp_path / "run").exists()
 
 
+def test_failed_new_run_removes_what_it_wrote_and_can_be_rerun(tmp_path, tok, data_files):
+    cfg = _cfg(tmp_path, data_files, eval_data=str(data_files[1]), max_steps=2, target_modules="nosuchmod")
+    with pytest.raises(ValueError, match="nosuchmod"):  # fails after train_config.yaml and eval.jsonl are written
+        train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert not (tmp_path / "run").exists()
+    res = train(cfg.updated(target_modules="q_proj"), model=tiny_llama_lm(tok), tokenizer=tok, progress=False,
+                log=_quiet)
+    assert res.steps == 2
+    # an empty directory made beforehand is kept, and left empty
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="nosuchmod"):
+        train(cfg.updated(output=str(tmp_path / "empty")), model=tiny_llama_lm(tok), tokenizer=tok, progress=False,
+              log=_quiet)
+    assert (tmp_path / "empty").is_dir() and not list((tmp_path / "empty").iterdir())
+
+
+def test_ctrl_c_during_the_first_evaluation_leaves_no_run_behind(tmp_path, tok, data_files, monkeypatch):
+    import lorakit.train.loop as loop
+
+    def interrupted(*_a, **_k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(loop, "evaluate", interrupted)
+    cfg = _cfg(tmp_path, data_files, eval_data=str(data_files[1]), max_steps=2)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert not (tmp_path / "run").exists()
+
+
+def test_second_ctrl_c_before_any_checkpoint_does_not_point_to_resume(tmp_path, tok, data_files):
+    def ctrl_c(step, _loss):
+        raise KeyboardInterrupt  # what a second Ctrl-C raises mid-step
+    messages = []
+    with pytest.raises(KeyboardInterrupt):
+        train(_cfg(tmp_path, data_files, max_steps=4), model=tiny_llama_lm(tok), tokenizer=tok, progress=False,
+              on_step=ctrl_c, log=messages.append)
+    assert any("before the first checkpoint" in m for m in messages)
+    assert not any("--resume" in m for m in messages) and not (tmp_path / "run").exists()
+
+
+def test_failure_after_a_checkpoint_keeps_the_run_resumable(tmp_path, tok, data_files):
+    def boom(step, _loss):
+        if step == 3:
+            raise RuntimeError("stop here")
+    cfg = _cfg(tmp_path, data_files, max_steps=4, save_steps=2)
+    with pytest.raises(RuntimeError, match="stop here"):
+        train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, on_step=boom, log=_quiet)
+    assert json.loads((find_checkpoint(tmp_path / "run") / "trainer_state.json").read_text())["step"] == 2
+    assert train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet).steps == 4
+
+
+def test_killed_before_the_first_checkpoint_says_how_to_start_again(tmp_path, tok, data_files):
+    def kill(step, _loss):
+        raise SimulatedKill  # like SIGKILL: nothing can clean up
+    cfg = _cfg(tmp_path, data_files, max_steps=4)
+    with pytest.raises(SimulatedKill):
+        train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, on_step=kill, log=_quiet)
+    with pytest.raises(FileNotFoundError, match="delete .* start it again without --resume"):
+        train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+
+
+def test_output_that_is_a_file_is_a_clear_error(tmp_path, tok, data_files):
+    (tmp_path / "run").write_text("not a directory")
+    with pytest.raises(FileExistsError, match="is a file, not a directory"):
+        train(_cfg(tmp_path, data_files), model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert (tmp_path / "run").read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("name", ["trainable.safetensors", "optimizer.pt", "trainer_state.json"])
+def test_corrupt_checkpoint_file_is_a_clear_error_and_is_kept(tmp_path, tok, data_files, name):
+    def kill(step, _loss):
+        if step == 3:
+            raise SimulatedKill
+    cfg = _cfg(tmp_path, data_files, max_steps=4, save_steps=2)
+    with pytest.raises(SimulatedKill):
+        train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, on_step=kill, log=_quiet)
+    broken = tmp_path / "run" / "checkpoint" / name
+    broken.write_bytes(broken.read_bytes()[:40])  # truncated
+    with pytest.raises(ValueError) as info:
+        train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    msg = str(info.value)
+    assert "is unreadable" in msg and name in msg and "start the run again" in msg
+    assert broken.is_file() and find_checkpoint(tmp_path / "run") is not None  # nothing deleted
+
+
+def test_corrupt_run_info_names_the_file(tmp_path, tok, data_files):
+    cfg = _cfg(tmp_path, data_files, max_steps=2)
+    train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    (tmp_path / "run" / "lorakit_run.json").write_text('{"finished": tru')
+    with pytest.raises(ValueError, match=r"lorakit_run.json' is not valid JSON"):
+        train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+
+
 # ----------------------------------------------------------------------------- config
+@pytest.mark.parametrize("field, value, problem", [
+    ("alpha", float("nan"), "alpha must be a finite number"),
+    ("alpha", float("inf"), "alpha must be a finite number"),
+    ("weight_decay", -5.0, "weight_decay must be >= 0"),
+    ("lora_plus_ratio", float("nan"), "lora_plus_ratio must be a finite number"),
+    ("epochs", float("inf"), "epochs must be a finite number"),
+    ("lr", float("inf"), "lr must be a finite number"),
+    ("max_grad_norm", float("nan"), "max_grad_norm must be a finite number"),
+    ("init", "bogus", "init must be one of"),
+    ("init", "pissa_niter_x", "init must be one of"),
+    ("target_modules", "q_proj[", "target_modules 'q_proj\\[' is not a valid regex"),
+    ("target_modules", " , ", "names no module"),
+    ("data", 5, "data must be a string"),
+])
+def test_config_rejects_bad_values_up_front(field, value, problem):
+    with pytest.raises(ValueError, match=problem):
+        TrainConfig(**{field: value})
+
+
+def test_config_accepts_every_documented_init_and_a_valid_regex():
+    for init in ("default", "gaussian", "pissa", "pissa_niter_4", "olora"):
+        assert TrainConfig(init=init).init == init
+    assert TrainConfig(target_modules=r".*\.(q|v)_proj").target_modules == r".*\.(q|v)_proj"
+
+
+@pytest.mark.parametrize("text, problem", [
+    (b"rank: [\n", "is not valid YAML"),
+    (b"rank: 4\ndata: 5\n", "data must be a string, got 5"),
+    (b"data: caf\xe9.jsonl\n", "is not UTF-8 text"),
+])
+def test_bad_config_file_names_the_file(tmp_path, text, problem):
+    y = tmp_path / "c.yaml"
+    y.write_bytes(text)
+    with pytest.raises(ValueError) as info:
+        TrainConfig.from_yaml(y)
+    assert str(y) in str(info.value) and problem in str(info.value)
+
+
+def test_config_path_that_is_a_directory_is_not_reported_as_missing(tmp_path):
+    with pytest.raises(ValueError, match="is a directory"):
+        TrainConfig.from_yaml(tmp_path)
+
+
 def test_config_yaml_validation_and_precedence(tmp_path):
     y = tmp_path / "c.yaml"
     y.write_text("rank: 4\nlr: 1e-3\nbatch-size: 2\ntarget_modules: [q_proj, v_proj]\nepochs: 2\n")

@@ -61,6 +61,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults < ``--config`` YAML (or the resumed run's saved config) < flags given."""
     names = [f.name for f in fields(TrainConfig) if f.name != "extra"]
     given = {n: getattr(args, n) for n in names if hasattr(args, n)}
+    if args.resume and args.config:
+        raise ValueError("--config cannot be combined with --resume: a resumed run uses its own train_config.yaml "
+                         f"(in {args.resume}); flags given with --resume override single options")
     if args.resume:
         from lorakit.train.loop import load_run_config
 
@@ -75,7 +78,17 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if "epochs" in given and "max_steps" not in given:
         given["max_steps"] = 0  # --epochs alone means "train for that many epochs"
     base.update(given)
-    return TrainConfig.from_dict(base, where="command line")
+    cfg = TrainConfig.from_dict(base, where="command line")
+    if cfg.method == "full" and not args.resume:
+        # The adapter options mean nothing to a full fine-tune; say so rather than ignore them silently.
+        defaults = TrainConfig()
+        ignored = [n for n in ("rank", "alpha", "dropout", "target_modules")
+                   if n in given or getattr(cfg, n) != getattr(defaults, n)]
+        if ignored:
+            flags = ", ".join("--" + n.replace("_", "-") for n in ignored)
+            print(f"warning: --method full trains every weight: ignoring {flags} (adapter options, for lora / "
+                  "qlora only)", file=sys.stderr)
+    return cfg
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -144,6 +157,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError("--use NAME needs adapters loaded with --adapter NAME=DIR")
     # Several --use: each positional argument is one (quoted) prompt; else the words form one prompt.
     prompts = list(args.prompt) if len(uses) > 1 else [" ".join(args.prompt)]
+    for i, prompt in enumerate(prompts):
+        if not prompt.strip():
+            which = f"prompt {i + 1}" if len(prompts) > 1 else "the prompt"
+            raise ValueError(f"{which} is empty: give the text to " + ("continue" if args.raw else "answer"))
     model, tok, _ = load_for_inference(args.model, specs[0][1] if specs else None, args.precision, merge=args.merge)
     if named:  # reload every adapter under its own name (load_for_inference named the first "default")
         from lorakit import delete_adapter
@@ -177,6 +194,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
     _quiet_transformers()
     from lorakit.train.generate import chat_loop, load_for_inference
 
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     model, tok, _ = load_for_inference(args.model, args.adapter, args.precision, merge=args.merge)
     return chat_loop(model, tok, args.max_new_tokens, "fp32", args.system)
 
@@ -187,6 +206,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from lorakit.train.data import load_examples
     from lorakit.train.generate import evaluate, format_metric, load_for_inference
 
+    for flag, value, least in (("--batch-size", args.batch_size, 1), ("--max-length", args.max_length, 1),
+                               ("--max-samples", args.max_samples, 0)):
+        if value < least:
+            raise ValueError(f"{flag} must be >= {least}" + (" (0 = all)" if least == 0 else "") + f", got {value}")
     examples = load_examples(args.data, "test")  # validated before the model is loaded
     if args.max_samples:
         examples = examples[: args.max_samples]
@@ -212,11 +235,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """Handler of ``lorakit merge``: adapter folded into the weights, saved as a plain model."""
     _quiet_transformers()
     from lorakit import merge_and_unload
-    from lorakit.train.generate import load_for_inference
+    from lorakit.train.generate import is_full_finetune_run, load_for_inference
 
     out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {str(out)!r} is a file, not a directory: choose another --out")
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"--out {str(out)!r} already exists and is not empty")
+    if is_full_finetune_run(args.adapter):
+        raise ValueError(f"--adapter {args.adapter!r} is a full fine-tune run: its model/ is already a plain "
+                         f"transformers model with nothing to merge (use {str(Path(args.adapter) / 'model')!r} "
+                         "directly, e.g. --model with generate / eval)")
     model, tok, _ = load_for_inference(args.model, args.adapter)
     plain = merge_and_unload(model)
     plain.config.use_cache = True

@@ -7,6 +7,8 @@ a 2-core CPU in a few minutes.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -55,6 +57,27 @@ HELP: dict[str, str] = {
     "when training starts)",
 }
 
+# --init values: LoRA's own initialisations and the variants' (``pissa_niter_K`` with an integer K).
+INIT_NAMES = ("default", "gaussian", "pissa", "pissa_niter_K", "olora")
+_REGEX_CHARS = "*+?[]()|^$\\{}"
+# Fields whose value is a path or name (None = the field's default meaning).
+_TEXT_FIELDS = ("model", "data", "eval_data", "output")
+
+
+def target_module_spec(target_modules: str) -> str | list[str]:
+    """What ``--target-modules`` means: ``"all-linear"``, a regex string (any of ``* + ? [ ] ( ) | ^ $
+    \\ { }`` makes it one), or a list of names / dotted name ends (comma-separated)."""
+    if target_modules == "all-linear" or any(c in target_modules for c in _REGEX_CHARS):
+        return target_modules
+    return [t.strip() for t in target_modules.split(",") if t.strip()]
+
+
+def _known_init(name: str) -> bool:
+    key = name.lower()
+    if key.startswith("pissa_niter_"):
+        return key[len("pissa_niter_"):].isdigit()
+    return key in INIT_NAMES
+
 
 @dataclass
 class TrainConfig:
@@ -100,8 +123,24 @@ class TrainConfig:
         """Check every value; raises ValueError naming the bad field and value."""
         if self.method not in ("lora", "qlora", "full"):
             raise ValueError(f"method must be 'lora', 'qlora' or 'full', got {self.method!r}")
-        if not isinstance(self.lora_plus_ratio, (int, float)) or self.lora_plus_ratio < 0:
+        for name in _TEXT_FIELDS:
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"{name} must be a string (a path or name), got {value!r}")
+        # Every number must be finite: nan passes comparisons like ``alpha <= 0`` unnoticed, and inf
+        # turns into a non-finite loss or a step count that does not fit an int.
+        for name in ("alpha", "dropout", "lora_plus_ratio", "lr", "weight_decay", "warmup_ratio", "epochs",
+                     "max_grad_norm"):
+            value = getattr(self, name)
+            if name == "lr" and value is None:
+                continue
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value!r}")
+        if self.lora_plus_ratio < 0:
             raise ValueError(f"lora_plus_ratio must be >= 0, got {self.lora_plus_ratio!r}")
+        if not isinstance(self.init, str) or not _known_init(self.init):
+            raise ValueError(f"init must be one of {', '.join(INIT_NAMES)} (K an integer, e.g. pissa_niter_4), "
+                             f"got {self.init!r}")
         if self.method == "full" and (self.use_dora or self.use_rslora or self.lora_plus_ratio or self.init != "default"):
             raise ValueError("use_dora / use_rslora / lora_plus_ratio / init apply to --method lora or qlora, not full")
         if self.precision not in ("auto", "fp32", "bf16"):
@@ -126,8 +165,21 @@ class TrainConfig:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.alpha <= 0:
             raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
-        if not self.target_modules:
-            raise ValueError("target_modules must not be empty")
+        if self.weight_decay < 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay!r}")
+        if self.max_grad_norm < 0:
+            raise ValueError(f"max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm!r}")
+        if not isinstance(self.target_modules, str) or not self.target_modules.strip(","):
+            raise ValueError(f"target_modules must be a non-empty string, got {self.target_modules!r}")
+        spec = target_module_spec(self.target_modules)
+        if not spec:
+            raise ValueError(f"target_modules {self.target_modules!r} names no module")
+        if isinstance(spec, str) and spec != "all-linear":
+            try:
+                re.compile(spec)
+            except re.error as exc:
+                raise ValueError(f"target_modules {spec!r} is not a valid regex ({exc}); for plain names, "
+                                 "give a comma-separated list without regex characters") from None
 
     @property
     def learning_rate(self) -> float:
@@ -167,12 +219,22 @@ class TrainConfig:
 
         Raises:
             FileNotFoundError: if the file is missing.
-            ValueError: if it is not a mapping or holds unknown keys / bad values.
+            ValueError: if it is not UTF-8 YAML, not a mapping, or holds unknown keys / bad values.
         """
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"config file {str(path)!r} is a directory, not a YAML file")
         if not path.is_file():
             raise FileNotFoundError(f"config file {str(path)!r} not found")
-        d = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        try:
+            d = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"config file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+            raise ValueError(f"config file {str(path)!r} is not valid YAML: {problem}{where}") from None
         if not isinstance(d, dict):
             raise ValueError(f"config file {str(path)!r} must hold a mapping of option: value")
         return cls.from_dict(d, where=str(path))
@@ -191,6 +253,10 @@ def _coerce(name: str, value: Any, where: str) -> Any:
         return None
     if name == "target_modules" and isinstance(value, (list, tuple)):
         return ",".join(str(v) for v in value)
+    if name in _TEXT_FIELDS or isinstance(default, str):
+        if not isinstance(value, str):
+            raise ValueError(f"{where}: {name} must be a string, got {value!r}")
+        return value
     kind = type(default)
     if name == "lr":
         kind = float

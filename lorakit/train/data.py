@@ -154,25 +154,44 @@ def read_jsonl(path: str | Path) -> list[Example]:
 
     Raises:
         FileNotFoundError: if the file does not exist.
-        ValueError: on the first bad line, naming its line number and the problem.
+        ValueError: if it is a directory or not UTF-8 text; on the first bad line, naming its line
+            number and the problem.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"data file {str(path)!r} is a directory, not a JSONL file")
     if not path.is_file():
         raise FileNotFoundError(f"data file {str(path)!r} not found")
     examples = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
-            examples.append(parse_record(obj, where))
+    try:
+        # utf-8-sig: a byte-order mark (written by some editors) at the start of the file is skipped.
+        with path.open(encoding="utf-8-sig") as fh:
+            for lineno, line in enumerate(fh, start=1):
+                if not line.strip():
+                    continue
+                where = f"{path}:{lineno}"
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise ValueError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+                examples.append(parse_record(obj, where))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}:{_first_non_utf8_line(path)}: not UTF-8 text ({exc.reason}); "
+                         "save the file as UTF-8") from None
     if not examples:
         raise ValueError(f"data file {str(path)!r} has no records")
     return examples
+
+
+def _first_non_utf8_line(path: Path) -> int:
+    """Number of the first line of ``path`` that is not valid UTF-8 (for the error message)."""
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return lineno
+    return 1
 
 
 def write_jsonl(examples: list[Example], path: str | Path) -> None:

@@ -322,12 +322,40 @@ def evaluate(model: Any, tokenizer: Any, examples: list[Example], max_length: in
 
 
 # --------------------------------------------------------------------------- loading
+def read_json_object(path: str | Path) -> dict[str, Any]:
+    """A JSON file holding an object (a run's or an adapter's metadata).
+
+    Raises:
+        ValueError: naming the file, if it is not UTF-8 JSON or holds something other than an object.
+    """
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{str(path)!r} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
 def read_run_info(directory: str | Path) -> dict[str, Any]:
-    """The ``lorakit_run.json`` of a run directory, or {} if absent."""
+    """The ``lorakit_run.json`` of a run directory, or {} if absent.
+
+    Raises:
+        ValueError: naming the file, if it is not a JSON object.
+    """
     path = Path(directory) / RUN_INFO
     if path.is_file():
-        return json.loads(path.read_text(encoding="utf-8"))
+        return read_json_object(path)
     return {}
+
+
+def is_full_finetune_run(directory: str | Path) -> bool:
+    """True for the run directory of a ``--method full`` run: a whole model in model/, no adapter."""
+    path = Path(directory)
+    return (path / "model" / "config.json").is_file() and not (path / "adapter_config.json").is_file()
 
 
 def load_for_inference(model: str | None = None, adapter: str | None = None,
@@ -364,7 +392,7 @@ def load_for_inference(model: str | None = None, adapter: str | None = None,
     if not path.is_dir():
         raise FileNotFoundError(f"adapter directory {adapter!r} not found")
     run = read_run_info(path)
-    if (path / "model" / "config.json").is_file() and not (path / "adapter_config.json").is_file():
+    if is_full_finetune_run(path):
         if merge:
             raise ValueError(f"--merge: {adapter!r} is a full fine-tune (its model/ holds every weight), "
                              "there is no adapter to merge")
@@ -379,8 +407,8 @@ def load_for_inference(model: str | None = None, adapter: str | None = None,
     if model is None:
         model = run.get("model")
         if model is None and "model" not in run:
-            recorded = json.loads((path / "adapter_config.json").read_text()).get("base_model_name_or_path")
-            if recorded and os.path.exists(recorded):
+            recorded = read_json_object(path / "adapter_config.json").get("base_model_name_or_path")
+            if isinstance(recorded, str) and recorded and os.path.exists(recorded):
                 model = recorded
     info["model"] = model
     m, tok = load_model_and_tokenizer(model, dtype=dtype)

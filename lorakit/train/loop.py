@@ -43,10 +43,11 @@ import torch
 import yaml
 
 from lorakit.ops.attention import restore_attention
-from lorakit.train.config import TrainConfig
+from lorakit.train.config import TrainConfig, target_module_spec
 from lorakit.train.data import (BUILTIN_TASK, Example, Tokenized, collate, epoch_batches, load_examples,
                                 tokenize_all, write_jsonl)
-from lorakit.train.generate import RUN_INFO, auto_threads, autocast, evaluate, eval_loss, format_metric, loss_sum, resolve_precision
+from lorakit.train.generate import (RUN_INFO, auto_threads, autocast, evaluate, eval_loss, format_metric, loss_sum,
+                                    read_json_object, read_run_info, resolve_precision)
 
 CHECKPOINT = "checkpoint"
 
@@ -121,10 +122,8 @@ def prepare_model(model: Any, cfg: TrainConfig, base_name: str) -> Any:
         return model
     from lorakit import LoraConfig, get_lora_model, quantize_model_nf4
 
-    targets: str | list[str] = cfg.target_modules
-    if targets != "all-linear" and not any(c in targets for c in "*+?[]()|^$\\{}"):
-        # names or dotted name ends (a list entry matches a full name or its end at a dot); else a regex
-        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    # names or dotted name ends (a list entry matches a full name or its end at a dot), or a regex
+    targets = target_module_spec(cfg.target_modules)
     if cfg.method == "qlora":
         quantize_model_nf4(model, skip=["lm_head"])  # QLoRA: the frozen base held in NF4
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
@@ -219,11 +218,12 @@ def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, sc
     """Restore parameters, optimizer, scheduler and RNG from ``path``; return the trainer state.
 
     Raises:
-        ValueError: if the checkpoint does not fit the model (names or shapes differ).
+        ValueError: if a checkpoint file is unreadable, or the checkpoint does not fit the model
+            (names or shapes differ).
     """
     from safetensors.torch import load_file
 
-    saved = load_file(str(path / "trainable.safetensors"))
+    saved = _read_checkpoint_file(path, "trainable.safetensors", lambda f: load_file(str(f)))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     if set(saved) != set(params):
         missing, extra = sorted(set(params) - set(saved))[:3], sorted(set(saved) - set(params))[:3]
@@ -234,10 +234,33 @@ def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, sc
                 raise ValueError(f"checkpoint {path}: {name} has shape {list(saved[name].shape)}, "
                                  f"the model expects {list(p.shape)}")
             p.copy_(saved[name])
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["torch"])
-    return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    state = _read_checkpoint_file(path, "trainer_state.json", _read_trainer_state)
+    _read_checkpoint_file(path, "optimizer.pt", lambda f: optimizer.load_state_dict(torch.load(f, weights_only=True)))
+    _read_checkpoint_file(path, "scheduler.pt", lambda f: scheduler.load_state_dict(torch.load(f, weights_only=True)))
+    _read_checkpoint_file(path, "rng.pt", lambda f: torch.set_rng_state(torch.load(f, weights_only=True)["torch"]))
+    return state
+
+
+def _read_trainer_state(path: Path) -> dict[str, Any]:
+    state = read_json_object(path)
+    missing = [k for k in ("step", "tokens", "train_seconds", "epoch", "micro_batch") if k not in state]
+    if missing:
+        raise ValueError(f"missing {missing}")
+    return state
+
+
+def _read_checkpoint_file(path: Path, name: str, read: Callable[[Path], Any]) -> Any:
+    """``read(path / name)``; a truncated or corrupt file becomes a ValueError saying what to do."""
+    try:
+        return read(path / name)
+    except Exception as exc:  # safetensors, torch.load, json: each has its own error types
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        run_dir = path.parent
+        other = next((c for c in (run_dir / CHECKPOINT, run_dir / ".checkpoint-old")
+                      if c != path and (c / "trainer_state.json").is_file()), None)
+        todo = (f"delete {str(path)!r} to resume from the previous checkpoint {str(other)!r}, or " if other else "")
+        raise ValueError(f"checkpoint {str(path)!r} is unreadable: {name}: {reason}. To continue, {todo}delete "
+                         f"the run directory {str(run_dir)!r} and start the run again without --resume") from None
 
 
 # --------------------------------------------------------------------------- outputs
@@ -351,11 +374,14 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
     """
     wall_start = time.time()
     run_dir = Path(cfg.output) if cfg.output else default_run_dir(cfg)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"output {str(run_dir)!r} is a file, not a directory: choose another --output")
     ckpt = find_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
-        if (run_dir / RUN_INFO).is_file() and json.loads((run_dir / RUN_INFO).read_text()).get("finished"):
+        if read_run_info(run_dir).get("finished"):
             raise ValueError(f"run {str(run_dir)!r} already finished; nothing to resume")
-        raise FileNotFoundError(f"cannot resume: no checkpoint in {str(run_dir)!r}")
+        raise FileNotFoundError(f"cannot resume: no checkpoint in {str(run_dir)!r} (the run stopped before writing "
+                                f"one: delete {str(run_dir)!r} and start it again without --resume)")
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(f"output directory {str(run_dir)!r} already holds files; pass --resume "
                               f"{run_dir} to continue that run, or choose another --output")
@@ -400,150 +426,164 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
     eval_data = tokenize_all(tokenizer, eval_examples, cfg.max_length, what="eval data") if eval_examples else []
 
     base_name = cfg.model or "SmolLM2-135M-Instruct"
+    created = not run_dir.exists()
     run_dir.mkdir(parents=True, exist_ok=True)
-    if not resume:
-        (run_dir / "train_config.yaml").write_text(yaml.safe_dump(dict(cfg.to_dict(), output=str(run_dir)), sort_keys=False))
-        if eval_examples:
-            write_jsonl(eval_examples, run_dir / "eval.jsonl")
-
-    def run_eval(tag: str) -> dict[str, Any]:
-        if not eval_examples:
-            return {}
-        t0 = time.time()
-        res = evaluate(model, tokenizer, eval_examples, cfg.max_length, max(cfg.batch_size, 16), amp)
-        log(f"[{tag}] held-out loss {res['loss']:.4f}, accuracy {format_metric(res['accuracy'], True)} "
-            f"on {res['n']} examples ({time.time() - t0:.0f} s)")
-        return {k: v for k, v in res.items() if k != "predictions"} | {"samples": res["predictions"][:5]}
-
-    before = run_eval("before") if not resume else {}
-
-    attention_before = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    model = prepare_model(model, cfg, base_name)
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()  # trainable weights are always fp32 (AdamW precision)
-    if cfg.gradient_checkpointing:
-        from lorakit.models import enable_checkpointing
-
-        enable_checkpointing(model)
-    model.config.use_cache = False
-    params = [p for p in model.parameters() if p.requires_grad]
-    n_train = sum(p.numel() for p in params)
-    n_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-    per_epoch, total_steps = plan_steps(cfg, len(train_data))
-    warmup = math.ceil(cfg.warmup_ratio * total_steps)
-    if cfg.lora_plus_ratio:
-        from lorakit import create_loraplus_optimizer  # LoRA+: B learns ratio x faster than A
-
-        optimizer = fused_if_supported(lambda **kw: create_loraplus_optimizer(
-            model, lr=cfg.learning_rate, ratio=cfg.lora_plus_ratio, weight_decay=cfg.weight_decay, **kw))
-    else:
-        optimizer = fused_if_supported(lambda **kw: torch.optim.AdamW(
-            params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **kw))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
-
-    step, tokens_done, train_seconds = 0, 0, 0.0
-    losses: list[float] = []
-    if ckpt is not None:
-        state = load_checkpoint(ckpt, model, optimizer, scheduler)
-        step, tokens_done, train_seconds = state["step"], state["tokens"], state["train_seconds"]
-        before, losses = state.get("before", {}), state.get("losses", [])
-        log(f"resumed {run_dir} at step {step}/{total_steps} (epoch {state['epoch']}, micro-batch {state['micro_batch']})")
-    log_path = run_dir / "log.jsonl"
-    _truncate_log(log_path, step)
-
-    def write_checkpoint() -> None:
-        epoch, pos = divmod(step * cfg.grad_accum, per_epoch)
-        save_checkpoint(run_dir, model, optimizer, scheduler, {
-            "step": step, "total_steps": total_steps, "epoch": epoch, "micro_batch": pos,
-            "tokens": tokens_done, "train_seconds": train_seconds, "before": before, "losses": losses,
-            "seed": cfg.seed}, cfg)
-
-    log(f"training {cfg.method} on {len(train_data)} examples: {total_steps} steps of "
-        f"{cfg.batch_size}x{cfg.grad_accum}, lr {cfg.learning_rate:g}, {precision}, {threads} thread(s), "
-        f"{n_train:,} trainable parameters -> {run_dir}")
-    stop = {"flag": False}
-    old_handler = _install_sigint(stop)
-    batches_cache: dict[int, list[list[int]]] = {}
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-    interrupted = False
-    model.train()
     try:
-        with log_path.open("a", encoding="utf-8") as log_fh:
-            while step < total_steps:
-                t0 = time.time()
-                micro = [micro_batch(train_data, cfg, step * cfg.grad_accum + k, per_epoch, pad_id, batches_cache)
-                         for k in range(cfg.grad_accum)]
-                n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in micro)
-                step_loss, step_tokens = 0.0, 0
-                for _, batch in micro:
-                    with autocast(amp):
-                        loss, _ = loss_sum(model, batch)
-                    loss = loss / max(n_labels, 1)  # mean over the whole accumulated step's labels
-                    if not torch.isfinite(loss):
-                        raise NonFiniteLossError(_diverged_message(step + 1, "loss", run_dir))
-                    loss.backward()
-                    step_loss += float(loss.detach())
-                    step_tokens += int(batch["attention_mask"].sum())
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
-                if not torch.isfinite(norm):
-                    raise NonFiniteLossError(_diverged_message(step + 1, "gradient norm", run_dir))
-                lr = optimizer.param_groups[0]["lr"]
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                dt = time.time() - t0
-                train_seconds += dt
-                tokens_done += step_tokens
-                losses.append(step_loss)
-                rec = {"step": step, "epoch": micro[-1][0], "loss": round(step_loss, 6), "lr": lr,
-                       "grad_norm": round(float(norm), 6), "tokens": step_tokens,
-                       "tokens_per_s": round(step_tokens / max(dt, 1e-9), 1), "step_s": round(dt, 6),
-                       "elapsed_s": round(train_seconds, 2)}
-                if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps and eval_data:
-                    rec["eval_loss"] = eval_loss(model, eval_data, max(cfg.batch_size, 16), pad_id, amp)
-                log_fh.write(json.dumps(rec) + "\n")
-                log_fh.flush()
-                if bar is not None:
-                    bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_done / max(train_seconds, 1e-9):.0f}")
-                    bar.update(1)
-                elif cfg.logging_steps and step % cfg.logging_steps == 0:
-                    log(f"step {step}/{total_steps} loss {step_loss:.4f} lr {lr:.2e}")
-                if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
-                    write_checkpoint()
-                if on_step is not None:
-                    on_step(step, step_loss)
-                if stop["flag"] and step < total_steps:
-                    interrupted = True
-                    break
-    except KeyboardInterrupt:
-        # A second Ctrl-C mid-step: the model may be half-updated, so nothing is saved; the last
-        # checkpoint on disk stays the resume point.
-        log(f"stopped during step {step + 1}; resume from the last checkpoint with: lorakit train --resume {run_dir}")
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
-        _restore_sigint(old_handler)
-        if attention_before == "sdpa":  # switched by prepare_model: hand the model back as it came
-            restore_attention(model)
+        if not resume:
+            (run_dir / "train_config.yaml").write_text(yaml.safe_dump(dict(cfg.to_dict(), output=str(run_dir)), sort_keys=False))
+            if eval_examples:
+                write_jsonl(eval_examples, run_dir / "eval.jsonl")
 
-    result = TrainResult(run_dir=run_dir, steps=step, total_steps=total_steps, interrupted=interrupted,
-                         before=before, trainable_params=n_train, total_params=n_total,
-                         train_seconds=train_seconds, tokens_per_second=tokens_done / max(train_seconds, 1e-9),
-                         losses=losses)
-    if interrupted:
-        optimizer.zero_grad(set_to_none=True)
-        write_checkpoint()
-        log(f"interrupted at step {step}/{total_steps}: checkpoint saved; continue with: "
-            f"lorakit train --resume {run_dir}")
-        return result
+        def run_eval(tag: str) -> dict[str, Any]:
+            if not eval_examples:
+                return {}
+            t0 = time.time()
+            res = evaluate(model, tokenizer, eval_examples, cfg.max_length, max(cfg.batch_size, 16), amp)
+            log(f"[{tag}] held-out loss {res['loss']:.4f}, accuracy {format_metric(res['accuracy'], True)} "
+                f"on {res['n']} examples ({time.time() - t0:.0f} s)")
+            return {k: v for k, v in res.items() if k != "predictions"} | {"samples": res["predictions"][:5]}
+
+        before = run_eval("before") if not resume else {}
+
+        attention_before = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        model = prepare_model(model, cfg, base_name)
+        for p in model.parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()  # trainable weights are always fp32 (AdamW precision)
+        if cfg.gradient_checkpointing:
+            from lorakit.models import enable_checkpointing
+
+            enable_checkpointing(model)
+        model.config.use_cache = False
+        params = [p for p in model.parameters() if p.requires_grad]
+        n_train = sum(p.numel() for p in params)
+        n_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+        per_epoch, total_steps = plan_steps(cfg, len(train_data))
+        warmup = math.ceil(cfg.warmup_ratio * total_steps)
+        if cfg.lora_plus_ratio:
+            from lorakit import create_loraplus_optimizer  # LoRA+: B learns ratio x faster than A
+
+            optimizer = fused_if_supported(lambda **kw: create_loraplus_optimizer(
+                model, lr=cfg.learning_rate, ratio=cfg.lora_plus_ratio, weight_decay=cfg.weight_decay, **kw))
+        else:
+            optimizer = fused_if_supported(lambda **kw: torch.optim.AdamW(
+                params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **kw))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
+
+        step, tokens_done, train_seconds = 0, 0, 0.0
+        losses: list[float] = []
+        if ckpt is not None:
+            state = load_checkpoint(ckpt, model, optimizer, scheduler)
+            step, tokens_done, train_seconds = state["step"], state["tokens"], state["train_seconds"]
+            before, losses = state.get("before", {}), state.get("losses", [])
+            log(f"resumed {run_dir} at step {step}/{total_steps} (epoch {state['epoch']}, micro-batch {state['micro_batch']})")
+        log_path = run_dir / "log.jsonl"
+        _truncate_log(log_path, step)
+
+        def write_checkpoint() -> None:
+            epoch, pos = divmod(step * cfg.grad_accum, per_epoch)
+            save_checkpoint(run_dir, model, optimizer, scheduler, {
+                "step": step, "total_steps": total_steps, "epoch": epoch, "micro_batch": pos,
+                "tokens": tokens_done, "train_seconds": train_seconds, "before": before, "losses": losses,
+                "seed": cfg.seed}, cfg)
+
+        log(f"training {cfg.method} on {len(train_data)} examples: {total_steps} steps of "
+            f"{cfg.batch_size}x{cfg.grad_accum}, lr {cfg.learning_rate:g}, {precision}, {threads} thread(s), "
+            f"{n_train:,} trainable parameters -> {run_dir}")
+        stop = {"flag": False}
+        old_handler = _install_sigint(stop)
+        batches_cache: dict[int, list[list[int]]] = {}
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+        interrupted = False
+        model.train()
+        try:
+            with log_path.open("a", encoding="utf-8") as log_fh:
+                while step < total_steps:
+                    t0 = time.time()
+                    micro = [micro_batch(train_data, cfg, step * cfg.grad_accum + k, per_epoch, pad_id, batches_cache)
+                             for k in range(cfg.grad_accum)]
+                    n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in micro)
+                    step_loss, step_tokens = 0.0, 0
+                    for _, batch in micro:
+                        with autocast(amp):
+                            loss, _ = loss_sum(model, batch)
+                        loss = loss / max(n_labels, 1)  # mean over the whole accumulated step's labels
+                        if not torch.isfinite(loss):
+                            raise NonFiniteLossError(_diverged_message(step + 1, "loss", run_dir))
+                        loss.backward()
+                        step_loss += float(loss.detach())
+                        step_tokens += int(batch["attention_mask"].sum())
+                    norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
+                    if not torch.isfinite(norm):
+                        raise NonFiniteLossError(_diverged_message(step + 1, "gradient norm", run_dir))
+                    lr = optimizer.param_groups[0]["lr"]
+                    optimizer.step()
+                    scheduler.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    step += 1
+                    dt = time.time() - t0
+                    train_seconds += dt
+                    tokens_done += step_tokens
+                    losses.append(step_loss)
+                    rec = {"step": step, "epoch": micro[-1][0], "loss": round(step_loss, 6), "lr": lr,
+                           "grad_norm": round(float(norm), 6), "tokens": step_tokens,
+                           "tokens_per_s": round(step_tokens / max(dt, 1e-9), 1), "step_s": round(dt, 6),
+                           "elapsed_s": round(train_seconds, 2)}
+                    if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps and eval_data:
+                        rec["eval_loss"] = eval_loss(model, eval_data, max(cfg.batch_size, 16), pad_id, amp)
+                    log_fh.write(json.dumps(rec) + "\n")
+                    log_fh.flush()
+                    if bar is not None:
+                        bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_done / max(train_seconds, 1e-9):.0f}")
+                        bar.update(1)
+                    elif cfg.logging_steps and step % cfg.logging_steps == 0:
+                        log(f"step {step}/{total_steps} loss {step_loss:.4f} lr {lr:.2e}")
+                    if cfg.save_steps and step % cfg.save_steps == 0 and step < total_steps:
+                        write_checkpoint()
+                    if on_step is not None:
+                        on_step(step, step_loss)
+                    if stop["flag"] and step < total_steps:
+                        interrupted = True
+                        break
+        except KeyboardInterrupt:
+            # A second Ctrl-C mid-step: the model may be half-updated, so nothing is saved; the last
+            # checkpoint on disk stays the resume point.
+            if find_checkpoint(run_dir) is not None:
+                log(f"stopped during step {step + 1}; resume from the last checkpoint with: "
+                    f"lorakit train --resume {run_dir}")
+            else:
+                log(f"stopped during step {step + 1}, before the first checkpoint")
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
+            _restore_sigint(old_handler)
+            if attention_before == "sdpa":  # switched by prepare_model: hand the model back as it came
+                restore_attention(model)
+
+        result = TrainResult(run_dir=run_dir, steps=step, total_steps=total_steps, interrupted=interrupted,
+                             before=before, trainable_params=n_train, total_params=n_total,
+                             train_seconds=train_seconds, tokens_per_second=tokens_done / max(train_seconds, 1e-9),
+                             losses=losses)
+        if interrupted:
+            optimizer.zero_grad(set_to_none=True)
+            write_checkpoint()
+            log(f"interrupted at step {step}/{total_steps}: checkpoint saved; continue with: "
+                f"lorakit train --resume {run_dir}")
+            return result
+    except BaseException as exc:
+        # A new run that stops before its first checkpoint leaves nothing to resume: remove what it
+        # wrote, so the same command can simply be run again. A simulated SIGKILL cleans up nothing;
+        # a diverged run keeps its log.jsonl, which shows how the loss went (its message says so).
+        if (not resume and not isinstance(exc, (SimulatedKill, NonFiniteLossError))
+                and find_checkpoint(run_dir) is None):
+            _discard_new_run(run_dir, created, log)
+        raise
 
     # 4. Final artefacts, then the after-training evaluation.
     model.eval()
@@ -572,6 +612,20 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
     shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)
     log(results_table(result, cfg))
     return result
+
+
+def _discard_new_run(run_dir: Path, created: bool, log: Callable[[str], None]) -> None:
+    """Remove what a new run wrote: the directory if the run created it, else (it was empty) its contents."""
+    if created:
+        shutil.rmtree(run_dir, ignore_errors=True)
+    else:
+        for child in run_dir.iterdir():
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child, ignore_errors=True)
+            else:
+                child.unlink(missing_ok=True)
+    log(f"the run stopped before its first checkpoint: removed what it wrote to {run_dir}; "
+        "the same command starts it again")
 
 
 def _diverged_message(step: int, what: str, run_dir: Path) -> str:
