@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import warnings
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -19,13 +19,24 @@ def _check_names(model: nn.Module, names: list[str]) -> None:
         raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(state.configs)}")
 
 
+def _as_names(value: Any, what: str) -> list[str]:
+    """An adapter name or a list of names as a list; refuses other types and repeated names."""
+    names = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise TypeError(f"{what} must be an adapter name or a list of names, got {value!r}")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"{what} names {repeated} more than once (each adapter is applied once)")
+    return names
+
+
 def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
     """Make ``adapter_name`` (or a list: their updates are summed) the active adapter(s).
 
     Which adapters train is not changed (see ``set_trainable``). Merged adapters that are not in the
     new active set are unmerged first, so the model computes exactly the active adapters.
     """
-    names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+    names = _as_names(adapter_name, "adapter_name")
     _check_names(model, names)
     state = require_state(model)
     state.active = names
@@ -45,7 +56,7 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 def set_trainable(model: nn.Module, adapter_names: str | list[str]) -> None:
     """Make exactly ``adapter_names`` trainable (requires_grad) and freeze everything else."""
-    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    names = _as_names(adapter_names, "adapter_names")
     _check_names(model, names)
     require_state(model).trainable = set(names)
     mark_trainable(model)
@@ -115,12 +126,25 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool =
     unmerged one did.
     """
     if adapter_names is not None:
+        adapter_names = _as_names(adapter_names, "adapter_names")
         _check_names(model, adapter_names)
     require_state(model)
+    if safe:
+        _check_merge_finite(model, adapter_names)
     _untie_before_merge(model)
     for _, layer in iter_lora_layers(model):
         layer.merge(adapter_names, safe=safe)
     return model
+
+
+def _check_merge_finite(model: nn.Module, adapter_names: list[str] | None) -> None:
+    """``safe`` merging: every layer's merged weight is computed and checked before any is written,
+    so that a non-finite one leaves the whole model as it was (not only its own layer)."""
+    for path, layer in iter_lora_layers(model):
+        pending, new = layer.merged_weight(adapter_names)
+        if pending and not torch.isfinite(new).all():
+            raise ValueError(f"merging adapter(s) {pending} into {path} gives non-finite weights; "
+                             f"the model is unchanged")
 
 
 def unmerge(model: nn.Module) -> nn.Module:
@@ -132,6 +156,8 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def _strip(model: nn.Module, do_merge: bool, safe: bool = False) -> nn.Module:
     require_state(model)
+    if do_merge and safe:
+        _check_merge_finite(model, None)
     if do_merge:
         _untie_before_merge(model)
     for name, layer in list(iter_lora_layers(model)):

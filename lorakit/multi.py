@@ -302,6 +302,10 @@ def generate(model: nn.Module, *args: Any, adapter_names: Sequence[str] | None =
     """
     if adapter_names is None:
         return model.generate(*args, **kwargs)
+    inputs = args[0] if args else next((kwargs[k] for k in ("input_ids", "inputs", "inputs_embeds") if k in kwargs), None)
+    if isinstance(inputs, torch.Tensor) and inputs.dim() >= 1 and len(adapter_names) != inputs.shape[0]:
+        raise ValueError(f"adapter_names has {len(adapter_names)} entries but the input has {inputs.shape[0]} rows; "
+                         f"give one name per row")
     with adapter_batch(model, adapter_names):
         return model.generate(*args, **kwargs)
 

@@ -802,3 +802,51 @@ def test_batched_path_with_a_subset_of_loaded_adapters(monkeypatch):
     assert "_batched" in m.model.layers[1].self_attn.q_proj.__dict__  # the batched path ran
     monkeypatch.setattr(linear_mod, "BATCHED_MIXED_MAX_TOKENS", 0)
     torch.testing.assert_close(batched, out(m, x, adapter_names=names), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("nf4", [False, True])
+@pytest.mark.parametrize("unload", [False, True])
+def test_failed_safe_merge_leaves_the_whole_model_as_it_was(nf4, unload):
+    """One adapter with a non-finite B on one layer: merge(safe=True) and merge_and_unload(safe=True)
+    refuse before writing anything, on every layer and for every adapter (NF4 bases included)."""
+    model = tiny_llama()
+    if nf4:
+        model = lk.quantize_model_nf4(model)
+    with_adapters(model, {k: LLAMA_ADAPTERS[k] for k in ("medical", "legal")})
+    lk.set_adapter(model, ["medical", "legal"])
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.lora_B["legal"][0, 0] = float("inf")
+    x = llama_ids()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    types = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.v_proj gives non-finite weights; the model is unchanged"):
+        (lk.merge_and_unload if unload else lk.merge)(model, safe=True)
+    assert [type(m) for m in model.modules()] == types
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in before)
+    assert all(not layer.merged_adapters for _, layer in lk.inject.iter_lora_layers(model))
+    with torch.no_grad():
+        model.model.layers[1].self_attn.v_proj.lora_B["legal"][0, 0] = 0.0
+    expected = out(model, x)
+    lk.merge(model, safe=True)  # now finite: merges, and computes what the unmerged model did
+    torch.testing.assert_close(out(model, x), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_adapter_name_lists_are_checked():
+    model = with_adapters(tiny_llama(), {k: LLAMA_ADAPTERS[k] for k in ("medical", "legal")})
+    with pytest.raises(ValueError, match=r"names \['medical'\] more than once"):
+        lk.set_adapter(model, ["medical", "legal", "medical"])
+    with pytest.raises(TypeError, match="adapter_name must be an adapter name or a list of names, got None"):
+        lk.set_adapter(model, None)
+    assert lk.active_adapters(model) == ["medical"]
+    lk.set_adapter(model, ["medical", "legal"])
+    lk.merge(model, "legal")  # one name, not its letters
+    assert model.model.layers[0].self_attn.v_proj.merged_adapters == ["legal"]
+
+
+def test_generate_checks_one_name_per_row():
+    model = with_adapters(tiny_llama(), {k: LLAMA_ADAPTERS[k] for k in ("medical", "legal")})
+    with pytest.raises(ValueError, match="adapter_names has 2 entries but the input has 4 rows"):
+        lk.generate(model, llama_ids(rows=4), adapter_names=["medical", "legal"], max_new_tokens=2)
+    with pytest.raises(ValueError, match="has 2 entries but the input has 3 rows"):
+        lk.generate(model, input_ids=llama_ids(rows=3), adapter_names=["medical", "legal"], max_new_tokens=2)

@@ -140,3 +140,27 @@ def test_fresh_dora_equals_plain_lora_output():
         outs.append(m(x))
     # At init m = ‖W + sBA‖_c, so DoRA's output is exactly LoRA's.
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("order", [["a", "b"], ["b", "a"]])
+@pytest.mark.parametrize("case", ["llama_qv_mlp", "gpt2_conv1d", "conv2d"])
+def test_merge_with_another_adapter_on_the_layer_keeps_the_output(case, order):
+    """A DoRA adapter's merge takes its column norm of the weight the forward sees, not of a weight
+    that already holds the adapters merged before it in the same merge (as PEFT does)."""
+    make, make_x, kw = CASES[case]
+    torch.manual_seed(0)
+    model = make().eval()
+    lk.get_lora_model(model, lk.LoraConfig(init_lora_weights=False, **kw), adapter_name="a")
+    lk.get_lora_model(model, lk.LoraConfig(init_lora_weights=False, use_dora=True, **kw), adapter_name="b")
+    with torch.no_grad():  # a magnitude away from the norm, so that DoRA's scale matters
+        for n, p in model.named_parameters():
+            if "lora_magnitude_vector" in n:
+                p.mul_(1.3)
+    lk.set_adapter(model, order)
+    x = make_x()
+    unmerged = _out(model, x)
+    lk.merge(model)
+    torch.testing.assert_close(_out(model, x), unmerged, rtol=1e-5, atol=1e-5)
+    lk.unmerge(model)
+    torch.testing.assert_close(_out(model, x), unmerged, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(_out(lk.merge_and_unload(model), x), unmerged, rtol=1e-5, atol=1e-5)

@@ -279,6 +279,30 @@ class LoraLayer(nn.Module):
         dtype = torch.promote_types(A.dtype, torch.float32)
         return self.delta_from(A.to(dtype), B.to(dtype)) * self.scaling[name]
 
+    def merged_weight(self, adapter_names: list[str] | None = None) -> tuple[list[str], torch.Tensor | None]:
+        """What ``merge`` would write, without writing it: ``(adapters merged now, new weight)`` in
+        float32 or wider (``None`` when nothing is left to merge).
+
+        Each adapter is folded in, in order, as the unmerged forward applies it; a variant whose
+        update depends on the base weight (DoRA's column norm) sees the weight as it is before this
+        merge, as its forward does, not with the adapters before it already folded in.
+        """
+        names = self.active_adapters if adapter_names is None else adapter_names
+        pending = [n for n in dict.fromkeys(names) if n in self.lora_A and n not in self.merged_adapters]
+        if not pending:
+            return [], None
+        dequantize = getattr(self.base_layer, "dequantize_weight", None)
+        start = dequantize() if callable(dequantize) else self.base_layer.weight
+        start = start.detach().to(torch.promote_types(start.dtype, torch.float32))
+        work = start.clone()
+        for name in pending:
+            variant = self.variants.get(name)
+            if variant is not None:
+                work = variant.merged_weight(self, name, work, start)
+            else:
+                work += self.delta_weight(name)
+        return pending, work
+
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe: bool = False) -> None:
         """Fold adapters into ``base_layer.weight``: W ← W + scaling · ΔW.
@@ -288,22 +312,17 @@ class LoraLayer(nn.Module):
             safe: Check the merged weight is finite before writing it.
 
         Raises:
-            ValueError: ``safe`` is set and the merged weight has NaN/Inf.
+            ValueError: ``safe`` is set and the merged weight has NaN/Inf (the layer is unchanged:
+                the weight is written once, after every adapter is folded in).
         """
-        names = self.active_adapters if adapter_names is None else adapter_names
+        pending, new = self.merged_weight(adapter_names)
+        if not pending:
+            return
+        if safe and not torch.isfinite(new).all():
+            raise ValueError(f"merging adapter(s) {pending} gives non-finite weights; the layer is unchanged")
         weight = self.base_layer.weight
-        for name in names:
-            if name in self.merged_adapters or name not in self.lora_A:
-                continue
-            variant = self.variants.get(name)
-            if variant is not None:
-                new = variant.merged_weight(self, name)
-            else:
-                new = weight.to(torch.promote_types(weight.dtype, torch.float32)) + self.delta_weight(name)
-            if safe and not torch.isfinite(new).all():
-                raise ValueError(f"merging adapter {name!r} gives non-finite weights; the layer is unchanged")
-            weight.copy_(new.to(weight.dtype))
-            self.merged_adapters.append(name)
+        weight.copy_(new.to(weight.dtype))
+        self.merged_adapters.extend(pending)
 
     @torch.no_grad()
     def unmerge(self, adapter_names: list[str] | None = None) -> None:

@@ -41,10 +41,11 @@ class LoraVariant:
         """Output of the layer with adapter ``name`` applied on top of ``result`` (the base output so far)."""
         return result + layer.lora_delta(name, x).to(result.dtype)
 
-    def merged_weight(self, layer: "LoraLayer", name: str) -> torch.Tensor:
-        """The base weight with adapter ``name`` folded in."""
-        weight = layer.base_layer.weight
-        return weight.to(torch.promote_types(weight.dtype, torch.float32)) + layer.delta_weight(name)
+    def merged_weight(self, layer: "LoraLayer", name: str, weight: torch.Tensor, unmerged: torch.Tensor) -> torch.Tensor:
+        """``weight`` (float32 or wider: the base weight with the adapters merged before this one)
+        with adapter ``name`` folded in; ``unmerged`` is the weight as the forward sees it, before
+        this merge (for updates that depend on it). May update ``weight`` in place."""
+        return weight.add_(layer.delta_weight(name))
 
     def unmerged_weight(self, layer: "LoraLayer", name: str) -> torch.Tensor:
         """The base weight with adapter ``name`` taken out again."""

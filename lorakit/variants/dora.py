@@ -125,13 +125,15 @@ class DoraVariant(LoraVariant):
         update = (scale - 1) * base_out.to(scale.dtype) + scale * branch
         return result + update.to(result.dtype)
 
-    def merged_weight(self, layer: "LoraLayer", name: str) -> torch.Tensor:
-        """W' = (m/n) ⊙ (W + s·ΔW), scaled per output channel."""
-        combined = self._combined_weight(layer, name)
-        norm = self.weight_norm(layer, name, combined)
+    def merged_weight(self, layer: "LoraLayer", name: str, weight: torch.Tensor, unmerged: torch.Tensor) -> torch.Tensor:
+        """W' = (m/n) ⊙ (W + s·ΔW), scaled per output channel, with n = ‖W₀ + s·ΔW‖_c taken of the
+        weight W₀ the forward sees (``unmerged``), not of W with adapters merged before this one:
+        the forward scales everything before it by m/n, with that n (as PEFT does)."""
+        delta = layer.delta_weight(name)
+        norm = self.weight_norm(layer, name, unmerged + delta)
         self._merge_norm = norm
         scale = layer.lora_magnitude_vector[name].detach().to(norm.dtype) / norm
-        return _channel_view(layer, scale, combined.dim()) * combined
+        return _channel_view(layer, scale, weight.dim()) * (weight + delta)
 
     def unmerged_weight(self, layer: "LoraLayer", name: str) -> torch.Tensor:
         """W = W' / (m/n) − s·ΔW, with the norm n remembered from the merge."""
