@@ -352,6 +352,8 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
                 module.active_adapter = state.active[0]
     except Exception:
         _remove_adapter_everywhere(model, adapter_name)
+        if not state.configs:  # the first adapter failed: leave no lorakit state behind either
+            model.__dict__.pop("_lorakit", None)
         raise
     if not state.active:
         state.active = [adapter_name]

@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
+import lorakit as lk
+from conftest import Wrap
 from lorakit.layers.fused import FusedLoraLinear, KeepMask, dropout_mask, fused_lora_add, pack_bits, unpack_bits
 
 
@@ -368,3 +371,111 @@ def test_lean_path_bad_and_empty_inputs_behave_as_the_base_layer():
     assert all(torch.equal(v, layer.state_dict()[k]) for k, v in before.items())
     with torch.inference_mode():
         assert layer(torch.randn(0, 3, 24)).shape == (0, 3, 20)
+
+
+# ---- never writing into a tensor someone else holds (found by a layer audit) ---------------------
+
+class TanhLinear(nn.Linear):
+    """A Linear subclass whose output autograd saves (tanh's backward needs it)."""
+
+    def forward(self, x):
+        return torch.tanh(super().forward(x))
+
+
+def _one_layer(base, **kw):
+    torch.manual_seed(0)
+    model = Wrap(base)
+    lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["layer"], init_lora_weights=False, **kw))
+    return model
+
+
+def _reference(model, x):
+    """base(x) + s·B A x by the plain formula."""
+    layer = model.layer
+    A, B, s = layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"]
+    return layer.base_layer(x) + s * (x @ A.T) @ B.T
+
+
+@pytest.mark.parametrize("mode", ["train", "eval", "no_grad"])
+def test_a_hook_that_keeps_the_base_output_keeps_it_unchanged(mode):
+    model = _one_layer(nn.Linear(8, 6))
+    model.train(mode == "train")
+    captured = []
+    model.layer.base_layer.register_forward_hook(lambda mod, args, out: captured.append(out))
+    x = torch.randn(3, 8)
+    with torch.set_grad_enabled(mode != "no_grad"):
+        y = model(x)
+    with torch.no_grad():
+        base_out = nn.functional.linear(x, model.layer.base_layer.weight, model.layer.base_layer.bias)
+    assert torch.equal(captured[0], base_out) and captured[0] is not y
+    torch.testing.assert_close(y, _reference(model, x).detach() if mode == "no_grad" else _reference(model, x))
+
+
+@pytest.mark.parametrize("mode", ["train", "no_grad"])
+def test_a_hook_that_returns_the_input_leaves_the_input_alone(mode):
+    model = _one_layer(nn.Linear(8, 8))
+    model.train(mode == "train")
+    model.layer.base_layer.register_forward_hook(lambda mod, args, out: args[0])
+    x = torch.randn(3, 8)
+    kept = x.clone()
+    with torch.set_grad_enabled(mode != "no_grad"):
+        model(x)
+    assert torch.equal(x, kept)
+
+
+@pytest.mark.parametrize("bias", ["none", "lora_only"])
+def test_a_base_whose_output_autograd_saved_still_backpropagates(bias):
+    model = _one_layer(TanhLinear(8, 8).double(), bias=bias).double().train()
+    x = torch.randn(2, 8, dtype=torch.float64, requires_grad=True)
+    model(x).sum().backward()
+    grads = [p.grad.clone() for p in (x, model.layer.lora_A["default"], model.layer.lora_B["default"])]
+    for p in (x, model.layer.lora_A["default"], model.layer.lora_B["default"]):
+        p.grad = None
+    _reference(model, x).sum().backward()
+    for got, p in zip(grads, (x, model.layer.lora_A["default"], model.layer.lora_B["default"])):
+        torch.testing.assert_close(got, p.grad)
+
+
+@pytest.mark.parametrize("layer", ["linear_bias", "conv1d"])
+@pytest.mark.parametrize("mode", ["train", "eval", "no_grad"])
+def test_an_empty_batch_gives_an_empty_output(layer, mode):
+    from transformers.pytorch_utils import Conv1D
+
+    model = _one_layer(nn.Linear(10, 12) if layer == "linear_bias" else Conv1D(12, 10))
+    model.train(mode == "train")
+    with torch.set_grad_enabled(mode != "no_grad"):
+        y = model(torch.randn(0, 5, 10))
+    assert y.shape == (0, 5, 12)
+
+
+@pytest.mark.parametrize("mode", ["train", "no_grad"])
+def test_float16_base_with_a_large_rank_r_intermediate_stays_finite(mode):
+    """x·Aᵀ beyond float16's 65504 while the update itself fits: no inf (the first product stays in
+    the adapter's float32 into the second)."""
+    model = _one_layer(nn.Linear(256, 3, bias=False).half())
+    layer = model.layer
+    with torch.no_grad():
+        layer.base_layer.weight.fill_(0.001)
+        layer.lora_A["default"].fill_(1.0)
+        layer.lora_B["default"].fill_(1e-3)
+    model.train(mode == "train")
+    x = torch.full((1, 256), 300.0, dtype=torch.float16)
+    with torch.set_grad_enabled(mode != "no_grad"):
+        y = model(x)
+    expected = (x.float() @ layer.base_layer.weight.float().T + layer.scaling["default"] * (x.float() @ layer.lora_A["default"].T)
+                @ layer.lora_B["default"].T)
+    assert torch.isfinite(y).all()
+    torch.testing.assert_close(y.float(), expected, rtol=2e-3, atol=0)
+
+
+def test_sparse_embedding_trains():
+    base = nn.Embedding(20, 6, sparse=True)
+    model = _one_layer(base).train()
+    ids = torch.tensor([[1, 4, 4, 7]])
+    model(ids).sum().backward()
+    layer = model.layer
+    A, B, s = layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"]
+    A_ref, B_ref = A.detach().clone().requires_grad_(), B.detach().clone().requires_grad_()
+    (s * nn.functional.embedding(ids, A_ref.T) @ B_ref.T).sum().backward()
+    torch.testing.assert_close(A.grad, A_ref.grad)
+    torch.testing.assert_close(B.grad, B_ref.grad)

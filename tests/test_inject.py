@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 import lorakit as lk
-from conftest import TinyConvNet, tiny_gpt2, tiny_llama
+from conftest import TinyConvNet, Wrap, tiny_gpt2, tiny_llama
 
 
 def targets(model, **kw):
@@ -228,3 +228,10 @@ def test_non_finite_alpha_is_refused(bad, tmp_path):
     path.write_text(path.read_text().replace('"lora_alpha": 8', f'"lora_alpha": {json.dumps(bad)}'))  # NaN, Infinity
     with pytest.raises(ValueError, match="lora_alpha must be finite"):
         lk.load_adapter(tiny_llama(), tmp_path)
+
+
+def test_a_refused_first_injection_leaves_no_state():
+    model = Wrap(nn.Conv2d(3, 4, 3, padding=1, padding_mode="reflect"))
+    with pytest.raises(ValueError, match="padding_mode='zeros'"):
+        lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["layer"]))
+    assert "_lorakit" not in model.__dict__ and type(model.layer) is nn.Conv2d

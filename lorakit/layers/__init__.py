@@ -19,6 +19,7 @@ def register_layer_type(base_class: type[nn.Module]):
 
     def decorate(cls: type[LoraLayer]) -> type[LoraLayer]:
         LAYER_TYPES[base_class] = cls
+        cls.base_type = base_class
         return cls
 
     return decorate

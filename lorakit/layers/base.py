@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
 
 from lorakit.variants import LoraVariant, get_init_method
 
@@ -34,6 +35,8 @@ class LoraLayer(nn.Module):
 
     #: Names of A and B in the PEFT on-disk format, after ``base_model.model.<module path>.``
     disk_names: ClassVar[tuple[str, str]] = ("lora_A.weight", "lora_B.weight")
+    #: The module type this layer wraps (set by ``register_layer_type``).
+    base_type: ClassVar[type[nn.Module] | None] = None
     #: True when the layer type supports dropout on its input (not for token ids).
     supports_dropout: ClassVar[bool] = True
     #: Shared per-model context of mixed-adapter batches (``lorakit.multi.MixedBatchContext``),
@@ -185,6 +188,7 @@ class LoraLayer(nn.Module):
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result
+        result = self.own_output(result)
         plan = self.batch_context.plan if self.batch_context is not None else None
         if plan is not None:
             return self.mixed_forward(x, result, plan)
@@ -195,6 +199,20 @@ class LoraLayer(nn.Module):
             else:
                 result = self.add_lora(name, x, result)
         return result
+
+    def own_output(self, result: torch.Tensor) -> torch.Tensor:
+        """The base layer's output as a tensor the adapters may be added into in place: ``result``
+        itself when the base layer is exactly the type this layer wraps (whose forward makes a new
+        tensor), with no ``forward`` replaced on the instance and no forward hook (its own or global)
+        that could keep the output or return another tensor (say, its input); else a copy, so that a
+        tensor someone else holds — an activation a hook captured, the input, an output autograd
+        saved — is never written to."""
+        base = self.base_layer
+        d = base.__dict__
+        if (type(base) is self.base_type and "forward" not in d and not d["_forward_hooks"]
+                and not _module._global_forward_hooks):
+            return result
+        return result.clone() if isinstance(result, torch.Tensor) else result
 
     def add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """``result + scaling · B(A(dropout(x)))`` for adapter ``name`` (layer types may fuse this)."""

@@ -33,7 +33,9 @@ class LoraEmbedding(LoraLayer):
     def branch(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         # Look up rows of Aᵀ (num_embeddings, r) with the base layer's padding / norm settings.
-        rows = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+        # (dense gradients for A even when the base's are sparse: a sparse gradient of Aᵀ cannot be
+        # transposed back to A's layout)
+        rows = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, False)
         return rows @ B.T
 
     def delta_from(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:

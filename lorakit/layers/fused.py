@@ -258,6 +258,10 @@ def add_product(out2: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: flo
     """``out2 += scale · h Bᵀ`` in place, in out2's dtype: the branch's second product, given its
     first one ``h`` (tokens, r)."""
     od = out2.dtype
+    if od == torch.float16 and h.dtype != od:
+        # float16 tops out at 65504: a wider h can exceed it where the update it makes does not
+        out2.add_(h @ B.T.to(h.dtype), alpha=scale)
+        return
     out2.addmm_(h if h.dtype == od else h.to(od), B.T if B.dtype == od else B.T.to(od), alpha=scale)
 
 
@@ -399,6 +403,6 @@ def fused_lora_add(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: to
         x2 = x.reshape(-1, x.shape[-1]).to(A.dtype)
         if drop is not None:
             x2 = x2 * drop.get().view(torch.uint8) * drop.inv_keep
-        delta = ((x2 @ A.T) @ B.T * scale).reshape(*result.shape[:-1], -1)
+        delta = ((x2 @ A.T) @ B.T * scale).reshape(*result.shape[:-1], B.shape[0])  # (also with 0 rows)
         return result + delta.to(result.dtype)
     return FusedLoraLinear.apply(result, x, A, B, scale, drop)

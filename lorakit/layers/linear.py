@@ -95,7 +95,7 @@ class LoraLinear(LoraLayer):
                     return out.view(*x.shape[:-1], out.shape[-1])
             result, in_place = out.view(*x.shape[:-1], out.shape[-1]), True  # a view, but of our own tensor
         else:
-            result = base(x)
+            result = self.own_output(base(x))
             in_place = writes_in_place(result, x)  # what fused_lora_add checks before its no-grad branch
         if plan is not None:  # a mixed batch: repeat a kept layout for these rows if the root checked it
             stacks = d.get("_batched")
