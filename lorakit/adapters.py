@@ -63,8 +63,17 @@ def set_trainable(model: nn.Module, adapter_names: str | list[str]) -> None:
 
 
 def delete_adapter(model: nn.Module, adapter_name: str) -> None:
-    """Remove adapter ``adapter_name`` from the model and free its tensors."""
+    """Remove adapter ``adapter_name`` from the model and free its tensors.
+
+    Raises:
+        ValueError: the name is unknown, or an open ``adapter_batch`` block still uses it (its rows
+            would silently run the base model).
+    """
     _check_names(model, [adapter_name])
+    from lorakit.multi import names_in_open_batches  # (multi imports this module)
+
+    if adapter_name in names_in_open_batches(model):
+        raise ValueError(f"adapter {adapter_name!r} is in use by an open adapter_batch block; delete it after the block")
     _remove_adapter_everywhere(model, adapter_name)
     state = require_state(model) if get_state(model) and get_state(model).configs else None
     if state is not None:

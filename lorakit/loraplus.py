@@ -45,8 +45,8 @@ def loraplus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, weig
     from lorakit.layers.embedding import LoraEmbedding
 
     for name, value in (("lr", lr), ("ratio", ratio)) + ((("lr_embedding", lr_embedding),) if lr_embedding is not None else ()):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-            raise ValueError(f"loraplus_param_groups: {name} must be a positive number, got {value!r}")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
+            raise ValueError(f"loraplus_param_groups: {name} must be a positive finite number, got {value!r}")
     a_params: list[nn.Parameter] = []
     b_params: list[nn.Parameter] = []
     emb_params: list[nn.Parameter] = []

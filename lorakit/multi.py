@@ -228,6 +228,12 @@ def _context(model: nn.Module) -> MixedBatchContext:
     return ctx if ctx is not None else attach_mixed_batch(model)
 
 
+def names_in_open_batches(model: nn.Module) -> set[str]:
+    """Adapter names the ``adapter_batch`` blocks open on ``model`` use."""
+    ctx = model.__dict__.get(_CONTEXT_KEY)
+    return {n for entry in (ctx.stack if ctx is not None else []) if entry[0] == "scope" for n in entry[2]}
+
+
 @contextlib.contextmanager
 def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.Module]:
     """Within the block, every call of ``model`` runs row i with adapter ``adapter_names[i]``.

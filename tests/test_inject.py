@@ -235,3 +235,11 @@ def test_a_refused_first_injection_leaves_no_state():
     with pytest.raises(ValueError, match="padding_mode='zeros'"):
         lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["layer"]))
     assert "_lorakit" not in model.__dict__ and type(model.layer) is nn.Conv2d
+
+
+def test_wrapped_linear_reads_like_the_linear():
+    """Model code that reads ``proj.weight`` / ``.bias`` / ``.in_features`` keeps working after injection."""
+    m = lk.get_lora_model(tiny_llama(bias=True), lk.LoraConfig(r=2, target_modules=["q_proj", "gate_proj"]))
+    q, g = m.model.layers[0].self_attn.q_proj, m.model.layers[0].mlp.gate_proj
+    assert q.weight is q.base_layer.weight and q.bias is q.base_layer.bias and q.bias is not None
+    assert g.bias is None and (q.in_features, q.out_features) == (32, 32) and g.out_features == 64

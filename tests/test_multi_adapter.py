@@ -850,3 +850,12 @@ def test_generate_checks_one_name_per_row():
         lk.generate(model, llama_ids(rows=4), adapter_names=["medical", "legal"], max_new_tokens=2)
     with pytest.raises(ValueError, match="has 2 entries but the input has 3 rows"):
         lk.generate(model, input_ids=llama_ids(rows=3), adapter_names=["medical", "legal"], max_new_tokens=2)
+
+
+def test_an_adapter_in_use_by_an_open_batch_is_not_deleted():
+    model = with_adapters(tiny_llama(), {k: LLAMA_ADAPTERS[k] for k in ("medical", "legal")})
+    with lk.adapter_batch(model, ["medical", "legal"]):
+        with pytest.raises(ValueError, match="'legal' is in use by an open adapter_batch block"):
+            lk.delete_adapter(model, "legal")
+    lk.delete_adapter(model, "legal")
+    assert "legal" not in model._lorakit.configs

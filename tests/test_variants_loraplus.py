@@ -48,8 +48,11 @@ def test_embedding_lr_and_bad_input():
     groups = lk.loraplus_param_groups(_model(), lr=1e-3, lr_embedding=1e-6)
     emb = next(g for g in groups if g["name"] == "lora_embedding")
     assert emb["lr"] == 1e-6 and len(emb["params"]) == 2
-    with pytest.raises(ValueError, match="ratio must be a positive number, got 0"):
+    with pytest.raises(ValueError, match="ratio must be a positive finite number, got 0"):
         lk.loraplus_param_groups(_model(), lr=1e-3, ratio=0)
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="lr must be a positive finite number"):
+            lk.loraplus_param_groups(_model(), lr=bad)
     with pytest.raises(ValueError, match="no trainable parameters"):
         m = _model()
         for p in m.parameters():

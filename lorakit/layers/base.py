@@ -88,6 +88,11 @@ class LoraLayer(nn.Module):
         """The base layer's weight (so code that reads ``module.weight`` keeps working)."""
         return self.base_layer.weight
 
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The base layer's bias, or None (as ``module.bias`` reads on the module this layer wraps)."""
+        return getattr(self.base_layer, "bias", None)
+
     def add_adapter(
         self,
         name: str,

@@ -37,6 +37,14 @@ def plain_linear(module: nn.Module) -> bool:
 class LoraLinear(LoraLayer):
     """LoRA on a Linear layer; the base weight is (out, in), so ΔW = B @ A as is."""
 
+    @property
+    def in_features(self) -> int:
+        return self.base_layer.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.base_layer.out_features
+
     def a_shape(self, r: int) -> tuple[int, ...]:
         return (r, self.base_layer.in_features)
 
