@@ -29,6 +29,23 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PREFIX = "base_model.model."
 
 
+def default_mode(directory: bool = False) -> int:
+    """The permissions ``open`` / ``mkdir`` would give a new file / directory under the umask
+    (temporary files and ``safetensors.save_file`` make theirs private: 0600 / 0700)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return (0o777 if directory else 0o666) & ~mask
+
+
+def ordinary_modes(root: str | Path) -> None:
+    """Give ``root`` and everything under it ``default_mode`` permissions (after writing it
+    through private temporary files), so an adapter or model can be read like any other file."""
+    root = Path(root)
+    for path in [root, *root.rglob("*")]:
+        if not path.is_symlink():
+            os.chmod(path, default_mode(directory=path.is_dir()))
+
+
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temporary file in the same directory and a rename."""
     path = Path(path)
@@ -39,6 +56,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
+            os.fchmod(handle.fileno(), default_mode())  # mkstemp's file is private
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -574,3 +574,106 @@ def test_target_modules_flag_names_and_regexes(tok, spec, expected):
     model = prepare_model(tiny_llama_lm(tok), TrainConfig(target_modules=spec, rank=2), "tiny")
     hit = sorted(f"{n.split('.')[2]}.{n.rsplit('.', 1)[-1]}" for n, m in model.named_modules() if isinstance(m, LoraLayer))
     assert hit == expected
+
+
+# ---- run directories: nothing the run did not write is ever removed (found by a loop review) --------
+
+def test_output_with_dot_dot_is_the_directory_it_names(tmp_path, tok, data_files):
+    """``sandbox/typo/..`` is ``sandbox``: a non-empty one is refused, not emptied by the clean-up."""
+    sandbox = tmp_path / "sandbox"
+    sandbox.mkdir()
+    (sandbox / "precious.txt").write_text("mine")
+    cfg = _cfg(tmp_path, data_files, target_modules="nosuchmod").updated(output=str(sandbox / "typo" / ".."))
+    with pytest.raises(FileExistsError, match="already holds files"):
+        train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert sorted(p.name for p in sandbox.iterdir()) == ["precious.txt"]
+
+
+def test_clean_up_removes_only_what_the_run_wrote(tmp_path, tok, data_files, monkeypatch):
+    """Files that appear in the run directory while the model loads (another process, the user)
+    stay when the run then fails; the run's own files go."""
+    import lorakit.train.loop as loop
+
+    real = loop.tokenize_all
+    run_dir = tmp_path / "run"
+
+    def tokenize_all(*a, **k):  # stands for: someone writes there during the (slow) model load
+        (run_dir / "user_notes.txt").write_text("mine")
+        return real(*a, **k)
+    monkeypatch.setattr(loop, "tokenize_all", tokenize_all)
+    with pytest.raises(ValueError, match="nosuchmod"):
+        train(_cfg(tmp_path, data_files, eval_data=str(data_files[1]), target_modules="nosuchmod"),
+              model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["user_notes.txt"]
+
+
+def test_two_runs_never_share_a_default_directory(tmp_path, tok, data_files, monkeypatch):
+    import lorakit.train.loop as loop
+
+    monkeypatch.setattr(loop, "default_run_dir", lambda cfg: tmp_path / "runs" / "same-second")
+    first = train(_cfg(tmp_path, data_files, max_steps=2).updated(output=None), model=tiny_llama_lm(tok),
+                  tokenizer=tok, progress=False, log=_quiet)
+    second = train(_cfg(tmp_path, data_files, max_steps=3).updated(output=None), model=tiny_llama_lm(tok),
+                   tokenizer=tok, progress=False, log=_quiet)
+    assert (first.run_dir.name, second.run_dir.name) == ("same-second", "same-second-2")
+    assert json.loads((second.run_dir / "lorakit_run.json").read_text())["steps"] == 3
+    assert json.loads((first.run_dir / "lorakit_run.json").read_text())["steps"] == 2
+
+
+def test_a_stop_after_the_loop_leaves_a_resumable_run(tmp_path, tok, data_files, monkeypatch):
+    """With no checkpoint during training (save_steps 0), an error in the final phase (here the loss
+    plot) still leaves a checkpoint at the last step: --resume finishes the run without training."""
+    import lorakit.train.loop as loop
+
+    real = loop.plot_losses
+    monkeypatch.setattr(loop, "plot_losses", lambda *a, **k: (_ for _ in ()).throw(OSError("disk full")))
+    cfg = _cfg(tmp_path, data_files, max_steps=3)
+    with pytest.raises(OSError, match="disk full"):
+        train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert json.loads((find_checkpoint(tmp_path / "run") / "trainer_state.json").read_text())["step"] == 3
+    monkeypatch.setattr(loop, "plot_losses", real)
+    res = train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert res.steps == 3 and find_checkpoint(tmp_path / "run") is None
+    with pytest.raises(ValueError, match="already finished"):
+        train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+
+
+def test_a_finished_run_with_a_leftover_old_checkpoint_is_not_retrained(tmp_path, tok, data_files):
+    cfg = _cfg(tmp_path, data_files, max_steps=4, save_steps=2)
+    train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    (tmp_path / "run" / ".checkpoint-old").mkdir()
+    (tmp_path / "run" / ".checkpoint-old" / "trainer_state.json").write_text('{"step": 2}')
+    with pytest.raises(ValueError, match="already finished"):
+        train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+
+
+def test_a_failing_setup_hands_the_callers_model_back_on_sdpa(tmp_path, tok, data_files):
+    model = tiny_llama_lm(tok)
+    assert model.config._attn_implementation == "sdpa"
+    with pytest.raises(ValueError, match="nosuchmod"):
+        train(_cfg(tmp_path, data_files, target_modules="nosuchmod"), model=model, tokenizer=tok, progress=False,
+              log=_quiet)
+    assert model.config._attn_implementation == "sdpa"
+
+
+def test_resume_with_more_steps_follows_the_new_schedule(tmp_path, tok, data_files):
+    """--max-steps given with --resume: the first resumed step already uses the new plan's rate."""
+    def ctrl_c(step, _loss):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+    cfg = _cfg(tmp_path, data_files, max_steps=4, warmup_ratio=0.0)
+    train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, on_step=ctrl_c, log=_quiet)
+    longer = cfg.updated(max_steps=8)
+    train(longer, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines())}
+    assert lrs[4] == pytest.approx(1e-2 * lr_factor(3, 8, 0))
+    assert "max_steps: 8" in (tmp_path / "run" / "train_config.yaml").read_text()  # the run's config now
+
+
+def test_saved_files_have_ordinary_permissions(tmp_path, tok, data_files):
+    from lorakit.io import default_mode
+
+    res = train(_cfg(tmp_path, data_files, max_steps=1), model=tiny_llama_lm(tok), tokenizer=tok, progress=False,
+                log=_quiet)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (res.run_dir / name).stat().st_mode & 0o777 == default_mode(), name

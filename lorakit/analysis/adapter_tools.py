@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 from lorakit.analysis.weights import is_default, load_config, load_state_dict, module_matches, resolve, weight_shapes
 from lorakit.config import LoraConfig
-from lorakit.io import _check_tensors, _expected_tensors, read_adapter_files
+from lorakit.io import _check_tensors, _expected_tensors, ordinary_modes, read_adapter_files
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -331,6 +331,7 @@ def _write_adapter(out: str | Path, config: dict[str, Any], tensors: dict[str, t
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         # fields sorted, rank / alpha patterns in their order (the first match wins: see LoraConfig.save)
         (tmp / CONFIG_NAME).write_text(json.dumps(dict(sorted(config.items())), indent=2))
+        ordinary_modes(tmp)  # safetensors writes its file private
         _check_out(out)  # again: something may have appeared there meanwhile
         if root.exists():
             root.rmdir()

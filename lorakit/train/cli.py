@@ -235,6 +235,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """Handler of ``lorakit merge``: adapter folded into the weights, saved as a plain model."""
     _quiet_transformers()
     from lorakit import merge_and_unload
+    from lorakit.io import ordinary_modes
     from lorakit.train.generate import is_full_finetune_run, load_for_inference
 
     out = Path(args.out)
@@ -254,6 +255,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     try:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        ordinary_modes(tmp)  # mkdtemp and safetensors make their files private
         if out.exists():
             out.rmdir()
         os.rename(tmp, out)

@@ -25,6 +25,7 @@ Run directory layout (``runs/<name>/``)::
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -193,11 +194,11 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: torch.optim.Optimizer,
 
             save_adapter(model, tmp / "adapter")
         old = run_dir / ".checkpoint-old"
-        if old.exists():
-            shutil.rmtree(old)
         if final.exists():
+            if old.exists():
+                shutil.rmtree(old)  # older than final, which stays until the new one is in place
             os.rename(final, old)  # a kill between these renames leaves .checkpoint-old: still usable
-        os.rename(tmp, final)
+        os.rename(tmp, final)  # (with no final, e.g. after a resume from .checkpoint-old, that one stays till here)
         shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
@@ -373,16 +374,18 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
         NonFiniteLossError: the loss diverged; the last good checkpoint is kept.
     """
     wall_start = time.time()
-    run_dir = Path(cfg.output) if cfg.output else default_run_dir(cfg)
+    # normpath: "runs/typo/.." is "runs" (what mkdir(parents=True) would make it), so the checks
+    # below see the directory the run would really write to
+    run_dir = Path(os.path.normpath(cfg.output)) if cfg.output else default_run_dir(cfg)
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"output {str(run_dir)!r} is a file, not a directory: choose another --output")
+    if resume and read_run_info(run_dir).get("finished"):
+        raise ValueError(f"run {str(run_dir)!r} already finished; nothing to resume")
     ckpt = find_checkpoint(run_dir) if resume else None
     if resume and ckpt is None:
-        if read_run_info(run_dir).get("finished"):
-            raise ValueError(f"run {str(run_dir)!r} already finished; nothing to resume")
         raise FileNotFoundError(f"cannot resume: no checkpoint in {str(run_dir)!r} (the run stopped before writing "
                                 f"one: delete {str(run_dir)!r} and start it again without --resume)")
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+    if not resume and cfg.output and run_dir.exists() and any(run_dir.iterdir()):  # (a default name gets a suffix)
         raise FileExistsError(f"output directory {str(run_dir)!r} already holds files; pass --resume "
                               f"{run_dir} to continue that run, or choose another --output")
     threads = auto_threads(cfg.threads)
@@ -406,33 +409,38 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
     if cfg.eval_samples:
         eval_examples = eval_examples[: cfg.eval_samples]
 
-    # 2. Model.
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    if model is None:
-        from lorakit.models import load_model_and_tokenizer
-
-        model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=weight_dtype)
-    elif tokenizer is None:
-        raise ValueError("train(model=...) also needs its tokenizer")
-    elif any(p.is_floating_point() and p.dtype != weight_dtype for p in model.parameters()):
-        # Only when needed: ``.to`` also casts buffers (e.g. rotary inv_freq), which loading in
-        # ``weight_dtype`` keeps in fp32, so a model already in that dtype is left exactly as loaded.
-        model = model.to(weight_dtype)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    if pad_id is None:
-        raise ValueError("the tokenizer has neither a pad nor an eos token")
-    train_data = tokenize_all(tokenizer, train_examples, cfg.max_length, what="training data")
-    eval_data = tokenize_all(tokenizer, eval_examples, cfg.max_length, what="eval data") if eval_examples else []
-
-    base_name = cfg.model or "SmolLM2-135M-Instruct"
-    created = not run_dir.exists()
-    run_dir.mkdir(parents=True, exist_ok=True)
+    # The run directory is claimed now, before the slow model load, by creating its
+    # train_config.yaml exclusively: a second run on the same directory is refused, and the
+    # clean-up of a failed new run removes only what this run wrote.
+    if resume:
+        created = False
+        _write_run_config(run_dir, cfg)  # flags given with --resume are the run's config from now on
+    else:
+        run_dir, created = _claim_run_dir(run_dir, cfg, unique=not cfg.output)
+    attention_before = None
     try:
-        if not resume:
-            (run_dir / "train_config.yaml").write_text(yaml.safe_dump(dict(cfg.to_dict(), output=str(run_dir)), sort_keys=False))
-            if eval_examples:
-                write_jsonl(eval_examples, run_dir / "eval.jsonl")
+        # 2. Model.
+        torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        if model is None:
+            from lorakit.models import load_model_and_tokenizer
+
+            model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=weight_dtype)
+        elif tokenizer is None:
+            raise ValueError("train(model=...) also needs its tokenizer")
+        elif any(p.is_floating_point() and p.dtype != weight_dtype for p in model.parameters()):
+            # Only when needed: ``.to`` also casts buffers (e.g. rotary inv_freq), which loading in
+            # ``weight_dtype`` keeps in fp32, so a model already in that dtype is left exactly as loaded.
+            model = model.to(weight_dtype)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad_id is None:
+            raise ValueError("the tokenizer has neither a pad nor an eos token")
+        train_data = tokenize_all(tokenizer, train_examples, cfg.max_length, what="training data")
+        eval_data = tokenize_all(tokenizer, eval_examples, cfg.max_length, what="eval data") if eval_examples else []
+
+        base_name = cfg.model or "SmolLM2-135M-Instruct"
+        if not resume and eval_examples:
+            write_jsonl(eval_examples, run_dir / "eval.jsonl")
 
         def run_eval(tag: str) -> dict[str, Any]:
             if not eval_examples:
@@ -471,11 +479,17 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
                 params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **kw))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
 
-        step, tokens_done, train_seconds = 0, 0, 0.0
+        step, tokens_done, train_seconds, wall_before = 0, 0, 0.0, 0.0
         losses: list[float] = []
         if ckpt is not None:
             state = load_checkpoint(ckpt, model, optimizer, scheduler)
             step, tokens_done, train_seconds = state["step"], state["tokens"], state["train_seconds"]
+            wall_before = float(state.get("wall_seconds", 0.0))
+            # The learning rate the next step uses, from this run's schedule: the saved one came from
+            # the saved plan, which a --max-steps / --epochs given with --resume changes (identical
+            # otherwise: LambdaLR computes it the same way).
+            for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base_lr * lr_factor(step, total_steps, warmup)
             before, losses = state.get("before", {}), state.get("losses", [])
             log(f"resumed {run_dir} at step {step}/{total_steps} (epoch {state['epoch']}, micro-batch {state['micro_batch']})")
         log_path = run_dir / "log.jsonl"
@@ -486,19 +500,20 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
             save_checkpoint(run_dir, model, optimizer, scheduler, {
                 "step": step, "total_steps": total_steps, "epoch": epoch, "micro_batch": pos,
                 "tokens": tokens_done, "train_seconds": train_seconds, "before": before, "losses": losses,
+                "wall_seconds": wall_before + time.time() - wall_start,
                 "seed": cfg.seed}, cfg)
 
         log(f"training {cfg.method} on {len(train_data)} examples: {total_steps} steps of "
             f"{cfg.batch_size}x{cfg.grad_accum}, lr {cfg.learning_rate:g}, {precision}, {threads} thread(s), "
             f"{n_train:,} trainable parameters -> {run_dir}")
         stop = {"flag": False}
-        old_handler = _install_sigint(stop)
         batches_cache: dict[int, list[list[int]]] = {}
         bar = None
         if progress:
             from tqdm import tqdm
 
             bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+        old_handler = _install_sigint(stop)  # (after the bar: nothing between it and the try can fail)
         interrupted = False
         model.train()
         try:
@@ -576,7 +591,14 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
             log(f"interrupted at step {step}/{total_steps}: checkpoint saved; continue with: "
                 f"lorakit train --resume {run_dir}")
             return result
+        if cfg.method != "full" and ckpt_step(run_dir) != step:
+            # The loop is done: a checkpoint at its last step (an adapter's worth of bytes) keeps the
+            # run resumable if the final phase below is stopped; --resume then skips to that phase.
+            # (Not for full fine-tuning, whose checkpoint is the whole model and optimizer.)
+            write_checkpoint()
     except BaseException as exc:
+        if attention_before == "sdpa" and model is not None:  # hand the caller's model back as it came
+            restore_attention(model)
         # A new run that stops before its first checkpoint leaves nothing to resume: remove what it
         # wrote, so the same command can simply be run again. A simulated SIGKILL cleans up nothing;
         # a diverged run keeps its log.jsonl, which shows how the loss went (its message says so).
@@ -596,10 +618,13 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
         model.config.use_cache = True
         model.save_pretrained(run_dir / "model")
         tokenizer.save_pretrained(run_dir / "model")
+        from lorakit.io import ordinary_modes
+
+        ordinary_modes(run_dir / "model")  # safetensors writes its files private
     plot_losses(log_path, run_dir / "loss.png")
     model.config.use_cache = True
     result.after = run_eval("after")
-    result.wall_seconds = time.time() - wall_start
+    result.wall_seconds = wall_before + time.time() - wall_start  # (over every process of a resumed run)
     result.peak_memory_mb = peak_memory_mb()
     info = {
         "finished": True, "model": cfg.model, "method": cfg.method, "config": cfg.to_dict(),
@@ -609,21 +634,84 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
         "peak_memory_mb": round(result.peak_memory_mb, 1), "precision": precision, "threads": threads,
     }
     (run_dir / RUN_INFO).write_text(json.dumps(info, indent=1), encoding="utf-8")
-    shutil.rmtree(run_dir / CHECKPOINT, ignore_errors=True)
+    # (lorakit_run.json says "finished" first, so --resume refuses even if a kill lands below)
+    for leftover in [run_dir / CHECKPOINT, run_dir / ".checkpoint-old", *run_dir.glob(".checkpoint-tmp-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
     log(results_table(result, cfg))
     return result
 
 
+#: What a run writes into its directory (the clean-up of a failed new run removes these only).
+RUN_FILES = ("train_config.yaml", "eval.jsonl", "log.jsonl", "loss.png", "adapter_config.json",
+             "adapter_model.safetensors", "model", CHECKPOINT, ".checkpoint-old", RUN_INFO)
+
+
+def _run_config_text(run_dir: Path, cfg: TrainConfig) -> str:
+    return yaml.safe_dump(dict(cfg.to_dict(), output=str(run_dir)), sort_keys=False)
+
+
+def _write_run_config(run_dir: Path, cfg: TrainConfig) -> None:
+    """(Re)write ``train_config.yaml`` atomically."""
+    tmp = run_dir / ".train_config.yaml.tmp"
+    tmp.write_text(_run_config_text(run_dir, cfg), encoding="utf-8")
+    os.replace(tmp, run_dir / "train_config.yaml")
+
+
+def _claim_run_dir(run_dir: Path, cfg: TrainConfig, unique: bool) -> tuple[Path, bool]:
+    """Make ``run_dir`` this run's: create it (or take it empty) and create its train_config.yaml
+    exclusively, so two runs never share a directory. ``unique`` (a default name): on a clash, try
+    ``<name>-2``, ``<name>-3``, ... Returns (the directory, whether this run created it).
+
+    Raises:
+        FileExistsError: the directory holds files, or another run claimed it first.
+    """
+    for attempt in range(1, 1000):
+        path = run_dir if attempt == 1 else run_dir.with_name(f"{run_dir.name}-{attempt}")
+        try:
+            path.mkdir(parents=True)
+            created = True
+        except FileExistsError:
+            if unique:
+                continue
+            if not path.is_dir() or any(path.iterdir()):
+                raise FileExistsError(f"output directory {str(path)!r} already holds files; pass --resume "
+                                      f"{path} to continue that run, or choose another --output") from None
+            created = False
+        try:
+            with open(path / "train_config.yaml", "x", encoding="utf-8") as fh:
+                fh.write(_run_config_text(path, cfg))
+        except FileExistsError:
+            if unique:
+                continue
+            raise FileExistsError(f"output directory {str(path)!r} was just taken by another run; "
+                                  f"choose another --output") from None
+        return path, created
+    raise FileExistsError(f"no free run directory next to {str(run_dir)!r}")
+
+
+def ckpt_step(run_dir: Path) -> int | None:
+    """The step of the run's newest checkpoint, or None."""
+    ckpt = find_checkpoint(run_dir)
+    if ckpt is None:
+        return None
+    try:
+        return int(read_json_object(ckpt / "trainer_state.json").get("step"))
+    except (ValueError, TypeError):
+        return None
+
+
 def _discard_new_run(run_dir: Path, created: bool, log: Callable[[str], None]) -> None:
-    """Remove what a new run wrote: the directory if the run created it, else (it was empty) its contents."""
+    """Remove what a new run wrote (``RUN_FILES`` and its temporary checkpoints, nothing else), and
+    the directory itself if the run created it and it is now empty."""
+    for path in [*(run_dir / name for name in RUN_FILES), *run_dir.glob(".checkpoint-tmp-*"),
+                 *run_dir.glob(".train_config.yaml.tmp")]:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        elif path.exists() or path.is_symlink():
+            path.unlink(missing_ok=True)
     if created:
-        shutil.rmtree(run_dir, ignore_errors=True)
-    else:
-        for child in run_dir.iterdir():
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child, ignore_errors=True)
-            else:
-                child.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            run_dir.rmdir()  # only if empty: anything another process put there stays
     log(f"the run stopped before its first checkpoint: removed what it wrote to {run_dir}; "
         "the same command starts it again")
 
@@ -631,7 +719,8 @@ def _discard_new_run(run_dir: Path, created: bool, log: Callable[[str], None]) -
 def _diverged_message(step: int, what: str, run_dir: Path) -> str:
     ckpt = find_checkpoint(run_dir)
     where = (f"the last good checkpoint (step {json.loads((ckpt / 'trainer_state.json').read_text())['step']}) "
-             f"is kept in {ckpt}") if ckpt else "no checkpoint had been written yet"
+             f"is kept in {ckpt}") if ckpt else (f"no checkpoint had been written yet (log.jsonl shows the "
+                                                 f"losses; delete {str(run_dir)!r} to start the run again)")
     return (f"non-finite {what} at step {step}: training stopped; {where}. "
             "Try a lower --lr, --precision fp32 or a smaller --max-grad-norm.")
 
@@ -640,9 +729,17 @@ def _truncate_log(log_path: Path, step: int) -> None:
     """Drop log lines after ``step`` (written by a run killed after its last checkpoint)."""
     if not log_path.is_file():
         return
-    keep = [line for line in log_path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    log_path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    keep = []
+    for line in log_path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a kill mid-write
+        if isinstance(record, dict) and record.get("step", 0) <= step:
+            keep.append(line)
+    tmp = log_path.with_name(log_path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+    os.replace(tmp, log_path)
 
 
 def _install_sigint(stop: dict[str, bool]) -> Any:
