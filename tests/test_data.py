@@ -43,13 +43,14 @@ def test_all_four_formats_parse(tmp_path):
 @pytest.mark.parametrize("line, problem", [
     ("{not json", "invalid JSON"),
     ("[1, 2]", "expected a JSON object"),
-    ('{"prompt": "p"}', "'completion' must be a string"),
+    ('{"prompt": "p"}', "missing 'completion'"),
+    ('{"prompt": "p", "completion": null}', "'completion' must be a string, got NoneType"),
     ('{"prompt": "p", "completion": ""}', "'completion' is empty"),
     ('{"messages": []}', "non-empty list"),
     ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant message"),
     ('{"messages": [{"role": "bot", "content": "hi"}]}', "role 'bot'"),
     ('{"messages": [{"role": "user"}]}', "messages[0]"),
-    ('{"instruction": "x"}', "'output' must be a string"),
+    ('{"instruction": "x"}', "missing 'output'"),
     ('{"text": 3}', "'text' must be a string"),
     ('{"question": "q", "answer": "a"}', "unrecognised record with keys ['answer', 'question']"),
 ])

@@ -141,3 +141,15 @@ def test_broken_model_directory_is_one_clear_error(tmp_path, damage):
         weights.write_bytes(weights.read_bytes()[:1000])
     with pytest.raises(ValueError, match=f"model directory {str(path)!r} could not be loaded: "):
         models.load_model_and_tokenizer(path)
+
+
+def test_cache_is_keyed_on_the_converting_transformers_version(fake_gguf, monkeypatch):
+    """A conversion by another transformers version (its GGUF reader changed: 5.17 read the eos token
+    differently) is not reused: the new version converts its own."""
+    import transformers
+
+    first = models.default_model_path()
+    assert first.name.endswith(f"-tf{transformers.__version__}")
+    monkeypatch.setattr(transformers, "__version__", "9.9.9")
+    second = models.default_model_path()
+    assert second != first and second.name.endswith("-tf9.9.9") and len(fake_gguf) == 2

@@ -105,7 +105,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     if result.interrupted:
         return 130
     where = f"--model {result.run_dir / 'model'}" if cfg.method == "full" else f"--adapter {result.run_dir}"
-    print(f"\ntry it:  lorakit generate {where} \"Review: a tender, funny film.\"")
+    from lorakit.train.data import BUILTIN_TASK
+
+    builtin = cfg.data is None or cfg.data == BUILTIN_TASK
+    print(f"\ntry it:  lorakit generate {where} " + ('"Review: a tender, funny film."' if builtin else '"<a prompt like your data\'s>"'))
     return 0
 
 

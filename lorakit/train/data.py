@@ -107,7 +107,9 @@ def parse_record(obj: Any, where: str) -> Example:
         raise ValueError(f"{where}: expected a JSON object, got {type(obj).__name__}")
 
     def need_str(key: str, allow_empty: bool = False) -> str:
-        value = obj.get(key)
+        if key not in obj:
+            raise ValueError(f"{where}: missing {key!r}")
+        value = obj[key]
         if not isinstance(value, str):
             raise ValueError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
         if not allow_empty and not value.strip():
