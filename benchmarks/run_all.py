@@ -28,7 +28,7 @@ SUITE = [
      ["--rounds", "2", "--threads", "1"]),
     ("Attention kernels at fine-tuning lengths (used by `lorakit train` in bf16)", "attention.py", ["--rounds", "3"],
      ["--quick"]),
-    ("Mixed-adapter batches (issue 4)", "multi_adapter.py", ["--rounds", "5"], ["--quick"]),
+    ("Mixed-adapter batches (issue 4)", "multi_adapter.py", ["--rounds", "4"], ["--quick"]),
     ("GPU rows: training step, LoRA vs full, inference on CUDA, fp32 and bf16 (issue 7)", "gpu.py",
      ["--steps", "6", "--rounds", "7"], ["--quick"]),
 ]
