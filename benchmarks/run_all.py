@@ -24,7 +24,7 @@ SUITE = [
     ("Time to the same quality: `lorakit train` vs the transformers + PEFT recipe (issue 7: 2)", "time_to_quality.py",
      ["--steps", "24", "--eval-every", "4", "--eval-samples", "64"], ["--quick"]),
     ("Inference: unmerged / merged vs base (issue 7: 4)", "inference.py", ["--rounds", "3"], ["--rounds", "2"]),
-    ("Inference at one thread, CPU time (issue 7: 4)", "inference.py", ["--rounds", "3", "--threads", "1"],
+    ("Inference at one thread, CPU time (issue 7: 4)", "inference.py", ["--rounds", "2", "--threads", "1"],
      ["--rounds", "2", "--threads", "1"]),
     ("Attention kernels at fine-tuning lengths (used by `lorakit train` in bf16)", "attention.py", ["--rounds", "3"],
      ["--quick"]),
