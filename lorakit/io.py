@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch import nn
@@ -44,6 +46,42 @@ def ordinary_modes(root: str | Path) -> None:
     for path in [root, *root.rglob("*")]:
         if not path.is_symlink():
             os.chmod(path, default_mode(directory=path.is_dir()))
+
+
+def check_new_directory(out: str | Path) -> None:
+    """Refuse an output directory that would overwrite something: ``out`` may not exist yet or be
+    an empty directory (``--out`` of merge, extract and resize).
+
+    Raises:
+        FileExistsError: ``out`` is a file, or a directory that holds anything.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"--out {str(out)!r} is a file, not a directory: choose another --out")
+    if out.is_dir() and any(out.iterdir()):
+        raise FileExistsError(f"--out {str(out)!r} already exists and is not empty")
+
+
+def write_new_directory(out: str | Path, write: Callable[[Path], None]) -> Path:
+    """Create the directory ``out`` atomically: ``write(tmp)`` fills a temporary sibling, which gets
+    ordinary permissions and is then renamed to ``out``, so a failure (or Ctrl-C) leaves no
+    half-written directory. ``out`` must not exist or be empty (``check_new_directory``, checked
+    again just before the rename). Returns ``out`` as a Path.
+    """
+    out = Path(out)
+    check_new_directory(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        write(tmp)
+        ordinary_modes(tmp)  # mkdtemp and safetensors make theirs private
+        check_new_directory(out)  # something may have appeared there meanwhile
+        if out.exists():
+            out.rmdir()
+        os.rename(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # (gone after the rename)
+    return out
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

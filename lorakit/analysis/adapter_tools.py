@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
-import secrets
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +23,7 @@ from safetensors.torch import save_file
 
 from lorakit.analysis.weights import is_default, load_config, load_state_dict, module_matches, resolve, weight_shapes
 from lorakit.config import LoraConfig
-from lorakit.io import _check_tensors, _expected_tensors, ordinary_modes, read_adapter_files
+from lorakit.io import _check_tensors, _expected_tensors, check_new_directory, read_adapter_files, write_new_directory
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -301,18 +298,9 @@ def inspect_adapter(path: str | Path, base: str | Path | None = None, check_base
     return report
 
 
-def _check_out(out: str | Path) -> None:
-    """Refuse an output directory that would overwrite something (as ``lorakit merge`` does)."""
-    root = Path(out)
-    if root.exists() and not root.is_dir():
-        raise FileExistsError(f"--out {str(out)!r} already exists and is not a directory")
-    if root.is_dir() and any(root.iterdir()):
-        raise FileExistsError(f"--out {str(out)!r} already exists and is not empty")
-
-
 def _write_adapter(out: str | Path, config: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
-    """Write config + safetensors into a new directory ``out``, atomically: both files go into a
-    temporary sibling directory that is then renamed, so a failure leaves no half-written adapter.
+    """Write config + safetensors into a new directory ``out``, atomically (``write_new_directory``:
+    a temporary sibling directory that is then renamed), so a failure leaves no half-written adapter.
 
     Raises:
         FileExistsError: ``out`` exists and is not an empty directory.
@@ -322,24 +310,12 @@ def _write_adapter(out: str | Path, config: dict[str, Any], tensors: dict[str, t
     if bad:
         raise ValueError(f"refusing to write {str(out)!r}: {len(bad)} tensor(s) would hold NaN or inf, "
                          f"e.g. {bad[:3]}")
-    _check_out(out)
-    root = Path(out).resolve()
-    root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.{secrets.token_hex(4)}.tmp"
-    tmp.mkdir()
-    try:
+
+    def write(tmp: Path) -> None:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         # fields sorted, rank / alpha patterns in their order (the first match wins: see LoraConfig.save)
         (tmp / CONFIG_NAME).write_text(json.dumps(dict(sorted(config.items())), indent=2))
-        ordinary_modes(tmp)  # safetensors writes its file private
-        _check_out(out)  # again: something may have appeared there meanwhile
-        if root.exists():
-            root.rmdir()
-        os.rename(tmp, root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return Path(out)
+    return write_new_directory(out, write)
 
 
 def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -428,7 +404,7 @@ def extract_adapter(
         raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
     if energy is not None and not 0 < energy <= 1:
         raise ValueError(f"energy must be in (0, 1], got {energy}")
-    _check_out(out)
+    check_new_directory(out)
     base_sd = load_state_dict(base)
     tuned_sd = load_state_dict(tuned)
     alpha = float(rank if alpha is None else alpha)
@@ -515,7 +491,7 @@ def resize_adapter(
         raise ValueError(f"rank must be >= 1, got {rank}")
     if energy is not None and not 0 < energy <= 1:
         raise ValueError(f"energy must be in (0, 1], got {energy}")
-    _check_out(out)
+    check_new_directory(out)
     ad = read_adapter(path)
     if not ad.modules:
         raise ValueError(f"adapter {str(path)!r} holds no LoRA modules to resize")

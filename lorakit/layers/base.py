@@ -20,6 +20,15 @@ from torch.nn.modules import module as _module
 from lorakit.variants import LoraVariant, get_init_method
 
 
+def runs_own_forward(module: nn.Module, cls: type[nn.Module] | None) -> bool:
+    """Whether calling ``module`` returns what ``cls.forward`` makes: it is exactly a ``cls`` (not a
+    subclass), has no ``forward`` replaced on the instance, and no forward hook, of its own or
+    global, could keep its output or return another tensor."""
+    d = module.__dict__
+    return (type(module) is cls and "forward" not in d and not d["_forward_hooks"]
+            and not _module._global_forward_hooks)
+
+
 class LoraLayer(nn.Module):
     """Base class of every LoRA layer type.
 
@@ -212,10 +221,7 @@ class LoraLayer(nn.Module):
         that could keep the output or return another tensor (say, its input); else a copy, so that a
         tensor someone else holds — an activation a hook captured, the input, an output autograd
         saved — is never written to."""
-        base = self.base_layer
-        d = base.__dict__
-        if (type(base) is self.base_type and "forward" not in d and not d["_forward_hooks"]
-                and not _module._global_forward_hooks):
+        if runs_own_forward(self.base_layer, self.base_type):
             return result
         return result.clone() if isinstance(result, torch.Tensor) else result
 

@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from lorakit.layers import register_layer_type
-from lorakit.layers.base import LoraLayer
+from lorakit.layers.base import LoraLayer, runs_own_forward
 from lorakit.layers.fused import add_lora_no_grad, autocast_on, fused_lora_add, writes_in_place
 
 #: Mixed-adapter batches with at most this many tokens (decode steps, short prompts) take the
@@ -27,10 +27,10 @@ def plain_linear(module: nn.Module) -> bool:
     instance) and no hook of its own or global would run on its call: calling ``F.linear``'s ops on
     its tensors is then exactly what calling it does."""
     d = module.__dict__
-    return (type(module) is nn.Linear and "forward" not in d
-            and not (d["_forward_hooks"] or d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
-                     or _module._global_forward_hooks or _module._global_forward_pre_hooks
-                     or _module._global_backward_hooks or _module._global_backward_pre_hooks))
+    return (runs_own_forward(module, nn.Linear)
+            and not (d["_forward_pre_hooks"] or d["_backward_hooks"] or d["_backward_pre_hooks"]
+                     or _module._global_forward_pre_hooks or _module._global_backward_hooks
+                     or _module._global_backward_pre_hooks))
 
 
 @register_layer_type(nn.Linear)

@@ -9,9 +9,7 @@ import argparse
 import contextlib
 import json
 import os
-import shutil
 import sys
-import tempfile
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
@@ -238,14 +236,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """Handler of ``lorakit merge``: adapter folded into the weights, saved as a plain model."""
     _quiet_transformers()
     from lorakit import merge_and_unload
-    from lorakit.io import ordinary_modes
+    from lorakit.io import check_new_directory, write_new_directory
     from lorakit.train.generate import is_full_finetune_run, load_for_inference
 
     out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise FileExistsError(f"--out {str(out)!r} is a file, not a directory: choose another --out")
-    if out.exists() and any(out.iterdir()):
-        raise FileExistsError(f"--out {str(out)!r} already exists and is not empty")
+    check_new_directory(out)  # before the model loads
     if is_full_finetune_run(args.adapter):
         raise ValueError(f"--adapter {args.adapter!r} is a full fine-tune run: its model/ is already a plain "
                          f"transformers model with nothing to merge (use {str(Path(args.adapter) / 'model')!r} "
@@ -253,17 +248,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
     model, tok, _ = load_for_inference(args.model, args.adapter)
     plain = merge_and_unload(model)
     plain.config.use_cache = True
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        ordinary_modes(tmp)  # mkdtemp and safetensors make their files private
-        if out.exists():
-            out.rmdir()
-        os.rename(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    write_new_directory(out, write)
     print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
     return 0
 

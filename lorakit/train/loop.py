@@ -718,7 +718,7 @@ def _discard_new_run(run_dir: Path, created: bool, log: Callable[[str], None]) -
 
 def _diverged_message(step: int, what: str, run_dir: Path) -> str:
     ckpt = find_checkpoint(run_dir)
-    where = (f"the last good checkpoint (step {json.loads((ckpt / 'trainer_state.json').read_text())['step']}) "
+    where = (f"the last good checkpoint (step {ckpt_step(run_dir)}) "
              f"is kept in {ckpt}") if ckpt else (f"no checkpoint had been written yet (log.jsonl shows the "
                                                  f"losses; delete {str(run_dir)!r} to start the run again)")
     return (f"non-finite {what} at step {step}: training stopped; {where}. "
