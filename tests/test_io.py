@@ -221,14 +221,20 @@ def _edit_config(path, **changes):
     (path / "adapter_config.json").write_text(json.dumps(cfg))
 
 
+def _assert_refused(saved, match):
+    """Loading ``saved`` into a fresh model fails with ``match`` and leaves the model as it was; returns it."""
+    model = tiny_llama()
+    snap = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match=match):
+        lk.load_adapter(model, saved)
+    _assert_untouched(model, snap)
+    return model
+
+
 @pytest.mark.parametrize("missing", ["r", "lora_alpha"])
 def test_config_without_r_or_alpha(saved, missing):
     _edit_config(saved, **{missing: None})
-    model = tiny_llama()
-    snap = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=f"'{missing}' is missing"):
-        lk.load_adapter(model, saved)
-    _assert_untouched(model, snap)
+    _assert_refused(saved, f"'{missing}' is missing")
 
 
 @pytest.mark.parametrize("field,value", [("alora_invocation_tokens", [5, 6]), ("lora_bias", True),
@@ -238,11 +244,7 @@ def test_peft_fields_lorakit_does_not_implement_are_refused(saved, field, value)
     """An adapter whose config asks for a PEFT feature beyond plain LoRA is refused with the field
     named, not loaded as the plain LoRA it is not (its defaults, None / False, load as usual)."""
     _edit_config(saved, **{field: value})
-    model = tiny_llama()
-    snap = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match=f"{field}=.*lorakit does not implement"):
-        lk.load_adapter(model, saved)
-    _assert_untouched(model, snap)
+    model = _assert_refused(saved, f"{field}=.*lorakit does not implement")
     cfg = json.loads((saved / "adapter_config.json").read_text())
     cfg[field] = False if value is True else None
     (saved / "adapter_config.json").write_text(json.dumps(cfg))
@@ -257,20 +259,12 @@ def _rewrite_weights(path, fn):
 
 def test_unexpected_key(saved):
     _rewrite_weights(saved, lambda sd: sd.__setitem__("base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight", torch.zeros(4, 32)))
-    model = tiny_llama()
-    snap = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match="no place for.*gate_proj"):
-        lk.load_adapter(model, saved)
-    _assert_untouched(model, snap)
+    _assert_refused(saved, "no place for.*gate_proj")
 
 
 def test_missing_key(saved):
     _rewrite_weights(saved, lambda sd: sd.pop("base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"))
-    model = tiny_llama()
-    snap = copy.deepcopy(model.state_dict())
-    with pytest.raises(ValueError, match="missing.*layers.1.self_attn.v_proj.lora_B"):
-        lk.load_adapter(model, saved)
-    _assert_untouched(model, snap)
+    _assert_refused(saved, "missing.*layers.1.self_attn.v_proj.lora_B")
 
 
 def test_shape_mismatch_names_key_and_shapes(saved):
