@@ -138,12 +138,25 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool =
         adapter_names = _as_names(adapter_names, "adapter_names")
         _check_names(model, adapter_names)
     require_state(model)
+    _warn_already_merged(model, adapter_names)
     if safe:
         _check_merge_finite(model, adapter_names)
     _untie_before_merge(model)
     for _, layer in iter_lora_layers(model):
         layer.merge(adapter_names, safe=safe)
     return model
+
+
+def _warn_already_merged(model: nn.Module, adapter_names: list[str] | None) -> None:
+    """Warn about requested (or active) adapters that are merged already: merging one again does
+    nothing (its update is in the weights once), which a caller expecting it twice should know."""
+    already: dict[str, None] = {}
+    for _, layer in iter_lora_layers(model):
+        names = layer.active_adapters if adapter_names is None else adapter_names
+        already.update((n, None) for n in names if n in layer.merged_adapters)
+    if already:
+        warnings.warn(f"adapter(s) {list(already)} are merged already; merging again leaves them as they are "
+                      "(call unmerge first to merge anew)", stacklevel=3)
 
 
 def _check_merge_finite(model: nn.Module, adapter_names: list[str] | None) -> None:

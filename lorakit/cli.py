@@ -57,8 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so that the flush at exit does not fail again
         return 1
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, KeyError) as exc:
-        # User-facing errors carry a message that names the bad value; no deep traceback.
+    except (ValueError, TypeError, KeyError, OSError) as exc:
+        # User-facing errors carry a message that names the bad value; no deep traceback. OSError:
+        # a path that cannot be read or written (a file where a directory is needed, no
+        # permission, a full disk): the system's message names the path.
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
         print(f"lorakit {args.command}: error: {msg}", file=sys.stderr)
         return 2

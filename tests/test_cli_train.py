@@ -112,6 +112,19 @@ def test_train_and_merge_cli_output_that_is_a_file(trained, tmp_path, capsys):
     assert afile.read_text() == "keep me"
 
 
+def test_cli_output_under_a_file_is_one_error_line(trained, tmp_path, capsys):
+    """An --output / --out whose parent is a file: the system's message, no traceback."""
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    for argv in (["train", "--model", str(trained["model"]), "--data", str(trained["train"]),
+                  "--output", str(afile / "run"), "--no-progress"],
+                 ["merge", "--adapter", str(trained["run"]), "--out", str(afile / "merged")]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "error:" in err and str(afile) in err and "Traceback" not in err
+    assert afile.read_text() == "keep me"
+
+
 def test_train_cli_resume_refuses_config(trained, tmp_path, capsys):
     y = tmp_path / "c.yaml"
     y.write_text("rank: 2\n")

@@ -197,6 +197,24 @@ def test_merge_unties_a_tied_embedding():
     assert plain.lm_head.weight is not plain.model.embed_tokens.weight
 
 
+def test_merging_a_merged_adapter_again_warns_and_changes_nothing():
+    """As PEFT does: a second merge of the same adapter is a no-op, said aloud."""
+    import warnings
+
+    m = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    lk.merge(m)
+    weights = {n: p.clone() for n, p in m.named_parameters()}
+    with pytest.warns(UserWarning, match=r"adapter\(s\) \['default'\] are merged already"):
+        lk.merge(m)
+    with pytest.warns(UserWarning, match="merged already"):
+        lk.merge(m, adapter_names=["default"])
+    assert all(torch.equal(p, weights[n]) for n, p in m.named_parameters())
+    lk.unmerge(m)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # merging an unmerged adapter does not warn
+        lk.merge(m)
+
+
 def test_layer_selection_needs_target_modules_as_a_list():
     """As in PEFT (which refuses such configs on load): a regex names the layers itself."""
     with pytest.raises(ValueError, match="layers_to_transform cannot be combined with target_modules given as a string"):
