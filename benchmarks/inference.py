@@ -11,13 +11,16 @@ the per-round ratios with the interquartile range (the min–max spread of many 
 only the rarest bursts of noise), then "best": the fastest round of each ÷ the fastest of the base
 (the least disturbed measurement on a shared machine, as ``timeit`` advises).
 
-    python benchmarks/inference.py [--rounds 7] [--threads 1]
+    python benchmarks/inference.py [--rounds 7] [--threads 1] [--one-thread-rounds N]
 
 With ``--threads 1`` the clock is the main thread's CPU time (``time.thread_time``, as in
 benchmarks/multi_adapter.py: on a shared machine it counts the work done, not the waits for a
 core); otherwise wall-clock time with torch's default threads. The two differ at 16 × 1: the
 base model's matmuls use every core, while the rank-r products at 16 tokens are too small to be
 split, so the adapters' share of the step is larger with two threads than with one.
+``--one-thread-rounds N`` measures again at one thread (CPU time, N rounds) after the main
+measurement, on the same models in the same process (``make bench`` does this: one model build
+serves both tables).
 
 Shapes: prefill-like 4 × 128 tokens, and 16 × 1 (one token per row, as in a decode step without a
 cache). Adapter: r = 16 on all linear layers of the embedded SmolLM2-135M-Instruct, non-zero weights.
@@ -52,9 +55,13 @@ def main(argv: list[str] | None = None) -> None:
                     help="torch threads (default: torch's own); with 1 the clock is the main thread's CPU time")
     ap.add_argument("--separate-copies", action="store_true",
                     help="give each unmerged model its own copy of the base weights (the old method)")
+    ap.add_argument("--one-thread-rounds", type=int, default=0, metavar="N",
+                    help="then measure again at one thread (CPU time), N rounds, on the same models (default 0: no)")
     args = ap.parse_args(argv)
     if args.threads is not None and args.threads < 1:
         ap.error("--threads must be >= 1")
+    if args.rounds < 1 or args.one_thread_rounds < 0:
+        ap.error("--rounds must be >= 1 and --one-thread-rounds >= 0")
 
     import peft
     import torch
@@ -64,7 +71,6 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     torch.manual_seed(0)
     base, _ = load_model_and_tokenizer()
     cfg = dict(r=16, lora_alpha=32, target_modules="all-linear", init_lora_weights=False)
@@ -84,9 +90,27 @@ def main(argv: list[str] | None = None) -> None:
     models = {"base": base, "lorakit": ours, "lorakit merged": merged, "peft": theirs}
     for m in models.values():
         m.eval()
+    flags = f" --threads {args.threads}" if args.threads is not None else ""
+    if args.one_thread_rounds:
+        flags += f" --one-thread-rounds {args.one_thread_rounds}"
+    print(f"Machine: {machine()}\n")
+    print(f"Command: `python benchmarks/inference.py --rounds {args.rounds}{flags}`\n")
+    measure_and_print(models, args.rounds)
+    if args.one_thread_rounds:
+        torch.set_num_threads(1)
+        print()
+        measure_and_print(models, args.one_thread_rounds)
 
+
+def measure_and_print(models: dict, rounds_arg: int) -> None:
+    """Time every model in shuffled rounds at the current torch thread count and print the table:
+    with one thread the clock is the main thread's CPU time, otherwise the wall clock."""
+    import torch
+
+    clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
+    base = models["base"]
     shapes = {"4 x 128": (4, 128), "16 x 1": (16, 1)}
-    rounds = {"4 x 128": 2 * args.rounds, "16 x 1": 20 * args.rounds}  # one forward per model and round
+    rounds = {"4 x 128": 2 * rounds_arg, "16 x 1": 20 * rounds_arg}  # one forward per model and round
     results: dict[str, dict[str, list[float]]] = {s: {k: [] for k in models} for s in shapes}
     order = random.Random(0)
     with torch.inference_mode():
@@ -103,11 +127,8 @@ def main(argv: list[str] | None = None) -> None:
                     m(input_ids=ids, use_cache=False)
                     results[shape_name][name].append(clock() - start)
 
-    print(f"Machine: {machine()}\n")
-    flags = f" --threads {args.threads}" if args.threads is not None else ""
-    print(f"Command: `python benchmarks/inference.py --rounds {args.rounds}{flags}`; "
-          f"{torch.get_num_threads()} torch thread(s), "
-          f"{'CPU time of the main thread' if clock is time.thread_time else 'wall-clock time'}\n")
+    print(f"{torch.get_num_threads()} torch thread(s), "
+          f"{'CPU time of the main thread' if clock is time.thread_time else 'wall-clock time'}:\n")
     print("| shape | lorakit unmerged ÷ base | lorakit merged ÷ base | PEFT unmerged ÷ base |")
     print("|---|---|---|---|")
     for shape_name, res in results.items():

@@ -6,17 +6,22 @@ gradient clipping and number of steps; eval loss on the same held-out examples e
 
 - lorakit: ``lorakit.train.loop.train`` with its defaults (``--precision auto``: bf16 base weights
   where the CPU supports bf16, fp32 adapters; length-bucketed batches; head and loss only at answer
-  tokens, chunked; short-sequence attention). Its adapter is copied at each eval point and
-  evaluated afterwards on the fp32 base exactly as the recipe's is.
+  tokens, chunked; short-sequence attention).
 - recipe: what a user typically writes with transformers + PEFT: fp32 model, ``get_peft_model``,
   shuffled batches padded to the longest row, ``model(input_ids, attention_mask, labels).loss``
   (full logits), AdamW.
+
+Evaluation is outside both runs' timed steps: each run's adapter is copied at every eval point, and
+after both runs one evaluator — the fp32 base with the same LoRA injected by lorakit — loads each
+copy in turn (PEFT's parameter names mapped to lorakit's) and computes the same ``eval_loss``, so
+the two curves differ only by the adapters. Step 0 is the base model itself for both (a fresh LoRA
+has B = 0), evaluated once.
 
 Two target qualities: the recipe's final eval loss (strict), and the worse of the two runs' final
 eval losses (a level both reach); the table gives each run's training time (evaluation excluded) to
 first reach each, interpolating between eval points, and the ratio.
 
-    python benchmarks/time_to_quality.py [--steps 24] [--eval-every 4] [--eval-samples 64] [--quick]
+    python benchmarks/time_to_quality.py [--steps 24] [--eval-every 6] [--eval-samples 64] [--quick]
 """
 from __future__ import annotations
 
@@ -46,13 +51,14 @@ def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
     return None
 
 
-def run_recipe(cfg, tokenizer, train_data, eval_data, pad_id: int) -> list[tuple[float, float]]:
+def run_recipe(cfg, train_data, pad_id: int) -> tuple[dict[int, dict], dict[int, float]]:
+    """Train with the recipe; returns (adapter copies at the eval points, training seconds at them),
+    the copies under lorakit's parameter names."""
     import peft
     import torch
 
     from lorakit.models import load_model_and_tokenizer
     from lorakit.train.data import collate
-    from lorakit.train.generate import eval_loss
     from lorakit.train.loop import lr_factor
 
     torch.manual_seed(cfg.seed)
@@ -66,8 +72,9 @@ def run_recipe(cfg, tokenizer, train_data, eval_data, pad_id: int) -> list[tuple
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.max_steps, warmup))
     order = list(range(len(train_data)))
     random.Random(cfg.seed).shuffle(order)
-    curve = [(0.0, eval_loss(model, eval_data, 16, pad_id, "fp32"))]
-    elapsed = 0.0
+    snapshots: dict[int, dict] = {}
+    elapsed: dict[int, float] = {}
+    total = 0.0
     model.train()
     for step in range(1, cfg.max_steps + 1):
         t0 = time.perf_counter()
@@ -79,26 +86,23 @@ def run_recipe(cfg, tokenizer, train_data, eval_data, pad_id: int) -> list[tuple
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-        elapsed += time.perf_counter() - t0
+        total += time.perf_counter() - t0
         if step % cfg.eval_steps == 0 or step == cfg.max_steps:
-            curve.append((elapsed, eval_loss(model, eval_data, 16, pad_id, "fp32")))
-            print(f"  recipe step {step}: {elapsed:.1f} s, eval loss {curve[-1][1]:.4f}", file=sys.stderr, flush=True)
-    return curve
+            # PEFT's "base_model.model.<path>.lora_A.default.weight" is lorakit's "<path>.lora_A.default"
+            snapshots[step] = {n.removeprefix("base_model.model.").removesuffix(".weight"): p.detach().clone()
+                               for n, p in model.named_parameters() if p.requires_grad}
+            elapsed[step] = total
+            print(f"  recipe step {step}: {total:.1f} s, loss {float(loss):.4f}", file=sys.stderr, flush=True)
+    return snapshots, elapsed
 
 
-def run_lorakit(cfg, eval_data, pad_id: int) -> tuple[list[tuple[float, float]], tuple[float, float]]:
-    """Train with ``lorakit.train.loop.train``; returns (curve, (before, after) as lorakit logged them).
-
-    The adapter is copied at every eval point (outside the timed step) and, after training, each
-    copy is evaluated on the fp32 base with the recipe's own ``eval_loss`` call: both runs' adapters
-    are measured the same way, whatever precision lorakit trained in (its bf16 base adds ~0.015 to
-    the eval loss of the same adapter, before and after training).
-    """
+def run_lorakit(cfg) -> tuple[dict[int, dict], dict[int, float], tuple[float, float]]:
+    """Train with ``lorakit.train.loop.train``; returns (adapter copies at the eval points, training
+    seconds at them, (before, after) eval loss as lorakit logged them on its own base)."""
     import torch
 
-    from lorakit import LoraConfig, get_lora_model
     from lorakit.models import load_model_and_tokenizer
-    from lorakit.train.generate import eval_loss, resolve_precision
+    from lorakit.train.generate import resolve_precision
     from lorakit.train.loop import train
 
     snapshots: dict[int, dict[str, torch.Tensor]] = {}
@@ -123,28 +127,44 @@ def run_lorakit(cfg, eval_data, pad_id: int) -> tuple[list[tuple[float, float]],
                        log=lambda s: print("  " + s, file=sys.stderr, flush=True))
         log = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
     elapsed = {rec["step"]: rec["elapsed_s"] for rec in log}
-    own = (result.before["loss"], result.after["loss"])
-    del model, holder["model"]
+    return snapshots, {step: elapsed[step] for step in snapshots}, (result.before["loss"], result.after["loss"])
+
+
+def eval_curves(cfg, eval_data, pad_id: int, runs: dict[str, tuple[dict, dict]]) -> dict[str, list[tuple[float, float]]]:
+    """Each run's curve [(training seconds, eval loss)], from step 0 (the base model, for all runs)
+    through its adapter copies, every one loaded in turn into one fp32 evaluator model."""
+    import torch
+
+    from lorakit import LoraConfig, get_lora_model
+    from lorakit.models import load_model_and_tokenizer
+    from lorakit.train.generate import eval_loss
 
     base, _ = load_model_and_tokenizer(cfg.model, dtype=torch.float32)
-    curve = [(0.0, eval_loss(base, eval_data, 16, pad_id, "fp32"))]
-    base = get_lora_model(base, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules="all-linear",
-                                           task_type="CAUSAL_LM"))
-    names = {n for n, p in base.named_parameters() if p.requires_grad}
-    for step in sorted(snapshots):
-        if set(snapshots[step]) != names:
-            raise RuntimeError("the trained adapter's parameters do not match a fresh injection's")
-        base.load_state_dict(snapshots[step], strict=False)
-        curve.append((elapsed[step], eval_loss(base, eval_data, 16, pad_id, "fp32")))
-        print(f"  lorakit step {step}: {elapsed[step]:.1f} s, eval loss (fp32 base) {curve[-1][1]:.4f}",
-              file=sys.stderr, flush=True)
-    return curve, own
+    base_loss = eval_loss(base, eval_data, 16, pad_id, "fp32")
+    model = get_lora_model(base, LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, target_modules="all-linear",
+                                            task_type="CAUSAL_LM"))
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    curves = {}
+    for run, (snapshots, elapsed) in runs.items():
+        curve = [(0.0, base_loss)]
+        for step in sorted(snapshots):
+            if set(snapshots[step]) != names:
+                raise RuntimeError(f"the {run} adapter's parameters do not match a fresh lorakit injection's: "
+                                   f"{sorted(set(snapshots[step]) ^ names)[:4]}")
+            model.load_state_dict(snapshots[step], strict=False)
+            curve.append((elapsed[step], eval_loss(model, eval_data, 16, pad_id, "fp32")))
+            print(f"  {run} step {step}: {elapsed[step]:.1f} s, eval loss (fp32 base) {curve[-1][1]:.4f}",
+                  file=sys.stderr, flush=True)
+        curves[run] = curve
+    return curves
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=24)
-    ap.add_argument("--eval-every", type=int, default=4, help="eval points resolve the time to target (default 4 steps)")
+    ap.add_argument("--eval-every", type=int, default=6,
+                    help="eval points resolve the time to target (default 6 steps; each eval point of the "
+                         "recipe costs about two of its steps)")
     ap.add_argument("--eval-samples", type=int, default=64,
                     help="held-out examples; the loss is over 1-2 answer tokens each, so fewer than ~100 is noisy")
     ap.add_argument("--quick", action="store_true", help="8 steps, for a smoke run")
@@ -162,8 +182,10 @@ def main() -> None:
     train_data = tokenize_all(tokenizer, load_examples(None, "train"), cfg.max_length)
     eval_data = tokenize_all(tokenizer, load_examples(None, "test")[: cfg.eval_samples], cfg.max_length)
 
-    recipe = run_recipe(cfg, tokenizer, train_data, eval_data, pad_id)
-    ours, ours_own = run_lorakit(TrainConfig(**{**cfg.to_dict(), "output": None}), eval_data, pad_id)
+    recipe_run = run_recipe(cfg, train_data, pad_id)
+    *ours_run, ours_own = run_lorakit(TrainConfig(**{**cfg.to_dict(), "output": None}))
+    curves = eval_curves(cfg, eval_data, pad_id, {"recipe": recipe_run, "lorakit": tuple(ours_run)})
+    recipe, ours = curves["recipe"], curves["lorakit"]
     target = recipe[-1][1]
     t_recipe, t_ours = time_to(recipe, target), time_to(ours, target)
     # The eval loss is over the 1-2 answer tokens of each example, so it moves between eval points
@@ -177,8 +199,9 @@ def main() -> None:
           f"--eval-samples {args.eval_samples}`\n")
     print(f"Same data, LoRA (r {cfg.rank}, all linear layers), lr {cfg.learning_rate:g} with warm-up + cosine, batch "
           f"{cfg.batch_size}, {args.steps} steps; eval loss on {args.eval_samples} held-out examples every "
-          f"{args.eval_every} steps, each run's adapter evaluated the same way (fp32 base, the same `eval_loss` "
-          f"call); seconds are training time only.\n")
+          f"{args.eval_every} steps: each run's adapter copied there and evaluated afterwards by one evaluator (the "
+          f"fp32 base with lorakit's LoRA, the same `eval_loss` call); step 0, the base model itself for both, "
+          f"evaluated once; seconds are training time only.\n")
     print("| run | eval loss at each eval point (train seconds) | s per step |")
     print("|---|---|---|")
     for name, curve in (("transformers + PEFT recipe (fp32)", recipe), ("lorakit train (defaults)", ours)):
