@@ -82,9 +82,11 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
-    """Context manager in which ``model`` computes exactly the base model's output.
+    """Context manager in which ``model`` computes the base model's output (bitwise when no adapter
+    is merged).
 
-    Merged adapters are unmerged for the duration and merged back afterwards.
+    Merged adapters are unmerged for the duration and merged back afterwards: the base weights
+    then come back to rounding (W + ΔW − ΔW), as with PEFT.
     """
     require_state(model)
     layers = [layer for _, layer in iter_lora_layers(model)]

@@ -160,6 +160,13 @@ def _pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     ctx: MixedBatchContext | None = module.__dict__.get(_CONTEXT_KEY)
     if ctx is None:
         return None
+    return _push_plan(ctx, module, args, kwargs)
+
+
+def _push_plan(ctx: MixedBatchContext, root: nn.Module, args: tuple[Any, ...],
+               kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """``_pre_hook``'s work for a call of ``root`` (or of a part of it called on its own, such as the
+    encoder ``generate`` runs directly) with these arguments."""
     stack = ctx.stack
     if "adapter_names" not in kwargs and not stack:
         return None  # the common case: a plain forward
@@ -170,14 +177,18 @@ def _pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     scope = top if top is not None and top[0] == "scope" else None
     if names is None and scope is None:
         return args, kwargs
-    if get_state(module) is None or not get_state(module).configs:
+    if get_state(root) is None or not get_state(root).configs:
         raise ValueError("adapter_names was given, but this model has no LoRA adapters")
+    if root.training and torch.is_grad_enabled() and _checkpointing(root):
+        raise ValueError("mixed-adapter batches cannot run with gradient checkpointing: its recomputation in "
+                         "backward would not know each row's adapter; disable it "
+                         "(model.gradient_checkpointing_disable()) or train one adapter per batch")
     batch = _batch_of(args, kwargs)
     if batch is None or batch.dim() == 0:
         raise ValueError("adapter_names was given, but the forward has no batched tensor input to match it with")
     size, device = batch.shape[0], batch.device
     if names is not None:
-        names = _check_names(module, names)
+        names = _check_names(root, names)
         if len(names) != size:
             raise ValueError(f"adapter_names has {len(names)} entries but the batch has {size} rows")
         plan = make_plan(names, device)
@@ -196,11 +207,30 @@ def _pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     return args, kwargs
 
 
+def _checkpointing(model: nn.Module) -> bool:
+    """Whether transformers' gradient checkpointing is on somewhere in ``model``."""
+    return any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules())
+
+
 def _post_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
     """Root forward hook (``always_call``): drop the entry ``_pre_hook`` pushed, also after an error."""
-    ctx: MixedBatchContext | None = module.__dict__.get(_CONTEXT_KEY)
+    _pop_plan(module.__dict__.get(_CONTEXT_KEY))
+
+
+def _pop_plan(ctx: MixedBatchContext | None) -> None:
     if ctx is not None and ctx.stack and ctx.stack[-1][0] == "hook":
         ctx.stack.pop()
+
+
+def _parts_called_alone(model: nn.Module) -> list[nn.Module]:
+    """Parts of ``model`` that ``generate`` calls directly, not through the model's forward: the
+    encoder of an encoder-decoder model (T5, BART, Whisper)."""
+    config = getattr(model, "config", None)
+    get_encoder = getattr(model, "get_encoder", None)
+    if not getattr(config, "is_encoder_decoder", False) or not callable(get_encoder):
+        return []
+    encoder = get_encoder()
+    return [encoder] if isinstance(encoder, nn.Module) and encoder is not model else []
 
 
 def attach_mixed_batch(model: nn.Module) -> MixedBatchContext:
@@ -254,11 +284,20 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn
         raise ValueError("adapter_names is empty; give one name per row")
     ctx = _context(model)
     entry = ["scope", None, names, {}]
+    # A part that generate calls on its own (an encoder) publishes the block's plan for its calls
+    # too, as the root's hooks do for the model's (hooks of this block only, removed at its end).
+    handles = []
+    for part in _parts_called_alone(model):
+        handles.append(part.register_forward_pre_hook(
+            lambda _m, args, kwargs: _push_plan(ctx, model, args, kwargs), with_kwargs=True))
+        handles.append(part.register_forward_hook(lambda _m, _args, _out: _pop_plan(ctx), always_call=True))
     ctx.stack.append(entry)
     try:
         yield model
     finally:
         ctx.stack.remove(entry)
+        for handle in handles:
+            handle.remove()
 
 
 def _saved_module_mixed_forward(wrapper: ModulesToSave, plan: MixedBatchPlan, args: tuple[Any, ...],
@@ -407,8 +446,10 @@ def _layer_terms(layer: Any, weights: Mapping[str, float]) -> tuple[torch.Tensor
     names = [n for n, w in weights.items() if w != 0 and n in layer.lora_A]
     if not names:
         return None
-    A = torch.cat([layer.lora_A[n].detach() for n in names], dim=0)
-    B = torch.cat([layer.lora_B[n].detach() * (weights[n] * layer.scaling[n]) for n in names], dim=1)
+    # in float32 at least: the weighted B's of bf16 adapters would otherwise be rounded to bf16
+    dtype = torch.promote_types(layer.lora_A[names[0]].dtype, torch.float32)
+    A = torch.cat([layer.lora_A[n].detach().to(dtype) for n in names], dim=0)
+    B = torch.cat([layer.lora_B[n].detach().to(dtype) * (weights[n] * layer.scaling[n]) for n in names], dim=1)
     return A, B
 
 
@@ -458,21 +499,22 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], name: str, 
         raise ValueError(f"method='cat' keeps the exact rank Σ rᵢ; rank must be None, got {rank!r} (use method='svd')")
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
         raise ValueError(f"rank must be a positive integer, got {rank!r}")
-    for n in weights:
+    weights = {n: float(w) for n, w in weights.items()}
+    used = [n for n, w in weights.items() if w != 0]  # a weight of 0 drops its adapter, checks included
+    for n in used:
         config = state.configs[n]
         if config.modules_to_save:
             raise ValueError(f"adapter {n!r} has modules_to_save {config.modules_to_save}: full modules have no low-rank sum")
         if config.bias != "none":
             raise ValueError(f"adapter {n!r} trains biases (bias={config.bias!r}): they are not part of B @ A")
-    weights = {n: float(w) for n, w in weights.items()}
     if rank is None:
-        rank = max(layer.r[n] for _, layer in iter_lora_layers(model) for n in weights if n in layer.r)
+        rank = max((layer.r[n] for _, layer in iter_lora_layers(model) for n in used if n in layer.r), default=1)
 
     report = CombineReport(name, method)
     new_tensors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     err_sq = norm_sq = 0.0
     for path, layer in iter_lora_layers(model):
-        for n in weights:
+        for n in used:
             if n in layer.variants:
                 raise ValueError(f"adapter {n!r} on {path} uses the {type(layer.variants[n]).__name__} variant, "
                                  "whose update is not B @ A; it cannot be summed exactly")
@@ -499,7 +541,7 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], name: str, 
         raise ValueError(f"adapters {list(weights)} with weights {weights} target no module (all weights zero?)")
     report.overall_error = math.sqrt(err_sq / norm_sq) if norm_sq > 0 else 0.0
 
-    config = _combined_config(model, list(weights), report.ranks)
+    config = _combined_config(model, used, report.ranks)
     inject_adapter(model, config, name, init_lora_weights=False)
     try:
         with torch.no_grad():
@@ -518,16 +560,26 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], name: str, 
 
 
 def _combined_config(model: nn.Module, sources: list[str], ranks: dict[str, int]) -> LoraConfig:
-    """PEFT-format config of a combined adapter: exact module paths, scaling 1 (lora_alpha = r)."""
+    """PEFT-format config of a combined adapter: exact module paths, scaling 1 (lora_alpha = r).
+
+    The paths are a list (PEFT matches an entry to a name or a dotted suffix of it) unless one of
+    them is also the end of another module's path (``fc`` and ``block.fc``): then a regex that
+    matches exactly the paths (PEFT and lorakit full-match a string), and ``^``-anchored pattern keys.
+    """
     state = require_state(model)
     counts: dict[int, int] = {}
     for r in ranks.values():
         counts[r] = counts.get(r, 0) + 1
     r = max(counts, key=lambda k: (counts[k], k))
-    # Escaped full paths: PEFT and lorakit read pattern keys as regexes matched at a name's end.
-    rank_pattern = {re.escape(p): k for p, k in ranks.items() if k != r}
+    paths = sorted(ranks)
+    ends = {".".join(parts[i:]) for parts in (n.split(".") for n, _ in model.named_modules() if n) for i in range(1, len(parts))}
+    exact = any(p in ends for p in paths)
+    targets: str | list[str] = "|".join(re.escape(p) for p in paths) if exact else paths
+    # Escaped full paths: PEFT and lorakit read pattern keys as regexes matched at a name's end
+    # ("(.*\.)?(key)$"); a leading ^ makes the key match only the path itself.
+    rank_pattern = {("^" if exact else "") + re.escape(p): k for p, k in ranks.items() if k != r}
     first = state.configs[sources[0]]
-    return LoraConfig(r=r, lora_alpha=r, target_modules=sorted(ranks), rank_pattern=rank_pattern,
+    return LoraConfig(r=r, lora_alpha=r, target_modules=targets, rank_pattern=rank_pattern,
                       alpha_pattern={key: k for key, k in rank_pattern.items()}, init_lora_weights=False,
                       task_type=first.task_type, base_model_name_or_path=first.base_model_name_or_path,
                       inference_mode=True)
@@ -570,8 +622,11 @@ def hotswap_adapter(model: nn.Module, directory: str | Path, adapter_name: str =
     old = state.configs[adapter_name]
     new_variant, old_variant = variant_for(config), variant_for(old)
     if type(new_variant) is not type(old_variant):
-        raise ValueError(f"{directory}: variant {type(new_variant).__name__} differs from the loaded adapter's "
-                         f"{type(old_variant).__name__}; load it as a new adapter instead")
+        def kind(variant: Any) -> str:
+            return "plain LoRA" if variant is None else type(variant).__name__
+
+        raise ValueError(f"{directory}: variant {kind(new_variant)} differs from the loaded adapter's "
+                         f"{kind(old_variant)}; load it as a new adapter instead")
     targets = set(find_target_modules(model, config))
     if targets != set(layers):
         diff = sorted(targets ^ set(layers))
@@ -592,6 +647,7 @@ def hotswap_adapter(model: nn.Module, directory: str | Path, adapter_name: str =
     for path, layer in layers.items():
         layer.lora_alpha[adapter_name] = config.alpha_for(path)
         layer.scaling[adapter_name] = config.scaling_for(path)
+        layer.set_dropout(adapter_name, config.lora_dropout)  # so the layers do what the stored config says
     config = copy.deepcopy(config)
     config.inference_mode = old.inference_mode
     state.configs[adapter_name] = config

@@ -859,3 +859,176 @@ def test_an_adapter_in_use_by_an_open_batch_is_not_deleted():
             lk.delete_adapter(model, "legal")
     lk.delete_adapter(model, "legal")
     assert "legal" not in model._lorakit.configs
+
+
+# ---- audit findings (each test fails without its fix) ---------------------------------------------------
+
+def tiny_t5():
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    cfg = T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, decoder_start_token_id=0,
+                   pad_token_id=0, eos_token_id=1, dropout_rate=0.0)
+    m = with_adapters(T5ForConditionalGeneration(cfg), {"a": dict(r=4, lora_alpha=16, target_modules=["q", "v"]),
+                                                        "b": dict(r=4, lora_alpha=16, target_modules=["q", "v"])})
+    with torch.no_grad():
+        for _, layer in lk.iter_lora_layers(m):  # adapters that change the greedy tokens
+            for n in ("a", "b"):
+                layer.lora_B[n].mul_(200)
+    return m
+
+
+def test_encoder_decoder_generate_gives_each_row_its_adapter():
+    """generate calls an encoder-decoder's encoder directly, outside the root forward's hooks."""
+    m = tiny_t5()
+    x = torch.randint(2, 64, (3, 8), generator=torch.Generator().manual_seed(0))
+    names = ["a", "b", lk.BASE_NAME]
+    mixed = lk.generate(m, x, adapter_names=names, max_new_tokens=6, do_sample=False)
+    alone = []
+    for i, n in enumerate(names):
+        if n == lk.BASE_NAME:
+            with lk.disable_adapters(m):
+                alone.append(m.generate(x[i:i + 1], max_new_tokens=6, do_sample=False)[0])
+        else:
+            lk.set_adapter(m, n)
+            alone.append(m.generate(x[i:i + 1], max_new_tokens=6, do_sample=False)[0])
+    assert len({tuple(t.tolist()) for t in alone}) == 3  # the adapters make a difference
+    for i in range(3):
+        assert torch.equal(mixed[i, : alone[i].shape[0]], alone[i]), names[i]
+    # the encoder called on its own inside adapter_batch, and the hooks gone after the block
+    lk.set_adapter(m, "a")
+    with torch.no_grad():
+        with lk.adapter_batch(m, names):
+            enc = m.get_encoder()(x).last_hidden_state
+        after = m.get_encoder()(x).last_hidden_state
+        lk.set_adapter(m, "b")
+        enc_b = m.get_encoder()(x).last_hidden_state
+    torch.testing.assert_close(enc[1], enc_b[1], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(enc[0], after[0], rtol=1e-5, atol=1e-4)
+    assert not torch.allclose(after[1], enc_b[1], atol=1e-2)
+    assert not m.get_encoder()._forward_pre_hooks and not m.get_encoder()._forward_hooks
+
+
+def test_mixed_batch_on_adapters_loaded_in_inference_mode(tmp_path):
+    """Inference tensors have no version counter: the batched decode path rebuilds its stacks."""
+    src = with_adapters(tiny_llama(), LLAMA_ADAPTERS)
+    for name in LLAMA_ADAPTERS:
+        lk.save_adapter(src, tmp_path / name, adapter_name=name)
+    x = llama_ids(rows=4, seq=5)
+    rows = ["legal", "medical", "code", "legal"]
+    expected = out(src, x, adapter_names=rows)
+    with torch.inference_mode():
+        m = tiny_llama().eval()
+        for name in LLAMA_ADAPTERS:
+            lk.load_adapter(m, tmp_path / name, adapter_name=name)
+        first = m(x, adapter_names=rows).logits
+        with torch.no_grad():  # an in-place change it cannot see through a version counter
+            layer = m.model.layers[0].self_attn.v_proj
+            layer.lora_B["legal"].mul_(2)
+        second = m(x, adapter_names=rows).logits
+    torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(second[0], first[0], atol=1e-4)  # the change took effect
+    torch.testing.assert_close(second[1], first[1], rtol=1e-5, atol=1e-5)  # "medical" has no v_proj change
+
+
+def test_mixed_batch_with_gradient_checkpointing_is_refused():
+    m = with_adapters(tiny_llama(), {"a": dict(r=2, target_modules=["q_proj"]), "b": dict(r=2, target_modules=["q_proj"])})
+    lk.set_trainable(m, ["a", "b"])
+    m.gradient_checkpointing_enable()
+    m.train()
+    x = llama_ids()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        m(x, labels=x, adapter_names=["a", "b", "__base__", "a"])
+    with torch.no_grad():  # no backward, no recomputation: allowed
+        m(x, adapter_names=["a", "b", "__base__", "a"])
+    m.gradient_checkpointing_disable()
+    m(x, labels=x, adapter_names=["a", "b", "__base__", "a"]).loss.backward()
+    assert m.model.layers[0].self_attn.q_proj.lora_B["b"].grad is not None
+
+
+def test_combine_targets_exactly_the_combined_paths(tmp_path):
+    """A path that is also the end of another module's path (fc / block.fc) must not pull that one in."""
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.block, self.out = nn.Linear(8, 8), Block(), nn.Linear(8, 8)
+
+        def forward(self, x):
+            return self.out(self.block(self.fc(x)))
+
+    torch.manual_seed(0)
+    base = Net().eval()
+    m = copy.deepcopy(base)
+    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules="fc|out", init_lora_weights=False), adapter_name="a")
+    lk.get_lora_model(m, lk.LoraConfig(r=3, target_modules="fc", init_lora_weights=False), adapter_name="b")
+    lk.combine_adapters(m, {"a": 1.0, "b": 0.5}, name="mix")
+    assert sorted(p for p, layer in lk.iter_lora_layers(m) if "mix" in layer.lora_A) == ["fc", "out"]
+    x = torch.randn(3, 8)
+    lk.set_adapter(m, ["a", "b"])
+    with torch.no_grad():
+        both = m(x)  # scalings: b's weight 0.5 is not in set_adapter's plain sum, so compare term by term
+    with torch.no_grad():
+        fc = m.fc
+        dense = fc.delta_weight("a") + 0.5 * fc.delta_weight("b")
+        torch.testing.assert_close(fc.delta_weight("mix"), dense, rtol=1e-6, atol=1e-7)
+    assert both.shape == (3, 8)
+    lk.set_adapter(m, "mix")
+    expected = out(m, x)
+    lk.save_adapter(m, tmp_path / "mix", adapter_name="mix")
+    again = lk.load_adapter(copy.deepcopy(base), tmp_path / "mix", adapter_name="mix")
+    assert sorted(p for p, _ in lk.iter_lora_layers(again)) == ["fc", "out"]
+    torch.testing.assert_close(out(again, x), expected, rtol=0, atol=0)
+    peft = pytest.importorskip("peft")
+    pm = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "mix").eval()
+    torch.testing.assert_close(out(pm, x), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_combine_of_bf16_adapters_is_exact_in_float32():
+    m = with_adapters(tiny_llama(), {k: v for k, v in LLAMA_ADAPTERS.items() if k != "medical"}).to(torch.bfloat16)
+    weights = {"legal": 0.7, "code": 0.3}
+    report = lk.combine_adapters(m, weights, name="mix")
+    worst = 0.0
+    for _, layer in lk.iter_lora_layers(m):
+        if "mix" not in layer.lora_A:
+            continue
+        dense = sum(w * layer.delta_weight(n).double() for n, w in weights.items() if n in layer.lora_A)
+        got = layer.delta_weight("mix").double()
+        worst = max(worst, float((got - dense).norm() / dense.norm()))
+    assert report.overall_error == 0.0 and worst < 1e-6
+
+
+def test_combine_drops_a_dora_adapter_with_weight_zero():
+    m = with_adapters(tiny_llama(), {"plain": dict(r=2, target_modules=["q_proj"]),
+                                     "dora": dict(r=2, target_modules=["q_proj"], use_dora=True)})
+    with pytest.raises(ValueError, match="cannot be summed exactly"):
+        lk.combine_adapters(m, {"plain": 1.0, "dora": 0.5}, name="x")
+    report = lk.combine_adapters(m, {"plain": 1.0, "dora": 0.0}, name="mix")
+    assert set(report.ranks.values()) == {2}
+    assert m._lorakit.configs["mix"].use_dora is False
+
+
+def test_hotswap_takes_the_new_dropout_and_names_a_plain_variant(tmp_path):
+    base = tiny_llama()
+    spec = dict(r=4, lora_alpha=8, target_modules=["q_proj"])
+    m = with_adapters(copy.deepcopy(base), {"default": spec})
+    with_dropout = with_adapters(copy.deepcopy(base), {"default": {**spec, "lora_dropout": 0.3}})
+    lk.save_adapter(with_dropout, tmp_path / "drop")
+    lk.hotswap_adapter(m, tmp_path / "drop", "default")
+    q = m.model.layers[0].self_attn.q_proj
+    assert m._lorakit.configs["default"].lora_dropout == 0.3
+    assert isinstance(q.lora_dropout["default"], torch.nn.Dropout) and q.lora_dropout["default"].p == 0.3
+    assert not q.lora_dropout["default"].training  # the model is in eval mode
+    dora = with_adapters(copy.deepcopy(base), {"default": {**spec, "use_dora": True}})
+    lk.save_adapter(dora, tmp_path / "dora")
+    with pytest.raises(ValueError, match="differs from the loaded adapter's plain LoRA"):
+        lk.hotswap_adapter(m, tmp_path / "dora", "default")

@@ -138,9 +138,7 @@ class LoraLayer(nn.Module):
         device = weight.device if weight.device.type != "meta" else None
         self.lora_A[name] = nn.Parameter(torch.empty(self.a_shape(r), dtype=dtype, device=device))
         self.lora_B[name] = nn.Parameter(torch.empty(self.b_shape(r), dtype=dtype, device=device))
-        p = float(lora_dropout)
-        # in the layer's mode: an adapter added to a model in eval mode must not drop anything
-        self.lora_dropout[name] = (nn.Dropout(p) if p > 0 and self.supports_dropout else nn.Identity()).train(self.training)
+        self.set_dropout(name, lora_dropout)
         self.r[name], self.lora_alpha[name], self.scaling[name] = r, float(lora_alpha), float(scaling)
         if variant is not None:
             self.variants[name] = variant
@@ -288,6 +286,12 @@ class LoraLayer(nn.Module):
             else:
                 result.index_add_(0, rows, delta, alpha=self.scaling[name])
         return result
+
+    def set_dropout(self, name: str, p: float) -> None:
+        """Adapter ``name``'s LoRA dropout probability (on its input; none for token-id layers)."""
+        p = float(p)
+        # in the layer's mode: an adapter added to a model in eval mode must not drop anything
+        self.lora_dropout[name] = (nn.Dropout(p) if p > 0 and self.supports_dropout else nn.Identity()).train(self.training)
 
     def dropout_p(self, name: str) -> float:
         """Drop probability adapter ``name``'s LoRA dropout applies now (0 in eval mode or without dropout)."""

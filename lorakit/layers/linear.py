@@ -267,9 +267,14 @@ class BatchedStacks:
 
     @staticmethod
     def _state(names: tuple[str, ...], As: dict, Bs: dict, scaling: dict) -> tuple[list, tuple[list, list, list]]:
-        """The adapters' A and B parameter objects, and their version counters, storages and scales."""
+        """The adapters' A and B parameter objects, and their version counters, storages and scales.
+
+        A tensor made under ``torch.inference_mode`` (e.g. an adapter loaded there) has no version
+        counter, so an in-place change to it cannot be seen: it gets a fresh object in place of
+        one, which equals nothing, and stacks holding it are rebuilt at every forward."""
         params = [As.get(n) for n in names] + [Bs.get(n) for n in names]
-        return params, ([p._version for p in params], [p.data_ptr() for p in params], [scaling.get(n) for n in names])
+        versions = [object() if p.is_inference() else p._version for p in params]
+        return params, (versions, [p.data_ptr() for p in params], [scaling.get(n) for n in names])
 
     def check(self, plan: Any, layer: nn.Module) -> None:
         """For the root pre-hook: mark the stacks checked for ``plan`` (and pick its rows' layout), or not."""
