@@ -321,6 +321,11 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     targets = find_target_modules(model, config)
     saved = _find_saved_module_names(model, config, targets, strict=not loading)
     variant = variant_for(config)  # validates the variant before any change
+    init = config.init_lora_weights if init_lora_weights is None else init_lora_weights
+    from lorakit.variants.pissa import is_convertible, prepare_residual_init
+
+    if is_convertible(init):  # PiSSA / OLoRA write into the base weights: every target checked first
+        prepare_residual_init(model, targets, config, init)
     state = get_state(model, create=True)
     state.configs[adapter_name] = config
     try:
@@ -336,7 +341,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
                 lora_alpha=config.alpha_for(name),
                 scaling=config.scaling_for(name),
                 lora_dropout=config.lora_dropout,
-                init_lora_weights=config.init_lora_weights if init_lora_weights is None else init_lora_weights,
+                init_lora_weights=init,
                 variant=type(variant)() if variant is not None else None,
             )
             # Only the named adapter is active at first, as in PEFT.

@@ -158,6 +158,12 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
         from lorakit.variants.pissa import convert_to_lora as _convert
 
         tensors, config = _convert(model, adapter_name, tensors, config)
+    elif isinstance(config.init_lora_weights, str) and config.init_lora_weights.lower().startswith("pissa_niter_"):
+        import warnings
+
+        warnings.warn(f"adapter {adapter_name!r} ({config.init_lora_weights}) is saved against its residual base, "
+                      "which loading rebuilds with a new randomised SVD, so the loaded model will differ: save it "
+                      "with convert_to_lora=True (a plain LoRA against the original base)", stacklevel=2)
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"cannot save adapter: {directory} exists and is not a directory")

@@ -74,12 +74,26 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = 64, scale_block_size: i
     n_groups = -(-n_blocks // scale_block_size)
     centred = torch.nn.functional.pad(absmax - mean, (0, n_groups * scale_block_size - n_blocks)).view(n_groups, -1)
     group_factors = centred.abs().amax(dim=1).clamp_min(_TINY) / 127.0
-    scales_q = torch.round(centred / group_factors[:, None]).clamp(-127, 127).to(torch.int8).reshape(-1)[:n_blocks]
-    # Normalise each block by its *dequantised* scale, so the codes fit the scale used at load time.
-    scale = _dequantize_scales(scales_q, group_factors, mean, scale_block_size)
-    normed = (blocks / scale.clamp_min(_TINY)[:, None]).clamp(-1, 1).reshape(-1)
+    # Each block's int8 scale code is the nearest one below or above (c_b − mean)/f, whichever
+    # reconstructs the block better (the codes are normalised by the *dequantised* scale, as used at
+    # load time). The nearest code alone could put a block far smaller than the rest of its group
+    # below its absmax — clipping its largest weights — or at a scale ≤ 0, flipping every sign in
+    # it; the code above always covers the absmax, so the better of the two never does worse.
     levels = _levels(flat.device)
-    idx = torch.bucketize(normed, (levels[1:] + levels[:-1]) / 2).to(torch.uint8)  # nearest level
+    bounds = (levels[1:] + levels[:-1]) / 2
+    ratio = centred / group_factors[:, None]
+    best = None
+    for code in (torch.floor(ratio), torch.ceil(ratio)):
+        q = code.clamp(-127, 127).to(torch.int8).reshape(-1)[:n_blocks]
+        scale = _dequantize_scales(q, group_factors, mean, scale_block_size)  # as dequantize_nf4 will use it
+        idx = torch.bucketize((blocks / scale.clamp_min(_TINY)[:, None]).clamp(-1, 1), bounds)  # nearest level
+        err = (levels[idx] * scale[:, None] - blocks).square().sum(dim=1)
+        if best is None:
+            best = (q, idx, err)
+        else:
+            better = err < best[2]
+            best = (torch.where(better, q, best[0]), torch.where(better[:, None], idx, best[1]), None)
+    scales_q, idx = best[0], best[1].reshape(-1).to(torch.uint8)
     codes = (idx[0::2] << 4) | idx[1::2]
     return {
         "codes": codes,

@@ -125,6 +125,12 @@ VARIANT_CASES: dict[str, dict] = {
 }
 
 
+def supported(layer_name: str, variant: str) -> bool:
+    """Whether lorakit offers ``variant`` on ``layer_name``: PiSSA / OLoRA are refused on Conv2d, as
+    PEFT refuses them (tests/test_variants_pissa.py checks the refusal)."""
+    return not (layer_name == "conv2d" and "init_lora_weights" in VARIANT_CASES[variant])
+
+
 @pytest.fixture(params=sorted(LAYER_CASES))
 def layer_case(request):
     torch.manual_seed(0)

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import lorakit as lk
-from conftest import LAYER_CASES, VARIANT_CASES, Wrap
+from conftest import LAYER_CASES, VARIANT_CASES, Wrap, supported
 
-GRID = [(layer, variant) for layer in sorted(LAYER_CASES) for variant in sorted(VARIANT_CASES)]
+GRID = [(layer, variant) for layer in sorted(LAYER_CASES) for variant in sorted(VARIANT_CASES) if supported(layer, variant)]
 
 
 def build(layer_name: str, variant: str, init=True, r: int = 4, seed: int = 0):
@@ -25,8 +25,10 @@ def build(layer_name: str, variant: str, init=True, r: int = 4, seed: int = 0):
     cfg = lk.LoraConfig(r=r, lora_alpha=2 * r, target_modules=["layer"], init_lora_weights=method or init, **kw)
     lk.get_lora_model(model, cfg)
     if method is not None and init is False:
-        # An init method (PiSSA, OLoRA) keeps the output by design; move B so that the adapter acts.
+        # An init method (PiSSA, OLoRA) keeps the output by design; move A and B so that the adapter
+        # acts (an Embedding gets the standard init there, whose A is zero).
         with torch.no_grad():
+            model.layer.lora_A["default"].add_(torch.randn_like(model.layer.lora_A["default"]) * 0.3)
             model.layer.lora_B["default"].add_(torch.randn_like(model.layer.lora_B["default"]) * 0.3)
     return model, base, x, base_out
 

@@ -164,3 +164,35 @@ def test_merge_with_another_adapter_on_the_layer_keeps_the_output(case, order):
     lk.unmerge(model)
     torch.testing.assert_close(_out(model, x), unmerged, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(_out(lk.merge_and_unload(model), x), unmerged, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("order", [("dora", "plain"), ("plain", "dora")])
+@pytest.mark.parametrize("remove", ["dora", "plain"])
+def test_taking_one_merged_adapter_out_next_to_a_merged_dora_restores_the_rest(order, remove):
+    """DoRA's merge rescales the whole weight, so merges stop commuting: removing one adapter from
+    the middle must undo the later merges first (PEFT unmerges newest first)."""
+    import lorakit as lk
+    from conftest import tiny_llama
+
+    torch.manual_seed(0)
+    m = tiny_llama()
+    W0 = m.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    lk.get_lora_model(m, lk.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False, use_dora=True), "dora")
+    lk.get_lora_model(m, lk.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False), "plain")
+    q = m.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        q.lora_magnitude_vector["dora"].mul_(1.5)
+    x = torch.randint(0, 101, (2, 6))
+    keep = [n for n in order if n != remove]
+    lk.set_adapter(m, keep)
+    with torch.no_grad():
+        expected = m(x).logits  # only the kept adapter, unmerged
+    lk.set_adapter(m, list(order))
+    for name in order:
+        lk.merge(m, [name])
+    lk.delete_adapter(m, remove)
+    assert q.merged_adapters == keep
+    with torch.no_grad():
+        torch.testing.assert_close(m(x).logits, expected, rtol=1e-5, atol=1e-5)
+    lk.unmerge(m)
+    torch.testing.assert_close(q.base_layer.weight, W0, rtol=0, atol=1e-6)

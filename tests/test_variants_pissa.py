@@ -63,8 +63,6 @@ CASES = {
     "llama_olora_embedding": (tiny_llama, _x_llama, dict(r=4, lora_alpha=4, target_modules=["embed_tokens", "k_proj"], init_lora_weights="olora")),
     "gpt2_pissa": (tiny_gpt2, _x_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn", "c_proj"], init_lora_weights="pissa")),
     "gpt2_olora": (tiny_gpt2, _x_gpt2, dict(r=4, lora_alpha=8, target_modules=["c_attn"], init_lora_weights="olora")),
-    "conv2d_pissa": (TinyConvNet, lambda: torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)),
-                     dict(r=2, lora_alpha=4, target_modules=["conv1", "conv2", "head"], init_lora_weights="pissa")),
 }
 
 
@@ -149,3 +147,72 @@ def test_unconverted_adapter_loads_like_peft(init, tmp_path):
     lk.save_adapter(ours, tmp_path / "ours")  # and back: PEFT reads lorakit's unconverted file the same way
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "ours")
     torch.testing.assert_close(_logits(theirs, x), expected, rtol=1e-5, atol=1e-5)
+
+
+# ---- audit findings: checks before any change, PEFT's layer types, tied weights -----------------------
+
+def test_conv2d_target_is_refused_with_the_model_untouched():
+    """PEFT refuses PiSSA / OLoRA on convolutions; lorakit says so before changing anything."""
+    model = TinyConvNet()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="conv1 is a Conv2d"):
+        lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["head", "conv1"], init_lora_weights="pissa"))
+    assert not any(isinstance(m, lk.LoraLayer) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_failed_injection_leaves_the_base_weights_as_they_were(init):
+    """A rank too large for a later target was found after earlier targets had their residual written."""
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="exceeds the weight's smallest dimension"):
+        lk.get_lora_model(model, lk.LoraConfig(r=20, lora_alpha=20, target_modules=["q_proj", "k_proj"],
+                                               init_lora_weights=init))
+    assert not any(isinstance(m, lk.LoraLayer) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_embedding_target_gets_peft_s_standard_init_and_interoperates(init, tmp_path):
+    torch.manual_seed(0)
+    original = tiny_llama()
+    x = _x_llama()
+    kw = dict(r=2, lora_alpha=4, target_modules=["embed_tokens", "q_proj"], init_lora_weights=init)
+    with pytest.warns(UserWarning, match="Embedding layer gets the standard initialisation"):
+        model = lk.get_lora_model(copy.deepcopy(original), lk.LoraConfig(**kw))
+    emb = model.model.embed_tokens
+    assert torch.equal(emb.base_layer.weight, original.model.embed_tokens.weight)  # no residual written
+    _train(model, x)
+    expected = _logits(model, x)
+    lk.save_adapter(model, tmp_path / "as_is")
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "as_is").eval()
+    torch.testing.assert_close(_logits(theirs, x), expected, rtol=1e-5, atol=1e-5)
+    with pytest.warns(UserWarning, match="standard initialisation"):
+        ours = lk.load_adapter(copy.deepcopy(original), tmp_path / "as_is")
+    torch.testing.assert_close(_logits(ours, x), expected, rtol=1e-5, atol=1e-5)
+    lk.save_adapter(model, tmp_path / "converted", convert_to_lora=True)
+    plain = lk.load_adapter(copy.deepcopy(original), tmp_path / "converted")
+    torch.testing.assert_close(_logits(plain, x), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tied_output_head_is_untied_before_the_residual_is_written():
+    torch.manual_seed(0)
+    original = tiny_llama(tie=True)
+    x = _x_llama()
+    model = copy.deepcopy(original)
+    with pytest.warns(UserWarning, match="tied to another module"):
+        lk.get_lora_model(model, lk.LoraConfig(r=4, lora_alpha=8, target_modules=["lm_head"], init_lora_weights="pissa"))
+    assert torch.equal(model.model.embed_tokens.weight, original.model.embed_tokens.weight)
+    torch.testing.assert_close(_logits(model, x), _logits(original, x), rtol=1e-4, atol=1e-4)
+
+
+def test_saving_a_pissa_niter_adapter_unconverted_warns(tmp_path):
+    model = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa_niter_1"))
+    with pytest.warns(UserWarning, match="convert_to_lora=True"):
+        lk.save_adapter(model, tmp_path / "as_is")
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lk.save_adapter(model, tmp_path / "converted", convert_to_lora=True)

@@ -135,3 +135,43 @@ def test_nf4_backward_matches_dense_and_keeps_no_weight():
     ref(x2).square().sum().backward()
     torch.testing.assert_close(out, ref(x2))
     torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_nf4_block_scale_never_flips_or_clips_a_small_block():
+    """A block far smaller than the rest of its double-quantisation group: its int8 scale code is
+    rounded the way that reconstructs it better, so it never gets a scale <= 0 (which flipped every
+    sign in it) and never does worse than the nearest code."""
+    torch.manual_seed(0)
+    w = torch.randn(64, 256) * 0.05
+    w[0] *= 0.01
+    w[1] *= 20
+    d = dequantize_nf4(quantize_nf4(w), w.shape)
+    assert (d * w >= 0).all()  # no weight changes sign
+    assert (d[0] - w[0]).norm() <= w[0].norm() * 1.0001  # at worst the block rounds to zero
+    w[0] = torch.randn(256) * 0.05 * 0.1
+    d = dequantize_nf4(quantize_nf4(w), w.shape)
+    assert (d[0] - w[0]).norm() / w[0].norm() < 0.2
+    # on ordinary weights it is at least as good as NF4 with exact (fp32) block scales, within 1%
+    g = torch.randn(512, 512) * 0.02
+    blocks = g.reshape(-1, 64)
+    absmax = blocks.abs().amax(1, keepdim=True)
+    levels = torch.tensor(NF4_LEVELS)
+    exact = levels[torch.bucketize(blocks / absmax, (levels[1:] + levels[:-1]) / 2)] * absmax
+    ours = dequantize_nf4(quantize_nf4(g), g.shape).reshape(-1, 64)
+    assert (ours - blocks).norm() <= 1.01 * (exact - blocks).norm()
+
+
+def test_nf4_model_cast_to_bf16_merges_in_bf16():
+    m = lk.quantize_model_nf4(tiny_llama()).to(torch.bfloat16)
+    assert all(layer.compute_dtype is torch.bfloat16 for layer in m.modules() if isinstance(layer, LinearNF4))
+    lk.get_lora_model(m, lk.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    x = torch.randint(0, 101, (2, 9))
+    with torch.no_grad():
+        unmerged = m(x).logits.float()
+        lk.merge(m)
+        merged = m(x).logits.float()
+    torch.testing.assert_close(merged, unmerged, rtol=0.05, atol=0.05)
+    plain = lk.merge_and_unload(m)
+    assert plain.model.layers[0].self_attn.q_proj.weight.dtype is torch.bfloat16
+    with torch.no_grad():
+        plain(x)

@@ -359,10 +359,27 @@ class LoraLayer(nn.Module):
 
     @torch.no_grad()
     def unmerge(self, adapter_names: list[str] | None = None) -> None:
-        """Undo ``merge``: W ← W − scaling · ΔW, newest merge first."""
+        """Undo ``merge``: W ← W − scaling · ΔW, newest merge first.
+
+        Taking out only some merged adapters: plain LoRA updates commute, so each is subtracted where
+        it is; a variant's merge does not (DoRA rescales the whole weight), so when one is involved
+        every merge from the earliest taken out on is undone, newest first, and the ones that stay
+        are merged again in their order.
+        """
         names = list(self.merged_adapters) if adapter_names is None else list(adapter_names)
+        chosen = [n for n in self.merged_adapters if n in names]
+        if not chosen:
+            return
+        tail = self.merged_adapters[self.merged_adapters.index(chosen[0]):]
+        if len(chosen) < len(tail) and any(n in self.variants for n in tail):
+            self._unmerge_in_order(tail)
+            self.merge([n for n in tail if n not in chosen])
+            return
+        self._unmerge_in_order(chosen)
+
+    def _unmerge_in_order(self, chosen: list[str]) -> None:
         weight = self.base_layer.weight
-        for name in reversed([n for n in self.merged_adapters if n in names]):
+        for name in reversed(chosen):
             variant = self.variants.get(name)
             if variant is not None:
                 old = variant.unmerged_weight(self, name)

@@ -92,6 +92,15 @@ class LinearNF4(nn.Linear):
             out = F.linear(x, self.dequantize_weight(x.dtype))
         return out + self.bias.to(out.dtype) if self.bias is not None else out
 
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        # .to(dtype) / .half() / .bfloat16() leave the integer NF4 buffers alone but move the
+        # compute dtype along with the model (the dense weight and the merged layer take it)
+        super()._apply(fn, recurse)
+        probe = fn(torch.empty(0, dtype=self.compute_dtype, device=self.codes.device))
+        if isinstance(probe, torch.Tensor) and probe.is_floating_point():
+            self.compute_dtype = probe.dtype
+        return self
+
     def to_linear(self) -> nn.Linear:
         """A dense ``nn.Linear`` with the dequantised weight and the same bias object."""
         dense = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=self.codes.device,

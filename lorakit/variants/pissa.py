@@ -14,8 +14,11 @@ Both change the base weight, so an adapter saved as is only fits the residual ba
     ΔW = s·(B A − B₀ A₀) = s · [B, −B₀] · [A; A₀]           (rank 2r, same scaling)
 which is why the initial A₀, B₀ are kept as buffers (``lora_init_A`` / ``lora_init_B``).
 
-Every layer type works: W is viewed as the (out, in·k) matrix whose factors are B and A — W itself
-for Linear and Conv2d (kernel flattened), Wᵀ for GPT-2 Conv1D and Embedding.
+The residual init applies to Linear and GPT-2 Conv1D layers (W viewed as the (out, in) matrix whose
+factors are B and A), as in PEFT, so adapters move between the two: an Embedding target gets the
+standard initialisation (PEFT does the same, silently; lorakit warns), and a Conv2d target is
+refused (PEFT refuses it). ``prepare_residual_init`` checks every target before anything changes
+and gives a weight tied to another module (a tied output head) its own copy first.
 """
 from __future__ import annotations
 
@@ -60,6 +63,81 @@ def _weight_matrix(layer: "LoraLayer") -> torch.Tensor:
     return weight.reshape(weight.shape[0], -1)
 
 
+def _base_of(module: nn.Module) -> nn.Module:
+    from lorakit.layers.base import LoraLayer
+
+    return module.base_layer if isinstance(module, LoraLayer) else module
+
+
+def _kind(module: nn.Module) -> str:
+    """"linear" (Linear, GPT-2 Conv1D: the residual init applies), "embedding" (standard init, as in
+    PEFT) or "other" (refused)."""
+    from lorakit.layers import lora_class_for
+    from lorakit.layers.embedding import LoraEmbedding
+    from lorakit.layers.linear import LoraLinear
+
+    cls = lora_class_for(_base_of(module))
+    if cls is not None and issubclass(cls, LoraLinear):
+        return "linear"
+    return "embedding" if cls is not None and issubclass(cls, LoraEmbedding) else "other"
+
+
+def prepare_residual_init(model: nn.Module, targets: list[str], config: "LoraConfig", init: str) -> None:
+    """Before a PiSSA / OLoRA injection changes anything: check every target (layer type, quantised
+    base, rank against the weight's size, the ``pissa_niter_K`` spelling) and untie a target weight
+    shared with another module (writing the residual would change that module too).
+
+    Raises:
+        ValueError: naming the first target that cannot take the initialisation.
+    """
+    import warnings
+
+    key = init.lower()
+    if key.startswith("pissa_niter_") and not key[len("pissa_niter_"):].isdigit():
+        raise ValueError(f"init_lora_weights {init!r}: expected 'pissa_niter_<iterations>', e.g. 'pissa_niter_4'")
+    uses: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
+    for path in targets:
+        module = model.get_submodule(path)
+        if callable(getattr(_base_of(module), "dequantize_weight", None)):
+            raise ValueError(f"{path}: PiSSA/OLoRA initialisation needs a full-precision base layer; initialise "
+                             "on the unquantised model, then quantise the residual (quantize_model_nf4)")
+        kind = _kind(module)
+        if kind == "other":
+            raise ValueError(f"{init!r} initialisation applies to Linear and GPT-2 Conv1D layers; {path} is a "
+                             f"{type(_base_of(module)).__name__} (PEFT refuses it there too): leave it out of "
+                             "target_modules or use the default initialisation")
+        if kind == "embedding":
+            continue
+        weight = _base_of(module).weight
+        r = config.rank_for(path)
+        smallest = min(weight.shape[0], weight[0].numel())
+        if r > smallest:
+            raise ValueError(f"{path}: {init!r} rank r={r} exceeds the weight's smallest dimension {smallest}")
+    for path in targets:
+        base = _base_of(model.get_submodule(path))
+        if _kind(base) == "linear" and uses.get(id(base.weight), 0) > 1:
+            warnings.warn(f"{path}: its weight is tied to another module; the {init!r} residual is written into "
+                          "a copy of its own (the other module keeps the original weight)", stacklevel=4)
+            base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=base.weight.requires_grad)
+            config_of_model = getattr(model, "config", None)
+            if config_of_model is not None and getattr(config_of_model, "tie_word_embeddings", False):
+                config_of_model.tie_word_embeddings = False
+
+
+def _standard_init_instead(layer: "LoraLayer", name: str, init: str) -> bool:
+    """For an Embedding: the standard initialisation, as PEFT gives it (with a warning); True if done."""
+    import warnings
+
+    if _kind(layer) != "embedding":
+        return False
+    warnings.warn(f"{init!r} initialisation applies to Linear and GPT-2 Conv1D layers, as in PEFT; the "
+                  f"{type(layer.base_layer).__name__} layer gets the standard initialisation", stacklevel=5)
+    layer.init_ab(layer.lora_A[name], layer.lora_B[name], layer.r[name])
+    return True
+
+
 def _set_residual(layer: "LoraLayer", name: str, A: torch.Tensor, B: torch.Tensor) -> None:
     """Write A₀, B₀ into the adapter, keep copies as buffers, and replace W by W − s·B₀A₀."""
     if callable(getattr(layer.base_layer, "dequantize_weight", None)):
@@ -85,6 +163,8 @@ def pissa_init(layer: "LoraLayer", name: str, init: str) -> None:
     Raises:
         ValueError: ``init`` is neither "pissa" nor "pissa_niter_K" with an integer K >= 0.
     """
+    if _standard_init_instead(layer, name, init):
+        return
     r, scaling = layer.r[name], layer.scaling[name]
     matrix = _weight_matrix(layer)
     if r > min(matrix.shape):
@@ -106,6 +186,8 @@ def pissa_init(layer: "LoraLayer", name: str, init: str) -> None:
 @register_init_method("olora")
 def olora_init(layer: "LoraLayer", name: str, init: str) -> None:
     """OLoRA init of adapter ``name``: B₀ = Q[:, :r], A₀ = R[:r] from W = QR (Büyükakyüz 2024, §3)."""
+    if _standard_init_instead(layer, name, init):
+        return
     r = layer.r[name]
     Q, R = torch.linalg.qr(_weight_matrix(layer))
     if r > Q.shape[1]:
@@ -152,12 +234,15 @@ def convert_to_lora(model: nn.Module, adapter_name: str, tensors: dict[str, torc
         if adapter_name not in layer.lora_A:
             continue
         stores = getattr(layer, "lora_init_A", None), getattr(layer, "lora_init_B", None)
-        if not all(isinstance(s, BufferDict) and adapter_name in s for s in stores):
-            raise ValueError(f"layer {path!r} has no initial A0/B0 for adapter {adapter_name!r}; cannot convert")
         disk_a, disk_b = layer.disk_names
         key_a, key_b = f"{PREFIX}{path}.{disk_a}", f"{PREFIX}{path}.{disk_b}"
-        A0 = stores[0][adapter_name].detach().to("cpu", out[key_a].dtype)
-        B0 = stores[1][adapter_name].detach().to("cpu", out[key_b].dtype)
+        if _kind(layer) == "embedding":  # standard init (B₀A₀ = 0, base unchanged): zeros fill the rank
+            A0, B0 = torch.zeros_like(out[key_a]), torch.zeros_like(out[key_b])
+        elif not all(isinstance(s, BufferDict) and adapter_name in s for s in stores):
+            raise ValueError(f"layer {path!r} has no initial A0/B0 for adapter {adapter_name!r}; cannot convert")
+        else:
+            A0 = stores[0][adapter_name].detach().to("cpu", out[key_a].dtype)
+            B0 = stores[1][adapter_name].detach().to("cpu", out[key_b].dtype)
         out[key_a] = torch.cat([out[key_a], A0], dim=0).contiguous()
         out[key_b] = torch.cat([out[key_b], -B0], dim=1).contiguous()
     new = copy.deepcopy(config)
