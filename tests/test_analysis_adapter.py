@@ -415,3 +415,140 @@ def test_truncated_weights_are_one_line_errors(tmp_path, base_dir, capsys):
         err = capsys.readouterr().err
         assert "truncated or corrupt" in err and str(model_file) in err
     assert not (tmp_path / "x").exists()
+
+
+# ---- audit fixes: each test fails without its fix ----
+
+def _loaded_deltas(adapter_dir, names):
+    """name -> ΔW (base weight layout) of the adapter merged by lorakit's loader and by PEFT."""
+    import lorakit
+
+    base = dict(_llama(0).named_modules())
+    model = _llama(0)
+    lorakit.load_adapter(model, adapter_dir)
+    lorakit.merge_and_unload(model)
+    merged = dict(model.named_modules())
+    out = {"lorakit": {n: (merged[n].weight - base[n].weight).detach().double() for n in names}}
+    peft_merged = dict(peft.PeftModel.from_pretrained(_llama(0), adapter_dir).merge_and_unload().named_modules())
+    out["peft"] = {n: (peft_merged[n].weight - base[n].weight).detach().double() for n in names}
+    return out
+
+
+@pytest.mark.parametrize("case", ["energy", "rank-above-weight"])
+def test_extract_scales_each_module_for_its_own_rank(tmp_path, base_dir, case):
+    # A module written with rank k != --rank goes into rank_pattern, so loaders scale it by alpha / k:
+    # its factors must be split for that scaling (they were split for alpha / --rank: ΔW 4x / 2x too large).
+    base_model = _llama(0)
+    if case == "energy":  # rank-2 updates; --energy gives those modules k = 2 < --rank 8
+        ranks = {"model.layers.0.self_attn.q_proj": 2, "model.layers.1.self_attn.q_proj": 2}
+        tuned = _tuned_copy(base_model, ranks)
+        kwargs = {"rank": 8, "alpha": 16.0, "energy": 0.999, "targets": ["q_proj"]}
+        want_k = 2
+    else:  # full-rank updates of the (16, 32) v_proj weights; --rank 32 is capped at k = 16
+        import copy
+
+        tuned = copy.deepcopy(base_model)
+        g = torch.Generator().manual_seed(5)
+        ranks = {f"model.layers.{i}.self_attn.v_proj": 16 for i in range(2)}
+        with torch.no_grad():
+            for name in ranks:
+                w = tuned.get_submodule(name).weight
+                w += 0.02 * torch.randn(w.shape, generator=g)
+        kwargs = {"rank": 32, "targets": ["v_proj"]}
+        want_k = 16
+    tuned_dir = _save_model(tuned, tmp_path / "tuned")
+    out = tmp_path / "ex"
+    rep = at.extract_adapter(base_dir, tuned_dir, out=out, **kwargs)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    assert cfg["rank_pattern"] == {name: want_k for name in ranks}
+    assert [r["r"] for r in rep["modules"]] == [want_k] * len(ranks)
+    true = {n: (tuned.get_submodule(n).weight - base_model.get_submodule(n).weight).detach().double() for n in ranks}
+    for loader, deltas in _loaded_deltas(out, list(ranks)).items():
+        for name in ranks:
+            assert torch.allclose(deltas[name], true[name], atol=1e-5), (loader, name)
+    for row in rep["modules"]:
+        assert row["rel_error"] < 1e-6
+
+
+def test_resize_an_adapter_whose_rank_exceeds_a_weights_size(tmp_path):
+    # v_proj is (16, 32): an r = 32 adapter's ΔW has rank <= 16; resizing to 24 gives those modules rank 16
+    path, pm = _peft_adapter(tmp_path, r=32, lora_alpha=32, target_modules=["v_proj", "q_proj"])
+    before = _peft_deltas(pm)
+    out = tmp_path / "small"
+    rep = at.resize_adapter(path, 24, out)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    v_names = [n for n in before if n.endswith("v_proj")]
+    assert cfg["r"] == 24 and cfg["rank_pattern"] == {n: 16 for n in v_names}
+    assert {r["module"]: r["r"] for r in rep["modules"]} == {n: 16 if n in v_names else 24 for n in before}
+    from safetensors.torch import load_file
+
+    for key, t in load_file(str(out / "adapter_model.safetensors")).items():
+        if "v_proj.lora_A" in key:
+            assert t.shape == (16, 32)
+    for loader, deltas in _loaded_deltas(out, v_names).items():
+        for name in v_names:  # rank 16 holds all of a (16, 32) ΔW
+            assert torch.allclose(deltas[name], before[name], atol=1e-5), (loader, name)
+    assert at.inspect_adapter(out)["warnings"] == []
+
+
+def test_nan_in_model_weights_is_a_one_line_error(tmp_path, base_dir, capsys):
+    bad_model = _llama(0)
+    with torch.no_grad():
+        bad_model.model.layers[0].self_attn.q_proj.weight[0, 0] = float("nan")
+    bad = _save_model(bad_model, tmp_path / "nanmodel")
+    key = "model.layers.0.self_attn.q_proj.weight"
+    capsys.readouterr()  # save_pretrained's progress bar
+    commands = [
+        ["lowrank", "--no-plot", "--model", str(bad)],
+        ["extract", "--base", str(base_dir), "--tuned", str(bad), "--rank", "2", "--out", str(tmp_path / "ex")],
+        ["extract", "--base", str(bad), "--tuned", str(base_dir), "--rank", "2", "--out", str(tmp_path / "ex")],
+        ["recommend", "--tuned", str(bad), "--base", str(base_dir)],
+        ["recommend", "--tuned", str(base_dir), "--base", str(bad)],
+    ]
+    for argv in commands:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "error:" in err and "Traceback" not in err, (argv, err)
+        assert str(bad) in err and key in err and "NaN or inf" in err, (argv, err)
+    assert not (tmp_path / "ex").exists()
+
+
+def test_untrained_adapter_has_no_update_to_recommend_from(tmp_path, capsys):
+    fresh = tmp_path / "fresh"  # PEFT's default init: B = 0, so every ΔW is zero
+    peft.get_peft_model(_llama(0), peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"])).save_pretrained(fresh)
+    with pytest.raises(ValueError, match="no module has a non-zero weight update"):
+        recommend.data_driven_ranks(adapter=fresh)
+    assert main(["recommend", "--adapter", str(fresh)]) == 2
+    assert "non-zero" in capsys.readouterr().err
+
+    # a module with ΔW = 0 is skipped, the others are analysed
+    path, _ = _peft_adapter(tmp_path, r=8, lora_alpha=16)
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(path / "adapter_model.safetensors"))
+    for k in sd:
+        if "layers.0.self_attn.q_proj.lora_B" in k:
+            sd[k].zero_()
+    save_file(sd, str(path / "adapter_model.safetensors"))
+    dd = recommend.data_driven_ranks(adapter=path)
+    assert "model.layers.0.self_attn.q_proj" not in {r["module"] for r in dd["modules"]}
+    assert len(dd["modules"]) == 3 and all(r["norm"] > 0 for r in dd["modules"])
+
+
+def test_data_driven_suggestion_never_exceeds_the_adapters_rank(tmp_path):
+    path, _ = _peft_adapter(tmp_path, r=6, lora_alpha=12)  # random factors: every ΔW has rank 6
+    dd = recommend.data_driven_ranks(adapter=path)
+    assert [r["suggested"] for r in dd["modules"]] == [6] * 4 and dd["r"] == 6
+    at.resize_adapter(path, dd["r"], tmp_path / "out")  # the suggestion is usable as is
+
+
+def test_extract_between_unrelated_models_says_they_share_no_weights(tmp_path, base_dir, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    other = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=97, n_positions=16)).save_pretrained(other)
+    assert main(["extract", "--base", str(base_dir), "--tuned", str(other), "--rank", "2",
+                 "--out", str(tmp_path / "ex")]) == 2
+    err = capsys.readouterr().err
+    assert "share no weights" in err and str(other) in err and str(base_dir) in err
+    assert not (tmp_path / "ex").exists()

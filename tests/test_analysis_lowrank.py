@@ -90,3 +90,45 @@ def test_ranks_out_of_range_are_refused(capsys):
         lowrank.spectrum_report({"w": W}, [0])
     assert main(["lowrank", "--svd-ranks=-3", "--no-plot"]) == 2
     assert "-3" in capsys.readouterr().err
+
+
+def test_non_finite_and_zero_matrices():
+    with pytest.raises(ValueError, match="NaN or inf"):
+        lowrank.reconstruction_errors(torch.full((3, 3), float("nan")), [1])
+    with pytest.raises(ValueError, match="'w'.*NaN or inf"):
+        lowrank.spectrum_report({"w": torch.tensor([[1.0, float("inf")], [0.0, 1.0]])}, [1])
+    # a zero matrix loses nothing at any rank, as reconstruction_errors and truncation_error say
+    z = lowrank.spectrum_report({"z": torch.zeros(4, 4)}, [1, 4])["z"]
+    assert z["rel_error"] == {1: 0.0, 4: 0.0}
+    assert [r["rel_error"] for r in lowrank.reconstruction_errors(torch.zeros(4, 4), [1, 4])] == [0.0, 0.0]
+
+
+def test_synthetic_demo_flags_out_of_range(capsys):
+    with pytest.raises(ValueError, match=r"\[500\] exceed min\(rows, cols\) = 100"):
+        lowrank.reconstruction_errors(lowrank.synthetic_low_rank(100, 100, 5), [5, 500])
+    assert main(["lowrank", "--svd-ranks", "5,500", "--size", "100", "--no-plot"]) == 2
+    err = capsys.readouterr().err
+    assert "--svd-ranks [500] exceed --size 100" in err
+    with pytest.raises(ValueError, match="matrix dimensions must be >= 1, got 0 x 0"):
+        lowrank.synthetic_low_rank(0, 0, 5)
+    assert main(["lowrank", "--size", "0", "--no-plot"]) == 2
+    assert "--size must be >= 1" in capsys.readouterr().err
+
+
+def test_lowrank_says_when_it_shows_only_some_matching_matrices(tmp_path, capsys):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m3")  # 3 layers x 7 projections = 21 matrices
+    weights, matched = lowrank.select_weights_counted(str(tmp_path / "m3"), r"_proj")
+    assert (len(weights), matched) == (lowrank.MAX_MATRICES, 21)
+    capsys.readouterr()
+    assert main(["lowrank", "--model", str(tmp_path / "m3"), "--module", "_proj", "--no-plot"]) == 0
+    assert f"showing {lowrank.MAX_MATRICES} of 21 matching matrices" in capsys.readouterr().out
+    assert main(["lowrank", "--model", str(tmp_path / "m3"), "--module", r"layers\.0\.", "--no-plot"]) == 0
+    assert "showing" not in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["lowrank", "--help"])
+    assert f"the first {lowrank.MAX_MATRICES} matching matrices" in " ".join(capsys.readouterr().out.split())

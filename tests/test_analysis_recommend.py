@@ -57,3 +57,14 @@ def test_data_driven_flags_that_do_not_go_together(tmp_path, capsys):
     assert "--base needs --tuned" in capsys.readouterr().err
     assert main(["recommend", "--adapter", str(tmp_path), "--tuned", str(tmp_path)]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_base_alone_asks_for_tuned(tmp_path, capsys):
+    assert main(["recommend", "--base", str(tmp_path)]) == 2
+    assert "--base needs --tuned" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("size", [float("nan"), float("inf"), "nan", "inf"])
+def test_model_size_must_be_finite(size):
+    with pytest.raises(ValueError, match="model_size"):
+        recommend_rank("simple", 10, size)

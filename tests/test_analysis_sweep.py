@@ -69,3 +69,13 @@ def test_sweep_help_says_what_the_flags_do(capsys):
     assert "0 = one full epoch" in text
     assert "no evaluation unless this is given" in text
     assert "write no sweep.png (each run still writes its own loss.png" in text
+
+
+def test_sweep_rejects_repeated_ranks_before_training(tmp_path):
+    def load():
+        raise AssertionError("nothing may be trained")
+
+    with pytest.raises(ValueError, match=r"repeat 2\b.*list every rank once") as info:
+        run_sweep(TrainConfig(save_steps=0), [2, 4, 2], tmp_path / "sweep", load=load, log=lambda s: None)
+    assert "--resume" not in str(info.value)
+    assert not (tmp_path / "sweep").exists()

@@ -21,7 +21,16 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from lorakit.analysis.weights import is_default, load_config, load_state_dict, module_matches, resolve, weight_shapes
+from lorakit.analysis.weights import (
+    check_finite,
+    is_default,
+    load_config,
+    load_state_dict,
+    module_matches,
+    resolve,
+    source_label,
+    weight_shapes,
+)
 from lorakit.config import LoraConfig
 from lorakit.io import _check_tensors, _expected_tensors, check_new_directory, read_adapter_files, write_new_directory
 
@@ -164,7 +173,7 @@ def spectrum_of_product(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.
     """Thin SVD of left @ right (left (m, r), right (r, n)) via QR: returns U (m, k), S (k,), Vh (k, n)."""
     qb, rb = torch.linalg.qr(left)
     qa, ra = torch.linalg.qr(right.T)
-    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)  # k = min(m, n, r) singular values
     return qb @ u, s, vh @ qa.T
 
 
@@ -373,7 +382,8 @@ def extract_adapter(
     For each targeted linear weight D = W_tuned − W_base (out, in), the SVD D = U S Vᵀ gives
     B = U_r S_r^½ / √s and A = S_r^½ V_rᵀ / √s, so scaling * B @ A is the best rank-r
     approximation of D in Frobenius norm (Eckart-Young), with relative error
-    sqrt(Σ_{i>r} σᵢ²) / ‖D‖.
+    sqrt(Σ_{i>r} σᵢ²) / ‖D‖. s is the scaling the written config gives the module: alpha / k for
+    its own rank k (k < ``rank`` with ``energy`` or when min(out, in) < ``rank``; in rank_pattern).
 
     Args:
         base: base model directory (None / "default": the embedded model).
@@ -393,8 +403,9 @@ def extract_adapter(
         A report: per-module rank, relative error, ‖D‖ and ‖D‖/‖W‖; skipped changed tensors.
 
     Raises:
-        ValueError: if rank < 1, alpha is not a finite number > 0, shapes differ, a weights file is
-            corrupt, or nothing is left to extract.
+        ValueError: if rank < 1, alpha is not a finite number > 0, the models share no tensor name,
+            shapes differ, a weights file is corrupt, a targeted weight holds NaN or inf (model and
+            tensor named), or nothing is left to extract.
         FileNotFoundError: if a model path is missing.
         FileExistsError: if ``out`` exists and is not an empty directory (nothing is overwritten).
     """
@@ -408,12 +419,14 @@ def extract_adapter(
     base_sd = load_state_dict(base)
     tuned_sd = load_state_dict(tuned)
     alpha = float(rank if alpha is None else alpha)
-    scaling = alpha / rank
     if fan_in_fan_out is None:
         try:
             fan_in_fan_out = load_config(tuned).get("model_type") == "gpt2"
         except FileNotFoundError:
             fan_in_fan_out = False
+    if not set(tuned_sd) & set(base_sd):
+        raise ValueError(f"{source_label(base)} and {source_label(tuned)} share no weights (no tensor name in "
+                         f"common): they are not the same model architecture")
     rows, skipped, tensors, ranks, candidates = [], [], {}, {}, []
     for key in sorted(tuned_sd, key=natural_key):
         if key not in base_sd:
@@ -433,6 +446,8 @@ def extract_adapter(
                 skipped.append({"tensor": key, "why": "changed but not targeted"})
             continue
         candidates.append(name)
+        check_finite(w0, base, key)
+        check_finite(w1, tuned, key)
         d = w1.double() - w0.double()
         if fan_in_fan_out:
             d = d.T  # LoRA factors are (out, r) and (r, in) whatever the weight layout
@@ -443,7 +458,8 @@ def extract_adapter(
         k = min(rank, s.numel())
         if energy is not None:
             k = max(1, min(k, energy_rank(s, energy)))
-        B, A = _split(u, s, vh, k, scaling)
+        # the scaling the saved config gives this module: k goes into rank_pattern when it is not `rank`
+        B, A = _split(u, s, vh, k, scaling_of(alpha, k, False))
         tensors.update(_factors_to_tensors(name, "linear", B, A, None, torch.float32))
         ranks[name] = k
         rows.append({"module": name, "r": k, "rel_error": truncation_error(s, k), "delta_norm": dn,
@@ -470,7 +486,8 @@ def resize_adapter(
 
     The new factors absorb the new scaling (lora_alpha and alpha_pattern are kept, so scaling =
     alpha / r_new), hence scaling_new * B' @ A' is the best rank-r_new approximation of the old ΔW.
-    A module already below ``rank`` keeps its rank (recorded in rank_pattern).
+    A module already below ``rank`` keeps its rank, and one whose weight's min(out, in) is below
+    ``rank`` gets that (its ΔW cannot have more); both are recorded in rank_pattern.
 
     Args:
         path: adapter directory.
@@ -509,7 +526,7 @@ def resize_adapter(
     rows, ranks = [], {}
     for name, mod in ad.modules.items():
         u, s, vh = spectrum_of_product(*mod.factors())
-        k = min(rank, mod.r)
+        k = min(rank, s.numel())  # s.numel() = min(r, out, in): the rank the tensors can really have
         if energy is not None:
             k = max(1, min(k, energy_rank(s, energy)))
         new_scaling = scaling_of(mod.alpha, k, rslora)
@@ -538,14 +555,18 @@ def delta_spectra(
     targets: list[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Singular values of each module's ΔW, from an adapter or from a tuned model beside its base.
+    Modules whose ΔW is exactly zero (an untrained adapter's B = 0, an unchanged weight) are left out.
 
     Raises:
-        ValueError: if neither an adapter nor a tuned model is given.
+        ValueError: if neither an adapter nor a tuned model is given, or a weight of the base or tuned
+            model holds NaN or inf (the model and tensor are named).
     """
     out: dict[str, torch.Tensor] = {}
     if adapter is not None:
         for name, mod in read_adapter(adapter).modules.items():
-            out[name] = spectrum_of_product(*mod.factors())[1]
+            s = spectrum_of_product(*mod.factors())[1]
+            if bool((s > 0).any()):
+                out[name] = s
         return out
     if tuned is None:
         raise ValueError("give an adapter, or a tuned model with its base")
@@ -558,6 +579,8 @@ def delta_spectra(
             continue
         if targets is None and any(t in name for t in _NOT_LINEAR):
             continue
+        check_finite(base_sd[key], base, key)
+        check_finite(tuned_sd[key], tuned, key)
         d = tuned_sd[key].double() - base_sd[key].double()
         if torch.count_nonzero(d) == 0:
             continue

@@ -64,6 +64,12 @@ def cmd_lowrank(args: argparse.Namespace) -> int:
             _table([(r["rank"], f"{r['params_A']:,}", f"{r['params_B']:,}", f"{r['lora_params']:,}",
                      f"{r['compression']:.1f}x", f"{r['removed_pct']:.2f}%") for r in rows],
                    ("rank", "A (r x k)", "B (d x r)", "LoRA params", "compression", "removed"))]
+    if args.size < 1:
+        raise ValueError(f"--size must be >= 1 (the side of the synthetic matrix), got {args.size}")
+    too_big = [r for r in args.svd_ranks if r > args.size]
+    if too_big:
+        raise ValueError(f"--svd-ranks {too_big} exceed --size {args.size} (a {args.size} x {args.size} matrix "
+                         f"has at most rank {args.size})")
     W = lowrank.synthetic_low_rank(args.size, args.size, args.true_rank, args.seed)
     errs = lowrank.reconstruction_errors(W, args.svd_ranks)
     text += ["", f"Truncated SVD of a {args.size} x {args.size} matrix of true rank {args.true_rank}",
@@ -73,15 +79,18 @@ def cmd_lowrank(args: argparse.Namespace) -> int:
                                                                      "rows": errs}}
     spectra = None
     if args.model is not None:
-        weights = lowrank.select_weights(args.model, args.module)
+        weights, matched = lowrank.select_weights_counted(args.model, args.module)
         spectra = lowrank.spectrum_report(weights, args.ranks)
-        report["model"] = {"source": args.model, "matrices": spectra}
+        report["model"] = {"source": args.model, "matching": matched, "shown": len(spectra), "matrices": spectra}
         ranks = list(args.ranks)
         label = "the embedded model" if args.model == "default" else Path(str(args.model)).name
         text += ["", f"Weight matrices of {label}: energy captured at rank r, effective rank (90% / 99%)",
                  _table([(n, "x".join(map(str, v["shape"])), *[f"{100 * v['energy'][r]:.1f}%" for r in ranks],
                           v["rank90"], v["rank99"]) for n, v in spectra.items()],
                         ("module", "shape", *[f"r={r}" for r in ranks], "r90", "r99"))]
+        if matched > len(spectra):
+            text.append(f"showing {len(spectra)} of {matched} matching matrices (the first in the weights files' "
+                        f"order); narrow --module to choose others")
     _emit(args, report, "\n".join(text), "lowrank")
     if args.out and not args.no_plot:
         out = Path(args.out)
@@ -103,10 +112,10 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     text: list[str] = []
     table_mode = args.task is not None or args.data_size is not None
     data_mode = args.adapter is not None or args.tuned is not None
-    if not table_mode and not data_mode:
-        raise ValueError("give --task/--data-size (rule table) or --adapter / --tuned (data-driven mode)")
     if args.base is not None and args.tuned is None:
         raise ValueError("--base needs --tuned (the fine-tuned model whose difference from --base is analysed)")
+    if not table_mode and not data_mode:
+        raise ValueError("give --task/--data-size (rule table) or --adapter / --tuned (data-driven mode)")
     if args.adapter is not None and args.tuned is not None:
         raise ValueError("give --adapter or --tuned (with --base), not both")
     if table_mode:
@@ -291,14 +300,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--d", type=int, default=1000, help="rows of the matrix (default 1000)")
     p.add_argument("--k", type=int, default=1000, help="columns of the matrix (default 1000)")
     p.add_argument("--ranks", type=_ints, default=list(lowrank.LESSON_RANKS), help="ranks for the table (1,2,4,...,64)")
-    p.add_argument("--size", type=int, default=100, help="side of the synthetic matrix (default 100)")
+    p.add_argument("--size", type=int, default=100, help="side of the synthetic matrix, >= 1 (default 100)")
     p.add_argument("--true-rank", type=int, default=5, help="rank of the synthetic matrix (default 5)")
     p.add_argument("--svd-ranks", type=_ints, default=list(lowrank.LESSON_SYNTHETIC["ranks"]),
-                   help="ranks for the reconstruction (1,2,5,10,20,50)")
+                   help="ranks for the reconstruction, each <= --size")
     p.add_argument("--seed", type=int, default=0, help="seed of the random matrices")
     p.add_argument("--model", nargs="?", const="default", default=None,
                    help="also analyse a model's weights: a local model directory, or no value for the embedded model")
-    p.add_argument("--module", default=None, help="regex on module names (default: layer 0's projections)")
+    p.add_argument("--module", default=None,
+                   help=f"regex on module names (default: layer 0's projections); the first "
+                        f"{lowrank.MAX_MATRICES} matching matrices are analysed, and the output says when more match")
     _common(p)
 
     p = _add(subparsers, "recommend", cmd_recommend, "recommend LoRA rank and alpha",
@@ -353,7 +364,9 @@ def register(subparsers: Any) -> None:
              "(truncated SVD per module).")
     p.add_argument("--base", default="default", help="base model directory (default: the embedded model)")
     p.add_argument("--tuned", required=True, help="fully fine-tuned model directory")
-    p.add_argument("--rank", type=int, required=True, help="rank of the extracted adapter (the largest, with --energy)")
+    p.add_argument("--rank", type=int, required=True,
+                   help="rank of the extracted adapter (the largest, with --energy; capped per module at "
+                        "the weight's min(out, in))")
     p.add_argument("--out", required=True, help="output adapter directory")
     p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: rank)")
     p.add_argument("--targets", type=_names, default=None, help="module names/suffixes (default: all changed linears)")
@@ -371,7 +384,8 @@ def register(subparsers: Any) -> None:
     p = _add(subparsers, "sweep", cmd_sweep, "train at several ranks and compare",
              "The lesson's exercise: train the same task at several LoRA ranks (alpha = 2r) for the same "
              "number of steps, then print and plot trainable parameters, held-out loss, accuracy and step time.")
-    p.add_argument("--ranks", type=_ints, default=list(sweep.DEFAULT_RANKS), help="ranks to train (default 1,2,4,8,16,32,64)")
+    p.add_argument("--ranks", type=_ints, default=list(sweep.DEFAULT_RANKS),
+                   help="ranks to train, each once (default 1,2,4,8,16,32,64)")
     p.add_argument("--max-steps", type=int, default=50,
                    help="optimizer steps per rank (default 50; 0 = one full epoch over the training data)")
     p.add_argument("--eval-samples", type=int, default=100, help="held-out examples per evaluation (default 100)")

@@ -13,12 +13,13 @@ from typing import Any, Sequence
 
 import torch
 
-from lorakit.analysis.adapter_tools import energy_rank
-from lorakit.analysis.weights import load_state_dict
+from lorakit.analysis.adapter_tools import energy_rank, truncation_error
+from lorakit.analysis.weights import check_finite, load_state_dict, source_label
 
 LESSON_RANKS = (1, 2, 4, 8, 16, 32, 64)
 LESSON_SYNTHETIC = {"size": 100, "true_rank": 5, "ranks": (1, 2, 5, 10, 20, 50)}
 DEFAULT_MODULES = r"layers\.0\..*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+MAX_MATRICES = 16  # model matrices analysed at most (the first ones matching, in the weights files' order)
 
 
 def parameter_table(d: int = 1000, k: int = 1000, ranks: Sequence[int] = LESSON_RANKS) -> list[dict[str, Any]]:
@@ -55,8 +56,10 @@ def synthetic_low_rank(rows: int = 100, cols: int = 100, true_rank: int = 5, see
     """A random (rows x cols) matrix of exactly ``true_rank``: a product of Gaussian factors.
 
     Raises:
-        ValueError: if the rank is < 1 or exceeds min(rows, cols).
+        ValueError: if rows or cols is < 1, or the rank is < 1 or exceeds min(rows, cols).
     """
+    if rows < 1 or cols < 1:
+        raise ValueError(f"matrix dimensions must be >= 1, got {rows} x {cols}")
     if not 1 <= true_rank <= min(rows, cols):
         raise ValueError(f"true_rank must be in [1, {min(rows, cols)}], got {true_rank}")
     g = torch.Generator().manual_seed(seed)
@@ -71,26 +74,32 @@ def reconstruction_errors(W: torch.Tensor, ranks: Sequence[int]) -> list[dict[st
     error is measured on it, not taken from the formula.
 
     Args:
-        W: a 2-D matrix.
-        ranks: ranks to try (capped at min(W.shape)).
+        W: a 2-D matrix of finite values.
+        ranks: ranks to try, each in [1, min(W.shape)].
 
     Returns:
         Rows of rank, abs_error ‖W − W_r‖_F, rel_error (divided by ‖W‖_F), energy captured.
 
     Raises:
-        ValueError: if W is not 2-D or a rank is < 1.
+        ValueError: if W is not 2-D or holds NaN or inf, or a rank is < 1 or above min(W.shape).
     """
     if W.dim() != 2:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(W.shape)}")
+    if not bool(torch.isfinite(W).all()):
+        raise ValueError("the matrix holds NaN or inf")
     if any(int(r) < 1 for r in ranks):
         raise ValueError(f"ranks must be >= 1, got {list(ranks)}")
+    too_big = [int(r) for r in ranks if int(r) > min(W.shape)]
+    if too_big:
+        raise ValueError(f"rank(s) {too_big} exceed min(rows, cols) = {min(W.shape)} of a "
+                         f"{W.shape[0]} x {W.shape[1]} matrix")
     W = W.double()
     U, S, Vh = torch.linalg.svd(W, full_matrices=False)
     norm = float(torch.linalg.vector_norm(W)) or 1.0
     total = float((S**2).sum()) or 1.0
     rows = []
     for r in ranks:
-        k = min(int(r), S.numel())
+        k = int(r)
         approx = (U[:, :k] * S[:k]) @ Vh[:k]
         err = float(torch.linalg.vector_norm(W - approx))
         rows.append({"rank": int(r), "abs_error": err, "rel_error": err / norm,
@@ -98,41 +107,57 @@ def reconstruction_errors(W: torch.Tensor, ranks: Sequence[int]) -> list[dict[st
     return rows
 
 
-def select_weights(source: str | None, module: str | None = None, limit: int = 16) -> dict[str, torch.Tensor]:
+def select_weights(source: str | None, module: str | None = None,
+                   limit: int = MAX_MATRICES) -> dict[str, torch.Tensor]:
     """2-D weight matrices of a model whose module name matches ``module`` (a regex searched in the
-    name; default: the attention and MLP projections of layer 0).
+    name; default: the attention and MLP projections of layer 0): the first ``limit`` of them, in the
+    weights files' order (:func:`select_weights_counted` also says how many matched).
 
     Raises:
-        ValueError: if nothing matches.
+        ValueError: if nothing matches, or a selected weight holds NaN or inf (model and tensor named).
+    """
+    return select_weights_counted(source, module, limit)[0]
+
+
+def select_weights_counted(source: str | None, module: str | None = None,
+                           limit: int = MAX_MATRICES) -> tuple[dict[str, torch.Tensor], int]:
+    """:func:`select_weights` and the number of matching matrices (more than returned when over ``limit``).
+
+    Raises:
+        ValueError: as :func:`select_weights`.
     """
     try:
         pattern = re.compile(module or DEFAULT_MODULES)
     except re.error as exc:
         raise ValueError(f"--module {module!r} is not a valid regular expression: {exc}") from exc
     sd = load_state_dict(source)
-    out = {}
+    out, matched = {}, 0
     for key, t in sd.items():
         if t.dim() == 2 and key.endswith(".weight") and pattern.search(key[: -len(".weight")]):
-            out[key[: -len(".weight")]] = t
-            if len(out) >= limit:
-                break
+            matched += 1
+            if len(out) < limit:
+                check_finite(t, source, key)
+                out[key[: -len(".weight")]] = t
     if not out:
-        raise ValueError(f"no 2-D weight of {source or 'the default model'!r} matches module pattern "
+        raise ValueError(f"no 2-D weight of {source_label(source)} matches module pattern "
                          f"{module or DEFAULT_MODULES!r}")
-    return out
+    return out, matched
 
 
 def spectrum_report(weights: dict[str, torch.Tensor], ranks: Sequence[int] = LESSON_RANKS) -> dict[str, Any]:
     """Singular values of each matrix, energy captured and relative error at each rank, and the
-    effective ranks at 90% / 99% energy (a rank above a matrix's size counts as its full rank).
+    effective ranks at 90% / 99% energy (a rank above a matrix's size counts as its full rank; a
+    zero matrix has relative error 0 and energy 0 at every rank, as in :func:`reconstruction_errors`).
 
     Raises:
-        ValueError: if a rank is < 1.
+        ValueError: if a rank is < 1, or a matrix holds NaN or inf (it is named).
     """
     if any(int(r) < 1 for r in ranks):
         raise ValueError(f"ranks must be >= 1, got {list(ranks)}")
     report: dict[str, Any] = {}
     for name, W in weights.items():
+        if not bool(torch.isfinite(W).all()):
+            raise ValueError(f"matrix {name!r} holds NaN or inf")
         S = torch.linalg.svdvals(W.double())
         total = float((S**2).sum()) or 1.0
         cum = torch.cumsum(S**2, 0) / total
@@ -140,7 +165,7 @@ def spectrum_report(weights: dict[str, torch.Tensor], ranks: Sequence[int] = LES
             "shape": list(W.shape),
             "singular_values": S.tolist(),
             "energy": {int(r): float(cum[min(r, S.numel()) - 1]) for r in ranks},
-            "rel_error": {int(r): float(max(0.0, 1 - float(cum[min(r, S.numel()) - 1]))) ** 0.5 for r in ranks},
+            "rel_error": {int(r): truncation_error(S, min(int(r), S.numel())) for r in ranks},
             "rank90": energy_rank(S, 0.90),
             "rank99": energy_rank(S, 0.99),
             "full_rank": min(W.shape),

@@ -45,8 +45,8 @@ def parse_model_size(model_size: str | int | float) -> tuple[str, str | None]:
         if not m:
             raise ValueError(f"model_size must be like 7B, 13B, 70B or 135M, got {model_size!r}")
         n = float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}[m.group(2).upper()]
-    if n <= 0:
-        raise ValueError(f"model_size must be positive, got {model_size!r}")
+    if not math.isfinite(n) or n <= 0:
+        raise ValueError(f"model_size must be a positive finite number, got {model_size!r}")
     column = "7B" if n <= 10e9 else "13B" if n <= 40e9 else "70B"
     return column, f"{model_size} parameters read as the {column} column (<=10B: 7B, <=40B: 13B, else 70B)"
 
@@ -159,8 +159,10 @@ def data_driven_ranks(
     """Effective rank of each module's ΔW and a suggested ``r`` + ``rank_pattern``.
 
     Each module needs rank k = the smallest number of singular values holding ``energy`` of
-    ‖ΔW‖²; it is rounded up to a power of two and capped. The global r is the most common such
+    ‖ΔW‖²; it is rounded up to a power of two and capped at ``cap`` and at the module's own largest
+    rank (an adapter module's r, or min(out, in); "max_rank"). The global r is the most common such
     rank, and modules that need another rank go into rank_pattern (PEFT's per-module override).
+    Modules whose ΔW is exactly zero are left out.
 
     Args:
         adapter: a trained adapter directory; or
@@ -173,7 +175,8 @@ def data_driven_ranks(
         {"modules": [{module, shape_rank, rank90, rank99, norm, suggested}], "r", "rank_pattern"}.
 
     Raises:
-        ValueError: on a bad energy, or when no module has a non-zero update.
+        ValueError: on a bad energy, when no module has a non-zero update (e.g. an untrained adapter,
+            whose B factors are zero), or a model weight holding NaN or inf.
     """
     if not 0 < energy <= 1:
         raise ValueError(f"energy must be in (0, 1], got {energy}")
@@ -185,7 +188,7 @@ def data_driven_ranks(
         need = energy_rank(s, energy)
         rows.append({"module": name, "max_rank": int(s.numel()), "rank90": energy_rank(s, 0.90),
                      "rank99": energy_rank(s, 0.99), "norm": float(torch.linalg.vector_norm(s)),
-                     "suggested": min(cap, _pow2_at_least(max(1, need)))})
+                     "suggested": min(cap, int(s.numel()), _pow2_at_least(max(1, need)))})
     counts: dict[int, int] = {}
     for r in rows:
         counts[r["suggested"]] = counts.get(r["suggested"], 0) + 1

@@ -35,7 +35,8 @@ def run_sweep(base: TrainConfig, ranks: list[int], out_dir: str | Path,
         Rows ``{"rank", "alpha", "trainable", "eval_loss", "accuracy", "step_seconds", "run_dir"}``.
 
     Raises:
-        ValueError: no ranks, a rank < 1, or a method other than lora / qlora.
+        ValueError: no ranks, a rank < 1, a rank given twice, or a method other than lora / qlora
+            (checked before any training starts).
         FileExistsError: a run directory ``out_dir/r<rank>`` already holds files (checked for every
             rank before any training starts).
     """
@@ -44,6 +45,10 @@ def run_sweep(base: TrainConfig, ranks: list[int], out_dir: str | Path,
 
     if not ranks or any(not isinstance(r, int) or r < 1 for r in ranks):
         raise ValueError(f"ranks must be positive integers, got {ranks!r}")
+    repeated = sorted({r for r in ranks if ranks.count(r) > 1})
+    if repeated:
+        raise ValueError(f"ranks {ranks!r} repeat {', '.join(map(str, repeated))}: each rank is trained once, "
+                         f"into its own run directory r<rank>; list every rank once")
     if base.method == "full":
         raise ValueError("sweep compares LoRA ranks; --method full has no rank")
     out_dir = Path(out_dir)

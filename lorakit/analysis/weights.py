@@ -157,6 +157,21 @@ def load_config(source: str | Path | None) -> dict[str, Any]:
     return read_json(cfg)
 
 
+def source_label(source: str | Path | None) -> str:
+    """How messages name a model: its path, or "the embedded default model"."""
+    return "the embedded default model" if is_default(source) else repr(str(source))
+
+
+def check_finite(tensor: torch.Tensor, source: str | Path | None, name: str) -> None:
+    """Refuse a weight holding NaN or inf (an SVD of it would fail with a linear-algebra error).
+
+    Raises:
+        ValueError: naming the model and the tensor.
+    """
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"model {source_label(source)}: weight {name!r} holds NaN or inf")
+
+
 def module_matches(module: str, targets: list[str] | tuple[str, ...] | str) -> bool:
     """PEFT's target rule: a string is a full-match regex; a list matches a name or a ``.name`` suffix."""
     import re
