@@ -99,7 +99,7 @@ def test_bad_shapes_are_named():
         short_attention(q[:, :5], k, v)
     with pytest.raises(ValueError, match="expected q"):
         short_attention(q, k, v[..., :4])
-    with pytest.raises(ValueError, match="more queries"):
+    with pytest.raises(ValueError, match="as many queries as keys"):
         short_attention(q, k[:, :, :3], v[:, :, :3], causal=True)
 
 
@@ -198,3 +198,13 @@ def test_models_not_on_sdpa_are_left_alone():
     assert not use_lorakit_attention(model)
     assert model.config._attn_implementation == "eager"
     assert not use_lorakit_attention(torch.nn.Linear(2, 2))
+
+
+def test_causal_short_attention_needs_as_many_queries_as_keys():
+    """SDPA's is_causal aligns the mask top-left, a KV cache bottom-right: with S != T the meaning is
+    ambiguous, so it is refused (the model dispatcher never sends such calls)."""
+    q = torch.randn(1, 2, 3, 4, dtype=torch.float64)
+    k = torch.randn(1, 2, 5, 4, dtype=torch.float64)
+    with pytest.raises(ValueError, match="as many queries as keys"):
+        short_attention(q, k, k.clone(), causal=True)
+    torch.testing.assert_close(short_attention(q, k, k, causal=False), F.scaled_dot_product_attention(q, k, k))

@@ -479,3 +479,9 @@ def test_sparse_embedding_trains():
     (s * nn.functional.embedding(ids, A_ref.T) @ B_ref.T).sum().backward()
     torch.testing.assert_close(A.grad, A_ref.grad)
     torch.testing.assert_close(B.grad, B_ref.grad)
+
+
+def test_keep_mask_keeps_something_for_any_p_below_one():
+    mask = KeepMask((64, 64), 0.999995, "cpu")
+    assert mask.keep > 0 and mask.inv_keep == 1 / mask.keep
+    assert KeepMask((4, 4), 1.0, "cpu").keep == 0.0  # exactly 1 drops everything

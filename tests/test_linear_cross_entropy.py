@@ -56,3 +56,27 @@ def test_saves_no_logits_for_backward():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.numel()) or t, lambda t: t):
         linear_cross_entropy(h, W, y)
     assert max(saved) <= 64 * 16  # only dL/dh, never (64 x 1000) logits
+
+
+def test_no_gradient_work_under_no_grad_for_a_trainable_weight(monkeypatch):
+    """Evaluation (no_grad) of a full fine-tune: needs_input_grad is True for the trainable head, but
+    no backward can follow, so no vocab x hidden gradient buffer may be built."""
+    h = torch.randn(6, 8)
+    w = torch.randn(50, 8, requires_grad=True)
+    y = torch.randint(0, 50, (6,))
+    made = []
+    real_zeros = torch.zeros
+
+    def counting_zeros(*args, **kwargs):
+        out = real_zeros(*args, **kwargs)
+        made.append(tuple(out.shape))
+        return out
+
+    monkeypatch.setattr(torch, "zeros", counting_zeros)
+    with torch.no_grad():
+        loss = linear_cross_entropy(h, w, y)
+    assert (50, 8) not in made
+    monkeypatch.undo()
+    torch.testing.assert_close(loss, F.cross_entropy(h @ w.detach().T, y, reduction="sum"))
+    linear_cross_entropy(h, w, y).backward()  # with grad: the gradient is still there
+    torch.testing.assert_close(w.grad, torch.func.grad(lambda W: F.cross_entropy(h @ W.T, y, reduction="sum"))(w.detach()))

@@ -201,8 +201,9 @@ def short_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: tor
                          f"{tuple(k.shape)}, {tuple(v.shape)}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{q.shape[1]} query heads is not a multiple of {k.shape[1]} key/value heads")
-    if causal and q.shape[2] > k.shape[2]:
-        raise ValueError(f"causal attention with more queries ({q.shape[2]}) than keys ({k.shape[2]})")
+    if causal and q.shape[2] != k.shape[2]:
+        raise ValueError(f"causal attention here needs as many queries as keys, got {q.shape[2]} queries and "
+                         f"{k.shape[2]} keys (with a KV cache, pass the mask instead)")
     return ShortAttention.apply(q, k, v, mask, q.shape[-1] ** -0.5 if scale is None else float(scale), causal)
 
 

@@ -18,11 +18,16 @@ CHUNK_ELEMENTS = 1 << 24
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                labels: torch.Tensor, chunk: int) -> torch.Tensor:
+                labels: torch.Tensor, chunk: int, grad_mode: bool) -> torch.Tensor:
         acc = torch.promote_types(hidden.dtype, torch.float32)  # accumulate in fp32 (or fp64)
-        need_w = ctx.needs_input_grad[1]
-        need_b = bias is not None and ctx.needs_input_grad[2]
-        grad_h = torch.empty_like(hidden) if ctx.needs_input_grad[0] else None
+        # Under no_grad (evaluation) needs_input_grad still says True for a trainable weight; no
+        # backward can follow there, so no gradient is computed (a full fine-tune's eval had built a
+        # vocab x hidden gradient per call and thrown it away). grad_mode: the caller's grad mode
+        # (inside forward it is always off).
+        grad = grad_mode
+        need_w = grad and ctx.needs_input_grad[1]
+        need_b = grad and bias is not None and ctx.needs_input_grad[2]
+        grad_h = torch.empty_like(hidden) if grad and ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
         total = torch.zeros((), dtype=acc, device=hidden.device)
@@ -67,7 +72,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
         gw = (grad_w * grad_out).to(w_dtype) if grad_w is not None else None
         gb = (grad_b * grad_out).to(b_dtype) if grad_b is not None else None
-        return gh, gw, gb, None, None
+        return gh, gw, gb, None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -103,4 +108,4 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= weight.shape[0]):
         raise ValueError(f"linear_cross_entropy: label ids must be in [0, {weight.shape[0]}), got [{int(labels.min())}, {int(labels.max())}]")
     chunk = chunk_size or max(1, CHUNK_ELEMENTS // weight.shape[0])
-    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, int(chunk))
+    return _LinearCrossEntropy.apply(hidden, weight, bias, labels, int(chunk), torch.is_grad_enabled())

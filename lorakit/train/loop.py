@@ -112,7 +112,9 @@ def prepare_model(model: Any, cfg: TrainConfig, base_name: str) -> Any:
     """Inject LoRA (frozen base) or make every weight trainable (full fine-tuning).
 
     Also switches SDPA attention to ``lorakit.ops.attention`` (faster bf16 backward at short
-    lengths; ``train`` switches it back when the loop ends).
+    lengths; ``train`` switches it back when the loop ends). It engages where q, k and v are half
+    precision: LoRA on a bf16 base. A full fine-tune in bf16 runs an fp32 model under autocast,
+    where transformers' rotary embedding hands the attention fp32 tensors, so SDPA runs there.
     """
     from lorakit.ops.attention import use_lorakit_attention
 
