@@ -388,3 +388,41 @@ def test_sigkilled_cli_run_resumes_to_the_uninterrupted_result(trained, tmp_path
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_eval_defaults_to_the_runs_max_length(trained, tmp_path, monkeypatch, capsys):
+    """`lorakit eval --adapter RUN` evaluates as the run did (its max_length), so its table is reproduced."""
+    import shutil
+
+    import lorakit.train.generate as G
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    info = json.loads((run / "lorakit_run.json").read_text())
+    info["config"]["max_length"] = 37
+    (run / "lorakit_run.json").write_text(json.dumps(info))
+    seen = []
+    real = G.evaluate
+
+    def spy(model, tok, examples, max_length, batch_size, *a, **k):
+        seen.append(max_length)
+        return real(model, tok, examples, max_length, batch_size, *a, **k)
+
+    monkeypatch.setattr(G, "evaluate", spy)
+    base = ["eval", "--model", str(trained["model"]), "--adapter", str(run), "--data", str(trained["eval"]), "--json"]
+    assert main(base) == 0 and main(base + ["--max-length", "64"]) == 0
+    assert main(["eval", "--model", str(trained["model"]), "--data", str(trained["eval"]), "--json"]) == 0
+    assert seen == [37, 64, 512]
+
+
+def test_an_answer_cut_away_by_max_length_counts_in_neither_metric(trained):
+    from lorakit.train.data import load_examples, tokenize_example
+    from lorakit.train.generate import evaluate, load_for_inference
+
+    model, tok, _ = load_for_inference(str(trained["model"]), str(trained["run"]), "fp32")
+    examples = load_examples(str(trained["eval"]), "test")[:6]
+    long = type(examples[0])(messages=[{"role": "user", "content": " ".join(["good film"] * 40)},
+                                       {"role": "assistant", "content": "positive"}])
+    assert tokenize_example(tok, long, 48).n_labels == 0
+    res = evaluate(model, tok, examples + [long], 48, 4)
+    assert res["n"] == res["n_accuracy"] == 6

@@ -195,3 +195,22 @@ def test_chat_template_constant_renders(tok):
     assert tok.chat_template == CHAT_TEMPLATE
     text = D.render_chat(tok, [{"role": "user", "content": "hi"}], add_generation_prompt=True)
     assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_conversation_opening_with_an_assistant_message_labels_only_the_answers():
+    """The template's text before a first assistant message (a default system prompt, the turn
+    markup) is not an answer: only the assistant contents and their end-of-turn tokens are labels."""
+    template = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nvery<|im_end|>\n{% endif %}"
+                + CHAT_TEMPLATE)
+    tok = tiny_tokenizer(template)
+    ex = D.Example(messages=[{"role": "assistant", "content": "hello"}, {"role": "user", "content": "hi"},
+                             {"role": "assistant", "content": "positive"}])
+    t = D.tokenize_example(tok, ex, 128)
+    assert _labelled_tokens(tok, t) == ["hello", "<|im_end|>", "positive", "<|im_end|>"]
+
+
+def test_a_json_array_file_says_data_files_are_jsonl(tmp_path):
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps([{"prompt": "a", "completion": "b"}], indent=1))
+    with pytest.raises(ValueError, match="JSONL: one JSON object per line"):
+        D.load_examples(str(path), "train")

@@ -677,3 +677,54 @@ def test_saved_files_have_ordinary_permissions(tmp_path, tok, data_files):
                 log=_quiet)
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (res.run_dir / name).stat().st_mode & 0o777 == default_mode(), name
+
+
+def _gemma_like_tokenizer():
+    """Turns end with <end_of_turn>, which is not the tokenizer's eos (<eos>), as in Gemma-it."""
+    from tiny_lm import tiny_tokenizer
+
+    template = ("{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+                "{% if add_generation_prompt %}<start_of_turn>assistant\n{% endif %}")
+    tok = tiny_tokenizer(template)
+    tok.add_special_tokens({"eos_token": "<eos>", "additional_special_tokens": ["<start_of_turn>", "<end_of_turn>"]})
+    return tok
+
+
+def test_generation_stops_at_the_templates_end_of_turn_token():
+    from tiny_lm import tiny_llama_lm
+
+    from lorakit.train.data import encode_prompt
+    from lorakit.train.generate import greedy_generate, stop_token_ids
+
+    tok = _gemma_like_tokenizer()
+    model = tiny_llama_lm(tok).eval()
+    model.resize_token_embeddings(len(tok))
+    model.generation_config.eos_token_id = tok.eos_token_id  # the model's own config names only <eos>
+    eot = tok.convert_tokens_to_ids("<end_of_turn>")
+    assert set(stop_token_ids(model, tok)) >= {tok.eos_token_id, eot}
+    script = [tok.convert_tokens_to_ids("positive"), eot]  # then "negative" forever
+
+    def scripted(module, args, out):
+        step = module.__dict__.setdefault("_calls", 0)
+        module._calls = step + 1
+        target = script[step] if step < len(script) else tok.convert_tokens_to_ids("negative")
+        out = out.clone()
+        out[:, -1, :] = -1e4
+        out[:, -1, target] = 1e4
+        return out
+
+    model.lm_head.register_forward_hook(scripted)
+    prompt = encode_prompt(tok, [{"role": "user", "content": "good film"}])
+    assert greedy_generate(model, tok, [prompt], max_new_tokens=6).__getitem__(0).strip() == "positive"
+
+
+def test_prompt_longer_than_the_models_positions_is_a_clear_error():
+    from tiny_lm import tiny_gpt2_lm, tiny_tokenizer
+
+    from lorakit.train.generate import greedy_generate
+
+    tok = tiny_tokenizer()
+    model = tiny_gpt2_lm(tok).eval()  # 128 positions
+    prompt = tok(" ".join(["good film"] * 70), add_special_tokens=False)["input_ids"]
+    with pytest.raises(ValueError, match="exceeds the model's 128 positions"):
+        greedy_generate(model, tok, [prompt], max_new_tokens=4)

@@ -205,8 +205,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Handler of ``lorakit eval``."""
     _quiet_transformers()
     from lorakit.train.data import load_examples
-    from lorakit.train.generate import evaluate, format_metric, load_for_inference
+    from lorakit.train.generate import evaluate, format_metric, load_for_inference, read_run_info
 
+    if args.max_length is None:  # as the run evaluated itself, so its table is reproduced
+        run_length = read_run_info(args.adapter).get("config", {}).get("max_length") if args.adapter else None
+        args.max_length = run_length if isinstance(run_length, int) and not isinstance(run_length, bool) else 512
     for flag, value, least in (("--batch-size", args.batch_size, 1), ("--max-length", args.max_length, 1),
                                ("--max-samples", args.max_samples, 0)):
         if value < least:
@@ -302,7 +305,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--max-samples", type=int, default=0, help="evaluate the first N examples only (default: 0 = all)")
     p.add_argument("--batch-size", type=int, default=16, help="examples per batch (default: 16)")
-    p.add_argument("--max-length", type=int, default=512, help="truncate examples to N tokens (default: 512)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="truncate examples to N tokens; an example whose answer is cut away counts in neither "
+                        "metric (default: the run's own max_length when --adapter is a run directory, else 512)")
     _add_merge(p)
     _add_precision(p)
     p.set_defaults(func=cmd_eval)

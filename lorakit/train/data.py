@@ -175,7 +175,9 @@ def read_jsonl(path: str | Path) -> list[Example]:
                 try:
                     obj = json.loads(line)
                 except json.JSONDecodeError as exc:
-                    raise ValueError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+                    hint = ("; data files are JSONL: one JSON object per line (a JSON array, CSV or plain "
+                            "text is not read)") if not examples else ""
+                    raise ValueError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno}){hint}") from None
                 examples.append(parse_record(obj, where))
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}:{_first_non_utf8_line(path)}: not UTF-8 text ({exc.reason}); "
@@ -307,9 +309,12 @@ def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]], full: str) 
     for i, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before = render_chat(tokenizer, messages[:i], add_generation_prompt=True) if i else ""
+        try:  # for a first message too: the template may put a system prompt before it
+            before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
+        except Exception:  # a template that cannot render an empty conversation
+            before = None
         upto = render_chat(tokenizer, messages[: i + 1]).rstrip()
-        if full.startswith(before) and full.startswith(upto) and len(upto) > len(before):
+        if before is not None and full.startswith(before) and full.startswith(upto) and len(upto) > len(before):
             start, end = len(before), len(upto)
         else:
             # Templates that rewrite earlier turns (rare) are not prefix-stable: find the content.

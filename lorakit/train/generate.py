@@ -176,12 +176,49 @@ def eval_loss(model: Any, data: list[Tokenized], batch_size: int, pad_id: int, p
 
 
 # --------------------------------------------------------------------------- generation
+def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
+    """Tokens that end an answer: the tokenizer's eos, the model's ``generation_config.eos_token_id``
+    (one or a list), and the end-of-turn token that the chat template puts after an assistant
+    message (what the training labels end with; e.g. Gemma's ``<end_of_turn>``, which is not its
+    eos)."""
+    ids: list[int] = []
+
+    def add(value: Any) -> None:
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            if isinstance(v, int) and v not in ids:
+                ids.append(v)
+
+    add(tokenizer.eos_token_id)
+    add(getattr(getattr(model, "generation_config", None), "eos_token_id", None))
+    try:
+        probe = Example(messages=[{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}])
+        labels = [t for t in tokenize_example(tokenizer, probe, 64).labels if t != IGNORE_INDEX]
+    except Exception:  # a template that cannot render the probe: the eos ids above stand
+        labels = []
+    if labels and labels[-1] in set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {})):
+        add(labels[-1])
+    return ids
+
+
+def max_positions(model: Any) -> int | None:
+    """The longest sequence the model's position embeddings allow (None: no fixed limit, e.g. RoPE)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "model_type", None) in ("gpt2", "gpt_neo", "gptj", "opt", "bloom") or hasattr(config, "n_positions"):
+        value = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) else None
+    return None
+
+
 @torch.no_grad()
 def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
                     precision: str = "fp32") -> list[str]:
     """Greedy continuation of a batch of token-id prompts (left padded); returns the new text."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(p) for p in prompts)
+    limit = max_positions(model)
+    if limit is not None and width + max_new_tokens > limit:
+        raise ValueError(f"a prompt of {width} tokens plus {max_new_tokens} new tokens exceeds the model's "
+                         f"{limit} positions: shorten the prompt or lower --max-new-tokens")
     ids = torch.full((len(prompts), width), pad if pad is not None else 0, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for r, p in enumerate(prompts):
@@ -193,7 +230,7 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_ne
         with autocast(precision):
             out = model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, temperature=None, top_p=None,
+                pad_token_id=pad, eos_token_id=stop_token_ids(model, tokenizer), temperature=None, top_p=None,
                 top_k=None,
             )
     finally:
@@ -250,7 +287,7 @@ def evaluate(model: Any, tokenizer: Any, examples: list[Example], max_length: in
     Greedy decoding is deterministic, so the loss pass (which already computes the model's top token
     at every answer position) settles most examples without generating (``shortcut``):
 
-    - every answer token, end-of-turn (= eos) included, is the top token: greedy decoding would
+    - every answer token, the end-of-turn token included, is the top token: greedy decoding would
       write exactly the reference and stop -> correct;
     - the first top token, normalised, is not a prefix of the normalised reference: whatever
       follows, the normalised answer starts differently -> wrong.
@@ -285,14 +322,15 @@ def evaluate(model: Any, tokenizer: Any, examples: list[Example], max_length: in
     predictions: dict[int, dict[str, Any]] = {}
     pending: list[int] = []
     special = set(tokenizer.all_special_ids)
+    stops = set(stop_token_ids(model, tokenizer))
     for i, ex in enumerate(examples):
-        if ex.answer is None:
-            continue
+        if ex.answer is None or not tokenized[i].n_labels:
+            continue  # (an answer cut away by max_length counts in neither metric, as in training)
         ref = normalize_answer(ex.answer)
         single_turn = sum(m["role"] == "assistant" for m in ex.messages or []) == 1
         labels = [x for x in tokenized[i].labels if x != IGNORE_INDEX]
         if shortcut and single_turn and i in tops:
-            if tops[i] == labels and labels[-1] == tokenizer.eos_token_id:
+            if tops[i] == labels and labels[-1] in stops:
                 predictions[i] = {"reference": ex.answer, "generated": ex.answer, "correct": True}
                 continue
             first = tops[i][0]
