@@ -294,6 +294,7 @@ def test_chat_cli_handles_eof_and_ctrl_c(trained, monkeypatch, capsys):
         except StopIteration:
             raise EOFError from None
     monkeypatch.setattr("builtins.input", fake_input)
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)  # as on a terminal, which echoes the typing
     assert main(["chat", "--adapter", str(trained["run"]), "--max-new-tokens", "3"]) == 0
     assert capsys.readouterr().out.count("model>") == 2
 
@@ -426,3 +427,20 @@ def test_an_answer_cut_away_by_max_length_counts_in_neither_metric(trained):
     assert tokenize_example(tok, long, 48).n_labels == 0
     res = evaluate(model, tok, examples + [long], 48, 4)
     assert res["n"] == res["n_accuracy"] == 6
+
+
+def test_chat_with_piped_input_echoes_each_line(trained, monkeypatch, capsys):
+    """From a pipe nothing echoes the typed line: chat writes it, so the transcript has one turn a line."""
+    import io
+
+    lines = iter(["good film", "/exit"])
+
+    def fake_input(prompt=""):
+        print(prompt, end="")
+        return next(lines)
+
+    monkeypatch.setattr("builtins.input", fake_input)
+    monkeypatch.setattr("sys.stdin", io.StringIO(""))
+    assert main(["chat", "--adapter", str(trained["run"]), "--max-new-tokens", "3"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "you> good film" in out and any(line.startswith("model> ") for line in out)

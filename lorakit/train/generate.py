@@ -13,6 +13,7 @@ import contextlib
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, ContextManager
@@ -466,6 +467,7 @@ def chat_loop(model: Any, tokenizer: Any, max_new_tokens: int, precision: str, s
     Returns:
         0 (the exit code).
     """
+    piped = read is None and not sys.stdin.isatty()  # a terminal echoes what is typed; a pipe does not
     read = read or input  # looked up at call time, so tests can replace builtins.input
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
     write("chat with the model: /reset clears the history, /exit or Ctrl-D quits")
@@ -476,6 +478,8 @@ def chat_loop(model: Any, tokenizer: Any, max_new_tokens: int, precision: str, s
             write("")
             return 0
         text = line.strip()
+        if piped:
+            write(line.rstrip("\n"))  # so a transcript reads "you> question" then "model> answer"
         if not text:
             continue
         if text in ("/exit", "/quit"):
