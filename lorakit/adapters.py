@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from lorakit.inject import (_remove_adapter_everywhere, _set_submodule, get_state, iter_lora_layers,
-                            iter_saved_modules, mark_trainable, require_state)
+                            iter_saved_modules, mark_trainable, require_state, tied_parameters, untie_weight)
 
 
 def _check_names(model: nn.Module, names: list[str]) -> None:
@@ -116,18 +116,12 @@ def _untie_before_merge(model: nn.Module) -> None:
     merged update into the other module too, and the merged model would no longer compute what the
     unmerged one did.
     """
-    uses: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        uses[id(p)] = uses.get(id(p), 0) + 1
+    tied = tied_parameters(model)
     for name, layer in iter_lora_layers(model):
-        weight = layer.base_layer.weight
-        if uses.get(id(weight), 0) > 1 and not layer.merged_adapters:
+        if id(layer.base_layer.weight) in tied and not layer.merged_adapters:
             warnings.warn(f"{name}: its base weight is tied to another module; merging unties it "
                           "(the other module keeps the original weight)", stacklevel=3)
-            layer.base_layer.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
-            config = getattr(model, "config", None)
-            if config is not None and getattr(config, "tie_word_embeddings", False):
-                config.tie_word_embeddings = False
+            untie_weight(model, layer.base_layer)
 
 
 def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool = False) -> nn.Module:

@@ -368,6 +368,26 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     return targets
 
 
+def tied_parameters(model: nn.Module) -> set[int]:
+    """ids of the parameters registered under more than one name (tied weights, e.g. an input
+    embedding that is also the output head)."""
+    seen: set[int] = set()
+    tied: set[int] = set()
+    for _, p in model.named_parameters(remove_duplicate=False):
+        (tied if id(p) in seen else seen).add(id(p))
+    return tied
+
+
+def untie_weight(model: nn.Module, module: nn.Module) -> None:
+    """Give ``module`` its own copy of its (tied) weight, and say so in the model's config, so that
+    changing it in place leaves the other module that shared it as it was."""
+    weight = module.weight
+    module.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+    config = getattr(model, "config", None)
+    if config is not None and getattr(config, "tie_word_embeddings", False):
+        config.tie_word_embeddings = False
+
+
 def _remove_adapter_everywhere(model: nn.Module, adapter_name: str) -> None:
     """Delete ``adapter_name`` from every layer and unwrap layers left without adapters."""
     for name, layer in list(iter_lora_layers(model)):

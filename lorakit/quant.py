@@ -82,18 +82,18 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = 64, scale_block_size: i
     levels = _levels(flat.device)
     bounds = (levels[1:] + levels[:-1]) / 2
     ratio = centred / group_factors[:, None]
-    best = None
-    for code in (torch.floor(ratio), torch.ceil(ratio)):
+
+    def encode(code: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(int8 scale codes, level indices, squared error per block) with these scale codes."""
         q = code.clamp(-127, 127).to(torch.int8).reshape(-1)[:n_blocks]
         scale = _dequantize_scales(q, group_factors, mean, scale_block_size)  # as dequantize_nf4 will use it
         idx = torch.bucketize((blocks / scale.clamp_min(_TINY)[:, None]).clamp(-1, 1), bounds)  # nearest level
-        err = (levels[idx] * scale[:, None] - blocks).square().sum(dim=1)
-        if best is None:
-            best = (q, idx, err)
-        else:
-            better = err < best[2]
-            best = (torch.where(better, q, best[0]), torch.where(better[:, None], idx, best[1]), None)
-    scales_q, idx = best[0], best[1].reshape(-1).to(torch.uint8)
+        return q, idx, (levels[idx] * scale[:, None] - blocks).square().sum(dim=1)
+
+    (q_down, idx_down, err_down), (q_up, idx_up, err_up) = encode(torch.floor(ratio)), encode(torch.ceil(ratio))
+    up = err_up < err_down
+    scales_q = torch.where(up, q_up, q_down)
+    idx = torch.where(up[:, None], idx_up, idx_down).reshape(-1).to(torch.uint8)
     codes = (idx[0::2] << 4) | idx[1::2]
     return {
         "codes": codes,

@@ -173,9 +173,7 @@ class KeepMask:
         self.shape, self.device = torch.Size(shape), torch.device(device)
         # keep where a uniform 16-bit draw is below it; at least 1/65536 kept unless p is exactly 1
         # (rounding had made p > 1 - 2^-17 drop everything, a branch no longer unbiased)
-        self.threshold = round((1.0 - p) * _RESOLUTION) if p < 1.0 else 0
-        if p < 1.0:
-            self.threshold = max(self.threshold, 1)
+        self.threshold = max(round((1.0 - p) * _RESOLUTION), 1) if p < 1.0 else 0
         self.keep = self.threshold / _RESOLUTION
         self.inv_keep = 1.0 / self.keep if self.threshold else 0.0
         self.reuse = reuse

@@ -24,10 +24,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # backward can follow there, so no gradient is computed (a full fine-tune's eval had built a
         # vocab x hidden gradient per call and thrown it away). grad_mode: the caller's grad mode
         # (inside forward it is always off).
-        grad = grad_mode
-        need_w = grad and ctx.needs_input_grad[1]
-        need_b = grad and bias is not None and ctx.needs_input_grad[2]
-        grad_h = torch.empty_like(hidden) if grad and ctx.needs_input_grad[0] else None
+        need_w = grad_mode and ctx.needs_input_grad[1]
+        need_b = grad_mode and bias is not None and ctx.needs_input_grad[2]
+        grad_h = torch.empty_like(hidden) if grad_mode and ctx.needs_input_grad[0] else None
         grad_w = torch.zeros(weight.shape, dtype=acc, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=acc, device=bias.device) if need_b else None
         total = torch.zeros((), dtype=acc, device=hidden.device)

@@ -311,8 +311,10 @@ def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]], full: str) 
             continue
         try:  # for a first message too: the template may put a system prompt before it
             before = render_chat(tokenizer, messages[:i], add_generation_prompt=True)
-        except Exception:  # a template that cannot render an empty conversation
-            before = None
+        except Exception:
+            if i:
+                raise
+            before = None  # a template that cannot render an empty conversation
         upto = render_chat(tokenizer, messages[: i + 1]).rstrip()
         if before is not None and full.startswith(before) and full.startswith(upto) and len(upto) > len(before):
             start, end = len(before), len(upto)

@@ -212,8 +212,9 @@ def max_positions(model: Any) -> int | None:
 
 @torch.no_grad()
 def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
-                    precision: str = "fp32") -> list[str]:
-    """Greedy continuation of a batch of token-id prompts (left padded); returns the new text."""
+                    precision: str = "fp32", stop_ids: list[int] | None = None) -> list[str]:
+    """Greedy continuation of a batch of token-id prompts (left padded); returns the new text.
+    ``stop_ids``: the tokens that end an answer, if the caller has them (default ``stop_token_ids``)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(p) for p in prompts)
     limit = max_positions(model)
@@ -231,7 +232,8 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_ne
         with autocast(precision):
             out = model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=pad, eos_token_id=stop_token_ids(model, tokenizer), temperature=None, top_p=None,
+                pad_token_id=pad, eos_token_id=stop_ids if stop_ids is not None else stop_token_ids(model, tokenizer),
+                temperature=None, top_p=None,
                 top_k=None,
             )
     finally:
@@ -323,7 +325,8 @@ def evaluate(model: Any, tokenizer: Any, examples: list[Example], max_length: in
     predictions: dict[int, dict[str, Any]] = {}
     pending: list[int] = []
     special = set(tokenizer.all_special_ids)
-    stops = set(stop_token_ids(model, tokenizer))
+    stop_ids = stop_token_ids(model, tokenizer)
+    stops = set(stop_ids)
     for i, ex in enumerate(examples):
         if ex.answer is None or not tokenized[i].n_labels:
             continue  # (an answer cut away by max_length counts in neither metric, as in training)
@@ -344,7 +347,7 @@ def evaluate(model: Any, tokenizer: Any, examples: list[Example], max_length: in
         chunk = pending[b : b + batch_size]
         prompts = [encode_prompt(tokenizer, examples[i].prompt_messages) for i in chunk]  # type: ignore[arg-type]
         longest = max(len(tokenizer(examples[i].answer, add_special_tokens=False)["input_ids"]) for i in chunk)
-        outs = greedy_generate(model, tokenizer, prompts, min(longest + 2, 256), precision)
+        outs = greedy_generate(model, tokenizer, prompts, min(longest + 2, 256), precision, stop_ids)
         for i, out in zip(chunk, outs):
             ok = normalize_answer(out) == normalize_answer(examples[i].answer)  # type: ignore[arg-type]
             predictions[i] = {"reference": examples[i].answer, "generated": out, "correct": ok}
@@ -470,6 +473,7 @@ def chat_loop(model: Any, tokenizer: Any, max_new_tokens: int, precision: str, s
     piped = read is None and not sys.stdin.isatty()  # a terminal echoes what is typed; a pipe does not
     read = read or input  # looked up at call time, so tests can replace builtins.input
     history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    stop_ids = stop_token_ids(model, tokenizer)
     write("chat with the model: /reset clears the history, /exit or Ctrl-D quits")
     while True:
         try:
@@ -489,7 +493,8 @@ def chat_loop(model: Any, tokenizer: Any, max_new_tokens: int, precision: str, s
             continue
         history.append({"role": "user", "content": text})
         try:
-            reply = greedy_generate(model, tokenizer, [encode_prompt(tokenizer, history)], max_new_tokens, precision)[0]
+            reply = greedy_generate(model, tokenizer, [encode_prompt(tokenizer, history)], max_new_tokens, precision,
+                                    stop_ids)[0]
         except KeyboardInterrupt:
             history.pop()
             write("\n(interrupted)")

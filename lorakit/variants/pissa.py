@@ -82,67 +82,80 @@ def _kind(module: nn.Module) -> str:
     return "embedding" if cls is not None and issubclass(cls, LoraEmbedding) else "other"
 
 
+def _niter_of(init: str) -> int | None:
+    """K of ``"pissa_niter_K"`` (None for "pissa" and "olora").
+
+    Raises:
+        ValueError: a ``pissa_niter_`` name whose K is not a whole number.
+    """
+    key = init.lower()
+    if not key.startswith("pissa_niter_"):
+        return None
+    niter = key[len("pissa_niter_"):]
+    if not niter.isdigit():
+        raise ValueError(f"init_lora_weights {init!r}: expected 'pissa_niter_<iterations>', e.g. 'pissa_niter_4'")
+    return int(niter)
+
+
+def _check_target(module: nn.Module, r: int, init: str, path: str | None = None) -> str:
+    """Check that ``module`` (a base layer, or the LoRA layer around it) can take the residual init
+    at rank ``r``; returns its ``_kind`` ("linear", or "embedding": the standard init instead).
+
+    Raises:
+        ValueError: a quantised base, a layer type PEFT refuses (Conv2d), or ``r`` above the
+            weight's smaller dimension; ``path``, when given, is named in the message.
+    """
+    base = _base_of(module)
+    where = f"{path}: " if path else ""
+    if callable(getattr(base, "dequantize_weight", None)):
+        raise ValueError(f"{where}PiSSA/OLoRA initialisation needs a full-precision base layer; initialise "
+                         "on the unquantised model, then quantise the residual (quantize_model_nf4)")
+    kind = _kind(module)
+    if kind == "other":
+        raise ValueError(f"{init!r} initialisation applies to Linear and GPT-2 Conv1D layers; {path or 'this layer'} "
+                         f"is a {type(base).__name__} (PEFT refuses it there too): leave it out of target_modules "
+                         "or use the default initialisation")
+    if kind == "linear":
+        smallest = min(base.weight.shape[0], base.weight[0].numel())
+        if r > smallest:
+            raise ValueError(f"{where}{init!r} rank r={r} exceeds the weight's smallest dimension {smallest}")
+    return kind
+
+
 def prepare_residual_init(model: nn.Module, targets: list[str], config: "LoraConfig", init: str) -> None:
-    """Before a PiSSA / OLoRA injection changes anything: check every target (layer type, quantised
-    base, rank against the weight's size, the ``pissa_niter_K`` spelling) and untie a target weight
-    shared with another module (writing the residual would change that module too).
+    """Before a PiSSA / OLoRA injection changes anything: check every target (``_check_target``,
+    and the ``pissa_niter_K`` spelling) and untie a target weight shared with another module
+    (writing the residual would change that module too).
 
     Raises:
         ValueError: naming the first target that cannot take the initialisation.
     """
     import warnings
 
-    key = init.lower()
-    if key.startswith("pissa_niter_") and not key[len("pissa_niter_"):].isdigit():
-        raise ValueError(f"init_lora_weights {init!r}: expected 'pissa_niter_<iterations>', e.g. 'pissa_niter_4'")
-    uses: dict[int, int] = {}
-    for _, p in model.named_parameters(remove_duplicate=False):
-        uses[id(p)] = uses.get(id(p), 0) + 1
-    for path in targets:
-        module = model.get_submodule(path)
-        if callable(getattr(_base_of(module), "dequantize_weight", None)):
-            raise ValueError(f"{path}: PiSSA/OLoRA initialisation needs a full-precision base layer; initialise "
-                             "on the unquantised model, then quantise the residual (quantize_model_nf4)")
-        kind = _kind(module)
-        if kind == "other":
-            raise ValueError(f"{init!r} initialisation applies to Linear and GPT-2 Conv1D layers; {path} is a "
-                             f"{type(_base_of(module)).__name__} (PEFT refuses it there too): leave it out of "
-                             "target_modules or use the default initialisation")
-        if kind == "embedding":
-            continue
-        weight = _base_of(module).weight
-        r = config.rank_for(path)
-        smallest = min(weight.shape[0], weight[0].numel())
-        if r > smallest:
-            raise ValueError(f"{path}: {init!r} rank r={r} exceeds the weight's smallest dimension {smallest}")
-    for path in targets:
+    from lorakit.inject import tied_parameters, untie_weight
+
+    _niter_of(init)
+    kinds = {path: _check_target(model.get_submodule(path), config.rank_for(path), init, path) for path in targets}
+    tied = tied_parameters(model)
+    for path, kind in kinds.items():
         base = _base_of(model.get_submodule(path))
-        if _kind(base) == "linear" and uses.get(id(base.weight), 0) > 1:
+        if kind == "linear" and id(base.weight) in tied:
             warnings.warn(f"{path}: its weight is tied to another module; the {init!r} residual is written into "
                           "a copy of its own (the other module keeps the original weight)", stacklevel=4)
-            base.weight = nn.Parameter(base.weight.detach().clone(), requires_grad=base.weight.requires_grad)
-            config_of_model = getattr(model, "config", None)
-            if config_of_model is not None and getattr(config_of_model, "tie_word_embeddings", False):
-                config_of_model.tie_word_embeddings = False
+            untie_weight(model, base)
 
 
-def _standard_init_instead(layer: "LoraLayer", name: str, init: str) -> bool:
-    """For an Embedding: the standard initialisation, as PEFT gives it (with a warning); True if done."""
+def _standard_init(layer: "LoraLayer", name: str, init: str) -> None:
+    """For an Embedding: the standard initialisation, as PEFT gives it (with a warning)."""
     import warnings
 
-    if _kind(layer) != "embedding":
-        return False
     warnings.warn(f"{init!r} initialisation applies to Linear and GPT-2 Conv1D layers, as in PEFT; the "
                   f"{type(layer.base_layer).__name__} layer gets the standard initialisation", stacklevel=5)
     layer.init_ab(layer.lora_A[name], layer.lora_B[name], layer.r[name])
-    return True
 
 
 def _set_residual(layer: "LoraLayer", name: str, A: torch.Tensor, B: torch.Tensor) -> None:
     """Write A₀, B₀ into the adapter, keep copies as buffers, and replace W by W − s·B₀A₀."""
-    if callable(getattr(layer.base_layer, "dequantize_weight", None)):
-        raise ValueError("PiSSA/OLoRA initialisation needs a full-precision base layer; initialise on the "
-                         "unquantised model, then quantise the residual (quantize_model_nf4)")
     lora_A, lora_B = layer.lora_A[name], layer.lora_B[name]
     lora_A.copy_(A.reshape(lora_A.shape))
     lora_B.copy_(B.reshape(lora_B.shape))
@@ -163,21 +176,17 @@ def pissa_init(layer: "LoraLayer", name: str, init: str) -> None:
     Raises:
         ValueError: ``init`` is neither "pissa" nor "pissa_niter_K" with an integer K >= 0.
     """
-    if _standard_init_instead(layer, name, init):
-        return
     r, scaling = layer.r[name], layer.scaling[name]
+    if _check_target(layer, r, init) == "embedding":
+        _standard_init(layer, name, init)
+        return
+    niter = _niter_of(init)
     matrix = _weight_matrix(layer)
-    if r > min(matrix.shape):
-        raise ValueError(f"PiSSA rank r={r} exceeds the weight's smallest dimension {min(matrix.shape)}")
-    key = init.lower()
-    if key == "pissa":
+    if niter is None:
         U, S, Vh = torch.linalg.svd(matrix, full_matrices=False)
         U, S, Vh = U[:, :r], S[:r], Vh[:r]
     else:
-        niter = key[len("pissa_niter_"):]
-        if not niter.isdigit():
-            raise ValueError(f"init_lora_weights {init!r}: expected 'pissa_niter_<iterations>', e.g. 'pissa_niter_4'")
-        U, S, V = torch.svd_lowrank(matrix, q=r, niter=int(niter))
+        U, S, V = torch.svd_lowrank(matrix, q=r, niter=niter)
         Vh = V.T
     root = torch.sqrt(S / scaling)  # s·B₀A₀ = U S Vᵀ  (§3: the scaling is divided out, as in PEFT)
     _set_residual(layer, name, A=root[:, None] * Vh, B=U * root[None, :])
@@ -186,12 +195,11 @@ def pissa_init(layer: "LoraLayer", name: str, init: str) -> None:
 @register_init_method("olora")
 def olora_init(layer: "LoraLayer", name: str, init: str) -> None:
     """OLoRA init of adapter ``name``: B₀ = Q[:, :r], A₀ = R[:r] from W = QR (Büyükakyüz 2024, §3)."""
-    if _standard_init_instead(layer, name, init):
-        return
     r = layer.r[name]
+    if _check_target(layer, r, init) == "embedding":
+        _standard_init(layer, name, init)
+        return
     Q, R = torch.linalg.qr(_weight_matrix(layer))
-    if r > Q.shape[1]:
-        raise ValueError(f"OLoRA rank r={r} exceeds the weight's smallest dimension {Q.shape[1]}")
     _set_residual(layer, name, A=R[:r], B=Q[:, :r])
 
 
