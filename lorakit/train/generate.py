@@ -202,9 +202,10 @@ def stop_token_ids(model: Any, tokenizer: Any) -> list[int]:
 
 
 def max_positions(model: Any) -> int | None:
-    """The longest sequence the model's position embeddings allow (None: no fixed limit, e.g. RoPE)."""
+    """The longest sequence a table of learned positions allows: ``n_positions`` (GPT-2, GPT-J), or
+    ``max_position_embeddings`` of GPT-Neo and OPT; None where nothing indexes past it (RoPE, ALiBi)."""
     config = getattr(model, "config", None)
-    if getattr(config, "model_type", None) in ("gpt2", "gpt_neo", "gptj", "opt", "bloom") or hasattr(config, "n_positions"):
+    if getattr(config, "model_type", None) in ("gpt_neo", "opt") or hasattr(config, "n_positions"):
         value = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
         return int(value) if isinstance(value, int) else None
     return None
