@@ -485,3 +485,134 @@ def test_keep_mask_keeps_something_for_any_p_below_one():
     mask = KeepMask((64, 64), 0.999995, "cpu")
     assert mask.keep > 0 and mask.inv_keep == 1 / mask.keep
     assert KeepMask((4, 4), 1.0, "cpu").keep == 0.0  # exactly 1 drops everything
+
+
+def _lora_linear_fn(p: float):
+    """(x, A, B) -> a LoRA Linear's training-mode output through the fused node, the dropout mask
+    drawn from a fixed seed each call (so gradcheck sees one deterministic function)."""
+    torch.manual_seed(0)
+    layer = lk.get_lora_model(Wrap(nn.Linear(6, 5).double()), lk.LoraConfig(r=3, lora_alpha=6, lora_dropout=p,
+                                                                            target_modules=["layer"])).layer
+    layer.train()
+
+    def fn(x, A, B):
+        # A and B swapped in as plain tensors (not torch.func.functional_call: under a torch.func
+        # transform the layer takes plain autograd ops, and this test is about the fused node)
+        torch.manual_seed(1)  # the same dropout mask at every call
+        stores = layer.lora_A._parameters, layer.lora_B._parameters
+        old = stores[0]["default"], stores[1]["default"]
+        stores[0]["default"], stores[1]["default"] = A, B
+        try:
+            return layer(x)
+        finally:
+            stores[0]["default"], stores[1]["default"] = old
+
+    return fn, layer.lora_A["default"].detach().clone(), torch.randn(5, 3, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.4])
+def test_second_order_gradients_of_the_fused_node_are_exact(p):
+    # backward(create_graph=True) through FusedLoraLinear: gradgradcheck compares the derivative of
+    # its gradients with finite differences (the node used to treat drop(x) Aᵀ as a constant there)
+    fn, A, B = _lora_linear_fn(p)
+    x = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)
+    A.requires_grad_(True)
+    B.requires_grad_(True)
+    out = fn(x, A, B)
+    assert out.grad_fn is not None and "FusedLoraLinear" in type(out.grad_fn).__name__
+    assert torch.autograd.gradcheck(fn, (x, A, B))
+    assert torch.autograd.gradgradcheck(fn, (x, A, B))
+
+
+def test_gradient_penalty_on_a_lora_llama_matches_peft():
+    # the gradient of ‖∇L‖² (a gradient penalty / Hessian-vector product) equals PEFT's on the same weights
+    peft = pytest.importorskip("peft")
+    from conftest import tiny_llama
+
+    ids = torch.randint(3, 101, (2, 8), generator=torch.Generator().manual_seed(1))
+
+    def base():
+        m = tiny_llama().double()
+        m.set_attn_implementation("eager")  # SDPA has no double backward on CPU
+        return m
+
+    mine = base()
+    torch.manual_seed(100)
+    lk.get_lora_model(mine, lk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    theirs = peft.get_peft_model(base(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    named = dict(theirs.named_parameters())
+    with torch.no_grad():
+        for n, t in mine.named_parameters():
+            if "lora_" in n:
+                named["base_model.model." + n + ".weight"].copy_(t)
+    results = []
+    for m in (mine, theirs):
+        m.train()
+        params = [t for t in m.parameters() if t.requires_grad]
+        grads = torch.autograd.grad(m(ids, labels=ids).loss, params, create_graph=True)
+        results.append(torch.autograd.grad(sum((g ** 2).sum() for g in grads), params))
+    scale = max(float(t.abs().max()) for t in results[1])
+    assert scale > 1e-3
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10 * scale)
+
+
+def test_higher_order_gradients_through_the_training_kernels_fail_loudly():
+    from conftest import lora_llama
+    from lorakit.ops import fuse_rmsnorms
+
+    model = lora_llama(targets=["q_proj", "v_proj"], dtype=torch.float32)
+    model.set_attn_implementation("eager")
+    fuse_rmsnorms(model)
+    model.train()
+    ids = torch.randint(3, 101, (2, 8), generator=torch.Generator().manual_seed(1))
+    params = [t for t in model.parameters() if t.requires_grad]
+    with pytest.raises(RuntimeError, match="higher-order gradients"):
+        torch.autograd.grad(model(ids, labels=ids).loss, params, create_graph=True)
+
+
+def test_torch_func_grad_vmap_and_forward_ad_on_a_training_lora_layer():
+    # torch.func transforms and forward-mode AD take plain autograd ops (the fused node supports neither)
+    torch.manual_seed(0)
+    model = lk.get_lora_model(Wrap(nn.Linear(6, 5).double()), lk.LoraConfig(r=3, target_modules=["layer"],
+                                                                           init_lora_weights=False))
+    model.train()
+    layer = model.layer
+    params = {n: t.detach() for n, t in model.named_parameters() if t.requires_grad}
+    x = torch.randn(4, 6, dtype=torch.float64)
+
+    def loss(pr, xb):
+        return torch.func.functional_call(model, pr, (xb,)).square().sum()
+
+    ref = torch.autograd.grad(model(x).square().sum(), [t for t in model.parameters() if t.requires_grad])
+    got = torch.func.grad(loss)(params, x)
+    for r, n in zip(ref, params):
+        torch.testing.assert_close(got[n], r, rtol=1e-12, atol=1e-12)
+    per_sample = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x.unsqueeze(1))
+    for r, n in zip(ref, params):
+        torch.testing.assert_close(per_sample[n].sum(0), r, rtol=1e-10, atol=1e-12)
+
+    import torch.autograd.forward_ad as fwAD
+
+    tangent = torch.randn_like(x)
+    A = layer.lora_A["default"].detach()
+    B = layer.lora_B["default"].detach()
+    expected = tangent @ layer.base_layer.weight.detach().T + layer.scaling["default"] * (tangent @ A.T) @ B.T
+    with fwAD.dual_level():
+        out = layer(fwAD.make_dual(x, tangent))
+        torch.testing.assert_close(fwAD.unpack_dual(out).tangent, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_the_fused_swiglu_tail_refuses_a_second_differentiation():
+    from conftest import lora_llama
+    from lorakit.ops import fuse_swiglu_mlps
+
+    model = lora_llama(targets=["down_proj"], dtype=torch.float32)
+    model.set_attn_implementation("eager")
+    assert fuse_swiglu_mlps(model) == 2
+    model.train()
+    ids = torch.randint(3, 101, (2, 8), generator=torch.Generator().manual_seed(1))
+    params = [t for t in model.parameters() if t.requires_grad]
+    grads = torch.autograd.grad(model(ids, labels=ids).loss, params, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        sum((g ** 2).sum() for g in grads).backward()

@@ -24,6 +24,7 @@ import threading
 from typing import Callable
 
 import torch
+from torch.autograd import forward_ad
 
 _RESOLUTION = 1 << 16
 
@@ -340,6 +341,8 @@ class FusedLoraLinear(torch.autograd.Function):
         saved = ctx.saved_tensors
         A, B, h = saved[-3:]
         x_shape, x_dtype = ctx.x_meta
+        if torch.is_grad_enabled():  # backward(create_graph=True): higher-order gradients
+            return FusedLoraLinear._graph_backward(ctx, grad, saved)
 
         def x2_of() -> torch.Tensor:
             if ctx.shared is not None:
@@ -352,6 +355,38 @@ class FusedLoraLinear(torch.autograd.Function):
         gx, grad_A, grad_B = branch_grads(grad.reshape(-1, grad.shape[-1]), x2_of,
                                           A, B, h, ctx.scale, ctx.drop, need[1], need[2], need[3])
         grad_x = gx.reshape(x_shape).to(x_dtype) if gx is not None else None
+        return grad, grad_x, grad_A, grad_B, None, None
+
+    @staticmethod
+    def _graph_backward(ctx, grad: torch.Tensor, saved: tuple[torch.Tensor, ...]):
+        """The same gradients from out-of-place ops on x, A, B and ``grad`` themselves, so that
+        autograd can differentiate them again (gradient penalties, Hessian-vector products, MAML).
+        The first-order path above treats the saved ``h = drop(x) Aᵀ`` as a constant and would
+        silently drop the second-order terms through it."""
+        if ctx.from_norm:
+            raise RuntimeError("higher-order gradients through lorakit's training kernels are not supported: "
+                               "undo them with lorakit.ops.unfuse_rmsnorms(model) (and unfuse_swiglu_mlps, "
+                               "unfuse_qkv_projections) before differentiating a gradient")
+        x, A, B, h = saved
+        x_shape, x_dtype = ctx.x_meta
+        cd, scale, drop = h.dtype, ctx.scale, ctx.drop
+        g2 = grad.reshape(-1, grad.shape[-1]).to(cd)
+        x2 = x.reshape(-1, x_shape[-1]).to(cd)
+        keep = float_mask(drop.get(), cd) * drop.inv_keep if drop is not None else None
+        if drop is not None:
+            drop.release()
+            x2 = x2 * keep
+        Ac, Bc = A.to(cd), B.to(cd)
+        need = ctx.needs_input_grad
+        gh = (g2 @ Bc) * scale                                     # dL/dh, (tokens, r)
+        grad_x = grad_A = grad_B = None
+        if need[1]:
+            grad_x = gh @ Ac
+            grad_x = (grad_x * keep if keep is not None else grad_x).reshape(x_shape).to(x_dtype)
+        if need[2]:
+            grad_A = (gh.T @ x2).to(A.dtype)
+        if need[3]:
+            grad_B = (g2.T @ (x2 @ Ac.T) * scale).to(B.dtype)
         return grad, grad_x, grad_A, grad_B, None, None
 
 
@@ -399,7 +434,10 @@ def fused_lora_add(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: to
         # Python-side cost (~50 µs) is as large as the matmuls themselves for a decode step.
         add_lora_no_grad(result, x, A, B, scale)
         return result
-    fallback = result._base is not None or result.is_leaf and result.requires_grad
+    # plain autograd ops also under torch.func transforms (grad, vmap) and forward-mode AD, which
+    # a custom autograd.Function with an in-place forward does not support
+    fallback = (result._base is not None or result.is_leaf and result.requires_grad
+                or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0)
     drop = KeepMask((x.numel() // x.shape[-1], x.shape[-1]), p, x.device, reuse=not fallback) if use_dropout else None
     if fallback:  # autograd keeps the mask here: it must be a tensor of its own
         x2 = x.reshape(-1, x.shape[-1]).to(A.dtype)

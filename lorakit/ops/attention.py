@@ -37,6 +37,7 @@ import weakref
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 
 #: Longest key sequence that takes the matmul path with any mask; above it the flash kernel is as
 #: fast or faster and saves less (its saved state grows with queries, not queries x keys). Measured
@@ -116,6 +117,7 @@ class ShortAttention(torch.autograd.Function):
         return out.view(B, H, S, D).to(q.dtype)
 
     @staticmethod
+    @once_differentiable  # higher-order gradients: a clear error, not silently wrong ones
     def backward(ctx, grad_out: torch.Tensor):
         q5, k, v, *probs_list = ctx.saved_tensors
         B, KV, G, S, D = q5.shape

@@ -29,6 +29,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 from torch import nn
 
@@ -112,6 +113,7 @@ class SharedInputLinears(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
+    @once_differentiable  # higher-order gradients: a clear error, not silently wrong ones
     def backward(ctx, *grads: torch.Tensor | None):
         saved = ctx.saved_tensors
         n, adapted, drops = ctx.n_kept, ctx.adapted, ctx.drops

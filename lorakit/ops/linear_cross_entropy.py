@@ -10,6 +10,7 @@ backward: the same FLOPs as the plain path, and a peak of one chunk's logits.
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 
 #: Upper bound on the elements of one chunk's logits (fp32: 64 MB, the only chunk-sized buffer).
 CHUNK_ELEMENTS = 1 << 24
@@ -65,6 +66,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
+    @once_differentiable  # higher-order gradients: a clear error, not silently wrong ones
     def backward(ctx, grad_out: torch.Tensor):
         grad_h, grad_w, grad_b = ctx.saved_tensors
         w_dtype, b_dtype = ctx.dtypes

@@ -16,6 +16,7 @@ equal the plain path's (tests compare them in float64).
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch import nn
 
 from lorakit.layers.fused import RMSNORM_RECIPE as RECIPE
@@ -53,6 +54,7 @@ class RMSNormFn(torch.autograd.Function):
         return y
 
     @staticmethod
+    @once_differentiable  # higher-order gradients: a clear error, not silently wrong ones
     def backward(ctx, grad: torch.Tensor):
         h, weight, rstd = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[:2]

@@ -17,6 +17,7 @@ own forward runs otherwise. Gradients equal the unfused path's (tests compare th
 from __future__ import annotations
 
 import torch
+from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 from torch import nn
 
@@ -44,6 +45,7 @@ class _SwiGLUDown(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # higher-order gradients: a clear error, not silently wrong ones
     def backward(ctx, grad: torch.Tensor):
         gate, up, weight, A, B, h = ctx.saved_tensors
         scale, drop = ctx.scale, ctx.drop
