@@ -55,7 +55,9 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 
 def set_trainable(model: nn.Module, adapter_names: str | list[str]) -> None:
-    """Make exactly ``adapter_names`` trainable (requires_grad) and freeze everything else."""
+    """Make exactly ``adapter_names`` trainable (requires_grad) and freeze the other adapters (their
+    weights, ``modules_to_save`` copies and trained biases); parameters lorakit does not manage keep
+    their ``requires_grad``."""
     names = _as_names(adapter_names, "adapter_names")
     _check_names(model, names)
     require_state(model).trainable = set(names)

@@ -410,11 +410,32 @@ def _remove_adapter_everywhere(model: nn.Module, adapter_name: str) -> None:
             state.active.remove(adapter_name)
 
 
-def mark_trainable(model: nn.Module) -> None:
-    """Freeze everything, then unfreeze the trainable adapters, their biases and saved modules."""
+def mark_trainable(model: nn.Module, freeze_all: bool = False) -> None:
+    """Set ``requires_grad`` on what lorakit manages: the adapters' weights, the copies of
+    ``modules_to_save`` and, where a config trains biases, those biases — on for the trainable
+    adapters, off for the rest. ``freeze_all`` (the first adapter on a model) first freezes every
+    parameter of the model; later calls leave parameters lorakit does not manage as the user set
+    them (as PEFT does when an adapter is added)."""
     state = require_state(model)
-    for p in model.parameters():
-        p.requires_grad_(False)
+    if freeze_all:
+        for p in model.parameters():
+            p.requires_grad_(False)
+    for _, layer in iter_lora_layers(model):
+        for store in layer.children():
+            if isinstance(store, nn.ParameterDict):
+                for p in store.values():
+                    p.requires_grad_(False)
+    for _, wrapper in iter_saved_modules(model):
+        wrapper.modules_to_save.requires_grad_(False)
+    biases = {c.bias for c in state.configs.values()}
+    if "all" in biases:
+        for pname, p in model.named_parameters():
+            if pname.endswith("bias"):
+                p.requires_grad_(False)
+    elif "lora_only" in biases:
+        for _, layer in iter_lora_layers(model):
+            if getattr(layer.base_layer, "bias", None) is not None:
+                layer.base_layer.bias.requires_grad_(False)
     for name in state.trainable:
         config = state.configs[name]
         for _, layer in iter_lora_layers(model):
@@ -433,7 +454,10 @@ def mark_trainable(model: nn.Module) -> None:
 
 
 def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
-    """Inject a trainable LoRA adapter into ``model`` in place and freeze everything else.
+    """Inject a trainable LoRA adapter into ``model`` in place; the first adapter freezes everything else.
+
+    A later adapter leaves the other adapters as they are (``set_trainable`` chooses which train) and
+    does not re-freeze parameters you unfroze yourself.
 
     Args:
         model: Any ``nn.Module`` (a transformers model, a torchvision net, your own).
@@ -446,8 +470,9 @@ def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     Raises:
         ValueError: the targets match nothing or an unsupported module type, or the name is taken.
     """
+    first = get_state(model) is None
     inject_adapter(model, config, adapter_name)
     state = require_state(model)
     state.trainable.add(adapter_name)
-    mark_trainable(model)
+    mark_trainable(model, freeze_all=first)
     return model

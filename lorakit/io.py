@@ -287,6 +287,7 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
             module = model.get_submodule(path)
             weight = (module.base_layer if isinstance(module, LoraLayer) else module).weight
             base_backups.append((weight, weight.detach().clone()))
+    first = state is None
     inject_adapter(model, config, adapter_name, init_lora_weights=init, loading=True)
     try:
         with torch.no_grad():
@@ -310,7 +311,7 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     if is_trainable:
         state.trainable.add(adapter_name)
     state.configs[adapter_name].inference_mode = not is_trainable
-    mark_trainable(model)
+    mark_trainable(model, freeze_all=first)
     return model
 
 

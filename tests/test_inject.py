@@ -261,3 +261,24 @@ def test_wrapped_linear_reads_like_the_linear():
     q, g = m.model.layers[0].self_attn.q_proj, m.model.layers[0].mlp.gate_proj
     assert q.weight is q.base_layer.weight and q.bias is q.base_layer.bias and q.bias is not None
     assert g.bias is None and (q.in_features, q.out_features) == (32, 32) and g.out_features == 64
+
+
+def test_a_later_adapter_keeps_what_the_user_unfroze_and_the_first_freezes_the_base(tmp_path):
+    # as PEFT's add_adapter: adding, loading or choosing adapters manages only lorakit's own
+    # parameters; the first adapter freezes the whole base
+    model = tiny_llama()
+    lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "lora_" not in n)
+    model.lm_head.weight.requires_grad_(True)
+    lk.save_adapter(model, tmp_path / "a")
+    lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["v_proj"], bias="lora_only"), adapter_name="two")
+    assert model.lm_head.weight.requires_grad
+    layers = model.model.layers[0].self_attn
+    assert layers.q_proj.lora_A["default"].requires_grad and layers.v_proj.lora_A["two"].requires_grad
+    assert layers.v_proj.base_layer.bias is None or layers.v_proj.base_layer.bias.requires_grad
+    lk.set_trainable(model, "default")
+    assert model.lm_head.weight.requires_grad
+    assert not layers.v_proj.lora_A["two"].requires_grad and layers.q_proj.lora_A["default"].requires_grad
+    lk.load_adapter(model, tmp_path / "a", adapter_name="three")
+    assert model.lm_head.weight.requires_grad and not layers.q_proj.lora_A["three"].requires_grad
+    assert not layers.q_proj.base_layer.weight.requires_grad
