@@ -658,11 +658,7 @@ def test_a_failing_setup_hands_the_callers_model_back_on_sdpa(tmp_path, tok, dat
 
 def test_resume_with_more_steps_follows_the_new_schedule(tmp_path, tok, data_files):
     """--max-steps given with --resume: the first resumed step already uses the new plan's rate."""
-    def ctrl_c(step, _loss):
-        if step == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-    cfg = _cfg(tmp_path, data_files, max_steps=4, warmup_ratio=0.0)
-    train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, on_step=ctrl_c, log=_quiet)
+    cfg, _ = _stopped_at(tmp_path, tok, data_files, 3, warmup_ratio=0.0)
     longer = cfg.updated(max_steps=8)
     train(longer, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
     lrs = {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines())}
@@ -728,3 +724,49 @@ def test_prompt_longer_than_the_models_positions_is_a_clear_error():
     prompt = tok(" ".join(["good film"] * 70), add_special_tokens=False)["input_ids"]
     with pytest.raises(ValueError, match="exceeds the model's 128 positions"):
         greedy_generate(model, tok, [prompt], max_new_tokens=4)
+
+
+def _stopped_at(tmp_path, tok, data_files, at: int, **kw):
+    """A 4-step run stopped by Ctrl-C after step ``at`` (checkpointed): its config and the text of
+    its train_config.yaml."""
+    def ctrl_c(step, _loss):
+        if step == at:
+            os.kill(os.getpid(), signal.SIGINT)
+    cfg = _cfg(tmp_path, data_files, max_steps=4, **kw)
+    train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, on_step=ctrl_c, log=_quiet)
+    return cfg, (tmp_path / "run" / "train_config.yaml").read_text()
+
+
+@pytest.mark.parametrize("change", [{"alpha": 64.0}, {"use_rslora": True}, {"method": "qlora"}, {"rank": 16},
+                                    {"lora_plus_ratio": 4.0}, {"batch_size": 4}])
+def test_resume_refuses_options_that_define_the_model_and_keeps_the_run_resumable(tmp_path, tok, data_files, change):
+    # a resumed run with another alpha / rsLoRA / method trained on as a different model (loss 14.9
+    # instead of 2.05); a refused --rank rewrote train_config.yaml, so the run could not resume at all
+    cfg, saved = _stopped_at(tmp_path, tok, data_files, 2, save_steps=0)
+    name = next(iter(change))
+    with pytest.raises(ValueError, match=f"cannot resume .* different {name}"):
+        train(cfg.updated(**change), resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert (tmp_path / "run" / "train_config.yaml").read_text() == saved
+    assert train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet).steps == 4
+
+
+def test_a_refused_resume_for_a_checkpoint_mismatch_leaves_the_config_alone(tmp_path, tok, data_files, monkeypatch):
+    import lorakit.train.loop as loop
+
+    cfg, saved = _stopped_at(tmp_path, tok, data_files, 2, save_steps=0)
+
+    def broken(*_a, **_k):
+        raise ValueError("checkpoint does not fit")
+    monkeypatch.setattr(loop, "load_checkpoint", broken)
+    with pytest.raises(ValueError, match="does not fit"):
+        train(cfg.updated(max_steps=6), resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert (tmp_path / "run" / "train_config.yaml").read_text() == saved
+
+
+def test_dora_with_a_pissa_or_olora_init_is_refused_before_training():
+    # it trained every step, then failed to save (convert_to_lora cannot express DoRA), forever
+    for init in ("pissa", "olora", "pissa_niter_4"):
+        with pytest.raises(ValueError, match="use_dora cannot be combined with init"):
+            TrainConfig(use_dora=True, init=init)
+    TrainConfig(use_dora=True, init="gaussian")
+    assert TrainConfig(init="DEFAULT").init == "default" and TrainConfig(init="PiSSA").init == "pissa"

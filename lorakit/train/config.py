@@ -72,6 +72,12 @@ def target_module_spec(target_modules: str) -> str | list[str]:
     return [t.strip() for t in target_modules.split(",") if t.strip()]
 
 
+#: Options a resumed run cannot change: they define the model and its adapters (the checkpoint was
+#: trained as that model), the optimizer's parameter groups, or which example the run continues at.
+RESUME_FIXED = ("model", "method", "rank", "alpha", "target_modules", "use_rslora", "use_dora", "init",
+                "lora_plus_ratio", "data", "max_train_samples", "batch_size", "grad_accum", "seed")
+
+
 def _known_init(name: str) -> bool:
     key = name.lower()
     if key.startswith("pissa_niter_"):
@@ -117,6 +123,8 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
+        if isinstance(self.init, str):
+            self.init = self.init.lower()  # "PiSSA" and "DEFAULT" mean what "pissa" and "default" do
         self.validate()
 
     def validate(self) -> None:
@@ -143,6 +151,10 @@ class TrainConfig:
                              f"got {self.init!r}")
         if self.method == "full" and (self.use_dora or self.use_rslora or self.lora_plus_ratio or self.init != "default"):
             raise ValueError("use_dora / use_rslora / lora_plus_ratio / init apply to --method lora or qlora, not full")
+        if self.use_dora and self.init.lower() not in ("default", "gaussian"):
+            raise ValueError(f"use_dora cannot be combined with init {self.init!r}: a PiSSA / OLoRA run is saved "
+                             "as plain LoRA against the original base (convert_to_lora), which cannot express "
+                             "DoRA's magnitude vector")
         if self.precision not in ("auto", "fp32", "bf16"):
             raise ValueError(f"precision must be 'auto', 'fp32' or 'bf16', got {self.precision!r}")
         positive = ("rank", "batch_size", "grad_accum", "max_length")

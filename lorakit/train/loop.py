@@ -44,7 +44,7 @@ import torch
 import yaml
 
 from lorakit.ops.attention import restore_attention
-from lorakit.train.config import TrainConfig, target_module_spec
+from lorakit.train.config import RESUME_FIXED, TrainConfig, target_module_spec
 from lorakit.train.data import (BUILTIN_TASK, Example, Tokenized, collate, epoch_batches, load_examples,
                                 tokenize_all, write_jsonl)
 from lorakit.train.generate import (RUN_INFO, auto_threads, autocast, evaluate, eval_loss, format_metric, loss_sum,
@@ -384,6 +384,14 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
     if resume and read_run_info(run_dir).get("finished"):
         raise ValueError(f"run {str(run_dir)!r} already finished; nothing to resume")
     ckpt = find_checkpoint(run_dir) if resume else None
+    if resume and (run_dir / "train_config.yaml").is_file():
+        saved = load_run_config(run_dir)
+        changed = [n for n in RESUME_FIXED if getattr(cfg, n) != getattr(saved, n)]
+        if changed:
+            diffs = ", ".join(f"{n} {getattr(saved, n)!r} -> {getattr(cfg, n)!r}" for n in changed)
+            raise ValueError(f"cannot resume {str(run_dir)!r} with a different {', '.join(changed)} ({diffs}): "
+                             "the checkpoint was trained with the saved values (they define the model, the "
+                             "optimizer groups or the data order); start a new run to change them")
     if resume and ckpt is None:
         raise FileNotFoundError(f"cannot resume: no checkpoint in {str(run_dir)!r} (the run stopped before writing "
                                 f"one: delete {str(run_dir)!r} and start it again without --resume)")
@@ -415,8 +423,7 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
     # train_config.yaml exclusively: a second run on the same directory is refused, and the
     # clean-up of a failed new run removes only what this run wrote.
     if resume:
-        created = False
-        _write_run_config(run_dir, cfg)  # flags given with --resume are the run's config from now on
+        created = False  # (its train_config.yaml is rewritten once the checkpoint has loaded)
     else:
         run_dir, created = _claim_run_dir(run_dir, cfg, unique=not cfg.output)
     attention_before = None
@@ -493,6 +500,7 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
             for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
                 group["lr"] = base_lr * lr_factor(step, total_steps, warmup)
             before, losses = state.get("before", {}), state.get("losses", [])
+            _write_run_config(run_dir, cfg)  # flags given with --resume are the run's config from now on
             log(f"resumed {run_dir} at step {step}/{total_steps} (epoch {state['epoch']}, micro-batch {state['micro_batch']})")
         log_path = run_dir / "log.jsonl"
         _truncate_log(log_path, step)
