@@ -134,8 +134,9 @@ def _add_merge(p: argparse.ArgumentParser) -> None:
 
 
 def _add_precision(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
-                   help="weights precision (default: auto = bf16 base weights where the CPU supports bf16)")
+    p.add_argument("--precision", default=None, choices=("auto", "fp32", "bf16"),
+                   help="weights precision (default: a `lorakit train` run's own precision, else auto = bf16 "
+                   "base weights where the CPU supports bf16)")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:

@@ -402,16 +402,21 @@ def is_full_finetune_run(directory: str | Path) -> bool:
 
 
 def load_for_inference(model: str | None = None, adapter: str | None = None,
-                       dtype: torch.dtype | str = torch.float32, merge: bool = False) -> tuple[Any, Any, dict[str, Any]]:
+                       dtype: torch.dtype | str | None = torch.float32, merge: bool = False) -> tuple[Any, Any, dict[str, Any]]:
     """Load the model the inference commands run: base, base + adapter, or a full fine-tune.
 
     Args:
         model: ``--model`` (None = the base recorded with the adapter, else the embedded default).
         adapter: a run directory from ``lorakit train`` or a PEFT adapter directory.
-        dtype: weight dtype, or a ``--precision`` value (``bf16`` -> bfloat16 base weights).
+        dtype: weight dtype, or a ``--precision`` value (``bf16`` -> bfloat16 base weights); None:
+            the precision a ``lorakit train`` run recorded (so its eval table is reproduced), else auto.
         merge: fold the adapter into the base weights in memory (``merge_and_unload``): the model
             then runs at the base model's speed; on a bf16 base the merged weights are rounded to
             bf16, so its outputs can differ slightly from the unmerged adapter's.
+
+    A QLoRA run's adapter is loaded onto the base quantised to NF4 as in training (so it computes
+    what was trained); with ``merge`` it is folded into the dense base instead (the usual QLoRA
+    export: close to, not equal to, the NF4 model's outputs).
 
     Returns:
         ``(model, tokenizer, info)``; ``info`` describes what was loaded.
@@ -425,6 +430,10 @@ def load_for_inference(model: str | None = None, adapter: str | None = None,
 
     if merge and adapter is None:
         raise ValueError("--merge folds an adapter into the base weights: give it --adapter DIR")
+    run = read_run_info(Path(adapter)) if adapter is not None and Path(adapter).is_dir() else {}
+    if dtype is None:
+        recorded = run.get("precision")
+        dtype = recorded if recorded in ("fp32", "bf16") else "auto"
     if isinstance(dtype, str):
         dtype = torch.bfloat16 if resolve_precision(dtype) == "bf16" else torch.float32
     info: dict[str, Any] = {"model": model, "adapter": adapter, "merged": merge}
@@ -434,7 +443,6 @@ def load_for_inference(model: str | None = None, adapter: str | None = None,
     path = Path(adapter)
     if not path.is_dir():
         raise FileNotFoundError(f"adapter directory {adapter!r} not found")
-    run = read_run_info(path)
     if is_full_finetune_run(path):
         if merge:
             raise ValueError(f"--merge: {adapter!r} is a full fine-tune (its model/ holds every weight), "
@@ -455,6 +463,11 @@ def load_for_inference(model: str | None = None, adapter: str | None = None,
                 model = recorded
     info["model"] = model
     m, tok = load_model_and_tokenizer(model, dtype=dtype)
+    if run.get("method") == "qlora" and not merge:
+        from lorakit import quantize_model_nf4
+
+        quantize_model_nf4(m, skip=["lm_head"])  # as prepare_model did for training
+        info["quantized"] = "nf4"
     load_adapter(m, path, is_trainable=False)
     if merge:
         m = merge_and_unload(m)
