@@ -770,3 +770,27 @@ def test_dora_with_a_pissa_or_olora_init_is_refused_before_training():
             TrainConfig(use_dora=True, init=init)
     TrainConfig(use_dora=True, init="gaussian")
     assert TrainConfig(init="DEFAULT").init == "default" and TrainConfig(init="PiSSA").init == "pissa"
+
+
+def test_qlora_before_column_total_and_method_line(tmp_path, tok, data_files):
+    # the "before" eval ran on the dense base (QLoRA trains on the NF4 one), the total left out the
+    # quantised weights (7.93% "trainable" on SmolLM2), and the method line hid every variant
+    from lorakit.train.loop import method_summary
+
+    kw = dict(max_steps=1, use_dora=True, eval_data=str(data_files[1]))
+    q = train(_cfg(tmp_path, data_files, "q", method="qlora", **kw), model=tiny_llama_lm(tok), tokenizer=tok,
+              progress=False, log=_quiet)
+    d = train(_cfg(tmp_path, data_files, "d", **kw), model=tiny_llama_lm(tok), tokenizer=tok, progress=False,
+              log=_quiet)
+    assert q.before["loss"] != d.before["loss"]  # NF4 rounding moves the base's loss
+    assert q.total_params == d.total_params and q.trainable_params == d.trainable_params
+    assert method_summary(TrainConfig(use_rslora=True, init="pissa", lora_plus_ratio=16, dropout=0.1)) == (
+        "lora r=8 alpha=16 on all-linear, rsLoRA, init pissa, LoRA+ ratio 16, dropout 0.1")
+    assert method_summary(TrainConfig(method="qlora", use_dora=True)) == "qlora r=8 alpha=16 on all-linear, DoRA"
+
+
+def test_eval_steps_without_eval_data_warns(tmp_path, tok, data_files):
+    messages: list[str] = []
+    train(_cfg(tmp_path, data_files, max_steps=1, eval_steps=1, eval_data=None), model=tiny_llama_lm(tok),
+          tokenizer=tok, progress=False, log=messages.append)
+    assert any("eval_steps 1 has nothing to evaluate" in m for m in messages)

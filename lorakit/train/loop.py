@@ -302,6 +302,21 @@ def plot_losses(log_path: Path, out_png: Path) -> None:
     plt.close(fig)
 
 
+def method_summary(cfg: TrainConfig) -> str:
+    """One line naming the method and every adapter option that differs from plain LoRA."""
+    if cfg.method == "full":
+        return "full"
+    parts = [f"{cfg.method} r={cfg.rank} alpha={cfg.alpha:g} on {cfg.target_modules}"]
+    parts += [name for name, on in (("DoRA", cfg.use_dora), ("rsLoRA", cfg.use_rslora)) if on]
+    if cfg.init != "default":
+        parts.append(f"init {cfg.init}")
+    if cfg.lora_plus_ratio:
+        parts.append(f"LoRA+ ratio {cfg.lora_plus_ratio:g}")
+    if cfg.dropout:
+        parts.append(f"dropout {cfg.dropout:g}")
+    return ", ".join(parts)
+
+
 def results_table(result: TrainResult, cfg: TrainConfig) -> str:
     """The end-of-run summary table (plain text)."""
     b, a = result.before, result.after
@@ -314,7 +329,7 @@ def results_table(result: TrainResult, cfg: TrainConfig) -> str:
     lines = [f"{r[0]:<34}{r[1]:>10}{r[2]:>10}" for r in rows]
     lines.append("-" * 54)
     extra = [
-        ("method", f"{cfg.method}" + (f" r={cfg.rank} alpha={cfg.alpha:g} on {cfg.target_modules}" if cfg.method != "full" else "")),
+        ("method", method_summary(cfg)),
         ("trainable parameters", f"{result.trainable_params:,} of {result.total_params:,} ({pct:.2f}%)"),
         ("held-out examples", f"{b.get('n', a.get('n', 0))}"),
         ("optimizer steps", f"{result.steps} x {cfg.batch_size * cfg.grad_accum} examples"),
@@ -418,6 +433,9 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
         eval_examples = []
     if cfg.eval_samples:
         eval_examples = eval_examples[: cfg.eval_samples]
+    if cfg.eval_steps and not eval_examples:
+        log(f"warning: eval_steps {cfg.eval_steps} has nothing to evaluate: give --eval-data (your --data has no "
+            "held-out split)")
 
     # The run directory is claimed now, before the slow model load, by creating its
     # train_config.yaml exclusively: a second run on the same directory is refused, and the
@@ -460,6 +478,10 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
                 f"on {res['n']} examples ({time.time() - t0:.0f} s)")
             return {k: v for k, v in res.items() if k != "predictions"} | {"samples": res["predictions"][:5]}
 
+        if cfg.method == "qlora":  # the "before" column is the model QLoRA trains: the NF4 base
+            from lorakit import quantize_model_nf4
+
+            quantize_model_nf4(model, skip=["lm_head"])  # (prepare_model's call then finds nothing left)
         before = run_eval("before") if not resume else {}
 
         attention_before = getattr(getattr(model, "config", None), "_attn_implementation", None)
@@ -475,6 +497,10 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
         params = [p for p in model.parameters() if p.requires_grad]
         n_train = sum(p.numel() for p in params)
         n_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+        from lorakit.layers.nf4_linear import LinearNF4
+
+        # an NF4 layer's weight is buffers, not a parameter: count its in x out weights too
+        n_total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, LinearNF4))
 
         per_epoch, total_steps = plan_steps(cfg, len(train_data))
         warmup = math.ceil(cfg.warmup_ratio * total_steps)
