@@ -33,7 +33,8 @@ HELP: dict[str, str] = {
     "alpha": "LoRA alpha (the update is scaled by alpha/r)",
     "dropout": "dropout on the LoRA branch input",
     "target_modules": "modules to adapt: 'all-linear', a comma-separated list of names or dotted name ends "
-    "(q_proj,self_attn.v_proj), or a regex (any of * + ? [ ] ( ) | ^ $ \\ { } makes it one)",
+    "(q_proj,self_attn.v_proj), or a regex (any of * + ? [ ] ( ) | ^ $ \\ { } makes it one) that must match "
+    "the whole module name, e.g. '.*\\.(q|v)_proj'",
     "lr": "peak learning rate; empty = 1e-3 for lora, 5e-5 for full",
     "weight_decay": "AdamW weight decay",
     "warmup_ratio": "fraction of the steps spent in linear warm-up before the cosine decay",
