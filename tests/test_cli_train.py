@@ -473,3 +473,24 @@ def test_a_qlora_run_is_evaluated_on_its_nf4_base(trained, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(info["after"]["loss"], rel=1e-5)
     merged, _, _ = load_for_inference(None, str(run), merge=True)  # folded into the dense base
     assert not any(isinstance(m, LinearNF4) for m in merged.modules())
+
+
+def test_eval_of_a_bf16_full_fine_tune_reproduces_its_table_and_refuses_model(trained, tmp_path, capsys):
+    # a full fine-tune trains (and evaluates itself) with fp32 weights under bf16 autocast; eval loaded
+    # bf16 weights (2.6380 vs the run's 2.6108) and ignored --model, even a missing one
+    from lorakit.train.generate import load_for_inference
+
+    run = tmp_path / "full"
+    assert main(["train", "--model", str(trained["model"]), "--data", str(trained["train"]), "--eval-data",
+                 str(trained["eval"]), "--method", "full", "--max-steps", "2", "--batch-size", "8",
+                 "--precision", "bf16", "--output", str(run), "--no-progress", "--save-steps", "0"]) == 0
+    info = json.loads((run / "lorakit_run.json").read_text())
+    model, _, loaded = load_for_inference(None, str(run), None)
+    assert loaded["amp"] == "bf16" and next(model.parameters()).dtype == torch.float32
+    capsys.readouterr()
+    assert main(["eval", "--adapter", str(run), "--data", str(run / "eval.jsonl")]) == 0
+    out = capsys.readouterr().out
+    assert f"loss      {info['after']['loss']:.4f}" in out and "+ adapter" not in out
+    assert main(["eval", "--adapter", str(run), "--model", str(tmp_path / "nowhere"), "--data",
+                 str(run / "eval.jsonl")]) == 2
+    assert "give one of --model and --adapter" in capsys.readouterr().err

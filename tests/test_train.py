@@ -395,6 +395,9 @@ def test_config_accepts_every_documented_init_and_a_valid_regex():
     (b"rank: [\n", "is not valid YAML"),
     (b"rank: 4\ndata: 5\n", "data must be a string, got 5"),
     (b"data: caf\xe9.jsonl\n", "is not UTF-8 text"),
+    (b"max_steps: true\n", "max_steps must be a int, got True"),  # it trained 1 step
+    (b"lr: true\n", "lr must be a float, got True"),
+    (b"use_rslora: 2\n", "use_rslora must be a bool, got 2"),
 ])
 def test_bad_config_file_names_the_file(tmp_path, text, problem):
     y = tmp_path / "c.yaml"

@@ -163,7 +163,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not prompt.strip():
             which = f"prompt {i + 1}" if len(prompts) > 1 else "the prompt"
             raise ValueError(f"{which} is empty: give the text to " + ("continue" if args.raw else "answer"))
-    model, tok, _ = load_for_inference(args.model, specs[0][1] if specs else None, args.precision, merge=args.merge)
+    model, tok, info = load_for_inference(args.model, specs[0][1] if specs else None, args.precision, merge=args.merge)
     if named:  # reload every adapter under its own name (load_for_inference named the first "default")
         from lorakit import delete_adapter
         from lorakit.inject import get_state
@@ -182,7 +182,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
             ids.append(encode_prompt(tok, msgs))
     with adapter_batch(model, uses) if named else contextlib.nullcontext():  # one batch, a row per prompt
-        replies = greedy_generate(model, tok, ids, args.max_new_tokens)
+        replies = greedy_generate(model, tok, ids, args.max_new_tokens, info["amp"])
     if len(prompts) == 1:
         print(replies[0].strip())
     else:
@@ -198,8 +198,8 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    model, tok, _ = load_for_inference(args.model, args.adapter, args.precision, merge=args.merge)
-    return chat_loop(model, tok, args.max_new_tokens, "fp32", args.system)
+    model, tok, info = load_for_inference(args.model, args.adapter, args.precision, merge=args.merge)
+    return chat_loop(model, tok, args.max_new_tokens, info["amp"], args.system)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -219,7 +219,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.max_samples:
         examples = examples[: args.max_samples]
     model, tok, info = load_for_inference(args.model, args.adapter, args.precision, merge=args.merge)
-    res = evaluate(model, tok, examples, args.max_length, args.batch_size)
+    res = evaluate(model, tok, examples, args.max_length, args.batch_size, info["amp"])
     report = {"adapter": args.adapter, "merged": args.merge,
               "model": info.get("model") or "SmolLM2-135M-Instruct (embedded)",
               "data": args.data, "n": res["n"], "loss": res["loss"], "accuracy": res["accuracy"],
@@ -227,7 +227,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=1))
     else:
-        print(f"model     {report['model']}" + (f" + adapter {args.adapter}" if args.adapter else "")
+        print(f"model     {report['model']}" + (f" + adapter {args.adapter}" if info["adapter"] else "")
               + (" (merged)" if args.merge else ""))
         print(f"data      {args.data} ({res['n']} examples)")
         print(f"loss      {format_metric(res['loss'])}  (cross-entropy per answer token)")

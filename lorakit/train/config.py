@@ -279,7 +279,11 @@ def _coerce(name: str, value: Any, where: str) -> Any:
                 if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
                     raise ValueError
                 return value.lower() in ("true", "1", "yes")
-            return bool(value)
+            if not isinstance(value, bool):  # (use_rslora: 2 is not a yes or no)
+                raise ValueError
+            return value
+        if isinstance(value, bool):  # YAML's true is not a number (max_steps: true trained 1 step)
+            raise ValueError
         if kind is int:
             if isinstance(value, float) and not value.is_integer():
                 raise ValueError

@@ -419,7 +419,8 @@ def load_for_inference(model: str | None = None, adapter: str | None = None,
     export: close to, not equal to, the NF4 model's outputs).
 
     Returns:
-        ``(model, tokenizer, info)``; ``info`` describes what was loaded.
+        ``(model, tokenizer, info)``; ``info`` describes what was loaded, and its ``"amp"`` is the
+        precision to run it in (``"bf16"``: autocast, for a full fine-tune trained that way).
 
     Raises:
         FileNotFoundError: if the adapter directory holds neither an adapter nor a model.
@@ -431,12 +432,15 @@ def load_for_inference(model: str | None = None, adapter: str | None = None,
     if merge and adapter is None:
         raise ValueError("--merge folds an adapter into the base weights: give it --adapter DIR")
     run = read_run_info(Path(adapter)) if adapter is not None and Path(adapter).is_dir() else {}
+    info: dict[str, Any] = {"model": model, "adapter": adapter, "merged": merge, "amp": "fp32"}
     if dtype is None:
         recorded = run.get("precision")
         dtype = recorded if recorded in ("fp32", "bf16") else "auto"
+        if run.get("method") == "full" and dtype == "bf16":
+            # a full fine-tune trained (and evaluated itself) with fp32 weights under bf16 autocast
+            dtype, info["amp"] = "fp32", "bf16"
     if isinstance(dtype, str):
         dtype = torch.bfloat16 if resolve_precision(dtype) == "bf16" else torch.float32
-    info: dict[str, Any] = {"model": model, "adapter": adapter, "merged": merge}
     if adapter is None:
         m, tok = load_model_and_tokenizer(model, dtype=dtype)
         return m, tok, info
@@ -447,8 +451,11 @@ def load_for_inference(model: str | None = None, adapter: str | None = None,
         if merge:
             raise ValueError(f"--merge: {adapter!r} is a full fine-tune (its model/ holds every weight), "
                              "there is no adapter to merge")
+        if model is not None:
+            raise ValueError(f"--model: {adapter!r} is a full fine-tune, whose model/ is the model; give one of "
+                             "--model and --adapter, not both")
         m, tok = load_model_and_tokenizer(str(path / "model"), dtype=dtype)  # a full fine-tune run
-        info["model"] = str(path / "model")
+        info["model"], info["adapter"] = str(path / "model"), None
         return m, tok, info
     if not (path / "adapter_config.json").is_file():
         raise FileNotFoundError(
