@@ -3,6 +3,7 @@ integration run on the real embedded SmolLM2-135M-Instruct."""
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import fields
 
 import pytest
@@ -494,3 +495,17 @@ def test_eval_of_a_bf16_full_fine_tune_reproduces_its_table_and_refuses_model(tr
     assert main(["eval", "--adapter", str(run), "--model", str(tmp_path / "nowhere"), "--data",
                  str(run / "eval.jsonl")]) == 2
     assert "give one of --model and --adapter" in capsys.readouterr().err
+
+
+def test_named_adapters_from_runs_of_different_precisions_ask_for_one(trained, tmp_path, capsys):
+    # all adapters share one base: the precision used to be the first run's, so an adapter's reply
+    # changed with its place in the list
+    other = tmp_path / "bf16run"
+    shutil.copytree(trained["run"], other)
+    info = json.loads((other / "lorakit_run.json").read_text())
+    (other / "lorakit_run.json").write_text(json.dumps(dict(info, precision="bf16")))
+    args = ["generate", "--adapter", f"a={trained['run']}", "--adapter", f"b={other}", "--use", "a", "--use", "b",
+            "x", "y", "--max-new-tokens", "2"]
+    assert main(args) == 2
+    assert "different precisions" in capsys.readouterr().err
+    assert main(args + ["--precision", "fp32"]) == 0

@@ -163,6 +163,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not prompt.strip():
             which = f"prompt {i + 1}" if len(prompts) > 1 else "the prompt"
             raise ValueError(f"{which} is empty: give the text to " + ("continue" if args.raw else "answer"))
+    if args.precision is None and len(specs) > 1:
+        from lorakit.train.generate import read_run_info
+
+        recorded = {d: read_run_info(d).get("precision") for _, d in specs if Path(d).is_dir()}
+        if len({p for p in recorded.values() if p}) > 1:
+            raise ValueError(f"the adapters' runs used different precisions ({recorded}): all run on one base, so "
+                             "choose one with --precision")
     model, tok, info = load_for_inference(args.model, specs[0][1] if specs else None, args.precision, merge=args.merge)
     if named:  # reload every adapter under its own name (load_for_inference named the first "default")
         from lorakit import delete_adapter
