@@ -509,3 +509,19 @@ def test_named_adapters_from_runs_of_different_precisions_ask_for_one(trained, t
     assert main(args) == 2
     assert "different precisions" in capsys.readouterr().err
     assert main(args + ["--precision", "fp32"]) == 0
+
+
+def test_chat_refuses_an_unknown_command_and_sends_a_doubled_slash(trained, monkeypatch, capsys):
+    # "/bogus" used to go to the model as a message
+    import lorakit.train.generate as gen
+
+    sent = []
+    real = gen.encode_prompt
+    monkeypatch.setattr(gen, "encode_prompt", lambda tok, msgs: sent.append(msgs[-1]["content"]) or real(tok, msgs))
+    lines = iter(["/bogus", "//r/movies", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    assert main(["chat", "--adapter", str(trained["run"]), "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "unknown command /bogus" in out and out.count("model>") == 1
+    assert sent == ["/r/movies"]

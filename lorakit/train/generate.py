@@ -486,7 +486,8 @@ def chat_loop(model: Any, tokenizer: Any, max_new_tokens: int, precision: str, s
               read: Callable[[str], str] | None = None, write: Callable[[str], None] = print) -> int:
     """Interactive chat with the chat template; EOF (Ctrl-D) or Ctrl-C ends it cleanly.
 
-    Commands: ``/reset`` clears the history, ``/exit`` quits.
+    Commands: ``/reset`` clears the history, ``/exit`` quits; any other line starting with ``/`` is
+    refused as an unknown command (``//`` sends a message that begins with ``/``).
 
     Returns:
         0 (the exit code).
@@ -511,6 +512,12 @@ def chat_loop(model: Any, tokenizer: Any, max_new_tokens: int, precision: str, s
             return 0
         if text == "/reset":
             history = history[:1] if system else []
+            continue
+        if text.startswith("//"):
+            text = text[1:]  # "//x" sends "/x"
+        elif text.startswith("/"):  # a mistyped command must not go to the model as a message
+            write(f"unknown command {text.split()[0]}: /reset clears the history, /exit quits "
+                  "(start a message with // to send one beginning with /)")
             continue
         history.append({"role": "user", "content": text})
         try:
