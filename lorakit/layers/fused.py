@@ -339,10 +339,10 @@ class FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         saved = ctx.saved_tensors
-        A, B, h = saved[-3:]
-        x_shape, x_dtype = ctx.x_meta
         if torch.is_grad_enabled():  # backward(create_graph=True): higher-order gradients
             return FusedLoraLinear._graph_backward(ctx, grad, saved)
+        A, B, h = saved[-3:]
+        x_shape, x_dtype = ctx.x_meta
 
         def x2_of() -> torch.Tensor:
             if ctx.shared is not None:

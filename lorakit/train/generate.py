@@ -401,6 +401,15 @@ def is_full_finetune_run(directory: str | Path) -> bool:
     return (path / "model" / "config.json").is_file() and not (path / "adapter_config.json").is_file()
 
 
+def quantize_qlora_base(model: Any) -> Any:
+    """The frozen base ``lorakit train --method qlora`` trains on, in place: every ``nn.Linear`` but
+    ``lm_head`` in NF4. Training and inference both call this, so an adapter is always loaded onto
+    the base it was trained against; on a model already quantised it changes nothing."""
+    from lorakit import quantize_model_nf4
+
+    return quantize_model_nf4(model, skip=["lm_head"])
+
+
 def load_for_inference(model: str | None = None, adapter: str | None = None,
                        dtype: torch.dtype | str | None = torch.float32, merge: bool = False) -> tuple[Any, Any, dict[str, Any]]:
     """Load the model the inference commands run: base, base + adapter, or a full fine-tune.
@@ -471,9 +480,7 @@ def load_for_inference(model: str | None = None, adapter: str | None = None,
     info["model"] = model
     m, tok = load_model_and_tokenizer(model, dtype=dtype)
     if run.get("method") == "qlora" and not merge:
-        from lorakit import quantize_model_nf4
-
-        quantize_model_nf4(m, skip=["lm_head"])  # as prepare_model did for training
+        quantize_qlora_base(m)
         info["quantized"] = "nf4"
     load_adapter(m, path, is_trainable=False)
     if merge:

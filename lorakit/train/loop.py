@@ -48,7 +48,7 @@ from lorakit.train.config import RESUME_FIXED, TrainConfig, target_module_spec
 from lorakit.train.data import (BUILTIN_TASK, Example, Tokenized, collate, epoch_batches, load_examples,
                                 tokenize_all, write_jsonl)
 from lorakit.train.generate import (RUN_INFO, auto_threads, autocast, evaluate, eval_loss, format_metric, loss_sum,
-                                    read_json_object, read_run_info, resolve_precision)
+                                    quantize_qlora_base, read_json_object, read_run_info, resolve_precision)
 
 CHECKPOINT = "checkpoint"
 
@@ -123,12 +123,12 @@ def prepare_model(model: Any, cfg: TrainConfig, base_name: str) -> Any:
         for p in model.parameters():
             p.requires_grad_(True)
         return model
-    from lorakit import LoraConfig, get_lora_model, quantize_model_nf4
+    from lorakit import LoraConfig, get_lora_model
 
     # names or dotted name ends (a list entry matches a full name or its end at a dot), or a regex
     targets = target_module_spec(cfg.target_modules)
     if cfg.method == "qlora":
-        quantize_model_nf4(model, skip=["lm_head"])  # QLoRA: the frozen base held in NF4
+        quantize_qlora_base(model)  # QLoRA: the frozen base held in NF4 (train() has done it already)
     lcfg = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, target_modules=targets,
                       use_rslora=cfg.use_rslora, use_dora=cfg.use_dora,
                       init_lora_weights=True if cfg.init == "default" else cfg.init,
@@ -479,9 +479,7 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
             return {k: v for k, v in res.items() if k != "predictions"} | {"samples": res["predictions"][:5]}
 
         if cfg.method == "qlora":  # the "before" column is the model QLoRA trains: the NF4 base
-            from lorakit import quantize_model_nf4
-
-            quantize_model_nf4(model, skip=["lm_head"])  # (prepare_model's call then finds nothing left)
+            quantize_qlora_base(model)
         before = run_eval("before") if not resume else {}
 
         attention_before = getattr(getattr(model, "config", None), "_attn_implementation", None)
