@@ -97,6 +97,11 @@ def main() -> None:
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--alpha", type=float, default=16.0)
     args = ap.parse_args()
+    try:
+        import llama_cpp  # noqa: F401  (checked before minutes of conversion)
+    except ImportError:
+        sys.exit("error: the llama_cpp Python bindings are not importable: pip install the llama-cpp-python sdist "
+                 "(it compiles llama.cpp) or put its install directory on PYTHONPATH")
     for script in ("convert_hf_to_gguf.py", "convert_lora_to_gguf.py"):
         if not (args.llama_cpp / script).is_file():
             sys.exit(f"error: {args.llama_cpp / script} not found: --llama-cpp must be a llama.cpp source tree")
