@@ -102,6 +102,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     if result.interrupted:
         return 130
+    if os.environ.get("RANK", "0") not in ("", "0"):  # one of several processes (torchrun): the first one speaks
+        return 0
     where = f"--model {result.run_dir / 'model'}" if cfg.method == "full" else f"--adapter {result.run_dir}"
     from lorakit.train.data import BUILTIN_TASK
 
@@ -276,7 +278,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "train", help="fine-tune a causal LM with LoRA (no arguments: the CPU demo)", formatter_class=fmt,
         description="Fine-tune a causal LM with LoRA (or fully). With no arguments: LoRA on the embedded "
         "SmolLM2-135M-Instruct, the bundled Rotten Tomatoes sentiment task, a before/after table.\n"
-        "Options come from the defaults below, then --config FILE.yaml, then the flags given.")
+        "Options come from the defaults below, then --config FILE.yaml, then the flags given.\n"
+        "Several processes (data parallel, gloo): torchrun --nproc-per-node N -m lorakit.cli train ...;\n"
+        "--batch-size is then per process, and the run equals one process with N times the batch.")
     p.add_argument("--config", default=None, help="YAML file of option: value (default: none)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last checkpoint (default: start a new run)")

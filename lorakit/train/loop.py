@@ -8,6 +8,9 @@ One obvious path, top to bottom in ``train``:
    gradient accumulation; loss only on answer tokens, logits only where there are labels;
 4. evaluate before, train, evaluate after; print the table and write the run directory.
 
+Under ``torchrun`` the same loop runs in every process, each on its share of every micro-batch,
+with one gradient sum per step (``lorakit.train.distributed``); the first process writes the files.
+
 Resuming is exact because everything a step depends on is either saved or a pure function of
 (seed, step): parameters, AdamW moments and the scheduler are saved; the batch order of an
 epoch is recomputed from ``(seed, epoch)``; the torch RNG (dropout) is saved. A run killed at any
@@ -45,8 +48,9 @@ import yaml
 
 from lorakit.ops.attention import restore_attention
 from lorakit.train.config import RESUME_FIXED, TrainConfig, target_module_spec
-from lorakit.train.data import (BUILTIN_TASK, Example, Tokenized, collate, epoch_batches, load_examples,
-                                tokenize_all, write_jsonl)
+from lorakit.train.data import (BUILTIN_TASK, IGNORE_INDEX, Example, Tokenized, collate, epoch_batches,
+                                load_examples, tokenize_all, write_jsonl)
+from lorakit.train.distributed import Dist, setup as setup_distributed
 from lorakit.train.generate import (RUN_INFO, auto_threads, autocast, evaluate, eval_loss, format_metric, loss_sum,
                                     quantize_qlora_base, read_json_object, read_run_info, resolve_precision)
 
@@ -76,8 +80,9 @@ class TrainResult:
     train_seconds: float = 0.0
     wall_seconds: float = 0.0
     tokens_per_second: float = 0.0
-    peak_memory_mb: float = 0.0
+    peak_memory_mb: float = 0.0  # (of this process: each of several holds its own model)
     losses: list[float] = field(default_factory=list)
+    processes: int = 1  # how many trained it (torchrun): a step's batch is this many shares
 
 
 # --------------------------------------------------------------------------- schedule
@@ -89,22 +94,33 @@ def lr_factor(step: int, total: int, warmup: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def plan_steps(cfg: TrainConfig, n_examples: int) -> tuple[int, int]:
-    """``(batches_per_epoch, total_optimizer_steps)`` for a dataset of ``n_examples``."""
-    per_epoch = math.ceil(n_examples / cfg.batch_size)
+def plan_steps(cfg: TrainConfig, n_examples: int, world: int = 1) -> tuple[int, int]:
+    """``(batches_per_epoch, total_optimizer_steps)`` for a dataset of ``n_examples`` (``world``
+    processes: each micro-batch holds ``cfg.batch_size`` examples per process)."""
+    per_epoch = math.ceil(n_examples / (cfg.batch_size * world))
     if cfg.max_steps:
         return per_epoch, cfg.max_steps
     return per_epoch, max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
 
 
 def micro_batch(data: list[Tokenized], cfg: TrainConfig, index: int, per_epoch: int, pad_id: int,
-                cache: dict[int, list[list[int]]]) -> tuple[int, dict[str, torch.Tensor]]:
-    """The ``index``-th micro-batch of the run (epochs wrap around); returns ``(epoch, batch)``."""
+                cache: dict[int, list[list[int]]], dist: Dist = Dist()
+                ) -> tuple[int, dict[str, torch.Tensor] | None, int]:
+    """The ``index``-th micro-batch of the run (epochs wrap around).
+
+    Returns ``(epoch, batch, n_labels)``: the batch is this process's share of the micro-batch
+    (all of it in a single process; None where a short last batch leaves this process nothing),
+    ``n_labels`` the loss positions of the whole micro-batch, which every process divides by.
+    """
     epoch, pos = divmod(index, per_epoch)
     if epoch not in cache:
         cache.clear()
-        cache[epoch] = epoch_batches([len(t.input_ids) for t in data], cfg.batch_size, cfg.seed, epoch)
-    return epoch, collate([data[i] for i in cache[epoch][pos]], pad_id)
+        cache[epoch] = epoch_batches([len(t.input_ids) for t in data], cfg.batch_size * dist.world, cfg.seed, epoch)
+    items = cache[epoch][pos]
+    # the loss is over the shifted labels: position 0 is never predicted
+    n_labels = sum(data[i].n_labels - (data[i].labels[0] != IGNORE_INDEX) for i in items)
+    mine = dist.share(items)
+    return epoch, collate([data[i] for i in mine], pad_id) if mine else None, n_labels
 
 
 # --------------------------------------------------------------------------- model set-up
@@ -172,12 +188,13 @@ def trainable_state(model: Any) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------------- checkpoints
 def save_checkpoint(run_dir: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    state: dict[str, Any], cfg: TrainConfig) -> Path:
+                    state: dict[str, Any], cfg: TrainConfig, rng_states: list[torch.Tensor] | None = None) -> Path:
     """Write the resumable state atomically: a temp directory, then renames.
 
     Contents: ``trainable.safetensors`` (every trainable tensor), ``optimizer.pt`` and
     ``scheduler.pt`` (state dicts of plain tensors/numbers, loadable with weights_only=True),
-    ``rng.pt`` (torch RNG state), ``trainer_state.json`` (step, data position, metrics so far)
+    ``rng.pt`` (torch RNG state; with several processes, ``rng_states``: each one's, in rank order),
+    ``trainer_state.json`` (step, data position, metrics so far)
     and, for LoRA, the adapter in PEFT format.
     """
     from safetensors.torch import save_file
@@ -188,7 +205,10 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: torch.optim.Optimizer,
         save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save({"torch": torch.get_rng_state()}, tmp / "rng.pt")
+        rng = {"torch": torch.get_rng_state()}
+        if rng_states is not None and len(rng_states) > 1:
+            rng["ranks"] = list(rng_states)
+        torch.save(rng, tmp / "rng.pt")
         state = dict(state, python_random=random.getstate()[1][:1])  # informational only
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
         if cfg.method != "full":
@@ -217,8 +237,10 @@ def find_checkpoint(run_dir: Path) -> Path | None:
     return None
 
 
-def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any) -> dict[str, Any]:
+def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+                    rank: int = 0) -> dict[str, Any]:
     """Restore parameters, optimizer, scheduler and RNG from ``path``; return the trainer state.
+    (``rank``: this process's place in a run of several; it takes its own RNG state.)
 
     Raises:
         ValueError: if a checkpoint file is unreadable, or the checkpoint does not fit the model
@@ -240,7 +262,11 @@ def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, sc
     state = _read_checkpoint_file(path, "trainer_state.json", _read_trainer_state)
     _read_checkpoint_file(path, "optimizer.pt", lambda f: optimizer.load_state_dict(torch.load(f, weights_only=True)))
     _read_checkpoint_file(path, "scheduler.pt", lambda f: scheduler.load_state_dict(torch.load(f, weights_only=True)))
-    _read_checkpoint_file(path, "rng.pt", lambda f: torch.set_rng_state(torch.load(f, weights_only=True)["torch"]))
+    def restore_rng(f: Path) -> None:
+        rng = torch.load(f, weights_only=True)
+        torch.set_rng_state(rng["ranks"][rank] if "ranks" in rng else rng["torch"])
+
+    _read_checkpoint_file(path, "rng.pt", restore_rng)
     return state
 
 
@@ -332,10 +358,11 @@ def results_table(result: TrainResult, cfg: TrainConfig) -> str:
         ("method", method_summary(cfg)),
         ("trainable parameters", f"{result.trainable_params:,} of {result.total_params:,} ({pct:.2f}%)"),
         ("held-out examples", f"{b.get('n', a.get('n', 0))}"),
-        ("optimizer steps", f"{result.steps} x {cfg.batch_size * cfg.grad_accum} examples"),
+        ("optimizer steps", f"{result.steps} x {cfg.batch_size * cfg.grad_accum * result.processes} examples"
+                            + (f" ({result.processes} processes)" if result.processes > 1 else "")),
         ("training time", f"{result.train_seconds:.0f} s (total {result.wall_seconds:.0f} s incl. load + evals)"),
         ("training throughput", f"{result.tokens_per_second:.0f} tokens/s"),
-        ("peak memory (RSS)", f"{result.peak_memory_mb:.0f} MB"),
+        ("peak memory (RSS)", f"{result.peak_memory_mb:.0f} MB" + (" (first process)" if result.processes > 1 else "")),
         ("saved to", str(result.run_dir)),
     ]
     lines += [f"{k:<34}{v}" for k, v in extra]
@@ -389,7 +416,28 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
         FileNotFoundError / ValueError: bad data, model or configuration (before training starts).
         FileExistsError: the output directory already holds a run and ``resume`` is False.
         NonFiniteLossError: the loss diverged; the last good checkpoint is kept.
+
+    Under ``torchrun`` (or in a process group the caller started) every process calls this with
+    the same arguments and trains its share of each batch (``lorakit.train.distributed``); only
+    the first one logs, shows progress and writes files, and only its result has ``after``.
     """
+    dist = setup_distributed()
+    try:
+        result = _train(cfg, resume, model, tokenizer, progress, on_step, log, dist)
+        dist.barrier()  # the others wait for the first process's final phase: all end together
+        return result
+    finally:
+        dist.close()
+
+
+def _silent(*_args: Any) -> None:
+    pass
+
+
+def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress: bool,
+           on_step: Callable[[int, float], None] | None, log: Callable[[str], None], dist: Dist) -> TrainResult:
+    if not dist.main:  # one voice: the first process logs and draws the progress bar
+        log, progress = _silent, False
     wall_start = time.time()
     # normpath: "runs/typo/.." is "runs" (what mkdir(parents=True) would make it), so the checks
     # below see the directory the run would really write to
@@ -410,7 +458,8 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
     if resume and ckpt is None:
         raise FileNotFoundError(f"cannot resume: no checkpoint in {str(run_dir)!r} (the run stopped before writing "
                                 f"one: delete {str(run_dir)!r} and start it again without --resume)")
-    if not resume and cfg.output and run_dir.exists() and any(run_dir.iterdir()):  # (a default name gets a suffix)
+    if (not resume and dist.world == 1 and cfg.output and run_dir.exists()  # (a default name gets a suffix)
+            and any(run_dir.iterdir())):  # (several processes: the claim below refuses it in all alike)
         raise FileExistsError(f"output directory {str(run_dir)!r} already holds files; pass --resume "
                               f"{run_dir} to continue that run, or choose another --output")
     threads = auto_threads(cfg.threads)
@@ -443,7 +492,7 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
     if resume:
         created = False  # (its train_config.yaml is rewritten once the checkpoint has loaded)
     else:
-        run_dir, created = _claim_run_dir(run_dir, cfg, unique=not cfg.output)
+        run_dir, created = _claim_run_dir_once(run_dir, cfg, dist)
     attention_before = None
     try:
         # 2. Model.
@@ -466,7 +515,7 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
         eval_data = tokenize_all(tokenizer, eval_examples, cfg.max_length, what="eval data") if eval_examples else []
 
         base_name = cfg.model or "SmolLM2-135M-Instruct"
-        if not resume and eval_examples:
+        if not resume and eval_examples and dist.main:
             write_jsonl(eval_examples, run_dir / "eval.jsonl")
 
         def run_eval(tag: str) -> dict[str, Any]:
@@ -480,7 +529,7 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
 
         if cfg.method == "qlora":  # the "before" column is the model QLoRA trains: the NF4 base
             quantize_qlora_base(model)
-        before = run_eval("before") if not resume else {}
+        before = run_eval("before") if not resume and dist.main else {}
 
         attention_before = getattr(getattr(model, "config", None), "_attn_implementation", None)
         model = prepare_model(model, cfg, base_name)
@@ -493,6 +542,10 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
             enable_checkpointing(model)
         model.config.use_cache = False
         params = [p for p in model.parameters() if p.requires_grad]
+        if dist.world > 1:
+            dist.broadcast_parameters(params)  # one starting point (a resume loads the checkpoint's)
+            if dist.rank:
+                torch.manual_seed(cfg.seed + dist.rank)  # dropout masks of its own in each process
         n_train = sum(p.numel() for p in params)
         n_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
         from lorakit.layers.nf4_linear import LinearNF4
@@ -500,7 +553,7 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
         # an NF4 layer's weight is buffers, not a parameter: count its in x out weights too
         n_total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, LinearNF4))
 
-        per_epoch, total_steps = plan_steps(cfg, len(train_data))
+        per_epoch, total_steps = plan_steps(cfg, len(train_data), dist.world)
         warmup = math.ceil(cfg.warmup_ratio * total_steps)
         if cfg.lora_plus_ratio:
             from lorakit import create_loraplus_optimizer  # LoRA+: B learns ratio x faster than A
@@ -515,7 +568,14 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
         step, tokens_done, train_seconds, wall_before = 0, 0, 0.0, 0.0
         losses: list[float] = []
         if ckpt is not None:
-            state = load_checkpoint(ckpt, model, optimizer, scheduler)
+            saved_world = _read_checkpoint_file(ckpt, "trainer_state.json", _read_trainer_state).get("world_size", 1)
+            if saved_world != dist.world:
+                raise ValueError(f"cannot resume {str(run_dir)!r} in {dist.world} process(es): it was trained in "
+                                 f"{saved_world} (the batches of each step depend on it); resume it with "
+                                 f"torchrun --nproc-per-node {saved_world}" if saved_world > 1 else
+                                 f"cannot resume {str(run_dir)!r} in {dist.world} processes: it was trained in one "
+                                 "(the batches of each step depend on it); resume it without torchrun")
+            state = load_checkpoint(ckpt, model, optimizer, scheduler, dist.rank)
             step, tokens_done, train_seconds = state["step"], state["tokens"], state["train_seconds"]
             wall_before = float(state.get("wall_seconds", 0.0))
             # The learning rate the next step uses, from this run's schedule: the saved one came from
@@ -524,21 +584,27 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
             for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
                 group["lr"] = base_lr * lr_factor(step, total_steps, warmup)
             before, losses = state.get("before", {}), state.get("losses", [])
-            _write_run_config(run_dir, cfg)  # flags given with --resume are the run's config from now on
+            if dist.main:
+                _write_run_config(run_dir, cfg)  # flags given with --resume are the run's config from now on
             log(f"resumed {run_dir} at step {step}/{total_steps} (epoch {state['epoch']}, micro-batch {state['micro_batch']})")
         log_path = run_dir / "log.jsonl"
-        _truncate_log(log_path, step)
+        if dist.main:
+            _truncate_log(log_path, step)
 
-        def write_checkpoint() -> None:
+        def write_checkpoint() -> None:  # (every process calls it: each one's RNG state is kept)
+            rng_states = dist.gather_objects(torch.get_rng_state()) if dist.world > 1 else None
+            if not dist.main:
+                return
             epoch, pos = divmod(step * cfg.grad_accum, per_epoch)
             save_checkpoint(run_dir, model, optimizer, scheduler, {
                 "step": step, "total_steps": total_steps, "epoch": epoch, "micro_batch": pos,
                 "tokens": tokens_done, "train_seconds": train_seconds, "before": before, "losses": losses,
                 "wall_seconds": wall_before + time.time() - wall_start,
-                "seed": cfg.seed}, cfg)
+                "seed": cfg.seed, "world_size": dist.world}, cfg, rng_states)
 
+        procs = f" in each of {dist.world} processes" if dist.world > 1 else ""
         log(f"training {cfg.method} on {len(train_data)} examples: {total_steps} steps of "
-            f"{cfg.batch_size}x{cfg.grad_accum}, lr {cfg.learning_rate:g}, {precision}, {threads} thread(s), "
+            f"{cfg.batch_size}x{cfg.grad_accum}{procs}, lr {cfg.learning_rate:g}, {precision}, {threads} thread(s), "
             f"{n_train:,} trainable parameters -> {run_dir}")
         stop = {"flag": False}
         batches_cache: dict[int, list[list[int]]] = {}
@@ -548,25 +614,34 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
 
             bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
         old_handler = _install_sigint(stop)  # (after the bar: nothing between it and the try can fail)
-        interrupted = False
+        interrupted = agreed_stop = False
         model.train()
         try:
-            with log_path.open("a", encoding="utf-8") as log_fh:
+            with log_path.open("a", encoding="utf-8") if dist.main else contextlib.nullcontext() as log_fh:
                 while step < total_steps:
                     t0 = time.time()
-                    micro = [micro_batch(train_data, cfg, step * cfg.grad_accum + k, per_epoch, pad_id, batches_cache)
-                             for k in range(cfg.grad_accum)]
-                    n_labels = sum(int((b["labels"][:, 1:] != -100).sum()) for _, b in micro)
+                    micro = [micro_batch(train_data, cfg, step * cfg.grad_accum + k, per_epoch, pad_id, batches_cache,
+                                         dist) for k in range(cfg.grad_accum)]
+                    n_labels = sum(n for _, _, n in micro)
                     step_loss, step_tokens = 0.0, 0
-                    for _, batch in micro:
+                    for _, batch, _ in micro:
+                        if batch is None:  # this process's share of a short last batch is empty
+                            continue
                         with autocast(amp):
                             loss, _ = loss_sum(model, batch)
                         loss = loss / max(n_labels, 1)  # mean over the whole accumulated step's labels
-                        if not torch.isfinite(loss):
+                        if not torch.isfinite(loss) and dist.world == 1:  # (several: checked on the sum below)
                             raise NonFiniteLossError(_diverged_message(step + 1, "loss", run_dir))
                         loss.backward()
                         step_loss += float(loss.detach())
                         step_tokens += int(batch["attention_mask"].sum())
+                    if dist.world > 1:
+                        # The one exchange of the step: gradients, loss and tokens summed over the
+                        # processes, and whether any of them was asked to stop (all stop together).
+                        step_loss, tokens, stops = dist.sum_gradients(params, [step_loss, step_tokens, stop["flag"]])
+                        step_tokens, agreed_stop = int(tokens), stops > 0
+                        if not math.isfinite(step_loss):
+                            raise NonFiniteLossError(_diverged_message(step + 1, "loss", run_dir))
                     norm = torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else float("inf"))
                     if not torch.isfinite(norm):
                         raise NonFiniteLossError(_diverged_message(step + 1, "gradient norm", run_dir))
@@ -583,10 +658,12 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
                            "grad_norm": round(float(norm), 6), "tokens": step_tokens,
                            "tokens_per_s": round(step_tokens / max(dt, 1e-9), 1), "step_s": round(dt, 6),
                            "elapsed_s": round(train_seconds, 2)}
-                    if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps and eval_data:
+                    if (cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps and eval_data
+                            and dist.main):
                         rec["eval_loss"] = eval_loss(model, eval_data, max(cfg.batch_size, 16), pad_id, amp)
-                    log_fh.write(json.dumps(rec) + "\n")
-                    log_fh.flush()
+                    if log_fh is not None:
+                        log_fh.write(json.dumps(rec) + "\n")
+                        log_fh.flush()
                     if bar is not None:
                         bar.set_postfix(loss=f"{step_loss:.4f}", tok_s=f"{tokens_done / max(train_seconds, 1e-9):.0f}")
                         bar.update(1)
@@ -596,13 +673,15 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
                         write_checkpoint()
                     if on_step is not None:
                         on_step(step, step_loss)
-                    if stop["flag"] and step < total_steps:
+                    # (several processes stop on the request they exchanged: a Ctrl-C that arrives
+                    # after this step's exchange stops all of them after the next step)
+                    if (stop["flag"] if dist.world == 1 else agreed_stop) and step < total_steps:
                         interrupted = True
                         break
         except KeyboardInterrupt:
             # A second Ctrl-C mid-step: the model may be half-updated, so nothing is saved; the last
             # checkpoint on disk stays the resume point.
-            if find_checkpoint(run_dir) is not None:
+            if find_checkpoint(run_dir) is not None and dist.main:
                 log(f"stopped during step {step + 1}; resume from the last checkpoint with: "
                     f"lorakit train --resume {run_dir}")
             else:
@@ -618,14 +697,14 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
         result = TrainResult(run_dir=run_dir, steps=step, total_steps=total_steps, interrupted=interrupted,
                              before=before, trainable_params=n_train, total_params=n_total,
                              train_seconds=train_seconds, tokens_per_second=tokens_done / max(train_seconds, 1e-9),
-                             losses=losses)
+                             losses=losses, processes=dist.world)
         if interrupted:
             optimizer.zero_grad(set_to_none=True)
             write_checkpoint()
             log(f"interrupted at step {step}/{total_steps}: checkpoint saved; continue with: "
                 f"lorakit train --resume {run_dir}")
             return result
-        if cfg.method != "full" and ckpt_step(run_dir) != step:
+        if cfg.method != "full" and dist.broadcast_object(ckpt_step(run_dir) != step if dist.main else None):
             # The loop is done: a checkpoint at its last step (an adapter's worth of bytes) keeps the
             # run resumable if the final phase below is stopped; --resume then skips to that phase.
             # (Not for full fine-tuning, whose checkpoint is the whole model and optimizer.)
@@ -636,13 +715,15 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
         # A new run that stops before its first checkpoint leaves nothing to resume: remove what it
         # wrote, so the same command can simply be run again. A simulated SIGKILL cleans up nothing;
         # a diverged run keeps its log.jsonl, which shows how the loss went (its message says so).
-        if (not resume and not isinstance(exc, (SimulatedKill, NonFiniteLossError))
+        if (not resume and dist.main and not isinstance(exc, (SimulatedKill, NonFiniteLossError))
                 and find_checkpoint(run_dir) is None):
             _discard_new_run(run_dir, created, log)
         raise
 
-    # 4. Final artefacts, then the after-training evaluation.
+    # 4. Final artefacts, then the after-training evaluation (the first process's work).
     model.eval()
+    if not dist.main:
+        return result
     if cfg.method != "full":
         from lorakit import save_adapter
 
@@ -666,6 +747,7 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
         "trainable_params": n_train, "total_params": n_total, "train_seconds": round(train_seconds, 2),
         "wall_seconds": round(result.wall_seconds, 2), "tokens_per_second": round(result.tokens_per_second, 1),
         "peak_memory_mb": round(result.peak_memory_mb, 1), "precision": precision, "threads": threads,
+        "processes": dist.world,
     }
     (run_dir / RUN_INFO).write_text(json.dumps(info, indent=1), encoding="utf-8")
     # (lorakit_run.json says "finished" first, so --resume refuses even if a kill lands below)
@@ -689,6 +771,25 @@ def _write_run_config(run_dir: Path, cfg: TrainConfig) -> None:
     tmp = run_dir / ".train_config.yaml.tmp"
     tmp.write_text(_run_config_text(run_dir, cfg), encoding="utf-8")
     os.replace(tmp, run_dir / "train_config.yaml")
+
+
+def _claim_run_dir_once(run_dir: Path, cfg: TrainConfig, dist: Dist) -> tuple[Path, bool]:
+    """``_claim_run_dir`` in the first process; the others learn its directory (or its refusal,
+    raised in every process alike). Returns (the directory, whether this process created it)."""
+    if dist.world == 1:
+        return _claim_run_dir(run_dir, cfg, unique=not cfg.output)
+    if not dist.main:
+        refused, where = dist.broadcast_object(None)
+        if refused:
+            raise FileExistsError(where)
+        return Path(where), False
+    try:
+        path, created = _claim_run_dir(run_dir, cfg, unique=not cfg.output)
+    except FileExistsError as exc:
+        dist.broadcast_object((True, str(exc)))
+        raise
+    dist.broadcast_object((False, str(path)))
+    return path, created
 
 
 def _claim_run_dir(run_dir: Path, cfg: TrainConfig, unique: bool) -> tuple[Path, bool]:

@@ -1,0 +1,177 @@
+"""Data-parallel training on torch.distributed (gloo, CPU): two processes train the single-process run
+with twice the batch, stop together, resume exactly, and ``lorakit train`` runs under torchrun."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lorakit.train.config import TrainConfig
+from lorakit.train.distributed import BUCKET_NUMEL, Dist, _buckets, setup
+from lorakit.train.loop import train
+from tiny_lm import one_thread, save_tiny_model, tiny_llama_lm, tiny_tokenizer, toy_records, write_jsonl
+
+_one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
+TESTS = Path(__file__).resolve().parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank: int, world: int, port: int, cfg: dict, resume: bool, stop_at: tuple[int, int] | None,
+            out: str) -> None:
+    """One process of a run: train the tiny Llama, keep the result and the trained tensors."""
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        tok = tiny_tokenizer()
+
+        def on_step(step: int, loss: float) -> None:
+            if stop_at is not None and (rank, step) == stop_at:
+                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in this process only
+
+        model = tiny_llama_lm(tok)
+        res = train(TrainConfig(**cfg), resume=resume, model=model, tokenizer=tok, progress=False,
+                    on_step=on_step, log=lambda *_: None)
+        torch.save({"losses": res.losses, "steps": res.steps, "interrupted": res.interrupted,
+                    "after": res.after, "state": _trained(model)}, Path(out) / f"rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def _trained(model) -> dict:
+    """The adapter tensors of a model ``train`` has trained (LoRA is injected in place)."""
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+    assert state
+    return state
+
+
+def _spawn(tmp_path: Path, cfg: dict, resume: bool = False, stop_at=None, world: int = 2) -> list[dict]:
+    import torch.multiprocessing as mp
+
+    out = tmp_path / f"out-{_free_port()}"
+    out.mkdir()
+    mp.spawn(_worker, args=(world, _free_port(), cfg, resume, stop_at, str(out)), nprocs=world, join=True)
+    return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("dist-data")
+    # 25 examples in global batches of 8: the last batch of each epoch holds one example, so the
+    # second process's share of it is empty (it must still take part in the gradient sum)
+    # plain-text lines of many lengths (every token a label) among the prompt/completion ones (one label
+    # each): the processes' shares hold different label counts, which a per-process mean would weigh wrongly
+    words = "a good film and a very dull plot the actor".split()
+    texts = [{"text": " ".join(words[: 2 + i])} for i in range(8)]
+    return str(write_jsonl(toy_records(17) + texts, d / "train.jsonl"))
+
+
+def _cfg(data: str, out: Path, **kw) -> dict:
+    cfg = dict(data=data, output=str(out), batch_size=4, lr=1e-2, precision="fp32", max_steps=9, save_steps=0,
+               seed=0, threads=1, dropout=0.0)
+    cfg.update(kw)
+    return cfg
+
+
+def test_two_processes_train_the_single_process_run_with_twice_the_batch(tmp_path, data):
+    ranks = _spawn(tmp_path, _cfg(data, tmp_path / "two"))
+    tok = tiny_tokenizer()
+    model = tiny_llama_lm(tok)
+    single = train(TrainConfig(**_cfg(data, tmp_path / "one", batch_size=8)), model=model, tokenizer=tok,
+                   progress=False, log=lambda *_: None)
+    assert ranks[0]["steps"] == ranks[1]["steps"] == single.steps == 9  # 4 batches an epoch: the short one ran twice
+    for name, t in ranks[0]["state"].items():  # the processes hold one model, to the bit
+        assert torch.equal(t, ranks[1]["state"][name]), name
+    reference = _trained(model)
+    assert set(reference) == set(ranks[0]["state"])
+    for name, t in reference.items():  # the same model as one process with twice the batch (sums reordered)
+        torch.testing.assert_close(ranks[0]["state"][name], t, rtol=1e-4, atol=2e-6)
+    torch.testing.assert_close(torch.tensor(ranks[0]["losses"]), torch.tensor(single.losses), rtol=1e-5, atol=1e-6)
+    assert ranks[0]["losses"] == ranks[1]["losses"]  # the summed loss, on every process
+    # only the first process wrote the run: its log has each step once, with the summed tokens
+    log = [json.loads(line) for line in (tmp_path / "two" / "log.jsonl").read_text().splitlines()]
+    log1 = [json.loads(line) for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 10))
+    assert [r["tokens"] for r in log] == [r["tokens"] for r in log1]
+    info = json.loads((tmp_path / "two" / "lorakit_run.json").read_text())
+    assert info["processes"] == 2 and info["steps"] == 9
+    assert (tmp_path / "two" / "adapter_model.safetensors").is_file()
+
+
+def test_ctrl_c_in_one_process_stops_both_after_the_same_step_and_the_resume_is_exact(tmp_path, data):
+    cfg = _cfg(data, tmp_path / "whole", dropout=0.1, max_steps=6)  # dropout: each process's RNG must resume too
+    whole = _spawn(tmp_path, cfg)
+    cut = dict(cfg, output=str(tmp_path / "cut"))
+    # Ctrl-C reaches the second process only, after step 3's gradient exchange: the request travels
+    # with step 4's, and both stop after step 4
+    stopped = _spawn(tmp_path, cut, stop_at=(1, 3))
+    assert [r["interrupted"] for r in stopped] == [True, True] and [r["steps"] for r in stopped] == [4, 4]
+    state = json.loads((tmp_path / "cut" / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == 4 and state["world_size"] == 2
+    # one process cannot take it over: the batches of each step depend on the number of processes
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match="trained in 2.*--nproc-per-node 2"):
+        train(TrainConfig(**cut), resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False,
+              log=lambda *_: None)
+    resumed = _spawn(tmp_path, cut, resume=True)
+    assert resumed[0]["steps"] == 6 and not resumed[0]["interrupted"]
+    assert resumed[0]["losses"] == whole[0]["losses"]
+    for name, t in whole[0]["state"].items():
+        assert torch.equal(resumed[0]["state"][name], t), name
+
+
+def test_setup_outside_torchrun(monkeypatch):
+    for key in ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(key, raising=False)
+    assert setup() == Dist()  # a plain process: one of one
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(RuntimeError, match="RANK, MASTER_ADDR, MASTER_PORT not set.*torchrun"):
+        setup()
+    monkeypatch.setenv("WORLD_SIZE", "two")
+    with pytest.raises(RuntimeError, match="WORLD_SIZE='two'"):
+        setup()
+
+
+def test_gradient_buckets_keep_order_and_size(monkeypatch):
+    import lorakit.train.distributed as d
+
+    monkeypatch.setattr(d, "BUCKET_NUMEL", 10)
+    params = [torch.zeros(n, requires_grad=True) for n in (4, 4, 4, 12, 3, 3)]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    buckets = _buckets(params)
+    assert [[p.numel() for p in b] for b in buckets] == [[4, 4], [4], [12], [3, 3]]
+    assert [p for b in buckets for p in b] == params
+    assert BUCKET_NUMEL >= 2 ** 20
+
+
+def test_lorakit_train_under_torchrun(tmp_path):
+    model_dir = save_tiny_model(tmp_path / "model")
+    train_file = write_jsonl(toy_records(24), tmp_path / "train.jsonl")
+    eval_file = write_jsonl(toy_records(8, seed=1), tmp_path / "eval.jsonl")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "-m", "lorakit.cli", "train", "--model", str(model_dir), "--data", str(train_file), "--eval-data",
+           str(eval_file), "--max-steps", "4", "--batch-size", "4", "--precision", "fp32", "--threads", "1",
+           "--output", str(tmp_path / "run"), "--no-progress"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("training lora on 24 examples: 4 steps of 4x1 in each of 2 processes") == 1  # one voice
+    assert proc.stdout.count("try it:") == 1 and proc.stdout.count("] held-out loss") == 2  # before and after
+    info = json.loads((tmp_path / "run" / "lorakit_run.json").read_text())
+    assert info["processes"] == 2 and info["steps"] == 4 and info["after"]["n"] == 8
+    assert "optimizer steps                   4 x 8 examples (2 processes)" in proc.stdout
+    assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
