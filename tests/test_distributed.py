@@ -29,10 +29,14 @@ def _free_port() -> int:
 
 
 def _worker(rank: int, world: int, port: int, cfg: dict, resume: bool, stop_at: tuple[int, int] | None,
-            out: str) -> None:
+            out: str, bucket: int | None) -> None:
     """One process of a run: train the tiny Llama, keep the result and the trained tensors."""
     import torch.distributed as dist
 
+    import lorakit.train.distributed as d
+
+    if bucket is not None:
+        d.BUCKET_NUMEL = bucket  # several exchanges per step
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     try:
@@ -46,24 +50,25 @@ def _worker(rank: int, world: int, port: int, cfg: dict, resume: bool, stop_at: 
         res = train(TrainConfig(**cfg), resume=resume, model=model, tokenizer=tok, progress=False,
                     on_step=on_step, log=lambda *_: None)
         torch.save({"losses": res.losses, "steps": res.steps, "interrupted": res.interrupted,
-                    "after": res.after, "state": _trained(model)}, Path(out) / f"rank{rank}.pt")
+                    "after": res.after, "state": _trained(model, cfg.get("method", "lora"))}, Path(out) / f"rank{rank}.pt")
     finally:
         dist.destroy_process_group()
 
 
-def _trained(model) -> dict:
-    """The adapter tensors of a model ``train`` has trained (LoRA is injected in place)."""
-    state = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" in n}
+def _trained(model, method: str = "lora") -> dict:
+    """The tensors ``train`` has trained in ``model`` (LoRA is injected in place)."""
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if method == "full" or "lora_" in n}
     assert state
     return state
 
 
-def _spawn(tmp_path: Path, cfg: dict, resume: bool = False, stop_at=None, world: int = 2) -> list[dict]:
+def _spawn(tmp_path: Path, cfg: dict, resume: bool = False, stop_at=None, world: int = 2,
+           bucket: int | None = None) -> list[dict]:
     import torch.multiprocessing as mp
 
     out = tmp_path / f"out-{_free_port()}"
     out.mkdir()
-    mp.spawn(_worker, args=(world, _free_port(), cfg, resume, stop_at, str(out)), nprocs=world, join=True)
+    mp.spawn(_worker, args=(world, _free_port(), cfg, resume, stop_at, str(out), bucket), nprocs=world, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -86,16 +91,19 @@ def _cfg(data: str, out: Path, **kw) -> dict:
     return cfg
 
 
-def test_two_processes_train_the_single_process_run_with_twice_the_batch(tmp_path, data):
-    ranks = _spawn(tmp_path, _cfg(data, tmp_path / "two"))
+@pytest.mark.parametrize("method", ["lora", "full"])
+def test_two_processes_train_the_single_process_run_with_twice_the_batch(tmp_path, data, method):
+    # full fine-tuning sends every weight's gradient: in buckets of at most 3000 numbers here
+    # (the tiny Llama's tensors hold 32 to 2,048 numbers), so each step makes many exchanges
+    ranks = _spawn(tmp_path, _cfg(data, tmp_path / "two", method=method), bucket=3000 if method == "full" else None)
     tok = tiny_tokenizer()
     model = tiny_llama_lm(tok)
-    single = train(TrainConfig(**_cfg(data, tmp_path / "one", batch_size=8)), model=model, tokenizer=tok,
-                   progress=False, log=lambda *_: None)
+    single = train(TrainConfig(**_cfg(data, tmp_path / "one", batch_size=8, method=method)), model=model,
+                   tokenizer=tok, progress=False, log=lambda *_: None)
     assert ranks[0]["steps"] == ranks[1]["steps"] == single.steps == 9  # 4 batches an epoch: the short one ran twice
     for name, t in ranks[0]["state"].items():  # the processes hold one model, to the bit
         assert torch.equal(t, ranks[1]["state"][name]), name
-    reference = _trained(model)
+    reference = _trained(model, method)
     assert set(reference) == set(ranks[0]["state"])
     for name, t in reference.items():  # the same model as one process with twice the batch (sums reordered)
         torch.testing.assert_close(ranks[0]["state"][name], t, rtol=1e-4, atol=2e-6)
@@ -108,7 +116,7 @@ def test_two_processes_train_the_single_process_run_with_twice_the_batch(tmp_pat
     assert [r["tokens"] for r in log] == [r["tokens"] for r in log1]
     info = json.loads((tmp_path / "two" / "lorakit_run.json").read_text())
     assert info["processes"] == 2 and info["steps"] == 9
-    assert (tmp_path / "two" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "two" / ("adapter_model.safetensors" if method == "lora" else "model/config.json")).is_file()
 
 
 def test_ctrl_c_in_one_process_stops_both_after_the_same_step_and_the_resume_is_exact(tmp_path, data):
