@@ -73,6 +73,11 @@ def _spawn(tmp_path: Path, cfg: dict, resume: bool = False, stop_at=None, world:
 
 
 @pytest.fixture(scope="module")
+def eval_file(tmp_path_factory):
+    return str(write_jsonl(toy_records(11, seed=1), tmp_path_factory.mktemp("dist-eval") / "eval.jsonl"))
+
+
+@pytest.fixture(scope="module")
 def data(tmp_path_factory):
     d = tmp_path_factory.mktemp("dist-data")
     # 25 examples in global batches of 8: the last batch of each epoch holds one example, so the
@@ -92,13 +97,15 @@ def _cfg(data: str, out: Path, **kw) -> dict:
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])
-def test_two_processes_train_the_single_process_run_with_twice_the_batch(tmp_path, data, method):
+def test_two_processes_train_the_single_process_run_with_twice_the_batch(tmp_path, data, eval_file, method):
     # full fine-tuning sends every weight's gradient: in buckets of at most 3000 numbers here
-    # (the tiny Llama's tensors hold 32 to 2,048 numbers), so each step makes many exchanges
-    ranks = _spawn(tmp_path, _cfg(data, tmp_path / "two", method=method), bucket=3000 if method == "full" else None)
+    # (the tiny Llama's tensors hold 32 to 2,048 numbers), so each step makes many exchanges;
+    # 11 held-out examples: the processes evaluate 6 and 5 of them
+    evals = dict(method=method, eval_data=eval_file, eval_steps=4)
+    ranks = _spawn(tmp_path, _cfg(data, tmp_path / "two", **evals), bucket=3000 if method == "full" else None)
     tok = tiny_tokenizer()
     model = tiny_llama_lm(tok)
-    single = train(TrainConfig(**_cfg(data, tmp_path / "one", batch_size=8, method=method)), model=model,
+    single = train(TrainConfig(**_cfg(data, tmp_path / "one", batch_size=8, **evals)), model=model,
                    tokenizer=tok, progress=False, log=lambda *_: None)
     assert ranks[0]["steps"] == ranks[1]["steps"] == single.steps == 9  # 4 batches an epoch: the short one ran twice
     for name, t in ranks[0]["state"].items():  # the processes hold one model, to the bit
@@ -114,9 +121,23 @@ def test_two_processes_train_the_single_process_run_with_twice_the_batch(tmp_pat
     log1 = [json.loads(line) for line in (tmp_path / "one" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 10))
     assert [r["tokens"] for r in log] == [r["tokens"] for r in log1]
+    # the shared evaluations give the single process's numbers, on every process
+    assert [r["step"] for r in log if "eval_loss" in r] == [r["step"] for r in log1 if "eval_loss" in r] == [4, 8]
+    assert ([r["eval_loss"] for r in log if "eval_loss" in r]
+            == pytest.approx([r["eval_loss"] for r in log1 if "eval_loss" in r], rel=1e-5))
+    for rank in ranks:
+        for key in ("n", "n_labels", "n_accuracy", "accuracy"):
+            assert rank["after"][key] == single.after[key], key
+        assert rank["after"]["loss"] == pytest.approx(single.after["loss"], rel=1e-5)
+    assert ranks[0]["after"]["samples"] == single.after["samples"]
+    assert info_before(tmp_path / "two") == pytest.approx(info_before(tmp_path / "one"), rel=1e-6)
     info = json.loads((tmp_path / "two" / "lorakit_run.json").read_text())
     assert info["processes"] == 2 and info["steps"] == 9
     assert (tmp_path / "two" / ("adapter_model.safetensors" if method == "lora" else "model/config.json")).is_file()
+
+
+def info_before(run_dir: Path) -> float:
+    return json.loads((run_dir / "lorakit_run.json").read_text())["before"]["loss"]
 
 
 def test_ctrl_c_in_one_process_stops_both_after_the_same_step_and_the_resume_is_exact(tmp_path, data):

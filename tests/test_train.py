@@ -797,3 +797,24 @@ def test_eval_steps_without_eval_data_warns(tmp_path, tok, data_files):
     train(_cfg(tmp_path, data_files, max_steps=1, eval_steps=1, eval_data=None), model=tiny_llama_lm(tok),
           tokenizer=tok, progress=False, log=messages.append)
     assert any("eval_steps 1 has nothing to evaluate" in m for m in messages)
+
+
+def test_eval_loss_between_steps_records_no_graph(tok, monkeypatch):
+    """--eval-steps evaluates between training steps, where autograd is on: the eval loss must not
+    record a graph (memory and time for nothing)."""
+    import lorakit.train.generate as gen
+
+    model = tiny_llama_lm(tok)  # every weight requires grad
+    seen = []
+    real = gen.loss_sum
+
+    def spy(m, batch, *a, **kw):
+        loss, n = real(m, batch, *a, **kw)
+        seen.append(loss.requires_grad)
+        return loss, n
+
+    monkeypatch.setattr(gen, "loss_sum", spy)
+    data = [tokenize_example(tok, parse_record(r, "x"), 64) for r in toy_records(6)]
+    total, count = gen.eval_loss_sum(model, data, 4, tok.pad_token_id, "fp32")
+    assert seen == [False, False] and count == sum(t.n_labels for t in data) and total > 0
+    assert gen.eval_loss(model, data, 4, tok.pad_token_id, "fp32") == pytest.approx(total / count)

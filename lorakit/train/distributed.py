@@ -17,8 +17,9 @@ numbers on the embedded model, 1.8% of the base), one flat buffer summed once pe
 milliseconds, and doing it by hand keeps the loop readable and the exchange visible. Full
 fine-tuning exchanges every weight's gradient in buckets of ``BUCKET_NUMEL`` numbers.
 
-The first process (rank 0) writes everything: the run directory, the log, checkpoints, the adapter,
-and runs the evaluations (the others wait for it at the next exchange). A resume needs the same
+The first process (rank 0) writes everything: the run directory, the log, checkpoints, the adapter.
+Evaluations are shared: each process scores and generates for every ``world``-th held-out example,
+and the sums (loss, answer tokens, correct answers) are combined (``lorakit.train.loop``). A resume needs the same
 number of processes (the data order depends on the global batch). Ctrl-C in any process stops all
 of them after the same step: the stop request travels with the gradients.
 """
@@ -74,7 +75,15 @@ class Dist:
                 for g in grads:
                     g.copy_(flat[offset : offset + g.numel()].view_as(g))
                     offset += g.numel()
-        summed = torch.tensor(extras, dtype=torch.float64)  # (float64: token counts and losses exactly)
+        return self.sum(extras)
+
+    def sum(self, values: list[float]) -> list[float]:
+        """``values`` summed over all processes (in float64: token counts and losses exactly)."""
+        if self.world == 1:
+            return list(values)
+        import torch.distributed as dist
+
+        summed = torch.tensor(values, dtype=torch.float64)
         dist.all_reduce(summed)
         return summed.tolist()
 

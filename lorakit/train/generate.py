@@ -162,18 +162,26 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor], label_positions_only: b
 @torch.no_grad()
 def eval_loss(model: Any, data: list[Tokenized], batch_size: int, pad_id: int, precision: str) -> float:
     """Mean cross-entropy per answer token over ``data`` (model switched to eval mode and back)."""
+    total, count = eval_loss_sum(model, data, batch_size, pad_id, precision)
+    return total / max(count, 1)
+
+
+def eval_loss_sum(model: Any, data: list[Tokenized], batch_size: int, pad_id: int, precision: str
+                  ) -> tuple[float, int]:
+    """``(summed cross-entropy, answer tokens)`` over ``data``: what ``eval_loss`` divides. (Without
+    autograd: called between training steps, it would otherwise record a graph for every batch.)"""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
     try:
         for batch in iter_eval_batches(data, batch_size, pad_id):
-            with autocast(precision):
+            with torch.no_grad(), autocast(precision):
                 loss, n = loss_sum(model, batch)
             total += float(loss)
             count += n
     finally:
         model.train(was_training)
-    return total / max(count, 1)
+    return total, count
 
 
 # --------------------------------------------------------------------------- generation
@@ -300,8 +308,8 @@ def evaluate(model: Any, tokenizer: Any, examples: list[Example], max_length: in
     accuracy as generating every answer (``shortcut=False``; a test compares the two).
 
     Returns:
-        ``{"loss", "accuracy" (None without answer examples), "n", "n_accuracy", "n_generated",
-        "predictions"}``.
+        ``{"loss", "accuracy" (None without answer examples), "n", "n_labels" (the answer tokens the
+        loss is the mean over), "n_accuracy", "n_generated", "predictions"}``.
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     tokenized = [tokenize_example(tokenizer, ex, max_length) for ex in examples]
@@ -358,6 +366,7 @@ def evaluate(model: Any, tokenizer: Any, examples: list[Example], max_length: in
         "loss": total / max(count, 1),
         "accuracy": correct / n_qa if n_qa else None,
         "n": len(scored),
+        "n_labels": count,
         "n_accuracy": n_qa,
         "n_generated": len(pending),
         "predictions": [predictions[i] for i in sorted(predictions)],

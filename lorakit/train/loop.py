@@ -29,6 +29,7 @@ Run directory layout (``runs/<name>/``)::
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
 import os
@@ -51,8 +52,9 @@ from lorakit.train.config import RESUME_FIXED, TrainConfig, target_module_spec
 from lorakit.train.data import (BUILTIN_TASK, IGNORE_INDEX, Example, Tokenized, collate, epoch_batches,
                                 load_examples, tokenize_all, write_jsonl)
 from lorakit.train.distributed import Dist, setup as setup_distributed
-from lorakit.train.generate import (RUN_INFO, auto_threads, autocast, evaluate, eval_loss, format_metric, loss_sum,
-                                    quantize_qlora_base, read_json_object, read_run_info, resolve_precision)
+from lorakit.train.generate import (RUN_INFO, auto_threads, autocast, eval_loss_sum, evaluate, format_metric,
+                                    loss_sum, quantize_qlora_base, read_json_object, read_run_info,
+                                    resolve_precision)
 
 CHECKPOINT = "checkpoint"
 
@@ -184,6 +186,40 @@ def fused_if_supported(make: Callable[..., torch.optim.Optimizer]) -> torch.opti
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:
     """Copies of the trainable parameters by name (what a checkpoint must restore)."""
     return {n: p.detach().to("cpu").contiguous().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+# --------------------------------------------------------------------------- shared evaluation
+def evaluate_shared(dist: Dist, model: Any, tokenizer: Any, examples: list[Example], max_length: int,
+                    batch_size: int, precision: str) -> dict[str, Any]:
+    """``evaluate`` with the held-out examples dealt out over the processes (every ``world``-th
+    example from ``rank``; a single process evaluates them all): the same loss (summed over the
+    answer tokens of all shares, then divided) and accuracy (correct answers over all shares), the
+    predictions interleaved back into the examples' order. Every process gets the combined result."""
+    if dist.world == 1:
+        return evaluate(model, tokenizer, examples, max_length, batch_size, precision)
+    error = None
+    try:
+        part = evaluate(model, tokenizer, examples[dist.rank :: dist.world], max_length, batch_size, precision)
+    except ValueError as exc:  # this share has nothing to score (the others may)
+        part, error = None, str(exc)
+    parts = [p for p in dist.gather_objects(part) if p is not None]
+    if not parts:  # (every process raises alike, none waits for another)
+        raise ValueError(error or "eval data: nothing to score")
+    n_labels = sum(p["n_labels"] for p in parts)
+    n_qa = sum(p["n_accuracy"] for p in parts)
+    correct = sum(round(p["accuracy"] * p["n_accuracy"]) for p in parts if p["n_accuracy"])
+    predictions = [q for row in itertools.zip_longest(*(p["predictions"] for p in parts)) for q in row if q is not None]
+    return {"loss": sum(p["loss"] * p["n_labels"] for p in parts) / max(n_labels, 1),
+            "accuracy": correct / n_qa if n_qa else None, "n": sum(p["n"] for p in parts), "n_labels": n_labels,
+            "n_accuracy": n_qa, "n_generated": sum(p["n_generated"] for p in parts), "predictions": predictions}
+
+
+def eval_loss_shared(dist: Dist, model: Any, data: list[Tokenized], batch_size: int, pad_id: int,
+                     precision: str) -> float:
+    """Mean cross-entropy per answer token over ``data``, each process scoring its share."""
+    total, count = eval_loss_sum(model, data[dist.rank :: dist.world], batch_size, pad_id, precision)
+    total, count = dist.sum([total, count])
+    return total / max(count, 1)
 
 
 # --------------------------------------------------------------------------- checkpoints
@@ -419,7 +455,7 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
 
     Under ``torchrun`` (or in a process group the caller started) every process calls this with
     the same arguments and trains its share of each batch (``lorakit.train.distributed``); only
-    the first one logs, shows progress and writes files, and only its result has ``after``.
+    the first one logs, shows progress and writes files; the evaluations are shared.
     """
     dist = setup_distributed()
     try:
@@ -522,14 +558,14 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
             if not eval_examples:
                 return {}
             t0 = time.time()
-            res = evaluate(model, tokenizer, eval_examples, cfg.max_length, max(cfg.batch_size, 16), amp)
+            res = evaluate_shared(dist, model, tokenizer, eval_examples, cfg.max_length, max(cfg.batch_size, 16), amp)
             log(f"[{tag}] held-out loss {res['loss']:.4f}, accuracy {format_metric(res['accuracy'], True)} "
                 f"on {res['n']} examples ({time.time() - t0:.0f} s)")
             return {k: v for k, v in res.items() if k != "predictions"} | {"samples": res["predictions"][:5]}
 
         if cfg.method == "qlora":  # the "before" column is the model QLoRA trains: the NF4 base
             quantize_qlora_base(model)
-        before = run_eval("before") if not resume and dist.main else {}
+        before = run_eval("before") if not resume else {}
 
         attention_before = getattr(getattr(model, "config", None), "_attn_implementation", None)
         model = prepare_model(model, cfg, base_name)
@@ -658,9 +694,8 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
                            "grad_norm": round(float(norm), 6), "tokens": step_tokens,
                            "tokens_per_s": round(step_tokens / max(dt, 1e-9), 1), "step_s": round(dt, 6),
                            "elapsed_s": round(train_seconds, 2)}
-                    if (cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps and eval_data
-                            and dist.main):
-                        rec["eval_loss"] = eval_loss(model, eval_data, max(cfg.batch_size, 16), pad_id, amp)
+                    if cfg.eval_steps and step % cfg.eval_steps == 0 and step < total_steps and eval_data:
+                        rec["eval_loss"] = eval_loss_shared(dist, model, eval_data, max(cfg.batch_size, 16), pad_id, amp)
                     if log_fh is not None:
                         log_fh.write(json.dumps(rec) + "\n")
                         log_fh.flush()
@@ -720,9 +755,11 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
             _discard_new_run(run_dir, created, log)
         raise
 
-    # 4. Final artefacts, then the after-training evaluation (the first process's work).
+    # 4. Final artefacts (the first process writes them), then the after-training evaluation (shared).
     model.eval()
     if not dist.main:
+        model.config.use_cache = True
+        result.after = run_eval("after")
         return result
     if cfg.method != "full":
         from lorakit import save_adapter
