@@ -649,7 +649,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
             from tqdm import tqdm
 
             bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
-        old_handler = _install_sigint(stop)  # (after the bar: nothing between it and the try can fail)
+        old_handler = _install_sigint(stop, dist)  # (after the bar: nothing between it and the try can fail)
         interrupted = agreed_stop = False
         model.train()
         try:
@@ -914,8 +914,10 @@ def _truncate_log(log_path: Path, step: int) -> None:
     os.replace(tmp, log_path)
 
 
-def _install_sigint(stop: dict[str, bool]) -> Any:
-    """First Ctrl-C: finish the current step, save a checkpoint, exit. Second: stop at once."""
+def _install_sigint(stop: dict[str, bool], dist: Dist = Dist()) -> Any:
+    """First Ctrl-C: finish the current step, save a checkpoint, exit. Second: stop at once.
+    (Several processes: the request goes out with the next gradient exchange, and all of them stop
+    after that step; only the first process says so, torchrun passing a Ctrl-C to every process.)"""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -925,8 +927,12 @@ def _install_sigint(stop: dict[str, bool]) -> Any:
         if stop["flag"]:
             raise KeyboardInterrupt
         stop["flag"] = True
-        print("\nCtrl-C: finishing this step and saving a checkpoint (press again to stop at once)",
-              file=sys.stderr)
+        if dist.world == 1:
+            print("\nCtrl-C: finishing this step and saving a checkpoint (press again to stop at once)",
+                  file=sys.stderr)
+        elif dist.main:
+            print("\nCtrl-C: every process stops after the same step (this one or the next) and a checkpoint "
+                  "is saved (press again to stop at once)", file=sys.stderr)
 
     return signal.signal(signal.SIGINT, handler)
 
