@@ -74,7 +74,12 @@ def _spawn(tmp_path: Path, cfg: dict, resume: bool = False, stop_at=None, world:
 
 @pytest.fixture(scope="module")
 def eval_file(tmp_path_factory):
-    return str(write_jsonl(toy_records(11, seed=1), tmp_path_factory.mktemp("dist-eval") / "eval.jsonl"))
+    # plain-text lines (a loss, no answer to check) among the questions: the predictions of the
+    # shares must still come back in the examples' order
+    texts = [{"text": "a good film and a dull plot"}, {"text": "the actor"}, {"text": "very boring scene"}]
+    records = toy_records(11, seed=1)
+    records = records[:1] + texts[:2] + records[1:3] + texts[2:] + records[3:]
+    return str(write_jsonl(records, tmp_path_factory.mktemp("dist-eval") / "eval.jsonl"))
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +105,7 @@ def _cfg(data: str, out: Path, **kw) -> dict:
 def test_two_processes_train_the_single_process_run_with_twice_the_batch(tmp_path, data, eval_file, method):
     # full fine-tuning sends every weight's gradient: in buckets of at most 3000 numbers here
     # (the tiny Llama's tensors hold 32 to 2,048 numbers), so each step makes many exchanges;
-    # 11 held-out examples: the processes evaluate 6 and 5 of them
+    # 14 held-out examples: the processes evaluate 7 each
     evals = dict(method=method, eval_data=eval_file, eval_steps=4)
     ranks = _spawn(tmp_path, _cfg(data, tmp_path / "two", **evals), bucket=3000 if method == "full" else None)
     tok = tiny_tokenizer()
@@ -130,6 +135,7 @@ def test_two_processes_train_the_single_process_run_with_twice_the_batch(tmp_pat
             assert rank["after"][key] == single.after[key], key
         assert rank["after"]["loss"] == pytest.approx(single.after["loss"], rel=1e-5)
     assert ranks[0]["after"]["samples"] == single.after["samples"]
+    assert [s["example"] for s in single.after["samples"]] == [0, 3, 4, 6, 7]
     assert info_before(tmp_path / "two") == pytest.approx(info_before(tmp_path / "one"), rel=1e-6)
     info = json.loads((tmp_path / "two" / "lorakit_run.json").read_text())
     assert info["processes"] == 2 and info["steps"] == 9
@@ -204,3 +210,30 @@ def test_lorakit_train_under_torchrun(tmp_path):
     assert info["processes"] == 2 and info["steps"] == 4 and info["after"]["n"] == 8
     assert "optimizer steps                   4 x 8 examples (2 processes)" in proc.stdout
     assert (tmp_path / "run" / "adapter_model.safetensors").is_file()
+
+
+TWICE = """
+import sys
+sys.path.insert(0, {tests!r})
+from lorakit.train.config import TrainConfig
+from lorakit.train.loop import train
+from tiny_lm import tiny_llama_lm, tiny_tokenizer
+
+tok = tiny_tokenizer()
+for name in ("first", "second"):  # one process group serves both runs
+    cfg = TrainConfig(data={data!r}, output={out!r} + "/" + name, batch_size=2, max_steps=2, precision="fp32",
+                      threads=1)
+    train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=lambda *_: None)
+"""
+
+
+def test_two_runs_in_one_torchrun_script(tmp_path, data):
+    script = tmp_path / "twice.py"
+    script.write_text(TWICE.format(tests=str(TESTS), data=data, out=str(tmp_path)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                           str(_free_port()), str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for name in ("first", "second"):
+        info = json.loads((tmp_path / name / "lorakit_run.json").read_text())
+        assert info["processes"] == 2 and info["steps"] == 2

@@ -66,7 +66,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         from lorakit.train.loop import load_run_config
 
         base = load_run_config(args.resume).to_dict()
-        if given:
+        if given and _first_process():
             print(f"warning: overriding the saved configuration of {args.resume} with {sorted(given)}", file=sys.stderr)
         base["output"] = args.resume
     elif args.config:
@@ -82,11 +82,16 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         defaults = TrainConfig()
         ignored = [n for n in ("rank", "alpha", "dropout", "target_modules")
                    if n in given or getattr(cfg, n) != getattr(defaults, n)]
-        if ignored:
+        if ignored and _first_process():
             flags = ", ".join("--" + n.replace("_", "-") for n in ignored)
             print(f"warning: --method full trains every weight: ignoring {flags} (adapter options, for lora / "
                   "qlora only)", file=sys.stderr)
     return cfg
+
+
+def _first_process() -> bool:
+    """Not one of the later processes of a torchrun launch (they stay quiet: the first one speaks)."""
+    return os.environ.get("RANK", "0") in ("", "0")
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -102,7 +107,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 1
     if result.interrupted:
         return 130
-    if os.environ.get("RANK", "0") not in ("", "0"):  # one of several processes (torchrun): the first one speaks
+    if not _first_process():
         return 0
     where = f"--model {result.run_dir / 'model'}" if cfg.method == "full" else f"--adapter {result.run_dir}"
     from lorakit.train.data import BUILTIN_TASK

@@ -25,6 +25,7 @@ of them after the same step: the stop request travels with the gradients.
 """
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -43,7 +44,6 @@ class Dist:
 
     world: int = 1
     rank: int = 0
-    created: bool = False  # this process group was started here (and is closed by ``close``)
 
     @property
     def main(self) -> bool:
@@ -125,14 +125,6 @@ class Dist:
 
             dist.barrier()
 
-    def close(self) -> None:
-        """End the process group if ``setup`` started it."""
-        if self.created:
-            import torch.distributed as dist
-
-            if dist.is_initialized():
-                dist.destroy_process_group()
-            self.created = False
 
 
 def _buckets(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
@@ -153,9 +145,12 @@ def _buckets(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
 def setup() -> Dist:
     """The process group this process belongs to.
 
-    Already initialised (by the caller): use it. Otherwise started from torchrun's environment
-    (``WORLD_SIZE`` > 1, with ``RANK``, ``MASTER_ADDR``, ``MASTER_PORT``), with the gloo backend (CPU
-    tensors; lorakit trains on the CPU). Neither: a single process.
+    Already initialised (by the caller, or by an earlier ``train`` in this process): use it.
+    Otherwise started from torchrun's environment (``WORLD_SIZE`` > 1, with ``RANK``,
+    ``MASTER_ADDR``, ``MASTER_PORT``), with the gloo backend (CPU tensors; lorakit trains on the
+    CPU), and kept until the process exits: a second ``train`` in the same script uses it again
+    (starting a group anew from the same address raced with the old one's teardown and could hang).
+    Neither: a single process.
 
     Raises:
         RuntimeError: ``WORLD_SIZE`` says several processes but the rest of the environment is
@@ -178,4 +173,14 @@ def setup() -> Dist:
     if not dist.is_available():
         raise RuntimeError("this torch build has no torch.distributed: run in a single process")
     dist.init_process_group(backend="gloo")
-    return Dist(world=dist.get_world_size(), rank=dist.get_rank(), created=True)
+    atexit.register(_close_at_exit)
+    return Dist(world=dist.get_world_size(), rank=dist.get_rank())
+
+
+def _close_at_exit() -> None:
+    """Destroy the group ``setup`` started while the interpreter is still whole (gloo's threads
+    torn down at interpreter finalisation can abort the process)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()

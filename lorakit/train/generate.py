@@ -159,7 +159,10 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor], label_positions_only: b
     return loss, n
 
 
-@torch.no_grad()
+class NothingToScore(ValueError):
+    """``evaluate`` got no example with answer tokens (within ``max_length``)."""
+
+
 def eval_loss(model: Any, data: list[Tokenized], batch_size: int, pad_id: int, precision: str) -> float:
     """Mean cross-entropy per answer token over ``data`` (model switched to eval mode and back)."""
     total, count = eval_loss_sum(model, data, batch_size, pad_id, precision)
@@ -168,8 +171,8 @@ def eval_loss(model: Any, data: list[Tokenized], batch_size: int, pad_id: int, p
 
 def eval_loss_sum(model: Any, data: list[Tokenized], batch_size: int, pad_id: int, precision: str
                   ) -> tuple[float, int]:
-    """``(summed cross-entropy, answer tokens)`` over ``data``: what ``eval_loss`` divides. (Without
-    autograd: called between training steps, it would otherwise record a graph for every batch.)"""
+    """``(summed cross-entropy, answer tokens)`` over ``data``: what ``eval_loss`` divides (without
+    autograd: it runs between training steps, where autograd is on)."""
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -309,13 +312,14 @@ def evaluate(model: Any, tokenizer: Any, examples: list[Example], max_length: in
 
     Returns:
         ``{"loss", "accuracy" (None without answer examples), "n", "n_labels" (the answer tokens the
-        loss is the mean over), "n_accuracy", "n_generated", "predictions"}``.
+        loss is the mean over), "n_accuracy", "n_generated", "predictions"}``; a prediction is
+        ``{"reference", "generated", "correct", "example"}``, the last its place in ``examples``.
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     tokenized = [tokenize_example(tokenizer, ex, max_length) for ex in examples]
     scored = sorted((i for i, t in enumerate(tokenized) if t.n_labels), key=lambda i: len(tokenized[i].input_ids))
     if not scored:
-        raise ValueError(f"eval data: no example has answer tokens within max_length={max_length}")
+        raise NothingToScore(f"eval data: no example has answer tokens within max_length={max_length}")
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -369,7 +373,7 @@ def evaluate(model: Any, tokenizer: Any, examples: list[Example], max_length: in
         "n_labels": count,
         "n_accuracy": n_qa,
         "n_generated": len(pending),
-        "predictions": [predictions[i] for i in sorted(predictions)],
+        "predictions": [predictions[i] | {"example": i} for i in sorted(predictions)],
     }
 
 

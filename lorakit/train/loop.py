@@ -29,7 +29,6 @@ Run directory layout (``runs/<name>/``)::
 from __future__ import annotations
 
 import contextlib
-import itertools
 import json
 import math
 import os
@@ -52,8 +51,8 @@ from lorakit.train.config import RESUME_FIXED, TrainConfig, target_module_spec
 from lorakit.train.data import (BUILTIN_TASK, IGNORE_INDEX, Example, Tokenized, collate, epoch_batches,
                                 load_examples, tokenize_all, write_jsonl)
 from lorakit.train.distributed import Dist, setup as setup_distributed
-from lorakit.train.generate import (RUN_INFO, auto_threads, autocast, eval_loss_sum, evaluate, format_metric,
-                                    loss_sum, quantize_qlora_base, read_json_object, read_run_info,
+from lorakit.train.generate import (RUN_INFO, NothingToScore, auto_threads, autocast, eval_loss_sum, evaluate,
+                                    format_metric, loss_sum, quantize_qlora_base, read_json_object, read_run_info,
                                     resolve_precision)
 
 CHECKPOINT = "checkpoint"
@@ -194,21 +193,25 @@ def evaluate_shared(dist: Dist, model: Any, tokenizer: Any, examples: list[Examp
     """``evaluate`` with the held-out examples dealt out over the processes (every ``world``-th
     example from ``rank``; a single process evaluates them all): the same loss (summed over the
     answer tokens of all shares, then divided) and accuracy (correct answers over all shares), the
-    predictions interleaved back into the examples' order. Every process gets the combined result."""
+    predictions in the examples' order. Every process gets the combined result."""
     if dist.world == 1:
         return evaluate(model, tokenizer, examples, max_length, batch_size, precision)
     error = None
     try:
         part = evaluate(model, tokenizer, examples[dist.rank :: dist.world], max_length, batch_size, precision)
-    except ValueError as exc:  # this share has nothing to score (the others may)
+    except NothingToScore as exc:  # this share has nothing to score (the others may)
         part, error = None, str(exc)
-    parts = [p for p in dist.gather_objects(part) if p is not None]
+    everyone = dist.gather_objects(part)  # in rank order
+    for rank, p in enumerate(everyone):
+        for q in p["predictions"] if p is not None else []:
+            q["example"] = rank + dist.world * q["example"]  # its place in ``examples``
+    parts = [p for p in everyone if p is not None]
     if not parts:  # (every process raises alike, none waits for another)
-        raise ValueError(error or "eval data: nothing to score")
+        raise NothingToScore(error or "eval data: nothing to score")
     n_labels = sum(p["n_labels"] for p in parts)
     n_qa = sum(p["n_accuracy"] for p in parts)
     correct = sum(round(p["accuracy"] * p["n_accuracy"]) for p in parts if p["n_accuracy"])
-    predictions = [q for row in itertools.zip_longest(*(p["predictions"] for p in parts)) for q in row if q is not None]
+    predictions = sorted((q for p in parts for q in p["predictions"]), key=lambda q: q["example"])
     return {"loss": sum(p["loss"] * p["n_labels"] for p in parts) / max(n_labels, 1),
             "accuracy": correct / n_qa if n_qa else None, "n": sum(p["n"] for p in parts), "n_labels": n_labels,
             "n_accuracy": n_qa, "n_generated": sum(p["n_generated"] for p in parts), "predictions": predictions}
@@ -458,12 +461,9 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
     the first one logs, shows progress and writes files; the evaluations are shared.
     """
     dist = setup_distributed()
-    try:
-        result = _train(cfg, resume, model, tokenizer, progress, on_step, log, dist)
-        dist.barrier()  # the others wait for the first process's final phase: all end together
-        return result
-    finally:
-        dist.close()
+    result = _train(cfg, resume, model, tokenizer, progress, on_step, log, dist)
+    dist.barrier()  # the others wait for the first process's final phase: all end together
+    return result
 
 
 def _silent(*_args: Any) -> None:
@@ -760,6 +760,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
     if not dist.main:
         model.config.use_cache = True
         result.after = run_eval("after")
+        result.wall_seconds, result.peak_memory_mb = wall_before + time.time() - wall_start, peak_memory_mb()
         return result
     if cfg.method != "full":
         from lorakit import save_adapter
