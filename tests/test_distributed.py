@@ -44,7 +44,7 @@ def _worker(rank: int, world: int, port: int, cfg: dict, resume: bool, stop_at: 
 
         def on_step(step: int, loss: float) -> None:
             if stop_at is not None and (rank, step) == stop_at:
-                os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C in this process only
+                signal.raise_signal(signal.SIGINT)  # Ctrl-C in this process only (to this thread, the main one)
 
         model = tiny_llama_lm(tok)
         res = train(TrainConfig(**cfg), resume=resume, model=model, tokenizer=tok, progress=False,
