@@ -237,3 +237,20 @@ def test_two_runs_in_one_torchrun_script(tmp_path, data):
     for name in ("first", "second"):
         info = json.loads((tmp_path / name / "lorakit_run.json").read_text())
         assert info["processes"] == 2 and info["steps"] == 2
+
+
+def test_a_single_process_checkpoint_is_not_resumed_in_two(tmp_path, data):
+    from lorakit.train.loop import SimulatedKill, find_checkpoint, load_checkpoint
+
+    def kill(step, loss):
+        if step == 2:
+            raise SimulatedKill
+
+    tok = tiny_tokenizer()
+    with pytest.raises(SimulatedKill):
+        train(TrainConfig(**_cfg(data, tmp_path / "one", save_steps=1)), model=tiny_llama_lm(tok), tokenizer=tok,
+              progress=False, on_step=kill, log=lambda *_: None)
+    ckpt = find_checkpoint(tmp_path / "one")
+    # refused before anything is restored (so before any process waits for another)
+    with pytest.raises(ValueError, match="in 2 process.*trained in 1 .*resume it with one process"):
+        load_checkpoint(ckpt, None, None, None, Dist(world=2, rank=1))

@@ -47,12 +47,13 @@ class Dist:
 
     @property
     def main(self) -> bool:
-        """The process that writes files and runs evaluations."""
+        """The process that writes files and speaks (logs, progress bar, tables)."""
         return self.rank == 0
 
-    def share(self, items: list[int]) -> list[int]:
-        """This process's share of a global micro-batch (every ``world``-th item from ``rank``):
-        the items are sorted by length within a batch, so the shares get similar lengths."""
+    def share(self, items: list[Any]) -> list[Any]:
+        """This process's share of a global micro-batch or of the held-out examples (every
+        ``world``-th item from ``rank``): a batch's items are sorted by length, so the shares get
+        similar lengths."""
         return items[self.rank :: self.world]
 
     def sum_gradients(self, params: list[torch.Tensor], extras: list[float]) -> list[float]:
@@ -124,7 +125,6 @@ class Dist:
             import torch.distributed as dist
 
             dist.barrier()
-
 
 
 def _buckets(params: list[torch.Tensor]) -> list[list[torch.Tensor]]:

@@ -198,7 +198,7 @@ def evaluate_shared(dist: Dist, model: Any, tokenizer: Any, examples: list[Examp
         return evaluate(model, tokenizer, examples, max_length, batch_size, precision)
     error = None
     try:
-        part = evaluate(model, tokenizer, examples[dist.rank :: dist.world], max_length, batch_size, precision)
+        part = evaluate(model, tokenizer, dist.share(examples), max_length, batch_size, precision)
     except NothingToScore as exc:  # this share has nothing to score (the others may)
         part, error = None, str(exc)
     everyone = dist.gather_objects(part)  # in rank order
@@ -209,18 +209,18 @@ def evaluate_shared(dist: Dist, model: Any, tokenizer: Any, examples: list[Examp
     if not parts:  # (every process raises alike, none waits for another)
         raise NothingToScore(error or "eval data: nothing to score")
     n_labels = sum(p["n_labels"] for p in parts)
-    n_qa = sum(p["n_accuracy"] for p in parts)
-    correct = sum(round(p["accuracy"] * p["n_accuracy"]) for p in parts if p["n_accuracy"])
     predictions = sorted((q for p in parts for q in p["predictions"]), key=lambda q: q["example"])
+    correct = sum(q["correct"] for q in predictions)
     return {"loss": sum(p["loss"] * p["n_labels"] for p in parts) / max(n_labels, 1),
-            "accuracy": correct / n_qa if n_qa else None, "n": sum(p["n"] for p in parts), "n_labels": n_labels,
-            "n_accuracy": n_qa, "n_generated": sum(p["n_generated"] for p in parts), "predictions": predictions}
+            "accuracy": correct / len(predictions) if predictions else None, "n": sum(p["n"] for p in parts),
+            "n_labels": n_labels, "n_accuracy": len(predictions), "n_generated": sum(p["n_generated"] for p in parts),
+            "predictions": predictions}
 
 
 def eval_loss_shared(dist: Dist, model: Any, data: list[Tokenized], batch_size: int, pad_id: int,
                      precision: str) -> float:
     """Mean cross-entropy per answer token over ``data``, each process scoring its share."""
-    total, count = eval_loss_sum(model, data[dist.rank :: dist.world], batch_size, pad_id, precision)
+    total, count = eval_loss_sum(model, dist.share(data), batch_size, pad_id, precision)
     total, count = dist.sum([total, count])
     return total / max(count, 1)
 
@@ -277,15 +277,22 @@ def find_checkpoint(run_dir: Path) -> Path | None:
 
 
 def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
-                    rank: int = 0) -> dict[str, Any]:
+                    dist: Dist = Dist()) -> dict[str, Any]:
     """Restore parameters, optimizer, scheduler and RNG from ``path``; return the trainer state.
-    (``rank``: this process's place in a run of several; it takes its own RNG state.)
+    (``dist``: this process's place in a run of several; it takes its own RNG state.)
 
     Raises:
-        ValueError: if a checkpoint file is unreadable, or the checkpoint does not fit the model
-            (names or shapes differ).
+        ValueError: if a checkpoint file is unreadable, the checkpoint does not fit the model
+            (names or shapes differ), or it was trained in another number of processes.
     """
     from safetensors.torch import load_file
+
+    state = _read_checkpoint_file(path, "trainer_state.json", _read_trainer_state)
+    saved_world = state.get("world_size", 1)
+    if saved_world != dist.world:
+        how = f"torchrun --nproc-per-node {saved_world}" if saved_world > 1 else "one process (without torchrun)"
+        raise ValueError(f"cannot resume from {str(path)!r} in {dist.world} process(es): it was trained in "
+                         f"{saved_world} (the batches of each step depend on it); resume it with {how}")
 
     saved = _read_checkpoint_file(path, "trainable.safetensors", lambda f: load_file(str(f)))
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -298,12 +305,12 @@ def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, sc
                 raise ValueError(f"checkpoint {path}: {name} has shape {list(saved[name].shape)}, "
                                  f"the model expects {list(p.shape)}")
             p.copy_(saved[name])
-    state = _read_checkpoint_file(path, "trainer_state.json", _read_trainer_state)
     _read_checkpoint_file(path, "optimizer.pt", lambda f: optimizer.load_state_dict(torch.load(f, weights_only=True)))
     _read_checkpoint_file(path, "scheduler.pt", lambda f: scheduler.load_state_dict(torch.load(f, weights_only=True)))
+
     def restore_rng(f: Path) -> None:
         rng = torch.load(f, weights_only=True)
-        torch.set_rng_state(rng["ranks"][rank] if "ranks" in rng else rng["torch"])
+        torch.set_rng_state(rng["ranks"][dist.rank] if "ranks" in rng else rng["torch"])
 
     _read_checkpoint_file(path, "rng.pt", restore_rng)
     return state
@@ -604,14 +611,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
         step, tokens_done, train_seconds, wall_before = 0, 0, 0.0, 0.0
         losses: list[float] = []
         if ckpt is not None:
-            saved_world = _read_checkpoint_file(ckpt, "trainer_state.json", _read_trainer_state).get("world_size", 1)
-            if saved_world != dist.world:
-                raise ValueError(f"cannot resume {str(run_dir)!r} in {dist.world} process(es): it was trained in "
-                                 f"{saved_world} (the batches of each step depend on it); resume it with "
-                                 f"torchrun --nproc-per-node {saved_world}" if saved_world > 1 else
-                                 f"cannot resume {str(run_dir)!r} in {dist.world} processes: it was trained in one "
-                                 "(the batches of each step depend on it); resume it without torchrun")
-            state = load_checkpoint(ckpt, model, optimizer, scheduler, dist.rank)
+            state = load_checkpoint(ckpt, model, optimizer, scheduler, dist)
             step, tokens_done, train_seconds = state["step"], state["tokens"], state["train_seconds"]
             wall_before = float(state.get("wall_seconds", 0.0))
             # The learning rate the next step uses, from this run's schedule: the saved one came from
@@ -628,7 +628,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
             _truncate_log(log_path, step)
 
         def write_checkpoint() -> None:  # (every process calls it: each one's RNG state is kept)
-            rng_states = dist.gather_objects(torch.get_rng_state()) if dist.world > 1 else None
+            rng_states = dist.gather_objects(torch.get_rng_state())
             if not dist.main:
                 return
             epoch, pos = divmod(step * cfg.grad_accum, per_epoch)
@@ -757,28 +757,26 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
 
     # 4. Final artefacts (the first process writes them), then the after-training evaluation (shared).
     model.eval()
-    if not dist.main:
-        model.config.use_cache = True
-        result.after = run_eval("after")
-        result.wall_seconds, result.peak_memory_mb = wall_before + time.time() - wall_start, peak_memory_mb()
-        return result
-    if cfg.method != "full":
-        from lorakit import save_adapter
+    if dist.main:
+        if cfg.method != "full":
+            from lorakit import save_adapter
 
-        # PiSSA / OLoRA adapters are exported as plain LoRA against the original base weights.
-        save_adapter(model, run_dir, convert_to_lora=cfg.init.lower().startswith(("pissa", "olora")))
-    else:
-        model.config.use_cache = True
-        model.save_pretrained(run_dir / "model")
-        tokenizer.save_pretrained(run_dir / "model")
-        from lorakit.io import ordinary_modes
+            # PiSSA / OLoRA adapters are exported as plain LoRA against the original base weights.
+            save_adapter(model, run_dir, convert_to_lora=cfg.init.lower().startswith(("pissa", "olora")))
+        else:
+            model.config.use_cache = True
+            model.save_pretrained(run_dir / "model")
+            tokenizer.save_pretrained(run_dir / "model")
+            from lorakit.io import ordinary_modes
 
-        ordinary_modes(run_dir / "model")  # safetensors writes its files private
-    plot_losses(log_path, run_dir / "loss.png")
+            ordinary_modes(run_dir / "model")  # safetensors writes its files private
+        plot_losses(log_path, run_dir / "loss.png")
     model.config.use_cache = True
     result.after = run_eval("after")
     result.wall_seconds = wall_before + time.time() - wall_start  # (over every process of a resumed run)
     result.peak_memory_mb = peak_memory_mb()
+    if not dist.main:
+        return result
     info = {
         "finished": True, "model": cfg.model, "method": cfg.method, "config": cfg.to_dict(),
         "steps": step, "before": before, "after": result.after,
