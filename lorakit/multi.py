@@ -105,19 +105,19 @@ class MixedBatchContext:
         return stack[-1][1] if stack else None
 
 
-def _check_names(model: nn.Module, adapter_names: Any) -> tuple[str, ...]:
-    """Validate a per-row name list against the adapters on ``model``."""
+def _check_names(model: nn.Module, adapter_names: Any, what: str = "adapter_names") -> tuple[str, ...]:
+    """Validate a per-row name list against the adapters on ``model`` (``what``: how errors name it)."""
     if isinstance(adapter_names, str) or not isinstance(adapter_names, Sequence):
-        raise ValueError(f"adapter_names must be a list with one adapter name per row, got {adapter_names!r}")
+        raise ValueError(f"{what} must be a list with one adapter name per row, got {adapter_names!r}")
     names = tuple(adapter_names)
     bad_types = [n for n in names if not isinstance(n, str)]
     if bad_types:
-        raise ValueError(f"adapter_names must hold strings, got {bad_types[:3]}")
+        raise ValueError(f"{what} must hold strings, got {bad_types[:3]}")
     state = get_state(model)
     known = set(state.configs) if state is not None else set()
     unknown = sorted({n for n in names if n != BASE_NAME and n not in known})
     if unknown:
-        raise ValueError(f"unknown adapter name(s) {unknown} in adapter_names; this model has {sorted(known)} "
+        raise ValueError(f"unknown adapter name(s) {unknown} in {what}; this model has {sorted(known)} "
                          f"(and {BASE_NAME!r} for the base model)")
     return names
 
@@ -397,7 +397,7 @@ def check_uses(model: nn.Module, uses: Sequence[str], n_prompts: int) -> list[st
     if len(uses) != n_prompts:
         raise ValueError(f"got {len(uses)} --use for {n_prompts} prompt(s): give one --use per prompt "
                          "(quote each prompt)")
-    return list(_check_names(model, uses))
+    return list(_check_names(model, uses, "--use"))
 
 
 # ---------------------------------------------------------------------------- combine

@@ -579,7 +579,7 @@ def test_check_uses():
     assert check_uses(m, ["legal", "__base__"], 2) == ["legal", "__base__"]
     with pytest.raises(ValueError, match="2 --use for 3 prompt"):
         check_uses(m, ["legal", "code"], 3)
-    with pytest.raises(ValueError, match="'tax'"):
+    with pytest.raises(ValueError, match=r"unknown adapter name\(s\) \['tax'\] in --use"):
         check_uses(m, ["tax"], 1)
 
 

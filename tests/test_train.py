@@ -14,7 +14,7 @@ from lorakit.train.config import TrainConfig
 from lorakit.train.data import collate, parse_record, tokenize_example
 from lorakit.train.generate import loss_sum
 from lorakit.train.loop import (NonFiniteLossError, SimulatedKill, find_checkpoint, lr_factor, plan_steps,
-                                train)
+                                step_micro_batches, train)
 from tiny_lm import one_thread, tiny_gpt2_lm, tiny_llama_lm, tiny_tokenizer, toy_records, write_jsonl
 
 
@@ -67,6 +67,27 @@ def test_lr_schedule_warmup_then_cosine():
     assert f[-1] < 0.01
     cfg = TrainConfig(batch_size=8, grad_accum=2, max_steps=0, epochs=2)
     assert plan_steps(cfg, 100) == (13, 13)
+
+
+def test_an_epoch_run_ends_with_its_epochs_under_gradient_accumulation(tmp_path, tok, data_files):
+    """--epochs 1 with --grad-accum 4 over 14 micro-batches: 4 steps, the last of 2 micro-batches, and
+    every example seen once (the same tokens as without accumulation); --max-steps runs still wrap."""
+    cfg = TrainConfig(batch_size=7, grad_accum=4, max_steps=0, epochs=1)
+    assert plan_steps(cfg, 96) == (14, 4)
+    assert [list(step_micro_batches(cfg, s, 14)) for s in range(4)] == [
+        [0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13]]
+    assert list(step_micro_batches(TrainConfig(batch_size=7, grad_accum=4, max_steps=4), 3, 14)) == [12, 13, 14, 15]
+    assert list(step_micro_batches(TrainConfig(grad_accum=4, max_steps=0, epochs=0.5), 0, 3)) == [0, 1]
+
+    def tokens(name, accum):
+        train(_cfg(tmp_path, data_files, name=name, batch_size=7, grad_accum=accum, max_steps=0, epochs=1),
+              model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+        rows = [json.loads(line) for line in (tmp_path / name / "log.jsonl").read_text().splitlines()]
+        assert {r["epoch"] for r in rows} == {0}
+        return len(rows), sum(r["tokens"] for r in rows)
+    steps4, tokens4 = tokens("accum4", 4)
+    steps1, tokens1 = tokens("accum1", 1)
+    assert (steps4, steps1) == (4, 14) and tokens4 == tokens1
 
 
 # ----------------------------------------------------------------------------- learning
@@ -262,6 +283,38 @@ def test_ctrl_c_saves_checkpoint_and_resumes(tmp_path, tok, data_files):
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     res = train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
     assert res.steps == 5 and not res.interrupted
+
+
+@pytest.mark.parametrize("init", ["pissa_niter_2", "olora"])
+def test_a_checkpoints_adapter_is_exported_like_the_final_one(tmp_path, tok, data_files, init):
+    """A PiSSA / OLoRA run's checkpoint/adapter is the plain LoRA against the original base (as the final
+    adapter is): it saves without the residual-base warning and loads onto a fresh base to the trained model."""
+    import warnings
+
+    import torch
+
+    import lorakit as lk
+
+    def ctrl_c(step, _loss):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+    model = tiny_llama_lm(tok)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the unconverted save warned here at every checkpoint
+        res = train(_cfg(tmp_path, data_files, max_steps=6, init=init), model=model, tokenizer=tok,
+                    progress=False, on_step=ctrl_c, log=_quiet)
+    assert res.interrupted and res.steps == 3
+    adapter = find_checkpoint(tmp_path / "run") / "adapter"
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    assert saved["init_lora_weights"] is True and saved["r"] == 2 * 8
+    ids = torch.randint(4, len(tok), (2, 9))
+    model.eval()
+    with torch.no_grad():
+        want = model(input_ids=ids).logits
+        got = lk.load_adapter(tiny_llama_lm(tok), adapter)(input_ids=ids).logits
+        base = tiny_llama_lm(tok)(input_ids=ids).logits
+    assert (want - base).abs().max() > 1e-2  # training moved the model: the comparison means something
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_data_fails_before_training(tmp_path, tok):

@@ -101,7 +101,18 @@ def plan_steps(cfg: TrainConfig, n_examples: int, world: int = 1) -> tuple[int, 
     per_epoch = math.ceil(n_examples / (cfg.batch_size * world))
     if cfg.max_steps:
         return per_epoch, cfg.max_steps
-    return per_epoch, max(1, math.ceil(cfg.epochs * per_epoch / cfg.grad_accum))
+    return per_epoch, max(1, math.ceil(math.ceil(cfg.epochs * per_epoch) / cfg.grad_accum))
+
+
+def step_micro_batches(cfg: TrainConfig, step: int, per_epoch: int) -> range:
+    """The run-wide indices of optimizer step ``step``'s micro-batches: ``cfg.grad_accum`` of them,
+    except that a run sized by ``--epochs`` ends where its epochs do, so its last step may have fewer
+    (``--epochs 1`` sees each example once). A ``--max-steps`` run wraps into further epochs."""
+    start = step * cfg.grad_accum
+    end = start + cfg.grad_accum
+    if not cfg.max_steps:
+        end = min(end, max(1, math.ceil(cfg.epochs * per_epoch)))
+    return range(start, end)
 
 
 def micro_batch(data: list[Tokenized], cfg: TrainConfig, index: int, per_epoch: int, pad_id: int,
@@ -226,6 +237,14 @@ def eval_loss_shared(dist: Dist, model: Any, data: list[Tokenized], batch_size: 
 
 
 # --------------------------------------------------------------------------- checkpoints
+def save_run_adapter(model: Any, directory: Path, cfg: TrainConfig) -> None:
+    """The run's adapter in PEFT format, as the final artefact and in each checkpoint alike.
+    PiSSA / OLoRA adapters are exported as plain LoRA against the original base weights."""
+    from lorakit import save_adapter
+
+    save_adapter(model, directory, convert_to_lora=cfg.init.lower().startswith(("pissa", "olora")))
+
+
 def save_checkpoint(run_dir: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
                     state: dict[str, Any], cfg: TrainConfig, rng_states: list[torch.Tensor] | None = None) -> Path:
     """Write the resumable state atomically: a temp directory, then renames.
@@ -251,9 +270,7 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: torch.optim.Optimizer,
         state = dict(state, python_random=random.getstate()[1][:1])  # informational only
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
         if cfg.method != "full":
-            from lorakit import save_adapter
-
-            save_adapter(model, tmp / "adapter")
+            save_run_adapter(model, tmp / "adapter", cfg)
         old = run_dir / ".checkpoint-old"
         if final.exists():
             if old.exists():
@@ -656,8 +673,8 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
             with log_path.open("a", encoding="utf-8") if dist.main else contextlib.nullcontext() as log_fh:
                 while step < total_steps:
                     t0 = time.time()
-                    micro = [micro_batch(train_data, cfg, step * cfg.grad_accum + k, per_epoch, pad_id, batches_cache,
-                                         dist) for k in range(cfg.grad_accum)]
+                    micro = [micro_batch(train_data, cfg, index, per_epoch, pad_id, batches_cache, dist)
+                             for index in step_micro_batches(cfg, step, per_epoch)]
                     n_labels = sum(n for _, _, n in micro)
                     step_loss, step_tokens = 0.0, 0
                     for _, batch, _ in micro:
@@ -759,10 +776,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
     model.eval()
     if dist.main:
         if cfg.method != "full":
-            from lorakit import save_adapter
-
-            # PiSSA / OLoRA adapters are exported as plain LoRA against the original base weights.
-            save_adapter(model, run_dir, convert_to_lora=cfg.init.lower().startswith(("pissa", "olora")))
+            save_run_adapter(model, run_dir, cfg)
         else:
             model.config.use_cache = True
             model.save_pretrained(run_dir / "model")
