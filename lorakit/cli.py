@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         # a path that cannot be read or written (a file where a directory is needed, no
         # permission, a full disk): the system's message names the path.
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"lorakit {args.command}: error: {msg}", file=sys.stderr)
+        from lorakit.train.cli import process_tag
+
+        print(f"{process_tag()}lorakit {args.command}: error: {msg}", file=sys.stderr)
         return 2
 
 

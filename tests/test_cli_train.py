@@ -102,6 +102,17 @@ def test_train_cli_rejects_bad_numbers_and_names_before_loading(trained, tmp_pat
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("rank, tag", [("1", "[rank 1] "), ("0", ""), (None, "")])
+def test_a_later_torchrun_process_marks_its_errors(tmp_path, capsys, monkeypatch, rank, tag):
+    """Under torchrun every process reports its own error; a later one's line says which it is."""
+    monkeypatch.delenv("RANK", raising=False)
+    if rank is not None:
+        monkeypatch.setenv("RANK", rank)
+    assert main(["train", "--epochs", "0", "--output", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{tag}lorakit train: error: epochs must be > 0"), err
+
+
 def test_train_and_merge_cli_output_that_is_a_file(trained, tmp_path, capsys):
     afile = tmp_path / "afile"
     afile.write_text("keep me")

@@ -94,6 +94,12 @@ def _first_process() -> bool:
     return os.environ.get("RANK", "0") in ("", "0")
 
 
+def process_tag() -> str:
+    """``"[rank N] "`` in a later process of a torchrun launch, else ``""``: its errors still print
+    (an error of its own must never be hidden), marked, since torchrun interleaves the processes' output."""
+    return "" if _first_process() else f"[rank {os.environ['RANK']}] "
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     """Handler of ``lorakit train``."""
     _quiet_transformers(pick_threads=False)  # train() samples the machine once, after --threads
@@ -103,7 +109,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         result = train(cfg, resume=bool(args.resume), progress=not args.no_progress)
     except NonFiniteLossError as exc:
-        print(f"lorakit train: error: {exc}", file=sys.stderr)
+        print(f"{process_tag()}lorakit train: error: {exc}", file=sys.stderr)
         return 1
     if result.interrupted:
         return 130
