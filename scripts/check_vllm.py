@@ -33,6 +33,7 @@ import argparse
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -66,6 +67,7 @@ def setup(directory: Path) -> None:
     subprocess.run(pip + ["download", "--no-deps", "-d", str(wheels), "vllm==0.34.0"], check=True)
     with zipfile.ZipFile(next(wheels.glob("vllm-0.34.0-*.whl"))) as whl:
         whl.extractall(directory / "site", [n for n in whl.namelist() if n.startswith("vllm/")])
+    shutil.rmtree(wheels)  # (230 MB, no longer needed)
     subprocess.run(pip + ["install", "--no-deps", "--target", str(directory / "deps"), *VLLM_IMPORTS], check=True)
     print(f"vLLM's code is under {directory}: python {sys.argv[0]} --vllm {directory}")
 
