@@ -254,3 +254,15 @@ def test_a_single_process_checkpoint_is_not_resumed_in_two(tmp_path, data):
     # refused before anything is restored (so before any process waits for another)
     with pytest.raises(ValueError, match="in 2 process.*trained in 1 .*resume it with one process"):
         load_checkpoint(ckpt, None, None, None, Dist(world=2, rank=1))
+
+
+def test_the_resume_command_names_the_process_count(monkeypatch):
+    from lorakit.train.distributed import Dist
+    from lorakit.train.loop import resume_command
+
+    run = Path("runs/r")
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert resume_command(run) == f"lorakit train --resume {run}"
+    assert resume_command(run, Dist(2, 0)) == f"torchrun --nproc-per-node 2 -m lorakit.cli train --resume {run}"
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two machines of two processes
+    assert resume_command(run, Dist(4, 0)).startswith("the same torchrun launch (4 processes) of: -m lorakit.cli")

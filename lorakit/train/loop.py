@@ -284,6 +284,15 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: torch.optim.Optimizer,
     return final
 
 
+def resume_command(run_dir: Path, dist: Dist = Dist()) -> str:
+    """The command that continues the run (with as many processes: a checkpoint needs that many)."""
+    if dist.world == 1:
+        return f"lorakit train --resume {run_dir}"
+    if os.environ.get("LOCAL_WORLD_SIZE", str(dist.world)) == str(dist.world):  # one machine
+        return f"torchrun --nproc-per-node {dist.world} -m lorakit.cli train --resume {run_dir}"
+    return f"the same torchrun launch ({dist.world} processes) of: -m lorakit.cli train --resume {run_dir}"
+
+
 def find_checkpoint(run_dir: Path) -> Path | None:
     """The newest complete checkpoint directory of a run, or None."""
     for name in (CHECKPOINT, ".checkpoint-old"):
@@ -735,7 +744,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
             # checkpoint on disk stays the resume point.
             if find_checkpoint(run_dir) is not None and dist.main:
                 log(f"stopped during step {step + 1}; resume from the last checkpoint with: "
-                    f"lorakit train --resume {run_dir}")
+                    f"{resume_command(run_dir, dist)}")
             else:
                 log(f"stopped during step {step + 1}, before the first checkpoint")
             raise
@@ -754,7 +763,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
             optimizer.zero_grad(set_to_none=True)
             write_checkpoint()
             log(f"interrupted at step {step}/{total_steps}: checkpoint saved; continue with: "
-                f"lorakit train --resume {run_dir}")
+                f"{resume_command(run_dir, dist)}")
             return result
         if cfg.method != "full" and dist.broadcast_object(ckpt_step(run_dir) != step if dist.main else None):
             # The loop is done: a checkpoint at its last step (an adapter's worth of bytes) keeps the
