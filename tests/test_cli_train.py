@@ -67,6 +67,31 @@ def test_train_cli_config_yaml_and_flag_precedence(trained, tmp_path, capsys):
     assert info["steps"] == 2 and info["config"]["rank"] == 2
 
 
+def test_epochs_flag_and_a_config_files_max_steps(tmp_path, capsys):
+    """--epochs does not silently drop a max_steps the --config file sets (the help: --epochs is
+    ignored when --max-steps is set); a file's max_steps: 0, or none, lets --epochs decide."""
+    import argparse
+
+    from lorakit.train.cli import config_from_args, register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+
+    def cfg(text):
+        (tmp_path / "c.yaml").write_text(text)
+        return config_from_args(parser.parse_args(["train", "--config", str(tmp_path / "c.yaml"), "--epochs", "2"]))
+    assert cfg("max_steps: 3\n").max_steps == 3
+    assert "--epochs is ignored" in capsys.readouterr().err
+    assert cfg("max-steps: 0\n").max_steps == 0 and cfg("rank: 4\n").max_steps == 0
+    assert "ignored" not in capsys.readouterr().err
+    assert config_from_args(parser.parse_args(["train", "--epochs", "2"])).max_steps == 0
+
+
+def test_resume_with_an_empty_path_is_refused(capsys):
+    assert main(["train", "--resume", ""]) == 2
+    assert "--resume needs the run directory" in capsys.readouterr().err
+
+
 def test_train_cli_bad_line_is_a_clean_error(trained, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "completion": "b"}\n{"messages": "hi"}\n')
@@ -111,6 +136,64 @@ def test_a_later_torchrun_process_marks_its_errors(tmp_path, capsys, monkeypatch
     assert main(["train", "--epochs", "0", "--output", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"{tag}lorakit train: error: epochs must be > 0"), err
+
+
+def test_a_run_records_absolute_paths_and_loads_its_own_base_from_anywhere(tmp_path, monkeypatch):
+    """Relative --model / --data are recorded as absolute paths: from another directory that has a
+    different ./model, the run still loads its own base."""
+    import yaml
+
+    from lorakit.train.generate import load_for_inference
+
+    monkeypatch.chdir(tmp_path)
+    save_tiny_model(tmp_path / "model")
+    write_jsonl(toy_records(24), tmp_path / "train.jsonl")
+    assert main(["train", "--model", "model", "--data", "train.jsonl", "--max-steps", "2", "--save-steps", "1",
+                 "--batch-size", "8", "--precision", "fp32", "--output", "run", "--no-progress"]) == 0
+    saved = yaml.safe_load((tmp_path / "run" / "train_config.yaml").read_text())
+    info = json.loads((tmp_path / "run" / "lorakit_run.json").read_text())
+    base = json.loads((tmp_path / "run" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert saved["model"] == info["model"] == base == str(tmp_path / "model")
+    assert saved["data"] == str(tmp_path / "train.jsonl")
+    other = tmp_path / "other"
+    save_tiny_model(other / "model", seed=7)  # another base under the same relative name
+    monkeypatch.chdir(other)
+    _, _, loaded = load_for_inference(None, "../run")
+    assert loaded["model"] == str(tmp_path / "model")
+
+
+def test_a_base_model_that_cannot_be_found_is_named_with_where_it_was_recorded(trained, tmp_path):
+    from lorakit.train.generate import load_for_inference
+
+    run = tmp_path / "run"
+    shutil.copytree(trained["run"], run)
+    info = json.loads((run / "lorakit_run.json").read_text())
+    (run / "lorakit_run.json").write_text(json.dumps(dict(info, model="no/such/model")))
+    with pytest.raises(FileNotFoundError, match="base model 'no/such/model' recorded in .*lorakit_run.json.*--model"):
+        load_for_inference(None, str(run))
+    peft_dir = tmp_path / "peft"  # a bare PEFT adapter: its config names a hub model that is not here
+    peft_dir.mkdir()
+    shutil.copy(run / "adapter_model.safetensors", peft_dir)
+    config = json.loads((run / "adapter_config.json").read_text())
+    (peft_dir / "adapter_config.json").write_text(json.dumps(dict(config, base_model_name_or_path="someorg/Other-7B")))
+    with pytest.raises(FileNotFoundError, match="names the base model 'someorg/Other-7B'.*--model DIR"):
+        load_for_inference(None, str(peft_dir))
+    assert load_for_inference(str(trained["model"]), str(peft_dir))[2]["model"] == str(trained["model"])
+
+
+def test_max_length_beyond_a_gpt2_position_table_is_cut_to_it(tmp_path, capsys):
+    """GPT-2 indexes a table of learned positions (128 here): train and eval cut longer sequences
+    there, with a warning, instead of an IndexError from the embedding."""
+    model = save_tiny_model(tmp_path / "gpt2", kind="gpt2")
+    long = [{"text": "good film " * 100}] * 4  # ~200 tokens, every one a label
+    data = write_jsonl(toy_records(12) + long, tmp_path / "train.jsonl")
+    assert main(["train", "--model", str(model), "--data", str(data), "--eval-data", str(data), "--max-steps", "2",
+                 "--batch-size", "8", "--precision", "fp32", "--output", str(tmp_path / "run"), "--no-progress"]) == 0
+    out = capsys.readouterr()
+    assert "--max-length 256 is more than the model's 128 positions" in out.out + out.err
+    assert main(["eval", "--model", str(model), "--data", str(data), "--precision", "fp32"]) == 0
+    out = capsys.readouterr()
+    assert "--max-length 512 is more than the model's 128 positions" in out.err and "Traceback" not in out.err
 
 
 def test_train_and_merge_cli_output_that_is_a_file(trained, tmp_path, capsys):
@@ -536,3 +619,27 @@ def test_chat_refuses_an_unknown_command_and_sends_a_doubled_slash(trained, monk
     out = capsys.readouterr().out
     assert "unknown command /bogus" in out and out.count("model>") == 1
     assert sent == ["/r/movies"]
+
+
+def test_chat_keeps_the_session_after_a_message_it_cannot_take(tmp_path, monkeypatch, capsys):
+    """A message that is not Unicode text, or that overflows a GPT-2's 128 positions, is an error for that
+    message; the session goes on (it used to end the chat, losing the conversation)."""
+    model = save_tiny_model(tmp_path / "gpt2", kind="gpt2")
+    lines = iter(["good \udcff film", "word " * 150, "hi", "/exit"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    monkeypatch.setattr("sys.stdin.isatty", lambda: True)
+    assert main(["chat", "--model", str(model), "--max-new-tokens", "2", "--precision", "fp32"]) == 0
+    out = capsys.readouterr().out
+    assert "error: the message is not valid Unicode text" in out
+    assert "exceeds the model's 128 positions" in out and "/reset starts a new conversation" in out
+    assert out.count("model>") == 1  # "hi" was answered
+
+
+def test_generate_and_data_name_text_that_is_not_unicode(trained, tmp_path, capsys):
+    assert main(["generate", "--model", str(trained["model"]), "good \udcff film"]) == 2
+    assert "the prompt is not valid Unicode text" in capsys.readouterr().err
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "ok", "completion": "positive"}\n{"prompt": "good \\ud800 film", "completion": "x"}\n')
+    assert main(["train", "--model", str(trained["model"]), "--data", str(bad), "--output", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.jsonl:2: 'prompt' is not valid Unicode text" in err and not (tmp_path / "r").exists()

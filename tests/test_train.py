@@ -429,6 +429,7 @@ def test_corrupt_run_info_names_the_file(tmp_path, tok, data_files):
     ("max_grad_norm", float("nan"), "max_grad_norm must be a finite number"),
     ("init", "bogus", "init must be one of"),
     ("init", "pissa_niter_x", "init must be one of"),
+    ("seed", 99999999999999999999, "seed must be below 2\*\*63"),
     ("target_modules", "q_proj[", "target_modules 'q_proj\\[' is not a valid regex"),
     ("target_modules", " , ", "names no module"),
     ("data", 5, "data must be a string"),
@@ -720,6 +721,19 @@ def test_resume_with_more_steps_follows_the_new_schedule(tmp_path, tok, data_fil
     lrs = {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines())}
     assert lrs[4] == pytest.approx(1e-2 * lr_factor(3, 8, 0))
     assert "max_steps: 8" in (tmp_path / "run" / "train_config.yaml").read_text()  # the run's config now
+
+
+def test_resume_with_fewer_steps_than_done_is_refused_and_keeps_the_checkpoint(tmp_path, tok, data_files):
+    cfg, _ = _stopped_at(tmp_path, tok, data_files, 3)
+    ckpt = find_checkpoint(tmp_path / "run")
+    before = (ckpt / "trainer_state.json").read_text(), (tmp_path / "run" / "train_config.yaml").read_text()
+    with pytest.raises(ValueError, match="checkpoint is at step 3, past the 2 steps this run now has"):
+        train(cfg.updated(max_steps=2), resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False,
+              log=_quiet)
+    assert find_checkpoint(tmp_path / "run") == ckpt
+    assert ((ckpt / "trainer_state.json").read_text(), (tmp_path / "run" / "train_config.yaml").read_text()) == before
+    res = train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert res.steps == cfg.max_steps and not res.interrupted
 
 
 def test_saved_files_have_ordinary_permissions(tmp_path, tok, data_files):

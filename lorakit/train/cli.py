@@ -59,6 +59,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """Defaults < ``--config`` YAML (or the resumed run's saved config) < flags given."""
     names = [f.name for f in fields(TrainConfig) if f.name != "extra"]
     given = {n: getattr(args, n) for n in names if hasattr(args, n)}
+    if args.resume is not None and not args.resume.strip():
+        raise ValueError("--resume needs the run directory to continue, got an empty path")
     if args.resume and args.config:
         raise ValueError("--config cannot be combined with --resume: a resumed run uses its own train_config.yaml "
                          f"(in {args.resume}); flags given with --resume override single options")
@@ -74,7 +76,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     else:
         base = TrainConfig().to_dict()
     if "epochs" in given and "max_steps" not in given:
-        given["max_steps"] = 0  # --epochs alone means "train for that many epochs"
+        if args.config and base["max_steps"] and _yaml_sets(args.config, "max_steps"):  # a --max-steps of the file: --epochs is ignored
+            if _first_process():
+                print(f"warning: --epochs is ignored: {args.config} sets max_steps ({base['max_steps']}); give "
+                      "--max-steps 0 to train by epochs", file=sys.stderr)
+        else:
+            given["max_steps"] = 0  # --epochs alone means "train for that many epochs"
     base.update(given)
     cfg = TrainConfig.from_dict(base, where="command line")
     if cfg.method == "full" and not args.resume:
@@ -87,6 +94,14 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             print(f"warning: --method full trains every weight: ignoring {flags} (adapter options, for lora / "
                   "qlora only)", file=sys.stderr)
     return cfg
+
+
+def _yaml_sets(path: str, name: str) -> bool:
+    """Whether the (already validated) YAML config file gives option ``name`` itself."""
+    import yaml
+
+    data = yaml.safe_load(Path(path).read_text(encoding="utf-8-sig")) or {}
+    return any(str(key).replace("-", "_") == name for key in data)
 
 
 def _first_process() -> bool:
@@ -161,6 +176,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     from lorakit.multi import adapter_batch, check_uses, load_named_adapters, parse_adapter_args
+    from lorakit.train.data import check_text
 
     specs = parse_adapter_args(args.adapter)
     named = [(n, d) for n, d in specs if n is not None]
@@ -173,9 +189,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # Several --use: each positional argument is one (quoted) prompt; else the words form one prompt.
     prompts = list(args.prompt) if len(uses) > 1 else [" ".join(args.prompt)]
     for i, prompt in enumerate(prompts):
+        which = f"prompt {i + 1}" if len(prompts) > 1 else "the prompt"
         if not prompt.strip():
-            which = f"prompt {i + 1}" if len(prompts) > 1 else "the prompt"
             raise ValueError(f"{which} is empty: give the text to " + ("continue" if args.raw else "answer"))
+        check_text(prompt, which)
     if args.precision is None and len(specs) > 1:
         from lorakit.train.generate import read_run_info
 
@@ -226,7 +243,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     """Handler of ``lorakit eval``."""
     _quiet_transformers()
     from lorakit.train.data import load_examples
-    from lorakit.train.generate import evaluate, format_metric, load_for_inference, read_run_info
+    from lorakit.train.generate import evaluate, fit_to_positions, format_metric, load_for_inference, read_run_info
 
     if args.max_length is None:  # as the run evaluated itself, so its table is reproduced
         run_length = read_run_info(args.adapter).get("config", {}).get("max_length") if args.adapter else None
@@ -239,7 +256,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.max_samples:
         examples = examples[: args.max_samples]
     model, tok, info = load_for_inference(args.model, args.adapter, args.precision, merge=args.merge)
-    res = evaluate(model, tok, examples, args.max_length, args.batch_size, info["amp"])
+    max_length = fit_to_positions(model, args.max_length, lambda text: print(text, file=sys.stderr))
+    res = evaluate(model, tok, examples, max_length, args.batch_size, info["amp"])
     report = {"adapter": args.adapter, "merged": args.merge,
               "model": info.get("model") or "SmolLM2-135M-Instruct (embedded)",
               "data": args.data, "n": res["n"], "loss": res["loss"], "accuracy": res["accuracy"],

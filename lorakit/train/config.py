@@ -168,6 +168,8 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
+        if self.seed >= 2**63:  # (torch takes 64-bit seeds; each process of a torchrun run adds its rank)
+            raise ValueError(f"seed must be below 2**63, got {self.seed!r}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr!r}")
         if not self.epochs > 0:

@@ -90,6 +90,17 @@ class Tokenized:
 
 
 # --------------------------------------------------------------------------- reading / validation
+def check_text(value: str, what: str) -> str:
+    """``value`` if it is Unicode text a tokenizer can encode; a ValueError naming ``what`` if it holds a
+    lone surrogate (JSON's ``"\\ud800"``, or bytes that are not UTF-8 in a command-line argument)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"{what} is not valid Unicode text: {value[exc.start:exc.end]!r} at character "
+                         f"{exc.start} is a lone surrogate (not UTF-8 bytes, or a broken \\u escape)") from None
+    return value
+
+
 def parse_record(obj: Any, where: str) -> Example:
     """Validate one decoded JSON value and turn it into an Example.
 
@@ -114,7 +125,7 @@ def parse_record(obj: Any, where: str) -> Example:
             raise ValueError(f"{where}: {key!r} must be a string, got {type(value).__name__}")
         if not allow_empty and not value.strip():
             raise ValueError(f"{where}: {key!r} is empty")
-        return value
+        return check_text(value, f"{where}: {key!r}")
 
     if "messages" in obj:
         msgs = obj["messages"]
@@ -128,6 +139,7 @@ def parse_record(obj: Any, where: str) -> Example:
                 raise ValueError(f"{where}: messages[{i}] has role {m['role']!r}; expected one of {_ROLES}")
             if not isinstance(m["content"], str):
                 raise ValueError(f"{where}: messages[{i}].content must be a string")
+            check_text(m["content"], f"{where}: messages[{i}].content")
             out.append({"role": m["role"], "content": m["content"]})
         if not any(m["role"] == "assistant" for m in out):
             raise ValueError(f"{where}: 'messages' has no assistant message to learn from")

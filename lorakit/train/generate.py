@@ -21,8 +21,8 @@ from typing import Any, Callable, ContextManager
 import torch
 import torch.nn.functional as F
 
-from lorakit.train.data import (IGNORE_INDEX, Example, Tokenized, collate, encode_prompt, iter_eval_batches,
-                                normalize_answer, tokenize_example)
+from lorakit.train.data import (IGNORE_INDEX, Example, Tokenized, check_text, collate, encode_prompt,
+                                iter_eval_batches, normalize_answer, tokenize_example)
 
 RUN_INFO = "lorakit_run.json"
 
@@ -220,6 +220,17 @@ def max_positions(model: Any) -> int | None:
         value = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
         return int(value) if isinstance(value, int) else None
     return None
+
+
+def fit_to_positions(model: Any, max_length: int, warn: Callable[[str], None] = print) -> int:
+    """``max_length``, or the model's table of learned positions where that is shorter (a longer
+    sequence would index past it), with a warning."""
+    limit = max_positions(model)
+    if limit is not None and max_length > limit:
+        warn(f"warning: --max-length {max_length} is more than the model's {limit} positions: sequences are "
+             f"cut at {limit} tokens")
+        return limit
+    return max_length
 
 
 @torch.no_grad()
@@ -485,11 +496,20 @@ def load_for_inference(model: str | None = None, adapter: str | None = None,
             "directory (a run that was interrupted keeps its state in checkpoint/: resume it first)"
         )
     if model is None:
+        from lorakit.models import DEFAULT_MODEL_NAME
+
         model = run.get("model")
+        if model and not os.path.exists(model):  # (a run made before runs recorded absolute paths)
+            raise FileNotFoundError(f"the base model {model!r} recorded in {str(path / RUN_INFO)!r} is not found "
+                                    "from this directory: give the base with --model")
         if model is None and "model" not in run:
             recorded = read_json_object(path / "adapter_config.json").get("base_model_name_or_path")
             if isinstance(recorded, str) and recorded and os.path.exists(recorded):
                 model = recorded
+            elif isinstance(recorded, str) and recorded and Path(recorded).name.lower() != DEFAULT_MODEL_NAME.lower():
+                raise FileNotFoundError(
+                    f"{str(path / 'adapter_config.json')!r} names the base model {recorded!r}, which is not a local "
+                    "path here (nothing is downloaded from a model hub): give the base with --model DIR")
     info["model"] = model
     m, tok = load_model_and_tokenizer(model, dtype=dtype)
     if run.get("method") == "qlora" and not merge:
@@ -539,6 +559,11 @@ def chat_loop(model: Any, tokenizer: Any, max_new_tokens: int, precision: str, s
             write(f"unknown command {text.split()[0]}: /reset clears the history, /exit quits "
                   "(start a message with // to send one beginning with /)")
             continue
+        try:
+            check_text(text, "the message")
+        except ValueError as exc:  # (a message, not the session, is what was wrong)
+            write(f"error: {exc}")
+            continue
         history.append({"role": "user", "content": text})
         try:
             reply = greedy_generate(model, tokenizer, [encode_prompt(tokenizer, history)], max_new_tokens, precision,
@@ -546,6 +571,10 @@ def chat_loop(model: Any, tokenizer: Any, max_new_tokens: int, precision: str, s
         except KeyboardInterrupt:
             history.pop()
             write("\n(interrupted)")
+            continue
+        except ValueError as exc:  # the conversation outgrew the model's positions: keep the session
+            history.pop()
+            write(f"error: {exc}; /reset starts a new conversation")
             continue
         reply = reply.strip()
         history.append({"role": "assistant", "content": reply})

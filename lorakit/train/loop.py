@@ -52,8 +52,8 @@ from lorakit.train.data import (BUILTIN_TASK, IGNORE_INDEX, Example, Tokenized, 
                                 load_examples, tokenize_all, write_jsonl)
 from lorakit.train.distributed import Dist, setup as setup_distributed
 from lorakit.train.generate import (RUN_INFO, NothingToScore, auto_threads, autocast, eval_loss_sum, evaluate,
-                                    format_metric, loss_sum, quantize_qlora_base, read_json_object, read_run_info,
-                                    resolve_precision)
+                                    fit_to_positions, format_metric, loss_sum, quantize_qlora_base, read_json_object,
+                                    read_run_info, resolve_precision)
 
 CHECKPOINT = "checkpoint"
 
@@ -503,11 +503,25 @@ def _silent(*_args: Any) -> None:
     pass
 
 
+def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
+    """``cfg`` with its model and data paths made absolute where they name existing files, so the
+    run's records (train_config.yaml, lorakit_run.json, the adapter's base_model_name_or_path) mean
+    the same files from any directory: a relative ``model`` read from elsewhere would load another base."""
+    from dataclasses import replace
+
+    def absolute(value: str | None) -> str | None:
+        if not value or value == BUILTIN_TASK or not Path(value).expanduser().exists():
+            return value
+        return str(Path(value).expanduser().resolve())
+    return replace(cfg, model=absolute(cfg.model), data=absolute(cfg.data), eval_data=absolute(cfg.eval_data))
+
+
 def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress: bool,
            on_step: Callable[[int, float], None] | None, log: Callable[[str], None], dist: Dist) -> TrainResult:
     if not dist.main:  # one voice: the first process logs and draws the progress bar
         log, progress = _silent, False
     wall_start = time.time()
+    cfg = with_absolute_paths(cfg)
     # normpath: "runs/typo/.." is "runs" (what mkdir(parents=True) would make it), so the checks
     # below see the directory the run would really write to
     run_dir = Path(os.path.normpath(cfg.output)) if cfg.output else default_run_dir(cfg)
@@ -517,7 +531,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
         raise ValueError(f"run {str(run_dir)!r} already finished; nothing to resume")
     ckpt = find_checkpoint(run_dir) if resume else None
     if resume and (run_dir / "train_config.yaml").is_file():
-        saved = load_run_config(run_dir)
+        saved = with_absolute_paths(load_run_config(run_dir))
         changed = [n for n in RESUME_FIXED if getattr(cfg, n) != getattr(saved, n)]
         if changed:
             diffs = ", ".join(f"{n} {getattr(saved, n)!r} -> {getattr(cfg, n)!r}" for n in changed)
@@ -580,8 +594,9 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         if pad_id is None:
             raise ValueError("the tokenizer has neither a pad nor an eos token")
-        train_data = tokenize_all(tokenizer, train_examples, cfg.max_length, what="training data")
-        eval_data = tokenize_all(tokenizer, eval_examples, cfg.max_length, what="eval data") if eval_examples else []
+        max_length = fit_to_positions(model, cfg.max_length, log)
+        train_data = tokenize_all(tokenizer, train_examples, max_length, what="training data")
+        eval_data = tokenize_all(tokenizer, eval_examples, max_length, what="eval data") if eval_examples else []
 
         base_name = cfg.model or "SmolLM2-135M-Instruct"
         if not resume and eval_examples and dist.main:
@@ -591,7 +606,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
             if not eval_examples:
                 return {}
             t0 = time.time()
-            res = evaluate_shared(dist, model, tokenizer, eval_examples, cfg.max_length, max(cfg.batch_size, 16), amp)
+            res = evaluate_shared(dist, model, tokenizer, eval_examples, max_length, max(cfg.batch_size, 16), amp)
             log(f"[{tag}] held-out loss {res['loss']:.4f}, accuracy {format_metric(res['accuracy'], True)} "
                 f"on {res['n']} examples ({time.time() - t0:.0f} s)")
             return {k: v for k, v in res.items() if k != "predictions"} | {"samples": res["predictions"][:5]}
@@ -639,6 +654,9 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
         if ckpt is not None:
             state = load_checkpoint(ckpt, model, optimizer, scheduler, dist)
             step, tokens_done, train_seconds = state["step"], state["tokens"], state["train_seconds"]
+            if step > total_steps:  # (finishing here would delete the checkpoint of a longer run)
+                raise ValueError(f"cannot resume {str(run_dir)!r}: its checkpoint is at step {step}, past the "
+                                 f"{total_steps} steps this run now has (--max-steps / --epochs); give more steps")
             wall_before = float(state.get("wall_seconds", 0.0))
             # The learning rate the next step uses, from this run's schedule: the saved one came from
             # the saved plan, which a --max-steps / --epochs given with --resume changes (identical
