@@ -62,6 +62,8 @@ def main(argv: list[str] | None = None) -> int:
         # a path that cannot be read or written (a file where a directory is needed, no
         # permission, a full disk): the system's message names the path.
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        if isinstance(exc, OSError) and exc.strerror and exc.filename:  # not "[Errno 20] ...": what and where
+            msg = f"{exc.strerror}: {str(exc.filename)!r}" + (f" -> {str(exc.filename2)!r}" if exc.filename2 else "")
         from lorakit.train.cli import process_tag
 
         print(f"{process_tag()}lorakit {args.command}: error: {msg}", file=sys.stderr)

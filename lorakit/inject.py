@@ -299,6 +299,27 @@ def _find_saved_module_names(model: nn.Module, config: LoraConfig, targets: list
     return names
 
 
+def _warn_rank_above_layer(model: nn.Module, targets: list[str], config: LoraConfig) -> None:
+    """Warn when a rank exceeds min(in, out) of its layer: ΔW there cannot have that rank, and r·(in + out)
+    adapter numbers outnumber the weight's own (a typo such as r=100000 would exhaust memory)."""
+    over = []
+    for name in targets:
+        module = model.get_submodule(name)
+        weight = getattr(module.base_layer if isinstance(module, LoraLayer) else module, "weight", None)
+        if isinstance(weight, torch.Tensor) and weight.dim() >= 2:
+            # (out, in) Linear, (in, out) Conv1D, (num, dim) Embedding, (out, in/groups, k, k) Conv2d
+            limit = min(weight.shape[0], weight[0].numel())
+            if config.rank_for(name) > limit:
+                over.append((name, config.rank_for(name), limit))
+    if over:
+        import warnings
+
+        name, r, limit = over[0]
+        warnings.warn(f"rank {r} is above min(in, out) of {len(over)} targeted layer(s), e.g. {name!r} (at most rank "
+                      f"{limit}): the update there cannot reach that rank, and its r x (in + out) adapter numbers "
+                      "outnumber the layer's own weights", stacklevel=3)
+
+
 def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
                    init_lora_weights: bool | str | None = None, loading: bool = False) -> list[str]:
     """Add adapter ``adapter_name`` to every module ``config`` targets; returns the module names.
@@ -326,6 +347,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
 
     if is_convertible(init):  # PiSSA / OLoRA write into the base weights: every target checked first
         prepare_residual_init(model, targets, config, init)
+    _warn_rank_above_layer(model, targets, config)
     state = get_state(model, create=True)
     state.configs[adapter_name] = config
     try:

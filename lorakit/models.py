@@ -179,6 +179,9 @@ def resolve_model_path(name_or_path: str | Path | None) -> Path:
         return path
     if path.is_dir() and (path / "config.json").is_file():
         return path
+    if path.is_dir() and (path / "model" / "config.json").is_file():  # a `lorakit train --method full` run
+        raise FileNotFoundError(f"model directory {str(path)!r} has no config.json; its model/ has one: give "
+                                f"{str(path / 'model')!r} (a full fine-tune run keeps its model there)")
     if path.is_dir():
         raise FileNotFoundError(f"model directory {str(path)!r} has no config.json")
     raise FileNotFoundError(

@@ -68,3 +68,20 @@ def test_base_alone_asks_for_tuned(tmp_path, capsys):
 def test_model_size_must_be_finite(size):
     with pytest.raises(ValueError, match="model_size"):
         recommend_rank("simple", 10, size)
+
+
+def test_tuned_model_of_another_shape_is_a_clear_error(tmp_path, capsys):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tiny_lm import save_tiny_model
+
+    base = save_tiny_model(tmp_path / "base")
+    wide = LlamaForCausalLM(LlamaConfig(**{**LlamaConfig.from_pretrained(base).to_dict(), "hidden_size": 48}))
+    wide.save_pretrained(tmp_path / "wide")
+    assert main(["recommend", "--tuned", str(tmp_path / "wide"), "--base", str(base)]) == 2
+    err = capsys.readouterr().err
+    assert "base shape" in err and "!= tuned shape" in err and "is not a fine-tune of" in err and "Traceback" not in err

@@ -21,3 +21,23 @@ def test_user_errors_are_one_line_with_exit_2(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("lorakit inspect: error: ") and "Traceback" not in proc.stderr
+
+
+def test_a_report_out_that_is_a_file_is_refused_before_the_work(tmp_path, capsys):
+    from lorakit.cli import main
+
+    afile = tmp_path / "afile"
+    afile.write_text("keep me")
+    assert main(["lowrank", "--out", str(afile)]) == 2
+    captured = capsys.readouterr()
+    assert f"--out {str(afile)!r} is a file" in captured.err and "LoRA factors" not in captured.out
+    assert afile.read_text() == "keep me"
+
+
+def test_system_errors_name_the_path_without_the_errno(tmp_path, capsys):
+    from lorakit.cli import main
+
+    (tmp_path / "afile").write_text("x")
+    assert main(["train", "--output", str(tmp_path / "afile" / "sub"), "--max-steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "[Errno" not in err and f"Not a directory: {str(tmp_path / 'afile' / 'sub')!r}" in err, err

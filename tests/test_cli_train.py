@@ -305,6 +305,22 @@ def test_merge_cli_full_finetune_run_is_explained(trained, tmp_path, capsys):
     assert not (tmp_path / "merged").exists()
 
 
+def test_adapter_and_model_mix_ups_are_explained(trained, tmp_path, capsys):
+    run = tmp_path / "full"
+    shutil.copytree(trained["model"], run / "model")  # what a --method full run holds
+    cases = [
+        (["--adapter", str(trained["train"])], "is a file; give the directory that holds adapter_config.json"),
+        (["--adapter", ""], "--adapter needs a directory, got an empty path"),
+        (["--adapter", str(run), "--model", str(trained["model"])], "is a full fine-tune (its model/ holds the whole "
+         "model), so it takes no --model"),
+        (["--model", str(run)], "its model/ has one: give"),
+    ]
+    for flags, problem in cases:
+        assert main(["generate", *flags, "hi"]) == 2, flags
+        err = capsys.readouterr().err
+        assert problem in err and "Traceback" not in err, (flags, err)
+
+
 def test_generate_cli(trained, capsys):
     code = main(["generate", "--adapter", str(trained["run"]), PROMPT, "--max-new-tokens", "3", "--precision", "fp32"])
     out = capsys.readouterr().out.strip()
@@ -588,7 +604,7 @@ def test_eval_of_a_bf16_full_fine_tune_reproduces_its_table_and_refuses_model(tr
     assert f"loss      {info['after']['loss']:.4f}" in out and "+ adapter" not in out
     assert main(["eval", "--adapter", str(run), "--model", str(tmp_path / "nowhere"), "--data",
                  str(run / "eval.jsonl")]) == 2
-    assert "give one of --model and --adapter" in capsys.readouterr().err
+    assert "so it takes no --model" in capsys.readouterr().err
 
 
 def test_named_adapters_from_runs_of_different_precisions_ask_for_one(trained, tmp_path, capsys):
@@ -643,3 +659,9 @@ def test_generate_and_data_name_text_that_is_not_unicode(trained, tmp_path, caps
     assert main(["train", "--model", str(trained["model"]), "--data", str(bad), "--output", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl:2: 'prompt' is not valid Unicode text" in err and not (tmp_path / "r").exists()
+
+
+def test_generate_refuses_more_new_tokens_than_a_rotary_models_positions(trained, capsys):
+    # (the tiny Llama was made for 128 positions; 10**11 new tokens ran until killed)
+    assert main(["generate", "--model", str(trained["model"]), "--max-new-tokens", str(10**11), "hi"]) == 2
+    assert "exceeds the model's 128 positions" in capsys.readouterr().err

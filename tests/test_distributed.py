@@ -266,3 +266,12 @@ def test_the_resume_command_names_the_process_count(monkeypatch):
     assert resume_command(run, Dist(2, 0)) == f"torchrun --nproc-per-node 2 -m lorakit.cli train --resume {run}"
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")  # two machines of two processes
     assert resume_command(run, Dist(4, 0)).startswith("the same torchrun launch (4 processes) of: -m lorakit.cli")
+
+
+def test_the_resume_command_can_be_pasted_into_a_shell():
+    import shlex
+
+    from lorakit.train.loop import resume_command
+
+    run = Path("my runs/it's 😀")
+    assert shlex.split(resume_command(run)) == ["lorakit", "train", "--resume", str(run)]

@@ -282,3 +282,18 @@ def test_a_later_adapter_keeps_what_the_user_unfroze_and_the_first_freezes_the_b
     lk.load_adapter(model, tmp_path / "a", adapter_name="three")
     assert model.lm_head.weight.requires_grad and not layers.q_proj.lora_A["three"].requires_grad
     assert not layers.q_proj.base_layer.weight.requires_grad
+
+
+def test_a_rank_above_a_layers_smaller_side_warns():
+    import warnings
+
+    import torch.nn as nn
+
+    import lorakit as lk
+
+    model = nn.Sequential(nn.Linear(8, 32), nn.Linear(32, 32))
+    with pytest.warns(UserWarning, match=r"rank 16 is above min\(in, out\) of 1 targeted layer\(s\), e.g. '0' \(at most rank 8\)"):
+        lk.get_lora_model(model, lk.LoraConfig(r=16, target_modules=["0", "1"]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lk.get_lora_model(nn.Sequential(nn.Linear(8, 32)), lk.LoraConfig(r=8, target_modules=["0"]))

@@ -579,6 +579,10 @@ def delta_spectra(
             continue
         if targets is None and any(t in name for t in _NOT_LINEAR):
             continue
+        if base_sd[key].shape != tuned_sd[key].shape:
+            raise ValueError(f"tensor {key!r}: base shape {tuple(base_sd[key].shape)} != tuned shape "
+                             f"{tuple(tuned_sd[key].shape)} ({source_label(tuned)} is not a fine-tune of "
+                             f"{source_label(base)})")
         check_finite(base_sd[key], base, key)
         check_finite(tuned_sd[key], tuned, key)
         d = tuned_sd[key].double() - base_sd[key].double()

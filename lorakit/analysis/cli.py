@@ -288,7 +288,13 @@ class _DefaultsHelp(argparse.HelpFormatter):
 def _add(sub: Any, name: str, func: Callable[[argparse.Namespace], int], help_text: str,
          description: str) -> argparse.ArgumentParser:
     p = sub.add_parser(name, help=help_text, description=description, formatter_class=_DefaultsHelp)
-    p.set_defaults(func=func)
+
+    def run(args: argparse.Namespace) -> int:
+        out = getattr(args, "out", None)  # checked before any work, not when the results are written
+        if out and not getattr(args, "no_plot", False) and Path(out).exists() and not Path(out).is_dir():
+            raise ValueError(f"--out {out!r} is a file, not a directory: choose another --out")
+        return func(args)
+    p.set_defaults(func=run)
     return p
 
 
@@ -325,8 +331,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seq-len", type=int, default=512, help="sequence length the costs are computed for")
     p.add_argument("--precision", choices=estimate.PRECISIONS, default="bf16", help="precision of the costed step")
     p.add_argument("--adapter", default=None, help="data-driven mode: a trained adapter directory")
-    p.add_argument("--tuned", default=None, help="data-driven mode: a fully fine-tuned model directory (with --base)")
-    p.add_argument("--base", nargs="?", const="default", default=None, help="base model of --tuned")
+    p.add_argument("--tuned", default=None, help="data-driven mode: a fully fine-tuned model directory (its base: --base)")
+    p.add_argument("--base", nargs="?", const="default", default=None,
+                   help="base model of --tuned (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--energy", type=float, default=0.99, help="energy kept by the suggested ranks (default 0.99)")
     _common(p, out_default="")
 

@@ -9,6 +9,7 @@ import argparse
 import contextlib
 import json
 import os
+import shlex
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -130,7 +131,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 130
     if not _first_process():
         return 0
-    where = f"--model {result.run_dir / 'model'}" if cfg.method == "full" else f"--adapter {result.run_dir}"
+    where = (f"--model {shlex.quote(str(result.run_dir / 'model'))}" if cfg.method == "full"
+             else f"--adapter {shlex.quote(str(result.run_dir))}")
     from lorakit.train.data import BUILTIN_TASK
 
     builtin = cfg.data is None or cfg.data == BUILTIN_TASK

@@ -240,8 +240,10 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_ne
     ``stop_ids``: the tokens that end an answer, if the caller has them (default ``stop_token_ids``)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(p) for p in prompts)
-    limit = max_positions(model)
-    if limit is not None and width + max_new_tokens > limit:
+    # a table of learned positions cannot be indexed past; a rotary model's max_position_embeddings is
+    # the length it was trained for (and a bound on a runaway --max-new-tokens)
+    limit = max_positions(model) or getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and width + max_new_tokens > limit:
         raise ValueError(f"a prompt of {width} tokens plus {max_new_tokens} new tokens exceeds the model's "
                          f"{limit} positions: shorten the prompt or lower --max-new-tokens")
     ids = torch.full((len(prompts), width), pad if pad is not None else 0, dtype=torch.long)
@@ -478,6 +480,11 @@ def load_for_inference(model: str | None = None, adapter: str | None = None,
         m, tok = load_model_and_tokenizer(model, dtype=dtype)
         return m, tok, info
     path = Path(adapter)
+    if not adapter.strip():
+        raise ValueError("--adapter needs a directory, got an empty path")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"--adapter {adapter!r} is a file; give the directory that holds adapter_config.json "
+                         "(a lorakit run or PEFT adapter directory)")
     if not path.is_dir():
         raise FileNotFoundError(f"adapter directory {adapter!r} not found")
     if is_full_finetune_run(path):
@@ -485,8 +492,8 @@ def load_for_inference(model: str | None = None, adapter: str | None = None,
             raise ValueError(f"--merge: {adapter!r} is a full fine-tune (its model/ holds every weight), "
                              "there is no adapter to merge")
         if model is not None:
-            raise ValueError(f"--model: {adapter!r} is a full fine-tune, whose model/ is the model; give one of "
-                             "--model and --adapter, not both")
+            raise ValueError(f"--adapter {adapter!r} is a full fine-tune (its model/ holds the whole model), so it "
+                             f"takes no --model: give --adapter {adapter} alone")
         m, tok = load_model_and_tokenizer(str(path / "model"), dtype=dtype)  # a full fine-tune run
         info["model"], info["adapter"] = str(path / "model"), None
         return m, tok, info

@@ -34,6 +34,7 @@ import math
 import os
 import random
 import resource
+import shlex
 import shutil
 import signal
 import sys
@@ -287,10 +288,11 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: torch.optim.Optimizer,
 def resume_command(run_dir: Path, dist: Dist = Dist()) -> str:
     """The command that continues the run (with as many processes: a checkpoint needs that many)."""
     if dist.world == 1:
-        return f"lorakit train --resume {run_dir}"
+        return f"lorakit train --resume {shlex.quote(str(run_dir))}"
     if os.environ.get("LOCAL_WORLD_SIZE", str(dist.world)) == str(dist.world):  # one machine
-        return f"torchrun --nproc-per-node {dist.world} -m lorakit.cli train --resume {run_dir}"
-    return f"the same torchrun launch ({dist.world} processes) of: -m lorakit.cli train --resume {run_dir}"
+        return f"torchrun --nproc-per-node {dist.world} -m lorakit.cli train --resume {shlex.quote(str(run_dir))}"
+    return (f"the same torchrun launch ({dist.world} processes) of: -m lorakit.cli train --resume "
+            f"{shlex.quote(str(run_dir))}")
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:
@@ -544,7 +546,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
     if (not resume and dist.world == 1 and cfg.output and run_dir.exists()  # (a default name gets a suffix)
             and any(run_dir.iterdir())):  # (several processes: the claim below refuses it in all alike)
         raise FileExistsError(f"output directory {str(run_dir)!r} already holds files; pass --resume "
-                              f"{run_dir} to continue that run, or choose another --output")
+                              f"{shlex.quote(str(run_dir))} to continue that run, or choose another --output")
     threads = auto_threads(cfg.threads)
     precision = resolve_precision(cfg.precision)
     # bf16 for LoRA = bf16 base weights (frozen) with fp32 adapters: half the memory traffic, and the
@@ -887,7 +889,7 @@ def _claim_run_dir(run_dir: Path, cfg: TrainConfig, unique: bool) -> tuple[Path,
                 continue
             if not path.is_dir() or any(path.iterdir()):
                 raise FileExistsError(f"output directory {str(path)!r} already holds files; pass --resume "
-                                      f"{path} to continue that run, or choose another --output") from None
+                                      f"{shlex.quote(str(path))} to continue that run, or choose another --output") from None
             created = False
         try:
             with open(path / "train_config.yaml", "x", encoding="utf-8") as fh:
