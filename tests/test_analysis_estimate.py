@@ -85,6 +85,16 @@ def test_bad_input_names_the_value(tmp_path):
         estimate_memory("7B", batch_size=0)
     with pytest.raises(FileNotFoundError, match="nope"):
         load_shape(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="optimizer 'adamw8bit' keeps its states in 8 bits"):
+        estimate_memory("7B", optimizer="adamw8bit", state_precision="fp16")
+
+
+def test_all_linear_targets_every_projection():
+    """lorakit train's default target spec can be estimated: the same as naming the seven projections."""
+    seven = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    for spec in ("all-linear", ["all-linear"]):
+        assert estimate_memory("7B", method="lora", target_modules=spec) == estimate_memory(
+            "7B", method="lora", target_modules=seven)
 
 
 def test_config_dir_and_cli(tmp_path, capsys):

@@ -79,3 +79,24 @@ def test_sweep_rejects_repeated_ranks_before_training(tmp_path):
         run_sweep(TrainConfig(save_steps=0), [2, 4, 2], tmp_path / "sweep", load=load, log=lambda s: None)
     assert "--resume" not in str(info.value)
     assert not (tmp_path / "sweep").exists()
+
+
+def test_sweep_checks_the_data_first_and_leaves_no_empty_directory(tmp_path):
+    tok = tiny_tokenizer()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "completion": "b"}\n{"prompt": 3}\n')
+    logged = []
+
+    def load():
+        raise AssertionError("no model before the data is checked")
+
+    with pytest.raises(ValueError, match="bad.jsonl:2"):
+        run_sweep(TrainConfig(data=str(bad), save_steps=0), [1, 2], tmp_path / "sw", load=load, log=logged.append)
+    assert not logged and not (tmp_path / "sw").exists()
+    # answers cut away by --max-length fail in the first run, after the model loads: its folder goes too
+    train_file = write_jsonl(toy_records(16), tmp_path / "train.jsonl")
+    base = TrainConfig(data=str(train_file), max_steps=1, batch_size=8, precision="fp32", save_steps=0, max_length=2)
+    with pytest.raises(ValueError, match="no example has answer tokens"):
+        run_sweep(base, [1], tmp_path / "sw", load=lambda: (tiny_llama_lm(tok), tok), progress=False,
+                  log=lambda s: None)
+    assert not (tmp_path / "sw").exists()

@@ -53,6 +53,10 @@ def test_all_four_formats_parse(tmp_path):
     ('{"instruction": "x"}', "missing 'output'"),
     ('{"text": 3}', "'text' must be a string"),
     ('{"question": "q", "answer": "a"}', "unrecognised record with keys ['answer', 'question']"),
+    ('{"prompt": "p", "completion": "c", "text": "t"}', "mixes formats (prompt/completion and text)"),
+    ('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": " "}]}',
+     "messages[1] (assistant) is empty"),
+    ('{"prompt": "good \\ud800 film", "completion": "c"}', "'prompt' is not valid Unicode text"),
 ])
 def test_bad_line_reports_line_number_and_problem(tmp_path, line, problem):
     good = json.dumps({"prompt": "p", "completion": "c"})

@@ -353,7 +353,8 @@ def register(subparsers: Any) -> None:
                    help="dtype of AdamW's moments (default: the trainable weights' dtype, as torch.optim)")
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass")
     p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
-    p.add_argument("--targets", type=_names, default=["q_proj", "v_proj"], help="LoRA target modules")
+    p.add_argument("--targets", type=_names, default=["q_proj", "v_proj"],
+                   help="LoRA target modules: names, or all-linear (every projection, lorakit train's default)")
     p.add_argument("--attention", choices=estimate.ATTENTIONS, default="sdpa",
                    help="attention kernel (eager keeps the scores for backward)")
     _common(p)

@@ -310,7 +310,12 @@ def estimate_memory(
     for label, value in (("batch_size", batch_size), ("seq_len", seq_len), ("r", r)):
         if int(value) < 1:
             raise ValueError(f"{label} must be >= 1, got {value!r}")
-    targets = tuple(target_modules)
+    if state_precision is not None and optimizer != "adamw":
+        raise ValueError(f"state_precision is the dtype of AdamW's moments; optimizer {optimizer!r} "
+                         + ("keeps its states in 8 bits" if optimizer == "adamw8bit" else "keeps no state"))
+    # "all-linear" (lorakit train's default): every projection of the decoder layers
+    names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    targets = tuple(LINEAR_NAMES) if names == ["all-linear"] else tuple(names)
     unknown = [t for t in targets if t not in LINEAR_NAMES]
     if method != "full" and (unknown or not targets):
         raise ValueError(f"target_modules must be among {', '.join(LINEAR_NAMES)}, got {list(targets)!r}")

@@ -40,8 +40,7 @@ def run_sweep(base: TrainConfig, ranks: list[int], out_dir: str | Path,
         FileExistsError: a run directory ``out_dir/r<rank>`` already holds files (checked for every
             rank before any training starts).
     """
-    from lorakit.train.data import BUILTIN_TASK
-    from lorakit.train.loop import train
+    from lorakit.train.data import BUILTIN_TASK, load_examples
 
     if not ranks or any(not isinstance(r, int) or r < 1 for r in ranks):
         raise ValueError(f"ranks must be positive integers, got {ranks!r}")
@@ -57,8 +56,28 @@ def run_sweep(base: TrainConfig, ranks: list[int], out_dir: str | Path,
         if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
             raise FileExistsError(f"run directory {str(run_dir)!r} already holds files; sweep starts every run "
                                   f"afresh, so choose another --output")
+    # the data once, up front: a bad line is reported before the first run, not after a rank's banner
+    load_examples(base.data, "train")
+    if base.eval_data:
+        load_examples(base.eval_data, "test")
     if not base.eval_data and base.data not in (None, BUILTIN_TASK):
         log("note: no --eval-data, so the runs are not evaluated (held-out loss and accuracy stay empty)")
+    created = not out_dir.exists()
+    try:
+        rows = _train_each(base, ranks, out_dir, load, progress, log)
+    except BaseException:
+        if created and out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()  # (a failed first run removes its own directory; the sweep's parent goes too)
+        raise
+    (out_dir / "sweep.json").write_text(json.dumps(rows, indent=1))
+    return rows
+
+
+def _train_each(base: TrainConfig, ranks: list[int], out_dir: Path, load: Callable[[], tuple[Any, Any]] | None,
+                progress: bool, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One ``lorakit train`` run per rank (alpha = 2·r), each summarised as a row."""
+    from lorakit.train.loop import train
+
     rows = []
     for r in ranks:
         cfg = TrainConfig.from_dict({**base.to_dict(), "rank": r, "alpha": 2.0 * r, "output": str(out_dir / f"r{r}")})
@@ -73,7 +92,6 @@ def run_sweep(base: TrainConfig, ranks: list[int], out_dir: str | Path,
                      "eval_loss": result.after.get("loss"), "accuracy": result.after.get("accuracy"),
                      "step_seconds": statistics.median(times) if times else result.train_seconds,
                      "run_dir": str(result.run_dir)})
-    (out_dir / "sweep.json").write_text(json.dumps(rows, indent=1))
     return rows
 
 

@@ -270,7 +270,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"model     {report['model']}" + (f" + adapter {args.adapter}" if info["adapter"] else "")
               + (" (merged)" if args.merge else ""))
         print(f"data      {args.data} ({res['n']} examples)")
-        print(f"loss      {format_metric(res['loss'])}  (cross-entropy per answer token)")
+        print(f"loss      {format_metric(res['loss'])}  (cross-entropy per label token: the answers; every "
+              "token of a plain-text line)")
         print(f"accuracy  {format_metric(res['accuracy'], True)}  (exact match of the generated answer, "
               f"{res['n_accuracy']} examples)")
     return 0

@@ -52,7 +52,8 @@ HELP: dict[str, str] = {
     "save_steps": "write a resumable checkpoint every N steps (0 = none, except on Ctrl-C; a finished run "
     "keeps only its adapter)",
     "eval_steps": "compute the held-out loss every N steps (0 = only before and after)",
-    "logging_steps": "print a log line every N steps (every step is always written to log.jsonl)",
+    "logging_steps": "without a progress bar (--no-progress), print a log line every N steps (0: none; every "
+    "step is always written to log.jsonl)",
     "gradient_checkpointing": "recompute activations in the backward pass (less memory, slower)",
     "threads": "torch CPU threads (0 = auto: one per core, minus the cores other processes keep busy "
     "when training starts)",

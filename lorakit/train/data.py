@@ -127,6 +127,11 @@ def parse_record(obj: Any, where: str) -> Example:
             raise ValueError(f"{where}: {key!r} is empty")
         return check_text(value, f"{where}: {key!r}")
 
+    kinds = [k for k, keys in (("messages", ("messages",)), ("prompt/completion", ("prompt", "completion")),
+                               ("instruction/output", ("instruction", "output")), ("text", ("text",)))
+             if any(key in obj for key in keys)]
+    if len(kinds) > 1:  # which one would be trained on is not for lorakit to guess
+        raise ValueError(f"{where}: the record mixes formats ({' and '.join(kinds)}); give one per line")
     if "messages" in obj:
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not msgs:
@@ -140,6 +145,8 @@ def parse_record(obj: Any, where: str) -> Example:
             if not isinstance(m["content"], str):
                 raise ValueError(f"{where}: messages[{i}].content must be a string")
             check_text(m["content"], f"{where}: messages[{i}].content")
+            if m["role"] == "assistant" and not m["content"].strip():  # (as an empty completion is refused)
+                raise ValueError(f"{where}: messages[{i}] (assistant) is empty: nothing to learn from it")
             out.append({"role": m["role"], "content": m["content"]})
         if not any(m["role"] == "assistant" for m in out):
             raise ValueError(f"{where}: 'messages' has no assistant message to learn from")
