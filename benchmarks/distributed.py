@@ -15,7 +15,7 @@ warm-up ones.
 from __future__ import annotations
 
 import argparse
-import socket
+import shutil
 import statistics
 import sys
 import time
@@ -40,14 +40,14 @@ def gradient_shapes(rank: int, layers: int) -> dict[str, list[tuple[int, ...]]]:
     return {"LoRA": lora, "full fine-tuning": [tuple(p.shape) for p in model.parameters()]}
 
 
-def _worker(rank: int, world: int, port: int, shapes: dict[str, list[tuple[int, ...]]], rounds: int) -> None:
+def _worker(rank: int, world: int, store: str, shapes: dict[str, list[tuple[int, ...]]], rounds: int) -> None:
     import torch
     import torch.distributed as dist
 
     from lorakit.train.distributed import Dist
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         group = Dist(world=world, rank=rank)
         for what, sizes in shapes.items():
@@ -79,11 +79,12 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.processes < 2 or args.rounds < 1 or args.rank < 1 or args.layers < 1:
         ap.error("--processes must be >= 2, and --rounds, --rank, --layers >= 1")
+    import tempfile
+
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    # a file rendezvous: no port is picked in advance (a port found free can be taken before it is bound)
+    store = Path(tempfile.mkdtemp(prefix="lorakit-dist-")) / "store"
     print(f"Machine: {machine()}\n")
     print(f"Command: `python benchmarks/distributed.py --processes {args.processes} --rounds {args.rounds} "
           f"--rank {args.rank} --layers {args.layers}`\n")
@@ -91,8 +92,11 @@ def main(argv: list[str] | None = None) -> None:
           "ms, median (min–max):\n")
     print("| training | gradients summed | ms per step |")
     print("|---|---|---|")
-    mp.spawn(_worker, args=(args.processes, port, gradient_shapes(args.rank, args.layers), args.rounds),
-             nprocs=args.processes, join=True)
+    try:
+        mp.spawn(_worker, args=(args.processes, str(store), gradient_shapes(args.rank, args.layers), args.rounds),
+                 nprocs=args.processes, join=True)
+    finally:
+        shutil.rmtree(store.parent, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -22,13 +22,7 @@ _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 TESTS = Path(__file__).resolve().parent
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, cfg: dict, resume: bool, stop_at: tuple[int, int] | None,
+def _worker(rank: int, world: int, store: str, cfg: dict, resume: bool, stop_at: tuple[int, int] | None,
             out: str, bucket: int | None) -> None:
     """One process of a run: train the tiny Llama, keep the result and the trained tensors."""
     import torch.distributed as dist
@@ -38,7 +32,8 @@ def _worker(rank: int, world: int, port: int, cfg: dict, resume: bool, stop_at: 
     if bucket is not None:
         d.BUCKET_NUMEL = bucket  # several exchanges per step
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    # a file rendezvous: no port is picked in advance (a port found free can be taken before it is bound)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         tok = tiny_tokenizer()
 
@@ -66,9 +61,8 @@ def _spawn(tmp_path: Path, cfg: dict, resume: bool = False, stop_at=None, world:
            bucket: int | None = None) -> list[dict]:
     import torch.multiprocessing as mp
 
-    out = tmp_path / f"out-{_free_port()}"
-    out.mkdir()
-    mp.spawn(_worker, args=(world, _free_port(), cfg, resume, stop_at, str(out), bucket), nprocs=world, join=True)
+    out = Path(tempfile.mkdtemp(prefix="out-", dir=tmp_path))
+    mp.spawn(_worker, args=(world, str(out / "store"), cfg, resume, stop_at, str(out), bucket), nprocs=world, join=True)
     return [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
@@ -198,7 +192,7 @@ def test_lorakit_train_under_torchrun(tmp_path):
     train_file = write_jsonl(toy_records(24), tmp_path / "train.jsonl")
     eval_file = write_jsonl(toy_records(8, seed=1), tmp_path / "eval.jsonl")
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
            "-m", "lorakit.cli", "train", "--model", str(model_dir), "--data", str(train_file), "--eval-data",
            str(eval_file), "--max-steps", "4", "--batch-size", "4", "--precision", "fp32", "--threads", "1",
            "--output", str(tmp_path / "run"), "--no-progress"]
@@ -231,8 +225,8 @@ def test_two_runs_in_one_torchrun_script(tmp_path, data):
     script = tmp_path / "twice.py"
     script.write_text(TWICE.format(tests=str(TESTS), data=data, out=str(tmp_path)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                           str(_free_port()), str(script)], env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone",
+                           str(script)], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name in ("first", "second"):
         info = json.loads((tmp_path / name / "lorakit_run.json").read_text())
