@@ -34,7 +34,10 @@ def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
     """Make ``adapter_name`` (or a list: their updates are summed) the active adapter(s).
 
     Which adapters train is not changed (see ``set_trainable``). Merged adapters that are not in the
-    new active set are unmerged first, so the model computes exactly the active adapters.
+    new active set are unmerged first, so the model computes exactly the active adapters. Where an
+    adapter with a variant (DoRA, whose update depends on the weight it is applied to) is involved,
+    a layer's merged adapters must also be the ones applied first, in the new order, and no active
+    variant adapter may stay unmerged after them: otherwise the layer unmerges them all.
     """
     names = _as_names(adapter_name, "adapter_name")
     _check_names(model, names)
@@ -44,6 +47,11 @@ def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
         stale = [n for n in layer.merged_adapters if n not in names]
         if stale:
             layer.unmerge(stale)
+        merged = layer.merged_adapters
+        if merged and any(n in layer.variants for n in [*merged, *names]):
+            order = [n for n in names if n in layer.lora_A]
+            if order[: len(merged)] != merged or any(n in layer.variants for n in order[len(merged):]):
+                layer.unmerge()
         layer.active_adapters = list(names)
     for _, wrapper in iter_saved_modules(model):
         wrapper.active_adapter = next((n for n in names if n in wrapper.modules_to_save), None)
@@ -136,6 +144,10 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool =
         adapter_names = _as_names(adapter_names, "adapter_names")
         _check_names(model, adapter_names)
     require_state(model)
+    for path, layer in iter_lora_layers(model):  # every layer checked before any is changed
+        why = layer.merge_would_change(adapter_names)
+        if why:
+            raise ValueError(f"{path}: {why}; the model is unchanged")
     _warn_already_merged(model, adapter_names)
     if safe:
         _check_merge_finite(model, adapter_names)

@@ -297,3 +297,22 @@ def test_a_rank_above_a_layers_smaller_side_warns():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lk.get_lora_model(nn.Sequential(nn.Linear(8, 32)), lk.LoraConfig(r=8, target_modules=["0"]))
+
+
+def test_an_embedding_with_max_norm_leaves_the_adapter_as_it_is():
+    """F.embedding renormalises looked-up rows of its table in place: the LoRA lookup of Aᵀ must not
+    pass the base's max_norm (it rewrote A at every forward, by 2.06 in an audit; PEFT does too)."""
+    import torch
+    import torch.nn as nn
+
+    import lorakit as lk
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 8, max_norm=1.0))
+    lk.get_lora_model(model, lk.LoraConfig(r=4, target_modules=["0"], init_lora_weights=False))
+    layer = model[0]
+    with torch.no_grad():
+        layer.lora_A["default"].mul_(10)  # rows far above the max norm
+    before = layer.lora_A["default"].detach().clone()
+    model(torch.tensor([[1, 2, 3]]))
+    assert torch.equal(layer.lora_A["default"], before)

@@ -188,11 +188,69 @@ def test_taking_one_merged_adapter_out_next_to_a_merged_dora_restores_the_rest(o
     with torch.no_grad():
         expected = m(x).logits  # only the kept adapter, unmerged
     lk.set_adapter(m, list(order))
-    for name in order:
-        lk.merge(m, [name])
+    lk.merge(m)  # both, in the active order
+    assert q.merged_adapters == list(order)
     lk.delete_adapter(m, remove)
     assert q.merged_adapters == keep
     with torch.no_grad():
         torch.testing.assert_close(m(x).logits, expected, rtol=1e-5, atol=1e-5)
     lk.unmerge(m)
     torch.testing.assert_close(q.base_layer.weight, W0, rtol=0, atol=1e-6)
+
+
+def _plain_and_dora(order):
+    torch.manual_seed(0)
+    m = tiny_llama().eval()
+    kw = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False)
+    lk.get_lora_model(m, lk.LoraConfig(**kw), adapter_name="a")
+    lk.get_lora_model(m, lk.LoraConfig(use_dora=True, **kw), adapter_name="d")
+    _perturb_magnitudes(m)
+    lk.set_adapter(m, list(order))
+    return m
+
+
+def _unmerged_output(order, x):
+    """What the model computes with ``order`` active and nothing merged (a fresh copy)."""
+    with torch.no_grad():
+        return _plain_and_dora(order)(x).logits
+
+
+def test_merging_next_to_an_unmerged_active_dora_adapter_is_refused_and_changes_nothing():
+    """DoRA rescales what the adapters before it add and reads the base weight for its column norm:
+    merging some adapters but not in the forward's order would change the output (an audit found
+    5.6e-2; PEFT does it silently)."""
+    m, x = _plain_and_dora(["a", "d"]), _llama_x()
+    with torch.no_grad():
+        before = m(x).logits
+    for names in (["a"], ["d"]):  # a before the DoRA adapter; the DoRA adapter alone, after a
+        with pytest.raises(ValueError, match=r"DoRA adapter is involved, would change the output.*unchanged"):
+            lk.merge(m, names)
+    assert all(not layer.merged_adapters for _, layer in lk.inject.iter_lora_layers(m))
+    with torch.no_grad():
+        torch.testing.assert_close(m(x).logits, before, rtol=0, atol=0)
+    m, x = _plain_and_dora(["d", "a"]), _llama_x()  # DoRA applied first: merging it alone is exact
+    with torch.no_grad():
+        before = m(x).logits
+        lk.merge(m, ["d"])
+        torch.testing.assert_close(m(x).logits, before, rtol=1e-5, atol=1e-5)
+
+
+def test_merge_folds_named_adapters_in_the_active_order():
+    """merge(names) follows the order the forward applies the adapters, not the order of the names
+    (with DoRA the two differ: 1.6e-2 before)."""
+    m, x = _plain_and_dora(["a", "d"]), _llama_x()
+    with torch.no_grad():
+        unmerged = m(x).logits
+        lk.merge(m, ["d", "a"])
+        torch.testing.assert_close(m(x).logits, unmerged, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("first, then", [(["a", "d"], ["d", "a"]), (["a"], ["a", "d"]), (["d", "a"], ["a", "d"])])
+def test_set_adapter_keeps_merged_weights_true_to_the_new_order(first, then):
+    """After a merge, a new active order (or a DoRA adapter joining unmerged) must compute what the
+    unmerged adapters in that order compute: the layer unmerges where the merged weights would not."""
+    m, x = _plain_and_dora(first), _llama_x()
+    lk.merge(m)
+    lk.set_adapter(m, then)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x).logits, _unmerged_output(then, x), rtol=1e-5, atol=1e-5)

@@ -321,6 +321,8 @@ class LoraLayer(nn.Module):
         merge, as its forward does, not with the adapters before it already folded in.
         """
         names = self.active_adapters if adapter_names is None else adapter_names
+        # in the order the forward applies them (active order), then any inactive ones as given
+        names = [n for n in self.active_adapters if n in names] + [n for n in names if n not in self.active_adapters]
         pending = [n for n in dict.fromkeys(names) if n in self.lora_A and n not in self.merged_adapters]
         if not pending:
             return [], None
@@ -387,6 +389,29 @@ class LoraLayer(nn.Module):
                 old = weight.to(torch.promote_types(weight.dtype, torch.float32)) - self.delta_weight(name)
             weight.copy_(old.to(weight.dtype))
             self.merged_adapters.remove(name)
+
+    def merge_would_change(self, adapter_names: list[str] | None = None) -> str | None:
+        """Why merging ``adapter_names`` here would change what the layer computes, or None.
+
+        Plain LoRA updates add up in any order. An adapter with a variant (DoRA) does not: its forward
+        rescales the output so far and reads the base weight for its column norm. Where one is involved,
+        the merged adapters must therefore be the first ones the forward applies (in the active order),
+        with no variant adapter left unmerged after them.
+        """
+        names = self.active_adapters if adapter_names is None else adapter_names
+        order = [n for n in self.active_adapters if n in self.lora_A]
+        pending = [n for n in order if n in names and n not in self.merged_adapters]
+        pending += [n for n in dict.fromkeys(names) if n in self.lora_A and n not in order and n not in self.merged_adapters]
+        after = self.merged_adapters + pending
+        if not pending or not any(n in self.variants for n in [*order, *after]):
+            return None
+        rest = order[len(after):]
+        if after == order[: len(after)] and not any(n in self.variants for n in rest):
+            return None
+        return (f"merging {pending} with {order} active, where a DoRA adapter is involved, would change the "
+                f"output (DoRA rescales what the adapters before it add and reads the weight for its column "
+                f"norm): merge the active adapters in their order, all of them or the first ones up to the "
+                f"last DoRA adapter")
 
     def extra_repr(self) -> str:
         ranks = ", ".join(f"{n}: r={self.r[n]} scale={self.scaling[n]:g}" for n in self.lora_A)

@@ -32,10 +32,11 @@ class LoraEmbedding(LoraLayer):
 
     def branch(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
-        # Look up rows of Aᵀ (num_embeddings, r) with the base layer's padding / norm settings.
+        # Look up rows of Aᵀ (num_embeddings, r) with the base layer's padding and gradient settings.
         # (dense gradients for A even when the base's are sparse: a sparse gradient of Aᵀ cannot be
-        # transposed back to A's layout)
-        rows = F.embedding(x, A.T, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, False)
+        # transposed back to A's layout.) Never with its max_norm: F.embedding renormalises the looked-up
+        # rows of the table in place, which would rewrite A at every forward.
+        rows = F.embedding(x, A.T, base.padding_idx, None, base.norm_type, base.scale_grad_by_freq, False)
         return rows @ B.T
 
     def delta_from(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
