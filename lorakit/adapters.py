@@ -35,9 +35,8 @@ def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
 
     Which adapters train is not changed (see ``set_trainable``). Merged adapters that are not in the
     new active set are unmerged first, so the model computes exactly the active adapters. Where an
-    adapter with a variant (DoRA, whose update depends on the weight it is applied to) is involved,
-    a layer's merged adapters must also be the ones applied first, in the new order, and no active
-    variant adapter may stay unmerged after them: otherwise the layer unmerges them all.
+    adapter with a variant (DoRA) makes the merged weights wrong for the new order
+    (``LoraLayer.exact_when_merged``), the layer unmerges them all.
     """
     names = _as_names(adapter_name, "adapter_name")
     _check_names(model, names)
@@ -47,12 +46,9 @@ def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
         stale = [n for n in layer.merged_adapters if n not in names]
         if stale:
             layer.unmerge(stale)
-        merged = layer.merged_adapters
-        if merged and any(n in layer.variants for n in [*merged, *names]):
-            order = [n for n in names if n in layer.lora_A]
-            if order[: len(merged)] != merged or any(n in layer.variants for n in order[len(merged):]):
-                layer.unmerge()
         layer.active_adapters = list(names)
+        if layer.merged_adapters and not layer.exact_when_merged(layer.merged_adapters):
+            layer.unmerge()
     for _, wrapper in iter_saved_modules(model):
         wrapper.active_adapter = next((n for n in names if n in wrapper.modules_to_save), None)
 

@@ -320,10 +320,7 @@ class LoraLayer(nn.Module):
         update depends on the base weight (DoRA's column norm) sees the weight as it is before this
         merge, as its forward does, not with the adapters before it already folded in.
         """
-        names = self.active_adapters if adapter_names is None else adapter_names
-        # in the order the forward applies them (active order), then any inactive ones as given
-        names = [n for n in self.active_adapters if n in names] + [n for n in names if n not in self.active_adapters]
-        pending = [n for n in dict.fromkeys(names) if n in self.lora_A and n not in self.merged_adapters]
+        pending = self.merge_order(adapter_names)
         if not pending:
             return [], None
         dequantize = getattr(self.base_layer, "dequantize_weight", None)
@@ -390,24 +387,34 @@ class LoraLayer(nn.Module):
             weight.copy_(old.to(weight.dtype))
             self.merged_adapters.remove(name)
 
-    def merge_would_change(self, adapter_names: list[str] | None = None) -> str | None:
-        """Why merging ``adapter_names`` here would change what the layer computes, or None.
+    def merge_order(self, adapter_names: list[str] | None = None) -> list[str]:
+        """The adapters ``merge(adapter_names)`` would fold in here (default: the active ones), in the
+        order the forward applies them (the active order), then any inactive ones as given."""
+        names = self.active_adapters if adapter_names is None else adapter_names
+        ordered = [n for n in self.active_adapters if n in names] + [n for n in names if n not in self.active_adapters]
+        return [n for n in dict.fromkeys(ordered) if n in self.lora_A and n not in self.merged_adapters]
+
+    def exact_when_merged(self, merged: list[str]) -> bool:
+        """Whether this layer, with ``merged`` folded into its weight, computes what its active
+        adapters compute unmerged.
 
         Plain LoRA updates add up in any order. An adapter with a variant (DoRA) does not: its forward
         rescales the output so far and reads the base weight for its column norm. Where one is involved,
         the merged adapters must therefore be the first ones the forward applies (in the active order),
         with no variant adapter left unmerged after them.
         """
-        names = self.active_adapters if adapter_names is None else adapter_names
         order = [n for n in self.active_adapters if n in self.lora_A]
-        pending = [n for n in order if n in names and n not in self.merged_adapters]
-        pending += [n for n in dict.fromkeys(names) if n in self.lora_A and n not in order and n not in self.merged_adapters]
-        after = self.merged_adapters + pending
-        if not pending or not any(n in self.variants for n in [*order, *after]):
+        if not any(n in self.variants for n in [*order, *merged]):
+            return True
+        return merged == order[: len(merged)] and not any(n in self.variants for n in order[len(merged):])
+
+    def merge_would_change(self, adapter_names: list[str] | None = None) -> str | None:
+        """Why merging ``adapter_names`` here would change what the layer computes, or None
+        (``exact_when_merged``)."""
+        pending = self.merge_order(adapter_names)
+        if not pending or self.exact_when_merged(self.merged_adapters + pending):
             return None
-        rest = order[len(after):]
-        if after == order[: len(after)] and not any(n in self.variants for n in rest):
-            return None
+        order = [n for n in self.active_adapters if n in self.lora_A]
         return (f"merging {pending} with {order} active, where a DoRA adapter is involved, would change the "
                 f"output (DoRA rescales what the adapters before it add and reads the weight for its column "
                 f"norm): merge the active adapters in their order, all of them or the first ones up to the "

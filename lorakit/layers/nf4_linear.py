@@ -121,9 +121,7 @@ class LoraLinearNF4(LoraLinear):
 
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe: bool = False) -> None:
-        names = self.active_adapters if adapter_names is None else adapter_names
-        pending = [n for n in names if n in self.lora_A and n not in self.merged_adapters]
-        if pending and isinstance(self.base_layer, LinearNF4):
+        if self.merge_order(adapter_names) and isinstance(self.base_layer, LinearNF4):
             # Merge into a dequantised dense copy; never re-quantise (see module docstring).
             self.quantized_base = self.base_layer
             self.base_layer = self.quantized_base.to_linear()

@@ -73,11 +73,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             print(f"warning: overriding the saved configuration of {args.resume} with {sorted(given)}", file=sys.stderr)
         base["output"] = args.resume
     elif args.config:
-        base = TrainConfig.from_yaml(args.config).to_dict()
+        from lorakit.train.config import read_yaml_mapping
+
+        written = read_yaml_mapping(args.config)
+        base = TrainConfig.from_dict(written, where=args.config).to_dict()
     else:
         base = TrainConfig().to_dict()
     if "epochs" in given and "max_steps" not in given:
-        if args.config and base["max_steps"] and _yaml_sets(args.config, "max_steps"):  # a --max-steps of the file: --epochs is ignored
+        # a max_steps the --config file sets itself (not 0) wins over --epochs, as the flag's help says
+        if args.config and base["max_steps"] and any(str(k).replace("-", "_") == "max_steps" for k in written):
             if _first_process():
                 print(f"warning: --epochs is ignored: {args.config} sets max_steps ({base['max_steps']}); give "
                       "--max-steps 0 to train by epochs", file=sys.stderr)
@@ -95,14 +99,6 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             print(f"warning: --method full trains every weight: ignoring {flags} (adapter options, for lora / "
                   "qlora only)", file=sys.stderr)
     return cfg
-
-
-def _yaml_sets(path: str, name: str) -> bool:
-    """Whether the (already validated) YAML config file gives option ``name`` itself."""
-    import yaml
-
-    data = yaml.safe_load(Path(path).read_text(encoding="utf-8-sig")) or {}
-    return any(str(key).replace("-", "_") == name for key in data)
 
 
 def _first_process() -> bool:

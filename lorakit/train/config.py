@@ -237,23 +237,7 @@ class TrainConfig:
             FileNotFoundError: if the file is missing.
             ValueError: if it is not UTF-8 YAML, not a mapping, or holds unknown keys / bad values.
         """
-        path = Path(path)
-        if path.is_dir():
-            raise ValueError(f"config file {str(path)!r} is a directory, not a YAML file")
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {str(path)!r} not found")
-        try:
-            d = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
-        except UnicodeDecodeError as exc:
-            raise ValueError(f"config file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-            raise ValueError(f"config file {str(path)!r} is not valid YAML: {problem}{where}") from None
-        if not isinstance(d, dict):
-            raise ValueError(f"config file {str(path)!r} must hold a mapping of option: value")
-        return cls.from_dict(d, where=str(path))
+        return cls.from_dict(read_yaml_mapping(path), where=str(path))
 
     def updated(self, **changes: Any) -> TrainConfig:
         """A copy with some fields replaced (validated again)."""
@@ -296,3 +280,29 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     except (TypeError, ValueError):
         raise ValueError(f"{where}: {name} must be a {kind.__name__}, got {value!r}") from None
     return value
+
+
+def read_yaml_mapping(path: str | Path) -> dict[Any, Any]:
+    """The mapping of option -> value in a YAML config file, as written (not yet checked as options).
+
+    Raises:
+        FileNotFoundError: if the file is missing.
+        ValueError: if it is not UTF-8 YAML, or not a mapping.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"config file {str(path)!r} is a directory, not a YAML file")
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} not found")
+    try:
+        d = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"config file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ValueError(f"config file {str(path)!r} is not valid YAML: {problem}{where}") from None
+    if not isinstance(d, dict):
+        raise ValueError(f"config file {str(path)!r} must hold a mapping of option: value")
+    return d
