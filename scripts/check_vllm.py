@@ -250,7 +250,8 @@ def through_vllm(d: Path, base, lk_delta: dict[str, torch.Tensor], max_lora_rank
     r["modules_to_save"] = sorted(lora.modules_to_save)
     # unpacked weights must equal the file's tensors exactly
     mism = []
-    for tname, t in load_file(str(d / "adapter_model.safetensors")).items():
+    on_disk = load_file(str(d / "adapter_model.safetensors"))
+    for tname, t in on_disk.items():
         try:
             mod, is_a = parse_fine_tuned_lora_name(tname)
         except ValueError:
@@ -263,8 +264,7 @@ def through_vllm(d: Path, base, lk_delta: dict[str, torch.Tensor], max_lora_rank
             mism.append(tname)
     r["tensor_mismatches"] = mism
     for mname, full in lora.modules_to_save.items():
-        ftens = load_file(str(d / "adapter_model.safetensors"))
-        if not torch.equal(full.weight, ftens[f"{PREFIX}{mname}.weight"]):
+        if not torch.equal(full.weight, on_disk[f"{PREFIX}{mname}.weight"]):
             mism.append(f"{mname} (modules_to_save)")
     r["scalings"] = sorted({(w.rank, round(w.scaling, 6)) for w in lora.loras.values()})
     lora = vllm_pack(lora, num_layers)
@@ -321,9 +321,9 @@ def run_case(name: str, cfg_kwargs: dict, expect: str, tie: bool = False, base=N
     res: dict = {"case": name, "expect": expect}
     if base == "seq_cls":
         from transformers import LlamaForSequenceClassification
-        torch.manual_seed(0)
-        base = LlamaForSequenceClassification(tiny_llama(tie).config.__class__(
-            **{**tiny_llama(tie).config.to_dict(), "num_labels": 3, "pad_token_id": 0})).eval()
+        config = tiny_llama(tie).config  # (which leaves the RNG seeded for the head below)
+        base = LlamaForSequenceClassification(LlamaConfig(**{**config.to_dict(), "num_labels": 3,
+                                                             "pad_token_id": 0})).eval()
     base = base if base is not None else tiny_llama(tie)
     root = Path(tempfile.mkdtemp(prefix=f"{name}_", dir=OUT))
 

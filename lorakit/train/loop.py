@@ -545,8 +545,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
                                 f"one: delete {str(run_dir)!r} and start it again without --resume)")
     if (not resume and dist.world == 1 and cfg.output and run_dir.exists()  # (a default name gets a suffix)
             and any(run_dir.iterdir())):  # (several processes: the claim below refuses it in all alike)
-        raise FileExistsError(f"output directory {str(run_dir)!r} already holds files; pass --resume "
-                              f"{shlex.quote(str(run_dir))} to continue that run, or choose another --output")
+        raise FileExistsError(_holds_files(run_dir))
     threads = auto_threads(cfg.threads)
     precision = resolve_precision(cfg.precision)
     # bf16 for LoRA = bf16 base weights (frozen) with fp32 adapters: half the memory traffic, and the
@@ -852,6 +851,12 @@ def _write_run_config(run_dir: Path, cfg: TrainConfig) -> None:
     os.replace(tmp, run_dir / "train_config.yaml")
 
 
+def _holds_files(path: Path) -> str:
+    """The refusal of a new run in a directory that already holds files."""
+    return (f"output directory {str(path)!r} already holds files; pass --resume {shlex.quote(str(path))} to "
+            "continue that run, or choose another --output")
+
+
 def _claim_run_dir_once(run_dir: Path, cfg: TrainConfig, dist: Dist) -> tuple[Path, bool]:
     """``_claim_run_dir`` in the first process; the others learn its directory (or its refusal,
     raised in every process alike). Returns (the directory, whether this process created it)."""
@@ -888,8 +893,7 @@ def _claim_run_dir(run_dir: Path, cfg: TrainConfig, unique: bool) -> tuple[Path,
             if unique:
                 continue
             if not path.is_dir() or any(path.iterdir()):
-                raise FileExistsError(f"output directory {str(path)!r} already holds files; pass --resume "
-                                      f"{shlex.quote(str(path))} to continue that run, or choose another --output") from None
+                raise FileExistsError(_holds_files(path)) from None
             created = False
         try:
             with open(path / "train_config.yaml", "x", encoding="utf-8") as fh:
