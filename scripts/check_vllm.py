@@ -426,6 +426,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("give --vllm DIR (made once with --setup DIR)")
     if not (args.vllm / "site" / "vllm").is_dir():
         parser.error(f"{args.vllm} holds no site/vllm: make it with --setup {args.vllm}")
+    for d in args.adapter:
+        if not (d / "adapter_config.json").is_file():
+            parser.error(f"--adapter {str(d)!r} holds no adapter_config.json (a lorakit run or PEFT adapter directory)")
     warnings.filterwarnings("ignore")
     load_vllm(args.vllm)
     OUT = str(args.work or tempfile.mkdtemp(prefix="lorakit-vllm-"))

@@ -27,6 +27,10 @@ def test_check_vllm_asks_for_a_set_up_directory(tmp_path, capsys):
     with pytest.raises(SystemExit):
         script.main(["--vllm", str(tmp_path)])
     assert f"{tmp_path} holds no site/vllm: make it with --setup" in capsys.readouterr().err
+    (tmp_path / "site" / "vllm").mkdir(parents=True)
+    with pytest.raises(SystemExit):
+        script.main(["--vllm", str(tmp_path), "--adapter", str(tmp_path / "nope")])
+    assert "holds no adapter_config.json" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(not os.environ.get("LORAKIT_VLLM_DIR"), reason="vLLM's code not set up (LORAKIT_VLLM_DIR)")
