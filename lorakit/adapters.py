@@ -19,6 +19,23 @@ def _check_names(model: nn.Module, names: list[str]) -> None:
         raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(state.configs)}")
 
 
+def _refuse_changed_merges(model: nn.Module, adapter_names: list[str] | None = None,
+                           with_variants_all: bool = False) -> None:
+    """Before a model-level operation unmerges ``adapter_names`` (default: all merged ones), check
+    every layer (``LoraLayer.unmerge_blocker``), so that a refusal leaves the whole model as it was.
+    ``with_variants_all``: on layers with a variant adapter merged, check all their merged adapters
+    (``set_adapter`` may unmerge them all there)."""
+    for path, layer in iter_lora_layers(model):
+        if not layer.merged_adapters:
+            continue
+        names = adapter_names
+        if with_variants_all and any(n in layer.variants for n in layer.merged_adapters):
+            names = None
+        why = layer.unmerge_blocker(names)
+        if why:
+            raise ValueError(f"{path}: {why}; the model is unchanged")
+
+
 def _as_names(value: Any, what: str) -> list[str]:
     """An adapter name or a list of names as a list; refuses other types and repeated names."""
     names = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
@@ -41,6 +58,8 @@ def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
     names = _as_names(adapter_name, "adapter_name")
     _check_names(model, names)
     state = require_state(model)
+    merged = {n for _, layer in iter_lora_layers(model) for n in layer.merged_adapters}
+    _refuse_changed_merges(model, [n for n in merged if n not in names], with_variants_all=True)
     state.active = names
     for _, layer in iter_lora_layers(model):
         stale = [n for n in layer.merged_adapters if n not in names]
@@ -80,6 +99,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
     if adapter_name in names_in_open_batches(model):
         raise ValueError(f"adapter {adapter_name!r} is in use by an open adapter_batch block; delete it after the block")
+    _refuse_changed_merges(model, [adapter_name])
     _remove_adapter_everywhere(model, adapter_name)
     state = require_state(model) if get_state(model) and get_state(model).configs else None
     if state is not None:
@@ -95,6 +115,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     then come back to rounding (W + ΔW − ΔW), as with PEFT.
     """
     require_state(model)
+    _refuse_changed_merges(model)
     layers = [layer for _, layer in iter_lora_layers(model)]
     wrappers = [w for _, w in iter_saved_modules(model)]
     merged = {id(layer): list(layer.merged_adapters) for layer in layers}
@@ -176,7 +197,13 @@ def _check_merge_finite(model: nn.Module, adapter_names: list[str] | None) -> No
 
 
 def unmerge(model: nn.Module) -> nn.Module:
-    """Take every merged adapter back out of the base weights."""
+    """Take every merged adapter back out of the base weights.
+
+    Raises:
+        ValueError: a merged adapter's weights or scaling were changed after the merge (subtracting
+            them would leave wrong base weights); the model is unchanged.
+    """
+    _refuse_changed_merges(model)
     for _, layer in iter_lora_layers(model):
         layer.unmerge()
     return model
@@ -188,6 +215,8 @@ def _strip(model: nn.Module, do_merge: bool, safe: bool = False) -> nn.Module:
         _check_merge_finite(model, None)
     if do_merge:
         _untie_before_merge(model)
+    else:
+        _refuse_changed_merges(model)
     for name, layer in list(iter_lora_layers(model)):
         if do_merge:
             layer.merge(safe=safe)

@@ -20,6 +20,19 @@ from torch.nn.modules import module as _module
 from lorakit.variants import LoraVariant, get_init_method
 
 
+def bits_fingerprint(tensor: torch.Tensor) -> int:
+    """An integer that changes with any change to ``tensor``'s bits or their order (a position-
+    weighted sum of the bit patterns, in wrapping int64 arithmetic): equal tensors, on any device,
+    give equal fingerprints."""
+    with torch.no_grad():
+        flat = tensor.detach().reshape(-1)
+        if flat.is_floating_point() or flat.is_complex():
+            flat = flat.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+        bits = flat.to(torch.int64, copy=True)  # a copy: the products below must not write the tensor
+        weights = torch.arange(bits.numel(), dtype=torch.int64, device=bits.device).mul_(2654435761).bitwise_or_(1)
+        return int(bits.mul_(weights).sum())
+
+
 def runs_own_forward(module: nn.Module, cls: type[nn.Module] | None) -> bool:
     """Whether calling ``module`` returns what ``cls.forward`` makes: it is exactly a ``cls`` (not a
     subclass), has no ``forward`` replaced on the instance, and no forward hook, of its own or
@@ -65,6 +78,7 @@ class LoraLayer(nn.Module):
         self.variants: dict[str, LoraVariant] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
+        self.merge_stamps: dict[str, tuple] = {}  # adapter -> its tensors' fingerprint when merged
         self.disabled = False
 
     # ---- geometry, supplied by each layer type ----------------------------------------------------
@@ -355,6 +369,9 @@ class LoraLayer(nn.Module):
         weight = self.base_layer.weight
         weight.copy_(new.to(weight.dtype))
         self.merged_adapters.extend(pending)
+        stamps = self.__dict__.setdefault("merge_stamps", {})
+        for name in pending:
+            stamps[name] = self.merge_stamp(name)
 
     @torch.no_grad()
     def unmerge(self, adapter_names: list[str] | None = None) -> None:
@@ -365,16 +382,67 @@ class LoraLayer(nn.Module):
         every merge from the earliest taken out on is undone, newest first, and the ones that stay
         are merged again in their order.
         """
-        names = list(self.merged_adapters) if adapter_names is None else list(adapter_names)
-        chosen = [n for n in self.merged_adapters if n in names]
+        chosen, tail = self._unmerge_plan(adapter_names)
         if not chosen:
             return
-        tail = self.merged_adapters[self.merged_adapters.index(chosen[0]):]
-        if len(chosen) < len(tail) and any(n in self.variants for n in tail):
+        why = self.unmerge_blocker(adapter_names)
+        if why:
+            raise ValueError(f"{why}; the layer is unchanged")
+        if len(chosen) < len(tail):
             self._unmerge_in_order(tail)
             self.merge([n for n in tail if n not in chosen])
             return
         self._unmerge_in_order(chosen)
+
+    def _unmerge_plan(self, adapter_names: list[str] | None) -> tuple[list[str], list[str]]:
+        """``(adapters to take out, adapters unmerge subtracts)``: the second is longer where a
+        variant's merge makes the later merges come out and go back in."""
+        names = list(self.merged_adapters) if adapter_names is None else list(adapter_names)
+        chosen = [n for n in self.merged_adapters if n in names]
+        if not chosen:
+            return [], []
+        tail = self.merged_adapters[self.merged_adapters.index(chosen[0]):]
+        if len(chosen) < len(tail) and any(n in self.variants for n in tail):
+            return chosen, tail
+        return chosen, chosen
+
+    def merge_stamp(self, name: str) -> tuple:
+        """A fingerprint of what adapter ``name`` adds when merged: its scaling and the exact bits
+        of its tensors (A, B and a variant's own, such as DoRA's magnitude), with their dtypes."""
+        tensors = [self.lora_A[name], self.lora_B[name]]
+        tensors += [store[name] for store in self.variant_stores() if name in store]
+        return float(self.scaling[name]), tuple((t.dtype, bits_fingerprint(t)) for t in tensors)
+
+    def variant_stores(self) -> list[nn.ParameterDict]:
+        """The ParameterDicts of per-adapter tensors that variants registered on this layer."""
+        names = {store for v in self.variants.values() for store in getattr(v, "saved_stores", {}).values()}
+        return [getattr(self, n) for n in sorted(names) if isinstance(getattr(self, n, None), nn.ParameterDict)]
+
+    def unmerge_blocker(self, adapter_names: list[str] | None = None) -> str | None:
+        """Why ``unmerge(adapter_names)`` would write wrong base weights, or None.
+
+        Unmerging subtracts the update computed from the adapter's tensors as they are now; if they
+        were changed after the merge (by hand, a load into the merged adapter, ...), that is not
+        the update the merge added, and the weight would be left off by the difference. A cast of
+        the whole model to another dtype changes the bits but not the update: that is let through.
+        """
+        _, subtracted = self._unmerge_plan(adapter_names)
+        stamps = self.__dict__.get("merge_stamps", {})
+        changed = []
+        for name in subtracted:
+            then = stamps.get(name)
+            if then is None:
+                continue
+            now = self.merge_stamp(name)
+            same = then[0] == now[0] and len(then[1]) == len(now[1]) and all(
+                a[0] != b[0] or a[1] == b[1] for a, b in zip(then[1], now[1]))
+            if not same:
+                changed.append(name)
+        if not changed:
+            return None
+        return (f"adapter(s) {changed} changed (weights or scaling) after being merged into this layer's weight: "
+                f"unmerging would subtract another update than the merge added and leave the base weight wrong. "
+                f"Put the adapter back as it was when merged to unmerge it, or reload the base model")
 
     def _unmerge_in_order(self, chosen: list[str]) -> None:
         weight = self.base_layer.weight
@@ -386,6 +454,7 @@ class LoraLayer(nn.Module):
                 old = weight.to(torch.promote_types(weight.dtype, torch.float32)) - self.delta_weight(name)
             weight.copy_(old.to(weight.dtype))
             self.merged_adapters.remove(name)
+            self.__dict__.get("merge_stamps", {}).pop(name, None)
 
     def merge_order(self, adapter_names: list[str] | None = None) -> list[str]:
         """The adapters ``merge(adapter_names)`` would fold in here (default: the active ones), in the

@@ -1,0 +1,154 @@
+"""Unmerging subtracts the update computed from the adapter as it is now. If its tensors or scaling
+changed after the merge, that is another update than the merge added: every unmerging operation
+refuses then, with the model unchanged, instead of leaving wrong base weights (PEFT 0.21.2 does the
+subtraction silently)."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import lorakit as lk
+from conftest import tiny_llama
+from lorakit.inject import iter_lora_layers
+from lorakit.layers.base import bits_fingerprint
+
+TARGETS = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
+
+
+def _model(dora: bool = False, names=("a",)):
+    torch.manual_seed(0)
+    m = tiny_llama().eval()
+    for name in names:
+        cfg = lk.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False,
+                            use_dora=dora and name == names[-1])
+        lk.get_lora_model(m, cfg, adapter_name=name)
+    lk.set_adapter(m, list(names))
+    return m
+
+
+def _weights(m):
+    return {k: v.detach().clone() for k, v in m.state_dict().items()}
+
+
+def _assert_same(m, before):
+    after = m.state_dict()
+    assert after.keys() == before.keys()
+    for k, v in before.items():
+        assert torch.equal(after[k], v), k
+
+
+def _x():
+    return torch.randint(0, 101, (2, 7), generator=torch.Generator().manual_seed(3))
+
+
+def _edit_b(m, name="a"):
+    layer = m.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_B[name].mul_(2.0)
+    return layer
+
+
+def test_fingerprint_sees_any_bit_and_order_change_and_equal_copies_agree():
+    t = torch.randn(5, 7)
+    f = bits_fingerprint(t)
+    assert bits_fingerprint(t.clone()) == f == bits_fingerprint(copy.deepcopy(t))
+    flipped = t.clone()
+    flipped.view(torch.int32)[2, 3] ^= 1  # one bit of one element
+    assert bits_fingerprint(flipped) != f
+    assert bits_fingerprint(t.flip(0)) != f  # same values, other order
+    assert bits_fingerprint(t.t()) != f
+    assert bits_fingerprint(t.to(torch.bfloat16)) != bits_fingerprint(t.to(torch.bfloat16).neg())
+
+
+@pytest.mark.parametrize("op", ["unmerge", "unload", "disable", "set_adapter", "delete_adapter"])
+def test_every_unmerging_operation_refuses_an_adapter_changed_while_merged(op):
+    m = _model(names=("a", "b"))
+    lk.merge(m, ["a"])
+    _edit_b(m)
+    before = _weights(m)
+    with pytest.raises(ValueError, match=r"adapter\(s\) \['a'\] changed .*after being merged.*the model is unchanged"):
+        if op == "unmerge":
+            lk.unmerge(m)
+        elif op == "unload":
+            lk.unload(m)
+        elif op == "disable":
+            with lk.disable_adapters(m):
+                pass
+        elif op == "set_adapter":
+            lk.set_adapter(m, "b")
+        else:
+            lk.delete_adapter(m, "a")
+    _assert_same(m, before)  # no layer was unmerged, the merged state is as it was
+    assert lk.active_adapters(m) == ["a", "b"]
+    assert all(layer.merged_adapters == ["a"] for _, layer in iter_lora_layers(m) if "a" in layer.lora_A)
+
+
+def test_put_back_the_unmerge_restores_the_base_and_a_layer_refuses_on_its_own():
+    m = _model()
+    w0 = {k: v.clone() for k, v in _weights(m).items() if "base_layer" in k}
+    lk.merge(m)
+    layer = _edit_b(m)
+    with pytest.raises(ValueError, match="the layer is unchanged"):
+        layer.unmerge()
+    assert layer.merged_adapters == ["a"]
+    with torch.no_grad():
+        layer.lora_B["a"].div_(2.0)  # exactly back (a power of two)
+    lk.unmerge(m)
+    after = m.state_dict()
+    assert max((after[k] - v).abs().max().item() for k, v in w0.items()) <= 1e-6
+
+
+def test_a_changed_scaling_is_refused_too():
+    m = _model()
+    lk.merge(m)
+    layer = m.model.layers[1].mlp.down_proj
+    layer.scaling["a"] *= 3
+    with pytest.raises(ValueError, match="changed"):
+        lk.unmerge(m)
+
+
+def test_a_changed_dora_magnitude_is_refused():
+    m = _model(dora=True, names=("d",))
+    lk.merge(m)
+    with torch.no_grad():
+        m.model.layers[0].self_attn.v_proj.lora_magnitude_vector["d"].add_(0.5)
+    before = _weights(m)
+    with pytest.raises(ValueError, match=r"\['d'\] changed"):
+        lk.unmerge(m)
+    _assert_same(m, before)
+
+
+def test_unchanged_adapters_still_unmerge_after_a_deepcopy_and_after_a_cast():
+    m = _model(names=("a", "b"))
+    x = _x()
+    with torch.no_grad():
+        unmerged = m(x).logits
+    lk.merge(m)
+    copied = copy.deepcopy(m)
+    lk.unmerge(copied)  # equal bits in the copy: allowed
+    with torch.no_grad():
+        torch.testing.assert_close(copied(x).logits, unmerged, rtol=1e-5, atol=1e-5)
+    m.to(torch.float64)  # a cast changes the bits, not the update: allowed
+    lk.unmerge(m)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x).logits, unmerged.double(), rtol=1e-5, atol=1e-5)
+
+
+def test_other_adapters_changed_while_one_is_merged_do_not_block():
+    m = _model(names=("a", "b"))
+    lk.merge(m, ["a"])
+    _edit_b(m, "b")  # b is not merged: editing it is ordinary training
+    lk.set_adapter(m, "a")  # a stays merged and active: nothing to unmerge
+    lk.delete_adapter(m, "b")
+    lk.unmerge(m)
+    assert all(not layer.merged_adapters for _, layer in iter_lora_layers(m))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.int64])
+def test_fingerprint_leaves_the_tensor_as_it_was(dtype):
+    t = (torch.randn(6, 5) * 100).to(dtype)
+    before = t.clone()
+    bits_fingerprint(t)
+    assert torch.equal(t, before)
