@@ -111,6 +111,12 @@ def test_config_dir_and_cli(tmp_path, capsys):
         main(["estimate", "--model", "7B", "--precision", "fp8"])
     assert main(["estimate", "--model", "7B", "--batch-size", "0"]) == 2
     assert "batch_size" in capsys.readouterr().err
+    # k/v are 2 x 16 = 32 wide here: r = 48 cannot be reached there (q, o: 64; the MLP: 160)
+    assert main(["estimate", "--model", str(tmp_path), "--r", "48", "--targets", "all-linear", "--no-plot"]) == 0
+    err = capsys.readouterr().err
+    assert "warning: --r 48 is above min(in, out) of k_proj (min 32), v_proj (min 32):" in err
+    assert main(["estimate", "--model", str(tmp_path), "--r", "32", "--targets", "all-linear", "--no-plot"]) == 0
+    assert "warning" not in capsys.readouterr().err
 
 
 def test_embedded_model_by_flag_without_value_and_by_gguf_file(capsys):

@@ -113,6 +113,8 @@ def test_synthetic_demo_flags_out_of_range(capsys):
         lowrank.synthetic_low_rank(0, 0, 5)
     assert main(["lowrank", "--size", "0", "--no-plot"]) == 2
     assert "--size must be >= 1" in capsys.readouterr().err
+    assert main(["lowrank", "--seed", "-1", "--no-plot"]) == 2
+    assert "--seed must be >= 0" in capsys.readouterr().err
 
 
 def test_lowrank_says_when_it_shows_only_some_matching_matrices(tmp_path, capsys):

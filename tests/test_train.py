@@ -14,7 +14,7 @@ from lorakit.train.config import TrainConfig
 from lorakit.train.data import collate, parse_record, tokenize_example
 from lorakit.train.generate import loss_sum
 from lorakit.train.loop import (NonFiniteLossError, SimulatedKill, find_checkpoint, lr_factor, plan_steps,
-                                step_micro_batches, train)
+                                results_table, step_micro_batches, train)
 from tiny_lm import one_thread, tiny_gpt2_lm, tiny_llama_lm, tiny_tokenizer, toy_records, write_jsonl
 
 
@@ -88,6 +88,17 @@ def test_an_epoch_run_ends_with_its_epochs_under_gradient_accumulation(tmp_path,
     steps4, tokens4 = tokens("accum4", 4)
     steps1, tokens1 = tokens("accum1", 1)
     assert (steps4, steps1) == (4, 14) and tokens4 == tokens1
+
+
+def test_the_results_table_counts_the_examples_a_step_really_takes(tmp_path, tok):
+    """A 3-example training set with --batch-size 8 --grad-accum 2: each step takes the 3, not 16."""
+    small = write_jsonl(toy_records(3), tmp_path / "three.jsonl")
+    cfg = _cfg(tmp_path, (small,), batch_size=8, grad_accum=2, max_steps=2, eval_data=str(small))
+    result = train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert result.train_examples == 3
+    assert "2 x 3 examples" in results_table(result, cfg)
+    result.train_examples = 40
+    assert "2 x 16 examples" in results_table(result, cfg)
 
 
 # ----------------------------------------------------------------------------- learning
@@ -429,7 +440,7 @@ def test_corrupt_run_info_names_the_file(tmp_path, tok, data_files):
     ("max_grad_norm", float("nan"), "max_grad_norm must be a finite number"),
     ("init", "bogus", "init must be one of"),
     ("init", "pissa_niter_x", "init must be one of"),
-    ("seed", 99999999999999999999, "seed must be below 2\*\*63"),
+    ("seed", 99999999999999999999, r"seed must be below 2\*\*63"),
     ("target_modules", "q_proj[", "target_modules 'q_proj\\[' is not a valid regex"),
     ("target_modules", " , ", "names no module"),
     ("data", 5, "data must be a string"),

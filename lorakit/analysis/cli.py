@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -66,6 +67,8 @@ def cmd_lowrank(args: argparse.Namespace) -> int:
                    ("rank", "A (r x k)", "B (d x r)", "LoRA params", "compression", "removed"))]
     if args.size < 1:
         raise ValueError(f"--size must be >= 1 (the side of the synthetic matrix), got {args.size}")
+    if not 0 <= args.seed < 2**63:
+        raise ValueError(f"--seed must be >= 0 and below 2**63 (as train's), got {args.seed}")
     too_big = [r for r in args.svd_ranks if r > args.size]
     if too_big:
         raise ValueError(f"--svd-ranks {too_big} exceed --size {args.size} (a {args.size} x {args.size} matrix "
@@ -175,6 +178,10 @@ def cmd_estimate(args: argparse.Namespace) -> int:
                                         target_modules=tuple(args.targets), attention=args.attention,
                                         optimizer_impl=args.optimizer_impl, state_precision=args.state_precision)
                for m in args.methods]
+    narrow = estimate.rank_above_width(shape, args.r, args.targets)
+    if narrow and any(m != "full" for m in args.methods):
+        print(f"warning: --r {args.r} is above min(in, out) of {', '.join(narrow)}: the update there cannot have "
+              f"that rank, yet r x (in + out) parameters are counted (and would train)", file=sys.stderr)
     h = estimate.human
     text = [f"{shape.name}: {shape.total_params():,} parameters; {args.batch_size} x {args.seq_len} tokens, "
             f"{args.precision}, {args.optimizer}, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}",

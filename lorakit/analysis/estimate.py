@@ -254,6 +254,15 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
     return value
 
 
+def rank_above_width(shape: ModelShape, r: int, target_modules: tuple[str, ...] | list[str] | str) -> list[str]:
+    """Targeted projections narrower than ``r`` (min(out, in) < r), as "name (min N)": ΔW there
+    cannot reach rank r, yet r·(in + out) parameters are trained (as lorakit train warns)."""
+    names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    targets = LINEAR_NAMES if names == ["all-linear"] else names
+    shapes = shape.linear_shapes()
+    return [f"{t} (min {min(shapes[t])})" for t in targets if t in shapes and r > min(shapes[t])]
+
+
 def estimate_memory(
     model: ModelShape | dict[str, Any] | str | Path,
     method: str = "lora",

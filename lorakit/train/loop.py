@@ -85,6 +85,7 @@ class TrainResult:
     peak_memory_mb: float = 0.0  # (of this process: each of several holds its own model)
     losses: list[float] = field(default_factory=list)
     processes: int = 1  # how many trained it (torchrun): a step's batch is this many shares
+    train_examples: int = 0  # size of the training set (a step takes at most this many)
 
 
 # --------------------------------------------------------------------------- schedule
@@ -402,6 +403,13 @@ def plot_losses(log_path: Path, out_png: Path) -> None:
     plt.close(fig)
 
 
+def examples_per_step(cfg: TrainConfig, result: TrainResult) -> int:
+    """Examples one optimizer step takes: batch x accumulation x processes, or the whole training
+    set where that is smaller."""
+    nominal = cfg.batch_size * cfg.grad_accum * result.processes
+    return min(nominal, result.train_examples) if result.train_examples > 0 else nominal
+
+
 def method_summary(cfg: TrainConfig) -> str:
     """One line naming the method and every adapter option that differs from plain LoRA."""
     if cfg.method == "full":
@@ -432,7 +440,7 @@ def results_table(result: TrainResult, cfg: TrainConfig) -> str:
         ("method", method_summary(cfg)),
         ("trainable parameters", f"{result.trainable_params:,} of {result.total_params:,} ({pct:.2f}%)"),
         ("held-out examples", f"{b.get('n', a.get('n', 0))}"),
-        ("optimizer steps", f"{result.steps} x {cfg.batch_size * cfg.grad_accum * result.processes} examples"
+        ("optimizer steps", f"{result.steps} x {examples_per_step(cfg, result)} examples"
                             + (f" ({result.processes} processes)" if result.processes > 1 else "")),
         ("training time", f"{result.train_seconds:.0f} s (total {result.wall_seconds:.0f} s incl. load + evals)"),
         ("training throughput", f"{result.tokens_per_second:.0f} tokens/s"),
@@ -777,7 +785,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
         result = TrainResult(run_dir=run_dir, steps=step, total_steps=total_steps, interrupted=interrupted,
                              before=before, trainable_params=n_train, total_params=n_total,
                              train_seconds=train_seconds, tokens_per_second=tokens_done / max(train_seconds, 1e-9),
-                             losses=losses, processes=dist.world)
+                             losses=losses, processes=dist.world, train_examples=len(train_data))
         if interrupted:
             optimizer.zero_grad(set_to_none=True)
             write_checkpoint()
