@@ -67,7 +67,7 @@ class LoraConfig:
             As in PEFT, an entry names every module whose full name ends with it (a plain suffix:
             ``"classifier"`` also names ``pre_classifier``); a string is a regex full-matched.
         init_lora_weights: ``True`` (A kaiming-uniform(a=√5), B = 0), ``False`` (both random: the
-            adapter changes the output from the start; for tests), ``"gaussian"`` (A ~ N(0, 1/r)),
+            adapter changes the output from the start; for tests), ``"gaussian"`` (A normal with std 1/r),
             or a variant's initialisation name (e.g. ``"pissa"``) where that variant is installed.
         use_rslora: Use rank-stabilised scaling ``lora_alpha / sqrt(r)`` (Kalajdzievski 2023).
         use_dora: Weight-decomposed LoRA (Liu et al. 2024), where the DoRA variant is installed.

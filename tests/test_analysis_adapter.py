@@ -552,3 +552,15 @@ def test_extract_between_unrelated_models_says_they_share_no_weights(tmp_path, b
     err = capsys.readouterr().err
     assert "share no weights" in err and str(other) in err and str(base_dir) in err
     assert not (tmp_path / "ex").exists()
+
+
+def test_every_base_flag_takes_no_value_for_the_embedded_model():
+    """lab.md: `--model` (and `--base`) with no value means the embedded model; extract's --base
+    needed a value."""
+    from lorakit.cli import build_parser
+
+    parser = build_parser()
+    for argv in (["extract", "--base", "--tuned", "t", "--rank", "2", "--out", "o"],
+                 ["inspect", "a", "--base"], ["recommend", "--base", "--tuned", "t"]):
+        assert parser.parse_args(argv).base == "default", argv
+    assert parser.parse_args(["extract", "--tuned", "t", "--rank", "2", "--out", "o"]).base == "default"

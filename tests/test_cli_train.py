@@ -584,6 +584,14 @@ def test_a_qlora_run_is_evaluated_on_its_nf4_base(trained, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(info["after"]["loss"], rel=1e-5)
     merged, _, _ = load_for_inference(None, str(run), merge=True)  # folded into the dense base
     assert not any(isinstance(m, LinearNF4) for m in merged.modules())
+    # lorakit merge writes the same: the adapter in the dense base (it folded it into the NF4-rounded
+    # weights before, unlike --merge)
+    from transformers import AutoModelForCausalLM
+    assert main(["merge", "--adapter", str(run), "--out", str(tmp_path / "qmerged")]) == 0
+    written = AutoModelForCausalLM.from_pretrained(tmp_path / "qmerged").state_dict()
+    expected = merged.state_dict()
+    assert written.keys() == expected.keys()
+    assert all(torch.equal(written[k], expected[k]) for k in expected)
 
 
 def test_eval_of_a_bf16_full_fine_tune_reproduces_its_table_and_refuses_model(trained, tmp_path, capsys):

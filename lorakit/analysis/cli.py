@@ -377,7 +377,8 @@ def register(subparsers: Any) -> None:
     p = _add(subparsers, "extract", cmd_extract, "LoRA adapter from a fully fine-tuned model",
              "Extract a LoRA adapter approximating a fully fine-tuned model's difference from its base "
              "(truncated SVD per module).")
-    p.add_argument("--base", default="default", help="base model directory (default: the embedded model)")
+    p.add_argument("--base", nargs="?", const="default", default="default",
+                   help="base model directory (default, or no value: the embedded model)")
     p.add_argument("--tuned", required=True, help="fully fine-tuned model directory")
     p.add_argument("--rank", type=int, required=True,
                    help="rank of the extracted adapter (the largest, with --energy; capped per module at "

@@ -276,7 +276,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_merge(args: argparse.Namespace) -> int:
     """Handler of ``lorakit merge``: adapter folded into the weights, saved as a plain model."""
     _quiet_transformers()
-    from lorakit import merge_and_unload
     from lorakit.io import check_new_directory, write_new_directory
     from lorakit.train.generate import is_full_finetune_run, load_for_inference
 
@@ -286,8 +285,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
         raise ValueError(f"--adapter {args.adapter!r} is a full fine-tune run: its model/ is already a plain "
                          f"transformers model with nothing to merge (use {str(Path(args.adapter) / 'model')!r} "
                          "directly, e.g. --model with generate / eval)")
-    model, tok, _ = load_for_inference(args.model, args.adapter)
-    plain = merge_and_unload(model)
+    # merge=True: a QLoRA run's adapter goes into the dense base (the usual QLoRA export), as
+    # generate / eval --merge do, not into the NF4-rounded weights it trained against
+    plain, tok, _ = load_for_inference(args.model, args.adapter, merge=True)
     plain.config.use_cache = True
 
     def write(tmp: Path) -> None:
@@ -316,7 +316,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_train_flags(p)
     p.set_defaults(func=cmd_train)
 
-    p = subparsers.add_parser("generate", help="generate a reply to one prompt (greedy)")
+    p = subparsers.add_parser("generate", help="generate a reply to a prompt (greedy; several adapters: one prompt per --use)")
     p.add_argument("prompt", nargs="+", help="the user message (rendered with the chat template); with "
                    "several --use, one quoted prompt per --use")
     _add_model_flags(p, several=True)

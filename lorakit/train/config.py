@@ -49,8 +49,9 @@ HELP: dict[str, str] = {
     "seed": "random seed (data order, initialisation, dropout)",
     "precision": "'auto' (bf16 where the CPU supports it natively, else fp32), 'fp32' or 'bf16'; bf16 "
     "means bf16 base weights + fp32 adapters for lora, fp32 weights + bf16 autocast for full",
-    "save_steps": "write a resumable checkpoint every N steps (0 = none, except on Ctrl-C; a finished run "
-    "keeps only its adapter)",
+    "save_steps": "write a resumable checkpoint every N steps (0 = none during training; Ctrl-C saves one, "
+    "and an adapter run checkpoints its last step before the final evaluation; a finished run keeps only "
+    "its adapter)",
     "eval_steps": "compute the held-out loss every N steps (0 = only before and after)",
     "logging_steps": "without a progress bar (--no-progress), print a log line every N steps (0: none; every "
     "step is always written to log.jsonl)",
