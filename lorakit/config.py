@@ -22,6 +22,11 @@ _IGNORED_PEFT_KEYS = frozenset({
     "qalora_group_size", "ensure_weight_tying", "layers_pattern_regex",
 })
 
+# init_lora_weights values for which PEFT rewrote the base weight from data lorakit does not have
+# (PiSSA and OLoRA, which it recomputes exactly, are handled on load in lorakit.io). {value: name}
+_RESIDUAL_INITS = {"corda": "CorDA (a decomposition by the training data's covariance)",
+                   "lora_ga": "LoRA-GA (an initialisation from the training data's gradients)"}
+
 # PEFT fields that, when set, make an adapter compute something plain LoRA does not (or lay out its
 # tensors differently). lorakit implements none of them, so an adapter that sets one is refused with
 # the field named, instead of loading as the plain LoRA it is not. {field: what it enables}
@@ -57,7 +62,8 @@ class LoraConfig:
             name; ``"all-linear"`` is every Linear / GPT-2 Conv1D except the output head.
         exclude_modules: Modules never to target (same matching rules as ``target_modules``).
         layers_to_transform: Only target modules inside these layer indices (with ``target_modules``
-            as a list, as in PEFT).
+            as a list, as in PEFT; an entry that is a module's full name, such as ``"lm_head"``,
+            targets that module whatever its layer, as PEFT's matching does).
         layers_pattern: Name of the layer list (e.g. ``"layers"``, ``"h"``) the indices refer to;
             needs ``layers_to_transform``.
         rank_pattern: ``{module-name pattern: r}`` overriding ``r`` for matching modules.
@@ -192,6 +198,13 @@ class LoraConfig:
             if value not in (None, False, [], {}):
                 raise ValueError(f"{source}: {key}={value!r} asks for PEFT's {what}, which lorakit does not "
                                  f"implement; loaded as plain LoRA it would compute something else, so it is refused")
+        init = data.get("init_lora_weights")
+        if isinstance(init, str) and init.lower() in _RESIDUAL_INITS:
+            raise ValueError(f"{source}: init_lora_weights={init!r}: {_RESIDUAL_INITS[init.lower()]} rewrote the base "
+                             "weight to a residual W - s*B0*A0 that the adapter is trained against and that lorakit "
+                             "cannot recompute from the file (loaded on the original base it would compute something "
+                             "else); save it converted with PEFT (save_pretrained(..., "
+                             "path_initial_model_for_weight_conversion=...)) and load that")
         known = {f.name for f in fields(cls)}
         unknown = sorted(k for k in data if k not in known and k not in _IGNORED_PEFT_KEYS and k not in _UNSUPPORTED_PEFT_FIELDS)
         if unknown:
@@ -226,7 +239,11 @@ class LoraConfig:
         if not Path(directory).is_dir():
             raise FileNotFoundError(f"adapter directory not found: {directory}")
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: an adapter directory holds {CONFIG_NAME} and adapter_model.safetensors")
+            inner = sorted(d.name for d in Path(directory).iterdir() if (d / CONFIG_NAME).is_file())
+            hint = (f"; it holds adapters in subfolder(s) {inner} (where PEFT saves adapters not named 'default'): "
+                    f"give one of those" if inner else "")
+            raise FileNotFoundError(f"{path} not found: an adapter directory holds {CONFIG_NAME} and "
+                                    f"adapter_model.safetensors{hint}")
         try:
             data = json.loads(path.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:

@@ -227,7 +227,9 @@ def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
             hit = isinstance(base, linear_types) and name not in heads
         else:
             hit = _name_matches(config.target_modules, name)
-        if not hit or not _layer_index_ok(config, name):
+        # PEFT's rule: a list entry that is the module's full name targets it whatever its layer
+        named_in_full = not isinstance(config.target_modules, str) and name in config.target_modules
+        if not hit or not (named_in_full or _layer_index_ok(config, name)):
             continue
         if not isinstance(module, LoraLayer) and lora_class_for(module) is None:
             supported = sorted({c.__name__ for c in LAYER_TYPES})

@@ -11,6 +11,7 @@ before touching the model, and leaves the model unchanged when anything is wrong
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -228,7 +229,46 @@ def _expected_tensors(model: nn.Module, config: LoraConfig) -> tuple[dict[str, t
         for name, p in model.named_parameters():
             if name.rsplit(".", 1)[-1] == "bias":
                 optional.setdefault(PREFIX + name, tuple(p.shape))
+        for path in _find_saved_module_names(model, config, targets, strict=False):
+            module = model.get_submodule(path)
+            source = module.original_module if isinstance(module, ModulesToSave) else module
+            bias = getattr(source, "bias", None)
+            if isinstance(bias, torch.Tensor):
+                # PEFT's bias="all" also saves the bias inside its wrapper of a modules_to_save module:
+                # the trained copy's (again) and the original module's
+                for inner in _SAVED_WRAPPER_BIASES:
+                    optional[f"{PREFIX}{path}.{inner}"] = tuple(bias.shape)
     return required, optional
+
+
+def _sets_weight_tying(directory: Path) -> bool:
+    """Whether the adapter's config sets PEFT's ``ensure_weight_tying`` (ignored on load: it changes
+    nothing lorakit can load, but it explains a refusal of the tensors)."""
+    try:
+        return bool(json.loads((directory / CONFIG_NAME).read_text()).get("ensure_weight_tying"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+#: wrapper-internal bias keys PEFT's bias="all" writes for a modules_to_save module (lorakit's
+#: ModulesToSave has the same two attributes; the copy's is also saved as the module's own "bias")
+_SAVED_WRAPPER_BIASES = ("modules_to_save.bias", "original_module.bias")
+
+
+def _fold_copy_bias_alias(tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """``<module>.modules_to_save.bias`` (PEFT, bias="all") is the trained copy's bias, which the file
+    holds as ``<module>.bias`` too: keep one (they must agree)."""
+    out = dict(tensors)
+    suffix = "." + _SAVED_WRAPPER_BIASES[0]
+    for key in [k for k in tensors if k.endswith(suffix)]:
+        plain = key[: -len(suffix)] + ".bias"
+        alias = out.pop(key)
+        if plain not in out:
+            out[plain] = alias
+        elif not torch.equal(out[plain], alias):
+            raise ValueError(f"{source}: {key} and {plain} are the same bias (a modules_to_save copy's) but "
+                             "hold different values")
+    return out
 
 
 def _check_tensors(tensors: dict[str, torch.Tensor], required: dict, optional: dict, source: str) -> None:
@@ -272,7 +312,14 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     if state is not None and adapter_name in state.configs:
         raise ValueError(f"adapter {adapter_name!r} already exists on this model; pass another adapter_name")
     required, optional = _expected_tensors(model, config)
-    _check_tensors(tensors, required, optional, str(Path(directory) / WEIGHTS_NAME))
+    try:
+        _check_tensors(tensors, required, optional, str(Path(directory) / WEIGHTS_NAME))
+    except ValueError as exc:
+        if _sets_weight_tying(Path(directory)):
+            raise ValueError(f"{exc} (its adapter_config sets ensure_weight_tying=true: PEFT then ties the output "
+                             "head's adapter or copy to the input embedding's, which lorakit does not implement)") from None
+        raise
+    tensors = _fold_copy_bias_alias(tensors, str(Path(directory) / WEIGHTS_NAME))
 
     backups: list[tuple[torch.Tensor, torch.Tensor]] = []  # (model tensor, its value before loading)
     # A PiSSA/OLoRA adapter saved without convert_to_lora holds A, B for the *residual* base: redo the

@@ -50,6 +50,22 @@ def test_exclude_and_layers_to_transform():
     assert targets(m, target_modules=["v_proj"], layers_to_transform=0, layers_pattern="layers") == ["model.layers.0.self_attn.v_proj"]
 
 
+@pytest.mark.parametrize("kw", [
+    dict(target_modules=["lm_head", "q_proj"], layers_to_transform=[0]),
+    dict(target_modules=["model.layers.0.self_attn.q_proj", "v_proj"], layers_to_transform=[1], layers_pattern="layers"),
+    dict(target_modules=["q_proj", "v_proj"], layers_to_transform=1),
+])
+def test_layers_to_transform_targets_what_peft_targets(kw):
+    """A target_modules entry that is a module's full name escapes the layer filter in PEFT (it matched
+    nothing but the filtered names here, so PEFT files of such configs were refused)."""
+    import peft
+
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, **kw))
+    theirs = sorted(n.removeprefix("base_model.model.") for n, m in pm.named_modules()
+                    if isinstance(m, peft.tuners.lora.LoraLayer))
+    assert sorted(targets(tiny_llama(), **kw)) == theirs
+
+
 def test_no_match_error_names_pattern_and_close_names():
     with pytest.raises(ValueError) as err:
         lk.get_lora_model(tiny_llama(), lk.LoraConfig(target_modules=["q_prj"]))

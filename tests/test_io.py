@@ -66,6 +66,14 @@ CASES = {
     # PEFT's task wrapper adds modules_to_save ["classifier", "score"]; this model has only `score`
     "llama_seq_cls": (lambda: tiny_llama_classifier(), llama_input,
                       dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")),
+    # bias="all" with a modules_to_save head that has a bias: PEFT also writes head.modules_to_save.bias
+    # and head.original_module.bias (refused before as keys for "another model")
+    "conv2d_bias_all_saved_head": (TinyConvNet, lambda: torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(1)),
+                                   dict(r=2, lora_alpha=4, target_modules=["conv1", "conv2"], bias="all", modules_to_save=["head"])),
+    # a scaled embedding (embed_scale = sqrt(48)): PEFT scales the LoRA rows too
+    "gemma_scaled_embedding": (lambda: tiny_gemma(), llama_input, dict(r=4, lora_alpha=8, target_modules=["embed_tokens"])),
+    "gemma_scaled_embedding_dora": (lambda: tiny_gemma(), llama_input,
+                                    dict(r=4, lora_alpha=8, target_modules=["embed_tokens", "q_proj"], use_dora=True)),
     # modules_to_save entries are plain suffixes in PEFT: "classifier" also names pre_classifier
     "modules_to_save_suffix": (lambda: TwoHeads(), lambda: torch.randn(3, 8, generator=torch.Generator().manual_seed(1)),
                                dict(r=2, lora_alpha=4, target_modules=["body"], modules_to_save=["classifier"])),
@@ -79,6 +87,27 @@ def tiny_llama_classifier():
     return LlamaForSequenceClassification(LlamaConfig(
         vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_labels=3, pad_token_id=0)).eval()
+
+
+def tiny_gemma():
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(0)
+    return GemmaForCausalLM(GemmaConfig(
+        vocab_size=101, hidden_size=48, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=12, pad_token_id=0, tie_word_embeddings=False)).eval()
+
+
+def test_a_scaled_embeddings_update_is_scaled_so_merged_equals_unmerged():
+    """Gemma's embedding multiplies its lookups by embed_scale: the LoRA rows must be scaled too, or
+    the unmerged model computes another thing than the merged one (0.95 relative before)."""
+    m = lk.get_lora_model(tiny_gemma(), lk.LoraConfig(r=4, lora_alpha=8, target_modules=["embed_tokens"],
+                                                      init_lora_weights=False))
+    scale = float(m.model.embed_tokens.base_layer.embed_scale)
+    assert abs(scale - 48 ** 0.5) < 1e-5
+    x = llama_input()
+    unmerged = _out(m, x)
+    torch.testing.assert_close(_out(lk.merge_and_unload(m), x), unmerged, rtol=1e-5, atol=1e-5)
 
 
 class TwoHeads(torch.nn.Module):
@@ -231,6 +260,14 @@ def _assert_refused(saved, match):
     return model
 
 
+@pytest.mark.parametrize("init", ["corda", "lora_ga", "CorDA"])
+def test_adapters_of_data_driven_residual_inits_are_refused_unconverted(saved, init):
+    """CorDA / LoRA-GA rewrote the base to a residual lorakit cannot recompute: loaded as plain LoRA
+    on the original base it was 1.38 relative off the trained model."""
+    _edit_config(saved, init_lora_weights=init)
+    _assert_refused(saved, f"init_lora_weights='{init}'.*cannot recompute.*path_initial_model_for_weight_conversion")
+
+
 @pytest.mark.parametrize("missing", ["r", "lora_alpha"])
 def test_config_without_r_or_alpha(saved, missing):
     _edit_config(saved, **{missing: None})
@@ -260,6 +297,27 @@ def _rewrite_weights(path, fn):
 def test_unexpected_key(saved):
     _rewrite_weights(saved, lambda sd: sd.__setitem__("base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight", torch.zeros(4, 32)))
     _assert_refused(saved, "no place for.*gate_proj")
+
+
+def test_a_refusal_of_a_weight_tying_peft_file_names_the_flag(saved):
+    _edit_config(saved, ensure_weight_tying=True)
+    _rewrite_weights(saved, lambda sd: sd.__setitem__("base_model.model.lm_head.lora_A.weight", torch.zeros(4, 32)))
+    _assert_refused(saved, "no place for.*lm_head.*ensure_weight_tying=true")
+    _edit_config(saved, ensure_weight_tying=False)
+    with pytest.raises(ValueError) as err:
+        lk.load_adapter(tiny_llama(), saved)
+    assert "ensure_weight_tying" not in str(err.value)
+
+
+def test_a_directory_of_named_adapter_subfolders_says_which_to_give(saved, tmp_path):
+    """PEFT saves adapters other than 'default' in a subfolder named after them."""
+    import shutil
+
+    root = tmp_path / "peft_save"
+    shutil.copytree(saved, root / "other")
+    with pytest.raises(FileNotFoundError, match=r"subfolder\(s\) \['other'\].*give one of those"):
+        lk.load_adapter(tiny_llama(), root)
+    lk.load_adapter(tiny_llama(), root / "other")
 
 
 def test_missing_key(saved):
