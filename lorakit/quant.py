@@ -38,6 +38,10 @@ def _levels(device: torch.device) -> torch.Tensor:
     return torch.tensor(NF4_LEVELS, dtype=torch.float32, device=device)
 
 
+#: weights dequantised per chunk (fp32 work of ~6 bytes each: 6 MiB)
+_DEQUANT_CHUNK = 1 << 20
+
+
 def _pair_table(device: torch.device) -> torch.Tensor:
     """(256, 2): byte ``hi << 4 | lo`` -> (level[hi], level[lo]), so one lookup decodes two weights."""
     levels = _levels(device)
@@ -62,8 +66,13 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = 64, scale_block_size: i
     """
     if block_size < 2 or block_size % 2 or scale_block_size < 1:
         raise ValueError(f"NF4 needs an even block_size >= 2 and scale_block_size >= 1, got {block_size}, {scale_block_size}")
-    if not weight.is_floating_point() or not torch.isfinite(weight).all():
-        raise ValueError(f"NF4 quantisation needs a finite floating-point weight, got dtype {weight.dtype}")
+    if not weight.is_floating_point():
+        raise ValueError(f"NF4 quantisation needs a floating-point weight, got dtype {weight.dtype}")
+    if weight.numel() == 0:
+        raise ValueError(f"NF4 quantisation needs a weight with elements, got shape {tuple(weight.shape)}")
+    if not torch.isfinite(weight).all():
+        bad = int((~torch.isfinite(weight)).sum())
+        raise ValueError(f"NF4 quantisation needs a finite weight; this one holds {bad} NaN/inf value(s)")
     flat = weight.detach().reshape(-1).to(torch.float32)
     n_blocks = -(-flat.numel() // block_size)
     flat = torch.nn.functional.pad(flat, (0, n_blocks * block_size - flat.numel()))
@@ -115,11 +124,23 @@ def dequantize_nf4(state: dict[str, torch.Tensor], shape: torch.Size | tuple[int
     codes = state["codes"]
     scale = _dequantize_scales(state["scales"], state["group_factors"].view(torch.float32),
                                state["scale_mean"].view(torch.float32), scale_block_size)
-    values = _pair_table(codes.device).index_select(0, codes.int()).view(-1, block_size) * scale[:, None]
+    table = _pair_table(codes.device)
     numel = 1
     for d in shape:
         numel *= int(d)
-    return values.reshape(-1)[:numel].view(tuple(shape)).to(dtype)
+    blocks = scale.numel()
+    out = torch.empty(blocks * block_size, dtype=dtype, device=codes.device)
+    rows = out.view(blocks, block_size)
+    # In chunks of blocks, so that the fp32 work (the looked-up levels times their block scale, and
+    # the int32 indices the lookup needs) stays a few MB instead of ~6 bytes per weight on top of the
+    # result: the result is the only weight-sized tensor. Bitwise the one-shot computation.
+    step = max(1, _DEQUANT_CHUNK // block_size)
+    half = block_size // 2
+    for start in range(0, blocks, step):
+        stop = min(blocks, start + step)
+        levels = table.index_select(0, codes[start * half:stop * half].int()).view(stop - start, block_size)
+        rows[start:stop] = levels.mul_(scale[start:stop, None])
+    return out[:numel].view(tuple(shape))
 
 
 def nf4_memory(model: nn.Module) -> dict[str, float]:

@@ -54,6 +54,51 @@ def test_estimate_in_bf16(method):
     assert abs(est.peak - measured["peak"]) / measured["peak"] < 0.15, (est.peak, measured)
 
 
+def test_estimate_with_autocast_mixed_precision():
+    """fp32 weights, a bf16 autocast forward, backward outside autocast (as HF Trainer runs it): each
+    layer's bf16 weight copies are freed after its backward. Keeping them the whole step was 10% high."""
+    import torch
+
+    from lorakit.analysis.measure import build_llama, measure_step_peak
+
+    shape = ModelShape(256, 640, 8, 4, 4, 64, 512, name="mixed")
+    net = build_llama(shape).train()
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-4, foreach=False)
+    ids = torch.randint(0, 512, (2, 64), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = net(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+
+    measured = measure_step_peak(net, ids, opt, step_fn=step).peak
+    est = estimate_memory(shape, method="full", batch_size=2, seq_len=64, precision="mixed")
+    assert abs(est.peak - measured) / measured < 0.05, (est.peak, measured)
+
+
+@pytest.mark.parametrize("shape", [ModelShape(256, 1024, 4, 4, 4, 64, 512, name="s1"),
+                                   ModelShape(512, 2048, 2, 8, 8, 64, 512, name="s2")], ids=["s1", "s2"])
+def test_qlora_estimate_counts_the_dense_weight_an_nf4_layer_rebuilds(shape):
+    """A small batch on an NF4 base: the weight an NF4 layer rebuilds for its forward / backward sets
+    the peak (the estimate left it out: 34% and 55% low here)."""
+    import torch
+
+    import lorakit as lk
+    from lorakit.analysis.measure import build_llama, measure_step_peak
+
+    net = lk.quantize_model_nf4(build_llama(shape).to(torch.bfloat16), skip=["lm_head"])
+    lk.get_lora_model(net, lk.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]))
+    net.train()
+    opt = torch.optim.AdamW([p for p in net.parameters() if p.requires_grad], lr=1e-4, foreach=False)
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    measured = measure_step_peak(net, ids, opt).peak
+    est = estimate_memory(shape, method="qlora", batch_size=1, seq_len=16, precision="bf16", r=8,
+                          target_modules=("q_proj", "v_proj"))
+    assert abs(est.peak - measured) / measured < 0.05, (est.peak, measured)
+
+
 def test_presets_have_llama2_parameter_counts():
     # published parameter counts of Llama-2 7B / 13B / 70B
     assert PRESETS["7B"].total_params() == 6_738_415_616

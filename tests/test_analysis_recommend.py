@@ -85,3 +85,31 @@ def test_tuned_model_of_another_shape_is_a_clear_error(tmp_path, capsys):
     assert main(["recommend", "--tuned", str(tmp_path / "wide"), "--base", str(base)]) == 2
     err = capsys.readouterr().err
     assert "base shape" in err and "!= tuned shape" in err and "is not a fine-tune of" in err and "Traceback" not in err
+
+
+def test_tuned_mode_analyses_every_changed_linear_unless_targets_are_given(tmp_path, capsys):
+    """recommend --tuned took the cost report's q_proj,v_proj default and left out 10 of 14 changed
+    linears (extract, on the same pair, takes them all)."""
+    import sys
+    from pathlib import Path
+
+    import torch
+    from transformers import LlamaForCausalLM
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from tiny_lm import save_tiny_model
+
+    base = save_tiny_model(tmp_path / "base")
+    tuned = LlamaForCausalLM.from_pretrained(base)
+    with torch.no_grad():
+        for name, p in tuned.named_parameters():
+            if name.endswith("proj.weight"):
+                p.add_(torch.randn_like(p) * 0.01)
+    tuned.save_pretrained(tmp_path / "tuned")
+    linears = sum(1 for n, _ in tuned.named_parameters() if n.endswith("proj.weight"))
+    capsys.readouterr()
+    assert main(["recommend", "--tuned", str(tmp_path / "tuned"), "--base", str(base), "--json", "--no-plot"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["data_driven"]["modules"]) == linears == 14
+    assert main(["recommend", "--tuned", str(tmp_path / "tuned"), "--base", str(base), "--targets", "q_proj",
+                 "--json", "--no-plot"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["data_driven"]["modules"]) == 2

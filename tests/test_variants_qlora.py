@@ -112,6 +112,15 @@ def test_bad_input():
         lk.quantize_model_nf4(m)
     with pytest.raises(ValueError, match="full-precision base"):
         lk.get_lora_model(_quantized(), lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa"))
+    w = torch.randn(4, 64)
+    w[1, 3] = float("nan")
+    w[2, 5] = float("inf")
+    with pytest.raises(ValueError, match=r"finite weight; this one holds 2 NaN/inf value\(s\)"):
+        quantize_nf4(w)
+    with pytest.raises(ValueError, match="floating-point weight, got dtype torch.int64"):
+        quantize_nf4(torch.zeros(4, 64, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"a weight with elements, got shape \(0, 64\)"):
+        quantize_nf4(torch.zeros(0, 64))
 
 
 def test_nf4_backward_matches_dense_and_keeps_no_weight():
@@ -175,3 +184,34 @@ def test_nf4_model_cast_to_bf16_merges_in_bf16():
     assert plain.model.layers[0].self_attn.q_proj.weight.dtype is torch.bfloat16
     with torch.no_grad():
         plain(x)
+
+
+def test_dequantising_a_large_weight_takes_little_more_than_the_result():
+    """dequantize_nf4 works in chunks: beyond the bf16 result (2 bytes per weight) it takes a bounded
+    few MB, where the one-shot computation took ~6 bytes more per weight (fp32 levels, their scaled
+    copy, int32 indices): 8 in all on a 2048 x 5504 layer."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from lorakit.analysis.measure import MEMORY_EVENT
+
+    shape = (3000, 2048)
+    state = quantize_nf4(torch.randn(shape, generator=torch.Generator().manual_seed(0)))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        out = dequantize_nf4(state, shape, dtype=torch.bfloat16)
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == MEMORY_EVENT),
+                    key=lambda e: e.start_ns())
+    current = top = 0
+    for e in events:
+        current += e.nbytes()
+        top = max(top, current)
+    n = shape[0] * shape[1]
+    assert out.shape == shape and out.dtype == torch.bfloat16
+    assert top - 2 * n < 16 * 2**20, (top, n)  # the chunks' work is bounded (one-shot: 6 bytes per weight)
+    # the chunks give the one-shot result, bit for bit
+    codes = state["codes"]
+    levels = torch.tensor(NF4_LEVELS, dtype=torch.float32)
+    idx = torch.stack((codes.long() >> 4, codes.long() & 15), dim=1).reshape(-1, 64)
+    from lorakit.quant import _dequantize_scales
+    scale = _dequantize_scales(state["scales"], state["group_factors"].view(torch.float32),
+                               state["scale_mean"].view(torch.float32), 256)
+    assert torch.equal(out, (levels[idx] * scale[:, None]).reshape(-1)[:n].view(shape).to(torch.bfloat16))

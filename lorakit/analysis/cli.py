@@ -133,10 +133,11 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         report["recommendation"] = rec
         text += [f"rank {rec['rank']}, alpha {rec['alpha']}", rec["reasoning"]]
         if args.model is not None:
-            cost = recommend.model_cost(args.model, rec["rank"], tuple(args.targets), args.batch_size, args.seq_len,
+            targets = args.targets or ["q_proj", "v_proj"]
+            cost = recommend.model_cost(args.model, rec["rank"], tuple(targets), args.batch_size, args.seq_len,
                                         args.precision)
             report["cost"] = cost
-            text += ["", f"On {args.model} with targets {','.join(args.targets)}: {cost['modules']} modules, "
+            text += ["", f"On {args.model} with targets {','.join(targets)}: {cost['modules']} modules, "
                      f"{cost['trainable_params']:,} trainable parameters "
                      f"({100 * cost['trainable_params'] / cost['total_params']:.3f}% of {cost['total_params']:,}), "
                      f"adapter ≈ {estimate.human(cost['adapter_bytes'])} on disk"]
@@ -333,7 +334,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--data-size", type=int, default=None, help="number of training examples")
     p.add_argument("--model", nargs="?", const="default", default=None,
                    help="model to cost the recommendation on (directory, or no value for the embedded model)")
-    p.add_argument("--targets", type=_names, default=["q_proj", "v_proj"], help="target modules")
+    p.add_argument("--targets", type=_names, default=None,
+                   help="target modules (default: q_proj,v_proj for the cost on --model; every changed linear "
+                        "for --tuned)")
     p.add_argument("--batch-size", type=int, default=4, help="batch size the costs are computed for")
     p.add_argument("--seq-len", type=int, default=512, help="sequence length the costs are computed for")
     p.add_argument("--precision", choices=estimate.PRECISIONS, default="bf16", help="precision of the costed step")

@@ -43,7 +43,7 @@ OPTIMIZERS = ("adamw", "sgd", "adamw8bit")
 OPTIMIZER_IMPLS = ("per-tensor", "foreach", "fused")
 ATTENTIONS = ("sdpa", "eager")
 
-# bitsandbytes NF4 with double quantisation (QLoRA paper, section 2): 4-bit weights, one 8-bit
+# bitsandbytes NF4 with double quantisation (QLoRA paper, section 3): 4-bit weights, one 8-bit
 # absmax per 64 weights, one fp32 constant per 256 absmax values -> 4.127 bits per parameter.
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 # bitsandbytes 8-bit blockwise optimizer states: 1 byte per value + one fp32 absmax per 256.
@@ -429,11 +429,16 @@ def estimate_memory(
 
     fixed = weights + states
     if precision == "mixed" and method == "full":
-        # autocast caches a 16-bit copy of every weight that requires grad for the whole step
-        fixed_fwd_extra = P * half
-        assumptions.append("mixed precision: autocast keeps a 16-bit copy of each trainable weight")
+        # autocast makes a 16-bit copy of each matmul weight in the forward, which that matmul saves
+        # for its backward; with backward outside autocast (HF Trainer, accelerate) a layer's copies
+        # are freed once its backward is done (not kept for the whole step: 11% over on a measured step)
+        copies_layer = sum(o * i for o, i in s.linear_shapes().values()) * half
+        copies_head = V * h * half
+        assumptions.append("mixed precision: autocast's 16-bit copy of each matmul weight lives from the "
+                           "forward to that layer's backward (backward outside autocast, as HF Trainer runs it)")
     else:
-        fixed_fwd_extra = 0
+        copies_layer = copies_head = 0
+    fixed_fwd_extra = L * copies_layer + copies_head
 
     # Each phase: (gradients live, activations live, temporaries on top).
     phases: dict[str, tuple[int, int, int]] = {}
@@ -451,9 +456,16 @@ def estimate_memory(
     grads_so_far = g_head + (g_embed if s.tie_word_embeddings else 0)
     live_acts = sum(saved_layers)
     mlp_transient = 3 * N * f * act + N * h * act
+    if method == "qlora":
+        # an NF4 layer's forward and backward each rebuild its dense weight in the compute dtype, in
+        # chunks of 2**20 weights (fp32 levels and int32 indices: 6 bytes each) -> the largest layer
+        biggest = max(o * i for o, i in s.linear_shapes().values())
+        mlp_transient += biggest * half + min(biggest, 1 << 20) * 6
+        assumptions.append("QLoRA: a layer's dense weight is rebuilt from NF4 for its forward and backward "
+                           "(the largest one counted at the peak)")
     best_layer = (0, 0, 0)
     for i in reversed(range(L)):
-        candidate = (grads_so_far + g_layer, live_acts + fixed_fwd_extra, mlp_transient + recompute)
+        candidate = (grads_so_far + g_layer, live_acts + (i + 1) * copies_layer, mlp_transient + recompute)
         if sum(candidate) > sum(best_layer):
             best_layer = candidate
         live_acts -= saved_layers[i]
