@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import re
 import threading
@@ -194,6 +195,10 @@ def _push_plan(ctx: MixedBatchContext, root: nn.Module, args: tuple[Any, ...],
         plan = make_plan(names, device)
     else:  # inside adapter_batch(...): generate may expand each row k times (beams, num_return_sequences)
         scope_names, cache = scope[2], scope[3]
+        if size != len(scope_names) and not scope[4]:
+            raise ValueError(f"adapter_batch was given {len(scope_names)} names, but the model was called with "
+                             f"{size} rows: give one name per row (rows expanded k times, as beam search does, "
+                             f"are matched only inside model.generate)")
         plan = cache.get((size, str(device)))
         if plan is None:
             if size % len(scope_names):
@@ -264,13 +269,19 @@ def names_in_open_batches(model: nn.Module) -> set[str]:
     return {n for entry in (ctx.stack if ctx is not None else []) if entry[0] == "scope" for n in entry[2]}
 
 
+_NOTHING = object()  # (no instance attribute)
+
+
 @contextlib.contextmanager
 def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.Module]:
     """Within the block, every call of ``model`` runs row i with adapter ``adapter_names[i]``.
 
-    For ``model.generate``, which rejects unknown kwargs: when the model is called with k times as
-    many rows (beam search, ``num_return_sequences`` repeat each row k times in a row), each name
-    is repeated k times. An explicit ``adapter_names=`` in a call wins over the block's.
+    For ``model.generate``, which rejects unknown kwargs: ``generate`` must get one row per name;
+    inside it, when the model is called with k times as many rows (beam search,
+    ``num_return_sequences`` repeat each row k times in a row), each name is repeated k times. A
+    direct call of the model in the block must have exactly one row per name (a multiple would be
+    read as expanded rows, giving rows the wrong adapters). An explicit ``adapter_names=`` in a call
+    wins over the block's.
 
     Args:
         model: A model with adapters.
@@ -283,7 +294,7 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn
     if not names:
         raise ValueError("adapter_names is empty; give one name per row")
     ctx = _context(model)
-    entry = ["scope", None, names, {}]
+    entry = ["scope", None, names, {}, False]  # the last: inside model.generate (expanded rows allowed)
     # A part that generate calls on its own (an encoder) publishes the block's plan for its calls
     # too, as the root's hooks do for the model's (hooks of this block only, removed at its end).
     handles = []
@@ -291,6 +302,22 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn
         handles.append(part.register_forward_pre_hook(
             lambda _m, args, kwargs: _push_plan(ctx, model, args, kwargs), with_kwargs=True))
         handles.append(part.register_forward_hook(lambda _m, _args, _out: _pop_plan(ctx), always_call=True))
+    generate = getattr(model, "generate", None)
+    own = model.__dict__.get("generate", _NOTHING)
+    if callable(generate):
+        @functools.wraps(generate)
+        def checked_generate(*args: Any, **kwargs: Any) -> Any:
+            batch = _batch_of(args, kwargs)
+            rows = batch.shape[0] if isinstance(batch, torch.Tensor) and batch.dim() > 0 else None
+            if rows is not None and rows != len(names) and "adapter_names" not in kwargs:
+                raise ValueError(f"adapter_batch was given {len(names)} names, but generate was called with "
+                                 f"{rows} rows: give one name per row")
+            outer, entry[4] = entry[4], True
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                entry[4] = outer
+        model.__dict__["generate"] = checked_generate
     ctx.stack.append(entry)
     try:
         yield model
@@ -298,6 +325,11 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn
         ctx.stack.remove(entry)
         for handle in handles:
             handle.remove()
+        if callable(generate):
+            if own is _NOTHING:
+                model.__dict__.pop("generate", None)
+            else:
+                model.__dict__["generate"] = own
 
 
 def _saved_module_mixed_forward(wrapper: ModulesToSave, plan: MixedBatchPlan, args: tuple[Any, ...],

@@ -548,8 +548,16 @@ def test_explicit_adapter_names_win_inside_adapter_batch():
     with lk.adapter_batch(m, ["medical", "legal"]):
         scoped = out(m, x)
         explicit = out(m, x, adapter_names=["code", "__base__"])
-        with pytest.raises(ValueError, match="not a multiple"):
-            m(llama_ids(rows=3))
+        for rows in (3, 4):  # 4 = 2 x 2 was read as rows expanded for beams: rows 2, 3 got "legal"
+            with pytest.raises(ValueError, match=f"2 names, but the model was called with {rows} rows: give one name per row"):
+                m(llama_ids(rows=rows))
+        with pytest.raises(ValueError, match="2 names, but generate was called with 4 rows"):
+            m.generate(llama_ids(rows=4), max_new_tokens=2, do_sample=False)
+        beams = m.generate(x, max_new_tokens=3, num_beams=2, do_sample=False)  # expanded inside generate
+    for i, name in enumerate(["medical", "legal"]):
+        alone = lk.generate(m, x[i:i + 1], adapter_names=[name], max_new_tokens=3, num_beams=2, do_sample=False)
+        assert torch.equal(beams[i:i + 1], alone)
+    assert "generate" not in m.__dict__  # the block's check is gone with it
     torch.testing.assert_close(scoped, out(m, x, adapter_names=["medical", "legal"]))
     torch.testing.assert_close(explicit, out(m, x, adapter_names=["code", "__base__"]))
     assert m.__dict__["_lorakit_batch"].plan is None

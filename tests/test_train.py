@@ -537,6 +537,31 @@ def test_eval_shortcut_gives_the_same_accuracy_as_generating_everything(tmp_path
         assert fast["accuracy"] > 0.5 and fast["n_generated"] < len(examples)
 
 
+def test_eval_scores_long_prompts_that_fit_and_leaves_cut_answers_out_of_accuracy(tok):
+    """(1) A batch whose longest prompt plus the answer slack runs past the model's 128 positions
+    (each example fits on its own) stopped the whole evaluation with an error about --max-new-tokens.
+    (2) A two-turn example whose last answer max_length cut short was still graded for accuracy."""
+    from lorakit.train.data import parse_record
+    from lorakit.train.generate import evaluate
+
+    model = tiny_llama_lm(tok)
+    long_prompt = " ".join(["good"] * 110)
+    examples = [
+        parse_record({"prompt": long_prompt, "completion": "positive"}, "long"),
+        parse_record({"prompt": "good", "completion": " ".join(["positive"] * 20)}, "long answer"),
+    ]
+    out = evaluate(model, tok, examples, max_length=128, batch_size=8, shortcut=False)
+    assert out["n_accuracy"] == 2 and out["n_generated"] == 2
+    two_turns = parse_record({"messages": [
+        {"role": "user", "content": "good film"}, {"role": "assistant", "content": "positive"},
+        {"role": "user", "content": "and this ?"}, {"role": "assistant", "content": " ".join(["negative"] * 30)}]},
+        "two turns")
+    full = evaluate(model, tok, [two_turns], max_length=128, shortcut=False)
+    cut = evaluate(model, tok, [two_turns], max_length=30, shortcut=False)
+    assert full["n_accuracy"] == 1 and cut["n_accuracy"] == 0  # the loss still counts its answer tokens
+    assert 0 < cut["n_labels"] < full["n_labels"]
+
+
 @pytest.mark.parametrize("variant", [
     dict(method="qlora"), dict(use_dora=True), dict(use_rslora=True), dict(init="pissa"), dict(lora_plus_ratio=16.0),
 ], ids=["qlora", "dora", "rslora", "pissa", "loraplus"])

@@ -217,13 +217,6 @@ def dropout_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Ten
     return KeepMask(shape, p, device).get()
 
 
-#: Inference on a bf16 base with at most this many tokens (decode steps) computes the branch in the
-#: adapter's fp32 instead of bf16: oneDNN's bf16 matmuls cost ~60 µs at these sizes whatever the
-#: size, fp32 ones 15-25 µs (one layer, 16 tokens: 25 vs 68 µs for 576 -> 576, 39 vs 65 µs for
-#: 576 -> 1536; at 64 tokens bf16 starts to win for the wider layers).
-FP32_BRANCH_MAX_TOKENS = 32
-
-
 def branch_dtype(out_dtype: torch.dtype, adapter_dtype: torch.dtype) -> torch.dtype:
     """dtype the branch's matmuls run in: bf16 on a bf16 base, else the adapter's dtype.
 
@@ -411,13 +404,16 @@ def add_lora_no_grad(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: tor
     if x2.dtype == A.dtype == out2.dtype == B.dtype:  # all one dtype: add_branch's ops, called directly
         out2.addmm_(x2 @ A.T, B.T, alpha=scale)
         return
-    cd = branch_dtype(out2.dtype, A.dtype)
-    if cd != A.dtype and x2.shape[0] <= FP32_BRANCH_MAX_TOKENS:
-        # a few tokens on a bf16 base: both products in the adapter's fp32 (faster here, and
-        # rounded once, when the fp32 delta is added into the bf16 output)
+    if branch_dtype(out2.dtype, A.dtype) != A.dtype:
+        # fp32 adapters on a bf16 base: both products in the adapter's fp32, the delta rounded once
+        # into the bf16 output, as PEFT computes it. (Training runs them in bf16, ``add_branch``;
+        # doing so here made a row's result depend on how many tokens shared the call: at most 32
+        # took this path, more the bf16 one, so eval losses moved with --batch-size. At 4 x 128
+        # tokens on the embedded bf16 model this costs 1.27x the bf16 products' forward; decode
+        # steps are faster this way: oneDNN's bf16 matmuls cost ~60 µs at these sizes, fp32 15-25.)
         out2.add_((x2.to(A.dtype) @ A.T) @ B.T, alpha=scale)
         return
-    add_branch(out2, x2 if x2.dtype == cd else x2.to(cd), A, B, scale, None)
+    add_branch(out2, x2 if x2.dtype == A.dtype else x2.to(A.dtype), A, B, scale, None)
 
 
 def fused_lora_add(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,

@@ -83,6 +83,7 @@ class Tokenized:
 
     input_ids: list[int]
     labels: list[int]
+    cut: bool = False  # max_length cut away answer tokens (some or all): the last answer is not whole
     n_labels: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -378,7 +379,8 @@ def tokenize_example(tokenizer: Any, example: Example, max_length: int) -> Token
     for j, (a, b) in enumerate(offsets):
         if b > a and any(s <= a < e for s, e in spans):
             labels[j] = ids[j]
-    return Tokenized(ids[:max_length], labels[:max_length])
+    cut = any(x != IGNORE_INDEX for x in labels[max_length:])
+    return Tokenized(ids[:max_length], labels[:max_length], cut)
 
 
 def tokenize_all(tokenizer: Any, examples: list[Example], max_length: int, what: str = "data") -> list[Tokenized]:

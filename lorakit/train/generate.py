@@ -233,6 +233,14 @@ def fit_to_positions(model: Any, max_length: int, warn: Callable[[str], None] = 
     return max_length
 
 
+def generation_limit(model: Any) -> int | None:
+    """The longest sequence generation may reach: a table of learned positions cannot be indexed
+    past; a rotary model's ``max_position_embeddings`` is the length it was trained for (and a bound
+    on a runaway --max-new-tokens). None when the model states neither."""
+    limit = max_positions(model) or getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return limit if isinstance(limit, int) else None
+
+
 @torch.no_grad()
 def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
                     precision: str = "fp32", stop_ids: list[int] | None = None) -> list[str]:
@@ -240,10 +248,8 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_ne
     ``stop_ids``: the tokens that end an answer, if the caller has them (default ``stop_token_ids``)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(p) for p in prompts)
-    # a table of learned positions cannot be indexed past; a rotary model's max_position_embeddings is
-    # the length it was trained for (and a bound on a runaway --max-new-tokens)
-    limit = max_positions(model) or getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if isinstance(limit, int) and width + max_new_tokens > limit:
+    limit = generation_limit(model)
+    if limit is not None and width + max_new_tokens > limit:
         raise ValueError(f"a prompt of {width} tokens plus {max_new_tokens} new tokens exceeds the model's "
                          f"{limit} positions: shorten the prompt or lower --max-new-tokens")
     ids = torch.full((len(prompts), width), pad if pad is not None else 0, dtype=torch.long)
@@ -356,6 +362,8 @@ def evaluate(model: Any, tokenizer: Any, examples: list[Example], max_length: in
     for i, ex in enumerate(examples):
         if ex.answer is None or not tokenized[i].n_labels:
             continue  # (an answer cut away by max_length counts in neither metric, as in training)
+        if tokenized[i].cut:
+            continue  # the last answer is cut short: its loss tokens count, but there is no whole answer to match
         ref = normalize_answer(ex.answer)
         single_turn = sum(m["role"] == "assistant" for m in ex.messages or []) == 1
         labels = [x for x in tokenized[i].labels if x != IGNORE_INDEX]
@@ -369,12 +377,21 @@ def evaluate(model: Any, tokenizer: Any, examples: list[Example], max_length: in
                 predictions[i] = {"reference": ex.answer, "generated": text + "...", "correct": False}
                 continue
         pending.append(i)
+    limit = generation_limit(model)
     for b in range(0, len(pending), batch_size):
         chunk = pending[b : b + batch_size]
         prompts = [encode_prompt(tokenizer, examples[i].prompt_messages) for i in chunk]  # type: ignore[arg-type]
-        longest = max(len(tokenizer(examples[i].answer, add_special_tokens=False)["input_ids"]) for i in chunk)
-        outs = greedy_generate(model, tokenizer, prompts, min(longest + 2, 256), precision, stop_ids)
+        needs = [min(len(tokenizer(examples[i].answer, add_special_tokens=False)["input_ids"]) + 2, 256) for i in chunk]
+        if limit is None or max(map(len, prompts)) + max(needs) <= limit:
+            outs: list[str | None] = list(greedy_generate(model, tokenizer, prompts, max(needs), precision, stop_ids))
+        else:
+            # together the rows would run past the model's positions: each on its own, with the new
+            # tokens that fit after its prompt (its whole answer fits: prompt + answer <= max_length)
+            outs = [greedy_generate(model, tokenizer, [p], min(n, limit - len(p)), precision, stop_ids)[0]
+                    if limit - len(p) >= 1 else None for p, n in zip(prompts, needs)]
         for i, out in zip(chunk, outs):
+            if out is None:
+                continue  # no room to generate after the prompt: not scored for accuracy
             ok = normalize_answer(out) == normalize_answer(examples[i].answer)  # type: ignore[arg-type]
             predictions[i] = {"reference": examples[i].answer, "generated": out, "correct": ok}
     n_qa = len(predictions)
