@@ -59,6 +59,44 @@ def test_label_positions_loss_equals_plain_path(tok, factory):
     torch.testing.assert_close(fast / n, hf, rtol=1e-5, atol=1e-5)
 
 
+def test_the_training_loss_keeps_float64_on_a_float64_model(tok):
+    """loss_sum rounded a float64 model's loss to float32 (a ~1e-8 error in every float64 gradient)."""
+    import torch.nn.functional as F
+
+    model = tiny_llama_lm(tok).double().eval()
+    batch = collate([tokenize_example(tok, parse_record(r, "x"), 64) for r in toy_records(4)], tok.pad_token_id)
+    labels = batch["labels"][:, 1:]
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        exact = F.cross_entropy(logits[labels != -100], labels[labels != -100], reduction="sum")
+        for positions_only in (True, False):
+            got, _ = loss_sum(model, batch, label_positions_only=positions_only)
+            assert got.dtype == torch.float64
+            assert abs(float(got) - float(exact)) <= 1e-12 * abs(float(exact)), positions_only
+
+
+def test_weight_decay_spares_1d_tensors_with_and_without_loraplus(tmp_path, tok, data_files):
+    """DoRA's magnitudes (column norms) were decayed by plain AdamW but not in the LoRA+ groups: a run
+    with --weight-decay 0.5 gave other adapters with LoRA+ at ratio 1 (the same rates) than without."""
+    def adapter(name, **kw):
+        train(_cfg(tmp_path, data_files, name=name, max_steps=6, use_dora=True, weight_decay=0.5, **kw),
+              model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+        return load_file(tmp_path / name / "adapter_model.safetensors")
+
+    plain, plus = adapter("plain"), adapter("plus", lora_plus_ratio=1.0)
+    assert any("magnitude" in k for k in plain)
+    assert plain.keys() == plus.keys() and all(torch.equal(plain[k], plus[k]) for k in plain)
+
+
+def test_a_model_given_in_process_is_recorded_by_its_own_name(tmp_path, tok, data_files):
+    """train(model=...) without cfg.model recorded the embedded SmolLM2 as the adapter's base."""
+    model = tiny_llama_lm(tok)
+    model.config._name_or_path = str(tmp_path / "my-base")
+    train(_cfg(tmp_path, data_files, max_steps=1), model=model, tokenizer=tok, progress=False, log=_quiet)
+    saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str(tmp_path / "my-base")
+
+
 def test_lr_schedule_warmup_then_cosine():
     f = [lr_factor(s, 100, 10) for s in range(100)]
     assert f[0] < f[5] < f[9] <= 1.0
@@ -844,7 +882,7 @@ def _stopped_at(tmp_path, tok, data_files, at: int, **kw):
 
 
 @pytest.mark.parametrize("change", [{"alpha": 64.0}, {"use_rslora": True}, {"method": "qlora"}, {"rank": 16},
-                                    {"lora_plus_ratio": 4.0}, {"batch_size": 4}])
+                                    {"lora_plus_ratio": 4.0}, {"batch_size": 4}, {"max_length": 10}, {"weight_decay": 0.1}])
 def test_resume_refuses_options_that_define_the_model_and_keeps_the_run_resumable(tmp_path, tok, data_files, change):
     # a resumed run with another alpha / rsLoRA / method trained on as a different model (loss 14.9
     # instead of 2.05); a refused --rank rewrote train_config.yaml, so the run could not resume at all

@@ -31,12 +31,13 @@ HELP: dict[str, str] = {
     "lora_plus_ratio": "LoRA+: learning rate of B = this ratio x that of A (0 = off; 16 is the paper's choice)",
     "rank": "LoRA rank r",
     "alpha": "LoRA alpha (the update is scaled by alpha/r)",
-    "dropout": "dropout on the LoRA branch input",
+    "dropout": "dropout on the LoRA branch input (the base model's own dropout, e.g. GPT-2's 0.1, stays as its "
+    "config sets it)",
     "target_modules": "modules to adapt: 'all-linear', a comma-separated list of names or dotted name ends "
     "(q_proj,self_attn.v_proj), or a regex (any of * + ? [ ] ( ) | ^ $ \\ { } makes it one) that must match "
     "the whole module name, e.g. '.*\\.(q|v)_proj'",
     "lr": "peak learning rate; empty = 1e-3 for lora, 5e-5 for full",
-    "weight_decay": "AdamW weight decay",
+    "weight_decay": "AdamW weight decay, of matrices only (not of biases, norms or DoRA magnitudes)",
     "warmup_ratio": "fraction of the steps spent in linear warm-up before the cosine decay",
     "epochs": "passes over the training data (ignored when --max-steps is set)",
     "max_steps": "stop after this many optimizer steps (0 = use --epochs; sized for the CPU demo, and "
@@ -78,7 +79,8 @@ def target_module_spec(target_modules: str) -> str | list[str]:
 #: Options a resumed run cannot change: they define the model and its adapters (the checkpoint was
 #: trained as that model), the optimizer's parameter groups, or which example the run continues at.
 RESUME_FIXED = ("model", "method", "rank", "alpha", "target_modules", "use_rslora", "use_dora", "init",
-                "lora_plus_ratio", "data", "max_train_samples", "batch_size", "grad_accum", "seed")
+                "lora_plus_ratio", "weight_decay", "data", "max_train_samples", "max_length", "batch_size",
+                "grad_accum", "seed")
 
 
 def _known_init(name: str) -> bool:
@@ -90,7 +92,11 @@ def _known_init(name: str) -> bool:
 
 @dataclass
 class TrainConfig:
-    """Configuration of one training run (see ``HELP`` for each field's meaning)."""
+    """Configuration of one training run (see ``HELP`` for each field's meaning).
+
+    ``epochs`` counts only with ``max_steps=0``: ``TrainConfig(epochs=3)`` alone still stops at the
+    default 150 steps (the CLI's ``--epochs`` and a YAML ``epochs:`` set ``max_steps`` to 0 for you).
+    """
 
     model: str | None = None
     data: str | None = None

@@ -137,7 +137,8 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor], label_positions_only: b
         batch: ``input_ids``, ``attention_mask``, ``labels`` (batch, seq).
 
     Returns:
-        ``(loss_sum, n_labels)``; ``loss_sum`` is an fp32 scalar tensor.
+        ``(loss_sum, n_labels)``; ``loss_sum`` is an fp32 scalar tensor (fp64 on a float64 model:
+        rounding it to fp32 put a relative error of ~1e-8 into every float64 gradient).
     """
     labels = batch["labels"][:, 1:]
     select = labels != IGNORE_INDEX
@@ -150,13 +151,18 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor], label_positions_only: b
             # Chunked head + loss: the (n_labels, vocab) logits never exist (lorakit/ops).
             from lorakit.ops import linear_cross_entropy
 
-            return linear_cross_entropy(hidden[:, :-1][select], head.weight, labels[select], bias=head.bias).float(), n
+            return _wide(linear_cross_entropy(hidden[:, :-1][select], head.weight, labels[select], bias=head.bias)), n
         logits = head(hidden[:, :-1][select])  # (n_labels, vocab)
     else:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
         logits = out.logits[:, :-1][select]
-    loss = F.cross_entropy(logits.float(), labels[select], reduction="sum")
+    loss = F.cross_entropy(_wide(logits), labels[select], reduction="sum")
     return loss, n
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in float32, or as it is when wider (float64)."""
+    return t if t.dtype == torch.float64 else t.float()
 
 
 class NothingToScore(ValueError):

@@ -138,7 +138,7 @@ def micro_batch(data: list[Tokenized], cfg: TrainConfig, index: int, per_epoch: 
 
 
 # --------------------------------------------------------------------------- model set-up
-def prepare_model(model: Any, cfg: TrainConfig, base_name: str) -> Any:
+def prepare_model(model: Any, cfg: TrainConfig, base_name: str | None) -> Any:
     """Inject LoRA (frozen base) or make every weight trainable (full fine-tuning).
 
     Also switches SDPA attention to ``lorakit.ops.attention`` (faster bf16 backward at short
@@ -590,6 +590,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
         # 2. Model.
         torch.manual_seed(cfg.seed)
         random.seed(cfg.seed)
+        given = model is not None
         if model is None:
             from lorakit.models import load_model_and_tokenizer
 
@@ -607,7 +608,10 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
         train_data = tokenize_all(tokenizer, train_examples, max_length, what="training data")
         eval_data = tokenize_all(tokenizer, eval_examples, max_length, what="eval data") if eval_examples else []
 
-        base_name = cfg.model or "SmolLM2-135M-Instruct"
+        # the adapter's base_model_name_or_path: a model given in-process (train(model=...)) without
+        # cfg.model is named by its own config, not taken for the embedded model
+        own_name = getattr(getattr(model, "config", None), "_name_or_path", None) if given else None
+        base_name = cfg.model or (own_name or None if given else "SmolLM2-135M-Instruct")
         if not resume and eval_examples and dist.main:
             write_jsonl(eval_examples, run_dir / "eval.jsonl")
 
@@ -654,8 +658,13 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
             optimizer = fused_if_supported(lambda **kw: create_loraplus_optimizer(
                 model, lr=cfg.learning_rate, ratio=cfg.lora_plus_ratio, weight_decay=cfg.weight_decay, **kw))
         else:
+            # weight decay on matrices only: 1-D tensors (biases, norms, DoRA's magnitudes, which are
+            # column norms) are not pulled to zero, as in the LoRA+ groups and transformers' Trainer
+            flat = [p for p in params if p.dim() <= 1]
+            groups = ([{"params": [p for p in params if p.dim() > 1]}, {"params": flat, "weight_decay": 0.0}]
+                      if cfg.weight_decay and flat else params)
             optimizer = fused_if_supported(lambda **kw: torch.optim.AdamW(
-                params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **kw))
+                groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **kw))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
 
         step, tokens_done, train_seconds, wall_before = 0, 0, 0.0, 0.0
