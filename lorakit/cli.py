@@ -68,6 +68,25 @@ def main(argv: list[str] | None = None) -> int:
 
         print(f"{process_tag()}lorakit {args.command}: error: {msg}", file=sys.stderr)
         return 2
+    except RuntimeError as exc:
+        # a torchrun process whose partner died mid-collective gets gloo's RuntimeError ("Connection
+        # closed by peer", ...): one line that points at the other process's own error
+        if not _lost_peer(exc):
+            raise
+        from lorakit.train.cli import process_tag
+
+        print(f"{process_tag()}lorakit {args.command}: error: another process of this run stopped (the connection "
+              "to it was lost); its own error, if it had one, is printed above", file=sys.stderr)
+        return 2
+
+
+def _lost_peer(exc: RuntimeError) -> bool:
+    """Whether ``exc`` is torch.distributed's report of a process of this run that went away."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) < 2:
+        return False
+    text = str(exc).lower()
+    return any(s in text for s in ("connection closed by peer", "connection reset by peer", "broken pipe",
+                                   "connection refused", "socket closed"))
 
 
 if __name__ == "__main__":  # pragma: no cover

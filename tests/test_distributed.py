@@ -269,3 +269,69 @@ def test_the_resume_command_can_be_pasted_into_a_shell():
 
     run = Path("my runs/it's 😀")
     assert shlex.split(resume_command(run)) == ["lorakit", "train", "--resume", str(run)]
+
+
+
+def test_processes_given_different_data_stop_with_one_clear_error(tmp_path, data, monkeypatch):
+    """A process with another file (on another node: the same path, another file) planned another
+    number of steps, and the run hung at the first step one process skipped. Here the first process of
+    two sees the other report 16 examples (a stand-in for the other process: no gloo teardown race)."""
+    import lorakit.train.loop as loop
+    from lorakit.train.distributed import Dist
+
+    class TwoProcesses(Dist):
+        def broadcast_object(self, obj):
+            return obj
+
+        def gather_objects(self, obj):
+            return [obj, (16, *obj[1:])]
+
+        def barrier(self):
+            pass
+
+    monkeypatch.setattr(loop, "setup_distributed", lambda: TwoProcesses(world=2, rank=0))
+    tok = tiny_tokenizer()
+    run = tmp_path / "run"
+    with pytest.raises(ValueError, match=r"read different data \(training examples per process: \[25, 16\]\)"):
+        train(TrainConfig(**_cfg(data, run, max_steps=0, epochs=2)), model=tiny_llama_lm(tok), tokenizer=tok,
+              progress=False, log=lambda *_: None)
+    assert not run.exists()  # the failed new run removed what it wrote
+
+
+def test_a_claim_the_other_process_never_saw_is_given_back(tmp_path):
+    """The other process failed before the claim (bad data there): the first one's broadcast of the
+    claimed directory failed, and the claimed train_config.yaml stayed, so the same command was refused."""
+    from lorakit.train.distributed import Dist
+    from lorakit.train.loop import _claim_run_dir_once
+
+    class PeerGone(Dist):
+        def broadcast_object(self, obj):
+            raise RuntimeError("Connection closed by peer")
+
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError, match="closed by peer"):
+        _claim_run_dir_once(run, TrainConfig(output=str(run)), PeerGone(world=2, rank=0))
+    assert not run.exists()
+
+
+def test_a_lost_peer_is_one_line_naming_the_other_process(monkeypatch, capsys):
+    import argparse
+
+    import lorakit.cli as cli
+
+    def fails(_args):
+        raise RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:27857")
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers(dest="command")
+    sub.add_parser("train").set_defaults(func=fails)
+    monkeypatch.setattr(cli, "build_parser", lambda: parser)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert cli.main(["train"]) == 2
+    err = capsys.readouterr().err
+    assert err.strip() == ("[rank 1] lorakit train: error: another process of this run stopped (the connection to "
+                           "it was lost); its own error, if it had one, is printed above")
+    monkeypatch.setenv("WORLD_SIZE", "1")  # not under torchrun: a RuntimeError is a bug, with its traceback
+    with pytest.raises(RuntimeError):
+        cli.main(["train"])

@@ -28,7 +28,9 @@ Run directory layout (``runs/<name>/``)::
 """
 from __future__ import annotations
 
+import array
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -607,6 +609,15 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
         max_length = fit_to_positions(model, cfg.max_length, log)
         train_data = tokenize_all(tokenizer, train_examples, max_length, what="training data")
         eval_data = tokenize_all(tokenizer, eval_examples, max_length, what="eval data") if eval_examples else []
+        if dist.world > 1:
+            # every process must hold the same examples (another file at the same path on another
+            # node planned another number of steps: the run hung at the first step one process skipped)
+            prints = dist.gather_objects(_data_fingerprint(train_data, eval_data))
+            if len(set(prints)) > 1:
+                dist.barrier()  # every process is past the exchange before any tears its connections down
+                raise ValueError("the processes of this run read different data (training examples per process: "
+                                 f"{[p[0] for p in prints]}): give every process the same --data and --eval-data "
+                                 "(on several nodes, the same file at the same path)")
 
         # the adapter's base_model_name_or_path: a model given in-process (train(model=...)) without
         # cfg.model is named by its own config, not taken for the embedded model
@@ -889,8 +900,30 @@ def _claim_run_dir_once(run_dir: Path, cfg: TrainConfig, dist: Dist) -> tuple[Pa
     except FileExistsError as exc:
         dist.broadcast_object((True, str(exc)))
         raise
-    dist.broadcast_object((False, str(path)))
+    try:
+        dist.broadcast_object((False, str(path)))
+    except BaseException:
+        # another process failed before it got here (its error is printed): give back the claim, so
+        # the same command can be run again
+        (path / "train_config.yaml").unlink(missing_ok=True)
+        if created:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
     return path, created
+
+
+def _data_fingerprint(train_data: list[Tokenized], eval_data: list[Tokenized]) -> tuple[int, int, str]:
+    """(training examples, held-out examples, a hash of every token id and label): equal on every
+    process of a run that read the same data."""
+    digest = hashlib.sha256()
+    for t in (*train_data, None, *eval_data):
+        if t is None:
+            digest.update(b"|")
+            continue
+        digest.update(array.array("q", t.input_ids).tobytes())
+        digest.update(array.array("q", t.labels).tobytes())
+    return len(train_data), len(eval_data), digest.hexdigest()
 
 
 def _claim_run_dir(run_dir: Path, cfg: TrainConfig, unique: bool) -> tuple[Path, bool]:
