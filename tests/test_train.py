@@ -95,6 +95,19 @@ def test_a_model_given_in_process_is_recorded_by_its_own_name(tmp_path, tok, dat
     train(_cfg(tmp_path, data_files, max_steps=1), model=model, tokenizer=tok, progress=False, log=_quiet)
     saved = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert saved["base_model_name_or_path"] == str(tmp_path / "my-base")
+    assert json.loads((tmp_path / "run" / "lorakit_run.json").read_text())["model"] == str(tmp_path / "my-base")
+
+
+def test_a_run_of_a_nameless_in_process_model_asks_inference_for_the_base(tmp_path, tok, data_files):
+    """With no name to record, inference loaded the embedded SmolLM2 under the adapter."""
+    from lorakit.train.generate import load_for_inference
+
+    model = tiny_llama_lm(tok)
+    model.config._name_or_path = ""
+    train(_cfg(tmp_path, data_files, max_steps=1), model=model, tokenizer=tok, progress=False, log=_quiet)
+    assert json.loads((tmp_path / "run" / "lorakit_run.json").read_text())["model_in_process"] is True
+    with pytest.raises(ValueError, match="given to train\\(\\) in-process.*give its base with --model"):
+        load_for_inference(None, str(tmp_path / "run"))
 
 
 def test_lr_schedule_warmup_then_cosine():

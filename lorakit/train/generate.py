@@ -529,6 +529,9 @@ def load_for_inference(model: str | None = None, adapter: str | None = None,
         from lorakit.models import DEFAULT_MODEL_NAME
 
         model = run.get("model")
+        if run.get("model_in_process") and not model:
+            raise ValueError(f"{adapter!r} was trained on a model given to train() in-process, with no name or "
+                             "path to record: give its base with --model")
         if model and not os.path.exists(model):  # (a run made before runs recorded absolute paths)
             raise FileNotFoundError(f"the base model {model!r} recorded in {str(path / RUN_INFO)!r} is not found "
                                     "from this directory: give the base with --model")

@@ -848,13 +848,16 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
     if not dist.main:
         return result
     info = {
-        "finished": True, "model": cfg.model, "method": cfg.method, "config": cfg.to_dict(),
+        "finished": True, "model": cfg.model or (base_name if given else None), "method": cfg.method,
+        "config": cfg.to_dict(),
         "steps": step, "before": before, "after": result.after,
         "trainable_params": n_train, "total_params": n_total, "train_seconds": round(train_seconds, 2),
         "wall_seconds": round(result.wall_seconds, 2), "tokens_per_second": round(result.tokens_per_second, 1),
         "peak_memory_mb": round(result.peak_memory_mb, 1), "precision": precision, "threads": threads,
         "processes": dist.world,
     }
+    if given and not cfg.model and not base_name:
+        info["model_in_process"] = True  # a nameless model given to train(): inference must be told the base
     (run_dir / RUN_INFO).write_text(json.dumps(info, indent=1), encoding="utf-8")
     # (lorakit_run.json says "finished" first, so --resume refuses even if a kill lands below)
     for leftover in [run_dir / CHECKPOINT, run_dir / ".checkpoint-old", *run_dir.glob(".checkpoint-tmp-*")]:
