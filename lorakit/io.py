@@ -225,19 +225,16 @@ def _expected_tensors(model: nn.Module, config: LoraConfig) -> tuple[dict[str, t
         source = module.original_module if isinstance(module, ModulesToSave) else module
         for key, tensor in source.state_dict().items():
             required[f"{PREFIX}{path}.{key}"] = tuple(tensor.shape)
+        bias = getattr(source, "bias", None)
+        if config.bias == "all" and isinstance(bias, torch.Tensor):
+            # PEFT's bias="all" also saves the bias inside its wrapper of a modules_to_save module:
+            # the trained copy's (again) and the original module's
+            for inner in _SAVED_WRAPPER_BIASES:
+                optional[f"{PREFIX}{path}.{inner}"] = tuple(bias.shape)
     if config.bias == "all":
         for name, p in model.named_parameters():
             if name.rsplit(".", 1)[-1] == "bias":
                 optional.setdefault(PREFIX + name, tuple(p.shape))
-        for path in _find_saved_module_names(model, config, targets, strict=False):
-            module = model.get_submodule(path)
-            source = module.original_module if isinstance(module, ModulesToSave) else module
-            bias = getattr(source, "bias", None)
-            if isinstance(bias, torch.Tensor):
-                # PEFT's bias="all" also saves the bias inside its wrapper of a modules_to_save module:
-                # the trained copy's (again) and the original module's
-                for inner in _SAVED_WRAPPER_BIASES:
-                    optional[f"{PREFIX}{path}.{inner}"] = tuple(bias.shape)
     return required, optional
 
 

@@ -286,9 +286,6 @@ def test_processes_given_different_data_stop_with_one_clear_error(tmp_path, data
         def gather_objects(self, obj):
             return [obj, (16, *obj[1:])]
 
-        def barrier(self):
-            pass
-
     monkeypatch.setattr(loop, "setup_distributed", lambda: TwoProcesses(world=2, rank=0))
     tok = tiny_tokenizer()
     run = tmp_path / "run"

@@ -257,10 +257,15 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:
 def rank_above_width(shape: ModelShape, r: int, target_modules: tuple[str, ...] | list[str] | str) -> list[str]:
     """Targeted projections narrower than ``r`` (min(out, in) < r), as "name (min N)": ΔW there
     cannot reach rank r, yet r·(in + out) parameters are trained (as lorakit train warns)."""
-    names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    targets = LINEAR_NAMES if names == ["all-linear"] else names
     shapes = shape.linear_shapes()
-    return [f"{t} (min {min(shapes[t])})" for t in targets if t in shapes and r > min(shapes[t])]
+    return [f"{t} (min {min(shapes[t])})" for t in _expand_targets(target_modules) if t in shapes and r > min(shapes[t])]
+
+
+def _expand_targets(target_modules: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:
+    """``target_modules`` as a tuple of projection names; "all-linear" (lorakit train's default) is
+    every projection of the decoder layers."""
+    names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
+    return tuple(LINEAR_NAMES) if names == ["all-linear"] else tuple(names)
 
 
 def estimate_memory(
@@ -322,9 +327,7 @@ def estimate_memory(
     if state_precision is not None and optimizer != "adamw":
         raise ValueError(f"state_precision is the dtype of AdamW's moments; optimizer {optimizer!r} "
                          + ("keeps its states in 8 bits" if optimizer == "adamw8bit" else "keeps no state"))
-    # "all-linear" (lorakit train's default): every projection of the decoder layers
-    names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    targets = tuple(LINEAR_NAMES) if names == ["all-linear"] else tuple(names)
+    targets = _expand_targets(target_modules)
     unknown = [t for t in targets if t not in LINEAR_NAMES]
     if method != "full" and (unknown or not targets):
         raise ValueError(f"target_modules must be among {', '.join(LINEAR_NAMES)}, got {list(targets)!r}")

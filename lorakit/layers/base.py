@@ -410,13 +410,10 @@ class LoraLayer(nn.Module):
         """A fingerprint of what adapter ``name`` adds when merged: its scaling and the exact bits
         of its tensors (A, B and a variant's own, such as DoRA's magnitude), with their dtypes."""
         tensors = [self.lora_A[name], self.lora_B[name]]
-        tensors += [store[name] for store in self.variant_stores() if name in store]
+        variant = self.variants.get(name)
+        if variant is not None:  # its own tensors, as saved (``saved_stores``: layer attribute -> disk name)
+            tensors += [getattr(self, attr)[name] for attr in variant.saved_stores]
         return float(self.scaling[name]), tuple((t.dtype, bits_fingerprint(t)) for t in tensors)
-
-    def variant_stores(self) -> list[nn.ParameterDict]:
-        """The ParameterDicts of per-adapter tensors that variants registered on this layer."""
-        names = {store for v in self.variants.values() for store in getattr(v, "saved_stores", {}).values()}
-        return [getattr(self, n) for n in sorted(names) if isinstance(getattr(self, n, None), nn.ParameterDict)]
 
     def unmerge_blocker(self, adapter_names: list[str] | None = None) -> str | None:
         """Why ``unmerge(adapter_names)`` would write wrong base weights, or None.

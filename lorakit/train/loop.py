@@ -614,7 +614,6 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
             # node planned another number of steps: the run hung at the first step one process skipped)
             prints = dist.gather_objects(_data_fingerprint(train_data, eval_data))
             if len(set(prints)) > 1:
-                dist.barrier()  # every process is past the exchange before any tears its connections down
                 raise ValueError("the processes of this run read different data (training examples per process: "
                                  f"{[p[0] for p in prints]}): give every process the same --data and --eval-data "
                                  "(on several nodes, the same file at the same path)")
