@@ -56,6 +56,9 @@ def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
     (``LoraLayer.exact_when_merged``), the layer unmerges them all.
     """
     names = _as_names(adapter_name, "adapter_name")
+    if not names:
+        raise ValueError("set_adapter needs at least one adapter name; to run the base model, use "
+                         "`with lorakit.disable_adapters(model):` (or `__base__` rows in a mixed batch)")
     _check_names(model, names)
     state = require_state(model)
     merged = {n for _, layer in iter_lora_layers(model) for n in layer.merged_adapters}

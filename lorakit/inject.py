@@ -134,6 +134,17 @@ def iter_saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
             yield name, module
 
 
+def model_biases(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
+    """``(name, parameter)`` of every bias the forward pass uses as the base model's own: what
+    ``bias="all"`` trains and saves. Biases inside a ``modules_to_save`` wrapper are left out: the
+    original module's is never used while the wrapper has an adapter, and each copy's belongs to
+    its own adapter (trained and saved with the copy)."""
+    inside = [p + "." for p, _ in iter_saved_modules(model)]
+    for name, p in model.named_parameters():
+        if name.rsplit(".", 1)[-1] == "bias" and not any(name.startswith(w) for w in inside):
+            yield name, p
+
+
 # ---- matching ---------------------------------------------------------------------------------------
 
 def _name_matches(patterns: list[str] | str, name: str) -> bool:
@@ -340,6 +351,15 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     state = get_state(model)
     if state is not None and adapter_name in state.configs:
         raise ValueError(f"adapter {adapter_name!r} already exists on this model; pick another name or delete it first")
+    if state is not None and config.bias != "none":
+        # The biases are the base model's own, one set shared by every adapter: a second adapter
+        # training them would overwrite the first one's (PEFT refuses this too).
+        other = next((n for n, c in state.configs.items() if c.bias != "none"), None)
+        if other is not None:
+            raise ValueError(f"adapter {adapter_name!r} trains biases (bias={config.bias!r}), and adapter {other!r} "
+                             f"on this model already does (bias={state.configs[other].bias!r}): biases are the base "
+                             "model's own, shared by all adapters, so only one adapter on a model may train them; "
+                             "use bias='none' for the others")
     config = with_task_heads(config)  # a private copy
     targets = find_target_modules(model, config)
     saved = _find_saved_module_names(model, config, targets, strict=not loading)
@@ -453,9 +473,8 @@ def mark_trainable(model: nn.Module, freeze_all: bool = False) -> None:
         wrapper.modules_to_save.requires_grad_(False)
     biases = {c.bias for c in state.configs.values()}
     if "all" in biases:
-        for pname, p in model.named_parameters():
-            if pname.endswith("bias"):
-                p.requires_grad_(False)
+        for _, p in model_biases(model):
+            p.requires_grad_(False)
     elif "lora_only" in biases:
         for _, layer in iter_lora_layers(model):
             if getattr(layer.base_layer, "bias", None) is not None:
@@ -472,9 +491,8 @@ def mark_trainable(model: nn.Module, freeze_all: bool = False) -> None:
             if name in wrapper.modules_to_save:
                 wrapper.modules_to_save[name].requires_grad_(True)
         if config.bias == "all":
-            for pname, p in model.named_parameters():
-                if pname.endswith("bias") or pname.endswith(".bias"):
-                    p.requires_grad_(True)
+            for _, p in model_biases(model):
+                p.requires_grad_(True)
 
 
 def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:

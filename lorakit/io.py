@@ -24,7 +24,7 @@ from torch import nn
 from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.inject import (ModulesToSave, _find_saved_module_names, _remove_adapter_everywhere,
                             find_target_modules, get_state, inject_adapter, iter_lora_layers,
-                            iter_saved_modules, mark_trainable, require_state, with_task_heads)
+                            iter_saved_modules, mark_trainable, model_biases, require_state, with_task_heads)
 from lorakit.layers import LoraLayer, lora_class_for
 from lorakit.variants import variant_for
 
@@ -107,10 +107,8 @@ def _bias_keys(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[
     """State-dict names of the biases this adapter trains and saves (``bias="all"/"lora_only"``)."""
     if config.bias == "none":
         return []
-    inside_saved = [p for p, _ in iter_saved_modules(model)]
     if config.bias == "all":
-        return [n for n, _ in model.named_parameters()
-                if n.rsplit(".", 1)[-1] == "bias" and not any(n.startswith(p + ".") for p in inside_saved)]
+        return [n for n, _ in model_biases(model)]
     return [f"{path}.base_layer.bias" for path, layer in iter_lora_layers(model)
             if adapter_name in layer.lora_A and getattr(layer.base_layer, "bias", None) is not None]
 
@@ -232,10 +230,55 @@ def _expected_tensors(model: nn.Module, config: LoraConfig) -> tuple[dict[str, t
             for inner in _SAVED_WRAPPER_BIASES:
                 optional[f"{PREFIX}{path}.{inner}"] = tuple(bias.shape)
     if config.bias == "all":
-        for name, p in model.named_parameters():
-            if name.rsplit(".", 1)[-1] == "bias":
-                optional.setdefault(PREFIX + name, tuple(p.shape))
+        for name, p in model_biases(model):
+            for key in (name, *_bias_aliases(name)):  # as saved where the module was (not) wrapped
+                optional.setdefault(PREFIX + key, tuple(p.shape))
     return required, optional
+
+
+def _bias_aliases(name: str) -> tuple[str, ...]:
+    """The other name a module's bias has in a state dict while a LoRA layer wraps it or not
+    (``<path>.bias`` / ``<path>.base_layer.bias``): a ``bias="all"`` file names every bias as it was
+    on the model it was saved from, where other adapters may have wrapped other modules."""
+    if name.endswith(".base_layer.bias"):
+        return (name[: -len(".base_layer.bias")] + ".bias",)
+    if name.endswith(".bias"):
+        return (name[: -len(".bias")] + ".base_layer.bias",)
+    return ()
+
+
+def _model_bias_keys(tensors: dict[str, torch.Tensor], params: dict[str, torch.Tensor],
+                     dest: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """``tensors`` with every bias key that names no parameter of the model renamed to its alias
+    that does (see ``_bias_aliases``); a bias given under both names must have one value."""
+    out: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        name = key[len(PREFIX):]
+        if key not in dest and name not in params:
+            alias = next((a for a in _bias_aliases(name) if a in params), None)
+            if alias is not None:
+                key = PREFIX + alias
+                if key in tensors and not torch.equal(tensors[key], tensor):
+                    raise ValueError(f"{source}: {PREFIX + name} and {key} are the same bias of this model "
+                                     "(with and without a LoRA layer around its module) but hold different values")
+        out[key] = tensor
+    return out
+
+
+def _held_as_modules_to_save(model: nn.Module, tensors: dict, required: dict, optional: dict) -> str:
+    """Why keys have no place when it is because another adapter holds their module whole (as
+    ``modules_to_save``): a LoRA layer or a bias of this adapter cannot go into such a module."""
+    wrapped = {path: list(w.modules_to_save) for path, w in iter_saved_modules(model)}
+    for key in tensors:
+        if key in required or key in optional:
+            continue
+        name = key[len(PREFIX):]
+        path = next((p for p in wrapped if name.startswith(p + ".")), None)
+        if path is not None:
+            return (f"{path!r} is held whole as modules_to_save by adapter(s) {wrapped[path]} on this model: "
+                    "this adapter's LoRA layers or biases cannot go into it; load it on a model without that "
+                    "adapter")
+    return ""
 
 
 def _sets_weight_tying(directory: Path) -> bool:
@@ -312,6 +355,9 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     try:
         _check_tensors(tensors, required, optional, str(Path(directory) / WEIGHTS_NAME))
     except ValueError as exc:
+        held = _held_as_modules_to_save(model, tensors, required, optional)
+        if held:
+            raise ValueError(f"{exc} ({held})") from None
         if _sets_weight_tying(Path(directory)):
             raise ValueError(f"{exc} (its adapter_config sets ensure_weight_tying=true: PEFT then ties the output "
                              "head's adapter or copy to the input embedding's, which lorakit does not implement)") from None
@@ -337,6 +383,7 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
         with torch.no_grad():
             dest = adapter_destinations(model, adapter_name)
             params = dict(model.named_parameters(remove_duplicate=False))
+            tensors = _model_bias_keys(tensors, params, dest, str(Path(directory) / WEIGHTS_NAME))
             for key, tensor in tensors.items():
                 target = dest.get(key)
                 if target is None:  # an optional base tensor (bias / base weight) of the model
@@ -399,7 +446,12 @@ def load_adapter_weights(model: nn.Module, directory: str | Path, adapter_name: 
     dest = adapter_destinations(model, adapter_name)
     params = dict(model.named_parameters(remove_duplicate=False))
     optional = {PREFIX + k: tuple(params[k].shape) for k in _bias_keys(model, state.configs[adapter_name], adapter_name)}
-    _check_tensors(tensors, {k: tuple(v.shape) for k, v in dest.items()}, optional, str(Path(directory) / WEIGHTS_NAME))
+    if state.configs[adapter_name].bias == "all":
+        optional.update({PREFIX + a: shape for k, shape in list(optional.items())
+                         for a in _bias_aliases(k[len(PREFIX):])})
+    source = str(Path(directory) / WEIGHTS_NAME)
+    _check_tensors(tensors, {k: tuple(v.shape) for k, v in dest.items()}, optional, source)
+    tensors = _model_bias_keys(tensors, params, dest, source)
     with torch.no_grad():
         for key, tensor in tensors.items():
             target = dest[key] if key in dest else params[key[len(PREFIX):]]

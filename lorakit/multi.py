@@ -272,6 +272,28 @@ def names_in_open_batches(model: nn.Module) -> set[str]:
 _NOTHING = object()  # (no instance attribute)
 
 
+class _BlockOnly:
+    """A function ``adapter_batch`` puts on the model (its ``generate`` check, the hooks on parts
+    ``generate`` calls alone) for the block's duration. A deep copy of the model made inside the
+    block must not take it along: it would run the original model (its ``generate``) or publish
+    the original block's plan. The copy gets ``on_copy(copy of the model)`` instead."""
+
+    def __init__(self, model: nn.Module, fn: Any, on_copy: Any) -> None:
+        self.model, self.fn, self.on_copy = model, fn, on_copy
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Any:
+        copied = memo.get(id(self.model))  # copy.deepcopy puts the model's copy there first
+        return self.on_copy(copied) if copied is not None else self
+
+
+def _inert(*_args: Any, **_kwargs: Any) -> None:
+    return None
+
+
 @contextlib.contextmanager
 def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn.Module]:
     """Within the block, every call of ``model`` runs row i with adapter ``adapter_names[i]``.
@@ -299,13 +321,20 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn
     # too, as the root's hooks do for the model's (hooks of this block only, removed at its end).
     handles = []
     for part in _parts_called_alone(model):
-        handles.append(part.register_forward_pre_hook(
-            lambda _m, args, kwargs: _push_plan(ctx, model, args, kwargs), with_kwargs=True))
-        handles.append(part.register_forward_hook(lambda _m, _args, _out: _pop_plan(ctx), always_call=True))
+        handles.append(part.register_forward_pre_hook(_BlockOnly(
+            model, lambda _m, args, kwargs: _push_plan(ctx, model, args, kwargs), lambda _: _inert), with_kwargs=True))
+        handles.append(part.register_forward_hook(
+            _BlockOnly(model, lambda _m, _args, _out: _pop_plan(ctx), lambda _: _inert), always_call=True))
     generate = getattr(model, "generate", None)
     own = model.__dict__.get("generate", _NOTHING)
+
+    def copy_generate(copied: nn.Module) -> Any:
+        """What a copy made inside the block has as ``generate``: its own, as the model had it before."""
+        if own is not _NOTHING:
+            return own
+        return type(copied).generate.__get__(copied)
+
     if callable(generate):
-        @functools.wraps(generate)
         def checked_generate(*args: Any, **kwargs: Any) -> Any:
             batch = _batch_of(args, kwargs)
             rows = batch.shape[0] if isinstance(batch, torch.Tensor) and batch.dim() > 0 else None
@@ -317,7 +346,8 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn
                 return generate(*args, **kwargs)
             finally:
                 entry[4] = outer
-        model.__dict__["generate"] = checked_generate
+        functools.update_wrapper(checked_generate, generate)
+        model.__dict__["generate"] = _BlockOnly(model, checked_generate, copy_generate)
     ctx.stack.append(entry)
     try:
         yield model

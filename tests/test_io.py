@@ -402,3 +402,87 @@ def test_load_twice_needs_new_name(saved):
 def test_load_trainable(saved):
     m = lk.load_adapter(tiny_llama(), saved, is_trainable=True)
     assert lk.count_parameters(m)[0] == 2 * (4 * 64 + 4 * 48)
+
+
+def _bias_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3)).double()
+
+
+def _trained_bias_adapter(path, seed, **cfg):
+    m = lk.get_lora_model(_bias_net(), lk.LoraConfig(r=2, init_lora_weights=False, **cfg))
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.requires_grad:
+                p.add_(torch.randn_like(p))
+    lk.save_adapter(m, path)
+
+
+def test_only_one_adapter_on_a_model_may_train_the_shared_biases(tmp_path):
+    # the biases are the base model's own: a second bias-training adapter overwrote the first's
+    # (adapter "a" then computed 2.7 away from itself loaded alone); refused as in PEFT, model unchanged
+    _trained_bias_adapter(tmp_path / "a", 1, target_modules=["0"], bias="all")
+    _trained_bias_adapter(tmp_path / "b", 2, target_modules=["0"], bias="all")
+    x = torch.randn(5, 4, dtype=torch.float64)
+    model = lk.load_adapter(_bias_net(), tmp_path / "a", "a").eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'b' trains biases .*'a' on this model already does"):
+        lk.load_adapter(model, tmp_path / "b", "b")
+    with pytest.raises(ValueError, match="only one adapter on a model may train them"):
+        lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["2"], bias="lora_only"), adapter_name="c")
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert lk.active_adapters(model) == ["a"]
+    alone = lk.load_adapter(_bias_net(), tmp_path / "a", "a").eval()
+    assert torch.equal(model(x), alone(x))
+    lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["2"]), adapter_name="plain")  # bias none: fine
+
+
+def test_bias_all_leaves_a_modules_to_save_original_frozen():
+    # PEFT: 47 trainable; lorakit made the wrapped head's unused original bias trainable too (50)
+    cfg = dict(r=2, target_modules=["0"], modules_to_save=["2"], bias="all")
+    ours = lk.get_lora_model(_bias_net(), lk.LoraConfig(**cfg))
+    theirs = peft.get_peft_model(_bias_net(), peft.LoraConfig(**cfg))
+    assert not ours[2].original_module.bias.requires_grad and not ours[2].original_module.weight.requires_grad
+    assert lk.count_parameters(ours)[0] == sum(p.numel() for p in theirs.parameters() if p.requires_grad) == 47
+    lk.get_lora_model(ours, lk.LoraConfig(r=2, target_modules=["0"], modules_to_save=["2"]), adapter_name="two")
+    lk.set_trainable(ours, "default")  # the other adapter's copy of the head stays frozen, bias included
+    assert not ours[2].modules_to_save["two"].bias.requires_grad
+    assert ours[2].modules_to_save["default"].bias.requires_grad and ours[0].base_layer.bias.requires_grad
+
+
+def test_a_bias_all_file_loads_where_another_adapter_wraps_one_of_its_biases_modules(tmp_path):
+    # "b" (bias="all", targets "2") was saved on a bare model, so its file names "0.bias"; loaded after
+    # "a" (wraps "0") that bias is "0.base_layer.bias": it was refused as "for another model", and PEFT
+    # drops it (7.8 off); here it loads, and the reverse direction too
+    _trained_bias_adapter(tmp_path / "a", 1, target_modules=["0"])
+    _trained_bias_adapter(tmp_path / "b", 2, target_modules=["2"], bias="all")
+    x = torch.randn(5, 4, dtype=torch.float64)
+    want = lk.load_adapter(_bias_net(), tmp_path / "b", "b").eval()(x)
+    model = lk.load_adapter(_bias_net(), tmp_path / "a", "a")
+    lk.load_adapter(model, tmp_path / "b", "b")
+    lk.set_adapter(model, "b")
+    assert torch.equal(model.eval()(x), want)
+    lk.save_adapter(model, tmp_path / "b2", adapter_name="b")  # names "0.base_layer.bias" now
+    assert "base_model.model.0.base_layer.bias" in load_file(tmp_path / "b2" / "adapter_model.safetensors")
+    assert torch.equal(lk.load_adapter(_bias_net(), tmp_path / "b2", "b").eval()(x), want)
+    fresh = lk.load_adapter(_bias_net(), tmp_path / "b", "b")
+    with torch.no_grad():
+        fresh[0].bias.zero_()
+    lk.load_adapter_weights(fresh, tmp_path / "b2", "b")  # a hot swap reads the other name too
+    assert torch.equal(fresh.eval()(x), want)
+
+
+@pytest.mark.parametrize("second", [dict(target_modules="all-linear"), dict(target_modules=["0"], bias="all")])
+def test_a_file_for_a_module_another_adapter_holds_as_modules_to_save_says_so(tmp_path, second):
+    # "a" holds module "2" whole; "b" has LoRA tensors (or a trained bias) for it: refused, with the
+    # reason named (the message asked whether the file was for another model), model unchanged
+    _trained_bias_adapter(tmp_path / "a", 1, target_modules=["0"], modules_to_save=["2"])
+    _trained_bias_adapter(tmp_path / "b", 2, **second)
+    model = lk.load_adapter(_bias_net(), tmp_path / "a", "a")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"'2' is held whole as modules_to_save by adapter\(s\) \['a'\]"):
+        lk.load_adapter(model, tmp_path / "b", "b")
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())

@@ -1042,3 +1042,74 @@ def test_hotswap_takes_the_new_dropout_and_names_a_plain_variant(tmp_path):
     lk.save_adapter(dora, tmp_path / "dora")
     with pytest.raises(ValueError, match="differs from the loaded adapter's plain LoRA"):
         lk.hotswap_adapter(m, tmp_path / "dora", "default")
+
+
+@pytest.mark.parametrize("names", [["a", "a", "b", "__base__", "b"], ["b", "a", "a", "__base__", "a"]])
+def test_mixed_batch_with_gradients_on_a_3d_input_to_a_linear_with_bias(names):
+    # F.linear returns a view there; an add_ into a row slice then an index_add_ into it raised
+    # "a leaf Variable that requires grad is being used in an in-place operation"
+    torch.manual_seed(0)
+    model = Wrap(torch.nn.Linear(8, 6)).double()
+    for n in ("a", "b"):
+        lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["layer"], init_lora_weights=False), n)
+    lk.set_trainable(model, ["a", "b"])
+    x = torch.randn(len(names), 3, 8, dtype=torch.float64)
+    out = model(x, adapter_names=names)
+    (out ** 2).sum().backward()
+    layer = model.layer
+    got = {n: (layer.lora_A[n].grad.clone(), layer.lora_B[n].grad.clone()) for n in ("a", "b")}
+    model.zero_grad()
+    rows = []
+    for i, n in enumerate(names):
+        if n == "__base__":
+            with lk.disable_adapters(model):
+                rows.append(model(x[i:i + 1]))
+        else:
+            lk.set_adapter(model, n)
+            rows.append(model(x[i:i + 1]))
+    want = torch.cat(rows)
+    torch.testing.assert_close(out, want, rtol=1e-14, atol=1e-14)
+    (want ** 2).sum().backward()
+    for n in ("a", "b"):
+        torch.testing.assert_close(got[n][0], layer.lora_A[n].grad, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(got[n][1], layer.lora_B[n].grad, rtol=1e-12, atol=1e-12)
+
+
+def test_a_deep_copy_made_inside_an_adapter_batch_block_generates_with_itself():
+    # the block's generate check was copied into the copy's __dict__ and ran the ORIGINAL model
+    model = tiny_llama().double()
+    for n in ("a", "b"):
+        lk.get_lora_model(model, lk.LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False), n)
+        with torch.no_grad():
+            for _, layer in lk.iter_lora_layers(model):
+                layer.lora_B[n].normal_(0, 1.0)
+    model.eval()
+    ids = torch.randint(3, 101, (1, 5), generator=torch.Generator().manual_seed(0))
+    kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with lk.adapter_batch(model, ["a"]):
+        inside = copy.deepcopy(model)
+    outside = copy.deepcopy(model)
+    assert "generate" not in model.__dict__
+    lk.set_adapter(model, "a")
+    for m in (inside, outside):
+        lk.set_adapter(m, "b")
+    with torch.no_grad():
+        want = outside.generate(ids, **kw)
+        assert not torch.equal(model.generate(ids, **kw), want)  # the adapters lead apart
+        assert torch.equal(inside.generate(ids, **kw), want)
+        with lk.adapter_batch(inside, ["a"]):  # a block on the copy works, and ends cleanly
+            assert torch.equal(inside.generate(ids, **kw), model.generate(ids, **kw))
+        assert torch.equal(inside.generate(ids, **kw), want)
+
+
+def test_set_adapter_with_no_names_is_refused_and_a_combined_adapter_stays_inactive():
+    # set_adapter(model, []) was accepted; combine_adapters then activated its new adapter, which
+    # its docstring says it never does
+    m = with_adapters(tiny_llama(), LLAMA_ADAPTERS)
+    lk.set_adapter(m, "legal")
+    with pytest.raises(ValueError, match="at least one adapter name.*disable_adapters"):
+        lk.set_adapter(m, [])
+    assert lk.active_adapters(m) == ["legal"]
+    assert all(layer.active_adapters == ["legal"] for _, layer in lk.iter_lora_layers(m))
+    lk.combine_adapters(m, {"legal": 0.5, "medical": 0.5}, "mix")
+    assert lk.active_adapters(m) == ["legal"]

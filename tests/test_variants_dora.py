@@ -254,3 +254,48 @@ def test_set_adapter_keeps_merged_weights_true_to_the_new_order(first, then):
     lk.set_adapter(m, then)
     with torch.no_grad():
         torch.testing.assert_close(m(x).logits, _unmerged_output(then, x), rtol=1e-5, atol=1e-5)
+
+
+def _three_on_one_linear(first_dora):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(16, 16)).double()
+    for n, dora in (("d1", first_dora), ("p", False), ("d2", True), ("q", False)):
+        lk.get_lora_model(m, lk.LoraConfig(r=2, lora_alpha=4, target_modules=["0"], use_dora=dora,
+                                           init_lora_weights=False), n)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        layer = m[0]
+        for n in ("d1", "p", "d2", "q"):
+            layer.lora_A[n].copy_(torch.randn(layer.lora_A[n].shape, generator=g, dtype=torch.float64) * .5)
+            layer.lora_B[n].copy_(torch.randn(layer.lora_B[n].shape, generator=g, dtype=torch.float64) * .5)
+            if n in layer.variants:
+                layer.lora_magnitude_vector[n].mul_(1 + .3 * torch.randn(16, generator=g, dtype=torch.float64))
+    return m.eval()
+
+
+@pytest.mark.parametrize("first_dora", [True, False])
+@pytest.mark.parametrize("how", ["set_adapter", "delete_adapter"])
+def test_taking_out_an_adapter_merged_before_a_dora_one_merges_the_rest_back_from_their_start(first_dora, how):
+    # [d1, p, d2] merged in one merge, then q in a second; taking p out undoes the merges from d1 on
+    # and merges d1, d2 back: d2's column norm must come from the weight before that first merge, as
+    # in the unmerged forward (it came from the weight holding d1: 0.08 to 0.54 relative off)
+    x = torch.randn(4, 16, dtype=torch.float64)
+    m = _three_on_one_linear(first_dora)
+    W0 = m[0].base_layer.weight.detach().clone()
+    lk.set_adapter(m, ["d1", "d2", "q"])
+    with torch.no_grad():
+        expected = m(x)  # unmerged
+    lk.set_adapter(m, ["d1", "p", "d2", "q"])
+    lk.merge(m, ["d1", "p", "d2"])
+    lk.merge(m, ["q"])
+    if how == "set_adapter":
+        lk.set_adapter(m, ["d1", "d2", "q"])
+    else:
+        lk.delete_adapter(m, "p")
+    assert m[0].merged_adapters == ["d1", "d2", "q"]
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), expected, rtol=1e-13, atol=1e-13)
+    lk.unmerge(m)
+    torch.testing.assert_close(m[0].base_layer.weight, W0, rtol=1e-13, atol=1e-13)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), expected, rtol=1e-13, atol=1e-13)

@@ -79,6 +79,7 @@ class LoraLayer(nn.Module):
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.merge_stamps: dict[str, tuple] = {}  # adapter -> its tensors' fingerprint when merged
+        self.merge_calls: dict[str, int] = {}  # adapter -> which merge folded it in (same number: one merge)
         self.disabled = False
 
     # ---- geometry, supplied by each layer type ----------------------------------------------------
@@ -269,6 +270,10 @@ class LoraLayer(nn.Module):
         in_place = result.is_contiguous() and not torch.is_autocast_enabled(x.device.type)
         grad_on = torch.is_grad_enabled()
         input_grad = grad_on and (x.requires_grad or result.requires_grad)
+        if grad_on and result._base is not None:
+            # F.linear of a 3-D input with a bias returns a view of its 2-D result: autograd refuses
+            # an index_add_ into it after an add_ into a slice of it (as the generic path, add into a copy)
+            result = result.clone()
         for name, rows in plan.groups:
             A = As.get(name)
             if A is None:
@@ -337,6 +342,10 @@ class LoraLayer(nn.Module):
         pending = self.merge_order(adapter_names)
         if not pending:
             return [], None
+        return pending, self._folded(pending)
+
+    def _folded(self, pending: list[str]) -> torch.Tensor:
+        """The weight with ``pending`` folded in, in that order, from the weight as it is now."""
         dequantize = getattr(self.base_layer, "dequantize_weight", None)
         start = dequantize() if callable(dequantize) else self.base_layer.weight
         start = start.detach().to(torch.promote_types(start.dtype, torch.float32))
@@ -347,7 +356,7 @@ class LoraLayer(nn.Module):
                 work = variant.merged_weight(self, name, work, start)
             else:
                 work += self.delta_weight(name)
-        return pending, work
+        return work
 
     @torch.no_grad()
     def merge(self, adapter_names: list[str] | None = None, safe: bool = False) -> None:
@@ -366,21 +375,29 @@ class LoraLayer(nn.Module):
             return
         if safe and not torch.isfinite(new).all():
             raise ValueError(f"merging adapter(s) {pending} gives non-finite weights; the layer is unchanged")
+        self._write_merge(pending, new)
+
+    def _write_merge(self, pending: list[str], new: torch.Tensor) -> None:
         weight = self.base_layer.weight
         weight.copy_(new.to(weight.dtype))
         self.merged_adapters.extend(pending)
         stamps = self.__dict__.setdefault("merge_stamps", {})
+        calls = self.__dict__.setdefault("merge_calls", {})
+        call = max(calls.values(), default=-1) + 1
         for name in pending:
             stamps[name] = self.merge_stamp(name)
+            calls[name] = call
 
     @torch.no_grad()
     def unmerge(self, adapter_names: list[str] | None = None) -> None:
         """Undo ``merge``: W ← W − scaling · ΔW, newest merge first.
 
         Taking out only some merged adapters: plain LoRA updates commute, so each is subtracted where
-        it is; a variant's merge does not (DoRA rescales the whole weight), so when one is involved
-        every merge from the earliest taken out on is undone, newest first, and the ones that stay
-        are merged again in their order.
+        it is; a variant's merge does not (DoRA rescales the whole weight and reads it for its column
+        norm), so when one is involved every merge from the one that folded in the earliest adapter
+        taken out on is undone, newest first, and the adapters that stay are merged again as they
+        were: each merge's survivors in one merge, in their order, from the weight that merge started
+        from (less the adapters taken out).
         """
         chosen, tail = self._unmerge_plan(adapter_names)
         if not chosen:
@@ -389,8 +406,14 @@ class LoraLayer(nn.Module):
         if why:
             raise ValueError(f"{why}; the layer is unchanged")
         if len(chosen) < len(tail):
+            calls = self.__dict__.get("merge_calls", {})
+            again: dict[int, list[str]] = {}
+            for name in tail:
+                if name not in chosen:
+                    again.setdefault(calls.get(name, -1), []).append(name)
             self._unmerge_in_order(tail)
-            self.merge([n for n in tail if n not in chosen])
+            for _, names in sorted(again.items()):
+                self._write_merge(names, self._folded(names))
             return
         self._unmerge_in_order(chosen)
 
@@ -401,9 +424,16 @@ class LoraLayer(nn.Module):
         chosen = [n for n in self.merged_adapters if n in names]
         if not chosen:
             return [], []
-        tail = self.merged_adapters[self.merged_adapters.index(chosen[0]):]
+        merged = self.merged_adapters
+        tail = merged[merged.index(chosen[0]):]
         if len(chosen) < len(tail) and any(n in self.variants for n in tail):
-            return chosen, tail
+            # back to the start of the merge that folded in chosen[0]: the variants merged with it
+            # read the weight as it was before that merge
+            calls = self.__dict__.get("merge_calls", {})
+            first = calls.get(chosen[0])
+            start = next((i for i, n in enumerate(merged) if first is not None and calls.get(n) == first),
+                         merged.index(chosen[0]))
+            return chosen, merged[start:]
         return chosen, chosen
 
     def merge_stamp(self, name: str) -> tuple:
@@ -452,6 +482,7 @@ class LoraLayer(nn.Module):
             weight.copy_(old.to(weight.dtype))
             self.merged_adapters.remove(name)
             self.__dict__.get("merge_stamps", {}).pop(name, None)
+            self.__dict__.get("merge_calls", {}).pop(name, None)
 
     def merge_order(self, adapter_names: list[str] | None = None) -> list[str]:
         """The adapters ``merge(adapter_names)`` would fold in here (default: the active ones), in the
