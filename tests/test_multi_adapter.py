@@ -1113,3 +1113,30 @@ def test_set_adapter_with_no_names_is_refused_and_a_combined_adapter_stays_inact
     assert all(layer.active_adapters == ["legal"] for _, layer in lk.iter_lora_layers(m))
     lk.combine_adapters(m, {"legal": 0.5, "medical": 0.5}, "mix")
     assert lk.active_adapters(m) == ["legal"]
+
+
+@pytest.mark.parametrize("layer_name", ["gpt2_conv1d", "embedding", "conv2d"])
+def test_half_precision_mixed_batch_rows_equal_each_adapter_alone(layer_name):
+    # a row group's fp32 update is added into the bf16 output rounded once, as the layer computes it
+    # alone (the group's update was rounded to bf16 before the sum)
+    from conftest import LAYER_CASES
+
+    make_layer, make_x = LAYER_CASES[layer_name]
+    torch.manual_seed(0)
+    model = Wrap(make_layer()).to(torch.bfloat16).eval()
+    for n in ("a", "b"):
+        lk.get_lora_model(model, lk.LoraConfig(r=4, target_modules=["layer"], init_lora_weights=False,
+                                               fan_in_fan_out=layer_name == "gpt2_conv1d"), n)
+        with torch.no_grad():
+            model.layer.lora_B[n].normal_(0, 1.0)
+    x = make_x()
+    x = torch.cat([x, x[:1]])  # rows a, b, a, b: index groups (and a slice after the split below)
+    x = x.to(torch.bfloat16) if x.is_floating_point() else x
+    names = ["a", "b", "a", "b"][: x.shape[0]]
+    with torch.no_grad():
+        got = model(x, adapter_names=names)
+        want = []
+        for i, n in enumerate(names):
+            lk.set_adapter(model, n)
+            want.append(model(x[i:i + 1]))
+    assert torch.equal(got, torch.cat(want))

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
-from lorakit.variants import LoraVariant, get_init_method
+from lorakit.variants import LoraVariant, add_rounded_once, get_init_method
 
 
 def bits_fingerprint(tensor: torch.Tensor) -> int:
@@ -219,13 +219,30 @@ class LoraLayer(nn.Module):
         plan = self.batch_context.plan if self.batch_context is not None else None
         if plan is not None:
             return self.mixed_forward(x, result, plan)
-        for name in self.live_adapters():
+        live = self.live_adapters()
+        narrow = None
+        wide = self.sum_dtype(result, live)
+        if wide is not None:
+            narrow, result = result.dtype, result.to(wide)
+        for name in live:
             variant = self.variants.get(name) if self.variants else None
             if variant is not None:
                 result = variant.forward(self, name, x, result)
             else:
                 result = self.add_lora(name, x, result)
-        return result
+        return result if narrow is None else result.to(narrow)
+
+    def sum_dtype(self, result: torch.Tensor, live: list[str]) -> torch.dtype | None:
+        """With several adapters on a half-precision output, the dtype to sum their updates in (the
+        adapters' wider one, fp32 on a bf16 base, rounded to the output's dtype once at the end,
+        as PEFT does), else None: one adapter's update is rounded once into the output anyway."""
+        if len(live) < 2 or not result.is_floating_point():
+            return None
+        As = self.lora_A._parameters
+        wide = result.dtype
+        for name in live:
+            wide = torch.promote_types(wide, As[name].dtype)
+        return wide if wide != result.dtype else None
 
     def own_output(self, result: torch.Tensor) -> torch.Tensor:
         """The base layer's output as a tensor the adapters may be added into in place: ``result``
@@ -240,7 +257,7 @@ class LoraLayer(nn.Module):
 
     def add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """``result + scaling · B(A(dropout(x)))`` for adapter ``name`` (layer types may fuse this)."""
-        return result + self.lora_delta(name, x).to(result.dtype)
+        return add_rounded_once(result, self.lora_delta(name, x))
 
     def mixed_forward(self, x: torch.Tensor, result: torch.Tensor, plan: Any) -> torch.Tensor:
         """Mixed-adapter batch: each row group gets only its own adapter (``__base__`` rows: none).
@@ -297,13 +314,13 @@ class LoraLayer(nn.Module):
                 continue
             if self.training:
                 sub_x = drops[name](sub_x)
-            delta = self.branch(sub_x, A, Bs[name])
-            if delta.dtype != result.dtype:
-                delta = delta.to(result.dtype)
+            delta = self.branch(sub_x, A, Bs[name])  # (an fp32 delta is added to a bf16 output rounded once)
             if isinstance(rows, slice):
                 result[rows].add_(delta, alpha=self.scaling[name])
-            else:
+            elif delta.dtype == result.dtype:
                 result.index_add_(0, rows, delta, alpha=self.scaling[name])
+            else:
+                result.index_copy_(0, rows, result.index_select(0, rows).add_(delta, alpha=self.scaling[name]))
         return result
 
     def set_dropout(self, name: str, p: float) -> None:

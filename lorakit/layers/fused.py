@@ -26,6 +26,8 @@ from typing import Callable
 import torch
 from torch.autograd import forward_ad
 
+from lorakit.variants import add_rounded_once
+
 _RESOLUTION = 1 << 16
 
 
@@ -440,5 +442,5 @@ def fused_lora_add(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: to
         if drop is not None:
             x2 = x2 * drop.get().view(torch.uint8) * drop.inv_keep
         delta = ((x2 @ A.T) @ B.T * scale).reshape(*result.shape[:-1], B.shape[0])  # (also with 0 rows)
-        return result + delta.to(result.dtype)
+        return add_rounded_once(result, delta)
     return FusedLoraLinear.apply(result, x, A, B, scale, drop)

@@ -112,15 +112,19 @@ class LoraLinear(LoraLayer):
                 layout.add(x2, out)
                 return result
             return self.mixed_forward(x, result, plan)
-        for name in active:
-            A = As.get(name)
-            if A is None:
-                continue
+        live = [n for n in active if n in As]
+        wide = self.sum_dtype(result, live)
+        total = result.to(wide) if wide is not None else result  # several adapters: summed in fp32 (sum_dtype)
+        for name in live:
             if in_place:
-                add_lora_no_grad(result, x, A, Bs[name], scaling[name])
+                add_lora_no_grad(total, x, As[name], Bs[name], scaling[name])
             else:
-                result = self.add_lora(name, x, result)
-        return result
+                total = self.add_lora(name, x, total)
+        if total is result:
+            return result
+        if in_place:
+            return result.copy_(total)
+        return total.to(result.dtype)
 
     def add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         # One fused autograd node: in-place addmm, no saved dropout copy (see layers/fused.py).
@@ -332,6 +336,9 @@ class BatchedLayout:
             h.mul_(self.mask)                                     # padding rows to 0
         delta = torch.bmm(h, self.B_t)                            # (adapters, m, out), scaled
         delta = delta.view(-1, delta.shape[-1])
-        if delta.dtype != out2.dtype:
-            delta = delta.to(out2.dtype)
+        if delta.dtype != out2.dtype:  # fp32 adapters on a bf16 output: summed in fp32, rounded once
+            wide = out2.to(delta.dtype)
+            wide.index_add_(0, index, delta)
+            out2.copy_(wide)
+            return
         out2.index_add_(0, index, delta)

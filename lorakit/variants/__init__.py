@@ -18,6 +18,14 @@ if TYPE_CHECKING:
     from lorakit.layers.base import LoraLayer
 
 
+def add_rounded_once(result: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``result + delta`` in the wider of the two dtypes, rounded once to ``result``'s dtype: an fp32
+    update on a bf16 / fp16 output is not rounded to half precision before the sum (as in PEFT,
+    where the sum promotes to fp32 and the layer casts back at its end)."""
+    out = result + delta
+    return out if out.dtype == result.dtype else out.to(result.dtype)
+
+
 class LoraVariant:
     """Hooks of one LoRA variant. Override what the variant changes; the defaults are plain LoRA."""
 
@@ -39,7 +47,7 @@ class LoraVariant:
 
     def forward(self, layer: "LoraLayer", name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         """Output of the layer with adapter ``name`` applied on top of ``result`` (the base output so far)."""
-        return result + layer.lora_delta(name, x).to(result.dtype)
+        return add_rounded_once(result, layer.lora_delta(name, x))
 
     def merged_weight(self, layer: "LoraLayer", name: str, weight: torch.Tensor, unmerged: torch.Tensor) -> torch.Tensor:
         """``weight`` (float32 or wider: the base weight with the adapters merged before this one)

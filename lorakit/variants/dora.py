@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from lorakit.variants import LoraVariant, register_variant
+from lorakit.variants import LoraVariant, add_rounded_once, register_variant
 
 if TYPE_CHECKING:
     from lorakit.layers.base import LoraLayer
@@ -123,7 +123,7 @@ class DoraVariant(LoraVariant):
             base_out = base_out - bias.reshape(magnitude.shape) if magnitude.dim() == 4 else base_out - bias
         branch = layer.branch(x_branch, layer.lora_A[name], layer.lora_B[name]) * layer.scaling[name]
         update = (scale - 1) * base_out.to(scale.dtype) + scale * branch
-        return result + update.to(result.dtype)
+        return add_rounded_once(result, update)
 
     def merged_weight(self, layer: "LoraLayer", name: str, weight: torch.Tensor, unmerged: torch.Tensor) -> torch.Tensor:
         """W' = (m/n) ⊙ (W + s·ΔW), scaled per output channel, with n = ‖W₀ + s·ΔW‖_c taken of the
