@@ -147,6 +147,13 @@ def model_biases(model: nn.Module) -> Iterator[tuple[str, nn.Parameter]]:
 
 # ---- matching ---------------------------------------------------------------------------------------
 
+def ends_another(paths: list[str], names: list[str]) -> bool:
+    """Whether one of ``paths`` is also the dotted end of another of ``names`` (``fc`` and
+    ``block.fc``): a list entry or pattern key ``fc`` then selects both, as PEFT matches them."""
+    ends = {".".join(parts[i:]) for parts in (n.split(".") for n in names) for i in range(1, len(parts))}
+    return any(p in ends for p in paths)
+
+
 def _name_matches(patterns: list[str] | str, name: str) -> bool:
     """PEFT's rule: a string is a regex full-matched; a list entry equals the name or a dotted suffix."""
     if isinstance(patterns, str):

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.inject import (ModulesToSave, find_target_modules, get_state, inject_adapter, iter_lora_layers,
+from lorakit.inject import (ModulesToSave, ends_another, find_target_modules, get_state, inject_adapter, iter_lora_layers,
                             iter_saved_modules, mark_trainable, require_state)
 from lorakit.variants import variant_for
 
@@ -634,8 +634,7 @@ def _combined_config(model: nn.Module, sources: list[str], ranks: dict[str, int]
         counts[r] = counts.get(r, 0) + 1
     r = max(counts, key=lambda k: (counts[k], k))
     paths = sorted(ranks)
-    ends = {".".join(parts[i:]) for parts in (n.split(".") for n, _ in model.named_modules() if n) for i in range(1, len(parts))}
-    exact = any(p in ends for p in paths)
+    exact = ends_another(paths, [n for n, _ in model.named_modules() if n])
     targets: str | list[str] = "|".join(re.escape(p) for p in paths) if exact else paths
     # Escaped full paths: PEFT and lorakit read pattern keys as regexes matched at a name's end
     # ("(.*\.)?(key)$"); a leading ^ makes the key match only the path itself.

@@ -564,3 +564,107 @@ def test_every_base_flag_takes_no_value_for_the_embedded_model():
                  ["inspect", "a", "--base"], ["recommend", "--base", "--tuned", "t"]):
         assert parser.parse_args(argv).base == "default", argv
     assert parser.parse_args(["extract", "--tuned", "t", "--rank", "2", "--out", "o"]).base == "default"
+
+
+class _Convs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = torch.nn.Conv1d(4, 6, 3)
+        self.c3 = torch.nn.Conv3d(2, 3, 2)
+
+    def forward(self, x1, x3):
+        return self.c1(x1), self.c3(x3)
+
+
+def test_resize_keeps_conv1d_and_conv3d_factor_shapes(tmp_path):
+    # a PEFT adapter on nn.Conv1d / nn.Conv3d: resize wrote 2-D factors (PEFT refused the file) and
+    # inspect called the modules "linear"
+    torch.manual_seed(0)
+    model = peft.get_peft_model(_Convs(), peft.LoraConfig(r=4, target_modules=["c1", "c3"], init_lora_weights=False))
+    model.save_pretrained(tmp_path / "src")
+    kinds = {m["module"]: m["kind"] for m in at.inspect_adapter(tmp_path / "src")["modules"]}
+    assert kinds == {"c1": "conv1d", "c3": "conv3d"}
+    at.resize_adapter(tmp_path / "src", 2, tmp_path / "out")
+    from safetensors.torch import load_file
+
+    shapes = {k: tuple(v.shape) for k, v in load_file(tmp_path / "out" / "adapter_model.safetensors").items()}
+    assert shapes == {"base_model.model.c1.lora_A.weight": (2, 4, 3), "base_model.model.c1.lora_B.weight": (6, 2, 1),
+                      "base_model.model.c3.lora_A.weight": (2, 2, 2, 2, 2),
+                      "base_model.model.c3.lora_B.weight": (3, 2, 1, 1, 1)}
+    torch.manual_seed(0)
+    loaded = peft.PeftModel.from_pretrained(_Convs(), tmp_path / "out")
+    for name in ("c1", "c3"):
+        old = model.base_model.model.get_submodule(name).get_delta_weight("default").double()
+        new = loaded.base_model.model.get_submodule(name).get_delta_weight("default").double()
+        s = torch.linalg.svdvals(old.reshape(old.shape[0], -1))
+        err = float(torch.linalg.vector_norm(new - old) / torch.linalg.vector_norm(old))
+        assert err == pytest.approx(float(torch.sqrt((s[2:] ** 2).sum() / (s ** 2).sum())), rel=1e-4)
+
+
+class _Suffixes(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(16, 16)
+        self.block = torch.nn.Module()
+        self.block.fc = torch.nn.Linear(16, 16)
+
+    def forward(self, x):
+        return self.block.fc(self.fc(x))
+
+
+def test_resize_anchors_a_rank_pattern_key_that_ends_another_modules_path(tmp_path):
+    # "fc" (r 2) and "block.fc" (r 8) resized to 4: the written {"fc": 2} also matched block.fc, and
+    # neither PEFT nor lorakit could load the result
+    import lorakit as lk
+
+    torch.manual_seed(0)
+    src = peft.get_peft_model(_Suffixes(), peft.LoraConfig(r=8, target_modules=["fc"], rank_pattern={"^fc": 2},
+                                                           init_lora_weights=False))
+    src.save_pretrained(tmp_path / "src")
+    at.resize_adapter(tmp_path / "src", 4, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["rank_pattern"] == {"^fc": 2}
+    torch.manual_seed(0)
+    ours = lk.load_adapter(_Suffixes(), tmp_path / "out")
+    assert ours.fc.r["default"] == 2 and ours.block.fc.r["default"] == 4
+    torch.manual_seed(0)
+    peft.PeftModel.from_pretrained(_Suffixes(), tmp_path / "out")
+
+
+def test_extract_of_an_embedding_writes_peft_embedding_factors(tmp_path, base_dir):
+    # an explicitly targeted embed_tokens got Linear-style lora_A / lora_B: PEFT loaded it with
+    # ΔW = 0 (silently), lorakit refused it
+    import lorakit as lk
+
+    base_model = _llama(0)
+    tuned = _tuned_copy(base_model, {"model.embed_tokens": 2, "model.layers.0.self_attn.q_proj": 2})
+    tuned_dir = _save_model(tuned, tmp_path / "tuned")
+    rep = at.extract_adapter(base_dir, tuned_dir, rank=4, out=tmp_path / "out", targets=["embed_tokens", "q_proj"])
+    assert all(r["rel_error"] < 1e-6 for r in rep["modules"])
+    from safetensors.torch import load_file
+
+    shapes = {k: tuple(v.shape) for k, v in load_file(tmp_path / "out" / "adapter_model.safetensors").items()
+              if "embed" in k}
+    assert shapes == {"base_model.model.model.embed_tokens.lora_embedding_A": (4, 101),
+                      "base_model.model.model.embed_tokens.lora_embedding_B": (32, 4)}
+    ids = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = tuned(input_ids=ids).logits
+        for loaded in (peft.PeftModel.from_pretrained(_llama(0), tmp_path / "out"),
+                       lk.load_adapter(_llama(0), tmp_path / "out")):
+            torch.testing.assert_close(loaded(input_ids=ids).logits, want, atol=1e-4, rtol=1e-4)
+
+
+def test_model_cost_counts_a_tied_lm_head(tmp_path):
+    # the tied head is not in the weights file: "--targets q_proj,lm_head" left its LoRA out and
+    # "--targets lm_head" found no weight; PEFT and lorakit both adapt it
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=1, tie_word_embeddings=True)
+    path = _save_model(LlamaForCausalLM(cfg), tmp_path / "tied")
+    for targets in (("q_proj", "lm_head"), ("lm_head",)):
+        pm = peft.get_peft_model(LlamaForCausalLM.from_pretrained(path), peft.LoraConfig(r=4, target_modules=list(targets)))
+        want = sum(p.numel() for p in pm.parameters() if p.requires_grad)
+        assert recommend.model_cost(path, 4, targets, batch_size=1, seq_len=8)["trainable_params"] == want

@@ -206,3 +206,18 @@ def test_unusable_model_configs_are_clear_errors(tmp_path, capsys):
 def test_empty_methods_is_refused(capsys):
     assert main(["estimate", "--methods", ""]) == 2
     assert "--methods is empty" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("model_type, extra", [("qwen2", {}), ("llama", {"attention_bias": True}), ("llama", {})])
+def test_parameter_count_matches_the_built_model_with_qwen2_qkv_biases(tmp_path, model_type, extra):
+    # Qwen2's config has no attention_bias key, yet q/k/v carry biases: 64 parameters were missing
+    import transformers
+
+    cfg_cls = transformers.Qwen2Config if model_type == "qwen2" else transformers.LlamaConfig
+    cfg = cfg_cls(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=2,
+                  num_key_value_heads=1, tie_word_embeddings=False, **extra)
+    model = transformers.AutoModelForCausalLM.from_config(cfg)
+    config = json.loads(cfg.to_json_string())
+    assert ("attention_bias" in config) == (model_type != "qwen2")
+    shape = ModelShape.from_config(config)
+    assert shape.total_params() == sum(p.numel() for p in model.parameters())

@@ -32,6 +32,7 @@ from lorakit.analysis.weights import (
     weight_shapes,
 )
 from lorakit.config import LoraConfig
+from lorakit.inject import ends_another
 from lorakit.io import _check_tensors, _expected_tensors, check_new_directory, read_adapter_files, write_new_directory
 
 CONFIG_NAME = "adapter_config.json"
@@ -61,9 +62,9 @@ class LoraModule:
 
     Attributes:
         name: module path in the base model, e.g. ``model.layers.0.self_attn.q_proj``.
-        kind: "linear", "embedding" or "conv2d".
-        A: (r, in) — (r, num_embeddings) for embeddings, (r, in, kh, kw) for conv2d.
-        B: (out, r) — (dim, r) for embeddings, (out, r, 1, 1) for conv2d.
+        kind: "linear", "embedding", or "conv1d" / "conv2d" / "conv3d" (by A's dimensions).
+        A: (r, in) — (r, num_embeddings) for embeddings, (r, in, *kernel) for convolutions.
+        B: (out, r) — (dim, r) for embeddings, (out, r, 1, ...) for convolutions.
         alpha: lora_alpha for this module (alpha_pattern applied).
         scaling: the factor applied to B @ A.
         magnitude: DoRA magnitude vector, if any.
@@ -159,7 +160,7 @@ def read_adapter(path: str | Path) -> Adapter:
         if A.dim() < 2 or B.dim() < 2 or A.shape[0] != B.shape[1]:
             raise ValueError(f"{w_path}: module {name!r} has {a_key} of shape {list(A.shape)} and {b_key} of "
                              f"shape {list(B.shape)}; their ranks (A's first, B's second dimension) must agree")
-        kind = "embedding" if emb else ("conv2d" if A.dim() == 4 else "linear")
+        kind = "embedding" if emb else (f"conv{A.dim() - 2}d" if A.dim() > 2 else "linear")
         alpha = lora_config.alpha_for(name)
         scaling = scaling_of(alpha, int(A.shape[0]), lora_config.use_rslora)
         if not math.isfinite(scaling):
@@ -197,7 +198,7 @@ def truncation_error(s: torch.Tensor, k: int) -> float:
 def _base_key_shape(module: LoraModule, config: dict[str, Any]) -> tuple[int, ...]:
     if module.kind == "embedding":
         return (int(module.A.shape[1]), int(module.B.shape[0]))
-    if module.kind == "conv2d":
+    if module.kind.startswith("conv"):
         return (int(module.B.shape[0]), *map(int, module.A.shape[1:]))
     out, inp = int(module.B.shape[0]), int(module.A.shape[1])
     return (inp, out) if config.get("fan_in_fan_out") else (out, inp)
@@ -338,9 +339,9 @@ def _factors_to_tensors(name: str, kind: str, B: torch.Tensor, A: torch.Tensor, 
                         dtype: torch.dtype) -> dict[str, torch.Tensor]:
     if kind == "embedding":
         return {f"{PREFIX}{name}.lora_embedding_A": A.to(dtype), f"{PREFIX}{name}.lora_embedding_B": B.to(dtype)}
-    if kind == "conv2d" and conv_shape is not None:
+    if kind.startswith("conv") and conv_shape is not None:  # A (r, in, *kernel), B (out, r, 1, ...)
         A = A.reshape(A.shape[0], *conv_shape[1:])
-        B = B.reshape(B.shape[0], B.shape[1], 1, 1)
+        B = B.reshape(B.shape[0], B.shape[1], *[1] * (len(conv_shape) - 2))
     return {f"{PREFIX}{name}.lora_A.weight": A.to(dtype), f"{PREFIX}{name}.lora_B.weight": B.to(dtype)}
 
 
@@ -354,16 +355,35 @@ def _base_config(base: str | None, r: int, alpha: float, targets: list[str], use
     }
 
 
-def _compact_targets(chosen: list[str], all_candidates: list[str]) -> list[str]:
-    """Short target names (``q_proj``) when they select exactly ``chosen``, else the full paths."""
+def _compact_targets(chosen: list[str], all_candidates: list[str]) -> list[str] | str:
+    """Short target names (``q_proj``) when they select exactly ``chosen``, else the full paths; a
+    regex of exactly those paths (PEFT and lorakit full-match a string) where a path is also the end
+    of another candidate's (``fc`` and ``block.fc``), which the list entry would select too."""
     suffixes = sorted({n.rsplit(".", 1)[-1] for n in chosen})
     if sorted(n for n in all_candidates if n.rsplit(".", 1)[-1] in suffixes) == sorted(chosen):
         return suffixes
+    if ends_another(chosen, all_candidates):
+        return "|".join(re.escape(n) for n in sorted(chosen))
     return sorted(chosen)
 
 
-def _rank_pattern(ranks: dict[str, int], r: int) -> dict[str, int]:
-    return {name: k for name, k in sorted(ranks.items()) if k != r}
+def _embedding_modules(model_dir: str | Path | None) -> set[str]:
+    """Names of the ``nn.Embedding`` modules of the model in ``model_dir`` (empty where transformers
+    cannot build it): their LoRA factors have PEFT's embedding layout, not a Linear's."""
+    try:
+        model = _meta_model(model_dir)
+    except (ValueError, FileNotFoundError, OSError):
+        return set()
+    return {n for n, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+
+
+def _rank_pattern(ranks: dict[str, int], r: int, names: list[str] | None = None) -> dict[str, int]:
+    """rank_pattern keys for the modules whose rank is not ``r``: their paths, which PEFT and lorakit
+    match at the end of a module's name (``(.*\\.)?(key)$``). Where a path is also the end of
+    another one's among ``names`` (``fc`` and ``block.fc``), the keys are escaped and ``^``-anchored
+    so that each matches its own module only."""
+    exact = ends_another(list(ranks), list(ranks) if names is None else names)
+    return {(f"^{re.escape(name)}" if exact else name): k for name, k in sorted(ranks.items()) if k != r}
 
 
 def extract_adapter(
@@ -428,6 +448,7 @@ def extract_adapter(
         raise ValueError(f"{source_label(base)} and {source_label(tuned)} share no weights (no tensor name in "
                          f"common): they are not the same model architecture")
     rows, skipped, tensors, ranks, candidates = [], [], {}, {}, []
+    embeddings = _embedding_modules(tuned) if targets else set()  # the default targets leave them out
     for key in sorted(tuned_sd, key=natural_key):
         if key not in base_sd:
             skipped.append({"tensor": key, "why": "not in base"})
@@ -449,8 +470,11 @@ def extract_adapter(
         check_finite(w0, base, key)
         check_finite(w1, tuned, key)
         d = w1.double() - w0.double()
-        if fan_in_fan_out:
-            d = d.T  # LoRA factors are (out, r) and (r, in) whatever the weight layout
+        kind = "embedding" if name in embeddings else "linear"
+        if fan_in_fan_out or kind == "embedding":
+            # LoRA factors are (out, r) and (r, in) whatever the weight layout; an embedding's
+            # (num, dim) weight changes by (B A)ᵀ, B (dim, r), A (r, num), as PEFT stores them
+            d = d.T
         dn, wn = float(torch.linalg.vector_norm(d)), float(torch.linalg.vector_norm(w0.double()))
         if dn == 0.0 or dn <= min_rel_change * wn:
             continue
@@ -460,7 +484,7 @@ def extract_adapter(
             k = max(1, min(k, energy_rank(s, energy)))
         # the scaling the saved config gives this module: k goes into rank_pattern when it is not `rank`
         B, A = _split(u, s, vh, k, scaling_of(alpha, k, False))
-        tensors.update(_factors_to_tensors(name, "linear", B, A, None, torch.float32))
+        tensors.update(_factors_to_tensors(name, kind, B, A, None, torch.float32))
         ranks[name] = k
         rows.append({"module": name, "r": k, "rel_error": truncation_error(s, k), "delta_norm": dn,
                      "rel_change": dn / wn if wn else float("inf"), "rank90": energy_rank(s, 0.9),
@@ -470,7 +494,7 @@ def extract_adapter(
     config = _base_config(None if is_default(base) else str(base), rank, alpha,
                           _compact_targets(list(ranks), candidates), False)
     config["fan_in_fan_out"] = bool(fan_in_fan_out)
-    config["rank_pattern"] = _rank_pattern(ranks, rank)
+    config["rank_pattern"] = _rank_pattern(ranks, rank, candidates)
     _write_adapter(out, config, tensors)
     return {"out": str(out), "rank": rank, "alpha": alpha, "modules": rows, "skipped": skipped,
             "mean_rel_error": sum(r["rel_error"] for r in rows) / len(rows)}
@@ -531,7 +555,7 @@ def resize_adapter(
             k = max(1, min(k, energy_rank(s, energy)))
         new_scaling = scaling_of(mod.alpha, k, rslora)
         B, A = _split(u, s, vh, k, new_scaling)
-        conv = tuple(mod.A.shape) if mod.kind == "conv2d" else None
+        conv = tuple(mod.A.shape) if mod.kind.startswith("conv") else None
         tensors.update(_factors_to_tensors(name, mod.kind, B, A, conv, mod.A.dtype))
         ranks[name] = k
         rows.append({"module": name, "old_r": mod.r, "r": k, "rel_error": truncation_error(s, k),

@@ -64,6 +64,7 @@ class ModelShape:
         vocab_size: vocabulary V.
         tie_word_embeddings: whether lm_head shares the embedding matrix.
         attention_bias: q/k/v/o carry biases.
+        qkv_bias: q/k/v carry biases, o does not (Qwen2, whose config has no ``attention_bias``).
         mlp_bias: gate/up/down carry biases.
         name: label for reports.
     """
@@ -79,6 +80,7 @@ class ModelShape:
     attention_bias: bool = False
     mlp_bias: bool = False
     name: str = "model"
+    qkv_bias: bool = False
 
     @classmethod
     def from_config(cls, config: dict[str, Any], name: str = "model") -> ModelShape:
@@ -119,6 +121,7 @@ class ModelShape:
             attention_bias=bool(config.get("attention_bias", False)),
             mlp_bias=bool(config.get("mlp_bias", False)),
             name=name,
+            qkv_bias=config.get("model_type") == "qwen2" and "attention_bias" not in config,
         )
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
@@ -136,6 +139,8 @@ class ModelShape:
         n = sum(o * i for o, i in shapes.values()) + 2 * self.hidden_size
         if self.attention_bias:
             n += sum(shapes[k][0] for k in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        elif self.qkv_bias:
+            n += sum(shapes[k][0] for k in ("q_proj", "k_proj", "v_proj"))
         if self.mlp_bias:
             n += sum(shapes[k][0] for k in ("gate_proj", "up_proj", "down_proj"))
         return n

@@ -123,7 +123,11 @@ def model_cost(
         ValueError: if no weight matches the targets.
     """
     shapes = weight_shapes(source)
-    matched = {k[: -len(".weight")]: s for k, s in shapes.items()
+    weights = dict(shapes)
+    head = _tied_head(source, shapes)
+    if head is not None:  # a tied lm_head is not stored, but PEFT and lorakit adapt it when targeted
+        weights["lm_head.weight"] = head
+    matched = {k[: -len(".weight")]: s for k, s in weights.items()
                if k.endswith(".weight") and len(s) == 2 and module_matches(k[: -len(".weight")], target_modules)}
     if not matched:
         raise ValueError(f"no 2-D weight matches target_modules {list(target_modules)!r} in {str(source)!r}")
@@ -142,6 +146,20 @@ def model_cost(
         out["memory"] = None
         out["memory_note"] = f"no memory estimate: {exc}"
     return out
+
+
+def _tied_head(source: str | Path | None, shapes: dict[str, tuple[int, ...]]) -> tuple[int, ...] | None:
+    """Shape of a causal LM's ``lm_head`` weight where it is tied to the input embedding (so the
+    weights file does not hold it), else None."""
+    if "lm_head.weight" in shapes:
+        return None
+    try:
+        tied = bool(load_config(source).get("tie_word_embeddings", False))
+    except (ValueError, FileNotFoundError):
+        return None
+    embedding = next((s for k, s in shapes.items() if len(s) == 2 and k.endswith(
+        ("embed_tokens.weight", "wte.weight", "word_embeddings.weight"))), None)
+    return tuple(embedding) if tied and embedding is not None else None
 
 
 def _pow2_at_least(n: int) -> int:
