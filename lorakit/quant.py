@@ -66,8 +66,8 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = 64, scale_block_size: i
     """
     if block_size < 2 or block_size % 2 or scale_block_size < 1:
         raise ValueError(f"NF4 needs an even block_size >= 2 and scale_block_size >= 1, got {block_size}, {scale_block_size}")
-    if not weight.is_floating_point():
-        raise ValueError(f"NF4 quantisation needs a floating-point weight, got dtype {weight.dtype}")
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"NF4 quantisation needs a float32 / float16 / bfloat16 / float64 weight, got dtype {weight.dtype}")
     if weight.numel() == 0:
         raise ValueError(f"NF4 quantisation needs a weight with elements, got shape {tuple(weight.shape)}")
     if not torch.isfinite(weight).all():
@@ -80,6 +80,9 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = 64, scale_block_size: i
     absmax = blocks.abs().amax(dim=1)  # c_b, first-level constants
     # Double quantization (§3): int8 of (c_b − mean) with an fp32 absmax per group of scale_block_size.
     mean = absmax.mean()
+    if not torch.isfinite(mean):  # (the fp32 sum of block maxima near 1e38 overflows)
+        raise ValueError(f"NF4 quantisation: weights of magnitude {float(absmax.max()):.3g} are too large for "
+                         "fp32 block scales")
     n_groups = -(-n_blocks // scale_block_size)
     centred = torch.nn.functional.pad(absmax - mean, (0, n_groups * scale_block_size - n_blocks)).view(n_groups, -1)
     group_factors = centred.abs().amax(dim=1).clamp_min(_TINY) / 127.0
@@ -191,9 +194,15 @@ def quantize_model_nf4(model: nn.Module, skip: list[str] | None = None, block_si
     if any(isinstance(m, LoraLayer) for m in model.modules()):
         raise ValueError("quantize_model_nf4: the model already has LoRA layers; quantise the base model first, then inject")
     targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and not _matches(n, skip)]
-    for name, linear in targets:
+    quantized = []
+    for name, linear in targets:  # every layer first: a refusal leaves the model as it was
+        try:
+            layer = LinearNF4.from_linear(linear, block_size=block_size, scale_block_size=scale_block_size)
+        except ValueError as exc:
+            raise ValueError(f"quantize_model_nf4: {name}: {exc}; the model is unchanged") from None
+        quantized.append((name, layer.train(linear.training)))
+    for name, layer in quantized:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, LinearNF4.from_linear(linear, block_size=block_size,
-                                                     scale_block_size=scale_block_size).train(linear.training))
+        setattr(parent, child, layer)
     return model

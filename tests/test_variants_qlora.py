@@ -117,8 +117,12 @@ def test_bad_input():
     w[2, 5] = float("inf")
     with pytest.raises(ValueError, match=r"finite weight; this one holds 2 NaN/inf value\(s\)"):
         quantize_nf4(w)
-    with pytest.raises(ValueError, match="floating-point weight, got dtype torch.int64"):
+    with pytest.raises(ValueError, match="float64 weight, got dtype torch.int64"):
         quantize_nf4(torch.zeros(4, 64, dtype=torch.long))
+    with pytest.raises(ValueError, match="got dtype torch.float8_e4m3fn"):  # was torch's "isfinite" error
+        quantize_nf4(torch.zeros(4, 64).to(torch.float8_e4m3fn))
+    with pytest.raises(ValueError, match="too large for fp32 block scales"):  # came back as NaN
+        quantize_nf4(torch.full((4, 64), 1e38))
     with pytest.raises(ValueError, match=r"a weight with elements, got shape \(0, 64\)"):
         quantize_nf4(torch.zeros(0, 64))
 
@@ -215,3 +219,25 @@ def test_dequantising_a_large_weight_takes_little_more_than_the_result():
     scale = _dequantize_scales(state["scales"], state["group_factors"].view(torch.float32),
                                state["scale_mean"].view(torch.float32), 256)
     assert torch.equal(out, (levels[idx] * scale[:, None]).reshape(-1)[:n].view(shape).to(torch.bfloat16))
+
+
+def test_quantize_model_refuses_a_bad_layer_by_name_and_changes_nothing():
+    # the layers before the bad one were already replaced, and the error did not name it
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64), nn.Linear(64, 64))
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"quantize_model_nf4: 1: .*NaN/inf.*the model is unchanged"):
+        lk.quantize_model_nf4(model)
+    assert [type(m) for m in model] == [nn.Linear] * 3
+
+
+def test_module_type_cast_keeps_the_nf4_codes():
+    # nn.Module.type casts every tensor: the uint8 codes became floats, outputs 8.8e11 off
+    torch.manual_seed(0)
+    layer = LinearNF4.from_linear(nn.Linear(64, 32).half())
+    x = torch.randn(3, 64)
+    want = x @ layer.dequantize_weight(torch.float32).T + layer.bias.float()
+    layer.type(torch.float32)
+    assert layer.codes.dtype == torch.uint8 and layer.scales.dtype == torch.int8
+    assert layer.compute_dtype == torch.float32
+    torch.testing.assert_close(layer(x), want)

@@ -92,6 +92,12 @@ class LinearNF4(nn.Linear):
             out = F.linear(x, self.dequantize_weight(x.dtype))
         return out + self.bias.to(out.dtype) if self.bias is not None else out
 
+    def type(self, dst_type):  # type: ignore[override]
+        """``nn.Module.type`` casts every tensor, the integer NF4 buffers too (``.type(torch.float32)``
+        turned the codes into floats, outputs 1e11 off): here only floating tensors are cast, as
+        ``.to(dtype)`` does, and the compute dtype follows."""
+        return self._apply(lambda t: t.type(dst_type) if t.is_floating_point() else t)
+
     def _apply(self, fn, recurse=True):  # type: ignore[override]
         # .to(dtype) / .half() / .bfloat16() leave the integer NF4 buffers alone but move the
         # compute dtype along with the model (the dense weight and the merged layer take it)
