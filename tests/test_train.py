@@ -347,6 +347,27 @@ def test_ctrl_c_saves_checkpoint_and_resumes(tmp_path, tok, data_files):
     assert res.steps == 5 and not res.interrupted
 
 
+def test_ctrl_c_while_the_last_steps_checkpoint_is_written_keeps_the_run(tmp_path, tok, data_files, monkeypatch):
+    # the loop's handler was removed before the checkpoint after the last step: a Ctrl-C there raised
+    # KeyboardInterrupt, and the clean-up of a run without a checkpoint deleted the finished run
+    import lorakit.train.loop as loop
+
+    real = loop.save_checkpoint
+
+    def ctrl_c_during_save(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(loop, "save_checkpoint", ctrl_c_during_save)
+    cfg = _cfg(tmp_path, data_files, max_steps=4)
+    res = train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert res.interrupted and res.steps == 4
+    assert json.loads((find_checkpoint(tmp_path / "run") / "trainer_state.json").read_text())["step"] == 4
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    monkeypatch.setattr(loop, "save_checkpoint", real)
+    res = train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert res.steps == 4 and not res.interrupted and (tmp_path / "run" / "adapter_model.safetensors").exists()
+
+
 @pytest.mark.parametrize("init", ["pissa_niter_2", "olora"])
 def test_a_checkpoints_adapter_is_exported_like_the_final_one(tmp_path, tok, data_files, init):
     """A PiSSA / OLoRA run's checkpoint/adapter is the plain LoRA against the original base (as the final

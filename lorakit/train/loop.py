@@ -588,6 +588,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
     else:
         run_dir, created = _claim_run_dir_once(run_dir, cfg, dist)
     attention_before = None
+    old_handler = None  # the SIGINT handler the loop replaced, until the run is safe on disk
     try:
         # 2. Model.
         torch.manual_seed(cfg.seed)
@@ -797,7 +798,6 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
         finally:
             if bar is not None:
                 bar.close()
-            _restore_sigint(old_handler)
             if attention_before == "sdpa":  # switched by prepare_model: hand the model back as it came
                 restore_attention(model)
 
@@ -808,15 +808,27 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
         if interrupted:
             optimizer.zero_grad(set_to_none=True)
             write_checkpoint()
+            _restore_sigint(old_handler)
             log(f"interrupted at step {step}/{total_steps}: checkpoint saved; continue with: "
                 f"{resume_command(run_dir, dist)}")
             return result
         if cfg.method != "full" and dist.broadcast_object(ckpt_step(run_dir) != step if dist.main else None):
             # The loop is done: a checkpoint at its last step (an adapter's worth of bytes) keeps the
             # run resumable if the final phase below is stopped; --resume then skips to that phase.
-            # (Not for full fine-tuning, whose checkpoint is the whole model and optimizer.)
+            # (Not for full fine-tuning, whose checkpoint is the whole model and optimizer.) The
+            # loop's Ctrl-C handler stays until it is written: a Ctrl-C just after the last step
+            # raised KeyboardInterrupt here, and the clean-up of a run without a checkpoint then
+            # deleted the whole finished run.
             write_checkpoint()
+        _restore_sigint(old_handler)
+        old_handler = None
+        if stop["flag"] and dist.world == 1 and cfg.method != "full":
+            result.interrupted = True
+            log(f"interrupted after the last step ({step}/{total_steps}): checkpoint saved; the adapter and "
+                f"evaluation are written on resume: {resume_command(run_dir, dist)}")
+            return result
     except BaseException as exc:
+        _restore_sigint(old_handler)
         if attention_before == "sdpa" and model is not None:  # hand the caller's model back as it came
             restore_attention(model)
         # A new run that stops before its first checkpoint leaves nothing to resume: remove what it
