@@ -409,6 +409,7 @@ def generate(model: nn.Module, *args: Any, adapter_names: Sequence[str] | None =
     """
     if adapter_names is None:
         return model.generate(*args, **kwargs)
+    adapter_names = _check_names(model, adapter_names)  # (a plain string was counted as its letters)
     inputs = args[0] if args else next((kwargs[k] for k in ("input_ids", "inputs", "inputs_embeds") if k in kwargs), None)
     if isinstance(inputs, torch.Tensor) and inputs.dim() >= 1 and len(adapter_names) != inputs.shape[0]:
         raise ValueError(f"adapter_names has {len(adapter_names)} entries but the input has {inputs.shape[0]} rows; "

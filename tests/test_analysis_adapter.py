@@ -668,3 +668,16 @@ def test_model_cost_counts_a_tied_lm_head(tmp_path):
         pm = peft.get_peft_model(LlamaForCausalLM.from_pretrained(path), peft.LoraConfig(r=4, target_modules=list(targets)))
         want = sum(p.numel() for p in pm.parameters() if p.requires_grad)
         assert recommend.model_cost(path, 4, targets, batch_size=1, seq_len=8)["trainable_params"] == want
+
+
+def test_model_cost_understands_all_linear(tmp_path, base_dir):
+    # "--targets all-linear" found "no 2-D weight"; estimate and train take it
+    cost = recommend.model_cost(base_dir, 4, ("all-linear",), batch_size=1, seq_len=8)
+    pm = peft.get_peft_model(_llama(0), peft.LoraConfig(r=4, target_modules="all-linear"))
+    assert cost["trainable_params"] == sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    assert cost["modules"] == 14
+    tuned_dir = _save_model(_tuned_copy(_llama(0), {"model.layers.0.self_attn.q_proj": 2}), tmp_path / "tuned")
+    default = at.extract_adapter(base_dir, tuned_dir, rank=2, out=tmp_path / "a")
+    named = at.extract_adapter(base_dir, tuned_dir, rank=2, out=tmp_path / "b", targets=["all-linear"])
+    assert [r["module"] for r in named["modules"]] == [r["module"] for r in default["modules"]] == [
+        "model.layers.0.self_attn.q_proj"]

@@ -225,6 +225,10 @@ def test_train_cli_resume_refuses_config(trained, tmp_path, capsys):
     y.write_text("rank: 2\n")
     assert main(["train", "--resume", str(trained["run"]), "--config", str(y)]) == 2
     assert "--config cannot be combined with --resume" in capsys.readouterr().err
+    # --output with --resume was taken as an override, then failed naming a directory that did not exist
+    assert main(["train", "--resume", str(trained["run"]), "--output", str(tmp_path / "other")]) == 2
+    assert "--output cannot be combined with --resume" in capsys.readouterr().err
+    assert not (tmp_path / "other").exists()
 
 
 def test_train_cli_bad_config_file_names_it(tmp_path, capsys):
@@ -667,6 +671,11 @@ def test_generate_and_data_name_text_that_is_not_unicode(trained, tmp_path, caps
     assert main(["train", "--model", str(trained["model"]), "--data", str(bad), "--output", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl:2: 'prompt' is not valid Unicode text" in err and not (tmp_path / "r").exists()
+    # --system too, before any model loads (it was a tokenizer's TypeError; chat died at the first message)
+    for cmd in (["generate", "--model", str(trained["model"]), "--system", "a \udcff b", "hi"],
+                ["chat", "--model", str(trained["model"]), "--system", "a \udcff b"]):
+        assert main(cmd) == 2
+        assert "--system is not valid Unicode text" in capsys.readouterr().err
 
 
 def test_generate_refuses_more_new_tokens_than_a_rotary_models_positions(trained, capsys):

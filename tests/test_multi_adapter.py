@@ -860,6 +860,9 @@ def test_generate_checks_one_name_per_row():
         lk.generate(model, llama_ids(rows=4), adapter_names=["medical", "legal"], max_new_tokens=2)
     with pytest.raises(ValueError, match="has 2 entries but the input has 3 rows"):
         lk.generate(model, input_ids=llama_ids(rows=3), adapter_names=["medical", "legal"], max_new_tokens=2)
+    # a plain string was counted as its letters ("has 5 entries but the input has 2 rows")
+    with pytest.raises(ValueError, match="must be a list with one adapter name per row, got 'legal'"):
+        lk.generate(model, llama_ids(rows=2), adapter_names="legal", max_new_tokens=2)
 
 
 def test_an_adapter_in_use_by_an_open_batch_is_not_deleted():

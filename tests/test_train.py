@@ -522,6 +522,14 @@ def test_config_rejects_bad_values_up_front(field, value, problem):
         TrainConfig(**{field: value})
 
 
+@pytest.mark.parametrize("init", ["pissa", "pissa_niter_4", "olora"])
+def test_config_refuses_a_residual_init_on_a_4_bit_base_up_front(init):
+    # it was refused only after the model had loaded, pointing to a Python-only remedy
+    with pytest.raises(ValueError, match=f"init '{init}' cannot be combined with method 'qlora'"):
+        TrainConfig(method="qlora", init=init)
+    assert TrainConfig(method="qlora", init="gaussian").init == "gaussian"
+
+
 def test_config_accepts_every_documented_init_and_a_valid_regex():
     for init in ("default", "gaussian", "pissa", "pissa_niter_4", "olora"):
         assert TrainConfig(init=init).init == init
@@ -607,6 +615,22 @@ def test_eval_shortcut_gives_the_same_accuracy_as_generating_everything(tmp_path
     assert [p["correct"] for p in fast["predictions"]] == [p["correct"] for p in slow["predictions"]]
     if steps:
         assert fast["accuracy"] > 0.5 and fast["n_generated"] < len(examples)
+
+
+def test_eval_answers_do_not_depend_on_the_batch_they_are_generated_in(tok):
+    # every row of a generation batch got the longest answer's budget: a short answer batched with a
+    # long one was graded on extra tokens (accuracy 0.5 at --batch-size 1, 0.0 at 2)
+    from lorakit.train.data import parse_record
+    from lorakit.train.generate import evaluate
+
+    model = tiny_llama_lm(tok)
+    examples = [parse_record({"prompt": f"film {i} was good", "completion": " ".join(["positive"] * (1 + 3 * i))}, "x")
+                for i in range(4)]
+    alone = evaluate(model, tok, examples, batch_size=1, shortcut=False)
+    together = evaluate(model, tok, examples, batch_size=4, shortcut=False)
+    assert [p["generated"] for p in together["predictions"]] == [p["generated"] for p in alone["predictions"]]
+    lengths = [len(tok(p["generated"], add_special_tokens=False)["input_ids"]) for p in alone["predictions"]]
+    assert len(set(lengths)) > 1  # the budgets differ (an untrained model runs to its budget)
 
 
 def test_eval_scores_long_prompts_that_fit_and_leaves_cut_answers_out_of_accuracy(tok):

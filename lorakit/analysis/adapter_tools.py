@@ -46,6 +46,12 @@ _KEY = re.compile(
 _NOT_LINEAR = ("embed", "wte", "wpe", "lm_head", "word_embeddings", "position_embeddings")
 
 
+def _named_targets(targets: list[str] | None) -> list[str] | None:
+    """``targets`` as module names, None for the default selection (every linear but embeddings and
+    the output head), which ``["all-linear"]`` also asks for, as in PEFT."""
+    return None if targets is None or list(targets) == ["all-linear"] else list(targets)
+
+
 def natural_key(name: str) -> list[Any]:
     """Sort key that orders ``layers.2`` before ``layers.10``."""
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
@@ -436,6 +442,7 @@ def extract_adapter(
     if energy is not None and not 0 < energy <= 1:
         raise ValueError(f"energy must be in (0, 1], got {energy}")
     check_new_directory(out)
+    targets = _named_targets(targets)
     base_sd = load_state_dict(base)
     tuned_sd = load_state_dict(tuned)
     alpha = float(rank if alpha is None else alpha)
@@ -595,6 +602,7 @@ def delta_spectra(
     if tuned is None:
         raise ValueError("give an adapter, or a tuned model with its base")
     base_sd, tuned_sd = load_state_dict(base), load_state_dict(tuned)
+    targets = _named_targets(targets)
     for key in sorted(tuned_sd, key=natural_key):
         if not key.endswith(".weight") or key not in base_sd or tuned_sd[key].dim() != 2:
             continue

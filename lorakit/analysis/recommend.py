@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lorakit.analysis.adapter_tools import delta_spectra, energy_rank
+from lorakit.analysis.adapter_tools import _NOT_LINEAR, delta_spectra, energy_rank
 from lorakit.analysis.estimate import ModelShape, estimate_memory
 from lorakit.analysis.weights import load_config, module_matches, weight_shapes
 
@@ -127,8 +127,13 @@ def model_cost(
     head = _tied_head(source, shapes)
     if head is not None:  # a tied lm_head is not stored, but PEFT and lorakit adapt it when targeted
         weights["lm_head.weight"] = head
+    named = tuple(t for t in target_modules if t != "all-linear")
+    every_linear = len(named) < len(target_modules)  # PEFT's "all-linear": no embedding, no output head
+
+    def chosen(name: str) -> bool:
+        return (every_linear and not any(t in name for t in _NOT_LINEAR)) or (bool(named) and module_matches(name, named))
     matched = {k[: -len(".weight")]: s for k, s in weights.items()
-               if k.endswith(".weight") and len(s) == 2 and module_matches(k[: -len(".weight")], target_modules)}
+               if k.endswith(".weight") and len(s) == 2 and chosen(k[: -len(".weight")])}
     if not matched:
         raise ValueError(f"no 2-D weight matches target_modules {list(target_modules)!r} in {str(source)!r}")
     params = sum(rank * (s[0] + s[1]) for s in matched.values())

@@ -65,6 +65,9 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     if args.resume and args.config:
         raise ValueError("--config cannot be combined with --resume: a resumed run uses its own train_config.yaml "
                          f"(in {args.resume}); flags given with --resume override single options")
+    if args.resume and "output" in given:
+        raise ValueError(f"--output cannot be combined with --resume: the run continues in its own directory "
+                         f"({args.resume})")
     if args.resume:
         from lorakit.train.loop import load_run_config
 
@@ -191,6 +194,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if not prompt.strip():
             raise ValueError(f"{which} is empty: give the text to " + ("continue" if args.raw else "answer"))
         check_text(prompt, which)
+    if args.system is not None:
+        check_text(args.system, "--system")
     if args.precision is None and len(specs) > 1:
         from lorakit.train.generate import read_run_info
 
@@ -233,6 +238,10 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.system is not None:
+        from lorakit.train.data import check_text
+
+        check_text(args.system, "--system")  # (before loading; it ended the session at the first message)
     model, tok, info = load_for_inference(args.model, args.adapter, args.precision, merge=args.merge)
     return chat_loop(model, tok, args.max_new_tokens, info["amp"], args.system)
 

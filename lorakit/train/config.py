@@ -160,6 +160,10 @@ class TrainConfig:
                              f"got {self.init!r}")
         if self.method == "full" and (self.use_dora or self.use_rslora or self.lora_plus_ratio or self.init != "default"):
             raise ValueError("use_dora / use_rslora / lora_plus_ratio / init apply to --method lora or qlora, not full")
+        if self.method == "qlora" and self.init not in ("default", "gaussian"):
+            raise ValueError(f"init {self.init!r} cannot be combined with method 'qlora': PiSSA / OLoRA move the "
+                             "principal part of each weight into the adapter and need the full-precision base "
+                             "weights, which a 4-bit base no longer has; use --method lora, or init default / gaussian")
         if self.use_dora and self.init.lower() not in ("default", "gaussian"):
             raise ValueError(f"use_dora cannot be combined with init {self.init!r}: a PiSSA / OLoRA run is saved "
                              "as plain LoRA against the original base (convert_to_lora), which cannot express "

@@ -249,9 +249,12 @@ def generation_limit(model: Any) -> int | None:
 
 @torch.no_grad()
 def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
-                    precision: str = "fp32", stop_ids: list[int] | None = None) -> list[str]:
+                    precision: str = "fp32", stop_ids: list[int] | None = None,
+                    row_tokens: list[int] | None = None) -> list[str]:
     """Greedy continuation of a batch of token-id prompts (left padded); returns the new text.
-    ``stop_ids``: the tokens that end an answer, if the caller has them (default ``stop_token_ids``)."""
+    ``stop_ids``: the tokens that end an answer, if the caller has them (default ``stop_token_ids``).
+    ``row_tokens``: each row's own budget of new tokens (at most ``max_new_tokens``): its text is
+    what generating it alone with that budget gives, whatever the other rows of the batch need."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     width = max(len(p) for p in prompts)
     limit = generation_limit(model)
@@ -275,7 +278,8 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_ne
             )
     finally:
         model.train(was_training)
-    return [tokenizer.decode(row[width:], skip_special_tokens=True) for row in out]
+    ends = row_tokens if row_tokens is not None else [max_new_tokens] * len(prompts)
+    return [tokenizer.decode(row[width: width + n], skip_special_tokens=True) for row, n in zip(out, ends)]
 
 
 @torch.no_grad()
@@ -389,7 +393,10 @@ def evaluate(model: Any, tokenizer: Any, examples: list[Example], max_length: in
         prompts = [encode_prompt(tokenizer, examples[i].prompt_messages) for i in chunk]  # type: ignore[arg-type]
         needs = [min(len(tokenizer(examples[i].answer, add_special_tokens=False)["input_ids"]) + 2, 256) for i in chunk]
         if limit is None or max(map(len, prompts)) + max(needs) <= limit:
-            outs: list[str | None] = list(greedy_generate(model, tokenizer, prompts, max(needs), precision, stop_ids))
+            # (each row cut to its own budget: a short answer batched with a long one was graded on
+            # the extra tokens, so accuracy moved with --batch-size: 0.5 at 1, 0.0 at 2)
+            outs: list[str | None] = list(greedy_generate(model, tokenizer, prompts, max(needs), precision, stop_ids,
+                                                          row_tokens=needs))
         else:
             # together the rows would run past the model's positions: each on its own, with the new
             # tokens that fit after its prompt (its whole answer fits: prompt + answer <= max_length)
