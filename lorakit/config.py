@@ -19,13 +19,14 @@ CONFIG_NAME = "adapter_config.json"
 _IGNORED_PEFT_KEYS = frozenset({
     "peft_type", "peft_version", "auto_mapping", "revision", "loftq_config", "megatron_config",
     "megatron_core", "eva_config", "corda_config", "lora_ga_config", "velora_config", "runtime_config",
-    "qalora_group_size", "ensure_weight_tying", "layers_pattern_regex",
+    "qalora_group_size", "ensure_weight_tying",
 })
 
 # init_lora_weights values for which PEFT rewrote the base weight from data lorakit does not have
 # (PiSSA and OLoRA, which it recomputes exactly, are handled on load in lorakit.io). {value: name}
 _RESIDUAL_INITS = {"corda": "CorDA (a decomposition by the training data's covariance)",
-                   "lora_ga": "LoRA-GA (an initialisation from the training data's gradients)"}
+                   "lora_ga": "LoRA-GA (an initialisation from the training data's gradients)",
+                   "loftq": "LoftQ (a quantised residual, recomputed on load by PEFT with bitsandbytes)"}
 
 # PEFT fields that, when set, make an adapter compute something plain LoRA does not (or lay out its
 # tensors differently). lorakit implements none of them, so an adapter that sets one is refused with

@@ -50,11 +50,13 @@ class LoraState:
         configs: adapter name -> the config it was created with (a private copy).
         active: names of the active adapters, in order (their updates are summed).
         trainable: names of the adapters whose parameters require grad.
+        untied: adapter name -> targets whose tied weight a PiSSA / OLoRA init gave a copy of their own.
     """
 
     configs: dict[str, LoraConfig] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
     trainable: set[str] = field(default_factory=set)
+    untied: dict[str, list[str]] = field(default_factory=dict)
 
 
 class ModulesToSave(nn.Module):
@@ -374,11 +376,14 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     init = config.init_lora_weights if init_lora_weights is None else init_lora_weights
     from lorakit.variants.pissa import is_convertible, prepare_residual_init
 
+    untied: list[str] = []
     if is_convertible(init):  # PiSSA / OLoRA write into the base weights: every target checked first
-        prepare_residual_init(model, targets, config, init)
+        untied = prepare_residual_init(model, targets, config, init)
     _warn_rank_above_layer(model, targets, config)
     state = get_state(model, create=True)
     state.configs[adapter_name] = config
+    if untied:
+        state.untied[adapter_name] = untied
     try:
         for name in targets:
             module = model.get_submodule(name)
@@ -456,6 +461,7 @@ def _remove_adapter_everywhere(model: nn.Module, adapter_name: str) -> None:
     state = get_state(model)
     if state is not None:
         state.configs.pop(adapter_name, None)
+        state.untied.pop(adapter_name, None)
         state.trainable.discard(adapter_name)
         if adapter_name in state.active:
             state.active.remove(adapter_name)

@@ -157,6 +157,12 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
         from lorakit.variants.pissa import convert_to_lora as _convert
 
         tensors, config = _convert(model, adapter_name, tensors, config)
+    elif state.untied.get(adapter_name):
+        raise ValueError(f"adapter {adapter_name!r} ({config.init_lora_weights}) was initialised on "
+                         f"{state.untied[adapter_name]}, whose weight was tied to another module and got a copy of "
+                         "its own; saved against its residual base, loading (in PEFT or lorakit) would rebuild that "
+                         "residual in the shared weight and change the other module too: save it with "
+                         "convert_to_lora=True (a plain LoRA against the original base)")
     elif isinstance(config.init_lora_weights, str) and config.init_lora_weights.lower().startswith("pissa_niter_"):
         import warnings
 
@@ -194,6 +200,9 @@ def read_adapter_files(directory: str | Path) -> tuple[LoraConfig, dict[str, tor
         tensors = load_file(str(weights))
     except Exception as exc:  # safetensors raises its own error type for bad headers / short files
         raise ValueError(f"{weights} is truncated or corrupt: {exc}") from None
+    # PEFT's VeLoRA (velora_config) keeps a buffer per layer for its compressed backward pass only:
+    # what the adapter computes is plain LoRA, so the buffer is not needed to load it
+    tensors = {k: v for k, v in tensors.items() if not k.endswith(".lora_velora_embed")}
     return config, tensors
 
 
@@ -373,6 +382,19 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     init = config.init_lora_weights if is_convertible(config.init_lora_weights) else False
     base_backups = []
     if init is not False:
+        from lorakit.inject import tied_parameters
+
+        tied = tied_parameters(model)
+        for path in find_target_modules(model, with_task_heads(config)):
+            module = model.get_submodule(path)
+            weight = (module.base_layer if isinstance(module, LoraLayer) else module).weight
+            if id(weight) in tied:
+                raise ValueError(f"{directory}: an unconverted {init!r} adapter (trained against a residual base) "
+                                 f"targets {path}, whose weight is tied to another module: PEFT rebuilds the "
+                                 "residual in the shared weight (changing the other module too), lorakit in a copy, "
+                                 "and the two compute different models, so it is refused; save it converted (lorakit: "
+                                 "save_adapter(..., convert_to_lora=True); PEFT: save_pretrained(..., "
+                                 "path_initial_model_for_weight_conversion=...)) and load that")
         for path in find_target_modules(model, with_task_heads(config)):
             module = model.get_submodule(path)
             weight = (module.base_layer if isinstance(module, LoraLayer) else module).weight

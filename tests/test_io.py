@@ -260,10 +260,11 @@ def _assert_refused(saved, match):
     return model
 
 
-@pytest.mark.parametrize("init", ["corda", "lora_ga", "CorDA"])
+@pytest.mark.parametrize("init", ["corda", "lora_ga", "CorDA", "loftq"])
 def test_adapters_of_data_driven_residual_inits_are_refused_unconverted(saved, init):
     """CorDA / LoRA-GA rewrote the base to a residual lorakit cannot recompute: loaded as plain LoRA
-    on the original base it was 1.38 relative off the trained model."""
+    on the original base it was 1.38 relative off the trained model. LoftQ too: PEFT redoes its
+    quantised residual on load (it was loaded silently as plain LoRA)."""
     _edit_config(saved, init_lora_weights=init)
     _assert_refused(saved, f"init_lora_weights='{init}'.*cannot recompute.*path_initial_model_for_weight_conversion")
 
@@ -530,3 +531,19 @@ def test_half_precision_outputs_equal_peft_bit_for_bit(dtype, layer_name, adapte
         got, want = ours(x), theirs(x)
     assert got.dtype == want.dtype == dtype
     assert torch.equal(got, want)
+
+
+def test_a_velora_adapter_loads_as_the_plain_lora_it_computes(tmp_path):
+    # VeLoRA's per-layer buffer serves its compressed backward only; the file was refused on it as
+    # "for another model"
+    torch.manual_seed(0)
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False,
+                                                               velora_config={}))
+    theirs.save_pretrained(tmp_path)
+    assert any(k.endswith(".lora_velora_embed") for k in load_file(tmp_path / "adapter_model.safetensors"))
+    x = llama_input()
+    with torch.no_grad():
+        want = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()(x).logits
+        got = lk.load_adapter(tiny_llama(), tmp_path).eval()(x).logits
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(want, tiny_llama().eval()(x).logits, atol=1e-3)

@@ -216,3 +216,36 @@ def test_saving_a_pissa_niter_adapter_unconverted_warns(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lk.save_adapter(model, tmp_path / "converted", convert_to_lora=True)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_an_unconverted_residual_adapter_on_a_tied_head_is_refused_both_ways(init, tmp_path):
+    # PEFT writes the residual into the shared weight (its embedding changes too), lorakit into a
+    # copy: an unconverted file computed 0.47-0.49 off PEFT in lorakit and 0.8 off in PEFT
+    import warnings
+
+    torch.manual_seed(0)
+    cfg = dict(r=4, lora_alpha=8, target_modules=["lm_head", "q_proj"], init_lora_weights=init)
+    theirs = peft.get_peft_model(tiny_llama(tie=True), peft.LoraConfig(**cfg))
+    theirs.save_pretrained(tmp_path / "peft")
+    fresh = tiny_llama(tie=True)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
+    with pytest.raises(ValueError, match="unconverted .* targets lm_head, whose weight is tied"):
+        lk.load_adapter(fresh, tmp_path / "peft")
+    assert all(torch.equal(v, before[k]) for k, v in fresh.state_dict().items())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ours = lk.get_lora_model(tiny_llama(tie=True), lk.LoraConfig(**cfg))
+    with torch.no_grad():
+        for _, layer in lk.iter_lora_layers(ours):
+            layer.lora_B["default"].add_(0.1)
+    with pytest.raises(ValueError, match=r"\['lm_head'\], whose weight was tied .* convert_to_lora=True"):
+        lk.save_adapter(ours, tmp_path / "ours")
+    assert not (tmp_path / "ours").exists()
+    lk.save_adapter(ours, tmp_path / "ours", convert_to_lora=True)  # the converted file loads the same everywhere
+    x = _x_llama()
+    want = _logits(ours, x)
+    torch.testing.assert_close(_logits(peft.PeftModel.from_pretrained(tiny_llama(tie=True), tmp_path / "ours"), x), want,
+                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_logits(lk.load_adapter(tiny_llama(tie=True), tmp_path / "ours"), x), want,
+                               rtol=1e-4, atol=1e-4)

@@ -122,10 +122,10 @@ def _check_target(module: nn.Module, r: int, init: str, path: str | None = None)
     return kind
 
 
-def prepare_residual_init(model: nn.Module, targets: list[str], config: "LoraConfig", init: str) -> None:
+def prepare_residual_init(model: nn.Module, targets: list[str], config: "LoraConfig", init: str) -> list[str]:
     """Before a PiSSA / OLoRA injection changes anything: check every target (``_check_target``,
     and the ``pissa_niter_K`` spelling) and untie a target weight shared with another module
-    (writing the residual would change that module too).
+    (writing the residual would change that module too); returns the targets untied.
 
     Raises:
         ValueError: naming the first target that cannot take the initialisation.
@@ -137,12 +137,16 @@ def prepare_residual_init(model: nn.Module, targets: list[str], config: "LoraCon
     _niter_of(init)
     kinds = {path: _check_target(model.get_submodule(path), config.rank_for(path), init, path) for path in targets}
     tied = tied_parameters(model)
+    untied = []
     for path, kind in kinds.items():
         base = _base_of(model.get_submodule(path))
         if kind == "linear" and id(base.weight) in tied:
             warnings.warn(f"{path}: its weight is tied to another module; the {init!r} residual is written into "
-                          "a copy of its own (the other module keeps the original weight)", stacklevel=4)
+                          "a copy of its own (the other module keeps the original weight); save the adapter "
+                          "with convert_to_lora=True", stacklevel=4)
             untie_weight(model, base)
+            untied.append(path)
+    return untied
 
 
 def _standard_init(layer: "LoraLayer", name: str, init: str) -> None:
