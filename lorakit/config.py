@@ -208,8 +208,18 @@ class LoraConfig:
                              "path_initial_model_for_weight_conversion=...)) and load that")
         known = {f.name for f in fields(cls)}
         unknown = sorted(k for k in data if k not in known and k not in _IGNORED_PEFT_KEYS and k not in _UNSUPPORTED_PEFT_FIELDS)
+        # A field of a newer PEFT left at an "off" value (None, False, empty) asks for nothing: it is
+        # ignored with a warning, as PEFT drops keys it does not know. Set to anything else it may
+        # change what the adapter computes, so it is refused.
+        off = [k for k in unknown if data[k] is None or data[k] is False or data[k] in ([], {}, "")]
+        if off:
+            import warnings
+
+            warnings.warn(f"{source}: ignoring unknown field(s) {off}, set to no value (from a newer PEFT?)", stacklevel=3)
+        unknown = [k for k in unknown if k not in off]
         if unknown:
-            raise ValueError(f"{source}: unknown field(s) {unknown}; lorakit knows {sorted(known)}")
+            raise ValueError(f"{source}: unknown field(s) {unknown} set to {[data[k] for k in unknown]}; lorakit "
+                             f"knows {sorted(known)} and would not know what they change")
         kwargs = {k: v for k, v in data.items() if k in known}
         try:
             return cls(**kwargs)

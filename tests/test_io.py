@@ -547,3 +547,13 @@ def test_a_velora_adapter_loads_as_the_plain_lora_it_computes(tmp_path):
         got = lk.load_adapter(tiny_llama(), tmp_path).eval()(x).logits
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     assert not torch.allclose(want, tiny_llama().eval()(x).logits, atol=1e-3)
+
+
+def test_an_unknown_field_left_off_is_ignored_and_one_set_is_refused(saved):
+    # a newer PEFT's field at its "off" value loads (PEFT drops unknown keys); set, it is refused
+    cfg = json.loads((saved / "adapter_config.json").read_text())
+    (saved / "adapter_config.json").write_text(json.dumps(cfg | {"some_future_option": None, "another_one": False}))
+    with pytest.warns(UserWarning, match=r"ignoring unknown field\(s\) \['another_one', 'some_future_option'\]"):
+        lk.load_adapter(tiny_llama(), saved)
+    _edit_config(saved, some_future_option={"mode": 2})
+    _assert_refused(saved, r"unknown field\(s\) \['some_future_option'\] set to \[\{'mode': 2\}\]")
