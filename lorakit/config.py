@@ -28,6 +28,10 @@ _RESIDUAL_INITS = {"corda": "CorDA (a decomposition by the training data's covar
                    "lora_ga": "LoRA-GA (an initialisation from the training data's gradients)",
                    "loftq": "LoftQ (a quantised residual, recomputed on load by PEFT with bitsandbytes)"}
 
+# init_lora_weights values of PEFT 0.21 that leave the base weight as it is (the adapter's own
+# tensors carry everything): an adapter made with one loads as plain LoRA.
+_BASE_KEEPING_PEFT_INITS = frozenset({"gaussian", "eva", "orthogonal", "mica"})
+
 # PEFT fields that, when set, make an adapter compute something plain LoRA does not (or lay out its
 # tensors differently). lorakit implements none of them, so an adapter that sets one is refused with
 # the field named, instead of loading as the plain LoRA it is not. {field: what it enables}
@@ -206,6 +210,16 @@ class LoraConfig:
                              "cannot recompute from the file (loaded on the original base it would compute something "
                              "else); save it converted with PEFT (save_pretrained(..., "
                              "path_initial_model_for_weight_conversion=...)) and load that")
+        if isinstance(init, str) and init.lower() not in _BASE_KEEPING_PEFT_INITS:
+            from lorakit.variants import get_init_method
+
+            try:
+                get_init_method(init)  # PiSSA, OLoRA, pissa_niter_K, and any registered method
+            except ValueError:
+                raise ValueError(f"{source}: init_lora_weights={init!r} is an initialisation neither PEFT 0.21 nor "
+                                 "lorakit knows; whether it rewrote the base weight (as PiSSA does) cannot be told, "
+                                 "so the adapter is refused (loaded as plain LoRA it could compute something "
+                                 "else)") from None
         known = {f.name for f in fields(cls)}
         unknown = sorted(k for k in data if k not in known and k not in _IGNORED_PEFT_KEYS and k not in _UNSUPPORTED_PEFT_FIELDS)
         # A field of a newer PEFT left at an "off" value (None, False, empty) asks for nothing: it is

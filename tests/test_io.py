@@ -557,3 +557,15 @@ def test_an_unknown_field_left_off_is_ignored_and_one_set_is_refused(saved):
         lk.load_adapter(tiny_llama(), saved)
     _edit_config(saved, some_future_option={"mode": 2})
     _assert_refused(saved, r"unknown field\(s\) \['some_future_option'\] set to \[\{'mode': 2\}\]")
+
+
+@pytest.mark.parametrize("init, loads", [("eva", True), ("orthogonal", True), ("mica", True), ("Gaussian", True),
+                                         ("olora", True), ("pissa_niter_3", True), ("foo", False)])
+def test_an_unknown_init_is_refused_and_base_keeping_ones_load(saved, init, loads):
+    # an init string lorakit does not know loaded as plain LoRA (PEFT refuses it): a future init that
+    # rewrites the base, as PiSSA does, would then load silently wrong
+    _edit_config(saved, init_lora_weights=init)
+    if loads:
+        lk.load_adapter(tiny_llama(), saved)
+    else:
+        _assert_refused(saved, "init_lora_weights='foo' is an initialisation neither PEFT 0.21 nor lorakit knows")
