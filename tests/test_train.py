@@ -227,8 +227,8 @@ def test_full_finetune_baseline_saves_a_model(tmp_path, tok, data_files):
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
 def test_gradient_checkpointing_and_accumulation_match(tmp_path, tok, data_files, dropout):
-    """Accumulating 2 micro-batches of 4 == one batch of 8 (same examples); checkpointing changes nothing
-    (with dropout too: the recomputed forward draws the same masks)."""
+    """Checkpointing changes nothing (with dropout too: the recomputed forward draws the same masks);
+    accumulation: the next test."""
     a = train(_cfg(tmp_path, data_files, "a", max_steps=3, dropout=dropout), model=tiny_llama_lm(tok), tokenizer=tok,
               progress=False, log=_quiet)
     b = train(_cfg(tmp_path, data_files, "b", max_steps=3, dropout=dropout, gradient_checkpointing=True),
@@ -236,6 +236,24 @@ def test_gradient_checkpointing_and_accumulation_match(tmp_path, tok, data_files
     assert a.losses == pytest.approx(b.losses, rel=1e-5)
     wa = load_file(str(a.run_dir / "adapter_model.safetensors"))
     wb = load_file(str(b.run_dir / "adapter_model.safetensors"))
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("data_kind", ["prompt-completion", "text"])
+def test_two_accumulated_micro_batches_of_4_equal_one_batch_of_8(tmp_path, tok, data_kind):
+    # (the docs said "tested" of the test above, which compared checkpointing only): 8 examples, so
+    # every step sees all of them either way; the loss is a mean over the whole step's labels
+    records = toy_records(8) if data_kind == "prompt-completion" else [
+        {"text": f"film {i} was {'a good' if i % 2 else 'a very dull'} one"} for i in range(8)]
+    data = write_jsonl(records, tmp_path / "d.jsonl")
+    runs = []
+    for name, batch, accum in (("one", 8, 1), ("two", 4, 2)):
+        cfg = TrainConfig(data=str(data), output=str(tmp_path / name), batch_size=batch, grad_accum=accum, lr=1e-2,
+                          precision="fp32", max_steps=3, save_steps=0, seed=0)
+        runs.append(train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet))
+    assert runs[0].losses == pytest.approx(runs[1].losses, rel=1e-5)
+    wa, wb = (load_file(str(r.run_dir / "adapter_model.safetensors")) for r in runs)
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
 
@@ -631,6 +649,22 @@ def test_eval_answers_do_not_depend_on_the_batch_they_are_generated_in(tok):
     assert [p["generated"] for p in together["predictions"]] == [p["generated"] for p in alone["predictions"]]
     lengths = [len(tok(p["generated"], add_special_tokens=False)["input_ids"]) for p in alone["predictions"]]
     assert len(set(lengths)) > 1  # the budgets differ (an untrained model runs to its budget)
+
+
+def test_eval_loss_of_text_examples_divides_by_the_predicted_tokens(tok):
+    # a text example's first token carries a label but is never predicted: evaluate() counted it, so
+    # its loss (the before/after table, lorakit eval) was 5-13% below eval_loss's and training's
+    from lorakit.train.data import parse_record, tokenize_example
+    from lorakit.train.generate import eval_loss, evaluate
+
+    model = tiny_llama_lm(tok)
+    examples = [parse_record({"text": "a good film and a very dull plot"}, "t"),
+                parse_record({"prompt": "good film", "completion": "positive"}, "p"),
+                parse_record({"text": "the acting was fine"}, "t2")]
+    got = evaluate(model, tok, examples, batch_size=2)
+    data = [tokenize_example(tok, ex, 512) for ex in examples]
+    assert got["n_labels"] == sum(t.n_labels for t in data) - 2  # the two text examples' first tokens
+    assert got["loss"] == pytest.approx(eval_loss(model, data, 2, tok.pad_token_id, "fp32"), rel=1e-5)
 
 
 def test_eval_scores_long_prompts_that_fit_and_leaves_cut_answers_out_of_accuracy(tok):

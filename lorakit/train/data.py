@@ -89,6 +89,12 @@ class Tokenized:
     def __post_init__(self) -> None:
         self.n_labels = sum(1 for x in self.labels if x != IGNORE_INDEX)
 
+    @property
+    def n_predicted(self) -> int:
+        """The labels the loss is taken on: a label at position 0 (a plain-text example's first
+        token) has no position before it to predict it from."""
+        return self.n_labels - (bool(self.labels) and self.labels[0] != IGNORE_INDEX)
+
 
 # --------------------------------------------------------------------------- reading / validation
 def check_text(value: str, what: str) -> str:

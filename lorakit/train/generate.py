@@ -359,7 +359,7 @@ def evaluate(model: Any, tokenizer: Any, examples: list[Example], max_length: in
             batch = collate([tokenized[i] for i in idx], pad)
             row_loss, row_top = score_batch(model, batch, precision)
             total += float(row_loss.sum())
-            count += sum(tokenized[i].n_labels for i in idx)
+            count += sum(tokenized[i].n_predicted for i in idx)  # (a text example's first token is not predicted)
             tops.update(zip(idx, row_top))
     finally:
         model.train(was_training)

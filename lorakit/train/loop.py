@@ -51,7 +51,7 @@ import yaml
 
 from lorakit.ops.attention import restore_attention
 from lorakit.train.config import RESUME_FIXED, TrainConfig, target_module_spec
-from lorakit.train.data import (BUILTIN_TASK, IGNORE_INDEX, Example, Tokenized, collate, epoch_batches,
+from lorakit.train.data import (BUILTIN_TASK, Example, Tokenized, collate, epoch_batches,
                                 load_examples, tokenize_all, write_jsonl)
 from lorakit.train.distributed import Dist, setup as setup_distributed
 from lorakit.train.generate import (RUN_INFO, NothingToScore, auto_threads, autocast, eval_loss_sum, evaluate,
@@ -134,7 +134,7 @@ def micro_batch(data: list[Tokenized], cfg: TrainConfig, index: int, per_epoch: 
         cache[epoch] = epoch_batches([len(t.input_ids) for t in data], cfg.batch_size * dist.world, cfg.seed, epoch)
     items = cache[epoch][pos]
     # the loss is over the shifted labels: position 0 is never predicted
-    n_labels = sum(data[i].n_labels - (data[i].labels[0] != IGNORE_INDEX) for i in items)
+    n_labels = sum(data[i].n_predicted for i in items)
     mine = dist.share(items)
     return epoch, collate([data[i] for i in mine], pad_id) if mine else None, n_labels
 
