@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 from dataclasses import fields
+from pathlib import Path
 
 import pytest
 import torch
@@ -434,8 +435,11 @@ def test_resume_cli_after_kill(trained, tmp_path, capsys):
     assert not (run / "adapter_config.json").exists()
     assert main(["generate", "--adapter", str(run), "hi"]) == 2  # an unfinished run: clear error
     assert "checkpoint" in capsys.readouterr().err
-    assert main(["train", "--resume", str(run), "--no-progress"]) == 0
+    assert not (run / "eval.jsonl").exists()
+    # held-out data added on resume: the run keeps the examples its table was measured on
+    assert main(["train", "--resume", str(run), "--no-progress", "--eval-data", str(trained["eval"])]) == 0
     assert json.loads((run / "lorakit_run.json").read_text())["steps"] == 4
+    assert (run / "eval.jsonl").read_text().count("\n") == Path(trained["eval"]).read_text().count("\n")
 
 
 def test_gpt2_model_without_chat_template(tmp_path, capsys):

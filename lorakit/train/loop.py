@@ -623,8 +623,8 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
         # cfg.model is named by its own config, not taken for the embedded model
         own_name = getattr(getattr(model, "config", None), "_name_or_path", None) if given else None
         base_name = cfg.model or (own_name or None if given else "SmolLM2-135M-Instruct")
-        if not resume and eval_examples and dist.main:
-            write_jsonl(eval_examples, run_dir / "eval.jsonl")
+        if eval_examples and dist.main and not (resume and (run_dir / "eval.jsonl").exists()):
+            write_jsonl(eval_examples, run_dir / "eval.jsonl")  # (also when --eval-data is added on resume)
 
         def run_eval(tag: str) -> dict[str, Any]:
             if not eval_examples:
