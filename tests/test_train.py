@@ -556,6 +556,7 @@ def test_config_accepts_every_documented_init_and_a_valid_regex():
 
 @pytest.mark.parametrize("text, problem", [
     (b"rank: [\n", "is not valid YAML"),
+    (b"rank: 8\nlr: 0.001\nrank: 64\n", "is not valid YAML: option 'rank' is given twice at line 3"),  # took 64
     (b"rank: 4\ndata: 5\n", "data must be a string, got 5"),
     (b"data: caf\xe9.jsonl\n", "is not UTF-8 text"),
     (b"max_steps: true\n", "max_steps must be a int, got True"),  # it trained 1 step

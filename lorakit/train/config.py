@@ -293,6 +293,21 @@ def _coerce(name: str, value: Any, where: str) -> Any:
     return value
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a mapping naming a key twice (PyYAML keeps the last value
+    silently: ``rank: 8`` then ``rank: 64`` trained at 64)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"option {key!r} is given twice",
+                                                        key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def read_yaml_mapping(path: str | Path) -> dict[Any, Any]:
     """The mapping of option -> value in a YAML config file, as written (not yet checked as options).
 
@@ -306,7 +321,7 @@ def read_yaml_mapping(path: str | Path) -> dict[Any, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} not found")
     try:
-        d = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+        d = yaml.load(path.read_text(encoding="utf-8-sig"), Loader=_UniqueKeyLoader) or {}  # noqa: S506 (a SafeLoader)
     except UnicodeDecodeError as exc:
         raise ValueError(f"config file {str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except yaml.YAMLError as exc:
