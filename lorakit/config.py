@@ -135,6 +135,11 @@ class LoraConfig:
             setattr(self, name, value)
         if isinstance(self.layers_to_transform, (tuple, range)):
             self.layers_to_transform = list(self.layers_to_transform)
+        layers = self.layers_to_transform
+        if layers is not None and not (
+                (isinstance(layers, int) and not isinstance(layers, bool))
+                or (isinstance(layers, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in layers))):
+            raise TypeError(f"LoraConfig.layers_to_transform must be a layer index or a list of them, got {layers!r}")
         if isinstance(self.target_modules, str) and (self.layers_to_transform is not None or self.layers_pattern):
             # (as in PEFT, which refuses such a config: a regex names the layers itself)
             which = "layers_to_transform" if self.layers_to_transform is not None else "layers_pattern"

@@ -48,6 +48,9 @@ def test_exclude_and_layers_to_transform():
     assert not any(n.endswith(("down_proj", "up_proj")) for n in found) and len(found) == 10
     assert targets(m, target_modules=["v_proj"], layers_to_transform=[1]) == ["model.layers.1.self_attn.v_proj"]
     assert targets(m, target_modules=["v_proj"], layers_to_transform=0, layers_pattern="layers") == ["model.layers.0.self_attn.v_proj"]
+    for bad in ("1", [0, "1"], True, 1.0):  # "1" was a bare TypeError from the matcher, naming nothing
+        with pytest.raises(TypeError, match="layers_to_transform must be a layer index or a list of them"):
+            lk.LoraConfig(target_modules=["v_proj"], layers_to_transform=bad)
 
 
 @pytest.mark.parametrize("kw", [
