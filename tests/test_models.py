@@ -153,3 +153,63 @@ def test_cache_is_keyed_on_the_converting_transformers_version(fake_gguf, monkey
     monkeypatch.setattr(transformers, "__version__", "9.9.9")
     second = models.default_model_path()
     assert second != first and second.name.endswith("-tf9.9.9") and len(fake_gguf) == 2
+
+
+def test_a_damaged_cache_entry_is_converted_again(fake_gguf, tmp_path):
+    # a truncated file, a deleted config.json or a deleted chat template was used as it was (or failed
+    # on every run: "Directory not empty" after a useless conversion); the entry records its files'
+    # sizes last, and one that does not match is set aside and converted again
+    first = models.default_model_path()
+    assert models.entry_complete(first)
+    for damage in ("truncate", "delete config", "delete marker"):
+        if damage == "truncate":
+            weights = next(first.glob("*.safetensors"))
+            weights.write_bytes(weights.read_bytes()[:100])
+        elif damage == "delete config":
+            (first / "config.json").unlink()
+        else:
+            (first / models.COMPLETE_MARKER).unlink()
+        assert models.default_model_path() == first and models.entry_complete(first)
+    assert len(fake_gguf) == 4
+    assert [p.name for p in first.parent.iterdir()] == [first.name]
+    assert all(oct(f.stat().st_mode)[-3:] == "644" for f in first.iterdir())  # readable in a shared cache
+
+
+def test_a_changed_gguf_file_is_not_served_from_the_old_entry_and_stale_temporaries_go(fake_gguf, tmp_path):
+    import os
+
+    first = models.default_model_path()
+    stale = first.parent / f".{first.name}.abc123"  # left by a conversion killed an hour ago
+    fresh = first.parent / f".{first.name}.xyz789"  # a conversion running now
+    stale.mkdir()
+    fresh.mkdir()
+    os.utime(stale, (0, 0))
+    (first / "config.json").unlink()
+    assert models.default_model_path() == first and len(fake_gguf) == 2
+    assert not stale.exists() and fresh.exists()
+    gguf = models.default_gguf_path()
+    os.utime(gguf, ns=(gguf.stat().st_atime_ns, gguf.stat().st_mtime_ns + 10**9))  # same size, rewritten
+    second = models.default_model_path()
+    assert second != first and len(fake_gguf) == 3  # (only its size keyed the entry: the old one was reused)
+
+
+def test_the_default_model_is_named_not_located_by_its_cache_path(fake_gguf):
+    # adapters saved from it recorded the cache directory as their base (gone with the cache)
+    model, _ = models.load_model_and_tokenizer()
+    assert model.config.name_or_path == models.DEFAULT_MODEL_NAME
+
+
+def test_no_home_directory_is_a_clear_error(monkeypatch):
+    from pathlib import Path
+
+    for var in ("LORAKIT_CACHE_DIR", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    with pytest.raises(OSError, match="set LORAKIT_CACHE_DIR"):
+        models.cache_dir()
+    monkeypatch.setenv("XDG_CACHE_HOME", "relative/dir")  # ignored, as XDG says: still no home
+    with pytest.raises(OSError, match="set LORAKIT_CACHE_DIR"):
+        models.cache_dir()
