@@ -384,21 +384,20 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     if init is not False:
         from lorakit.inject import tied_parameters
 
+        weights = []  # (target path, its base weight), which the init rewrites
+        for path in find_target_modules(model, with_task_heads(config)):
+            module = model.get_submodule(path)
+            weights.append((path, (module.base_layer if isinstance(module, LoraLayer) else module).weight))
         tied = tied_parameters(model)
-        for path in find_target_modules(model, with_task_heads(config)):
-            module = model.get_submodule(path)
-            weight = (module.base_layer if isinstance(module, LoraLayer) else module).weight
-            if id(weight) in tied:
-                raise ValueError(f"{directory}: an unconverted {init!r} adapter (trained against a residual base) "
-                                 f"targets {path}, whose weight is tied to another module: PEFT rebuilds the "
-                                 "residual in the shared weight (changing the other module too), lorakit in a copy, "
-                                 "and the two compute different models, so it is refused; save it converted (lorakit: "
-                                 "save_adapter(..., convert_to_lora=True); PEFT: save_pretrained(..., "
-                                 "path_initial_model_for_weight_conversion=...)) and load that")
-        for path in find_target_modules(model, with_task_heads(config)):
-            module = model.get_submodule(path)
-            weight = (module.base_layer if isinstance(module, LoraLayer) else module).weight
-            base_backups.append((weight, weight.detach().clone()))
+        path = next((p for p, weight in weights if id(weight) in tied), None)
+        if path is not None:
+            raise ValueError(f"{directory}: an unconverted {init!r} adapter (trained against a residual base) "
+                             f"targets {path}, whose weight is tied to another module: PEFT rebuilds the "
+                             "residual in the shared weight (changing the other module too), lorakit in a copy, "
+                             "and the two compute different models, so it is refused; save it converted (lorakit: "
+                             "save_adapter(..., convert_to_lora=True); PEFT: save_pretrained(..., "
+                             "path_initial_model_for_weight_conversion=...)) and load that")
+        base_backups = [(weight, weight.detach().clone()) for _, weight in weights]
     first = state is None
     inject_adapter(model, config, adapter_name, init_lora_weights=init, loading=True)
     try:
