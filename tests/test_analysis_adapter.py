@@ -681,3 +681,31 @@ def test_model_cost_understands_all_linear(tmp_path, base_dir):
     named = at.extract_adapter(base_dir, tuned_dir, rank=2, out=tmp_path / "b", targets=["all-linear"])
     assert [r["module"] for r in named["modules"]] == [r["module"] for r in default["modules"]] == [
         "model.layers.0.self_attn.q_proj"]
+
+
+def test_all_linear_with_names_selects_the_same_modules_everywhere(tmp_path, base_dir):
+    # "all-linear,embed_tokens": recommend --model read it as every linear plus the embedding, while
+    # extract and the --tuned spectra took "all-linear" there for a module name and kept only embed_tokens
+    tuned_dir = _save_model(_tuned_copy(_llama(0), {"model.layers.0.self_attn.q_proj": 2,
+                                                    "model.layers.1.mlp.down_proj": 1,
+                                                    "model.embed_tokens": 2}), tmp_path / "tuned")
+    targets = ["all-linear", "embed_tokens"]
+    got = at.extract_adapter(base_dir, tuned_dir, rank=2, out=tmp_path / "a", targets=targets)
+    assert sorted(r["module"] for r in got["modules"]) == [
+        "model.embed_tokens", "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    assert sorted(at.delta_spectra(base=base_dir, tuned=tuned_dir, targets=targets)) == sorted(
+        r["module"] for r in got["modules"])
+    assert sorted(at.delta_spectra(base=base_dir, tuned=tuned_dir, targets=["all-linear"])) == [
+        "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.down_proj"]
+    cost = recommend.model_cost(base_dir, 4, tuple(targets), batch_size=1, seq_len=8)
+    pm = peft.get_peft_model(_llama(0), peft.LoraConfig(r=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                            "gate_proj", "up_proj", "down_proj",
+                                                                            "embed_tokens"]))
+    assert cost["trainable_params"] == sum(p.numel() for p in pm.parameters() if p.requires_grad)
+    # the extracted file loads in PEFT and reproduces the tuned model (rank 2 holds every update)
+    from transformers import LlamaForCausalLM
+
+    loaded = peft.PeftModel.from_pretrained(_llama(0), tmp_path / "a").eval()
+    ids = torch.tensor([[1, 5, 9, 33, 70]])
+    torch.testing.assert_close(loaded(input_ids=ids).logits, LlamaForCausalLM.from_pretrained(tuned_dir)(input_ids=ids).logits,
+                               atol=1e-4, rtol=1e-4)

@@ -16,7 +16,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from safetensors.torch import save_file
@@ -46,10 +46,22 @@ _KEY = re.compile(
 _NOT_LINEAR = ("embed", "wte", "wpe", "lm_head", "word_embeddings", "position_embeddings")
 
 
-def _named_targets(targets: list[str] | None) -> list[str] | None:
-    """``targets`` as module names, None for the default selection (every linear but embeddings and
-    the output head), which ``["all-linear"]`` also asks for, as in PEFT."""
-    return None if targets is None or list(targets) == ["all-linear"] else list(targets)
+def target_filter(targets: list[str] | tuple[str, ...] | None) -> Callable[[str], bool]:
+    """Which modules a ``--targets`` list selects, by module name (the weight's key less ``.weight``).
+
+    None or an empty list selects the default: every linear except embeddings and the output head,
+    as PEFT's "all-linear". Otherwise a module is selected when a name in the list matches it
+    (PEFT's suffix rule, ``module_matches``), and "all-linear" in the list adds that default set:
+    ``["all-linear", "embed_tokens"]`` is every linear plus the input embedding. ``extract``, the
+    ``--tuned`` spectra and ``recommend --model`` all select with this one rule.
+    """
+    named = [t for t in (targets or ()) if t != "all-linear"]
+    every_linear = not targets or len(named) < len(targets)
+
+    def chosen(name: str) -> bool:
+        return ((every_linear and not any(t in name for t in _NOT_LINEAR))
+                or (bool(named) and module_matches(name, named)))
+    return chosen
 
 
 def natural_key(name: str) -> list[Any]:
@@ -418,7 +430,8 @@ def extract_adapter(
         out: output adapter directory.
         alpha: lora_alpha (default: r, so scaling = 1).
         targets: module names or suffixes to extract (default: every 2-D weight that changed,
-            except embeddings and lm_head, as PEFT's "all-linear").
+            except embeddings and lm_head, as PEFT's "all-linear"; "all-linear" in a list adds that
+            set to the names: ``target_filter``).
         energy: if given, each module gets the smallest rank holding this fraction of ‖D‖², up to
             ``rank`` (written as a rank_pattern).
         min_rel_change: skip modules with ‖D‖ / ‖W_base‖ at or below this.
@@ -442,7 +455,8 @@ def extract_adapter(
     if energy is not None and not 0 < energy <= 1:
         raise ValueError(f"energy must be in (0, 1], got {energy}")
     check_new_directory(out)
-    targets = _named_targets(targets)
+    chosen = target_filter(targets)
+    named = [t for t in (targets or ()) if t != "all-linear"]
     base_sd = load_state_dict(base)
     tuned_sd = load_state_dict(tuned)
     alpha = float(rank if alpha is None else alpha)
@@ -455,7 +469,7 @@ def extract_adapter(
         raise ValueError(f"{source_label(base)} and {source_label(tuned)} share no weights (no tensor name in "
                          f"common): they are not the same model architecture")
     rows, skipped, tensors, ranks, candidates = [], [], {}, {}, []
-    embeddings = _embedding_modules(tuned) if targets else set()  # the default targets leave them out
+    embeddings = _embedding_modules(tuned) if named else set()  # the default set leaves them out
     for key in sorted(tuned_sd, key=natural_key):
         if key not in base_sd:
             skipped.append({"tensor": key, "why": "not in base"})
@@ -468,8 +482,7 @@ def extract_adapter(
                 skipped.append({"tensor": key, "why": "changed but not a 2-D weight (use modules_to_save)"})
             continue
         name = key[: -len(".weight")]
-        selected = module_matches(name, targets) if targets else not any(t in name for t in _NOT_LINEAR)
-        if not selected:
+        if not chosen(name):
             if not torch.equal(w0, w1):
                 skipped.append({"tensor": key, "why": "changed but not targeted"})
             continue
@@ -602,14 +615,12 @@ def delta_spectra(
     if tuned is None:
         raise ValueError("give an adapter, or a tuned model with its base")
     base_sd, tuned_sd = load_state_dict(base), load_state_dict(tuned)
-    targets = _named_targets(targets)
+    chosen = target_filter(targets)
     for key in sorted(tuned_sd, key=natural_key):
         if not key.endswith(".weight") or key not in base_sd or tuned_sd[key].dim() != 2:
             continue
         name = key[: -len(".weight")]
-        if targets is not None and not module_matches(name, targets):
-            continue
-        if targets is None and any(t in name for t in _NOT_LINEAR):
+        if not chosen(name):
             continue
         if base_sd[key].shape != tuned_sd[key].shape:
             raise ValueError(f"tensor {key!r}: base shape {tuple(base_sd[key].shape)} != tuned shape "

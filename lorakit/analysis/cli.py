@@ -335,8 +335,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--model", nargs="?", const="default", default=None,
                    help="model to cost the recommendation on (directory, or no value for the embedded model)")
     p.add_argument("--targets", type=_names, default=None,
-                   help="target modules, or all-linear (default: q_proj,v_proj for the cost on --model; every "
-                        "changed linear for --tuned)")
+                   help="target modules; all-linear among them adds every linear but embeddings and the head (default: "
+                        "q_proj,v_proj for the cost on --model; every changed linear for --tuned)")
     p.add_argument("--batch-size", type=int, default=4, help="batch size the costs are computed for")
     p.add_argument("--seq-len", type=int, default=512, help="sequence length the costs are computed for")
     p.add_argument("--precision", choices=estimate.PRECISIONS, default="bf16", help="precision of the costed step")
@@ -388,7 +388,7 @@ def register(subparsers: Any) -> None:
                         "the weight's min(out, in))")
     p.add_argument("--out", required=True, help="output adapter directory")
     p.add_argument("--alpha", type=float, default=None, help="lora_alpha (default: rank)")
-    p.add_argument("--targets", type=_names, default=None, help="module names/suffixes (default: all changed linears)")
+    p.add_argument("--targets", type=_names, default=None, help="module names/suffixes, all-linear among them for every linear too (default: all changed linears)")
     p.add_argument("--energy", type=float, default=None, help="per-module rank holding this energy (<= --rank)")
     _common(p, out_default=None)
 

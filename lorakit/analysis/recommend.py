@@ -10,9 +10,9 @@ from typing import Any
 
 import torch
 
-from lorakit.analysis.adapter_tools import _NOT_LINEAR, delta_spectra, energy_rank
+from lorakit.analysis.adapter_tools import delta_spectra, energy_rank, target_filter
 from lorakit.analysis.estimate import ModelShape, estimate_memory
-from lorakit.analysis.weights import load_config, module_matches, weight_shapes
+from lorakit.analysis.weights import load_config, weight_shapes
 
 TASKS = ("simple", "medium", "complex")
 SIZES = ("7B", "13B", "70B")
@@ -127,11 +127,9 @@ def model_cost(
     head = _tied_head(source, shapes)
     if head is not None:  # a tied lm_head is not stored, but PEFT and lorakit adapt it when targeted
         weights["lm_head.weight"] = head
-    named = tuple(t for t in target_modules if t != "all-linear")
-    every_linear = len(named) < len(target_modules)  # PEFT's "all-linear": no embedding, no output head
-
-    def chosen(name: str) -> bool:
-        return (every_linear and not any(t in name for t in _NOT_LINEAR)) or (bool(named) and module_matches(name, named))
+    if not target_modules:
+        raise ValueError("target_modules is empty: name modules, or all-linear")
+    chosen = target_filter(target_modules)
     matched = {k[: -len(".weight")]: s for k, s in weights.items()
                if k.endswith(".weight") and len(s) == 2 and chosen(k[: -len(".weight")])}
     if not matched:
