@@ -686,3 +686,19 @@ def test_generate_refuses_more_new_tokens_than_a_rotary_models_positions(trained
     # (the tiny Llama was made for 128 positions; 10**11 new tokens ran until killed)
     assert main(["generate", "--model", str(trained["model"]), "--max-new-tokens", str(10**11), "hi"]) == 2
     assert "exceeds the model's 128 positions" in capsys.readouterr().err
+
+
+def test_eval_cli_warns_of_examples_cut_away(trained, tmp_path, capsys):
+    # train warned of examples whose answers --max-length cut away; eval only printed a smaller count
+    data = tmp_path / "eval.jsonl"
+    long = {"prompt": "Review : " + "the plot " * 60 + "Is this review positive or negative ?", "completion": "negative"}
+    data.write_text(trained["eval"].read_text() + json.dumps(long) + "\n")
+    assert main(["eval", "--adapter", str(trained["run"]), "--data", str(data), "--json", "--precision", "fp32",
+                 "--max-length", "512"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["n_dropped"] == 0 and json.loads(out.out)["n"] == 17 and "warning" not in out.err
+    assert main(["eval", "--adapter", str(trained["run"]), "--data", str(data), "--json", "--precision", "fp32",
+                 "--max-length", "64"]) == 0
+    out = capsys.readouterr()
+    assert json.loads(out.out)["n_dropped"] == 1 and json.loads(out.out)["n"] == 16
+    assert "warning: eval data: dropped 1 examples with no answer tokens within max_length=64" in out.err

@@ -218,3 +218,123 @@ def test_a_json_array_file_says_data_files_are_jsonl(tmp_path):
     path.write_text(json.dumps([{"prompt": "a", "completion": "b"}], indent=1))
     with pytest.raises(ValueError, match="JSONL: one JSON object per line"):
         D.load_examples(str(path), "train")
+
+
+def test_an_answer_inside_the_templates_default_system_prompt_is_labelled_where_it_is_answered():
+    # SmolLM2's template adds "... trained by Hugging Face" before a chat that opens with the
+    # assistant: a search from the start labelled that system prompt for the answer "Hugging Face",
+    # and a one-letter answer inside the markup ("m" in "<|im_start|>"-less text: "system")
+    template = ("{% if messages[0]['role'] != 'system' %}<|im_start|>system\nvery good<|im_end|>\n{% endif %}"
+                + CHAT_TEMPLATE)
+    tok = tiny_tokenizer(template)
+    for answer in ("very good", "good", "very"):
+        ex = D.Example(messages=[{"role": "assistant", "content": answer}, {"role": "user", "content": "hi"},
+                                 {"role": "assistant", "content": "positive"}])
+        t = D.tokenize_example(tok, ex, 128)
+        assert _labelled_tokens(tok, t) == [*answer.split(), "<|im_end|>", "positive", "<|im_end|>"], answer
+        first = t.labels.index(next(x for x in t.labels if x != D.IGNORE_INDEX))
+        assert first > t.input_ids.index(tok.convert_tokens_to_ids("assistant"))  # after the system prompt
+
+
+def test_a_token_that_straddles_the_start_of_an_answer_is_learned():
+    # a byte-level BPE merges the template's "\n" with an answer's leading "\n" ("ĊĊ"): the token
+    # started before the answer, so the answer's first character was never learned
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<|im_start|>", "<|im_end|>", "user", "assistant", ":", "!", ":!",
+                                         "hi", "good"])}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()  # ":!" is one token: the header's ":" and the answer's "!"
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<|im_end|>",
+                                  additional_special_tokens=["<|im_start|>", "<|im_end|>"])
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}:{{ m['content'] }}<|im_end|>{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant:{% endif %}")
+    ex = D.Example(messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "!good"}])
+    t = D.tokenize_example(tok, ex, 64)
+    assert _labelled_tokens(tok, t) == [":!", "good", "<|im_end|>"]
+    plain = D.tokenize_example(tok, D.Example(messages=[{"role": "user", "content": "hi"},
+                                                       {"role": "assistant", "content": "good"}]), 64)
+    assert _labelled_tokens(tok, plain) == ["good", "<|im_end|>"]  # (":" is the header's alone)
+
+
+@pytest.mark.parametrize("record, key", [
+    ({"prompt": "Classify:", "input": "a dull film", "completion": "negative"}, "input"),
+    ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "input": "x"}, "input"),
+    ({"instruction": "i", "output": "o", "system": "be brief"}, "system"),
+    ({"prompt": "p", "completion": "c", "response": "r"}, "response"),
+])
+def test_a_key_that_holds_text_in_another_format_is_refused_not_dropped(tmp_path, record, key):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(ValueError, match=rf"{path}:1: '{key}' is not part of the .* format and would be dropped"):
+        D.read_jsonl(path)
+    # other keys are ignored; "input" belongs to the instruction format
+    path.write_text(json.dumps({"prompt": "p", "completion": "c", "id": 7, "source": "web"}) + "\n"
+                    + json.dumps({"instruction": "i", "input": "x", "output": "o"}) + "\n")
+    assert [e.messages[0]["content"] for e in D.read_jsonl(path)] == ["p", "i\n\nx"]
+
+
+def test_the_first_bad_line_is_reported_even_when_a_later_one_is_not_utf8(tmp_path):
+    # the text-mode reader decoded ahead of the parser: line 3's bad byte was reported, line 2 never
+    path = tmp_path / "d.jsonl"
+    good = json.dumps({"prompt": "p", "completion": "c"}).encode()
+    path.write_bytes(good + b"\n{oops\n" + good[:-1] + b'\xff"}\n')
+    with pytest.raises(ValueError, match=rf"{path}:2: invalid JSON"):
+        D.read_jsonl(path)
+    path.write_bytes(good + b"\r\n" + good + b"\r" + good[:-1] + b'\xff"}\n')  # CRLF and a bare CR end lines
+    with pytest.raises(ValueError, match=rf"{path}:3: not UTF-8 text \(invalid start byte\)"):
+        D.read_jsonl(path)
+
+
+def test_a_one_line_json_array_says_data_files_are_jsonl(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps([{"prompt": "a", "completion": "b"}]) + "\n")
+    with pytest.raises(ValueError, match=r":1: expected a JSON object, got list; data files are JSONL"):
+        D.read_jsonl(path)
+
+
+def test_a_pipe_is_read_like_a_file(tmp_path):
+    import os
+    import threading
+
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    writer = threading.Thread(target=lambda: fifo.write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n"),
+                              daemon=True)
+    writer.start()
+    try:
+        assert [e.answer for e in D.read_jsonl(fifo)] == ["c"]  # was "data file ... not found"
+    finally:
+        if writer.is_alive():  # not read: open the reading end so that the writer is not left blocked
+            fd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+            writer.join(timeout=10)
+            os.close(fd)
+
+
+def test_a_text_cut_to_one_token_is_dropped_not_scored_as_zero_loss(tok, capsys):
+    # one token has a label but nothing before it to predict it from: training ran at loss 0.0,
+    # grad norm 0.0, and eval printed loss 0.0000
+    from lorakit.train.generate import evaluate
+    from tiny_lm import tiny_llama_lm
+
+    texts = [D.Example(text="good film"), D.Example(text="bad plot")]
+    with pytest.raises(ValueError, match="no example has answer tokens within max_length=1"):
+        D.tokenize_all(tok, texts, 1)
+    assert len(D.tokenize_all(tok, texts, 2)) == 2  # two tokens: the second is predicted
+    with pytest.raises(ValueError, match="no example has answer tokens within max_length=1"):
+        evaluate(tiny_llama_lm(tok), tok, texts, 1, 2, "fp32")
+    res = evaluate(tiny_llama_lm(tok), tok, texts + [D.Example(text="good film bad plot")], 2, 2, "fp32")
+    assert res["n"] == 3 and res["n_dropped"] == 0 and res["n_labels"] == 3 and res["loss"] > 0
+
+
+def test_eval_reports_examples_cut_away(tok):
+    from lorakit.train.generate import evaluate
+    from tiny_lm import tiny_llama_lm
+
+    short = D.Example(messages=[{"role": "user", "content": "film"}, {"role": "assistant", "content": "good"}])
+    long = D.Example(messages=[{"role": "user", "content": " ".join(["film"] * 40)},
+                               {"role": "assistant", "content": "bad"}])
+    n = len(D.tokenize_example(tok, short, 512).input_ids)
+    res = evaluate(tiny_llama_lm(tok), tok, [short, long, short], n, 2, "fp32")
+    assert (res["n"], res["n_dropped"], res["n_accuracy"]) == (2, 1, 2)

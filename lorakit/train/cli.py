@@ -265,9 +265,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model, tok, info = load_for_inference(args.model, args.adapter, args.precision, merge=args.merge)
     max_length = fit_to_positions(model, args.max_length, lambda text: print(text, file=sys.stderr))
     res = evaluate(model, tok, examples, max_length, args.batch_size, info["amp"])
+    if res["n_dropped"]:  # (as train warns for its data)
+        print(f"warning: eval data: dropped {res['n_dropped']} examples with no answer tokens within "
+              f"max_length={max_length}", file=sys.stderr)
     report = {"adapter": args.adapter, "merged": args.merge,
               "model": info.get("model") or "SmolLM2-135M-Instruct (embedded)",
-              "data": args.data, "n": res["n"], "loss": res["loss"], "accuracy": res["accuracy"],
+              "data": args.data, "n": res["n"], "n_dropped": res["n_dropped"], "loss": res["loss"], "accuracy": res["accuracy"],
               "n_accuracy": res["n_accuracy"], "n_generated": res["n_generated"]}
     if args.json:
         print(json.dumps(report, indent=1))

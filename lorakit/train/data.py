@@ -23,6 +23,7 @@ import bz2
 import csv
 import importlib.metadata
 import importlib.util
+import io
 import json
 import random
 import re
@@ -46,6 +47,14 @@ FALLBACK_CHAT_TEMPLATE = (
     "{% if m['role'] == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
     "{% if add_generation_prompt %}{{ '### assistant:\\n' }}{% endif %}"
 )
+
+# Keys that hold text to learn from in common dataset layouts; in a record whose format does not use
+# them they are refused (the text would be dropped), every other extra key is ignored.
+_UNUSED_TEXT_KEYS = ("input", "system", "response", "answer", "question", "context")
+_STRAY_HINT = {
+    "input": 'only the {"instruction", "input", "output"} format has an "input"',
+    "system": 'give a system prompt as the first of "messages": {"role": "system", "content": "..."}',
+}
 
 SENTIMENT_QUESTION = "Is this review positive or negative? Answer with one word."
 
@@ -139,6 +148,12 @@ def parse_record(obj: Any, where: str) -> Example:
              if any(key in obj for key in keys)]
     if len(kinds) > 1:  # which one would be trained on is not for lorakit to guess
         raise ValueError(f"{where}: the record mixes formats ({' and '.join(kinds)}); give one per line")
+    # keys that hold text to learn from in some dataset layouts but not in this record's format would
+    # be dropped silently (other keys, an "id" or a "source", are ignored)
+    stray = [k for k in _UNUSED_TEXT_KEYS if kinds and k in obj and not (k == "input" and kinds == ["instruction/output"])]
+    if stray:
+        raise ValueError(f"{where}: {stray[0]!r} is not part of the {kinds[0]} format and would "
+                         f"be dropped; {_STRAY_HINT.get(stray[0], 'use one of ' + _FORMATS)}")
     if "messages" in obj:
         msgs = obj["messages"]
         if not isinstance(msgs, list) or not msgs:
@@ -182,46 +197,50 @@ def read_jsonl(path: str | Path) -> list[Example]:
 
     Raises:
         FileNotFoundError: if the file does not exist.
-        ValueError: if it is a directory or not UTF-8 text; on the first bad line, naming its line
-            number and the problem.
+        ValueError: if it is a directory; on the first bad line (invalid JSON, not UTF-8, a record
+            that is not one of the formats), naming its line number and the problem.
     """
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"data file {str(path)!r} is a directory, not a JSONL file")
-    if not path.is_file():
+    if not path.exists():
         raise FileNotFoundError(f"data file {str(path)!r} not found")
     examples = []
-    try:
-        # utf-8-sig: a byte-order mark (written by some editors) at the start of the file is skipped.
-        with path.open(encoding="utf-8-sig") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    hint = ("; data files are JSONL: one JSON object per line (a JSON array, CSV or plain "
-                            "text is not read)") if not examples else ""
-                    raise ValueError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno}){hint}") from None
-                examples.append(parse_record(obj, where))
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}:{_first_non_utf8_line(path)}: not UTF-8 text ({exc.reason}); "
-                         "save the file as UTF-8") from None
+    # Decoded here with surrogateescape, so that a line that is not UTF-8 is reported at its own
+    # number after every line before it was parsed (a text-mode file decodes blocks ahead of the
+    # parser: a bad byte on line 3 was reported before invalid JSON on line 2). utf-8-sig: a
+    # byte-order mark (written by some editors) at the start of the file is skipped. Lines are split
+    # as a text-mode file splits them (\n, \r\n or \r), as editors number them. A pipe or
+    # /dev/stdin is read once like a file.
+    text = path.read_bytes().decode("utf-8-sig", errors="surrogateescape")
+    for lineno, line in enumerate(io.StringIO(text, newline=None), start=1):
+        where = f"{path}:{lineno}"
+        bad = _RAW_BYTE.search(line)
+        if bad:
+            try:
+                line.encode("utf-8", errors="surrogateescape").decode("utf-8")
+                reason = "invalid byte"
+            except UnicodeDecodeError as exc:
+                reason = exc.reason
+            raise ValueError(f"{where}: not UTF-8 text ({reason}); save the file as UTF-8")
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            hint = _JSONL_HINT if not examples else ""
+            raise ValueError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno}){hint}") from None
+        if isinstance(obj, list) and not examples:  # a JSON array on one line
+            raise ValueError(f"{where}: expected a JSON object, got list{_JSONL_HINT}")
+        examples.append(parse_record(obj, where))
     if not examples:
         raise ValueError(f"data file {str(path)!r} has no records")
     return examples
 
 
-def _first_non_utf8_line(path: Path) -> int:
-    """Number of the first line of ``path`` that is not valid UTF-8 (for the error message)."""
-    with path.open("rb") as fh:
-        for lineno, raw in enumerate(fh, start=1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError:
-                return lineno
-    return 1
+_JSONL_HINT = "; data files are JSONL: one JSON object per line (a JSON array, CSV or plain text is not read)"
+# A byte that is not UTF-8, as surrogateescape decodes it (a JSON "\udc80" escape is six ASCII characters).
+_RAW_BYTE = re.compile("[\udc80-\udcff]")
 
 
 def write_jsonl(examples: list[Example], path: str | Path) -> None:
@@ -344,6 +363,13 @@ def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]], full: str) 
         upto = render_chat(tokenizer, messages[: i + 1]).rstrip()
         if before is not None and full.startswith(before) and full.startswith(upto) and len(upto) > len(before):
             start, end = len(before), len(upto)
+        elif (lead := _text_before(tokenizer, messages[:i])) is not None and len(lead) >= pos and \
+                full.startswith(lead) and full.startswith(upto) and len(upto) > len(lead):
+            # a template that puts a default system prompt before a first message only once there is
+            # one (SmolLM2's, Qwen's): the chat of no messages is no prefix of the full one. The
+            # search below found such an answer inside that prompt ("... trained by Hugging Face"
+            # for the answer "Hugging Face"), or in the template's markup for a one-letter answer
+            start, end = len(lead), len(upto)
         else:
             # Templates that rewrite earlier turns (rare) are not prefix-stable: find the content.
             start = full.find(m["content"], pos)
@@ -356,6 +382,20 @@ def _assistant_spans(tokenizer: Any, messages: list[dict[str, str]], full: str) 
         spans.append((start, end))
         pos = end
     return spans
+
+
+_ANSWER_MARK = "LorakitAnswerMark7"  # a word no template rewrites
+
+
+def _text_before(tokenizer: Any, messages: list[dict[str, str]]) -> str | None:
+    """The rendered text up to where an assistant answer after ``messages`` starts (what the
+    template writes before the answer's content, the generation prompt included), or None."""
+    try:
+        text = render_chat(tokenizer, [*messages, {"role": "assistant", "content": _ANSWER_MARK}])
+    except Exception:
+        return None
+    k = text.find(_ANSWER_MARK)
+    return text[:k] if k >= 0 else None
 
 
 def tokenize_example(tokenizer: Any, example: Example, max_length: int) -> Tokenized:
@@ -383,7 +423,9 @@ def tokenize_example(tokenizer: Any, example: Example, max_length: int) -> Token
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     labels = [IGNORE_INDEX] * len(ids)
     for j, (a, b) in enumerate(offsets):
-        if b > a and any(s <= a < e for s, e in spans):
+        # a token with any character of an answer is the answer's (as transformers' assistant masks
+        # count it): one that merges the template's newline with an answer's leading "\n" is learned
+        if b > a and any(a < e and b > s for s, e in spans):
             labels[j] = ids[j]
     cut = any(x != IGNORE_INDEX for x in labels[max_length:])
     return Tokenized(ids[:max_length], labels[:max_length], cut)
@@ -396,7 +438,7 @@ def tokenize_all(tokenizer: Any, examples: list[Example], max_length: int, what:
         ValueError: if no example keeps any label (e.g. ``max_length`` far too small).
     """
     out = [tokenize_example(tokenizer, ex, max_length) for ex in examples]
-    kept = [t for t in out if t.n_labels > 0]
+    kept = [t for t in out if t.n_predicted > 0]  # (a text cut to 1 token has a label but nothing predicts it)
     if not kept:
         raise ValueError(f"{what}: no example has answer tokens within max_length={max_length}")
     if len(kept) < len(out):

@@ -340,13 +340,15 @@ def evaluate(model: Any, tokenizer: Any, examples: list[Example], max_length: in
     accuracy as generating every answer (``shortcut=False``; a test compares the two).
 
     Returns:
-        ``{"loss", "accuracy" (None without answer examples), "n", "n_labels" (the answer tokens the
+        ``{"loss", "accuracy" (None without answer examples), "n", "n_dropped" (examples with no
+        answer token within ``max_length``, in neither metric), "n_labels" (the answer tokens the
         loss is the mean over), "n_accuracy", "n_generated", "predictions"}``; a prediction is
         ``{"reference", "generated", "correct", "example"}``, the last its place in ``examples``.
     """
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     tokenized = [tokenize_example(tokenizer, ex, max_length) for ex in examples]
-    scored = sorted((i for i, t in enumerate(tokenized) if t.n_labels), key=lambda i: len(tokenized[i].input_ids))
+    # (an example whose answer max_length cut away has nothing to score; nor has a text cut to one token)
+    scored = sorted((i for i, t in enumerate(tokenized) if t.n_predicted), key=lambda i: len(tokenized[i].input_ids))
     if not scored:
         raise NothingToScore(f"eval data: no example has answer tokens within max_length={max_length}")
     was_training = model.training
@@ -370,7 +372,7 @@ def evaluate(model: Any, tokenizer: Any, examples: list[Example], max_length: in
     stop_ids = stop_token_ids(model, tokenizer)
     stops = set(stop_ids)
     for i, ex in enumerate(examples):
-        if ex.answer is None or not tokenized[i].n_labels:
+        if ex.answer is None or not tokenized[i].n_predicted:
             continue  # (an answer cut away by max_length counts in neither metric, as in training)
         if tokenized[i].cut:
             continue  # the last answer is cut short: its loss tokens count, but there is no whole answer to match
@@ -413,6 +415,7 @@ def evaluate(model: Any, tokenizer: Any, examples: list[Example], max_length: in
         "loss": total / max(count, 1),
         "accuracy": correct / n_qa if n_qa else None,
         "n": len(scored),
+        "n_dropped": len(examples) - len(scored),
         "n_labels": count,
         "n_accuracy": n_qa,
         "n_generated": len(pending),

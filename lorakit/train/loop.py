@@ -228,6 +228,7 @@ def evaluate_shared(dist: Dist, model: Any, tokenizer: Any, examples: list[Examp
     correct = sum(q["correct"] for q in predictions)
     return {"loss": sum(p["loss"] * p["n_labels"] for p in parts) / max(n_labels, 1),
             "accuracy": correct / len(predictions) if predictions else None, "n": sum(p["n"] for p in parts),
+            "n_dropped": len(examples) - sum(p["n"] for p in parts),
             "n_labels": n_labels, "n_accuracy": len(predictions), "n_generated": sum(p["n_generated"] for p in parts),
             "predictions": predictions}
 
@@ -631,7 +632,8 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
                 return {}
             t0 = time.time()
             res = evaluate_shared(dist, model, tokenizer, eval_examples, max_length, max(cfg.batch_size, 16), amp)
-            log(f"[{tag}] held-out loss {res['loss']:.4f}, accuracy {format_metric(res['accuracy'], True)} "
+            graded = "" if res["n_accuracy"] == res["n"] else f" (of {res['n_accuracy']} graded)"
+            log(f"[{tag}] held-out loss {res['loss']:.4f}, accuracy {format_metric(res['accuracy'], True)}{graded} "
                 f"on {res['n']} examples ({time.time() - t0:.0f} s)")
             return {k: v for k, v in res.items() if k != "predictions"} | {"samples": res["predictions"][:5]}
 
