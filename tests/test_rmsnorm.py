@@ -153,3 +153,32 @@ def test_training_kernels_under_torch_compile_give_eager_gradients():
     scale = max(float(r.abs().max()) for r in ref)
     for r, g in zip(ref, got):
         torch.testing.assert_close(g, r, rtol=0, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("edit", ["mul", "add", "clamp"])
+def test_a_norm_output_edited_in_place_is_read_as_edited(edit):
+    # a forward hook's out.mul_(1.5) (activation steering) between the norm and a LoRA layer: the
+    # LoRA node rebuilt the *unedited* output from the recipe, dL/dA 50% off with no error
+    from torch import nn
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from lorakit.layers.linear import LoraLinear
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(8)
+    lin = LoraLinear(nn.Linear(8, 4, bias=False).requires_grad_(False))
+    lin.add_adapter("a", 2, 1.0, 1.0, init_lora_weights=False)
+    lin.train()
+    h = torch.randn(3, 8, requires_grad=True)
+    op = {"mul": lambda y: y.mul_(2), "add": lambda y: y.add_(1), "clamp": lambda y: y.clamp_(max=0)}[edit]
+    grads = []
+    for fused in (False, True):
+        if fused:
+            fuse_rmsnorms(norm)
+        y = norm(h)
+        assert (getattr(y, RMSNORM_RECIPE, None) is not None) == fused
+        op(y)
+        grads.append(torch.autograd.grad(lin(y).square().sum(), (lin.lora_A["a"], lin.lora_B["a"], h)))
+    unfuse_rmsnorms(norm)
+    for plain, got in zip(*grads):
+        torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-6)

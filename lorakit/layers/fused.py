@@ -65,12 +65,34 @@ class SharedRecompute:
         return value
 
 
+def first_order_only(node: str, plain: str) -> Callable[[Callable], Callable]:
+    """Decorator for a kernel's ``backward`` (above ``once_differentiable``): a backward run with
+    ``create_graph=True`` (a gradient penalty, a Hessian-vector product) raises, naming the kernel
+    and how to run the plain ops instead. ``once_differentiable`` alone raises only where the
+    incoming gradient itself requires grad: a node at the root of the graph (the loss) got a
+    constant 1, answered constants, and the second-order terms through it were silently dropped
+    (0.70 relative off on lora_B through ``linear_cross_entropy``)."""
+    def wrap(backward: Callable) -> Callable:
+        def checked(ctx, *grads):
+            if torch.is_grad_enabled():
+                raise RuntimeError(f"higher-order gradients through lorakit's fused {node} are not supported "
+                                   f"(backward with create_graph=True): {plain} before differentiating a gradient")
+            return backward(ctx, *grads)
+        checked.__doc__, checked.__name__ = backward.__doc__, backward.__name__
+        return checked
+    return wrap
+
+
 def norm_recipe(x: torch.Tensor) -> tuple | None:
     """The ``RMSNORM_RECIPE`` of ``x`` when ``x`` is a fused RMSNorm's output (same tokens), else None:
     a node reading ``x`` may then keep the recipe's first three tensors instead of ``x`` and rebuild
-    it with ``recompute_norm``."""
+    it with ``recompute_norm``. Not when ``x`` was changed in place since the norm made it (its
+    version differs): the recipe rebuilds the norm's output, not what the node read, so the
+    gradients would be silently those of the unedited input."""
     recipe = getattr(x, RMSNORM_RECIPE, None)
-    return recipe if recipe is not None and recipe[0].shape[:-1] == x.shape[:-1] else None
+    if recipe is None or recipe[0].shape[:-1] != x.shape[:-1] or recipe[4] != x._version:
+        return None
+    return recipe
 
 
 class _Workspace(threading.local):

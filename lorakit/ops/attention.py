@@ -39,6 +39,8 @@ from typing import Any
 import torch
 from torch.autograd.function import once_differentiable
 
+from lorakit.layers.fused import first_order_only
+
 #: Longest key sequence that takes the matmul path with any mask; above it the flash kernel is as
 #: fast or faster and saves less (its saved state grows with queries, not queries x keys). Measured
 #: on a 2-core AVX-512 CPU (benchmarks/attention.py): bf16 forward + backward 0.3-0.5x SDPA's time
@@ -117,6 +119,7 @@ class ShortAttention(torch.autograd.Function):
         return out.view(B, H, S, D).to(q.dtype)
 
     @staticmethod
+    @first_order_only('attention', 'undo it with lorakit.ops.restore_attention(model)')
     @once_differentiable  # higher-order gradients: a clear error, not silently wrong ones
     def backward(ctx, grad_out: torch.Tensor):
         q5, k, v, *probs_list = ctx.saved_tensors

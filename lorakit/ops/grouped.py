@@ -33,7 +33,8 @@ from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.layers.fused import KeepMask, add_branch, add_product, branch_dtype, branch_grads, norm_recipe, recompute_norm
+from lorakit.layers.fused import (KeepMask, add_branch, add_product, branch_dtype, branch_grads, first_order_only,
+                                  norm_recipe, recompute_norm)
 from lorakit.layers.linear import LoraLinear
 from lorakit.ops.patching import forward_body, patch_forwards, unpatch_forwards
 
@@ -113,6 +114,7 @@ class SharedInputLinears(torch.autograd.Function):
         return tuple(outs)
 
     @staticmethod
+    @first_order_only('q/k/v (gate/up) projections', 'undo them with lorakit.ops.unfuse_qkv_projections(model)')
     @once_differentiable  # higher-order gradients: a clear error, not silently wrong ones
     def backward(ctx, *grads: torch.Tensor | None):
         saved = ctx.saved_tensors

@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 from torch.autograd.function import once_differentiable
 
+from lorakit.layers.fused import first_order_only
+
 #: Upper bound on the elements of one chunk's logits (fp32: 64 MB, the only chunk-sized buffer).
 CHUNK_ELEMENTS = 1 << 24
 
@@ -66,6 +68,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         return total
 
     @staticmethod
+    @first_order_only('head + cross-entropy (linear_cross_entropy)', "compute the loss from the model's logits with F.cross_entropy")
     @once_differentiable  # higher-order gradients: a clear error, not silently wrong ones
     def backward(ctx, grad_out: torch.Tensor):
         grad_h, grad_w, grad_b = ctx.saved_tensors

@@ -20,7 +20,7 @@ from torch.autograd.function import once_differentiable
 from torch import nn
 
 from lorakit.layers.fused import RMSNORM_RECIPE as RECIPE
-from lorakit.layers.fused import SharedRecompute
+from lorakit.layers.fused import SharedRecompute, first_order_only
 from lorakit.layers.fused import recompute_norm as recompute
 from lorakit.ops.patching import forward_body, patch_forwards, unpatch_forwards
 
@@ -50,10 +50,13 @@ class RMSNormFn(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             # For the LoRA nodes that consume y (layers/fused.py): h is kept here anyway. (Not for an
             # input without gradient, e.g. the embeddings: keeping h there would only replace y.)
-            setattr(y, RECIPE, (*recipe, SharedRecompute()))
+            # (with y's version: an in-place edit of y before a node reads it, a forward hook's
+            # out.mul_(1.5), makes the recipe stale, and the node keeps y itself)
+            setattr(y, RECIPE, (*recipe, SharedRecompute(), y._version))
         return y
 
     @staticmethod
+    @first_order_only('RMSNorm', 'undo it with lorakit.ops.unfuse_rmsnorms(model)')
     @once_differentiable  # higher-order gradients: a clear error, not silently wrong ones
     def backward(ctx, grad: torch.Tensor):
         h, weight, rstd = ctx.saved_tensors

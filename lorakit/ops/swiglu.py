@@ -21,7 +21,7 @@ from torch.autograd.function import once_differentiable
 import torch.nn.functional as F
 from torch import nn
 
-from lorakit.layers.fused import KeepMask, add_branch, branch_dtype, branch_grads
+from lorakit.layers.fused import KeepMask, add_branch, branch_dtype, branch_grads, first_order_only
 from lorakit.ops.grouped import linear_plan, shared_input_linears
 from lorakit.ops.patching import forward_body, patch_forwards, unpatch_forwards
 
@@ -45,6 +45,7 @@ class _SwiGLUDown(torch.autograd.Function):
         return out
 
     @staticmethod
+    @first_order_only('SwiGLU MLP', 'undo it with lorakit.ops.unfuse_swiglu_mlps(model)')
     @once_differentiable  # higher-order gradients: a clear error, not silently wrong ones
     def backward(ctx, grad: torch.Tensor):
         gate, up, weight, A, B, h = ctx.saved_tensors
