@@ -284,7 +284,8 @@ def test_processes_given_different_data_stop_with_one_clear_error(tmp_path, data
             return obj
 
         def gather_objects(self, obj):
-            return [obj, (16, *obj[1:])]
+            (n, *rest), settings = obj
+            return [obj, ((16, *rest), settings)]
 
     monkeypatch.setattr(loop, "setup_distributed", lambda: TwoProcesses(world=2, rank=0))
     tok = tiny_tokenizer()
@@ -293,6 +294,35 @@ def test_processes_given_different_data_stop_with_one_clear_error(tmp_path, data
         train(TrainConfig(**_cfg(data, run, max_steps=0, epochs=2)), model=tiny_llama_lm(tok), tokenizer=tok,
               progress=False, log=lambda *_: None)
     assert not run.exists()  # the failed new run removed what it wrote
+
+
+@pytest.mark.parametrize("field, other", [("lr", 1e-3), ("max_steps", 4), ("rank", 4), ("seed", 1)])
+def test_processes_given_different_settings_stop_with_one_clear_error(tmp_path, data, monkeypatch, field, other):
+    """Processes started with their own TrainConfig (the Python API): another max_steps hung at the
+    last collective, another rank died in gloo, another lr or seed trained on silently. A stand-in
+    for the other process reports its settings."""
+    import lorakit.train.loop as loop
+    from lorakit.train.distributed import Dist
+
+    class TwoProcesses(Dist):
+        def broadcast_object(self, obj):
+            return obj
+
+        def gather_objects(self, obj):
+            data_print, settings = obj
+            return [obj, (data_print, {**settings, field: other})]
+
+    monkeypatch.setattr(loop, "setup_distributed", lambda: TwoProcesses(world=2, rank=0))
+    tok = tiny_tokenizer()
+    run = tmp_path / "run"
+    cfg = TrainConfig(**_cfg(data, run, max_steps=6))
+    mine = getattr(cfg, field)
+    with pytest.raises(ValueError, match=rf"given different settings \({field}: process 0: {mine!r}, process 1: "
+                                         rf"{other!r}\)"):
+        train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=lambda *_: None)
+    assert not run.exists()
+    # the output directory and the thread count may differ (the main process's directory is the run's)
+    assert "output" not in loop._settings(cfg) and "threads" not in loop._settings(cfg)
 
 
 def test_a_claim_the_other_process_never_saw_is_given_back(tmp_path):

@@ -1055,3 +1055,20 @@ def test_eval_loss_between_steps_records_no_graph(tok, monkeypatch):
     total, count = gen.eval_loss_sum(model, data, 4, tok.pad_token_id, "fp32")
     assert seen == [False, False] and count == sum(t.n_labels for t in data) and total > 0
     assert gen.eval_loss(model, data, 4, tok.pad_token_id, "fp32") == pytest.approx(total / count)
+
+
+def test_sigterm_stops_after_the_step_with_a_checkpoint_like_ctrl_c(tmp_path, tok, data_files, capsys):
+    # a batch scheduler's pre-emption (and torchrun stopping its workers) sends SIGTERM: it killed
+    # the run at once, losing every step since the last --save-steps checkpoint
+    def term(step, _loss):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+    before = signal.getsignal(signal.SIGTERM)
+    cfg = _cfg(tmp_path, data_files, max_steps=5)
+    res = train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, on_step=term, log=_quiet)
+    assert res.interrupted and res.steps == 2
+    assert "SIGTERM: finishing this step and saving a checkpoint" in capsys.readouterr().err
+    assert json.loads((find_checkpoint(tmp_path / "run") / "trainer_state.json").read_text())["step"] == 2
+    assert signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    res = train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert res.steps == 5 and not res.interrupted

@@ -614,11 +614,20 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
         if dist.world > 1:
             # every process must hold the same examples (another file at the same path on another
             # node planned another number of steps: the run hung at the first step one process skipped)
-            prints = dist.gather_objects(_data_fingerprint(train_data, eval_data))
-            if len(set(prints)) > 1:
+            prints = dist.gather_objects((_data_fingerprint(train_data, eval_data), _settings(cfg)))
+            if len({p[0] for p in prints}) > 1:
                 raise ValueError("the processes of this run read different data (training examples per process: "
-                                 f"{[p[0] for p in prints]}): give every process the same --data and --eval-data "
+                                 f"{[p[0][0] for p in prints]}): give every process the same --data and --eval-data "
                                  "(on several nodes, the same file at the same path)")
+            # ... and train with the same settings: another --max-steps hung at the last collective,
+            # another --eval-steps or --rank died in gloo ("collective mismatch"), another --lr or
+            # --seed trained on silently (rank 0 saved its own adapter; the shares overlapped)
+            differ = sorted(k for k in prints[0][1] if len({repr(p[1].get(k)) for p in prints}) > 1)
+            if differ:
+                values = "; ".join(f"{k}: " + ", ".join(f"process {r}: {p[1].get(k)!r}" for r, p in enumerate(prints))
+                                   for k in differ[:4])
+                raise ValueError(f"the processes of this run were given different settings ({values}): give every "
+                                 "process the same arguments (torchrun passes its own to all)")
 
         # the adapter's base_model_name_or_path: a model given in-process (train(model=...)) without
         # cfg.model is named by its own config, not taken for the embedded model
@@ -929,6 +938,13 @@ def _claim_run_dir_once(run_dir: Path, cfg: TrainConfig, dist: Dist) -> tuple[Pa
     return path, created
 
 
+def _settings(cfg: TrainConfig) -> dict[str, Any]:
+    """The fields of ``cfg`` every process of a run must share: all but ``output`` (the main
+    process's directory is the run's), ``threads`` (per process) and the data paths (their
+    contents are compared by ``_data_fingerprint``)."""
+    return {k: v for k, v in cfg.to_dict().items() if k not in ("output", "threads", "data", "eval_data")}
+
+
 def _data_fingerprint(train_data: list[Tokenized], eval_data: list[Tokenized]) -> tuple[int, int, str]:
     """(training examples, held-out examples, a hash of every token id and label): equal on every
     process of a run that read the same data."""
@@ -1029,7 +1045,10 @@ def _truncate_log(log_path: Path, step: int) -> None:
 def _install_sigint(stop: dict[str, bool], dist: Dist = Dist()) -> Any:
     """First Ctrl-C: finish the current step, save a checkpoint, exit. Second: stop at once.
     (Several processes: the request goes out with the next gradient exchange, and all of them stop
-    after that step; only the first process says so, torchrun passing a Ctrl-C to every process.)"""
+    after that step; only the first process says so, torchrun passing a Ctrl-C to every process.)
+    SIGTERM (a batch scheduler's pre-emption, ``kill``, torchrun stopping its workers) is taken as
+    a Ctrl-C: before, it killed the run at once and lost the steps since the last checkpoint.
+    Returns the replaced handlers, for ``_restore_sigint``."""
     import threading
 
     if threading.current_thread() is not threading.main_thread():
@@ -1039,16 +1058,17 @@ def _install_sigint(stop: dict[str, bool], dist: Dist = Dist()) -> Any:
         if stop["flag"]:
             raise KeyboardInterrupt
         stop["flag"] = True
+        what = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
         if dist.world == 1:
-            print("\nCtrl-C: finishing this step and saving a checkpoint (press again to stop at once)",
+            print(f"\n{what}: finishing this step and saving a checkpoint ({what} again stops at once)",
                   file=sys.stderr)
-        elif dist.main:
-            print("\nCtrl-C: every process stops after the same step (this one or the next) and a checkpoint "
-                  "is saved (press again to stop at once)", file=sys.stderr)
+        elif dist.main:  # (torchrun passes a Ctrl-C or SIGTERM to every process: one says so)
+            print(f"\n{what}: every process stops after the same step (this one or the next) and a checkpoint "
+                  f"is saved ({what} again stops at once)", file=sys.stderr)
 
-    return signal.signal(signal.SIGINT, handler)
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
 
 
 def _restore_sigint(old: Any) -> None:
-    if old is not None:
-        signal.signal(signal.SIGINT, old)
+    for sig, handler in (old or {}).items():
+        signal.signal(sig, handler)
