@@ -206,6 +206,7 @@ def unmerge(model: nn.Module) -> nn.Module:
         ValueError: a merged adapter's weights or scaling were changed after the merge (subtracting
             them would leave wrong base weights); the model is unchanged.
     """
+    require_state(model)  # (a model without adapters was a silent no-op, while merge refused it)
     _refuse_changed_merges(model)
     for _, layer in iter_lora_layers(model):
         layer.unmerge()
@@ -249,6 +250,8 @@ def unload(model: nn.Module) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts; tied parameters are counted once."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a model (an nn.Module), got {type(model).__name__}")
     seen: set[int] = set()
     trainable = total = 0
     for p in model.parameters():

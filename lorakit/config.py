@@ -117,8 +117,14 @@ class LoraConfig:
             raise ValueError(f"LoraConfig.lora_alpha must be a number, got {self.lora_alpha!r}")
         if not math.isfinite(self.lora_alpha):
             raise ValueError(f"LoraConfig.lora_alpha must be finite, got {self.lora_alpha!r}")
-        if not 0.0 <= float(self.lora_dropout) < 1.0:
-            raise ValueError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
+                or not 0.0 <= self.lora_dropout < 1.0:
+            # (a string passed the old float() check and was saved as "0.1", which PEFT cannot load)
+            raise ValueError(f"LoraConfig.lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+        self.lora_dropout = float(self.lora_dropout)
+        for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode"):
+            if not isinstance(getattr(self, flag), bool):  # ("no" turned DoRA on: a string is true)
+                raise TypeError(f"LoraConfig.{flag} must be True or False, got {getattr(self, flag)!r}")
         if self.bias not in _BIAS_CHOICES:
             raise ValueError(f"LoraConfig.bias must be one of {_BIAS_CHOICES}, got {self.bias!r}")
         # Copies, so that nothing lorakit does later can edit the caller's lists and dicts.
@@ -148,8 +154,25 @@ class LoraConfig:
         if self.layers_pattern and self.layers_to_transform is None:
             raise ValueError(f"LoraConfig.layers_pattern={self.layers_pattern!r} needs layers_to_transform "
                              f"(the layer indices it refers to)")
+        for name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, dict):
+                raise TypeError(f"LoraConfig.{name} must be a dict of module pattern -> value, got {value!r}")
+            if any(not isinstance(k, str) or not k for k in value or {}):
+                raise TypeError(f"LoraConfig.{name} keys must be module names or regexes, got {list(value)!r}")
         self.rank_pattern = dict(self.rank_pattern or {})
         self.alpha_pattern = dict(self.alpha_pattern or {})
+        # regexes are compiled here, so that a bad one names its field (not a bare re.error from deep in
+        # the matcher)
+        regexes = [("target_modules", self.target_modules), ("exclude_modules", self.exclude_modules)]
+        regexes += [(f"rank_pattern key {k!r}", k) for k in self.rank_pattern]
+        regexes += [(f"alpha_pattern key {k!r}", k) for k in self.alpha_pattern]
+        for what, pattern in regexes:
+            if isinstance(pattern, str):
+                try:
+                    re.compile(pattern)
+                except re.error as exc:
+                    raise ValueError(f"LoraConfig.{what} is not a valid regular expression: {exc}") from None
         for key, value in self.rank_pattern.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LoraConfig.rank_pattern[{key!r}] must be a positive integer, got {value!r}")

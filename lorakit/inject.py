@@ -106,7 +106,14 @@ class ModulesToSave(nn.Module):
 # ---- the state lorakit keeps on a model -------------------------------------------------------------
 
 def get_state(model: nn.Module, create: bool = False) -> LoraState | None:
-    """The ``LoraState`` of ``model`` (None if lorakit never injected into it, unless ``create``)."""
+    """The ``LoraState`` of ``model`` (None if lorakit never injected into it, unless ``create``).
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module`` (None, a path, a config: it was a bare
+            AttributeError about ``__dict__``).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a model (an nn.Module), got {type(model).__name__}")
     state = model.__dict__.get("_lorakit")
     if state is None and create:
         state = LoraState()
@@ -124,6 +131,8 @@ def require_state(model: nn.Module) -> LoraState:
 
 def iter_lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     """Yield ``(module path, LoraLayer)`` for every LoRA layer in ``model``."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a model (an nn.Module), got {type(model).__name__}")
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             yield name, module
@@ -223,6 +232,10 @@ def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
         ValueError: ``target_modules`` is missing, matches nothing (the message lists the closest
             existing module names), or matches a module type that has no LoRA layer.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a model (an nn.Module), got {type(model).__name__}")
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"expected a lorakit LoraConfig, got {type(config).__name__}")
     if config.target_modules is None:
         raise ValueError("LoraConfig.target_modules is required, e.g. ['q_proj', 'v_proj'] or 'all-linear'")
     all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR
@@ -235,9 +248,18 @@ def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
     wrappers = [n for n, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))]
     saved = config.modules_to_save
     found: list[str] = []
+    # nn.MultiheadAttention reads out_proj's weight itself (F.multi_head_attention_forward) and never
+    # calls the module: a LoRA layer there would never run
+    mha_out = {f"{n}.out_proj" if n else "out_proj" for n, m in model.named_modules() if isinstance(m, nn.MultiheadAttention)}
     for name, module in model.named_modules():
         if not name or _inside_lora(name, wrappers):
             continue
+        if name in mha_out:
+            if all_linear or not _name_matches(config.target_modules, name):
+                continue
+            raise ValueError(f"target module {name!r} is the out_proj of an nn.MultiheadAttention, which uses its "
+                             "weight directly and never calls it: a LoRA there would have no effect. Leave it out "
+                             "of target_modules")
         if config.exclude_modules and _name_matches(config.exclude_modules, name):
             continue
         if saved and _in_saved(saved, name):
@@ -342,6 +364,27 @@ def _warn_rank_above_layer(model: nn.Module, targets: list[str], config: LoraCon
                       "outnumber the layer's own weights", stacklevel=3)
 
 
+# An adapter's name is a key of the layers' ParameterDict / ModuleDict stores, which refuse (after
+# registering half of it) a key that is one of their attributes: "keys", "training", "to", ...
+_RESERVED_NAMES = frozenset(dir(nn.ParameterDict())) | frozenset(dir(nn.ModuleDict()))
+
+
+def check_adapter_name(name: Any) -> str:
+    """``name`` if it can name an adapter, else a ValueError saying why.
+
+    A name is a non-empty string without dots, not ``"__base__"`` (which means "no adapter" in
+    mixed batches) and not an attribute of the layers' parameter stores (``"keys"``, ``"training"``,
+    ``"to"``, ...: such a name left the model half-changed before this check).
+    """
+    if not isinstance(name, str) or not name or "." in name or name == "__base__":
+        raise ValueError(f"adapter name must be a non-empty string without dots (and not '__base__', which "
+                         f"means 'no adapter' in mixed batches), got {name!r}")
+    if name in _RESERVED_NAMES:
+        raise ValueError(f"adapter name {name!r} is an attribute of the layers' parameter stores "
+                         "(nn.ParameterDict / nn.ModuleDict), which cannot hold it as a key; pick another name")
+    return name
+
+
 def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "default",
                    init_lora_weights: bool | str | None = None, loading: bool = False) -> list[str]:
     """Add adapter ``adapter_name`` to every module ``config`` targets; returns the module names.
@@ -354,9 +397,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     """
     if not isinstance(config, LoraConfig):
         raise TypeError(f"expected a lorakit LoraConfig, got {type(config).__name__}")
-    if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name or adapter_name == "__base__":
-        raise ValueError(f"adapter name must be a non-empty string without dots (and not '__base__', which "
-                         f"means 'no adapter' in mixed batches), got {adapter_name!r}")
+    check_adapter_name(adapter_name)
     state = get_state(model)
     if state is not None and adapter_name in state.configs:
         raise ValueError(f"adapter {adapter_name!r} already exists on this model; pick another name or delete it first")

@@ -16,7 +16,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -178,7 +178,7 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
                       "PEFT and lorakit load it (they redo the initialisation on the base first), but vLLM refuses "
                       "it and llama.cpp adds it to the original base, which is wrong; for serving, save it with "
                       "convert_to_lora=True (a plain LoRA against the original base)", stacklevel=2)
-    directory = Path(directory)
+    directory = adapter_dir(directory)
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"cannot save adapter: {directory} exists and is not a directory")
     directory.mkdir(parents=True, exist_ok=True)
@@ -186,6 +186,14 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     atomic_write_bytes(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
     config.save(directory)
     return directory
+
+
+def adapter_dir(directory: Any) -> Path:
+    """``directory`` as a Path; a TypeError naming what was given if it is not a path (None, a
+    number: it was pathlib's "expected str, bytes or os.PathLike object")."""
+    if not isinstance(directory, (str, os.PathLike)) or not str(directory):
+        raise TypeError(f"an adapter directory must be a path (str or os.PathLike), got {directory!r}")
+    return Path(directory)
 
 
 def read_adapter_files(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
@@ -197,7 +205,7 @@ def read_adapter_files(directory: str | Path) -> tuple[LoraConfig, dict[str, tor
     """
     from safetensors.torch import load_file
 
-    directory = Path(directory)
+    directory = adapter_dir(directory)
     config = LoraConfig.load(directory)
     weights = directory / WEIGHTS_NAME
     if not weights.is_file():

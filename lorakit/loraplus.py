@@ -40,13 +40,16 @@ def loraplus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, weig
         A list of parameter-group dicts for ``torch.optim.Optimizer``.
 
     Raises:
-        ValueError: ``lr``, ``ratio`` or ``lr_embedding`` is not positive, or nothing is trainable.
+        ValueError: ``lr``, ``ratio`` or ``lr_embedding`` is not positive, ``weight_decay`` not a
+            finite number >= 0, or nothing is trainable.
     """
     from lorakit.layers.embedding import LoraEmbedding
 
     for name, value in (("lr", lr), ("ratio", ratio)) + ((("lr_embedding", lr_embedding),) if lr_embedding is not None else ()):
         if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < float("inf"):
             raise ValueError(f"loraplus_param_groups: {name} must be a positive finite number, got {value!r}")
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or not 0 <= weight_decay < float("inf"):
+        raise ValueError(f"loraplus_param_groups: weight_decay must be a finite number >= 0, got {weight_decay!r}")
     a_params: list[nn.Parameter] = []
     b_params: list[nn.Parameter] = []
     emb_params: list[nn.Parameter] = []

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from lorakit.config import LoraConfig
-from lorakit.inject import (ModulesToSave, ends_another, find_target_modules, get_state, inject_adapter, iter_lora_layers,
+from lorakit.inject import (ModulesToSave, check_adapter_name, ends_another, find_target_modules, get_state, inject_adapter, iter_lora_layers,
                             iter_saved_modules, mark_trainable, require_state)
 from lorakit.variants import variant_for
 
@@ -554,8 +554,7 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], name: str, 
     for n, w in weights.items():
         if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w):
             raise ValueError(f"weight of adapter {n!r} must be a finite number, got {w!r}")
-    if not isinstance(name, str) or not name or "." in name or name == BASE_NAME:
-        raise ValueError(f"adapter name must be a non-empty string without dots (not {BASE_NAME!r}), got {name!r}")
+    check_adapter_name(name)
     if name in state.configs:
         raise ValueError(f"adapter {name!r} already exists on this model; pick another name")
     if method == "cat" and rank is not None:

@@ -64,6 +64,9 @@ def quantize_nf4(weight: torch.Tensor, block_size: int = 64, scale_block_size: i
     Raises:
         ValueError: bad block sizes, or a non-floating / non-finite weight.
     """
+    for what, value in (("block_size", block_size), ("scale_block_size", scale_block_size)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"NF4 {what} must be an integer, got {value!r}")
     if block_size < 2 or block_size % 2 or scale_block_size < 1:
         raise ValueError(f"NF4 needs an even block_size >= 2 and scale_block_size >= 1, got {block_size}, {scale_block_size}")
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
@@ -190,7 +193,14 @@ def quantize_model_nf4(model: nn.Module, skip: list[str] | None = None, block_si
     from lorakit.layers import LoraLayer
     from lorakit.layers.nf4_linear import LinearNF4
 
-    skip = ["lm_head"] if skip is None else list(skip)
+    skip = ["lm_head"] if skip is None else [skip] if isinstance(skip, str) else list(skip)  # (a string was its letters)
+    for p in skip:
+        if not isinstance(p, str):
+            raise ValueError(f"quantize_model_nf4: skip must hold module names or regexes, got {p!r}")
+        try:
+            re.compile(p)
+        except re.error as exc:
+            raise ValueError(f"quantize_model_nf4: skip entry {p!r} is not a valid regular expression: {exc}") from None
     if any(isinstance(m, LoraLayer) for m in model.modules()):
         raise ValueError("quantize_model_nf4: the model already has LoRA layers; quantise the base model first, then inject")
     targets = [(n, m) for n, m in model.named_modules() if type(m) is nn.Linear and not _matches(n, skip)]

@@ -667,3 +667,35 @@ def test_a_gradient_penalty_through_the_fused_head_raises():
     B = model.model.layers[0].self_attn.q_proj.lora_B["default"]
     with pytest.raises(RuntimeError, match="linear_cross_entropy"):
         torch.autograd.grad(loss, B, create_graph=True)
+
+
+def test_compiled_inference_runs_a_hook_added_to_the_base_layer_later():
+    # the lean no-grad path read the base layer's hooks from its __dict__ and never called it, so
+    # dynamo put no guard on them: with its hook guards on, a hook added after compiling never ran
+    import torch._dynamo
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc, self.out = nn.Linear(8, 8), nn.Linear(8, 3)
+
+        def forward(self, x):
+            return self.out(torch.relu(self.fc(x)))
+
+    torch.manual_seed(0)
+    model = lk.get_lora_model(Net().double(), lk.LoraConfig(r=2, target_modules=["fc"], init_lora_weights=False)).eval()
+    x = torch.randn(4, 8, dtype=torch.float64)
+    old = torch._dynamo.config.skip_nnmodule_hook_guards
+    torch._dynamo.config.skip_nnmodule_hook_guards = False
+    torch._dynamo.reset()
+    try:
+        compiled = torch.compile(model, backend="eager")
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), model(x), rtol=0, atol=0)
+            handle = model.fc.base_layer.register_forward_hook(lambda mod, args, out: out * 2)
+            want = model(x)
+            torch.testing.assert_close(compiled(x), want, rtol=0, atol=0)
+            handle.remove()
+    finally:
+        torch._dynamo.config.skip_nnmodule_hook_guards = old
+        torch._dynamo.reset()

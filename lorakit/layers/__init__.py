@@ -15,9 +15,18 @@ LAYER_TYPES: dict[type[nn.Module], type[LoraLayer]] = {}
 
 
 def register_layer_type(base_class: type[nn.Module]):
-    """Class decorator: make ``cls`` the LoRA layer for modules of ``base_class``."""
+    """Class decorator: make ``cls`` the LoRA layer for modules of ``base_class``.
+
+    Raises:
+        TypeError: ``base_class`` is not an ``nn.Module`` class, or ``cls`` not a ``LoraLayer``
+            subclass (checked before the registry changes: a bad entry broke every later injection).
+    """
+    if not (isinstance(base_class, type) and issubclass(base_class, nn.Module)):
+        raise TypeError(f"register_layer_type needs an nn.Module class, got {base_class!r}")
 
     def decorate(cls: type[LoraLayer]) -> type[LoraLayer]:
+        if not (isinstance(cls, type) and issubclass(cls, LoraLayer)):
+            raise TypeError(f"register_layer_type({base_class.__name__}) decorates a LoraLayer subclass, got {cls!r}")
         LAYER_TYPES[base_class] = cls
         cls.base_type = base_class
         return cls

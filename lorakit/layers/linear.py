@@ -74,10 +74,13 @@ class LoraLinear(LoraLayer):
         is the layer's own tensor in both, so the adapters are added in place). A mixed batch whose
         rows and shapes this layer has run before with unchanged adapters repeats the layout it built
         then (``BatchedStacks``). Anything else (gradients, training mode, merged adapters,
-        variants, a disabled layer) takes the generic path.
+        variants, a disabled layer, torch.compile) takes the generic path.
         """
         d = self.__dict__
-        if args or kwargs or torch.is_grad_enabled() or d["training"] or d["disabled"] or d["merged_adapters"] or d["variants"]:
+        if (args or kwargs or torch.is_grad_enabled() or d["training"] or d["disabled"] or d["merged_adapters"]
+                or d["variants"] or torch.compiler.is_compiling()):
+            # (under torch.compile the base layer is called, so that dynamo guards its hooks: read from
+            # its __dict__ here, a hook added after compiling was never run, with dynamo's hook guards on)
             return super().forward(x, *args, **kwargs)
         mods = d["_modules"]
         base = mods["base_layer"]
