@@ -338,3 +338,11 @@ def test_eval_reports_examples_cut_away(tok):
     n = len(D.tokenize_example(tok, short, 512).input_ids)
     res = evaluate(tiny_llama_lm(tok), tok, [short, long, short], n, 2, "fp32")
     assert (res["n"], res["n_dropped"], res["n_accuracy"]) == (2, 1, 2)
+
+
+def test_a_local_file_named_like_the_bundled_task_is_pointed_out(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "rotten_tomatoes").write_text(json.dumps({"prompt": "p", "completion": "c"}) + "\n")
+    assert len(D.load_examples("rotten_tomatoes", "test")) == 500  # the bundled task, as documented
+    assert "give ./rotten_tomatoes for it" in capsys.readouterr().err
+    assert [e.answer for e in D.load_examples("./rotten_tomatoes", "train")] == ["c"]

@@ -28,6 +28,7 @@ import json
 import random
 import re
 import string
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -324,6 +325,9 @@ def load_examples(spec: str | Path | None, split: str = "train") -> list[Example
         The examples.
     """
     if spec is None or str(spec) == BUILTIN_TASK:
+        if spec is not None and Path(spec).exists():
+            print(f"warning: {BUILTIN_TASK!r} names the bundled task; the file of that name here is not read "
+                  f"(give ./{BUILTIN_TASK} for it)", file=sys.stderr)
         train, test = load_rotten_tomatoes()
         return train if split == "train" else test
     return read_jsonl(spec)
