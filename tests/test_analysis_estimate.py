@@ -221,3 +221,53 @@ def test_parameter_count_matches_the_built_model_with_qwen2_qkv_biases(tmp_path,
     assert ("attention_bias" in config) == (model_type != "qwen2")
     shape = ModelShape.from_config(config)
     assert shape.total_params() == sum(p.numel() for p in model.parameters())
+
+
+def _tiny(model_type, **extra):
+    import transformers
+
+    cls = transformers.CONFIG_MAPPING[model_type]
+    cfg = cls(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, **extra)
+    return cfg
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "mistral"])
+def test_parameter_counts_equal_transformers(model_type):
+    # Qwen3's q/k norms, Gemma2's extra norms and OLMo's weightless LayerNorms were miscounted
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    cfg = _tiny(model_type)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg)
+    real = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert ModelShape.from_config(cfg.to_dict()).total_params() == real
+
+
+def test_a_missing_tie_key_takes_the_config_classes_default():
+    # Gemma configs leave the key out and tie; it was read as untied (+21% on Gemma-2B's shapes)
+    d = _tiny("gemma").to_dict()
+    d.pop("tie_word_embeddings", None)
+    assert ModelShape.from_config(d).tie_word_embeddings is True
+    d = _tiny("llama").to_dict()
+    d.pop("tie_word_embeddings", None)
+    assert ModelShape.from_config(d).tie_word_embeddings is False
+
+
+def test_models_the_estimator_cannot_model_are_refused_or_flagged():
+    base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=100)
+    with pytest.raises(ValueError, match="mixture of experts \\(num_local_experts=4"):  # was a dense Llama, -55%
+        ModelShape.from_config(base | {"model_type": "mixtral", "num_local_experts": 4})
+    with pytest.raises(ValueError, match="'phi3' fuses its projections"):
+        ModelShape.from_config(base | {"model_type": "phi3"})
+    with pytest.raises(ValueError, match="must be a multiple of num_key_value_heads \\(3\\)"):
+        ModelShape.from_config(base | {"num_key_value_heads": 3})
+    with pytest.warns(UserWarning, match="'totally_unknown' is not one the estimator knows"):
+        ModelShape.from_config(base | {"model_type": "totally_unknown"})
+
+
+@pytest.mark.parametrize("field, value", [("batch_size", 1.5), ("seq_len", True), ("r", "4")])
+def test_sizes_must_be_integers(field, value):
+    with pytest.raises(ValueError, match=rf"{field} must be an integer >= 1"):
+        estimate_memory(PRESETS["7B"], "lora", **{field: value})

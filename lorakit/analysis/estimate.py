@@ -30,6 +30,8 @@ activation memory is well below full fine-tuning's even at equal batch and seque
 """
 from __future__ import annotations
 
+import warnings
+
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +50,28 @@ ATTENTIONS = ("sdpa", "eager")
 NF4_BYTES_PER_PARAM = 0.5 + 1 / 64 + 4 / (64 * 256)
 # bitsandbytes 8-bit blockwise optimizer states: 1 byte per value + one fp32 absmax per 256.
 INT8_STATE_BYTES = 1 + 4 / 256
+
+
+# config.json keys of a mixture-of-experts model (Mixtral, Qwen2-MoE, DeepSeek, ...)
+_MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
+# model types whose projections are fused into one matrix (no q_proj / gate_proj modules)
+_FUSED_PROJECTIONS = {"phi3": "qkv_proj, gate_up_proj", "gpt_neox": "query_key_value", "falcon": "query_key_value",
+                      "bloom": "query_key_value", "gpt_bigcode": "c_attn", "phi": "dense, fc1/fc2"}
+# model types laid out as a Llama decoder (q/k/v/o, gate/up/down, RMSNorms), and their norm weights
+_LLAMA_LAYOUT = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite", "smollm3",
+                 "cohere", "starcoder2", "stablelm", "internlm2", "yi"}
+_NORMS = {"gemma2": (4, 1, 0), "qwen3": (2, 1, 2), "olmo": (0, 0, 0)}
+
+
+def _default_tie(model_type: str | None) -> bool:
+    """transformers' default ``tie_word_embeddings`` for ``model_type`` (a config.json may leave it
+    out: Gemma's do, and Gemma ties), False where transformers does not know the type."""
+    try:
+        from transformers import CONFIG_MAPPING
+
+        return bool(CONFIG_MAPPING[model_type]().tie_word_embeddings) if model_type in CONFIG_MAPPING else False
+    except Exception:  # (no transformers, or a config class that needs arguments)
+        return False
 
 
 @dataclass(frozen=True)
@@ -81,6 +105,9 @@ class ModelShape:
     mlp_bias: bool = False
     name: str = "model"
     qkv_bias: bool = False
+    #: normalisation weights: (hidden-wide per layer, hidden-wide at the end, head_dim-wide per layer):
+    #: Llama (2, 1, 0); Gemma2 (4, 1, 0); Qwen3's q/k norms (2, 1, 2); OLMo's LayerNorm has none (0, 0, 0)
+    norms: tuple[int, int, int] = (2, 1, 0)
 
     @classmethod
     def from_config(cls, config: dict[str, Any], name: str = "model") -> ModelShape:
@@ -107,21 +134,42 @@ class ModelShape:
                 raise ValueError(f"config of {name!r}: {key} must be an integer >= 1, got {value!r}")
             return value
 
+        experts = next((k for k in _MOE_KEYS if config.get(k) not in (None, 0, 1, False)), None)
+        if experts is not None:
+            raise ValueError(f"config of {name!r} is a mixture of experts ({experts}={config[experts]!r}, model_type "
+                             f"{config.get('model_type')!r}): the estimator models dense Llama-style decoders, and "
+                             "would count one MLP per layer")
+        model_type = config.get("model_type")
+        if model_type in _FUSED_PROJECTIONS:
+            raise ValueError(f"config of {name!r}: model_type {model_type!r} fuses its projections "
+                             f"({_FUSED_PROJECTIONS[model_type]}), which the estimator's Llama layout does not have")
+        if model_type is not None and model_type not in _LLAMA_LAYOUT:
+            warnings.warn(f"config of {name!r}: model_type {model_type!r} is not one the estimator knows "
+                          f"({', '.join(sorted(_LLAMA_LAYOUT))}); it is estimated as a Llama-style dense decoder",
+                          stacklevel=2)
         heads = size("num_attention_heads")
         h = size("hidden_size")
+        kv = size("num_key_value_heads", heads)
+        if heads % kv:
+            raise ValueError(f"config of {name!r}: num_attention_heads ({heads}) must be a multiple of "
+                             f"num_key_value_heads ({kv})")
+        tie = config.get("tie_word_embeddings")
+        if tie is None:  # the config class's own default: Gemma ties, Llama does not
+            tie = _default_tie(model_type)
         return cls(
             hidden_size=h,
             intermediate_size=size("intermediate_size"),
             num_layers=size("num_hidden_layers"),
             num_heads=heads,
-            num_kv_heads=size("num_key_value_heads", heads),
+            num_kv_heads=kv,
             head_dim=size("head_dim", h // heads),
             vocab_size=size("vocab_size"),
-            tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(tie),
             attention_bias=bool(config.get("attention_bias", False)),
             mlp_bias=bool(config.get("mlp_bias", False)),
             name=name,
             qkv_bias=config.get("model_type") == "qwen2" and "attention_bias" not in config,
+            norms=_NORMS.get(model_type, (2, 1, 0)),
         )
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
@@ -136,7 +184,7 @@ class ModelShape:
     def layer_params(self) -> int:
         """Parameters of one decoder layer (linears, biases, two RMSNorm weights)."""
         shapes = self.linear_shapes()
-        n = sum(o * i for o, i in shapes.values()) + 2 * self.hidden_size
+        n = sum(o * i for o, i in shapes.values()) + self.norms[0] * self.hidden_size + self.norms[2] * self.head_dim
         if self.attention_bias:
             n += sum(shapes[k][0] for k in ("q_proj", "k_proj", "v_proj", "o_proj"))
         elif self.qkv_bias:
@@ -152,7 +200,7 @@ class ModelShape:
     def head_params(self) -> int:
         """Final norm plus lm_head (0 extra when tied to the embedding)."""
         lm = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
-        return self.hidden_size + lm
+        return self.norms[1] * self.hidden_size + lm
 
     def total_params(self) -> int:
         """All parameters of the model (tied matrices counted once)."""
@@ -327,8 +375,8 @@ def estimate_memory(
     if state_precision is not None:
         _check_choice("state_precision", state_precision, ("fp32", "bf16", "fp16"))
     for label, value in (("batch_size", batch_size), ("seq_len", seq_len), ("r", r)):
-        if int(value) < 1:
-            raise ValueError(f"{label} must be >= 1, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # (1.5 and True were taken)
+            raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
     if state_precision is not None and optimizer != "adamw":
         raise ValueError(f"state_precision is the dtype of AdamW's moments; optimizer {optimizer!r} "
                          + ("keeps its states in 8 bits" if optimizer == "adamw8bit" else "keeps no state"))
