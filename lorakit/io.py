@@ -11,10 +11,12 @@ before touching the model, and leaves the model unchanged when anything is wrong
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Callable
 
@@ -72,6 +74,7 @@ def write_new_directory(out: str | Path, write: Callable[[Path], None]) -> Path:
     out = Path(out)
     check_new_directory(out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         write(tmp)
@@ -83,6 +86,18 @@ def write_new_directory(out: str | Path, write: Callable[[Path], None]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # (gone after the rename)
     return out
+
+
+def remove_stale_temporaries(out: Path, age_s: float = 3600.0) -> None:
+    """Delete the temporary siblings (``.<name>.*.tmp``) that writes of ``out`` killed an hour or
+    more ago left behind (a merge's can be the size of the model); a write running now is younger."""
+    now = time.time()
+    for leftover in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
+        try:
+            if now - leftover.stat().st_mtime > age_s:
+                shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
+        except OSError:
+            continue
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

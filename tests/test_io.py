@@ -568,3 +568,26 @@ def test_an_unknown_init_is_refused_and_base_keeping_ones_load(saved, init, load
         lk.load_adapter(tiny_llama(), saved)
     else:
         _assert_refused(saved, "init_lora_weights='foo' is an initialisation neither PEFT 0.21 nor lorakit knows")
+
+
+def test_temporaries_of_writes_killed_an_hour_ago_are_removed(tmp_path):
+    # a merge or resize killed mid-write left its hidden temporary directory (a merge's is the size of
+    # the model) and nothing ever removed it
+    import os
+    import time
+
+    from lorakit.io import write_new_directory
+
+    old = tmp_path / ".out.abc123.tmp"
+    old.mkdir()
+    (old / "model.safetensors").write_bytes(b"x" * 10)
+    young = tmp_path / ".out.def456.tmp"  # a write running now
+    young.mkdir()
+    other = tmp_path / ".other.abc.tmp"
+    other.mkdir()
+    hour_ago = time.time() - 3700
+    for p in (old, other):
+        os.utime(p, (hour_ago, hour_ago))
+    write_new_directory(tmp_path / "out", lambda d: (d / "f").write_text("whole"))
+    assert (tmp_path / "out" / "f").read_text() == "whole"
+    assert not old.exists() and young.exists() and other.exists()

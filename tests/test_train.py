@@ -1072,3 +1072,65 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_like_ctrl_c(tmp_path, to
     assert signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     res = train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
     assert res.steps == 5 and not res.interrupted
+
+
+def test_a_kill_while_the_run_record_is_written_leaves_a_resumable_run(tmp_path, tok, data_files, monkeypatch):
+    # lorakit_run.json was written in place: a kill inside the write left half a file, and --resume
+    # and lorakit eval both refused the finished run ("is not valid JSON") without saying what to do
+    import lorakit.train.loop as loop
+
+    cfg = _cfg(tmp_path, data_files, max_steps=3)
+    full = train(_cfg(tmp_path, data_files, "full", max_steps=3), model=tiny_llama_lm(tok), tokenizer=tok,
+                 progress=False, log=_quiet)
+    real = loop.atomic_write_bytes
+
+    def killed(path, data):
+        if path.name == "lorakit_run.json":
+            raise SimulatedKill
+        real(path, data)
+    monkeypatch.setattr(loop, "atomic_write_bytes", killed)
+    with pytest.raises(SimulatedKill):
+        train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    monkeypatch.setattr(loop, "atomic_write_bytes", real)
+    run = tmp_path / "run"
+    assert not (run / "lorakit_run.json").exists()  # no half file
+    res = train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert res.steps == 3 and json.loads((run / "lorakit_run.json").read_text())["finished"]
+    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (run, tmp_path / "full"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # a record cut by an older version: the refusal says what to do
+    (run / "lorakit_run.json").write_text('{"finished": tr')
+    with pytest.raises(ValueError, match="record is damaged; if .*checkpoint.* is there, delete .*lorakit_run.json"):
+        train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_not_sent_to_resume(tmp_path, tok, data_files):
+    # the same command said "pass --resume", and --resume said "delete it and start again"
+    cfg = _cfg(tmp_path, data_files, max_steps=3)
+
+    def kill_at_1(step, _loss):
+        raise SimulatedKill
+    with pytest.raises(SimulatedKill):
+        train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, on_step=kill_at_1, log=_quiet)
+    with pytest.raises(FileExistsError, match="stopped before its first checkpoint, so there is nothing to resume: "
+                                              "delete"):
+        train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+
+
+def test_a_full_fine_tunes_model_directory_is_written_whole(tmp_path, tok, data_files, monkeypatch):
+    from transformers import PreTrainedTokenizerFast
+
+    cfg = _cfg(tmp_path, data_files, max_steps=2, method="full", save_steps=1)
+
+    def killed(self, *args, **kwargs):
+        raise SimulatedKill
+    monkeypatch.setattr(PreTrainedTokenizerFast, "save_pretrained", killed)
+    with pytest.raises(SimulatedKill):
+        train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    run = tmp_path / "run"
+    assert not (run / "model").exists()  # weights without a tokenizer were left there, as if whole
+    assert not list(run.glob(".model.*.tmp"))
+    monkeypatch.undo()
+    res = train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert res.steps == 2 and (run / "model" / "config.json").is_file()
+    assert (run / "model" / "tokenizer.json").is_file()

@@ -49,6 +49,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
+from lorakit.io import atomic_write_bytes, write_new_directory
 from lorakit.ops.attention import restore_attention
 from lorakit.train.config import RESUME_FIXED, TrainConfig, target_module_spec
 from lorakit.train.data import (BUILTIN_TASK, Example, Tokenized, collate, epoch_batches,
@@ -540,8 +541,14 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
     run_dir = Path(os.path.normpath(cfg.output)) if cfg.output else default_run_dir(cfg)
     if run_dir.exists() and not run_dir.is_dir():
         raise FileExistsError(f"output {str(run_dir)!r} is a file, not a directory: choose another --output")
-    if resume and read_run_info(run_dir).get("finished"):
-        raise ValueError(f"run {str(run_dir)!r} already finished; nothing to resume")
+    if resume:
+        try:
+            finished = read_run_info(run_dir).get("finished")
+        except ValueError as exc:  # (written whole since; a file cut by a kill in older versions)
+            raise ValueError(f"{exc}: the run's record is damaged; if {str(run_dir / CHECKPOINT)!r} is there, delete "
+                             f"{str(run_dir / RUN_INFO)!r} and resume again") from None
+        if finished:
+            raise ValueError(f"run {str(run_dir)!r} already finished; nothing to resume")
     ckpt = find_checkpoint(run_dir) if resume else None
     if resume and (run_dir / "train_config.yaml").is_file():
         saved = with_absolute_paths(load_run_config(run_dir))
@@ -857,11 +864,14 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
             save_run_adapter(model, run_dir, cfg)
         else:
             model.config.use_cache = True
-            model.save_pretrained(run_dir / "model")
-            tokenizer.save_pretrained(run_dir / "model")
-            from lorakit.io import ordinary_modes
 
-            ordinary_modes(run_dir / "model")  # safetensors writes its files private
+            def write_model(tmp: Path) -> None:
+                model.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+            # (into a temporary directory renamed when whole: a kill mid-save left a model/ with
+            # weights but no tokenizer, which eval and generate refused without saying why)
+            shutil.rmtree(run_dir / "model", ignore_errors=True)  # (a resumed run's unfinished one)
+            write_new_directory(run_dir / "model", write_model)
         plot_losses(log_path, run_dir / "loss.png")
     model.config.use_cache = True
     result.after = run_eval("after")
@@ -880,7 +890,8 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
     }
     if given and not cfg.model and not base_name:
         info["model_in_process"] = True  # a nameless model given to train(): inference must be told the base
-    (run_dir / RUN_INFO).write_text(json.dumps(info, indent=1), encoding="utf-8")
+    # (atomically: a kill inside a plain write left a half file that --resume and eval both refused)
+    atomic_write_bytes(run_dir / RUN_INFO, json.dumps(info, indent=1).encode("utf-8"))
     # (lorakit_run.json says "finished" first, so --resume refuses even if a kill lands below)
     for leftover in [run_dir / CHECKPOINT, run_dir / ".checkpoint-old", *run_dir.glob(".checkpoint-tmp-*")]:
         shutil.rmtree(leftover, ignore_errors=True)
@@ -906,6 +917,11 @@ def _write_run_config(run_dir: Path, cfg: TrainConfig) -> None:
 
 def _holds_files(path: Path) -> str:
     """The refusal of a new run in a directory that already holds files."""
+    if (path / "train_config.yaml").is_file() and find_checkpoint(path) is None and not any(
+            (path / name).exists() for name in ("adapter_config.json", "adapter_model.safetensors", "model", RUN_INFO)):
+        # (a run killed before its first checkpoint: --resume refuses it, so pointing there was a loop)
+        return (f"output directory {str(path)!r} holds a run that stopped before its first checkpoint, so there "
+                f"is nothing to resume: delete {shlex.quote(str(path))} and run again, or choose another --output")
     return (f"output directory {str(path)!r} already holds files; pass --resume {shlex.quote(str(path))} to "
             "continue that run, or choose another --output")
 
