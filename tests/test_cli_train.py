@@ -702,3 +702,32 @@ def test_eval_cli_warns_of_examples_cut_away(trained, tmp_path, capsys):
     out = capsys.readouterr()
     assert json.loads(out.out)["n_dropped"] == 1 and json.loads(out.out)["n"] == 16
     assert "warning: eval data: dropped 1 examples with no answer tokens within max_length=64" in out.err
+
+
+def test_chat_survives_a_line_that_is_not_utf8_in_a_strict_locale(trained):
+    # in a locale where Python decodes stdin strictly, the bad byte raised UnicodeDecodeError: the
+    # session ended, and the good line before it (in the same buffered chunk) was never answered
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, PYTHONIOENCODING="utf-8", OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "lorakit.cli", "chat", "--adapter", str(trained["run"]), "--max-new-tokens", "2"]
+    proc = subprocess.run(cmd, input=b"good film\nbad \xff\xfe film\ngood film\n", capture_output=True, env=env,
+                          timeout=300)
+    out = proc.stdout.decode("utf-8", "replace")
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert out.count("model>") == 2 and "is not valid Unicode text" in out
+    assert "you> bad \ufffd\ufffd film" in out
+
+
+def test_generate_refuses_system_with_raw_and_takes_an_empty_system_as_given(trained, capsys, monkeypatch):
+    assert main(["generate", "--adapter", str(trained["run"]), "--raw", "--system", "be brief", "good"]) == 2
+    assert "--system is a chat turn" in capsys.readouterr().err
+    import lorakit.train.data as data
+
+    seen = []
+    real = data.encode_prompt
+    monkeypatch.setattr(data, "encode_prompt", lambda tok, msgs: seen.append(msgs) or real(tok, msgs))
+    assert main(["generate", "--adapter", str(trained["run"]), "--system", "", "--max-new-tokens", "1", "good"]) == 0
+    assert seen[-1][0] == {"role": "system", "content": ""}  # was dropped: the template's default came back

@@ -196,6 +196,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         check_text(prompt, which)
     if args.system is not None:
         check_text(args.system, "--system")
+        if args.raw:  # (it was ignored silently: --raw continues the text, no chat template, no system turn)
+            raise ValueError("--system is a chat turn, and --raw continues the prompt as plain text without the "
+                             "chat template: give one of them")
     if args.precision is None and len(specs) > 1:
         from lorakit.train.generate import read_run_info
 
@@ -219,7 +222,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.raw:
             ids.append(tok(prompt)["input_ids"])
         else:
-            msgs = ([{"role": "system", "content": args.system}] if args.system else []) + [{"role": "user", "content": prompt}]
+            # (an explicit --system "" is an empty system turn, as --system "  " was: not the template's default)
+            msgs = ([{"role": "system", "content": args.system}] if args.system is not None else []) + [
+                {"role": "user", "content": prompt}]
             ids.append(encode_prompt(tok, msgs))
     with adapter_batch(model, uses) if named else contextlib.nullcontext():  # one batch, a row per prompt
         replies = greedy_generate(model, tok, ids, args.max_new_tokens, info["amp"])
@@ -307,6 +312,12 @@ def cmd_merge(args: argparse.Namespace) -> int:
         tok.save_pretrained(tmp)
     write_new_directory(out, write)
     print(f"merged model written to {out} (load it with AutoModelForCausalLM.from_pretrained)")
+    from lorakit.train.generate import read_run_info
+
+    ran = read_run_info(args.adapter).get("precision") if Path(args.adapter).is_dir() else None
+    if ran:  # generate --model takes auto (bf16 where the CPU has it), the adapter its run's precision
+        print(f"(the run used {ran}: give --precision {ran} to generate / eval --model {out} to reproduce the "
+              "adapter's outputs)")
     return 0
 
 
@@ -336,16 +347,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="adapter (loaded as --adapter NAME=DIR, or __base__ for none) for the prompt at the "
                    "same position; repeat once per prompt: all prompts run as one mixed-adapter batch")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
-    p.add_argument("--system", default=None, help="system message (default: the template's own)")
+    p.add_argument("--system", default=None, help="system message (\"\" for an empty one; default: the template's own; not with --raw)")
     p.add_argument("--raw", action="store_true", help="continue the prompt as plain text, no chat template")
     _add_merge(p)
     _add_precision(p)
     p.set_defaults(func=cmd_generate)
 
-    p = subparsers.add_parser("chat", help="interactive chat (Ctrl-D or /exit to quit)")
+    p = subparsers.add_parser("chat", help="interactive chat (Ctrl-D or /exit to quit; Ctrl-C stops a reply)")
     _add_model_flags(p)
     p.add_argument("--max-new-tokens", type=int, default=256, help="tokens per reply at most (default: 256)")
-    p.add_argument("--system", default=None, help="system message (default: the template's own)")
+    p.add_argument("--system", default=None, help="system message (\"\" for an empty one; default: the template's own)")
     _add_merge(p)
     _add_precision(p)
     p.set_defaults(func=cmd_chat)

@@ -567,7 +567,8 @@ def load_for_inference(model: str | None = None, adapter: str | None = None,
 
 def chat_loop(model: Any, tokenizer: Any, max_new_tokens: int, precision: str, system: str | None = None,
               read: Callable[[str], str] | None = None, write: Callable[[str], None] = print) -> int:
-    """Interactive chat with the chat template; EOF (Ctrl-D) or Ctrl-C ends it cleanly.
+    """Interactive chat with the chat template; EOF (Ctrl-D), ``/exit`` or Ctrl-C at the prompt ends
+    it cleanly, and Ctrl-C during a reply stops that reply and keeps the conversation.
 
     Commands: ``/reset`` clears the history, ``/exit`` quits; any other line starting with ``/`` is
     refused as an unknown command (``//`` sends a message that begins with ``/``).
@@ -576,8 +577,13 @@ def chat_loop(model: Any, tokenizer: Any, max_new_tokens: int, precision: str, s
         0 (the exit code).
     """
     piped = read is None and not sys.stdin.isatty()  # a terminal echoes what is typed; a pipe does not
+    if read is None:
+        # a byte that is not UTF-8 becomes a lone surrogate, which check_text refuses for that message;
+        # in a strict locale it raised UnicodeDecodeError and ended the session with the lines around it
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # (a stdin that is no text file)
+            sys.stdin.reconfigure(errors="surrogateescape")
     read = read or input  # looked up at call time, so tests can replace builtins.input
-    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system else []
+    history: list[dict[str, str]] = [{"role": "system", "content": system}] if system is not None else []
     stop_ids = stop_token_ids(model, tokenizer)
     write("chat with the model: /reset clears the history, /exit or Ctrl-D quits")
     while True:
@@ -588,13 +594,14 @@ def chat_loop(model: Any, tokenizer: Any, max_new_tokens: int, precision: str, s
             return 0
         text = line.strip()
         if piped:
-            write(line.rstrip("\n"))  # so a transcript reads "you> question" then "model> answer"
+            # so a transcript reads "you> question" then "model> answer" (bytes that are not UTF-8 as U+FFFD)
+            write(line.rstrip("\n").encode("utf-8", "surrogateescape").decode("utf-8", "replace"))
         if not text:
             continue
         if text in ("/exit", "/quit"):
             return 0
         if text == "/reset":
-            history = history[:1] if system else []
+            history = history[:1] if system is not None else []
             continue
         if text.startswith("//"):
             text = text[1:]  # "//x" sends "/x"
