@@ -1080,7 +1080,7 @@ def test_a_kill_while_the_run_record_is_written_leaves_a_resumable_run(tmp_path,
     import lorakit.train.loop as loop
 
     cfg = _cfg(tmp_path, data_files, max_steps=3)
-    full = train(_cfg(tmp_path, data_files, "full", max_steps=3), model=tiny_llama_lm(tok), tokenizer=tok,
+    train(_cfg(tmp_path, data_files, "full", max_steps=3), model=tiny_llama_lm(tok), tokenizer=tok,
                  progress=False, log=_quiet)
     real = loop.atomic_write_bytes
 
