@@ -139,6 +139,12 @@ class LoraConfig:
             elif value is not None and not isinstance(value, str):
                 raise TypeError(f"LoraConfig.{name} must be a list of names or a string, got {value!r}")
             setattr(self, name, value)
+        if isinstance(self.target_modules, list) and any(t.lower() == "all-linear" for t in self.target_modules):
+            # (in a list it names a module, as in PEFT, and matches none: "all-linear,embed_tokens" given to
+            # lorakit train targeted embed_tokens alone, silently)
+            raise ValueError(f"LoraConfig.target_modules: 'all-linear' is a value of its own, not a list entry (got "
+                             f"{self.target_modules!r}): give target_modules='all-linear', or list every module by "
+                             "name (q_proj, k_proj, ..., down_proj, embed_tokens)")
         if isinstance(self.layers_to_transform, (tuple, range)):
             self.layers_to_transform = list(self.layers_to_transform)
         layers = self.layers_to_transform

@@ -63,6 +63,7 @@ def test_an_adapter_name_the_parameter_stores_cannot_hold_is_refused_and_nothing
     ("alpha_pattern", {"(": 4.0}, "alpha_pattern key '\\(' is not a valid regular expression"),
     ("rank_pattern", "q_proj", "rank_pattern must be a dict"),
     ("rank_pattern", {5: 4}, "rank_pattern keys must be module names"),
+    ("target_modules", ["all-linear", "embed_tokens"], "'all-linear' is a value of its own"),  # (matched only embed_tokens)
 ])
 def test_config_fields_of_the_wrong_kind_are_refused_by_name(field, value, message):
     kw = {"r": 2, "target_modules": ["q_proj"], field: value}
@@ -145,3 +146,11 @@ def test_quantize_skip_is_checked_and_a_string_is_one_name():
     assert all(type(m) is nn.Linear for m in model)  # unchanged
     lk.quantize_model_nf4(model, skip="1")  # one name, not the letters of it
     assert [type(m).__name__ for m in model] == ["LinearNF4", "Linear"]
+
+
+def test_train_refuses_all_linear_inside_a_list_before_loading():
+    from lorakit.train.config import TrainConfig
+
+    with pytest.raises(ValueError, match="all-linear is a value of its own, not a list entry"):
+        TrainConfig(target_modules="all-linear,embed_tokens")
+    assert TrainConfig(target_modules="q_proj,embed_tokens").target_modules == "q_proj,embed_tokens"

@@ -33,7 +33,7 @@ HELP: dict[str, str] = {
     "alpha": "LoRA alpha (the update is scaled by alpha/r)",
     "dropout": "dropout on the LoRA branch input (the base model's own dropout, e.g. GPT-2's 0.1, stays as its "
     "config sets it)",
-    "target_modules": "modules to adapt: 'all-linear', a comma-separated list of names or dotted name ends "
+    "target_modules": "modules to adapt: 'all-linear' (alone), a comma-separated list of names or dotted name ends "
     "(q_proj,self_attn.v_proj), or a regex (any of * + ? [ ] ( ) | ^ $ \\ { } makes it one) that must match "
     "the whole module name, e.g. '.*\\.(q|v)_proj'",
     "lr": "peak learning rate; empty = 1e-3 for lora, 5e-5 for full",
@@ -201,6 +201,11 @@ class TrainConfig:
         spec = target_module_spec(self.target_modules)
         if not spec:
             raise ValueError(f"target_modules {self.target_modules!r} names no module")
+        if isinstance(spec, list) and "all-linear" in (t.lower() for t in spec):
+            # (it trained embed_tokens alone: in a list, "all-linear" names a module, as in PEFT, and matches none)
+            raise ValueError(f"target_modules {self.target_modules!r}: all-linear is a value of its own, not a list "
+                             "entry; to add modules to it, list every projection by name "
+                             "(q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,embed_tokens)")
         if isinstance(spec, str) and spec != "all-linear":
             try:
                 re.compile(spec)
