@@ -50,6 +50,9 @@ def _as_names(value: Any, what: str) -> list[str]:
 def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
     """Make ``adapter_name`` (or a list: their updates are summed) the active adapter(s).
 
+    Adapters that each keep a copy of the same ``modules_to_save`` module cannot be active together
+    (a ValueError; the model is unchanged): a forward runs one copy, and a sum of copies is no copy.
+
     Which adapters train is not changed (see ``set_trainable``). Merged adapters that are not in the
     new active set are unmerged first, so the model computes exactly the active adapters. Where an
     adapter with a variant (DoRA) makes the merged weights wrong for the new order
@@ -61,6 +64,12 @@ def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
                          "`with lorakit.disable_adapters(model):` (or `__base__` rows in a mixed batch)")
     _check_names(model, names)
     state = require_state(model)
+    for path, wrapper in iter_saved_modules(model):
+        owners = [n for n in names if n in wrapper.modules_to_save]
+        if len(owners) > 1:  # (the first one's copy ran, and the others' trained copies got no gradient)
+            raise ValueError(f"adapters {owners} each have their own copy of {path!r} (modules_to_save), and one "
+                             "forward can run only one copy, not a sum: activate at most one of them "
+                             "(PEFT refuses this too)")
     merged = {n for _, layer in iter_lora_layers(model) for n in layer.merged_adapters}
     _refuse_changed_merges(model, [n for n in merged if n not in names], with_variants_all=True)
     state.active = names

@@ -1143,3 +1143,19 @@ def test_half_precision_mixed_batch_rows_equal_each_adapter_alone(layer_name):
             lk.set_adapter(model, n)
             want.append(model(x[i:i + 1]))
     assert torch.equal(got, torch.cat(want))
+
+
+def test_adapters_with_copies_of_one_saved_module_cannot_be_active_together():
+    # the first listed adapter's lm_head copy ran and the other's trained copy got no gradient, with
+    # the output depending on the list's order (10.2 apart); PEFT refuses this too
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    for name, target in (("n1", "q_proj"), ("n2", "v_proj")):
+        lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=[target], modules_to_save=["lm_head"]), name)
+    before = lk.active_adapters(model)
+    with pytest.raises(ValueError, match="adapters \\['n1', 'n2'\\] each have their own copy of 'lm_head'"):
+        lk.set_adapter(model, ["n1", "n2"])
+    assert lk.active_adapters(model) == before and model.lm_head.active_adapter == "n1"
+    lk.set_adapter(model, "n2")
+    assert model.lm_head.active_adapter == "n2"
