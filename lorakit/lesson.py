@@ -16,7 +16,8 @@ from torch import nn
 from lorakit.adapters import merge_and_unload
 from lorakit.config import LoraConfig
 from lorakit.inject import get_lora_model, get_state
-from lorakit.io import load_adapter, load_adapter_weights, save_adapter
+from lorakit.io import load_adapter, save_adapter
+from lorakit.multi import hotswap_adapter
 
 
 def apply_lora_to_model(model: nn.Module, target_modules: list[str] | str = ("q_proj", "v_proj"),
@@ -44,10 +45,12 @@ def load_lora_weights(model: nn.Module, path: str | Path) -> nn.Module:
     """Load adapter weights from ``path``.
 
     If ``model`` already carries a ``"default"`` adapter (made by ``apply_lora_to_model``), its weights
-    are replaced in place, after a check that targets and shapes agree; otherwise the adapter is
-    injected from the saved config first (``load_adapter``).
+    and its alpha (so its scaling) are replaced in place by the saved ones, after a check that targets
+    and ranks agree (``hotswap_adapter``; copying the weights alone kept the model's own alpha, and a
+    model applied with another alpha then computed something else than the saved one); otherwise the
+    adapter is injected from the saved config first (``load_adapter``).
     """
     state = get_state(model)
     if state is not None and "default" in state.configs:
-        return load_adapter_weights(model, path, "default")
+        return hotswap_adapter(model, path, "default")
     return load_adapter(model, path)

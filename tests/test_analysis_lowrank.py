@@ -134,3 +134,20 @@ def test_lowrank_says_when_it_shows_only_some_matching_matrices(tmp_path, capsys
     with pytest.raises(SystemExit):
         main(["lowrank", "--help"])
     assert f"the first {lowrank.MAX_MATRICES} matching matrices" in " ".join(capsys.readouterr().out.split())
+
+
+def test_ranks_must_be_integers_and_module_needs_a_model(capsys):
+    # a float rank made fractional parameter counts, or was truncated to another rank silently
+    import torch
+
+    from lorakit.analysis import lowrank
+    from lorakit.cli import main
+
+    with pytest.raises(ValueError, match="ranks must be integers, got \\[2.5\\]"):
+        lowrank.parameter_table(10, 10, [2.5])
+    with pytest.raises(ValueError, match="ranks must be integers"):
+        lowrank.reconstruction_errors(torch.randn(6, 6), [2.7])
+    with pytest.raises(ValueError, match="ranks must be integers"):
+        lowrank.spectrum_report({"w": torch.randn(6, 6)}, [2.7])
+    assert main(["lowrank", "--no-plot", "--module", "("]) == 2  # was ignored without --model
+    assert "--module selects the matrices of --model" in capsys.readouterr().err

@@ -60,6 +60,8 @@ def _note_plots(args: argparse.Namespace, paths: list[Path]) -> None:
 # ---- lowrank ---------------------------------------------------------------------------------
 def cmd_lowrank(args: argparse.Namespace) -> int:
     """``lorakit lowrank``: parameter table, synthetic SVD demo, optional model spectrum."""
+    if args.module is not None and args.model is None:  # (it was ignored, a bad regex too)
+        raise ValueError("--module selects the matrices of --model: give --model (no value: the embedded model)")
     rows = lowrank.parameter_table(args.d, args.k, args.ranks)
     text = [f"LoRA factors for a {args.d} x {args.k} matrix ({args.d * args.k:,} parameters)",
             _table([(r["rank"], f"{r['params_A']:,}", f"{r['params_B']:,}", f"{r['lora_params']:,}",

@@ -22,6 +22,14 @@ DEFAULT_MODULES = r"layers\.0\..*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|
 MAX_MATRICES = 16  # model matrices analysed at most (the first ones matching, in the weights files' order)
 
 
+def _check_ranks(ranks: Sequence[int], *sizes: int) -> None:
+    """Ranks are integers (not bools) >= 1: a float rank was truncated or made fractional counts."""
+    for what, values in (("ranks", ranks), ("sizes", sizes)):
+        bad = [r for r in values if isinstance(r, bool) or not isinstance(r, int)]
+        if bad:
+            raise ValueError(f"{what} must be integers, got {bad}")
+
+
 def parameter_table(d: int = 1000, k: int = 1000, ranks: Sequence[int] = LESSON_RANKS) -> list[dict[str, Any]]:
     """The lesson's table: parameters of A (r x k) and B (d x r) against the full d x k matrix.
 
@@ -37,6 +45,7 @@ def parameter_table(d: int = 1000, k: int = 1000, ranks: Sequence[int] = LESSON_
     Raises:
         ValueError: if d, k or a rank is < 1, or a rank exceeds min(d, k) (the matrix's own rank limit).
     """
+    _check_ranks(ranks, d, k)
     if d < 1 or k < 1:
         raise ValueError(f"matrix dimensions must be >= 1, got {d} x {k}")
     too_big = [r for r in ranks if r > min(d, k)]
@@ -87,6 +96,7 @@ def reconstruction_errors(W: torch.Tensor, ranks: Sequence[int]) -> list[dict[st
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(W.shape)}")
     if not bool(torch.isfinite(W).all()):
         raise ValueError("the matrix holds NaN or inf")
+    _check_ranks(ranks)
     if any(int(r) < 1 for r in ranks):
         raise ValueError(f"ranks must be >= 1, got {list(ranks)}")
     too_big = [int(r) for r in ranks if int(r) > min(W.shape)]
@@ -152,6 +162,7 @@ def spectrum_report(weights: dict[str, torch.Tensor], ranks: Sequence[int] = LES
     Raises:
         ValueError: if a rank is < 1, or a matrix holds NaN or inf (it is named).
     """
+    _check_ranks(ranks)
     if any(int(r) < 1 for r in ranks):
         raise ValueError(f"ranks must be >= 1, got {list(ranks)}")
     report: dict[str, Any] = {}

@@ -1,0 +1,52 @@
+"""The lesson's API (lorakit.lesson): the same model as the library's, and round trips that keep it."""
+from __future__ import annotations
+
+import copy
+
+import torch
+from conftest import tiny_llama
+
+import lorakit as lk
+
+
+def _trained(model):
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def test_apply_is_get_lora_model_and_merge_keeps_the_output():
+    torch.manual_seed(0)
+    base = tiny_llama().double()
+    ids = torch.randint(3, 100, (2, 7))
+    torch.manual_seed(1)
+    ours = lk.apply_lora_to_model(copy.deepcopy(base), ["q_proj", "v_proj"], rank=4, alpha=8.0)
+    torch.manual_seed(1)
+    lib = lk.get_lora_model(copy.deepcopy(base), lk.LoraConfig(r=4, lora_alpha=8.0, target_modules=["q_proj", "v_proj"]))
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), lib.state_dict().values()))
+    _trained(ours)
+    with torch.no_grad():
+        want = ours(ids).logits
+        merged = lk.merge_lora_weights(ours)
+        torch.testing.assert_close(merged(ids).logits, want, rtol=1e-10, atol=1e-10)
+    assert not any("lora_" in n for n, _ in merged.named_parameters())
+
+
+def test_load_into_a_model_applied_with_another_alpha_computes_the_saved_model(tmp_path):
+    # the weights were copied and the model's own alpha kept: 32 instead of the saved 8, 0.26 off
+    torch.manual_seed(0)
+    base = tiny_llama().double()
+    ids = torch.randint(3, 100, (2, 7))
+    saved = _trained(lk.apply_lora_to_model(copy.deepcopy(base), ["q_proj", "v_proj"], rank=4, alpha=8.0))
+    lk.save_lora_weights(saved, tmp_path / "a")
+    with torch.no_grad():
+        want = saved(ids).logits
+    applied = lk.apply_lora_to_model(copy.deepcopy(base), ["q_proj", "v_proj"], rank=4, alpha=32.0)
+    lk.load_lora_weights(applied, tmp_path / "a")
+    fresh = lk.load_lora_weights(copy.deepcopy(base), tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(applied(ids).logits, want, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(fresh(ids).logits, want, rtol=1e-12, atol=1e-12)
+    assert applied.model.layers[0].self_attn.q_proj.scaling["default"] == 2.0
