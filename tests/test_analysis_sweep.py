@@ -100,3 +100,62 @@ def test_sweep_checks_the_data_first_and_leaves_no_empty_directory(tmp_path):
         run_sweep(base, [1], tmp_path / "sw", load=lambda: (tiny_llama_lm(tok), tok), progress=False,
                   log=lambda s: None)
     assert not (tmp_path / "sw").exists()
+
+
+def _base(tmp_path, **kw):
+    train_file = write_jsonl(toy_records(48), tmp_path / "train.jsonl")
+    eval_file = write_jsonl(toy_records(12, seed=1), tmp_path / "eval.jsonl")
+    return TrainConfig(data=str(train_file), eval_data=str(eval_file), batch_size=8, lr=1e-2, precision="fp32",
+                       save_steps=0, **kw)
+
+
+def test_a_ctrl_c_stops_the_sweep_and_keeps_the_finished_ranks_summary(tmp_path):
+    # the interrupted rank was summarised as finished (no loss, no mark), and the sweep went on
+    import os
+    import signal
+
+    import lorakit.train.loop as loop
+
+    tok = tiny_tokenizer()
+    real_train = loop.train
+    calls = []
+
+    def train(cfg, **kw):
+        calls.append(cfg.rank)
+        if cfg.rank == 2:
+            kw["on_step"] = lambda step, _loss: os.kill(os.getpid(), signal.SIGINT) if step == 2 else None
+        return real_train(cfg, **kw)
+    loop.train = train
+    logged = []
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run_sweep(_base(tmp_path, max_steps=4), [1, 2, 4], tmp_path / "sweep",
+                      load=lambda: (tiny_llama_lm(tok), tok), progress=False, log=logged.append)
+    finally:
+        loop.train = real_train
+    assert calls == [1, 2]  # rank 4 never started
+    assert [r["rank"] for r in json.loads((tmp_path / "sweep" / "sweep.json").read_text())] == [1]
+    assert any("rank 2 was interrupted at step 2/4" in line and "--resume" in line for line in logged)
+
+
+def test_a_second_sweep_into_the_same_output_is_refused(tmp_path):
+    tok = tiny_tokenizer()
+    run_sweep(_base(tmp_path, max_steps=1), [1], tmp_path / "sweep", load=lambda: (tiny_llama_lm(tok), tok),
+              progress=False, log=lambda s: None)
+    before = (tmp_path / "sweep" / "sweep.json").read_text()
+    with pytest.raises(FileExistsError, match="already holds a sweep"):  # (it replaced the summary)
+        run_sweep(_base(tmp_path, max_steps=1), [4], tmp_path / "sweep", load=lambda: (tiny_llama_lm(tok), tok),
+                  progress=False, log=lambda s: None)
+    assert (tmp_path / "sweep" / "sweep.json").read_text() == before
+
+
+def test_sweep_json_output_is_one_json_document(tmp_path, capsys, monkeypatch):
+    from lorakit.analysis import sweep as sw
+    from lorakit.cli import main
+
+    rows = [{"rank": 4, "alpha": 8.0, "trainable": 10, "eval_loss": 1.0, "accuracy": 0.5, "step_seconds": 0.1,
+             "run_dir": "x"}, {"rank": 1, "alpha": 2.0, "trainable": 3, "eval_loss": 1.2, "accuracy": 0.4,
+                               "step_seconds": 0.1, "run_dir": "y"}]
+    monkeypatch.setattr(sw, "run_sweep", lambda *a, **k: rows)
+    assert main(["sweep", "--ranks", "4,1", "--json", "--output", str(tmp_path / "s")]) == 0
+    assert json.loads(capsys.readouterr().out) == rows  # (a "plot:" line followed it)

@@ -437,5 +437,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     rows = sweep.run_sweep(base, args.ranks, out, log=(lambda s: None) if args.json else print)
     print(json.dumps(rows, indent=2) if args.json else sweep.sweep_table(rows))
     if not args.no_plot:
-        print(f"plot: {sweep.plot_sweep(rows, out / 'sweep.png')}")
+        written = sweep.plot_sweep(rows, out / "sweep.png")
+        if not args.json:  # (--json output stays one JSON document)
+            print(f"plot: {written}")
     return 0

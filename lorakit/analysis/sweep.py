@@ -51,6 +51,8 @@ def run_sweep(base: TrainConfig, ranks: list[int], out_dir: str | Path,
     if base.method == "full":
         raise ValueError("sweep compares LoRA ranks; --method full has no rank")
     out_dir = Path(out_dir)
+    if (out_dir / "sweep.json").exists():  # (a later sweep there replaced the earlier one's summary)
+        raise FileExistsError(f"{str(out_dir)!r} already holds a sweep (sweep.json); choose another --output")
     for r in ranks:
         run_dir = out_dir / f"r{r}"
         if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())):
@@ -63,27 +65,45 @@ def run_sweep(base: TrainConfig, ranks: list[int], out_dir: str | Path,
     if not base.eval_data and base.data not in (None, BUILTIN_TASK):
         log("note: no --eval-data, so the runs are not evaluated (held-out loss and accuracy stay empty)")
     created = not out_dir.exists()
+    rows: list[dict[str, Any]] = []
     try:
-        rows = _train_each(base, ranks, out_dir, load, progress, log)
+        _train_each(base, ranks, out_dir, load, progress, log, rows)
     except BaseException:
         if created and out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()  # (a failed first run removes its own directory; the sweep's parent goes too)
+        elif rows:  # the finished ranks' summary is kept (it was lost with a later rank's failure)
+            _write_summary(out_dir, rows)
+            log(f"the sweep stopped; the finished ranks are summarised in {str(out_dir / 'sweep.json')!r}")
         raise
-    (out_dir / "sweep.json").write_text(json.dumps(rows, indent=1))
+    _write_summary(out_dir, rows)
     return rows
 
 
-def _train_each(base: TrainConfig, ranks: list[int], out_dir: Path, load: Callable[[], tuple[Any, Any]] | None,
-                progress: bool, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """One ``lorakit train`` run per rank (alpha = 2·r), each summarised as a row."""
-    from lorakit.train.loop import train
+def _write_summary(out_dir: Path, rows: list[dict[str, Any]]) -> None:
+    from lorakit.io import atomic_write_bytes
 
-    rows = []
+    atomic_write_bytes(out_dir / "sweep.json", json.dumps(rows, indent=1).encode("utf-8"))
+
+
+def _train_each(base: TrainConfig, ranks: list[int], out_dir: Path, load: Callable[[], tuple[Any, Any]] | None,
+                progress: bool, log: Callable[[str], None], rows: list[dict[str, Any]]) -> None:
+    """One ``lorakit train`` run per rank (alpha = 2·r), each summarised as a row appended to ``rows``.
+
+    Raises:
+        KeyboardInterrupt: a run was stopped by Ctrl-C (it kept its checkpoint); the sweep stops there
+            instead of training the other ranks and reporting the stopped one as finished.
+    """
+    from lorakit.train.loop import resume_command, train
+
     for r in ranks:
         cfg = TrainConfig.from_dict({**base.to_dict(), "rank": r, "alpha": 2.0 * r, "output": str(out_dir / f"r{r}")})
         model, tokenizer = load() if load is not None else (None, None)
         log(f"== rank {r}: {cfg.output}")
         result = train(cfg, model=model, tokenizer=tokenizer, progress=progress, log=log)
+        if result.interrupted:
+            log(f"rank {r} was interrupted at step {result.steps}/{result.total_steps}; the sweep stops here (finish "
+                f"that run with: {resume_command(result.run_dir)})")
+            raise KeyboardInterrupt
         steps = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
         # each step's own duration (elapsed_s is rounded to 10 ms, more than a tiny model's step);
         # the first step is left out (warm-up)
@@ -92,7 +112,6 @@ def _train_each(base: TrainConfig, ranks: list[int], out_dir: Path, load: Callab
                      "eval_loss": result.after.get("loss"), "accuracy": result.after.get("accuracy"),
                      "step_seconds": statistics.median(times) if times else result.train_seconds,
                      "run_dir": str(result.run_dir)})
-    return rows
 
 
 def sweep_table(rows: list[dict[str, Any]]) -> str:
@@ -111,6 +130,7 @@ def plot_sweep(rows: list[dict[str, Any]], path: str | Path) -> Path:
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    rows = sorted(rows, key=lambda row: row["rank"])  # (in the order given, the lines zigzagged)
     ranks = [row["rank"] for row in rows]
     series = (("eval_loss", "held-out loss"), ("accuracy", "held-out accuracy"), ("step_seconds", "seconds per step"))
     for ax, (key, label) in zip(axes, series):
