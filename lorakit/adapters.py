@@ -8,7 +8,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from lorakit.inject import (_remove_adapter_everywhere, _set_submodule, get_state, iter_lora_layers,
+from lorakit.inject import (_remove_adapter_everywhere, _set_submodule, check_model, get_state, iter_lora_layers,
                             iter_saved_modules, mark_trainable, require_state, tied_parameters, untie_weight)
 
 
@@ -259,8 +259,7 @@ def unload(model: nn.Module) -> nn.Module:
 
 def count_parameters(model: nn.Module) -> tuple[int, int]:
     """``(trainable, total)`` parameter counts; tied parameters are counted once."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a model (an nn.Module), got {type(model).__name__}")
+    check_model(model)
     seen: set[int] = set()
     trainable = total = 0
     for p in model.parameters():

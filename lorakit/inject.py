@@ -105,6 +105,13 @@ class ModulesToSave(nn.Module):
 
 # ---- the state lorakit keeps on a model -------------------------------------------------------------
 
+def check_model(model: Any) -> None:
+    """A TypeError saying so if ``model`` is not an ``nn.Module`` (None, a path, a config: it was a
+    bare AttributeError from deep inside)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected a model (an nn.Module), got {type(model).__name__}")
+
+
 def get_state(model: nn.Module, create: bool = False) -> LoraState | None:
     """The ``LoraState`` of ``model`` (None if lorakit never injected into it, unless ``create``).
 
@@ -112,8 +119,7 @@ def get_state(model: nn.Module, create: bool = False) -> LoraState | None:
         TypeError: ``model`` is not an ``nn.Module`` (None, a path, a config: it was a bare
             AttributeError about ``__dict__``).
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a model (an nn.Module), got {type(model).__name__}")
+    check_model(model)
     state = model.__dict__.get("_lorakit")
     if state is None and create:
         state = LoraState()
@@ -131,8 +137,7 @@ def require_state(model: nn.Module) -> LoraState:
 
 def iter_lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
     """Yield ``(module path, LoraLayer)`` for every LoRA layer in ``model``."""
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a model (an nn.Module), got {type(model).__name__}")
+    check_model(model)
     for name, module in model.named_modules():
         if isinstance(module, LoraLayer):
             yield name, module
@@ -232,8 +237,7 @@ def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
         ValueError: ``target_modules`` is missing, matches nothing (the message lists the closest
             existing module names), or matches a module type that has no LoRA layer.
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"expected a model (an nn.Module), got {type(model).__name__}")
+    check_model(model)
     if not isinstance(config, LoraConfig):
         raise TypeError(f"expected a lorakit LoraConfig, got {type(config).__name__}")
     if config.target_modules is None:
