@@ -88,11 +88,11 @@ def write_new_directory(out: str | Path, write: Callable[[Path], None]) -> Path:
     return out
 
 
-def remove_stale_temporaries(out: Path, age_s: float = 3600.0) -> None:
-    """Delete the temporary siblings (``.<name>.*.tmp``) that writes of ``out`` killed an hour or
+def remove_stale_temporaries(out: Path, age_s: float = 3600.0, suffix: str = ".tmp") -> None:
+    """Delete the temporary siblings (``.<name>.*<suffix>``) that writes of ``out`` killed an hour or
     more ago left behind (a merge's can be the size of the model); a write running now is younger."""
     now = time.time()
-    for leftover in out.parent.glob(f".{glob.escape(out.name)}.*.tmp"):
+    for leftover in out.parent.glob(f".{glob.escape(out.name)}.*{suffix}"):
         try:
             if now - leftover.stat().st_mtime > age_s:
                 shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()

@@ -19,7 +19,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -165,7 +164,10 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
     if not os.access(out_dir.parent, os.W_OK | os.X_OK):
         raise OSError(f"cannot write the converted model into {out_dir.parent}: the directory is not writable "
                       "(set LORAKIT_CACHE_DIR to a writable directory)")
-    _remove_stale_temporaries(out_dir)
+    from lorakit.io import remove_stale_temporaries
+
+    # (what conversions killed an hour ago left: their temporary directories, entries set aside as damaged)
+    remove_stale_temporaries(out_dir, suffix="")
     model, tokenizer = _load_gguf(gguf_file, torch.float32)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes it private; the renamed cache dir should be ordinary
@@ -189,18 +191,6 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
-
-
-def _remove_stale_temporaries(out_dir: Path, age_s: float = 3600.0) -> None:
-    """Delete what conversions into ``out_dir`` killed an hour or more ago left behind (their
-    temporary directories, entries set aside as damaged); a conversion running now is younger."""
-    now = time.time()
-    for leftover in out_dir.parent.glob(f".{out_dir.name}.*"):
-        try:
-            if leftover.is_dir() and now - leftover.stat().st_mtime > age_s:
-                shutil.rmtree(leftover, ignore_errors=True)
-        except OSError:
-            continue
 
 
 def _load_gguf(gguf_file: Path, dtype: torch.dtype) -> tuple[Any, Any]:
