@@ -258,12 +258,6 @@ def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
     for name, module in model.named_modules():
         if not name or _inside_lora(name, wrappers):
             continue
-        if name in mha_out:
-            if all_linear or not _name_matches(config.target_modules, name):
-                continue
-            raise ValueError(f"target module {name!r} is the out_proj of an nn.MultiheadAttention, which uses its "
-                             "weight directly and never calls it: a LoRA there would have no effect. Leave it out "
-                             "of target_modules")
         if config.exclude_modules and _name_matches(config.exclude_modules, name):
             continue
         if saved and _in_saved(saved, name):
@@ -277,6 +271,12 @@ def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
         named_in_full = not isinstance(config.target_modules, str) and name in config.target_modules
         if not hit or not (named_in_full or _layer_index_ok(config, name)):
             continue
+        if name in mha_out:  # (after exclude_modules and the layer checks: an excluded one is simply skipped)
+            if all_linear:
+                continue
+            raise ValueError(f"target module {name!r} is the out_proj of an nn.MultiheadAttention, which uses its "
+                             "weight directly and never calls it: a LoRA there would have no effect. Leave it out "
+                             "of target_modules")
         if not isinstance(module, LoraLayer) and lora_class_for(module) is None:
             supported = sorted({c.__name__ for c in LAYER_TYPES})
             raise ValueError(

@@ -92,6 +92,9 @@ def test_a_multihead_attentions_out_proj_is_never_a_silent_no_op():
     with pytest.raises(ValueError, match="out_proj of an nn.MultiheadAttention"):
         lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["out_proj"]))
     _assert_same(model, snap)
+    excluded = lk.get_lora_model(_WithAttention(), lk.LoraConfig(r=2, target_modules=["out_proj", "fc"],
+                                                                 exclude_modules=["mha.out_proj"]))
+    assert [n for n, _ in lk.iter_lora_layers(excluded)] == ["fc"]  # excluded: skipped, not refused
     lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
     assert [n for n, _ in lk.iter_lora_layers(model)] == ["fc"]
     x = torch.randn(3, 1, 8)
