@@ -136,6 +136,8 @@ def test_a_ctrl_c_stops_the_sweep_and_keeps_the_finished_ranks_summary(tmp_path)
     assert calls == [1, 2]  # rank 4 never started
     assert [r["rank"] for r in json.loads((tmp_path / "sweep" / "sweep.json").read_text())] == [1]
     assert any("rank 2 was interrupted at step 2/4" in line and "--resume" in line for line in logged)
+    # and what to run for the rest: the same command is refused there now (sweep.json exists)
+    assert "run the sweep again with --ranks 2,4 and another --output" in logged[-1]
 
 
 def test_a_second_sweep_into_the_same_output_is_refused(tmp_path):

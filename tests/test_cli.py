@@ -41,3 +41,38 @@ def test_system_errors_name_the_path_without_the_errno(tmp_path, capsys):
     assert main(["train", "--output", str(tmp_path / "afile" / "sub"), "--max-steps", "1"]) == 2
     err = capsys.readouterr().err
     assert "[Errno" not in err and f"Not a directory: {str(tmp_path / 'afile' / 'sub')!r}" in err, err
+
+
+def test_the_package_imports_without_torch_and_resolves_every_public_name():
+    # `import lorakit` (and so the `lorakit` command's own module) must not import torch: the
+    # command's Ctrl-C handling starts only once its module is imported
+    code = ("import sys, lorakit, lorakit.cli; print('torch' in sys.modules); "
+            "print(all(getattr(lorakit, n) is not None for n in lorakit.__all__)); "
+            "print(set(lorakit.__all__) <= set(dir(lorakit)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "True", "True"]
+    import lorakit
+    from lorakit.inject import get_lora_model
+
+    assert lorakit.get_lora_model is get_lora_model
+    try:
+        lorakit.no_such_name
+    except AttributeError as exc:
+        assert "no_such_name" in str(exc)
+    else:
+        raise AssertionError("an unknown attribute must raise AttributeError")
+
+
+def test_ctrl_c_while_the_command_loads_says_interrupted(monkeypatch, capsys):
+    from lorakit import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "build_parser", interrupted)  # where torch is imported
+    try:
+        rc = cli.main(["estimate"])
+    except KeyboardInterrupt:  # (raised on: pytest would stop the whole session)
+        raise AssertionError("the KeyboardInterrupt escaped lorakit.cli.main") from None
+    assert rc == 130
+    assert capsys.readouterr().err.strip() == "interrupted"

@@ -74,6 +74,10 @@ def run_sweep(base: TrainConfig, ranks: list[int], out_dir: str | Path,
         elif rows:  # the finished ranks' summary is kept (it was lost with a later rank's failure)
             _write_summary(out_dir, rows)
             log(f"the sweep stopped; the finished ranks are summarised in {str(out_dir / 'sweep.json')!r}")
+        left = [r for r in ranks if r not in {row["rank"] for row in rows}]
+        if left and out_dir.is_dir():  # (this --output now holds a sweep or runs: a rerun there is refused)
+            log(f"to train the ranks not finished, run the sweep again with --ranks {','.join(map(str, left))} "
+                f"and another --output")
         raise
     _write_summary(out_dir, rows)
     return rows
