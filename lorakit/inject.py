@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from lorakit.config import LoraConfig
+from lorakit.config import LoraConfig, _pattern_key
 from lorakit.layers import LAYER_TYPES, LoraLayer, lora_class_for
 from lorakit.variants import variant_for
 
@@ -289,6 +289,20 @@ def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
     return found
 
 
+def _check_patterns_match(config: LoraConfig, targets: list[str]) -> None:
+    """A ``rank_pattern`` / ``alpha_pattern`` key that matches none of the targets is an error when
+    creating an adapter (a typo silently left those modules at ``r`` / ``lora_alpha``; PEFT ignores
+    such keys, and loading a file does too)."""
+    for field_name in ("rank_pattern", "alpha_pattern"):
+        for key in getattr(config, field_name):
+            if not any(_pattern_key({key: None}, name) for name in targets):
+                leaves = sorted({n.rsplit(".", 1)[-1] for n in targets})
+                close = difflib.get_close_matches(key, leaves + targets, n=5, cutoff=0.3)
+                hint = f" Closest target names: {sorted(set(close))}." if close else ""
+                raise ValueError(f"{field_name} key {key!r} matches none of the {len(targets)} target modules, so it "
+                                 f"would change nothing.{hint} Target leaf names: {leaves[:20]}")
+
+
 def _no_match_message(model: nn.Module, config: LoraConfig) -> str:
     names = [n for n, _ in model.named_modules() if n]
     wrappers = [n for n, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))]
@@ -417,6 +431,8 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     config = with_task_heads(config)  # a private copy
     targets = find_target_modules(model, config)
     saved = _find_saved_module_names(model, config, targets, strict=not loading)
+    if not loading:
+        _check_patterns_match(config, targets)
     variant = variant_for(config)  # validates the variant before any change
     init = config.init_lora_weights if init_lora_weights is None else init_lora_weights
     from lorakit.variants.pissa import is_convertible, prepare_residual_init

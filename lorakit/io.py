@@ -193,6 +193,7 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
                       "PEFT and lorakit load it (they redo the initialisation on the base first), but vLLM refuses "
                       "it and llama.cpp adds it to the original base, which is wrong; for serving, save it with "
                       "convert_to_lora=True (a plain LoRA against the original base)", stacklevel=2)
+    _warn_dilated_conv(model, adapter_name)
     directory = adapter_dir(directory)
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"cannot save adapter: {directory} exists and is not a directory")
@@ -201,6 +202,24 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     atomic_write_bytes(directory / WEIGHTS_NAME, save(tensors, metadata={"format": "pt"}))
     config.save(directory)
     return directory
+
+
+def _warn_dilated_conv(model: nn.Module, adapter_name: str) -> None:
+    """Warn when the adapter holds a LoRA on a dilated Conv2d: PEFT 0.21 runs lora_A without the
+    base's dilation, so such a file fails in PEFT for some shapes and, for others ('same' padding,
+    a 1 x k kernel with stride), loads and runs with outputs ~7% off (an audit, 5 geometries)."""
+    from lorakit.inject import iter_lora_layers
+    from lorakit.layers.conv2d import LoraConv2d
+
+    dilated = [name for name, layer in iter_lora_layers(model) if isinstance(layer, LoraConv2d)
+               and adapter_name in layer.lora_A and tuple(layer.base_layer.dilation) != (1, 1)]
+    if dilated:
+        import warnings
+
+        more = f" and {len(dilated) - 3} more" if len(dilated) > 3 else ""
+        warnings.warn(f"adapter {adapter_name!r} has LoRA on dilated Conv2d layer(s) {dilated[:3]}{more}: lorakit "
+                      "loads it exactly, but PEFT 0.21 leaves the dilation out of lora_A, so PEFT either fails on "
+                      "this file or runs it with different outputs", stacklevel=3)
 
 
 def adapter_dir(directory: Any) -> Path:
@@ -235,6 +254,11 @@ def read_adapter_files(directory: str | Path) -> tuple[LoraConfig, dict[str, tor
     # PEFT's VeLoRA (velora_config) keeps a buffer per layer for its compressed backward pass only:
     # what the adapter computes is plain LoRA, so the buffer is not needed to load it
     tensors = {k: v for k, v in tensors.items() if not k.endswith(".lora_velora_embed")}
+    for key, tensor in tensors.items():  # (loaded, NaN made every output NaN; PEFT loads it)
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise ValueError(f"{weights}: tensor {key!r} holds NaN or inf ({bad} of {tensor.numel()} values), which "
+                             "would make the model's outputs NaN; was it saved from a run that diverged?")
     return config, tensors
 
 

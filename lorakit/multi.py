@@ -601,6 +601,10 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], name: str, 
         err_sq, norm_sq = err_sq + err, norm_sq + norm
     if not new_tensors:
         raise ValueError(f"adapters {list(weights)} with weights {weights} target no module (all weights zero?)")
+    for path, pair in new_tensors.items():  # (weights near the dtype's limit overflow wᵢ·sᵢ·Bᵢ: an adapter of inf)
+        if not all(bool(torch.isfinite(t).all()) for t in pair):
+            raise ValueError(f"the combined adapter's factors on {path} hold NaN or inf (weights {weights} overflow "
+                             f"{pair[1].dtype} there); use smaller weights")
     report.overall_error = math.sqrt(err_sq / norm_sq) if norm_sq > 0 else 0.0
 
     config = _combined_config(model, used, report.ranks)

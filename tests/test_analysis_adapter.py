@@ -301,6 +301,20 @@ def test_extract_refuses_alpha_that_is_not_finite_and_positive(tmp_path, base_di
     assert not (tmp_path / "ex").exists()
 
 
+@pytest.mark.parametrize("rank", [2.5, 2.0, float("nan"), "2", True])
+def test_resize_and_extract_take_integer_ranks_only(tmp_path, base_dir, rank):
+    # 2.5 reached a slice (a bare TypeError), "2" a comparison; True was taken as rank 1
+    path, _ = _peft_adapter(tmp_path / "a", r=4, lora_alpha=8)
+    tuned_dir = _save_model(_tuned_copy(_llama(0), {"model.layers.0.self_attn.v_proj": 1}), tmp_path / "t")
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        at.resize_adapter(path, rank, tmp_path / "small")
+    with pytest.raises(ValueError, match="rank must be a positive integer"):
+        at.extract_adapter(base_dir, tuned_dir, rank, tmp_path / "ex")
+    with pytest.raises(ValueError, match="energy must be a number in"):
+        at.resize_adapter(path, 2, tmp_path / "small", energy="0.5")
+    assert not (tmp_path / "small").exists() and not (tmp_path / "ex").exists()
+
+
 def _edit_config(path, **changes):
     cfg = json.loads((path / "adapter_config.json").read_text())
     cfg.update(changes)
@@ -709,3 +723,21 @@ def test_all_linear_with_names_selects_the_same_modules_everywhere(tmp_path, bas
     ids = torch.tensor([[1, 5, 9, 33, 70]])
     torch.testing.assert_close(loaded(input_ids=ids).logits, LlamaForCausalLM.from_pretrained(tuned_dir)(input_ids=ids).logits,
                                atol=1e-4, rtol=1e-4)
+
+
+def test_resize_of_a_bf16_adapter_reports_the_error_of_the_factors_it_wrote(tmp_path):
+    # the bf16 factors are rounded when written: the report said 0.0 at the same rank (true: ~2e-3)
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(32, 48), torch.nn.ReLU(), torch.nn.Linear(48, 16)).to(torch.bfloat16)
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["0", "2"], init_lora_weights=False),
+                                autocast_adapter_dtype=False)
+    model.save_pretrained(tmp_path / "a")
+    for k in (4, 2):
+        rep = at.resize_adapter(tmp_path / "a", k, tmp_path / f"r{k}")
+        old, new = at.read_adapter(tmp_path / "a"), at.read_adapter(tmp_path / f"r{k}")
+        for row in rep["modules"]:
+            a, b = old.modules[row["module"]].delta_matrix(), new.modules[row["module"]].delta_matrix()
+            true = float((a - b).norm() / a.norm())
+            assert row["rel_error"] == pytest.approx(true, rel=1e-6, abs=1e-9)
+            assert k == 2 or true > 1e-4  # (the rounding the report must count)

@@ -110,6 +110,24 @@ def test_rank_and_alpha_patterns():
     assert v0.scaling["default"] == 4 / 8
 
 
+@pytest.mark.parametrize("field, key", [("rank_pattern", "q_prj"), ("alpha_pattern", "o_proj")])
+def test_a_pattern_key_that_matches_no_target_is_refused_and_a_loaded_one_is_skipped(tmp_path, field, key):
+    # a typo (or a module that is not a target) silently left the rank or alpha at r / lora_alpha;
+    # PEFT ignores such keys, and so does loading a file
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = dict(r=8, target_modules=["q_proj", "v_proj"], **{field: {key: 2, "v_proj": 4}})
+    with pytest.raises(ValueError, match=rf"{field} key '{key}' matches none of the 4 target modules"):
+        lk.get_lora_model(model, lk.LoraConfig(**cfg))
+    assert not any(True for _ in lk.iter_lora_layers(model))
+    assert model.state_dict().keys() == before.keys()
+    peft = pytest.importorskip("peft")
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**cfg))
+    theirs.save_pretrained(tmp_path)
+    ours = lk.load_adapter(tiny_llama(), tmp_path)
+    assert ours.model.layers[0].self_attn.v_proj.lora_A["default"].shape[0] == (4 if field == "rank_pattern" else 8)
+
+
 def test_freezing_and_bias_modes():
     g = lk.get_lora_model(tiny_gpt2(), lk.LoraConfig(target_modules=["c_attn"]))
     assert all(".lora_" in n for n, p in g.named_parameters() if p.requires_grad)

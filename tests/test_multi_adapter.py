@@ -433,6 +433,12 @@ def test_combine_rejects_bad_input():
         lk.combine_adapters(m, {"medical": float("nan")}, name="x")
     with pytest.raises(ValueError, match="rank must be a positive integer"):
         lk.combine_adapters(m, {"medical": 1.0}, name="x", method="svd", rank=0)
+    with torch.no_grad():
+        for _, layer in lk.iter_lora_layers(m):
+            for p in layer.lora_B.values():
+                p.fill_(10.0)
+    with pytest.raises(ValueError, match="hold NaN or inf .*use smaller weights"):  # it made an adapter of inf
+        lk.combine_adapters(m, {"medical": 1e38, "legal": 1e38}, name="x")
     assert set(m._lorakit.configs) == set(LLAMA_ADAPTERS)
 
 

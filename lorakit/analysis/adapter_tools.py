@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,13 +156,11 @@ def read_adapter(path: str | Path) -> Adapter:
     root = Path(path)
     if not root.is_dir():
         raise FileNotFoundError(f"adapter directory {str(path)!r} does not exist")
-    lora_config, tensors = read_adapter_files(root)
+    lora_config, tensors = read_adapter_files(root)  # (which refuses NaN and inf, naming the tensor)
     w_path = root / WEIGHTS_NAME
     parts: dict[str, dict[str, torch.Tensor]] = {}
     other: dict[str, torch.Tensor] = {}
     for key, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ValueError(f"{w_path}: tensor {key!r} holds NaN or inf")
         m = _KEY.match(key)
         if m:
             parts.setdefault(m.group("module"), {})[m.group("part")] = tensor
@@ -353,6 +352,16 @@ def _split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int, scaling: 
     return u[:, :k] * root * math.copysign(1.0, scaling), root[:, None] * vh[:k]
 
 
+def _written_error(old: tuple[torch.Tensor, torch.Tensor], left: torch.Tensor, right: torch.Tensor) -> float:
+    """‖P Q − P' Q'‖ / ‖P Q‖ for ``old`` = (P, Q) and (P', Q') = (``left``, ``right``), float64, from
+    r x k products only (‖X − Y‖² = ‖X‖² + ‖Y‖² − 2⟨X, Y⟩, ⟨P Q, P' Q'⟩ = tr((PᵀP')(Q'Qᵀ)))."""
+    P, Q = old
+    xx = float(((P.T @ P) * (Q @ Q.T)).sum())
+    yy = float(((left.T @ left) * (right @ right.T)).sum())
+    xy = float(((P.T @ left) * (Q @ right.T)).sum())
+    return math.sqrt(max(0.0, xx + yy - 2 * xy) / xx) if xx > 0 else 0.0
+
+
 def _factors_to_tensors(name: str, kind: str, B: torch.Tensor, A: torch.Tensor, conv_shape: tuple[int, ...] | None,
                         dtype: torch.dtype) -> dict[str, torch.Tensor]:
     if kind == "embedding":
@@ -404,6 +413,19 @@ def _rank_pattern(ranks: dict[str, int], r: int, names: list[str] | None = None)
     return {(f"^{re.escape(name)}" if exact else name): k for name, k in sorted(ranks.items()) if k != r}
 
 
+def _check_rank(rank: Any) -> None:
+    """A rank is a positive int (2.5 reached a slice as a bare TypeError; True was taken as rank 1)."""
+    if isinstance(rank, bool) or not isinstance(rank, numbers.Integral):
+        raise ValueError(f"rank must be a positive integer, got {rank!r}")
+    if rank < 1:
+        raise ValueError(f"rank must be >= 1, got {rank}")
+
+
+def _check_energy(energy: Any) -> None:
+    if energy is not None and (isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1):
+        raise ValueError(f"energy must be a number in (0, 1], got {energy!r}")
+
+
 def extract_adapter(
     base: str | Path | None,
     tuned: str | Path,
@@ -448,12 +470,11 @@ def extract_adapter(
         FileNotFoundError: if a model path is missing.
         FileExistsError: if ``out`` exists and is not an empty directory (nothing is overwritten).
     """
-    if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
-    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+    _check_rank(rank)
+    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, (int, float))
+                              or not (math.isfinite(alpha) and alpha > 0)):
         raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
-    if energy is not None and not 0 < energy <= 1:
-        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    _check_energy(energy)
     check_new_directory(out)
     chosen = target_filter(targets)
     named = [t for t in (targets or ()) if t != "all-linear"]
@@ -548,10 +569,8 @@ def resize_adapter(
             depends on ΔW's column norms), or a module whose scaling is zero (lora_alpha 0).
         FileExistsError: if ``out`` exists and is not an empty directory (so never the input itself).
     """
-    if rank < 1:
-        raise ValueError(f"rank must be >= 1, got {rank}")
-    if energy is not None and not 0 < energy <= 1:
-        raise ValueError(f"energy must be in (0, 1], got {energy}")
+    _check_rank(rank)
+    _check_energy(energy)
     check_new_directory(out)
     ad = read_adapter(path)
     if not ad.modules:
@@ -578,7 +597,10 @@ def resize_adapter(
         conv = tuple(mod.A.shape) if mod.kind.startswith("conv") else None
         tensors.update(_factors_to_tensors(name, mod.kind, B, A, conv, mod.A.dtype))
         ranks[name] = k
-        rows.append({"module": name, "old_r": mod.r, "r": k, "rel_error": truncation_error(s, k),
+        error = truncation_error(s, k)
+        if mod.A.dtype in (torch.float16, torch.bfloat16):  # the factors as written: rounding adds ~1e-3 there
+            error = _written_error(mod.factors(), B.to(mod.A.dtype).double() * new_scaling, A.to(mod.A.dtype).double())
+        rows.append({"module": name, "old_r": mod.r, "r": k, "rel_error": error,
                      "delta_norm": float(torch.linalg.vector_norm(s))})
     config = dict(ad.config)
     config["r"] = rank

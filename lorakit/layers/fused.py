@@ -279,8 +279,10 @@ def add_product(out2: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: flo
     first one ``h`` (tokens, r)."""
     od = out2.dtype
     if od == torch.float16 and h.dtype != od:
-        # float16 tops out at 65504: a wider h can exceed it where the update it makes does not
-        out2.add_(h @ B.T.to(h.dtype), alpha=scale)
+        # float16 tops out at 65504: a wider h can exceed it where the update it makes does not. The
+        # update is scaled, rounded, then added (not add_'s alpha, whose fused multiply-add rounds
+        # once): PEFT's order, so the float16 output is bitwise PEFT's
+        out2.add_((h @ B.T.to(h.dtype)).mul_(scale))
         return
     out2.addmm_(h if h.dtype == od else h.to(od), B.T if B.dtype == od else B.T.to(od), alpha=scale)
 
@@ -435,7 +437,7 @@ def add_lora_no_grad(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: tor
         # took this path, more the bf16 one, so eval losses moved with --batch-size. At 4 x 128
         # tokens on the embedded bf16 model this costs 1.27x the bf16 products' forward; decode
         # steps are faster this way: oneDNN's bf16 matmuls cost ~60 µs at these sizes, fp32 15-25.)
-        out2.add_((x2.to(A.dtype) @ A.T) @ B.T, alpha=scale)
+        out2.add_(((x2.to(A.dtype) @ A.T) @ B.T).mul_(scale))  # scaled, rounded, added: as PEFT (add_product)
         return
     add_branch(out2, x2 if x2.dtype == A.dtype else x2.to(A.dtype), A, B, scale, None)
 
