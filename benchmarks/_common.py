@@ -120,16 +120,19 @@ def saved_for_backward(model, loss_fn) -> tuple[object, int]:
             pass
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = loss_fn()
-    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    masks = 0
-    if "lorakit.layers.fused" in sys.modules:
+    def live_masks() -> list:
+        if "lorakit.layers.fused" not in sys.modules:
+            return []
         keep_mask = sys.modules["lorakit.layers.fused"].KeepMask
         with warnings.catch_warnings():  # isinstance on some deprecated module objects warns
             warnings.simplefilter("ignore")
-            live = [obj for obj in gc.get_objects() if isinstance(obj, keep_mask)]
-        for obj in live:
-            if obj._packed is not None:
-                masks += sum(t.untyped_storage().nbytes() for t in obj._packed)
+            return [obj for obj in gc.get_objects() if isinstance(obj, keep_mask)]
+
+    gc.collect()  # (masks of dead graphs, or of another model in this process, are not this forward's)
+    before = {id(obj) for obj in live_masks()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = loss_fn()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    masks = sum(sum(t.untyped_storage().nbytes() for t in obj._packed) for obj in live_masks()
+                if id(obj) not in before and obj._packed is not None)
     return loss, sum(v for k, v in seen.items() if k not in weights) + masks

@@ -48,20 +48,37 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer repeats (a smoke run, not for the docs)")
     ap.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
+    ap.add_argument("--budget", type=float, default=900.0,
+                    help="seconds for the whole suite (default 900: the issue's 15 minutes); a benchmark still "
+                         "running when it is spent is stopped and reported as such, the rest are not run")
     args = ap.parse_args()
     parts = [f"# Benchmarks\n\nWritten by `make bench` (`python benchmarks/run_all.py`) on "
-             f"{datetime.date.today().isoformat()}. Ratios are medians over interleaved repeats with "
-             f"(min–max); absolute times on this shared machine are noisy and given for scale only. {gpu_note()}\n"]
+             f"{datetime.date.today().isoformat()}. Each table says what its ratios are: medians of per-round "
+             f"ratios (rounds interleaved in one process, or repeats in fresh processes) with (min–max) or, where "
+             f"it says IQR, the interquartile range; a ratio without a spread is a single measurement. Absolute "
+             f"times on this shared machine are noisy and given for scale only. {gpu_note()}\n"]
     failed = 0
+    suite_start = time.perf_counter()
     for title, script, full_args, quick_args in SUITE:
         path = ROOT / "benchmarks" / script
         if not path.exists():
             parts.append(f"## {title}\n\n(not run: {script} is missing)\n")
             continue
+        left = args.budget - (time.perf_counter() - suite_start)
+        if left <= 0:
+            failed += 1
+            parts.append(f"## {title}\n\n(not run: the suite's {args.budget:.0f} s budget was spent)\n")
+            continue
         cmd = [sys.executable, str(path), *(quick_args if args.quick else full_args)]
         print(f"== {title}: {' '.join(cmd[1:])}", flush=True)
         start = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=left)
+        except subprocess.TimeoutExpired:
+            failed += 1
+            parts.append(f"## {title}\n\nSTOPPED after {left:.0f} s: the suite's {args.budget:.0f} s budget was "
+                         f"spent\n")
+            continue
         elapsed = time.perf_counter() - start
         if proc.returncode != 0:
             failed += 1

@@ -8,8 +8,15 @@ gradient clipping and number of steps; eval loss on the same held-out examples e
   where the CPU supports bf16, fp32 adapters; length-bucketed batches; head and loss only at answer
   tokens, chunked; short-sequence attention).
 - recipe: what a user typically writes with transformers + PEFT: fp32 model, ``get_peft_model``,
-  shuffled batches padded to the longest row, ``model(input_ids, attention_mask, labels).loss``
-  (full logits), AdamW.
+  batches padded to the longest row, ``model(input_ids, attention_mask, labels).loss`` (full
+  logits), AdamW.
+
+Both runs see the same batches in the same order — lorakit's (``epoch_batches``, length-bucketed,
+so the recipe pads as little as lorakit does): over a few dozen steps the order alone decides much
+of the curve (an audit: the recipe's eval loss after 6 steps was 0.516 with its own shuffle and
+0.259 with lorakit's first 6 batches), so with different orders the ratio measured the order. Both
+run with the same number of torch threads (the recipe's default; ``lorakit train`` is given it
+rather than choosing its own).
 
 Evaluation is outside both runs' timed steps: each run's adapter is copied at every eval point, and
 after both runs one evaluator — the fp32 base with the same LoRA injected by lorakit — loads each
@@ -28,7 +35,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import random
 import sys
 import tempfile
 import time
@@ -58,7 +64,7 @@ def run_recipe(cfg, train_data, pad_id: int) -> tuple[dict[int, dict], dict[int,
     import torch
 
     from lorakit.models import load_model_and_tokenizer
-    from lorakit.train.data import collate
+    from lorakit.train.data import collate, epoch_batches
     from lorakit.train.loop import lr_factor
 
     torch.manual_seed(cfg.seed)
@@ -70,15 +76,19 @@ def run_recipe(cfg, train_data, pad_id: int) -> tuple[dict[int, dict], dict[int,
     opt = torch.optim.AdamW(params, lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     warmup = math.ceil(cfg.warmup_ratio * cfg.max_steps)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, cfg.max_steps, warmup))
-    order = list(range(len(train_data)))
-    random.Random(cfg.seed).shuffle(order)
+    # lorakit's batches, in its order (epoch_batches as its loop calls it for one process)
+    lengths = [len(t.input_ids) for t in train_data]
+    epochs: dict[int, list[list[int]]] = {}
     snapshots: dict[int, dict] = {}
     elapsed: dict[int, float] = {}
     total = 0.0
     model.train()
     for step in range(1, cfg.max_steps + 1):
         t0 = time.perf_counter()
-        idx = order[(step - 1) * cfg.batch_size: step * cfg.batch_size]
+        epoch = (step - 1) // math.ceil(len(train_data) / cfg.batch_size)
+        if epoch not in epochs:
+            epochs[epoch] = epoch_batches(lengths, cfg.batch_size, cfg.seed, epoch)
+        idx = epochs[epoch][(step - 1) - epoch * len(epochs[0])]
         batch = collate([train_data[i] for i in idx], pad_id)
         loss = model(**batch).loss
         loss.backward()
@@ -182,8 +192,11 @@ def main() -> None:
     train_data = tokenize_all(tokenizer, load_examples(None, "train"), cfg.max_length)
     eval_data = tokenize_all(tokenizer, load_examples(None, "test")[: cfg.eval_samples], cfg.max_length)
 
+    import torch
+
     recipe_run = run_recipe(cfg, train_data, pad_id)
-    *ours_run, ours_own = run_lorakit(TrainConfig(**{**cfg.to_dict(), "output": None}))
+    threads = torch.get_num_threads()  # (the recipe's: torch's default)
+    *ours_run, ours_own = run_lorakit(TrainConfig(**{**cfg.to_dict(), "output": None, "threads": threads}))
     curves = eval_curves(cfg, eval_data, pad_id, {"recipe": recipe_run, "lorakit": tuple(ours_run)})
     recipe, ours = curves["recipe"], curves["lorakit"]
     target = recipe[-1][1]
@@ -197,7 +210,8 @@ def main() -> None:
     print(f"Machine: {machine()}\n")
     print(f"Command: `python benchmarks/time_to_quality.py --steps {args.steps} --eval-every {args.eval_every} "
           f"--eval-samples {args.eval_samples}`\n")
-    print(f"Same data, LoRA (r {cfg.rank}, all linear layers), lr {cfg.learning_rate:g} with warm-up + cosine, batch "
+    print(f"Same data in the same batches and order (lorakit's length-bucketed ones), {threads} torch thread(s) each, "
+          f"LoRA (r {cfg.rank}, all linear layers), lr {cfg.learning_rate:g} with warm-up + cosine, batch "
           f"{cfg.batch_size}, {args.steps} steps; eval loss on {args.eval_samples} held-out examples every "
           f"{args.eval_every} steps: each run's adapter copied there and evaluated afterwards by one evaluator (the "
           f"fp32 base with lorakit's LoRA, the same `eval_loss` call); step 0, the base model itself for both, "

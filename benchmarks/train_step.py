@@ -11,7 +11,8 @@ Each single-library process reports its peak RSS over ``--steps`` steps after a 
 
 Workloads (batch 4 × 256 tokens of the embedded SmolLM2-135M-Instruct, r = 16 on all linear layers,
 lora_alpha 32, AdamW, fp32; LoRA dropout 0 — both libraries' default — and 0.05 for ``lm``; and
-``lm`` with the frozen base in bf16, adapters fp32 in both libraries):
+``lm`` with the frozen base in bf16, adapter weights fp32 in both libraries — lorakit runs the
+rank-r products in bf16, as autocast would, PEFT in fp32):
 - ``lm``: every position is a label (plain language-model batch);
 - ``sft``: only the last 32 tokens of each row are labels (prompt masked, as in instruction tuning).
 PEFT runs the usual recipe: ``model(input_ids, attention_mask, labels).loss``. lorakit runs what
@@ -206,7 +207,10 @@ def main() -> None:
         whole = [(a[0], b[0]) for a, b in zip(pair["times"]["lorakit"], pair["times"]["peft"])]
         m = [a["peak_mb"] / b["peak_mb"] for a, b in zip(runs["lorakit"], runs["peft"])]
         s = [a["saved_mb"] / b["saved_mb"] for a, b in zip(runs["lorakit"], runs["peft"])]
-        rows.append((f"{workload}, dropout {dropout:g}, {dtype}", whole, m, s, runs))
+        label = f"{workload}, dropout {dropout:g}, {dtype}"
+        if dtype == "bf16":
+            label += " base (rank-r products: lorakit bf16, PEFT fp32)"
+        rows.append((label, whole, m, s, runs))
     # LoRA ÷ full: once, on the fp32 lm workload without dropout, all three models in one process
     full = run_worker(script, [], extra=["--pair-worker", "lorakit,lorakit-plain,full", "lm", "0", "fp32", str(args.pairs)])
     print(f"  lora vs full: {full}", file=sys.stderr, flush=True)
@@ -217,6 +221,15 @@ def main() -> None:
           f"and saved bytes: each library alone in a fresh process ({args.repeats} interleaved "
           "repeat(s)), so each peak is its own. Saved bytes: the storages autograd keeps for backward "
           "(`saved_tensors_hooks`), plus lorakit's dropout masks, which its nodes keep as bits.\n")
+    counts = {key: rows[0][4][key][0]["trainable"] for key in ("lorakit", "peft")}
+    print(f"What is compared: the same model, adapters (r {RANK} on all linear layers: {counts['lorakit']:,} trainable "
+          f"numbers in lorakit, {counts['peft']:,} in PEFT), batch and AdamW; lorakit as `lorakit train` runs it "
+          "(its LoRA layers and training kernels, and the head + loss computed only at label positions, in chunks) "
+          "against PEFT's usual `model(**batch).loss` (full logits). So in the sft row lorakit's head runs on the "
+          f"{BATCH * ANSWER} label rows, PEFT's on all {BATCH * SEQ}. In the "
+          "bf16 row both keep the adapter weights in fp32, but lorakit runs the rank-r products in bf16 (as bf16 "
+          "autocast would; fp32 accumulation) and PEFT in fp32 (it casts each adapted layer's input to fp32, which "
+          "is most of its saved bytes there): lorakit's default, not the same arithmetic.\n")
     print("| workload | step time lorakit ÷ PEFT | peak RSS lorakit ÷ PEFT | saved-for-backward lorakit ÷ PEFT |")
     print("|---|---|---|---|")
     for workload, whole, m, s, runs in rows:

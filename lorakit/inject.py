@@ -586,7 +586,8 @@ def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     Raises:
         ValueError: the targets match nothing or an unsupported module type, or the name is taken.
     """
-    first = get_state(model) is None
+    state = get_state(model)
+    first = state is None or not state.configs  # (after its last adapter was deleted, a model starts afresh)
     inject_adapter(model, config, adapter_name)
     state = require_state(model)
     state.trainable.add(adapter_name)

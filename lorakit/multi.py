@@ -316,6 +316,9 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn
     if not names:
         raise ValueError("adapter_names is empty; give one name per row")
     ctx = _context(model)
+    from lorakit.layers.linear import new_weights_epoch
+
+    new_weights_epoch()  # the batched path's stacks are read afresh: weights may have changed since
     entry = ["scope", None, names, {}, False]  # the last: inside model.generate (expanded rows allowed)
     # A part that generate calls on its own (an encoder) publishes the block's plan for its calls
     # too, as the root's hooks do for the model's (hooks of this block only, removed at its end).

@@ -208,3 +208,23 @@ def test_causal_short_attention_needs_as_many_queries_as_keys():
     with pytest.raises(ValueError, match="as many queries as keys"):
         short_attention(q, k, k.clone(), causal=True)
     torch.testing.assert_close(short_attention(q, k, k, causal=False), F.scaled_dot_product_attention(q, k, k))
+
+
+def test_a_mask_edited_in_place_is_checked_again():
+    # the causal check was remembered per mask object: the same mask filled with True (full
+    # attention) was still taken as causal, 2.6 off SDPA
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    class Module:
+        is_causal = False
+
+    torch.manual_seed(0)
+    T = 160  # (above SHORT_ATTENTION_MAX_KEYS: only a causal mask takes lorakit's path here)
+    q, k, v = (torch.randn(1, 2, T, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    mask = torch.ones(T, T, dtype=torch.bool).tril()[None, None].clone()
+    for fill in (False, True):
+        if fill:
+            mask.fill_(True)
+        got = att.attention_forward(Module(), q, k, v, mask)[0].float()
+        want = sdpa_attention_forward(Module(), q, k, v, mask)[0].float()
+        assert (got - want).abs().max() < 0.05, fill

@@ -153,6 +153,20 @@ def test_delete_adapter_frees_its_tensors():
     torch.testing.assert_close(out(m, x), out(base, x), rtol=0, atol=0)
 
 
+def test_a_new_adapter_after_the_last_was_deleted_freezes_the_base_as_on_a_fresh_model():
+    # the empty state left by the delete made get_lora_model skip freezing: 23584 of 23584 trainable
+    model = tiny_llama()
+    cfg = lk.LoraConfig(r=2, target_modules=["q_proj"])
+    lk.get_lora_model(model, cfg, "x")
+    lk.delete_adapter(model, "x")
+    for p in model.parameters():
+        p.requires_grad_(True)
+    lk.get_lora_model(model, cfg, "y")
+    fresh = lk.get_lora_model(tiny_llama(), cfg, "y")
+    assert lk.count_parameters(model) == lk.count_parameters(fresh)
+    assert all(".lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
 def test_delete_frees_modules_to_save_copies():
     specs = {"a": dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
              "b": dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"])}
@@ -686,6 +700,27 @@ def test_batched_path_sees_changed_weights_and_deleted_adapters():
     lk.delete_adapter(m, "medical")
     assert "_batched" not in m.model.layers[0].self_attn.v_proj.__dict__
     check_rows(m, x, ["code", "legal", "__base__", "code"])
+
+
+def test_batched_path_sees_a_fused_optimizer_step_and_edits_through_data_between_blocks():
+    # a fused AdamW step updates in place without moving the version counters, and .data edits move
+    # none either: the kept stacks ran the old weights (1.4 off on the logits)
+    m = with_adapters(tiny_llama(), LLAMA_ADAPTERS)
+    x = llama_ids(rows=4, seq=2)
+    names = ["code", "legal", "medical", "code"]
+    check_rows(m, x, names)
+    B = m.model.layers[1].mlp.gate_proj.lora_B["legal"]
+    B.requires_grad_(True)
+    B.grad = torch.full_like(B, 0.5)
+    version = B._version
+    torch.optim.AdamW([B], lr=0.1, fused=True).step()
+    assert B._version == version  # (what made the change invisible)
+    check_rows(m, x, names)
+    m.model.layers[0].self_attn.v_proj.lora_A["medical"].data.mul_(2.0)
+    with lk.adapter_batch(m, names):
+        mixed = out(m, x)
+    for i, name in enumerate(names):
+        torch.testing.assert_close(mixed[i:i + 1], run_alone(m, x[i:i + 1], name), rtol=1e-5, atol=1e-5)
 
 
 def test_batched_layout_is_repeated_bitwise_and_rebuilt_after_any_change(monkeypatch):

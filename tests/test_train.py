@@ -204,6 +204,35 @@ def test_a_failing_run_still_hands_the_model_back_on_sdpa(tmp_path, tok, data_fi
     assert model.config._attn_implementation == "sdpa"
 
 
+def test_a_failing_run_removes_its_lora_so_a_retry_on_the_same_model_trains(tmp_path, tok, data_files):
+    # the model came back with the adapter, 9 patched forwards and use_cache off: a retry said
+    # "adapter 'default' already exists"; a finished run also left the training kernels patched in
+    import lorakit as lk
+
+    def boom(step, loss):
+        raise RuntimeError("stop here")
+
+    def patched(m):
+        return sum("forward" in mod.__dict__ for mod in m.modules())
+
+    model = tiny_llama_lm(tok)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    threads = torch.get_num_threads()
+    with pytest.raises(RuntimeError, match="stop here"):
+        train(_cfg(tmp_path, data_files, max_steps=3, threads=1), model=model, tokenizer=tok, progress=False,
+              on_step=boom, log=_quiet)
+    assert not any(isinstance(m, lk.LoraLayer) for m in model.modules()) and "_lorakit" not in model.__dict__
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+    assert all(torch.equal(v, weights[k]) for k, v in model.state_dict().items())
+    assert model.config.use_cache is True and patched(model) == 0
+    assert torch.get_num_threads() == threads  # (threads=1 is the run's own)
+    res = train(_cfg(tmp_path, data_files, name="retry", max_steps=2), model=model, tokenizer=tok, progress=False,
+                log=_quiet)
+    assert res.steps == 2 and patched(model) == 0
+    assert any(isinstance(m, lk.LoraLayer) for m in model.modules())  # (a finished run keeps its trained adapter)
+
+
 def test_training_leaves_a_model_already_on_lorakit_attention_as_it_was(tmp_path, tok, data_files):
     from lorakit.ops.attention import use_lorakit_attention
 

@@ -224,6 +224,27 @@ class LoraLinear(LoraLayer):
         return hit
 
 
+#: The weights epoch: stacks built in an earlier one are rebuilt. It moves after every optimizer step
+#: (a global ``torch.optim`` hook, registered with the first stacks: a fused optimizer updates the
+#: parameters in place without moving their version counters, so the stacks kept the old weights,
+#: 1.4 off on a tiny Llama's logits) and at the start of each ``adapter_batch`` block (so an edit
+#: through ``.data`` between blocks, which no version counter sees either, is read too).
+_EPOCH = [0]
+_OPTIMIZER_HOOK: list[Any] = []
+
+
+def new_weights_epoch(*_args: Any) -> None:
+    """Stacks built before this call are rebuilt at their next use."""
+    _EPOCH[0] += 1
+
+
+def _watch_optimizers() -> None:
+    if not _OPTIMIZER_HOOK:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _OPTIMIZER_HOOK.append(register_optimizer_step_post_hook(new_weights_epoch))
+
+
 class BatchedStacks:
     """The batched mixed-batch path's state on one Linear layer: its plain adapters' Aᵀ and
     scale · Bᵀ stacked — (adapters, in, r_max) and (adapters, r_max, out), ranks padded with zeros — what they
@@ -239,13 +260,16 @@ class BatchedStacks:
     forward, between the base model's matmuls (their code and data evicted from the caches); and
     rebuilding the layout each forward (module lookups, cache keys) cost tens of µs per layer. Any
     change — an adapter added, deleted or updated in place, new storage or a new parameter, a new
-    scale — fails ``holds``, and ``mixed_forward`` builds new stacks.
+    scale — fails ``holds``, and ``mixed_forward`` builds new stacks; so does an optimizer step or a
+    new ``adapter_batch`` block since they were built (``_EPOCH``).
     """
 
-    __slots__ = ("names", "present", "variants", "params", "stamp", "A_t", "B_t", "layouts", "mark")
+    __slots__ = ("names", "present", "variants", "params", "stamp", "A_t", "B_t", "layouts", "mark", "epoch")
     MAX_LAYOUTS = 16
 
     def __init__(self, layer: LoraLinear, names: tuple[str, ...]) -> None:
+        _watch_optimizers()
+        self.epoch = _EPOCH[0]
         As, Bs = layer.lora_A._parameters, layer.lora_B._parameters
         self.names, self.present, self.variants = names, tuple(As), tuple(layer.variants)
         self.params, self.stamp = self._state(names, As, Bs, layer.scaling)
@@ -267,7 +291,7 @@ class BatchedStacks:
         d = layer.__dict__
         mods = d["_modules"]
         As, Bs = mods["lora_A"]._parameters, mods["lora_B"]._parameters
-        if tuple(As) != self.present or tuple(d["variants"]) != self.variants:
+        if self.epoch != _EPOCH[0] or tuple(As) != self.present or tuple(d["variants"]) != self.variants:
             return False
         params, stamp = self._state(self.names, As, Bs, d["scaling"])
         return all(a is b for a, b in zip(params, self.params)) and stamp == self.stamp

@@ -242,18 +242,19 @@ def attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.T
     return out.transpose(1, 2).contiguous(), None
 
 
-_last_mask: tuple[Any, bool] = (None, False)
+_last_mask: tuple[Any, int | None, bool] = (None, None, False)
 
 
 def _is_causal_mask(mask: torch.Tensor) -> bool:
     """Whether a boolean (B, 1|H, S, S) mask lets no query see a later key (causal plus padding);
-    remembered for the last mask seen, which transformers passes to every layer of a forward."""
+    remembered for the last mask seen, which transformers passes to every layer of a forward, with
+    its version counter (a mask edited in place since is checked again: it was read as still causal)."""
     global _last_mask
-    ref, answer = _last_mask
-    if ref is not None and ref() is mask:
+    ref, version, answer = _last_mask
+    if ref is not None and ref() is mask and not mask.is_inference() and mask._version == version:
         return answer
     answer = mask.dtype == torch.bool and mask.dim() == 4 and not bool(mask.triu(1).any())
-    _last_mask = (weakref.ref(mask), answer)
+    _last_mask = (weakref.ref(mask), None if mask.is_inference() else mask._version, answer)
     return answer
 
 

@@ -49,6 +49,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
+from lorakit.inject import get_state
 from lorakit.io import atomic_write_bytes, write_new_directory
 from lorakit.ops.attention import restore_attention
 from lorakit.train.config import RESUME_FIXED, TrainConfig, target_module_spec
@@ -183,6 +184,18 @@ def use_lora_training_kernels(model: Any) -> None:
     fuse_qkv_projections(model)
     fuse_rmsnorms(model)
     use_lorakit_attention(model)
+
+
+def _undo_kernels(model: Any, attention_before: str | None) -> None:
+    """Undo ``use_lora_training_kernels`` (they serve training only), and the attention switch when
+    the model came with SDPA: a model given to ``train`` goes back to its caller unpatched."""
+    from lorakit.ops import unfuse_qkv_projections, unfuse_rmsnorms, unfuse_swiglu_mlps
+
+    unfuse_swiglu_mlps(model)
+    unfuse_qkv_projections(model)
+    unfuse_rmsnorms(model)
+    if attention_before == "sdpa":
+        restore_attention(model)
 
 
 def fused_if_supported(make: Callable[..., torch.optim.Optimizer]) -> torch.optim.Optimizer:
@@ -488,7 +501,11 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
     Args:
         cfg: the configuration; ``cfg.output`` is the run directory (created, or resumed).
         resume: continue the run in ``cfg.output`` from its checkpoint.
-        model: an already loaded model to train instead of loading ``cfg.model`` (tests).
+        model: an already loaded model to train instead of loading ``cfg.model`` (tests, sweeps).
+            It is changed in place: LoRA is injected and trained (QLoRA: its linear layers become
+            NF4 first). The training kernels and attention switch are undone when the loop ends,
+            and a run that fails removes its LoRA layers again (the model's trainability and
+            ``use_cache`` as they were), so the same model can be given to a retry.
         tokenizer: its tokenizer (required with ``model``).
         progress: show a tqdm progress bar.
         on_step: called as ``on_step(step, loss)`` after each optimizer step (tests use it to
@@ -508,7 +525,11 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
     the first one logs, shows progress and writes files; the evaluations are shared.
     """
     dist = setup_distributed()
-    result = _train(cfg, resume, model, tokenizer, progress, on_step, log, dist)
+    threads = torch.get_num_threads()
+    try:
+        result = _train(cfg, resume, model, tokenizer, progress, on_step, log, dist)
+    finally:
+        torch.set_num_threads(threads)  # (cfg.threads is this run's: a caller's process keeps its own)
     dist.barrier()  # the others wait for the first process's final phase: all end together
     return result
 
@@ -596,6 +617,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
     else:
         run_dir, created = _claim_run_dir_once(run_dir, cfg, dist)
     attention_before = None
+    handed = None  # (a model given to train(): its state before LoRA, restored if the run fails)
     old_handler = None  # the SIGINT handler the loop replaced, until the run is safe on disk
     try:
         # 2. Model.
@@ -658,6 +680,10 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
         before = run_eval("before") if not resume else {}
 
         attention_before = getattr(getattr(model, "config", None), "_attn_implementation", None)
+        if given and cfg.method != "full" and get_state(model) is None:
+            # what a failed run undoes on the caller's model (a retry on it said "adapter 'default'
+            # already exists"): the LoRA layers, the parameters' trainability, use_cache
+            handed = ([(p, p.requires_grad) for p in model.parameters()], getattr(model.config, "use_cache", None))
         model = prepare_model(model, cfg, base_name)
         for p in model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
@@ -816,8 +842,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
         finally:
             if bar is not None:
                 bar.close()
-            if attention_before == "sdpa":  # switched by prepare_model: hand the model back as it came
-                restore_attention(model)
+            _undo_kernels(model, attention_before)  # (training only): hand the model back as it came
 
         result = TrainResult(run_dir=run_dir, steps=step, total_steps=total_steps, interrupted=interrupted,
                              before=before, trainable_params=n_train, total_params=n_total,
@@ -847,8 +872,17 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
             return result
     except BaseException as exc:
         _restore_sigint(old_handler)
-        if attention_before == "sdpa" and model is not None:  # hand the caller's model back as it came
-            restore_attention(model)
+        if model is not None:  # hand the caller's model back as it came
+            _undo_kernels(model, attention_before)
+            if handed is not None and not isinstance(exc, SimulatedKill) and get_state(model) is not None:
+                from lorakit.adapters import unload
+
+                unload(model)
+                flags, use_cache = handed
+                for p, flag in flags:
+                    p.requires_grad_(flag)
+                if use_cache is not None:
+                    model.config.use_cache = use_cache
         # A new run that stops before its first checkpoint leaves nothing to resume: remove what it
         # wrote, so the same command can simply be run again. A simulated SIGKILL cleans up nothing;
         # a diverged run keeps its log.jsonl, which shows how the loss went (its message says so).
