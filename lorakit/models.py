@@ -287,6 +287,9 @@ def load_model_and_tokenizer(
     return model, tokenizer
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
 @contextlib.contextmanager
 def _unreadable_model(path: Path) -> Iterator[None]:
     """Turn what transformers raises on a broken model directory (bad config.json, missing or
@@ -296,8 +299,12 @@ def _unreadable_model(path: Path) -> Iterator[None]:
     try:
         yield
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, UnicodeDecodeError) as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = " ".join(str(exc).split()) or type(exc).__name__  # (its first line alone ended at "one of: ")
+        if len(reason) > 300:
+            reason = reason[:300] + " ..."
         hint = (f"; delete {str(path)!r} and it is converted again" if (path / COMPLETE_MARKER).exists() else "")
+        if "tokenizer" in reason.lower() and not any((path / f).is_file() for f in _TOKENIZER_FILES):
+            hint += f" (it has no tokenizer files: {', '.join(_TOKENIZER_FILES)}; save the tokenizer there too)"
         raise ValueError(f"model directory {str(path)!r} could not be loaded: {reason}{hint}") from exc
 
 

@@ -213,6 +213,13 @@ def test_cli_inspect_extract_resize(tmp_path, base_dir, capsys):
     assert (tmp_path / "rec" / "recommend_ranks.png").is_file()
     assert main(["resize", str(tmp_path / "nope"), "--rank", "2", "--out", str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # a file (the adapter's own config) was "does not exist" too
+    assert main(["inspect", str(path / "adapter_config.json")]) == 2
+    assert "is a file; give the adapter's directory" in capsys.readouterr().err
+    # a batch size the memory estimate cannot take: exit 0 and "no memory estimate" on stdout before
+    assert main(["recommend", "--task", "medium", "--data-size", "500", "--model", str(base_dir),
+                 "--batch-size", "0"]) == 2
+    assert "--batch-size must be >= 1, got 0" in capsys.readouterr().err
     assert main(["resize", str(path), "--rank", "0", "--out", str(tmp_path / "x")]) == 2
 
 

@@ -143,6 +143,16 @@ def test_broken_model_directory_is_one_clear_error(tmp_path, damage):
         models.load_model_and_tokenizer(path)
 
 
+def test_a_model_directory_without_tokenizer_files_says_so(tmp_path):
+    # the message was transformers' first line alone: "... backend tokenizer from one of: "
+    path = save_tiny_model(tmp_path / "m")
+    for f in path.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "chat_template")):
+            f.unlink()
+    with pytest.raises(ValueError, match=r"could not be loaded: .*\(1\).* \(it has no tokenizer files: tokenizer\.json"):
+        models.load_model_and_tokenizer(path)
+
+
 def test_cache_is_keyed_on_the_converting_transformers_version(fake_gguf, monkeypatch):
     """A conversion by another transformers version (its GGUF reader changed: 5.17 read the eos token
     differently) is not reused: the new version converts its own."""

@@ -155,6 +155,9 @@ def read_adapter(path: str | Path) -> Adapter:
     """
     root = Path(path)
     if not root.is_dir():
+        if root.exists():  # (a file was "does not exist")
+            raise NotADirectoryError(f"{str(path)!r} is a file; give the adapter's directory (the one holding "
+                                     f"{CONFIG_NAME} and {WEIGHTS_NAME})")
         raise FileNotFoundError(f"adapter directory {str(path)!r} does not exist")
     lora_config, tensors = read_adapter_files(root)  # (which refuses NaN and inf, naming the tensor)
     w_path = root / WEIGHTS_NAME

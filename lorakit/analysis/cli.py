@@ -121,6 +121,9 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         raise ValueError("--base needs --tuned (the fine-tuned model whose difference from --base is analysed)")
     if not table_mode and not data_mode:
         raise ValueError("give --task/--data-size (rule table) or --adapter / --tuned (data-driven mode)")
+    for flag, value in (("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
+        if value < 1:  # (with --model they went into the memory estimate, which said "no estimate" and exit 0)
+            raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.adapter is not None and args.tuned is not None:
         raise ValueError("give --adapter or --tuned (with --base), not both")
     if table_mode:
@@ -139,7 +142,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
             cost = recommend.model_cost(args.model, rec["rank"], tuple(targets), args.batch_size, args.seq_len,
                                         args.precision)
             report["cost"] = cost
-            text += ["", f"On {args.model} with targets {','.join(targets)}: {cost['modules']} modules, "
+            where = "the embedded model" if args.model == "default" else args.model
+            text += ["", f"On {where} with targets {','.join(targets)}: {cost['modules']} modules, "
                      f"{cost['trainable_params']:,} trainable parameters "
                      f"({100 * cost['trainable_params'] / cost['total_params']:.3f}% of {cost['total_params']:,}), "
                      f"adapter ≈ {estimate.human(cost['adapter_bytes'])} on disk"]

@@ -120,8 +120,11 @@ def model_cost(
     adapter file holds those parameters (fp32 by default) plus a small safetensors header.
 
     Raises:
-        ValueError: if no weight matches the targets.
+        ValueError: if no weight matches the targets, or batch_size / seq_len is not a positive integer.
     """
+    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     shapes = weight_shapes(source)
     weights = dict(shapes)
     head = _tied_head(source, shapes)

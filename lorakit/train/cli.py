@@ -316,8 +316,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     ran = read_run_info(args.adapter).get("precision") if Path(args.adapter).is_dir() else None
     if ran:  # generate --model takes auto (bf16 where the CPU has it), the adapter its run's precision
-        print(f"(the run used {ran}: give --precision {ran} to generate / eval --model {out} to reproduce the "
-              "adapter's outputs)")
+        close = "" if ran == "fp32" else " (to bf16 rounding: merged weights round otherwise than base + adapter)"
+        print(f"(the run used {ran}: give --precision {ran} to generate / eval --model {out} to compute as the "
+              f"adapter did{close})")
     return 0
 
 
