@@ -36,6 +36,29 @@ def _refuse_changed_merges(model: nn.Module, adapter_names: list[str] | None = N
             raise ValueError(f"{path}: {why}; the model is unchanged")
 
 
+def _refuse_blocked_activation(model: nn.Module, names: list[str], without: str | None = None) -> None:
+    """Before ``set_adapter(names)`` changes anything (or ``delete_adapter(without)``, whose
+    ``set_adapter`` follows the removal): check every merged adapter it would unmerge — those not in
+    ``names``, or all of a layer's where the remaining merge would no longer be exact for the new
+    order (a DoRA adapter after them) — so that a refusal leaves the model as it was (the check
+    before covered only the first kind, and the refusal came after the new active set was set)."""
+    for path, layer in iter_lora_layers(model):
+        merged = [n for n in layer.merged_adapters if n != without]
+        if not merged:
+            continue
+        stale = [n for n in merged if n not in names]
+        remaining = [n for n in merged if n in names]
+        if remaining and not layer.exact_when_merged(remaining, active=names):
+            target: list[str] | None = None  # the layer unmerges them all
+        elif stale:
+            target = stale
+        else:
+            continue
+        why = layer.unmerge_blocker(target)
+        if why:
+            raise ValueError(f"{path}: {why}; the model is unchanged")
+
+
 def _as_names(value: Any, what: str) -> list[str]:
     """An adapter name or a list of names as a list; refuses other types and repeated names."""
     names = [value] if isinstance(value, str) else list(value) if isinstance(value, (list, tuple)) else None
@@ -72,6 +95,7 @@ def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
                              "(PEFT refuses this too)")
     merged = {n for _, layer in iter_lora_layers(model) for n in layer.merged_adapters}
     _refuse_changed_merges(model, [n for n in merged if n not in names], with_variants_all=True)
+    _refuse_blocked_activation(model, names)
     state.active = names
     for _, layer in iter_lora_layers(model):
         stale = [n for n in layer.merged_adapters if n not in names]
@@ -112,6 +136,10 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
     if adapter_name in names_in_open_batches(model):
         raise ValueError(f"adapter {adapter_name!r} is in use by an open adapter_batch block; delete it after the block")
     _refuse_changed_merges(model, [adapter_name])
+    state = require_state(model)
+    after = [n for n in state.active if n != adapter_name] or [n for n in state.configs if n != adapter_name][:1]
+    if after:  # the set_adapter below must not refuse after the adapter is gone
+        _refuse_blocked_activation(model, after, without=adapter_name)
     _remove_adapter_everywhere(model, adapter_name)
     state = require_state(model) if get_state(model) and get_state(model).configs else None
     if state is not None:

@@ -303,6 +303,22 @@ def _check_patterns_match(config: LoraConfig, targets: list[str]) -> None:
                                  f"would change nothing.{hint} Target leaf names: {leaves[:20]}")
 
 
+def _warn_unmatched_entries(config: LoraConfig, targets: list[str]) -> None:
+    """Warn about ``target_modules`` list entries that matched no module while others did (all
+    matching nothing is an error): a typo there ("v_prj") silently left those modules out. A warning,
+    not an error, since one list often serves several architectures (q_proj / c_attn)."""
+    entries = config.target_modules
+    if isinstance(entries, str) or not entries:
+        return
+    unmatched = [e for e in entries if not any(n == e or n.endswith("." + e) for n in targets)]
+    if unmatched:
+        import warnings
+
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in targets})
+        warnings.warn(f"target_modules {unmatched} matched no module (the other entries matched {len(targets)} "
+                      f"modules: {leaves[:10]}); a typo?", stacklevel=4)
+
+
 def _no_match_message(model: nn.Module, config: LoraConfig) -> str:
     names = [n for n, _ in model.named_modules() if n]
     wrappers = [n for n, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))]
@@ -433,6 +449,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     saved = _find_saved_module_names(model, config, targets, strict=not loading)
     if not loading:
         _check_patterns_match(config, targets)
+        _warn_unmatched_entries(config, targets)
     variant = variant_for(config)  # validates the variant before any change
     init = config.init_lora_weights if init_lora_weights is None else init_lora_weights
     from lorakit.variants.pissa import is_convertible, prepare_residual_init

@@ -353,3 +353,16 @@ def test_an_embedding_with_max_norm_leaves_the_adapter_as_it_is():
     before = layer.lora_A["default"].detach().clone()
     model(torch.tensor([[1, 2, 3]]))
     assert torch.equal(layer.lora_A["default"], before)
+
+
+def test_a_target_list_entry_that_matches_nothing_warns_when_others_match(tmp_path):
+    # "v_prj" left v_proj out silently (only a list matching nothing at all was an error)
+    import warnings
+
+    with pytest.warns(UserWarning, match=r"target_modules \['v_prj'\] matched no module .*a typo\?"):
+        m = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj", "v_prj"]))
+    lk.save_adapter(m, tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # loading a file with such an entry (PEFT writes them) stays quiet
+        lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+        lk.load_adapter(tiny_llama(), tmp_path)

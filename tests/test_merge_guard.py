@@ -152,3 +152,46 @@ def test_fingerprint_leaves_the_tensor_as_it_was(dtype):
     before = t.clone()
     bits_fingerprint(t)
     assert torch.equal(t, before)
+
+
+def _snapshot(model):
+    from lorakit.inject import get_state
+
+    state = get_state(model)
+    return (list(state.configs), list(state.active),
+            [(list(layer.lora_A), list(layer.active_adapters), list(layer.merged_adapters))
+             for _, layer in iter_lora_layers(model)],
+            {k: v.clone() for k, v in model.state_dict().items()})
+
+
+def _same(a, b):
+    return a[:3] == b[:3] and a[3].keys() == b[3].keys() and all(torch.equal(v, b[3][k]) for k, v in a[3].items())
+
+
+def test_refusals_that_say_the_model_is_unchanged_leave_it_unchanged():
+    # delete_adapter removed the adapter, then its set_adapter refused a stale merge: "unchanged";
+    # set_adapter set the new active list, then a DoRA adapter after a changed merged one refused
+    from torch import nn
+
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)).eval()
+    for n, t in [("a", "0"), ("b", "1"), ("c", "0")]:
+        lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=[t], init_lora_weights=False), n)
+    lk.merge(m, ["b"])
+    with torch.no_grad():
+        m[1].lora_A["b"].add_(0.1)
+    before = _snapshot(m)
+    with pytest.raises(ValueError, match="the model is unchanged"):
+        lk.delete_adapter(m, "c")
+    assert _same(_snapshot(m), before)
+
+    m = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)).eval()
+    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["0", "1"], init_lora_weights=False), "a")
+    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["1"], use_dora=True, init_lora_weights=False), "d")
+    lk.merge(m, ["a"])
+    with torch.no_grad():
+        m[1].lora_B["a"].mul_(1.5)
+    before = _snapshot(m)
+    with pytest.raises(ValueError, match="the model is unchanged"):
+        lk.set_adapter(m, ["a", "d"])
+    assert _same(_snapshot(m), before)

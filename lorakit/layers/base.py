@@ -508,16 +508,16 @@ class LoraLayer(nn.Module):
         ordered = [n for n in self.active_adapters if n in names] + [n for n in names if n not in self.active_adapters]
         return [n for n in dict.fromkeys(ordered) if n in self.lora_A and n not in self.merged_adapters]
 
-    def exact_when_merged(self, merged: list[str]) -> bool:
+    def exact_when_merged(self, merged: list[str], active: list[str] | None = None) -> bool:
         """Whether this layer, with ``merged`` folded into its weight, computes what its active
-        adapters compute unmerged.
+        adapters (or ``active``, a set about to be made active) compute unmerged.
 
         Plain LoRA updates add up in any order. An adapter with a variant (DoRA) does not: its forward
         rescales the output so far and reads the base weight for its column norm. Where one is involved,
         the merged adapters must therefore be the first ones the forward applies (in the active order),
         with no variant adapter left unmerged after them.
         """
-        order = [n for n in self.active_adapters if n in self.lora_A]
+        order = [n for n in (self.active_adapters if active is None else active) if n in self.lora_A]
         if not any(n in self.variants for n in [*order, *merged]):
             return True
         return merged == order[: len(merged)] and not any(n in self.variants for n in order[len(merged):])
