@@ -8,7 +8,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from lorakit.inject import (_remove_adapter_everywhere, _set_submodule, check_model, get_state, iter_lora_layers,
+from lorakit.inject import (_remove_adapter_everywhere, _set_submodule, check_model, iter_lora_layers,
                             iter_saved_modules, mark_trainable, require_state, tied_parameters, untie_weight)
 
 
@@ -19,37 +19,32 @@ def _check_names(model: nn.Module, names: list[str]) -> None:
         raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(state.configs)}")
 
 
-def _refuse_changed_merges(model: nn.Module, adapter_names: list[str] | None = None,
-                           with_variants_all: bool = False) -> None:
+def _refuse_changed_merges(model: nn.Module, adapter_names: list[str] | None = None) -> None:
     """Before a model-level operation unmerges ``adapter_names`` (default: all merged ones), check
-    every layer (``LoraLayer.unmerge_blocker``), so that a refusal leaves the whole model as it was.
-    ``with_variants_all``: on layers with a variant adapter merged, check all their merged adapters
-    (``set_adapter`` may unmerge them all there)."""
+    every layer (``LoraLayer.unmerge_blocker``), so that a refusal leaves the whole model as it was."""
     for path, layer in iter_lora_layers(model):
         if not layer.merged_adapters:
             continue
-        names = adapter_names
-        if with_variants_all and any(n in layer.variants for n in layer.merged_adapters):
-            names = None
-        why = layer.unmerge_blocker(names)
+        why = layer.unmerge_blocker(adapter_names)
         if why:
             raise ValueError(f"{path}: {why}; the model is unchanged")
 
 
 def _refuse_blocked_activation(model: nn.Module, names: list[str], without: str | None = None) -> None:
     """Before ``set_adapter(names)`` changes anything (or ``delete_adapter(without)``, whose
-    ``set_adapter`` follows the removal): check every merged adapter it would unmerge — those not in
-    ``names``, or all of a layer's where the remaining merge would no longer be exact for the new
-    order (a DoRA adapter after them) — so that a refusal leaves the model as it was (the check
-    before covered only the first kind, and the refusal came after the new active set was set)."""
+    ``set_adapter`` follows the removal): check every merged adapter it may unmerge — those not in
+    ``names``; all of a layer's where a variant (DoRA) adapter is merged, or where the merge that
+    stays would no longer be exact for the new order (a DoRA adapter after them) — so that a refusal
+    leaves the model as it was (the last kind was refused after the new active set was set)."""
     for path, layer in iter_lora_layers(model):
         merged = [n for n in layer.merged_adapters if n != without]
         if not merged:
             continue
         stale = [n for n in merged if n not in names]
         remaining = [n for n in merged if n in names]
-        if remaining and not layer.exact_when_merged(remaining, active=names):
-            target: list[str] | None = None  # the layer unmerges them all
+        if (any(n in layer.variants for n in merged)
+                or remaining and not layer.exact_when_merged(remaining, active=names)):
+            target: list[str] | None = None  # the layer may unmerge them all
         elif stale:
             target = stale
         else:
@@ -93,8 +88,6 @@ def set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
             raise ValueError(f"adapters {owners} each have their own copy of {path!r} (modules_to_save), and one "
                              "forward can run only one copy, not a sum: activate at most one of them "
                              "(PEFT refuses this too)")
-    merged = {n for _, layer in iter_lora_layers(model) for n in layer.merged_adapters}
-    _refuse_changed_merges(model, [n for n in merged if n not in names], with_variants_all=True)
     _refuse_blocked_activation(model, names)
     state.active = names
     for _, layer in iter_lora_layers(model):
@@ -137,13 +130,14 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
         raise ValueError(f"adapter {adapter_name!r} is in use by an open adapter_batch block; delete it after the block")
     _refuse_changed_merges(model, [adapter_name])
     state = require_state(model)
+    # what is active once it is gone (the first adapter left if it was the only active one), checked
+    # before the removal: the set_adapter below must not refuse after the adapter is gone
     after = [n for n in state.active if n != adapter_name] or [n for n in state.configs if n != adapter_name][:1]
-    if after:  # the set_adapter below must not refuse after the adapter is gone
+    if after:
         _refuse_blocked_activation(model, after, without=adapter_name)
     _remove_adapter_everywhere(model, adapter_name)
-    state = require_state(model) if get_state(model) and get_state(model).configs else None
-    if state is not None:
-        set_adapter(model, state.active or [next(iter(state.configs))])
+    if after:
+        set_adapter(model, after)
 
 
 @contextlib.contextmanager

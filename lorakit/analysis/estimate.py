@@ -321,6 +321,13 @@ def _expand_targets(target_modules: tuple[str, ...] | list[str] | str) -> tuple[
     return tuple(LINEAR_NAMES) if names == ["all-linear"] else tuple(names)
 
 
+def check_sizes(**values: Any) -> None:
+    """Each value an integer >= 1 (1.5 and True were taken), or a ValueError naming it."""
+    for label, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
+
+
 def estimate_memory(
     model: ModelShape | dict[str, Any] | str | Path,
     method: str = "lora",
@@ -374,9 +381,7 @@ def estimate_memory(
     _check_choice("optimizer_impl", optimizer_impl, OPTIMIZER_IMPLS)
     if state_precision is not None:
         _check_choice("state_precision", state_precision, ("fp32", "bf16", "fp16"))
-    for label, value in (("batch_size", batch_size), ("seq_len", seq_len), ("r", r)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:  # (1.5 and True were taken)
-            raise ValueError(f"{label} must be an integer >= 1, got {value!r}")
+    check_sizes(batch_size=batch_size, seq_len=seq_len, r=r)
     if state_precision is not None and optimizer != "adamw":
         raise ValueError(f"state_precision is the dtype of AdamW's moments; optimizer {optimizer!r} "
                          + ("keeps its states in 8 bits" if optimizer == "adamw8bit" else "keeps no state"))

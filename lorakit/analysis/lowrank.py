@@ -23,7 +23,8 @@ MAX_MATRICES = 16  # model matrices analysed at most (the first ones matching, i
 
 
 def _check_ranks(ranks: Sequence[int], *sizes: int) -> None:
-    """Ranks are integers (not bools) >= 1: a float rank was truncated or made fractional counts."""
+    """Ranks (and sizes) are integers, not bools: a float rank was truncated or made fractional
+    counts. (Each caller then checks they are >= 1 and fit its matrix.)"""
     for what, values in (("ranks", ranks), ("sizes", sizes)):
         bad = [r for r in values if isinstance(r, bool) or not isinstance(r, int)]
         if bad:

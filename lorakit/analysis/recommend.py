@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from lorakit.analysis.adapter_tools import delta_spectra, energy_rank, target_filter
-from lorakit.analysis.estimate import ModelShape, estimate_memory
+from lorakit.analysis.estimate import ModelShape, check_sizes, estimate_memory
 from lorakit.analysis.weights import load_config, weight_shapes
 
 TASKS = ("simple", "medium", "complex")
@@ -122,9 +122,7 @@ def model_cost(
     Raises:
         ValueError: if no weight matches the targets, or batch_size / seq_len is not a positive integer.
     """
-    for name, value in (("batch_size", batch_size), ("seq_len", seq_len)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+    check_sizes(batch_size=batch_size, seq_len=seq_len)  # (before the estimate, whose errors become a note)
     shapes = weight_shapes(source)
     weights = dict(shapes)
     head = _tied_head(source, shapes)
