@@ -275,7 +275,11 @@ def merge_and_unload(model: nn.Module, safe: bool = False) -> nn.Module:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove every LoRA module without merging: back to exactly the base model."""
+    """Remove every LoRA module without merging: back to the base model.
+
+    Exactly the base weights when nothing is merged; a merged adapter is first subtracted again
+    (W + ΔW − ΔW), which restores W to rounding (a few ulps), as ``unmerge`` does.
+    """
     return _strip(model, do_merge=False)
 
 

@@ -77,7 +77,8 @@ class LoraConfig:
         modules_to_save: Modules (besides the adapters) that are fully trained and saved, e.g. a head.
             As in PEFT, an entry names every module whose full name ends with it (a plain suffix:
             ``"classifier"`` also names ``pre_classifier``); a string is a regex full-matched.
-        init_lora_weights: ``True`` (A kaiming-uniform(a=√5), B = 0), ``False`` (both random: the
+        init_lora_weights: ``True`` (A kaiming-uniform(a=√5), B = 0; on an Embedding the other way
+            round, A = 0 and B normal, as PEFT), ``False`` (both random: the
             adapter changes the output from the start; for tests), ``"gaussian"`` (A normal with std 1/r),
             or a variant's initialisation name (e.g. ``"pissa"``) where that variant is installed.
         use_rslora: Use rank-stabilised scaling ``lora_alpha / sqrt(r)`` (Kalajdzievski 2023).
@@ -101,7 +102,7 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     bias: str = "none"
-    modules_to_save: list[str] | None = None
+    modules_to_save: list[str] | str | None = None
     init_lora_weights: bool | str = True
     use_rslora: bool = False
     use_dora: bool = False

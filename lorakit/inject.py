@@ -86,6 +86,8 @@ class ModulesToSave(nn.Module):
         return self.modules_to_save[self.active_adapter]
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The active adapter's trained copy (the original module when disabled or for other adapters);
+        in a mixed-adapter batch, each row through its own adapter's copy."""
         plan = self.batch_context.plan if self.batch_context is not None else None
         if plan is not None and not self.disabled:  # mixed-adapter batch: each row its adapter's copy
             from lorakit.multi import _saved_module_mixed_forward

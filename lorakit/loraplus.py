@@ -26,8 +26,10 @@ def loraplus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, weig
     - ``"lora_B"``: every trainable B, learning rate ``ratio · lr``, ``weight_decay``;
     - ``"lora_embedding"``: A and B of Embedding layers when ``lr_embedding`` is given (PEFT's
       ``loraplus_lr_embedding``); otherwise they follow the A/B rule above;
-    - ``"other"``: anything else trainable (DoRA magnitudes, biases, ``modules_to_save``), learning
-      rate ``lr``, no weight decay for 1-D tensors (biases, magnitudes), ``weight_decay`` otherwise.
+    - ``"other"``: anything else trainable with two or more dimensions (``modules_to_save``
+      matrices), learning rate ``lr``, ``weight_decay``;
+    - ``"other_no_decay"``: anything else trainable with at most one dimension (DoRA magnitudes,
+      biases), learning rate ``lr``, no weight decay.
 
     Args:
         model: A model with trainable LoRA adapters (``get_lora_model``).

@@ -48,6 +48,25 @@ def test_bad_shapes_and_labels():
         linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 7]))
 
 
+@pytest.mark.parametrize("chunk", [0, -1, 2.5, True])
+def test_bad_chunk_size_is_named(chunk):
+    # -1 died inside torch ("negative dimension"), 0 silently took the default
+    with pytest.raises(ValueError, match="chunk_size"):
+        linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2]), chunk_size=chunk)
+
+
+def test_mixed_dtypes_and_float_labels_are_named():
+    h, W, y = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match=r"hidden \(torch.bfloat16\) and weight \(torch.float32\)"):
+        linear_cross_entropy(h.bfloat16(), W, y)
+    with pytest.raises(TypeError, match="labels must be integer"):
+        linear_cross_entropy(h, W, y.float())
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # autocast's product takes both dtypes, as before
+        got = linear_cross_entropy(h.bfloat16(), W, y)
+    ref = F.cross_entropy(h.bfloat16().float() @ W.bfloat16().float().T, y, reduction="sum")
+    assert abs(got.item() - ref.item()) < 1e-2 * max(1.0, abs(ref.item()))
+
+
 def test_saves_no_logits_for_backward():
     saved = []
     h = torch.randn(64, 16, requires_grad=True)

@@ -142,6 +142,25 @@ def test_fresh_dora_equals_plain_lora_output():
     torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_conv2d_unbatched_input_keeps_its_shape(bias):
+    """nn.Conv2d takes a (C, H, W) input; DoRA's (1, out, 1, 1) magnitude broadcast it to (1, out, H, W)
+    (and backward with a gradient of the right shape failed)."""
+    torch.manual_seed(0)
+    model = lk.get_lora_model(Wrap(torch.nn.Conv2d(3, 4, 3, padding=1, bias=bias).double()),
+                              lk.LoraConfig(r=2, lora_alpha=4, target_modules=["layer"], use_dora=True, init_lora_weights=False))
+    _perturb_magnitudes(model)
+    m = model.layer.lora_magnitude_vector["default"]
+    x = torch.randn(3, 5, 6, dtype=torch.float64)
+    out = model(x)
+    assert out.shape == (4, 5, 6)
+    torch.testing.assert_close(out, model(x[None])[0], rtol=0, atol=1e-12)
+    g = torch.randn(4, 5, 6, dtype=torch.float64)
+    got, = torch.autograd.grad(out, [m], g)
+    ref, = torch.autograd.grad(model(x[None])[0], [m], g)
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("order", [["a", "b"], ["b", "a"]])
 @pytest.mark.parametrize("case", ["llama_qv_mlp", "gpt2_conv1d", "conv2d"])
 def test_merge_with_another_adapter_on_the_layer_keeps_the_output(case, order):

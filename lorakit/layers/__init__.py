@@ -6,6 +6,8 @@ through ``LAYER_TYPES``.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from torch import nn
 
 from lorakit.layers.base import LoraLayer
@@ -14,7 +16,7 @@ from lorakit.layers.base import LoraLayer
 LAYER_TYPES: dict[type[nn.Module], type[LoraLayer]] = {}
 
 
-def register_layer_type(base_class: type[nn.Module]):
+def register_layer_type(base_class: type[nn.Module]) -> Callable[[type[LoraLayer]], type[LoraLayer]]:
     """Class decorator: make ``cls`` the LoRA layer for modules of ``base_class``.
 
     Raises:

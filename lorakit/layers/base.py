@@ -212,6 +212,14 @@ class LoraLayer(nn.Module):
         return self.branch(self.lora_dropout[name](x), A, B) * self.scaling[name]
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """h = base(x) + Σ_{active n} s_n · B_n(A_n(dropout(x))), over the active, unmerged adapters.
+
+        Disabled: the base output alone. Inside a mixed-adapter batch (``adapter_batch``), each row
+        gets its own adapter (``mixed_forward``). A variant (DoRA) computes its adapter's term
+        itself. fp32 adapters on a half-precision base: their updates are summed in fp32 and the sum
+        rounded once to the output's dtype (``sum_dtype``). Subclasses may take faster paths that
+        compute the same (``LoraLinear.forward``).
+        """
         result = self.base_layer(x, *args, **kwargs)
         if self.disabled:
             return result

@@ -89,27 +89,39 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     full logits never exist: peak extra memory is one chunk of logits.
 
     Args:
-        hidden: ``(N, d)`` inputs of the output head (any float dtype).
-        weight: ``(V, d)`` head weight (``nn.Linear`` layout).
-        labels: ``(N,)`` target ids; ``ignore_index`` rows are skipped.
+        hidden: ``(N, d)`` inputs of the output head (any float dtype, the weight's).
+        weight: ``(V, d)`` head weight (``nn.Linear`` layout), of ``hidden``'s dtype (under autocast,
+            the dtypes may differ: the product is autocast's).
+        labels: ``(N,)`` integer target ids; ``ignore_index`` rows are skipped.
         bias: optional ``(V,)`` head bias.
         ignore_index: label value that contributes nothing.
-        chunk_size: rows per chunk; default keeps one chunk's logits under 2**24 elements (64 MB in fp32).
+        chunk_size: rows per chunk (a positive integer); default (None) keeps one chunk's logits
+            under 2**24 elements (64 MB in fp32).
 
     Returns:
         A scalar in float32 (float64 for float64 inputs): the summed loss over non-ignored rows.
 
     Raises:
-        ValueError: shapes disagree or a label is out of the vocabulary.
+        ValueError: shapes or dtypes disagree, a label is out of the vocabulary, or ``chunk_size``
+            is not a positive integer.
+        TypeError: the labels are not integers.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} do not fit (N, d) x (V, d)")
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"linear_cross_entropy: labels {tuple(labels.shape)} must be ({hidden.shape[0]},)")
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"linear_cross_entropy: labels must be integer token ids, got {labels.dtype}")
+    if not hidden.is_floating_point() or (hidden.dtype != weight.dtype
+                                          and not torch.is_autocast_enabled(hidden.device.type)):
+        raise ValueError(f"linear_cross_entropy: hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the "
+                         "same floating dtype (cast one, as the head's own matmul would need)")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"linear_cross_entropy: chunk_size must be a positive integer or None, got {chunk_size!r}")
     keep = labels != ignore_index
     if not bool(keep.all()):
         hidden, labels = hidden[keep], labels[keep]
     if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= weight.shape[0]):
         raise ValueError(f"linear_cross_entropy: label ids must be in [0, {weight.shape[0]}), got [{int(labels.min())}, {int(labels.max())}]")
-    chunk = chunk_size or max(1, CHUNK_ELEMENTS // weight.shape[0])
+    chunk = chunk_size if chunk_size is not None else max(1, CHUNK_ELEMENTS // weight.shape[0])
     return _LinearCrossEntropy.apply(hidden, weight, bias, labels, int(chunk), torch.is_grad_enabled())

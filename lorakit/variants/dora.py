@@ -111,6 +111,8 @@ class DoraVariant(LoraVariant):
         """y = result + (m/n − 1)·(W x) + (m/n)·s·B A x, with n detached and the bias left out."""
         magnitude = layer.lora_magnitude_vector[name]
         scale = magnitude / self.weight_norm(layer, name).to(magnitude.dtype)  # (out,) or (1, out, 1, 1)
+        if scale.dim() > result.dim():  # an unbatched (C, H, W) input to a Conv2d: (out, 1, 1)
+            scale = scale.reshape(scale.shape[scale.dim() - result.dim():])
         dropout = layer.lora_dropout[name]
         bias = getattr(layer.base_layer, "bias", None)
         if isinstance(dropout, nn.Identity) or not layer.training:
@@ -120,7 +122,7 @@ class DoraVariant(LoraVariant):
             x_branch = dropout(x)
             base_out = layer.base_layer(x_branch)
         if bias is not None:
-            base_out = base_out - bias.reshape(magnitude.shape) if magnitude.dim() == 4 else base_out - bias
+            base_out = base_out - bias.reshape(scale.shape) if scale.dim() > 1 else base_out - bias
         branch = layer.branch(x_branch, layer.lora_A[name], layer.lora_B[name]) * layer.scaling[name]
         update = (scale - 1) * base_out.to(scale.dtype) + scale * branch
         return add_rounded_once(result, update)
