@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import warnings
 from typing import Any, Iterator
 
@@ -175,14 +176,71 @@ def _untie_before_merge(model: nn.Module) -> None:
 
     A tied weight (e.g. SmolLM2's input embedding is also its output head) would otherwise carry the
     merged update into the other module too, and the merged model would no longer compute what the
-    unmerged one did.
+    unmerged one did. Where the base module itself is registered under another name too (one
+    ``nn.Linear`` as ``a`` and ``b``, LoRA on ``a``), the layer gets its own module first, so the
+    other name keeps the original weight. ``_retie_after_unmerge`` restores the sharing.
     """
     tied = tied_parameters(model)
+    shared = _shared_modules(model)
     for name, layer in iter_lora_layers(model):
-        if id(layer.base_layer.weight) in tied and not layer.merged_adapters:
+        base = layer.base_layer
+        if id(base.weight) in tied and not layer.merged_adapters:
             warnings.warn(f"{name}: its base weight is tied to another module; merging unties it "
-                          "(the other module keeps the original weight)", stacklevel=3)
+                          "(the other module keeps the original weight; unmerge(model) or unload ties it again once "
+                          "nothing is merged)",
+                          stacklevel=3)
+            config = getattr(model, "config", None)
+            record = (base, base.weight, bool(getattr(config, "tie_word_embeddings", False)))
+            if id(base) in shared:
+                layer.base_layer = _module_of_its_own(base)
             untie_weight(model, layer.base_layer)
+            layer.__dict__["untied_from"] = record
+
+
+def _shared_modules(model: nn.Module) -> set[int]:
+    """ids of the modules registered under more than one name."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    for _, module in model.named_modules(remove_duplicate=False):
+        (shared if id(module) in seen else seen).add(id(module))
+    return shared
+
+
+def _module_of_its_own(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` with its own registries (parameters, buffers, submodules, hooks:
+    the same objects in new dicts), so that replacing its weight leaves ``module`` as it is."""
+    own = copy.copy(module)
+    for key, value in module.__dict__.items():
+        if isinstance(value, (dict, set)):
+            own.__dict__[key] = type(value)(value)
+    return own
+
+
+def _retie_after_unmerge(model: nn.Module) -> None:
+    """Once no adapter is merged anywhere, give each layer that merging untied its original (shared)
+    weight back, exactly (the copy holds W + ΔW − ΔW, equal to rounding), and the model's config
+    its ``tie_word_embeddings`` flag. Not where the copy was changed since lorakit last wrote it, or
+    where nothing else holds the original any more."""
+    layers = [layer for _, layer in iter_lora_layers(model)]
+    if any(layer.merged_adapters for layer in layers):
+        return
+    held = {id(p) for p in model.parameters()}
+    config = getattr(model, "config", None)
+    for layer in layers:
+        record = layer.__dict__.pop("untied_from", None)
+        if record is None:
+            continue
+        module, weight, config_tied = record
+        copy_ = layer.base_layer.weight
+        if (id(weight) not in held or weight.shape != copy_.shape or weight.dtype != copy_.dtype
+                or layer.__dict__.get("written_version") != copy_._version):
+            continue
+        if module is not layer.base_layer:
+            layer.base_layer = module  # the shared module again (it kept the original weight)
+        else:
+            module.weight = weight
+        if config_tied and config is not None:
+            config.tie_word_embeddings = True
 
 
 def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool = False) -> nn.Module:
@@ -241,11 +299,17 @@ def unmerge(model: nn.Module) -> nn.Module:
     _refuse_changed_merges(model)
     for _, layer in iter_lora_layers(model):
         layer.unmerge()
+    _retie_after_unmerge(model)
     return model
 
 
 def _strip(model: nn.Module, do_merge: bool, safe: bool = False) -> nn.Module:
     require_state(model)
+    if do_merge:
+        for path, layer in iter_lora_layers(model):  # every layer checked before any is changed
+            why = layer.merge_would_change()
+            if why:
+                raise ValueError(f"{path}: {why}; the model is unchanged")
     if do_merge and safe:
         _check_merge_finite(model, None)
     if do_merge:
@@ -257,10 +321,16 @@ def _strip(model: nn.Module, do_merge: bool, safe: bool = False) -> nn.Module:
             layer.merge(safe=safe)
         elif layer.merged_adapters:
             layer.unmerge()
+    if not do_merge:
+        _retie_after_unmerge(model)
+    for name, layer in list(iter_lora_layers(model)):
         _set_submodule(model, name, layer.base_layer)
     for name, wrapper in list(iter_saved_modules(model)):
         _set_submodule(model, name, wrapper.current() if do_merge else wrapper.original_module)
     model.__dict__.pop("_lorakit", None)
+    from lorakit.multi import detach_mixed_batch  # (multi imports this module)
+
+    detach_mixed_batch(model)
     return model
 
 

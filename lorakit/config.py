@@ -119,9 +119,9 @@ class LoraConfig:
         if not math.isfinite(self.lora_alpha):
             raise ValueError(f"LoraConfig.lora_alpha must be finite, got {self.lora_alpha!r}")
         if isinstance(self.lora_dropout, bool) or not isinstance(self.lora_dropout, (int, float)) \
-                or not 0.0 <= self.lora_dropout < 1.0:
+                or not 0.0 <= self.lora_dropout <= 1.0:
             # (a string passed the old float() check and was saved as "0.1", which PEFT cannot load)
-            raise ValueError(f"LoraConfig.lora_dropout must be a number in [0, 1), got {self.lora_dropout!r}")
+            raise ValueError(f"LoraConfig.lora_dropout must be a number in [0, 1], got {self.lora_dropout!r}")
         self.lora_dropout = float(self.lora_dropout)
         for flag in ("use_rslora", "use_dora", "fan_in_fan_out", "inference_mode"):
             if not isinstance(getattr(self, flag), bool):  # ("no" turned DoRA on: a string is true)

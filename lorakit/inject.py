@@ -469,6 +469,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
             module = model.get_submodule(name)
             if not isinstance(module, LoraLayer):
                 layer = lora_class_for(module)(module).train(module.training)  # the wrapped module's mode
+                _keep_off_fast_paths(model, name, layer)
                 _set_submodule(model, name, layer)
                 module = layer
             module.add_adapter(
@@ -486,6 +487,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
             module = model.get_submodule(name)
             if not isinstance(module, ModulesToSave):
                 wrapper = ModulesToSave(module).train(module.training)
+                _keep_off_fast_paths(model, name, wrapper)
                 _set_submodule(model, name, wrapper)
                 module = wrapper
             module.add_adapter(adapter_name)
@@ -502,6 +504,25 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
 
     attach_mixed_batch(model)  # lets model(..., adapter_names=[...]) run a mixed-adapter batch
     return targets
+
+
+def _python_path_only(module: nn.Module, args: Any) -> None:
+    """A forward pre-hook that does nothing: its presence is the signal (see ``_keep_off_fast_paths``)."""
+    return None
+
+
+def _keep_off_fast_paths(model: nn.Module, name: str, wrapper: nn.Module) -> None:
+    """Keep a wrapper inside an ``nn.TransformerEncoderLayer`` on that layer's Python path.
+
+    In eval mode the encoder layer's native fast path reads ``linear1.weight`` / ``linear2.weight``
+    (and the other weights) directly and never calls the modules, so an unmerged LoRA there would
+    be silently ignored at evaluation and inference (PEFT 0.21.2 is). PyTorch skips that path when
+    any submodule has a forward hook; this one, on the wrapper, is dropped with it on unload.
+    """
+    parent_name = name.rpartition(".")[0]
+    parent = model.get_submodule(parent_name) if parent_name else model
+    if isinstance(parent, nn.TransformerEncoderLayer):
+        wrapper.register_forward_pre_hook(_python_path_only)
 
 
 def tied_parameters(model: nn.Module) -> set[int]:

@@ -267,6 +267,8 @@ def load_model_and_tokenizer(
 
     Raises:
         FileNotFoundError: if the model cannot be found locally.
+        ValueError: if a model directory or ``.gguf`` file is there but cannot be loaded (the message
+            carries transformers' reason).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     path = resolve_model_path(name_or_path)

@@ -257,6 +257,19 @@ def attach_mixed_batch(model: nn.Module) -> MixedBatchContext:
     return ctx
 
 
+def detach_mixed_batch(model: nn.Module) -> None:
+    """Undo ``attach_mixed_batch``: drop the context and the two root hooks (``unload`` and
+    ``merge_and_unload`` give back a model with nothing of lorakit left on it)."""
+    if model.__dict__.pop(_CONTEXT_KEY, None) is None:
+        return
+    for hooks, fn in ((model._forward_pre_hooks, _pre_hook), (model._forward_hooks, _post_hook)):
+        for key in [k for k, v in hooks.items() if v is fn]:
+            del hooks[key]  # (and the flags registering them set, as a RemovableHandle's remove does)
+            for extra in (model._forward_pre_hooks_with_kwargs, model._forward_hooks_with_kwargs,
+                          model._forward_hooks_always_called):
+                extra.pop(key, None)
+
+
 def _context(model: nn.Module) -> MixedBatchContext:
     require_state(model)
     ctx = model.__dict__.get(_CONTEXT_KEY)

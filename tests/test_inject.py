@@ -178,7 +178,8 @@ def test_conv_model_and_duplicate_name():
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    ({"r": 0}, "positive integer"), ({"r": 2.5}, "positive integer"), ({"lora_dropout": 1.0}, "lora_dropout"),
+    ({"r": 0}, "positive integer"), ({"r": 2.5}, "positive integer"), ({"lora_dropout": 1.5}, "lora_dropout"),
+    ({"lora_dropout": -0.1}, "lora_dropout"),
     ({"bias": "some"}, "bias"), ({"rank_pattern": {"q": 0}}, "rank_pattern"), ({"target_modules": [1]}, "strings"),
 ])
 def test_bad_config_values(kwargs, match):
@@ -191,6 +192,33 @@ def test_missing_target_modules_and_wrong_config_type():
         lk.get_lora_model(tiny_llama(), lk.LoraConfig())
     with pytest.raises(TypeError, match="LoraConfig"):
         lk.get_lora_model(tiny_llama(), {"r": 8})
+
+
+def test_dropout_one_as_peft(tmp_path):
+    """lora_dropout=1.0 (PEFT accepts it: an adapter file that says so was refused at load): in
+    training the branch sees a zero input, so the output is the base's and A, B get zero gradients,
+    as PEFT computes; in eval mode the adapter applies."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = tiny_llama()
+    x = torch.randint(0, 101, (2, 6))
+    ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=1.0,
+                                                                      target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    ref.save_pretrained(tmp_path)
+    m = lk.load_adapter(copy.deepcopy(base), tmp_path, is_trainable=True)
+    assert m._lorakit.configs["default"].lora_dropout == 1.0
+    for train in (True, False):
+        m.train(train), ref.train(train)
+        got, want = m(x).logits, ref(x).logits
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+        got.sum().backward()
+        grads = [p.grad for n, p in m.named_parameters() if "lora_" in n]
+        assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert all(not g.any() for g in grads) == train  # zero gradients exactly when all is dropped
+        m.zero_grad()
+    m.train()
+    with torch.no_grad():
+        torch.testing.assert_close(m(x).logits, base(x).logits, rtol=0, atol=0)
 
 
 def test_dropout_only_in_training():
@@ -366,3 +394,159 @@ def test_a_target_list_entry_that_matches_nothing_warns_when_others_match(tmp_pa
         warnings.simplefilter("error")  # loading a file with such an entry (PEFT writes them) stays quiet
         lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
         lk.load_adapter(tiny_llama(), tmp_path)
+
+
+# ---- audit of unusual models: shared modules, ties, computed weights, the encoder fast path -----------
+
+
+def test_merge_unmerge_unload_ties_the_weights_again_exactly():
+    """merge unties a tied weight; once nothing is merged, unmerge/unload tie it again, exactly (it
+    stayed untied: a second copy of vocab x hidden, 3.7e-9 off, config.tie_word_embeddings False)."""
+    m = tiny_llama(tie=True)
+    original = m.lm_head.weight
+    before = original.detach().clone()
+    n_params = lk.count_parameters(m)[1]
+    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False))
+    with pytest.warns(UserWarning, match="tied"):
+        lk.merge(m)
+    assert m.lm_head.base_layer.weight is not m.model.embed_tokens.weight and not m.config.tie_word_embeddings
+    lk.unmerge(m)
+    assert m.lm_head.base_layer.weight is original is m.model.embed_tokens.weight
+    assert m.config.tie_word_embeddings
+    with pytest.warns(UserWarning, match="tied"):
+        lk.merge(m)
+    plain = lk.unload(m)
+    assert plain.lm_head.weight is plain.model.embed_tokens.weight is original
+    assert torch.equal(original, before) and lk.count_parameters(plain)[1] == n_params
+    assert not plain._forward_pre_hooks and not plain._forward_hooks  # lorakit's root hooks are gone too
+    assert not [k for k in plain.__dict__ if "lorakit" in k]
+
+
+def test_a_copy_changed_after_the_untie_is_not_tied_back():
+    m = tiny_llama(tie=True)
+    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False))
+    with pytest.warns(UserWarning, match="tied"):
+        lk.merge(m)
+    lk.unmerge(m)  # (ties again)
+    with pytest.warns(UserWarning, match="tied"):
+        lk.merge(m)
+    layer = m.lm_head
+    layer.unmerge()  # layer-level: nothing ties here
+    with torch.no_grad():
+        layer.base_layer.weight.add_(1.0)  # the user's own change to the untied copy
+    lk.unmerge(m)
+    assert layer.base_layer.weight is not m.model.embed_tokens.weight
+    assert not m.config.tie_word_embeddings
+
+
+class _SharedLinear(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(5, 5, dtype=torch.float64)
+        self.b = self.a  # one module under two names
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_merge_of_a_module_registered_twice_leaves_the_other_name_alone():
+    """LoRA on "a" only; merge untied the weight of the shared module object, so "b" took the update
+    too (1.5e-2 off) while the warning said the other module kept the original."""
+    torch.manual_seed(0)
+    m = _SharedLinear()
+    shared = m.a
+    W = shared.weight.detach().clone()
+    lk.get_lora_model(m, lk.LoraConfig(r=2, lora_alpha=2, target_modules=["a"], init_lora_weights=False))
+    x = torch.randn(3, 5, dtype=torch.float64)
+    with torch.no_grad():
+        want = m(x)
+        with pytest.warns(UserWarning, match="tied"):
+            lk.merge(m)
+        torch.testing.assert_close(m(x), want, rtol=0, atol=1e-12)
+        assert m.b is shared and torch.equal(m.b.weight, W)
+        lk.unmerge(m)
+        assert m.a.base_layer is shared is m.b and torch.equal(shared.weight, W)
+        with pytest.warns(UserWarning, match="tied"):
+            plain = lk.merge_and_unload(m)
+        torch.testing.assert_close(plain(x), want, rtol=0, atol=1e-12)
+        assert plain.b is shared and torch.equal(plain.b.weight, W) and plain.a is not shared
+
+
+@pytest.mark.parametrize("make", ["weight_norm", "orthogonal", "spectral_norm", "old_weight_norm"])
+def test_merge_into_a_computed_weight_is_refused(make):
+    """A parametrized (or hook-recomputed) weight loses what a merge writes into it: the adapter was
+    recorded as merged and its update silently lost (0.15 off)."""
+    import warnings
+
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    makers = {"weight_norm": lambda: parametrizations.weight_norm(nn.Linear(4, 4)),
+              "orthogonal": lambda: parametrizations.orthogonal(nn.Linear(4, 4)),
+              "spectral_norm": lambda: parametrizations.spectral_norm(nn.Linear(4, 4)),
+              "old_weight_norm": lambda: torch.nn.utils.weight_norm(nn.Linear(4, 4))}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        m = Wrap(makers[make]()).eval()
+    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["layer"], init_lora_weights=False))
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        want = m(x)
+        state = {k: v.clone() for k, v in m.state_dict().items()}
+        for op in (lk.merge, lk.merge_and_unload):
+            with pytest.raises(ValueError, match="cannot merge.*(parametrization|recomputed).*model is unchanged"):
+                op(m)
+            assert isinstance(m.layer, lk.LoraLayer) and not m.layer.merged_adapters
+            assert all(torch.equal(v, state[k]) for k, v in m.state_dict().items())
+            torch.testing.assert_close(m(x), want, rtol=0, atol=0)
+        with pytest.raises(ValueError, match="cannot merge"):
+            m.layer.merge()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        other = Wrap(makers[make]())
+    with pytest.raises(ValueError, match="residual into the base weight"):
+        lk.get_lora_model(other, lk.LoraConfig(r=2, target_modules=["layer"], init_lora_weights="pissa"))
+
+
+def _encoder(nested: bool):
+    torch.manual_seed(0)
+    return nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=True), 2,
+                                 enable_nested_tensor=nested)
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("saved", [False, True])
+def test_transformer_encoder_eval_runs_the_adapters(nested, saved):
+    """PyTorch's native encoder fast path (eval mode) reads linear1/linear2's weights itself: their LoRA
+    was silently skipped at evaluation (3.7e-2 off, the base model's output exactly); with a padding
+    mask the layers are handed nested tensors."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # (enable_nested_tensor's own notices)
+        enc = _encoder(nested)
+    cfg = dict(target_modules=["linear2"], modules_to_save=["linear1"]) if saved else dict(target_modules="all-linear")
+    lk.get_lora_model(enc, lk.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **cfg))
+    if saved:
+        with torch.no_grad():
+            for n, p in enc.named_parameters():
+                if "modules_to_save" in n:
+                    p.add_(0.1)
+    x = torch.randn(2, 5, 8)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    keep = ~pad
+    with torch.no_grad():
+        want = enc.train()(x, src_key_padding_mask=pad)  # the Python path: the adapted model
+        with lk.disable_adapters(enc):
+            base = enc(x, src_key_padding_mask=pad)
+        enc.eval()
+        got = enc(x, src_key_padding_mask=pad)
+        got = got.to_padded_tensor(0.0) if got.is_nested else got
+    assert (want[keep] - base[keep]).abs().max() > 1e-3  # the adapter matters
+    torch.testing.assert_close(got[keep], want[keep], rtol=1e-5, atol=1e-5)
+    plain = lk.merge_and_unload(enc)
+    assert not any(mod._forward_pre_hooks for mod in plain.modules())  # the fast path is the model's again
+    with torch.no_grad():
+        merged = plain(x, src_key_padding_mask=pad)
+    merged = merged.to_padded_tensor(0.0) if merged.is_nested else merged
+    torch.testing.assert_close(merged[keep], want[keep], rtol=1e-5, atol=1e-5)

@@ -149,6 +149,7 @@ def read_adapter(path: str | Path) -> Adapter:
 
     Raises:
         FileNotFoundError: if the directory, its config or its weights are missing.
+        NotADirectoryError: if ``path`` is a file.
         ValueError: if the config is not valid JSON or not a usable LoRA config, the weights file is
             truncated or corrupt, a module lacks its A or B factor or their ranks differ, a tensor
             holds NaN or inf, or a module's scaling is not finite (the file or module is named).
@@ -453,7 +454,8 @@ def extract_adapter(
         tuned: fully fine-tuned model directory with the same tensor names.
         rank: LoRA rank r (per module, capped by min(out, in)).
         out: output adapter directory.
-        alpha: lora_alpha (default: r, so scaling = 1).
+        alpha: lora_alpha (default: r, so scaling = 1 where a module keeps rank r; a module written
+            at a lower rank k has scaling alpha / k).
         targets: module names or suffixes to extract (default: every 2-D weight that changed,
             except embeddings and lm_head, as PEFT's "all-linear"; "all-linear" in a list adds that
             set to the names: ``target_filter``).

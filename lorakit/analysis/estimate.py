@@ -229,6 +229,7 @@ class MemoryEstimate:
 
     Attributes:
         method: "full", "lora" or "qlora".
+        model: the model shape's name.
         weights: model parameters (and adapter parameters) as stored.
         gradients: parameter gradients of the trainable parameters.
         optimizer_states: optimizer state tensors.
@@ -242,6 +243,7 @@ class MemoryEstimate:
         trainable_params: parameters updated by the optimizer.
         total_params: all parameters (base + adapter).
         flops_per_token: training FLOPs (forward + backward) per token.
+        settings: the step the estimate is for (batch size, sequence length, precision, optimizer, ...).
         assumptions: the modelling choices, in words.
     """
 
@@ -271,9 +273,10 @@ def load_shape(model: ModelShape | dict[str, Any] | str | Path) -> ModelShape:
     ``.gguf`` file ("default" / "embedded": the embedded model).
 
     Raises:
-        FileNotFoundError: if a path does not exist or has no config.json.
-        ValueError: if the string is neither a preset nor a path, or the config is not a valid JSON
-            object of a Llama-style model (the file is named).
+        FileNotFoundError: if the string is neither a preset nor an existing path, or a directory
+            has no config.json.
+        ValueError: if the config is not a valid JSON object of a Llama-style model (the file is
+            named).
     """
     if isinstance(model, ModelShape):
         return model

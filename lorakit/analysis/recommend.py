@@ -194,7 +194,8 @@ def data_driven_ranks(
         cap: largest rank suggested.
 
     Returns:
-        {"modules": [{module, shape_rank, rank90, rank99, norm, suggested}], "r", "rank_pattern"}.
+        {"modules": [{module, max_rank, rank90, rank99, norm, suggested}], "r", "rank_pattern",
+        "energy"}.
 
     Raises:
         ValueError: on a bad energy, when no module has a non-zero update (e.g. an untrained adapter,

@@ -33,6 +33,30 @@ def bits_fingerprint(tensor: torch.Tensor) -> int:
         return int(bits.mul_(weights).sum())
 
 
+def computed_weight(module: nn.Module) -> str | None:
+    """Why ``module.weight`` cannot be written in place, or None: a merge (and a PiSSA residual)
+    writes into the weight, which is lost where the weight is computed from other tensors at every
+    access or forward (``torch.nn.utils.parametrize``: weight_norm, orthogonal, spectral_norm; the
+    older hook-based ``weight_norm`` / ``spectral_norm``). The merge used to be recorded and
+    silently lost (PEFT 0.21.2 loses it too). A quantised base (``dequantize_weight``) merges into
+    a dense copy of its own and is not concerned. The reason ends with what to do instead."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(module, "weight"):
+        kind = type(module).__bases__[0].__name__  # (parametrize swaps in a subclass "Parametrized...")
+        names = ", ".join(type(p).__name__ for p in module.parametrizations.weight)
+        return (f"the {kind}'s weight is computed by a parametrization ({names}) at every access, so what is "
+                "written into it is lost; keep the adapter unmerged, or remove the parametrization first "
+                "(torch.nn.utils.parametrize.remove_parametrizations)")
+    if callable(getattr(module, "dequantize_weight", None)):
+        return None
+    if not isinstance(module._parameters.get("weight"), nn.Parameter):
+        return (f"the {type(module).__name__}'s weight is not a parameter of its own but recomputed at every "
+                "forward (a hook-based weight_norm / spectral_norm?), so what is written into it is lost; keep the "
+                "adapter unmerged, or remove the hook first (torch.nn.utils.remove_weight_norm / remove_spectral_norm)")
+    return None
+
+
 def runs_own_forward(module: nn.Module, cls: type[nn.Module] | None) -> bool:
     """Whether calling ``module`` returns what ``cls.forward`` makes: it is exactly a ``cls`` (not a
     subclass), has no ``forward`` replaced on the instance, and no forward hook, of its own or
@@ -398,6 +422,9 @@ class LoraLayer(nn.Module):
         pending, new = self.merged_weight(adapter_names)
         if not pending:
             return
+        computed = computed_weight(self.base_layer)
+        if computed:
+            raise ValueError(f"cannot merge {pending}: {computed}; the layer is unchanged")
         if safe and not torch.isfinite(new).all():
             raise ValueError(f"merging adapter(s) {pending} gives non-finite weights; the layer is unchanged")
         self._write_merge(pending, new)
@@ -405,6 +432,7 @@ class LoraLayer(nn.Module):
     def _write_merge(self, pending: list[str], new: torch.Tensor) -> None:
         weight = self.base_layer.weight
         weight.copy_(new.to(weight.dtype))
+        self.__dict__["written_version"] = weight._version  # (a tie is restored only over lorakit's own writes)
         self.merged_adapters.extend(pending)
         stamps = self.__dict__.setdefault("merge_stamps", {})
         calls = self.__dict__.setdefault("merge_calls", {})
@@ -505,6 +533,7 @@ class LoraLayer(nn.Module):
             else:
                 old = weight.to(torch.promote_types(weight.dtype, torch.float32)) - self.delta_weight(name)
             weight.copy_(old.to(weight.dtype))
+            self.__dict__["written_version"] = weight._version
             self.merged_adapters.remove(name)
             self.__dict__.get("merge_stamps", {}).pop(name, None)
             self.__dict__.get("merge_calls", {}).pop(name, None)
@@ -532,9 +561,14 @@ class LoraLayer(nn.Module):
 
     def merge_would_change(self, adapter_names: list[str] | None = None) -> str | None:
         """Why merging ``adapter_names`` here would change what the layer computes, or None
-        (``exact_when_merged``)."""
+        (``exact_when_merged``, and a weight merge can write: ``computed_weight``)."""
         pending = self.merge_order(adapter_names)
-        if not pending or self.exact_when_merged(self.merged_adapters + pending):
+        if not pending:
+            return None
+        computed = computed_weight(self.base_layer)
+        if computed:
+            return f"cannot merge {pending}: {computed}"
+        if self.exact_when_merged(self.merged_adapters + pending):
             return None
         order = [n for n in self.active_adapters if n in self.lora_A]
         return (f"merging {pending} with {order} active, where a DoRA adapter is involved, would change the "

@@ -76,6 +76,8 @@ class LoraLinear(LoraLayer):
         then (``BatchedStacks``). Anything else (gradients, training mode, merged adapters,
         variants, a disabled layer, torch.compile) takes the generic path.
         """
+        if x.is_nested:
+            return self.nested_forward(x, *args, **kwargs)
         d = self.__dict__
         if (args or kwargs or torch.is_grad_enabled() or d["training"] or d["disabled"] or d["merged_adapters"]
                 or d["variants"] or torch.compiler.is_compiling()):
@@ -128,6 +130,24 @@ class LoraLinear(LoraLayer):
         if in_place:
             return result.copy_(total)
         return total.to(result.dtype)
+
+    def nested_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The forward for a nested tensor (``nn.TransformerEncoder`` hands its layers one in eval
+        mode when given a padding mask): the plain ops, which torch implements for nested tensors;
+        the fused nodes and the lean path work on flat views, which a nested tensor has none of."""
+        result = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return result
+        if self.batch_context is not None and self.batch_context.plan is not None:
+            raise ValueError("a mixed-adapter batch (adapter_names) cannot take a nested tensor input")
+        for name in self.live_adapters():
+            if name in self.variants:
+                raise ValueError(f"adapter {name!r} ({type(self.variants[name]).__name__}) cannot take a nested "
+                                 "tensor input; merge it, or give the model a padded tensor")
+            A, B = self.lora_A[name], self.lora_B[name]
+            h = F.linear(F.linear(self.lora_dropout[name](x).to(A.dtype), A), B) * self.scaling[name]
+            result = result + h.to(result.dtype)
+        return result
 
     def add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         # One fused autograd node: in-place addmm, no saved dropout copy (see layers/fused.py).

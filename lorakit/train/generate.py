@@ -135,6 +135,8 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor], label_positions_only: b
     Args:
         model: a causal LM.
         batch: ``input_ids``, ``attention_mask``, ``labels`` (batch, seq).
+        label_positions_only: run the head only at the positions that predict a label (False: the
+            model's full logits, the plain path).
 
     Returns:
         ``(loss_sum, n_labels)``; ``loss_sum`` is an fp32 scalar tensor (fp64 on a float64 model:

@@ -111,6 +111,11 @@ def _check_target(module: nn.Module, r: int, init: str, path: str | None = None)
         raise ValueError(f"{where}PiSSA/OLoRA initialisation needs a full-precision base layer; initialise "
                          "on the unquantised model, then quantise the residual (quantize_model_nf4)")
     kind = _kind(module)
+    from lorakit.layers.base import computed_weight
+
+    computed = computed_weight(base) if kind == "linear" else None
+    if computed:
+        raise ValueError(f"{where}{init!r} initialisation writes a residual into the base weight, but {computed}")
     if kind == "other":
         raise ValueError(f"{init!r} initialisation applies to Linear and GPT-2 Conv1D layers; {path or 'this layer'} "
                          f"is a {type(base).__name__} (PEFT refuses it there too): leave it out of target_modules "
