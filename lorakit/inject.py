@@ -322,6 +322,18 @@ def _warn_unmatched_entries(config: LoraConfig, targets: list[str]) -> None:
 
 
 def _no_match_message(model: nn.Module, config: LoraConfig) -> str:
+    if config.exclude_modules or config.modules_to_save:
+        import dataclasses
+
+        try:  # would they match without the exclusions? then say so, not "matched no module"
+            left_out = find_target_modules(model, dataclasses.replace(config, exclude_modules=None, modules_to_save=None))
+        except ValueError:
+            left_out = []
+        if left_out:
+            by = " and ".join(f"{f} {getattr(config, f)!r}" for f in ("exclude_modules", "modules_to_save")
+                              if getattr(config, f))
+            why = " (a module saved in full takes no adapter)" if config.modules_to_save else ""
+            return f"target_modules {config.target_modules!r} matched only modules that {by} leave out{why}: {left_out[:8]}"
     names = [n for n, _ in model.named_modules() if n]
     wrappers = [n for n, m in model.named_modules() if isinstance(m, (LoraLayer, ModulesToSave))]
     leaves = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
@@ -344,6 +356,28 @@ def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
+
+
+def target_modules_for_file(model: nn.Module, config: LoraConfig) -> list[str] | str | None:
+    """``config.target_modules`` as an adapter file should say it, so that PEFT wraps the same modules.
+
+    ``"all-linear"`` stays ``"all-linear"`` where PEFT reads it the same way. PEFT 0.21 expands it to
+    the Linear modules' full names and then matches those as suffixes, so where a non-Linear module's
+    name ends with a Linear's (a top-level ``fc`` and an embedding ``block.fc``) it wraps that module
+    too: the file then names lorakit's targets exactly, as a regex of their full names (PEFT and
+    lorakit full-match a string), and means the same in both.
+    """
+    targets = config.target_modules
+    if not (isinstance(targets, str) and targets.lower() == ALL_LINEAR):
+        return targets
+    import dataclasses
+
+    ours = find_target_modules(model, config)
+    linear = find_target_modules(model, dataclasses.replace(config, exclude_modules=None, modules_to_save=None))
+    peft_reading = find_target_modules(model, dataclasses.replace(config, target_modules=sorted(linear)))
+    if set(peft_reading) == set(ours):
+        return targets
+    return "(?:" + "|".join(re.escape(n) for n in sorted(ours)) + ")"
 
 
 def _saved_matches(entries: list[str] | str, name: str) -> bool:
@@ -370,6 +404,19 @@ def _find_saved_module_names(model: nn.Module, config: LoraConfig, targets: list
                 and not _inside_lora(n, wrapped + names)):
             names.append(n)
     if strict and isinstance(entries, list):
+        clash = next(((e, t) for t in targets for e in entries if t.endswith(e)), None)
+        if clash is not None:
+            # PEFT wraps every module whose name ends with the entry, the LoRA target too: it refuses
+            # such a config ("modules_to_save cannot be applied to modules of type lora.Linear") and
+            # cannot load the adapter saved from it. lorakit keeps the target a LoRA target (DistilBERT's
+            # pre_classifier under "all-linear" with task_type="SEQ_CLS" is a common case), and says so.
+            import warnings
+
+            warnings.warn(f"modules_to_save entry {clash[0]!r} also names the LoRA target {clash[1]!r} (PEFT matches "
+                          f"it as a plain suffix): lorakit trains {clash[1]!r} with LoRA, but PEFT 0.21 refuses "
+                          "such a config and cannot load the adapter saved from it; for a PEFT-compatible adapter, "
+                          f"leave {clash[1]!r} out of target_modules (exclude_modules) or rename the entry",
+                          stacklevel=4)
         optional = set(task_heads(config))
         missing = [e for e in entries if e not in optional and not any(n.endswith(e) for n in names)]
         if missing:

@@ -26,7 +26,8 @@ from torch import nn
 from lorakit.config import CONFIG_NAME, LoraConfig
 from lorakit.inject import (ModulesToSave, _find_saved_module_names, _remove_adapter_everywhere,
                             find_target_modules, get_state, inject_adapter, iter_lora_layers,
-                            iter_saved_modules, mark_trainable, model_biases, require_state, with_task_heads)
+                            iter_saved_modules, mark_trainable, model_biases, require_state,
+                            target_modules_for_file, with_task_heads)
 from lorakit.layers import LoraLayer, lora_class_for
 from lorakit.variants import variant_for
 
@@ -194,6 +195,7 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
                       "it and llama.cpp adds it to the original base, which is wrong; for serving, save it with "
                       "convert_to_lora=True (a plain LoRA against the original base)", stacklevel=2)
     _warn_dilated_conv(model, adapter_name)
+    config.target_modules = target_modules_for_file(model, config)
     directory = adapter_dir(directory)
     if directory.exists() and not directory.is_dir():
         raise FileExistsError(f"cannot save adapter: {directory} exists and is not a directory")
@@ -288,12 +290,13 @@ def _expected_tensors(model: nn.Module, config: LoraConfig) -> tuple[dict[str, t
         source = module.original_module if isinstance(module, ModulesToSave) else module
         for key, tensor in source.state_dict().items():
             required[f"{PREFIX}{path}.{key}"] = tuple(tensor.shape)
-        bias = getattr(source, "bias", None)
-        if config.bias == "all" and isinstance(bias, torch.Tensor):
-            # PEFT's bias="all" also saves the bias inside its wrapper of a modules_to_save module:
-            # the trained copy's (again) and the original module's
-            for inner in _SAVED_WRAPPER_BIASES:
-                optional[f"{PREFIX}{path}.{inner}"] = tuple(bias.shape)
+        if config.bias == "all":
+            # PEFT's bias="all" also saves the biases inside its wrapper of a modules_to_save module
+            # (every one, in a container such as an nn.Sequential): the original module's, and the
+            # trained copy's again (``_fold_copy_bias_alias`` reads those as the copy's own keys)
+            for name, p in source.named_parameters():
+                if name == "bias" or name.endswith(".bias"):
+                    optional[f"{PREFIX}{path}.original_module.{name}"] = tuple(p.shape)
     if config.bias == "all":
         for name, p in model_biases(model):
             for key in (name, *_bias_aliases(name)):  # as saved where the module was (not) wrapped
@@ -355,18 +358,30 @@ def _sets_weight_tying(directory: Path) -> bool:
         return False
 
 
-#: wrapper-internal bias keys PEFT's bias="all" writes for a modules_to_save module (lorakit's
-#: ModulesToSave has the same two attributes; the copy's is also saved as the module's own "bias")
-_SAVED_WRAPPER_BIASES = ("modules_to_save.bias", "original_module.bias")
+def _wrapper_bias_keys(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The keys PEFT's ``bias="all"`` writes for the original modules inside modules_to_save
+    wrappers (``<module>.original_module.<sub>.bias``), with their shapes."""
+    out: dict[str, tuple[int, ...]] = {}
+    for path, wrapper in iter_saved_modules(model):
+        for name, p in wrapper.original_module.named_parameters():
+            if name == "bias" or name.endswith(".bias"):
+                out[f"{PREFIX}{path}.original_module.{name}"] = tuple(p.shape)
+    return out
 
 
-def _fold_copy_bias_alias(tensors: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
-    """``<module>.modules_to_save.bias`` (PEFT, bias="all") is the trained copy's bias, which the file
-    holds as ``<module>.bias`` too: keep one (they must agree)."""
+def _fold_copy_bias_alias(tensors: dict[str, torch.Tensor], source: str, known: set[str]) -> dict[str, torch.Tensor]:
+    """``<module>.modules_to_save.bias`` (PEFT, bias="all"), and in a container
+    ``<module>.modules_to_save.<adapter>.<sub>.bias``, is a bias of the trained copy, which the file
+    holds as ``<module>.bias`` / ``<module>.<sub>.bias`` too: keep one (they must agree). ``known``:
+    the keys the model expects, which tell the two spellings apart."""
     out = dict(tensors)
-    suffix = "." + _SAVED_WRAPPER_BIASES[0]
-    for key in [k for k in tensors if k.endswith(suffix)]:
-        plain = key[: -len(suffix)] + ".bias"
+    marker = ".modules_to_save."
+    for key in [k for k in tensors if marker in k and (k.endswith(".bias"))]:
+        path, _, rest = key.partition(marker)
+        candidates = [f"{path}.{rest}"] + ([f"{path}.{rest.partition('.')[2]}"] if "." in rest else [])
+        plain = next((c for c in candidates if c in known), None)
+        if plain is None:
+            continue  # (the key check names it)
         alias = out.pop(key)
         if plain not in out:
             out[plain] = alias
@@ -417,6 +432,7 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     if state is not None and adapter_name in state.configs:
         raise ValueError(f"adapter {adapter_name!r} already exists on this model; pass another adapter_name")
     required, optional = _expected_tensors(model, config)
+    tensors = _fold_copy_bias_alias(tensors, str(Path(directory) / WEIGHTS_NAME), set(required) | set(optional))
     try:
         _check_tensors(tensors, required, optional, str(Path(directory) / WEIGHTS_NAME))
     except ValueError as exc:
@@ -427,7 +443,6 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
             raise ValueError(f"{exc} (its adapter_config sets ensure_weight_tying=true: PEFT then ties the output "
                              "head's adapter or copy to the input embedding's, which lorakit does not implement)") from None
         raise
-    tensors = _fold_copy_bias_alias(tensors, str(Path(directory) / WEIGHTS_NAME))
 
     backups: list[tuple[torch.Tensor, torch.Tensor]] = []  # (model tensor, its value before loading)
     # A PiSSA/OLoRA adapter saved without convert_to_lora holds A, B for the *residual* base: redo the
@@ -526,7 +541,9 @@ def load_adapter_weights(model: nn.Module, directory: str | Path, adapter_name: 
     if state.configs[adapter_name].bias == "all":
         optional.update({PREFIX + a: shape for k, shape in list(optional.items())
                          for a in _bias_aliases(k[len(PREFIX):])})
+        optional.update(_wrapper_bias_keys(model))
     source = str(Path(directory) / WEIGHTS_NAME)
+    tensors = _fold_copy_bias_alias(tensors, source, set(dest) | set(optional))
     _check_tensors(tensors, {k: tuple(v.shape) for k, v in dest.items()}, optional, source)
     tensors = _model_bias_keys(tensors, params, dest, source)
     with torch.no_grad():

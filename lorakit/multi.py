@@ -690,7 +690,8 @@ def hotswap_adapter(model: nn.Module, directory: str | Path, adapter_name: str =
         FileNotFoundError: the directory or its files are missing.
         ValueError: unknown or merged adapter, different targets / ranks / variant / keys / shapes.
     """
-    from lorakit.io import PREFIX, WEIGHTS_NAME, _bias_keys, _check_tensors, adapter_destinations, read_adapter_files
+    from lorakit.io import (PREFIX, WEIGHTS_NAME, _bias_keys, _check_tensors, _fold_copy_bias_alias, _wrapper_bias_keys,
+                            adapter_destinations, read_adapter_files)
 
     state = require_state(model)
     if adapter_name not in state.configs:
@@ -720,6 +721,9 @@ def hotswap_adapter(model: nn.Module, directory: str | Path, adapter_name: str =
     dest = adapter_destinations(model, adapter_name)
     params = dict(model.named_parameters(remove_duplicate=False))
     optional = {PREFIX + k: tuple(params[k].shape) for k in _bias_keys(model, config, adapter_name)}
+    if config.bias == "all":
+        optional.update(_wrapper_bias_keys(model))
+    tensors = _fold_copy_bias_alias(tensors, str(Path(directory) / WEIGHTS_NAME), set(dest) | set(optional))
     _check_tensors(tensors, {k: tuple(v.shape) for k, v in dest.items()}, optional, str(Path(directory) / WEIGHTS_NAME))
     with torch.no_grad():
         for key, tensor in tensors.items():

@@ -643,3 +643,100 @@ def test_an_adapter_file_holding_nan_is_refused_and_the_model_kept(saved, tmp_pa
         call()
     assert model.state_dict().keys() == before.keys()
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+# ---- a configuration fuzz against PEFT 0.21.2 (1,750 configs) and its findings ------------------------
+
+
+class _Container(torch.nn.Module):
+    def __init__(self, nested: bool):
+        super().__init__()
+        self.fc = torch.nn.Linear(4, 4)
+        self.conv = (torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Tanh(), torch.nn.Linear(4, 3)) if nested
+                     else torch.nn.Linear(4, 3))
+
+    def forward(self, x):
+        return self.conv(self.fc(x))
+
+
+@pytest.mark.parametrize("nested", [False, True])
+@pytest.mark.parametrize("how", ["load_adapter", "load_adapter_weights", "hotswap_adapter"])
+def test_peft_bias_all_file_with_a_saved_container_loads(nested, how, tmp_path):
+    """bias="all" + modules_to_save on an nn.Sequential: PEFT writes <m>.modules_to_save.default.0.bias and
+    <m>.original_module.0.bias, refused as keys 'for another model'; load_adapter_weights and hotswap
+    refused the direct (non-container) spelling too."""
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    base = _Container(nested).double().eval()
+    kw = dict(target_modules=["fc"], r=2, lora_alpha=4, bias="all", modules_to_save=["conv"], init_lora_weights=False)
+    ref = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(**kw)).eval()
+    with torch.no_grad():
+        for p in ref.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn_like(p))
+    ref.save_pretrained(tmp_path)
+    x = torch.randn(2, 4, dtype=torch.float64)
+    if how == "load_adapter":
+        ours = lk.load_adapter(copy.deepcopy(base), tmp_path)
+    else:
+        ours = lk.get_lora_model(copy.deepcopy(base), lk.LoraConfig(**kw)).eval()
+        getattr(lk, how)(ours, tmp_path)
+    torch.testing.assert_close(ours(x), ref(x), rtol=0, atol=1e-12)
+
+
+def test_modules_to_save_entry_naming_a_lora_target_warns():
+    """PEFT refuses target 'out_proj' + modules_to_save 'proj' (a plain suffix of it) and cannot load the
+    file; lorakit took it silently."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.out_proj, self.proj = torch.nn.Linear(4, 4), torch.nn.Linear(4, 3)
+
+    with pytest.warns(UserWarning, match="'proj' also names the LoRA target 'out_proj'.*PEFT 0.21 refuses"):
+        m = lk.get_lora_model(Net(), lk.LoraConfig(r=2, target_modules=["out_proj"], modules_to_save=["proj"]))
+    assert isinstance(m.out_proj, lk.LoraLayer)
+
+
+def test_all_linear_file_means_the_same_to_peft(tmp_path):
+    """PEFT reads "all-linear" as the Linear modules' full names matched as suffixes: a top-level Linear
+    'fc' also pulled in an embedding 'block.fc' (0.76 off with init_lora_weights=False)."""
+    peft = pytest.importorskip("peft")
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = torch.nn.Embedding(10, 4)
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block, self.fc = Block(), torch.nn.Linear(4, 4)
+
+        def forward(self, ids):
+            return self.fc(self.block.fc(ids))
+
+    torch.manual_seed(0)
+    base = Net().double().eval()
+    ours = lk.get_lora_model(copy.deepcopy(base), lk.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    lk.save_adapter(ours, tmp_path)
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    wrapped = sorted(n for n, m in theirs.base_model.model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer))
+    assert wrapped == ["fc"]
+    ids = torch.tensor([[1, 2, 3]])
+    torch.testing.assert_close(theirs(ids), ours(ids), rtol=0, atol=1e-12)
+    again = lk.load_adapter(copy.deepcopy(base), tmp_path)
+    assert [n for n, _ in lk.iter_lora_layers(again)] == ["fc"]
+    # the usual case keeps the short form
+    lk.save_adapter(lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules="all-linear")), tmp_path / "llama")
+    assert json.loads((tmp_path / "llama" / "adapter_config.json").read_text())["target_modules"] == "all-linear"
+
+
+@pytest.mark.parametrize("kw", [dict(target_modules=["proj"], modules_to_save=["proj"]),
+                                dict(target_modules=["proj"], exclude_modules=["proj"])])
+def test_a_target_left_out_by_an_exclusion_is_named_so(kw):
+    net = torch.nn.Sequential()
+    net.add_module("proj", torch.nn.Linear(4, 4))
+    net.add_module("head", torch.nn.Linear(4, 2))
+    field_name = "modules_to_save" if "modules_to_save" in kw else "exclude_modules"
+    with pytest.raises(ValueError, match=rf"matched only modules that {field_name} \['proj'\] leave out.*\['proj'\]"):
+        lk.get_lora_model(net, lk.LoraConfig(r=2, **kw))
