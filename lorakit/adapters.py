@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import copy
 import warnings
 from typing import Any, Iterator
 
@@ -10,7 +9,8 @@ import torch
 from torch import nn
 
 from lorakit.inject import (_remove_adapter_everywhere, _set_submodule, check_model, iter_lora_layers,
-                            iter_saved_modules, mark_trainable, require_state, tied_parameters, untie_weight)
+                            iter_saved_modules, mark_trainable, require_state, restore_fast_paths, retie, shared_modules,
+                            tied_parameters, untie_for_writing)
 
 
 def _check_names(model: nn.Module, names: list[str]) -> None:
@@ -171,76 +171,29 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             wrapper.disabled = False
 
 
-def _untie_before_merge(model: nn.Module) -> None:
-    """Give every LoRA layer whose base weight is shared (tied) its own copy before merging.
+def _untie_before_merge(model: nn.Module, adapter_names: list[str] | None = None) -> None:
+    """Give every LoRA layer about to merge whose base weight is shared (tied) its own copy first.
 
     A tied weight (e.g. SmolLM2's input embedding is also its output head) would otherwise carry the
     merged update into the other module too, and the merged model would no longer compute what the
     unmerged one did. Where the base module itself is registered under another name too (one
     ``nn.Linear`` as ``a`` and ``b``, LoRA on ``a``), the layer gets its own module first, so the
-    other name keeps the original weight. ``_retie_after_unmerge`` restores the sharing.
+    other name keeps the original weight. ``retie`` restores the sharing once nothing is merged.
     """
     tied = tied_parameters(model)
-    shared = _shared_modules(model)
+    shared = shared_modules(model)
     for name, layer in iter_lora_layers(model):
-        base = layer.base_layer
-        if id(base.weight) in tied and not layer.merged_adapters:
+        if id(layer.base_layer.weight) in tied and not layer.merged_adapters and layer.merge_order(adapter_names):
             warnings.warn(f"{name}: its base weight is tied to another module; merging unties it "
                           "(the other module keeps the original weight; unmerge(model) or unload ties it again once "
-                          "nothing is merged)",
-                          stacklevel=3)
-            config = getattr(model, "config", None)
-            record = (base, base.weight, bool(getattr(config, "tie_word_embeddings", False)))
-            if id(base) in shared:
-                layer.base_layer = _module_of_its_own(base)
-            untie_weight(model, layer.base_layer)
-            layer.__dict__["untied_from"] = record
-
-
-def _shared_modules(model: nn.Module) -> set[int]:
-    """ids of the modules registered under more than one name."""
-    seen: set[int] = set()
-    shared: set[int] = set()
-    for _, module in model.named_modules(remove_duplicate=False):
-        (shared if id(module) in seen else seen).add(id(module))
-    return shared
-
-
-def _module_of_its_own(module: nn.Module) -> nn.Module:
-    """A shallow copy of ``module`` with its own registries (parameters, buffers, submodules, hooks:
-    the same objects in new dicts), so that replacing its weight leaves ``module`` as it is."""
-    own = copy.copy(module)
-    for key, value in module.__dict__.items():
-        if isinstance(value, (dict, set)):
-            own.__dict__[key] = type(value)(value)
-    return own
+                          "nothing is merged)", stacklevel=3)
+            layer.__dict__["untied_from"] = untie_for_writing(model, name, shared)
 
 
 def _retie_after_unmerge(model: nn.Module) -> None:
-    """Once no adapter is merged anywhere, give each layer that merging untied its original (shared)
-    weight back, exactly (the copy holds W + ΔW − ΔW, equal to rounding), and the model's config
-    its ``tie_word_embeddings`` flag. Not where the copy was changed since lorakit last wrote it, or
-    where nothing else holds the original any more."""
-    layers = [layer for _, layer in iter_lora_layers(model)]
-    if any(layer.merged_adapters for layer in layers):
-        return
-    held = {id(p) for p in model.parameters()}
-    config = getattr(model, "config", None)
-    for layer in layers:
-        record = layer.__dict__.pop("untied_from", None)
-        if record is None:
-            continue
-        module, weight, config_tied = record
-        copy_ = layer.base_layer.weight
-        if (id(weight) not in held or weight.shape != copy_.shape or weight.dtype != copy_.dtype
-                or layer.__dict__.get("written_version") != copy_._version):
-            continue
-        if module is not layer.base_layer:
-            layer.base_layer = module  # the shared module again (it kept the original weight)
-        else:
-            module.weight = weight
-        if config_tied and config is not None:
-            config.tie_word_embeddings = True
+    """Every layer that a merge untied and that has nothing merged now gets its tie back (``retie``)."""
+    for _, layer in iter_lora_layers(model):
+        retie(model, layer)
 
 
 def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool = False) -> nn.Module:
@@ -260,7 +213,7 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool =
     _warn_already_merged(model, adapter_names)
     if safe:
         _check_merge_finite(model, adapter_names)
-    _untie_before_merge(model)
+    _untie_before_merge(model, adapter_names)
     for _, layer in iter_lora_layers(model):
         layer.merge(adapter_names, safe=safe)
     return model
@@ -328,6 +281,7 @@ def _strip(model: nn.Module, do_merge: bool, safe: bool = False) -> nn.Module:
     for name, wrapper in list(iter_saved_modules(model)):
         _set_submodule(model, name, wrapper.current() if do_merge else wrapper.original_module)
     model.__dict__.pop("_lorakit", None)
+    restore_fast_paths(model)
     from lorakit.multi import detach_mixed_batch  # (multi imports this module)
 
     detach_mixed_batch(model)

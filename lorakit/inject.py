@@ -570,6 +570,27 @@ def _keep_off_fast_paths(model: nn.Module, name: str, wrapper: nn.Module) -> Non
     parent = model.get_submodule(parent_name) if parent_name else model
     if isinstance(parent, nn.TransformerEncoderLayer):
         wrapper.register_forward_pre_hook(_python_path_only)
+        # nn.TransformerEncoder turns a padded batch into nested tensors before its layers when its
+        # own checks pass (eval mode, frozen weights), and the Python path of the layer's attention
+        # refuses them under autograd: the encoders above keep padded tensors while lorakit wraps
+        # something inside (restored by ``restore_fast_paths``)
+        parts = parent_name.split(".") if parent_name else []
+        for i in range(len(parts) + 1):
+            above = model.get_submodule(".".join(parts[:i])) if i else model
+            if isinstance(above, nn.TransformerEncoder) and getattr(above, "use_nested_tensor", False):
+                above.__dict__[_NESTED_KEY] = above.use_nested_tensor
+                above.use_nested_tensor = False
+
+
+_NESTED_KEY = "_lorakit_use_nested_tensor"
+
+
+def restore_fast_paths(model: nn.Module) -> None:
+    """Give each ``nn.TransformerEncoder`` with no lorakit wrapper left inside its ``use_nested_tensor``
+    back (``_keep_off_fast_paths``)."""
+    for _, module in model.named_modules():
+        if _NESTED_KEY in module.__dict__ and not any(isinstance(m, (LoraLayer, ModulesToSave)) for m in module.modules()):
+            module.use_nested_tensor = module.__dict__.pop(_NESTED_KEY)
 
 
 def tied_parameters(model: nn.Module) -> set[int]:
@@ -582,14 +603,92 @@ def tied_parameters(model: nn.Module) -> set[int]:
     return tied
 
 
-def untie_weight(model: nn.Module, module: nn.Module) -> None:
-    """Give ``module`` its own copy of its (tied) weight, and say so in the model's config, so that
-    changing it in place leaves the other module that shared it as it was."""
+def untie_weight(model: nn.Module, module: nn.Module) -> bool:
+    """Give ``module`` its own copy of its (tied) weight, so that changing it in place leaves the other
+    module that shared it as it was; where that weight is the input or output embedding's, say so in
+    the model's config (``tie_word_embeddings``, which transformers would otherwise tie again on
+    loading). Returns whether the config flag was turned off."""
     weight = module.weight
+    embeddings = []
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        get = getattr(model, getter, None)
+        try:
+            embeddings.append(getattr(get(), "weight", None) if callable(get) else None)
+        except (NotImplementedError, AttributeError):  # (transformers raises for models without one)
+            pass
     module.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
     config = getattr(model, "config", None)
-    if config is not None and getattr(config, "tie_word_embeddings", False):
+    if config is not None and getattr(config, "tie_word_embeddings", False) and any(w is weight for w in embeddings):
         config.tie_word_embeddings = False
+        return True
+    return False
+
+
+def shared_modules(model: nn.Module) -> set[int]:
+    """ids of the modules registered under more than one name."""
+    seen: set[int] = set()
+    shared: set[int] = set()
+    for _, module in model.named_modules(remove_duplicate=False):
+        (shared if id(module) in seen else seen).add(id(module))
+    return shared
+
+
+def module_of_its_own(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` with a parameter registry of its own (the same parameters, in a
+    new dict), so that replacing its weight leaves ``module`` as it is; buffers, submodules and hooks
+    stay shared (a hook added to or removed from ``module`` applies to the copy too)."""
+    own = copy.copy(module)
+    own.__dict__["_parameters"] = dict(module._parameters)
+    return own
+
+
+def untie_for_writing(model: nn.Module, path: str, shared: set[int] | None = None) -> dict[str, Any]:
+    """Before writing into the tied base weight of the module at ``path`` (a LoRA layer's base, or the
+    module itself): give it a weight of its own, and a module of its own first where the module
+    object is registered under another name too (replacing the shared object's weight would change
+    that name as well). Returns the record ``retie`` needs to restore the tie."""
+    from lorakit.layers.base import bits_fingerprint
+
+    module = model.get_submodule(path)
+    base = module.base_layer if isinstance(module, LoraLayer) else module
+    weight = base.weight
+    record: dict[str, Any] = {"module": base, "weight": weight, "orig": bits_fingerprint(weight)}
+    if id(base) in (shared_modules(model) if shared is None else shared):
+        own = module_of_its_own(base)
+        if isinstance(module, LoraLayer):
+            module.base_layer = own
+        else:
+            _set_submodule(model, path, own)
+        base = own
+    record["config"] = untie_weight(model, base)
+    record["written"] = record["orig"]  # (the copy is exact)
+    return record
+
+
+def retie(model: nn.Module, layer: LoraLayer) -> bool:
+    """Undo a merge's untie (``untied_from``) on a layer with nothing merged: its original weight back
+    (the copy holds W + ΔW − ΔW, equal to rounding), shared again, and the config flag. Only where
+    neither the original nor the copy was changed since (fingerprints), else the layer keeps its copy.
+    Returns whether it tied."""
+    from lorakit.layers.base import bits_fingerprint
+
+    record = layer.__dict__.get("untied_from")
+    if record is None or layer.merged_adapters:
+        return False
+    del layer.__dict__["untied_from"]
+    weight, current = record["weight"], layer.base_layer.weight
+    if (weight.shape != current.shape or weight.dtype != current.dtype or weight.device != current.device
+            or bits_fingerprint(weight) != record["orig"] or bits_fingerprint(current) != record["written"]):
+        return False
+    module = record["module"]
+    if module is not layer.base_layer:
+        layer.base_layer = module  # the shared module again (its weight is the original)
+    else:
+        module.weight = weight
+    config = getattr(model, "config", None)
+    if record["config"] and config is not None:
+        config.tie_word_embeddings = True
+    return True
 
 
 def _remove_adapter_everywhere(model: nn.Module, adapter_name: str) -> None:
@@ -598,6 +697,7 @@ def _remove_adapter_everywhere(model: nn.Module, adapter_name: str) -> None:
         if adapter_name in layer.lora_A:
             layer.delete_adapter(adapter_name)
         if not layer.lora_A:
+            retie(model, layer)  # (a merge's untie, which would otherwise go with the layer)
             _set_submodule(model, name, layer.base_layer)
     for name, wrapper in list(iter_saved_modules(model)):
         if adapter_name in wrapper.modules_to_save:
@@ -606,6 +706,7 @@ def _remove_adapter_everywhere(model: nn.Module, adapter_name: str) -> None:
                 wrapper.active_adapter = next(iter(wrapper.modules_to_save), None)
         if not len(wrapper.modules_to_save):
             _set_submodule(model, name, wrapper.original_module)
+    restore_fast_paths(model)
     state = get_state(model)
     if state is not None:
         state.configs.pop(adapter_name, None)

@@ -550,3 +550,113 @@ def test_transformer_encoder_eval_runs_the_adapters(nested, saved):
         merged = plain(x, src_key_padding_mask=pad)
     merged = merged.to_padded_tensor(0.0) if merged.is_nested else merged
     torch.testing.assert_close(merged[keep], want[keep], rtol=1e-5, atol=1e-5)
+
+
+# ---- a review of the tie / untie / encoder changes, and its findings ----------------------------------
+
+
+def _tied_llama_with(targets, names=("a",)):
+    m = tiny_llama(tie=True)
+    for name in names:
+        lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=targets, init_lora_weights=False), adapter_name=name)
+    return m
+
+
+def test_both_tied_modules_targeted_tie_again():
+    """Both copies untied, and nothing held the original: it stayed untied (25,056 parameters for 21,824)."""
+    m = _tied_llama_with(["embed_tokens", "lm_head"])
+    original = m.lm_head.base_layer.weight
+    n_params = lk.count_parameters(tiny_llama(tie=True))[1]
+    with pytest.warns(UserWarning, match="tied"):
+        lk.merge(m)
+    lk.unmerge(m)
+    assert m.lm_head.base_layer.weight is original is m.model.embed_tokens.base_layer.weight
+    plain = lk.unload(m)
+    assert lk.count_parameters(plain)[1] == n_params and plain.config.tie_word_embeddings
+
+
+def test_a_tied_layer_that_merges_nothing_is_not_untied():
+    import warnings
+
+    m = _tied_llama_with(["q_proj"], names=("a",))
+    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["lm_head", "q_proj"], init_lora_weights=False), adapter_name="b")
+    lk.set_adapter(m, ["a"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no untie warning: lm_head has no active adapter to merge
+        lk.merge(m)
+    assert m.lm_head.base_layer.weight is m.model.embed_tokens.weight and m.config.tie_word_embeddings
+
+
+def test_deleting_a_merged_adapter_of_a_tied_layer_ties_it_again():
+    m = _tied_llama_with(["lm_head"])
+    original = m.lm_head.base_layer.weight
+    with pytest.warns(UserWarning, match="tied"):
+        lk.merge(m)
+    lk.delete_adapter(m, "a")  # the layer goes, and with it the record of the untie
+    assert m.lm_head.weight is original is m.model.embed_tokens.weight and m.config.tie_word_embeddings
+
+
+def test_a_deepcopy_after_a_layer_level_unmerge_ties_again():
+    m = _tied_llama_with(["lm_head"])
+    with pytest.warns(UserWarning, match="tied"):
+        lk.merge(m)
+    m.lm_head.unmerge()  # (version counters restart in a copy: the check uses the bits)
+    twin = copy.deepcopy(m)
+    lk.unmerge(twin)
+    assert twin.lm_head.base_layer.weight is twin.model.embed_tokens.weight and twin.config.tie_word_embeddings
+
+
+def test_hooks_of_a_shared_module_reach_its_merged_copy():
+    torch.manual_seed(0)
+    m = _SharedLinear()
+    calls = []
+    handle = m.a.register_forward_hook(lambda *_: calls.append(1))
+    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["a"], init_lora_weights=False))
+    with pytest.warns(UserWarning, match="tied"):
+        lk.merge(m)
+    x = torch.randn(2, 5, dtype=torch.float64)
+    m(x)
+    assert len(calls) == 2  # the copy under "a" and the original under "b"
+    handle.remove()
+    m(x)
+    assert len(calls) == 2  # removed from both
+
+
+def test_pissa_on_a_module_registered_twice_leaves_the_other_name_alone():
+    torch.manual_seed(0)
+    m = _SharedLinear()
+    W = m.b.weight.detach().clone()
+    x = torch.randn(3, 5, dtype=torch.float64)
+    with torch.no_grad():
+        before = m(x)
+    with pytest.warns(UserWarning, match="tied"):
+        lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["a"], init_lora_weights="pissa"))
+    assert torch.equal(m.b.weight, W)  # "b" took the residual (0.37 off), the output 0.52 off
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), before, rtol=0, atol=1e-6)
+
+
+def test_untying_a_weight_that_is_not_an_embedding_keeps_the_config_flag():
+    """An MLP shared by two layers of a tied Llama: its untie turned tie_word_embeddings off, so a saved
+    and reloaded model got a random lm_head (0.82 off)."""
+    from lorakit.inject import untie_weight
+
+    m = tiny_llama(tie=True)
+    assert not untie_weight(m, m.model.layers[0].mlp.gate_proj) and m.config.tie_word_embeddings
+    assert untie_weight(m, m.lm_head) and not m.config.tie_word_embeddings
+
+
+def test_encoder_in_eval_mode_with_gradients_and_a_padding_mask():
+    """The encoder turned the padded batch into nested tensors, which its attention's Python path
+    refuses under autograd: eval mode without no_grad failed."""
+    enc = _encoder(nested=True)
+    assert enc.use_nested_tensor
+    lk.get_lora_model(enc, lk.LoraConfig(r=2, target_modules=["linear2"], init_lora_weights=False))
+    assert not enc.use_nested_tensor
+    x = torch.randn(2, 5, 8)
+    pad = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    enc.eval()
+    enc(x, src_key_padding_mask=pad).sum().backward()
+    assert enc.layers[0].linear2.lora_B["default"].grad.abs().sum() > 0
+    lk.unload(enc)
+    assert enc.use_nested_tensor

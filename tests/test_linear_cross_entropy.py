@@ -99,3 +99,13 @@ def test_no_gradient_work_under_no_grad_for_a_trainable_weight(monkeypatch):
     torch.testing.assert_close(loss, F.cross_entropy(h @ w.detach().T, y, reduction="sum"))
     linear_cross_entropy(h, w, y).backward()  # with grad: the gradient is still there
     torch.testing.assert_close(w.grad, torch.func.grad(lambda W: F.cross_entropy(h @ W.T, y, reduction="sum"))(w.detach()))
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.int32, torch.int16])
+def test_integer_labels_of_any_width(dtype):
+    # uint8 labels indexed as a mask and died inside torch
+    torch.manual_seed(0)
+    h, W = torch.randn(5, 4, dtype=torch.float64), torch.randn(7, 4, dtype=torch.float64)
+    y = torch.tensor([1, 2, 3, 4, 6])
+    want = F.cross_entropy(h @ W.T, y, reduction="sum")
+    torch.testing.assert_close(linear_cross_entropy(h, W, y.to(dtype)), want, rtol=0, atol=1e-12)

@@ -28,9 +28,13 @@ def bits_fingerprint(tensor: torch.Tensor) -> int:
         flat = tensor.detach().reshape(-1)
         if flat.is_floating_point() or flat.is_complex():
             flat = flat.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
-        bits = flat.to(torch.int64, copy=True)  # a copy: the products below must not write the tensor
-        weights = torch.arange(bits.numel(), dtype=torch.int64, device=bits.device).mul_(2654435761).bitwise_or_(1)
-        return int(bits.mul_(weights).sum())
+        total = 0
+        step = 1 << 20  # in chunks: two int64 temporaries of a chunk, not of the tensor (a 28M-entry embedding)
+        for start in range(0, flat.numel(), step):
+            bits = flat[start:start + step].to(torch.int64, copy=True)  # a copy: the products must not write the tensor
+            weights = torch.arange(start, start + bits.numel(), dtype=torch.int64, device=bits.device)
+            total += int(bits.mul_(weights.mul_(2654435761).bitwise_or_(1)).sum())
+        return (total + (1 << 63)) % (1 << 64) - (1 << 63)  # wrapping int64, as one sum gave
 
 
 def computed_weight(module: nn.Module) -> str | None:
@@ -411,6 +415,10 @@ class LoraLayer(nn.Module):
     def merge(self, adapter_names: list[str] | None = None, safe: bool = False) -> None:
         """Fold adapters into ``base_layer.weight``: W ← W + scaling · ΔW.
 
+        This layer-level call writes into the weight as it is: a weight tied to another module (an
+        output head tied to the input embedding) changes there too. ``lorakit.merge(model)`` unties
+        such a weight first.
+
         Args:
             adapter_names: Adapters to merge; default the active ones.
             safe: Check the merged weight is finite before writing it.
@@ -429,10 +437,18 @@ class LoraLayer(nn.Module):
             raise ValueError(f"merging adapter(s) {pending} gives non-finite weights; the layer is unchanged")
         self._write_merge(pending, new)
 
+    def _note_write(self) -> None:
+        """After lorakit wrote the base weight: where a merge untied it (``untied_from``, see
+        ``lorakit.adapters``), remember its bits, so that the tie is restored only over lorakit's own
+        writes (a fingerprint, not the version counter, which a deepcopy resets)."""
+        record = self.__dict__.get("untied_from")
+        if record is not None:
+            record["written"] = bits_fingerprint(self.base_layer.weight)
+
     def _write_merge(self, pending: list[str], new: torch.Tensor) -> None:
         weight = self.base_layer.weight
         weight.copy_(new.to(weight.dtype))
-        self.__dict__["written_version"] = weight._version  # (a tie is restored only over lorakit's own writes)
+        self._note_write()
         self.merged_adapters.extend(pending)
         stamps = self.__dict__.setdefault("merge_stamps", {})
         calls = self.__dict__.setdefault("merge_calls", {})
@@ -533,7 +549,7 @@ class LoraLayer(nn.Module):
             else:
                 old = weight.to(torch.promote_types(weight.dtype, torch.float32)) - self.delta_weight(name)
             weight.copy_(old.to(weight.dtype))
-            self.__dict__["written_version"] = weight._version
+            self._note_write()
             self.merged_adapters.remove(name)
             self.__dict__.get("merge_stamps", {}).pop(name, None)
             self.__dict__.get("merge_calls", {}).pop(name, None)

@@ -112,6 +112,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         raise ValueError(f"linear_cross_entropy: labels {tuple(labels.shape)} must be ({hidden.shape[0]},)")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
         raise TypeError(f"linear_cross_entropy: labels must be integer token ids, got {labels.dtype}")
+    if labels.dtype != torch.long:
+        labels = labels.long()  # (uint8 labels index as a mask; int32 ones take the same path as long)
     if not hidden.is_floating_point() or (hidden.dtype != weight.dtype
                                           and not torch.is_autocast_enabled(hidden.device.type)):
         raise ValueError(f"linear_cross_entropy: hidden ({hidden.dtype}) and weight ({weight.dtype}) must have the "

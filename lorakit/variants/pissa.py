@@ -137,11 +137,12 @@ def prepare_residual_init(model: nn.Module, targets: list[str], config: "LoraCon
     """
     import warnings
 
-    from lorakit.inject import tied_parameters, untie_weight
+    from lorakit.inject import shared_modules, tied_parameters, untie_for_writing
 
     _niter_of(init)
     kinds = {path: _check_target(model.get_submodule(path), config.rank_for(path), init, path) for path in targets}
     tied = tied_parameters(model)
+    shared = shared_modules(model)
     untied = []
     for path, kind in kinds.items():
         base = _base_of(model.get_submodule(path))
@@ -149,7 +150,7 @@ def prepare_residual_init(model: nn.Module, targets: list[str], config: "LoraCon
             warnings.warn(f"{path}: its weight is tied to another module; the {init!r} residual is written into "
                           "a copy of its own (the other module keeps the original weight); save the adapter "
                           "with convert_to_lora=True", stacklevel=4)
-            untie_weight(model, base)
+            untie_for_writing(model, path, shared)  # (a module registered twice gets one of its own first)
             untied.append(path)
     return untied
 
