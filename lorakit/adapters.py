@@ -9,8 +9,8 @@ import torch
 from torch import nn
 
 from lorakit.inject import (_remove_adapter_everywhere, _set_submodule, check_model, iter_lora_layers,
-                            iter_saved_modules, mark_trainable, require_state, restore_fast_paths, retie, shared_modules,
-                            tied_parameters, untie_for_writing)
+                            iter_saved_modules, mark_trainable, require_state, restore_fast_paths, retie,
+                            untie_tied_for_merge)
 
 
 def _check_names(model: nn.Module, names: list[str]) -> None:
@@ -180,20 +180,8 @@ def _untie_before_merge(model: nn.Module, adapter_names: list[str] | None = None
     ``nn.Linear`` as ``a`` and ``b``, LoRA on ``a``), the layer gets its own module first, so the
     other name keeps the original weight. ``retie`` restores the sharing once nothing is merged.
     """
-    tied = tied_parameters(model)
-    shared = shared_modules(model)
-    for name, layer in iter_lora_layers(model):
-        if id(layer.base_layer.weight) in tied and not layer.merged_adapters and layer.merge_order(adapter_names):
-            warnings.warn(f"{name}: its base weight is tied to another module; merging unties it "
-                          "(the other module keeps the original weight; unmerge(model) or unload ties it again once "
-                          "nothing is merged)", stacklevel=3)
-            layer.__dict__["untied_from"] = untie_for_writing(model, name, shared)
-
-
-def _retie_after_unmerge(model: nn.Module) -> None:
-    """Every layer that a merge untied and that has nothing merged now gets its tie back (``retie``)."""
-    for _, layer in iter_lora_layers(model):
-        retie(model, layer)
+    untie_tied_for_merge(model, [(name, layer) for name, layer in iter_lora_layers(model)
+                                 if not layer.merged_adapters and layer.merge_order(adapter_names)])
 
 
 def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool = False) -> nn.Module:
@@ -252,7 +240,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     _refuse_changed_merges(model)
     for _, layer in iter_lora_layers(model):
         layer.unmerge()
-    _retie_after_unmerge(model)
+    retie(model)
     return model
 
 
@@ -275,7 +263,7 @@ def _strip(model: nn.Module, do_merge: bool, safe: bool = False) -> nn.Module:
         elif layer.merged_adapters:
             layer.unmerge()
     if not do_merge:
-        _retie_after_unmerge(model)
+        retie(model)
     for name, layer in list(iter_lora_layers(model)):
         _set_submodule(model, name, layer.base_layer)
     for name, wrapper in list(iter_saved_modules(model)):

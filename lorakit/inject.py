@@ -8,6 +8,7 @@ from __future__ import annotations
 import copy
 import difflib
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -51,12 +52,15 @@ class LoraState:
         active: names of the active adapters, in order (their updates are summed).
         trainable: names of the adapters whose parameters require grad.
         untied: adapter name -> targets whose tied weight a PiSSA / OLoRA init gave a copy of their own.
+        ties: the tied weights merging untied (``untie_tied_for_merge``), one record per original
+            weight, which ``retie`` restores once none of its holders has anything merged.
     """
 
     configs: dict[str, LoraConfig] = field(default_factory=dict)
     active: list[str] = field(default_factory=list)
     trainable: set[str] = field(default_factory=set)
     untied: dict[str, list[str]] = field(default_factory=dict)
+    ties: list[dict[str, Any]] = field(default_factory=list)
 
 
 class ModulesToSave(nn.Module):
@@ -404,19 +408,23 @@ def _find_saved_module_names(model: nn.Module, config: LoraConfig, targets: list
                 and not _inside_lora(n, wrapped + names)):
             names.append(n)
     if strict and isinstance(entries, list):
-        clash = next(((e, t) for t in targets for e in entries if t.endswith(e)), None)
+        # (PEFT matches the entries against every module name, its LoRA layers' own parts included:
+        # "out" names <target>.lora_dropout, a ModuleDict it then fails to wrap)
+        parts = ("", ".base_layer", ".lora_A", ".lora_B", ".lora_dropout", ".lora_embedding_A", ".lora_embedding_B",
+                 ".lora_magnitude_vector")
+        clash = next(((e, t) for t in targets for part in parts for n in (t + part, t + part + ".default")
+                      for e in entries if n.endswith(e) and (part or n == t)), None)
         if clash is not None:
             # PEFT wraps every module whose name ends with the entry, the LoRA target too: it refuses
             # such a config ("modules_to_save cannot be applied to modules of type lora.Linear") and
             # cannot load the adapter saved from it. lorakit keeps the target a LoRA target (DistilBERT's
             # pre_classifier under "all-linear" with task_type="SEQ_CLS" is a common case), and says so.
-            import warnings
 
-            warnings.warn(f"modules_to_save entry {clash[0]!r} also names the LoRA target {clash[1]!r} (PEFT matches "
-                          f"it as a plain suffix): lorakit trains {clash[1]!r} with LoRA, but PEFT 0.21 refuses "
-                          "such a config and cannot load the adapter saved from it; for a PEFT-compatible adapter, "
-                          f"leave {clash[1]!r} out of target_modules (exclude_modules) or rename the entry",
-                          stacklevel=4)
+            warnings.warn(f"modules_to_save entry {clash[0]!r} also names the LoRA target {clash[1]!r} or a part of "
+                          "its LoRA layer (PEFT matches it as a plain suffix of every module name): lorakit trains "
+                          f"{clash[1]!r} with LoRA, but PEFT 0.21 refuses such a config and cannot load the adapter "
+                          f"saved from it; for a PEFT-compatible adapter, leave {clash[1]!r} out of target_modules "
+                          "(exclude_modules) or give a longer entry", stacklevel=4)
         optional = set(task_heads(config))
         missing = [e for e in entries if e not in optional and not any(n.endswith(e) for n in names)]
         if missing:
@@ -642,53 +650,113 @@ def module_of_its_own(module: nn.Module) -> nn.Module:
     return own
 
 
-def untie_for_writing(model: nn.Module, path: str, shared: set[int] | None = None) -> dict[str, Any]:
+def untie_for_writing(model: nn.Module, path: str, shared: set[int] | None = None) -> tuple[nn.Module, nn.Module, bool]:
     """Before writing into the tied base weight of the module at ``path`` (a LoRA layer's base, or the
     module itself): give it a weight of its own, and a module of its own first where the module
     object is registered under another name too (replacing the shared object's weight would change
-    that name as well). Returns the record ``retie`` needs to restore the tie."""
-    from lorakit.layers.base import bits_fingerprint
-
+    that name as well). Returns ``(the module before, the module holding the copy, whether the
+    config's tie_word_embeddings was turned off)``."""
     module = model.get_submodule(path)
-    base = module.base_layer if isinstance(module, LoraLayer) else module
-    weight = base.weight
-    record: dict[str, Any] = {"module": base, "weight": weight, "orig": bits_fingerprint(weight)}
+    before = module.base_layer if isinstance(module, LoraLayer) else module
+    base = before
     if id(base) in (shared_modules(model) if shared is None else shared):
-        own = module_of_its_own(base)
+        base = module_of_its_own(base)
         if isinstance(module, LoraLayer):
-            module.base_layer = own
+            module.base_layer = base
         else:
-            _set_submodule(model, path, own)
-        base = own
-    record["config"] = untie_weight(model, base)
-    record["written"] = record["orig"]  # (the copy is exact)
-    return record
+            _set_submodule(model, path, base)
+    return before, base, untie_weight(model, base)
 
 
-def retie(model: nn.Module, layer: LoraLayer) -> bool:
-    """Undo a merge's untie (``untied_from``) on a layer with nothing merged: its original weight back
-    (the copy holds W + ΔW − ΔW, equal to rounding), shared again, and the config flag. Only where
-    neither the original nor the copy was changed since (fingerprints), else the layer keeps its copy.
-    Returns whether it tied."""
+def _print(tensor: torch.Tensor) -> tuple[torch.dtype, int]:
     from lorakit.layers.base import bits_fingerprint
 
-    record = layer.__dict__.get("untied_from")
-    if record is None or layer.merged_adapters:
-        return False
-    del layer.__dict__["untied_from"]
-    weight, current = record["weight"], layer.base_layer.weight
-    if (weight.shape != current.shape or weight.dtype != current.dtype or weight.device != current.device
-            or bits_fingerprint(weight) != record["orig"] or bits_fingerprint(current) != record["written"]):
-        return False
-    module = record["module"]
-    if module is not layer.base_layer:
-        layer.base_layer = module  # the shared module again (its weight is the original)
-    else:
-        module.weight = weight
-    config = getattr(model, "config", None)
-    if record["config"] and config is not None:
-        config.tie_word_embeddings = True
-    return True
+    return tensor.dtype, bits_fingerprint(tensor)
+
+
+def _same_print(then: tuple[torch.dtype, int], tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is as fingerprinted, or was cast since (a cast of the whole model changes
+    the bits, not what the weight is: let through, as the merge stamps do)."""
+    return then[0] != tensor.dtype or then == _print(tensor)
+
+
+def untie_tied_for_merge(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> None:
+    """Give each of ``layers`` (about to merge) whose base weight is tied to another module, or is an
+    original weight an earlier merge untied (``LoraState.ties``), a copy of its own first
+    (``untie_for_writing``), and record it, so that no merge ever writes into an original and
+    ``retie`` can restore the tie exactly."""
+    state = require_state(model)
+    tied = tied_parameters(model)
+    shared = shared_modules(model)
+    for path, layer in layers:
+        weight = layer.base_layer.weight
+        group = next((g for g in state.ties if g["weight"] is weight), None)
+        if id(weight) not in tied and group is None:
+            continue
+        warnings.warn(f"{path}: its base weight is tied to another module; merging unties it (the other module "
+                      "keeps the original weight; unmerge(model) or unload ties it again once nothing is merged)",
+                      stacklevel=4)
+        if group is None:
+            group = {"weight": weight, "print": _print(weight), "config": False, "holders": []}
+            state.ties.append(group)
+        before, base, flipped = untie_for_writing(model, path, shared)
+        group["config"] = group["config"] or flipped
+        entry = {"path": path, "before": before, "base": base, "written": _print(base.weight)}
+        group["holders"].append(entry)
+        layer.__dict__["untied_from"] = entry  # (``LoraLayer._note_write`` keeps entry["written"] current)
+
+
+def retie(model: nn.Module) -> None:
+    """Restore the ties merging undid (``LoraState.ties``) where none of a tie's holders has anything
+    merged: each holder gets the original weight back (its copy holds W + ΔW − ΔW, equal to rounding),
+    or its shared module where it got a module of its own, and the config its tie_word_embeddings.
+    A tie whose original or copies were changed since (other than by lorakit, or a cast of the whole
+    model), or whose modules were replaced, is dropped: those modules keep their copies."""
+    state = get_state(model)
+    if state is None or not state.ties:
+        return
+    for group in list(state.ties):
+        found, keep, drop = [], True, False
+        for entry in group["holders"]:
+            try:
+                module = model.get_submodule(entry["path"])
+            except AttributeError:
+                drop = True
+                break
+            layer = module if isinstance(module, LoraLayer) else None
+            base = layer.base_layer if layer is not None else module
+            if base is not entry["base"] or not _same_print(entry["written"], base.weight):
+                drop = True
+                break
+            if layer is not None and layer.merged_adapters:
+                keep = False  # still merged: later
+            found.append((entry, layer, base))
+        weight = group["weight"]
+        if not drop and not keep:
+            continue
+        state.ties.remove(group)
+        for entry, layer, _ in found:
+            if layer is not None:
+                layer.__dict__.pop("untied_from", None)
+        if drop or not _same_print(group["print"], weight):
+            continue
+        current = found[0][2].weight if found else weight
+        if weight.dtype != current.dtype or weight.device != current.device:
+            if any(p is weight for p in model.parameters()):
+                continue  # (held by a module that was not cast with the rest: leave it alone)
+            with torch.no_grad():
+                weight.data = weight.data.to(device=current.device, dtype=current.dtype)
+        for entry, layer, base in found:
+            if entry["before"] is not base:  # the shared module again (it kept the original weight)
+                if layer is not None:
+                    layer.base_layer = entry["before"]
+                else:
+                    _set_submodule(model, entry["path"], entry["before"])
+            else:
+                base.weight = weight
+        config = getattr(model, "config", None)
+        if group["config"] and config is not None:
+            config.tie_word_embeddings = True
 
 
 def _remove_adapter_everywhere(model: nn.Module, adapter_name: str) -> None:
@@ -697,7 +765,6 @@ def _remove_adapter_everywhere(model: nn.Module, adapter_name: str) -> None:
         if adapter_name in layer.lora_A:
             layer.delete_adapter(adapter_name)
         if not layer.lora_A:
-            retie(model, layer)  # (a merge's untie, which would otherwise go with the layer)
             _set_submodule(model, name, layer.base_layer)
     for name, wrapper in list(iter_saved_modules(model)):
         if adapter_name in wrapper.modules_to_save:
@@ -707,6 +774,7 @@ def _remove_adapter_everywhere(model: nn.Module, adapter_name: str) -> None:
         if not len(wrapper.modules_to_save):
             _set_submodule(model, name, wrapper.original_module)
     restore_fast_paths(model)
+    retie(model)  # (a merge's untie, on layers the removal unmerged or unwrapped)
     state = get_state(model)
     if state is not None:
         state.configs.pop(adapter_name, None)

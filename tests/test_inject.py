@@ -660,3 +660,68 @@ def test_encoder_in_eval_mode_with_gradients_and_a_padding_mask():
     assert enc.layers[0].linear2.lora_B["default"].grad.abs().sum() > 0
     lk.unload(enc)
     assert enc.use_nested_tensor
+
+
+# ---- a second review (54 random tie sequences) and its findings ---------------------------------------
+
+
+def test_merging_tied_modules_in_two_calls_ties_again_exactly():
+    """The first merge untied lm_head, the second wrote into the original (then held by the embedding
+    alone): no tie after unload, both weights 3.7e-9 off."""
+    for order in (["a", "b"], ["b", "a"]):
+        m = tiny_llama(tie=True)
+        W = m.lm_head.weight.detach().clone()
+        lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False), adapter_name="a")
+        lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["embed_tokens"], init_lora_weights=False), adapter_name="b")
+        lk.set_adapter(m, ["a", "b"])
+        for name in order:
+            with pytest.warns(UserWarning, match="tied"):
+                lk.merge(m, [name])
+        plain = lk.unload(m)
+        assert plain.lm_head.weight is plain.model.embed_tokens.weight and plain.config.tie_word_embeddings
+        assert torch.equal(plain.lm_head.weight, W)
+
+
+def test_the_tie_flag_comes_back_only_with_the_whole_tie():
+    """Deleting one of two merged adapters re-tied its module and set tie_word_embeddings while the other
+    still held a merged copy: transformers' tie_weights() then moved the logits 0.24."""
+    m = tiny_llama(tie=True)
+    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["embed_tokens"], init_lora_weights=False), adapter_name="a")
+    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False), adapter_name="b")
+    lk.set_adapter(m, ["a", "b"])
+    with pytest.warns(UserWarning, match="tied"):
+        lk.merge(m)
+    lk.delete_adapter(m, "a")
+    assert not m.config.tie_word_embeddings and m.lm_head.merged_adapters == ["b"]
+    x = torch.randint(0, 101, (2, 6))
+    with torch.no_grad():
+        want = m(x).logits
+        plain = lk.merge_and_unload(m)
+        plain.tie_weights()  # trusts the flag
+        torch.testing.assert_close(plain(x).logits, want, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("both", [False, True])
+def test_a_cast_while_merged_still_ties_again(both):
+    """A cast of the whole model changes the bits of the original and of the copies: it was taken for a
+    user's change, and the model stayed untied (4,656 parameters for 3,632; lm_head 4.9e-4 off)."""
+    m = tiny_llama(tie=True)
+    base = copy.deepcopy(m).to(torch.bfloat16)
+    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["lm_head", "embed_tokens"] if both else ["lm_head"],
+                                       init_lora_weights=False))
+    with pytest.warns(UserWarning, match="tied"):
+        lk.merge(m)
+    m.to(torch.bfloat16)
+    plain = lk.unload(m)
+    assert plain.lm_head.weight is plain.model.embed_tokens.weight and plain.config.tie_word_embeddings
+    assert plain.lm_head.weight.dtype == torch.bfloat16 and torch.equal(plain.lm_head.weight, base.lm_head.weight)
+
+
+def test_modules_to_save_entry_naming_a_part_of_a_lora_layer_warns():
+    """PEFT matches modules_to_save against its LoRA layers' parts too: 'out' names <target>.lora_dropout,
+    and its load fails ('cannot be applied to modules of type ModuleDict')."""
+    net = torch.nn.Sequential()
+    net.add_module("proj", nn.Linear(4, 4))
+    net.add_module("out", nn.Linear(4, 2))
+    with pytest.warns(UserWarning, match="'out' also names the LoRA target 'proj' or a part of its LoRA layer"):
+        lk.get_lora_model(net, lk.LoraConfig(r=2, target_modules=["proj"], modules_to_save=["out"]))

@@ -439,11 +439,12 @@ class LoraLayer(nn.Module):
 
     def _note_write(self) -> None:
         """After lorakit wrote the base weight: where a merge untied it (``untied_from``, see
-        ``lorakit.adapters``), remember its bits, so that the tie is restored only over lorakit's own
-        writes (a fingerprint, not the version counter, which a deepcopy resets)."""
+        ``lorakit.inject.untie_tied_for_merge``), remember its bits, so that the tie is restored only
+        over lorakit's own writes (a fingerprint, not the version counter, which a deepcopy resets)."""
         record = self.__dict__.get("untied_from")
         if record is not None:
-            record["written"] = bits_fingerprint(self.base_layer.weight)
+            weight = self.base_layer.weight
+            record["written"] = (weight.dtype, bits_fingerprint(weight))
 
     def _write_merge(self, pending: list[str], new: torch.Tensor) -> None:
         weight = self.base_layer.weight
