@@ -181,7 +181,7 @@ def _untie_before_merge(model: nn.Module, adapter_names: list[str] | None = None
     other name keeps the original weight. ``retie`` restores the sharing once nothing is merged.
     """
     untie_tied_for_merge(model, [(name, layer) for name, layer in iter_lora_layers(model)
-                                 if not layer.merged_adapters and layer.merge_order(adapter_names)])
+                                 if layer.merge_order(adapter_names)])
 
 
 def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool = False) -> nn.Module:
@@ -262,8 +262,7 @@ def _strip(model: nn.Module, do_merge: bool, safe: bool = False) -> nn.Module:
             layer.merge(safe=safe)
         elif layer.merged_adapters:
             layer.unmerge()
-    if not do_merge:
-        retie(model)
+    retie(model)  # (merge_and_unload too: a tie whose holders ended up with nothing merged)
     for name, layer in list(iter_lora_layers(model)):
         _set_submodule(model, name, layer.base_layer)
     for name, wrapper in list(iter_saved_modules(model)):

@@ -668,16 +668,18 @@ def untie_for_writing(model: nn.Module, path: str, shared: set[int] | None = Non
     return before, base, untie_weight(model, base)
 
 
-def _print(tensor: torch.Tensor) -> tuple[torch.dtype, int]:
-    from lorakit.layers.base import bits_fingerprint
+def _print(tensor: torch.Tensor) -> tuple:
+    from lorakit.layers.base import cast_print
 
-    return tensor.dtype, bits_fingerprint(tensor)
+    return cast_print(tensor)
 
 
-def _same_print(then: tuple[torch.dtype, int], tensor: torch.Tensor) -> bool:
+def _same_print(then: tuple, tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is as fingerprinted, or was cast since (a cast of the whole model changes
     the bits, not what the weight is: let through, as the merge stamps do)."""
-    return then[0] != tensor.dtype or then == _print(tensor)
+    from lorakit.layers.base import same_up_to_cast
+
+    return same_up_to_cast(then, tensor)
 
 
 def untie_tied_for_merge(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> None:
@@ -700,6 +702,12 @@ def untie_tied_for_merge(model: nn.Module, layers: list[tuple[str, LoraLayer]]) 
             group = {"weight": weight, "print": _print(weight), "config": False, "holders": []}
             state.ties.append(group)
         before, base, flipped = untie_for_writing(model, path, shared)
+        if layer.merged_adapters:
+            # a layer-level merge wrote into the shared weight already (as documented for
+            # LoraLayer.merge): the original holds that update, so no tie to restore is recorded
+            if not group["holders"]:
+                state.ties.remove(group)
+            continue
         group["config"] = group["config"] or flipped
         entry = {"path": path, "before": before, "base": base, "written": _print(base.weight)}
         group["holders"].append(entry)

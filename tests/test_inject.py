@@ -725,3 +725,56 @@ def test_modules_to_save_entry_naming_a_part_of_a_lora_layer_warns():
     net.add_module("out", nn.Linear(4, 2))
     with pytest.warns(UserWarning, match="'out' also names the LoRA target 'proj' or a part of its LoRA layer"):
         lk.get_lora_model(net, lk.LoraConfig(r=2, target_modules=["proj"], modules_to_save=["out"]))
+
+
+# ---- a stateful tie fuzz (950 sequences, 19,345 operations) and its findings -------------------------
+
+
+def test_a_round_trip_cast_while_merged_still_unmerges_and_ties_again():
+    """float64 -> float32 -> float64 while merged: the merge guard took the rounded adapter for an edit
+    and refused every unmerge for good; the tie records took the rounded copy for one too."""
+    m = tiny_llama(tie=True).double()
+    W = m.lm_head.weight.detach().clone()
+    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["lm_head", "q_proj"], init_lora_weights=False))
+    with pytest.warns(UserWarning, match="tied"):
+        lk.merge(m)
+    m.float().double()
+    lk.unmerge(m)
+    assert m.lm_head.base_layer.weight is m.model.embed_tokens.weight and m.config.tie_word_embeddings
+    torch.testing.assert_close(m.lm_head.base_layer.weight, W.float().double(), rtol=0, atol=0)
+
+
+def test_an_edit_of_a_merged_adapter_is_still_refused_after_the_cast_rule():
+    m = lk.get_lora_model(tiny_llama().double(), lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    lk.merge(m)
+    with torch.no_grad():
+        m.model.layers[0].self_attn.q_proj.lora_B["default"].add_(1e-3)
+    with pytest.raises(ValueError, match="changed"):
+        lk.unmerge(m)
+
+
+def test_model_merge_after_a_layer_level_merge_of_a_tied_weight_unties_it():
+    """The layer-level merge writes through the tie (documented); merge(model) then wrote the next
+    adapter through it too, though its docstring says it unties first."""
+    m = tiny_llama(tie=True)
+    for name in ("a", "b"):
+        lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False), adapter_name=name)
+    lk.set_adapter(m, ["a"])
+    m.lm_head.merge()
+    embed = m.model.embed_tokens.weight.detach().clone()
+    lk.set_adapter(m, ["a", "b"])
+    with pytest.warns(UserWarning, match="tied"):
+        lk.merge(m)
+    assert torch.equal(m.model.embed_tokens.weight, embed)
+    assert m.lm_head.base_layer.weight is not m.model.embed_tokens.weight
+
+
+def test_merge_and_unload_ties_back_a_holder_with_nothing_merged():
+    m = tiny_llama(tie=True)
+    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False), adapter_name="a")
+    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), adapter_name="b")
+    with pytest.warns(UserWarning, match="tied"):
+        lk.merge(m)
+    lk.set_adapter(m, ["b"])  # unmerges lm_head's adapter
+    plain = lk.merge_and_unload(m)
+    assert plain.lm_head.weight is plain.model.embed_tokens.weight and plain.config.tie_word_embeddings

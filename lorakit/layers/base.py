@@ -37,6 +37,35 @@ def bits_fingerprint(tensor: torch.Tensor) -> int:
         return (total + (1 << 63)) % (1 << 64) - (1 << 63)  # wrapping int64, as one sum gave
 
 
+#: Narrower float dtypes a cast may round a tensor through and back (``model.float().double()``).
+_ROUND_TRIPS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def cast_print(tensor: torch.Tensor) -> tuple:
+    """``(dtype, fingerprint, {narrower dtype: fingerprint of the tensor cast to it})``, for
+    ``same_up_to_cast``: what a change check keeps of a tensor instead of a copy."""
+    narrower = {}
+    if tensor.is_floating_point():
+        for dtype in _ROUND_TRIPS:
+            if dtype != tensor.dtype and torch.empty((), dtype=dtype).element_size() <= tensor.element_size():
+                narrower[dtype] = bits_fingerprint(tensor.to(dtype))
+    return tensor.dtype, bits_fingerprint(tensor), narrower
+
+
+def same_up_to_cast(then: tuple, tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is what ``cast_print`` saw, or that cast: to another dtype (a cast of the
+    whole model), or through a narrower one and back (its values are then exactly those of the
+    original rounded to it). Anything else is a change (an edit, a load)."""
+    dtype, print_, narrower = then
+    if tensor.dtype != dtype or bits_fingerprint(tensor) == print_:
+        return True
+    for narrow, narrow_print in narrower.items():
+        rounded = tensor.to(narrow)
+        if torch.equal(rounded.to(tensor.dtype), tensor) and bits_fingerprint(rounded) == narrow_print:
+            return True
+    return False
+
+
 def computed_weight(module: nn.Module) -> str | None:
     """Why ``module.weight`` cannot be written in place, or None: a merge (and a PiSSA residual)
     writes into the weight, which is lost where the weight is computed from other tensors at every
@@ -443,8 +472,7 @@ class LoraLayer(nn.Module):
         over lorakit's own writes (a fingerprint, not the version counter, which a deepcopy resets)."""
         record = self.__dict__.get("untied_from")
         if record is not None:
-            weight = self.base_layer.weight
-            record["written"] = (weight.dtype, bits_fingerprint(weight))
+            record["written"] = cast_print(self.base_layer.weight)
 
     def _write_merge(self, pending: list[str], new: torch.Tensor) -> None:
         weight = self.base_layer.weight
@@ -506,14 +534,18 @@ class LoraLayer(nn.Module):
             return chosen, merged[start:]
         return chosen, chosen
 
-    def merge_stamp(self, name: str) -> tuple:
-        """A fingerprint of what adapter ``name`` adds when merged: its scaling and the exact bits
-        of its tensors (A, B and a variant's own, such as DoRA's magnitude), with their dtypes."""
+    def _stamped_tensors(self, name: str) -> list[torch.Tensor]:
         tensors = [self.lora_A[name], self.lora_B[name]]
         variant = self.variants.get(name)
         if variant is not None:  # its own tensors, as saved (``saved_stores``: layer attribute -> disk name)
             tensors += [getattr(self, attr)[name] for attr in variant.saved_stores]
-        return float(self.scaling[name]), tuple((t.dtype, bits_fingerprint(t)) for t in tensors)
+        return tensors
+
+    def merge_stamp(self, name: str) -> tuple:
+        """A fingerprint of what adapter ``name`` adds when merged: its scaling and the exact bits
+        of its tensors (A, B and a variant's own, such as DoRA's magnitude), with their dtypes
+        (``cast_print``: a cast of the model, also through a narrower dtype and back, is recognised)."""
+        return float(self.scaling[name]), tuple(cast_print(t) for t in self._stamped_tensors(name))
 
     def unmerge_blocker(self, adapter_names: list[str] | None = None) -> str | None:
         """Why ``unmerge(adapter_names)`` would write wrong base weights, or None.
@@ -530,9 +562,9 @@ class LoraLayer(nn.Module):
             then = stamps.get(name)
             if then is None:
                 continue
-            now = self.merge_stamp(name)
-            same = then[0] == now[0] and len(then[1]) == len(now[1]) and all(
-                a[0] != b[0] or a[1] == b[1] for a, b in zip(then[1], now[1]))
+            tensors = self._stamped_tensors(name)
+            same = then[0] == float(self.scaling[name]) and len(then[1]) == len(tensors) and all(
+                same_up_to_cast(a, t) for a, t in zip(then[1], tensors))
             if not same:
                 changed.append(name)
         if not changed:
