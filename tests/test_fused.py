@@ -256,6 +256,14 @@ def test_lean_inference_path_is_bitwise_the_generic_path(dtype, shape):
     out = layer(x)
     assert out.requires_grad
     torch.testing.assert_close(out.detach(), lean, rtol=1e-5, atol=1e-6 if dtype == torch.float32 else 1e-2)
+    # one adapter merged, the other active unmerged (the lean path leaves the merged one out, as the
+    # generic path does; it used to hand every layer with a merged adapter to the generic path)
+    layer.merge(["a"])
+    for active in (["a"], ["a", "b"]):
+        layer.active_adapters = active
+        with torch.inference_mode():
+            assert torch.equal(layer(x), LoraLayer.forward(layer, x))
+    layer.unmerge()
     # disabled: exactly the base layer
     layer.disabled = True
     with torch.inference_mode():

@@ -73,13 +73,17 @@ class LoraLinear(LoraLayer):
         model, benchmarks/inference.py), and no_grad gives inference mode's very bits (the output
         is the layer's own tensor in both, so the adapters are added in place). A mixed batch whose
         rows and shapes this layer has run before with unchanged adapters repeats the layout it built
-        then (``BatchedStacks``). Anything else (gradients, training mode, merged adapters,
-        variants, a disabled layer, torch.compile) takes the generic path.
+        then (``BatchedStacks``). Merged adapters are left out here as there (a merged model's
+        forward is then the base kernel alone). Anything else (gradients, training mode, a mixed
+        batch on a layer with merged adapters, variants, a disabled layer, torch.compile) takes the
+        generic path.
         """
         if x.is_nested:
             return self.nested_forward(x, *args, **kwargs)
         d = self.__dict__
-        if (args or kwargs or torch.is_grad_enabled() or d["training"] or d["disabled"] or d["merged_adapters"]
+        merged = d["merged_adapters"]
+        if (args or kwargs or torch.is_grad_enabled() or d["training"] or d["disabled"]
+                or (merged and d.get("batch_context") is not None and d["batch_context"].plan is not None)
                 or d["variants"] or torch.compiler.is_compiling()):
             # (under torch.compile the base layer is called, so that dynamo guards its hooks: read from
             # its __dict__ here, a hook added after compiling was never run, with dynamo's hook guards on)
@@ -90,6 +94,8 @@ class LoraLinear(LoraLayer):
         plan = ctx.plan if ctx is not None else None
         As, Bs, scaling = mods["lora_A"]._parameters, mods["lora_B"]._parameters, d["scaling"]
         active = d["active_adapters"]
+        if merged:  # (their updates are in the weight already: as LoraLayer.live_adapters leaves them out)
+            active = [n for n in active if n not in merged]
         W = base.__dict__["_parameters"].get("weight")
         # (a tensor subclass as weight — quantized, distributed, fake — may implement F.linear its own way)
         direct = (type(W) in PLAIN_TENSORS and x.dtype is W.dtype and x.is_contiguous()
