@@ -171,13 +171,17 @@ class LoraConfig:
         self.alpha_pattern = dict(self.alpha_pattern or {})
         # regexes are compiled here, so that a bad one names its field (not a bare re.error from deep in
         # the matcher)
-        regexes = [("target_modules", self.target_modules), ("exclude_modules", self.exclude_modules)]
-        regexes += [(f"rank_pattern key {k!r}", k) for k in self.rank_pattern]
-        regexes += [(f"alpha_pattern key {k!r}", k) for k in self.alpha_pattern]
-        for what, pattern in regexes:
+        # (each as the matcher uses it: a key is placed inside a larger pattern, where "(?i)q" fails)
+        regexes = [("target_modules", self.target_modules, "{}"), ("exclude_modules", self.exclude_modules, "{}"),
+                   ("modules_to_save", self.modules_to_save, "{}")]
+        regexes += [(f"rank_pattern key {k!r}", k, r"(.*\.)?({})$") for k in self.rank_pattern]
+        regexes += [(f"alpha_pattern key {k!r}", k, r"(.*\.)?({})$") for k in self.alpha_pattern]
+        layers = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern or []
+        regexes += [("layers_pattern", p, r"(?:^|.*?\.){}\.(?P<idx>\d+)\.") for p in layers]
+        for what, pattern, used_as in regexes:
             if isinstance(pattern, str):
                 try:
-                    re.compile(pattern)
+                    re.compile(used_as.format(pattern))
                 except re.error as exc:
                     raise ValueError(f"LoraConfig.{what} is not a valid regular expression: {exc}") from None
         for key, value in self.rank_pattern.items():
@@ -297,6 +301,9 @@ class LoraConfig:
         """
         path = Path(directory) / CONFIG_NAME
         if not Path(directory).is_dir():
+            if Path(directory).exists():  # (a file was "not found")
+                raise NotADirectoryError(f"{str(directory)!r} is a file; give the adapter's directory (the one "
+                                         f"holding {CONFIG_NAME} and adapter_model.safetensors)")
             raise FileNotFoundError(f"adapter directory not found: {directory}")
         if not path.is_file():
             inner = sorted(d.name for d in Path(directory).iterdir() if (d / CONFIG_NAME).is_file())
@@ -306,7 +313,7 @@ class LoraConfig:
                                     f"adapter_model.safetensors{hint}")
         try:
             data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise ValueError(f"{path}: not valid JSON ({exc})") from None
         return cls.from_dict(data, source=str(path))
 

@@ -232,6 +232,24 @@ def adapter_dir(directory: Any) -> Path:
     return Path(directory)
 
 
+#: Float dtypes an adapter file may hold (float8 and others: torch has no finiteness check for them,
+#: and no LoRA tool writes them)
+_FILE_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_fits(tensors: dict[str, torch.Tensor], dest: dict[str, torch.Tensor], source: str) -> None:
+    """Refuse a file tensor whose values overflow the dtype of the tensor it loads into (a float64
+    1e300 is finite in the file and inf in a float32 adapter), before anything is copied."""
+    for key, tensor in tensors.items():
+        target = dest.get(key)
+        if target is None or not tensor.is_floating_point() or not target.is_floating_point():
+            continue
+        if tensor.dtype != target.dtype and not bool(torch.isfinite(tensor.to(target.dtype)).all()):
+            big = float(tensor.abs().max())
+            raise ValueError(f"{source}: tensor {key!r} holds values up to {big:.3g}, beyond the range of "
+                             f"{target.dtype} that the model keeps it in")
+
+
 def read_adapter_files(directory: str | Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     """Read and check an adapter directory without touching any model.
 
@@ -257,6 +275,9 @@ def read_adapter_files(directory: str | Path) -> tuple[LoraConfig, dict[str, tor
     # what the adapter computes is plain LoRA, so the buffer is not needed to load it
     tensors = {k: v for k, v in tensors.items() if not k.endswith(".lora_velora_embed")}
     for key, tensor in tensors.items():  # (loaded, NaN made every output NaN; PEFT loads it)
+        if tensor.is_floating_point() and tensor.dtype not in _FILE_FLOATS:
+            raise ValueError(f"{weights}: tensor {key!r} is {tensor.dtype}; adapter weights are read from "
+                             "float16, bfloat16, float32 or float64 tensors")
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             bad = int((~torch.isfinite(tensor)).sum())
             raise ValueError(f"{weights}: tensor {key!r} holds NaN or inf ({bad} of {tensor.numel()} values), which "
@@ -476,6 +497,7 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
             dest = adapter_destinations(model, adapter_name)
             params = dict(model.named_parameters(remove_duplicate=False))
             tensors = _model_bias_keys(tensors, params, dest, str(Path(directory) / WEIGHTS_NAME))
+            check_fits(tensors, {**{PREFIX + k: p for k, p in params.items()}, **dest}, str(Path(directory) / WEIGHTS_NAME))
             for key, tensor in tensors.items():
                 target = dest.get(key)
                 if target is None:  # an optional base tensor (bias / base weight) of the model
@@ -546,6 +568,7 @@ def load_adapter_weights(model: nn.Module, directory: str | Path, adapter_name: 
     tensors = _fold_copy_bias_alias(tensors, source, set(dest) | set(optional))
     _check_tensors(tensors, {k: tuple(v.shape) for k, v in dest.items()}, optional, source)
     tensors = _model_bias_keys(tensors, params, dest, source)
+    check_fits(tensors, {**{PREFIX + k: p for k, p in params.items()}, **dest}, source)
     with torch.no_grad():
         for key, tensor in tensors.items():
             target = dest[key] if key in dest else params[key[len(PREFIX):]]

@@ -691,7 +691,7 @@ def hotswap_adapter(model: nn.Module, directory: str | Path, adapter_name: str =
         ValueError: unknown or merged adapter, different targets / ranks / variant / keys / shapes.
     """
     from lorakit.io import (PREFIX, WEIGHTS_NAME, _bias_keys, _check_tensors, _fold_copy_bias_alias, _wrapper_bias_keys,
-                            adapter_destinations, read_adapter_files)
+                            adapter_destinations, check_fits, read_adapter_files)
 
     state = require_state(model)
     if adapter_name not in state.configs:
@@ -725,13 +725,16 @@ def hotswap_adapter(model: nn.Module, directory: str | Path, adapter_name: str =
         optional.update(_wrapper_bias_keys(model))
     tensors = _fold_copy_bias_alias(tensors, str(Path(directory) / WEIGHTS_NAME), set(dest) | set(optional))
     _check_tensors(tensors, {k: tuple(v.shape) for k, v in dest.items()}, optional, str(Path(directory) / WEIGHTS_NAME))
+    check_fits(tensors, {**{PREFIX + k: p for k, p in params.items()}, **dest}, str(Path(directory) / WEIGHTS_NAME))
+    # every layer's new alpha and scaling worked out before anything is written (a failure there left
+    # the new tensors with the old scalings)
+    scales = {path: (config.alpha_for(path), config.scaling_for(path)) for path in layers}
     with torch.no_grad():
         for key, tensor in tensors.items():
             target = dest[key] if key in dest else params[key[len(PREFIX):]]
             target.copy_(tensor.to(target.dtype))
     for path, layer in layers.items():
-        layer.lora_alpha[adapter_name] = config.alpha_for(path)
-        layer.scaling[adapter_name] = config.scaling_for(path)
+        layer.lora_alpha[adapter_name], layer.scaling[adapter_name] = scales[path]
         layer.set_dropout(adapter_name, config.lora_dropout)  # so the layers do what the stored config says
     config = copy.deepcopy(config)
     config.inference_mode = old.inference_mode

@@ -740,3 +740,63 @@ def test_a_target_left_out_by_an_exclusion_is_named_so(kw):
     field_name = "modules_to_save" if "modules_to_save" in kw else "exclude_modules"
     with pytest.raises(ValueError, match=rf"matched only modules that {field_name} \['proj'\] leave out.*\['proj'\]"):
         lk.get_lora_model(net, lk.LoraConfig(r=2, **kw))
+
+
+# ---- an audit of hostile and corrupt adapter files (about 124 cases) and its findings -----------------
+
+
+def _saved_q(tmp_path, name="src"):
+    m = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False))
+    return m, lk.save_adapter(m, tmp_path / name)
+
+
+def _state(m):
+    return {k: v.clone() for k, v in m.state_dict().items()}
+
+
+@pytest.mark.parametrize("how", ["load_adapter", "load_adapter_weights", "hotswap_adapter"])
+def test_float64_values_that_overflow_the_adapter_are_refused(how, tmp_path):
+    """1e300 is finite in a float64 file and inf in the float32 adapter: it loaded silently."""
+    m, d = _saved_q(tmp_path)
+    tensors = load_file(str(d / "adapter_model.safetensors"))
+    key = next(k for k in tensors if "lora_A" in k)
+    tensors = {k: v.double() for k, v in tensors.items()}
+    tensors[key][0, 0] = 1e300
+    save_file(tensors, str(d / "adapter_model.safetensors"))
+    target = tiny_llama() if how == "load_adapter" else m
+    before = _state(target)
+    with pytest.raises(ValueError, match=r"values up to 1e\+300, beyond the range of torch.float32"):
+        getattr(lk, how)(target, d)
+    after = target.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_float8_tensors_are_refused_by_name(tmp_path):
+    _, d = _saved_q(tmp_path)
+    tensors = load_file(str(d / "adapter_model.safetensors"))
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in tensors.items()}, str(d / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="float8_e4m3fn; adapter weights are read from float16"):
+        lk.load_adapter(tiny_llama(), d)
+
+
+@pytest.mark.parametrize("field_name,value", [("rank_pattern", {"(?i)Q_PROJ": 4}), ("alpha_pattern", {"(?i)Q_PROJ": 4.0}),
+                                              ("modules_to_save", "("), ("layers_pattern", "(")])
+def test_regexes_are_checked_as_the_matcher_uses_them(field_name, value):
+    """'(?i)Q_PROJ' compiles alone but not inside the pattern-key matcher: a bare re.error from deep
+    inside loading (and a hot swap that had copied the new tensors already)."""
+    extra = {"layers_to_transform": [0]} if field_name == "layers_pattern" else {}
+    with pytest.raises(ValueError, match=f"LoraConfig.{field_name}.*not a valid regular expression"):
+        lk.LoraConfig(r=2, target_modules=["q_proj"], **{field_name: value}, **extra)
+
+
+def test_deeply_nested_config_json_is_named(tmp_path):
+    _, d = _saved_q(tmp_path)
+    (d / "adapter_config.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ValueError, match="adapter_config.json: not valid JSON"):
+        lk.load_adapter(tiny_llama(), d)
+
+
+def test_a_file_given_for_the_adapter_directory_is_named(tmp_path):
+    _, d = _saved_q(tmp_path)
+    with pytest.raises(NotADirectoryError, match="is a file; give the adapter's directory"):
+        lk.load_adapter(tiny_llama(), d / "adapter_model.safetensors")
