@@ -195,3 +195,38 @@ def test_refusals_that_say_the_model_is_unchanged_leave_it_unchanged():
     with pytest.raises(ValueError, match="the model is unchanged"):
         lk.set_adapter(m, ["a", "d"])
     assert _same(_snapshot(m), before)
+
+
+@pytest.mark.parametrize("edit_first", [True, False])
+@pytest.mark.parametrize("cast", ["half", "double"])
+def test_an_edit_with_a_cast_is_refused(edit_first, cast):
+    """A change of dtype let every check through: an edit of a merged adapter before or after a cast
+    was subtracted as it was then (the base left 0.042 off)."""
+    m = _model()
+    lk.merge(m)
+    layer = m.model.layers[0].self_attn.q_proj
+
+    def edit():
+        with torch.no_grad():
+            layer.lora_B["a"].mul_(2)
+
+    if edit_first:
+        edit()
+    getattr(m, cast)()
+    if not edit_first:
+        edit()
+    with pytest.raises(ValueError, match="changed"):
+        lk.unmerge(m)
+
+
+@pytest.mark.parametrize("chain", [("half", "bfloat16", "float"), ("bfloat16", "half", "float"), ("float", "double")])
+def test_round_trips_through_narrower_dtypes_still_unmerge(chain):
+    m = _model()
+    base = {n: p.detach().double().clone() for n, p in m.named_parameters() if "lora_" not in n}
+    lk.merge(m)
+    for cast in chain:
+        getattr(m, cast)()
+    lk.unmerge(m)
+    for n, p in m.named_parameters():
+        if n in base:
+            torch.testing.assert_close(p.detach().double(), base[n], rtol=0, atol=2e-2)  # the casts' rounding

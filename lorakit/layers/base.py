@@ -42,26 +42,38 @@ _ROUND_TRIPS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def cast_print(tensor: torch.Tensor) -> tuple:
-    """``(dtype, fingerprint, {narrower dtype: fingerprint of the tensor cast to it})``, for
-    ``same_up_to_cast``: what a change check keeps of a tensor instead of a copy."""
-    narrower = {}
+    """``(dtype, fingerprint, {chain of narrower dtypes: fingerprint of the tensor cast along it})``
+    for ``same_up_to_cast``: what a change check keeps of a tensor instead of a copy (chains of one
+    and two casts: ``model.half()``, ``model.half().bfloat16()``)."""
+    narrower: dict[tuple[torch.dtype, ...], int] = {}
     if tensor.is_floating_point():
-        for dtype in _ROUND_TRIPS:
-            if dtype != tensor.dtype and torch.empty((), dtype=dtype).element_size() <= tensor.element_size():
-                narrower[dtype] = bits_fingerprint(tensor.to(dtype))
+        size = tensor.element_size()
+        ok = [d for d in _ROUND_TRIPS if d != tensor.dtype and torch.empty((), dtype=d).element_size() <= size]
+        for first in ok:
+            once = tensor.to(first)
+            narrower[(first,)] = bits_fingerprint(once)
+            for second in ok:
+                if second != first and torch.empty((), dtype=second).element_size() <= once.element_size():
+                    narrower[(first, second)] = bits_fingerprint(once.to(second))
     return tensor.dtype, bits_fingerprint(tensor), narrower
 
 
 def same_up_to_cast(then: tuple, tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is what ``cast_print`` saw, or that cast: to another dtype (a cast of the
-    whole model), or through a narrower one and back (its values are then exactly those of the
-    original rounded to it). Anything else is a change (an edit, a load)."""
+    """Whether ``tensor`` is what ``cast_print`` saw, or that cast: to a wider dtype and maybe back
+    (the same values), or through one or two narrower dtypes (its values then exactly those of the
+    original rounded along them), in whatever dtype it is now. Anything else is a change (an edit,
+    a load; an edit with a cast too)."""
     dtype, print_, narrower = then
-    if tensor.dtype != dtype or bits_fingerprint(tensor) == print_:
-        return True
-    for narrow, narrow_print in narrower.items():
-        rounded = tensor.to(narrow)
-        if torch.equal(rounded.to(tensor.dtype), tensor) and bits_fingerprint(rounded) == narrow_print:
+    if tensor.dtype == dtype:
+        if bits_fingerprint(tensor) == print_:
+            return True
+    elif tensor.is_floating_point():
+        back = tensor.to(dtype)
+        if bits_fingerprint(back) == print_ and torch.equal(back.to(tensor.dtype), tensor):
+            return True  # widened (or narrowed losslessly), same values
+    for chain, chain_print in narrower.items():
+        rounded = tensor.to(chain[-1])
+        if torch.equal(rounded.to(tensor.dtype), tensor) and bits_fingerprint(rounded) == chain_print:
             return True
     return False
 
