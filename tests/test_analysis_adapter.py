@@ -748,3 +748,29 @@ def test_resize_of_a_bf16_adapter_reports_the_error_of_the_factors_it_wrote(tmp_
             true = float((a - b).norm() / a.norm())
             assert row["rel_error"] == pytest.approx(true, rel=1e-6, abs=1e-9)
             assert k == 2 or true > 1e-4  # (the rounding the report must count)
+
+
+def test_extract_reads_an_untied_head_against_a_tied_base(tmp_path):
+    """A tied base saves its shared weight once (no lm_head.weight); a merge that changed the head
+    untied it: extract skipped the head as 'not in base' (and said no targeted weight differed)."""
+    import lorakit as lk
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, tie_word_embeddings=True)
+    base = LlamaForCausalLM(cfg).eval()
+    base_dir = _save_model(base, tmp_path / "base")
+    from safetensors.torch import load_file
+    assert not any(k.endswith("lm_head.weight") for k in load_file(str(base_dir / "model.safetensors")))
+    tuned = lk.get_lora_model(LlamaForCausalLM.from_pretrained(base_dir).eval(),
+                              lk.LoraConfig(r=2, lora_alpha=2, target_modules=["lm_head"], init_lora_weights=False))
+    with pytest.warns(UserWarning, match="tied"):
+        tuned = lk.merge_and_unload(tuned)
+    tuned_dir = _save_model(tuned, tmp_path / "tuned")
+    rep = at.extract_adapter(base_dir, tuned_dir, rank=2, out=tmp_path / "ex", targets=["lm_head"])
+    assert [r["module"] for r in rep["modules"]] == ["lm_head"] and rep["modules"][0]["rel_error"] < 1e-6
+    ids = torch.randint(0, 101, (2, 7))
+    loaded = lk.load_adapter(LlamaForCausalLM.from_pretrained(base_dir).eval(), tmp_path / "ex")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, tuned(input_ids=ids).logits, rtol=1e-4, atol=1e-4)

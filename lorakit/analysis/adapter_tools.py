@@ -430,6 +430,17 @@ def _check_energy(energy: Any) -> None:
         raise ValueError(f"energy must be a number in (0, 1], got {energy!r}")
 
 
+def _tied_head_source(key: str, tuned_sd: dict[str, torch.Tensor], base_sd: dict[str, torch.Tensor]) -> str | None:
+    """The base tensor a tuned model's output head is to be compared with where the base stores none:
+    a base with tied embeddings saves the shared weight once, as its input embedding, and a merge
+    that changed the head untied it (``lorakit merge`` writes both). None where that is not the case."""
+    if not key.endswith("head.weight"):
+        return None
+    hits = [k for k in base_sd if re.search(r"(embed_tokens|wte|word_embeddings|embed_in|shared)\.weight$", k)
+            and base_sd[k].shape == tuned_sd[key].shape]
+    return hits[0] if len(hits) == 1 else None
+
+
 def extract_adapter(
     base: str | Path | None,
     tuned: str | Path,
@@ -497,10 +508,11 @@ def extract_adapter(
     rows, skipped, tensors, ranks, candidates = [], [], {}, {}, []
     embeddings = _embedding_modules(tuned) if named else set()  # the default set leaves them out
     for key in sorted(tuned_sd, key=natural_key):
-        if key not in base_sd:
+        source = key if key in base_sd else _tied_head_source(key, tuned_sd, base_sd)
+        if source is None:
             skipped.append({"tensor": key, "why": "not in base"})
             continue
-        w0, w1 = base_sd[key], tuned_sd[key]
+        w0, w1 = base_sd[source], tuned_sd[key]
         if w0.shape != w1.shape:
             raise ValueError(f"tensor {key!r}: base shape {tuple(w0.shape)} != tuned shape {tuple(w1.shape)}")
         if not key.endswith(".weight") or w0.dim() != 2:
