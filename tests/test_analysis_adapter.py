@@ -774,3 +774,40 @@ def test_extract_reads_an_untied_head_against_a_tied_base(tmp_path):
     loaded = lk.load_adapter(LlamaForCausalLM.from_pretrained(base_dir).eval(), tmp_path / "ex")
     with torch.no_grad():
         torch.testing.assert_close(loaded(input_ids=ids).logits, tuned(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_extract_of_gpt2s_untied_head_is_written_as_a_linear(tmp_path):
+    """GPT-2's base stores no lm_head (tied to wte); its head is an nn.Linear, not a Conv1D: the
+    delta was transposed as the Conv1D layers' are, and PEFT refused the factors' shapes."""
+    import lorakit as lk
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    base = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=32, n_layer=1, n_head=2, n_positions=32)).eval()
+    base_dir = _save_model(base, tmp_path / "base")
+    tuned = lk.get_lora_model(GPT2LMHeadModel.from_pretrained(base_dir).eval(),
+                              lk.LoraConfig(r=2, lora_alpha=2, target_modules=["lm_head"], init_lora_weights=False))
+    with pytest.warns(UserWarning, match="tied"):
+        tuned = lk.merge_and_unload(tuned)
+    tuned_dir = _save_model(tuned, tmp_path / "tuned")
+    at.extract_adapter(base_dir, tuned_dir, rank=2, out=tmp_path / "ex", targets=["lm_head"])
+    loaded = peft.PeftModel.from_pretrained(GPT2LMHeadModel.from_pretrained(base_dir).eval(), tmp_path / "ex")
+    ids = torch.randint(0, 64, (2, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, tuned(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_extract_compares_a_head_with_the_embedding_only_for_a_tied_base(tmp_path):
+    """An untied base whose file lacks the head (or a new head of the vocabulary's shape) is not a tied
+    one: comparing with the embedding wrote a made-up adapter (delta norm 1.29 for an unchanged head)."""
+    from safetensors.torch import load_file, save_file
+
+    base = _llama(0)
+    assert not base.config.tie_word_embeddings
+    base_dir = _save_model(base, tmp_path / "base")
+    tuned_dir = _save_model(_llama(0), tmp_path / "tuned")
+    weights = base_dir / "model.safetensors"
+    save_file({k: v for k, v in load_file(str(weights)).items() if k != "lm_head.weight"}, str(weights),
+              metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="no targeted weight differs"):
+        at.extract_adapter(base_dir, tuned_dir, rank=2, out=tmp_path / "ex", targets=["lm_head"])

@@ -430,11 +430,13 @@ def _check_energy(energy: Any) -> None:
         raise ValueError(f"energy must be a number in (0, 1], got {energy!r}")
 
 
-def _tied_head_source(key: str, tuned_sd: dict[str, torch.Tensor], base_sd: dict[str, torch.Tensor]) -> str | None:
-    """The base tensor a tuned model's output head is to be compared with where the base stores none:
-    a base with tied embeddings saves the shared weight once, as its input embedding, and a merge
-    that changed the head untied it (``lorakit merge`` writes both). None where that is not the case."""
-    if not key.endswith("head.weight"):
+def _tied_head_source(key: str, tuned_sd: dict[str, torch.Tensor], base_sd: dict[str, torch.Tensor],
+                      base_ties: bool) -> str | None:
+    """The base tensor a tuned model's output head (``lm_head.weight``) is to be compared with where the
+    base stores none: a base with tied embeddings (``base_ties``, from its config) saves the shared
+    weight once, as its input embedding, and a merge that changed the head untied it (``lorakit
+    merge`` writes both). None otherwise (an untied base, another head, several candidates)."""
+    if not base_ties or not (key == "lm_head.weight" or key.endswith(".lm_head.weight")):
         return None
     hits = [k for k in base_sd if re.search(r"(embed_tokens|wte|word_embeddings|embed_in|shared)\.weight$", k)
             and base_sd[k].shape == tuned_sd[key].shape]
@@ -507,8 +509,12 @@ def extract_adapter(
                          f"common): they are not the same model architecture")
     rows, skipped, tensors, ranks, candidates = [], [], {}, {}, []
     embeddings = _embedding_modules(tuned) if named else set()  # the default set leaves them out
+    try:
+        base_ties = bool(load_config(base).get("tie_word_embeddings", True))  # (transformers' default)
+    except (FileNotFoundError, ValueError):
+        base_ties = False
     for key in sorted(tuned_sd, key=natural_key):
-        source = key if key in base_sd else _tied_head_source(key, tuned_sd, base_sd)
+        source = key if key in base_sd else _tied_head_source(key, tuned_sd, base_sd, base_ties)
         if source is None:
             skipped.append({"tensor": key, "why": "not in base"})
             continue
@@ -529,7 +535,8 @@ def extract_adapter(
         check_finite(w1, tuned, key)
         d = w1.double() - w0.double()
         kind = "embedding" if name in embeddings else "linear"
-        if fan_in_fan_out or kind == "embedding":
+        # (GPT-2's Conv1D layers store (in, out); its lm_head is an nn.Linear, (out, in))
+        if (fan_in_fan_out and not name.endswith("lm_head")) or kind == "embedding":
             # LoRA factors are (out, r) and (r, in) whatever the weight layout; an embedding's
             # (num, dim) weight changes by (B A)ᵀ, B (dim, r), A (r, num), as PEFT stores them
             d = d.T
