@@ -194,10 +194,7 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool =
         adapter_names = _as_names(adapter_names, "adapter_names")
         _check_names(model, adapter_names)
     require_state(model)
-    for path, layer in iter_lora_layers(model):  # every layer checked before any is changed
-        why = layer.merge_would_change(adapter_names)
-        if why:
-            raise ValueError(f"{path}: {why}; the model is unchanged")
+    _refuse_changing_merges(model, adapter_names)
     _warn_already_merged(model, adapter_names)
     if safe:
         _check_merge_finite(model, adapter_names)
@@ -205,6 +202,15 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool =
     for _, layer in iter_lora_layers(model):
         layer.merge(adapter_names, safe=safe)
     return model
+
+
+def _refuse_changing_merges(model: nn.Module, adapter_names: list[str] | None) -> None:
+    """Before a model-level merge changes anything: every layer's ``merge_would_change`` (a variant
+    merged out of order, a computed weight), so that a refusal leaves the whole model as it was."""
+    for path, layer in iter_lora_layers(model):
+        why = layer.merge_would_change(adapter_names)
+        if why:
+            raise ValueError(f"{path}: {why}; the model is unchanged")
 
 
 def _warn_already_merged(model: nn.Module, adapter_names: list[str] | None) -> None:
@@ -247,10 +253,7 @@ def unmerge(model: nn.Module) -> nn.Module:
 def _strip(model: nn.Module, do_merge: bool, safe: bool = False) -> nn.Module:
     require_state(model)
     if do_merge:
-        for path, layer in iter_lora_layers(model):  # every layer checked before any is changed
-            why = layer.merge_would_change()
-            if why:
-                raise ValueError(f"{path}: {why}; the model is unchanged")
+        _refuse_changing_merges(model, None)
     if do_merge and safe:
         _check_merge_finite(model, None)
     if do_merge:

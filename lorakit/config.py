@@ -174,10 +174,10 @@ class LoraConfig:
         # (each as the matcher uses it: a key is placed inside a larger pattern, where "(?i)q" fails)
         regexes = [("target_modules", self.target_modules, "{}"), ("exclude_modules", self.exclude_modules, "{}"),
                    ("modules_to_save", self.modules_to_save, "{}")]
-        regexes += [(f"rank_pattern key {k!r}", k, r"(.*\.)?({})$") for k in self.rank_pattern]
-        regexes += [(f"alpha_pattern key {k!r}", k, r"(.*\.)?({})$") for k in self.alpha_pattern]
+        regexes += [(f"rank_pattern key {k!r}", k, PATTERN_KEY_REGEX) for k in self.rank_pattern]
+        regexes += [(f"alpha_pattern key {k!r}", k, PATTERN_KEY_REGEX) for k in self.alpha_pattern]
         layers = [self.layers_pattern] if isinstance(self.layers_pattern, str) else self.layers_pattern or []
-        regexes += [("layers_pattern", p, r"(?:^|.*?\.){}\.(?P<idx>\d+)\.") for p in layers]
+        regexes += [("layers_pattern", p, LAYERS_PATTERN_REGEX) for p in layers]
         for what, pattern, used_as in regexes:
             if isinstance(pattern, str):
                 try:
@@ -318,9 +318,15 @@ class LoraConfig:
         return cls.from_dict(data, source=str(path))
 
 
+#: How the matchers use a ``rank_pattern`` / ``alpha_pattern`` key and a ``layers_pattern`` (PEFT's
+#: rules), also what ``LoraConfig`` compiles to check them.
+PATTERN_KEY_REGEX = r"(.*\.)?({})$"
+LAYERS_PATTERN_REGEX = r"(?:^|.*?\.){}\.(?P<idx>\d+)\."
+
+
 def _pattern_key(patterns: dict[str, Any], module_name: str) -> str | None:
     """First pattern in ``patterns`` that matches the end of ``module_name`` (PEFT's rule)."""
     for key in patterns:
-        if re.match(rf"(.*\.)?({key})$", module_name):
+        if re.match(PATTERN_KEY_REGEX.format(key), module_name):
             return key
     return None

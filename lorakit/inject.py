@@ -9,14 +9,15 @@ import copy
 import difflib
 import re
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator
 
 import torch
 from torch import nn
 
-from lorakit.config import LoraConfig, _pattern_key
+from lorakit.config import LAYERS_PATTERN_REGEX, LoraConfig, _pattern_key
 from lorakit.layers import LAYER_TYPES, LoraLayer, lora_class_for
+from lorakit.layers.base import cast_print, same_up_to_cast
 from lorakit.variants import variant_for
 
 ALL_LINEAR = "all-linear"
@@ -195,7 +196,7 @@ def _layer_index_ok(config: LoraConfig, name: str) -> bool:
     else:
         match = None
         for pattern in [patterns] if isinstance(patterns, str) else patterns:
-            match = re.match(rf"(?:^|.*?\.){pattern}\.(?P<idx>\d+)\.", name)
+            match = re.match(LAYERS_PATTERN_REGEX.format(pattern), name)
             if match:
                 break
     if not match:
@@ -318,8 +319,6 @@ def _warn_unmatched_entries(config: LoraConfig, targets: list[str]) -> None:
         return
     unmatched = [e for e in entries if not any(n == e or n.endswith("." + e) for n in targets)]
     if unmatched:
-        import warnings
-
         leaves = sorted({n.rsplit(".", 1)[-1] for n in targets})
         warnings.warn(f"target_modules {unmatched} matched no module (the other entries matched {len(targets)} "
                       f"modules: {leaves[:10]}); a typo?", stacklevel=4)
@@ -327,10 +326,8 @@ def _warn_unmatched_entries(config: LoraConfig, targets: list[str]) -> None:
 
 def _no_match_message(model: nn.Module, config: LoraConfig) -> str:
     if config.exclude_modules or config.modules_to_save:
-        import dataclasses
-
         try:  # would they match without the exclusions? then say so, not "matched no module"
-            left_out = find_target_modules(model, dataclasses.replace(config, exclude_modules=None, modules_to_save=None))
+            left_out = find_target_modules(model, replace(config, exclude_modules=None, modules_to_save=None))
         except ValueError:
             left_out = []
         if left_out:
@@ -374,11 +371,9 @@ def target_modules_for_file(model: nn.Module, config: LoraConfig) -> list[str] |
     targets = config.target_modules
     if not (isinstance(targets, str) and targets.lower() == ALL_LINEAR):
         return targets
-    import dataclasses
-
     ours = find_target_modules(model, config)
-    linear = find_target_modules(model, dataclasses.replace(config, exclude_modules=None, modules_to_save=None))
-    peft_reading = find_target_modules(model, dataclasses.replace(config, target_modules=sorted(linear)))
+    linear = find_target_modules(model, replace(config, exclude_modules=None, modules_to_save=None))
+    peft_reading = find_target_modules(model, replace(config, target_modules=sorted(linear)))
     if set(peft_reading) == set(ours):
         return targets
     return "(?:" + "|".join(re.escape(n) for n in sorted(ours)) + ")"
@@ -447,8 +442,6 @@ def _warn_rank_above_layer(model: nn.Module, targets: list[str], config: LoraCon
             if config.rank_for(name) > limit:
                 over.append((name, config.rank_for(name), limit))
     if over:
-        import warnings
-
         name, r, limit = over[0]
         warnings.warn(f"rank {r} is above min(in, out) of {len(over)} targeted layer(s), e.g. {name!r} (at most rank "
                       f"{limit}): the update there cannot reach that rank, and its r x (in + out) adapter numbers "
@@ -668,20 +661,6 @@ def untie_for_writing(model: nn.Module, path: str, shared: set[int] | None = Non
     return before, base, untie_weight(model, base)
 
 
-def _print(tensor: torch.Tensor) -> tuple:
-    from lorakit.layers.base import cast_print
-
-    return cast_print(tensor)
-
-
-def _same_print(then: tuple, tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is as fingerprinted, or was cast since (a cast of the whole model changes
-    the bits, not what the weight is: let through, as the merge stamps do)."""
-    from lorakit.layers.base import same_up_to_cast
-
-    return same_up_to_cast(then, tensor)
-
-
 def untie_tied_for_merge(model: nn.Module, layers: list[tuple[str, LoraLayer]]) -> None:
     """Give each of ``layers`` (about to merge) whose base weight is tied to another module, or is an
     original weight an earlier merge untied (``LoraState.ties``), a copy of its own first
@@ -699,7 +678,7 @@ def untie_tied_for_merge(model: nn.Module, layers: list[tuple[str, LoraLayer]]) 
                       "keeps the original weight; unmerge(model) or unload ties it again once nothing is merged)",
                       stacklevel=4)
         if group is None:
-            group = {"weight": weight, "print": _print(weight), "config": False, "holders": []}
+            group = {"weight": weight, "print": cast_print(weight), "config": False, "holders": []}
             state.ties.append(group)
         before, base, flipped = untie_for_writing(model, path, shared)
         if layer.merged_adapters:
@@ -709,7 +688,7 @@ def untie_tied_for_merge(model: nn.Module, layers: list[tuple[str, LoraLayer]]) 
                 state.ties.remove(group)
             continue
         group["config"] = group["config"] or flipped
-        entry = {"path": path, "before": before, "base": base, "written": _print(base.weight)}
+        entry = {"path": path, "before": before, "base": base, "written": cast_print(base.weight)}
         group["holders"].append(entry)
         layer.__dict__["untied_from"] = entry  # (``LoraLayer._note_write`` keeps entry["written"] current)
 
@@ -733,7 +712,7 @@ def retie(model: nn.Module) -> None:
                 break
             layer = module if isinstance(module, LoraLayer) else None
             base = layer.base_layer if layer is not None else module
-            if base is not entry["base"] or not _same_print(entry["written"], base.weight):
+            if base is not entry["base"] or not same_up_to_cast(entry["written"], base.weight):
                 drop = True
                 break
             if layer is not None and layer.merged_adapters:
@@ -746,7 +725,7 @@ def retie(model: nn.Module) -> None:
         for entry, layer, _ in found:
             if layer is not None:
                 layer.__dict__.pop("untied_from", None)
-        if drop or not _same_print(group["print"], weight):
+        if drop or not same_up_to_cast(group["print"], weight):
             continue
         current = found[0][2].weight if found else weight
         if weight.dtype != current.dtype or weight.device != current.device:

@@ -237,11 +237,14 @@ def adapter_dir(directory: Any) -> Path:
 _FILE_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def check_fits(tensors: dict[str, torch.Tensor], dest: dict[str, torch.Tensor], source: str) -> None:
+def check_fits(tensors: dict[str, torch.Tensor], dest: dict[str, torch.Tensor], params: dict[str, torch.Tensor],
+               source: str) -> None:
     """Refuse a file tensor whose values overflow the dtype of the tensor it loads into (a float64
-    1e300 is finite in the file and inf in a float32 adapter), before anything is copied."""
+    1e300 is finite in the file and inf in a float32 adapter), before anything is copied. The
+    tensor a key loads into: the adapter's (``dest``), else the model parameter it names (``params``,
+    without ``PREFIX``), as the loaders' copy loops find it."""
     for key, tensor in tensors.items():
-        target = dest.get(key)
+        target = dest.get(key, params.get(key[len(PREFIX):]))
         if target is None or not tensor.is_floating_point() or not target.is_floating_point():
             continue
         if tensor.dtype != target.dtype and not bool(torch.isfinite(tensor.to(target.dtype)).all()):
@@ -315,9 +318,7 @@ def _expected_tensors(model: nn.Module, config: LoraConfig) -> tuple[dict[str, t
             # PEFT's bias="all" also saves the biases inside its wrapper of a modules_to_save module
             # (every one, in a container such as an nn.Sequential): the original module's, and the
             # trained copy's again (``_fold_copy_bias_alias`` reads those as the copy's own keys)
-            for name, p in source.named_parameters():
-                if name == "bias" or name.endswith(".bias"):
-                    optional[f"{PREFIX}{path}.original_module.{name}"] = tuple(p.shape)
+            optional.update(_original_bias_keys(path, source))
     if config.bias == "all":
         for name, p in model_biases(model):
             for key in (name, *_bias_aliases(name)):  # as saved where the module was (not) wrapped
@@ -379,14 +380,18 @@ def _sets_weight_tying(directory: Path) -> bool:
         return False
 
 
+def _original_bias_keys(path: str, original: nn.Module) -> dict[str, tuple[int, ...]]:
+    """The keys PEFT's ``bias="all"`` writes for the original module inside the modules_to_save wrapper
+    at ``path`` (``<path>.original_module.<sub>.bias``), with their shapes."""
+    return {f"{PREFIX}{path}.original_module.{name}": tuple(p.shape) for name, p in original.named_parameters()
+            if name == "bias" or name.endswith(".bias")}
+
+
 def _wrapper_bias_keys(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """The keys PEFT's ``bias="all"`` writes for the original modules inside modules_to_save
-    wrappers (``<module>.original_module.<sub>.bias``), with their shapes."""
+    """``_original_bias_keys`` of every modules_to_save wrapper on ``model``."""
     out: dict[str, tuple[int, ...]] = {}
     for path, wrapper in iter_saved_modules(model):
-        for name, p in wrapper.original_module.named_parameters():
-            if name == "bias" or name.endswith(".bias"):
-                out[f"{PREFIX}{path}.original_module.{name}"] = tuple(p.shape)
+        out.update(_original_bias_keys(path, wrapper.original_module))
     return out
 
 
@@ -397,7 +402,7 @@ def _fold_copy_bias_alias(tensors: dict[str, torch.Tensor], source: str, known: 
     the keys the model expects, which tell the two spellings apart."""
     out = dict(tensors)
     marker = ".modules_to_save."
-    for key in [k for k in tensors if marker in k and (k.endswith(".bias"))]:
+    for key in [k for k in tensors if marker in k and k.endswith(".bias")]:
         path, _, rest = key.partition(marker)
         candidates = [f"{path}.{rest}"] + ([f"{path}.{rest.partition('.')[2]}"] if "." in rest else [])
         plain = next((c for c in candidates if c in known), None)
@@ -497,7 +502,7 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
             dest = adapter_destinations(model, adapter_name)
             params = dict(model.named_parameters(remove_duplicate=False))
             tensors = _model_bias_keys(tensors, params, dest, str(Path(directory) / WEIGHTS_NAME))
-            check_fits(tensors, {**{PREFIX + k: p for k, p in params.items()}, **dest}, str(Path(directory) / WEIGHTS_NAME))
+            check_fits(tensors, dest, params, str(Path(directory) / WEIGHTS_NAME))
             for key, tensor in tensors.items():
                 target = dest.get(key)
                 if target is None:  # an optional base tensor (bias / base weight) of the model
@@ -568,7 +573,7 @@ def load_adapter_weights(model: nn.Module, directory: str | Path, adapter_name: 
     tensors = _fold_copy_bias_alias(tensors, source, set(dest) | set(optional))
     _check_tensors(tensors, {k: tuple(v.shape) for k, v in dest.items()}, optional, source)
     tensors = _model_bias_keys(tensors, params, dest, source)
-    check_fits(tensors, {**{PREFIX + k: p for k, p in params.items()}, **dest}, source)
+    check_fits(tensors, dest, params, source)
     with torch.no_grad():
         for key, tensor in tensors.items():
             target = dest[key] if key in dest else params[key[len(PREFIX):]]

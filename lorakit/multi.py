@@ -723,9 +723,10 @@ def hotswap_adapter(model: nn.Module, directory: str | Path, adapter_name: str =
     optional = {PREFIX + k: tuple(params[k].shape) for k in _bias_keys(model, config, adapter_name)}
     if config.bias == "all":
         optional.update(_wrapper_bias_keys(model))
-    tensors = _fold_copy_bias_alias(tensors, str(Path(directory) / WEIGHTS_NAME), set(dest) | set(optional))
-    _check_tensors(tensors, {k: tuple(v.shape) for k, v in dest.items()}, optional, str(Path(directory) / WEIGHTS_NAME))
-    check_fits(tensors, {**{PREFIX + k: p for k, p in params.items()}, **dest}, str(Path(directory) / WEIGHTS_NAME))
+    source = str(Path(directory) / WEIGHTS_NAME)
+    tensors = _fold_copy_bias_alias(tensors, source, set(dest) | set(optional))
+    _check_tensors(tensors, {k: tuple(v.shape) for k, v in dest.items()}, optional, source)
+    check_fits(tensors, dest, params, source)
     # every layer's new alpha and scaling worked out before anything is written (a failure there left
     # the new tensors with the old scalings)
     scales = {path: (config.alpha_for(path), config.scaling_for(path)) for path in layers}

@@ -155,12 +155,9 @@ def read_adapter(path: str | Path) -> Adapter:
             holds NaN or inf, or a module's scaling is not finite (the file or module is named).
     """
     root = Path(path)
-    if not root.is_dir():
-        if root.exists():  # (a file was "does not exist")
-            raise NotADirectoryError(f"{str(path)!r} is a file; give the adapter's directory (the one holding "
-                                     f"{CONFIG_NAME} and {WEIGHTS_NAME})")
+    if not root.exists():
         raise FileNotFoundError(f"adapter directory {str(path)!r} does not exist")
-    lora_config, tensors = read_adapter_files(root)  # (which refuses NaN and inf, naming the tensor)
+    lora_config, tensors = read_adapter_files(root)  # (a file: NotADirectoryError, from LoraConfig.load)  # (which refuses NaN and inf, naming the tensor)
     w_path = root / WEIGHTS_NAME
     parts: dict[str, dict[str, torch.Tensor]] = {}
     other: dict[str, torch.Tensor] = {}
@@ -430,17 +427,19 @@ def _check_energy(energy: Any) -> None:
         raise ValueError(f"energy must be a number in (0, 1], got {energy!r}")
 
 
-def _tied_head_source(key: str, tuned_sd: dict[str, torch.Tensor], base_sd: dict[str, torch.Tensor],
-                      base_ties: bool) -> str | None:
-    """The base tensor a tuned model's output head (``lm_head.weight``) is to be compared with where the
-    base stores none: a base with tied embeddings (``base_ties``, from its config) saves the shared
-    weight once, as its input embedding, and a merge that changed the head untied it (``lorakit
-    merge`` writes both). None otherwise (an untied base, another head, several candidates)."""
-    if not base_ties or not (key == "lm_head.weight" or key.endswith(".lm_head.weight")):
-        return None
-    hits = [k for k in base_sd if re.search(r"(embed_tokens|wte|word_embeddings|embed_in|shared)\.weight$", k)
-            and base_sd[k].shape == tuned_sd[key].shape]
-    return hits[0] if len(hits) == 1 else None
+def _tied_head(base: str | Path | None) -> dict[str, str]:
+    """``{output head weight key: input embedding weight key}`` for a base with tied embeddings, which
+    saves the shared weight once, under the embedding's name (a merge that changed the head untied
+    it: ``lorakit merge`` writes both); empty for an untied base or one transformers cannot build."""
+    try:
+        model = _meta_model(base)
+    except (ValueError, FileNotFoundError, OSError):
+        return {}
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if not getattr(model.config, "tie_word_embeddings", False) or head is None or embedding is None:
+        return {}
+    names = {id(m): n for n, m in model.named_modules()}
+    return {f"{names[id(head)]}.weight": f"{names[id(embedding)]}.weight"}
 
 
 def extract_adapter(
@@ -509,13 +508,10 @@ def extract_adapter(
                          f"common): they are not the same model architecture")
     rows, skipped, tensors, ranks, candidates = [], [], {}, {}, []
     embeddings = _embedding_modules(tuned) if named else set()  # the default set leaves them out
-    try:
-        base_ties = bool(load_config(base).get("tie_word_embeddings", True))  # (transformers' default)
-    except (FileNotFoundError, ValueError):
-        base_ties = False
+    tied = _tied_head(base)
     for key in sorted(tuned_sd, key=natural_key):
-        source = key if key in base_sd else _tied_head_source(key, tuned_sd, base_sd, base_ties)
-        if source is None:
+        source = key if key in base_sd else tied.get(key)
+        if source is None or source not in base_sd:
             skipped.append({"tensor": key, "why": "not in base"})
             continue
         w0, w1 = base_sd[source], tuned_sd[key]
