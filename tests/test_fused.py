@@ -707,3 +707,125 @@ def test_compiled_inference_runs_a_hook_added_to_the_base_layer_later():
     finally:
         torch._dynamo.config.skip_nnmodule_hook_guards = old
         torch._dynamo.reset()
+
+
+# ---- layers whose output is a view of their own 2-D result (found by a readability review) --------
+
+def _view_output_layer(kind, dtype=torch.float64, p=0.0):
+    """A LoRA layer on a base whose output for a 3-D input is a reshaped view of its own ``addmm``
+    result: ``nn.Linear`` with a bias (``F.linear``) or GPT-2's ``Conv1D``."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = nn.Linear(10, 12) if kind == "linear_bias" else Conv1D(12, 10)
+    model = Wrap(base.to(dtype))
+    lk.get_lora_model(model, lk.LoraConfig(r=3, target_modules=["layer"], init_lora_weights=False,
+                                           lora_dropout=p))
+    return model
+
+
+def _nodes(fn):
+    seen, todo, names = set(), [fn], []
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.append(type(node).__name__)
+        todo.extend(n for n, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("kind", ["linear_bias", "conv1d"])
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_a_3d_input_to_a_view_making_base_takes_the_fused_node(kind, p):
+    """Their LoRA branch is added by the fused node (before: autograd's plain ops, which keep the
+    dropped-out input), and a (2, 5, 10) input gets exactly what the same 10 rows as (10, 10) get:
+    the same mask (the same draws), outputs and gradients."""
+    model = _view_output_layer(kind, p=p).train()
+    A, B = model.layer.lora_A["default"], model.layer.lora_B["default"]
+    x = torch.randn(2, 5, 10, dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(1)
+    y = model(x)
+    assert "FusedLoraLinearBackward" in _nodes(y.grad_fn) and y.shape == (2, 5, 12)
+    g = torch.randn_like(y)
+    grads = torch.autograd.grad(y, (x, A, B), g)
+    x2 = x.detach().reshape(10, 10).requires_grad_()
+    torch.manual_seed(1)
+    y2 = model(x2)
+    grads2 = torch.autograd.grad(y2, (x2, A, B), g.reshape(10, 12))
+    assert torch.equal(y.detach().reshape(10, 12), y2.detach())
+    for got, want in zip(grads, grads2):
+        assert torch.equal(got.reshape(want.shape), want)
+    if p == 0:
+        ref = _reference(model, x)
+        torch.testing.assert_close(y, ref, rtol=1e-12, atol=1e-12)
+        for got, want in zip(grads, torch.autograd.grad(ref, (x, A, B), g)):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["linear_bias", "conv1d"])
+def test_a_view_making_base_saves_no_dropout_copy(kind):
+    """With dropout, a 3-D input saves no more for backward than the same rows in 2-D (no float copy
+    of the dropped-out input)."""
+    model = _view_output_layer(kind, dtype=torch.float32, p=0.1).train()
+
+    def saved_bytes(x):
+        total = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: total.append(t.numel() * t.element_size()) or t,
+                                                      lambda t: t):
+            model(x)
+        return sum(total)
+
+    x = torch.randn(4, 64, 10, requires_grad=True)
+    assert saved_bytes(x) == saved_bytes(x.detach().reshape(256, 10).requires_grad_())
+
+
+@pytest.mark.parametrize("kind", ["linear_bias", "conv1d"])
+@pytest.mark.parametrize("mode", ["train", "no_grad"])
+def test_a_bf16_view_making_base_computes_its_branch_as_a_2d_input_does(kind, mode):
+    """fp32 adapters on a bf16 base: a 3-D input's output is bitwise the same rows given in 2-D (the
+    branch in bf16 in training, in fp32 rounded once in inference, whatever the input's shape)."""
+    model = _view_output_layer(kind, dtype=torch.bfloat16)
+    model.train(mode == "train")
+    assert model.layer.lora_A["default"].dtype == torch.float32
+    x = torch.randn(2, 5, 10, dtype=torch.bfloat16)
+    with torch.set_grad_enabled(mode == "train"):
+        y3, y2 = model(x), model(x.reshape(10, 10))
+    assert torch.equal(y3.reshape(10, 12), y2)
+
+
+@pytest.mark.parametrize("kind", ["linear_bias", "conv1d"])
+def test_a_view_making_base_in_inference_gets_the_unmerged_sum(kind):
+    model = _view_output_layer(kind).eval()
+    x = torch.randn(2, 5, 10, dtype=torch.float64)
+    with torch.inference_mode():
+        y = model(x)
+    torch.testing.assert_close(y, _reference(model, x).detach(), rtol=1e-12, atol=1e-12)
+    assert y.shape == (2, 5, 12)
+
+
+@pytest.mark.parametrize("kind", ["linear", "linear_bias", "conv1d"])
+def test_inference_under_autocast_runs_the_fused_nodes_ops_without_the_node(kind, monkeypatch):
+    """Under bf16 autocast without gradients the branch runs the fused node's very ops (bitwise its
+    output with gradients on) without the autograd node (a performance audit: decode under autocast
+    took 1.2x PEFT's time through the node)."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = {"linear": lambda: nn.Linear(10, 12, bias=False), "linear_bias": lambda: nn.Linear(10, 12),
+            "conv1d": lambda: Conv1D(12, 10)}[kind]()
+    model = Wrap(base)
+    lk.get_lora_model(model, lk.LoraConfig(r=3, target_modules=["layer"], init_lora_weights=False)).eval()
+    x = torch.randn(2, 5, 10)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = model(x)
+    assert "FusedLoraLinearBackward" in _nodes(want.grad_fn)
+    calls = []
+    forward = FusedLoraLinear.forward
+    monkeypatch.setattr(FusedLoraLinear, "forward", staticmethod(lambda *a: calls.append(1) or forward(*a)))
+    for mode in (torch.inference_mode, torch.no_grad):
+        with mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+            got = model(x)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want.detach())
+    assert not calls

@@ -531,7 +531,7 @@ def test_half_precision_outputs_equal_peft_bit_for_bit(dtype, layer_name, adapte
         got, want = ours(x), theirs(x)
     assert got.dtype == want.dtype == dtype
     assert torch.equal(got, want)
-    if not (dtype == torch.bfloat16 and layer_name == "linear"):  # (there: bf16 products, docs/core.md)
+    if not (dtype == torch.bfloat16 and layer_name in ("linear", "gpt2_conv1d")):  # (bf16 products, docs/core.md)
         got, want = ours(x), theirs(x)  # with gradients on: the fused node's path
         assert torch.equal(got, want)
 

@@ -137,7 +137,12 @@ def pack_bits(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """A boolean tensor as bits: (uint8 tensor of numel // 8 bytes, the last numel % 8 booleans).
 
     Eight booleans (bytes of value 0 or 1) read as one little-endian 64-bit word are folded into its
-    low byte with three shift-or steps, so packing is a few passes over numel / 8 words."""
+    low byte with three shift-or steps, so packing is a few passes over numel / 8 words. Boolean i
+    starts as bit 8·i of the word; the steps shift by 7, 14 and 28 (8·i − i for i = 1, 2, 4), each
+    bringing the next run of booleans down beside those already packed: runs of 2, 4, then 8 bits. For booleans 1,0,1,1,0,0,0,1 (byte 0 first) the word's low byte ends up
+    0b10001101: boolean i is bit i. ``unpack_bits`` runs the three steps backwards with masks that
+    keep only the bits each step placed (0x0000000F0000000F, 0x0003000300030003, 0x0101...01);
+    tests/test_fused.py checks the round trip bit for bit."""
     flat = mask.reshape(-1)
     if flat.storage_offset() % 8:  # 64-bit words must start on an 8-byte boundary
         flat = flat.clone()
@@ -242,13 +247,15 @@ def dropout_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Ten
 
 
 def branch_dtype(out_dtype: torch.dtype, adapter_dtype: torch.dtype) -> torch.dtype:
-    """dtype the branch's matmuls run in: bf16 on a bf16 base, else the adapter's dtype.
+    """dtype the fused training node's matmuls run in: bf16 on a bf16 base, else the adapter's dtype.
 
     On a bf16 base with fp32 adapters the branch is computed as under bf16 autocast: A and B are
     rounded to bf16 for the products (oneDNN accumulates in fp32), the gradients of A and B are
-    returned in fp32, and nothing of width ``in`` or ``out`` is ever converted to fp32. Its
-    output lands in bf16 either way, so this loses nothing there; on this repo's CPU the rank-r
-    products run ~4x faster than in fp32 and a bf16 training step ~15% faster.
+    returned in fp32, and nothing of width ``in`` or ``out`` is ever converted to fp32. Its output
+    lands in bf16 either way; on this repo's CPU the rank-r products run ~4x faster than in fp32
+    and a bf16 training step ~15% faster. Inference (``add_lora_no_grad``) runs fp32 adapters'
+    products in fp32 instead, rounded once into the output (its comment says why), and so does
+    autograd's fallback in ``fused_lora_add`` (torch.func transforms, forward-mode AD).
     """
     return torch.bfloat16 if out_dtype == torch.bfloat16 else adapter_dtype
 
@@ -287,6 +294,11 @@ def add_product(out2: torch.Tensor, h: torch.Tensor, B: torch.Tensor, scale: flo
     out2.addmm_(h if h.dtype == od else h.to(od), B.T if B.dtype == od else B.T.to(od), alpha=scale)
 
 
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``: itself where it is already (no call to a no-op ``.to``)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def branch_grads(g2: torch.Tensor, x2_of: Callable[[], torch.Tensor], A: torch.Tensor, B: torch.Tensor,
                  h: torch.Tensor, scale: float, drop: KeepMask | None, need_x: bool, need_A: bool,
                  need_B: bool, grad_x_into: torch.Tensor | None = None
@@ -301,31 +313,44 @@ def branch_grads(g2: torch.Tensor, x2_of: Callable[[], torch.Tensor], A: torch.T
     tensor and a sum); it is then the returned dL/dx2.
     """
     cd = h.dtype
-    g2 = g2.to(cd)
+    g2, Bc = _as(g2, cd), _as(B, cd)                               # (a no-op .to costs ~1 µs a call)
     grad_x = grad_A = grad_B = None
     if need_B:
-        grad_B = (g2.T @ h).to(B.dtype).mul_(scale)                # (out, r)
+        grad_B = _as(g2.T @ h, B.dtype).mul_(scale)                # (out, r)
     if not (need_x or need_A):
         return grad_x, grad_A, grad_B
-    gh = (g2 @ B.to(cd)).mul_(scale * (drop.inv_keep if drop is not None else 1.0))   # (tokens, r)
+    gh = (g2 @ Bc).mul_(scale * (drop.inv_keep if drop is not None else 1.0))   # (tokens, r)
     mask = float_mask(drop.get(), cd) if drop is not None else None
     if need_A:
         xa = x2_of()
-        grad_A = (gh.T @ (masked(xa, mask) if mask is not None else xa)).to(A.dtype)   # (r, in)
+        grad_A = _as(gh.T @ (masked(xa, mask) if mask is not None else xa), A.dtype)   # (r, in)
     if need_x:
+        Ac = _as(A, cd)
         if grad_x_into is not None and grad_x_into.dtype == cd:
             if mask is None:
-                grad_x = grad_x_into.addmm_(gh, A.to(cd))
+                grad_x = grad_x_into.addmm_(gh, Ac)
             else:  # the product in a reused buffer, masked while it is added
                 product = _WORKSPACE.take("grad_x", grad_x_into.numel(), cd, gh.device).view(grad_x_into.shape)
-                grad_x = grad_x_into.addcmul_(torch.mm(gh, A.to(cd), out=product), mask)
+                grad_x = grad_x_into.addcmul_(torch.mm(gh, Ac, out=product), mask)
         else:
-            grad_x = gh @ A.to(cd)                                 # (tokens, in), a fresh tensor
+            grad_x = gh @ Ac                                       # (tokens, in), a fresh tensor
             if mask is not None:
                 grad_x.mul_(mask)
     if drop is not None:
         drop.release()
     return grad_x, grad_A, grad_B
+
+
+def fused_branch(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float,
+                 drop: KeepMask | None) -> torch.Tensor:
+    """The fused node's forward ops: ``result += scale · (drop(x) Aᵀ) Bᵀ`` in place, in the branch
+    dtype (``branch_dtype``); returns ``h = drop(x) Aᵀ`` (tokens, r)."""
+    if autocast_on(x):  # off for the branch: it runs in the branch dtype, so backward sees the dtypes it saved
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return fused_branch(result, x, A, B, scale, drop)
+    x2 = x.reshape(-1, x.shape[-1])
+    cd = branch_dtype(result.dtype, A.dtype)
+    return add_branch(result.view(-1, result.shape[-1]), x2 if x2.dtype == cd else x2.to(cd), A, B, scale, drop)
 
 
 class FusedLoraLinear(torch.autograd.Function):
@@ -337,10 +362,7 @@ class FusedLoraLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor,
                 scale: float, drop: KeepMask | None) -> torch.Tensor:
-        # Autocast off: the branch runs in the adapter's dtype, so backward sees the dtypes it saved.
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            x2 = x.reshape(-1, x.shape[-1]).to(branch_dtype(result.dtype, A.dtype))
-            h = add_branch(result.view(-1, result.shape[-1]), x2, A, B, scale, drop)
+        h = fused_branch(result, x, A, B, scale, drop)
         ctx.mark_dirty(result)
         # x is the output of a fused RMSNorm (lorakit/ops/rmsnorm.py)? Then keep its recipe (the
         # norm's input, which the norm keeps anyway, and one rstd per token) and rebuild x in backward.
@@ -368,12 +390,12 @@ class FusedLoraLinear(torch.autograd.Function):
                 x = ctx.shared.get(lambda: recompute_norm(saved[:3]))
             else:
                 x = recompute_norm(saved[:3]) if ctx.from_norm else saved[0]
-            return x.reshape(-1, x_shape[-1]).to(h.dtype)
+            return _as(x.reshape(-1, x_shape[-1]), h.dtype)
 
         need = ctx.needs_input_grad
         gx, grad_A, grad_B = branch_grads(grad.reshape(-1, grad.shape[-1]), x2_of,
                                           A, B, h, ctx.scale, ctx.drop, need[1], need[2], need[3])
-        grad_x = gx.reshape(x_shape).to(x_dtype) if gx is not None else None
+        grad_x = _as(gx.reshape(x_shape), x_dtype) if gx is not None else None
         return grad, grad_x, grad_A, grad_B, None, None
 
     @staticmethod
@@ -414,6 +436,17 @@ def autocast_on(x: torch.Tensor) -> bool:
     return torch.is_autocast_enabled("cpu" if x.is_cpu else x.device.type)
 
 
+def whole_base(t: torch.Tensor) -> torch.Tensor | None:
+    """The tensor ``t`` is a view of, when ``t`` is all of it in the same memory order with the same
+    last dimension (a reshape of a fresh (tokens, out) result), else None."""
+    base = t._base
+    if (base is None or base.numel() != t.numel() or base.dtype != t.dtype or not base.is_contiguous()
+            or not t.is_contiguous() or base.data_ptr() != t.data_ptr() or base.dim() == 0
+            or base.shape[-1] != t.shape[-1]):
+        return None
+    return base
+
+
 def writes_in_place(result: torch.Tensor, x: torch.Tensor) -> bool:
     """Whether inference may add the branch into ``result`` itself (``add_lora_no_grad``): it is not
     a view of another tensor, it is contiguous, and no autocast is choosing the dtypes."""
@@ -446,15 +479,25 @@ def fused_lora_add(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: to
                    scale: float, p: float, training: bool) -> torch.Tensor:
     """``result + scale · B(A(dropout_p(x)))`` computed by ``FusedLoraLinear`` (result is reused).
 
-    Falls back to autograd's out-of-place ops where writing into ``result`` would not be safe (a
-    view, or a leaf autograd may need unchanged); both paths draw the same kind of mask.
+    ``result`` is the layer's own output (``LoraLayer.own_output``). Where it is a reshaped view of
+    all of a tensor (``F.linear`` of a 3-D input with a bias, GPT-2's ``Conv1D``: their 2-D
+    ``addmm`` result), the branch is added into that tensor and the view made again. Falls back to
+    autograd's out-of-place ops where writing into ``result`` would not be safe (a view of part of
+    a tensor, or a leaf autograd may need unchanged); both paths draw the same kind of mask.
     """
+    whole = whole_base(result)
+    if whole is not None:
+        return fused_lora_add(whole, x, A, B, scale, p, training).view(result.shape)
     use_dropout = training and p > 0
     if ((not torch.is_grad_enabled() or not (x.requires_grad or A.requires_grad or B.requires_grad or result.requires_grad))
-            and not use_dropout and writes_in_place(result, x)):
+            and not use_dropout and result._base is None and result.is_contiguous()):
         # Nothing to differentiate (inference): the same two matmuls without an autograd node, whose
-        # Python-side cost (~50 µs) is as large as the matmuls themselves for a decode step.
-        add_lora_no_grad(result, x, A, B, scale)
+        # Python-side cost (~50 µs) is as large as the matmuls themselves for a decode step. Under
+        # autocast, the fused node's own ops (as with gradients on: autocast picks bf16 products).
+        if autocast_on(x):
+            fused_branch(result, x, A, B, scale, None)
+        else:
+            add_lora_no_grad(result, x, A, B, scale)
         return result
     # plain autograd ops also under torch.func transforms (grad, vmap) and forward-mode AD, which
     # a custom autograd.Function with an in-place forward does not support

@@ -124,7 +124,10 @@ class DoraVariant(LoraVariant):
         if bias is not None:
             base_out = base_out - bias.reshape(scale.shape) if scale.dim() > 1 else base_out - bias
         branch = layer.branch(x_branch, layer.lora_A[name], layer.lora_B[name]) * layer.scaling[name]
-        update = (scale - 1) * base_out.to(scale.dtype) + scale * branch
+        # (a narrower base_out, bf16 under fp32 magnitudes, is widened by the product's type promotion
+        # to the same values: autograd then keeps it for dL/dm as it is, not a wider copy of it)
+        wide = scale.dtype == torch.promote_types(base_out.dtype, scale.dtype)
+        update = (scale - 1) * (base_out if wide else base_out.to(scale.dtype)) + scale * branch
         return add_rounded_once(result, update)
 
     def merged_weight(self, layer: "LoraLayer", name: str, weight: torch.Tensor, unmerged: torch.Tensor) -> torch.Tensor:
