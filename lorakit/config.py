@@ -192,6 +192,13 @@ class LoraConfig:
                 raise ValueError(f"LoraConfig.alpha_pattern[{key!r}] must be a finite number, got {value!r}")
         if not (isinstance(self.init_lora_weights, bool) or isinstance(self.init_lora_weights, str)):
             raise TypeError(f"LoraConfig.init_lora_weights must be a bool or a string, got {self.init_lora_weights!r}")
+        if isinstance(self.init_lora_weights, str) and self.init_lora_weights.lower() not in _BASE_KEEPING_PEFT_INITS:
+            from lorakit.variants import get_init_method
+
+            try:
+                get_init_method(self.init_lora_weights)
+            except ValueError as exc:  # (a config read from a file with one of these was refused before)
+                raise ValueError(f"LoraConfig.init_lora_weights: {exc}") from None
 
     # ---- per-module values -------------------------------------------------------------------
 

@@ -1,7 +1,9 @@
 """Injection: find the modules a config targets and wrap them in LoRA layers, in place.
 
-Target matching follows PEFT's rules exactly (so an adapter_config.json means the same thing in
-both libraries), except that a pattern that matches nothing is an error here, not a silent skip.
+Target matching follows PEFT's rules (so an adapter_config.json means the same thing in both
+libraries), except that a pattern that matches nothing is an error here, not a silent skip, and that
+a ``modules_to_save`` list entry keeps adapters off its module as a literal name (PEFT 0.21 puts the
+entry into a regex unescaped there, so a name with regex characters in it could match more).
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from torch import nn
 
 from lorakit.config import LAYERS_PATTERN_REGEX, LoraConfig, _pattern_key
 from lorakit.layers import LAYER_TYPES, LoraLayer, lora_class_for
-from lorakit.layers.base import cast_print, same_up_to_cast
+from lorakit.layers.guard import cast_print, same_up_to_cast
 from lorakit.variants import variant_for
 
 ALL_LINEAR = "all-linear"
@@ -191,7 +193,8 @@ def _layer_index_ok(config: LoraConfig, name: str) -> bool:
         return True
     patterns = config.layers_pattern
     if not patterns:
-        # The first numbered path segment is the layer index ("model.layers.3.mlp" -> 3).
+        # PEFT's rule: the first numbered segment after at least two others is the layer index
+        # ("model.layers.3.mlp" -> 3; "layers.3.mlp" has none, so that module is not targeted).
         match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
     else:
         match = None
@@ -529,7 +532,8 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
                 init_lora_weights=init,
                 variant=type(variant)() if variant is not None else None,
             )
-            # Only the named adapter is active at first, as in PEFT.
+            # The model's active set, as in PEFT: the first adapter is active, a later one is not
+            # until set_adapter names it.
             module.active_adapters = [adapter_name] if not state.active else list(state.active)
         for name in saved:
             module = model.get_submodule(name)

@@ -562,10 +562,24 @@ def load_adapter_weights(model: nn.Module, directory: str | Path, adapter_name: 
     if any(adapter_name in layer.merged_adapters for _, layer in iter_lora_layers(model)):
         raise ValueError(f"adapter {adapter_name!r} is merged; unmerge it before replacing its weights")
     _, tensors = read_adapter_files(directory)
+    copy_checked(checked_replacements(model, adapter_name, state.configs[adapter_name], tensors, directory))
+    return model
+
+
+def checked_replacements(model: nn.Module, adapter_name: str, config: LoraConfig, tensors: dict[str, torch.Tensor],
+                         directory: str | Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(live tensor, new value) for each tensor of an adapter file that replaces adapter
+    ``adapter_name``'s weights in place (``load_adapter_weights``, ``lorakit.hotswap_adapter``).
+
+    Keys are resolved as ``load_adapter`` resolves them (a bias under its name with or without a LoRA
+    layer around its module; PEFT's ``bias="all"`` spellings inside a ``modules_to_save`` wrapper;
+    ``config.bias`` says which biases the file may hold), and every key, shape and value is checked
+    here, before the caller writes anything (``copy_checked``).
+    """
     dest = adapter_destinations(model, adapter_name)
     params = dict(model.named_parameters(remove_duplicate=False))
-    optional = {PREFIX + k: tuple(params[k].shape) for k in _bias_keys(model, state.configs[adapter_name], adapter_name)}
-    if state.configs[adapter_name].bias == "all":
+    optional = {PREFIX + k: tuple(params[k].shape) for k in _bias_keys(model, config, adapter_name)}
+    if config.bias == "all":
         optional.update({PREFIX + a: shape for k, shape in list(optional.items())
                          for a in _bias_aliases(k[len(PREFIX):])})
         optional.update(_wrapper_bias_keys(model))
@@ -574,8 +588,11 @@ def load_adapter_weights(model: nn.Module, directory: str | Path, adapter_name: 
     _check_tensors(tensors, {k: tuple(v.shape) for k, v in dest.items()}, optional, source)
     tensors = _model_bias_keys(tensors, params, dest, source)
     check_fits(tensors, dest, params, source)
-    with torch.no_grad():
-        for key, tensor in tensors.items():
-            target = dest[key] if key in dest else params[key[len(PREFIX):]]
-            target.copy_(tensor.to(target.dtype))
-    return model
+    return [(dest[key] if key in dest else params[key[len(PREFIX):]], tensor) for key, tensor in tensors.items()]
+
+
+@torch.no_grad()
+def copy_checked(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Write ``checked_replacements``' values into their tensors (in their dtypes)."""
+    for target, value in pairs:
+        target.copy_(value.to(target.dtype))

@@ -690,8 +690,7 @@ def hotswap_adapter(model: nn.Module, directory: str | Path, adapter_name: str =
         FileNotFoundError: the directory or its files are missing.
         ValueError: unknown or merged adapter, different targets / ranks / variant / keys / shapes.
     """
-    from lorakit.io import (PREFIX, WEIGHTS_NAME, _bias_keys, _check_tensors, _fold_copy_bias_alias, _wrapper_bias_keys,
-                            adapter_destinations, check_fits, read_adapter_files)
+    from lorakit.io import checked_replacements, copy_checked, read_adapter_files
 
     state = require_state(model)
     if adapter_name not in state.configs:
@@ -718,22 +717,11 @@ def hotswap_adapter(model: nn.Module, directory: str | Path, adapter_name: str =
         if config.rank_for(path) != layer.r[adapter_name]:
             raise ValueError(f"{directory}: rank of {path} is {config.rank_for(path)}, the loaded adapter has "
                              f"{layer.r[adapter_name]}; a hot swap needs the same ranks")
-    dest = adapter_destinations(model, adapter_name)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    optional = {PREFIX + k: tuple(params[k].shape) for k in _bias_keys(model, config, adapter_name)}
-    if config.bias == "all":
-        optional.update(_wrapper_bias_keys(model))
-    source = str(Path(directory) / WEIGHTS_NAME)
-    tensors = _fold_copy_bias_alias(tensors, source, set(dest) | set(optional))
-    _check_tensors(tensors, {k: tuple(v.shape) for k, v in dest.items()}, optional, source)
-    check_fits(tensors, dest, params, source)
+    pairs = checked_replacements(model, adapter_name, config, tensors, directory)
     # every layer's new alpha and scaling worked out before anything is written (a failure there left
     # the new tensors with the old scalings)
     scales = {path: (config.alpha_for(path), config.scaling_for(path)) for path in layers}
-    with torch.no_grad():
-        for key, tensor in tensors.items():
-            target = dest[key] if key in dest else params[key[len(PREFIX):]]
-            target.copy_(tensor.to(target.dtype))
+    copy_checked(pairs)
     for path, layer in layers.items():
         layer.lora_alpha[adapter_name], layer.scaling[adapter_name] = scales[path]
         layer.set_dropout(adapter_name, config.lora_dropout)  # so the layers do what the stored config says

@@ -64,11 +64,25 @@ def test_an_adapter_name_the_parameter_stores_cannot_hold_is_refused_and_nothing
     ("rank_pattern", "q_proj", "rank_pattern must be a dict"),
     ("rank_pattern", {5: 4}, "rank_pattern keys must be module names"),
     ("target_modules", ["all-linear", "embed_tokens"], "'all-linear' is a value of its own"),  # (matched only embed_tokens)
+    ("init_lora_weights", "pisa", "unknown init_lora_weights 'pisa'.*'pissa'"),   # (failed only at injection)
+    ("init_lora_weights", "corda", "'corda' is a PEFT initialisation lorakit does not implement"),
 ])
 def test_config_fields_of_the_wrong_kind_are_refused_by_name(field, value, message):
     kw = {"r": 2, "target_modules": ["q_proj"], field: value}
     with pytest.raises((TypeError, ValueError), match=message):
         lk.LoraConfig(**kw)
+
+
+@pytest.mark.parametrize("init", ["eva", "orthogonal", "mica"])
+def test_a_peft_only_init_is_a_config_that_loads_but_makes_no_adapter(init):
+    """PEFT 0.21's base-keeping inits: a file saying so loads (its tensors carry everything), so the
+    config is valid; making an adapter with one is refused by name, the model unchanged."""
+    config = lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=init)
+    model = tiny_llama()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=f"'{init}' is a PEFT initialisation lorakit does not implement"):
+        lk.get_lora_model(model, config)
+    _assert_same(model, snap)
 
 
 def test_lora_dropout_is_stored_as_a_float():

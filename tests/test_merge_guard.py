@@ -12,7 +12,7 @@ import torch
 import lorakit as lk
 from conftest import tiny_llama
 from lorakit.inject import iter_lora_layers
-from lorakit.layers.base import bits_fingerprint
+from lorakit.layers.guard import bits_fingerprint
 
 TARGETS = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
 

@@ -536,6 +536,31 @@ def test_hotswap_mismatch_leaves_model_unchanged(tmp_path):
     torch.testing.assert_close(out(m, x), before, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("load", ["load_adapter_weights", "hotswap_adapter", "load_lora_weights"])
+def test_in_place_loads_take_a_bias_all_file_whose_biases_another_adapter_wraps(tmp_path, load):
+    """A bias="all" file names a bias as it was on the model it came from (``2.bias``); where another
+    adapter wraps that module here it is ``2.base_layer.bias``. Every in-place load resolves it as
+    load_adapter does (hotswap_adapter and the lesson's load_lora_weights refused it)."""
+    from lorakit.lesson import load_lora_weights
+
+    def net():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 4))
+
+    source = lk.get_lora_model(net(), lk.LoraConfig(target_modules=["0"], bias="all", init_lora_weights=False))
+    with torch.no_grad():
+        source[2].bias.add_(0.5)
+    lk.save_adapter(source, tmp_path / "a")
+    model = lk.get_lora_model(net(), lk.LoraConfig(target_modules=["0"], bias="all"))
+    lk.get_lora_model(model, lk.LoraConfig(target_modules=["2"]), adapter_name="other")
+    if load == "load_lora_weights":
+        load_lora_weights(model, tmp_path / "a")
+    else:
+        getattr(lk, load)(model, tmp_path / "a", "default")
+    assert torch.equal(model[2].base_layer.bias, source[2].bias)
+    assert torch.equal(model[0].lora_B["default"], source[0].lora_B["default"])
+
+
 def test_mixed_batches_in_two_threads_do_not_mix():
     import threading
 

@@ -2,7 +2,8 @@
 
     h = base(x) + Σ_active  scaling_n · B_n(A_n(dropout(x)))
 
-Subclasses supply only geometry (see ``lorakit/layers/linear.py`` for the smallest one):
+Subclasses supply only geometry (``lorakit/layers/conv2d.py`` and ``gpt2_conv1d.py`` are the smallest;
+``linear.py`` adds a lean inference path and batched mixed-adapter batches on top):
 the shapes of A and B, how the branch B(A(x)) is computed for that layer type, and how
 ΔW = B @ A is laid out in the base weight's layout for merging. Everything else — adapters kept in
 ``ParameterDict``s so ``.to()`` reaches them, dropout, scaling, merge / unmerge, disabling, variants —
@@ -17,65 +18,8 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
+from lorakit.layers.guard import cast_print, same_up_to_cast
 from lorakit.variants import LoraVariant, add_rounded_once, get_init_method
-
-
-def bits_fingerprint(tensor: torch.Tensor) -> int:
-    """An integer that changes with any change to ``tensor``'s bits or their order (a position-
-    weighted sum of the bit patterns, in wrapping int64 arithmetic): equal tensors, on any device,
-    give equal fingerprints."""
-    with torch.no_grad():
-        flat = tensor.detach().reshape(-1)
-        if flat.is_floating_point() or flat.is_complex():
-            flat = flat.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
-        total = 0
-        step = 1 << 20  # in chunks: two int64 temporaries of a chunk, not of the tensor (a 28M-entry embedding)
-        for start in range(0, flat.numel(), step):
-            bits = flat[start:start + step].to(torch.int64, copy=True)  # a copy: the products must not write the tensor
-            weights = torch.arange(start, start + bits.numel(), dtype=torch.int64, device=bits.device)
-            total += int(bits.mul_(weights.mul_(2654435761).bitwise_or_(1)).sum())
-        return (total + (1 << 63)) % (1 << 64) - (1 << 63)  # wrapping int64, as one sum gave
-
-
-#: Narrower float dtypes a cast may round a tensor through and back (``model.float().double()``).
-_ROUND_TRIPS = (torch.float32, torch.bfloat16, torch.float16)
-
-
-def cast_print(tensor: torch.Tensor) -> tuple:
-    """``(dtype, fingerprint, {chain of narrower dtypes: fingerprint of the tensor cast along it})``
-    for ``same_up_to_cast``: what a change check keeps of a tensor instead of a copy (chains of one
-    and two casts: ``model.half()``, ``model.half().bfloat16()``)."""
-    narrower: dict[tuple[torch.dtype, ...], int] = {}
-    if tensor.is_floating_point():
-        size = tensor.element_size()
-        ok = [d for d in _ROUND_TRIPS if d != tensor.dtype and torch.empty((), dtype=d).element_size() <= size]
-        for first in ok:
-            once = tensor.to(first)
-            narrower[(first,)] = bits_fingerprint(once)
-            for second in ok:
-                if second != first and torch.empty((), dtype=second).element_size() <= once.element_size():
-                    narrower[(first, second)] = bits_fingerprint(once.to(second))
-    return tensor.dtype, bits_fingerprint(tensor), narrower
-
-
-def same_up_to_cast(then: tuple, tensor: torch.Tensor) -> bool:
-    """Whether ``tensor`` is what ``cast_print`` saw, or that cast: to a wider dtype and maybe back
-    (the same values), or through one or two narrower dtypes (its values then exactly those of the
-    original rounded along them), in whatever dtype it is now. Anything else is a change (an edit,
-    a load; an edit with a cast too)."""
-    dtype, print_, narrower = then
-    if tensor.dtype == dtype:
-        if bits_fingerprint(tensor) == print_:
-            return True
-    elif tensor.is_floating_point():
-        back = tensor.to(dtype)
-        if bits_fingerprint(back) == print_ and torch.equal(back.to(tensor.dtype), tensor):
-            return True  # widened (or narrowed losslessly), same values
-    for chain, chain_print in narrower.items():
-        rounded = tensor.to(chain[-1])
-        if torch.equal(rounded.to(tensor.dtype), tensor) and bits_fingerprint(rounded) == chain_print:
-            return True
-    return False
 
 
 def computed_weight(module: nn.Module) -> str | None:
@@ -209,7 +153,7 @@ class LoraLayer(nn.Module):
             variant: Hooks of a LoRA variant (DoRA, ...), or None for plain LoRA.
             dtype: dtype of A and B; defaults to the base weight's dtype, upcast to float32 when the
                 base is half precision (adapters train in fp32 on a bf16/fp16 base; on a bf16 base the
-                branch's products run in bf16, see ``lorakit.layers.fused.branch_dtype``).
+                training branch's products run in bf16, see ``lorakit.layers.fused.branch_dtype``).
 
         Raises:
             ValueError: the name is taken.
@@ -505,7 +449,7 @@ class LoraLayer(nn.Module):
         Taking out only some merged adapters: plain LoRA updates commute, so each is subtracted where
         it is; a variant's merge does not (DoRA rescales the whole weight and reads it for its column
         norm), so when one is involved every merge from the one that folded in the earliest adapter
-        taken out on is undone, newest first, and the adapters that stay are merged again as they
+        taken out onwards is undone, newest first, and the adapters that stay are merged again as they
         were: each merge's survivors in one merge, in their order, from the weight that merge started
         from (less the adapters taken out).
         """

@@ -150,8 +150,7 @@ class LoraLinear(LoraLayer):
             if name in self.variants:
                 raise ValueError(f"adapter {name!r} ({type(self.variants[name]).__name__}) cannot take a nested "
                                  "tensor input; merge it, or give the model a padded tensor")
-            A, B = self.lora_A[name], self.lora_B[name]
-            h = F.linear(F.linear(self.lora_dropout[name](x).to(A.dtype), A), B) * self.scaling[name]
+            h = self.branch(self.lora_dropout[name](x), self.lora_A[name], self.lora_B[name]) * self.scaling[name]
             result = result + h.to(result.dtype)
         return result
 

@@ -158,8 +158,8 @@ def _add_model_flags(p: argparse.ArgumentParser, adapter_required: bool = False,
 def _add_merge(p: argparse.ArgumentParser) -> None:
     p.add_argument("--merge", action="store_true",
                    help="fold the adapter into the base weights in memory first: decoding at the base model's "
-                   "speed; on a bf16 base the merged weights are rounded to bf16, so replies can differ "
-                   "slightly (default: keep the adapter unmerged, exact)")
+                   "speed; on a bf16 base the merged weights are rounded to bf16, so results (replies, "
+                   "eval's loss) can differ slightly (default: keep the adapter unmerged, exact)")
 
 
 def _add_precision(p: argparse.ArgumentParser) -> None:

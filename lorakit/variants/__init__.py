@@ -120,4 +120,11 @@ def get_init_method(name: str) -> Callable[["LoraLayer", str, str], None]:
         if pattern.endswith("*") and key.startswith(pattern[:-1]):
             return fn
     known = ["True", "False", "gaussian", *sorted(k.rstrip("*") for k in INIT_METHODS)]
+    if key in PEFT_ONLY_INITS:
+        raise ValueError(f"init_lora_weights={name!r} is a PEFT initialisation lorakit does not implement (an adapter "
+                         f"saved with 'eva', 'orthogonal' or 'mica' loads: its tensors carry everything); known: {known}")
     raise ValueError(f"unknown init_lora_weights {name!r}; known: {known}")
+
+
+#: PEFT 0.21's init_lora_weights values that lorakit cannot make an adapter with.
+PEFT_ONLY_INITS = frozenset({"eva", "orthogonal", "mica", "corda", "lora_ga", "loftq"})

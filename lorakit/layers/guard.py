@@ -1,0 +1,71 @@
+"""Change checks without copies: fingerprints of a tensor's bits, and of its casts.
+
+A merge remembers what it wrote into a base weight, and a tie what its weight held, so that a later
+unmerge or re-tie can tell lorakit's own writes (and harmless casts of them, ``model.half()``) from
+an edit made since. A fingerprint is a few integers where a copy would be the whole weight.
+"""
+from __future__ import annotations
+
+import torch
+
+#: Knuth's multiplicative hashing constant (about 2^32 / golden ratio): spreads positions over the
+#: integers so that two equal bit patterns trading places change the weighted sum.
+_KNUTH = 2654435761
+
+
+def bits_fingerprint(tensor: torch.Tensor) -> int:
+    """An integer that changes with any change to ``tensor``'s bits or their order (a position-
+    weighted sum of the bit patterns, in wrapping int64 arithmetic): equal tensors, on any device,
+    give equal fingerprints."""
+    with torch.no_grad():
+        flat = tensor.detach().reshape(-1)
+        if flat.is_floating_point() or flat.is_complex():
+            flat = flat.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+        total = 0
+        step = 1 << 20  # in chunks of 2^20 entries: two int64 temporaries of a chunk, not of the tensor
+        for start in range(0, flat.numel(), step):
+            bits = flat[start:start + step].to(torch.int64, copy=True)  # a copy: the products must not write the tensor
+            weights = torch.arange(start, start + bits.numel(), dtype=torch.int64, device=bits.device)
+            total += int(bits.mul_(weights.mul_(_KNUTH).bitwise_or_(1)).sum())
+        return (total + (1 << 63)) % (1 << 64) - (1 << 63)  # wrapping int64, as one sum gave
+
+
+#: Narrower float dtypes a cast may round a tensor through and back (``model.float().double()``).
+_ROUND_TRIPS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def cast_print(tensor: torch.Tensor) -> tuple:
+    """``(dtype, fingerprint, {chain of narrower dtypes: fingerprint of the tensor cast along it})``
+    for ``same_up_to_cast``: what a change check keeps of a tensor instead of a copy (chains of one
+    and two casts: ``model.half()``, ``model.half().bfloat16()``)."""
+    narrower: dict[tuple[torch.dtype, ...], int] = {}
+    if tensor.is_floating_point():
+        size = tensor.element_size()
+        ok = [d for d in _ROUND_TRIPS if d != tensor.dtype and torch.empty((), dtype=d).element_size() <= size]
+        for first in ok:
+            once = tensor.to(first)
+            narrower[(first,)] = bits_fingerprint(once)
+            for second in ok:
+                if second != first and torch.empty((), dtype=second).element_size() <= once.element_size():
+                    narrower[(first, second)] = bits_fingerprint(once.to(second))
+    return tensor.dtype, bits_fingerprint(tensor), narrower
+
+
+def same_up_to_cast(then: tuple, tensor: torch.Tensor) -> bool:
+    """Whether ``tensor`` is what ``cast_print`` saw, or that cast: to a wider dtype and maybe back
+    (the same values), or through one or two narrower dtypes (its values then exactly those of the
+    original rounded along them), in whatever dtype it is now. Anything else is a change (an edit,
+    a load; an edit with a cast too)."""
+    dtype, print_, narrower = then
+    if tensor.dtype == dtype:
+        if bits_fingerprint(tensor) == print_:
+            return True
+    elif tensor.is_floating_point():
+        back = tensor.to(dtype)
+        if bits_fingerprint(back) == print_ and torch.equal(back.to(tensor.dtype), tensor):
+            return True  # widened (or narrowed losslessly), same values
+    for chain, chain_print in narrower.items():
+        rounded = tensor.to(chain[-1])
+        if torch.equal(rounded.to(tensor.dtype), tensor) and bits_fingerprint(rounded) == chain_print:
+            return True
+    return False
