@@ -829,3 +829,87 @@ def test_inference_under_autocast_runs_the_fused_nodes_ops_without_the_node(kind
             got = model(x)
         assert got.dtype == torch.bfloat16 and torch.equal(got, want.detach())
     assert not calls
+
+
+# ---- where a view of the base output is not the layer's plain reshape (an audit of whole_base) -----
+
+@pytest.mark.parametrize("kind", ["linear", "linear_bias", "conv1d"])
+@pytest.mark.parametrize("shape", [(7, 10), (2, 5, 10)])
+def test_a_full_backward_hook_on_the_base_layer_runs_and_its_gradient_counts(kind, shape):
+    """The hook puts a node between the base's result and the view the layer gets: the branch must
+    not be added below it (the hook was skipped and its change to grad_input lost, 1.65 off)."""
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    base = {"linear": lambda: nn.Linear(10, 12, bias=False), "linear_bias": lambda: nn.Linear(10, 12),
+            "conv1d": lambda: Conv1D(12, 10)}[kind]().double()
+    model = Wrap(base)
+    lk.get_lora_model(model, lk.LoraConfig(r=3, target_modules=["layer"], init_lora_weights=False))
+    calls = []
+    model.layer.base_layer.register_full_backward_hook(lambda mod, gi, go: calls.append(1) or tuple(2 * g for g in gi))
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    model(x).sum().backward()
+    layer = model.layer
+    W = layer.base_layer.weight if kind != "conv1d" else layer.base_layer.weight.T
+    A, B, s = layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"]
+    g = torch.ones(*shape[:-1], 12, dtype=torch.float64)
+    assert calls == [1]
+    torch.testing.assert_close(x.grad, 2 * (g @ W) + s * (g @ B @ A), rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind, backend, shape, p", [("linear_bias", "aot_eager", (2, 5, 10), 0.0),
+                                                      ("conv1d", "eager", (7, 10), 0.3)])
+def test_compiled_training_of_a_view_making_base_gives_eager_gradients(kind, backend, shape, p):
+    """Under torch.compile the branch takes its traced path (aot_eager: the adapters got no gradient;
+    eager with dropout: an AttributeError after a graph break)."""
+    import torch._dynamo
+    from transformers.pytorch_utils import Conv1D
+
+    make = (lambda: nn.Linear(10, 10)) if kind == "linear_bias" else (lambda: Conv1D(10, 10))
+
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = make(), make()
+
+        def forward(self, x):
+            return self.l2(torch.tanh(self.l1(x)))
+
+    torch.manual_seed(0)
+    model = Two().double()
+    lk.get_lora_model(model, lk.LoraConfig(r=3, target_modules=["l1", "l2"], init_lora_weights=False,
+                                           lora_dropout=p)).train()
+    x = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
+    params = [q for q in model.parameters() if q.requires_grad]
+    torch.manual_seed(5)
+    want_y = model(x)
+    g = torch.randn_like(want_y)
+    want = torch.autograd.grad(want_y, [x, *params], g)
+    torch._dynamo.reset()
+    try:
+        torch.manual_seed(5)
+        got_y = torch.compile(model, backend=backend)(x)
+        got = torch.autograd.grad(got_y, [x, *params], g)
+    finally:
+        torch._dynamo.reset()
+    torch.testing.assert_close(got_y, want_y, rtol=1e-12, atol=1e-12)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("kind", ["linear_bias", "conv1d"])
+def test_torch_func_grad_and_jvp_through_a_view_making_base(kind):
+    from torch.func import functional_call, grad, jvp
+
+    model = _view_output_layer(kind)
+    x = torch.randn(2, 5, 10, dtype=torch.float64)
+    params = {k: v.detach() for k, v in model.named_parameters() if "lora_" in k}
+    grads = grad(lambda p: functional_call(model, p, (x,)).sum())(params)
+    A, B = model.layer.lora_A["default"], model.layer.lora_B["default"]
+    want = torch.autograd.grad(_reference(model, x).sum(), (A, B))
+    torch.testing.assert_close(grads["layer.lora_A.default"], want[0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(grads["layer.lora_B.default"], want[1], rtol=1e-12, atol=1e-12)
+    _, tangent = jvp(model, (x,), (torch.ones_like(x),))
+    W = model.layer.base_layer.weight if kind == "linear_bias" else model.layer.base_layer.weight.T
+    s = model.layer.scaling["default"]
+    torch.testing.assert_close(tangent, torch.ones_like(x) @ (W + s * B @ A).T.detach(), rtol=1e-12, atol=1e-12)

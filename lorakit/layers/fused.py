@@ -437,12 +437,21 @@ def autocast_on(x: torch.Tensor) -> bool:
 
 
 def whole_base(t: torch.Tensor) -> torch.Tensor | None:
-    """The tensor ``t`` is a view of, when ``t`` is all of it in the same memory order with the same
-    last dimension (a reshape of a fresh (tokens, out) result), else None."""
+    """The tensor ``t`` is a view of, when ``t`` is a plain reshape of all of it (same memory order,
+    same last dimension: ``F.linear`` of a 3-D input with a bias, GPT-2's ``Conv1D``), made right
+    after it (with gradients, ``t``'s node is a view of the base's own node: no node between them,
+    such as the one a full backward hook on the base layer puts there), else None. None also under
+    torch.compile and torch.func transforms / forward-mode AD, whose tensors are not plain memory."""
     base = t._base
-    if (base is None or base.numel() != t.numel() or base.dtype != t.dtype or not base.is_contiguous()
-            or not t.is_contiguous() or base.data_ptr() != t.data_ptr() or base.dim() == 0
-            or base.shape[-1] != t.shape[-1]):
+    if (base is None or torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active()
+            or forward_ad._current_level >= 0):
+        return None
+    fn = t.grad_fn
+    if fn is not None and (type(fn).__name__ not in ("ViewBackward0", "UnsafeViewBackward0")
+                           or fn.next_functions[0][0] is not base.grad_fn or base.grad_fn is None):
+        return None
+    if (base.numel() != t.numel() or base.dtype != t.dtype or not base.is_contiguous() or not t.is_contiguous()
+            or base.data_ptr() != t.data_ptr() or base.dim() == 0 or base.shape[-1] != t.shape[-1]):
         return None
     return base
 
