@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from lorakit.train.config import TrainConfig
 from lorakit.train.data import collate, parse_record, tokenize_example
 from lorakit.train.generate import loss_sum
-from lorakit.train.loop import (NonFiniteLossError, SimulatedKill, find_checkpoint, lr_factor, plan_steps,
-                                results_table, step_micro_batches, train)
+from lorakit.train.loop import (NonFiniteLossError, SimulatedKill, ckpt_step, find_checkpoint, lr_factor,
+                                plan_steps, results_table, step_micro_batches, train)
 from tiny_lm import one_thread, tiny_gpt2_lm, tiny_llama_lm, tiny_tokenizer, toy_records, write_jsonl
 
 
@@ -922,6 +922,32 @@ def test_resume_with_more_steps_follows_the_new_schedule(tmp_path, tok, data_fil
     assert "max_steps: 8" in (tmp_path / "run" / "train_config.yaml").read_text()  # the run's config now
 
 
+def test_ctrl_c_on_a_save_step_writes_its_checkpoint_once(tmp_path, tok, data_files, monkeypatch):
+    """(It was written twice: by --save-steps, then again as the interrupted run's; for a full
+    fine-tune that is the whole model and optimizer twice.)"""
+    import lorakit.train.loop as loop
+
+    written = []
+    save = loop.save_checkpoint
+    monkeypatch.setattr(loop, "save_checkpoint", lambda *a, **k: written.append(1) or save(*a, **k))
+    cfg, _ = _stopped_at(tmp_path, tok, data_files, 2, save_steps=2)
+    assert len(written) == 1 and ckpt_step(tmp_path / "run") == 2
+    res = train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert res.steps == 4 and not res.interrupted
+
+
+@pytest.mark.parametrize("plus", [0.0, 4.0])
+def test_resume_with_another_lr_uses_it_from_the_next_step(tmp_path, tok, data_files, plus):
+    """--lr given with --resume: the resumed steps run at the new peak's schedule (they ran at the
+    saved peak's while train_config.yaml recorded the new one); LoRA+'s B group at ratio x it."""
+    cfg, _ = _stopped_at(tmp_path, tok, data_files, 2, warmup_ratio=0.0, lora_plus_ratio=plus)
+    train(cfg.updated(lr=0.05), resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    lrs = {r["step"]: r["lr"] for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines())}
+    assert lrs[2] == pytest.approx(1e-2 * lr_factor(1, 4, 0))
+    assert lrs[3] == pytest.approx(0.05 * lr_factor(2, 4, 0)) and lrs[4] == pytest.approx(0.05 * lr_factor(3, 4, 0))
+    assert "lr: 0.05" in (tmp_path / "run" / "train_config.yaml").read_text()
+
+
 def test_resume_with_fewer_steps_than_done_is_refused_and_keeps_the_checkpoint(tmp_path, tok, data_files):
     cfg, _ = _stopped_at(tmp_path, tok, data_files, 3)
     ckpt = find_checkpoint(tmp_path / "run")
@@ -983,6 +1009,51 @@ def test_generation_stops_at_the_templates_end_of_turn_token():
     assert greedy_generate(model, tok, [prompt], max_new_tokens=6).__getitem__(0).strip() == "positive"
 
 
+def test_an_end_of_turn_token_that_is_not_special_is_not_in_the_answer():
+    """A tokenizer whose end-of-turn is an added but not special token: generation stops there, and
+    the answer's text ends before it (it kept the token's text, and evaluation graded 'positive
+    <end_of_turn>' wrong against 'positive')."""
+    from tokenizers import AddedToken
+    from tiny_lm import tiny_llama_lm, tiny_tokenizer
+
+    from lorakit.train.data import Example, encode_prompt
+    from lorakit.train.generate import evaluate, greedy_generate, stop_token_ids
+
+    template = ("{% for m in messages %}<start_of_turn>{{ m['role'] }}\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+                "{% if add_generation_prompt %}<start_of_turn>assistant\n{% endif %}")
+    tok = tiny_tokenizer(template)
+    tok.add_special_tokens({"eos_token": "<eos>", "additional_special_tokens": ["<start_of_turn>"]})
+    tok.add_tokens([AddedToken("<end_of_turn>", special=False, normalized=False)])
+    eot = tok.convert_tokens_to_ids("<end_of_turn>")
+    assert eot not in tok.all_special_ids
+    model = tiny_llama_lm(tok).eval()
+    model.resize_token_embeddings(len(tok))
+    assert eot in stop_token_ids(model, tok)
+    positive = tok.convert_tokens_to_ids("positive")
+
+    def scripted(module, args, out):  # "positive" until it is there, then the end of turn
+        out = torch.full_like(out, -1e4)
+        out[..., positive] = 1e4
+        return out
+
+    hook = model.lm_head.register_forward_hook(scripted)
+    ids_in = []
+    model.register_forward_pre_hook(lambda mod, args, kw: ids_in.append(kw["input_ids"]), with_kwargs=True)
+
+    def then_stop(module, args, out):
+        if out.dim() == 3 and ids_in and ids_in[-1][0, -1] == positive:
+            out = out.clone()
+            out[:, -1, eot] = 2e4
+        return out
+
+    model.lm_head.register_forward_hook(then_stop)
+    example = Example(messages=[{"role": "user", "content": "good film"}, {"role": "assistant", "content": "positive"}])
+    assert greedy_generate(model, tok, [encode_prompt(tok, example.prompt_messages)], 4) == ["positive"]
+    result = evaluate(model, tok, [example], 64, 1, shortcut=False)
+    assert [p["generated"] for p in result["predictions"]] == ["positive"] and result["accuracy"] == 1.0
+    hook.remove()
+
+
 def test_prompt_longer_than_the_models_positions_is_a_clear_error():
     from tiny_lm import tiny_gpt2_lm, tiny_tokenizer
 
@@ -1017,6 +1088,20 @@ def test_resume_refuses_options_that_define_the_model_and_keeps_the_run_resumabl
         train(cfg.updated(**change), resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
     assert (tmp_path / "run" / "train_config.yaml").read_text() == saved
     assert train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet).steps == 4
+
+
+@pytest.mark.parametrize("change", ["eval_samples", "eval_data"])
+def test_resume_keeps_the_held_out_set_the_before_numbers_were_measured_on(tmp_path, tok, data_files, change):
+    """(Another set on resume compared 'before' on 24 examples with 'after' on 10, and eval.jsonl
+    kept the 24.) A run without held-out data may still be given some on resume (test_cli_train)."""
+    other = write_jsonl(toy_records(10, seed=2), tmp_path / "other.jsonl")
+    cfg, saved = _stopped_at(tmp_path, tok, data_files, 2, save_steps=0, eval_data=str(data_files[1]))
+    new = {"eval_samples": 3} if change == "eval_samples" else {"eval_data": str(other)}
+    with pytest.raises(ValueError, match=f"cannot resume .* different {change}"):
+        train(cfg.updated(**new), resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert (tmp_path / "run" / "train_config.yaml").read_text() == saved
+    res = train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert res.steps == 4 and res.before["n"] == 24
 
 
 def test_a_refused_resume_for_a_checkpoint_mismatch_leaves_the_config_alone(tmp_path, tok, data_files, monkeypatch):

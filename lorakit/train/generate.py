@@ -268,20 +268,26 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_ne
     for r, p in enumerate(prompts):
         ids[r, width - len(p):] = torch.tensor(p)
         mask[r, width - len(p):] = 1
+    stops = stop_ids if stop_ids is not None else stop_token_ids(model, tokenizer)
     was_training = model.training
     model.eval()
     try:
         with autocast(precision):
             out = model.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                pad_token_id=pad, eos_token_id=stop_ids if stop_ids is not None else stop_token_ids(model, tokenizer),
-                temperature=None, top_p=None,
-                top_k=None,
+                pad_token_id=pad, eos_token_id=stops, temperature=None, top_p=None, top_k=None,
             )
     finally:
         model.train(was_training)
     ends = row_tokens if row_tokens is not None else [max_new_tokens] * len(prompts)
-    return [tokenizer.decode(row[width: width + n], skip_special_tokens=True) for row, n in zip(out, ends)]
+    texts = []
+    for row, n in zip(out.tolist(), ends):
+        new = row[width: width + n]
+        # the text ends before its first stop token: one that is not a special token (an added
+        # "<|im_end|>" of some tokenizers) would stay in it, and a graded answer then be wrong
+        end = next((i for i, t in enumerate(new) if t in stops), len(new))
+        texts.append(tokenizer.decode(new[:end], skip_special_tokens=True))
+    return texts
 
 
 @torch.no_grad()

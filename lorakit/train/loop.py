@@ -34,7 +34,6 @@ import hashlib
 import json
 import math
 import os
-import random
 import resource
 import shlex
 import shutil
@@ -52,7 +51,7 @@ import yaml
 from lorakit.inject import get_state
 from lorakit.io import atomic_write_bytes, write_new_directory
 from lorakit.ops.attention import restore_attention
-from lorakit.train.config import RESUME_FIXED, TrainConfig, target_module_spec
+from lorakit.train.config import RESUME_FIXED, RESUME_FIXED_EVAL, TrainConfig, target_module_spec
 from lorakit.train.data import (BUILTIN_TASK, Example, Tokenized, collate, epoch_batches,
                                 load_examples, tokenize_all, write_jsonl)
 from lorakit.train.distributed import Dist, setup as setup_distributed
@@ -94,7 +93,8 @@ class TrainResult:
 
 # --------------------------------------------------------------------------- schedule
 def lr_factor(step: int, total: int, warmup: int) -> float:
-    """Multiplier of the peak LR at ``step``: linear warm-up, then cosine decay to 0."""
+    """Multiplier of the peak LR at ``step`` (0-based; step k is the (k+1)-th optimizer step): linear
+    warm-up from 1/(warmup+1), then a cosine decay towards 0 that the last step does not quite reach."""
     if step < warmup:
         return (step + 1) / (warmup + 1)
     progress = (step - warmup) / max(1, total - warmup)
@@ -286,7 +286,6 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: torch.optim.Optimizer,
         if rng_states is not None and len(rng_states) > 1:
             rng["ranks"] = list(rng_states)
         torch.save(rng, tmp / "rng.pt")
-        state = dict(state, python_random=random.getstate()[1][:1])  # informational only
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
         if cfg.method != "full":
             save_run_adapter(model, tmp / "adapter", cfg)
@@ -573,7 +572,8 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
     ckpt = find_checkpoint(run_dir) if resume else None
     if resume and (run_dir / "train_config.yaml").is_file():
         saved = with_absolute_paths(load_run_config(run_dir))
-        changed = [n for n in RESUME_FIXED if getattr(cfg, n) != getattr(saved, n)]
+        fixed = RESUME_FIXED + (RESUME_FIXED_EVAL if (run_dir / "eval.jsonl").exists() else ())
+        changed = [n for n in fixed if getattr(cfg, n) != getattr(saved, n)]
         if changed:
             diffs = ", ".join(f"{n} {getattr(saved, n)!r} -> {getattr(cfg, n)!r}" for n in changed)
             raise ValueError(f"cannot resume {str(run_dir)!r} with a different {', '.join(changed)} ({diffs}): "
@@ -621,8 +621,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
     old_handler = None  # the SIGINT handler the loop replaced, until the run is safe on disk
     try:
         # 2. Model.
-        torch.manual_seed(cfg.seed)
-        random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)  # (the data order has a generator of its own, from the seed)
         given = model is not None
         if model is None:
             from lorakit.models import load_model_and_tokenizer
@@ -725,7 +724,13 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
         step, tokens_done, train_seconds, wall_before = 0, 0, 0.0, 0.0
         losses: list[float] = []
         if ckpt is not None:
+            # this run's peak rates (a --lr given with --resume): loading the scheduler's and the
+            # optimizer's states puts the saved ones back, so they are restored right after
+            peaks = list(scheduler.base_lrs)
             state = load_checkpoint(ckpt, model, optimizer, scheduler, dist)
+            scheduler.base_lrs = peaks
+            for group, peak in zip(optimizer.param_groups, peaks):
+                group["initial_lr"] = peak
             step, tokens_done, train_seconds = state["step"], state["tokens"], state["train_seconds"]
             if step > total_steps:  # (finishing here would delete the checkpoint of a longer run)
                 raise ValueError(f"cannot resume {str(run_dir)!r}: its checkpoint is at step {step}, past the "
@@ -850,7 +855,8 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
                              losses=losses, processes=dist.world, train_examples=len(train_data))
         if interrupted:
             optimizer.zero_grad(set_to_none=True)
-            write_checkpoint()
+            if dist.broadcast_object(ckpt_step(run_dir) != step if dist.main else None):
+                write_checkpoint()  # (unless this step's --save-steps checkpoint is the one on disk)
             _restore_sigint(old_handler)
             log(f"interrupted at step {step}/{total_steps}: checkpoint saved; continue with: "
                 f"{resume_command(run_dir, dist)}")
