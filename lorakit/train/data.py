@@ -482,6 +482,11 @@ def epoch_batches(lengths: list[int], batch_size: int, seed: int, epoch: int, ch
     return batches
 
 
+def pad_id_of(tokenizer: Any) -> int | None:
+    """The id batches are padded with: the tokenizer's pad token, else its eos (None if neither)."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
 def collate(items: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
     """Right-pad a batch; padded positions get attention 0 and label -100.
 

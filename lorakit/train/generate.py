@@ -21,7 +21,7 @@ from typing import Any, Callable, ContextManager
 import torch
 import torch.nn.functional as F
 
-from lorakit.train.data import (IGNORE_INDEX, Example, Tokenized, check_text, collate, encode_prompt,
+from lorakit.train.data import (IGNORE_INDEX, Example, Tokenized, check_text, collate, encode_prompt, pad_id_of,
                                 iter_eval_batches, normalize_answer, tokenize_example)
 
 RUN_INFO = "lorakit_run.json"
@@ -257,7 +257,7 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_ne
     ``stop_ids``: the tokens that end an answer, if the caller has them (default ``stop_token_ids``).
     ``row_tokens``: each row's own budget of new tokens (at most ``max_new_tokens``): its text is
     what generating it alone with that budget gives, whatever the other rows of the batch need."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id_of(tokenizer)
     width = max(len(p) for p in prompts)
     limit = generation_limit(model)
     if limit is not None and width + max_new_tokens > limit:
@@ -353,7 +353,7 @@ def evaluate(model: Any, tokenizer: Any, examples: list[Example], max_length: in
         loss is the mean over), "n_accuracy", "n_generated", "predictions"}``; a prediction is
         ``{"reference", "generated", "correct", "example"}``, the last its place in ``examples``.
     """
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = pad_id_of(tokenizer)
     tokenized = [tokenize_example(tokenizer, ex, max_length) for ex in examples]
     # (an example whose answer max_length cut away has nothing to score; nor has a text cut to one token)
     scored = sorted((i for i, t in enumerate(tokenized) if t.n_predicted), key=lambda i: len(tokenized[i].input_ids))

@@ -53,7 +53,7 @@ from lorakit.io import atomic_write_bytes, write_new_directory
 from lorakit.ops.attention import restore_attention
 from lorakit.train.config import RESUME_FIXED, RESUME_FIXED_EVAL, TrainConfig, target_module_spec
 from lorakit.train.data import (BUILTIN_TASK, Example, Tokenized, collate, epoch_batches,
-                                load_examples, tokenize_all, write_jsonl)
+                                load_examples, pad_id_of, tokenize_all, write_jsonl)
 from lorakit.train.distributed import Dist, setup as setup_distributed
 from lorakit.train.generate import (RUN_INFO, NothingToScore, auto_threads, autocast, eval_loss_sum, evaluate,
                                     fit_to_positions, format_metric, loss_sum, quantize_qlora_base, read_json_object,
@@ -633,7 +633,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
             # Only when needed: ``.to`` also casts buffers (e.g. rotary inv_freq), which loading in
             # ``weight_dtype`` keeps in fp32, so a model already in that dtype is left exactly as loaded.
             model = model.to(weight_dtype)
-        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        pad_id = pad_id_of(tokenizer)
         if pad_id is None:
             raise ValueError("the tokenizer has neither a pad nor an eos token")
         max_length = fit_to_positions(model, cfg.max_length, log)
