@@ -139,10 +139,11 @@ def pack_bits(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     Eight booleans (bytes of value 0 or 1) read as one little-endian 64-bit word are folded into its
     low byte with three shift-or steps, so packing is a few passes over numel / 8 words. Boolean i
     starts as bit 8·i of the word; the steps shift by 7, 14 and 28 (8·i − i for i = 1, 2, 4), each
-    bringing the next run of booleans down beside those already packed: runs of 2, 4, then 8 bits. For booleans 1,0,1,1,0,0,0,1 (byte 0 first) the word's low byte ends up
-    0b10001101: boolean i is bit i. ``unpack_bits`` runs the three steps backwards with masks that
-    keep only the bits each step placed (0x0000000F0000000F, 0x0003000300030003, 0x0101...01);
-    tests/test_fused.py checks the round trip bit for bit."""
+    bringing the next run of booleans down beside those already packed: runs of 2, 4, then 8 bits.
+    For booleans 1,0,1,1,0,0,0,1 (byte 0 first) the word's low byte ends up 0b10001101: boolean i
+    is bit i. ``unpack_bits`` runs the three steps backwards with masks that keep only the bits each
+    step placed (0x0000000F0000000F, 0x0003000300030003, 0x0101...01); tests/test_fused.py checks
+    the round trip bit for bit."""
     flat = mask.reshape(-1)
     if flat.storage_offset() % 8:  # 64-bit words must start on an 8-byte boundary
         flat = flat.clone()
