@@ -59,6 +59,30 @@ def test_label_positions_loss_equals_plain_path(tok, factory):
     torch.testing.assert_close(fast / n, hf, rtol=1e-5, atol=1e-5)
 
 
+def test_a_model_that_scales_its_logits_is_trained_on_its_own_logits(tok):
+    """Granite divides its logits by config.logits_scaling, which the label-position path (head on
+    the backbone's hidden states) left out: loss 4.99 instead of 3.96, adapter gradients 3.4x off
+    (a model-zoo audit). A probe forward now finds any post-processing of the logits; the plain
+    Llama keeps the fast path, and the training step's mode is given back."""
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    from lorakit.train.generate import _head_parts
+
+    torch.manual_seed(0)
+    cfg = GraniteConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                        initializer_range=0.2, logits_scaling=4.0, pad_token_id=tok.pad_token_id)
+    granite = GraniteForCausalLM(cfg).train()
+    batch = collate([tokenize_example(tok, parse_record(r, "x"), 64) for r in toy_records(4)], tok.pad_token_id)
+    assert _head_parts(granite) is None and granite.training and all(m.training for m in granite.modules())
+    granite.eval()
+    with torch.no_grad():
+        got, n = loss_sum(granite, batch)
+        want = granite(**batch).loss
+    torch.testing.assert_close(got / n, want, rtol=1e-5, atol=1e-5)
+    assert _head_parts(tiny_llama_lm(tok)) is not None
+
+
 def test_the_training_loss_keeps_float64_on_a_float64_model(tok):
     """loss_sum rounded a float64 model's loss to float32 (a ~1e-8 error in every float64 gradient)."""
     import torch.nn.functional as F

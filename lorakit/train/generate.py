@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable, ContextManager
 
@@ -108,7 +109,11 @@ def auto_threads(requested: int = 0) -> int:
 
 # --------------------------------------------------------------------------- loss
 def _head_parts(model: Any) -> tuple[Any, Any] | None:
-    """(backbone, output head) when logits are just ``head(backbone(x))``; None otherwise."""
+    """(backbone, output head) when logits are just ``head(backbone(x))``; None otherwise.
+
+    Models that post-process their logits (Gemma-2's softcapping, Cohere's ``logit_scale``,
+    Granite's division by ``logits_scaling``, ...) need their own forward: besides the config
+    fields known to do so, a two-token forward checks it once per model (``_plain_logits``)."""
     cfg = getattr(model, "config", None)
     if cfg is not None and (getattr(cfg, "final_logit_softcapping", None) or getattr(cfg, "logit_scale", None)):
         return None  # logits are post-processed; use the model's own forward
@@ -120,7 +125,35 @@ def _head_parts(model: Any) -> tuple[Any, Any] | None:
     get_head = getattr(backbone, "get_output_embeddings", None)
     if callable(get_head) and get_head() is not None:
         return None  # a wrapper (e.g. a PeftModel) whose "backbone" is the whole LM, head included
-    return backbone, head
+    plain = _PLAIN_LOGITS.get(model)
+    if plain is None:
+        plain = _PLAIN_LOGITS[model] = _plain_logits(model, backbone, head)
+    return (backbone, head) if plain else None
+
+
+#: model -> whether its logits are ``head(backbone(x))`` as they are (``_plain_logits``).
+_PLAIN_LOGITS: "weakref.WeakKeyDictionary[Any, bool]" = weakref.WeakKeyDictionary()
+
+
+def _plain_logits(model: Any, backbone: Any, head: Any) -> bool:
+    """Whether ``model``'s logits for a two-token input are exactly its head applied to its backbone's
+    output (in eval mode, without gradients; every module's mode is given back). A model that scales,
+    caps or otherwise changes them, or whose forward fails on the probe, is not plain."""
+    modes = [(m, m.training) for m in model.modules()]
+    weight = getattr(head, "weight", None)
+    device = weight.device if isinstance(weight, torch.Tensor) else None
+    ids = torch.tensor([[0, 1]], device=device)
+    try:
+        model.eval()
+        with torch.no_grad():
+            want = model(input_ids=ids, use_cache=False).logits
+            got = head(backbone(input_ids=ids, use_cache=False)[0])
+        return want.shape == got.shape and torch.equal(want.float(), got.float())
+    except Exception:  # (a forward that needs more than input ids: the model's own path is taken)
+        return False
+    finally:
+        for module, mode in modes:
+            module.training = mode
 
 
 def loss_sum(model: Any, batch: dict[str, torch.Tensor], label_positions_only: bool = True) -> tuple[torch.Tensor, int]:
