@@ -65,6 +65,7 @@ def test_an_adapter_name_the_parameter_stores_cannot_hold_is_refused_and_nothing
     ("rank_pattern", {5: 4}, "rank_pattern keys must be module names"),
     ("target_modules", ["all-linear", "embed_tokens"], "'all-linear' is a value of its own"),  # (matched only embed_tokens)
     ("init_lora_weights", "pisa", "unknown init_lora_weights 'pisa'.*'pissa'"),   # (failed only at injection)
+    ("init_lora_weights", "pissa_niter_x", "'pissa_niter_x': expected 'pissa_niter_' and a number"),
     ("init_lora_weights", "corda", "'corda' is a PEFT initialisation lorakit does not implement"),
 ])
 def test_config_fields_of_the_wrong_kind_are_refused_by_name(field, value, message):

@@ -1072,7 +1072,9 @@ def test_an_end_of_turn_token_that_is_not_special_is_not_in_the_answer():
 
     model.lm_head.register_forward_hook(then_stop)
     example = Example(messages=[{"role": "user", "content": "good film"}, {"role": "assistant", "content": "positive"}])
-    assert greedy_generate(model, tok, [encode_prompt(tok, example.prompt_messages)], 4) == ["positive"]
+    prompt = encode_prompt(tok, example.prompt_messages)
+    assert greedy_generate(model, tok, [prompt], 4) == ["positive"]
+    assert greedy_generate(model, tok, [prompt], 4, stop_ids=eot) == ["positive"]  # one id, as transformers takes
     result = evaluate(model, tok, [example], 64, 1, shortcut=False)
     assert [p["generated"] for p in result["predictions"]] == ["positive"] and result["accuracy"] == 1.0
     hook.remove()
@@ -1114,17 +1116,27 @@ def test_resume_refuses_options_that_define_the_model_and_keeps_the_run_resumabl
     assert train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet).steps == 4
 
 
-@pytest.mark.parametrize("change", ["eval_samples", "eval_data"])
+@pytest.mark.parametrize("change", ["eval_samples", "eval_data", "edited"])
 def test_resume_keeps_the_held_out_set_the_before_numbers_were_measured_on(tmp_path, tok, data_files, change):
     """(Another set on resume compared 'before' on 24 examples with 'after' on 10, and eval.jsonl
-    kept the 24.) A run without held-out data may still be given some on resume (test_cli_train)."""
-    other = write_jsonl(toy_records(10, seed=2), tmp_path / "other.jsonl")
-    cfg, saved = _stopped_at(tmp_path, tok, data_files, 2, save_steps=0, eval_data=str(data_files[1]))
-    new = {"eval_samples": 3} if change == "eval_samples" else {"eval_data": str(other)}
-    with pytest.raises(ValueError, match=f"cannot resume .* different {change}"):
+    kept the 24; so did the same --eval-data file edited in place.) A run without held-out data may
+    still be given some on resume (test_cli_train), and options naming the same examples are fine."""
+    held = write_jsonl(toy_records(24, seed=1), tmp_path / "held.jsonl")
+    cfg, saved = _stopped_at(tmp_path, tok, data_files, 2, save_steps=0, eval_data=str(held))
+    new = {}
+    if change == "eval_samples":
+        new = {"eval_samples": 3}
+    elif change == "eval_data":
+        new = {"eval_data": str(write_jsonl(toy_records(10, seed=2), tmp_path / "other.jsonl"))}
+    else:
+        write_jsonl(toy_records(7, seed=3), held)
+    with pytest.raises(ValueError, match="cannot resume .* another held-out set than its eval.jsonl"):
         train(cfg.updated(**new), resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
     assert (tmp_path / "run" / "train_config.yaml").read_text() == saved
-    res = train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    write_jsonl(toy_records(24, seed=1), held)
+    # eval_samples 0 (all) names the same 24 examples as the default 200
+    res = train(cfg.updated(eval_samples=0), resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False,
+                log=_quiet)
     assert res.steps == 4 and res.before["n"] == 24
 
 

@@ -121,7 +121,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="convert_to_lora needs a PiSSA/OLoRA adapter"):
         m = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"]))
         lk.save_adapter(m, "/tmp/never-written", convert_to_lora=True)
-    with pytest.raises(ValueError, match="pissa_niter_<iterations>"):
+    with pytest.raises(ValueError, match="expected 'pissa_niter_' and a number, e.g. 'pissa_niter_4'"):
         lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa_niter_x"))
     with pytest.raises(ValueError, match="exceeds"):
         lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=40, target_modules=["q_proj"], init_lora_weights="pissa"))

@@ -457,10 +457,15 @@ def whole_base(t: torch.Tensor) -> torch.Tensor | None:
     return base
 
 
+def own_memory(result: torch.Tensor) -> bool:
+    """Whether ``result`` (a layer's own output) is all of its memory: not a view, contiguous."""
+    return result._base is None and result.is_contiguous()
+
+
 def writes_in_place(result: torch.Tensor, x: torch.Tensor) -> bool:
-    """Whether inference may add the branch into ``result`` itself (``add_lora_no_grad``): it is not
-    a view of another tensor, it is contiguous, and no autocast is choosing the dtypes."""
-    return result._base is None and result.is_contiguous() and not autocast_on(x)
+    """Whether inference may add the branch into ``result`` itself (``add_lora_no_grad``): it is all
+    of its own memory, and no autocast is choosing the dtypes."""
+    return own_memory(result) and not autocast_on(x)
 
 
 def add_lora_no_grad(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
@@ -500,7 +505,7 @@ def fused_lora_add(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: to
         return fused_lora_add(whole, x, A, B, scale, p, training).view(result.shape)
     use_dropout = training and p > 0
     if ((not torch.is_grad_enabled() or not (x.requires_grad or A.requires_grad or B.requires_grad or result.requires_grad))
-            and not use_dropout and result._base is None and result.is_contiguous()):
+            and not use_dropout and own_memory(result)):
         # Nothing to differentiate (inference): the same two matmuls without an autograd node, whose
         # Python-side cost (~50 µs) is as large as the matmuls themselves for a decode step. Under
         # autocast, the fused node's own ops (as with gradients on: autocast picks bf16 products).

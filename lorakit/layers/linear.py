@@ -115,7 +115,7 @@ class LoraLinear(LoraLayer):
             result, in_place = out.view(*x.shape[:-1], out.shape[-1]), True  # a view, but of our own tensor
         else:
             result = self.own_output(base(x))
-            in_place = writes_in_place(result, x)  # what fused_lora_add checks before its no-grad branch
+            in_place = writes_in_place(result, x)  # else add_lora (fused_lora_add) finds its own way
         if plan is not None:  # a mixed batch: repeat a kept layout for these rows if the root checked it
             stacks = d.get("_batched")
             layout = stacks.ready(plan, x) if direct and stacks is not None else None

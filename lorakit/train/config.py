@@ -82,10 +82,6 @@ RESUME_FIXED = ("model", "method", "rank", "alpha", "target_modules", "use_rslor
                 "lora_plus_ratio", "weight_decay", "data", "max_train_samples", "max_length", "batch_size",
                 "grad_accum", "seed")
 
-#: What a resumed run cannot change once it has a held-out set (its eval.jsonl): the "before" numbers
-#: were measured on that set. A run without one may be given one on resume.
-RESUME_FIXED_EVAL = ("eval_data", "eval_samples")
-
 
 def _known_init(name: str) -> bool:
     key = name.lower()

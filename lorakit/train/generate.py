@@ -284,7 +284,7 @@ def generation_limit(model: Any) -> int | None:
 
 @torch.no_grad()
 def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_new_tokens: int,
-                    precision: str = "fp32", stop_ids: list[int] | None = None,
+                    precision: str = "fp32", stop_ids: list[int] | int | None = None,
                     row_tokens: list[int] | None = None) -> list[str]:
     """Greedy continuation of a batch of token-id prompts (left padded); returns the new text.
     ``stop_ids``: the tokens that end an answer, if the caller has them (default ``stop_token_ids``).
@@ -301,7 +301,7 @@ def greedy_generate(model: Any, tokenizer: Any, prompts: list[list[int]], max_ne
     for r, p in enumerate(prompts):
         ids[r, width - len(p):] = torch.tensor(p)
         mask[r, width - len(p):] = 1
-    stops = stop_ids if stop_ids is not None else stop_token_ids(model, tokenizer)
+    stops = stop_token_ids(model, tokenizer) if stop_ids is None else [stop_ids] if isinstance(stop_ids, int) else stop_ids
     was_training = model.training
     model.eval()
     try:

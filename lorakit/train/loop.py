@@ -51,9 +51,9 @@ import yaml
 from lorakit.inject import get_state
 from lorakit.io import atomic_write_bytes, write_new_directory
 from lorakit.ops.attention import restore_attention
-from lorakit.train.config import RESUME_FIXED, RESUME_FIXED_EVAL, TrainConfig, target_module_spec
+from lorakit.train.config import RESUME_FIXED, TrainConfig, target_module_spec
 from lorakit.train.data import (BUILTIN_TASK, Example, Tokenized, collate, epoch_batches,
-                                load_examples, pad_id_of, tokenize_all, write_jsonl)
+                                load_examples, pad_id_of, read_jsonl, tokenize_all, write_jsonl)
 from lorakit.train.distributed import Dist, setup as setup_distributed
 from lorakit.train.generate import (RUN_INFO, NothingToScore, auto_threads, autocast, eval_loss_sum, evaluate,
                                     fit_to_positions, format_metric, loss_sum, quantize_qlora_base, read_json_object,
@@ -572,8 +572,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
     ckpt = find_checkpoint(run_dir) if resume else None
     if resume and (run_dir / "train_config.yaml").is_file():
         saved = with_absolute_paths(load_run_config(run_dir))
-        fixed = RESUME_FIXED + (RESUME_FIXED_EVAL if (run_dir / "eval.jsonl").exists() else ())
-        changed = [n for n in fixed if getattr(cfg, n) != getattr(saved, n)]
+        changed = [n for n in RESUME_FIXED if getattr(cfg, n) != getattr(saved, n)]
         if changed:
             diffs = ", ".join(f"{n} {getattr(saved, n)!r} -> {getattr(cfg, n)!r}" for n in changed)
             raise ValueError(f"cannot resume {str(run_dir)!r} with a different {', '.join(changed)} ({diffs}): "
@@ -605,6 +604,12 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
         eval_examples = []
     if cfg.eval_samples:
         eval_examples = eval_examples[: cfg.eval_samples]
+    if resume and (run_dir / "eval.jsonl").is_file() and read_jsonl(run_dir / "eval.jsonl") != eval_examples:
+        # (the options may name the same examples otherwise, or the same file hold others by now)
+        raise ValueError(f"cannot resume {str(run_dir)!r} with another held-out set than its eval.jsonl "
+                         f"({len(eval_examples)} examples from --eval-data / --eval-samples now): the run's "
+                         "'before' numbers were measured on that one; resume with the options it had, or start "
+                         "a new run")
     if cfg.eval_steps and not eval_examples:
         log(f"warning: eval_steps {cfg.eval_steps} has nothing to evaluate: give --eval-data (your --data has no "
             "held-out split)")
@@ -749,7 +754,10 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
         if dist.main:
             _truncate_log(log_path, step)
 
+        saved_at = {"step": None}  # the step of the checkpoint this process wrote last
+
         def write_checkpoint() -> None:  # (every process calls it: each one's RNG state is kept)
+            saved_at["step"] = step
             rng_states = dist.gather_objects(torch.get_rng_state())
             if not dist.main:
                 return
@@ -855,8 +863,8 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
                              losses=losses, processes=dist.world, train_examples=len(train_data))
         if interrupted:
             optimizer.zero_grad(set_to_none=True)
-            if dist.broadcast_object(ckpt_step(run_dir) != step if dist.main else None):
-                write_checkpoint()  # (unless this step's --save-steps checkpoint is the one on disk)
+            if saved_at["step"] != step:  # (else this step's --save-steps checkpoint is on disk)
+                write_checkpoint()
             _restore_sigint(old_handler)
             log(f"interrupted at step {step}/{total_steps}: checkpoint saved; continue with: "
                 f"{resume_command(run_dir, dist)}")

@@ -74,7 +74,8 @@ def register_variant(cls: type[LoraVariant]) -> type[LoraVariant]:
 
 
 def register_init_method(name: str, prefix: bool = False):
-    """Decorator: make ``fn`` the initialisation for ``init_lora_weights=name`` (or ``name*`` if ``prefix``)."""
+    """Decorator: make ``fn`` the initialisation for ``init_lora_weights=name`` (with ``prefix``, for
+    ``name`` followed by a number: ``pissa_niter_4``)."""
 
     def decorate(fn):
         INIT_METHODS[name.lower() + ("*" if prefix else "")] = fn
@@ -118,8 +119,11 @@ def get_init_method(name: str) -> Callable[["LoraLayer", str, str], None]:
         return INIT_METHODS[key]
     for pattern, fn in INIT_METHODS.items():
         if pattern.endswith("*") and key.startswith(pattern[:-1]):
+            if not key[len(pattern) - 1:].isdigit():
+                raise ValueError(f"init_lora_weights {name!r}: expected '{pattern[:-1]}' and a number, "
+                                 f"e.g. '{pattern[:-1]}4'")
             return fn
-    known = ["True", "False", "gaussian", *sorted(k.rstrip("*") for k in INIT_METHODS)]
+    known = ["True", "False", "gaussian", *sorted(k.replace("*", "N") for k in INIT_METHODS)]
     if key in PEFT_ONLY_INITS:
         raise ValueError(f"init_lora_weights={name!r} is a PEFT initialisation lorakit does not implement (an adapter "
                          f"saved with 'eva', 'orthogonal' or 'mica' loads: its tensors carry everything); known: {known}")
