@@ -145,6 +145,7 @@ def worker(lib: str, method: str, workload: str, steps: int, dropout: float, dty
     model.train()  # bf16: the frozen base in bf16; both libraries keep the adapters in fp32
     batch = make_batch(workload, model.config.vocab_size)
     model, loss_fn = setup("peft" if lib == "peft" else "lorakit" if method == "lora" else "full", model, batch, dropout)
+    model.train()  # after the setup, as `lorakit train` does (a model.train() once undid lorakit's fused norms)
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)

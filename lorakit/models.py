@@ -285,6 +285,11 @@ def load_model_and_tokenizer(
             # its name, not the cache directory's path (which adapters saved from it recorded as their
             # base: gone with the cache, or on another machine)
             model.config.name_or_path = DEFAULT_MODEL_NAME
+    if getattr(model, "use_kernels", False):
+        # transformers 5's hub kernels (on by default where the `kernels` package is installed): none
+        # for these layers on a CPU, a download from the hub on a GPU; and each model.train() / eval()
+        # re-kernelizing would undo lorakit's fused training kernels (lorakit.ops.patching)
+        model.use_kernels = False
     model.eval()
     return model, tokenizer
 

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import lora_llama, loss_and_grads, tiny_gpt2
 
+import lorakit as lk
 from lorakit.layers.fused import RMSNORM_RECIPE, fused_lora_add, recompute_norm
 from lorakit.ops import fuse_rmsnorms, fuse_swiglu_mlps, unfuse_rmsnorms
 from lorakit.ops.rmsnorm import RMSNormFn
@@ -182,3 +183,40 @@ def test_a_norm_output_edited_in_place_is_read_as_edited(edit):
     unfuse_rmsnorms(norm)
     for plain, got in zip(*grads):
         torch.testing.assert_close(got, plain, rtol=1e-5, atol=1e-6)
+
+
+def test_the_fused_norms_survive_train_and_eval_on_a_model_with_hub_kernels(monkeypatch):
+    """transformers 5 turns its hub kernels on for every model from_pretrained loads where the
+    `kernels` package is installed, and each model.train() / eval() then re-kernelizes the layers
+    they decorate (RMSNorm), deleting lorakit's fused forward: `lorakit train` on the embedded model
+    ran without it (133 MiB more kept for backward at 4 x 256). The kernels turn hub kernels off for
+    the run and the undo gives them back."""
+    pytest.importorskip("kernels")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from tiny_lm import tiny_llama_lm, tiny_tokenizer
+
+    from lorakit.ops.rmsnorm import _FusedNormForward
+    from lorakit.train.loop import _undo_kernels, use_lora_training_kernels
+
+    model = tiny_llama_lm(tiny_tokenizer())
+    model.set_use_kernels(True)
+    assert model.use_kernels
+    lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules="all-linear"))
+    use_lora_training_kernels(model)
+    norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+    model.eval()
+    model.train()
+    assert norms and all(isinstance(n.__dict__.get("forward"), _FusedNormForward) for n in norms)
+    _undo_kernels(model, None)
+    assert model.use_kernels and not any("forward" in n.__dict__ for n in norms)
+
+
+def test_models_lorakit_loads_have_hub_kernels_off(tmp_path, monkeypatch):
+    pytest.importorskip("kernels")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from tiny_lm import save_tiny_model
+
+    from lorakit.models import load_model_and_tokenizer
+
+    model, _ = load_model_and_tokenizer(str(save_tiny_model(tmp_path / "m")))
+    assert not getattr(model, "use_kernels", False)

@@ -27,10 +27,32 @@ def forward_body(module: nn.Module) -> list[str] | None:
     return [line.strip() for line in source.splitlines()[1:] if line.strip() and not line.strip().startswith(("#", '"""'))]
 
 
+#: Set on a model whose hub kernels ``patch_forwards`` turned off (``hub_kernels_back`` turns them on).
+HUB_KERNELS_KEY = "_lorakit_hub_kernels_off"
+
+
+def hub_kernels_off(model: nn.Module) -> None:
+    """Turn off transformers' hub kernels (``model.use_kernels``, on by default in transformers 5 where
+    the ``kernels`` package is installed) and remember it on the model: with them on, every
+    ``model.train()`` / ``model.eval()`` re-kernelizes the layers they decorate (RMSNorm), which
+    deletes an instance ``forward`` such as lorakit's fused norm, so training silently ran without it."""
+    if getattr(model, "use_kernels", False):
+        model.use_kernels = False
+        model.__dict__[HUB_KERNELS_KEY] = True
+
+
+def hub_kernels_back(model: nn.Module) -> None:
+    """Turn the hub kernels ``hub_kernels_off`` turned off back on."""
+    if model.__dict__.pop(HUB_KERNELS_KEY, False):
+        model.use_kernels = True
+
+
 def patch_forwards(model: nn.Module, wrapper: type, applies: Callable[[nn.Module], bool]) -> int:
     """Give every module of ``model`` for which ``applies`` holds ``wrapper(module)`` as its forward;
-    returns how many modules are switched (already switched ones count, and are left as they are)."""
+    returns how many modules are switched (already switched ones count, and are left as they are).
+    The model's hub kernels are turned off first (``hub_kernels_off``)."""
     check_module(model)
+    hub_kernels_off(model)
     count = 0
     for module in model.modules():
         if isinstance(module.__dict__.get("forward"), wrapper):

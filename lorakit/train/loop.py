@@ -191,9 +191,12 @@ def _undo_kernels(model: Any, attention_before: str | None) -> None:
     the model came with SDPA: a model given to ``train`` goes back to its caller unpatched."""
     from lorakit.ops import unfuse_qkv_projections, unfuse_rmsnorms, unfuse_swiglu_mlps
 
+    from lorakit.ops.patching import hub_kernels_back
+
     unfuse_swiglu_mlps(model)
     unfuse_qkv_projections(model)
     unfuse_rmsnorms(model)
+    hub_kernels_back(model)  # (the kernels turned them off: model.train() would have undone the fused norms)
     if attention_before == "sdpa":
         restore_attention(model)
 
