@@ -190,7 +190,6 @@ def _undo_kernels(model: Any, attention_before: str | None) -> None:
     """Undo ``use_lora_training_kernels`` (they serve training only), and the attention switch when
     the model came with SDPA: a model given to ``train`` goes back to its caller unpatched."""
     from lorakit.ops import unfuse_qkv_projections, unfuse_rmsnorms, unfuse_swiglu_mlps
-
     from lorakit.ops.patching import hub_kernels_back
 
     unfuse_swiglu_mlps(model)
