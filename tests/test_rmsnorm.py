@@ -220,3 +220,26 @@ def test_models_lorakit_loads_have_hub_kernels_off(tmp_path, monkeypatch):
 
     model, _ = load_model_and_tokenizer(str(save_tiny_model(tmp_path / "m")))
     assert not getattr(model, "use_kernels", False)
+
+
+def test_the_fused_norms_survive_train_on_a_peft_model_over_hub_kernels(monkeypatch):
+    """A wrapper (PEFT's PeftModel) passes use_kernels through from the model it holds: the kernels
+    turned it off on the wrapper only, and the held model's train() re-kernelized the norms away."""
+    pytest.importorskip("kernels")
+    peft = pytest.importorskip("peft")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    from tiny_lm import tiny_llama_lm, tiny_tokenizer
+
+    from lorakit.ops.rmsnorm import _FusedNormForward
+    from lorakit.train.loop import _undo_kernels, use_lora_training_kernels
+
+    base = tiny_llama_lm(tiny_tokenizer())
+    base.set_use_kernels(True)
+    wrapped = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    use_lora_training_kernels(wrapped)
+    wrapped.train()
+    norms = [m for m in wrapped.modules() if type(m).__name__ == "LlamaRMSNorm"]
+    assert norms and all(isinstance(n.__dict__.get("forward"), _FusedNormForward) for n in norms)
+    assert not base.use_kernels
+    _undo_kernels(wrapped, None)
+    assert base.use_kernels

@@ -27,24 +27,32 @@ def forward_body(module: nn.Module) -> list[str] | None:
     return [line.strip() for line in source.splitlines()[1:] if line.strip() and not line.strip().startswith(("#", '"""'))]
 
 
-#: Set on a model whose hub kernels ``patch_forwards`` turned off (``hub_kernels_back`` turns them on).
+#: On a model: the transformers models in it whose hub kernels ``patch_forwards`` turned off.
 HUB_KERNELS_KEY = "_lorakit_hub_kernels_off"
 
 
 def hub_kernels_off(model: nn.Module) -> None:
-    """Turn off transformers' hub kernels (``model.use_kernels``, on by default in transformers 5 where
-    the ``kernels`` package is installed) and remember it on the model: with them on, every
-    ``model.train()`` / ``model.eval()`` re-kernelizes the layers they decorate (RMSNorm), which
-    deletes an instance ``forward`` such as lorakit's fused norm, so training silently ran without it."""
-    if getattr(model, "use_kernels", False):
-        model.use_kernels = False
-        model.__dict__[HUB_KERNELS_KEY] = True
+    """Turn off transformers' hub kernels (``use_kernels``, on by default in transformers 5 where the
+    ``kernels`` package is installed) in every transformers model in ``model`` (itself, or the one a
+    wrapper such as PEFT's holds), remembered on ``model``: with them on, each ``.train()`` /
+    ``.eval()`` re-kernelizes the layers they decorate (RMSNorm), which deletes an instance
+    ``forward`` such as lorakit's fused norm, so training silently ran without it. (A model that
+    holds ``model`` as a part, say its backbone, is out of reach: patch the model you call
+    ``.train()`` on.)"""
+    turned = model.__dict__.get(HUB_KERNELS_KEY, [])
+    for module in model.modules():
+        # (only a class with the property: a wrapper's __getattr__ passes the attribute through)
+        if isinstance(getattr(type(module), "use_kernels", None), property) and module.use_kernels:
+            module.use_kernels = False
+            turned.append(module)
+    if turned:
+        model.__dict__[HUB_KERNELS_KEY] = turned
 
 
 def hub_kernels_back(model: nn.Module) -> None:
     """Turn the hub kernels ``hub_kernels_off`` turned off back on."""
-    if model.__dict__.pop(HUB_KERNELS_KEY, False):
-        model.use_kernels = True
+    for module in model.__dict__.pop(HUB_KERNELS_KEY, []):
+        module.use_kernels = True
 
 
 def patch_forwards(model: nn.Module, wrapper: type, applies: Callable[[nn.Module], bool]) -> int:

@@ -103,7 +103,9 @@ def fuse_rmsnorms(model: nn.Module) -> int:
 
     Safe to call more than once and before or after injecting LoRA; ``unfuse_rmsnorms`` undoes it.
     Without gradients, for float64 inputs, under autocast or under ``torch.compile`` the module's own
-    forward runs.
+    forward runs. Call it on the model you call ``.train()`` on: transformers' hub kernels, which it
+    turns off there (``lorakit.ops.patching.hub_kernels_off``), would otherwise put the norms' own
+    forward back at every ``.train()`` / ``.eval()``.
     """
     return patch_forwards(model, _FusedNormForward, _is_llama_rmsnorm)
 
