@@ -341,3 +341,18 @@ def enable_checkpointing(model: Any) -> None:
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
+
+def checkpointing_on(model: Any) -> bool:
+    """Whether transformers' activation checkpointing is on for ``model``."""
+    if hasattr(type(model), "is_activation_checkpointing"):  # (transformers 5; the old name is deprecated)
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", False))
+
+
+def disable_checkpointing(model: Any) -> None:
+    """Undo ``enable_checkpointing``."""
+    if hasattr(model, "activation_checkpointing_disable"):
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+

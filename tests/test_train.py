@@ -293,6 +293,20 @@ def test_gradient_checkpointing_and_accumulation_match(tmp_path, tok, data_files
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_a_given_model_comes_back_with_its_cache_and_checkpointing_settings(tmp_path, tok, data_files,
+                                                                            checkpointing):
+    """The run turns the KV cache off (and checkpointing on, if asked) for training; the caller's
+    model came back with checkpointing still on (an audit of what a run leaves on the model)."""
+    from lorakit.models import checkpointing_on
+
+    model = tiny_llama_lm(tok)
+    assert model.config.use_cache and not checkpointing_on(model)
+    train(_cfg(tmp_path, data_files, max_steps=2, gradient_checkpointing=checkpointing), model=model,
+          tokenizer=tok, progress=False, log=_quiet)
+    assert model.config.use_cache is True and not checkpointing_on(model)
+
+
 @pytest.mark.parametrize("data_kind", ["prompt-completion", "text"])
 def test_two_accumulated_micro_batches_of_4_equal_one_batch_of_8(tmp_path, tok, data_kind):
     # (the docs said "tested" of the test above, which compared checkpointing only): 8 examples, so

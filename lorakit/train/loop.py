@@ -50,6 +50,7 @@ import yaml
 
 from lorakit.inject import get_state
 from lorakit.io import atomic_write_bytes, write_new_directory
+from lorakit.models import checkpointing_on, disable_checkpointing, enable_checkpointing
 from lorakit.ops.attention import restore_attention
 from lorakit.train.config import RESUME_FIXED, TrainConfig, target_module_spec
 from lorakit.train.data import (BUILTIN_TASK, Example, Tokenized, collate, epoch_batches,
@@ -694,9 +695,9 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
         for p in model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()  # trainable weights are always fp32 (AdamW precision)
+        # (both given back when the loop ends: the final evaluation, and the caller, generate with a cache)
+        run_settings = (checkpointing_on(model), getattr(model.config, "use_cache", None))
         if cfg.gradient_checkpointing:
-            from lorakit.models import enable_checkpointing
-
             enable_checkpointing(model)
         model.config.use_cache = False
         params = [p for p in model.parameters() if p.requires_grad]
@@ -858,6 +859,9 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
             if bar is not None:
                 bar.close()
             _undo_kernels(model, attention_before)  # (training only): hand the model back as it came
+            if cfg.gradient_checkpointing and not run_settings[0]:
+                disable_checkpointing(model)
+            model.config.use_cache = run_settings[1]
 
         result = TrainResult(run_dir=run_dir, steps=step, total_steps=total_steps, interrupted=interrupted,
                              before=before, trainable_params=n_train, total_params=n_total,
