@@ -695,7 +695,8 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
         for p in model.parameters():
             if p.requires_grad and p.dtype != torch.float32:
                 p.data = p.data.float()  # trainable weights are always fp32 (AdamW precision)
-        # (both given back when the loop ends: the final evaluation, and the caller, generate with a cache)
+        # (both given back when the loop ends, however it ends; the final phase below then turns the
+        # cache on for its evaluation and a full fine-tune's saved config)
         run_settings = (checkpointing_on(model), getattr(model.config, "use_cache", None))
         if cfg.gradient_checkpointing:
             enable_checkpointing(model)
