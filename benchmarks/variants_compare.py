@@ -52,21 +52,20 @@ def evaluate_fast(model, tok, data, batch_size: int) -> tuple[float, float]:
     generated-answer accuracy, without the cost of generation.
     """
     from lorakit.train.data import iter_eval_batches
-    from lorakit.train.generate import IGNORE_INDEX, _head_parts
+    from lorakit.train.generate import IGNORE_INDEX, _label_rows
 
     first = {tok(w, add_special_tokens=False)["input_ids"][0] for w in ("positive", "negative")}
     if len(first) != 2:
         raise ValueError("the two labels share their first token; cannot score them apart")
     pos, neg = sorted(first)
-    backbone, head = _head_parts(model)
     total, count, correct, n = 0.0, 0, 0, 0
     model.eval()
-    for batch in iter_eval_batches(data, batch_size, tok.pad_token_id):
+    for _, batch in iter_eval_batches(data, batch_size, tok.pad_token_id):
         labels = batch["labels"][:, 1:]
         mask = labels != IGNORE_INDEX
         # Only the answer positions go through the head (as loss_sum does): no (tokens x vocab) logits.
-        hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)[0]
-        logits = head(hidden[:, :-1][mask]).float()  # (n_labels, vocab), rows in order
+        rows, head = _label_rows(model, batch, mask)
+        logits = (rows if head is None else head(rows)).float()  # (n_labels, vocab), rows in order
         total += float(torch.nn.functional.cross_entropy(logits, labels[mask], reduction="sum"))
         count += int(mask.sum())
         offset = 0

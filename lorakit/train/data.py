@@ -505,11 +505,14 @@ def collate(items: list[Tokenized], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def iter_eval_batches(data: list[Tokenized], batch_size: int, pad_id: int) -> Iterator[dict[str, torch.Tensor]]:
-    """Batches for evaluation: sorted by length (order does not matter, padding does)."""
-    order = sorted(range(len(data)), key=lambda i: len(data[i].input_ids))
+def iter_eval_batches(data: list[Tokenized], batch_size: int, pad_id: int, indices: list[int] | None = None
+                      ) -> Iterator[tuple[list[int], dict[str, torch.Tensor]]]:
+    """Batches for evaluation, sorted by length (the order does not matter, the padding does):
+    ``(the rows' indices into data, the batch)``. ``indices``: only these examples (default all)."""
+    order = sorted(range(len(data)) if indices is None else indices, key=lambda i: len(data[i].input_ids))
     for b in range(0, len(order), batch_size):
-        yield collate([data[i] for i in order[b : b + batch_size]], pad_id)
+        rows = order[b : b + batch_size]
+        yield rows, collate([data[i] for i in rows], pad_id)
 
 
 # --------------------------------------------------------------------------- answers

@@ -22,7 +22,7 @@ from typing import Any, Callable, ContextManager
 import torch
 import torch.nn.functional as F
 
-from lorakit.train.data import (IGNORE_INDEX, Example, Tokenized, check_text, collate, encode_prompt, pad_id_of,
+from lorakit.train.data import (IGNORE_INDEX, Example, Tokenized, check_text, encode_prompt, pad_id_of,
                                 iter_eval_batches, normalize_answer, tokenize_example)
 
 RUN_INFO = "lorakit_run.json"
@@ -177,22 +177,29 @@ def loss_sum(model: Any, batch: dict[str, torch.Tensor], label_positions_only: b
     """
     labels = batch["labels"][:, 1:]
     select = labels != IGNORE_INDEX
-    n = int(select.sum())
-    parts = _head_parts(model) if label_positions_only else None
-    if parts is not None:
-        backbone, head = parts
-        hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)[0]
-        if type(head) is torch.nn.Linear:
-            # Chunked head + loss: the (n_labels, vocab) logits never exist (lorakit/ops).
-            from lorakit.ops import linear_cross_entropy
+    rows, head = _label_rows(model, batch, select, label_positions_only)
+    if type(head) is torch.nn.Linear:
+        # Chunked head + loss: the (n_labels, vocab) logits never exist (lorakit/ops).
+        from lorakit.ops import linear_cross_entropy
 
-            return _wide(linear_cross_entropy(hidden[:, :-1][select], head.weight, labels[select], bias=head.bias)), n
-        logits = head(hidden[:, :-1][select])  # (n_labels, vocab)
-    else:
+        return _wide(linear_cross_entropy(rows, head.weight, labels[select], bias=head.bias)), rows.shape[0]
+    logits = rows if head is None else head(rows)  # (n_labels, vocab)
+    return F.cross_entropy(_wide(logits), labels[select], reduction="sum"), rows.shape[0]
+
+
+def _label_rows(model: Any, batch: dict[str, torch.Tensor], select: torch.Tensor, split_head: bool = True
+                ) -> tuple[torch.Tensor, Any]:
+    """What predicts each label (``select``: the shifted label positions, (batch, seq - 1)), one row
+    per label: ``(hidden states, head)`` where the model's logits are ``head(backbone(x))`` and
+    ``split_head`` is on, so the caller runs the head on those rows only; else ``(logits, None)``
+    from the model's own forward."""
+    parts = _head_parts(model) if split_head else None
+    if parts is None:
         out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-        logits = out.logits[:, :-1][select]
-    loss = F.cross_entropy(_wide(logits), labels[select], reduction="sum")
-    return loss, n
+        return out.logits[:, :-1][select], None
+    backbone, head = parts
+    hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)[0]
+    return hidden[:, :-1][select], head
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -218,7 +225,7 @@ def eval_loss_sum(model: Any, data: list[Tokenized], batch_size: int, pad_id: in
     model.eval()
     total, count = 0.0, 0
     try:
-        for batch in iter_eval_batches(data, batch_size, pad_id):
+        for _, batch in iter_eval_batches(data, batch_size, pad_id):
             with torch.no_grad(), autocast(precision):
                 loss, n = loss_sum(model, batch)
             total += float(loss)
@@ -337,21 +344,12 @@ def score_batch(model: Any, batch: dict[str, torch.Tensor], precision: str = "fp
     """
     labels = batch["labels"][:, 1:]
     select = labels != IGNORE_INDEX
-    parts = _head_parts(model)
     with autocast(precision):
-        if parts is not None:
-            backbone, head = parts
-            hidden = backbone(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)[0]
-            hidden = hidden[:, :-1][select]
-            logits_of = lambda a, b: head(hidden[a:b]).float()  # noqa: E731
-        else:
-            all_logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
-            all_logits = all_logits[:, :-1][select]
-            logits_of = lambda a, b: all_logits[a:b].float()  # noqa: E731
+        rows, head = _label_rows(model, batch, select)
         target = labels[select]
         ce, top = [], []
         for a in range(0, target.shape[0], chunk):
-            lg = logits_of(a, a + chunk)
+            lg = (rows[a : a + chunk] if head is None else head(rows[a : a + chunk])).float()
             ce.append(F.cross_entropy(lg, target[a : a + chunk], reduction="none"))
             top.append(lg.argmax(-1))
     rows = select.nonzero()[:, 0]
@@ -389,7 +387,7 @@ def evaluate(model: Any, tokenizer: Any, examples: list[Example], max_length: in
     pad = pad_id_of(tokenizer)
     tokenized = [tokenize_example(tokenizer, ex, max_length) for ex in examples]
     # (an example whose answer max_length cut away has nothing to score; nor has a text cut to one token)
-    scored = sorted((i for i, t in enumerate(tokenized) if t.n_predicted), key=lambda i: len(tokenized[i].input_ids))
+    scored = [i for i, t in enumerate(tokenized) if t.n_predicted]
     if not scored:
         raise NothingToScore(f"eval data: no example has answer tokens within max_length={max_length}")
     was_training = model.training
@@ -397,9 +395,7 @@ def evaluate(model: Any, tokenizer: Any, examples: list[Example], max_length: in
     total, count = 0.0, 0
     tops: dict[int, list[int]] = {}
     try:
-        for b in range(0, len(scored), batch_size):
-            idx = scored[b : b + batch_size]
-            batch = collate([tokenized[i] for i in idx], pad)
+        for idx, batch in iter_eval_batches(tokenized, batch_size, pad, scored):
             row_loss, row_top = score_batch(model, batch, precision)
             total += float(row_loss.sum())
             count += sum(tokenized[i].n_predicted for i in idx)  # (a text example's first token is not predicted)

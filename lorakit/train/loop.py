@@ -562,31 +562,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
     # normpath: "runs/typo/.." is "runs" (what mkdir(parents=True) would make it), so the checks
     # below see the directory the run would really write to
     run_dir = Path(os.path.normpath(cfg.output)) if cfg.output else default_run_dir(cfg)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise FileExistsError(f"output {str(run_dir)!r} is a file, not a directory: choose another --output")
-    if resume:
-        try:
-            finished = read_run_info(run_dir).get("finished")
-        except ValueError as exc:  # (written whole since; a file cut by a kill in older versions)
-            raise ValueError(f"{exc}: the run's record is damaged; if {str(run_dir / CHECKPOINT)!r} is there, delete "
-                             f"{str(run_dir / RUN_INFO)!r} and resume again") from None
-        if finished:
-            raise ValueError(f"run {str(run_dir)!r} already finished; nothing to resume")
-    ckpt = find_checkpoint(run_dir) if resume else None
-    if resume and (run_dir / "train_config.yaml").is_file():
-        saved = with_absolute_paths(load_run_config(run_dir))
-        changed = [n for n in RESUME_FIXED if getattr(cfg, n) != getattr(saved, n)]
-        if changed:
-            diffs = ", ".join(f"{n} {getattr(saved, n)!r} -> {getattr(cfg, n)!r}" for n in changed)
-            raise ValueError(f"cannot resume {str(run_dir)!r} with a different {', '.join(changed)} ({diffs}): "
-                             "the checkpoint was trained with the saved values (they define the model, the "
-                             "optimizer groups or the data order); start a new run to change them")
-    if resume and ckpt is None:
-        raise FileNotFoundError(f"cannot resume: no checkpoint in {str(run_dir)!r} (the run stopped before writing "
-                                f"one: delete {str(run_dir)!r} and start it again without --resume)")
-    if (not resume and dist.world == 1 and cfg.output and run_dir.exists()  # (a default name gets a suffix)
-            and any(run_dir.iterdir())):  # (several processes: the claim below refuses it in all alike)
-        raise FileExistsError(_holds_files(run_dir))
+    ckpt = _check_run_dir(cfg, run_dir, resume, dist)
     threads = auto_threads(cfg.threads)
     precision = resolve_precision(cfg.precision)
     # bf16 for LoRA = bf16 base weights (frozen) with fp32 adapters: half the memory traffic, and the
@@ -596,26 +572,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
     amp = "bf16" if precision == "bf16" and cfg.method == "full" else "fp32"
 
     # 1. Data first: every line is validated before a model is loaded or a step is taken.
-    train_examples = load_examples(cfg.data, "train")
-    if cfg.max_train_samples:
-        train_examples = train_examples[: cfg.max_train_samples]
-    if cfg.eval_data:
-        eval_examples: list[Example] = load_examples(cfg.eval_data, "test")
-    elif cfg.data is None or cfg.data == BUILTIN_TASK:
-        eval_examples = load_examples(BUILTIN_TASK, "test")
-    else:
-        eval_examples = []
-    if cfg.eval_samples:
-        eval_examples = eval_examples[: cfg.eval_samples]
-    if resume and (run_dir / "eval.jsonl").is_file() and read_jsonl(run_dir / "eval.jsonl") != eval_examples:
-        # (the options may name the same examples otherwise, or the same file hold others by now)
-        raise ValueError(f"cannot resume {str(run_dir)!r} with another held-out set than its eval.jsonl "
-                         f"({len(eval_examples)} examples from --eval-data / --eval-samples now): the run's "
-                         "'before' numbers were measured on that one; resume with the options it had, or start "
-                         "a new run")
-    if cfg.eval_steps and not eval_examples:
-        log(f"warning: eval_steps {cfg.eval_steps} has nothing to evaluate: give --eval-data (your --data has no "
-            "held-out split)")
+    train_examples, eval_examples = _read_examples(cfg, run_dir, resume, log)
 
     # The run directory is claimed now, before the slow model load, by creating its
     # train_config.yaml exclusively: a second run on the same directory is refused, and the
@@ -631,16 +588,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
         # 2. Model.
         torch.manual_seed(cfg.seed)  # (the data order has a generator of its own, from the seed)
         given = model is not None
-        if model is None:
-            from lorakit.models import load_model_and_tokenizer
-
-            model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=weight_dtype)
-        elif tokenizer is None:
-            raise ValueError("train(model=...) also needs its tokenizer")
-        elif any(p.is_floating_point() and p.dtype != weight_dtype for p in model.parameters()):
-            # Only when needed: ``.to`` also casts buffers (e.g. rotary inv_freq), which loading in
-            # ``weight_dtype`` keeps in fp32, so a model already in that dtype is left exactly as loaded.
-            model = model.to(weight_dtype)
+        model, tokenizer = _model_for_run(cfg, model, tokenizer, weight_dtype)
         pad_id = pad_id_of(tokenizer)
         if pad_id is None:
             raise ValueError("the tokenizer has neither a pad nor an eos token")
@@ -648,22 +596,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
         train_data = tokenize_all(tokenizer, train_examples, max_length, what="training data")
         eval_data = tokenize_all(tokenizer, eval_examples, max_length, what="eval data") if eval_examples else []
         if dist.world > 1:
-            # every process must hold the same examples (another file at the same path on another
-            # node planned another number of steps: the run hung at the first step one process skipped)
-            prints = dist.gather_objects((_data_fingerprint(train_data, eval_data), _settings(cfg)))
-            if len({p[0] for p in prints}) > 1:
-                raise ValueError("the processes of this run read different data (training examples per process: "
-                                 f"{[p[0][0] for p in prints]}): give every process the same --data and --eval-data "
-                                 "(on several nodes, the same file at the same path)")
-            # ... and train with the same settings: another --max-steps hung at the last collective,
-            # another --eval-steps or --rank died in gloo ("collective mismatch"), another --lr or
-            # --seed trained on silently (rank 0 saved its own adapter; the shares overlapped)
-            differ = sorted(k for k in prints[0][1] if len({repr(p[1].get(k)) for p in prints}) > 1)
-            if differ:
-                values = "; ".join(f"{k}: " + ", ".join(f"process {r}: {p[1].get(k)!r}" for r, p in enumerate(prints))
-                                   for k in differ[:4])
-                raise ValueError(f"the processes of this run were given different settings ({values}): give every "
-                                 "process the same arguments (torchrun passes its own to all)")
+            _check_processes_agree(dist, cfg, train_data, eval_data)
 
         # the adapter's base_model_name_or_path: a model given in-process (train(model=...)) without
         # cfg.model is named by its own config, not taken for the embedded model
@@ -706,50 +639,19 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
             dist.broadcast_parameters(params)  # one starting point (a resume loads the checkpoint's)
             if dist.rank:
                 torch.manual_seed(cfg.seed + dist.rank)  # dropout masks of its own in each process
-        n_train = sum(p.numel() for p in params)
-        n_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-        from lorakit.layers.nf4_linear import LinearNF4
-
-        # an NF4 layer's weight is buffers, not a parameter: count its in x out weights too
-        n_total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, LinearNF4))
+        n_train, n_total = _count_parameters(model, params)
 
         per_epoch, total_steps = plan_steps(cfg, len(train_data), dist.world)
         warmup = math.ceil(cfg.warmup_ratio * total_steps)
-        if cfg.lora_plus_ratio:
-            from lorakit import create_loraplus_optimizer  # LoRA+: B learns ratio x faster than A
-
-            optimizer = fused_if_supported(lambda **kw: create_loraplus_optimizer(
-                model, lr=cfg.learning_rate, ratio=cfg.lora_plus_ratio, weight_decay=cfg.weight_decay, **kw))
-        else:
-            # weight decay on matrices only: 1-D tensors (biases, norms, DoRA's magnitudes, which are
-            # column norms) are not pulled to zero, as in the LoRA+ groups and transformers' Trainer
-            flat = [p for p in params if p.dim() <= 1]
-            groups = ([{"params": [p for p in params if p.dim() > 1]}, {"params": flat, "weight_decay": 0.0}]
-                      if cfg.weight_decay and flat else params)
-            optimizer = fused_if_supported(lambda **kw: torch.optim.AdamW(
-                groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **kw))
+        optimizer = _make_optimizer(model, params, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total_steps, warmup))
 
         step, tokens_done, train_seconds, wall_before = 0, 0, 0.0, 0.0
         losses: list[float] = []
         if ckpt is not None:
-            # this run's peak rates (a --lr given with --resume): loading the scheduler's and the
-            # optimizer's states puts the saved ones back, so they are restored right after
-            peaks = list(scheduler.base_lrs)
-            state = load_checkpoint(ckpt, model, optimizer, scheduler, dist)
-            scheduler.base_lrs = peaks
-            for group, peak in zip(optimizer.param_groups, peaks):
-                group["initial_lr"] = peak
+            state = _restore_checkpoint(ckpt, model, optimizer, scheduler, dist, total_steps, warmup, run_dir)
             step, tokens_done, train_seconds = state["step"], state["tokens"], state["train_seconds"]
-            if step > total_steps:  # (finishing here would delete the checkpoint of a longer run)
-                raise ValueError(f"cannot resume {str(run_dir)!r}: its checkpoint is at step {step}, past the "
-                                 f"{total_steps} steps this run now has (--max-steps / --epochs); give more steps")
             wall_before = float(state.get("wall_seconds", 0.0))
-            # The learning rate the next step uses, from this run's schedule: the saved one came from
-            # the saved plan, which a --max-steps / --epochs given with --resume changes (identical
-            # otherwise: LambdaLR computes it the same way).
-            for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
-                group["lr"] = base_lr * lr_factor(step, total_steps, warmup)
             before, losses = state.get("before", {}), state.get("losses", [])
             if dist.main:
                 _write_run_config(run_dir, cfg)  # flags given with --resume are the run's config from now on
@@ -792,19 +694,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
                     t0 = time.time()
                     micro = [micro_batch(train_data, cfg, index, per_epoch, pad_id, batches_cache, dist)
                              for index in step_micro_batches(cfg, step, per_epoch)]
-                    n_labels = sum(n for _, _, n in micro)
-                    step_loss, step_tokens = 0.0, 0
-                    for _, batch, _ in micro:
-                        if batch is None:  # this process's share of a short last batch is empty
-                            continue
-                        with autocast(amp):
-                            loss, _ = loss_sum(model, batch)
-                        loss = loss / max(n_labels, 1)  # mean over the whole accumulated step's labels
-                        if not torch.isfinite(loss) and dist.world == 1:  # (several: checked on the sum below)
-                            raise NonFiniteLossError(_diverged_message(step + 1, "loss", run_dir))
-                        loss.backward()
-                        step_loss += float(loss.detach())
-                        step_tokens += int(batch["attention_mask"].sum())
+                    step_loss, step_tokens = _accumulate_gradients(model, micro, amp, dist, step, run_dir)
                     if dist.world > 1:
                         # The one exchange of the step: gradients, loss and tokens summed over the
                         # processes, and whether any of them was asked to stop (all stop together).
@@ -895,15 +785,8 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
         _restore_sigint(old_handler)
         if model is not None:  # hand the caller's model back as it came
             _undo_kernels(model, attention_before)
-            if handed is not None and not isinstance(exc, SimulatedKill) and get_state(model) is not None:
-                from lorakit.adapters import unload
-
-                unload(model)
-                flags, use_cache = handed
-                for p, flag in flags:
-                    p.requires_grad_(flag)
-                if use_cache is not None:
-                    model.config.use_cache = use_cache
+            if handed is not None and not isinstance(exc, SimulatedKill):
+                _give_back(model, handed)
         # A new run that stops before its first checkpoint leaves nothing to resume: remove what it
         # wrote, so the same command can simply be run again. A simulated SIGKILL cleans up nothing;
         # a diverged run keeps its log.jsonl, which shows how the loss went (its message says so).
@@ -915,18 +798,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
     # 4. Final artefacts (the first process writes them), then the after-training evaluation (shared).
     model.eval()
     if dist.main:
-        if cfg.method != "full":
-            save_run_adapter(model, run_dir, cfg)
-        else:
-            model.config.use_cache = True
-
-            def write_model(tmp: Path) -> None:
-                model.save_pretrained(tmp)
-                tokenizer.save_pretrained(tmp)
-            # (into a temporary directory renamed when whole: a kill mid-save left a model/ with
-            # weights but no tokenizer, which eval and generate refused without saying why)
-            shutil.rmtree(run_dir / "model", ignore_errors=True)  # (a resumed run's unfinished one)
-            write_new_directory(run_dir / "model", write_model)
+        _write_trained(model, tokenizer, cfg, run_dir)
         plot_losses(log_path, run_dir / "loss.png")
     model.config.use_cache = True
     result.after = run_eval("after")
@@ -952,6 +824,201 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
         shutil.rmtree(leftover, ignore_errors=True)
     log(results_table(result, cfg))
     return result
+
+
+def _check_run_dir(cfg: TrainConfig, run_dir: Path, resume: bool, dist: Dist) -> Path | None:
+    """Refuse what cannot start before anything is read or loaded: an output that is a file, a
+    resume of a finished run, of a run without a checkpoint or with changed fixed settings, a new
+    run in a directory that holds files. Returns the checkpoint to resume from (None: a new run)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise FileExistsError(f"output {str(run_dir)!r} is a file, not a directory: choose another --output")
+    if resume:
+        try:
+            finished = read_run_info(run_dir).get("finished")
+        except ValueError as exc:  # (written whole since; a file cut by a kill in older versions)
+            raise ValueError(f"{exc}: the run's record is damaged; if {str(run_dir / CHECKPOINT)!r} is there, delete "
+                             f"{str(run_dir / RUN_INFO)!r} and resume again") from None
+        if finished:
+            raise ValueError(f"run {str(run_dir)!r} already finished; nothing to resume")
+    ckpt = find_checkpoint(run_dir) if resume else None
+    if resume and (run_dir / "train_config.yaml").is_file():
+        saved = with_absolute_paths(load_run_config(run_dir))
+        changed = [n for n in RESUME_FIXED if getattr(cfg, n) != getattr(saved, n)]
+        if changed:
+            diffs = ", ".join(f"{n} {getattr(saved, n)!r} -> {getattr(cfg, n)!r}" for n in changed)
+            raise ValueError(f"cannot resume {str(run_dir)!r} with a different {', '.join(changed)} ({diffs}): "
+                             "the checkpoint was trained with the saved values (they define the model, the "
+                             "optimizer groups or the data order); start a new run to change them")
+    if resume and ckpt is None:
+        raise FileNotFoundError(f"cannot resume: no checkpoint in {str(run_dir)!r} (the run stopped before writing "
+                                f"one: delete {str(run_dir)!r} and start it again without --resume)")
+    if (not resume and dist.world == 1 and cfg.output and run_dir.exists()  # (a default name gets a suffix)
+            and any(run_dir.iterdir())):  # (several processes: the claim below refuses it in all alike)
+        raise FileExistsError(_holds_files(run_dir))
+    return ckpt
+
+
+def _read_examples(cfg: TrainConfig, run_dir: Path, resume: bool, log: Callable[[str], None]
+                   ) -> tuple[list[Example], list[Example]]:
+    """The training and held-out examples, every line validated (before a model is loaded). A
+    resumed run must hold out the same examples as its ``eval.jsonl``."""
+    train_examples = load_examples(cfg.data, "train")
+    if cfg.max_train_samples:
+        train_examples = train_examples[: cfg.max_train_samples]
+    if cfg.eval_data:
+        eval_examples: list[Example] = load_examples(cfg.eval_data, "test")
+    elif cfg.data is None or cfg.data == BUILTIN_TASK:
+        eval_examples = load_examples(BUILTIN_TASK, "test")
+    else:
+        eval_examples = []
+    if cfg.eval_samples:
+        eval_examples = eval_examples[: cfg.eval_samples]
+    if resume and (run_dir / "eval.jsonl").is_file() and read_jsonl(run_dir / "eval.jsonl") != eval_examples:
+        # (the options may name the same examples otherwise, or the same file hold others by now)
+        raise ValueError(f"cannot resume {str(run_dir)!r} with another held-out set than its eval.jsonl "
+                         f"({len(eval_examples)} examples from --eval-data / --eval-samples now): the run's "
+                         "'before' numbers were measured on that one; resume with the options it had, or start "
+                         "a new run")
+    if cfg.eval_steps and not eval_examples:
+        log(f"warning: eval_steps {cfg.eval_steps} has nothing to evaluate: give --eval-data (your --data has no "
+            "held-out split)")
+    return train_examples, eval_examples
+
+
+def _model_for_run(cfg: TrainConfig, model: Any, tokenizer: Any, weight_dtype: torch.dtype) -> tuple[Any, Any]:
+    """The model and tokenizer to train: ``cfg.model`` loaded in ``weight_dtype``, or the ones
+    given to ``train()`` (cast to ``weight_dtype`` only where a weight is in another dtype)."""
+    if model is None:
+        from lorakit.models import load_model_and_tokenizer
+
+        model, tokenizer = load_model_and_tokenizer(cfg.model, dtype=weight_dtype)
+    elif tokenizer is None:
+        raise ValueError("train(model=...) also needs its tokenizer")
+    elif any(p.is_floating_point() and p.dtype != weight_dtype for p in model.parameters()):
+        # Only when needed: ``.to`` also casts buffers (e.g. rotary inv_freq), which loading in
+        # ``weight_dtype`` keeps in fp32, so a model already in that dtype is left exactly as loaded.
+        model = model.to(weight_dtype)
+    return model, tokenizer
+
+
+def _check_processes_agree(dist: Dist, cfg: TrainConfig, train_data: list[Tokenized],
+                           eval_data: list[Tokenized]) -> None:
+    """Several processes: refuse a run whose processes read different data or were given
+    different settings (both hung or trained on silently before)."""
+    # every process must hold the same examples (another file at the same path on another
+    # node planned another number of steps: the run hung at the first step one process skipped)
+    prints = dist.gather_objects((_data_fingerprint(train_data, eval_data), _settings(cfg)))
+    if len({p[0] for p in prints}) > 1:
+        raise ValueError("the processes of this run read different data (training examples per process: "
+                         f"{[p[0][0] for p in prints]}): give every process the same --data and --eval-data "
+                         "(on several nodes, the same file at the same path)")
+    # ... and train with the same settings: another --max-steps hung at the last collective,
+    # another --eval-steps or --rank died in gloo ("collective mismatch"), another --lr or
+    # --seed trained on silently (rank 0 saved its own adapter; the shares overlapped)
+    differ = sorted(k for k in prints[0][1] if len({repr(p[1].get(k)) for p in prints}) > 1)
+    if differ:
+        values = "; ".join(f"{k}: " + ", ".join(f"process {r}: {p[1].get(k)!r}" for r, p in enumerate(prints))
+                           for k in differ[:4])
+        raise ValueError(f"the processes of this run were given different settings ({values}): give every "
+                         "process the same arguments (torchrun passes its own to all)")
+
+def _count_parameters(model: Any, params: list[torch.nn.Parameter]) -> tuple[int, int]:
+    """(trainable numbers, all of the model's numbers: a tied weight once, an NF4 layer's weight too)."""
+    from lorakit.layers.nf4_linear import LinearNF4
+
+    n_train = sum(p.numel() for p in params)
+    n_total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    # an NF4 layer's weight is buffers, not a parameter: count its in x out weights too
+    n_total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, LinearNF4))
+    return n_train, n_total
+
+
+def _make_optimizer(model: Any, params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over ``params`` (fused where torch has it), or LoRA+'s groups (B's rate ``ratio`` x A's)."""
+    if cfg.lora_plus_ratio:
+        from lorakit import create_loraplus_optimizer  # LoRA+: B learns ratio x faster than A
+
+        return fused_if_supported(lambda **kw: create_loraplus_optimizer(
+            model, lr=cfg.learning_rate, ratio=cfg.lora_plus_ratio, weight_decay=cfg.weight_decay, **kw))
+    # weight decay on matrices only: 1-D tensors (biases, norms, DoRA's magnitudes, which are
+    # column norms) are not pulled to zero, as in the LoRA+ groups and transformers' Trainer
+    flat = [p for p in params if p.dim() <= 1]
+    groups = ([{"params": [p for p in params if p.dim() > 1]}, {"params": flat, "weight_decay": 0.0}]
+              if cfg.weight_decay and flat else params)
+    return fused_if_supported(lambda **kw: torch.optim.AdamW(
+        groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **kw))
+
+
+def _restore_checkpoint(ckpt: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any, dist: Dist,
+                        total_steps: int, warmup: int, run_dir: Path) -> dict[str, Any]:
+    """``load_checkpoint``, then this run's learning rates: the peak (a ``--lr`` given with
+    ``--resume``) and the next step's rate from this run's plan. Returns the trainer state."""
+    # this run's peak rates (a --lr given with --resume): loading the scheduler's and the
+    # optimizer's states puts the saved ones back, so they are restored right after
+    peaks = list(scheduler.base_lrs)
+    state = load_checkpoint(ckpt, model, optimizer, scheduler, dist)
+    scheduler.base_lrs = peaks
+    for group, peak in zip(optimizer.param_groups, peaks):
+        group["initial_lr"] = peak
+    step = state["step"]
+    if step > total_steps:  # (finishing here would delete the checkpoint of a longer run)
+        raise ValueError(f"cannot resume {str(run_dir)!r}: its checkpoint is at step {step}, past the "
+                         f"{total_steps} steps this run now has (--max-steps / --epochs); give more steps")
+    # The learning rate the next step uses, from this run's schedule: the saved one came from
+    # the saved plan, which a --max-steps / --epochs given with --resume changes (identical
+    # otherwise: LambdaLR computes it the same way).
+    for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+        group["lr"] = base_lr * lr_factor(step, total_steps, warmup)
+    return state
+
+def _accumulate_gradients(model: Any, micro: list[tuple[int, dict[str, torch.Tensor] | None, int]], amp: str,
+                          dist: Dist, step: int, run_dir: Path) -> tuple[float, int]:
+    """Forward and backward over one optimizer step's micro-batches (``micro_batch``'s tuples),
+    each loss divided by the labels of the whole step, so the summed gradients are those of the
+    step's mean loss. Returns (this process's part of that mean loss, its tokens)."""
+    n_labels = sum(n for _, _, n in micro)
+    step_loss, step_tokens = 0.0, 0
+    for _, batch, _ in micro:
+        if batch is None:  # this process's share of a short last batch is empty
+            continue
+        with autocast(amp):
+            loss, _ = loss_sum(model, batch)
+        loss = loss / max(n_labels, 1)  # mean over the whole accumulated step's labels
+        if not torch.isfinite(loss) and dist.world == 1:  # (several: checked on the sum, after the exchange)
+            raise NonFiniteLossError(_diverged_message(step + 1, "loss", run_dir))
+        loss.backward()
+        step_loss += float(loss.detach())
+        step_tokens += int(batch["attention_mask"].sum())
+    return step_loss, step_tokens
+
+def _write_trained(model: Any, tokenizer: Any, cfg: TrainConfig, run_dir: Path) -> None:
+    """The run's result: the adapter (PEFT format), or a full fine-tune's model and tokenizer in ``model/``."""
+    if cfg.method != "full":
+        save_run_adapter(model, run_dir, cfg)
+        return
+    model.config.use_cache = True
+
+    def write_model(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+    # (into a temporary directory renamed when whole: a kill mid-save left a model/ with
+    # weights but no tokenizer, which eval and generate refused without saying why)
+    shutil.rmtree(run_dir / "model", ignore_errors=True)  # (a resumed run's unfinished one)
+    write_new_directory(run_dir / "model", write_model)
+
+def _give_back(model: Any, handed: tuple[list[tuple[torch.nn.Parameter, bool]], bool | None]) -> None:
+    """After a failed run on a model given to ``train()``: remove its LoRA layers and put back the
+    parameters' trainability and ``use_cache`` as ``handed`` recorded them before the run."""
+    if get_state(model) is None:
+        return
+    from lorakit.adapters import unload
+
+    unload(model)
+    flags, use_cache = handed
+    for p, flag in flags:
+        p.requires_grad_(flag)
+    if use_cache is not None:
+        model.config.use_cache = use_cache
 
 
 #: What a run writes into its directory (the clean-up of a failed new run removes these only).
