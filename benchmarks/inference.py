@@ -22,8 +22,11 @@ split, so the adapters' share of the step is larger with two threads than with o
 measurement, on the same models in the same process (``make bench`` does this: one model build
 serves both tables).
 
-Shapes: prefill-like 4 × 128 tokens, and 16 × 1 (one token per row, as in a decode step without a
-cache). Adapter: r = 16 on all linear layers of the embedded SmolLM2-135M-Instruct, non-zero weights.
+Shapes: 4 × 128 tokens with logits at every position (a scoring forward, the issue's "unmerged
+forward"), the same with the last position's logits only (``logits_to_keep=1``, as a prefill before
+generation: without the vocabulary head's products at 511 of 512 positions, about a fifth of the
+forward, the adapters' share of what is left is larger), and 16 × 1 (one token per row, as in a
+decode step without a cache). Adapter: r = 16 on all linear layers of the embedded SmolLM2-135M-Instruct, non-zero weights.
 """
 from __future__ import annotations
 
@@ -109,22 +112,23 @@ def measure_and_print(models: dict, rounds_arg: int) -> None:
 
     clock = time.thread_time if torch.get_num_threads() == 1 else time.perf_counter
     base = models["base"]
-    shapes = {"4 x 128": (4, 128), "16 x 1": (16, 1)}
-    rounds = {"4 x 128": 2 * rounds_arg, "16 x 1": 20 * rounds_arg}  # one forward per model and round
+    shapes = {"4 x 128": (4, 128, {}), "4 x 128, last logits": (4, 128, {"logits_to_keep": 1}), "16 x 1": (16, 1, {})}
+    rounds = {"4 x 128": 2 * rounds_arg, "4 x 128, last logits": 2 * rounds_arg,
+              "16 x 1": 20 * rounds_arg}  # one forward per model and round
     results: dict[str, dict[str, list[float]]] = {s: {k: [] for k in models} for s in shapes}
     order = random.Random(0)
     with torch.inference_mode():
-        for shape_name, (b, t) in shapes.items():
+        for shape_name, (b, t, kw) in shapes.items():
             ids = torch.randint(3, base.config.vocab_size, (b, t))
             for m in models.values():  # warm-up
-                m(input_ids=ids, use_cache=False)
+                m(input_ids=ids, use_cache=False, **kw)
             names = list(models)
             for _ in range(rounds[shape_name]):
                 order.shuffle(names)  # no model always runs right after the same other one
                 for name in names:
                     m = models[name]
                     start = clock()
-                    m(input_ids=ids, use_cache=False)
+                    m(input_ids=ids, use_cache=False, **kw)
                     results[shape_name][name].append(clock() - start)
 
     print(f"{torch.get_num_threads()} torch thread(s), "

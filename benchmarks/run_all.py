@@ -20,9 +20,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # (title, script, arguments, arguments with --quick)
 SUITE = [
     ("Training step: lorakit vs PEFT, LoRA vs full fine-tuning (issue 7: 1, 3)", "train_step.py",
-     ["--repeats", "1", "--steps", "1", "--pairs", "3"], ["--repeats", "1", "--steps", "1", "--pairs", "2"]),
+     ["--repeats", "2", "--steps", "1", "--pairs", "3"], ["--repeats", "1", "--steps", "1", "--pairs", "2"]),
     ("Time to the same quality: `lorakit train` vs the transformers + PEFT recipe (issue 7: 2)", "time_to_quality.py",
-     ["--steps", "18", "--eval-every", "6", "--eval-samples", "64"], ["--quick"]),
+     ["--steps", "18", "--eval-every", "6", "--eval-samples", "128", "--seeds", "2"], ["--quick"]),
     ("Inference: unmerged / merged vs base, 2 threads (wall clock) and 1 thread (CPU time) (issue 7: 4)",
      "inference.py", ["--rounds", "3", "--one-thread-rounds", "2"], ["--rounds", "1", "--one-thread-rounds", "1"]),
     ("Attention kernels at fine-tuning lengths (used by `lorakit train` in bf16)", "attention.py", ["--rounds", "3"],

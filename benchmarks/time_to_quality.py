@@ -11,6 +11,11 @@ gradient clipping and number of steps; eval loss on the same held-out examples e
   batches padded to the longest row, ``model(input_ids, attention_mask, labels).loss`` (full
   logits), AdamW.
 
+Each run trains in a fresh process of its own (which one starts first alternates with the seed), so
+neither inherits the other's warmed-up allocator or kernels, and hands its adapter copies back in a
+file. ``--seeds`` repeats the comparison with other seeds (other batches, another LoRA init); the
+table gives each seed's ratios and their median.
+
 Both runs see the same batches in the same order — lorakit's (``epoch_batches``, length-bucketed,
 so the recipe pads as little as lorakit does): over a few dozen steps the order alone decides much
 of the curve (an audit: the recipe's eval loss after 6 steps was 0.516 with its own shuffle and
@@ -26,22 +31,26 @@ has B = 0), evaluated once.
 
 Two target qualities: the recipe's final eval loss (strict), and the worse of the two runs' final
 eval losses (a level both reach); the table gives each run's training time (evaluation excluded) to
-first reach each, interpolating between eval points, and the ratio.
+first reach each, interpolating between eval points, and the ratio. The eval loss moves between
+eval points by more than the runs differ, so a crossing can come an eval point early or late by
+chance; the training time per step (same batches, same number of steps) is the steadier ratio.
 
-    python benchmarks/time_to_quality.py [--steps 24] [--eval-every 6] [--eval-samples 64] [--quick]
+    python benchmarks/time_to_quality.py [--steps 24] [--eval-every 6] [--eval-samples 128] [--seeds 1] [--quick]
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine  # noqa: E402
+from _common import ROOT, machine  # noqa: E402
 
 
 def time_to(curve: list[tuple[float, float]], target: float) -> float | None:
@@ -169,70 +178,126 @@ def eval_curves(cfg, eval_data, pad_id: int, runs: dict[str, tuple[dict, dict]])
     return curves
 
 
+def config(args: argparse.Namespace, seed: int):
+    from lorakit.train.config import TrainConfig
+
+    return TrainConfig(max_steps=args.steps, eval_steps=args.eval_every, eval_samples=args.eval_samples,
+                       save_steps=0, seed=seed)
+
+
+def worker(run: str, args: argparse.Namespace, seed: int, out: str) -> None:
+    """One run (``recipe`` or ``lorakit``) in this fresh process; its adapter copies, training
+    seconds at them (and lorakit's own before / after loss) saved to ``out``."""
+    import torch
+
+    from lorakit.models import load_tokenizer
+    from lorakit.train.config import TrainConfig
+    from lorakit.train.data import load_examples, tokenize_all
+
+    cfg = config(args, seed)
+    if run == "recipe":
+        tokenizer = load_tokenizer(cfg.model)
+        train_data = tokenize_all(tokenizer, load_examples(None, "train"), cfg.max_length)
+        snapshots, elapsed = run_recipe(cfg, train_data, tokenizer.pad_token_id)
+        own = None
+    else:
+        threads = torch.get_num_threads()  # (the recipe's: torch's default)
+        snapshots, elapsed, own = run_lorakit(TrainConfig(**{**cfg.to_dict(), "output": None, "threads": threads}))
+    torch.save({"snapshots": snapshots, "elapsed": elapsed, "own": own, "threads": torch.get_num_threads()}, out)
+
+
+def fresh_run(run: str, args: argparse.Namespace, seed: int, tmp: str) -> dict:
+    out = str(Path(tmp) / f"{run}-{seed}.pt")
+    argv = [sys.executable, __file__, "--worker", run, "--steps", str(args.steps), "--eval-every",
+            str(args.eval_every), "--eval-samples", str(args.eval_samples), "--seeds", str(seed), "--out", out]
+    proc = subprocess.run(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    sys.stderr.write(proc.stderr)
+    if proc.returncode != 0:
+        raise RuntimeError(f"the {run} run (seed {seed}) failed:\n{proc.stderr[-3000:]}")
+    import torch
+
+    return torch.load(out, weights_only=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--eval-every", type=int, default=6,
                     help="eval points resolve the time to target (default 6 steps; each eval point of the "
                          "recipe costs about two of its steps)")
-    ap.add_argument("--eval-samples", type=int, default=64,
+    ap.add_argument("--eval-samples", type=int, default=128,
                     help="held-out examples; the loss is over 1-2 answer tokens each, so fewer than ~100 is noisy")
+    ap.add_argument("--seeds", type=int, default=1, help="comparisons with seeds 0, 1, ... (default 1)")
     ap.add_argument("--quick", action="store_true", help="8 steps, for a smoke run")
+    ap.add_argument("--worker", choices=["recipe", "lorakit"], help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.quick:
         args.steps, args.eval_every, args.eval_samples = 8, 4, 16
+    if args.worker:  # (--seeds is the seed itself here)
+        worker(args.worker, args, args.seeds, args.out)
+        return
 
     from lorakit.models import load_tokenizer
-    from lorakit.train.config import TrainConfig
     from lorakit.train.data import load_examples, tokenize_all
 
-    cfg = TrainConfig(max_steps=args.steps, eval_steps=args.eval_every, eval_samples=args.eval_samples, save_steps=0)
-    tokenizer = load_tokenizer(cfg.model)
-    pad_id = tokenizer.pad_token_id
-    train_data = tokenize_all(tokenizer, load_examples(None, "train"), cfg.max_length)
-    eval_data = tokenize_all(tokenizer, load_examples(None, "test")[: cfg.eval_samples], cfg.max_length)
-
-    import torch
-
-    recipe_run = run_recipe(cfg, train_data, pad_id)
-    threads = torch.get_num_threads()  # (the recipe's: torch's default)
-    *ours_run, ours_own = run_lorakit(TrainConfig(**{**cfg.to_dict(), "output": None, "threads": threads}))
-    curves = eval_curves(cfg, eval_data, pad_id, {"recipe": recipe_run, "lorakit": tuple(ours_run)})
-    recipe, ours = curves["recipe"], curves["lorakit"]
-    target = recipe[-1][1]
-    t_recipe, t_ours = time_to(recipe, target), time_to(ours, target)
-    # The eval loss is over the 1-2 answer tokens of each example, so it moves between eval points
-    # (±0.05 on 32-48 examples); the strict target (the recipe's final loss) can be hit or missed by
-    # that noise, so also report a level both runs reach.
-    common = max(recipe[-1][1], ours[-1][1])
-    c_recipe, c_ours = time_to(recipe, common), time_to(ours, common)
-
-    print(f"Machine: {machine()}\n")
-    print(f"Command: `python benchmarks/time_to_quality.py --steps {args.steps} --eval-every {args.eval_every} "
-          f"--eval-samples {args.eval_samples}`\n")
-    print(f"Same data in the same batches and order (lorakit's length-bucketed ones), {threads} torch thread(s) each, "
-          f"LoRA (r {cfg.rank}, all linear layers), lr {cfg.learning_rate:g} with warm-up + cosine, batch "
-          f"{cfg.batch_size}, {args.steps} steps; eval loss on {args.eval_samples} held-out examples every "
-          f"{args.eval_every} steps: each run's adapter copied there and evaluated afterwards by one evaluator (the "
-          f"fp32 base with lorakit's LoRA, the same `eval_loss` call); step 0, the base model itself for both, "
-          f"evaluated once; seconds are training time only.\n")
-    print("| run | eval loss at each eval point (train seconds) | s per step |")
-    print("|---|---|---|")
-    for name, curve in (("transformers + PEFT recipe (fp32)", recipe), ("lorakit train (defaults)", ours)):
-        points = ", ".join(f"{loss:.3f} ({sec:.0f})" for sec, loss in curve)
-        print(f"| {name} | {points} | {curve[-1][0] / args.steps:.2f} |")
-    print("\n| target eval loss | recipe reaches it at s | lorakit at s | lorakit ÷ recipe |")
-    print("|---|---|---|---|")
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(args.seeds):
+            order = ("recipe", "lorakit") if seed % 2 == 0 else ("lorakit", "recipe")
+            done = {run: fresh_run(run, args, seed, tmp) for run in order}
+            cfg = config(args, seed)
+            tokenizer = load_tokenizer(cfg.model)
+            eval_data = tokenize_all(tokenizer, load_examples(None, "test")[: cfg.eval_samples], cfg.max_length)
+            curves = eval_curves(cfg, eval_data, tokenizer.pad_token_id,
+                                 {run: (done[run]["snapshots"], done[run]["elapsed"]) for run in ("recipe", "lorakit")})
+            rows.append((seed, curves, done["lorakit"]["own"], done["recipe"]["threads"]))
 
     def fmt(t):
         return "not reached" if t is None else f"{t:.1f}"
 
-    for label, goal, a, b in ((f"the recipe's final loss, {target:.4f}", target, t_recipe, t_ours),
-                              (f"the worse final loss of the two, {common:.4f} (both reach it)", common, c_recipe, c_ours)):
-        ratio = f"**{b / a:.3f}**" if a and b is not None else "—"
-        print(f"| {label} | {fmt(a)} | {fmt(b)} | {ratio} |")
-    print(f"\nPer step, lorakit took {ours[-1][0] / recipe[-1][0]:.3f}x the recipe's training time. lorakit's own "
-          f"before/after eval loss on its bf16 base (as `lorakit train` reports it): {ours_own[0]:.3f} / {ours_own[1]:.3f}.")
+    print(f"Machine: {machine()}\n")
+    print(f"Command: `python benchmarks/time_to_quality.py --steps {args.steps} --eval-every {args.eval_every} "
+          f"--eval-samples {args.eval_samples} --seeds {args.seeds}`\n")
+    cfg = config(args, 0)
+    print(f"Same data in the same batches and order (lorakit's length-bucketed ones, from the seed), "
+          f"{rows[0][3]} torch thread(s) each, each run in a fresh process of its own, LoRA (r {cfg.rank}, all "
+          f"linear layers), lr {cfg.learning_rate:g} with warm-up + cosine, batch {cfg.batch_size}, {args.steps} "
+          f"steps; eval loss on {args.eval_samples} held-out examples every {args.eval_every} steps: each run's "
+          f"adapter copied there and evaluated afterwards by one evaluator (the fp32 base with lorakit's LoRA, the "
+          f"same `eval_loss` call); step 0, the base model itself for both, evaluated once; seconds are training "
+          f"time only. lorakit runs `lorakit train`'s defaults (bf16 base where the CPU has bf16, fused AdamW, "
+          f"loss at answer tokens).\n")
+    print("| seed | run | eval loss at each eval point (train seconds) | s per step |")
+    print("|---|---|---|---|")
+    for seed, curves, _, _ in rows:
+        for name, run in (("transformers + PEFT recipe (fp32)", "recipe"), ("lorakit train (defaults)", "lorakit")):
+            points = ", ".join(f"{loss:.3f} ({sec:.0f})" for sec, loss in curves[run])
+            print(f"| {seed} | {name} | {points} | {curves[run][-1][0] / args.steps:.2f} |")
+    print("\n| seed | lorakit ÷ recipe, training time per step | to the recipe's final loss (s: recipe, lorakit) "
+          "| to the worse final loss of the two (s: recipe, lorakit) |")
+    print("|---|---|---|---|")
+    per_step, strict, common = [], [], []
+    for seed, curves, _, _ in rows:
+        recipe, ours = curves["recipe"], curves["lorakit"]
+        per_step.append(ours[-1][0] / recipe[-1][0])
+        cols = []
+        for goal, keep in ((recipe[-1][1], strict), (max(recipe[-1][1], ours[-1][1]), common)):
+            a, b = time_to(recipe, goal), time_to(ours, goal)
+            if a and b is not None:
+                keep.append(b / a)
+            cols.append(f"{b / a:.3f} at loss {goal:.4f} ({fmt(a)}, {fmt(b)})" if a and b is not None
+                        else f"— at loss {goal:.4f} ({fmt(a)}, {fmt(b)})")
+        print(f"| {seed} | {per_step[-1]:.3f} | {' | '.join(cols)} |")
+    if len(rows) > 1:
+        med = [f"**{statistics.median(v):.3f}** ({min(v):.3f}–{max(v):.3f})" if v else "—"
+               for v in (per_step, strict, common)]
+        print(f"| median (min–max) | {' | '.join(med)} |")
+    else:
+        print(f"\nlorakit ÷ recipe: **{per_step[0]:.3f}** per step; "
+              + (f"**{strict[0]:.3f}** to the recipe's final loss." if strict else "the recipe's final loss not reached."))
+    own = "; ".join(f"seed {seed}: {o[0]:.3f} / {o[1]:.3f}" for seed, _, o, _ in rows)
+    print(f"\nlorakit's own before/after eval loss on its bf16 base (as `lorakit train` reports it): {own}.")
 
 
 if __name__ == "__main__":

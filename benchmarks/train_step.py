@@ -1,9 +1,10 @@
 """Training step: lorakit vs PEFT 0.21 (same model, rank, batch, precision, optimizer), and LoRA vs full.
 
-Step time: both setups on copies of one loaded model in ONE process, their steps alternating (who
-goes first alternates), so machine noise hits both alike; the table gives the median of the
-per-pair ratios (min–max) and best = fastest ÷ fastest. Peak RSS and bytes saved for backward: each
-library alone in a fresh process (so each peak is its own), lorakit and PEFT interleaved, repeated.
+Step time: the setups on copies of one loaded model in ONE process, their steps alternating (who
+goes first rotates), so machine noise hits all alike; the table gives the median of the per-round
+ratios (min–max) and best = fastest ÷ fastest. Peak RSS and bytes saved for backward: each setup
+alone in a fresh process (so each peak is its own; every process imports peft, so its ~100 MiB
+count on both sides), the setups interleaved, repeated.
 
     python benchmarks/train_step.py [--repeats 2] [--steps 2] [--pairs 3]
 
@@ -20,6 +21,11 @@ PEFT runs the usual recipe: ``model(input_ids, attention_mask, labels).loss``. l
 RMSNorms; its attention, causal in blocks of 64 queries, engages in bf16 only) and its training loss
 (``lorakit.train.generate.loss_sum``: head + loss only at label positions, chunked). The full
 fine-tuning step uses lorakit's loss too, so LoRA ÷ full compares like with like.
+
+Two more PEFT setups say how much of each ratio is whose: ``peft-sameloss`` is PEFT's LoRA with
+lorakit's loss (what is left is the LoRA layers and training kernels), and ``peft-autocast`` (bf16
+row) is PEFT under ``torch.autocast(bfloat16)`` with ``peft.helpers.disable_input_dtype_casting``:
+the rank-r products in bf16 as lorakit runs them, settings a PEFT user can choose.
 
 LoRA ÷ full is measured in one process holding three models (copies of the base taken before
 injection): LoRA as ``lorakit train`` runs it, LoRA without the training kernels (the same ops as
@@ -40,9 +46,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import machine, peak_rss_mb, ratio_stats, reset_peak_rss, run_worker, saved_for_backward  # noqa: E402
 
 BATCH, SEQ, RANK, ANSWER = 4, 256, 16, 32
+PEER_LABELS = {"peft-sameloss": "PEFT with lorakit's loss", "peft-autocast": "PEFT under bf16 autocast, input casting off"}
 #: (workload, LoRA dropout, base dtype): dropout 0 is the default of both LoraConfigs and of
 #: `lorakit train`, 0.05 is common in recipes; bf16 is `lorakit train`'s default on CPUs with bf16.
-WORKLOADS = [("lm", 0.0, "fp32"), ("sft", 0.0, "fp32"), ("lm", 0.05, "fp32"), ("lm", 0.0, "bf16")]
+#: Each workload's PEFT setups besides the usual one (``setup``'s kinds).
+WORKLOADS = [("lm", 0.0, "fp32", ("peft-sameloss",)), ("sft", 0.0, "fp32", ("peft-sameloss",)),
+             ("lm", 0.05, "fp32", ()), ("lm", 0.0, "bf16", ("peft-autocast",))]
 
 
 def make_batch(workload: str, vocab: int, shape: tuple[int, int] = (BATCH, SEQ)):
@@ -59,21 +68,39 @@ def make_batch(workload: str, vocab: int, shape: tuple[int, int] = (BATCH, SEQ))
 def setup(kind: str, model, batch: dict, dropout: float = 0.0):
     """The compared setups on ``model``: (the model to train, its loss function).
 
-    ``"peft"``: PEFT 0.21's LoRA and the usual ``model(**batch).loss``; ``"lorakit"``: LoRA as
+    ``"peft"``: PEFT 0.21's LoRA and the usual ``model(**batch).loss``; ``"peft-sameloss"``: the
+    same with lorakit's loss (``loss_sum`` on the model PEFT wraps); ``"peft-autocast"``: the usual
+    recipe under bf16 autocast, PEFT's cast of each adapted layer's input to the adapter's fp32 off
+    (``disable_input_dtype_casting``), so its rank-r products run in bf16; ``"lorakit"``: LoRA as
     ``lorakit train`` sets it up (``get_lora_model`` + ``use_lora_training_kernels``, whose attention
     engages only in bf16: at <= 128 keys, or <= 256 when causal) with its loss at label positions;
     ``"lorakit-plain"``: the same without the training kernels; ``"full"``: every weight trained, with
     lorakit's loss and no training kernels (they engage only around frozen weights). r = RANK on all
     linear layers, alpha 2·RANK.
     """
-    if kind == "peft":
+    from lorakit.train.generate import loss_sum
+
+    if kind in ("peft", "peft-sameloss", "peft-autocast"):
         import peft
+        import peft.helpers
+        import torch
 
         cfg = peft.LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=dropout, target_modules="all-linear")
         model = peft.get_peft_model(model, cfg)
+        if kind == "peft-sameloss":
+            inner = model.base_model.model
+
+            def same_loss():
+                loss, n = loss_sum(inner, batch)
+                return loss / n
+            return model, same_loss
+        if kind == "peft-autocast":
+            def autocast_loss():
+                with torch.autocast("cpu", dtype=torch.bfloat16), peft.helpers.disable_input_dtype_casting(model):
+                    return model(**batch).loss
+            return model, autocast_loss
         return model, lambda: model(**batch).loss
     import lorakit as lk
-    from lorakit.train.generate import loss_sum
     from lorakit.train.loop import use_lora_training_kernels
 
     if kind in ("lorakit", "lorakit-plain"):
@@ -81,7 +108,8 @@ def setup(kind: str, model, batch: dict, dropout: float = 0.0):
         if kind == "lorakit":
             use_lora_training_kernels(model)
     elif kind != "full":
-        raise ValueError(f"unknown setup {kind!r}: expected 'peft', 'lorakit', 'lorakit-plain' or 'full'")
+        raise ValueError(f"unknown setup {kind!r}: expected 'peft', 'peft-sameloss', 'peft-autocast', "
+                         "'lorakit', 'lorakit-plain' or 'full'")
 
     def loss_fn():
         loss, n = loss_sum(model, batch)
@@ -105,13 +133,21 @@ def pair_worker(kinds: tuple[str, ...], workload: str, dropout: float, dtype: st
     torch.manual_seed(0)
     model, _ = load_model_and_tokenizer(dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
     batch = make_batch(workload, model.config.vocab_size)
-    models = {kind: model if i == 0 else copy.deepcopy(model) for i, kind in enumerate(kinds)}  # before injection
+    # every setup on a copy taken before injection: the loaded model's weights are mapped from the
+    # file, the copies' are ordinary memory, so none of them trains on weights held otherwise
+    models = {kind: copy.deepcopy(model) for kind in kinds}
+    del model
 
     def stepper(kind, model):
         model, loss_fn = setup(kind, model, batch, dropout)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=1e-4)
+        if "full" in kinds:  # LoRA vs full: AdamW as `lorakit train` runs it, for both (fused)
+            from lorakit.train.loop import fused_if_supported
+
+            opt = fused_if_supported(lambda **kw: torch.optim.AdamW(params, lr=1e-4, **kw))
+        else:
+            opt = torch.optim.AdamW(params, lr=1e-4)
 
         def step() -> tuple[float, float]:
             t0 = time.perf_counter()
@@ -133,9 +169,12 @@ def pair_worker(kinds: tuple[str, ...], workload: str, dropout: float, dtype: st
     return {"times": times, "params": {kind: steppers[kind][1:] for kind in kinds}}
 
 
-def worker(lib: str, method: str, workload: str, steps: int, dropout: float, dtype: str = "fp32") -> dict:
+def worker(kind: str, workload: str, steps: int, dropout: float, dtype: str = "fp32") -> dict:
+    """One ``setup`` kind alone in this process: its peak RSS over ``steps`` steps after a warm-up
+    step, the bytes it saves for backward, its fastest step."""
     import time
 
+    import peft  # noqa: F401  (in every worker: the import's memory counts on both sides alike)
     import torch
 
     from lorakit.models import load_model_and_tokenizer
@@ -144,7 +183,7 @@ def worker(lib: str, method: str, workload: str, steps: int, dropout: float, dty
     model, _ = load_model_and_tokenizer(dtype=torch.bfloat16 if dtype == "bf16" else torch.float32)
     model.train()  # bf16: the frozen base in bf16; both libraries keep the adapters in fp32
     batch = make_batch(workload, model.config.vocab_size)
-    model, loss_fn = setup("peft" if lib == "peft" else "lorakit" if method == "lora" else "full", model, batch, dropout)
+    model, loss_fn = setup(kind, model, batch, dropout)
     model.train()  # after the setup, as `lorakit train` does (a model.train() once undid lorakit's fused norms)
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -182,7 +221,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="timed steps per process; the fastest counts")
     ap.add_argument("--pairs", type=int, default=3,
                     help="alternating step pairs in one process: lorakit / PEFT (step time) and LoRA / full")
-    ap.add_argument("--worker", nargs=6, metavar=("LIB", "METHOD", "WORKLOAD", "STEPS", "DROPOUT", "DTYPE"))
+    ap.add_argument("--worker", nargs=5, metavar=("KIND", "WORKLOAD", "STEPS", "DROPOUT", "DTYPE"),
+                    help=argparse.SUPPRESS)
     ap.add_argument("--pair-worker", nargs=5, metavar=("KINDS", "WORKLOAD", "DROPOUT", "DTYPE", "ROUNDS"),
                     help=argparse.SUPPRESS)  # KINDS: comma-separated setup kinds
     args = ap.parse_args()
@@ -191,37 +231,44 @@ def main() -> None:
         print(json.dumps(pair_worker(tuple(kinds.split(",")), workload, float(dropout), dtype, int(rounds))))
         return
     if args.worker:
-        lib, method, workload, steps, dropout, dtype = args.worker
-        print(json.dumps(worker(lib, method, workload, int(steps), float(dropout), dtype)))
+        kind, workload, steps, dropout, dtype = args.worker
+        print(json.dumps(worker(kind, workload, int(steps), float(dropout), dtype)))
         return
     script = Path(__file__)
-    rows = []
-    for workload, dropout, dtype in WORKLOADS:
-        runs: dict[str, list[dict]] = {"lorakit": [], "peft": []}
-        for _ in range(args.repeats):
-            for key, lib in (("lorakit", "lorakit"), ("peft", "peft")):
-                runs[key].append(run_worker(script, [lib, "lora", workload, str(args.steps), str(dropout), dtype]))
-                print(f"  {workload} p={dropout} {dtype} {key}: {runs[key][-1]}", file=sys.stderr, flush=True)
-        pair = run_worker(script, [], extra=["--pair-worker", "lorakit,peft", workload, str(dropout), dtype,
+    rows, extra_rows = [], []
+    for workload, dropout, dtype, others in WORKLOADS:
+        kinds = ("lorakit", "peft", *others)
+        runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
+        for repeat in range(args.repeats):
+            for kind in kinds if repeat == 0 else kinds[:2]:  # (the other PEFT setups: once)
+                runs[kind].append(run_worker(script, [kind, workload, str(args.steps), str(dropout), dtype]))
+                print(f"  {workload} p={dropout} {dtype} {kind}: {runs[kind][-1]}", file=sys.stderr, flush=True)
+        pair = run_worker(script, [], extra=["--pair-worker", ",".join(kinds), workload, str(dropout), dtype,
                                              str(args.pairs)])
-        print(f"  {workload} p={dropout} {dtype} lorakit vs peft: {pair}", file=sys.stderr, flush=True)
-        whole = [(a[0], b[0]) for a, b in zip(pair["times"]["lorakit"], pair["times"]["peft"])]
-        m = [a["peak_mb"] / b["peak_mb"] for a, b in zip(runs["lorakit"], runs["peft"])]
-        s = [a["saved_mb"] / b["saved_mb"] for a, b in zip(runs["lorakit"], runs["peft"])]
+        print(f"  {workload} p={dropout} {dtype} {'/'.join(kinds)}: {pair}", file=sys.stderr, flush=True)
         label = f"{workload}, dropout {dropout:g}, {dtype}"
-        if dtype == "bf16":
-            label += " base (rank-r products: lorakit bf16, PEFT fp32)"
-        rows.append((label, whole, m, s, runs))
+        for peer in kinds[1:]:
+            whole = [(a[0], b[0]) for a, b in zip(pair["times"]["lorakit"], pair["times"][peer])]
+            m = [a["peak_mb"] / b["peak_mb"] for a, b in zip(runs["lorakit"], runs[peer])]
+            s = [a["saved_mb"] / b["saved_mb"] for a, b in zip(runs["lorakit"], runs[peer])]
+            row = (label, whole, m, s, {"lorakit": runs["lorakit"], peer: runs[peer]})
+            if peer == "peft":
+                rows.append((label + (" base (rank-r products: lorakit bf16, PEFT fp32)" if dtype == "bf16" else ""),
+                             *row[1:]))
+            else:
+                extra_rows.append((f"{label} vs {PEER_LABELS[peer]}", *row[1:]))
     # LoRA ÷ full: once, on the fp32 lm workload without dropout, all three models in one process
     full = run_worker(script, [], extra=["--pair-worker", "lorakit,lorakit-plain,full", "lm", "0", "fp32", str(args.pairs)])
     print(f"  lora vs full: {full}", file=sys.stderr, flush=True)
     print(f"Machine: {machine()}\n")
     print(f"Command: `python benchmarks/train_step.py --repeats {args.repeats} --steps {args.steps} --pairs {args.pairs}`\n")
-    print(f"Step time: {args.pairs} alternating lorakit / PEFT step pairs in one process (both on copies of one "
-          "loaded model), median of the per-pair ratios (min–max), and best = fastest ÷ fastest. Peak RSS "
-          f"and saved bytes: each library alone in a fresh process ({args.repeats} interleaved "
-          "repeat(s)), so each peak is its own. Saved bytes: the storages autograd keeps for backward "
-          "(`saved_tensors_hooks`), plus lorakit's dropout masks, which its nodes keep as bits.\n")
+    print(f"Step time: {args.pairs} rounds in one process of one step of each setup (lorakit, PEFT and, where the "
+          "second table lists one, another PEFT setup; each on its own copy of one loaded model), who goes first "
+          "rotating; median of the per-round ratios (min–max), and best = fastest ÷ fastest. Peak RSS "
+          f"and saved bytes: each setup alone in a fresh process ({args.repeats} interleaved "
+          "repeat(s) of lorakit and PEFT, one of the other PEFT setups), so each peak is its own; every process "
+          "imports peft. Saved bytes: the storages autograd "
+          "keeps for backward (`saved_tensors_hooks`), plus lorakit's dropout masks, which its nodes keep as bits.\n")
     counts = {key: rows[0][4][key][0]["trainable"] for key in ("lorakit", "peft")}
     print(f"What is compared: the same model, adapters (r {RANK} on all linear layers: {counts['lorakit']:,} trainable "
           f"numbers in lorakit, {counts['peft']:,} in PEFT), batch and AdamW; lorakit as `lorakit train` runs it "
@@ -236,24 +283,40 @@ def main() -> None:
     for workload, whole, m, s, runs in rows:
         t = f"{ratio_stats([a / b for a, b in whole])}, best {min(a for a, _ in whole) / min(b for _, b in whole):.3f}"
         print(f"| {workload} | {t} | {ratio_stats(m)} | {ratio_stats(s)} |")
+    print("\nWhose is each ratio: lorakit against PEFT set up otherwise in the same runs. With lorakit's loss "
+          "(head + loss at label positions, in chunks) PEFT keeps the usual recipe's LoRA layers, so what is "
+          "left of the ratio is lorakit's LoRA layers and training kernels; under bf16 autocast with its input "
+          "casting off (`peft.helpers.disable_input_dtype_casting`) PEFT runs the rank-r products in bf16 as "
+          "lorakit does, with its usual loss.\n")
+    print("| workload vs | step time | peak RSS | saved-for-backward |")
+    print("|---|---|---|---|")
+    for workload, whole, m, s, runs in extra_rows:
+        t = f"{ratio_stats([a / b for a, b in whole])}, best {min(a for a, _ in whole) / min(b for _, b in whole):.3f}"
+        print(f"| {workload} | {t} | {ratio_stats(m)} | {ratio_stats(s)} |")
     trainable, frozen = full["params"]["lorakit"]
     floor = 2 / 3 + trainable / frozen
     print(f"\nLoRA ÷ full fine-tuning (lm, dropout 0, fp32; {args.pairs} rounds of one step each in one process, "
           f"who goes first rotating; arithmetic floor 2/3 + P/N = {floor:.3f}):\n")
-    print("| LoRA setup | whole step (with AdamW) | forward + backward |")
-    print("|---|---|---|")
+    print("| LoRA setup | whole step (with AdamW) | forward + backward | forward + backward against the floor |")
+    print("|---|---|---|---|")
     for kind, label in (("lorakit", "as `lorakit train` runs it (LoRA layers, training kernels, loss at labels)"),
                         ("lorakit-plain", "the same ops as the full step (LoRA layers and loss, no training kernels)")):
         cols = []
         for k in (0, 1):  # whole step, forward + backward
             lora, fullt = [t[k] for t in full["times"][kind]], [t[k] for t in full["times"]["full"]]
-            cols.append(f"{ratio_stats([a / b for a, b in zip(lora, fullt)])}, best {min(lora) / min(fullt):.3f}")
+            ratios = [a / b for a, b in zip(lora, fullt)]
+            cols.append(f"{ratio_stats(ratios)}, best {min(lora) / min(fullt):.3f}")
+        cols.append(f"{100 * (statistics.median(ratios) / floor - 1):+.1f}%")
         print(f"| {label} | {' | '.join(cols)} |")
     print("\nMedian of the per-round ratios (min–max); best = fastest LoRA step ÷ fastest full step "
-          "(noise only ever slows a step down). The full step runs lorakit's loss but none of the training "
-          "kernels, which engage only around frozen weights (fused SwiGLU tail, q/k/v as one node, RMSNorm "
-          "output recomputed): the floor counts the same work in both steps, so the second row is the one "
-          "to hold against it; the first is below it by what the kernels save. Full step medians: "
+          "(noise only ever slows a step down). Both steps use fused AdamW, as `lorakit train` does. The floor "
+          "counts the weights' products of forward and backward only: the full step's AdamW over all N weights, "
+          "which the whole-step ratio includes, is not in it, nor are the attention's own products (no weights; "
+          "the same in both steps), so forward + backward is the column to hold against it. The full step runs "
+          "lorakit's loss but none of the training kernels, which engage only around frozen weights (fused "
+          "SwiGLU tail, q/k/v as one node, RMSNorm output recomputed): the second row does the same work as the "
+          "full step less the frozen weights' gradients; the first is what the kernels take off that. "
+          "Full step medians: "
           f"{statistics.median(t[0] for t in full['times']['full']):.2f} s whole, "
           f"{statistics.median(t[1] for t in full['times']['full']):.2f} s forward + backward.")
     print("\nAbsolute medians (for scale only; this machine is noisy): step s from the alternating pairs; "
