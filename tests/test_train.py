@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import signal
 
 import pytest
@@ -1152,6 +1153,20 @@ def test_resume_keeps_the_held_out_set_the_before_numbers_were_measured_on(tmp_p
     res = train(cfg.updated(eval_samples=0), resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False,
                 log=_quiet)
     assert res.steps == 4 and res.before["n"] == 24
+
+
+@pytest.mark.parametrize("damage", ["", '{"messages": [\n'])
+def test_a_resume_with_a_damaged_eval_jsonl_names_the_file_and_changes_nothing(tmp_path, tok, data_files, damage):
+    held = write_jsonl(toy_records(6, seed=1), tmp_path / "held.jsonl")
+    cfg, saved = _stopped_at(tmp_path, tok, data_files, 2, save_steps=0, eval_data=str(held))
+    record = tmp_path / "run" / "eval.jsonl"
+    good = record.read_bytes()
+    record.write_text(damage, encoding="utf-8")
+    with pytest.raises(ValueError, match=re.escape(str(record))):
+        train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert (tmp_path / "run" / "train_config.yaml").read_text() == saved and record.read_text() == damage
+    record.write_bytes(good)
+    assert train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet).steps == 4
 
 
 def test_a_refused_resume_for_a_checkpoint_mismatch_leaves_the_config_alone(tmp_path, tok, data_files, monkeypatch):
