@@ -24,8 +24,8 @@ serves both tables).
 
 Shapes: 4 × 128 tokens with logits at every position (a scoring forward, the issue's "unmerged
 forward"), the same with the last position's logits only (``logits_to_keep=1``, as a prefill before
-generation: without the vocabulary head's products at 511 of 512 positions, about a fifth of the
-forward, the adapters' share of what is left is larger), and 16 × 1 (one token per row, as in a
+generation: without the vocabulary head's products at 127 of each row's 128 positions, about a
+fifth of the forward, the adapters' share of what is left is larger), and 16 × 1 (one token per row, as in a
 decode step without a cache). Adapter: r = 16 on all linear layers of the embedded SmolLM2-135M-Instruct, non-zero weights.
 """
 from __future__ import annotations

@@ -210,10 +210,9 @@ def fresh_run(run: str, args: argparse.Namespace, seed: int, tmp: str) -> dict:
     out = str(Path(tmp) / f"{run}-{seed}.pt")
     argv = [sys.executable, __file__, "--worker", run, "--steps", str(args.steps), "--eval-every",
             str(args.eval_every), "--eval-samples", str(args.eval_samples), "--seeds", str(seed), "--out", out]
-    proc = subprocess.run(argv, cwd=ROOT, stderr=subprocess.PIPE, text=True)
-    sys.stderr.write(proc.stderr)
+    proc = subprocess.run(argv, cwd=ROOT)  # (its progress goes to this process's stderr as it runs)
     if proc.returncode != 0:
-        raise RuntimeError(f"the {run} run (seed {seed}) failed:\n{proc.stderr[-3000:]}")
+        raise RuntimeError(f"the {run} run (seed {seed}) failed (exit status {proc.returncode}; its error is above)")
     import torch
 
     return torch.load(out, weights_only=True)

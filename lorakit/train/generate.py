@@ -145,7 +145,8 @@ def _plain_logits(model: Any, backbone: Any, head: Any) -> bool:
     ids = torch.tensor([[0, 1]], device=device)
     try:
         model.eval()
-        with torch.no_grad():
+        # (autocast off: a caller's bf16 autocast would round both sides, and the answer is cached)
+        with torch.no_grad(), torch.autocast(ids.device.type, enabled=False):
             want = model(input_ids=ids, use_cache=False).logits
             got = head(backbone(input_ids=ids, use_cache=False)[0])
         return want.shape == got.shape and torch.equal(want.float(), got.float())

@@ -922,6 +922,7 @@ def _check_processes_agree(dist: Dist, cfg: TrainConfig, train_data: list[Tokeni
         raise ValueError(f"the processes of this run were given different settings ({values}): give every "
                          "process the same arguments (torchrun passes its own to all)")
 
+
 def _count_parameters(model: Any, params: list[torch.nn.Parameter]) -> tuple[int, int]:
     """(trainable numbers, all of the model's numbers: a tied weight once, an NF4 layer's weight too)."""
     from lorakit.layers.nf4_linear import LinearNF4
@@ -971,6 +972,7 @@ def _restore_checkpoint(ckpt: Path, model: Any, optimizer: torch.optim.Optimizer
         group["lr"] = base_lr * lr_factor(step, total_steps, warmup)
     return state
 
+
 def _accumulate_gradients(model: Any, micro: list[tuple[int, dict[str, torch.Tensor] | None, int]], amp: str,
                           dist: Dist, step: int, run_dir: Path) -> tuple[float, int]:
     """Forward and backward over one optimizer step's micro-batches (``micro_batch``'s tuples),
@@ -991,6 +993,7 @@ def _accumulate_gradients(model: Any, micro: list[tuple[int, dict[str, torch.Ten
         step_tokens += int(batch["attention_mask"].sum())
     return step_loss, step_tokens
 
+
 def _write_trained(model: Any, tokenizer: Any, cfg: TrainConfig, run_dir: Path) -> None:
     """The run's result: the adapter (PEFT format), or a full fine-tune's model and tokenizer in ``model/``."""
     if cfg.method != "full":
@@ -1005,6 +1008,7 @@ def _write_trained(model: Any, tokenizer: Any, cfg: TrainConfig, run_dir: Path) 
     # weights but no tokenizer, which eval and generate refused without saying why)
     shutil.rmtree(run_dir / "model", ignore_errors=True)  # (a resumed run's unfinished one)
     write_new_directory(run_dir / "model", write_model)
+
 
 def _give_back(model: Any, handed: tuple[list[tuple[torch.nn.Parameter, bool]], bool | None]) -> None:
     """After a failed run on a model given to ``train()``: remove its LoRA layers and put back the
