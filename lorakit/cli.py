@@ -52,6 +52,9 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
+    import torch
+
+    threads = torch.get_num_threads()  # (a command may pick fewer for itself: a caller's process keeps its own)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
@@ -82,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{process_tag()}lorakit {args.command}: error: another process of this run stopped (the connection "
               "to it was lost); its own error, if it had one, is printed above", file=sys.stderr)
         return 2
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _lost_peer(exc: RuntimeError) -> bool:

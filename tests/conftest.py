@@ -15,6 +15,19 @@ warnings.filterwarnings("ignore", message=".*eos_token_id.*")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+@pytest.fixture(autouse=True)
+def _sigint_as_in_a_terminal():
+    """Every test sees SIGINT handled as Python does by default (KeyboardInterrupt), the old handler
+    after it: pytest started in the background by a script inherits SIGINT ignored, and a training
+    run keeps ignoring a signal it was started ignoring, so the tests that press Ctrl-C (a SIGINT to
+    their own process) would see nothing happen."""
+    import signal
+
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, old)
+
+
 def tiny_llama(seed: int = 0, tie: bool = False, bias: bool = False):
     """A random 2-layer Llama causal LM (hidden 32, vocab 101); ``bias``: q/k/v/o with biases (as Qwen2)."""
     from transformers import LlamaConfig, LlamaForCausalLM

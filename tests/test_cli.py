@@ -76,3 +76,18 @@ def test_ctrl_c_while_the_command_loads_says_interrupted(monkeypatch, capsys):
         raise AssertionError("the KeyboardInterrupt escaped lorakit.cli.main") from None
     assert rc == 130
     assert capsys.readouterr().err.strip() == "interrupted"
+
+
+def test_a_command_gives_the_callers_thread_count_back(monkeypatch, capsys):
+    """``lorakit generate`` / ``chat`` / ``eval`` pick their thread count from how busy the machine is
+    (``auto_threads``); called in-process (``main([...])``) they lowered the caller's for good."""
+    import torch
+
+    import lorakit.train.generate as gen
+    from lorakit.cli import main
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr(gen, "auto_threads", lambda requested=0: torch.set_num_threads(1) or 1)
+    assert main(["generate", "--max-new-tokens", "0", "hi"]) == 2  # refused after the threads were picked
+    assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
+    assert torch.get_num_threads() == before

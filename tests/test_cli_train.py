@@ -475,32 +475,37 @@ def test_real_embedded_model_few_steps(tmp_path, capsys):
 
 
 def test_sigkilled_cli_run_resumes_to_the_uninterrupted_result(trained, tmp_path):
-    """A real ``lorakit train`` process killed with SIGKILL after a checkpoint, then resumed."""
-    import os
+    """A real ``lorakit train`` process killed with SIGKILL two steps after its first checkpoint (its
+    log then holds steps the checkpoint does not), then resumed. The kill comes from inside the run,
+    at a fixed step: a test that polled for the checkpoint and then killed the process lost the race
+    whenever it was kept off the CPU for the ~5 s the run took to finish after it."""
     import signal
     import subprocess
     import sys
-    import time
 
     from safetensors.torch import load_file
 
-    args = ["train", "--model", str(trained["model"]), "--data", str(trained["train"]), "--max-steps", "120",
+    args = ["train", "--model", str(trained["model"]), "--data", str(trained["train"]), "--max-steps", "40",
             "--batch-size", "4", "--save-steps", "3", "--dropout", "0.1", "--precision", "fp32", "--threads", "1",
             "--no-progress"]
     killed = tmp_path / "killed"
-    proc = subprocess.Popen([sys.executable, "-m", "lorakit.cli", *args, "--output", str(killed)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 120
-        while not (killed / "checkpoint" / "trainer_state.json").is_file():
-            assert proc.poll() is None, "the run ended before its first checkpoint"
-            assert time.time() < deadline, "no checkpoint within 120 s"
-            time.sleep(0.05)
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    die_at_step_6 = (
+        "import os, signal, sys\n"
+        "import lorakit.train.loop as loop\n"
+        "step_of = loop._accumulate_gradients\n"
+        "def killing(model, micro, amp, dist, step, run_dir):\n"
+        "    if step == 5:\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return step_of(model, micro, amp, dist, step, run_dir)\n"
+        "loop._accumulate_gradients = killing\n"
+        "from lorakit.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n")
+    proc = subprocess.run([sys.executable, "-c", die_at_step_6, *args, "--output", str(killed)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=600)
     assert proc.returncode == -signal.SIGKILL
     assert not (killed / "adapter_model.safetensors").exists()  # killed before the end
+    logged = [json.loads(line)["step"] for line in (killed / "log.jsonl").read_text().splitlines()]
+    assert logged == [1, 2, 3, 4, 5]  # (two steps past the checkpoint, which resume drops and redoes)
     assert main(["train", "--resume", str(killed), "--no-progress"]) == 0
     assert main([*args, "--output", str(tmp_path / "straight")]) == 0
     a = load_file(str(killed / "adapter_model.safetensors"))

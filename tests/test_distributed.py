@@ -32,6 +32,9 @@ def _worker(rank: int, world: int, store: str, cfg: dict, resume: bool, stop_at:
     if bucket is not None:
         d.BUCKET_NUMEL = bucket  # several exchanges per step
     torch.set_num_threads(1)
+    # as in a terminal: a test run started in the background by a script passes SIGINT on ignored,
+    # and a run keeps ignoring a signal it was started ignoring
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     # a file rendezvous: no port is picked in advance (a port found free can be taken before it is bound)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:

@@ -436,6 +436,26 @@ def test_ctrl_c_saves_checkpoint_and_resumes(tmp_path, tok, data_files):
     assert res.steps == 5 and not res.interrupted
 
 
+def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(tmp_path, tok, data_files):
+    """A background job of a shell script starts with SIGINT ignored, so that a Ctrl-C at the terminal
+    does not reach it: the run must not take the signal over (it stopped after the step instead)."""
+    seen = []
+
+    def ctrl_c(step, _loss):
+        seen.append(signal.getsignal(signal.SIGINT))
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        res = train(_cfg(tmp_path, data_files, max_steps=4), model=tiny_llama_lm(tok), tokenizer=tok,
+                    progress=False, on_step=ctrl_c, log=_quiet)
+        after = signal.getsignal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert not res.interrupted and res.steps == 4
+    assert seen == [signal.SIG_IGN] * 4 and after is signal.SIG_IGN
+
+
 def test_ctrl_c_while_the_last_steps_checkpoint_is_written_keeps_the_run(tmp_path, tok, data_files, monkeypatch):
     # the loop's handler was removed before the checkpoint after the last step: a Ctrl-C there raised
     # KeyboardInterrupt, and the clean-up of a run without a checkpoint deleted the finished run

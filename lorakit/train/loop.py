@@ -557,7 +557,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
            on_step: Callable[[int, float], None] | None, log: Callable[[str], None], dist: Dist) -> TrainResult:
     if not dist.main:  # one voice: the first process logs and draws the progress bar
         log, progress = _silent, False
-    wall_start = time.time()
+    wall_start = time.perf_counter()
     cfg = with_absolute_paths(cfg)
     # normpath: "runs/typo/.." is "runs" (what mkdir(parents=True) would make it), so the checks
     # below see the directory the run would really write to
@@ -608,11 +608,11 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
         def run_eval(tag: str) -> dict[str, Any]:
             if not eval_examples:
                 return {}
-            t0 = time.time()
+            t0 = time.perf_counter()
             res = evaluate_shared(dist, model, tokenizer, eval_examples, max_length, max(cfg.batch_size, 16), amp)
             graded = "" if res["n_accuracy"] == res["n"] else f" (of {res['n_accuracy']} graded)"
             log(f"[{tag}] held-out loss {res['loss']:.4f}, accuracy {format_metric(res['accuracy'], True)}{graded} "
-                f"on {res['n']} examples ({time.time() - t0:.0f} s)")
+                f"on {res['n']} examples ({time.perf_counter() - t0:.0f} s)")
             return {k: v for k, v in res.items() if k != "predictions"} | {"samples": res["predictions"][:5]}
 
         if cfg.method == "qlora":  # the "before" column is the model QLoRA trains: the NF4 base
@@ -671,7 +671,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
             save_checkpoint(run_dir, model, optimizer, scheduler, {
                 "step": step, "total_steps": total_steps, "epoch": epoch, "micro_batch": pos,
                 "tokens": tokens_done, "train_seconds": train_seconds, "before": before, "losses": losses,
-                "wall_seconds": wall_before + time.time() - wall_start,
+                "wall_seconds": wall_before + time.perf_counter() - wall_start,
                 "seed": cfg.seed, "world_size": dist.world}, cfg, rng_states)
 
         procs = f" in each of {dist.world} processes" if dist.world > 1 else ""
@@ -691,7 +691,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
         try:
             with log_path.open("a", encoding="utf-8") if dist.main else contextlib.nullcontext() as log_fh:
                 while step < total_steps:
-                    t0 = time.time()
+                    t0 = time.perf_counter()
                     micro = [micro_batch(train_data, cfg, index, per_epoch, pad_id, batches_cache, dist)
                              for index in step_micro_batches(cfg, step, per_epoch)]
                     step_loss, step_tokens = _accumulate_gradients(model, micro, amp, dist, step, run_dir)
@@ -710,7 +710,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
                     scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
                     step += 1
-                    dt = time.time() - t0
+                    dt = time.perf_counter() - t0
                     train_seconds += dt
                     tokens_done += step_tokens
                     losses.append(step_loss)
@@ -802,7 +802,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
         plot_losses(log_path, run_dir / "loss.png")
     model.config.use_cache = True
     result.after = run_eval("after")
-    result.wall_seconds = wall_before + time.time() - wall_start  # (over every process of a resumed run)
+    result.wall_seconds = wall_before + time.perf_counter() - wall_start  # (over every process of a resumed run)
     result.peak_memory_mb = peak_memory_mb()
     if not dist.main:
         return result
@@ -1190,6 +1190,8 @@ def _install_sigint(stop: dict[str, bool], dist: Dist = Dist()) -> Any:
     after that step; only the first process says so, torchrun passing a Ctrl-C to every process.)
     SIGTERM (a batch scheduler's pre-emption, ``kill``, torchrun stopping its workers) is taken as
     a Ctrl-C: before, it killed the run at once and lost the steps since the last checkpoint.
+    A signal this process ignores stays ignored: a shell script's background job (``lorakit train
+    ... &``) starts with SIGINT ignored so that a Ctrl-C at the terminal leaves it running.
     Returns the replaced handlers, for ``_restore_sigint``."""
     import threading
 
@@ -1208,7 +1210,8 @@ def _install_sigint(stop: dict[str, bool], dist: Dist = Dist()) -> Any:
             print(f"\n{what}: every process stops after the same step (this one or the next) and a checkpoint "
                   f"is saved ({what} again stops at once)", file=sys.stderr)
 
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)
+            if signal.getsignal(sig) is not signal.SIG_IGN}
 
 
 def _restore_sigint(old: Any) -> None:
