@@ -192,6 +192,9 @@ class LoraConfig:
                 raise ValueError(f"LoraConfig.alpha_pattern[{key!r}] must be a finite number, got {value!r}")
         if not (isinstance(self.init_lora_weights, bool) or isinstance(self.init_lora_weights, str)):
             raise TypeError(f"LoraConfig.init_lora_weights must be a bool or a string, got {self.init_lora_weights!r}")
+        if isinstance(self.init_lora_weights, str):
+            # matched in any case here, but PEFT reads "pissa..." only in lower case: saved as it reads it
+            self.init_lora_weights = self.init_lora_weights.lower()
         if isinstance(self.init_lora_weights, str) and self.init_lora_weights.lower() not in _BASE_KEEPING_PEFT_INITS:
             from lorakit.variants import get_init_method
 

@@ -15,6 +15,23 @@ from torch import nn
 from lorakit.inject import iter_lora_layers
 
 
+def without_weight_decay(model: nn.Module) -> set[int]:
+    """``id``s of the trainable parameters weight decay should leave alone: tensors of at most one
+    dimension (biases, norm weights) and every variant's per-channel tensors whatever their shape
+    (DoRA's magnitudes: (out,) for Linear, (1, out, 1, 1) for Conv2d). Decay would pull them
+    towards zero, and a magnitude at zero zeroes its layer's output."""
+    from lorakit.variants import VARIANTS
+
+    stores = {attr for variant in VARIANTS.values() for attr in variant.saved_stores}
+    ids = {id(p) for p in model.parameters() if p.requires_grad and p.dim() <= 1}
+    for _, layer in iter_lora_layers(model):
+        for attr in stores:
+            store = getattr(layer, attr, None)
+            if isinstance(store, nn.ParameterDict):
+                ids.update(id(p) for p in store.values() if p.requires_grad)
+    return ids
+
+
 def loraplus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0,
                           lr_embedding: float | None = None) -> list[dict[str, Any]]:
     """Optimizer parameter groups for LoRA+: η_A = lr, η_B = ratio · lr.
@@ -28,8 +45,8 @@ def loraplus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, weig
       ``loraplus_lr_embedding``); otherwise they follow the A/B rule above;
     - ``"other"``: anything else trainable with two or more dimensions (``modules_to_save``
       matrices), learning rate ``lr``, ``weight_decay``;
-    - ``"other_no_decay"``: anything else trainable with at most one dimension (DoRA magnitudes,
-      biases), learning rate ``lr``, no weight decay.
+    - ``"other_no_decay"``: anything else trainable with at most one dimension (biases) and DoRA's
+      magnitudes of any shape (``without_weight_decay``), learning rate ``lr``, no weight decay.
 
     Args:
         model: A model with trainable LoRA adapters (``get_lora_model``).
@@ -63,10 +80,11 @@ def loraplus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, weig
                     seen.add(id(p))
                     (emb_params if lr_embedding is not None and isinstance(layer, LoraEmbedding) else bucket).append(p)
     other_decay, other_no_decay = [], []
+    no_decay = without_weight_decay(model)
     for p in model.parameters():
         if p.requires_grad and id(p) not in seen:
             seen.add(id(p))
-            (other_no_decay if p.dim() <= 1 else other_decay).append(p)
+            (other_no_decay if id(p) in no_decay else other_decay).append(p)
     groups = [
         {"name": "lora_A", "params": a_params, "lr": lr, "weight_decay": weight_decay},
         {"name": "lora_B", "params": b_params, "lr": lr * ratio, "weight_decay": weight_decay},

@@ -778,3 +778,23 @@ def test_merge_and_unload_ties_back_a_holder_with_nothing_merged():
     lk.set_adapter(m, ["b"])  # unmerges lm_head's adapter
     plain = lk.merge_and_unload(m)
     assert plain.lm_head.weight is plain.model.embed_tokens.weight and plain.config.tie_word_embeddings
+
+
+def test_gaussian_init_follows_peft_per_layer_type():
+    """PEFT's "gaussian" draws A ~ N(0, 1/r) with B = 0 for linear layers, but leaves an embedding's
+    adapter at its usual init (A = 0, B ~ N(0, 1)); lorakit used the linear rule for every layer."""
+    peft = pytest.importorskip("peft")
+    from conftest import tiny_llama
+
+    def factors(model, emb="lora_"):  # (lorakit's embedding adapters are lora_A / B in memory, PEFT's lora_embedding_A / B)
+        named = dict(model.named_parameters())
+        get = lambda part: next(p for n, p in named.items() if part in n)  # noqa: E731
+        return (get(f"embed_tokens.{emb}A"), get(f"embed_tokens.{emb}B"), get("q_proj.lora_A"), get("q_proj.lora_B"))
+
+    targets, r = ["embed_tokens", "q_proj"], 8
+    ours = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=r, target_modules=targets, init_lora_weights="gaussian"))
+    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=r, target_modules=targets, init_lora_weights="gaussian"))
+    for got in (factors(ours), factors(theirs, "lora_embedding_")):
+        emb_a, emb_b, lin_a, lin_b = got
+        assert not emb_a.any() and emb_b.std() > 0.5  # N(0, 1)
+        assert not lin_b.any() and abs(float(lin_a.std()) - 1 / r) < 0.3 / r

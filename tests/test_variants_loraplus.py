@@ -28,6 +28,36 @@ def test_groups_cover_every_trainable_parameter_once():
     assert all(".lora_A." in names[id(p)] for p in by_name["lora_A"]["params"])
 
 
+class _ConvNet(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = torch.nn.Conv2d(3, 4, 3)
+        self.fc = torch.nn.Linear(4, 8)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+
+
+def test_no_weight_decay_on_dora_magnitudes_of_any_shape():
+    """A Conv2d's DoRA magnitude is (1, out, 1, 1): chosen by its dimension count, it was decayed
+    towards zero (and with it the layer's output) in LoRA+'s groups and in `lorakit train`'s."""
+    from types import SimpleNamespace
+
+    from lorakit.train.loop import _make_optimizer
+
+    m = lk.get_lora_model(_ConvNet(), lk.LoraConfig(r=2, target_modules=["conv", "fc"], use_dora=True))
+    magnitudes = {id(p) for n, p in m.named_parameters() if "lora_magnitude_vector" in n}
+    assert len(magnitudes) == 2 and {p.dim() for n, p in m.named_parameters() if "magnitude" in n} == {1, 4}
+    by_name = {g["name"]: g for g in lk.loraplus_param_groups(m, lr=1e-3, weight_decay=0.1)}
+    assert {id(p) for p in by_name["other_no_decay"]["params"]} == magnitudes
+    assert "other" not in by_name
+    params = [p for p in m.parameters() if p.requires_grad]
+    cfg = SimpleNamespace(lora_plus_ratio=0, learning_rate=1e-3, weight_decay=0.1)
+    for group in _make_optimizer(m, params, cfg).param_groups:
+        assert (group["weight_decay"] == 0.0) == any(id(p) in magnitudes for p in group["params"])
+        assert all(id(p) in magnitudes for p in group["params"]) or not any(id(p) in magnitudes for p in group["params"])
+
+
 def test_one_sgd_step_moves_b_ratio_times_further():
     torch.manual_seed(0)
     x = torch.randint(0, 101, (2, 7))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import json
+import warnings
 
 import pytest
 import torch
@@ -150,6 +151,24 @@ def test_unconverted_adapter_loads_like_peft(init, tmp_path):
         lk.save_adapter(ours, tmp_path / "ours")
     theirs = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "ours")
     torch.testing.assert_close(_logits(theirs, x), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("spelling", ["PiSSA", "Pissa_Niter_2"])
+def test_an_init_name_in_another_case_is_saved_as_peft_reads_it(spelling, tmp_path):
+    # lorakit matched the name in any case but saved it as typed: PEFT then refused the file
+    # ("Unknown initialization"), reading "pissa..." in lower case only
+    torch.manual_seed(0)
+    original = tiny_llama()
+    cfg = lk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=spelling)
+    assert cfg.init_lora_weights == spelling.lower()
+    ours = lk.get_lora_model(copy.deepcopy(original), cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the unconverted residual adapter's warning)
+        lk.save_adapter(ours, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["init_lora_weights"] == spelling.lower()
+    theirs = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path)
+    if "niter" not in spelling.lower():  # (PEFT re-runs the randomized SVD on load: other factors)
+        torch.testing.assert_close(_logits(theirs, _x_llama()), _logits(ours, _x_llama()), rtol=1e-5, atol=1e-5)
 
 
 # ---- audit findings: checks before any change, PEFT's layer types, tied weights -----------------------

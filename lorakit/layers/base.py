@@ -118,6 +118,11 @@ class LoraLayer(nn.Module):
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
         nn.init.zeros_(B)
 
+    def init_gaussian(self, A: torch.Tensor, B: torch.Tensor, r: int) -> None:
+        """``init_lora_weights="gaussian"``: A normal with std 1/r, B = 0 (PEFT's rule)."""
+        nn.init.normal_(A, std=1.0 / r)
+        nn.init.zeros_(B)
+
     # ---- adapters -------------------------------------------------------------------------------
 
     @property
@@ -187,8 +192,7 @@ class LoraLayer(nn.Module):
             nn.init.kaiming_uniform_(A, a=math.sqrt(5))
             nn.init.normal_(B, std=0.02)
         elif isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian":
-            nn.init.normal_(A, std=1.0 / self.r[name])
-            nn.init.zeros_(B)
+            self.init_gaussian(A, B, self.r[name])
         elif isinstance(init_lora_weights, str):
             get_init_method(init_lora_weights)(self, name, init_lora_weights)
         else:

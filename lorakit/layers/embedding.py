@@ -49,6 +49,10 @@ class LoraEmbedding(LoraLayer):
         nn.init.zeros_(A)
         nn.init.normal_(B)
 
+    def init_gaussian(self, A: torch.Tensor, B: torch.Tensor, r: int) -> None:
+        """As ``init_ab``: PEFT initialises an embedding's adapter so whatever the init name."""
+        self.init_ab(A, B, r)
+
     def branch(self, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
         # Look up rows of Aᵀ (num_embeddings, r) with the base layer's padding and gradient settings.

@@ -941,10 +941,13 @@ def _make_optimizer(model: Any, params: list[torch.nn.Parameter], cfg: TrainConf
 
         return fused_if_supported(lambda **kw: create_loraplus_optimizer(
             model, lr=cfg.learning_rate, ratio=cfg.lora_plus_ratio, weight_decay=cfg.weight_decay, **kw))
-    # weight decay on matrices only: 1-D tensors (biases, norms, DoRA's magnitudes, which are
-    # column norms) are not pulled to zero, as in the LoRA+ groups and transformers' Trainer
-    flat = [p for p in params if p.dim() <= 1]
-    groups = ([{"params": [p for p in params if p.dim() > 1]}, {"params": flat, "weight_decay": 0.0}]
+    # weight decay on matrices only: 1-D tensors (biases, norms) and DoRA's magnitudes (column
+    # norms, 4-D on a Conv2d) are not pulled to zero, as in the LoRA+ groups and transformers' Trainer
+    from lorakit.loraplus import without_weight_decay
+
+    keep = without_weight_decay(model)
+    flat = [p for p in params if id(p) in keep]
+    groups = ([{"params": [p for p in params if id(p) not in keep]}, {"params": flat, "weight_decay": 0.0}]
               if cfg.weight_decay and flat else params)
     return fused_if_supported(lambda **kw: torch.optim.AdamW(
         groups, lr=cfg.learning_rate, weight_decay=cfg.weight_decay, **kw))
