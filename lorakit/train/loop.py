@@ -641,6 +641,7 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
                 torch.manual_seed(cfg.seed + dist.rank)  # dropout masks of its own in each process
         n_train, n_total = _count_parameters(model, params)
 
+        # 3. Optimizer, schedule and the resume point; then the loop.
         per_epoch, total_steps = plan_steps(cfg, len(train_data), dist.world)
         warmup = math.ceil(cfg.warmup_ratio * total_steps)
         optimizer = _make_optimizer(model, params, cfg)
