@@ -110,6 +110,25 @@ def test_rank_and_alpha_patterns():
     assert v0.scaling["default"] == 4 / 8
 
 
+@pytest.mark.parametrize("field", ["rank_pattern", "alpha_pattern"])
+def test_a_pattern_key_matches_whole_name_components_only(field):
+    """PEFT's rule: a key matches a module whose name ends with it after a dot (or is it): "proj"
+    is no key for "q_proj", and "1.self_attn.q_proj" names layer 1, not layer 11."""
+    with pytest.raises(ValueError, match=f"{field} key 'proj' matches none"):
+        lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=8, target_modules=["q_proj"], **{field: {"proj": 2}}))
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    twelve = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=8, num_hidden_layers=12,
+                                          num_attention_heads=2, num_key_value_heads=1))
+    m = lk.get_lora_model(twelve, lk.LoraConfig(r=8, lora_alpha=8, target_modules=["q_proj"],
+                                                **{field: {"1.self_attn.q_proj": 2}}))
+    changed = [i for i, layer in enumerate(m.model.layers)
+               if (layer.self_attn.q_proj.r["default"] if field == "rank_pattern"
+                   else layer.self_attn.q_proj.scaling["default"] * 8) == 2]
+    assert changed == [1]
+
+
 @pytest.mark.parametrize("field, key", [("rank_pattern", "q_prj"), ("alpha_pattern", "o_proj")])
 def test_a_pattern_key_that_matches_no_target_is_refused_and_a_loaded_one_is_skipped(tmp_path, field, key):
     # a typo (or a module that is not a target) silently left the rank or alpha at r / lora_alpha;

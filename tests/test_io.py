@@ -337,6 +337,14 @@ def test_shape_mismatch_names_key_and_shapes(saved):
     _assert_untouched(model, snap)
 
 
+def test_a_transposed_factor_of_the_right_size_is_refused(saved):
+    # A saved as (in, r) instead of (r, in) holds as many numbers: a check of sizes alone loaded it
+    # scrambled into the layer (found by a mutation test of the shape check)
+    key = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+    _rewrite_weights(saved, lambda sd: sd.__setitem__(key, sd[key].T.contiguous()))
+    _assert_refused(saved, r"shape mismatch for .*q_proj.*\[4, 32\].*\[32, 4\]")
+
+
 def test_truncated_and_corrupt_files(saved):
     data = (saved / "adapter_model.safetensors").read_bytes()
     model = tiny_llama()

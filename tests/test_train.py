@@ -137,6 +137,9 @@ def test_a_run_of_a_nameless_in_process_model_asks_inference_for_the_base(tmp_pa
 
 def test_lr_schedule_warmup_then_cosine():
     f = [lr_factor(s, 100, 10) for s in range(100)]
+    # the first step already moves (1/11 of the peak), the peak comes at the first step after warm-up
+    assert f[0] == pytest.approx(1 / 11) and f[9] == pytest.approx(10 / 11) and f[10] == 1.0
+    assert lr_factor(0, 100, 0) == 1.0
     assert f[0] < f[5] < f[9] <= 1.0
     assert max(f) == pytest.approx(1.0, abs=0.02)
     assert all(a >= b for a, b in zip(f[10:], f[11:]))
