@@ -28,6 +28,16 @@ def test_matches_plain_cross_entropy(with_bias, weight_grad, chunk):
         torch.testing.assert_close(a, e, rtol=1e-10, atol=1e-10)
 
 
+def test_another_ignore_index_is_the_one_left_out():
+    torch.manual_seed(0)
+    h = torch.randn(9, 8, dtype=torch.float64)
+    W = torch.randn(21, 8, dtype=torch.float64)
+    y = torch.randint(0, 20, (9,))
+    y[2] = y[5] = 20  # a real token id here, the ignored one
+    ref = F.cross_entropy(F.linear(h, W), y, reduction="sum", ignore_index=20)
+    torch.testing.assert_close(linear_cross_entropy(h, W, y, ignore_index=20).double(), ref)
+
+
 def test_bf16_hidden_close_to_fp32():
     torch.manual_seed(0)
     h = torch.randn(40, 16)

@@ -459,6 +459,21 @@ def test_a_run_started_with_sigint_ignored_keeps_ignoring_it(tmp_path, tok, data
     assert seen == [signal.SIG_IGN] * 4 and after is signal.SIG_IGN
 
 
+def test_a_checkpoint_records_its_data_position_in_micro_batches(tmp_path, tok, data_files):
+    # 96 examples in batches of 8: 12 micro-batches an epoch; 3 steps of 5 accumulated micro-batches
+    # end in epoch 1 at micro-batch 3 (the record said epoch 0, micro-batch 3: steps, not micro-batches)
+    def ctrl_c(step, _loss):
+        if step == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+    cfg = _cfg(tmp_path, data_files, max_steps=4, grad_accum=5)
+    train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, on_step=ctrl_c, log=_quiet)
+    state = json.loads((find_checkpoint(tmp_path / "run") / "trainer_state.json").read_text())
+    assert (state["step"], state["epoch"], state["micro_batch"]) == (3, 1, 3)
+    said = []
+    train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=said.append)
+    assert any("at step 3/4 (epoch 1, micro-batch 3)" in line for line in said)
+
+
 def test_ctrl_c_while_the_last_steps_checkpoint_is_written_keeps_the_run(tmp_path, tok, data_files, monkeypatch):
     # the loop's handler was removed before the checkpoint after the last step: a Ctrl-C there raised
     # KeyboardInterrupt, and the clean-up of a run without a checkpoint deleted the finished run
