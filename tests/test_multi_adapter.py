@@ -7,6 +7,7 @@ import weakref
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 import lorakit as lk
 from conftest import VARIANT_CASES, TinyConvNet, Wrap, supported, tiny_gpt2, tiny_llama
@@ -533,6 +534,16 @@ def test_hotswap_mismatch_leaves_model_unchanged(tmp_path):
         lk.hotswap_adapter(m, tmp_path / "targets", "default")
     with pytest.raises(ValueError, match="'nope'"):
         lk.hotswap_adapter(m, tmp_path / "rank", "nope")
+    # a factor saved transposed holds as many numbers: refused by its shape before anything is copied
+    same = with_adapters(copy.deepcopy(base), {"default": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])})
+    lk.save_adapter(same, tmp_path / "transposed")
+    weights = tmp_path / "transposed" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = next(k for k in sorted(tensors) if k.endswith("v_proj.lora_A.weight"))
+    tensors[key] = tensors[key].T.contiguous()
+    save_file(tensors, str(weights))
+    with pytest.raises(ValueError, match=r"shape mismatch for .*v_proj"):
+        lk.hotswap_adapter(m, tmp_path / "transposed", "default")
     torch.testing.assert_close(out(m, x), before, rtol=0, atol=0)
 
 
