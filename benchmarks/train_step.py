@@ -215,6 +215,12 @@ def worker(kind: str, workload: str, steps: int, dropout: float, dtype: str = "f
             "trainable": trainable, "frozen": frozen}
 
 
+def print_ratio_row(label: str, whole: list[tuple[float, float]], peak: list[float], saved: list[float]) -> None:
+    """One table row: step time (per-round ratios and best), peak RSS and saved-bytes ratios."""
+    t = f"{ratio_stats([a / b for a, b in whole])}, best {min(a for a, _ in whole) / min(b for _, b in whole):.3f}"
+    print(f"| {label} | {t} | {ratio_stats(peak)} | {ratio_stats(saved)} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=2)
@@ -280,9 +286,8 @@ def main() -> None:
           "is most of its saved bytes there): lorakit's default, not the same arithmetic.\n")
     print("| workload | step time lorakit ÷ PEFT | peak RSS lorakit ÷ PEFT | saved-for-backward lorakit ÷ PEFT |")
     print("|---|---|---|---|")
-    for workload, whole, m, s, runs in rows:
-        t = f"{ratio_stats([a / b for a, b in whole])}, best {min(a for a, _ in whole) / min(b for _, b in whole):.3f}"
-        print(f"| {workload} | {t} | {ratio_stats(m)} | {ratio_stats(s)} |")
+    for row in rows:
+        print_ratio_row(*row[:4])
     print("\nWhose is each ratio: lorakit against PEFT set up otherwise in the same runs. With lorakit's loss "
           "(head + loss at label positions, in chunks) PEFT keeps the usual recipe's LoRA layers, so what is "
           "left of the ratio is lorakit's LoRA layers and training kernels; under bf16 autocast with its input "
@@ -290,9 +295,8 @@ def main() -> None:
           "lorakit does, with its usual loss.\n")
     print("| workload vs | step time | peak RSS | saved-for-backward |")
     print("|---|---|---|---|")
-    for workload, whole, m, s, runs in extra_rows:
-        t = f"{ratio_stats([a / b for a, b in whole])}, best {min(a for a, _ in whole) / min(b for _, b in whole):.3f}"
-        print(f"| {workload} | {t} | {ratio_stats(m)} | {ratio_stats(s)} |")
+    for row in extra_rows:
+        print_ratio_row(*row[:4])
     trainable, frozen = full["params"]["lorakit"]
     floor = 2 / 3 + trainable / frozen
     print(f"\nLoRA ÷ full fine-tuning (lm, dropout 0, fp32; {args.pairs} rounds of one step each in one process, "

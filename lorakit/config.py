@@ -195,7 +195,7 @@ class LoraConfig:
         if isinstance(self.init_lora_weights, str):
             # matched in any case here, but PEFT reads "pissa..." only in lower case: saved as it reads it
             self.init_lora_weights = self.init_lora_weights.lower()
-        if isinstance(self.init_lora_weights, str) and self.init_lora_weights.lower() not in _BASE_KEEPING_PEFT_INITS:
+        if isinstance(self.init_lora_weights, str) and self.init_lora_weights not in _BASE_KEEPING_PEFT_INITS:
             from lorakit.variants import get_init_method
 
             try:

@@ -355,4 +355,3 @@ def disable_checkpointing(model: Any) -> None:
         model.activation_checkpointing_disable()
     else:
         model.gradient_checkpointing_disable()
-

@@ -346,11 +346,11 @@ def score_batch(model: Any, batch: dict[str, torch.Tensor], precision: str = "fp
     labels = batch["labels"][:, 1:]
     select = labels != IGNORE_INDEX
     with autocast(precision):
-        rows, head = _label_rows(model, batch, select)
+        inputs, head = _label_rows(model, batch, select)  # (hidden states or logits, one row per label)
         target = labels[select]
         ce, top = [], []
         for a in range(0, target.shape[0], chunk):
-            lg = (rows[a : a + chunk] if head is None else head(rows[a : a + chunk])).float()
+            lg = (inputs[a : a + chunk] if head is None else head(inputs[a : a + chunk])).float()
             ce.append(F.cross_entropy(lg, target[a : a + chunk], reduction="none"))
             top.append(lg.argmax(-1))
     rows = select.nonzero()[:, 0]
