@@ -438,10 +438,13 @@ def _warn_rank_above_layer(model: nn.Module, targets: list[str], config: LoraCon
     over = []
     for name in targets:
         module = model.get_submodule(name)
-        weight = getattr(module.base_layer if isinstance(module, LoraLayer) else module, "weight", None)
+        base = module.base_layer if isinstance(module, LoraLayer) else module
+        weight = getattr(base, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dim() >= 2:
-            # (out, in) Linear, (in, out) Conv1D, (num, dim) Embedding, (out, in/groups, k, k) Conv2d
-            limit = min(weight.shape[0], weight[0].numel())
+            # (out, in) Linear, (in, out) Conv1D, (num, dim) Embedding, (out, in/groups, k, k) Conv2d,
+            # whose LoRA update reads all in channels (layers/conv2d.py)
+            groups = base.groups if isinstance(base, nn.Conv2d) else 1
+            limit = min(weight.shape[0], weight[0].numel() * groups)
             if config.rank_for(name) > limit:
                 over.append((name, config.rank_for(name), limit))
     if over:

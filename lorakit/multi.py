@@ -527,7 +527,11 @@ def _layer_terms(layer: Any, weights: Mapping[str, float]) -> tuple[torch.Tensor
         return None
     # in float32 at least: the weighted B's of bf16 adapters would otherwise be rounded to bf16
     dtype = torch.promote_types(layer.lora_A[names[0]].dtype, torch.float32)
-    A = torch.cat([layer.lora_A[n].detach().to(dtype) for n in names], dim=0)
+    # A grouped Conv2d's B reads rank channels group by group (layers/conv2d.py): the stacked A
+    # keeps each group's rows together, [A₁ of group 0; A₂ of group 0; A₁ of group 1; …], to meet
+    # B's rows [B₁ | B₂] of each group. (One group: [A₁; A₂; …], B [B₁ | B₂ | …].)
+    groups = layer.rank_groups
+    A = torch.cat([layer.lora_A[n].detach().to(dtype).unflatten(0, (groups, -1)) for n in names], dim=1).flatten(0, 1)
     B = torch.cat([layer.lora_B[n].detach().to(dtype) * (weights[n] * layer.scaling[n]) for n in names], dim=1)
     return A, B
 
@@ -557,7 +561,7 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], name: str, 
     Raises:
         ValueError: unknown method / adapters, bad weights or rank, a taken name, or adapters that
             are not plain sums of B @ A (DoRA and other forward-changing variants, modules_to_save,
-            trained biases).
+            trained biases); ``svd`` on a grouped Conv2d (its rank channels are grouped; ``cat`` keeps them).
     """
     if method not in ("cat", "svd"):
         raise ValueError(f"method must be 'cat' (exact weighted sum) or 'svd' (truncated), got {method!r}")
@@ -601,6 +605,9 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], name: str, 
             continue
         A, B = terms
         total = A.shape[0]
+        if method == "svd" and layer.rank_groups > 1:
+            raise ValueError(f"{path} is a Conv2d with groups={layer.rank_groups}: its adapters' B reads the rank "
+                             "channels group by group, which a truncated SVD of the sum does not keep; use method='cat'")
         if tuple(layer.a_shape(total)) != tuple(A.shape) or tuple(layer.b_shape(total)) != tuple(B.shape):
             raise ValueError(f"{type(layer).__name__} at {path}: rank is not dim 0 of A / dim 1 of B; cannot stack")
         if method == "cat":

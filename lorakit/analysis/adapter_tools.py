@@ -83,7 +83,8 @@ class LoraModule:
         name: module path in the base model, e.g. ``model.layers.0.self_attn.q_proj``.
         kind: "linear", "embedding", or "conv1d" / "conv2d" / "conv3d" (by A's dimensions).
         A: (r, in) — (r, num_embeddings) for embeddings, (r, in, *kernel) for convolutions.
-        B: (out, r) — (dim, r) for embeddings, (out, r, 1, ...) for convolutions.
+        B: (out, r) — (dim, r) for embeddings, (out, r, 1, ...) for convolutions, (out, r/G, 1, ...)
+            for a convolution with G groups (PEFT's layout there; ``groups``).
         alpha: lora_alpha for this module (alpha_pattern applied).
         scaling: the factor applied to B @ A.
         magnitude: DoRA magnitude vector, if any.
@@ -102,10 +103,22 @@ class LoraModule:
         """Rank, from A's first dimension."""
         return int(self.A.shape[0])
 
+    @property
+    def groups(self) -> int:
+        """G of a grouped convolution's adapter (B holds r/G of the r rank channels per output), else 1."""
+        return self.r // int(self.B.shape[1])
+
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(left (m, r), right (r, n)) in float64 with left @ right = ΔW as an (out, in*) matrix."""
-        left = self.B.reshape(self.B.shape[0], -1).double() * self.scaling
-        return left, self.A.reshape(self.r, -1).double()
+        """(left (m, r), right (r, n)) in float64 with left @ right = ΔW as an (out, in*) matrix.
+
+        With G groups ``left`` is block-diagonal: output group g holds its B rows at the rank
+        columns g·r/G … (g+1)·r/G − 1 and zeros elsewhere, so left @ right is the dense ΔW.
+        """
+        B = self.B.reshape(self.B.shape[0], -1).double() * self.scaling
+        groups = self.groups
+        if groups > 1:
+            B = torch.block_diag(*B.chunk(groups, dim=0))
+        return B, self.A.reshape(self.r, -1).double()
 
     def delta_matrix(self) -> torch.Tensor:
         """ΔW as an (out, in*) matrix (embeddings: (dim, num_embeddings))."""
@@ -175,10 +188,11 @@ def read_adapter(path: str | Path) -> Adapter:
             missing = a_key if a_key not in p else b_key
             raise ValueError(f"adapter {str(path)!r}: module {name!r} has no {missing}")
         A, B = p[a_key], p[b_key]
-        if A.dim() < 2 or B.dim() < 2 or A.shape[0] != B.shape[1]:
-            raise ValueError(f"{w_path}: module {name!r} has {a_key} of shape {list(A.shape)} and {b_key} of "
-                             f"shape {list(B.shape)}; their ranks (A's first, B's second dimension) must agree")
         kind = "embedding" if emb else (f"conv{A.dim() - 2}d" if A.dim() > 2 else "linear")
+        if A.dim() < 2 or B.dim() < 2 or (A.shape[0] != B.shape[1] and not _grouped_conv(kind, A, B)):
+            raise ValueError(f"{w_path}: module {name!r} has {a_key} of shape {list(A.shape)} and {b_key} of "
+                             f"shape {list(B.shape)}; their ranks (A's first, B's second dimension) must agree"
+                             f"{' (or B hold r/G of them, for a conv of G groups)' if kind.startswith('conv') else ''}")
         alpha = lora_config.alpha_for(name)
         scaling = scaling_of(alpha, int(A.shape[0]), lora_config.use_rslora)
         if not math.isfinite(scaling):
@@ -186,6 +200,13 @@ def read_adapter(path: str | Path) -> Adapter:
                              f"it must be finite")
         modules[name] = LoraModule(name, kind, A, B, alpha, scaling, p.get("lora_magnitude_vector"))
     return Adapter(root, lora_config.to_dict(), modules, other, lora_config, tensors)
+
+
+def _grouped_conv(kind: str, A: torch.Tensor, B: torch.Tensor) -> bool:
+    """Whether A (r, in, ...) and B (out, r/G, 1, ...) are PEFT's factors on a conv of G > 1 groups."""
+    rank, share, out = int(A.shape[0]), int(B.shape[1]), int(B.shape[0])
+    return (kind.startswith("conv") and 0 < share < rank and rank % share == 0
+            and out % (rank // share) == 0)
 
 
 def spectrum_of_product(left: torch.Tensor, right: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -216,8 +237,8 @@ def truncation_error(s: torch.Tensor, k: int) -> float:
 def _base_key_shape(module: LoraModule, config: dict[str, Any]) -> tuple[int, ...]:
     if module.kind == "embedding":
         return (int(module.A.shape[1]), int(module.B.shape[0]))
-    if module.kind.startswith("conv"):
-        return (int(module.B.shape[0]), *map(int, module.A.shape[1:]))
+    if module.kind.startswith("conv"):  # (out, in / groups, *kernel)
+        return (int(module.B.shape[0]), int(module.A.shape[1]) // module.groups, *map(int, module.A.shape[2:]))
     out, inp = int(module.B.shape[0]), int(module.A.shape[1])
     return (inp, out) if config.get("fan_in_fan_out") else (out, inp)
 
@@ -586,7 +607,8 @@ def resize_adapter(
 
     Raises:
         ValueError: on rank < 1, a rank above the adapter's largest, a DoRA adapter (its magnitude
-            depends on ΔW's column norms), or a module whose scaling is zero (lora_alpha 0).
+            depends on ΔW's column norms), a module whose scaling is zero (lora_alpha 0), or one on a
+            grouped convolution (its B's layout is not that of a truncated SVD).
         FileExistsError: if ``out`` exists and is not an empty directory (so never the input itself).
     """
     _check_rank(rank)
@@ -597,6 +619,11 @@ def resize_adapter(
         raise ValueError(f"adapter {str(path)!r} holds no LoRA modules to resize")
     if ad.config.get("use_dora") or any(m.magnitude is not None for m in ad.modules.values()):
         raise ValueError(f"adapter {str(path)!r} is DoRA: resizing would change its magnitude normalisation")
+    grouped = [m.name for m in ad.modules.values() if m.groups > 1]
+    if grouped:
+        raise ValueError(f"adapter {str(path)!r}: module {grouped[0]!r} is on a convolution of "
+                         f"{ad.modules[grouped[0]].groups} groups, whose B reads the rank channels group by group; "
+                         "a truncated SVD of its ΔW does not keep that layout, so it cannot be resized")
     largest = max(m.r for m in ad.modules.values())
     if rank > largest:
         raise ValueError(f"rank {rank} is above the adapter's largest rank ({largest}); resize only lowers ranks")

@@ -113,6 +113,16 @@ class LoraLayer(nn.Module):
         """Unscaled ΔW = B @ A laid out like ``base_layer.weight``."""
         raise NotImplementedError
 
+    @property
+    def rank_groups(self) -> int:
+        """How many groups B splits the r rank channels into, each feeding only its own share of the
+        outputs: 1 (B reads all r), except on a grouped Conv2d (its ``groups``)."""
+        return 1
+
+    def why_not_mergeable(self) -> str | None:
+        """Why no adapter of this layer type can be folded into its weight, or None (it can)."""
+        return None
+
     def init_ab(self, A: torch.Tensor, B: torch.Tensor, r: int) -> None:
         """Default init (``init_lora_weights=True``): A kaiming-uniform(a=√5), B = 0 (Hu et al. §4.1)."""
         nn.init.kaiming_uniform_(A, a=math.sqrt(5))
@@ -161,7 +171,8 @@ class LoraLayer(nn.Module):
                 training branch's products run in bf16, see ``lorakit.layers.fused.branch_dtype``).
 
         Raises:
-            ValueError: the name is taken.
+            ValueError: the name is taken, or the layer cannot take rank ``r`` (a grouped Conv2d
+                needs a multiple of its groups).
         """
         if name in self.lora_A:
             raise ValueError(f"adapter {name!r} already exists on this layer")
@@ -169,8 +180,9 @@ class LoraLayer(nn.Module):
         if dtype is None:
             dtype = torch.float32 if weight.dtype in (torch.float16, torch.bfloat16) or not weight.is_floating_point() else weight.dtype
         device = weight.device if weight.device.type != "meta" else None
-        self.lora_A[name] = nn.Parameter(torch.empty(self.a_shape(r), dtype=dtype, device=device))
-        self.lora_B[name] = nn.Parameter(torch.empty(self.b_shape(r), dtype=dtype, device=device))
+        a_shape, b_shape = self.a_shape(r), self.b_shape(r)  # (a rank the layer cannot take: refused here)
+        self.lora_A[name] = nn.Parameter(torch.empty(a_shape, dtype=dtype, device=device))
+        self.lora_B[name] = nn.Parameter(torch.empty(b_shape, dtype=dtype, device=device))
         self.set_dropout(name, lora_dropout)
         self.r[name], self.lora_alpha[name], self.scaling[name] = r, float(lora_alpha), float(scaling)
         if variant is not None:
@@ -413,15 +425,17 @@ class LoraLayer(nn.Module):
             safe: Check the merged weight is finite before writing it.
 
         Raises:
-            ValueError: ``safe`` is set and the merged weight has NaN/Inf (the layer is unchanged:
-                the weight is written once, after every adapter is folded in).
+            ValueError: the weight cannot take the update (computed from other tensors, or a grouped
+                Conv2d: ``why_not_mergeable``), or ``safe`` is set and the merged weight has NaN/Inf
+                (the layer is unchanged: the weight is written once, after every adapter is folded in).
         """
-        pending, new = self.merged_weight(adapter_names)
+        pending = self.merge_order(adapter_names)
         if not pending:
             return
-        computed = computed_weight(self.base_layer)
-        if computed:
-            raise ValueError(f"cannot merge {pending}: {computed}; the layer is unchanged")
+        blocked = computed_weight(self.base_layer) or self.why_not_mergeable()
+        if blocked:
+            raise ValueError(f"cannot merge {pending}: {blocked}; the layer is unchanged")
+        pending, new = self.merged_weight(adapter_names)
         if safe and not torch.isfinite(new).all():
             raise ValueError(f"merging adapter(s) {pending} gives non-finite weights; the layer is unchanged")
         self._write_merge(pending, new)
@@ -570,13 +584,14 @@ class LoraLayer(nn.Module):
 
     def merge_would_change(self, adapter_names: list[str] | None = None) -> str | None:
         """Why merging ``adapter_names`` here would change what the layer computes, or None
-        (``exact_when_merged``, and a weight merge can write: ``computed_weight``)."""
+        (``exact_when_merged``, and a weight merge can write: ``computed_weight``,
+        ``why_not_mergeable``)."""
         pending = self.merge_order(adapter_names)
         if not pending:
             return None
-        computed = computed_weight(self.base_layer)
-        if computed:
-            return f"cannot merge {pending}: {computed}"
+        blocked = computed_weight(self.base_layer) or self.why_not_mergeable()
+        if blocked:
+            return f"cannot merge {pending}: {blocked}"
         if self.exact_when_merged(self.merged_adapters + pending):
             return None
         order = [n for n in self.active_adapters if n in self.lora_A]

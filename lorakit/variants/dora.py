@@ -96,6 +96,10 @@ class DoraVariant(LoraVariant):
         return weight.to(torch.promote_types(weight.dtype, torch.float32)) + layer.delta_weight(name)
 
     def on_add(self, layer: "LoraLayer", name: str) -> None:
+        if layer.rank_groups > 1:  # (PEFT's DoRA fails there too, on the norm of W + ΔW)
+            raise ValueError(f"DoRA needs ΔW in the base weight's layout for its column norm; on a Conv2d with "
+                             f"groups={layer.rank_groups} the LoRA update reaches across the groups and has none "
+                             "(use plain LoRA there, or leave the layer out of target_modules)")
         if not isinstance(getattr(layer, "lora_magnitude_vector", None), nn.ParameterDict):
             layer.lora_magnitude_vector = nn.ParameterDict()
         A = layer.lora_A[name]
