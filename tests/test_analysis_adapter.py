@@ -811,3 +811,100 @@ def test_extract_compares_a_head_with_the_embedding_only_for_a_tied_base(tmp_pat
               metadata={"format": "pt"})
     with pytest.raises(ValueError, match="no targeted weight differs"):
         at.extract_adapter(base_dir, tuned_dir, rank=2, out=tmp_path / "ex", targets=["lm_head"])
+
+
+def _save_weights(path, tensors):
+    from safetensors.torch import save_file
+
+    path.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
+    return path
+
+
+def test_rounding_floor_is_the_largest_singular_value_of_the_rounding():
+    torch.manual_seed(0)
+    for dtype in (torch.bfloat16, torch.float16):
+        w = torch.randn(384, 256, dtype=torch.float64) * 0.02
+        error = w.to(dtype).double() - w
+        largest = float(torch.linalg.svdvals(error)[0])
+        assert at.rounding_floor(w.to(dtype)) == pytest.approx(largest, rel=0.1), dtype
+        # two roundings (tuned and base): their variances add
+        assert at.rounding_floor(w.to(dtype), w.to(dtype)) == pytest.approx(math.sqrt(2) * at.rounding_floor(w.to(dtype)))
+    assert at.rounding_floor(torch.zeros(4, 4, dtype=torch.bfloat16)) == 0.0
+
+
+def test_bf16_rounding_noise_does_not_inflate_the_suggested_rank(tmp_path):
+    """A rank-4 update of 1% of ‖W‖ read from bf16 weights: the rounding adds ~5% of ‖ΔW‖² spread over
+    every direction, which made r99 ~ 230 and the suggestion the cap (64); it is the update's 4 now."""
+    torch.manual_seed(0)
+    w0 = torch.randn(256, 256) * 0.02
+    d = torch.randn(256, 4) @ torch.randn(4, 256)
+    d = d / d.norm() * w0.norm() * 0.01
+    key = "model.layers.0.self_attn.q_proj.weight"
+    base = _save_weights(tmp_path / "base", {key: w0.bfloat16()})
+    tuned = _save_weights(tmp_path / "tuned", {key: (w0 + d).bfloat16()})
+    details = at.delta_spectra_details(base=base, tuned=tuned)
+    s = details.spectra[key[:-len(".weight")]]
+    assert at.energy_rank(s, 0.99) > 16  # the noise is there
+    row = recommend.data_driven_ranks(base=base, tuned=tuned)["modules"][0]
+    assert (row["rank90"], row["rank99"], row["suggested"]) == (4, 4, 4)
+    assert row["kept"] == 1.0 and not row["capped"]
+    # an update smaller than the rounding: nothing to tell from noise, said so
+    tiny = _save_weights(tmp_path / "tiny", {key: (w0 + d * 1e-3).bfloat16()})
+    with pytest.raises(ValueError, match="rounding noise"):
+        recommend.data_driven_ranks(base=base, tuned=tiny)
+
+
+def test_a_capped_rank_reports_the_energy_it_keeps_and_alphas_keep_the_scaling(tmp_path):
+    path, _ = _peft_adapter(tmp_path, r=8, lora_alpha=16)  # random factors: each ΔW has rank 8
+    dd = recommend.data_driven_ranks(adapter=path, cap=2)
+    spectra = at.delta_spectra(adapter=path)
+    for row in dd["modules"]:
+        s = spectra[row["module"]]
+        assert row["suggested"] == 2 and row["capped"]
+        assert row["kept"] == pytest.approx(float(s[:2].square().sum() / s.square().sum()))
+        assert row["kept"] < 0.99
+    assert dd["r"] == 2 and dd["alpha"] == 4 and dd["alpha_pattern"] == {}
+    mixed = recommend.data_driven_ranks(adapter=path, energy=1.0, cap=4)
+    assert mixed["alpha"] == 2 * mixed["r"]
+    assert mixed["alpha_pattern"] == {m: 2 * k for m, k in mixed["rank_pattern"].items()}
+    for cap in (0, -1, 1.5, True):
+        with pytest.raises(ValueError, match="cap must be a positive integer"):
+            recommend.data_driven_ranks(adapter=path, cap=cap)
+
+
+def test_nothing_to_analyse_says_why(tmp_path, base_dir):
+    with pytest.raises(ValueError, match=r"targets \['qproj'\] match no 2-D weight"):
+        recommend.data_driven_ranks(base=base_dir, tuned=base_dir, targets=["qproj"])
+    changed = _llama(0)
+    with torch.no_grad():
+        changed.model.norm.weight.add_(0.5)  # a 1-D tensor: not analysed
+    tuned = _save_model(changed, tmp_path / "norm_only")
+    with pytest.raises(ValueError, match=r"are equal in both models; changed tensors that are not 2-D.*model\.norm\.weight"):
+        recommend.data_driven_ranks(base=base_dir, tuned=tuned)
+
+
+def test_recommend_cli_data_driven_output(tmp_path, capsys):
+    path, _ = _peft_adapter(tmp_path, r=8, lora_alpha=16)
+    assert main(["recommend", "--adapter", str(path), "--energy", "1.0"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Effective rank of each ΔW")  # (a blank first line before)
+    assert "kept" in out and "lora_alpha = 16" in out and "alpha_pattern" in out
+    assert main(["recommend", "--adapter", str(path), "--energy", "0.99", "--json"]) == 0
+    assert "capped" in json.loads(capsys.readouterr().out)["data_driven"]["modules"][0]
+
+
+def test_rule_table_on_a_model_warns_of_modules_narrower_than_the_rank(base_dir, capsys):
+    # tiny Llama: q_proj 32 x 32, v_proj 16 x 32: rank 32 (complex, > 10,000 examples) is above v_proj's 16
+    assert main(["recommend", "--task", "complex", "--data-size", "50000", "--model", str(base_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "rank 32" in out and "warning: rank 32 is above min(in, out) of 2 targeted module(s)" in out
+    assert "v_proj (min 16)" in out and "q_proj (min" not in out
+    assert main(["recommend", "--task", "medium", "--data-size", "5000", "--model", str(base_dir)]) == 0
+    assert "warning" not in capsys.readouterr().out
+
+
+def test_dotted_targets_cost_and_memory_count_the_same_modules(base_dir):
+    cost = recommend.model_cost(base_dir, 8, ("self_attn.q_proj", "v_proj"), batch_size=1, seq_len=8)
+    assert cost["modules"] == 4
+    assert cost["memory"]["trainable_params"] == cost["trainable_params"]

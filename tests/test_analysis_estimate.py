@@ -271,3 +271,9 @@ def test_models_the_estimator_cannot_model_are_refused_or_flagged():
 def test_sizes_must_be_integers(field, value):
     with pytest.raises(ValueError, match=rf"{field} must be an integer >= 1"):
         estimate_memory(PRESETS["7B"], "lora", **{field: value})
+
+
+def test_all_linear_among_other_names_adds_every_projection():
+    """As lorakit train and recommend read it: all-linear with a projection named again is all-linear."""
+    assert estimate_memory("7B", method="lora", target_modules=["all-linear", "q_proj"]) == estimate_memory(
+        "7B", method="lora", target_modules="all-linear")

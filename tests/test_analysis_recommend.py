@@ -113,3 +113,26 @@ def test_tuned_mode_analyses_every_changed_linear_unless_targets_are_given(tmp_p
     assert main(["recommend", "--tuned", str(tmp_path / "tuned"), "--base", str(base), "--targets", "q_proj",
                  "--json", "--no-plot"]) == 0
     assert len(json.loads(capsys.readouterr().out)["data_driven"]["modules"]) == 2
+
+
+def test_a_bare_number_without_a_unit_is_refused_not_read_as_parameters():
+    with pytest.raises(ValueError, match="'70' has no unit"):
+        recommend_rank("simple", 5000, "70")
+    assert recommend_rank("simple", 5000, "70B")["rank"] == 8  # the column a user typing 70 meant
+    assert recommend_rank("simple", 5000, 134_515_008)["rank"] == 4  # a counted model: a number is fine
+    assert "134,515,008 parameters" in recommend_rank("simple", 5000, 134_515_008)["reasoning"]
+
+
+def test_the_reasoning_gives_the_scaling_standard_and_rslora():
+    why = recommend_rank("complex", 50_000, "70B")["reasoning"]
+    assert "alpha/r = 1 " in why and "alpha/sqrt(r) = 8" in why  # alpha 64, r 64
+
+
+def test_flags_that_apply_to_another_mode_are_refused(tmp_path, capsys):
+    table = ["recommend", "--task", "simple", "--model-size", "7B", "--data-size", "500"]
+    assert main([*table, "--energy", "0.9"]) == 2
+    assert "--energy applies to the data-driven mode" in capsys.readouterr().err
+    assert main(["recommend", "--adapter", str(tmp_path), "--targets", "q_proj"]) == 2
+    assert "an adapter's own modules are all analysed" in capsys.readouterr().err
+    assert main([*table, "--targets", " , "]) == 2
+    assert "--targets is empty" in capsys.readouterr().err

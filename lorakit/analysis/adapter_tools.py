@@ -674,22 +674,82 @@ def delta_spectra(
         ValueError: if neither an adapter nor a tuned model is given, or a weight of the base or tuned
             model holds NaN or inf (the model and tensor are named).
     """
+    return delta_spectra_details(adapter, base, tuned, targets).spectra
+
+
+@dataclass
+class DeltaSpectra:
+    """``delta_spectra``'s singular values, with what a recommendation needs besides them.
+
+    Attributes:
+        spectra: module -> singular values of its ΔW (non-zero updates only).
+        floors: module -> the largest singular value the storage rounding of the tuned and base
+            weights would give (``rounding_floor``; 0 for an adapter, whose B @ A is exact).
+        compared: how many 2-D weights (targeted, in both models) were compared; adapter: modules read.
+        skipped: names of changed tensors left out for not being 2-D matrices (tuned mode).
+    """
+
+    spectra: dict[str, torch.Tensor]
+    floors: dict[str, float] = field(default_factory=dict)
+    compared: int = 0
+    skipped: list[str] = field(default_factory=list)
+
+
+def rounding_floor(*weights: torch.Tensor) -> float:
+    """Largest singular value expected from rounding each of ``weights`` (m × n, the tuned and the
+    base weight) once to its dtype: the floor below which a direction of their difference cannot be
+    told from that rounding.
+
+    Each element's rounding error is uniform over ± half its ulp (variance ulp²/12), the tensors'
+    errors independent; an m × n matrix of independent errors of variance σ² has singular values up
+    to about σ(√m + √n) (the Marchenko–Pastur edge). In bf16 that is ~2⁻⁸ of each weight, spread over
+    every singular direction of ΔW. (A base already on its dtype's grid, as when the tuned model was
+    trained from it, adds no error of its own: the floor then overstates the noise by up to √2.)
+    """
+    variance, shape = 0.0, None
+    for weight in weights:
+        if not weight.is_floating_point() or weight.dim() != 2 or weight.numel() == 0:
+            continue
+        shape = weight.shape
+        w = weight.detach().double()
+        _, exponent = torch.frexp(w)  # |w| = mantissa · 2^exponent, mantissa in [0.5, 1)
+        ulp = torch.ldexp(torch.full_like(w, torch.finfo(weight.dtype).eps / 2), exponent)
+        ulp = torch.where(w == 0, torch.zeros_like(ulp), ulp)
+        variance += float(ulp.square().mean()) / 12
+    if shape is None:
+        return 0.0
+    return math.sqrt(variance) * (math.sqrt(shape[0]) + math.sqrt(shape[1]))
+
+
+def delta_spectra_details(
+    adapter: str | Path | None = None,
+    base: str | Path | None = None,
+    tuned: str | Path | None = None,
+    targets: list[str] | None = None,
+) -> DeltaSpectra:
+    """``delta_spectra`` with each module's rounding floor and what was compared or skipped."""
     out: dict[str, torch.Tensor] = {}
     if adapter is not None:
-        for name, mod in read_adapter(adapter).modules.items():
+        modules = read_adapter(adapter).modules
+        for name, mod in modules.items():
             s = spectrum_of_product(*mod.factors())[1]
             if bool((s > 0).any()):
                 out[name] = s
-        return out
+        return DeltaSpectra(out, {name: 0.0 for name in out}, len(modules))
     if tuned is None:
         raise ValueError("give an adapter, or a tuned model with its base")
     base_sd, tuned_sd = load_state_dict(base), load_state_dict(tuned)
     chosen = target_filter(targets)
+    result = DeltaSpectra(out)
     for key in sorted(tuned_sd, key=natural_key):
-        if not key.endswith(".weight") or key not in base_sd or tuned_sd[key].dim() != 2:
+        if not key.endswith(".weight") or key not in base_sd:
             continue
         name = key[: -len(".weight")]
         if not chosen(name):
+            continue
+        if tuned_sd[key].dim() != 2:
+            if base_sd[key].shape == tuned_sd[key].shape and not torch.equal(base_sd[key], tuned_sd[key]):
+                result.skipped.append(key)
             continue
         if base_sd[key].shape != tuned_sd[key].shape:
             raise ValueError(f"tensor {key!r}: base shape {tuple(base_sd[key].shape)} != tuned shape "
@@ -697,14 +757,16 @@ def delta_spectra(
                              f"{source_label(base)})")
         check_finite(base_sd[key], base, key)
         check_finite(tuned_sd[key], tuned, key)
+        result.compared += 1
         d = tuned_sd[key].double() - base_sd[key].double()
         if torch.count_nonzero(d) == 0:
             continue
         out[name] = torch.linalg.svdvals(d)
-    return out
+        result.floors[name] = rounding_floor(tuned_sd[key], base_sd[key])
+    return result
 
 
 __all__ = [
     "Adapter", "LoraModule", "read_adapter", "inspect_adapter", "check_against_base", "extract_adapter",
-    "resize_adapter", "delta_spectra", "energy_rank", "truncation_error", "spectrum_of_product",
+    "resize_adapter", "delta_spectra", "delta_spectra_details", "rounding_floor", "energy_rank", "truncation_error", "spectrum_of_product",
 ]

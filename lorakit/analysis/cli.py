@@ -126,6 +126,13 @@ def cmd_recommend(args: argparse.Namespace) -> int:
             raise ValueError(f"{flag} must be >= 1, got {value}")
     if args.adapter is not None and args.tuned is not None:
         raise ValueError("give --adapter or --tuned (with --base), not both")
+    if args.targets is not None and not args.targets:
+        raise ValueError("--targets is empty: name modules (q_proj,v_proj), or all-linear")
+    if args.targets is not None and args.adapter is not None and not table_mode:
+        raise ValueError("--targets applies to --tuned and to the cost on --model; an adapter's own modules are "
+                         "all analysed")
+    if args.energy is not None and not data_mode:
+        raise ValueError("--energy applies to the data-driven mode (--adapter, or --tuned with --base)")
     if table_mode:
         if args.task is None or args.data_size is None:
             raise ValueError("the rule table needs both --task and --data-size")
@@ -154,14 +161,32 @@ def cmd_recommend(args: argparse.Namespace) -> int:
                             f"activations {estimate.human(m['activations'])})")
             else:
                 text.append(cost.get("memory_note", ""))
+            if cost["narrower_than_rank"]:
+                narrow = cost["narrower_than_rank"]
+                text.append(f"warning: rank {rec['rank']} is above min(in, out) of {len(narrow)} targeted module(s), "
+                            f"e.g. {narrow[0]}: the update there cannot reach that rank (use a lower rank there, "
+                            "e.g. in rank_pattern)")
     if data_mode:
+        energy = 0.99 if args.energy is None else args.energy
         dd = recommend.data_driven_ranks(adapter=args.adapter, base=args.base, tuned=args.tuned,
-                                         targets=args.targets if args.tuned else None, energy=args.energy)
+                                         targets=args.targets if args.tuned else None, energy=energy)
         report["data_driven"] = dd
-        text += ["", f"Effective rank of each ΔW ({'adapter ' + str(args.adapter) if args.adapter else 'tuned − base'})",
-                 _table([(r["module"], r["max_rank"], r["rank90"], r["rank99"], f"{r['norm']:.3g}", r["suggested"])
-                         for r in dd["modules"]], ("module", "max", "r90", "r99", "‖ΔW‖", "suggested")),
-                 f"suggested: r = {dd['r']}, rank_pattern = {json.dumps(dd['rank_pattern'])}"]
+        if text:
+            text.append("")
+        text += [f"Effective rank of each ΔW ({'adapter ' + str(args.adapter) if args.adapter else 'tuned − base'})",
+                 _table([(r["module"], r["max_rank"], r["rank90"], r["rank99"], f"{r['norm']:.3g}", r["suggested"],
+                          f"{100 * r['kept']:.1f}%") for r in dd["modules"]],
+                        ("module", "max", "r90", "r99", "‖ΔW‖", "suggested", "kept")),
+                 f"suggested: r = {dd['r']}, lora_alpha = {dd['alpha']}, rank_pattern = {json.dumps(dd['rank_pattern'])}, "
+                 f"alpha_pattern = {json.dumps(dd['alpha_pattern'])} (scaling alpha/r = 2 on every module)"]
+        capped = [r for r in dd["modules"] if r["capped"]]
+        if capped:
+            low = min(capped, key=lambda r: r["kept"])
+            text.append(f"note: {len(capped)} module(s) needed more than their capped rank for {energy:g} of ‖ΔW‖² "
+                        f"and keep less (least: {low['module']}, {100 * low['kept']:.1f}%)")
+        if dd["noise_only"]:
+            text.append(f"note: {len(dd['noise_only'])} module(s) left out, e.g. {dd['noise_only'][0]}: their change "
+                        "is no larger than rounding the tuned weights to their dtype gives")
     _emit(args, report, "\n".join(text), "recommend")
     if data_mode and args.out and not args.no_plot:
         rows = report["data_driven"]["modules"]
@@ -350,7 +375,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--tuned", default=None, help="data-driven mode: a fully fine-tuned model directory (its base: --base)")
     p.add_argument("--base", nargs="?", const="default", default=None,
                    help="base model of --tuned (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--energy", type=float, default=0.99, help="energy kept by the suggested ranks (default 0.99)")
+    p.add_argument("--energy", type=float, default=None,
+                   help="data-driven mode: the fraction of each ‖ΔW‖² its suggested rank is to keep (default 0.99; "
+                        "a rank capped at 64 or at the module's size keeps less: the 'kept' column)")
     _common(p, out_default="")
 
     p = _add(subparsers, "estimate", cmd_estimate, "memory and FLOPs of a training step",

@@ -321,7 +321,10 @@ def _expand_targets(target_modules: tuple[str, ...] | list[str] | str) -> tuple[
     """``target_modules`` as a tuple of projection names; "all-linear" (lorakit train's default) is
     every projection of the decoder layers."""
     names = [target_modules] if isinstance(target_modules, str) else list(target_modules)
-    return tuple(LINEAR_NAMES) if names == ["all-linear"] else tuple(names)
+    if "all-linear" not in names:
+        return tuple(names)
+    # (as lorakit train and recommend read it: all-linear among other names adds every projection)
+    return tuple(dict.fromkeys([*LINEAR_NAMES, *(n for n in names if n != "all-linear")]))
 
 
 def check_sizes(**values: Any) -> None:

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from lorakit.analysis.adapter_tools import delta_spectra, energy_rank, target_filter
+from lorakit.analysis.adapter_tools import DeltaSpectra, delta_spectra_details, energy_rank, target_filter
 from lorakit.analysis.estimate import ModelShape, check_sizes, estimate_memory
 from lorakit.analysis.weights import load_config, weight_shapes
 
@@ -45,10 +45,14 @@ def parse_model_size(model_size: str | int | float) -> tuple[str, str | None]:
         if not m:
             raise ValueError(f"model_size must be like 7B, 13B, 70B or 135M, got {model_size!r}")
         n = float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}[m.group(2).upper()]
+        if not m.group(2) and n < 1e6:  # "70" meant 70B, most likely: not a model of 70 parameters
+            raise ValueError(f"model_size {model_size!r} has no unit: write it like 70B, 13B or 135M "
+                             "(a bare number counts parameters)")
     if not math.isfinite(n) or n <= 0:
         raise ValueError(f"model_size must be a positive finite number, got {model_size!r}")
     column = "7B" if n <= 10e9 else "13B" if n <= 40e9 else "70B"
-    return column, f"{model_size} parameters read as the {column} column (<=10B: 7B, <=40B: 13B, else 70B)"
+    shown = f"{model_size:,}" if isinstance(model_size, int) else model_size
+    return column, f"{shown} parameters read as the {column} column (<=10B: 7B, <=40B: 13B, else 70B)"
 
 
 def recommend_rank(task_complexity: str, data_size: int, model_size: str | int | float) -> dict[str, Any]:
@@ -80,7 +84,8 @@ def recommend_rank(task_complexity: str, data_size: int, model_size: str | int |
     why = []
     if mapped:
         why.append(mapped + ".")
-    why.append(f"A {task} task on a {column} model starts at rank {rank}, alpha {alpha} (alpha = 2 x rank).")
+    why.append(f"A {task} task on a {column} model starts at rank {rank}, alpha {alpha} (the table's alpha "
+               "is 2 x its rank).")
     if data_size < SMALL_DATA:
         new = max(RANK_FLOOR, rank // 2)
         change = f"{rank} -> {new}" if new != rank else f"{rank} is already the floor"
@@ -95,7 +100,8 @@ def recommend_rank(task_complexity: str, data_size: int, model_size: str | int |
         rank = new
     else:
         why.append(f"{data_size:,} examples is between {SMALL_DATA:,} and {LARGE_DATA:,}: rank unchanged.")
-    why.append(f"Alpha stays {alpha} (scaling alpha/r = {alpha / rank:g}).")
+    why.append(f"Alpha stays {alpha}: scaling alpha/r = {alpha / rank:g} (with rsLoRA, alpha/sqrt(r) = "
+               f"{alpha / math.sqrt(rank):.3g}).")
     return {"rank": rank, "alpha": alpha, "reasoning": " ".join(why)}
 
 
@@ -119,6 +125,11 @@ def model_cost(
     ``target_modules`` (PEFT's suffix rule), read from the model's safetensors headers. The
     adapter file holds those parameters (fp32 by default) plus a small safetensors header.
 
+    Returns:
+        {"modules", "trainable_params", "adapter_bytes", "total_params", "narrower_than_rank" (the
+        matched modules whose min(out, in) is below ``rank``, as "name (min N)": their update cannot
+        reach that rank), "memory" (``estimate_memory``'s dict, or None with a "memory_note")}.
+
     Raises:
         ValueError: if no weight matches the targets, or batch_size / seq_len is not a positive integer.
     """
@@ -141,10 +152,13 @@ def model_cost(
                            "adapter_bytes": params * adapter_dtype_bytes + header}
     total = sum(math.prod(s) for s in shapes.values())
     out["total_params"] = total
+    out["narrower_than_rank"] = [f"{name} (min {min(shape)})" for name, shape in matched.items() if rank > min(shape)]
     try:
         shape = ModelShape.from_config(load_config(source), name=str(source or "default"))
+        # the estimator knows projections by their last name ("self_attn.q_proj" -> "q_proj")
+        projections = tuple(dict.fromkeys(t.rsplit(".", 1)[-1] for t in target_modules))
         est = estimate_memory(shape, "lora", batch_size=batch_size, seq_len=seq_len, precision=precision, r=rank,
-                              target_modules=tuple(t for t in target_modules if "." not in t))
+                              target_modules=projections)
         out["memory"] = est.to_dict()
     except (ValueError, FileNotFoundError) as exc:
         out["memory"] = None
@@ -178,43 +192,80 @@ def data_driven_ranks(
     energy: float = 0.99,
     cap: int = RANK_CAP,
 ) -> dict[str, Any]:
-    """Effective rank of each module's ΔW and a suggested ``r`` + ``rank_pattern``.
+    """Effective rank of each module's ΔW and a suggested ``r`` + ``rank_pattern`` (+ alphas).
 
     Each module needs rank k = the smallest number of singular values holding ``energy`` of
     ‖ΔW‖²; it is rounded up to a power of two and capped at ``cap`` and at the module's own largest
     rank (an adapter module's r, or min(out, in); "max_rank"). The global r is the most common such
-    rank, and modules that need another rank go into rank_pattern (PEFT's per-module override).
-    Modules whose ΔW is exactly zero are left out.
+    rank, and modules that need another rank go into rank_pattern (PEFT's per-module override);
+    ``alpha`` = 2r and ``alpha_pattern`` (2 × each pattern rank) keep every module's scaling alpha/r
+    at 2, the rule table's. "kept" is the energy the suggested rank keeps (below ``energy`` where
+    a cap bound it). Modules whose ΔW is exactly zero are left out.
+
+    From a tuned model, ΔW also holds the rounding of the tuned weights to their dtype (bf16: ~2⁻⁸
+    of each weight, a noise spread over every direction that can outweigh a small update's tail):
+    singular values at or below that noise's expected largest one (``rounding_floor``; "floor") are
+    not counted as the update's, and a module with none above it is left out ("noise_only").
 
     Args:
         adapter: a trained adapter directory; or
         base, tuned: a fully fine-tuned model beside its base.
         targets: restrict to these module names / suffixes (tuned-model mode).
         energy: energy fraction defining the suggested rank (0 < energy <= 1).
-        cap: largest rank suggested.
+        cap: largest rank suggested (a positive integer).
 
     Returns:
-        {"modules": [{module, max_rank, rank90, rank99, norm, suggested}], "r", "rank_pattern",
-        "energy"}.
+        {"modules": [{module, max_rank, rank90, rank99, norm, floor, suggested, kept, capped}], "r",
+        "rank_pattern", "alpha", "alpha_pattern", "energy", "noise_only": [module, ...]}.
 
     Raises:
-        ValueError: on a bad energy, when no module has a non-zero update (e.g. an untrained adapter,
-            whose B factors are zero), or a model weight holding NaN or inf.
+        ValueError: on a bad energy or cap; when no module has a non-zero update above the rounding
+            noise (an untrained adapter, whose B factors are zero; targets that match no 2-D weight;
+            only changed tensors that are not matrices), the message saying which; a model weight
+            holding NaN or inf.
     """
-    if not 0 < energy <= 1:
-        raise ValueError(f"energy must be in (0, 1], got {energy}")
-    spectra = delta_spectra(adapter=adapter, base=base, tuned=tuned, targets=targets)
-    if not spectra:
-        raise ValueError("no module has a non-zero weight update to analyse")
-    rows = []
-    for name, s in spectra.items():
-        need = energy_rank(s, energy)
-        rows.append({"module": name, "max_rank": int(s.numel()), "rank90": energy_rank(s, 0.90),
-                     "rank99": energy_rank(s, 0.99), "norm": float(torch.linalg.vector_norm(s)),
-                     "suggested": min(cap, int(s.numel()), _pow2_at_least(max(1, need)))})
+    if isinstance(energy, bool) or not isinstance(energy, (int, float)) or not 0 < energy <= 1:
+        raise ValueError(f"energy must be in (0, 1], got {energy!r}")
+    if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
+        raise ValueError(f"cap must be a positive integer, got {cap!r}")
+    found = delta_spectra_details(adapter=adapter, base=base, tuned=tuned, targets=targets)
+    rows, noise_only = [], []
+    for name, s in found.spectra.items():
+        floor = found.floors.get(name, 0.0)
+        signal = s[s > floor]
+        if signal.numel() == 0:
+            noise_only.append(name)
+            continue
+        need = energy_rank(signal, energy)
+        suggested = min(cap, int(s.numel()), _pow2_at_least(max(1, need)))
+        kept = float(signal[:suggested].square().sum() / signal.square().sum())
+        rows.append({"module": name, "max_rank": int(s.numel()), "rank90": energy_rank(signal, 0.90),
+                     "rank99": energy_rank(signal, 0.99), "norm": float(torch.linalg.vector_norm(s)),
+                     "floor": floor, "suggested": suggested, "kept": kept, "capped": suggested < need})
+    if not rows:
+        raise ValueError(_no_update_message(found, noise_only, adapter, targets))
     counts: dict[int, int] = {}
     for r in rows:
         counts[r["suggested"]] = counts.get(r["suggested"], 0) + 1
     r_global = max(sorted(counts), key=lambda k: counts[k])
     pattern = {r["module"]: r["suggested"] for r in rows if r["suggested"] != r_global}
-    return {"energy": energy, "r": r_global, "rank_pattern": pattern, "modules": rows}
+    return {"energy": energy, "r": r_global, "rank_pattern": pattern, "alpha": 2 * r_global,
+            "alpha_pattern": {m: 2 * k for m, k in pattern.items()}, "modules": rows, "noise_only": noise_only}
+
+
+def _no_update_message(found: DeltaSpectra, noise_only: list[str], adapter: Any, targets: Any) -> str:
+    """Why ``data_driven_ranks`` found nothing to analyse, in the words a user can act on."""
+    if noise_only:
+        return (f"no module has a non-zero weight update above the tuned weights' rounding noise: the "
+                f"changes of {len(noise_only)} module(s) (e.g. {noise_only[0]!r}) are no larger than "
+                "rounding them to their dtype gives")
+    if adapter is not None:
+        return "no module has a non-zero weight update to analyse (an untrained adapter: every B is zero)"
+    if found.compared == 0:
+        which = f"targets {list(targets)!r} match" if targets else "the tuned model has"
+        return (f"no module has a non-zero weight update to analyse: {which} no 2-D weight that the base "
+                "model has too")
+    skipped = (f"; changed tensors that are not 2-D matrices were skipped: {', '.join(found.skipped[:3])}"
+               f"{' ...' if len(found.skipped) > 3 else ''}") if found.skipped else ""
+    return (f"no module has a non-zero weight update to analyse: the {found.compared} 2-D weight(s) compared "
+            f"are equal in both models{skipped}")
