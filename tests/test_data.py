@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from lorakit.train import data as D
 from tiny_lm import one_thread, CHAT_TEMPLATE, tiny_tokenizer, toy_records, write_jsonl
@@ -346,3 +347,56 @@ def test_a_local_file_named_like_the_bundled_task_is_pointed_out(tmp_path, monke
     assert len(D.load_examples("rotten_tomatoes", "test")) == 500  # the bundled task, as documented
     assert "give ./rotten_tomatoes for it" in capsys.readouterr().err
     assert [e.answer for e in D.load_examples("./rotten_tomatoes", "train")] == ["c"]
+
+
+def _chat(answer="good film"):
+    return D.Example(messages=[{"role": "user", "content": "a movie"}, {"role": "assistant", "content": answer}])
+
+
+def test_cutting_only_the_last_answer_token_marks_the_example_cut():
+    # D2: `cut` is set when max_length removes any answer token, the very first one past the limit too
+    tok = tiny_tokenizer()
+    full = D.tokenize_example(tok, _chat(), 512)
+    last = max(i for i, lab in enumerate(full.labels) if lab != D.IGNORE_INDEX)
+    assert not full.cut
+    assert not D.tokenize_example(tok, _chat(), last + 1).cut
+    assert D.tokenize_example(tok, _chat(), last).cut
+
+
+def test_an_answer_found_by_search_in_a_rewriting_template_learns_its_eos():
+    # D6: a template whose first line depends on the last message (not prefix-stable) sends
+    # _assistant_spans to its text search; the eos right after the answer is still labelled
+    template = ("{{ messages[-1]['content']|length }}\n{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+                "{{ m['content'] }}{% if m['role'] == 'assistant' %}<|im_end|>{% endif %}\n{% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok = tiny_tokenizer(template)
+    t = D.tokenize_example(tok, _chat(), 512)
+    labelled = [tok.convert_ids_to_tokens(i) for i, lab in zip(t.input_ids, t.labels) if lab != D.IGNORE_INDEX]
+    assert labelled == ["good", "film", "<|im_end|>"]
+
+
+class _Recorder:
+    """A stand-in model: records what greedy_generate passes to generate() and returns pad tokens."""
+    training = False
+    config = None
+
+    def eval(self):
+        return self
+
+    def train(self, mode=True):
+        return self
+
+    def generate(self, input_ids, attention_mask, max_new_tokens, **kw):
+        self.ids, self.mask = input_ids.clone(), attention_mask.clone()
+        return torch.cat([input_ids, torch.zeros(input_ids.shape[0], max_new_tokens, dtype=torch.long)], 1)
+
+
+def test_greedy_generate_left_pads_and_masks_the_padding():
+    # G1: a batch of prompts of different lengths is left padded and the pads get attention 0
+    from lorakit.train.generate import greedy_generate
+
+    tok = tiny_tokenizer()
+    model = _Recorder()
+    greedy_generate(model, tok, [[5, 6], [7, 8, 9, 10]], max_new_tokens=2, stop_ids=[3])
+    assert model.mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
+    assert model.ids[0, 2:].tolist() == [5, 6] and model.ids[0, :2].tolist() == [tok.pad_token_id] * 2

@@ -365,3 +365,13 @@ def test_a_lost_peer_is_one_line_naming_the_other_process(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "1")  # not under torchrun: a RuntimeError is a bug, with its traceback
     with pytest.raises(RuntimeError):
         cli.main(["train"])
+
+
+def test_a_bucket_may_hold_exactly_bucket_numel_numbers(monkeypatch):
+    # X2: "at most BUCKET_NUMEL numbers" per all-reduce: 4 + 6 == 10 fills one bucket of 10
+    monkeypatch.setattr("lorakit.train.distributed.BUCKET_NUMEL", 10)
+    params = [torch.zeros(4, requires_grad=True), torch.zeros(2, 3, requires_grad=True), torch.zeros(1, requires_grad=True)]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    buckets = _buckets(params)
+    assert [[tuple(p.shape) for p in b] for b in buckets] == [[(4,), (2, 3)], [(1,)]]

@@ -817,3 +817,25 @@ def test_gaussian_init_follows_peft_per_layer_type():
         emb_a, emb_b, lin_a, lin_b = got
         assert not emb_a.any() and emb_b.std() > 0.5  # N(0, 1)
         assert not lin_b.any() and abs(float(lin_a.std()) - 1 / r) < 0.3 / r
+
+
+class Emb(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(10, 6, padding_idx=0)
+
+    def forward(self, x):
+        return self.emb(x)
+
+
+def test_embedding_adapter_gets_no_gradient_for_the_padding_row():
+    # L1: the LoRA lookup uses the base's padding_idx, as nn.Embedding (and PEFT) do: A's column for
+    # the padding token gets no gradient
+    torch.manual_seed(0)
+    m = lk.get_lora_model(Emb(), lk.LoraConfig(r=2, target_modules=["emb"], init_lora_weights=False))
+    layer = m.emb
+    x = torch.tensor([[0, 3, 0, 5], [2, 0, 7, 0]])
+    m(x).square().sum().backward()
+    grad = layer.lora_A["default"].grad
+    assert torch.count_nonzero(grad[:, 0]) == 0
+    assert torch.count_nonzero(grad[:, 3]) > 0

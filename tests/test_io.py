@@ -808,3 +808,32 @@ def test_a_file_given_for_the_adapter_directory_is_named(tmp_path):
     _, d = _saved_q(tmp_path)
     with pytest.raises(NotADirectoryError, match="is a file; give the adapter's directory"):
         lk.load_adapter(tiny_llama(), d / "adapter_model.safetensors")
+
+
+def _saved(tmp_path):
+    m = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    return lk.save_adapter(m, tmp_path / "a")
+
+
+def test_load_adapter_sets_inference_mode_as_peft_does(tmp_path):
+    # I4: not trainable -> inference_mode True (and so in a re-saved config); trainable -> False
+    d = _saved(tmp_path)
+    frozen = lk.load_adapter(tiny_llama(), d)
+    from lorakit.inject import require_state
+    assert require_state(frozen).configs["default"].inference_mode is True
+    lk.save_adapter(frozen, tmp_path / "b")
+    assert json.loads((tmp_path / "b" / "adapter_config.json").read_text())["inference_mode"] is True
+    trainable = lk.load_adapter(tiny_llama(), d, is_trainable=True)
+    assert require_state(trainable).configs["default"].inference_mode is False
+    lk.save_adapter(trainable, tmp_path / "c")
+    assert json.loads((tmp_path / "c" / "adapter_config.json").read_text())["inference_mode"] is False
+
+
+def test_loading_a_second_adapter_leaves_user_unfrozen_parameters_alone(tmp_path):
+    # I5: only the first adapter on a model freezes every parameter; a later load must not re-freeze
+    # what the user chose to train (as PEFT's load_adapter)
+    d = _saved(tmp_path)
+    m = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules=["v_proj"]))
+    m.lm_head.weight.requires_grad_(True)
+    lk.load_adapter(m, d, adapter_name="second")
+    assert m.lm_head.weight.requires_grad

@@ -1236,3 +1236,32 @@ def test_adapters_with_copies_of_one_saved_module_cannot_be_active_together():
     assert lk.active_adapters(model) == before and model.lm_head.active_adapter == "n1"
     lk.set_adapter(model, "n2")
     assert model.lm_head.active_adapter == "n2"
+
+
+def _two(r_a=2, r_b=6):
+    torch.manual_seed(0)
+    m = tiny_llama()
+    lk.get_lora_model(m, lk.LoraConfig(r=r_a, target_modules=["q_proj"], init_lora_weights=False), adapter_name="a")
+    lk.get_lora_model(m, lk.LoraConfig(r=r_b, target_modules=["q_proj"], init_lora_weights=False), adapter_name="b")
+    return m
+
+
+def test_svd_combination_defaults_to_the_largest_input_rank():
+    # M5: documented default rank = the largest rank among the inputs (6 here, not 2)
+    m = _two()
+    report = lk.combine_adapters(m, {"a": 1.0, "b": 1.0}, "ab", method="svd")
+    assert set(report.ranks.values()) == {6}
+
+
+def test_deleting_an_inactive_adapter_keeps_the_active_one():
+    # A1: deleting "b" while "c" is active must leave "c" active (not switch to the first adapter "a")
+    m = _two()
+    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), adapter_name="c")
+    lk.set_adapter(m, "c")
+    x = torch.randint(3, 101, (2, 5), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = m(x).logits
+    lk.delete_adapter(m, "b")
+    assert lk.active_adapters(m) == ["c"]
+    with torch.no_grad():
+        torch.testing.assert_close(m(x).logits, before)

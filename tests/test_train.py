@@ -1351,3 +1351,18 @@ def test_a_full_fine_tunes_model_directory_is_written_whole(tmp_path, tok, data_
     res = train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
     assert res.steps == 2 and (run / "model" / "config.json").is_file()
     assert (run / "model" / "tokenizer.json").is_file()
+
+
+@pytest.mark.parametrize("field, value, problem", [
+    ("warmup_ratio", 1.0, r"warmup_ratio must be in \[0, 1\)"),   # C2: all-warmup runs never reach the peak lr
+    ("dropout", 1.0, r"dropout must be in \[0, 1\)"),              # C3: drops every input of the branch
+    ("grad_accum", 0, "grad_accum must be a positive integer"),   # C4: zero micro-batches per step
+])
+def test_config_refuses_boundary_values(field, value, problem):
+    with pytest.raises(ValueError, match=problem):
+        TrainConfig(**{field: value})
+
+
+def test_config_accepts_the_values_just_inside():
+    TrainConfig(warmup_ratio=0.0, dropout=0.0, grad_accum=1)
+    TrainConfig(warmup_ratio=0.99, dropout=0.99)

@@ -241,3 +241,65 @@ def test_module_type_cast_keeps_the_nf4_codes():
     assert layer.codes.dtype == torch.uint8 and layer.scales.dtype == torch.int8
     assert layer.compute_dtype == torch.float32
     torch.testing.assert_close(layer(x), want)
+
+
+def test_the_block_with_the_extreme_scale_keeps_its_absmax_exactly():
+    # Q2: the double-quant group factor is max|c_b - mean| / 127, so the block furthest from the
+    # mean gets the int8 code ±127 and its scale is reconstructed exactly: its largest weight maps to
+    # the NF4 level ±1 and comes back (almost) bit for bit. With /128 that block's scale is clipped.
+    torch.manual_seed(0)
+    w = torch.randn(16, 64) * 0.02          # 16 blocks, one scale group
+    w[5] *= 50.0                             # one block far above the mean absmax
+    d = dequantize_nf4(quantize_nf4(w), w.shape)
+    i = int(w.abs().argmax())
+    assert abs(float(d.flatten()[i] - w.flatten()[i])) <= 1e-5 * float(w.abs().max())
+
+
+def test_skip_entry_matches_whole_names_or_dotted_suffixes_only():
+    # Q6: "proj" names a module called "proj" (or ending in ".proj"), not every "*_proj"
+    q = lk.quantize_model_nf4(tiny_llama(), skip=["proj"])
+    assert isinstance(q.model.layers[0].self_attn.q_proj, LinearNF4)
+    assert isinstance(q.model.layers[0].mlp.up_proj, LinearNF4)
+
+
+def test_nf4_memory_reports_bits_per_weight():
+    # Q7: about 4.127 bits per weight (4 + 8/64 + padding/group factors), not bytes
+    mem = lk.nf4_memory(lk.quantize_model_nf4(tiny_llama()))
+    assert 4.0 < mem["bits_per_param"] < 4.6
+    assert mem["bits_per_param"] == 8.0 * mem["bytes"] / mem["params"]
+
+
+def test_unmerging_one_of_two_merged_adapters_keeps_the_other_merged():
+    # Q8: the NF4 base comes back only once *every* adapter is unmerged
+    torch.manual_seed(0)
+    m = lk.quantize_model_nf4(tiny_llama())
+    for name, seed in (("a", 1), ("b", 2)):
+        torch.manual_seed(seed)
+        lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), adapter_name=name)
+    lk.set_adapter(m, ["a", "b"])
+    x = torch.randint(0, 101, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        both = m(x).logits
+        lk.merge(m)
+        layer = m.model.layers[0].self_attn.q_proj
+        assert type(layer.base_layer) is nn.Linear
+        layer_list = [l for _, l in lk.iter_lora_layers(m)]
+        for l in layer_list:
+            l.unmerge(["b"])
+        assert layer.merged_adapters == ["a"]
+        assert type(layer.base_layer) is nn.Linear  # a is still merged into the dense copy
+        torch.testing.assert_close(m(x).logits, both, rtol=1e-4, atol=1e-4)
+        for l in layer_list:
+            l.unmerge()
+        assert isinstance(layer.base_layer, LinearNF4)
+        torch.testing.assert_close(m(x).logits, both, rtol=1e-4, atol=1e-4)
+
+
+def test_quantising_a_bf16_model_keeps_bf16_as_the_compute_dtype():
+    # Q9: from_linear takes the weight's dtype as compute dtype; merges then stay bf16
+    q = lk.quantize_model_nf4(tiny_llama().to(torch.bfloat16))
+    layer = q.model.layers[0].self_attn.q_proj
+    assert layer.compute_dtype == torch.bfloat16 and layer.weight.dtype == torch.bfloat16
+    m = lk.get_lora_model(q, lk.LoraConfig(r=2, target_modules=["q_proj"]))
+    plain = lk.merge_and_unload(m)
+    assert plain.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
