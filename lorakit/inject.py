@@ -441,10 +441,11 @@ def _warn_rank_above_layer(model: nn.Module, targets: list[str], config: LoraCon
         base = module.base_layer if isinstance(module, LoraLayer) else module
         weight = getattr(base, "weight", None)
         if isinstance(weight, torch.Tensor) and weight.dim() >= 2:
-            # (out, in) Linear, (in, out) Conv1D, (num, dim) Embedding, (out, in/groups, k, k) Conv2d,
-            # whose LoRA update reads all in channels (layers/conv2d.py)
+            # (out, in) Linear, (in, out) Conv1D, (num, dim) Embedding, (out, in/G, k, k) Conv2d. A
+            # grouped one's update reads all in channels, each output group through its own r/G rank
+            # channels (layers/conv2d.py): every (out, in·k·k) ΔW is reached once r/G >= min(out/G, in·k·k)
             groups = base.groups if isinstance(base, nn.Conv2d) else 1
-            limit = min(weight.shape[0], weight[0].numel() * groups)
+            limit = min(weight.shape[0], weight[0].numel() * groups * groups)
             if config.rank_for(name) > limit:
                 over.append((name, config.rank_for(name), limit))
     if over:

@@ -821,16 +821,35 @@ def _save_weights(path, tensors):
     return path
 
 
-def test_rounding_floor_is_the_largest_singular_value_of_the_rounding():
-    torch.manual_seed(0)
+def test_rounding_floor_bounds_the_rounding_and_is_not_loose():
+    g = torch.Generator().manual_seed(0)
     for dtype in (torch.bfloat16, torch.float16):
-        w = torch.randn(384, 256, dtype=torch.float64) * 0.02
-        error = w.to(dtype).double() - w
-        largest = float(torch.linalg.svdvals(error)[0])
-        assert at.rounding_floor(w.to(dtype)) == pytest.approx(largest, rel=0.1), dtype
-        # two roundings (tuned and base): their variances add
-        assert at.rounding_floor(w.to(dtype), w.to(dtype)) == pytest.approx(math.sqrt(2) * at.rounding_floor(w.to(dtype)))
+        for shape in ((16, 32), (96, 64), (384, 256)):
+            for outliers in (False, True):
+                ratios = []
+                for _ in range(12):
+                    w = torch.randn(*shape, dtype=torch.float64, generator=g) * 0.02
+                    if outliers:
+                        w[:, :2] *= 50  # a few large columns: larger ulps there
+                    largest = float(torch.linalg.svdvals(w.to(dtype).double() - w)[0])
+                    ratios.append(largest / at.rounding_floor(w.to(dtype)))
+                assert max(ratios) < 1, (dtype, shape, outliers, max(ratios))
+                if min(shape) >= 256:  # not loose at a layer's size: measured 0.65-0.70 (0.79 at 576 x 1536)
+                    assert sum(ratios) / len(ratios) > 0.6, (dtype, shape, outliers, ratios)
+    w = torch.randn(64, 64, dtype=torch.float64, generator=g)
+    both = at.rounding_floor(w.to(torch.bfloat16), w.to(torch.bfloat16))  # two roundings: variances add
+    assert at.rounding_floor(w.to(torch.bfloat16)) < both < 1.42 * at.rounding_floor(w.to(torch.bfloat16))
     assert at.rounding_floor(torch.zeros(4, 4, dtype=torch.bfloat16)) == 0.0
+
+
+def test_modules_changed_only_by_rounding_do_not_set_the_suggestion(tmp_path, base_dir):
+    """An fp32 base, its fine-tune saved in bf16 with a real rank-2 change in one module: every other
+    module differs by the rounding alone, which read as rank-1 updates that set r = 1."""
+    tuned = _tuned_copy(_llama(0), {"model.layers.0.self_attn.q_proj": 2}).to(torch.bfloat16)
+    dd = recommend.data_driven_ranks(base=base_dir, tuned=_save_model(tuned, tmp_path / "tuned"))
+    assert [r["module"] for r in dd["modules"]] == ["model.layers.0.self_attn.q_proj"]
+    assert dd["r"] == 2 and dd["rank_pattern"] == {}
+    assert len(dd["noise_only"]) == 13  # the other 2 x 7 projections less this one
 
 
 def test_bf16_rounding_noise_does_not_inflate_the_suggested_rank(tmp_path):
@@ -908,3 +927,11 @@ def test_dotted_targets_cost_and_memory_count_the_same_modules(base_dir):
     cost = recommend.model_cost(base_dir, 8, ("self_attn.q_proj", "v_proj"), batch_size=1, seq_len=8)
     assert cost["modules"] == 4
     assert cost["memory"]["trainable_params"] == cost["trainable_params"]
+
+
+def test_a_layer_specific_target_notes_that_the_memory_estimate_counts_every_layer(base_dir):
+    cost = recommend.model_cost(base_dir, 8, ("layers.0.self_attn.q_proj",), batch_size=1, seq_len=8)
+    assert cost["modules"] == 1 and cost["trainable_params"] == 8 * (32 + 32)
+    assert cost["memory"]["trainable_params"] == 2 * cost["trainable_params"]
+    assert "counts each targeted projection on every layer" in cost["memory_note"]
+    assert "memory_note" not in recommend.model_cost(base_dir, 8, ("self_attn.q_proj",), batch_size=1, seq_len=8)

@@ -197,3 +197,38 @@ def test_the_rank_warning_counts_every_input_channel_a_grouped_update_reads():
         lk.get_lora_model(copy.deepcopy(depthwise), lk.LoraConfig(r=16, target_modules=["0"]))
     with pytest.warns(UserWarning, match="at most rank 16"):
         lk.get_lora_model(copy.deepcopy(depthwise), lk.LoraConfig(r=32, target_modules=["0"]))
+
+
+def test_a_peft_dora_file_on_a_grouped_conv_is_refused_by_name_with_the_model_unchanged(tmp_path):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (PEFT 0.21.2 makes it, with a norm of B.view(-1, r) @ A)
+        dora = peft.get_peft_model(net(), peft.LoraConfig(r=8, lora_alpha=16, target_modules=["conv"], use_dora=True))
+    dora.save_pretrained(tmp_path)
+    m = net()
+    before = m(image())
+    with pytest.raises(ValueError, match=r"DoRA needs ΔW in the base weight's layout.*groups=4"):
+        lk.load_adapter(m, tmp_path)
+    assert type(m.conv) is nn.Conv2d and torch.equal(m(image()), before)
+
+
+def test_a_channel_multiplier_conv_takes_a_rank_up_to_its_outputs_without_a_warning():
+    # (4 -> 16 channels, 4 groups, 1x1: ΔW is 16 x 4, yet each output group reaches it through its own
+    # r/4 rank channels, so every ΔW of that shape needs r = 16)
+    multiplier = nn.Sequential(nn.Conv2d(4, 16, 1, groups=4))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lk.get_lora_model(copy.deepcopy(multiplier), lk.LoraConfig(r=16, target_modules=["0"]))
+    with pytest.warns(UserWarning, match="at most rank 16"):
+        lk.get_lora_model(copy.deepcopy(multiplier), lk.LoraConfig(r=20, target_modules=["0"]))
+
+
+def test_the_data_driven_rank_of_a_grouped_conv_is_a_multiple_of_its_groups(tmp_path):
+    from lorakit.analysis import recommend
+
+    m = lk.get_lora_model(net(), lk.LoraConfig(r=8, target_modules=["conv"], init_lora_weights=False))
+    with torch.no_grad():  # one rank channel per group carries the update: energy rank 1 .. 4
+        m.conv.lora_A["default"].view(GROUPS, 2, -1)[:, 1] = 0
+    lk.save_adapter(m, tmp_path / "adapter")
+    row = recommend.data_driven_ranks(adapter=tmp_path / "adapter", energy=0.5)["modules"][0]
+    assert row["rank90"] < GROUPS and row["suggested"] == GROUPS
+    lk.get_lora_model(net(), lk.LoraConfig(r=row["suggested"], target_modules=["conv"]))  # (a rank it takes)

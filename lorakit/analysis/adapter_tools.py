@@ -687,38 +687,46 @@ class DeltaSpectra:
             weights would give (``rounding_floor``; 0 for an adapter, whose B @ A is exact).
         compared: how many 2-D weights (targeted, in both models) were compared; adapter: modules read.
         skipped: names of changed tensors left out for not being 2-D matrices (tuned mode).
+        groups: module -> G of an adapter on a grouped convolution (its ranks are multiples of G).
     """
 
     spectra: dict[str, torch.Tensor]
     floors: dict[str, float] = field(default_factory=dict)
     compared: int = 0
     skipped: list[str] = field(default_factory=list)
+    groups: dict[str, int] = field(default_factory=dict)
 
 
 def rounding_floor(*weights: torch.Tensor) -> float:
-    """Largest singular value expected from rounding each of ``weights`` (m × n, the tuned and the
-    base weight) once to its dtype: the floor below which a direction of their difference cannot be
+    """A bound on the largest singular value that rounding each of ``weights`` (m × n: the tuned and
+    the base weight) once to its dtype can give: directions of their difference below it cannot be
     told from that rounding.
 
-    Each element's rounding error is uniform over ± half its ulp (variance ulp²/12), the tensors'
-    errors independent; an m × n matrix of independent errors of variance σ² has singular values up
-    to about σ(√m + √n) (the Marchenko–Pastur edge). In bf16 that is ~2⁻⁸ of each weight, spread over
-    every singular direction of ΔW. (A base already on its dtype's grid, as when the tuned model was
-    trained from it, adds no error of its own: the floor then overstates the noise by up to √2.)
+    Each element's rounding error is uniform over ± half its ulp, variance v = ulp²/12 (bf16: ~2⁻⁸
+    of the weight), the tensors' errors independent. For a matrix of independent errors with that
+    variance profile the largest singular value stays below √(max row Σ v) + √(max column Σ v) plus
+    a term of order √(max v · log min(m, n)) (Bandeira–van Handel); that sum is the floor. For
+    evenly spread errors it is the Marchenko–Pastur edge σ(√m + √n) with a margin (pure bf16 / fp16
+    rounding of 16 × 32 … 576 × 1536 Gaussian weights, hundreds of draws, never exceeded it); rows or
+    columns of outlier weights, whose ulps are larger, raise it as they raise the noise. Both
+    tensors count: a base already on its dtype's grid (the tuned model trained from it) adds no
+    rounding of its own, and the floor then overstates the noise by up to √2 — a margin kept
+    because the files cannot tell that case from two separately rounded copies.
     """
-    variance, shape = 0.0, None
+    variance, shape = None, None
     for weight in weights:
         if not weight.is_floating_point() or weight.dim() != 2 or weight.numel() == 0:
             continue
-        shape = weight.shape
         w = weight.detach().double()
         _, exponent = torch.frexp(w)  # |w| = mantissa · 2^exponent, mantissa in [0.5, 1)
         ulp = torch.ldexp(torch.full_like(w, torch.finfo(weight.dtype).eps / 2), exponent)
-        ulp = torch.where(w == 0, torch.zeros_like(ulp), ulp)
-        variance += float(ulp.square().mean()) / 12
-    if shape is None:
+        v = torch.where(w == 0, torch.zeros_like(ulp), ulp).square() / 12
+        variance, shape = (v if variance is None else variance + v), w.shape
+    if variance is None:
         return 0.0
-    return math.sqrt(variance) * (math.sqrt(shape[0]) + math.sqrt(shape[1]))
+    rows, cols = float(variance.sum(dim=1).max()), float(variance.sum(dim=0).max())
+    spread = float(variance.max()) * (math.log(min(shape)) + 1)
+    return math.sqrt(rows) + math.sqrt(cols) + math.sqrt(spread)
 
 
 def delta_spectra_details(
@@ -735,7 +743,8 @@ def delta_spectra_details(
             s = spectrum_of_product(*mod.factors())[1]
             if bool((s > 0).any()):
                 out[name] = s
-        return DeltaSpectra(out, {name: 0.0 for name in out}, len(modules))
+        return DeltaSpectra(out, {name: 0.0 for name in out}, len(modules),
+                            groups={name: modules[name].groups for name in out if modules[name].groups > 1})
     if tuned is None:
         raise ValueError("give an adapter, or a tuned model with its base")
     base_sd, tuned_sd = load_state_dict(base), load_state_dict(tuned)

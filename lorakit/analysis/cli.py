@@ -159,8 +159,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
                 text.append(f"training step ({args.batch_size} x {args.seq_len} tokens, {args.precision}, AdamW): "
                             f"peak ≈ {estimate.human(m['peak'])} (weights {estimate.human(m['weights'])}, "
                             f"activations {estimate.human(m['activations'])})")
-            else:
-                text.append(cost.get("memory_note", ""))
+            if cost.get("memory_note"):
+                text.append(cost["memory_note"] if cost.get("memory") is None else f"note: {cost['memory_note']}")
             if cost["narrower_than_rank"]:
                 narrow = cost["narrower_than_rank"]
                 text.append(f"warning: rank {rec['rank']} is above min(in, out) of {len(narrow)} targeted module(s), "

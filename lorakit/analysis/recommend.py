@@ -47,7 +47,7 @@ def parse_model_size(model_size: str | int | float) -> tuple[str, str | None]:
         n = float(m.group(1)) * {"": 1, "K": 1e3, "M": 1e6, "B": 1e9, "T": 1e12}[m.group(2).upper()]
         if not m.group(2) and n < 1e6:  # "70" meant 70B, most likely: not a model of 70 parameters
             raise ValueError(f"model_size {model_size!r} has no unit: write it like 70B, 13B or 135M "
-                             "(a bare number counts parameters)")
+                             "(a bare number of 1,000,000 or more counts parameters)")
     if not math.isfinite(n) or n <= 0:
         raise ValueError(f"model_size must be a positive finite number, got {model_size!r}")
     column = "7B" if n <= 10e9 else "13B" if n <= 40e9 else "70B"
@@ -128,7 +128,8 @@ def model_cost(
     Returns:
         {"modules", "trainable_params", "adapter_bytes", "total_params", "narrower_than_rank" (the
         matched modules whose min(out, in) is below ``rank``, as "name (min N)": their update cannot
-        reach that rank), "memory" (``estimate_memory``'s dict, or None with a "memory_note")}.
+        reach that rank), "memory" (``estimate_memory``'s dict, or None), "memory_note" (why there
+        is no estimate, or where it counts other modules than the cost: a layer-specific target)}.
 
     Raises:
         ValueError: if no weight matches the targets, or batch_size / seq_len is not a positive integer.
@@ -160,6 +161,10 @@ def model_cost(
         est = estimate_memory(shape, "lora", batch_size=batch_size, seq_len=seq_len, precision=precision, r=rank,
                               target_modules=projections)
         out["memory"] = est.to_dict()
+        if out["memory"]["trainable_params"] != params:  # (layers.0.q_proj: the estimate knows projections only)
+            out["memory_note"] = (f"the memory estimate counts each targeted projection on every layer "
+                                  f"({out['memory']['trainable_params']:,} trainable parameters; the targets "
+                                  f"match {params:,})")
     except (ValueError, FileNotFoundError) as exc:
         out["memory"] = None
         out["memory_note"] = f"no memory estimate: {exc}"
@@ -238,6 +243,11 @@ def data_driven_ranks(
             continue
         need = energy_rank(signal, energy)
         suggested = min(cap, int(s.numel()), _pow2_at_least(max(1, need)))
+        groups = found.groups.get(name, 1)
+        if groups > 1:  # a grouped conv's rank is a multiple of its groups: rounded up (at most the
+            # adapter's own r, itself a multiple), or down to one where that passes the cap
+            up = groups * -(-suggested // groups)
+            suggested = up if up <= cap or cap < groups else groups * (cap // groups)
         kept = float(signal[:suggested].square().sum() / signal.square().sum())
         rows.append({"module": name, "max_rank": int(s.numel()), "rank90": energy_rank(signal, 0.90),
                      "rank99": energy_rank(signal, 0.99), "norm": float(torch.linalg.vector_norm(s)),

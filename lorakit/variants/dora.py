@@ -51,8 +51,8 @@ def _magnitude_shape(layer: "LoraLayer") -> tuple[int, ...]:
 
     B is (out, r, ...) for every layer type, so its first dimension counts the output channels.
     """
-    out = layer.b_shape(1)[0]
-    return (1, out, 1, 1) if len(layer.b_shape(1)) == 4 else (out,)
+    shape = layer.b_shape(layer.rank_groups)  # (the smallest rank the layer takes)
+    return (1, shape[0], 1, 1) if len(shape) == 4 else (shape[0],)
 
 
 def base_weight(layer: "LoraLayer") -> torch.Tensor:
@@ -96,7 +96,7 @@ class DoraVariant(LoraVariant):
         return weight.to(torch.promote_types(weight.dtype, torch.float32)) + layer.delta_weight(name)
 
     def on_add(self, layer: "LoraLayer", name: str) -> None:
-        if layer.rank_groups > 1:  # (PEFT's DoRA fails there too, on the norm of W + ΔW)
+        if layer.rank_groups > 1:  # (PEFT 0.21.2 runs it, with a B.view(-1, r) @ A that is not the update's ΔW)
             raise ValueError(f"DoRA needs ΔW in the base weight's layout for its column norm; on a Conv2d with "
                              f"groups={layer.rank_groups} the LoRA update reaches across the groups and has none "
                              "(use plain LoRA there, or leave the layer out of target_modules)")
