@@ -935,3 +935,38 @@ def test_a_layer_specific_target_notes_that_the_memory_estimate_counts_every_lay
     assert cost["memory"]["trainable_params"] == 2 * cost["trainable_params"]
     assert "counts each targeted projection on every layer" in cost["memory_note"]
     assert "memory_note" not in recommend.model_cost(base_dir, 8, ("self_attn.q_proj",), batch_size=1, seq_len=8)
+
+
+def test_svds_on_the_tall_orientation_and_of_a_product_give_the_same_values():
+    g = torch.Generator().manual_seed(0)
+    for shape in ((7, 30), (30, 7), (12, 12)):
+        m = torch.randn(*shape, dtype=torch.float64, generator=g)
+        torch.testing.assert_close(at.svdvals_tall(m), torch.linalg.svdvals(m), rtol=1e-12, atol=0)
+        u, s, vh = at.svd_tall(m)
+        k = min(shape)
+        assert u.shape == (shape[0], k) and vh.shape == (k, shape[1])
+        torch.testing.assert_close(u @ torch.diag(s) @ vh, m, rtol=0, atol=1e-12)
+    for m_, r, n in ((40, 6, 25), (5, 6, 30)):  # (also fewer rows than the rank)
+        left = torch.randn(m_, r, dtype=torch.float64, generator=g)
+        right = torch.randn(r, n, dtype=torch.float64, generator=g)
+        want = torch.linalg.svdvals(left @ right)[: min(m_, r, n)]
+        torch.testing.assert_close(at.singular_values_of_product(left, right), want, rtol=1e-10, atol=1e-12)
+        torch.testing.assert_close(at.spectrum_of_product(left, right)[1], want, rtol=1e-10, atol=1e-12)
+
+
+def test_an_interrupted_plot_leaves_no_file(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    from lorakit.analysis import plots
+
+    def broken(self, target, *args, **kwargs):
+        (target.write if hasattr(target, "write") else open(target, "wb").write)(b"\x89PNG\r\n\x1a\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Figure, "savefig", broken)
+    with pytest.raises(KeyboardInterrupt):
+        plots.plot_module_bars(["a", "b"], {"r": [1, 2]}, tmp_path / "bars.png", "rank", "title")
+    assert list(tmp_path.iterdir()) == []  # (a truncated bars.png before)
+    monkeypatch.undo()
+    assert plots.plot_module_bars(["a", "b"], {"r": [1, 2]}, tmp_path / "bars.png", "rank", "t").read_bytes()[:4] == b"\x89PNG"
+    assert [p.name for p in tmp_path.iterdir()] == ["bars.png"]

@@ -136,3 +136,27 @@ def test_flags_that_apply_to_another_mode_are_refused(tmp_path, capsys):
     assert "an adapter's own modules are all analysed" in capsys.readouterr().err
     assert main([*table, "--targets", " , "]) == 2
     assert "--targets is empty" in capsys.readouterr().err
+
+
+def test_analysis_commands_take_one_thread_per_free_core_and_give_them_back(monkeypatch, capsys):
+    import torch
+
+    import lorakit.analysis.recommend as rec_module
+    import lorakit.train.generate as gen
+
+    seen = []
+    real = rec_module.recommend_rank
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real(*args, **kwargs)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        monkeypatch.setattr(gen, "busy_cores", lambda *a, **k: 1.0)  # another process keeps a core busy
+        monkeypatch.setattr(rec_module, "recommend_rank", spy)
+        assert main(["recommend", "--task", "simple", "--model-size", "7B", "--data-size", "500"]) == 0
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

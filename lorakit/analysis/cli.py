@@ -47,9 +47,9 @@ def _emit(args: argparse.Namespace, report: dict[str, Any], text: str, name: str
         print(text)
     out = getattr(args, "out", None)
     if out and not getattr(args, "no_plot", False):
-        path = Path(out) / f"{name}.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2, default=str))
+        from lorakit.io import atomic_write_bytes  # (whole or not at all, as the plots)
+
+        atomic_write_bytes(Path(out) / f"{name}.json", json.dumps(report, indent=2, default=str).encode())
 
 
 def _note_plots(args: argparse.Namespace, paths: list[Path]) -> None:
@@ -169,7 +169,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     if data_mode:
         energy = 0.99 if args.energy is None else args.energy
         dd = recommend.data_driven_ranks(adapter=args.adapter, base=args.base, tuned=args.tuned,
-                                         targets=args.targets if args.tuned else None, energy=energy)
+                                         targets=args.targets if args.tuned else None, energy=energy,
+                                         progress=True)
         report["data_driven"] = dd
         if text:
             text.append("")
@@ -282,7 +283,7 @@ def _surgery_plot(args: argparse.Namespace, rep: dict[str, Any], name: str) -> N
 def cmd_extract(args: argparse.Namespace) -> int:
     """``lorakit extract``: truncated-SVD adapter of tuned − base."""
     rep = adapter_tools.extract_adapter(args.base, args.tuned, args.rank, args.out, alpha=args.alpha,
-                                        targets=args.targets, energy=args.energy)
+                                        targets=args.targets, energy=args.energy, progress=True)
     args_json = argparse.Namespace(json=args.json, out=None)
     _emit(args_json, rep, _surgery_text(rep, f"extracted rank-{args.rank} LoRA of {args.tuned} − {args.base}"), "extract")
     _surgery_plot(args, rep, "extract")
@@ -332,6 +333,10 @@ def _add(sub: Any, name: str, func: Callable[[argparse.Namespace], int], help_te
         out = getattr(args, "out", None)  # checked before any work, not when the results are written
         if out and not getattr(args, "no_plot", False) and Path(out).exists() and not Path(out).is_dir():
             raise ValueError(f"--out {out!r} is a file, not a directory: choose another --out")
+        if name != "sweep":  # (sweep's training runs pick their own threads, as lorakit train does)
+            from lorakit.train.generate import auto_threads
+
+            auto_threads()  # one thread per free core: on a busy machine two spin-wait (5-18x slower SVDs)
         return func(args)
     p.set_defaults(func=run)
     return p

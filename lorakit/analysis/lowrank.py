@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from lorakit.analysis.adapter_tools import energy_rank, truncation_error
+from lorakit.analysis.adapter_tools import energy_rank, svdvals_tall, truncation_error
 from lorakit.analysis.weights import check_finite, load_state_dict, source_label
 
 LESSON_RANKS = (1, 2, 4, 8, 16, 32, 64)
@@ -170,7 +170,7 @@ def spectrum_report(weights: dict[str, torch.Tensor], ranks: Sequence[int] = LES
     for name, W in weights.items():
         if not bool(torch.isfinite(W).all()):
             raise ValueError(f"matrix {name!r} holds NaN or inf")
-        S = torch.linalg.svdvals(W.double())
+        S = svdvals_tall(W.double())
         total = float((S**2).sum()) or 1.0
         cum = torch.cumsum(S**2, 0) / total
         report[name] = {

@@ -15,11 +15,20 @@ def _pyplot() -> Any:
 
 
 def _save(fig: Any, path: str | Path) -> Path:
+    """Render ``fig`` as a PNG at ``path``: whole or not at all (an error or Ctrl-C while rendering
+    left a truncated file under the final name)."""
+    import io
+
+    from lorakit.io import atomic_write_bytes
+
     out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.tight_layout()
-    fig.savefig(out, dpi=110)
-    _pyplot().close(fig)
+    try:
+        fig.tight_layout()
+        png = io.BytesIO()
+        fig.savefig(png, format="png", dpi=110)
+    finally:
+        _pyplot().close(fig)
+    atomic_write_bytes(out, png.getvalue())
     return out
 
 

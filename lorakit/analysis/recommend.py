@@ -196,6 +196,7 @@ def data_driven_ranks(
     targets: list[str] | None = None,
     energy: float = 0.99,
     cap: int = RANK_CAP,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Effective rank of each module's ΔW and a suggested ``r`` + ``rank_pattern`` (+ alphas).
 
@@ -218,6 +219,7 @@ def data_driven_ranks(
         targets: restrict to these module names / suffixes (tuned-model mode).
         energy: energy fraction defining the suggested rank (0 < energy <= 1).
         cap: largest rank suggested (a positive integer).
+        progress: show a progress bar over a tuned model's tensors on stderr (when a terminal).
 
     Returns:
         {"modules": [{module, max_rank, rank90, rank99, norm, floor, suggested, kept, capped}], "r",
@@ -233,7 +235,7 @@ def data_driven_ranks(
         raise ValueError(f"energy must be in (0, 1], got {energy!r}")
     if isinstance(cap, bool) or not isinstance(cap, int) or cap < 1:
         raise ValueError(f"cap must be a positive integer, got {cap!r}")
-    found = delta_spectra_details(adapter=adapter, base=base, tuned=tuned, targets=targets)
+    found = delta_spectra_details(adapter=adapter, base=base, tuned=tuned, targets=targets, progress=progress)
     rows, noise_only = [], []
     for name, s in found.spectra.items():
         floor = found.floors.get(name, 0.0)
