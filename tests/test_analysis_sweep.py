@@ -161,3 +161,25 @@ def test_sweep_json_output_is_one_json_document(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(sw, "run_sweep", lambda *a, **k: rows)
     assert main(["sweep", "--ranks", "4,1", "--json", "--output", str(tmp_path / "s")]) == 0
     assert json.loads(capsys.readouterr().out) == rows  # (a "plot:" line followed it)
+
+
+def test_the_untrained_model_is_evaluated_once_for_every_rank(tmp_path, monkeypatch):
+    import lorakit.train.loop as loop
+
+    tok = tiny_tokenizer()
+    train_file = write_jsonl(toy_records(24), tmp_path / "train.jsonl")
+    eval_file = write_jsonl(toy_records(8, seed=1), tmp_path / "eval.jsonl")
+    base = TrainConfig(data=str(train_file), eval_data=str(eval_file), max_steps=2, batch_size=8, precision="fp32",
+                       save_steps=0)
+    calls = []
+    real = loop.evaluate_shared
+    monkeypatch.setattr(loop, "evaluate_shared", lambda *a, **k: calls.append(1) or real(*a, **k))
+    logged = []
+    rows = run_sweep(base, [1, 2, 4], tmp_path / "sweep", load=lambda: (tiny_llama_lm(tok), tok), progress=False,
+                     log=logged.append)
+    assert len(calls) == 3 + 1  # after each run, before the first only (6 before)
+    befores = [json.loads((tmp_path / "sweep" / f"r{r}" / "lorakit_run.json").read_text())["before"] for r in (1, 2, 4)]
+    assert befores[0]["loss"] > 0 and befores[1] == befores[0] == befores[2]
+    assert sum("measured once for these runs" in line for line in logged) == 2
+    assert [r["eval_loss"] for r in rows] == [
+        json.loads((tmp_path / "sweep" / f"r{r}" / "lorakit_run.json").read_text())["after"]["loss"] for r in (1, 2, 4)]

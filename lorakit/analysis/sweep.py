@@ -99,11 +99,13 @@ def _train_each(base: TrainConfig, ranks: list[int], out_dir: Path, load: Callab
     """
     from lorakit.train.loop import resume_command, train
 
+    before = None  # the untrained model's evaluation: the same for every rank (B = 0), so run once
     for r in ranks:
         cfg = TrainConfig.from_dict({**base.to_dict(), "rank": r, "alpha": 2.0 * r, "output": str(out_dir / f"r{r}")})
         model, tokenizer = load() if load is not None else (None, None)
         log(f"== rank {r}: {cfg.output}")
-        result = train(cfg, model=model, tokenizer=tokenizer, progress=progress, log=log)
+        result = train(cfg, model=model, tokenizer=tokenizer, progress=progress, log=log, before_eval=before)
+        before = result.before or None
         if result.interrupted:
             log(f"rank {r} was interrupted at step {result.steps}/{result.total_steps}; the sweep stops here (finish "
                 f"that run with: {resume_command(result.run_dir)})")

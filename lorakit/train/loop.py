@@ -497,7 +497,7 @@ def load_run_config(run_dir: str | Path) -> TrainConfig:
 
 def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: Any = None,
           progress: bool = True, on_step: Callable[[int, float], None] | None = None,
-          log: Callable[[str], None] = print) -> TrainResult:
+          log: Callable[[str], None] = print, before_eval: dict[str, Any] | None = None) -> TrainResult:
     """Run a training job end to end.
 
     Args:
@@ -513,6 +513,9 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
         on_step: called as ``on_step(step, loss)`` after each optimizer step (tests use it to
             simulate a kill).
         log: where human-readable messages go.
+        before_eval: the held-out evaluation of the untrained model to report instead of running it
+            (``TrainResult.before`` of a run on the same base, eval data and settings: a sweep's
+            runs differ only in the adapter, which starts as the base model).
 
     Returns:
         The TrainResult (also written to ``lorakit_run.json``).
@@ -529,7 +532,7 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
     dist = setup_distributed()
     threads = torch.get_num_threads()
     try:
-        result = _train(cfg, resume, model, tokenizer, progress, on_step, log, dist)
+        result = _train(cfg, resume, model, tokenizer, progress, on_step, log, dist, before_eval)
     finally:
         torch.set_num_threads(threads)  # (cfg.threads is this run's: a caller's process keeps its own)
     dist.barrier()  # the others wait for the first process's final phase: all end together
@@ -554,7 +557,8 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
 
 
 def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress: bool,
-           on_step: Callable[[int, float], None] | None, log: Callable[[str], None], dist: Dist) -> TrainResult:
+           on_step: Callable[[int, float], None] | None, log: Callable[[str], None], dist: Dist,
+           before_eval: dict[str, Any] | None = None) -> TrainResult:
     if not dist.main:  # one voice: the first process logs and draws the progress bar
         log, progress = _silent, False
     wall_start = time.perf_counter()
@@ -617,7 +621,14 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
 
         if cfg.method == "qlora":  # the "before" column is the model QLoRA trains: the NF4 base
             quantize_qlora_base(model)
-        before = run_eval("before") if not resume else {}
+        if resume:
+            before = {}
+        elif before_eval is not None and eval_examples:
+            before = before_eval
+            log(f"[before] held-out loss {before['loss']:.4f}, accuracy {format_metric(before['accuracy'], True)} "
+                f"on {before['n']} examples (measured once for these runs)")
+        else:
+            before = run_eval("before")
 
         attention_before = getattr(getattr(model, "config", None), "_attn_implementation", None)
         if given and cfg.method != "full" and get_state(model) is None:
