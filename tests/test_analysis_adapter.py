@@ -970,3 +970,35 @@ def test_an_interrupted_plot_leaves_no_file(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert plots.plot_module_bars(["a", "b"], {"r": [1, 2]}, tmp_path / "bars.png", "rank", "t").read_bytes()[:4] == b"\x89PNG"
     assert [p.name for p in tmp_path.iterdir()] == ["bars.png"]
+
+
+def test_extract_and_spectra_read_the_models_one_tensor_at_a_time(tmp_path, base_dir, monkeypatch):
+    import weakref
+
+    from lorakit.analysis import weights
+
+    tuned_dir = _save_model(_tuned_copy(_llama(0), {"model.layers.0.self_attn.q_proj": 2,
+                                                    "model.layers.1.mlp.down_proj": 3}), tmp_path / "tuned")
+    lazy = weights.LazyWeights(tuned_dir)
+    full = weights.load_state_dict(tuned_dir)
+    assert sorted(lazy) == sorted(full) and len(lazy) == len(full)
+    assert all(torch.equal(lazy[k], v) for k, v in full.items())
+
+    alive, most = [0], [0]
+    real = weights.LazyWeights.__getitem__
+
+    def counted(self, key):
+        tensor = real(self, key)
+        alive[0] += 1
+        most[0] = max(most[0], alive[0])
+        weakref.finalize(tensor, lambda: alive.__setitem__(0, alive[0] - 1))
+        return tensor
+
+    monkeypatch.setattr(weights.LazyWeights, "__getitem__", counted)
+    at.extract_adapter(base_dir, tuned_dir, rank=2, out=tmp_path / "ex")
+    # a base and a tuned tensor at a time, and the last pair until the next is read (the whole model,
+    # 2 x 21 tensors, before)
+    assert 2 <= most[0] <= 4
+    most[0] = 0
+    assert len(at.delta_spectra(base=base_dir, tuned=tuned_dir)) == 2
+    assert 2 <= most[0] <= 4

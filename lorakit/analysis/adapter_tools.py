@@ -26,8 +26,8 @@ from lorakit.analysis.weights import (
     check_finite,
     is_default,
     load_config,
-    load_state_dict,
     module_matches,
+    open_weights,
     resolve,
     source_label,
     weight_shapes,
@@ -550,8 +550,8 @@ def extract_adapter(
     check_new_directory(out)
     chosen = target_filter(targets)
     named = [t for t in (targets or ()) if t != "all-linear"]
-    base_sd = load_state_dict(base)
-    tuned_sd = load_state_dict(tuned)
+    base_sd = open_weights(base)  # (each tensor read when the loop reaches it)
+    tuned_sd = open_weights(tuned)
     alpha = float(rank if alpha is None else alpha)
     if fan_in_fan_out is None:
         try:
@@ -783,7 +783,7 @@ def delta_spectra_details(
                             groups={name: modules[name].groups for name in out if modules[name].groups > 1})
     if tuned is None:
         raise ValueError("give an adapter, or a tuned model with its base")
-    base_sd, tuned_sd = load_state_dict(base), load_state_dict(tuned)
+    base_sd, tuned_sd = open_weights(base), open_weights(tuned)  # (read one tensor at a time)
     chosen = target_filter(targets)
     result = DeltaSpectra(out)
     for key in _bar(sorted(tuned_sd, key=natural_key), progress, "spectra"):

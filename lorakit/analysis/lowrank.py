@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from lorakit.analysis.adapter_tools import energy_rank, svdvals_tall, truncation_error
-from lorakit.analysis.weights import check_finite, load_state_dict, source_label
+from lorakit.analysis.weights import check_finite, open_weights, source_label
 
 LESSON_RANKS = (1, 2, 4, 8, 16, 32, 64)
 LESSON_SYNTHETIC = {"size": 100, "true_rank": 5, "ranks": (1, 2, 5, 10, 20, 50)}
@@ -141,7 +141,7 @@ def select_weights_counted(source: str | None, module: str | None = None,
         pattern = re.compile(module or DEFAULT_MODULES)
     except re.error as exc:
         raise ValueError(f"--module {module!r} is not a valid regular expression: {exc}") from exc
-    sd = load_state_dict(source)
+    sd = open_weights(source)  # (one tensor at a time: only the matrices shown are kept)
     out, matched = {}, 0
     for key, t in sd.items():
         if t.dim() == 2 and key.endswith(".weight") and pattern.search(key[: -len(".weight")]):
