@@ -366,7 +366,8 @@ def register(subparsers: Any) -> None:
              "Recommend LoRA rank and alpha (the lesson's table), with costs on a real model, or from the "
              "effective rank of trained updates.")
     p.add_argument("--task", choices=recommend.TASKS, default=None, help="task kind, for the rule table's row")
-    p.add_argument("--model-size", default=None, help="7B, 13B or 70B (other sizes map to the nearest column)")
+    p.add_argument("--model-size", default=None,
+                   help="7B, 13B or 70B, or another size with its unit (135M, 1.5B), mapped to the nearest column")
     p.add_argument("--data-size", type=int, default=None, help="number of training examples")
     p.add_argument("--model", nargs="?", const="default", default=None,
                    help="model to cost the recommendation on (directory, or no value for the embedded model)")
