@@ -43,6 +43,17 @@ def _peft_adapter(tmp_path, **cfg):
     return out, peft_model
 
 
+def _zero_b(path, module):
+    """Zero the B factor of ``module`` in the adapter file at ``path`` (its ΔW becomes 0)."""
+    from safetensors.torch import load_file, save_file
+
+    sd = load_file(str(path / "adapter_model.safetensors"))
+    for k in sd:
+        if f"{module}.lora_B" in k:
+            sd[k].zero_()
+    save_file(sd, str(path / "adapter_model.safetensors"))
+
+
 def _peft_deltas(peft_model):
     """name -> ΔW in the base weight's layout, as PEFT computes it."""
     out = {}
@@ -544,13 +555,7 @@ def test_untrained_adapter_has_no_update_to_recommend_from(tmp_path, capsys):
 
     # a module with ΔW = 0 is skipped, the others are analysed
     path, _ = _peft_adapter(tmp_path, r=8, lora_alpha=16)
-    from safetensors.torch import load_file, save_file
-
-    sd = load_file(str(path / "adapter_model.safetensors"))
-    for k in sd:
-        if "layers.0.self_attn.q_proj.lora_B" in k:
-            sd[k].zero_()
-    save_file(sd, str(path / "adapter_model.safetensors"))
+    _zero_b(path, "layers.0.self_attn.q_proj")
     dd = recommend.data_driven_ranks(adapter=path)
     assert "model.layers.0.self_attn.q_proj" not in {r["module"] for r in dd["modules"]}
     assert len(dd["modules"]) == 3 and all(r["norm"] > 0 for r in dd["modules"])
@@ -1002,3 +1007,87 @@ def test_extract_and_spectra_read_the_models_one_tensor_at_a_time(tmp_path, base
     most[0] = 0
     assert len(at.delta_spectra(base=base_dir, tuned=tuned_dir)) == 2
     assert 2 <= most[0] <= 4
+
+
+# A5: an adapter module whose ΔW is exactly zero is left out of the spectra (not counted as noise)
+def test_a_zero_adapter_module_is_left_out_not_called_rounding_noise(tmp_path):
+    fresh = tmp_path / "fresh"  # PEFT's default init: B = 0
+    peft.get_peft_model(_llama(0), peft.LoraConfig(r=8, target_modules=["q_proj", "v_proj"])).save_pretrained(fresh)
+    assert at.delta_spectra(adapter=fresh) == {}
+    with pytest.raises(ValueError, match="untrained adapter") as info:
+        recommend.data_driven_ranks(adapter=fresh)
+    assert "rounding" not in str(info.value)
+
+    path, _ = _peft_adapter(tmp_path, r=8, lora_alpha=16)
+    _zero_b(path, "layers.0.self_attn.q_proj")
+    assert "model.layers.0.self_attn.q_proj" not in at.delta_spectra(adapter=path)
+    assert recommend.data_driven_ranks(adapter=path)["noise_only"] == []
+
+
+# A7: the floor of a tuned-vs-base comparison counts the rounding of both weights
+def test_the_floor_counts_the_rounding_of_the_base_too(tmp_path):
+    torch.manual_seed(0)
+    w0 = torch.randn(64, 32) * 0.02
+    key = "model.layers.0.self_attn.q_proj.weight"
+    base = _save_weights(tmp_path / "base", {key: w0.bfloat16()})  # a bf16 base, a fp32 fine-tune of it
+    tuned_w = w0.bfloat16().float() + torch.randn(64, 32) * 1e-3
+    tuned = _save_weights(tmp_path / "tuned", {key: tuned_w})
+    floor = at.delta_spectra_details(base=base, tuned=tuned).floors[key[:-len(".weight")]]
+    assert floor == pytest.approx(at.rounding_floor(tuned_w, w0.bfloat16()))
+    assert floor > 100 * at.rounding_floor(tuned_w)  # bf16's rounding dominates fp32's
+
+
+# A8: the spread term of the floor grows with log min(m, n), as its docstring says
+def test_rounding_floor_follows_its_documented_formula():
+    w = torch.ones(2, 64)  # fp32: every element's ulp is eps, variance eps²/12
+    v = torch.finfo(torch.float32).eps ** 2 / 12
+    expected = math.sqrt(64 * v) + math.sqrt(2 * v) + math.sqrt(v * (math.log(2) + 1))
+    assert at.rounding_floor(w) == pytest.approx(expected, rel=1e-9)
+    assert at.rounding_floor(w.T) == pytest.approx(expected, rel=1e-9)
+
+
+# R4: each rank_pattern entry gets alpha = 2 x its own rank (scaling 2 everywhere), not 2 x the global r
+def test_alpha_pattern_follows_each_pattern_rank(tmp_path):
+    # random factors: ΔW of rank 8 everywhere, rank 2 on layers.0 q_proj -> r = 8, that module at 2
+    path, _ = _peft_adapter(tmp_path, r=8, lora_alpha=16, rank_pattern={"layers.0.self_attn.q_proj": 2})
+    dd = recommend.data_driven_ranks(adapter=path, energy=1.0)
+    assert dd["r"] == 8 and dd["alpha"] == 16
+    assert dd["rank_pattern"] == {"model.layers.0.self_attn.q_proj": 2}
+    assert dd["alpha_pattern"] == {"model.layers.0.self_attn.q_proj": 4}
+
+
+# R6: when two ranks are equally common, the global r is the smaller one (whatever the module order)
+def test_a_tie_between_ranks_picks_the_smaller_as_the_global_r(tmp_path):
+    path, _ = _peft_adapter(tmp_path, r=2, lora_alpha=4, target_modules=["q_proj"],
+                            rank_pattern={"layers.0.self_attn.q_proj": 4})  # the first module has the larger
+    dd = recommend.data_driven_ranks(adapter=path, energy=1.0)
+    assert [r["module"] for r in dd["modules"]][0] == "model.layers.0.self_attn.q_proj"
+    assert dd["r"] == 2 and dd["rank_pattern"] == {"model.layers.0.self_attn.q_proj": 4}
+
+
+# W1: an adapter file saved beside a model's weights is not read as part of the model
+def test_an_adapter_file_in_a_model_directory_is_not_a_weight_file(tmp_path):
+    from safetensors.torch import save_file
+
+    from lorakit.analysis import weights
+    from test_analysis_adapter import _save_model
+
+    d = _save_model(_llama(0), tmp_path / "model")
+    before = set(weights.weight_shapes(d))
+    save_file({"base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(2, 32)},
+              str(d / "adapter_model.safetensors"))
+    assert set(weights.weight_shapes(d)) == before
+    assert set(weights.open_weights(d)) == before
+    assert set(weights.load_state_dict(d)) == before
+
+
+# W2: open_weights reads a .gguf file through the GGUF loader (not as safetensors)
+def test_open_weights_of_a_gguf_file_converts_it(tmp_path, monkeypatch):
+    from lorakit.analysis import weights
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF" + bytes(16))
+    sd = {"model.layers.0.self_attn.q_proj.weight": torch.ones(2, 2)}
+    monkeypatch.setattr(weights, "_gguf_state_dict", lambda path: sd if path == gguf else None)
+    got = weights.open_weights(gguf)
+    assert set(got) == set(sd) and torch.equal(got["model.layers.0.self_attn.q_proj.weight"], torch.ones(2, 2))

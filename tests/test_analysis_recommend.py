@@ -160,3 +160,10 @@ def test_analysis_commands_take_one_thread_per_free_core_and_give_them_back(monk
         assert seen == [1] and torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)
+
+
+# X2: --batch-size / --seq-len 0 are refused
+@pytest.mark.parametrize("flag", ["--batch-size", "--seq-len"])
+def test_recommend_refuses_a_zero_batch_size_or_sequence_length(flag, capsys):
+    assert main(["recommend", "--task", "simple", "--model-size", "7B", "--data-size", "500", flag, "0"]) == 2
+    assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err

@@ -6,6 +6,7 @@ import json
 import pytest
 
 from lorakit.analysis.sweep import plot_sweep, run_sweep, sweep_table
+from lorakit.cli import main
 from lorakit.train.config import TrainConfig
 from tiny_lm import tiny_llama_lm, tiny_tokenizer, toy_records, write_jsonl
 
@@ -183,3 +184,17 @@ def test_the_untrained_model_is_evaluated_once_for_every_rank(tmp_path, monkeypa
     assert sum("measured once for these runs" in line for line in logged) == 2
     assert [r["eval_loss"] for r in rows] == [
         json.loads((tmp_path / "sweep" / f"r{r}" / "lorakit_run.json").read_text())["after"]["loss"] for r in (1, 2, 4)]
+
+
+# X1: sweep leaves the thread count to its training runs (as lorakit train): the wrapper does not set it
+def test_sweep_does_not_pick_threads_itself(tmp_path, monkeypatch, capsys):
+    import lorakit.train.generate as gen
+    from lorakit.analysis import sweep as sw
+
+    calls = []
+    monkeypatch.setattr(gen, "auto_threads", lambda *a, **k: calls.append(a) or 1)
+    monkeypatch.setattr(sw, "run_sweep", lambda *a, **k: [])
+    main(["sweep", "--ranks", "4,1", "--json", "--output", str(tmp_path / "s")])
+    assert calls == []
+    assert main(["recommend", "--task", "simple", "--model-size", "7B", "--data-size", "500"]) == 0
+    assert len(calls) == 1  # (the other analysis commands do)

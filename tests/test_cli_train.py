@@ -3,13 +3,16 @@ integration run on the real embedded SmolLM2-135M-Instruct."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 from dataclasses import fields
 from pathlib import Path
 
 import pytest
 import torch
 
+import lorakit.train.loop as loop
 from lorakit.cli import main
 from lorakit.train.config import TrainConfig
 from tiny_lm import one_thread, save_tiny_model, toy_records, write_jsonl
@@ -736,3 +739,63 @@ def test_generate_refuses_system_with_raw_and_takes_an_empty_system_as_given(tra
     monkeypatch.setattr(data, "encode_prompt", lambda tok, msgs: seen.append(msgs) or real(tok, msgs))
     assert main(["generate", "--adapter", str(trained["run"]), "--system", "", "--max-new-tokens", "1", "good"]) == 0
     assert seen[-1][0] == {"role": "system", "content": ""}  # was dropped: the template's default came back
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("cli_mut")
+    return save_tiny_model(d / "model"), write_jsonl(toy_records(32), d / "train.jsonl")
+
+
+def _train_args(files, out):
+    model, data = files
+    return ["train", "--model", str(model), "--data", str(data), "--max-steps", "4", "--batch-size", "8",
+            "--precision", "fp32", "--output", str(out), "--no-progress", "--target-modules", "q_proj,v_proj"]
+
+
+def _at_step(n, action, monkeypatch):
+    real = loop._accumulate_gradients
+
+    def wrapped(model, micro, amp, dist, step, run_dir):
+        if step == n:
+            action(model)
+        return real(model, micro, amp, dist, step, run_dir)
+    monkeypatch.setattr(loop, "_accumulate_gradients", wrapped)
+
+
+# C2: an interrupted run (Ctrl-C: checkpoint saved) exits with 130, as a shell expects of SIGINT
+def test_train_cli_exits_130_when_interrupted(tmp_path, files, monkeypatch, capsys):
+    _at_step(1, lambda _m: os.kill(os.getpid(), signal.SIGINT), monkeypatch)
+    assert main(_train_args(files, tmp_path / "run")) == 130
+    assert (tmp_path / "run" / "checkpoint").is_dir()
+
+
+# C3: a diverged run exits with 1 (its message printed), not 2 (the code of a usage error)
+def test_train_cli_exits_1_when_the_loss_diverges(tmp_path, files, monkeypatch, capsys):
+    def poison(model):
+        with torch.no_grad():
+            next(p for p in model.parameters() if p.requires_grad).fill_(float("nan"))
+    _at_step(1, poison, monkeypatch)
+    assert main(_train_args(files, tmp_path / "run")) == 1
+    assert "non-finite" in capsys.readouterr().err
+
+
+# C4: --dropout (and --alpha) mean nothing to a full fine-tune either: named in the warning
+def test_full_method_warns_about_alpha_and_dropout_too(capsys):
+    from lorakit.cli import build_parser
+    from lorakit.train.cli import config_from_args
+
+    config_from_args(build_parser().parse_args(["train", "--method", "full", "--alpha", "32", "--dropout", "0.1"]))
+    err = capsys.readouterr().err
+    assert "warning: --method full" in err and "--alpha, --dropout" in err
+
+
+# C5: --resume continues in the directory it is given (a run directory moved since still resumes there)
+def test_resume_continues_in_the_directory_given_even_after_a_move(tmp_path, files, monkeypatch, capsys):
+    _at_step(1, lambda _m: os.kill(os.getpid(), signal.SIGINT), monkeypatch)
+    assert main(_train_args(files, tmp_path / "first")) == 130
+    monkeypatch.undo()
+    os.rename(tmp_path / "first", tmp_path / "moved")
+    assert main(["train", "--resume", str(tmp_path / "moved"), "--no-progress"]) == 0
+    assert (tmp_path / "moved" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "first").exists()

@@ -10,6 +10,7 @@ from torch import nn
 
 import lorakit as lk
 from conftest import TinyConvNet, Wrap, tiny_gpt2, tiny_llama
+from lorakit.layers.base import LoraLayer
 
 
 def targets(model, **kw):
@@ -839,3 +840,21 @@ def test_embedding_adapter_gets_no_gradient_for_the_padding_row():
     grad = layer.lora_A["default"].grad
     assert torch.count_nonzero(grad[:, 0]) == 0
     assert torch.count_nonzero(grad[:, 3]) > 0
+
+
+# I7: an adapter name with a dot is refused up front, the model left unchanged
+@pytest.mark.parametrize("name", ["a.b", "."])
+def test_an_adapter_name_with_a_dot_is_refused_with_the_model_unchanged(name):
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="without dots"):
+        lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["q_proj"]), adapter_name=name)
+    assert not any(isinstance(m, LoraLayer) for m in model.modules())
+
+
+# I11: modules_to_save naming a module and a module inside it wraps the outer one only
+def test_modules_to_save_inside_another_saved_module_is_not_wrapped_twice():
+    from lorakit.inject import iter_saved_modules
+
+    model = tiny_llama()
+    lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=r".*\.mlp(\.down_proj)?"))
+    assert sorted(n for n, _ in iter_saved_modules(model)) == ["model.layers.0.mlp", "model.layers.1.mlp"]

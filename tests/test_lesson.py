@@ -7,6 +7,7 @@ import torch
 from conftest import tiny_llama
 
 import lorakit as lk
+from lorakit.inject import iter_lora_layers
 
 
 def _trained(model):
@@ -50,3 +51,13 @@ def test_load_into_a_model_applied_with_another_alpha_computes_the_saved_model(t
         torch.testing.assert_close(applied(ids).logits, want, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(fresh(ids).logits, want, rtol=1e-12, atol=1e-12)
     assert applied.model.layers[0].self_attn.q_proj.scaling["default"] == 2.0
+
+
+# E1: the lesson's defaults: q_proj and v_proj, rank 8, alpha 16 (scaling 2), no dropout
+def test_apply_defaults_are_q_and_v_at_rank_8_with_alpha_16():
+    model = lk.apply_lora_to_model(tiny_llama())
+    layers = dict(iter_lora_layers(model))
+    assert sorted({n.rsplit(".", 1)[-1] for n in layers}) == ["q_proj", "v_proj"]
+    for layer in layers.values():
+        assert layer.r["default"] == 8 and layer.lora_alpha["default"] == 16.0 and layer.scaling["default"] == 2.0
+        assert layer.dropout_p("default") == 0.0

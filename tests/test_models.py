@@ -223,3 +223,22 @@ def test_no_home_directory_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", "relative/dir")  # ignored, as XDG says: still no home
     with pytest.raises(OSError, match="set LORAKIT_CACHE_DIR"):
         models.cache_dir()
+
+
+# M1: the cache key holds the gguf reader's version too (its reader changed between versions)
+def test_cache_is_keyed_on_the_gguf_readers_version(fake_gguf, monkeypatch):
+    real = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.0.1" if name == "gguf" else real(name))
+    first = models.default_model_path()
+    assert "-gguf0.0.1-" in first.name
+    monkeypatch.setattr(importlib.metadata, "version", lambda name: "0.0.2" if name == "gguf" else real(name))
+    second = models.default_model_path()
+    assert second != first and "-gguf0.0.2-" in second.name and len(fake_gguf) == 2
+
+
+# M2: a completion marker that lists no file does not vouch for the entry
+def test_an_empty_completion_marker_is_a_damaged_entry(fake_gguf):
+    first = models.default_model_path()
+    (first / models.COMPLETE_MARKER).write_text("{}", encoding="utf-8")
+    assert not models.entry_complete(first)
+    assert models.default_model_path() == first and models.entry_complete(first) and len(fake_gguf) == 2

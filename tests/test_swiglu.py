@@ -148,3 +148,15 @@ def test_fuse_rejects_what_is_not_a_module():
     for fn in (fuse_swiglu_mlps, unfuse_swiglu_mlps):
         with pytest.raises(TypeError, match="expected a torch.nn.Module, got str"):
             fn("model")
+
+
+# O4: on a bf16 base with fp32 adapters the fused MLP's LoRA branch runs in bf16, as the unfused
+# training path does (branch_dtype): the same logits bit for bit, and no fp32 copy of silu(g)·u
+def test_fused_mlp_on_a_bf16_base_computes_the_branch_as_the_unfused_path():
+    model = lora_llama(["down_proj"], dtype=torch.bfloat16)
+    assert next(p for n, p in model.named_parameters() if "lora_A" in n).dtype == torch.float32
+    ids = torch.randint(3, 101, (3, 9))
+    ref = model(ids).logits  # grad enabled: the training path
+    assert fuse_swiglu_mlps(model) == 2
+    got = model(ids).logits
+    assert torch.equal(got, ref)

@@ -5,12 +5,14 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+import lorakit.train.loop as loop
 from lorakit.train.config import TrainConfig
 from lorakit.train.data import collate, parse_record, tokenize_example
 from lorakit.train.generate import loss_sum
@@ -1366,3 +1368,128 @@ def test_config_refuses_boundary_values(field, value, problem):
 def test_config_accepts_the_values_just_inside():
     TrainConfig(warmup_ratio=0.0, dropout=0.0, grad_accum=1)
     TrainConfig(warmup_ratio=0.99, dropout=0.99)
+
+
+def _log(run):
+    return [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+
+
+# L1: find_checkpoint must prefer the new checkpoint over a leftover .checkpoint-old
+def test_a_kill_after_the_new_checkpoint_is_in_place_resumes_from_it(tmp_path, tok, data_files, monkeypatch):
+    """A kill between renaming the new checkpoint into place and deleting .checkpoint-old leaves
+    both: the newer one (checkpoint/) is the resume point, not the older one."""
+    real = shutil.rmtree
+
+    def kill_on_old(path, *a, **kw):
+        if os.path.basename(str(path)) == ".checkpoint-old" and os.path.isdir(path):
+            raise SimulatedKill
+        return real(path, *a, **kw)
+    monkeypatch.setattr(loop.shutil, "rmtree", kill_on_old)
+    cfg = _cfg(tmp_path, data_files, max_steps=6, save_steps=2)
+    with pytest.raises(SimulatedKill):  # at the step-4 checkpoint, after checkpoint-2 became .checkpoint-old
+        train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    monkeypatch.setattr(loop.shutil, "rmtree", real)
+    run = tmp_path / "run"
+    assert (run / ".checkpoint-old").is_dir() and (run / "checkpoint").is_dir()
+    assert find_checkpoint(run) == run / "checkpoint"
+    assert ckpt_step(run) == 4
+    said: list[str] = []
+    res = train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=said.append)
+    assert any("at step 4/6" in line for line in said)
+    assert res.steps == 6
+
+
+# L4: --eval-steps evaluates between steps only (the last step gets the final evaluation instead)
+def test_eval_steps_records_the_held_out_loss_between_steps_only(tmp_path, tok, data_files):
+    cfg = _cfg(tmp_path, data_files, max_steps=4, eval_steps=2, eval_data=str(data_files[1]), eval_samples=4)
+    res = train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    with_eval = [r["step"] for r in _log(res.run_dir) if "eval_loss" in r]
+    assert with_eval == [2]
+
+
+# L8: a checkpoint's wall_seconds counts the time of the runs before a resume too
+def test_a_resumed_runs_checkpoint_keeps_counting_the_wall_time_before_it(tmp_path, tok, data_files):
+    def ctrl_c_at(n):
+        def hook(step, _loss):
+            if step == n:
+                os.kill(os.getpid(), signal.SIGINT)
+        return hook
+    cfg = _cfg(tmp_path, data_files, max_steps=6)
+    train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, on_step=ctrl_c_at(2), log=_quiet)
+    state_file = find_checkpoint(tmp_path / "run") / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    state["wall_seconds"] = 1000.0  # as if the first part of the run had taken that long
+    state_file.write_text(json.dumps(state))
+    res = train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, on_step=ctrl_c_at(4),
+                log=_quiet)
+    assert res.interrupted and res.steps == 4
+    again = json.loads((find_checkpoint(tmp_path / "run") / "trainer_state.json").read_text())
+    assert again["step"] == 4 and again["wall_seconds"] >= 1000.0
+    final = train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert final.wall_seconds >= 1000.0
+
+
+# L14: a checkpoint replaces the previous one: only the newest stays on disk
+def test_only_the_newest_checkpoint_is_kept(tmp_path, tok, data_files):
+    def ctrl_c(step, _loss):
+        if step == 5:
+            os.kill(os.getpid(), signal.SIGINT)
+    cfg = _cfg(tmp_path, data_files, max_steps=8, save_steps=2)
+    res = train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, on_step=ctrl_c, log=_quiet)
+    assert res.interrupted
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.iterdir() if "checkpoint" in p.name) == ["checkpoint"]
+    assert ckpt_step(run) == 5
+
+
+# L19: log.jsonl's "epoch" is the epoch the step ended in (its last micro-batch's)
+def test_the_log_records_the_epoch_each_step_ends_in(tmp_path, tok, data_files):
+    # 96 examples in batches of 8: 12 micro-batches an epoch; a step of 5 micro-batches: step 3 takes
+    # micro-batches 10..14, the last two of epoch 0 and the first three of epoch 1
+    cfg = _cfg(tmp_path, data_files, max_steps=3, grad_accum=5)
+    res = train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert [(r["step"], r["epoch"]) for r in _log(res.run_dir)] == [(1, 0), (2, 0), (3, 1)]
+
+
+def _interrupted_at(step, cfg, tok):
+    """Run ``cfg`` and press Ctrl-C after optimizer step ``step`` (the run keeps its checkpoint)."""
+    def ctrl_c(done, _loss):
+        if done == step:
+            os.kill(os.getpid(), signal.SIGINT)
+    return train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, on_step=ctrl_c, log=_quiet)
+
+
+# L24: a trainer_state.json without its data position is refused as unreadable, by name
+def test_a_trainer_state_without_its_data_position_is_a_clear_error(tmp_path, tok, data_files):
+    cfg = _cfg(tmp_path, data_files, max_steps=4)
+    _interrupted_at(2, cfg, tok)
+    state_file = find_checkpoint(tmp_path / "run") / "trainer_state.json"
+    state = json.loads(state_file.read_text())
+    del state["micro_batch"]
+    state_file.write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"trainer_state.json: missing \['micro_batch'\]"):
+        train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+
+
+# L25: the warm-up is ceil(warmup_ratio x steps): a short run with a warm-up ratio still warms up
+def test_a_fractional_warmup_rounds_up_to_a_whole_step(tmp_path, tok, data_files):
+    cfg = _cfg(tmp_path, data_files, max_steps=4, warmup_ratio=0.1)  # 0.4 steps -> 1 step of warm-up
+    res = train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    lrs = [r["lr"] for r in _log(res.run_dir)]
+    assert lrs[0] == pytest.approx(cfg.learning_rate * 0.5)  # step 1 of a 1-step warm-up: 1/2 of the peak
+    assert lrs[1] == pytest.approx(cfg.learning_rate)  # then the cosine decay starts at the peak
+
+
+# L35: --max-train-samples N trains on the first N examples exactly
+def test_max_train_samples_keeps_exactly_that_many_examples(tmp_path, tok, data_files):
+    cfg = _cfg(tmp_path, data_files, max_steps=1, max_train_samples=10)
+    res = train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert res.train_examples == 10
+
+
+# L38: a new run into the directory of an interrupted run (it has a checkpoint) is pointed to --resume
+def test_a_new_run_on_an_interrupted_runs_directory_says_resume(tmp_path, tok, data_files):
+    cfg = _cfg(tmp_path, data_files, max_steps=4)
+    _interrupted_at(1, cfg, tok)
+    with pytest.raises(FileExistsError, match="pass --resume"):
+        train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)

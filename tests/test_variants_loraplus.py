@@ -88,3 +88,21 @@ def test_embedding_lr_and_bad_input():
         for p in m.parameters():
             p.requires_grad_(False)
         lk.loraplus_param_groups(m, lr=1e-3)
+
+
+# Z2: trainable biases (1-D) are not decayed, in LoRA+'s groups and in lorakit train's optimizer
+def test_no_weight_decay_on_trainable_biases():
+    from types import SimpleNamespace
+
+    from lorakit.train.loop import _make_optimizer
+
+    m = lk.get_lora_model(_ConvNet(), lk.LoraConfig(r=2, target_modules=["conv", "fc"], bias="lora_only"))
+    biases = {id(p) for n, p in m.named_parameters() if n.endswith("bias") and p.requires_grad}
+    assert len(biases) == 2
+    by_name = {g["name"]: g for g in lk.loraplus_param_groups(m, lr=1e-3, weight_decay=0.1)}
+    assert {id(p) for p in by_name["other_no_decay"]["params"]} == biases
+    assert by_name["other_no_decay"]["weight_decay"] == 0.0
+    params = [p for p in m.parameters() if p.requires_grad]
+    cfg = SimpleNamespace(lora_plus_ratio=0, learning_rate=1e-3, weight_decay=0.1)
+    for group in _make_optimizer(m, params, cfg).param_groups:
+        assert (group["weight_decay"] == 0.0) == any(id(p) in biases for p in group["params"])
