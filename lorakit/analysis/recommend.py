@@ -203,7 +203,7 @@ def data_driven_ranks(
     Each module needs rank k = the smallest number of singular values holding ``energy`` of
     ‖ΔW‖²; it is rounded up to a power of two and capped at ``cap`` and at the module's own largest
     rank (an adapter module's r, or min(out, in); "max_rank"). The global r is the most common such
-    rank, and modules that need another rank go into rank_pattern (PEFT's per-module override);
+    rank (the smaller on a tie), and modules that need another rank go into rank_pattern (PEFT's per-module override);
     ``alpha`` = 2r and ``alpha_pattern`` (2 × each pattern rank) keep every module's scaling alpha/r
     at 2, the rule table's. "kept" is the energy the suggested rank keeps (below ``energy`` where
     a cap bound it). Modules whose ΔW is exactly zero are left out.
