@@ -203,15 +203,16 @@ def data_driven_ranks(
     Each module needs rank k = the smallest number of singular values holding ``energy`` of
     ‖ΔW‖²; it is rounded up to a power of two and capped at ``cap`` and at the module's own largest
     rank (an adapter module's r, or min(out, in); "max_rank"). The global r is the most common such
-    rank (the smaller on a tie), and modules that need another rank go into rank_pattern (PEFT's per-module override);
-    ``alpha`` = 2r and ``alpha_pattern`` (2 × each pattern rank) keep every module's scaling alpha/r
-    at 2, the rule table's. "kept" is the energy the suggested rank keeps (below ``energy`` where
+    rank (the smaller on a tie), and modules that need another rank go into rank_pattern (PEFT's
+    per-module override); ``alpha`` = 2r and ``alpha_pattern`` (2 × each pattern rank) keep every
+    module's scaling alpha/r at 2, the rule table's. "kept" is the energy the suggested rank keeps (below ``energy`` where
     a cap bound it). Modules whose ΔW is exactly zero are left out.
 
     From a tuned model, ΔW also holds the rounding of the tuned weights to their dtype (bf16: ~2⁻⁸
     of each weight, a noise spread over every direction that can outweigh a small update's tail):
-    singular values at or below that noise's expected largest one (``rounding_floor``; "floor") are
-    not counted as the update's, and a module with none above it is left out ("noise_only").
+    singular values at or below a bound on the largest one that rounding alone gives
+    (``rounding_floor``; "floor") are not counted as the update's, and a module with none above it
+    is left out ("noise_only"). A grouped conv's suggested rank is a multiple of its groups.
 
     Args:
         adapter: a trained adapter directory; or
