@@ -215,10 +215,13 @@ def worker(kind: str, workload: str, steps: int, dropout: float, dtype: str = "f
             "trainable": trainable, "frozen": frozen}
 
 
-def print_ratio_row(label: str, whole: list[tuple[float, float]], peak: list[float], saved: list[float]) -> None:
-    """One table row: step time (per-round ratios and best), peak RSS and saved-bytes ratios."""
-    t = f"{ratio_stats([a / b for a, b in whole])}, best {min(a for a, _ in whole) / min(b for _, b in whole):.3f}"
-    print(f"| {label} | {t} | {ratio_stats(peak)} | {ratio_stats(saved)} |")
+def print_ratio_table(header: str, rows: list[tuple]) -> None:
+    """A markdown table of step-time, peak-RSS and saved-bytes ratios: one row per ``(label, per-round
+    (a, b) step times, peak ratios, saved ratios, ...)``, the step time as per-round ratios and best."""
+    print(f"| {header} |\n|---|---|---|---|")
+    for label, whole, peak, saved, *_ in rows:
+        t = f"{ratio_stats([a / b for a, b in whole])}, best {min(a for a, _ in whole) / min(b for _, b in whole):.3f}"
+        print(f"| {label} | {t} | {ratio_stats(peak)} | {ratio_stats(saved)} |")
 
 
 def main() -> None:
@@ -284,19 +287,14 @@ def main() -> None:
           "bf16 row both keep the adapter weights in fp32, but lorakit runs the rank-r products in bf16 (as bf16 "
           "autocast would; fp32 accumulation) and PEFT in fp32 (it casts each adapted layer's input to fp32, which "
           "is most of its saved bytes there): lorakit's default, not the same arithmetic.\n")
-    print("| workload | step time lorakit ÷ PEFT | peak RSS lorakit ÷ PEFT | saved-for-backward lorakit ÷ PEFT |")
-    print("|---|---|---|---|")
-    for row in rows:
-        print_ratio_row(*row[:4])
+    print_ratio_table("workload | step time lorakit ÷ PEFT | peak RSS lorakit ÷ PEFT | saved-for-backward lorakit ÷ PEFT",
+                      rows)
     print("\nWhose is each ratio: lorakit against PEFT set up otherwise in the same runs. With lorakit's loss "
           "(head + loss at label positions, in chunks) PEFT keeps the usual recipe's LoRA layers, so what is "
           "left of the ratio is lorakit's LoRA layers and training kernels; under bf16 autocast with its input "
           "casting off (`peft.helpers.disable_input_dtype_casting`) PEFT runs the rank-r products in bf16 as "
           "lorakit does, with its usual loss.\n")
-    print("| workload vs | step time | peak RSS | saved-for-backward |")
-    print("|---|---|---|---|")
-    for row in extra_rows:
-        print_ratio_row(*row[:4])
+    print_ratio_table("workload vs | step time | peak RSS | saved-for-backward", extra_rows)
     trainable, frozen = full["params"]["lorakit"]
     floor = 2 / 3 + trainable / frozen
     print(f"\nLoRA ÷ full fine-tuning (lm, dropout 0, fp32; {args.pairs} rounds of one step each in one process, "

@@ -120,8 +120,9 @@ class LoraLayer(nn.Module):
         return 1
 
     def why_not_mergeable(self) -> str | None:
-        """Why no adapter of this layer type can be folded into its weight, or None (it can)."""
-        return None
+        """Why no adapter of this layer can be folded into its weight, or None (it can): a weight
+        computed from other tensors (``computed_weight``); layer types add their own reasons."""
+        return computed_weight(self.base_layer)
 
     def init_ab(self, A: torch.Tensor, B: torch.Tensor, r: int) -> None:
         """Default init (``init_lora_weights=True``): A kaiming-uniform(a=√5), B = 0 (Hu et al. §4.1)."""
@@ -425,14 +426,14 @@ class LoraLayer(nn.Module):
             safe: Check the merged weight is finite before writing it.
 
         Raises:
-            ValueError: the weight cannot take the update (computed from other tensors, or a grouped
-                Conv2d: ``why_not_mergeable``), or ``safe`` is set and the merged weight has NaN/Inf
+            ValueError: the weight cannot take the update (``why_not_mergeable``: computed from other
+                tensors, or a grouped Conv2d), or ``safe`` is set and the merged weight has NaN/Inf
                 (the layer is unchanged: the weight is written once, after every adapter is folded in).
         """
         pending = self.merge_order(adapter_names)
         if not pending:
             return
-        blocked = computed_weight(self.base_layer) or self.why_not_mergeable()
+        blocked = self.why_not_mergeable()
         if blocked:
             raise ValueError(f"cannot merge {pending}: {blocked}; the layer is unchanged")
         pending, new = self.merged_weight(adapter_names)
@@ -584,12 +585,11 @@ class LoraLayer(nn.Module):
 
     def merge_would_change(self, adapter_names: list[str] | None = None) -> str | None:
         """Why merging ``adapter_names`` here would change what the layer computes, or None
-        (``exact_when_merged``, and a weight merge can write: ``computed_weight``,
-        ``why_not_mergeable``)."""
+        (``exact_when_merged``, and a weight merge can write: ``why_not_mergeable``)."""
         pending = self.merge_order(adapter_names)
         if not pending:
             return None
-        blocked = computed_weight(self.base_layer) or self.why_not_mergeable()
+        blocked = self.why_not_mergeable()
         if blocked:
             return f"cannot merge {pending}: {blocked}"
         if self.exact_when_merged(self.merged_adapters + pending):

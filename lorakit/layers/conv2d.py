@@ -44,7 +44,7 @@ class LoraConv2d(LoraLayer):
     def why_not_mergeable(self) -> str | None:
         groups = self.base_layer.groups
         if groups == 1:
-            return None
+            return super().why_not_mergeable()
         return (f"the Conv2d has groups={groups}: its LoRA update reaches across the groups, which the grouped "
                 f"weight cannot hold (run the adapter unmerged)")
 

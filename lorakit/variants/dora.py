@@ -49,7 +49,8 @@ def _out_axis(layer: "LoraLayer") -> int:
 def _magnitude_shape(layer: "LoraLayer") -> tuple[int, ...]:
     """Shape of m: broadcastable against the layer's *output* ((..., out) or (N, out, H, W)).
 
-    B is (out, r, ...) for every layer type, so its first dimension counts the output channels.
+    B is (out, r, ...) for every layer type ((out, r/G, 1, 1) on a Conv2d of G groups), so its first
+    dimension counts the output channels.
     """
     shape = layer.b_shape(layer.rank_groups)  # (the smallest rank the layer takes)
     return (1, shape[0], 1, 1) if len(shape) == 4 else (shape[0],)
