@@ -3,9 +3,9 @@
 h = W·x + (alpha / r)·B·A·x, with W frozen, A (r, in) random and B (out, r) zero at the start.
 
 The names below are imported on first use (PEP 562), so ``import lorakit`` does not import torch
-and the ``lorakit`` command's own module loads at once: its Ctrl-C handling then covers the torch
-import that building its parser does (a Ctrl-C there ends with "interrupted", not an import
-traceback).
+and the ``lorakit`` command answers ``--help`` and a mistyped option at once; a command's own
+torch import then runs under its Ctrl-C handling (a Ctrl-C there ends with "interrupted", not an
+import traceback).
 """
 from __future__ import annotations
 

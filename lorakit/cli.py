@@ -44,22 +44,22 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lorakit`` console script; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        parser = build_parser()  # imports torch (a second or two): the package itself imports lazily
+        parser = build_parser()  # (no torch: a command's module imports it when the command runs)
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+        return _interrupted()
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
-    import torch
-
+    try:
+        import torch  # (a second or more)
+    except KeyboardInterrupt:
+        return _interrupted()
     threads = torch.get_num_threads()  # (a command may pick fewer for itself: a caller's process keeps its own)
     try:
         return int(args.func(args) or 0)
     except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+        return _interrupted()
     except BrokenPipeError:  # the reader went away (`lorakit ... | head`): stop quietly
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so that the flush at exit does not fail again
@@ -87,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     finally:
         torch.set_num_threads(threads)
+
+
+def _interrupted() -> int:
+    """Ctrl-C: one word on stderr, no traceback, the shell's exit code for SIGINT."""
+    print("\ninterrupted", file=sys.stderr)
+    return 130
 
 
 def _lost_peer(exc: RuntimeError) -> bool:

@@ -4,6 +4,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 
 def test_a_closed_pipe_stops_quietly():
     """``lorakit ... | head -1``: once the reader has gone, no BrokenPipeError traceback."""
@@ -63,13 +65,42 @@ def test_the_package_imports_without_torch_and_resolves_every_public_name():
         raise AssertionError("an unknown attribute must raise AttributeError")
 
 
-def test_ctrl_c_while_the_command_loads_says_interrupted(monkeypatch, capsys):
+def test_help_builds_every_parser_without_importing_torch():
+    # `lorakit --help`, a command's --help and a mistyped option answer at once (importing torch
+    # took ~1.4 s of every such call); lorakit.analysis still resolves every public name
+    code = ("import sys, contextlib, io\n"
+            "from lorakit.cli import build_parser\n"
+            "parser = build_parser()\n"
+            "commands = parser._subparsers._group_actions[0].choices\n"
+            "for name in commands:\n"
+            "    with contextlib.redirect_stdout(io.StringIO()):\n"
+            "        try:\n"
+            "            parser.parse_args([name, '--help'])\n"
+            "        except SystemExit:\n"
+            "            pass\n"
+            "print(len(commands), sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))\n"
+            "import lorakit.analysis as a\n"
+            "print(all(getattr(a, n) is not None for n in a.__all__), set(a.__all__) <= set(dir(a)))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    assert int(out[0].split()[0]) >= 10 and out[0].endswith(" []"), out
+    assert out[1] == "True True", out
+
+
+@pytest.mark.parametrize("where", ["parser", "torch"])
+def test_ctrl_c_while_the_command_loads_says_interrupted(monkeypatch, capsys, where):
+    import builtins
+
     from lorakit import cli
 
-    def interrupted():
+    def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "build_parser", interrupted)  # where torch is imported
+    if where == "parser":
+        monkeypatch.setattr(cli, "build_parser", interrupted)
+    else:  # the import of torch once the command is known (a second or more on a cold start)
+        real_import = builtins.__import__
+        monkeypatch.setattr(builtins, "__import__",
+                            lambda name, *a, **k: interrupted() if name == "torch" else real_import(name, *a, **k))
     try:
         rc = cli.main(["estimate"])
     except KeyboardInterrupt:  # (raised on: pytest would stop the whole session)

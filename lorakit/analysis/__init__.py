@@ -5,17 +5,43 @@ lorakit or by PEFT, and on any local safetensors model directory.
 """
 from __future__ import annotations
 
-from lorakit.analysis.adapter_tools import (
-    check_against_base,
-    extract_adapter,
-    inspect_adapter,
-    read_adapter,
-    resize_adapter,
-)
-from lorakit.analysis.estimate import PRESETS, MemoryEstimate, ModelShape, compare_methods, estimate_memory
-from lorakit.analysis.lowrank import parameter_table, reconstruction_errors, spectrum_report, synthetic_low_rank
-from lorakit.analysis.measure import measure_config, measure_step_peak
-from lorakit.analysis.recommend import data_driven_ranks, model_cost, recommend_rank
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what the lazy attributes below resolve to, for type checkers and IDEs
+    from lorakit.analysis.adapter_tools import (check_against_base, extract_adapter, inspect_adapter, read_adapter,
+                                                resize_adapter)
+    from lorakit.analysis.estimate import PRESETS, MemoryEstimate, ModelShape, compare_methods, estimate_memory
+    from lorakit.analysis.lowrank import parameter_table, reconstruction_errors, spectrum_report, synthetic_low_rank
+    from lorakit.analysis.measure import measure_config, measure_step_peak
+    from lorakit.analysis.recommend import data_driven_ranks, model_cost, recommend_rank
+
+# public name -> the module that defines it: imported on first use (PEP 562), as in ``lorakit``, so that
+# the command line's parser (which reads lorakit.analysis.names) does not import torch
+_EXPORTS = {
+    **dict.fromkeys(("check_against_base", "extract_adapter", "inspect_adapter", "read_adapter", "resize_adapter"),
+                    "lorakit.analysis.adapter_tools"),
+    **dict.fromkeys(("PRESETS", "MemoryEstimate", "ModelShape", "compare_methods", "estimate_memory"),
+                    "lorakit.analysis.estimate"),
+    **dict.fromkeys(("parameter_table", "reconstruction_errors", "spectrum_report", "synthetic_low_rank"),
+                    "lorakit.analysis.lowrank"),
+    **dict.fromkeys(("measure_config", "measure_step_peak"), "lorakit.analysis.measure"),
+    **dict.fromkeys(("data_driven_ranks", "model_cost", "recommend_rank"), "lorakit.analysis.recommend"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lorakit.analysis' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))
+
 
 __all__ = [
     "MemoryEstimate",

@@ -11,8 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-from lorakit.analysis import adapter_tools, estimate, lowrank, recommend
-from lorakit.analysis import plots, sweep
+# estimate, names, plots and sweep import no torch; the commands that need torch import their
+# modules when they run, so that `lorakit --help` does not wait for it
+from lorakit.analysis import estimate, names, plots, sweep
 
 DEFAULT_OUT = "lorakit-lab"
 
@@ -60,6 +61,8 @@ def _note_plots(args: argparse.Namespace, paths: list[Path]) -> None:
 # ---- lowrank ---------------------------------------------------------------------------------
 def cmd_lowrank(args: argparse.Namespace) -> int:
     """``lorakit lowrank``: parameter table, synthetic SVD demo, optional model spectrum."""
+    from lorakit.analysis import lowrank
+
     if args.module is not None and args.model is None:  # (it was ignored, a bad regex too)
         raise ValueError("--module selects the matrices of --model: give --model (no value: the embedded model)")
     rows = lowrank.parameter_table(args.d, args.k, args.ranks)
@@ -113,6 +116,8 @@ def cmd_lowrank(args: argparse.Namespace) -> int:
 # ---- recommend -------------------------------------------------------------------------------
 def cmd_recommend(args: argparse.Namespace) -> int:
     """``lorakit recommend``: rule table (+ costs on --model) and/or the data-driven mode."""
+    from lorakit.analysis import recommend
+
     report: dict[str, Any] = {}
     text: list[str] = []
     table_mode = args.task is not None or args.data_size is not None
@@ -235,6 +240,8 @@ def cmd_estimate(args: argparse.Namespace) -> int:
 # ---- inspect / extract / resize --------------------------------------------------------------
 def cmd_inspect(args: argparse.Namespace) -> int:
     """``lorakit inspect``: adapter summary; exit code 1 when it does not fit --base."""
+    from lorakit.analysis import adapter_tools
+
     rep = adapter_tools.inspect_adapter(args.adapter, base=args.base, check_base=args.base is not None)
     c, t = rep["config"], rep["totals"]
     text = [f"adapter {rep['path']}: r={c['r']} alpha={c['lora_alpha']} rslora={bool(c['use_rslora'])} "
@@ -282,6 +289,8 @@ def _surgery_plot(args: argparse.Namespace, rep: dict[str, Any], name: str) -> N
 
 def cmd_extract(args: argparse.Namespace) -> int:
     """``lorakit extract``: truncated-SVD adapter of tuned − base."""
+    from lorakit.analysis import adapter_tools
+
     rep = adapter_tools.extract_adapter(args.base, args.tuned, args.rank, args.out, alpha=args.alpha,
                                         targets=args.targets, energy=args.energy, progress=True)
     args_json = argparse.Namespace(json=args.json, out=None)
@@ -292,6 +301,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 def cmd_resize(args: argparse.Namespace) -> int:
     """``lorakit resize``: lower-rank adapter by truncated SVD of each ΔW."""
+    from lorakit.analysis import adapter_tools
+
     rep = adapter_tools.resize_adapter(args.adapter, args.rank, args.out, energy=args.energy)
     args_json = argparse.Namespace(json=args.json, out=None)
     text = _surgery_text(rep, f"resized {args.adapter} to rank {args.rank}")
@@ -349,23 +360,23 @@ def register(subparsers: Any) -> None:
              "the singular-value spectrum of a model's weights.")
     p.add_argument("--d", type=int, default=1000, help="rows of the matrix (default 1000)")
     p.add_argument("--k", type=int, default=1000, help="columns of the matrix (default 1000)")
-    p.add_argument("--ranks", type=_ints, default=list(lowrank.LESSON_RANKS), help="ranks for the table (1,2,4,...,64)")
+    p.add_argument("--ranks", type=_ints, default=list(names.LESSON_RANKS), help="ranks for the table (1,2,4,...,64)")
     p.add_argument("--size", type=int, default=100, help="side of the synthetic matrix, >= 1 (default 100)")
     p.add_argument("--true-rank", type=int, default=5, help="rank of the synthetic matrix (default 5)")
-    p.add_argument("--svd-ranks", type=_ints, default=list(lowrank.LESSON_SYNTHETIC["ranks"]),
+    p.add_argument("--svd-ranks", type=_ints, default=list(names.LESSON_SYNTHETIC["ranks"]),
                    help="ranks for the reconstruction, each <= --size")
     p.add_argument("--seed", type=int, default=0, help="seed of the random matrices")
     p.add_argument("--model", nargs="?", const="default", default=None,
                    help="also analyse a model's weights: a local model directory, or no value for the embedded model")
     p.add_argument("--module", default=None,
                    help=f"regex on module names (default: layer 0's projections); the first "
-                        f"{lowrank.MAX_MATRICES} matching matrices are analysed, and the output says when more match")
+                        f"{names.MAX_MATRICES} matching matrices are analysed, and the output says when more match")
     _common(p)
 
     p = _add(subparsers, "recommend", cmd_recommend, "recommend LoRA rank and alpha",
              "Recommend LoRA rank and alpha (the lesson's table), with costs on a real model, or from the "
              "effective rank of trained updates.")
-    p.add_argument("--task", choices=recommend.TASKS, default=None, help="task kind, for the rule table's row")
+    p.add_argument("--task", choices=names.TASKS, default=None, help="task kind, for the rule table's row")
     p.add_argument("--model-size", default=None,
                    help="7B, 13B or 70B, or another size with its unit (135M, 1.5B), mapped to the nearest column")
     p.add_argument("--data-size", type=int, default=None, help="number of training examples")

@@ -14,12 +14,10 @@ from typing import Any, Sequence
 import torch
 
 from lorakit.analysis.adapter_tools import energy_rank, svdvals_tall, truncation_error
+from lorakit.analysis.names import LESSON_RANKS, MAX_MATRICES
 from lorakit.analysis.weights import check_finite, open_weights, source_label
 
-LESSON_RANKS = (1, 2, 4, 8, 16, 32, 64)
-LESSON_SYNTHETIC = {"size": 100, "true_rank": 5, "ranks": (1, 2, 5, 10, 20, 50)}
 DEFAULT_MODULES = r"layers\.0\..*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-MAX_MATRICES = 16  # model matrices analysed at most (the first ones matching, in the weights files' order)
 
 
 def _check_ranks(ranks: Sequence[int], *sizes: int) -> None:

@@ -12,9 +12,9 @@ import torch
 
 from lorakit.analysis.adapter_tools import DeltaSpectra, delta_spectra_details, energy_rank, target_filter
 from lorakit.analysis.estimate import ModelShape, check_sizes, estimate_memory
+from lorakit.analysis.names import TASKS
 from lorakit.analysis.weights import load_config, weight_shapes
 
-TASKS = ("simple", "medium", "complex")
 SIZES = ("7B", "13B", "70B")
 # The lesson's table: task complexity x model size -> (rank, alpha).
 RULES: dict[tuple[str, str], tuple[int, int]] = {
