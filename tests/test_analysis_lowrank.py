@@ -124,8 +124,19 @@ def test_lowrank_says_when_it_shows_only_some_matching_matrices(tmp_path, capsys
     cfg = LlamaConfig(vocab_size=101, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
                       num_attention_heads=4, num_key_value_heads=2, pad_token_id=0)
     LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m3")  # 3 layers x 7 projections = 21 matrices
-    weights, matched = lowrank.select_weights_counted(str(tmp_path / "m3"), r"_proj")
+    from lorakit.analysis.weights import LazyWeights
+
+    read, get = [], LazyWeights.__getitem__
+
+    def counted(self, key):
+        read.append(key)
+        return get(self, key)
+
+    with pytest.MonkeyPatch.context() as mp:  # only the matrices shown are read (headers give the rest)
+        mp.setattr(LazyWeights, "__getitem__", counted)
+        weights, matched = lowrank.select_weights_counted(str(tmp_path / "m3"), r"_proj")
     assert (len(weights), matched) == (lowrank.MAX_MATRICES, 21)
+    assert sorted(read) == sorted(f"{name}.weight" for name in weights)
     capsys.readouterr()
     assert main(["lowrank", "--model", str(tmp_path / "m3"), "--module", "_proj", "--no-plot"]) == 0
     assert f"showing {lowrank.MAX_MATRICES} of 21 matching matrices" in capsys.readouterr().out

@@ -15,7 +15,7 @@ import torch
 
 from lorakit.analysis.adapter_tools import energy_rank, svdvals_tall, truncation_error
 from lorakit.analysis.names import LESSON_RANKS, MAX_MATRICES
-from lorakit.analysis.weights import check_finite, open_weights, source_label
+from lorakit.analysis.weights import LazyWeights, check_finite, open_weights, source_label
 
 DEFAULT_MODULES = r"layers\.0\..*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -139,12 +139,14 @@ def select_weights_counted(source: str | None, module: str | None = None,
         pattern = re.compile(module or DEFAULT_MODULES)
     except re.error as exc:
         raise ValueError(f"--module {module!r} is not a valid regular expression: {exc}") from exc
-    sd = open_weights(source)  # (one tensor at a time: only the matrices shown are kept)
+    sd = open_weights(source)  # (one tensor at a time: only the matrices shown are read)
+    shape = sd.shape if isinstance(sd, LazyWeights) else (lambda key: tuple(sd[key].shape))
     out, matched = {}, 0
-    for key, t in sd.items():
-        if t.dim() == 2 and key.endswith(".weight") and pattern.search(key[: -len(".weight")]):
+    for key in sd:
+        if key.endswith(".weight") and pattern.search(key[: -len(".weight")]) and len(shape(key)) == 2:
             matched += 1
             if len(out) < limit:
+                t = sd[key]
                 check_finite(t, source, key)
                 out[key[: -len(".weight")]] = t
     if not out:

@@ -142,6 +142,11 @@ class LazyWeights(Mapping):
         with open_safetensors(self._files[key]) as fh:
             return fh.get_tensor(key)
 
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The shape of tensor ``key``, from its file's header (no data read)."""
+        with open_safetensors(self._files[key]) as fh:
+            return tuple(fh.get_slice(key).get_shape())
+
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)
 
