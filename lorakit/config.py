@@ -22,15 +22,20 @@ _IGNORED_PEFT_KEYS = frozenset({
     "qalora_group_size", "ensure_weight_tying",
 })
 
-# init_lora_weights values for which PEFT rewrote the base weight from data lorakit does not have
-# (PiSSA and OLoRA, which it recomputes exactly, are handled on load in lorakit.io). {value: name}
-_RESIDUAL_INITS = {"corda": "CorDA (a decomposition by the training data's covariance)",
-                   "lora_ga": "LoRA-GA (an initialisation from the training data's gradients)",
-                   "loftq": "LoftQ (a quantised residual, recomputed on load by PEFT with bitsandbytes)"}
-
-# init_lora_weights values of PEFT 0.21 that leave the base weight as it is (the adapter's own
-# tensors carry everything): an adapter made with one loads as plain LoRA.
-_BASE_KEEPING_PEFT_INITS = frozenset({"gaussian", "eva", "orthogonal", "mica"})
+# PEFT 0.21's init_lora_weights strings that lorakit makes no adapter with. None: the initialisation
+# leaves the base weight as it is (the adapter's own tensors carry everything), so an adapter made
+# with it loads as plain LoRA. Otherwise PEFT rewrote the base weight from data lorakit does not have,
+# and the text names that initialisation (PiSSA and OLoRA, which lorakit recomputes exactly, are
+# handled on load in lorakit.io).
+PEFT_ONLY_INITS: dict[str, str | None] = {
+    "eva": None, "orthogonal": None, "mica": None,
+    "corda": "CorDA (a decomposition by the training data's covariance)",
+    "lora_ga": "LoRA-GA (an initialisation from the training data's gradients)",
+    "loftq": "LoftQ (a quantised residual, recomputed on load by PEFT with bitsandbytes)",
+}
+_RESIDUAL_INITS = {name: what for name, what in PEFT_ONLY_INITS.items() if what is not None}
+# the strings that load as plain LoRA: PEFT's "gaussian" (lorakit makes it too) and the base-keeping above
+_BASE_KEEPING_PEFT_INITS = frozenset({"gaussian"} | {name for name, what in PEFT_ONLY_INITS.items() if what is None})
 
 # PEFT fields that, when set, make an adapter compute something plain LoRA does not (or lay out its
 # tensors differently). lorakit implements none of them, so an adapter that sets one is refused with

@@ -124,11 +124,10 @@ def get_init_method(name: str) -> Callable[["LoraLayer", str, str], None]:
                                  f"e.g. '{pattern[:-1]}4'")
             return fn
     known = ["True", "False", "gaussian", *sorted(k.replace("*", "N") for k in INIT_METHODS)]
+    from lorakit.config import PEFT_ONLY_INITS
+
     if key in PEFT_ONLY_INITS:
+        loadable = " or ".join(repr(n) for n, rewrote in PEFT_ONLY_INITS.items() if rewrote is None)
         raise ValueError(f"init_lora_weights={name!r} is a PEFT initialisation lorakit does not implement (an adapter "
-                         f"saved with 'eva', 'orthogonal' or 'mica' loads: its tensors carry everything); known: {known}")
+                         f"saved with {loadable} loads: its tensors carry everything); known: {known}")
     raise ValueError(f"unknown init_lora_weights {name!r}; known: {known}")
-
-
-#: PEFT 0.21's init_lora_weights values that lorakit cannot make an adapter with.
-PEFT_ONLY_INITS = frozenset({"eva", "orthogonal", "mica", "corda", "lora_ga", "loftq"})
