@@ -36,7 +36,7 @@ def _worker(rank: int, world: int, store: str, cfg: dict, resume: bool, stop_at:
     # and a run keeps ignoring a signal it was started ignoring
     signal.signal(signal.SIGINT, signal.default_int_handler)
     # a file rendezvous: no port is picked in advance (a port found free can be taken before it is bound)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    d.init_gloo(init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         tok = tiny_tokenizer()
 
@@ -55,6 +55,22 @@ def _worker(rank: int, world: int, store: str, cfg: dict, resume: bool, stop_at:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # destroyed means gone: gloo threads left running into interpreter shutdown aborted the process
+    # now and then (a tensor freed there; see init_gloo), as they did while transformers' import of
+    # torch.distributed.nn after the group started kept the group alive
+    assert _gloo_threads() == [], _gloo_threads()
+
+
+def _gloo_threads() -> list[str]:
+    """Names of this process's gloo threads (Linux; none elsewhere)."""
+    tasks = Path("/proc/self/task")
+    names = []
+    for task in tasks.iterdir() if tasks.is_dir() else ():
+        try:
+            names.append((task / "comm").read_text().strip())
+        except OSError:  # (a thread that ended meanwhile)
+            continue
+    return [n for n in names if n.startswith(("pt_gloo", "gloo"))]
 
 
 def _trained(model, method: str = "lora") -> dict:
