@@ -44,10 +44,10 @@ def _worker(rank: int, world: int, store: str, shapes: dict[str, list[tuple[int,
     import torch
     import torch.distributed as dist
 
-    from lorakit.train.distributed import Dist
+    from lorakit.train.distributed import Dist, init_gloo
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    init_gloo(init_method=f"file://{store}", rank=rank, world_size=world)
     try:
         group = Dist(world=world, rank=rank)
         for what, sizes in shapes.items():
