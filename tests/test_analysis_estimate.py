@@ -277,3 +277,84 @@ def test_all_linear_among_other_names_adds_every_projection():
     """As lorakit train and recommend read it: all-linear with a projection named again is all-linear."""
     assert estimate_memory("7B", method="lora", target_modules=["all-linear", "q_proj"]) == estimate_memory(
         "7B", method="lora", target_modules="all-linear")
+
+
+SHAPE = ModelShape(hidden_size=64, intermediate_size=128, num_layers=3, num_heads=8, num_kv_heads=2, head_dim=8,
+                   vocab_size=100, name="gqa")
+
+
+def test_lora_adapters_keep_fp32_gradients_and_states_over_a_bf16_base():
+    """Adapters stay fp32 over a 16-bit base: 4 bytes per trainable parameter for the gradients and
+    for each of AdamW's two moments."""
+    est = estimate_memory(SHAPE, method="lora", precision="bf16", r=4, target_modules=("q_proj", "v_proj"))
+    lora = 3 * 4 * ((64 + 64) + (64 + 16))  # L * r * (in + out) of q (64 -> 64) and v (64 -> 16)
+    assert est.trainable_params == lora
+    assert est.gradients == 4 * lora and est.optimizer_states == 2 * 4 * lora
+
+
+def test_saved_activations_grow_by_the_rank_r_intermediates():
+    """Each adapted module saves its (tokens x r) product for lora_B: raising r by 8 on two targets
+    over 3 layers adds 3 * 2 * N * 8 * 2 bytes (bf16) of activations."""
+    kw = dict(method="lora", precision="bf16", batch_size=2, seq_len=16, target_modules=("q_proj", "v_proj"))
+    low, high = estimate_memory(SHAPE, r=8, **kw), estimate_memory(SHAPE, r=16, **kw)
+    assert high.activations - low.activations == 3 * 2 * (2 * 16) * 8 * 2
+
+
+def test_eager_attention_on_gqa_saves_k_and_v_repeated_to_every_head():
+    """Eager attention's repeat_kv copies: with grouped KV heads its saved k and v are as large as
+    with one KV head per query head, so the activations equal those of the same shape without GQA
+    (the parameters differ, the saved tensors do not)."""
+    mha = dataclasses.replace(SHAPE, num_kv_heads=SHAPE.num_heads)
+    kw = dict(method="lora", precision="bf16", batch_size=2, seq_len=16, attention="eager", r=4)
+    assert estimate_memory(SHAPE, **kw).activations == estimate_memory(mha, **kw).activations
+    sdpa = dict(kw, attention="sdpa")  # SDPA keeps k and v unrepeated: GQA saves less there
+    assert estimate_memory(SHAPE, **sdpa).activations < estimate_memory(mha, **sdpa).activations
+
+
+def test_per_tensor_adamw_step_holds_two_temporaries_of_the_largest_tensor():
+    """Per-tensor AdamW: sqrt(v) and its division, one tensor at a time: 2 x the largest trainable
+    tensor x 4 bytes on top at the optimizer step. A one-token full fine-tune peaks there."""
+    est = estimate_memory(SHAPE, method="full", precision="fp32", batch_size=1, seq_len=1)
+    assert est.peak_phase == "optimizer step"
+    largest = max(100 * 64, 128 * 64)  # the embedding vs the largest linear (gate/up/down: 64 x 128)
+    assert est.transient == 2 * largest * 4
+
+
+def test_causal_attention_flops_count_the_average_of_t_plus_1_over_2_keys():
+    """QKᵀ and AV over (T+1)/2 keys on average per query (causal); LoRA's backward runs them twice
+    more: flops per token grow by 3 * 2 * 2 * L * hq * (T' - T) / 2 from T to T'."""
+    kw = dict(method="lora", precision="bf16", r=4)
+    f1, f3 = (estimate_memory(SHAPE, seq_len=t, **kw).flops_per_token for t in (1, 3))
+    assert f3 - f1 == 3 * 2 * 2 * 3 * 64 * (3 - 1) / 2
+
+
+def test_live_tensor_bytes_counts_a_shared_storage_once():
+    """Views share their base's storage: counted once (the bug this catches: counted per tensor)."""
+    import torch
+
+    from lorakit.analysis.measure import live_tensor_bytes
+
+    t = torch.zeros(4, 8)
+    assert live_tensor_bytes([t, t.view(-1), t[1], t.T]) == 4 * 8 * 4
+    assert live_tensor_bytes([t, torch.zeros(3)]) == 4 * 8 * 4 + 3 * 4
+
+
+def test_measured_end_of_step_includes_the_gradients():
+    """After the step the gradients are alive (not before it: zero_grad(set_to_none=True)), so
+    end − baseline is exactly their bytes for SGD without momentum (the bug this catches: grads left out)."""
+    import torch
+
+    from lorakit.analysis.measure import measure_step_peak
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randn(2, 8)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        model(x).square().sum().backward()
+        opt.step()
+
+    m = measure_step_peak(model, x, opt, step_fn=step)
+    assert m.end - m.baseline == (8 * 4 + 4) * 4

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lorakit.analysis import lowrank
+from lorakit.analysis.lowrank import parameter_table, spectrum_report
 from lorakit.cli import main
 
 
@@ -162,3 +163,36 @@ def test_ranks_must_be_integers_and_module_needs_a_model(capsys):
         lowrank.spectrum_report({"w": torch.randn(6, 6)}, [2.7])
     assert main(["lowrank", "--no-plot", "--module", "("]) == 2  # was ignored without --model
     assert "--module selects the matrices of --model" in capsys.readouterr().err
+
+
+def test_parameter_table_takes_a_rank_equal_to_the_smaller_dimension():
+    """r = min(d, k) is the matrix's own rank limit: tabulated, not refused."""
+    (row,) = parameter_table(d=6, k=4, ranks=[4])
+    assert row["lora_params"] == 4 * (6 + 4) and row["full_params"] == 24
+
+
+def test_spectrum_report_full_rank_is_the_smaller_dimension():
+    """A 6 x 4 matrix has at most rank 4 (the bug this catches: max(W.shape))."""
+    report = spectrum_report({"w": torch.randn(6, 4, generator=torch.Generator().manual_seed(0))}, ranks=[1, 4])
+    assert report["w"]["full_rank"] == 4 == len(report["w"]["singular_values"])
+
+
+def test_spectrum_energy_at_rank_r_is_the_top_r_squared_singular_values():
+    """energy[r] = Σ_{i≤r} σᵢ² / Σ σᵢ², from an independent float64 SVD (the bug this catches: cum[r] read,
+    the energy of rank r + 1)."""
+    w = torch.randn(7, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    s2 = torch.linalg.svdvals(w) ** 2
+    report = spectrum_report({"w": w}, ranks=[1, 2, 5, 9])
+    for r in (1, 2, 5, 9):
+        want = float(s2[:min(r, 5)].sum() / s2.sum())
+        assert abs(report["w"]["energy"][r] - want) < 1e-12, r
+
+
+def test_synthetic_true_rank_above_the_smaller_dimension_is_refused():
+    """A 3 x 5 matrix cannot have rank 4 (the bug this catches: max(rows, cols) as the bound)."""
+    import pytest
+
+    from lorakit.analysis.lowrank import synthetic_low_rank
+
+    with pytest.raises(ValueError, match="true_rank"):
+        synthetic_low_rank(3, 5, true_rank=4)

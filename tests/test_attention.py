@@ -228,3 +228,26 @@ def test_a_mask_edited_in_place_is_checked_again():
         got = att.attention_forward(Module(), q, k, v, mask)[0].float()
         want = sdpa_attention_forward(Module(), q, k, v, mask)[0].float()
         assert (got - want).abs().max() < 0.05, fill
+
+
+def test_attention_forward_uses_the_scaling_it_is_given(monkeypatch):
+    """transformers passes the model's own softmax scale (Gemma's query_pre_attn_scalar, a
+    config's attention_multiplier); the matmul path must use it, not head_dim ** -0.5."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from lorakit.ops.attention import ShortAttention, attention_forward
+
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 6, 8, dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    module = torch.nn.Module()
+    module.is_causal = True
+    calls = []
+    real = ShortAttention.apply
+    monkeypatch.setattr(ShortAttention, "apply", lambda *a: calls.append(a[4]) or real(*a))
+    got, _ = attention_forward(module, q, k, v, None, scaling=0.9)
+    monkeypatch.undo()
+    assert calls == [0.9]  # the matmul path was taken
+    want, _ = sdpa_attention_forward(module, q.double(), k.double(), v.double(), None, scaling=0.9)
+    torch.testing.assert_close(got.double(), want, rtol=2e-2, atol=2e-2)
+    ref_default, _ = sdpa_attention_forward(module, q.double(), k.double(), v.double(), None)
+    assert (ref_default - want).abs().max() > 0.05  # the scale matters at this size

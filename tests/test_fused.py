@@ -913,3 +913,41 @@ def test_torch_func_grad_and_jvp_through_a_view_making_base(kind):
     W = model.layer.base_layer.weight if kind == "linear_bias" else model.layer.base_layer.weight.T
     s = model.layer.scaling["default"]
     torch.testing.assert_close(tangent, torch.ones_like(x) @ (W + s * B @ A).T.detach(), rtol=1e-12, atol=1e-12)
+
+
+def test_lean_path_through_a_hooked_bf16_base_with_two_adapters_returns_bf16():
+    """Lean inference path, not the direct kernel (a forward pre-hook on the base) and not in place
+    (F.linear of a 3-D input with a bias returns a view): two fp32 adapters are summed in fp32 and
+    rounded once into the bf16 output, which must come back as bf16 and equal the generic path
+    (the bug this catches: ``return total`` without ``.to(result.dtype)``)."""
+    from lorakit.layers.base import LoraLayer
+    from lorakit.layers.linear import LoraLinear
+
+    torch.manual_seed(0)
+    base = nn.Linear(24, 20).to(torch.bfloat16)
+    base.register_forward_pre_hook(lambda module, args: None)
+    layer = LoraLinear(base)
+    for name in ("a", "b"):
+        layer.add_adapter(name, r=4, lora_alpha=8, scaling=1.5, init_lora_weights=False)
+    layer.active_adapters = ["a", "b"]
+    layer.eval()
+    x = torch.randn(3, 5, 24, dtype=torch.bfloat16)
+    with torch.no_grad():
+        lean = layer(x)
+        generic = LoraLayer.forward(layer, x)
+    assert lean.dtype == torch.bfloat16 == generic.dtype
+    torch.testing.assert_close(lean, generic, rtol=1e-2, atol=1e-2)
+
+
+def test_keep_mask_keeps_with_exactly_its_stated_probability_at_the_smallest_threshold():
+    """keep = threshold / 65536: at p = 1 − 2^-16 one 16-bit value in 65536 keeps. Over 2^24 draws
+    that is 256 kept (σ = 16); counting one lane value too many (``<=`` for ``<``) doubles it
+   . The seed is fixed, so the count is deterministic."""
+    from lorakit.layers.fused import KeepMask
+
+    torch.manual_seed(0)
+    km = KeepMask((1 << 12, 1 << 12), 1.0 - 2.0 ** -16, torch.device("cpu"))
+    assert km.keep == 2.0 ** -16
+    kept = int(km.get().sum())
+    expected = (1 << 24) * km.keep
+    assert abs(kept - expected) < 5 * expected ** 0.5, kept

@@ -160,3 +160,46 @@ def test_bf16_base_with_fp32_adapters_matches_the_separate_layers(grouped_calls,
     for got, want in zip(grads, ref_grads):
         assert got.dtype == torch.float32
         assert float((got - want).norm()) <= 0.03 * float(want.norm()) + 1e-6
+
+
+def test_a_trainable_base_weight_keeps_its_gradient_when_fused():
+    """A base projection that trains (its weight or bias unfrozen on purpose) is not grouped: the
+    grouped node returns no gradient for W (the bug this catches: linear_plan without the requires_grad check)."""
+    model = lora_llama(["q_proj", "v_proj", "gate_proj", "down_proj"])
+    layer = model.model.layers[0]
+    for proj in (layer.self_attn.k_proj, layer.mlp.up_proj, layer.mlp.down_proj.base_layer):
+        proj.weight.requires_grad_(True)
+    ids = torch.randint(3, 101, (2, 7), generator=torch.Generator().manual_seed(0))
+    reference = loss_and_grads(model, ids, seed=0)
+    assert fuse_qkv_projections(model) == 2 and fuse_swiglu_mlps(model) == 2
+    assert_same_in_float64(loss_and_grads(model, ids, seed=0), reference)
+
+
+def test_a_projection_with_its_own_instance_forward_is_left_to_it():
+    """Someone else's instance ``forward`` on q_proj (a wrapper, a debugging patch) runs, and is still
+    there afterwards (the bug this catches: grouping without the ``"forward" in p.__dict__`` check)."""
+    model = lora_llama(["q_proj", "v_proj"])
+    q = model.model.layers[0].self_attn.q_proj
+    own = type(q).forward
+
+    def doubled(x, *args, **kwargs):
+        return 2 * own(q, x, *args, **kwargs)
+
+    q.forward = doubled
+    ids = torch.randint(3, 101, (2, 7), generator=torch.Generator().manual_seed(0))
+    reference = loss_and_grads(model, ids, seed=0)
+    assert fuse_qkv_projections(model) == 2
+    assert_same_in_float64(loss_and_grads(model, ids, seed=0), reference)
+    assert q.__dict__.get("forward") is doubled
+
+
+def test_an_mlp_with_another_activation_is_not_fused():
+    """The fused tail computes silu(g)·u: an MLP of the same shape with GELU is left to its own
+    forward, and computes what it did (the bug this catches: _is_swiglu_mlp without the SiLU check)."""
+    model = lora_llama("all-linear")
+    for layer in model.model.layers:
+        layer.mlp.act_fn = torch.nn.GELU()
+    ids = torch.randint(3, 101, (2, 7), generator=torch.Generator().manual_seed(0))
+    reference = loss_and_grads(model, ids, seed=0)
+    assert fuse_swiglu_mlps(model) == 0
+    assert_same_in_float64(loss_and_grads(model, ids, seed=0), reference)

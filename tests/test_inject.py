@@ -858,3 +858,25 @@ def test_modules_to_save_inside_another_saved_module_is_not_wrapped_twice():
     model = tiny_llama()
     lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=r".*\.mlp(\.down_proj)?"))
     assert sorted(n for n, _ in iter_saved_modules(model)) == ["model.layers.0.mlp", "model.layers.1.mlp"]
+
+
+def test_a_disabled_layer_given_a_nested_tensor_returns_the_base_output():
+    """LoraLinear.nested_forward on a disabled layer: the base layer's output only.
+    (test_transformer_encoder_eval_runs_the_adapters does not reach it: with the adapters disabled
+    PyTorch's own encoder fast path runs the base weights.)"""
+    from lorakit.layers.linear import LoraLinear
+
+    torch.manual_seed(0)
+    layer = LoraLinear(nn.Linear(8, 6))
+    layer.add_adapter("a", r=2, lora_alpha=4, scaling=2.0, init_lora_weights=False)
+    layer.active_adapters = ["a"]
+    layer.eval()
+    x = torch.nested.nested_tensor([torch.randn(5, 8), torch.randn(3, 8)])
+    with torch.no_grad():
+        adapted = layer(x)
+        layer.disabled = True
+        got = layer(x)
+        base = layer.base_layer(x)
+    for g, b, a in zip(got.unbind(), base.unbind(), adapted.unbind()):
+        assert (a - b).abs().max() > 1e-3  # the adapter matters
+        assert torch.equal(g, b)

@@ -119,3 +119,17 @@ def test_integer_labels_of_any_width(dtype):
     y = torch.tensor([1, 2, 3, 4, 6])
     want = F.cross_entropy(h @ W.T, y, reduction="sum")
     torch.testing.assert_close(linear_cross_entropy(h, W, y.to(dtype)), want, rtol=0, atol=1e-12)
+
+
+def test_a_label_equal_to_the_vocabulary_size_is_named():
+    """Label ids live in [0, V): V itself is out of range, refused by name like V + 1 (the bug this catches:
+    ``>`` for ``>=``, which let V through to an IndexError inside the chunk loop)."""
+    h, W = torch.randn(3, 4), torch.randn(5, 4)
+    with pytest.raises(ValueError, match=r"label ids must be in \[0, 5\)"):
+        linear_cross_entropy(h, W, torch.tensor([0, 1, 5]))
+
+
+def test_boolean_labels_are_refused():
+    """A bool tensor is a mask, not token ids (the bug this catches: bool labels read as ids 0 / 1)."""
+    with pytest.raises(TypeError, match="labels must be integer"):
+        linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([True, False, True]))

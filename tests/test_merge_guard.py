@@ -12,7 +12,7 @@ import torch
 import lorakit as lk
 from conftest import tiny_llama
 from lorakit.inject import iter_lora_layers
-from lorakit.layers.guard import bits_fingerprint
+from lorakit.layers.guard import bits_fingerprint, cast_print, same_up_to_cast
 
 TARGETS = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
 
@@ -230,3 +230,51 @@ def test_round_trips_through_narrower_dtypes_still_unmerge(chain):
     for n, p in m.named_parameters():
         if n in base:
             torch.testing.assert_close(p.detach().double(), base[n], rtol=0, atol=2e-2)  # the casts' rounding
+
+
+def test_fingerprint_sees_a_change_of_the_first_element():
+    """Position 0 weighs in too (the bug this catches: the weights' `| 1` dropped, so element 0 counted 0 times)."""
+    t = torch.randn(4, 3)
+    edited = t.clone()
+    edited[0, 0] += 1.0
+    assert bits_fingerprint(edited) != bits_fingerprint(t)
+
+
+def test_an_edit_of_a_merged_adapter_s_first_entry_is_refused():
+    torch.manual_seed(0)
+    m = tiny_llama().eval()
+    lk.get_lora_model(m, lk.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], init_lora_weights=False))
+    lk.merge(m)
+    with torch.no_grad():
+        m.model.layers[0].self_attn.q_proj.lora_B["default"][0, 0] += 0.5
+    with pytest.raises(ValueError, match="changed"):
+        lk.unmerge(m)
+
+
+def test_fingerprint_sees_chunks_trading_places():
+    """Positions count across the 2^20-entry chunks (the bug this catches: each chunk weighted from 0 again)."""
+    n = 1 << 20
+    t = torch.randn(2 * n, generator=torch.Generator().manual_seed(0))
+    swapped = torch.cat([t[n:], t[:n]])
+    assert bits_fingerprint(swapped) != bits_fingerprint(t)
+
+
+def test_a_bf16_tensor_cast_to_float16_is_the_same_up_to_cast():
+    """bf16 -> fp16 (``model.half()`` of a bf16 model) is a cast to a dtype of the same width that
+    rounds: still the same tensor (the bug this catches: only strictly narrower dtypes kept in the print).
+    The values include ones fp16 cannot hold exactly (subnormal there), so the cast is lossy."""
+    t = torch.tensor([1e-6, 3e-7, 0.1, -2.5, 123.0], dtype=torch.bfloat16)
+    assert not torch.equal(t.half().to(torch.bfloat16), t)  # lossy on purpose
+    assert same_up_to_cast(cast_print(t), t.half())
+    assert not same_up_to_cast(cast_print(t), (t.half() * 2))
+
+
+def test_a_widened_tensor_edited_below_the_old_precision_is_a_change():
+    """fp32 -> fp64, then an edit too small to survive rounding back to fp32: a change, not a cast
+    (the bug this catches: the widened values were only compared after rounding back)."""
+    t = torch.randn(16, generator=torch.Generator().manual_seed(1))
+    wide = t.double()
+    assert same_up_to_cast(cast_print(t), wide)
+    edited = wide + wide.abs() * 1e-12
+    assert torch.equal(edited.float(), t) and not torch.equal(edited, wide)
+    assert not same_up_to_cast(cast_print(t), edited)

@@ -1265,3 +1265,43 @@ def test_deleting_an_inactive_adapter_keeps_the_active_one():
     assert lk.active_adapters(m) == ["c"]
     with torch.no_grad():
         torch.testing.assert_close(m(x).logits, before)
+
+
+def _two_linears(names=("a", "b")):
+    torch.manual_seed(0)
+    m = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)).eval()
+    for n in names:
+        lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["0", "1"], init_lora_weights=False), n)
+    return m
+
+
+def test_deleting_the_only_active_adapter_activates_another_one():
+    """delete_adapter of the active adapter: the first remaining one becomes active, and the model
+    computes it (the bug this catches: no fallback, the model left with nothing active)."""
+    m = _two_linears()
+    lk.set_adapter(m, "a")
+    x = torch.randn(3, 8)
+    with torch.no_grad():
+        lk.set_adapter(m, "b")
+        want = m(x)
+        lk.set_adapter(m, "a")
+    lk.delete_adapter(m, "a")
+    assert lk.active_adapters(m) == ["b"]
+    assert all(layer.active_adapters == ["b"] for layer in (m[0], m[1]))
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), want, rtol=0, atol=0)
+
+
+def test_disable_adapters_merges_the_merged_adapters_back_afterwards():
+    """disable_adapters unmerges for the block and merges back after it."""
+    m = _two_linears(("a",))
+    x = torch.randn(3, 8)
+    lk.merge(m)
+    with torch.no_grad():
+        merged = m(x)
+        with lk.disable_adapters(m):
+            base = m(x)
+        after = m(x)
+    assert (merged - base).abs().max() > 1e-3
+    assert m[0].merged_adapters == ["a"] == m[1].merged_adapters
+    torch.testing.assert_close(after, merged, rtol=1e-6, atol=1e-6)

@@ -243,3 +243,23 @@ def test_the_fused_norms_survive_train_on_a_peft_model_over_hub_kernels(monkeypa
     assert not base.use_kernels
     _undo_kernels(wrapped, None)
     assert base.use_kernels
+
+
+def test_bf16_norm_weight_gradient_is_the_module_s():
+    """dL/dw of the fused norm on bf16 input is what autograd gives for the module's own
+    ``weight * y.to(bf16)``: the product with the bf16-rounded y (the bug this catches: the unrounded
+    fp32 x̂ used instead)."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from lorakit.ops import fuse_rmsnorms
+
+    torch.manual_seed(0)
+    norm = LlamaRMSNorm(64).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.add_(0.1 * torch.randn(64, dtype=torch.bfloat16))
+    h = torch.randn(4, 16, 64, dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(4, 16, 64, dtype=torch.bfloat16)
+    ref = torch.autograd.grad((norm(h) * g).sum(), norm.weight)[0]
+    assert fuse_rmsnorms(norm) == 1
+    got = torch.autograd.grad((norm(h) * g).sum(), norm.weight)[0]
+    torch.testing.assert_close(got.float(), ref.float(), rtol=0, atol=0)

@@ -160,3 +160,33 @@ def test_fused_mlp_on_a_bf16_base_computes_the_branch_as_the_unfused_path():
     assert fuse_swiglu_mlps(model) == 2
     got = model(ids).logits
     assert torch.equal(got, ref)
+
+
+def test_under_autocast_the_fused_mlp_runs_the_module_s_own_forward():
+    """Under bf16 autocast the fused tail is not equivalent (autocast picks the dtypes): the module's
+    own forward runs, so loss and gradients are bitwise the unfused ones (the bug this catches: the autocast
+    check dropped from _FusedMLPForward)."""
+    model = lora_llama("all-linear", dtype=torch.float32)
+    ids = torch.randint(3, 101, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ref_loss, ref_grads = loss_and_grads(model, ids, seed=0)
+    assert fuse_swiglu_mlps(model) == 2
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, grads = loss_and_grads(model, ids, seed=0)
+    assert torch.equal(loss, ref_loss)
+    assert all(torch.equal(g, r) for g, r in zip(grads, ref_grads))
+
+
+def test_fused_mlp_on_a_float16_base_computes_the_branch_as_the_unfused_path():
+    """fp32 adapters on an fp16 base: the branch runs in the adapters' fp32 (branch_dtype), as the
+    unfused LoRA layer runs it, so the logits are bitwise the same and dL/dB agrees to fp32 rounding
+    (the bug this catches: the product handed to the branch in fp16, its matmuls then in fp16)."""
+    model = lora_llama(["down_proj"], dtype=torch.float16)
+    assert next(p for n, p in model.named_parameters() if "lora_A" in n).dtype == torch.float32
+    ids = torch.randint(3, 101, (3, 9), generator=torch.Generator().manual_seed(0))
+    ref_loss, ref_grads = loss_and_grads(model, ids, seed=0)
+    assert fuse_swiglu_mlps(model) == 2
+    loss, grads = loss_and_grads(model, ids, seed=0)
+    assert torch.equal(loss, ref_loss)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-7)

@@ -1493,3 +1493,147 @@ def test_a_new_run_on_an_interrupted_runs_directory_says_resume(tmp_path, tok, d
     _interrupted_at(1, cfg, tok)
     with pytest.raises(FileExistsError, match="pass --resume"):
         train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+
+
+def test_a_prompt_that_exactly_fills_the_positions_with_its_new_tokens_generates():
+    """prompt + max_new_tokens == the model's 128 positions fits (the last position is usable); one
+    token more is the clear error (the bug this catches: ``>=`` for ``>``)."""
+    from lorakit.train.generate import greedy_generate
+
+    tok = tiny_tokenizer()
+    torch.manual_seed(0)
+    model = tiny_gpt2_lm(tok).eval()  # 128 positions
+    prompt = tok(" ".join(["good film"] * 30), add_special_tokens=False)["input_ids"]
+    room = 128 - len(prompt)
+    assert 0 < room < 128
+    texts = greedy_generate(model, tok, [prompt], max_new_tokens=room, stop_ids=[])
+    assert len(texts) == 1 and isinstance(texts[0], str)
+    with pytest.raises(ValueError, match="exceeds the model's 128 positions"):
+        greedy_generate(model, tok, [prompt], max_new_tokens=room + 1, stop_ids=[])
+
+
+def _scripted_llama(tok, rule):
+    """A tiny Llama whose next token at each position is ``rule(input token id)`` (the backbone's
+    last hidden state is replaced by a one-hot code of that target, the head reads it back)."""
+    from tiny_lm import tiny_llama_lm
+
+    model = tiny_llama_lm(tok).eval()
+    codes = sorted({rule(i) for i in range(len(tok))})
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        for j, t in enumerate(codes):
+            model.lm_head.weight[t, j] = 10.0
+    ids_in = []
+    model.model.register_forward_pre_hook(lambda mod, args, kw: ids_in.append(kw["input_ids"]), with_kwargs=True)
+
+    def replace(mod, args, kwargs, out):
+        ids = ids_in[-1]
+        h = torch.zeros(*ids.shape, model.config.hidden_size)
+        for j, t in enumerate(codes):
+            h[..., j] = (ids.clone().apply_(rule) == t).float()
+        out.last_hidden_state = h
+        return out
+
+    model.model.register_forward_hook(replace, with_kwargs=True)
+    return model
+
+
+def test_eval_shortcut_does_not_call_correct_an_answer_whose_end_is_no_stop_token():
+    """The template ends an assistant turn with an ordinary word ("film"), not a stop token: a model
+    that writes "positive film" and goes on ("positive film positive ...") matches every answer token
+    under teacher forcing, but greedy decoding does not stop after the answer. The shortcut must give
+    the accuracy generating gives (evaluate's docstring; the bug this catches: labels[-1] in stops dropped)."""
+    from lorakit.train.data import Example
+    from lorakit.train.generate import evaluate, stop_token_ids
+
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }} film {% endfor %}"
+                "{% if add_generation_prompt %}<|im_start|>assistant {% endif %}")
+    tok = tiny_tokenizer(template)
+    positive, film = tok.convert_tokens_to_ids("positive"), tok.convert_tokens_to_ids("film")
+    model = _scripted_llama(tok, lambda i: film if i == positive else positive)
+    assert film not in stop_token_ids(model, tok)
+    example = Example(messages=[{"role": "user", "content": "good"}, {"role": "assistant", "content": "positive"}])
+    generated = evaluate(model, tok, [example], 64, 1, shortcut=False)
+    assert generated["accuracy"] == 0.0  # "positive film positive" is not "positive"
+    shortcut = evaluate(model, tok, [example], 64, 1, shortcut=True)
+    assert shortcut["accuracy"] == generated["accuracy"]
+
+
+def test_eval_loss_gives_an_eval_mode_model_back_in_eval_mode():
+    """eval_loss switches to eval and back to the mode it found (the bug this catches: always .train())."""
+    from tiny_lm import tiny_llama_lm
+
+    from lorakit.train.data import Example, tokenize_example
+    from lorakit.train.generate import eval_loss
+
+    tok = tiny_tokenizer()
+    model = tiny_llama_lm(tok)
+    data = [tokenize_example(tok, Example(messages=[{"role": "user", "content": "good film"},
+                                                    {"role": "assistant", "content": "positive"}]), 64)]
+    for mode in (False, True):
+        model.train(mode)
+        assert eval_loss(model, data, 1, tok.pad_token_id, "fp32") > 0
+        assert model.training is mode
+        assert all(m.training is mode for m in model.modules())
+
+
+def test_max_length_equal_to_the_positions_fits_without_a_warning():
+    """--max-length equal to the model's 128 learned positions fits: no warning."""
+    from lorakit.train.generate import fit_to_positions
+
+    tok = tiny_tokenizer()
+    model = tiny_gpt2_lm(tok)
+    warned = []
+    assert fit_to_positions(model, 128, warn=warned.append) == 128 and warned == []
+    assert fit_to_positions(model, 129, warn=warned.append) == 128 and len(warned) == 1
+
+
+def test_a_qlora_run_loaded_with_merge_is_folded_into_the_dense_base(tmp_path):
+    """load_for_inference(merge=True) of a QLoRA run folds the adapter into the dense base, not an
+    NF4 copy (its docstring: "with merge it is folded into the dense base instead"); without merge
+    the base is NF4 as in training (the bug this catches: quantised whether or not merging)."""
+    import json
+
+    import lorakit as lk
+    from tiny_lm import tiny_llama_lm
+
+    from lorakit.train.generate import load_for_inference
+
+    tok = tiny_tokenizer()
+    base_dir, run = tmp_path / "base", tmp_path / "run"
+    model = tiny_llama_lm(tok)
+    model.save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lk.save_adapter(model, run)
+    (run / "lorakit_run.json").write_text(json.dumps({"method": "qlora", "model": str(base_dir), "precision": "fp32"}))
+
+    def nf4(m):
+        return [n for n, mod in m.named_modules() if callable(getattr(mod, "dequantize_weight", None))]
+
+    m, _, info = load_for_inference(adapter=str(run), dtype="fp32", merge=False)
+    assert info.get("quantized") == "nf4" and nf4(m)
+    m, _, info = load_for_inference(adapter=str(run), dtype="fp32", merge=True)
+    assert "quantized" not in info and nf4(m) == []
+    assert type(m.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+
+
+def test_chat_reset_keeps_the_system_message(monkeypatch):
+    """/reset clears the conversation but not the --system message (the bug this catches: history = [])."""
+    import lorakit.train.generate as generate
+
+    seen = []
+    monkeypatch.setattr(generate, "encode_prompt", lambda tok, history: seen.append([dict(m) for m in history]) or [1])
+    monkeypatch.setattr(generate, "greedy_generate", lambda *a, **k: ["ok"])
+    monkeypatch.setattr(generate, "stop_token_ids", lambda *a: [])
+    lines = iter(["hello", "/reset", "hi"])
+
+    def read(_prompt):
+        try:
+            return next(lines)
+        except StopIteration:
+            raise EOFError from None
+
+    assert generate.chat_loop(None, None, 4, "fp32", system="be brief", read=read, write=lambda s: None) == 0
+    system = {"role": "system", "content": "be brief"}
+    assert seen == [[system, {"role": "user", "content": "hello"}], [system, {"role": "user", "content": "hi"}]]

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from torch import nn
 
 import lorakit as lk
 from conftest import LAYER_CASES, TinyConvNet, Wrap, tiny_gpt2, tiny_llama
@@ -352,3 +353,50 @@ def test_dora_on_a_bf16_base_saves_no_wider_copy_of_the_base_output():
     assert wide_outputs(ours_saved) <= wide_outputs(theirs_saved)
     assert sum(n for n, _, _ in ours_saved.values()) <= sum(n for n, _, _ in theirs_saved.values())
     torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.02)
+
+
+def test_dora_output_on_a_bf16_base_stays_bf16():
+    """The DoRA update is summed in fp32 and rounded once into the base output's dtype: a bf16
+    layer must still return bf16 (the bug this catches: add_rounded_once without the cast back)."""
+    torch.manual_seed(0)
+    m = Wrap(nn.Linear(16, 12)).to(torch.bfloat16)
+    lk.get_lora_model(m, lk.LoraConfig(r=4, lora_alpha=8, target_modules=["layer"], use_dora=True,
+                                       init_lora_weights=False))
+    x = torch.randn(3, 16, dtype=torch.bfloat16)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            assert m(x).dtype == torch.bfloat16
+
+
+def test_dora_on_a_conv2d_of_two_groups_is_refused():
+    """Any grouped Conv2d (groups > 1), not only groups=4, has no ΔW in the weight's layout."""
+    m = Wrap(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match=r"DoRA.*groups=2"):
+        lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["layer"], use_dora=True))
+
+
+def test_dora_dropout_in_training_drops_the_branch_and_the_rescaled_base_term():
+    """Training with lora_dropout: y = W x + b + (m/n − 1)·W·drop(x) + (m/n)·s·B A drop(x) (as PEFT),
+    checked against a float64 reference built with the same dropout draw."""
+    torch.manual_seed(0)
+    lin = nn.Linear(6, 5).double()
+    m = Wrap(lin)
+    lk.get_lora_model(m, lk.LoraConfig(r=2, lora_alpha=4, lora_dropout=0.5, target_modules=["layer"],
+                                       use_dora=True, init_lora_weights=False))
+    layer = m.layer
+    with torch.no_grad():
+        layer.lora_magnitude_vector["default"].mul_(1.5)  # m/n = 1.5, away from 1
+    m.train()
+    x = torch.randn(4, 6, dtype=torch.float64)
+    torch.manual_seed(7)
+    got = m(x)
+    torch.manual_seed(7)
+    xd = torch.nn.functional.dropout(x, 0.5, training=True)  # the same draw nn.Dropout makes
+    W, b = lin.weight.detach(), lin.bias.detach()
+    A, B = layer.lora_A["default"].detach(), layer.lora_B["default"].detach()
+    s = layer.scaling["default"]
+    mag = layer.lora_magnitude_vector["default"].detach()
+    scale = mag / torch.linalg.vector_norm(W + s * B @ A, dim=1)
+    want = x @ W.T + b + (scale - 1) * (xd @ W.T) + scale * s * (xd @ A.T @ B.T)
+    assert not torch.equal(xd, x)
+    torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-12)

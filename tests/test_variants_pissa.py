@@ -7,9 +7,10 @@ import warnings
 
 import pytest
 import torch
+from torch import nn
 
 import lorakit as lk
-from conftest import TinyConvNet, tiny_gpt2, tiny_llama
+from conftest import TinyConvNet, Wrap, tiny_gpt2, tiny_llama
 
 peft = pytest.importorskip("peft")
 
@@ -271,3 +272,42 @@ def test_an_unconverted_residual_adapter_on_a_tied_head_is_refused_both_ways(ini
                                rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(_logits(lk.load_adapter(tiny_llama(tie=True), tmp_path / "ours"), x), want,
                                rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_rank_equal_to_the_smaller_dimension_is_allowed(init):
+    """r = min(out, in) is the largest rank the weight has: allowed (only r above it is refused),
+    and the output is unchanged at the start (the bug this catches: r >= smallest refused)."""
+    torch.manual_seed(0)
+    m = Wrap(nn.Linear(6, 4)).double()
+    x = torch.randn(3, 6, dtype=torch.float64)
+    before = m(x).detach()
+    lk.get_lora_model(m, lk.LoraConfig(r=4, lora_alpha=4, target_modules=["layer"], init_lora_weights=init))
+    torch.testing.assert_close(m(x).detach(), before, rtol=1e-10, atol=1e-10)
+    if init == "pissa":  # full rank: the principal part is all of W, the residual ~0
+        assert m.layer.base_layer.weight.abs().max() < 1e-6  # (the SVD runs in fp32)
+
+
+def test_pissa_niter_runs_the_requested_subspace_iterations(monkeypatch):
+    """'pissa_niter_K' is torch.svd_lowrank with K iterations (module docstring, Halko et al.),
+    not the default iteration count."""
+    seen = []
+    real = torch.svd_lowrank
+
+    def spy(A, q=6, niter=2, M=None):
+        seen.append((q, niter))
+        return real(A, q=q, niter=niter, M=M)
+
+    monkeypatch.setattr(torch, "svd_lowrank", spy)
+    lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa_niter_5"))
+    assert seen and all(s == (2, 5) for s in seen)
+
+
+def test_convert_to_lora_refuses_a_dora_adapter(tmp_path):
+    """A PiSSA adapter with DoRA cannot be written as plain LoRA (the magnitude rescales W): refused
+    by name, nothing written (the bug this catches: the check removed)."""
+    m = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="pissa",
+                                                      use_dora=True))
+    with pytest.raises(ValueError, match="cannot express a DoRA adapter"):
+        lk.save_adapter(m, tmp_path / "out", convert_to_lora=True)
+    assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
