@@ -358,3 +358,22 @@ def test_measured_end_of_step_includes_the_gradients():
 
     m = measure_step_peak(model, x, opt, step_fn=step)
     assert m.end - m.baseline == (8 * 4 + 4) * 4
+
+
+def test_a_lora_step_s_adamw_temporaries_are_sized_by_the_largest_adapter_factor():
+    """The largest trainable tensor of a LoRA run is the larger of A (r x in) and B (out x r): on
+    gate_proj (64 -> 128) at r = 64, B's 128 x 64; one token makes the optimizer step the peak."""
+    est = estimate_memory(SHAPE, method="lora", precision="fp32", r=64, batch_size=1, seq_len=1,
+                          target_modules=("gate_proj",))
+    assert est.peak_phase == "optimizer step"
+    assert est.transient == 2 * (128 * 64) * 4  # sqrt(v) and its division, fp32
+
+
+def test_a_tied_head_s_gradient_is_live_through_the_layers_backward():
+    """Tied or not, lm_head's weight gradient (vocab x hidden) exists while the layers run backward:
+    into the shared embedding matrix when tied. Same shapes otherwise, so the gradients live at a
+    layers-backward peak are the same bytes."""
+    tied, untied = (estimate_memory(dataclasses.replace(SHAPE, vocab_size=8, num_layers=4, tie_word_embeddings=t),
+                                    method="full", precision="fp32", batch_size=1, seq_len=16) for t in (True, False))
+    assert tied.peak_phase == untied.peak_phase == "backward (layers)"
+    assert tied.at_peak["gradients"] == untied.at_peak["gradients"] > 0

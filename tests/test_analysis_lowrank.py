@@ -196,3 +196,13 @@ def test_synthetic_true_rank_above_the_smaller_dimension_is_refused():
 
     with pytest.raises(ValueError, match="true_rank"):
         synthetic_low_rank(3, 5, true_rank=4)
+
+
+def test_a_model_weight_holding_nan_is_refused_with_the_model_and_tensor_named(tmp_path):
+    from safetensors.torch import save_file
+
+    bad = torch.eye(4)
+    bad[1, 2] = float("nan")
+    save_file({"layers.0.q_proj.weight": torch.eye(4), "layers.0.k_proj.weight": bad}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"weight 'layers.0.k_proj.weight' holds NaN or inf"):
+        lowrank.select_weights_counted(str(tmp_path), r"_proj")
