@@ -18,8 +18,9 @@ def test_a_closed_pipe_stops_quietly():
     assert "Traceback" not in proc.stderr and "BrokenPipeError" not in proc.stderr
 
 
-def test_user_errors_are_one_line_with_exit_2(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "lorakit.cli", "inspect", str(tmp_path / "nowhere")],
+@pytest.mark.parametrize("module", ["lorakit.cli", "lorakit"])  # (python -m lorakit: lorakit/__main__.py)
+def test_user_errors_are_one_line_with_exit_2(tmp_path, module):
+    proc = subprocess.run([sys.executable, "-m", module, "inspect", str(tmp_path / "nowhere")],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.startswith("lorakit inspect: error: ") and "Traceback" not in proc.stderr

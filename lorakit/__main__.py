@@ -1,0 +1,7 @@
+"""``python -m lorakit ...``: the ``lorakit`` command, for an environment whose scripts directory is
+not on PATH (``torchrun ... -m lorakit ...`` works too)."""
+import sys
+
+from lorakit.cli import main
+
+sys.exit(main())
