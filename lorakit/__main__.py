@@ -1,5 +1,5 @@
 """``python -m lorakit ...``: the ``lorakit`` command, for an environment whose scripts directory is
-not on PATH (``torchrun ... -m lorakit ...`` works too)."""
+not on PATH."""
 import sys
 
 from lorakit.cli import main
