@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from typing import Any, Callable
 
 
@@ -14,8 +15,11 @@ def lazy_attributes(package: dict[str, Any], exports: dict[str, str]) -> tuple[C
     """
     def __getattr__(name: str) -> Any:
         module = exports.get(name)
-        if module is None:
-            raise AttributeError(f"module {package['__name__']!r} has no attribute {name!r}")
+        if module is None:  # a submodule (``lorakit.analysis.lowrank``), as an eager package gives it
+            qualified = f"{package['__name__']}.{name}"
+            if name.startswith("_") or importlib.util.find_spec(qualified) is None:
+                raise AttributeError(f"module {package['__name__']!r} has no attribute {name!r}")
+            return importlib.import_module(qualified)  # (the import sets it on the package)
         value = getattr(importlib.import_module(module), name)
         package[name] = value
         return value

@@ -190,8 +190,6 @@ def test_spectrum_energy_at_rank_r_is_the_top_r_squared_singular_values():
 
 def test_synthetic_true_rank_above_the_smaller_dimension_is_refused():
     """A 3 x 5 matrix cannot have rank 4 (the bug this catches: max(rows, cols) as the bound)."""
-    import pytest
-
     from lorakit.analysis.lowrank import synthetic_low_rank
 
     with pytest.raises(ValueError, match="true_rank"):

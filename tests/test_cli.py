@@ -51,7 +51,7 @@ def test_the_package_imports_without_torch_and_resolves_every_public_name():
     # command's Ctrl-C handling starts only once its module is imported
     code = ("import sys, lorakit, lorakit.cli; print('torch' in sys.modules); "
             "print(all(getattr(lorakit, n) is not None for n in lorakit.__all__)); "
-            "print(set(lorakit.__all__) <= set(dir(lorakit)))")
+            "print(set(lorakit.__all__) <= set(dir(lorakit)) and set(lorakit.__all__) == {*lorakit._EXPORTS, '__version__'})")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "True", "True"]
     import lorakit
@@ -81,10 +81,12 @@ def test_help_builds_every_parser_without_importing_torch():
             "            pass\n"
             "print(len(commands), sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'transformers')))\n"
             "import lorakit.analysis as a\n"
-            "print(all(getattr(a, n) is not None for n in a.__all__), set(a.__all__) <= set(dir(a)))\n")
+            "print(all(getattr(a, n) is not None for n in a.__all__), set(a.__all__) <= set(dir(a)),\n"
+            "      set(a.__all__) == set(a._EXPORTS), a.lowrank.__name__)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
     assert int(out[0].split()[0]) >= 10 and out[0].endswith(" []"), out
-    assert out[1] == "True True", out
+    # every public name is exported lazily, and submodules are attributes as an eager package has them
+    assert out[1] == "True True True lorakit.analysis.lowrank", out
 
 
 @pytest.mark.parametrize("where", ["parser", "torch"])

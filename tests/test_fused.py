@@ -941,8 +941,8 @@ def test_lean_path_through_a_hooked_bf16_base_with_two_adapters_returns_bf16():
 
 def test_keep_mask_keeps_with_exactly_its_stated_probability_at_the_smallest_threshold():
     """keep = threshold / 65536: at p = 1 − 2^-16 one 16-bit value in 65536 keeps. Over 2^24 draws
-    that is 256 kept (σ = 16); counting one lane value too many (``<=`` for ``<``) doubles it
-   . The seed is fixed, so the count is deterministic."""
+    that is 256 kept (σ = 16); counting one lane value too many (``<=`` for ``<``) doubles it.
+    The seed is fixed, so the count is deterministic."""
     from lorakit.layers.fused import KeepMask
 
     torch.manual_seed(0)

@@ -361,8 +361,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--d", type=int, default=1000, help="rows of the matrix (default 1000)")
     p.add_argument("--k", type=int, default=1000, help="columns of the matrix (default 1000)")
     p.add_argument("--ranks", type=_ints, default=list(names.LESSON_RANKS), help="ranks for the table (1,2,4,...,64)")
-    p.add_argument("--size", type=int, default=100, help="side of the synthetic matrix, >= 1 (default 100)")
-    p.add_argument("--true-rank", type=int, default=5, help="rank of the synthetic matrix (default 5)")
+    p.add_argument("--size", type=int, default=names.LESSON_SYNTHETIC["size"],
+                   help=f"side of the synthetic matrix, >= 1 (default {names.LESSON_SYNTHETIC['size']})")
+    p.add_argument("--true-rank", type=int, default=names.LESSON_SYNTHETIC["true_rank"],
+                   help=f"rank of the synthetic matrix (default {names.LESSON_SYNTHETIC['true_rank']})")
     p.add_argument("--svd-ranks", type=_ints, default=list(names.LESSON_SYNTHETIC["ranks"]),
                    help="ranks for the reconstruction, each <= --size")
     p.add_argument("--seed", type=int, default=0, help="seed of the random matrices")

@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 
 from lorakit.analysis.adapter_tools import energy_rank, svdvals_tall, truncation_error
-from lorakit.analysis.names import LESSON_RANKS, MAX_MATRICES
+from lorakit.analysis.names import LESSON_RANKS, LESSON_SYNTHETIC, MAX_MATRICES  # noqa: F401 (the lab's names, here too)
 from lorakit.analysis.weights import LazyWeights, check_finite, open_weights, source_label
 
 DEFAULT_MODULES = r"layers\.0\..*(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"

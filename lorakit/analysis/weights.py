@@ -134,18 +134,20 @@ class LazyWeights(Mapping):
 
     def __init__(self, source: str | Path | None) -> None:
         self._files: dict[str, Path] = {}
+        self._shapes: dict[str, tuple[int, ...]] = {}
         for file in safetensors_files(resolve(source)):
             with open_safetensors(file) as fh:
-                self._files.update((name, file) for name in fh.keys())
+                for name in fh.keys():
+                    self._files[name] = file
+                    self._shapes[name] = tuple(fh.get_slice(name).get_shape())
 
     def __getitem__(self, key: str) -> torch.Tensor:
         with open_safetensors(self._files[key]) as fh:
             return fh.get_tensor(key)
 
     def shape(self, key: str) -> tuple[int, ...]:
-        """The shape of tensor ``key``, from its file's header (no data read)."""
-        with open_safetensors(self._files[key]) as fh:
-            return tuple(fh.get_slice(key).get_shape())
+        """The shape of tensor ``key``, from its file's header (read once, with the names)."""
+        return self._shapes[key]
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._files)
@@ -172,12 +174,7 @@ def weight_shapes(source: str | Path | None) -> dict[str, tuple[int, ...]]:
     path = resolve(source)
     if path.suffix == ".gguf" and path.is_file():
         return {k: tuple(v.shape) for k, v in _gguf_state_dict(path).items()}
-    out: dict[str, tuple[int, ...]] = {}
-    for file in safetensors_files(path):
-        with open_safetensors(file) as fh:
-            for name in fh.keys():
-                out[name] = tuple(fh.get_slice(name).get_shape())
-    return out
+    return dict(LazyWeights(path)._shapes)
 
 
 def load_config(source: str | Path | None) -> dict[str, Any]:

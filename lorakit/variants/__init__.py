@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING, Callable
 
 import torch
 
+from lorakit.config import PEFT_ONLY_INITS
+
 if TYPE_CHECKING:
     from lorakit.config import LoraConfig
     from lorakit.layers.base import LoraLayer
@@ -124,10 +126,9 @@ def get_init_method(name: str) -> Callable[["LoraLayer", str, str], None]:
                                  f"e.g. '{pattern[:-1]}4'")
             return fn
     known = ["True", "False", "gaussian", *sorted(k.replace("*", "N") for k in INIT_METHODS)]
-    from lorakit.config import PEFT_ONLY_INITS
-
     if key in PEFT_ONLY_INITS:
-        loadable = " or ".join(repr(n) for n, rewrote in PEFT_ONLY_INITS.items() if rewrote is None)
+        loadable = [repr(n) for n, rewrote in PEFT_ONLY_INITS.items() if rewrote is None]
+        loadable = f"{', '.join(loadable[:-1])} or {loadable[-1]}" if len(loadable) > 1 else loadable[0]
         raise ValueError(f"init_lora_weights={name!r} is a PEFT initialisation lorakit does not implement (an adapter "
                          f"saved with {loadable} loads: its tensors carry everything); known: {known}")
     raise ValueError(f"unknown init_lora_weights {name!r}; known: {known}")
