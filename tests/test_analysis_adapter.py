@@ -1091,3 +1091,14 @@ def test_open_weights_of_a_gguf_file_converts_it(tmp_path, monkeypatch):
     monkeypatch.setattr(weights, "_gguf_state_dict", lambda path: sd if path == gguf else None)
     got = weights.open_weights(gguf)
     assert set(got) == set(sd) and torch.equal(got["model.layers.0.self_attn.q_proj.weight"], torch.ones(2, 2))
+
+
+def test_extract_energy_never_goes_above_the_rank(tmp_path, base_dir):
+    """--energy picks the smallest rank holding that energy, capped at --rank: rank-2 updates extracted at
+    --rank 1 with --energy 0.999 are rank 1, not 2."""
+    ranks = {"model.layers.0.self_attn.q_proj": 2, "model.layers.1.self_attn.q_proj": 2}
+    tuned_dir = _save_model(_tuned_copy(_llama(0), ranks), tmp_path / "tuned")
+    rep = at.extract_adapter(base_dir, tuned_dir, out=tmp_path / "ex", rank=1, alpha=2.0, energy=0.999,
+                             targets=["q_proj"])
+    assert [row["r"] for row in rep["modules"]] == [1, 1]
+    assert json.loads((tmp_path / "ex" / "adapter_config.json").read_text())["rank_pattern"] == {}

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from torch import nn
+from torch.nn.modules.module import register_module_forward_hook
 
 import lorakit as lk
 from conftest import TinyConvNet, Wrap, tiny_gpt2, tiny_llama
@@ -880,3 +881,88 @@ def test_a_disabled_layer_given_a_nested_tensor_returns_the_base_output():
     for g, b, a in zip(got.unbind(), base.unbind(), adapted.unbind()):
         assert (a - b).abs().max() > 1e-3  # the adapter matters
         assert torch.equal(g, b)
+
+
+def _wrapped(layer: nn.Module) -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential()
+    m.add_module("fc", layer)
+    lk.get_lora_model(m, lk.LoraConfig(r=2, lora_alpha=4, target_modules=["fc"], init_lora_weights=False))
+    return m.eval()
+
+
+def test_a_global_forward_hook_s_captured_base_output_is_not_written_to():
+    """A global forward hook (register_module_forward_hook) sees the base layer's output; the LoRA layer
+    must then add its update into a copy, not into the tensor the hook holds."""
+    m = _wrapped(nn.Linear(4, 3))
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        want = m.fc.base_layer(x).clone()
+    seen = {}
+
+    def keep(module, _inp, output):
+        if module is m.fc.base_layer:
+            seen["out"] = output
+
+    handle = register_module_forward_hook(keep)
+    try:
+        with torch.no_grad():
+            m(x)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(seen["out"], want, rtol=0, atol=0)
+
+
+class _RemembersOutput(nn.Linear):
+    """An nn.Linear subclass whose forward keeps its output (as a caching layer might)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.last = super().forward(x)
+        return self.last
+
+
+def test_a_base_layer_subclass_s_output_is_not_written_to():
+    """Only an exact nn.Linear (whose forward makes a fresh tensor) has its output updated in place; a
+    subclass's own forward may keep or share what it returns."""
+    m = _wrapped(_RemembersOutput(4, 3))
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        out = m(x)
+        want = nn.functional.linear(x, m.fc.base_layer.weight, m.fc.base_layer.bias)
+    torch.testing.assert_close(m.fc.base_layer.last, want, rtol=0, atol=0)
+    assert (out - want).abs().max() > 1e-4  # the adapter did change the output
+
+
+def test_adding_an_adapter_name_twice_to_a_layer_is_refused():
+    m = _wrapped(nn.Linear(4, 3))
+    A = m.fc.lora_A["default"].detach().clone()
+    with pytest.raises(ValueError, match="already exists on this layer"):
+        m.fc.add_adapter("default", r=3, lora_alpha=3, scaling=1.0)
+    assert torch.equal(m.fc.lora_A["default"], A) and m.fc.r["default"] == 2
+
+
+def test_a_layer_level_add_adapter_makes_the_new_adapter_active():
+    """LoraLayer.add_adapter (the layer API) activates the added adapter: its update is in the output."""
+    m = _wrapped(nn.Linear(4, 3))
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        before = m(x)
+    m.fc.add_adapter("second", r=2, lora_alpha=2, scaling=1.0, init_lora_weights=False)
+    assert m.fc.active_adapters == ["default", "second"]
+    with torch.no_grad():
+        extra = (x @ m.fc.lora_A["second"].T) @ m.fc.lora_B["second"].T
+        torch.testing.assert_close(m(x), before + extra, rtol=1e-5, atol=1e-6)
+
+
+def test_an_embedding_adapter_takes_no_dropout_on_its_token_ids():
+    """lora_dropout does not apply to an Embedding's input (token ids): its adapter gets no Dropout and
+    trains with the config's dropout set."""
+    torch.manual_seed(0)
+    m = nn.Sequential()
+    m.add_module("emb", nn.Embedding(10, 4))
+    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["emb"], lora_dropout=0.3, init_lora_weights=False))
+    m.train()
+    assert isinstance(m.emb.lora_dropout["default"], nn.Identity)
+    ids = torch.tensor([[1, 2, 3]])
+    m(ids).sum().backward()
+    assert m.emb.lora_A["default"].grad is not None

@@ -4,10 +4,12 @@ from __future__ import annotations
 import copy
 import json
 import os
+import stat
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 import lorakit as lk
 from conftest import TinyConvNet, tiny_gpt2, tiny_llama
@@ -837,3 +839,190 @@ def test_loading_a_second_adapter_leaves_user_unfrozen_parameters_alone(tmp_path
     m.lm_head.weight.requires_grad_(True)
     lk.load_adapter(m, d, adapter_name="second")
     assert m.lm_head.weight.requires_grad
+
+
+def _lin_model(seed: int = 0, r: int = 2, alpha: float = 4.0) -> nn.Module:
+    torch.manual_seed(seed)
+    m = nn.Sequential()
+    m.add_module("fc", nn.Linear(4, 3))
+    lk.get_lora_model(m, lk.LoraConfig(r=r, lora_alpha=alpha, target_modules=["fc"], init_lora_weights=False))
+    return m
+
+
+@pytest.fixture
+def _umask_022():
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def test_saved_adapter_files_get_ordinary_permissions(tmp_path, _umask_022):
+    """Saved through private temporary files, the adapter's files still end with the permissions a plain
+    open() gives under the umask (0644 with umask 022), so others can read a shared adapter."""
+    lk.save_adapter(_lin_model(), tmp_path / "ad")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert stat.S_IMODE(os.stat(tmp_path / "ad" / name).st_mode) == 0o644, name
+
+
+def test_lora_only_biases_saved_are_those_of_the_adapter_s_own_layers(tmp_path):
+    """bias="lora_only" saves the biases of the modules *this* adapter wraps; a module wrapped only by
+    another adapter keeps its bias out of the file."""
+    torch.manual_seed(0)
+    m = nn.Sequential()
+    m.add_module("fc1", nn.Linear(4, 4))
+    m.add_module("fc2", nn.Linear(4, 3))
+    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["fc1"], bias="lora_only", init_lora_weights=False),
+                      adapter_name="a")
+    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["fc2"], init_lora_weights=False), adapter_name="b")
+    sd = lk.adapter_state_dict(m, "a")
+    assert sorted(sd) == ["base_model.model.fc1.base_layer.bias", "base_model.model.fc1.lora_A.weight",
+                          "base_model.model.fc1.lora_B.weight"]
+
+
+def test_save_records_the_model_s_name_as_base_model(tmp_path):
+    """With no base_model_name_or_path in the adapter's config, saving records the model's own name
+    (config._name_or_path), as PEFT does."""
+    from conftest import tiny_llama
+
+    model = tiny_llama()
+    model.config._name_or_path = "org/tiny-llama"
+    lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["q_proj"]))
+    lk.save_adapter(model, tmp_path / "ad")
+    assert json.loads((tmp_path / "ad" / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny-llama"
+
+
+def _fc_head(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    m = nn.Sequential()
+    m.add_module("fc", nn.Linear(4, 4))
+    m.add_module("head", nn.Linear(4, 3))
+    return m.eval()
+
+
+def _save_edited(tmp_path, edit, **config):
+    """Save a bias="all"-style adapter of ``_fc_head`` to tmp_path/"ad", then ``edit(tensors)`` its file."""
+    from safetensors.torch import load_file, save_file
+
+    src = _fc_head(1)
+    lk.get_lora_model(src, lk.LoraConfig(r=2, lora_alpha=4, target_modules=["fc"], init_lora_weights=False, **config))
+    lk.save_adapter(src, tmp_path / "ad")
+    weights = tmp_path / "ad" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    edit(tensors)
+    save_file(tensors, str(weights))
+    return tmp_path / "ad"
+
+
+def _snapshot(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, snapshot):
+    assert lk.inject.get_state(model) is None or not lk.inject.get_state(model).configs
+    assert {k: v for k, v in model.state_dict().items()}.keys() == snapshot.keys()
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snapshot[k]), k
+
+
+def test_a_float64_bias_beyond_float32_is_refused(tmp_path):
+    """A trained bias saved in float64 with a value float32 cannot hold (1e300) is refused before loading,
+    as a LoRA factor would be: copied, it became inf in the model's bias."""
+    def edit(t):
+        t["base_model.model.fc.base_layer.bias"] = torch.full((4,), 1e300, dtype=torch.float64)
+
+    path = _save_edited(tmp_path, edit, bias="all")
+    model = _fc_head()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="beyond the range"):
+        lk.load_adapter(model, path)
+    _unchanged(model, snap)
+
+
+def test_a_bias_under_both_its_names_with_two_values_is_refused(tmp_path):
+    """A file naming one bias both as <m>.base_layer.bias and <m>.bias with different values is ambiguous:
+    refused (not one of them silently kept)."""
+    def edit(t):
+        t["base_model.model.fc.bias"] = t["base_model.model.fc.base_layer.bias"] + 1.0
+
+    path = _save_edited(tmp_path, edit, bias="all")
+    model = _fc_head()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="same bias"):
+        lk.load_adapter(model, path)
+    _unchanged(model, snap)
+
+
+def test_a_modules_to_save_copy_bias_under_both_spellings_with_two_values_is_refused(tmp_path):
+    """PEFT's bias="all" writes a modules_to_save copy's bias also as <m>.modules_to_save.bias; when that
+    disagrees with <m>.bias the file is refused."""
+    def edit(t):
+        t["base_model.model.head.modules_to_save.bias"] = t["base_model.model.head.bias"] + 1.0
+
+    path = _save_edited(tmp_path, edit, bias="all", modules_to_save=["head"])
+    model = _fc_head()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="same bias"):
+        lk.load_adapter(model, path)
+    _unchanged(model, snap)
+
+
+def test_an_integer_factor_in_the_file_is_refused(tmp_path):
+    """Adapter factors are floating point; an integer tensor in their place is refused by name."""
+    def edit(t):
+        key = "base_model.model.fc.lora_A.weight"
+        t[key] = torch.ones_like(t[key], dtype=torch.int64)
+
+    path = _save_edited(tmp_path, edit)
+    model = _fc_head()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match="floating-point"):
+        lk.load_adapter(model, path)
+    _unchanged(model, snap)
+
+
+def test_loading_under_a_taken_name_is_refused_and_keeps_that_adapter(tmp_path):
+    """load_adapter into a name the model already has is refused up front (telling to pass another
+    adapter_name), and the existing adapter is left as it was."""
+    lk.save_adapter(_lin_model(seed=1), tmp_path / "ad")
+    model = _lin_model(seed=2)
+    snap = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="pass another adapter_name"):
+        lk.load_adapter(model, tmp_path / "ad")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, snap[k]), k
+    assert list(lk.inject.get_state(model).configs) == ["default"]
+
+
+def test_a_failed_load_of_a_residual_adapter_restores_the_base_weights(tmp_path):
+    """An unconverted PiSSA adapter rewrites the base to its residual on load; when the file is then refused
+    (a factor float32 cannot hold), the base weight is put back exactly as it was."""
+    torch.manual_seed(0)
+    src = nn.Sequential()
+    src.add_module("fc", nn.Linear(6, 5))
+    lk.get_lora_model(src, lk.LoraConfig(r=2, lora_alpha=4, target_modules=["fc"], init_lora_weights="pissa"))
+    lk.save_adapter(src, tmp_path / "ad")
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "ad" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = "base_model.model.fc.lora_B.weight"
+    tensors[key] = torch.full(tensors[key].shape, 1e300, dtype=torch.float64)
+    save_file(tensors, str(weights))
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("fc", nn.Linear(6, 5))
+    before = model.fc.weight.detach().clone()
+    with pytest.raises(ValueError, match="beyond the range"):
+        lk.load_adapter(model, tmp_path / "ad")
+    assert isinstance(model.fc, nn.Linear) and torch.equal(model.fc.weight, before)
+
+
+def test_load_adapter_weights_refuses_a_merged_adapter(tmp_path):
+    """Replacing a merged adapter's weights would leave the old update in the base weight: refused."""
+    lk.save_adapter(_lin_model(seed=1), tmp_path / "ad")
+    model = _lin_model(seed=2)
+    model.fc.merge()
+    A = model.fc.lora_A["default"].detach().clone()
+    with pytest.raises(ValueError, match="is merged"):
+        lk.load_adapter_weights(model, tmp_path / "ad")
+    assert torch.equal(model.fc.lora_A["default"], A)

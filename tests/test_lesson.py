@@ -5,9 +5,11 @@ import copy
 
 import torch
 from conftest import tiny_llama
+from torch import nn
 
 import lorakit as lk
 from lorakit.inject import iter_lora_layers
+from lorakit.lesson import load_lora_weights
 
 
 def _trained(model):
@@ -61,3 +63,22 @@ def test_apply_defaults_are_q_and_v_at_rank_8_with_alpha_16():
     for layer in layers.values():
         assert layer.r["default"] == 8 and layer.lora_alpha["default"] == 16.0 and layer.scaling["default"] == 2.0
         assert layer.dropout_p("default") == 0.0
+
+
+def test_load_lora_weights_injects_default_next_to_another_named_adapter(tmp_path):
+    """A model carrying adapters, none of them "default": load_lora_weights injects the saved adapter as
+    "default" (there is nothing to hot-swap), leaving the other adapter as it was."""
+    torch.manual_seed(0)
+    src = nn.Sequential()
+    src.add_module("q_proj", nn.Linear(4, 4))
+    lk.get_lora_model(src, lk.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj"], init_lora_weights=False))
+    lk.save_adapter(src, tmp_path / "ad")
+    torch.manual_seed(0)
+    model = nn.Sequential()
+    model.add_module("q_proj", nn.Linear(4, 4))
+    lk.get_lora_model(model, lk.LoraConfig(r=3, target_modules=["q_proj"], init_lora_weights=False), adapter_name="other")
+    other_A = model.q_proj.lora_A["other"].detach().clone()
+    load_lora_weights(model, tmp_path / "ad")
+    assert set(lk.inject.get_state(model).configs) == {"other", "default"}
+    assert torch.equal(model.q_proj.lora_A["default"], src.q_proj.lora_A["default"])
+    assert torch.equal(model.q_proj.lora_A["other"], other_A)

@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+from torch import nn
 
 import lorakit as lk
 from conftest import tiny_llama
@@ -278,3 +279,45 @@ def test_a_widened_tensor_edited_below_the_old_precision_is_a_change():
     edited = wide + wide.abs() * 1e-12
     assert torch.equal(edited.float(), t) and not torch.equal(edited, wide)
     assert not same_up_to_cast(cast_print(t), edited)
+
+
+def _fc_with(specs: dict[str, dict]) -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential()
+    m.add_module("fc", nn.Linear(6, 5).double())
+    for name, kw in specs.items():
+        lk.get_lora_model(m, lk.LoraConfig(**{"r": 2, "lora_alpha": 4, "target_modules": ["fc"],
+                                              "init_lora_weights": False, **kw}), adapter_name=name)
+    with torch.no_grad():  # DoRA magnitudes away from the weight's norms, so order matters
+        for store in (m.fc.__dict__.get("_modules", {}).get("lora_magnitude_vector") or {}).values():
+            store.mul_(1.5)
+    return m.eval()
+
+
+def test_a_layer_level_safe_merge_refuses_non_finite_weights_and_keeps_the_layer():
+    m = _fc_with({"default": {}})
+    with torch.no_grad():
+        m.fc.lora_B["default"][0, 0] = float("inf")
+    before = m.fc.base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="non-finite"):
+        m.fc.merge(safe=True)
+    assert torch.equal(m.fc.base_layer.weight, before) and m.fc.merged_adapters == []
+
+
+def test_unmerging_a_plain_adapter_merged_before_two_separate_dora_merges_redoes_them_separately():
+    """merge(a); merge(d1); merge(d2), then unmerge(a): d1 and d2 go back in as the two merges they were
+    (d2 reading the weight with d1 folded in), giving the weight of merge(d1); merge(d2) without a."""
+    m = _fc_with({"a": {}, "d1": {"use_dora": True}, "d2": {"use_dora": True}})
+    ref = copy.deepcopy(m)
+    m.fc.merge(["a"])
+    m.fc.merge(["d1"])
+    m.fc.merge(["d2"])
+    m.fc.unmerge(["a"])
+    ref.fc.merge(["d1"])
+    ref.fc.merge(["d2"])
+    assert m.fc.merged_adapters == ["d1", "d2"]
+    torch.testing.assert_close(m.fc.base_layer.weight, ref.fc.base_layer.weight, rtol=1e-12, atol=1e-12)
+    one_merge = copy.deepcopy(ref)
+    one_merge.fc.unmerge()
+    one_merge.fc.merge(["d1", "d2"])
+    assert (one_merge.fc.base_layer.weight - ref.fc.base_layer.weight).abs().max() > 1e-6  # the order is visible

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -242,3 +243,21 @@ def test_an_empty_completion_marker_is_a_damaged_entry(fake_gguf):
     (first / models.COMPLETE_MARKER).write_text("{}", encoding="utf-8")
     assert not models.entry_complete(first)
     assert models.default_model_path() == first and models.entry_complete(first) and len(fake_gguf) == 2
+
+
+def test_a_file_that_is_not_gguf_is_no_model(tmp_path):
+    """--model pointing at a file other than a .gguf (a weights file, a config) is refused by name."""
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(b"\0" * 16)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        models.resolve_model_path(path)
+
+
+def test_a_tokenizer_s_own_pad_token_is_kept():
+    """Only a tokenizer without a pad token gets eos as its pad token."""
+    tok = SimpleNamespace(pad_token="<pad>", eos_token="</s>")
+    models._ensure_pad_token(tok)
+    assert tok.pad_token == "<pad>"
+    tok = SimpleNamespace(pad_token=None, eos_token="</s>")
+    models._ensure_pad_token(tok)
+    assert tok.pad_token == "</s>"

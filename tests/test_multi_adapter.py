@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import copy
 import gc
+import json
 import weakref
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 import lorakit as lk
 from conftest import VARIANT_CASES, TinyConvNet, Wrap, supported, tiny_gpt2, tiny_llama
@@ -1305,3 +1307,284 @@ def test_disable_adapters_merges_the_merged_adapters_back_afterwards():
     assert (merged - base).abs().max() > 1e-3
     assert m[0].merged_adapters == ["a"] == m[1].merged_adapters
     torch.testing.assert_close(after, merged, rtol=1e-6, atol=1e-6)
+
+
+class _TwoLinear(nn.Module):
+    """A tiny model with one LoRA target ("layer") and a ``generate`` that calls the model with one
+    row more than it was given (as a buggy or exotic decoding loop could)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+    def generate(self, x: torch.Tensor) -> torch.Tensor:
+        return self(torch.cat([x, x[:1]]))
+
+
+def _two_adapters(model: nn.Module, **extra) -> nn.Module:
+    torch.manual_seed(0)
+    for name in ("a", "b"):
+        lk.get_lora_model(model, lk.LoraConfig(r=2, lora_alpha=4, target_modules=["layer"], init_lora_weights=False,
+                                               **extra), adapter_name=name)
+    return model.eval()
+
+
+def _row_by_row(model: nn.Module, x: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """Each row run alone with only its adapter active (the base model for "__base__")."""
+    rows = []
+    with torch.no_grad():
+        for i, name in enumerate(names):
+            if name == lk.BASE_NAME:
+                with lk.disable_adapters(model):
+                    rows.append(model(x[i:i + 1]))
+            else:
+                lk.set_adapter(model, name)
+                rows.append(model(x[i:i + 1]))
+    return torch.cat(rows)
+
+
+def test_adapter_batch_inside_generate_refuses_a_row_count_that_is_no_multiple_of_the_names():
+    """Inside model.generate rows may be expanded k times; a count that is no multiple of the names is
+    refused right where the plan is made, with a message saying so (not later by some layer)."""
+    m = _two_adapters(_TwoLinear())
+    x = torch.randn(2, 4)
+    with pytest.raises(ValueError, match="not a multiple"):
+        lk.generate(m, x, adapter_names=["a", "b"])
+    assert lk.multi.names_in_open_batches(m) == set()
+
+
+def test_adapter_batch_survives_a_forward_pre_hook_that_raises_before_lorakit_s():
+    """A pre-hook that runs before lorakit's (prepended) and raises: the always-called forward hook then
+    runs without lorakit's pre-hook having pushed anything; it must not pop the adapter_batch block's
+    own entry, so the block keeps applying its per-row adapters and ends cleanly."""
+    m = _two_adapters(_TwoLinear())
+    x = torch.randn(3, 4)
+    names = ["b", "__base__", "a"]
+    expected = _row_by_row(m, x, names)
+    lk.set_adapter(m, ["a", "b"])
+
+    def boom(_module, _args):
+        raise RuntimeError("boom")
+
+    handle = m.register_forward_pre_hook(boom, prepend=True)
+    with torch.no_grad(), lk.adapter_batch(m, names):
+        with pytest.raises(RuntimeError, match="boom"):
+            m(x)
+        handle.remove()
+        got = m(x)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    assert lk.multi.names_in_open_batches(m) == set()
+
+
+class _ShiftHead(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 3)
+
+    def forward(self, h: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        return self.proj(h) + shift
+
+
+class _BodyAndHead(nn.Module):
+    """The head also takes a (1, 3) tensor that broadcasts over the batch: not a per-row input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Linear(4, 4)
+        self.head = _ShiftHead()
+        self.register_buffer("shift", torch.randn(1, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x), self.shift)
+
+
+def test_mixed_batch_modules_to_save_pass_non_batch_tensors_whole():
+    """A modules_to_save copy in a mixed batch gets its rows of the batch tensors only: an argument
+    whose first dimension is not the batch (a broadcast (1, n) tensor) goes to each group unsliced."""
+    torch.manual_seed(0)
+    m = _BodyAndHead()
+    m.shift.normal_()
+    for name in ("a", "b"):
+        lk.get_lora_model(m, lk.LoraConfig(r=2, lora_alpha=4, target_modules=["body"], modules_to_save=["head"],
+                                           init_lora_weights=False), adapter_name=name)
+    m.eval()
+    with torch.no_grad():
+        for name in ("a", "b"):
+            for p in m.head.modules_to_save[name].parameters():
+                p.add_(torch.randn_like(p) * 0.3)
+    x = torch.randn(4, 4)
+    names = ["a", "__base__", "b", "a"]  # "a": rows 0 and 3 (an index), "b" and the base: slices
+    expected = _row_by_row(m, x, names)
+    with torch.no_grad():
+        got = m(x, adapter_names=names)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_parse_adapter_args_refuses_a_name_with_a_dot():
+    """Adapter names cannot hold dots (they are module path parts): NAME=DIR with a dotted name is refused
+    up front, naming the rule, before any loading."""
+    from lorakit.multi import parse_adapter_args
+
+    with pytest.raises(ValueError, match="without dots"):
+        parse_adapter_args(["med.v2=runs/a"])
+
+
+def test_combine_refuses_an_adapter_with_modules_to_save():
+    """A modules_to_save copy is a whole module, not a low-rank B @ A: combining such an adapter would
+    silently drop it, so combine_adapters refuses (and adds nothing)."""
+    m = _BodyAndHead()
+    for name, extra in (("a", {"modules_to_save": ["head"]}), ("b", {})):
+        lk.get_lora_model(m, lk.LoraConfig(r=2, lora_alpha=4, target_modules=["body"], init_lora_weights=False,
+                                           **extra), adapter_name=name)
+    with pytest.raises(ValueError, match="modules_to_save"):
+        lk.combine_adapters(m, {"a": 1.0, "b": 0.5}, "ab")
+    assert "ab" not in lk.inject.get_state(m).configs
+    # with the modules_to_save adapter weighted 0 it is dropped, checks included
+    lk.combine_adapters(m, {"a": 0.0, "b": 0.5}, "b_half")
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_combine_refuses_an_adapter_that_trains_biases(bias):
+    """Trained biases are not part of B @ A (bias="lora_only" as much as "all"): refused."""
+    m = _BodyAndHead()
+    for name, extra in (("a", {"bias": bias}), ("b", {})):
+        lk.get_lora_model(m, lk.LoraConfig(r=2, lora_alpha=4, target_modules=["body"], init_lora_weights=False,
+                                           **extra), adapter_name=name)
+    with pytest.raises(ValueError, match="trains biases"):
+        lk.combine_adapters(m, {"a": 1.0, "b": 1.0}, "ab")
+
+
+def test_combine_svd_refuses_a_conv_of_two_groups():
+    """On a grouped Conv2d B reads the rank channels group by group, which a truncated SVD of the summed
+    update does not keep: method="svd" is refused for any groups > 1 (two included); "cat" works."""
+    torch.manual_seed(0)
+    m = nn.Sequential()
+    m.add_module("layer", nn.Conv2d(4, 4, 3, padding=1, groups=2))
+    for name in ("a", "b"):
+        lk.get_lora_model(m, lk.LoraConfig(r=2, lora_alpha=4, target_modules=["layer"], init_lora_weights=False),
+                          adapter_name=name)
+    with pytest.raises(ValueError, match="groups=2"):
+        lk.combine_adapters(m, {"a": 1.0, "b": 1.0}, "ab", method="svd", rank=2)
+    lk.combine_adapters(m, {"a": 1.0, "b": 1.0}, "ab_cat")
+
+
+class _FcAndBlockFc(nn.Module):
+    """Two modules where one's path ends the other's: "fc" and "block.fc"."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 8)
+        self.block = nn.Module()
+        self.block.fc = nn.Linear(8, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.block.fc(self.fc(x))
+
+
+def test_combine_rank_pattern_names_exactly_the_short_path(tmp_path):
+    """Combined ranks: fc 2 (adapter a only), block.fc 5 (a and b). The rank_pattern entry for "fc" must not
+    also match "block.fc" (a pattern key matches any path ending in it unless anchored)."""
+    torch.manual_seed(0)
+    m = _FcAndBlockFc().eval()
+    lk.get_lora_model(m, lk.LoraConfig(r=2, lora_alpha=4, target_modules=["fc"], init_lora_weights=False),
+                      adapter_name="a")
+    lk.get_lora_model(m, lk.LoraConfig(r=3, lora_alpha=3, target_modules=["block.fc"], init_lora_weights=False),
+                      adapter_name="b")
+    x = torch.randn(5, 8)
+    lk.set_adapter(m, ["a", "b"])
+    with torch.no_grad():
+        want = m(x)
+    report = lk.combine_adapters(m, {"a": 1.0, "b": 1.0}, "ab")
+    assert report.ranks == {"fc": 2, "block.fc": 5}
+    config = lk.inject.get_state(m).configs["ab"]
+    assert config.rank_for("fc") == 2 and config.rank_for("block.fc") == 5
+    lk.set_adapter(m, "ab")
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), want, rtol=1e-5, atol=1e-6)
+
+
+def test_combined_adapter_is_saved_for_inference():
+    """The combined adapter is neither activated nor trainable, and its config says inference_mode."""
+    m = _FcAndBlockFc()
+    for name in ("a", "b"):
+        lk.get_lora_model(m, lk.LoraConfig(r=2, lora_alpha=4, target_modules=["fc"], init_lora_weights=False),
+                          adapter_name=name)
+    lk.combine_adapters(m, {"a": 1.0, "b": -1.0}, "ab")
+    assert lk.inject.get_state(m).configs["ab"].inference_mode is True
+    assert m.fc.lora_A["ab"].requires_grad is False
+
+
+def test_hotswap_refuses_a_merged_adapter_and_names_a_rank_mismatch(tmp_path):
+    """A merged adapter cannot be hot-swapped (its update is in the weight); a file of another rank is
+    refused by the rank check, whose message says so."""
+    torch.manual_seed(0)
+    m = _FcAndBlockFc().eval()
+    lk.get_lora_model(m, lk.LoraConfig(r=2, lora_alpha=4, target_modules=["fc"], init_lora_weights=False))
+    other = _FcAndBlockFc()
+    lk.get_lora_model(other, lk.LoraConfig(r=2, lora_alpha=8, target_modules=["fc"], init_lora_weights=False))
+    lk.save_adapter(other, tmp_path / "same_rank")
+    wider = _FcAndBlockFc()
+    lk.get_lora_model(wider, lk.LoraConfig(r=3, lora_alpha=8, target_modules=["fc"], init_lora_weights=False))
+    lk.save_adapter(wider, tmp_path / "wider")
+    with pytest.raises(ValueError, match="the same ranks"):
+        lk.hotswap_adapter(m, tmp_path / "wider", "default")
+    m.fc.merge()
+    weight = m.fc.base_layer.weight.detach().clone()
+    A = m.fc.lora_A["default"].detach().clone()
+    with pytest.raises(ValueError, match="is merged"):
+        lk.hotswap_adapter(m, tmp_path / "same_rank", "default")
+    assert torch.equal(m.fc.lora_A["default"], A) and torch.equal(m.fc.base_layer.weight, weight)
+
+
+def test_hotswap_keeps_the_adapter_s_inference_mode(tmp_path):
+    """A hot swap replaces weights, alpha and dropout; whether the adapter is trainable stays the model's
+    (the file's inference_mode flag, true for an adapter saved for serving, is not taken)."""
+    torch.manual_seed(0)
+    m = _FcAndBlockFc().train()
+    lk.get_lora_model(m, lk.LoraConfig(r=2, lora_alpha=4, target_modules=["fc"], init_lora_weights=False))
+    assert lk.inject.get_state(m).configs["default"].inference_mode is False
+    other = _FcAndBlockFc()
+    lk.get_lora_model(other, lk.LoraConfig(r=2, lora_alpha=8, target_modules=["fc"], init_lora_weights=False))
+    lk.save_adapter(other, tmp_path / "served")
+    path = tmp_path / "served" / "adapter_config.json"
+    data = json.loads(path.read_text())
+    data["inference_mode"] = True
+    path.write_text(json.dumps(data))
+    lk.hotswap_adapter(m, tmp_path / "served", "default")
+    config = lk.inject.get_state(m).configs["default"]
+    assert config.lora_alpha == 8 and config.inference_mode is False
+
+
+class _SeqFirst(nn.Module):
+    """Runs its LoRA target on (seq, batch, features): the batch is not on dim 0 there."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x.transpose(0, 1)).transpose(0, 1)
+
+
+def test_mixed_batch_refuses_a_layer_that_sees_the_batch_off_dim_0():
+    """A LoRA layer whose input does not have the plan's batch on dim 0 cannot tell rows apart: refused,
+    not run with rows cut along the wrong dimension."""
+    m = _two_adapters(_SeqFirst())
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="batch on dim 0"):
+        m(x, adapter_names=["a", "b"])
+
+
+def test_mixed_batch_in_training_applies_each_adapter_s_dropout():
+    """In train mode a mixed batch drops the adapters' inputs as a one-adapter forward does; with
+    lora_dropout=1.0 every LoRA input is zeroed, so each row's output is the base model's."""
+    m = _two_adapters(_TwoLinear(), lora_dropout=1.0).train()
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        with lk.disable_adapters(m):
+            base = m(x)
+        got = m(x, adapter_names=["a", "a", "b"])
+    torch.testing.assert_close(got, base, rtol=0, atol=0)

@@ -303,3 +303,48 @@ def test_quantising_a_bf16_model_keeps_bf16_as_the_compute_dtype():
     m = lk.get_lora_model(q, lk.LoraConfig(r=2, target_modules=["q_proj"]))
     plain = lk.merge_and_unload(m)
     assert plain.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+
+
+def _nf4_lora(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+    m = nn.Sequential()
+    m.add_module("fc", nn.Linear(64, 32))
+    lk.quantize_model_nf4(m)
+    lk.get_lora_model(m, lk.LoraConfig(r=2, lora_alpha=4, target_modules=["fc"], init_lora_weights=False))
+    return m.eval()
+
+
+def test_a_refused_safe_merge_of_an_nf4_layer_keeps_the_quantised_base():
+    """A safe merge that finds non-finite weights is refused and leaves the NF4 layer in place (not the
+    dense copy made for the merge)."""
+    m = _nf4_lora()
+    nf4 = m.fc.base_layer
+    with torch.no_grad():
+        m.fc.lora_B["default"][0, 0] = float("inf")
+    with pytest.raises(ValueError, match="non-finite"):
+        m.fc.merge(safe=True)
+    assert m.fc.base_layer is nf4 and not hasattr(m.fc, "quantized_base") and m.fc.merged_adapters == []
+
+
+def test_merging_nothing_leaves_the_nf4_base_quantised():
+    """A merge with nothing to merge (no such adapter, or none active) is a no-op: the base stays NF4."""
+    m = _nf4_lora()
+    nf4 = m.fc.base_layer
+    m.fc.merge(["not_there"])
+    assert m.fc.base_layer is nf4 and isinstance(m.fc.base_layer, LinearNF4)
+    m.fc.active_adapters = []
+    m.fc.merge()
+    assert m.fc.base_layer is nf4 and not hasattr(m.fc, "quantized_base")
+
+
+def test_quantising_a_quantised_model_again_leaves_its_nf4_layers_alone():
+    """quantize_model_nf4 replaces plain nn.Linear layers only: an NF4 layer (an nn.Linear subclass) is
+    not quantised a second time (which would round its weights twice)."""
+    torch.manual_seed(0)
+    m = nn.Sequential()
+    m.add_module("fc", nn.Linear(64, 32))
+    lk.quantize_model_nf4(m)
+    layer = m.fc
+    codes = layer.codes.clone()
+    lk.quantize_model_nf4(m)
+    assert m.fc is layer and torch.equal(m.fc.codes, codes)
