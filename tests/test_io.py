@@ -924,18 +924,24 @@ def _unchanged(model, snapshot):
         assert torch.equal(v, snapshot[k]), k
 
 
+def _refused_unchanged(tmp_path, edit, match: str, **config) -> None:
+    """An adapter of ``_fc_head`` saved with ``config`` and its file edited by ``edit``: loading it
+    is refused with ``match`` in the message, and the model is left as it was."""
+    path = _save_edited(tmp_path, edit, **config)
+    model = _fc_head()
+    snap = _snapshot(model)
+    with pytest.raises(ValueError, match=match):
+        lk.load_adapter(model, path)
+    _unchanged(model, snap)
+
+
 def test_a_float64_bias_beyond_float32_is_refused(tmp_path):
     """A trained bias saved in float64 with a value float32 cannot hold (1e300) is refused before loading,
     as a LoRA factor would be: copied, it became inf in the model's bias."""
     def edit(t):
         t["base_model.model.fc.base_layer.bias"] = torch.full((4,), 1e300, dtype=torch.float64)
 
-    path = _save_edited(tmp_path, edit, bias="all")
-    model = _fc_head()
-    snap = _snapshot(model)
-    with pytest.raises(ValueError, match="beyond the range"):
-        lk.load_adapter(model, path)
-    _unchanged(model, snap)
+    _refused_unchanged(tmp_path, edit, "beyond the range", bias="all")
 
 
 def test_a_bias_under_both_its_names_with_two_values_is_refused(tmp_path):
@@ -944,12 +950,7 @@ def test_a_bias_under_both_its_names_with_two_values_is_refused(tmp_path):
     def edit(t):
         t["base_model.model.fc.bias"] = t["base_model.model.fc.base_layer.bias"] + 1.0
 
-    path = _save_edited(tmp_path, edit, bias="all")
-    model = _fc_head()
-    snap = _snapshot(model)
-    with pytest.raises(ValueError, match="same bias"):
-        lk.load_adapter(model, path)
-    _unchanged(model, snap)
+    _refused_unchanged(tmp_path, edit, "same bias", bias="all")
 
 
 def test_a_modules_to_save_copy_bias_under_both_spellings_with_two_values_is_refused(tmp_path):
@@ -958,12 +959,7 @@ def test_a_modules_to_save_copy_bias_under_both_spellings_with_two_values_is_ref
     def edit(t):
         t["base_model.model.head.modules_to_save.bias"] = t["base_model.model.head.bias"] + 1.0
 
-    path = _save_edited(tmp_path, edit, bias="all", modules_to_save=["head"])
-    model = _fc_head()
-    snap = _snapshot(model)
-    with pytest.raises(ValueError, match="same bias"):
-        lk.load_adapter(model, path)
-    _unchanged(model, snap)
+    _refused_unchanged(tmp_path, edit, "same bias", bias="all", modules_to_save=["head"])
 
 
 def test_an_integer_factor_in_the_file_is_refused(tmp_path):
@@ -972,12 +968,7 @@ def test_an_integer_factor_in_the_file_is_refused(tmp_path):
         key = "base_model.model.fc.lora_A.weight"
         t[key] = torch.ones_like(t[key], dtype=torch.int64)
 
-    path = _save_edited(tmp_path, edit)
-    model = _fc_head()
-    snap = _snapshot(model)
-    with pytest.raises(ValueError, match="floating-point"):
-        lk.load_adapter(model, path)
-    _unchanged(model, snap)
+    _refused_unchanged(tmp_path, edit, "floating-point")
 
 
 def test_loading_under_a_taken_name_is_refused_and_keeps_that_adapter(tmp_path):
