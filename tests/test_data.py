@@ -400,3 +400,20 @@ def test_greedy_generate_left_pads_and_masks_the_padding():
     greedy_generate(model, tok, [[5, 6], [7, 8, 9, 10]], max_new_tokens=2, stop_ids=[3])
     assert model.mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1]]
     assert model.ids[0, 2:].tolist() == [5, 6] and model.ids[0, :2].tolist() == [tok.pad_token_id] * 2
+
+
+def test_a_template_that_rewrites_earlier_turns_labels_each_repeated_answer_once():
+    """A template whose last message gets the end-of-turn marker (so a prefix of the chat renders
+    otherwise than the same turns inside the whole chat) sends the answers to the content search:
+    three answers with the same word must each be found after the one before, not the first again."""
+    template = ("{% for m in messages %}<|im_start|>{{ m['role'] }} {{ m['content'] }}"
+                "{% if loop.last %} <|im_end|>{% endif %} {% endfor %}")
+    tok = tiny_tokenizer(template)
+    turns = [("user", "good film"), ("assistant", "positive"), ("user", "very dull plot"),
+             ("assistant", "positive"), ("user", "good"), ("assistant", "positive")]
+    ex = D.Example(messages=[{"role": r, "content": c} for r, c in turns])
+    t = D.tokenize_example(tok, ex, 128)
+    assert _labelled_tokens(tok, t) == ["positive", "positive", "positive", "<|im_end|>"]
+    labelled = [i for i, lab in enumerate(t.labels) if lab != D.IGNORE_INDEX]
+    tokens = tok.convert_ids_to_tokens(t.input_ids)
+    assert [tokens[i - 1] for i in labelled[:3]] == ["assistant"] * 3  # each right after its own turn's role
