@@ -1017,3 +1017,31 @@ def test_load_adapter_weights_refuses_a_merged_adapter(tmp_path):
     with pytest.raises(ValueError, match="is merged"):
         lk.load_adapter_weights(model, tmp_path / "ad")
     assert torch.equal(model.fc.lora_A["default"], A)
+
+
+def test_a_load_stopped_after_it_wrote_a_base_bias_puts_that_bias_back(tmp_path, monkeypatch):
+    """A bias="all" file overwrites the base layer's bias; a load that stops after that (here a Ctrl-C
+    at the next tensor's copy) restores the bias from a copy taken before, not from a view of the
+    bias it had already overwritten."""
+    path = _save_edited(tmp_path, lambda t: None, bias="all")
+    model = _fc_head()
+    snap = _snapshot(model)
+    bias = model.fc.bias
+    real_copy, wrote_bias = torch.Tensor.copy_, []
+
+    def copy_then_stop(self, src, *args, **kwargs):
+        if wrote_bias and not wrote_bias[0]:
+            wrote_bias[0] = True
+            raise KeyboardInterrupt
+        out = real_copy(self, src, *args, **kwargs)
+        if self is bias and not wrote_bias:
+            wrote_bias.append(False)
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "copy_", copy_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        lk.load_adapter(model, path)
+    monkeypatch.undo()
+    assert wrote_bias == [True]
+    assert not torch.equal(snap["fc.bias"], _fc_head(1).fc.bias)  # the file's bias differs from the model's
+    _unchanged(model, snap)
