@@ -174,7 +174,8 @@ def weight_shapes(source: str | Path | None) -> dict[str, tuple[int, ...]]:
     path = resolve(source)
     if path.suffix == ".gguf" and path.is_file():
         return {k: tuple(v.shape) for k, v in _gguf_state_dict(path).items()}
-    return dict(LazyWeights(path)._shapes)
+    lazy = LazyWeights(path)
+    return {name: lazy.shape(name) for name in lazy}
 
 
 def load_config(source: str | Path | None) -> dict[str, Any]:

@@ -73,12 +73,12 @@ class LoraLinear(LoraLayer):
         model, benchmarks/inference.py), and no_grad gives inference mode's very bits (the output
         is the layer's own tensor in both, so the adapters are added in place). A mixed batch whose
         rows and shapes this layer has run before with unchanged adapters repeats the layout it built
-        then (``BatchedStacks``). Merged adapters are left out here as there: a layer whose
-        active adapters are all merged returns its base layer's output at once (a merged model then
-        costs what ``merge_and_unload``'s does, within 1%: 16 × 1 decode of the embedded model went
-        from 1.016 / 1.021 × base to 1.005 / 1.009 at 1 / 2 threads). Anything else (gradients, training mode, a mixed
-        batch on a layer with merged adapters, variants, a disabled layer, torch.compile) takes the
-        generic path.
+        then (``BatchedStacks``). Merged adapters are left out here as there: a layer whose active
+        adapters are all merged returns its base layer's output at once (a merged model then costs
+        what ``merge_and_unload``'s does, within 1%: 16 × 1 decode of the embedded model went from
+        1.016 / 1.021 × base to 1.005 / 1.009 at 1 / 2 threads). Anything else (gradients, training
+        mode, a mixed batch on a layer with merged adapters, variants, a disabled layer,
+        torch.compile) takes the generic path.
         """
         if x.is_nested:
             return self.nested_forward(x, *args, **kwargs)
@@ -98,8 +98,8 @@ class LoraLinear(LoraLayer):
         active = d["active_adapters"]
         if merged:  # (their updates are in the weight already: as LoraLayer.live_adapters leaves them out)
             active = [n for n in active if n not in merged]
-            if not active and plan is None:  # a merged model: the base layer alone, as merge_and_unload leaves it
-                return base(x)
+            if not active:  # a merged model: the base layer alone, as merge_and_unload leaves it (no plan here:
+                return base(x)  # a mixed batch on a layer with merged adapters took the generic path above)
         W = base.__dict__["_parameters"].get("weight")
         # (a tensor subclass as weight — quantized, distributed, fake — may implement F.linear its own way)
         direct = (type(W) in PLAIN_TENSORS and x.dtype is W.dtype and x.is_contiguous()
