@@ -32,7 +32,10 @@ injection): LoRA as ``lorakit train`` runs it, LoRA without the training kernels
 the full step, less the frozen weights' gradients: what the arithmetic floor 2/3 + P/N counts), and
 full fine-tuning; one step of each per round, who goes first rotating, so machine noise hits all
 alike: the whole step, and forward + backward alone — the part the floor describes (a full step
-also runs AdamW over all N weights, which the floor leaves out).
+also runs AdamW over all N weights, which the floor leaves out). The same rounds time the model's
+attention alone (every layer's SDPA call, forward + backward, at the step's shapes): work both
+steps do alike, which the floor leaves out too; the table also holds forward + backward against
+the floor with that work added.
 """
 from __future__ import annotations
 
@@ -160,13 +163,51 @@ def pair_worker(kinds: tuple[str, ...], workload: str, dropout: float, dtype: st
         return step, sum(p.numel() for p in params), sum(p.numel() for p in model.parameters() if not p.requires_grad)
 
     steppers = {kind: stepper(kind, m) for kind, m in models.items()}
+    config = next(iter(models.values())).config
+    params = {kind: steppers[kind][1:] for kind in kinds}
+    if "full" in kinds:  # the attention's own work, which LoRA and full steps do alike (see attention_step)
+        steppers["attention"] = (attention_step(config, batch["input_ids"].shape, dtype),)
+        kinds = (*kinds, "attention")
     for fn, *_ in steppers.values():
         fn()  # warm-up; allocates the optimizer states
     times: dict[str, list[tuple[float, float]]] = {kind: [] for kind in kinds}
     for i in range(steps):
         for kind in kinds[i % len(kinds):] + kinds[:i % len(kinds)]:
             times[kind].append(steppers[kind][0]())
-    return {"times": times, "params": {kind: steppers[kind][1:] for kind in kinds}}
+    return {"times": times, "params": params}
+
+
+def attention_step(config, shape: tuple[int, int], dtype: str):
+    """A function timing the model's attention alone as a training step runs it: every layer's
+    causal SDPA call (transformers' own, as the model makes it) forward + backward on q, k and v of
+    the step's shapes. Returns (seconds, seconds), a step's (whole, forward + backward) pair.
+
+    LoRA and full fine-tuning run exactly this work (no weights in it), so it is part of both steps
+    but not of the arithmetic floor 2/3 + P/N, which counts the weights' products only."""
+    import time
+
+    import torch
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    module = type("Attention", (), {"num_key_value_groups": heads // kv_heads, "is_causal": True, "training": True})()
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    batch, seq = shape
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(batch, n, seq, head_dim, generator=g, dtype=dt, requires_grad=True)
+               for n in (heads, kv_heads, kv_heads))
+    grad = torch.randn(batch, seq, heads, head_dim, generator=g, dtype=dt)
+
+    def step() -> tuple[float, float]:
+        t0 = time.perf_counter()
+        for _ in range(config.num_hidden_layers):
+            out = sdpa_attention_forward(module, q, k, v, None, scaling=head_dim ** -0.5)[0]
+            torch.autograd.grad(out, (q, k, v), grad)
+        t = time.perf_counter() - t0
+        return t, t
+
+    return step
 
 
 def worker(kind: str, workload: str, steps: int, dropout: float, dtype: str = "fp32") -> dict:
@@ -299,8 +340,13 @@ def main() -> None:
     floor = 2 / 3 + trainable / frozen
     print(f"\nLoRA ÷ full fine-tuning (lm, dropout 0, fp32; {args.pairs} rounds of one step each in one process, "
           f"who goes first rotating; arithmetic floor 2/3 + P/N = {floor:.3f}):\n")
-    print("| LoRA setup | whole step (with AdamW) | forward + backward | forward + backward against the floor |")
-    print("|---|---|---|---|")
+    # the attention's share of the full step's forward + backward, per round: a floor that also counts
+    # that work (the same in both steps) is floor + (1 - floor) * share
+    shares = [a[1] / f[1] for a, f in zip(full["times"]["attention"], full["times"]["full"])]
+    floor_attn = [floor + (1 - floor) * s for s in shares]
+    print("| LoRA setup | whole step (with AdamW) | forward + backward | forward + backward against the floor "
+          "| against the floor with the attention |")
+    print("|---|---|---|---|---|")
     for kind, label in (("lorakit", "as `lorakit train` runs it (LoRA layers, training kernels, loss at labels)"),
                         ("lorakit-plain", "the same ops as the full step (LoRA layers and loss, no training kernels)")):
         cols = []
@@ -309,6 +355,7 @@ def main() -> None:
             ratios = [a / b for a, b in zip(lora, fullt)]
             cols.append(f"{ratio_stats(ratios)}, best {min(lora) / min(fullt):.3f}")
         cols.append(f"{100 * (statistics.median(ratios) / floor - 1):+.1f}%")
+        cols.append(f"{100 * (statistics.median(r / f for r, f in zip(ratios, floor_attn)) - 1):+.1f}%")
         print(f"| {label} | {' | '.join(cols)} |")
     print("\nMedian of the per-round ratios (min–max); best = fastest LoRA step ÷ fastest full step "
           "(noise only ever slows a step down). Both steps use fused AdamW, as `lorakit train` does. The floor "
@@ -318,6 +365,11 @@ def main() -> None:
           "lorakit's loss but none of the training kernels, which engage only around frozen weights (fused "
           "SwiGLU tail, q/k/v as one node, RMSNorm output recomputed): the second row does the same work as the "
           "full step less the frozen weights' gradients; the first is what the kernels take off that. "
+          "The last column holds forward + backward against that floor with the attention added, measured in "
+          "the same rounds: every layer's causal SDPA call forward + backward at the step's shapes took "
+          f"{ratio_stats(shares)} of the full step's forward + backward, so that floor is "
+          f"{ratio_stats(floor_attn)} (floor + (1 − floor) × share; the norms, rotary embedding, SiLU and the "
+          "loss's softmax, also the same in both steps, are still left out of it). "
           "Full step medians: "
           f"{statistics.median(t[0] for t in full['times']['full']):.2f} s whole, "
           f"{statistics.median(t[1] for t in full['times']['full']):.2f} s forward + backward.")
