@@ -779,13 +779,19 @@ def _remove_adapter_everywhere(model: nn.Module, adapter_name: str) -> None:
             state.active.remove(adapter_name)
 
 
-def mark_trainable(model: nn.Module, freeze_all: bool = False) -> None:
+def mark_trainable(model: nn.Module, freeze_all: bool = False, only: str | None = None) -> None:
     """Set ``requires_grad`` on what lorakit manages: the adapters' weights, the copies of
     ``modules_to_save`` and, where a config trains biases, those biases — on for the trainable
     adapters, off for the rest. ``freeze_all`` (the first adapter on a model) first freezes every
     parameter of the model; later calls leave parameters lorakit does not manage as the user set
-    them (as PEFT does when an adapter is added)."""
+    them (as PEFT does when an adapter is added). ``only`` (an adapter just added to a model that
+    had others): set that adapter's own tensors alone (and the biases its config trains), leaving
+    the other adapters' as they are — before, adding one switched a tensor the user had frozen in
+    another (LoRA-FA's frozen A) back on."""
     state = require_state(model)
+    if only is not None and not freeze_all:
+        _mark_one(model, state, only)
+        return
     if freeze_all:
         for p in model.parameters():
             p.requires_grad_(False)
@@ -820,6 +826,24 @@ def mark_trainable(model: nn.Module, freeze_all: bool = False) -> None:
                 p.requires_grad_(True)
 
 
+def _mark_one(model: nn.Module, state: Any, name: str) -> None:
+    """``mark_trainable(model, only=name)``: adapter ``name``'s tensors on if it trains, else off."""
+    on = name in state.trainable
+    config = state.configs[name]
+    for _, layer in iter_lora_layers(model):
+        for store in layer.children():
+            if isinstance(store, nn.ParameterDict) and name in store:
+                store[name].requires_grad_(on)
+        if on and config.bias == "lora_only" and name in layer.lora_A and getattr(layer.base_layer, "bias", None) is not None:
+            layer.base_layer.bias.requires_grad_(True)
+    for _, wrapper in iter_saved_modules(model):
+        if name in wrapper.modules_to_save:
+            wrapper.modules_to_save[name].requires_grad_(on)
+    if on and config.bias == "all":
+        for _, p in model_biases(model):
+            p.requires_grad_(True)
+
+
 def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
     """Inject a trainable LoRA adapter into ``model`` in place; the first adapter freezes everything else.
 
@@ -842,5 +866,5 @@ def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     inject_adapter(model, config, adapter_name)
     state = require_state(model)
     state.trainable.add(adapter_name)
-    mark_trainable(model, freeze_all=first)
+    mark_trainable(model, freeze_all=first, only=adapter_name)
     return model

@@ -521,7 +521,7 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
     if is_trainable:
         state.trainable.add(adapter_name)
     state.configs[adapter_name].inference_mode = not is_trainable
-    mark_trainable(model, freeze_all=first)
+    mark_trainable(model, freeze_all=first, only=adapter_name)
     return model
 
 

@@ -7,7 +7,8 @@
   the model's layers and handles each group with slices (contiguous rows) or index_select /
   index_add_ (``LoraLayer.mixed_forward``); for few tokens (decode steps) Linear layers run all
   groups in two batched matmuls instead (``LoraLinear.mixed_forward``). A forward hook with ``always_call=True`` clears the plan,
-  also when the forward raises. ``transformers``' ``generate`` rejects unknown model kwargs, so use
+  also when the forward raises (after Ctrl-C, which skips that hook, the next call in the thread
+  does). Plans are per thread. ``transformers``' ``generate`` rejects unknown model kwargs, so use
   ``lorakit.generate(model, ..., adapter_names=...)`` or ``with adapter_batch(model, names):``.
 * **combine_adapters.** ``method="cat"`` is exactly Σ wᵢ·ΔWᵢ (the A's stacked, the weighted, scaled
   B's stacked; rank Σ rᵢ); ``method="svd"`` truncates that exact sum to a chosen rank and returns
@@ -22,6 +23,7 @@ import copy
 import functools
 import math
 import re
+import sys
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -72,12 +74,24 @@ class MixedBatchContext:
         self._local = threading.local()
         #: Layers holding stacks of the batched decode path (``LoraLinear.mixed_forward``, ``BatchedStacks``).
         self.batched_layers: weakref.WeakSet[nn.Module] = weakref.WeakSet()
+        #: Guards ``batched_layers`` (a thread adding to it while another loops over it raised
+        #: "Set changed size during iteration") and the ``generate`` wrapper's count below.
+        self.lock = threading.Lock()
+        #: ``adapter_batch`` blocks open on the model, all threads together, while they share one
+        #: ``generate`` wrapper; and what the model's instance had as ``generate`` before the first.
+        self.generate_blocks = 0
+        self.generate_before: Any = None
 
     def __getstate__(self) -> dict[str, Any]:
         return {}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         self.__init__()
+
+    def add_batched(self, layer: nn.Module) -> None:
+        """Record that ``layer`` keeps stacks of the batched decode path (``check_layouts`` visits it)."""
+        with self.lock:
+            self.batched_layers.add(layer)
 
     def check_layouts(self, plan: MixedBatchPlan) -> None:
         """Mark the layers whose kept batched stacks still hold (same adapters, weights, scales) for ``plan``.
@@ -86,14 +100,17 @@ class MixedBatchContext:
         layer a single comparison, where the same checks inside each layer's forward, between the
         base model's matmuls, ran several times slower (their code and data evicted from the caches).
         """
-        for layer in self.batched_layers:
+        with self.lock:
+            layers = list(self.batched_layers)
+        for layer in layers:
             stacks = layer.__dict__.get("_batched")
             if stacks is not None:
                 stacks.check(plan, layer)
 
     @property
     def stack(self) -> list[list[Any]]:
-        """Entries ``[owner, plan or None, names, cache]``; owner "hook" (one forward) or "scope"."""
+        """This thread's entries: ``["hook", plan or None, the forward's frame]`` (one forward) or
+        ``["scope", None, names, plan cache, inside generate]`` (an ``adapter_batch`` block)."""
         stack = getattr(self._local, "stack", None)
         if stack is None:
             stack = self._local.stack = []
@@ -164,6 +181,33 @@ def _pre_hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) 
     return _push_plan(ctx, module, args, kwargs)
 
 
+_CALL_IMPL = nn.Module._call_impl.__code__
+
+
+def _calling_forward() -> Any:
+    """The frame of ``nn.Module._call_impl`` that runs the hook calling this (None if not found)."""
+    frame = sys._getframe(1)
+    while frame is not None and frame.f_code is not _CALL_IMPL:
+        frame = frame.f_back
+    return frame
+
+
+def _drop_stale_entries(stack: list[list[Any]], forward: Any) -> None:
+    """Drop the "hook" entries of forwards that ended without their forward hook.
+
+    torch runs ``always_call`` forward hooks when the forward raises an ``Exception``, but not on a
+    ``KeyboardInterrupt`` (Ctrl-C) or ``SystemExit``: such a forward leaves its entry behind, and the
+    thread's later calls would inherit its row plan. An entry whose forward frame is not among the
+    frames calling this one belongs to a forward that is over.
+    """
+    running = set()
+    frame = forward
+    while frame is not None:
+        running.add(id(frame))  # (the entries hold their frames: alive, so ids are unique)
+        frame = frame.f_back
+    stack[:] = [e for e in stack if e[0] != "hook" or e[2] is None or id(e[2]) in running]
+
+
 def _push_plan(ctx: MixedBatchContext, root: nn.Module, args: tuple[Any, ...],
                kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
     """``_pre_hook``'s work for a call of ``root`` (or of a part of it called on its own, such as the
@@ -171,9 +215,12 @@ def _push_plan(ctx: MixedBatchContext, root: nn.Module, args: tuple[Any, ...],
     stack = ctx.stack
     if "adapter_names" not in kwargs and not stack:
         return None  # the common case: a plain forward
+    forward = _calling_forward()
+    if any(e[0] == "hook" for e in stack):
+        _drop_stale_entries(stack, forward)
     names = kwargs.pop("adapter_names", None)
     top = stack[-1] if stack else None
-    entry = ["hook", top[1] if top is not None else None, None, None]
+    entry = ["hook", top[1] if top is not None else None, forward]
     stack.append(entry)
     scope = top if top is not None and top[0] == "scope" else None
     if names is None and scope is None:
@@ -318,6 +365,11 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn
     read as expanded rows, giving rows the wrong adapters). An explicit ``adapter_names=`` in a call
     wins over the block's.
 
+    The block holds for the calls made in the thread that opened it (threads can each hold their
+    own blocks on one model). A thread started inside the block does not see its names — for
+    transformers' streaming recipe, run ``lorakit.generate(model, ..., adapter_names=...)`` as the
+    thread's target instead of ``model.generate``.
+
     Args:
         model: A model with adapters.
         adapter_names: One adapter name per row (``"__base__"``: the base model).
@@ -341,41 +393,80 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn
             model, lambda _m, args, kwargs: _push_plan(ctx, model, args, kwargs), lambda _: _inert), with_kwargs=True))
         handles.append(part.register_forward_hook(
             _BlockOnly(model, lambda _m, _args, _out: _pop_plan(ctx), lambda _: _inert), always_call=True))
-    generate = getattr(model, "generate", None)
-    own = model.__dict__.get("generate", _NOTHING)
-
-    def copy_generate(copied: nn.Module) -> Any:
-        """What a copy made inside the block has as ``generate``: its own, as the model had it before."""
-        if own is not _NOTHING:
-            return own
-        return type(copied).generate.__get__(copied)
-
-    if callable(generate):
-        def checked_generate(*args: Any, **kwargs: Any) -> Any:
-            batch = _batch_of(args, kwargs)
-            rows = batch.shape[0] if isinstance(batch, torch.Tensor) and batch.dim() > 0 else None
-            if rows is not None and rows != len(names) and "adapter_names" not in kwargs:
-                raise ValueError(f"adapter_batch was given {len(names)} names, but generate was called with "
-                                 f"{rows} rows: give one name per row")
-            outer, entry[4] = entry[4], True
-            try:
-                return generate(*args, **kwargs)
-            finally:
-                entry[4] = outer
-        functools.update_wrapper(checked_generate, generate)
-        model.__dict__["generate"] = _BlockOnly(model, checked_generate, copy_generate)
     ctx.stack.append(entry)
+    shared = False
     try:
+        shared = _enter_generate(model, ctx)
         yield model
     finally:
         ctx.stack.remove(entry)
         for handle in handles:
             handle.remove()
-        if callable(generate):
-            if own is _NOTHING:
-                model.__dict__.pop("generate", None)
-            else:
-                model.__dict__["generate"] = own
+        if shared:
+            _leave_generate(model, ctx)
+
+
+def _innermost_scope(ctx: MixedBatchContext) -> list[Any] | None:
+    """This thread's innermost ``adapter_batch`` entry, or None."""
+    return next((e for e in reversed(ctx.stack) if e[0] == "scope"), None)
+
+
+def _enter_generate(model: nn.Module, ctx: MixedBatchContext) -> bool:
+    """Put (with the first block open on ``model``, in any thread) the ``generate`` that checks its
+    rows against the calling thread's innermost block; count the block. False if the model has no
+    ``generate``.
+
+    One wrapper serves every thread's blocks: it is an attribute of the model, which all threads
+    share, so a wrapper per block, put back at the block's end to what it found, left another
+    thread's wrapper on the model for good when two blocks ended out of order.
+    """
+    with ctx.lock:
+        if ctx.generate_blocks:
+            ctx.generate_blocks += 1
+            return True
+        generate = getattr(model, "generate", None)
+        if not callable(generate):
+            return False
+        own = model.__dict__.get("generate", _NOTHING)
+
+        def copy_generate(copied: nn.Module) -> Any:
+            """A copy made inside a block gets its own ``generate``, as the model had it before."""
+            return own if own is not _NOTHING else type(copied).generate.__get__(copied)
+
+        def checked_generate(*args: Any, **kwargs: Any) -> Any:
+            scope = _innermost_scope(ctx)
+            if scope is None:  # a thread with no block open: the names of other threads' blocks are not its
+                return generate(*args, **kwargs)
+            names = scope[2]
+            batch = _batch_of(args, kwargs)
+            rows = batch.shape[0] if isinstance(batch, torch.Tensor) and batch.dim() > 0 else None
+            if rows is not None and rows != len(names) and "adapter_names" not in kwargs:
+                raise ValueError(f"adapter_batch was given {len(names)} names, but generate was called with "
+                                 f"{rows} rows: give one name per row")
+            outer, scope[4] = scope[4], True
+            try:
+                return generate(*args, **kwargs)
+            finally:
+                scope[4] = outer
+
+        functools.update_wrapper(checked_generate, generate)
+        ctx.generate_before = own
+        ctx.generate_blocks = 1
+        model.__dict__["generate"] = _BlockOnly(model, checked_generate, copy_generate)
+        return True
+
+
+def _leave_generate(model: nn.Module, ctx: MixedBatchContext) -> None:
+    """Count a block out; with the last, give the model back the ``generate`` it had before."""
+    with ctx.lock:
+        ctx.generate_blocks -= 1
+        if ctx.generate_blocks:
+            return
+        own, ctx.generate_before = ctx.generate_before, None
+        if own is _NOTHING:
+            model.__dict__.pop("generate", None)
+        else:
+            model.__dict__["generate"] = own
 
 
 def _saved_module_mixed_forward(wrapper: ModulesToSave, plan: MixedBatchPlan, args: tuple[Any, ...],
@@ -644,7 +735,7 @@ def combine_adapters(model: nn.Module, weights: Mapping[str, float], name: str, 
 
         _remove_adapter_everywhere(model, name)
         raise
-    mark_trainable(model)  # the new parameters start frozen, like any adapter not in set_trainable
+    mark_trainable(model, only=name)  # its parameters start frozen, like any adapter not in set_trainable
     return report
 
 

@@ -252,6 +252,47 @@ def test_dropout_only_in_training():
     assert isinstance(m.model.layers[0].self_attn.q_proj.lora_dropout["default"], nn.Dropout)
 
 
+@pytest.mark.parametrize("variant", ["lora", "dora"])
+@pytest.mark.parametrize("kind", ["linear", "gpt2_conv1d", "conv2d"])
+def test_the_dropout_modules_own_mode_decides_as_in_peft(kind, variant):
+    # before, Linear and Conv1D layers decided by the LoRA layer's mode: model.train() with the
+    # dropout modules switched to eval still dropped, and Monte Carlo dropout (model.eval(), the
+    # dropout modules in training mode) dropped nothing
+    from conftest import LAYER_CASES
+
+    make_layer, make_input = LAYER_CASES[kind]
+    torch.manual_seed(0)
+    m = lk.get_lora_model(Wrap(make_layer()), lk.LoraConfig(target_modules=["layer"], lora_dropout=0.5,
+                                                            init_lora_weights=False, use_dora=variant == "dora"))
+    x = make_input()
+    drops = [mod for mod in m.modules() if isinstance(mod, nn.Dropout)]
+    assert drops
+    m.eval()
+    with torch.no_grad():
+        clean = m(x)
+    m.train()
+    for mod in drops:
+        mod.eval()
+    torch.testing.assert_close(m(x), clean, rtol=0, atol=1e-6)  # training mode, no dropout
+    m.eval()
+    for mod in drops:
+        mod.train()
+    for grad in (torch.no_grad, torch.enable_grad):
+        with grad():
+            first, second = m(x), m(x)
+        assert not torch.equal(first, second) and not torch.equal(first, clean)
+    peft = pytest.importorskip("peft")
+    if kind == "linear" and variant == "lora":  # the same as PEFT's, where both can be compared
+        torch.manual_seed(0)
+        theirs = peft.get_peft_model(Wrap(make_layer()), peft.LoraConfig(target_modules=["layer"], lora_dropout=0.5,
+                                                                         init_lora_weights=False)).eval()
+        for mod in theirs.modules():
+            if isinstance(mod, nn.Dropout):
+                mod.train()
+        with torch.no_grad():
+            assert not torch.equal(theirs(x), theirs(x))
+
+
 def test_injected_layers_take_the_mode_of_the_modules_they_wrap():
     # An adapter injected or loaded into a model in eval mode must not drop anything (nn.Module's
     # default mode is training, so new wrappers and dropout modules must be set explicitly).
@@ -527,6 +568,50 @@ def test_merge_into_a_computed_weight_is_refused(make):
         other = Wrap(makers[make]())
     with pytest.raises(ValueError, match="residual into the base weight"):
         lk.get_lora_model(other, lk.LoraConfig(r=2, target_modules=["layer"], init_lora_weights="pissa"))
+
+
+@pytest.mark.parametrize("make", ["prune", "weight_norm"])
+def test_unmerge_after_the_weight_became_computed_is_refused(make):
+    """Merged, then pruned (hook-based: ``weight`` recomputed from ``weight_orig`` at every forward)
+    or parametrized: the unmerge's subtraction went into a recomputed tensor and was lost while the
+    adapter was recorded as unmerged — it then counted twice (4e-2 off); also through
+    disable_adapters / set_adapter / delete_adapter / unload, which unmerge. Refused, model unchanged."""
+    from torch.nn.utils import parametrizations, parametrize, prune
+
+    torch.manual_seed(0)
+    cfg = lk.LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False)
+    m = lk.get_lora_model(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 6)), cfg)
+    lk.get_lora_model(m, cfg, adapter_name="other")
+    lk.set_adapter(m, "default")
+    m.eval()
+    x = torch.randn(4, 6)
+    with torch.no_grad():
+        want = m(x)
+    lk.merge(m)
+    for i in (0, 2):
+        if make == "prune":
+            prune.random_unstructured(m[i].base_layer, "weight", amount=0.0)  # keeps every weight
+        else:
+            parametrizations.weight_norm(m[i].base_layer)
+    with torch.no_grad():
+        merged = m(x)
+    torch.testing.assert_close(merged, want, rtol=0, atol=1e-6)
+    for undo in (lk.unmerge, lambda mm: lk.set_adapter(mm, "other"), lambda mm: lk.delete_adapter(mm, "default"),
+                 lk.unload, lambda mm: lk.disable_adapters(mm).__enter__(), lambda mm: mm[0].unmerge()):
+        with pytest.raises(ValueError, match=r"cannot unmerge \['default'\]: .*(pruning|parametrization).*keep the "
+                                             r"adapter merged"):
+            undo(m)
+        assert m[0].merged_adapters == ["default"] and m[2].merged_adapters == ["default"]
+        with torch.no_grad():
+            torch.testing.assert_close(m(x), merged, rtol=0, atol=0)
+    for i in (0, 2):  # as the message says: remove what computes the weight, then unmerge
+        if make == "prune":
+            prune.remove(m[i].base_layer, "weight")
+        else:
+            parametrize.remove_parametrizations(m[i].base_layer, "weight")
+    lk.unmerge(m)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), want, rtol=0, atol=1e-5)
 
 
 def _encoder(nested: bool):

@@ -321,3 +321,22 @@ def test_unmerging_a_plain_adapter_merged_before_two_separate_dora_merges_redoes
     one_merge.fc.unmerge()
     one_merge.fc.merge(["d1", "d2"])
     assert (one_merge.fc.base_layer.weight - ref.fc.base_layer.weight).abs().max() > 1e-6  # the order is visible
+
+
+def test_float8_weights_are_refused_by_name_both_ways():
+    # a merge into float8 weights raised torch's "Promotion for Float8 Types is not supported"; an
+    # unmerge after the cast said the adapter had changed since the merge (only the cast had)
+    torch.manual_seed(0)
+    m = lk.get_lora_model(nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8)),
+                          lk.LoraConfig(r=2, target_modules=["0", "1"], init_lora_weights=False))
+    cast = copy.deepcopy(m).to(torch.float8_e4m3fn)
+    with pytest.raises(ValueError, match=r"cannot merge \['default'\]: .*float8_e4m3fn.*keep the adapter unmerged"):
+        lk.merge(cast)
+    assert not cast[0].merged_adapters
+    lk.merge(m)
+    m.to(torch.float8_e4m3fn)
+    state = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match=r"cannot unmerge \['default'\]: .*float8_e4m3fn.*keep the adapter merged"):
+        lk.unmerge(m)
+    assert m[0].merged_adapters == ["default"]
+    assert all(torch.equal(v.view(torch.uint8), state[k].view(torch.uint8)) for k, v in m.state_dict().items())

@@ -170,6 +170,32 @@ def test_a_new_adapter_after_the_last_was_deleted_freezes_the_base_as_on_a_fresh
     assert all(".lora_" in n for n, p in model.named_parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("how", ["get_lora_model", "load_adapter", "combine_adapters"])
+def test_adding_an_adapter_leaves_what_the_user_froze_in_another(tmp_path, how):
+    # LoRA-FA: A frozen, B trained. Adding a second adapter switched every adapter's tensors back
+    # to what set_trainable's list says: the frozen A trained again
+    torch.manual_seed(0)
+    saved = [] if how == "combine_adapters" else ["lm_head"]  # (combine refuses modules_to_save)
+    cfg = lk.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], modules_to_save=saved, init_lora_weights=False)
+    model = lk.get_lora_model(tiny_llama(), cfg, "fa")
+    for n, p in model.named_parameters():
+        if ".lora_A." in n or "modules_to_save" in n:
+            p.requires_grad_(False)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    if how == "get_lora_model":
+        lk.get_lora_model(model, cfg, "new")
+    elif how == "load_adapter":
+        lk.save_adapter(lk.get_lora_model(tiny_llama(), cfg, "new"), tmp_path / "new", adapter_name="new")
+        lk.load_adapter(model, tmp_path / "new", "new", is_trainable=True)
+    else:
+        lk.combine_adapters(model, {"fa": 1.0}, "new")
+    after = dict(model.named_parameters())
+    assert {n: p.requires_grad for n, p in after.items() if n in before} == before
+    new = {n: p.requires_grad for n, p in after.items() if n not in before}
+    assert new and all(".new" in n for n in new)
+    assert all(new.values()) if how != "combine_adapters" else not any(new.values())  # (a combination starts frozen)
+
+
 def test_delete_frees_modules_to_save_copies():
     specs = {"a": dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
              "b": dict(r=2, lora_alpha=4, target_modules=["q_proj"], modules_to_save=["lm_head"])}
@@ -598,6 +624,118 @@ def test_mixed_batches_in_two_threads_do_not_mix():
         assert len(results[key]) == 5
         for got in results[key]:
             torch.testing.assert_close(got, expected[key], rtol=0, atol=0)
+
+
+def test_adapter_batch_blocks_ending_out_of_order_in_two_threads_give_generate_back():
+    # thread A opens a block, B opens one, A leaves, B leaves: each block put back the `generate` it
+    # found on entry, so B put A's checking wrapper back on the model for good, and every later
+    # plain generate with another row count raised "adapter_batch was given 2 names"
+    import threading
+
+    m = with_adapters(tiny_llama(), LLAMA_ADAPTERS)
+    x3 = llama_ids(rows=3)
+    kw = dict(max_new_tokens=3, do_sample=False)
+    before = m.generate(x3, **kw)
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen: dict[str, torch.Tensor] = {}
+
+    def a():
+        with lk.adapter_batch(m, ["medical", "legal"]):
+            a_in.set()
+            b_in.wait()
+            seen["a"] = m.generate(llama_ids(rows=2), **kw)  # its own 2 names while B's 4 are open
+        a_out.set()
+
+    def b():
+        a_in.wait()
+        with lk.adapter_batch(m, ["code", "medical", "legal", "__base__"]):
+            b_in.set()
+            a_out.wait()
+            seen["b"] = m.generate(llama_ids(rows=4), **kw)  # its own 4 names after A's block ended
+
+    threads = [threading.Thread(target=a), threading.Thread(target=b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert "generate" not in m.__dict__
+    assert torch.equal(m.generate(x3, **kw), before)
+    assert torch.equal(seen["a"], lk.generate(m, llama_ids(rows=2), adapter_names=["medical", "legal"], **kw))
+    assert torch.equal(seen["b"], lk.generate(m, llama_ids(rows=4), adapter_names=["code", "medical", "legal", "__base__"], **kw))
+
+
+def test_generate_in_a_thread_without_a_block_ignores_another_threads_block():
+    import threading
+
+    m = with_adapters(tiny_llama(), LLAMA_ADAPTERS)
+    x3 = llama_ids(rows=3)
+    kw = dict(max_new_tokens=3, do_sample=False)
+    plain = m.generate(x3, **kw)
+    got = []
+    with lk.adapter_batch(m, ["medical", "legal"]):
+        worker = threading.Thread(target=lambda: got.append(m.generate(x3, **kw)))  # 3 rows: not the block's 2
+        worker.start()
+        worker.join()
+    assert len(got) == 1 and torch.equal(got[0], plain)
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, SystemExit])
+def test_a_forward_stopped_by_ctrl_c_leaves_no_row_plan_behind(stop):
+    # torch runs always_call forward hooks on an Exception, not on Ctrl-C / SystemExit: the stopped
+    # forward's row plan stayed on the thread, and its later plain calls ran the rows' adapters
+    m = with_adapters(tiny_llama(), LLAMA_ADAPTERS)
+    lk.set_adapter(m, "medical")
+    x = llama_ids(rows=2)
+    kw = dict(max_new_tokens=4, do_sample=False)
+    plain, plain_gen = out(m, x), m.generate(x, **kw)
+    calls = []
+
+    def interrupt(_module, _args):
+        calls.append(1)
+        if len(calls) == 3:
+            raise stop
+
+    handle = m.model.layers[1].mlp.register_forward_pre_hook(interrupt)
+    with pytest.raises(stop):
+        lk.generate(m, x, adapter_names=["legal", "__base__"], **kw)
+    calls.clear()
+    with pytest.raises(stop):
+        for _ in range(3):
+            m(x, adapter_names=["code", "legal"])
+    handle.remove()
+    assert torch.equal(out(m, x), plain)
+    assert torch.equal(m.generate(x, **kw), plain_gen)
+    assert out(m, x[:1]).shape[0] == 1  # another batch size: no stale plan to mismatch
+    assert not m.__dict__["_lorakit_batch"].stack
+    # a mixed call afterwards still gives each row its adapter (a live entry is never dropped: see
+    # test_root_called_inside_its_own_forward_keeps_the_outer_plan)
+    torch.testing.assert_close(out(m, x, adapter_names=["legal", "code"]),
+                               torch.cat([run_alone(m, x[:1], "legal"), run_alone(m, x[1:], "code")]), rtol=0, atol=1e-6)
+
+
+def test_first_batched_forwards_from_two_threads_do_not_race_on_the_layer_set():
+    # one thread looped over the set of layers with batched stacks while another added to it:
+    # "Set changed size during iteration" (1 in ~500 two-thread warm-ups); now every add and every
+    # loop holds the context's lock
+    m = with_adapters(tiny_llama(), LLAMA_ADAPTERS)
+    ctx = m.__dict__["_lorakit_batch"]
+    calls = []
+
+    class Watched(weakref.WeakSet):
+        def add(self, item):
+            calls.append(("add", ctx.lock.locked()))
+            super().add(item)
+
+        def __iter__(self):
+            calls.append(("loop", ctx.lock.locked()))
+            return super().__iter__()
+
+    ctx.batched_layers = Watched()
+    x = llama_ids(rows=3, seq=1)
+    for _ in range(2):  # the first adds the layers, the second loops over them
+        out(m, x, adapter_names=["medical", "legal", "code"])
+    assert {kind for kind, _ in calls} == {"add", "loop"}
+    assert all(held for _, held in calls)
 
 
 def test_explicit_adapter_names_win_inside_adapter_batch():
@@ -1576,6 +1714,35 @@ def test_mixed_batch_refuses_a_layer_that_sees_the_batch_off_dim_0():
     x = torch.randn(2, 3, 4)
     with pytest.raises(ValueError, match="batch on dim 0"):
         m(x, adapter_names=["a", "b"])
+
+
+@pytest.mark.parametrize("tokens", [1, 40])  # the batched decode path, the grouped path
+def test_mixed_batch_follows_the_dropout_modules_own_mode(tokens):
+    # the dropout modules' mode decides, as in a one-adapter forward (LoraLayer.dropout_p): model.eval()
+    # with them in training mode (Monte Carlo dropout) drops, train mode with them in eval does not
+    m = _two_adapters(_TwoLinear(), lora_dropout=1.0)
+    x = torch.randn(3, tokens, 4)
+    names = ["a", "b", "b"]
+    with torch.no_grad():
+        with lk.disable_adapters(m):
+            base = m(x)
+        clean = m(x, adapter_names=names)  # eval: no dropout
+        assert not torch.equal(clean, base)
+        drops = [mod for mod in m.modules() if isinstance(mod, nn.Dropout)]
+        for mod in drops:
+            mod.train()
+        torch.testing.assert_close(m(x, adapter_names=names), base, rtol=0, atol=0)  # p = 1: all dropped
+        for mod in drops[:1]:  # only adapter "a"'s: row 0 dropped, rows 1 and 2 not
+            mod.train()
+        for mod in drops[1:]:
+            mod.eval()
+        got = m(x, adapter_names=names)
+        torch.testing.assert_close(got[:1], base[:1], rtol=0, atol=0)
+        torch.testing.assert_close(got[1:], clean[1:], rtol=0, atol=1e-6)
+        m.train()
+        for mod in drops:
+            mod.eval()
+        torch.testing.assert_close(m(x, adapter_names=names), clean, rtol=0, atol=1e-6)
 
 
 def test_mixed_batch_in_training_applies_each_adapter_s_dropout():

@@ -22,27 +22,45 @@ from lorakit.layers.guard import cast_print, same_up_to_cast
 from lorakit.variants import LoraVariant, add_rounded_once, get_init_method
 
 
-def computed_weight(module: nn.Module) -> str | None:
+def computed_weight(module: nn.Module, keep: str = "unmerged") -> str | None:
     """Why ``module.weight`` cannot be written in place, or None: a merge (and a PiSSA residual)
     writes into the weight, which is lost where the weight is computed from other tensors at every
     access or forward (``torch.nn.utils.parametrize``: weight_norm, orthogonal, spectral_norm; the
-    older hook-based ``weight_norm`` / ``spectral_norm``). The merge used to be recorded and
-    silently lost (PEFT 0.21.2 loses it too). A quantised base (``dequantize_weight``) merges into
-    a dense copy of its own and is not concerned. The reason ends with what to do instead."""
+    older hook-based ``weight_norm`` / ``spectral_norm``, pruning). The merge used to be recorded and
+    silently lost (PEFT 0.21.2 loses it too), and so did an unmerge after the weight became
+    computed (the adapter then counted twice). A quantised base (``dequantize_weight``) merges into
+    a dense copy of its own and is not concerned. The reason ends with what to do instead: keep the
+    adapter ``keep`` ("unmerged" when refusing a merge, "merged" an unmerge), or remove what
+    computes the weight."""
     from torch.nn.utils import parametrize
 
     if parametrize.is_parametrized(module, "weight"):
         kind = type(module).__bases__[0].__name__  # (parametrize swaps in a subclass "Parametrized...")
         names = ", ".join(type(p).__name__ for p in module.parametrizations.weight)
         return (f"the {kind}'s weight is computed by a parametrization ({names}) at every access, so what is "
-                "written into it is lost; keep the adapter unmerged, or remove the parametrization first "
+                f"written into it is lost; keep the adapter {keep}, or remove the parametrization first "
                 "(torch.nn.utils.parametrize.remove_parametrizations)")
     if callable(getattr(module, "dequantize_weight", None)):
         return None
-    if not isinstance(module._parameters.get("weight"), nn.Parameter):
+    if not isinstance(module._parameters.get("weight"), nn.Parameter) and not isinstance(
+            module._buffers.get("weight"), torch.Tensor):  # (a buffer is a tensor of its own: writable)
         return (f"the {type(module).__name__}'s weight is not a parameter of its own but recomputed at every "
-                "forward (a hook-based weight_norm / spectral_norm?), so what is written into it is lost; keep the "
-                "adapter unmerged, or remove the hook first (torch.nn.utils.remove_weight_norm / remove_spectral_norm)")
+                "forward (a hook-based weight_norm / spectral_norm, or pruning?), so what is written into it is lost; "
+                f"keep the adapter {keep}, or remove the hook first (torch.nn.utils.remove_weight_norm / "
+                "remove_spectral_norm, torch.nn.utils.prune.remove)")
+    return None
+
+
+def float8_weight(module: nn.Module, keep: str) -> str | None:
+    """Why a merge into ``module.weight`` (or an unmerge out of it) is refused, or None: a float8
+    weight (a model cast with ``.to(torch.float8_e4m3fn)``), which torch's arithmetic does not take
+    (a merge raised torch's "Promotion for Float8 Types is not supported"; an unmerge said the
+    adapter had changed since the merge, though only the cast had)."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_floating_point() and weight.element_size() == 1:
+        return (f"the {type(module).__name__}'s weight is {str(weight.dtype).removeprefix('torch.')}, which lorakit "
+                f"does not merge into or out of; keep the adapter {keep}, or cast the model to a 16- or 32-bit "
+                "float type first")
     return None
 
 
@@ -121,8 +139,9 @@ class LoraLayer(nn.Module):
 
     def why_not_mergeable(self) -> str | None:
         """Why no adapter of this layer can be folded into its weight, or None (it can): a weight
-        computed from other tensors (``computed_weight``); layer types add their own reasons."""
-        return computed_weight(self.base_layer)
+        computed from other tensors (``computed_weight``), a float8 one (``float8_weight``); layer
+        types add their own reasons."""
+        return computed_weight(self.base_layer) or float8_weight(self.base_layer, "unmerged")
 
     def init_ab(self, A: torch.Tensor, B: torch.Tensor, r: int) -> None:
         """Default init (``init_lora_weights=True``): A kaiming-uniform(a=√5), B = 0 (Hu et al. §4.1)."""
@@ -350,8 +369,7 @@ class LoraLayer(nn.Module):
                     and not self.dropout_p(name)
                     and self.add_rows(result[rows], sub_x, A, Bs[name], self.scaling[name])):
                 continue
-            if self.training:
-                sub_x = drops[name](sub_x)
+            sub_x = drops[name](sub_x)  # (in the dropout module's own mode: see dropout_p)
             delta = self.branch(sub_x, A, Bs[name])  # (an fp32 delta is added to a bf16 output rounded once)
             if isinstance(rows, slice):
                 result[rows].add_(delta, alpha=self.scaling[name])
@@ -368,9 +386,18 @@ class LoraLayer(nn.Module):
         self.lora_dropout[name] = (nn.Dropout(p) if p > 0 and self.supports_dropout else nn.Identity()).train(self.training)
 
     def dropout_p(self, name: str) -> float:
-        """Drop probability adapter ``name``'s LoRA dropout applies now (0 in eval mode or without dropout)."""
-        dropout = self.lora_dropout._modules[name] if self.training else None
-        return dropout.p if isinstance(dropout, nn.Dropout) else 0.0
+        """Drop probability adapter ``name``'s LoRA dropout applies now: its ``nn.Dropout``'s ``p``
+        while that module is in training mode, else 0 (no dropout, or the module in eval mode).
+
+        The dropout module's own mode decides, as when it is called: ``model.train()`` then
+        ``.eval()`` on the dropout modules switches LoRA dropout off, and a model in eval mode with
+        them in training mode (Monte Carlo dropout) drops (before, the layer's mode decided)."""
+        dropout = self.lora_dropout._modules[name]
+        return dropout.p if isinstance(dropout, nn.Dropout) and dropout.training else 0.0
+
+    def drops_now(self) -> bool:
+        """Whether any adapter's LoRA dropout drops now (``dropout_p`` > 0)."""
+        return any(self.dropout_p(name) for name in self.lora_dropout._modules)
 
     def add_rows(self, out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> bool:
         """Inference hook of ``mixed_forward``: add ``scale · B(A(x))`` into ``out`` (a contiguous row
@@ -531,6 +558,10 @@ class LoraLayer(nn.Module):
         the whole model to another dtype changes the bits but not the update: that is let through.
         """
         _, subtracted = self._unmerge_plan(adapter_names)
+        computed = (computed_weight(self.base_layer, keep="merged") or float8_weight(self.base_layer, "merged")
+                    if subtracted else None)
+        if computed:  # (made computed after the merge, a parametrization or pruning added since; cast to float8)
+            return f"cannot unmerge {subtracted}: {computed}"
         stamps = self.__dict__.get("merge_stamps", {})
         changed = []
         for name in subtracted:

@@ -100,6 +100,9 @@ class LoraLinear(LoraLayer):
             active = [n for n in active if n not in merged]
             if not active:  # a merged model: the base layer alone, as merge_and_unload leaves it (no plan here:
                 return base(x)  # a mixed batch on a layer with merged adapters took the generic path above)
+        for dropout in mods["lora_dropout"]._modules.values():
+            if dropout.training and self.drops_now():  # a dropout module left in training mode (Monte
+                return super().forward(x)  # Carlo dropout) drops: the generic path (see dropout_p)
         W = base.__dict__["_parameters"].get("weight")
         # (a tensor subclass as weight — quantized, distributed, fake — may implement F.linear its own way)
         direct = (type(W) in PLAIN_TENSORS and x.dtype is W.dtype and x.is_contiguous()
@@ -160,8 +163,9 @@ class LoraLinear(LoraLayer):
 
     def add_lora(self, name: str, x: torch.Tensor, result: torch.Tensor) -> torch.Tensor:
         # One fused autograd node: in-place addmm, no saved dropout copy (see layers/fused.py).
+        p = self.dropout_p(name)  # (the dropout module's mode decides, not the layer's)
         return fused_lora_add(result, x, self.lora_A._parameters[name], self.lora_B._parameters[name],
-                              self.scaling[name], self.dropout_p(name), self.training)
+                              self.scaling[name], p, p > 0)
 
     # ---- mixed-adapter batches, batched over adapters ---------------------------------------------
 
@@ -185,7 +189,7 @@ class LoraLinear(LoraLayer):
         """
         tokens = x.numel() // x.shape[-1] if x.dim() else 0
         if (torch.is_grad_enabled() or self.training or self.merged_adapters or tokens > BATCHED_MIXED_MAX_TOKENS
-                or x.dim() < 2 or x.shape[0] != plan.batch_size or not result.is_contiguous()):
+                or x.dim() < 2 or x.shape[0] != plan.batch_size or not result.is_contiguous() or self.drops_now()):
             return super().mixed_forward(x, result, plan)
         d = self.__dict__
         stacks = d.get("_batched")
@@ -213,7 +217,7 @@ class LoraLinear(LoraLayer):
             d.pop("_batched", None)  # free the old stacks before building new ones
             stacks = d["_batched"] = BatchedStacks(self, stacked)
             if self.batch_context is not None:
-                self.batch_context.batched_layers.add(self)
+                self.batch_context.add_batched(self)
         A_t, B_t, slots = stacks.A_t[lo:hi], stacks.B_t[lo:hi], stacked[lo:hi]
         index, mask = self._token_layout(plan, slots, tokens // plan.batch_size, A_t.dtype, x.device)
         if index.numel() > 4 * tokens:  # mostly padding (many loaded adapters, few used)

@@ -120,7 +120,7 @@ class DoraVariant(LoraVariant):
             scale = scale.reshape(scale.shape[scale.dim() - result.dim():])
         dropout = layer.lora_dropout[name]
         bias = getattr(layer.base_layer, "bias", None)
-        if isinstance(dropout, nn.Identity) or not layer.training:
+        if not layer.dropout_p(name):  # (no dropout, or its module in eval mode: see LoraLayer.dropout_p)
             x_branch, base_out = x, result
         else:
             # Dropout on the input: the rescaled base term must see the same dropped input (as PEFT).
