@@ -6,6 +6,7 @@ this file only wires them together, so adding a command never touches another ar
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import os
 import sys
@@ -43,6 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``lorakit`` console script; returns the process exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    # An ASCII-only stdout (PYTHONIOENCODING=ascii) raised UnicodeEncodeError on any reply or path with
+    # a non-ASCII character (ending a chat, losing a generation): escape such characters instead
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(AttributeError, ValueError, OSError):  # (a stream that is no text file)
+            stream.reconfigure(errors="backslashreplace")
     try:
         parser = build_parser()  # (no torch: a command's module imports it when the command runs)
     except KeyboardInterrupt:

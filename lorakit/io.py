@@ -66,6 +66,37 @@ def check_new_directory(out: str | Path) -> None:
         raise FileExistsError(f"--out {str(out)!r} already exists and is not empty")
 
 
+def _failed_write(exc: BaseException) -> bool:
+    """Whether ``exc`` is a library's report of a failed file write: safetensors' ``SafetensorError``
+    ("No space left on device" inside), torch.save's ``RuntimeError`` from its zip writer
+    ("[enforce fail at inline_container.cc] unexpected pos")."""
+    if type(exc).__name__ == "SafetensorError":
+        return True
+    text = str(exc)
+    return isinstance(exc, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text
+                                              or "No space left on device" in text)
+
+
+@contextlib.contextmanager
+def writing(where: str | Path) -> Any:
+    """Report a failed write under ``where`` (a full disk, a lost mount) as an ``OSError`` naming it.
+
+    safetensors and ``torch.save`` report a failed write with their own exception types, and an
+    ``OSError`` from a plain write names no file ("[Errno 28] No space left on device"): the command
+    line printed a traceback, or an error that did not say where. Other exceptions pass unchanged.
+    """
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None and exc.errno is not None:
+            raise OSError(exc.errno, exc.strerror or str(exc), str(where)) from exc
+        raise
+    except Exception as exc:
+        if _failed_write(exc):
+            raise OSError(f"could not write into {str(where)!r} ({exc}); is the disk full?") from exc
+        raise
+
+
 def write_new_directory(out: str | Path, write: Callable[[Path], None]) -> Path:
     """Create the directory ``out`` atomically: ``write(tmp)`` fills a temporary sibling, which gets
     ordinary permissions and is then renamed to ``out``, so a failure (or Ctrl-C) leaves no
@@ -78,7 +109,8 @@ def write_new_directory(out: str | Path, write: Callable[[Path], None]) -> Path:
     remove_stale_temporaries(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        write(tmp)
+        with writing(out.parent):
+            write(tmp)
         ordinary_modes(tmp)  # mkdtemp and safetensors make theirs private
         check_new_directory(out)  # something may have appeared there meanwhile
         if out.exists():
@@ -107,7 +139,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as handle:
+        with writing(path.parent), os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())

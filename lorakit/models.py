@@ -44,7 +44,13 @@ def cache_dir() -> Path:
         return Path(xdg).expanduser() / "lorakit"
     try:
         home = Path.home()
-    except RuntimeError:  # no $HOME and no passwd entry (a container run as an arbitrary uid)
+        if not home.is_absolute():  # a relative $HOME: the account's own home, as for a relative XDG_CACHE_HOME
+            import pwd  # (before, a 517 MB cache was built under whatever directory the command ran in)
+
+            home = Path(pwd.getpwuid(os.getuid()).pw_dir)
+    except (RuntimeError, KeyError, ImportError):  # no $HOME and no passwd entry (a container run as an arbitrary uid)
+        home = None
+    if home is None or not home.is_absolute():
         raise OSError("no home directory to keep lorakit's cache in: set LORAKIT_CACHE_DIR (or XDG_CACHE_HOME) "
                       "to a writable directory") from None
     return home / ".cache" / "lorakit"

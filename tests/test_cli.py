@@ -1,8 +1,10 @@
 """The ``lorakit`` entry point itself: exit codes and what reaches stderr."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -125,3 +127,34 @@ def test_a_command_gives_the_callers_thread_count_back(monkeypatch, capsys):
     assert main(["generate", "--max-new-tokens", "0", "hi"]) == 2  # refused after the threads were picked
     assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
     assert torch.get_num_threads() == before
+
+
+def test_an_ascii_only_stdout_gets_escapes_not_a_crash():
+    # PYTHONIOENCODING=ascii: lowrank's table (a "‖" in it) raised UnicodeEncodeError: exit 2, no table
+    env = {**os.environ, "PYTHONIOENCODING": "ascii"}
+    proc = subprocess.run([sys.executable, "-m", "lorakit", "lowrank", "--size", "64", "--no-plot"], env=env,
+                          capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode("ascii", "replace")
+    out = proc.stdout.decode("ascii")  # only ASCII came out
+    assert "\\u2016" in out and "rank" in out
+
+
+def test_chat_with_stdin_closed_says_so(monkeypatch):
+    from lorakit.train.generate import chat_loop
+
+    monkeypatch.setattr(sys, "stdin", None)  # `lorakit chat <&-`: AttributeError on None.isatty
+    with pytest.raises(ValueError, match="standard input, which is closed"):
+        chat_loop(None, None, 4, "fp32")
+
+
+def test_a_relative_home_is_not_where_the_cache_goes(monkeypatch):
+    import pwd
+
+    from lorakit.models import cache_dir
+
+    for name in ("LORAKIT_CACHE_DIR", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", "relative/home")  # built the 517 MB cache under the current directory
+    assert cache_dir() == Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "lorakit"
+    monkeypatch.setenv("HOME", "/abs/home")
+    assert cache_dir() == Path("/abs/home/.cache/lorakit")

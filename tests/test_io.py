@@ -1045,3 +1045,41 @@ def test_a_load_stopped_after_it_wrote_a_base_bias_puts_that_bias_back(tmp_path,
     assert wrote_bias == [True]
     assert not torch.equal(snap["fc.bias"], _fc_head(1).fc.bias)  # the file's bias differs from the model's
     _unchanged(model, snap)
+
+
+def test_failed_writes_come_out_as_os_errors_naming_where(tmp_path, monkeypatch):
+    # a full disk: safetensors raises its own SafetensorError, torch.save a RuntimeError from its zip
+    # writer, a plain write an OSError naming no file ("[Errno 28] No space left on device")
+    import errno
+
+    from lorakit.io import atomic_write_bytes, write_new_directory, writing
+
+    SafetensorError = type("SafetensorError", (Exception,), {})
+    for exc in (SafetensorError('Error while serializing: IoError(Os { code: 28, message: "No space left on device" })'),
+                RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 64 vs 0")):
+        with pytest.raises(OSError, match=f"could not write into '{tmp_path}' .*disk full") as info:
+            with writing(tmp_path):
+                raise exc
+        assert info.value.__cause__ is exc
+    with pytest.raises(OSError) as info:
+        with writing(tmp_path):
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert (info.value.errno, info.value.filename) == (errno.ENOSPC, str(tmp_path))
+    for exc in (ValueError("bad value"), RuntimeError("a bug"), OSError(errno.EACCES, "denied", "/x")):
+        with pytest.raises(type(exc)) as info:
+            with writing(tmp_path):
+                raise exc
+        assert info.value is exc  # not a write failure (or already named): unchanged
+
+    def full(_tmp):
+        raise SafetensorError("No space left on device")
+    with pytest.raises(OSError, match="could not write into"):
+        write_new_directory(tmp_path / "out", full)
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+    def fsync_full(_fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "fsync", fsync_full)
+    with pytest.raises(OSError) as info:
+        atomic_write_bytes(tmp_path / "f.bin", b"data")
+    assert info.value.filename == str(tmp_path) and not list(tmp_path.glob(".f.bin.*"))

@@ -497,6 +497,29 @@ def test_ctrl_c_while_the_last_steps_checkpoint_is_written_keeps_the_run(tmp_pat
     assert res.steps == 4 and not res.interrupted and (tmp_path / "run" / "adapter_model.safetensors").exists()
 
 
+def test_a_checkpoint_that_cannot_be_written_is_an_os_error_naming_the_run(tmp_path, tok, data_files, monkeypatch):
+    # a full disk: torch.save's zip writer raises RuntimeError ("unexpected pos"), safetensors its
+    # SafetensorError; the command line printed a traceback (it turns OSErrors into one line)
+    cfg = _cfg(tmp_path, data_files, max_steps=4, save_steps=2)
+    real, calls = torch.save, []
+
+    def full_after_first_checkpoint(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 3:  # (one checkpoint writes three .pt files)
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1024 vs 512")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", full_after_first_checkpoint)
+    run = tmp_path / "run"
+    with pytest.raises(OSError, match=f"could not write into {re.escape(repr(str(run)))} .*unexpected pos.*disk full"):
+        train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    state = json.loads((find_checkpoint(run) / "trainer_state.json").read_text())
+    assert state["step"] == 2 and not list(run.glob(".checkpoint-tmp-*"))  # the last good one kept, no debris
+    monkeypatch.setattr(torch, "save", real)
+    res = train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert res.steps == 4 and not res.interrupted
+
+
 @pytest.mark.parametrize("init", ["pissa_niter_2", "olora"])
 def test_a_checkpoints_adapter_is_exported_like_the_final_one(tmp_path, tok, data_files, init):
     """A PiSSA / OLoRA run's checkpoint/adapter is the plain LoRA against the original base (as the final
@@ -1291,6 +1314,62 @@ def test_sigterm_stops_after_the_step_with_a_checkpoint_like_ctrl_c(tmp_path, to
     assert signal.getsignal(signal.SIGTERM) is before and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     res = train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
     assert res.steps == 5 and not res.interrupted
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGHUP"])
+def test_sigterm_or_sighup_before_the_loop_cleans_up_like_ctrl_c(tmp_path, tok, data_files, monkeypatch, sig):
+    # while the model loaded (or the first evaluation ran), SIGTERM killed the process at once and
+    # left the new run's directory claimed: the same command was then refused ("delete it")
+    real = loop.tokenize_all
+
+    def stop_while_loading(*args, **kwargs):
+        os.kill(os.getpid(), getattr(signal, sig))
+        return real(*args, **kwargs)
+
+    def stop_mid_loop(step, _loss):
+        if step == 2:
+            os.kill(os.getpid(), getattr(signal, sig))
+
+    before = signal.getsignal(getattr(signal, sig))
+    cfg = _cfg(tmp_path, data_files, max_steps=3)
+    monkeypatch.setattr(loop, "tokenize_all", stop_while_loading)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert not (tmp_path / "run").exists() and signal.getsignal(getattr(signal, sig)) is before
+    monkeypatch.setattr(loop, "tokenize_all", real)
+    res = train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, on_step=stop_mid_loop, log=_quiet)
+    assert res.interrupted and res.steps == 2  # in the loop: finish the step, keep a checkpoint
+    res = train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert res.steps == 3 and not res.interrupted and signal.getsignal(getattr(signal, sig)) is before
+
+
+def test_a_run_in_progress_locks_its_directory(tmp_path, tok, data_files):
+    # two --resume of one run at once both trained and both said "saved" (the second over the
+    # first); a new run on a live run's directory was told to delete it
+    def ctrl_c(step, _loss):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    cfg = _cfg(tmp_path, data_files, max_steps=4)
+    assert train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, on_step=ctrl_c, log=_quiet).interrupted
+    run = tmp_path / "run"
+    state = (find_checkpoint(run) / "trainer_state.json").read_text()
+    held = loop.lock_run_dir(run)  # as another process training in it holds it
+    try:
+        with pytest.raises(FileExistsError, match="is in use: another lorakit process is training in it"):
+            train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+        with pytest.raises(FileExistsError, match="is in use"):
+            train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+        assert (find_checkpoint(run) / "trainer_state.json").read_text() == state
+    finally:
+        os.close(held)
+    seen = []
+
+    def still_locked(step, _loss):
+        seen.append(loop._locked(run))
+    res = train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, on_step=still_locked,
+                log=_quiet)
+    assert res.steps == 4 and seen == [True, True] and not loop._locked(run)  # held while it trains, then given back
 
 
 def test_a_kill_while_the_run_record_is_written_leaves_a_resumable_run(tmp_path, tok, data_files, monkeypatch):

@@ -614,6 +614,9 @@ def chat_loop(model: Any, tokenizer: Any, max_new_tokens: int, precision: str, s
     Returns:
         0 (the exit code).
     """
+    if read is None and sys.stdin is None:  # (`lorakit chat <&-`: raised AttributeError on None.isatty)
+        raise ValueError("chat reads its messages from standard input, which is closed; give them on stdin, "
+                         "or use `lorakit generate PROMPT`")
     piped = read is None and not sys.stdin.isatty()  # a terminal echoes what is typed; a pipe does not
     if read is None:
         # a byte that is not UTF-8 becomes a lone surrogate, which check_text refuses for that message;

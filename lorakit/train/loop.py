@@ -277,21 +277,13 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: torch.optim.Optimizer,
     ``trainer_state.json`` (step, data position, metrics so far)
     and, for LoRA, the adapter in PEFT format.
     """
-    from safetensors.torch import save_file
+    from lorakit.io import writing
 
     final = run_dir / CHECKPOINT
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-tmp-", dir=run_dir))
     try:
-        save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        rng = {"torch": torch.get_rng_state()}
-        if rng_states is not None and len(rng_states) > 1:
-            rng["ranks"] = list(rng_states)
-        torch.save(rng, tmp / "rng.pt")
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-        if cfg.method != "full":
-            save_run_adapter(model, tmp / "adapter", cfg)
+        with writing(run_dir):
+            _write_checkpoint_files(tmp, model, optimizer, scheduler, state, cfg, rng_states)
         old = run_dir / ".checkpoint-old"
         if final.exists():
             if old.exists():
@@ -303,6 +295,23 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: torch.optim.Optimizer,
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return final
+
+
+def _write_checkpoint_files(tmp: Path, model: Any, optimizer: torch.optim.Optimizer, scheduler: Any,
+                            state: dict[str, Any], cfg: TrainConfig, rng_states: list[torch.Tensor] | None) -> None:
+    """``save_checkpoint``'s files, into its temporary directory ``tmp``."""
+    from safetensors.torch import save_file
+
+    save_file(trainable_state(model), str(tmp / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    rng = {"torch": torch.get_rng_state()}
+    if rng_states is not None and len(rng_states) > 1:
+        rng["ranks"] = list(rng_states)
+    torch.save(rng, tmp / "rng.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+    if cfg.method != "full":
+        save_run_adapter(model, tmp / "adapter", cfg)
 
 
 def resume_command(run_dir: Path, dist: Dist = Dist()) -> str:
@@ -531,10 +540,16 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
     """
     dist = setup_distributed()
     threads = torch.get_num_threads()
+    before_loop = _signals_as_ctrl_c()
+    locks: list[int | None] = []
     try:
-        result = _train(cfg, resume, model, tokenizer, progress, on_step, log, dist, before_eval)
+        result = _train(cfg, resume, model, tokenizer, progress, on_step, log, dist, before_eval, locks)
     finally:
         torch.set_num_threads(threads)  # (cfg.threads is this run's: a caller's process keeps its own)
+        _restore_sigint(before_loop)
+        for fd in locks:
+            if fd is not None:
+                os.close(fd)  # (gives the run directory's lock back)
     dist.barrier()  # the others wait for the first process's final phase: all end together
     return result
 
@@ -558,7 +573,7 @@ def with_absolute_paths(cfg: TrainConfig) -> TrainConfig:
 
 def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress: bool,
            on_step: Callable[[int, float], None] | None, log: Callable[[str], None], dist: Dist,
-           before_eval: dict[str, Any] | None = None) -> TrainResult:
+           before_eval: dict[str, Any] | None = None, locks: list[int | None] | None = None) -> TrainResult:
     if not dist.main:  # one voice: the first process logs and draws the progress bar
         log, progress = _silent, False
     wall_start = time.perf_counter()
@@ -581,10 +596,18 @@ def _train(cfg: TrainConfig, resume: bool, model: Any, tokenizer: Any, progress:
     # The run directory is claimed now, before the slow model load, by creating its
     # train_config.yaml exclusively: a second run on the same directory is refused, and the
     # clean-up of a failed new run removes only what this run wrote.
+    # The first process also locks the directory until the run ends (lock_run_dir): a second
+    # --resume of the same run is refused while this one trains.
+    lock = dist.main and locks is not None
     if resume:
         created = False  # (its train_config.yaml is rewritten once the checkpoint has loaded)
+        if lock:
+            locks.append(lock_run_dir(run_dir))
     else:
         run_dir, created = _claim_run_dir_once(run_dir, cfg, dist)
+        if lock:
+            with contextlib.suppress(FileExistsError):  # (the claim is this run's alone already)
+                locks.append(lock_run_dir(run_dir))
     attention_before = None
     handed = None  # (a model given to train(): its state before LoRA, restored if the run fails)
     old_handler = None  # the SIGINT handler the loop replaced, until the run is safe on disk
@@ -1056,8 +1079,53 @@ def _write_run_config(run_dir: Path, cfg: TrainConfig) -> None:
     os.replace(tmp, run_dir / "train_config.yaml")
 
 
+def lock_run_dir(run_dir: Path) -> int | None:
+    """Lock ``run_dir`` for this process (``flock`` on the directory; released when the returned
+    descriptor is closed, or the process ends however it ends). Two ``--resume`` of one run at once
+    both trained and both said "saved", the second over the first. None where there is no flock.
+
+    Raises:
+        FileExistsError: another process holds the lock (a run is training in the directory).
+    """
+    try:
+        import fcntl
+    except ImportError:  # (not on Windows)
+        return None
+    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise FileExistsError(_in_use(run_dir)) from None
+    return fd
+
+
+def _in_use(path: Path) -> str:
+    return (f"output directory {str(path)!r} is in use: another lorakit process is training in it; wait for it "
+            "to end (or stop it), or choose another --output")
+
+
+def _locked(path: Path) -> bool:
+    """Whether a process holds ``lock_run_dir``'s lock on ``path``."""
+    try:
+        import fcntl
+
+        fd = os.open(path, os.O_RDONLY)
+    except (ImportError, OSError):
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def _holds_files(path: Path) -> str:
     """The refusal of a new run in a directory that already holds files."""
+    if _locked(path):  # (a live run: "delete it" below would have deleted a run in progress)
+        return _in_use(path)
     if (path / "train_config.yaml").is_file() and find_checkpoint(path) is None and not any(
             (path / name).exists() for name in ("adapter_config.json", "adapter_model.safetensors", "model", RUN_INFO)):
         # (a run killed before its first checkpoint: --resume refuses it, so pointing there was a loop)
@@ -1199,12 +1267,36 @@ def _truncate_log(log_path: Path, step: int) -> None:
     os.replace(tmp, log_path)
 
 
+#: Signals a run takes as a Ctrl-C: SIGTERM (a batch scheduler's pre-emption, ``kill``, torchrun
+#: stopping its workers) and SIGHUP (the terminal closed, the ssh connection dropped).
+_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _signals_as_ctrl_c() -> Any:
+    """Outside the training loop (loading, the first evaluation, the final phase): SIGTERM and SIGHUP
+    raise KeyboardInterrupt as Ctrl-C does, so the run cleans up as after a Ctrl-C — before, they
+    killed the process at once, and a run stopped before its first checkpoint left its directory
+    claimed (the same command was then refused). Ignored signals stay ignored (``_install_sigint``).
+    Returns the replaced handlers, for ``_restore_sigint``."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    return {sig: signal.signal(sig, handler) for sig in _STOP_SIGNALS
+            if sig != signal.SIGINT and signal.getsignal(sig) is not signal.SIG_IGN}
+
+
 def _install_sigint(stop: dict[str, bool], dist: Dist = Dist()) -> Any:
     """First Ctrl-C: finish the current step, save a checkpoint, exit. Second: stop at once.
     (Several processes: the request goes out with the next gradient exchange, and all of them stop
     after that step; only the first process says so, torchrun passing a Ctrl-C to every process.)
-    SIGTERM (a batch scheduler's pre-emption, ``kill``, torchrun stopping its workers) is taken as
-    a Ctrl-C: before, it killed the run at once and lost the steps since the last checkpoint.
+    SIGTERM (a batch scheduler's pre-emption, ``kill``, torchrun stopping its workers) and SIGHUP
+    (the terminal closed) are taken as a Ctrl-C: before, they killed the run at once and lost the
+    steps since the last checkpoint.
     A signal this process ignores stays ignored: a shell script's background job (``lorakit train
     ... &``) starts with SIGINT ignored so that a Ctrl-C at the terminal leaves it running.
     Returns the replaced handlers, for ``_restore_sigint``."""
@@ -1225,8 +1317,7 @@ def _install_sigint(stop: dict[str, bool], dist: Dist = Dist()) -> Any:
             print(f"\n{what}: every process stops after the same step (this one or the next) and a checkpoint "
                   f"is saved ({what} again stops at once)", file=sys.stderr)
 
-    return {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)
-            if signal.getsignal(sig) is not signal.SIG_IGN}
+    return {sig: signal.signal(sig, handler) for sig in _STOP_SIGNALS if signal.getsignal(sig) is not signal.SIG_IGN}
 
 
 def _restore_sigint(old: Any) -> None:
