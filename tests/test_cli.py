@@ -158,3 +158,27 @@ def test_a_relative_home_is_not_where_the_cache_goes(monkeypatch):
     assert cache_dir() == Path(pwd.getpwuid(os.getuid()).pw_dir) / ".cache" / "lorakit"
     monkeypatch.setenv("HOME", "/abs/home")
     assert cache_dir() == Path("/abs/home/.cache/lorakit")
+
+
+def test_a_training_runs_messages_outlive_its_stdout(monkeypatch, capsys):
+    # `lorakit train | head -4`: the failed write ended the run (a run without a checkpoint was
+    # deleted); now its messages go to stderr and the run goes on
+    import io
+
+    from lorakit.train.cli import stdout_log
+
+    class Gone(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def fileno(self):
+            raise io.UnsupportedOperation("no fd")
+
+    log = stdout_log()
+    log("step 1")
+    monkeypatch.setattr(sys, "stdout", Gone())
+    log("step 2")
+    log("step 3")
+    err = capsys.readouterr().err
+    assert "stdout cannot be written any more" in err and err.index("step 2") < err.index("step 3")
+    assert "step 1" not in err

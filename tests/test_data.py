@@ -146,7 +146,7 @@ def test_truncation_drops_examples_without_answer(tok, capsys):
     short = D.parse_record({"prompt": "hi", "completion": "hello"}, "x")  # 8 tokens in all
     kept = D.tokenize_all(tok, ex + [short], 8, what="train")
     assert len(kept) == 1 and kept[0].n_labels == 2
-    assert "dropped 3 examples" in capsys.readouterr().out
+    assert "dropped 3 examples" in capsys.readouterr().err
     with pytest.raises(ValueError, match="max_length=8"):
         D.tokenize_all(tok, ex, 8)
     assert len(D.tokenize_all(tok, ex, 128)) == 3

@@ -13,7 +13,7 @@ import shlex
 import sys
 from dataclasses import fields
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from lorakit.train.config import HELP, TrainConfig
 
@@ -121,8 +121,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lorakit.train.loop import NonFiniteLossError, train
 
     cfg = config_from_args(args)
+    log = stdout_log()
     try:
-        result = train(cfg, resume=bool(args.resume), progress=not args.no_progress)
+        result = train(cfg, resume=bool(args.resume), progress=not args.no_progress, log=log)
     except NonFiniteLossError as exc:
         print(f"{process_tag()}lorakit train: error: {exc}", file=sys.stderr)
         return 1
@@ -135,8 +136,37 @@ def cmd_train(args: argparse.Namespace) -> int:
     from lorakit.train.data import BUILTIN_TASK
 
     builtin = cfg.data is None or cfg.data == BUILTIN_TASK
-    print(f"\ntry it:  lorakit generate {where} " + ('"Review: a tender, funny film."' if builtin else '"<a prompt like your data\'s>"'))
+    log(f"\ntry it:  lorakit generate {where} " + ('"Review: a tender, funny film."' if builtin else '"<a prompt like your data\'s>"'))
     return 0
+
+
+def stdout_log() -> Callable[[str], None]:
+    """``print`` for a training run's messages that outlives its stdout.
+
+    Where stdout fails (``lorakit train | head``: the reader went away; ``> /dev/full``), the run
+    goes on and its messages go to stderr from then on (log.jsonl has every step anyway). Before,
+    the failed write ended the run: a run without a checkpoint was deleted, a later one stopped with
+    no resume hint, and ``/dev/full`` read as "No space left on device" for the run directory.
+    """
+    out: list[Any] = []  # (stderr, once stdout has failed)
+
+    def log(text: str) -> None:
+        if not out:
+            try:
+                print(text, flush=True)
+                return
+            except (OSError, ValueError):  # (a BrokenPipeError is an OSError; ValueError: stdout was closed)
+                out.append(sys.stderr)
+                with contextlib.suppress(OSError, ValueError, AttributeError):
+                    devnull = os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(devnull, sys.stdout.fileno())  # what is still buffered there goes nowhere at exit
+                with contextlib.suppress(OSError, ValueError):
+                    print("lorakit train: stdout cannot be written any more (a pipe's reader went away?); the run "
+                          "goes on, its messages follow here", file=sys.stderr, flush=True)
+        with contextlib.suppress(OSError, ValueError):
+            print(text, file=out[0], flush=True)
+
+    return log
 
 
 # --------------------------------------------------------------------------- inference commands

@@ -447,7 +447,7 @@ def tokenize_all(tokenizer: Any, examples: list[Example], max_length: int, what:
         raise ValueError(f"{what}: no example has answer tokens within max_length={max_length}")
     if len(kept) < len(out):
         print(f"warning: {what}: dropped {len(out) - len(kept)} examples with no answer tokens within "
-              f"max_length={max_length}")
+              f"max_length={max_length}", file=sys.stderr)  # (with the other warnings: eval's is there too)
     return kept
 
 
