@@ -166,7 +166,11 @@ def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:
     import json
 
     gguf_file, out_dir = Path(gguf_file), Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)  # (before the conversion: an unusable cache fails fast)
+    try:  # (before the conversion: an unusable cache fails fast)
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # (a file in the way, a read-only file system: name it as the cache)
+        raise OSError(f"cannot create lorakit's model cache directory {str(out_dir.parent)!r}: "
+                      f"{exc.strerror or exc} (set LORAKIT_CACHE_DIR to a writable directory)") from exc
     if not os.access(out_dir.parent, os.W_OK | os.X_OK):
         raise OSError(f"cannot write the converted model into {out_dir.parent}: the directory is not writable "
                       "(set LORAKIT_CACHE_DIR to a writable directory)")

@@ -261,3 +261,13 @@ def test_a_tokenizer_s_own_pad_token_is_kept():
     tok = SimpleNamespace(pad_token=None, eos_token="</s>")
     models._ensure_pad_token(tok)
     assert tok.pad_token == "</s>"
+
+
+def test_a_cache_directory_that_cannot_be_made_is_named_as_the_cache(fake_gguf, tmp_path, monkeypatch):
+    # a file where the cache should be: "Not a directory: '.../models'", not saying it was the cache
+    (tmp_path / "blocked").write_text("")
+    monkeypatch.setenv("LORAKIT_CACHE_DIR", str(tmp_path / "blocked"))
+    with pytest.raises(OSError, match="cannot create lorakit's model cache directory .*blocked/models.*Not a directory.*"
+                                      "set LORAKIT_CACHE_DIR to a writable directory"):
+        models.default_model_path()
+    assert not fake_gguf  # refused before the conversion
