@@ -1071,6 +1071,15 @@ def test_saved_files_have_ordinary_permissions(tmp_path, tok, data_files):
     for name in ("adapter_model.safetensors", "adapter_config.json"):
         assert (res.run_dir / name).stat().st_mode & 0o777 == default_mode(), name
 
+    def ctrl_c(step, _loss):  # a checkpoint too (mkdtemp made its directory private, safetensors its tensors)
+        os.kill(os.getpid(), signal.SIGINT)
+    res = train(_cfg(tmp_path, data_files, "run2", max_steps=3), model=tiny_llama_lm(tok), tokenizer=tok,
+                progress=False, on_step=ctrl_c, log=_quiet)
+    ckpt = find_checkpoint(res.run_dir)
+    assert ckpt.stat().st_mode & 0o777 == default_mode(directory=True)
+    for path in ckpt.rglob("*"):
+        assert path.stat().st_mode & 0o777 == default_mode(directory=path.is_dir()), path
+
 
 def _gemma_like_tokenizer():
     """Turns end with <end_of_turn>, which is not the tokenizer's eos (<eos>), as in Gemma-it."""

@@ -277,13 +277,14 @@ def save_checkpoint(run_dir: Path, model: Any, optimizer: torch.optim.Optimizer,
     ``trainer_state.json`` (step, data position, metrics so far)
     and, for LoRA, the adapter in PEFT format.
     """
-    from lorakit.io import writing
+    from lorakit.io import ordinary_modes, writing
 
     final = run_dir / CHECKPOINT
     tmp = Path(tempfile.mkdtemp(prefix=".checkpoint-tmp-", dir=run_dir))
     try:
         with writing(run_dir):
             _write_checkpoint_files(tmp, model, optimizer, scheduler, state, cfg, rng_states)
+        ordinary_modes(tmp)  # (mkdtemp and safetensors make theirs private, whatever the umask)
         old = run_dir / ".checkpoint-old"
         if final.exists():
             if old.exists():
