@@ -399,7 +399,9 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn
         shared = _enter_generate(model, ctx)
         yield model
     finally:
-        ctx.stack.remove(entry)
+        # by identity: list.remove compares with ==, and an inner block with the same names has an
+        # equal entry (it removed the outer one, and the outer block's end then raised ValueError)
+        ctx.stack[:] = [e for e in ctx.stack if e is not entry]
         for handle in handles:
             handle.remove()
         if shared:

@@ -204,3 +204,44 @@ def test_a_model_weight_holding_nan_is_refused_with_the_model_and_tensor_named(t
     save_file({"layers.0.q_proj.weight": torch.eye(4), "layers.0.k_proj.weight": bad}, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match=r"weight 'layers.0.k_proj.weight' holds NaN or inf"):
         lowrank.select_weights_counted(str(tmp_path), r"_proj")
+
+
+# ---- mutation round 6 (/tmp/mutants6): lowrank's command line, weight files
+def test_a_trailing_comma_in_an_int_list_is_ignored():
+    from lorakit.analysis import cli as acli
+
+    assert acli._ints("4,8,") == [4, 8]
+
+
+def test_an_svd_rank_equal_to_the_size_is_taken(capsys):
+    assert main(["lowrank", "--size", "8", "--svd-ranks", "2,8", "--json"]) == 0
+    capsys.readouterr()
+    assert main(["lowrank", "--size", "8", "--svd-ranks", "9", "--json"]) == 2
+
+
+def test_the_names_default_and_embedded_mean_the_embedded_model():
+    from lorakit.analysis import weights
+
+    assert weights.resolve("default") == weights.resolve(None) == weights.resolve("embedded")
+
+
+def test_load_state_dict_with_keys_loads_only_those(tmp_path):
+    from safetensors.torch import save_file
+
+    from lorakit.analysis import weights
+
+    save_file({"a.weight": torch.ones(2, 2), "b.weight": torch.zeros(3)}, str(tmp_path / "model.safetensors"))
+    assert set(weights.load_state_dict(tmp_path, keys=["a.weight"])) == {"a.weight"}
+
+
+def test_a_pickled_weights_file_is_refused_by_name(tmp_path):
+    from lorakit.analysis import weights
+
+    torch.save({"a": torch.ones(1)}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="not a .safetensors file"):
+        weights.safetensors_files(tmp_path / "pytorch_model.bin")
+
+
+def test_lowrank_refuses_a_seed_of_2_pow_63(capsys):
+    assert main(["lowrank", "--seed", str(2**63), "--json"]) == 2
+    assert "--seed" in capsys.readouterr().err

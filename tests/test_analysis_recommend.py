@@ -167,3 +167,43 @@ def test_analysis_commands_take_one_thread_per_free_core_and_give_them_back(monk
 def test_recommend_refuses_a_zero_batch_size_or_sequence_length(flag, capsys):
     assert main(["recommend", "--task", "simple", "--model-size", "7B", "--data-size", "500", flag, "0"]) == 2
     assert f"{flag} must be >= 1, got 0" in capsys.readouterr().err
+
+
+# ---- mutation round 6 (/tmp/mutants6)
+def test_recommend_from_an_adapter_defaults_to_99_percent_energy(tmp_path, capsys):
+    import lorakit as lk
+    from conftest import tiny_llama
+
+    m = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+    lk.save_adapter(m, tmp_path / "a")
+    assert main(["recommend", "--adapter", str(tmp_path / "a"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["data_driven"]["energy"] == 0.99
+
+
+def test_model_size_columns_include_their_upper_bound():
+    from lorakit.analysis import recommend
+
+    assert recommend.parse_model_size(10_000_000_000)[0] == "7B"
+    assert recommend.parse_model_size(40_000_000_000)[0] == "13B"
+    assert recommend.parse_model_size(40_000_000_001)[0] == "70B"
+
+
+def test_a_grouped_convs_rounded_up_rank_respects_the_cap(tmp_path):
+    import lorakit as lk
+    from lorakit.analysis import recommend
+    from test_grouped_conv import GROUPS, net
+
+    m = lk.get_lora_model(net(), lk.LoraConfig(r=8, target_modules=["conv"], init_lora_weights=False))
+    lk.save_adapter(m, tmp_path / "adapter")
+    uncapped = recommend.data_driven_ranks(adapter=tmp_path / "adapter", energy=1.0)["modules"][0]
+    assert uncapped["suggested"] == 2 * GROUPS  # full rank 8: two channels per group
+    row = recommend.data_driven_ranks(adapter=tmp_path / "adapter", energy=1.0, cap=GROUPS + 1)["modules"][0]
+    assert row["suggested"] == GROUPS and row["capped"]  # rounded down to a multiple under the cap
+
+
+def test_a_fractional_data_size_is_refused():
+    from lorakit.analysis import recommend
+
+    with pytest.raises(ValueError, match="data_size"):
+        recommend.recommend_rank("simple", 2500.5, "7B")
+    assert recommend.recommend_rank("simple", 2500.0, "7B")["rank"] == 4

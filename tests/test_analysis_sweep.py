@@ -198,3 +198,30 @@ def test_sweep_does_not_pick_threads_itself(tmp_path, monkeypatch, capsys):
     assert calls == []
     assert main(["recommend", "--task", "simple", "--model-size", "7B", "--data-size", "500"]) == 0
     assert len(calls) == 1  # (the other analysis commands do)
+
+
+# ---- mutation round 6 (/tmp/mutants6)
+def test_the_sweep_plot_draws_ranks_in_increasing_order(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    xs = []
+    real = Axes.plot
+    monkeypatch.setattr(Axes, "plot", lambda self, x, *a, **k: (xs.append(list(x)), real(self, x, *a, **k))[1])
+    rows = [dict(rank=r, eval_loss=1.0 / r, accuracy=None, step_seconds=0.1 * r) for r in (8, 2, 4)]
+    plot_sweep(rows, tmp_path / "sweep.png")
+    assert xs and all(x == sorted(x) for x in xs)
+
+
+def test_a_sweep_row_reports_the_median_step_time_not_the_total(tmp_path):
+    import statistics
+
+    tok = tiny_tokenizer()
+    train_file = write_jsonl(toy_records(48), tmp_path / "train.jsonl")
+    base = TrainConfig(data=str(train_file), max_steps=5, batch_size=8, lr=1e-2, precision="fp32", save_steps=0)
+    row, = run_sweep(base, [2], tmp_path / "sweep", load=lambda: (tiny_llama_lm(tok), tok), progress=False,
+                     log=lambda s: None)
+    steps = [json.loads(x)["step_s"] for x in (tmp_path / "sweep" / "r2" / "log.jsonl").read_text().splitlines()]
+    assert row["step_seconds"] == statistics.median(steps[1:])

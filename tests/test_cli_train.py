@@ -799,3 +799,54 @@ def test_resume_continues_in_the_directory_given_even_after_a_move(tmp_path, fil
     assert main(["train", "--resume", str(tmp_path / "moved"), "--no-progress"]) == 0
     assert (tmp_path / "moved" / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "first").exists()
+
+
+# ---- mutation round 6 (/tmp/mutants6): configuration and command-line boundaries
+def test_seed_2_pow_63_is_refused():
+    with pytest.raises(ValueError, match="seed"):
+        TrainConfig(seed=2**63).validate()
+    TrainConfig(seed=2**63 - 1).validate()
+
+
+def test_alpha_zero_is_refused():
+    with pytest.raises(ValueError, match="alpha"):
+        TrainConfig(alpha=0).validate()
+
+
+def test_a_yes_no_option_refuses_other_words():
+    with pytest.raises(ValueError, match="use_rslora"):
+        TrainConfig.from_dict({"use_rslora": "maybe"})
+    assert TrainConfig.from_dict({"use_rslora": "yes"}).use_rslora is True
+
+
+def test_an_integer_option_refuses_a_fraction():
+    with pytest.raises(ValueError, match="max_steps"):
+        TrainConfig.from_dict({"max_steps": 2.5})
+    assert TrainConfig.from_dict({"max_steps": 3.0}).max_steps == 3
+
+
+def test_resume_with_output_is_refused_by_name(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path), "--output", str(tmp_path / "other")]) == 2
+    assert "--output cannot be combined with --resume" in capsys.readouterr().err
+
+
+def test_generate_refuses_zero_new_tokens_before_loading(tmp_path, capsys):
+    assert main(["generate", "--model", str(tmp_path / "missing"), "--max-new-tokens", "0", "hi"]) == 2
+    assert "--max-new-tokens must be >= 1" in capsys.readouterr().err
+
+
+def test_one_use_takes_the_words_as_one_prompt(tmp_path, capsys):
+    import lorakit as lk
+    from tiny_lm import tiny_llama_lm, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    base_dir = tmp_path / "base"
+    tiny_llama_lm(tok).save_pretrained(base_dir)
+    tok.save_pretrained(base_dir)
+    torch.manual_seed(1)
+    m = lk.get_lora_model(tiny_llama_lm(tok), lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "pos")
+    lk.save_adapter(m, tmp_path / "pos", adapter_name="pos")
+    common = ["generate", "--model", str(base_dir), "--raw", "--precision", "fp32", "--max-new-tokens", "2",
+              "--adapter", f"pos={tmp_path / 'pos'}", "--use", "pos"]
+    assert main(common + ["good", "film"]) == 0  # one --use: the words form one prompt (as without --use)
+    assert len(capsys.readouterr().out.strip().splitlines()) == 1

@@ -1051,3 +1051,71 @@ def test_an_embedding_adapter_takes_no_dropout_on_its_token_ids():
     ids = torch.tensor([[1, 2, 3]])
     m(ids).sum().backward()
     assert m.emb.lora_A["default"].grad is not None
+
+
+# ---- mutation round 6 (/tmp/mutants6): adding adapters, what trains
+def test_a_later_adapter_on_modules_the_first_lacks_is_not_active():
+    torch.manual_seed(0)
+    m = tiny_llama()
+    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "a")
+    x = torch.randint(3, 101, (2, 6), generator=torch.Generator().manual_seed(1))
+    m.eval()
+    with torch.no_grad():
+        ref = m(x).logits
+    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False), "b")
+    m.eval()
+    assert lk.active_adapters(m) == ["a"]
+    with torch.no_grad():
+        assert torch.equal(m(x).logits, ref)  # "b" is not active until set_adapter names it
+    lk.set_adapter(m, "b")
+    with torch.no_grad():
+        assert not torch.allclose(m(x).logits, ref)
+
+
+def _bias_grads(m):
+    return {n: p.requires_grad for n, p in m.named_parameters() if n.endswith("bias")}
+
+
+def test_a_lora_only_bias_adapter_turns_on_only_its_own_layers_biases():
+    m = tiny_llama(bias=True)
+    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]), "a")
+    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["q_proj"], bias="lora_only"), "b")
+    g = _bias_grads(m)
+    assert any(v for n, v in g.items() if "q_proj" in n)
+    assert not any(v for n, v in g.items() if "v_proj" in n)  # a layer of adapter "a" alone
+
+
+def test_loading_a_frozen_adapter_that_trains_biases_leaves_the_biases_frozen(tmp_path):
+    cfg_b = lk.LoraConfig(r=2, target_modules=["q_proj"], bias="all")
+    lk.save_adapter(lk.get_lora_model(tiny_llama(bias=True), cfg_b, "b"), tmp_path / "b", adapter_name="b")
+    m = tiny_llama(bias=True)
+    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["q_proj"]), "a")
+    lk.load_adapter(m, tmp_path / "b", "b")  # is_trainable=False
+    assert not any(_bias_grads(m).values())
+
+
+def test_set_trainable_away_from_a_bias_all_adapter_freezes_the_biases():
+    m = tiny_llama(bias=True)
+    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["q_proj"], bias="all"), "a")
+    assert all(_bias_grads(m).values())
+    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["q_proj"]), "b")
+    lk.set_trainable(m, ["b"])
+    assert not any(_bias_grads(m).values())
+
+
+def test_get_lora_model_refuses_an_adapter_name_already_on_the_model():
+    m = tiny_llama()
+    cfg = lk.LoraConfig(r=2, target_modules=["q_proj"])
+    lk.get_lora_model(m, cfg, "a")
+    with pytest.raises(ValueError, match="already exists"):
+        lk.get_lora_model(m, cfg, "a")
+    # refused up front: the adapter already there is left whole (a refusal from deeper down was
+    # followed by the clean-up of a failed injection, which removed the existing adapter "a")
+    assert "a" in lk.inject.get_state(m).configs
+    assert all("a" in mod.lora_A for n, mod in m.named_modules() if n.endswith("q_proj"))
+
+
+def test_an_empty_layers_to_transform_targets_every_layer():  # PEFT: [] = all layers
+    m = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[]))
+    wrapped = [n for n, mod in m.named_modules() if n.endswith("q_proj") and hasattr(mod, "lora_A")]
+    assert len(wrapped) == 2  # both decoder layers of the tiny Llama

@@ -1083,3 +1083,18 @@ def test_failed_writes_come_out_as_os_errors_naming_where(tmp_path, monkeypatch)
     with pytest.raises(OSError) as info:
         atomic_write_bytes(tmp_path / "f.bin", b"data")
     assert info.value.filename == str(tmp_path) and not list(tmp_path.glob(".f.bin.*"))
+
+
+# ---- mutation round 6 (/tmp/mutants6): reading PEFT's adapter_config.json
+_PEFT_BASE = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+
+
+def test_unsupported_peft_fields_left_empty_are_accepted():
+    # newer PEFT writes some of these as [] / {} when unused: that is plain LoRA, not the feature
+    cfg = lk.LoraConfig.from_dict({**_PEFT_BASE, "target_parameters": [], "trainable_token_indices": {},
+                                   "layer_replication": [], "lora_bias": False})
+    assert cfg.r == 2
+
+
+def test_peft_type_is_read_case_insensitively():
+    assert lk.LoraConfig.from_dict({**_PEFT_BASE, "peft_type": "lora"}).r == 2

@@ -1755,3 +1755,106 @@ def test_mixed_batch_in_training_applies_each_adapter_s_dropout():
             base = m(x)
         got = m(x, adapter_names=["a", "a", "b"])
     torch.testing.assert_close(got, base, rtol=0, atol=0)
+
+
+# ---- mutation round 6 (/tmp/mutants6): the shared generate wrapper, nested blocks
+_GAP_KW = dict(max_new_tokens=2, do_sample=False)
+_GAP_ADAPTERS = {
+    "medical": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+    "legal": dict(r=2, lora_alpha=3, target_modules=["v_proj", "o_proj"]),
+    "code": dict(r=3, lora_alpha=6, target_modules="all-linear"),
+}
+
+
+def _gap_adapters(model, specs=_GAP_ADAPTERS, seed=0):
+    torch.manual_seed(seed)
+    for name, kw in specs.items():
+        lk.get_lora_model(model, lk.LoraConfig(**{"init_lora_weights": False, **kw}), adapter_name=name)
+    return model.eval()
+
+
+def _gap_ids(rows, seq=6, seed=1):
+    return torch.randint(3, 101, (rows, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def test_an_inner_block_ending_leaves_the_outer_blocks_generate_wrapper():
+    m = _gap_adapters(tiny_llama())
+    names = ["medical", "legal"]
+    with lk.adapter_batch(m, names):
+        with lk.adapter_batch(m, ["legal", "medical"]):  # (other names: see the bug test below)
+            pass
+        assert "generate" in m.__dict__  # the outer block still checks/expands generate's rows
+        beams = m.generate(_gap_ids(2), num_beams=2, **_GAP_KW)  # rows expanded x2 inside generate: matched
+    assert "generate" not in m.__dict__
+    with lk.adapter_batch(m, names):  # and a later block wraps generate again
+        assert "generate" in m.__dict__
+    assert "generate" not in m.__dict__
+    assert beams.shape[0] == 2
+
+
+def test_a_block_on_a_model_without_generate_adds_no_generate_attribute():
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["0"], init_lora_weights=False), "a")
+    with lk.adapter_batch(m, ["a", "__base__"]):
+        m(torch.randn(2, 4))
+    assert "generate" not in m.__dict__ and not hasattr(m, "generate")
+
+
+def test_a_models_own_generate_attribute_comes_back_after_the_block():
+    m = _gap_adapters(tiny_llama())
+    original = m.generate
+
+    def my_generate(*args, **kwargs):
+        return original(*args, **kwargs)
+
+    m.generate = my_generate
+    with lk.adapter_batch(m, ["medical", "legal"]):
+        assert m.__dict__["generate"] is not my_generate
+    assert m.__dict__.get("generate") is my_generate
+
+
+def test_after_generate_in_a_block_a_direct_call_with_expanded_rows_is_refused_again():
+    m = _gap_adapters(tiny_llama())
+    with lk.adapter_batch(m, ["medical", "legal"]):
+        m.generate(_gap_ids(2), **_GAP_KW)
+        with pytest.raises(ValueError, match="one name per row"):
+            with torch.no_grad():
+                m(_gap_ids(4))
+
+
+def test_generate_in_a_nested_block_checks_the_innermost_blocks_names():
+    m = _gap_adapters(tiny_llama())
+    inner = ["code", "medical", "__base__"]
+    with lk.adapter_batch(m, ["medical", "legal"]):
+        with lk.adapter_batch(m, inner):
+            got = m.generate(_gap_ids(3), **_GAP_KW)
+    assert torch.equal(got, lk.generate(m, _gap_ids(3), adapter_names=inner, **_GAP_KW))
+
+
+def test_nested_blocks_with_the_same_names_then_a_call_in_the_outer_block():
+    # adapter_batch's end did ctx.stack.remove(entry),
+    # which compares by ==: the inner block (same names, equal entry) removes the OUTER entry; a call
+    # in the outer block then fills the remaining (inner) entry's plan cache, so the outer block's
+    # remove finds no equal entry and raises "list.remove(x): x not in list" on exit.
+    m = _gap_adapters(tiny_llama())
+    names = ["medical", "legal"]
+    with lk.adapter_batch(m, names):
+        with lk.adapter_batch(m, names):
+            pass
+        with torch.no_grad():
+            m(_gap_ids(2))
+
+
+def test_a_copy_made_in_a_block_gets_the_models_own_generate_attribute():
+    m = _gap_adapters(tiny_llama())
+    original = m.generate
+
+    def my_generate(*args, **kwargs):
+        return original(*args, **kwargs)
+
+    m.generate = my_generate
+    with lk.adapter_batch(m, ["medical", "legal"]):
+        c = copy.deepcopy(m)
+    assert c.__dict__.get("generate") is my_generate
+

@@ -10,7 +10,7 @@ import signal
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 import lorakit.train.loop as loop
 from lorakit.train.config import TrainConfig
@@ -1725,3 +1725,78 @@ def test_chat_reset_keeps_the_system_message(monkeypatch):
     assert generate.chat_loop(None, None, 4, "fp32", system="be brief", read=read, write=lambda s: None) == 0
     system = {"role": "system", "content": "be brief"}
     assert seen == [[system, {"role": "user", "content": "hello"}], [system, {"role": "user", "content": "hi"}]]
+
+
+# ---- mutation round 6 (/tmp/mutants6)
+def test_max_grad_norm_0_means_no_clipping_not_zero_gradients(tmp_path, tok, data_files):
+    model = tiny_llama_lm(tok)
+    train(_cfg(tmp_path, data_files, max_steps=2, max_grad_norm=0.0), model=model, tokenizer=tok,
+          progress=False, log=_quiet)
+    bs = [p for n, p in model.named_parameters() if "lora_B" in n]
+    assert bs and any(bool(p.abs().sum() > 0) for p in bs)  # B starts at 0: it moved
+
+
+def test_a_ctrl_c_during_the_last_step_of_a_full_fine_tune_lets_it_finish(tmp_path, tok, data_files):
+    # (LoRA runs stop after the loop with a resumable checkpoint; a full run has no such stop and
+    # finishes: the loop's "step < total_steps" keeps it from breaking out as "interrupted")
+    def ctrl_c(step, _loss):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+    res = train(_cfg(tmp_path, data_files, method="full", lr=1e-4, max_steps=2), model=tiny_llama_lm(tok),
+                tokenizer=tok, progress=False, on_step=ctrl_c, log=_quiet)
+    assert not res.interrupted and res.steps == 2
+
+
+def test_a_checkpoint_missing_a_trainable_tensor_is_refused_on_resume(tmp_path, tok, data_files):
+    def ctrl_c(step, _loss):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+    cfg = _cfg(tmp_path, data_files, max_steps=4)
+    res = train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, on_step=ctrl_c, log=_quiet)
+    assert res.interrupted
+    f = find_checkpoint(tmp_path / "run") / "trainable.safetensors"
+    sd = load_file(str(f))
+    sd.pop(sorted(sd)[0])
+    save_file(sd, str(f))
+    with pytest.raises(ValueError, match="does not fit"):
+        train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+
+
+def test_a_full_bf16_run_keeps_fp32_master_weights(tmp_path, tok, data_files):
+    model = tiny_llama_lm(tok)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(_cfg(tmp_path, data_files, method="full", precision="bf16", max_steps=1, lr=1e-30), model=model,
+          tokenizer=tok, progress=False, log=_quiet)
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert all(b.dtype == torch.float32 for b in model.buffers() if b.is_floating_point())  # rotary inv_freq
+    # (a step at lr 1e-30 leaves the weights: a round trip through bf16 would have rounded them)
+    after = dict(model.named_parameters())
+    assert all(torch.allclose(after[n], w, rtol=0, atol=1e-6) for n, w in before.items())
+
+
+def test_find_checkpoint_skips_a_checkpoint_without_its_trainer_state(tmp_path):
+    (tmp_path / loop.CHECKPOINT).mkdir()
+    (tmp_path / ".checkpoint-old").mkdir()
+    (tmp_path / ".checkpoint-old" / "trainer_state.json").write_text("{}")
+    assert find_checkpoint(tmp_path) == tmp_path / ".checkpoint-old"
+
+
+def test_the_smoothed_loss_is_the_mean_of_the_last_k_steps(tmp_path, monkeypatch):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": i + 1, "loss": float(i + 1)}) + "\n" for i in range(40)))
+    lines = {}
+    real = Axes.plot
+
+    def spy(self, *args, **kw):
+        lines[kw.get("label")] = args
+        return real(self, *args, **kw)
+
+    monkeypatch.setattr(Axes, "plot", spy)
+    loop.plot_losses(log, tmp_path / "loss.png")
+    (_, smooth), = [v for k, v in lines.items() if k and k.startswith("train loss (mean of 2")]
+    assert smooth[0] == 1.0 and smooth[5] == 5.5  # mean of steps 5 and 6 (losses 5.0, 6.0)
