@@ -46,9 +46,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # An ASCII-only stdout (PYTHONIOENCODING=ascii) raised UnicodeEncodeError on any reply or path with
     # a non-ASCII character (ending a chat, losing a generation): escape such characters instead
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(AttributeError, ValueError, OSError):  # (a stream that is no text file)
-            stream.reconfigure(errors="backslashreplace")
+    for stream in (sys.stdout, sys.stderr):  # (only over "strict": the C locale's surrogateescape stays)
+        if getattr(stream, "errors", None) == "strict":
+            with contextlib.suppress(AttributeError, ValueError, OSError):  # (a stream that is no text file)
+                stream.reconfigure(errors="backslashreplace")
     try:
         parser = build_parser()  # (no torch: a command's module imports it when the command runs)
     except KeyboardInterrupt:

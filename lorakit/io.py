@@ -70,9 +70,9 @@ def _failed_write(exc: BaseException) -> bool:
     """Whether ``exc`` is a library's report of a failed file write: safetensors' ``SafetensorError``
     ("No space left on device" inside), torch.save's ``RuntimeError`` from its zip writer
     ("[enforce fail at inline_container.cc] unexpected pos")."""
-    if type(exc).__name__ == "SafetensorError":
-        return True
     text = str(exc)
+    if type(exc).__name__ == "SafetensorError":  # (not its refusals of what it was given: shared tensors, ...)
+        return "IoError" in text or "No space left" in text or "os error" in text.lower()
     return isinstance(exc, RuntimeError) and ("inline_container" in text or "PytorchStreamWriter" in text
                                               or "No space left on device" in text)
 

@@ -109,7 +109,8 @@ class MixedBatchContext:
 
     @property
     def stack(self) -> list[list[Any]]:
-        """This thread's entries: ``["hook", plan or None, the forward's frame]`` (one forward) or
+        """This thread's entries: ``["hook", plan or None, the forward's frame]`` (one forward of
+        the model; ``"part"``: of a part ``generate`` calls on its own, such as an encoder) or
         ``["scope", None, names, plan cache, inside generate]`` (an ``adapter_batch`` block)."""
         stack = getattr(self._local, "stack", None)
         if stack is None:
@@ -193,7 +194,7 @@ def _calling_forward() -> Any:
 
 
 def _drop_stale_entries(stack: list[list[Any]], forward: Any) -> None:
-    """Drop the "hook" entries of forwards that ended without their forward hook.
+    """Drop the "hook" / "part" entries of forwards that ended without their forward hook.
 
     torch runs ``always_call`` forward hooks when the forward raises an ``Exception``, but not on a
     ``KeyboardInterrupt`` (Ctrl-C) or ``SystemExit``: such a forward leaves its entry behind, and the
@@ -205,22 +206,23 @@ def _drop_stale_entries(stack: list[list[Any]], forward: Any) -> None:
     while frame is not None:
         running.add(id(frame))  # (the entries hold their frames: alive, so ids are unique)
         frame = frame.f_back
-    stack[:] = [e for e in stack if e[0] != "hook" or e[2] is None or id(e[2]) in running]
+    stack[:] = [e for e in stack if e[0] == "scope" or e[2] is None or id(e[2]) in running]
 
 
 def _push_plan(ctx: MixedBatchContext, root: nn.Module, args: tuple[Any, ...],
-               kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
-    """``_pre_hook``'s work for a call of ``root`` (or of a part of it called on its own, such as the
-    encoder ``generate`` runs directly) with these arguments."""
+               kwargs: dict[str, Any], owner: str = "hook") -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """``_pre_hook``'s work for a call of ``root`` (or, ``owner="part"``, of a part of it called on
+    its own, such as the encoder ``generate`` runs directly) with these arguments."""
     stack = ctx.stack
     if "adapter_names" not in kwargs and not stack:
         return None  # the common case: a plain forward
-    forward = _calling_forward()
-    if any(e[0] == "hook" for e in stack):
+    # (no frames under torch.compile: dynamo does not trace sys._getframe; such entries stay till popped)
+    forward = None if torch.compiler.is_compiling() else _calling_forward()
+    if any(e[0] != "scope" for e in stack):
         _drop_stale_entries(stack, forward)
     names = kwargs.pop("adapter_names", None)
     top = stack[-1] if stack else None
-    entry = ["hook", top[1] if top is not None else None, forward]
+    entry = [owner, top[1] if top is not None else None, forward]
     stack.append(entry)
     scope = top if top is not None and top[0] == "scope" else None
     if names is None and scope is None:
@@ -269,9 +271,20 @@ def _post_hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
     _pop_plan(module.__dict__.get(_CONTEXT_KEY))
 
 
-def _pop_plan(ctx: MixedBatchContext | None) -> None:
-    if ctx is not None and ctx.stack and ctx.stack[-1][0] == "hook":
+def _pop_plan(ctx: MixedBatchContext | None, owner: str = "hook") -> None:
+    """Drop the entry the matching pre-hook pushed (only that kind: a post-hook that runs without its
+    pre-hook — another thread's block added the hooks during this call — must not pop another's)."""
+    if ctx is not None and ctx.stack and ctx.stack[-1][0] == owner:
         ctx.stack.pop()
+
+
+def _drop_stale_pre_hook(ctx: MixedBatchContext, module: nn.Module, args: tuple[Any, ...]) -> None:
+    """Pre-hook on the parts ``generate`` calls on its own (an encoder): drop the entries of
+    forwards stopped by Ctrl-C, as the root's pre-hook does, before the part runs (a plain
+    ``model.generate`` after a stopped mixed forward ran the encoder with that forward's rows)."""
+    stack = getattr(ctx._local, "stack", None)
+    if stack and any(e[0] != "scope" for e in stack) and not torch.compiler.is_compiling():
+        _drop_stale_entries(stack, _calling_forward())
 
 
 def _parts_called_alone(model: nn.Module) -> list[nn.Module]:
@@ -297,6 +310,8 @@ def attach_mixed_batch(model: nn.Module) -> MixedBatchContext:
         model.__dict__[_CONTEXT_KEY] = ctx
         model.register_forward_pre_hook(_pre_hook, with_kwargs=True)
         model.register_forward_hook(_post_hook, always_call=True)
+        for part in _parts_called_alone(model):
+            part.register_forward_pre_hook(functools.partial(_drop_stale_pre_hook, ctx))
     for _, layer in iter_lora_layers(model):
         layer.batch_context = ctx
     for _, wrapper in iter_saved_modules(model):
@@ -309,6 +324,10 @@ def detach_mixed_batch(model: nn.Module) -> None:
     ``merge_and_unload`` give back a model with nothing of lorakit left on it)."""
     if model.__dict__.pop(_CONTEXT_KEY, None) is None:
         return
+    for part in _parts_called_alone(model):
+        for key in [k for k, v in part._forward_pre_hooks.items()
+                    if isinstance(v, functools.partial) and v.func is _drop_stale_pre_hook]:
+            del part._forward_pre_hooks[key]
     for hooks, fn in ((model._forward_pre_hooks, _pre_hook), (model._forward_hooks, _post_hook)):
         for key in [k for k, v in hooks.items() if v is fn]:
             del hooks[key]  # (and the flags registering them set, as a RemovableHandle's remove does)
@@ -390,9 +409,10 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn
     handles = []
     for part in _parts_called_alone(model):
         handles.append(part.register_forward_pre_hook(_BlockOnly(
-            model, lambda _m, args, kwargs: _push_plan(ctx, model, args, kwargs), lambda _: _inert), with_kwargs=True))
+            model, lambda _m, args, kwargs: _push_plan(ctx, model, args, kwargs, "part"), lambda _: _inert),
+            with_kwargs=True))
         handles.append(part.register_forward_hook(
-            _BlockOnly(model, lambda _m, _args, _out: _pop_plan(ctx), lambda _: _inert), always_call=True))
+            _BlockOnly(model, lambda _m, _args, _out: _pop_plan(ctx, "part"), lambda _: _inert), always_call=True))
     ctx.stack.append(entry)
     shared = False
     try:

@@ -137,6 +137,11 @@ def test_an_ascii_only_stdout_gets_escapes_not_a_crash():
     assert proc.returncode == 0, proc.stderr.decode("ascii", "replace")
     out = proc.stdout.decode("ascii")  # only ASCII came out
     assert "\\u2016" in out and "rank" in out
+    code = ("import sys\nfrom lorakit.cli import main\nmain([])\n")
+    env = {**os.environ, "LC_ALL": "C", "PYTHONUTF8": "0", "PYTHONIOENCODING": "ascii:surrogateescape"}
+    proc = subprocess.run([sys.executable, "-c", code + "print(sys.stdout.errors)"], env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.stdout.split()[-1] == "surrogateescape"  # a non-strict choice is kept (C locale's)
 
 
 def test_chat_with_stdin_closed_says_so(monkeypatch):

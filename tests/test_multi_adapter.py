@@ -1136,7 +1136,10 @@ def test_encoder_decoder_generate_gives_each_row_its_adapter():
     torch.testing.assert_close(enc[1], enc_b[1], rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(enc[0], after[0], rtol=1e-5, atol=1e-4)
     assert not torch.allclose(after[1], enc_b[1], atol=1e-2)
-    assert not m.get_encoder()._forward_pre_hooks and not m.get_encoder()._forward_hooks
+    from lorakit.multi import _drop_stale_pre_hook  # (the one hook kept: clean-up after a Ctrl-C)
+
+    assert [h.func for h in m.get_encoder()._forward_pre_hooks.values()] == [_drop_stale_pre_hook]
+    assert not m.get_encoder()._forward_hooks
 
 
 def test_mixed_batch_on_adapters_loaded_in_inference_mode(tmp_path):
@@ -1847,3 +1850,69 @@ def test_nested_blocks_with_the_same_names_then_a_call_in_the_outer_block():
         with torch.no_grad():
             m(_gap_ids(2))
 
+
+
+def test_a_plain_generate_after_a_stopped_mixed_forward_runs_the_encoder_without_its_rows():
+    # generate calls an encoder-decoder model's encoder on its own (not through the root's hooks):
+    # after Ctrl-C stopped a mixed forward, the encoder still ran that forward's rows (4.9 off)
+    m = tiny_t5().eval()
+    lk.set_adapter(m, "a")
+    x = torch.randint(2, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    kw = dict(max_new_tokens=6, do_sample=False)
+    with torch.no_grad():
+        plain, enc = m.generate(x, **kw), m.get_encoder()(x).last_hidden_state
+
+        def stop(_m, _a):
+            raise KeyboardInterrupt
+
+        handle = m.get_decoder().block[0].register_forward_pre_hook(stop)
+        with pytest.raises(KeyboardInterrupt):
+            m(input_ids=x, decoder_input_ids=torch.zeros(2, 3, dtype=torch.long), adapter_names=["b", "__base__"])
+        handle.remove()
+        assert torch.equal(m.get_encoder()(x).last_hidden_state, enc)
+        assert torch.equal(m.generate(x, **kw), plain)
+    lk.unload(m)  # and the encoder's clean-up hook goes with the rest
+    assert not m.get_encoder()._forward_pre_hooks
+
+
+def test_a_block_opened_in_another_thread_during_an_encoder_call_takes_nothing_from_it():
+    # thread B opened its block (hooks on the shared encoder) while thread A was inside the encoder:
+    # B's post-hook ran in A's call without its pre-hook and popped A's entry; A's decoder then ran
+    # the active adapter on every row (5.8 off)
+    import threading
+
+    m = tiny_t5().eval()
+    lk.set_adapter(m, "a")
+    x = torch.randint(2, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    dec = torch.zeros(2, 3, dtype=torch.long)
+    names = ["b", "b"]
+    with torch.no_grad():
+        expected = m(input_ids=x, decoder_input_ids=dec, adapter_names=names).logits
+    in_encoder, b_open, a_done = threading.Event(), threading.Event(), threading.Event()
+
+    def pause(_mod, _args):
+        if threading.current_thread().name == "A":
+            in_encoder.set()
+            b_open.wait(10)
+
+    handle = m.get_encoder().block[0].register_forward_pre_hook(pause)
+    got = {}
+
+    def a():
+        with torch.no_grad(), lk.adapter_batch(m, names):
+            got["A"] = m(input_ids=x, decoder_input_ids=dec).logits
+        a_done.set()
+
+    def b():
+        in_encoder.wait(10)
+        with lk.adapter_batch(m, ["a", "a"]):
+            b_open.set()
+            a_done.wait(10)
+
+    threads = [threading.Thread(target=a, name="A"), threading.Thread(target=b, name="B")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    handle.remove()
+    torch.testing.assert_close(got["A"], expected, rtol=0, atol=1e-6)

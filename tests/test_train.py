@@ -1381,6 +1381,27 @@ def test_a_run_in_progress_locks_its_directory(tmp_path, tok, data_files):
     assert res.steps == 4 and seen == [True, True] and not loop._locked(run)  # held while it trains, then given back
 
 
+def test_a_file_system_without_flock_trains_and_resumes_unlocked(tmp_path, tok, data_files, monkeypatch):
+    # NFS refuses an exclusive flock on a directory opened read-only (ENOLCK / EBADF); every such error
+    # was read as "another process holds it", so --resume there was always refused as "in use"
+    import errno
+    import fcntl
+
+    def no_flock(_fd, _op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    def ctrl_c(step, _loss):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+    cfg = _cfg(tmp_path, data_files, max_steps=3)
+    assert train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, on_step=ctrl_c, log=_quiet).interrupted
+    assert loop.lock_run_dir(tmp_path / "run") is None and not loop._locked(tmp_path / "run")
+    res = train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+    assert res.steps == 3 and not res.interrupted
+
+
 def test_a_kill_while_the_run_record_is_written_leaves_a_resumable_run(tmp_path, tok, data_files, monkeypatch):
     # lorakit_run.json was written in place: a kill inside the write left half a file, and --resume
     # and lorakit eval both refused the finished run ("is not valid JSON") without saying what to do

@@ -77,8 +77,8 @@ class LoraLinear(LoraLayer):
         adapters are all merged returns its base layer's output at once (a merged model then costs
         what ``merge_and_unload``'s does, within 1%: 16 × 1 decode of the embedded model went from
         1.016 / 1.021 × base to 1.005 / 1.009 at 1 / 2 threads). Anything else (gradients, training
-        mode, a mixed batch on a layer with merged adapters, variants, a disabled layer,
-        torch.compile) takes the generic path.
+        mode, a LoRA dropout module left in training mode, a mixed batch on a layer with merged
+        adapters, variants, a disabled layer, torch.compile) takes the generic path.
         """
         if x.is_nested:
             return self.nested_forward(x, *args, **kwargs)
@@ -100,9 +100,14 @@ class LoraLinear(LoraLayer):
             active = [n for n in active if n not in merged]
             if not active:  # a merged model: the base layer alone, as merge_and_unload leaves it (no plan here:
                 return base(x)  # a mixed batch on a layer with merged adapters took the generic path above)
-        for dropout in mods["lora_dropout"]._modules.values():
-            if dropout.training and self.drops_now():  # a dropout module left in training mode (Monte
-                return super().forward(x)  # Carlo dropout) drops: the generic path (see dropout_p)
+        if plan is None:  # a dropout module left in training mode (Monte Carlo dropout) drops: the
+            drops = mods["lora_dropout"]._modules  # generic path (see dropout_p); the active adapters' only
+            for name in active:
+                dropout = drops.get(name)
+                if dropout is not None and dropout.training and self.dropout_p(name):
+                    return super().forward(x)
+        elif self.drops_now():  # (a mixed batch: any adapter's)
+            return super().forward(x)
         W = base.__dict__["_parameters"].get("weight")
         # (a tensor subclass as weight — quantized, distributed, fake — may implement F.linear its own way)
         direct = (type(W) in PLAIN_TENSORS and x.dtype is W.dtype and x.is_contiguous()

@@ -159,7 +159,10 @@ def stdout_log() -> Callable[[str], None]:
                 out.append(sys.stderr)
                 with contextlib.suppress(OSError, ValueError, AttributeError):
                     devnull = os.open(os.devnull, os.O_WRONLY)
-                    os.dup2(devnull, sys.stdout.fileno())  # what is still buffered there goes nowhere at exit
+                    try:
+                        os.dup2(devnull, sys.stdout.fileno())  # what is still buffered there goes nowhere at exit
+                    finally:
+                        os.close(devnull)
                 with contextlib.suppress(OSError, ValueError):
                     print("lorakit train: stdout cannot be written any more (a pipe's reader went away?); the run "
                           "goes on, its messages follow here", file=sys.stderr, flush=True)

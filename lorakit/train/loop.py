@@ -541,7 +541,9 @@ def train(cfg: TrainConfig, resume: bool = False, model: Any = None, tokenizer: 
     """
     dist = setup_distributed()
     threads = torch.get_num_threads()
-    before_loop = _signals_as_ctrl_c()
+    # (one process only: with several, a process waiting in a collective would take the signal only
+    # when its peer arrives, up to gloo's timeout; there SIGTERM keeps ending it at once)
+    before_loop = _signals_as_ctrl_c() if dist.world == 1 else None
     locks: list[int | None] = []
     try:
         result = _train(cfg, resume, model, tokenizer, progress, on_step, log, dist, before_eval, locks)
@@ -1092,12 +1094,18 @@ def lock_run_dir(run_dir: Path) -> int | None:
         import fcntl
     except ImportError:  # (not on Windows)
         return None
-    fd = os.open(run_dir, os.O_RDONLY)
+    try:
+        fd = os.open(run_dir, os.O_RDONLY)
+    except OSError:
+        return None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:  # (EWOULDBLOCK: held by another process)
         os.close(fd)
         raise FileExistsError(_in_use(run_dir)) from None
+    except OSError:  # a file system without flock (NFS wants the file open for writing, some FUSE
+        os.close(fd)  # mounts have none): the run goes on unlocked, as before (was refused as "in use")
+        return None
     return fd
 
 
@@ -1117,8 +1125,10 @@ def _locked(path: Path) -> bool:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return False
-    except OSError:
+    except BlockingIOError:
         return True
+    except OSError:  # (no flock on this file system: nobody can hold it)
+        return False
     finally:
         os.close(fd)
 
