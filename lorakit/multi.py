@@ -278,13 +278,24 @@ def _pop_plan(ctx: MixedBatchContext | None, owner: str = "hook") -> None:
         ctx.stack.pop()
 
 
-def _drop_stale_pre_hook(ctx: MixedBatchContext, module: nn.Module, args: tuple[Any, ...]) -> None:
-    """Pre-hook on the parts ``generate`` calls on its own (an encoder): drop the entries of
-    forwards stopped by Ctrl-C, as the root's pre-hook does, before the part runs (a plain
-    ``model.generate`` after a stopped mixed forward ran the encoder with that forward's rows)."""
-    stack = getattr(ctx._local, "stack", None)
-    if stack and any(e[0] != "scope" for e in stack) and not torch.compiler.is_compiling():
-        _drop_stale_entries(stack, _calling_forward())
+def _part_pre_hook(ctx: MixedBatchContext, root: nn.Module, module: nn.Module, args: tuple[Any, ...],
+                   kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+    """Pre-hook on a part ``generate`` calls on its own (an encoder), put there at injection: while
+    the calling thread has a block open or a forward running, it publishes their plan for the part's
+    call as the root's pre-hook does for the model's (and drops entries of forwards stopped by
+    Ctrl-C: a plain ``generate`` after a stopped mixed forward ran the encoder with its rows).
+
+    One permanent pair for every thread: blocks used to add a pair each for their duration, and a
+    thread calling the encoder while another thread's block added one met a hook torch had stored
+    but not yet marked as taking keyword arguments (TypeError), or a post-hook without its pre-hook."""
+    if not getattr(ctx._local, "stack", None) and "adapter_names" not in kwargs:
+        return None  # the common case: a plain call, no block open in this thread
+    return _push_plan(ctx, root, args, kwargs, "part")
+
+
+def _part_post_hook(ctx: MixedBatchContext, module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+    """``_part_pre_hook``'s pair (``always_call``): drop the entry it pushed."""
+    _pop_plan(ctx, "part")
 
 
 def _parts_called_alone(model: nn.Module) -> list[nn.Module]:
@@ -311,7 +322,8 @@ def attach_mixed_batch(model: nn.Module) -> MixedBatchContext:
         model.register_forward_pre_hook(_pre_hook, with_kwargs=True)
         model.register_forward_hook(_post_hook, always_call=True)
         for part in _parts_called_alone(model):
-            part.register_forward_pre_hook(functools.partial(_drop_stale_pre_hook, ctx))
+            part.register_forward_pre_hook(functools.partial(_part_pre_hook, ctx, model), with_kwargs=True)
+            part.register_forward_hook(functools.partial(_part_post_hook, ctx), always_call=True)
     for _, layer in iter_lora_layers(model):
         layer.batch_context = ctx
     for _, wrapper in iter_saved_modules(model):
@@ -324,16 +336,14 @@ def detach_mixed_batch(model: nn.Module) -> None:
     ``merge_and_unload`` give back a model with nothing of lorakit left on it)."""
     if model.__dict__.pop(_CONTEXT_KEY, None) is None:
         return
-    for part in _parts_called_alone(model):
-        for key in [k for k, v in part._forward_pre_hooks.items()
-                    if isinstance(v, functools.partial) and v.func is _drop_stale_pre_hook]:
-            del part._forward_pre_hooks[key]
-    for hooks, fn in ((model._forward_pre_hooks, _pre_hook), (model._forward_hooks, _post_hook)):
-        for key in [k for k, v in hooks.items() if v is fn]:
-            del hooks[key]  # (and the flags registering them set, as a RemovableHandle's remove does)
-            for extra in (model._forward_pre_hooks_with_kwargs, model._forward_hooks_with_kwargs,
-                          model._forward_hooks_always_called):
-                extra.pop(key, None)
+    ours = (_pre_hook, _post_hook, _part_pre_hook, _part_post_hook)
+    for module in (model, *_parts_called_alone(model)):
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key in [k for k, v in hooks.items() if (v.func if isinstance(v, functools.partial) else v) in ours]:
+                del hooks[key]  # (and the flags registering them set, as a RemovableHandle's remove does)
+                for extra in (module._forward_pre_hooks_with_kwargs, module._forward_hooks_with_kwargs,
+                              module._forward_hooks_always_called):
+                    extra.pop(key, None)
 
 
 def _context(model: nn.Module) -> MixedBatchContext:
@@ -352,10 +362,9 @@ _NOTHING = object()  # (no instance attribute)
 
 
 class _BlockOnly:
-    """A function ``adapter_batch`` puts on the model (its ``generate`` check, the hooks on parts
-    ``generate`` calls alone) for the block's duration. A deep copy of the model made inside the
-    block must not take it along: it would run the original model (its ``generate``) or publish
-    the original block's plan. The copy gets ``on_copy(copy of the model)`` instead."""
+    """The ``generate`` check ``adapter_batch`` puts on the model while blocks are open. A deep copy
+    of the model made inside a block must not take it along: it would run the original model's
+    ``generate``. The copy gets ``on_copy(copy of the model)`` instead."""
 
     def __init__(self, model: nn.Module, fn: Any, on_copy: Any) -> None:
         self.model, self.fn, self.on_copy = model, fn, on_copy
@@ -367,10 +376,6 @@ class _BlockOnly:
     def __deepcopy__(self, memo: dict[int, Any]) -> Any:
         copied = memo.get(id(self.model))  # copy.deepcopy puts the model's copy there first
         return self.on_copy(copied) if copied is not None else self
-
-
-def _inert(*_args: Any, **_kwargs: Any) -> None:
-    return None
 
 
 @contextlib.contextmanager
@@ -404,15 +409,8 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn
 
     new_weights_epoch()  # the batched path's stacks are read afresh: weights may have changed since
     entry = ["scope", None, names, {}, False]  # the last: inside model.generate (expanded rows allowed)
-    # A part that generate calls on its own (an encoder) publishes the block's plan for its calls
-    # too, as the root's hooks do for the model's (hooks of this block only, removed at its end).
-    handles = []
-    for part in _parts_called_alone(model):
-        handles.append(part.register_forward_pre_hook(_BlockOnly(
-            model, lambda _m, args, kwargs: _push_plan(ctx, model, args, kwargs, "part"), lambda _: _inert),
-            with_kwargs=True))
-        handles.append(part.register_forward_hook(
-            _BlockOnly(model, lambda _m, _args, _out: _pop_plan(ctx, "part"), lambda _: _inert), always_call=True))
+    # (a part that generate calls on its own, an encoder, publishes the block's plan for its calls
+    # through the hooks attach_mixed_batch put on it: _part_pre_hook)
     ctx.stack.append(entry)
     shared = False
     try:
@@ -422,8 +420,6 @@ def adapter_batch(model: nn.Module, adapter_names: Sequence[str]) -> Iterator[nn
         # by identity: list.remove compares with ==, and an inner block with the same names has an
         # equal entry (it removed the outer one, and the outer block's end then raised ValueError)
         ctx.stack[:] = [e for e in ctx.stack if e is not entry]
-        for handle in handles:
-            handle.remove()
         if shared:
             _leave_generate(model, ctx)
 
