@@ -100,14 +100,13 @@ class LoraLinear(LoraLayer):
             active = [n for n in active if n not in merged]
             if not active:  # a merged model: the base layer alone, as merge_and_unload leaves it (no plan here:
                 return base(x)  # a mixed batch on a layer with merged adapters took the generic path above)
-        if plan is None:  # a dropout module left in training mode (Monte Carlo dropout) drops: the
-            drops = mods["lora_dropout"]._modules  # generic path (see dropout_p); the active adapters' only
-            for name in active:
-                dropout = drops.get(name)
-                if dropout is not None and dropout.training and self.dropout_p(name):
-                    return super().forward(x)
-        elif self.drops_now():  # (a mixed batch: any adapter's)
-            return super().forward(x)
+        # a dropout module left in training mode (Monte Carlo dropout) drops: the generic path (see
+        # dropout_p). Its mode first, read straight from the module: in eval mode nothing more is done
+        drops = mods["lora_dropout"]._modules
+        for name in (active if plan is None else drops):  # (a mixed batch: any adapter's)
+            dropout = drops.get(name)
+            if dropout is not None and dropout.__dict__["training"] and self.drops_now():
+                return super().forward(x)
         W = base.__dict__["_parameters"].get("weight")
         # (a tensor subclass as weight — quantized, distributed, fake — may implement F.linear its own way)
         direct = (type(W) in PLAIN_TENSORS and x.dtype is W.dtype and x.is_contiguous()
