@@ -811,23 +811,12 @@ def mark_trainable(model: nn.Module, freeze_all: bool = False, only: str | None 
             if getattr(layer.base_layer, "bias", None) is not None:
                 layer.base_layer.bias.requires_grad_(False)
     for name in state.trainable:
-        config = state.configs[name]
-        for _, layer in iter_lora_layers(model):
-            for store in layer.children():
-                if isinstance(store, nn.ParameterDict) and name in store:
-                    store[name].requires_grad_(True)
-            if config.bias == "lora_only" and name in layer.lora_A and getattr(layer.base_layer, "bias", None) is not None:
-                layer.base_layer.bias.requires_grad_(True)
-        for _, wrapper in iter_saved_modules(model):
-            if name in wrapper.modules_to_save:
-                wrapper.modules_to_save[name].requires_grad_(True)
-        if config.bias == "all":
-            for _, p in model_biases(model):
-                p.requires_grad_(True)
+        _mark_one(model, state, name)
 
 
 def _mark_one(model: nn.Module, state: Any, name: str) -> None:
-    """``mark_trainable(model, only=name)``: adapter ``name``'s tensors on if it trains, else off."""
+    """Adapter ``name``'s tensors (its ParameterDict entries, its ``modules_to_save`` copies) on if
+    it trains, else off; the biases its config trains on if it trains (never turned off here)."""
     on = name in state.trainable
     config = state.configs[name]
     for _, layer in iter_lora_layers(model):
