@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -850,3 +851,15 @@ def test_one_use_takes_the_words_as_one_prompt(tmp_path, capsys):
               "--adapter", f"pos={tmp_path / 'pos'}", "--use", "pos"]
     assert main(common + ["good", "film"]) == 0  # one --use: the words form one prompt (as without --use)
     assert len(capsys.readouterr().out.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("terminal", [False, True])
+def test_the_progress_bar_only_on_a_terminal_else_log_lines(tmp_path, files, monkeypatch, capsys, terminal):
+    """Redirected to a file, stderr got every redrawn tqdm frame; now the run prints a line every
+    --logging-steps there instead, and the bar stays for a terminal."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: terminal, raising=False)
+    args = [a for a in _train_args(files, tmp_path / "run") if a != "--no-progress"]
+    assert main([*args, "--logging-steps", "2"]) == 0
+    out, err = capsys.readouterr()
+    assert ("step 2/4 loss" in out and "step 4/4 loss" in out) is not terminal
+    assert ("train:" in err and "4/4" in err) is terminal

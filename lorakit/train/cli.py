@@ -104,6 +104,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
+def _stderr_is_terminal() -> bool:
+    """Whether stderr is a terminal: the progress bar goes there only then (redirected to a file, its
+    redrawn frames would fill it; the run prints a line every --logging-steps instead)."""
+    try:
+        return sys.stderr is not None and sys.stderr.isatty()
+    except (ValueError, OSError, AttributeError):  # closed, or a stand-in without isatty
+        return False
+
+
 def _first_process() -> bool:
     """Not one of the later processes of a torchrun launch (they stay quiet: the first one speaks)."""
     return os.environ.get("RANK", "0") in ("", "0")
@@ -123,7 +132,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = config_from_args(args)
     log = stdout_log()
     try:
-        result = train(cfg, resume=bool(args.resume), progress=not args.no_progress, log=log)
+        result = train(cfg, resume=bool(args.resume), progress=not args.no_progress and _stderr_is_terminal(), log=log)
     except NonFiniteLossError as exc:
         print(f"{process_tag()}lorakit train: error: {exc}", file=sys.stderr)
         return 1
@@ -369,7 +378,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", default=None, help="YAML file of option: value (default: none)")
     p.add_argument("--resume", default=None, metavar="RUN_DIR",
                    help="continue the run in RUN_DIR from its last checkpoint (default: start a new run)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar; print a line every --logging-steps")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar; print a line every --logging-steps instead (the default when stderr is not a terminal)")
     _add_train_flags(p)
     p.set_defaults(func=cmd_train)
 

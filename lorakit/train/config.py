@@ -54,7 +54,7 @@ HELP: dict[str, str] = {
     "and an adapter run checkpoints its last step before the final evaluation; a finished run keeps only "
     "its adapter)",
     "eval_steps": "compute the held-out loss every N steps (0 = only before and after)",
-    "logging_steps": "without a progress bar (--no-progress), print a log line every N steps (0: none; every "
+    "logging_steps": "without a progress bar (--no-progress, or stderr not a terminal), print a log line every N steps (0: none; every "
     "step is always written to log.jsonl)",
     "gradient_checkpointing": "recompute activations in the backward pass (less memory, slower)",
     "threads": "torch CPU threads (0 = auto: one per core, minus the cores other processes keep busy "
