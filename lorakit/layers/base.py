@@ -64,6 +64,12 @@ def float8_weight(module: nn.Module, keep: str) -> str | None:
     return None
 
 
+def unwritable_weight(module: nn.Module, keep: str) -> str | None:
+    """Why lorakit cannot add an update into ``module.weight`` or take it out again, or None:
+    ``computed_weight`` or ``float8_weight`` (what a merge and an unmerge both refuse)."""
+    return computed_weight(module, keep) or float8_weight(module, keep)
+
+
 def runs_own_forward(module: nn.Module, cls: type[nn.Module] | None) -> bool:
     """Whether calling ``module`` returns what ``cls.forward`` makes: it is exactly a ``cls`` (not a
     subclass), has no ``forward`` replaced on the instance, and no forward hook, of its own or
@@ -139,9 +145,9 @@ class LoraLayer(nn.Module):
 
     def why_not_mergeable(self) -> str | None:
         """Why no adapter of this layer can be folded into its weight, or None (it can): a weight
-        computed from other tensors (``computed_weight``), a float8 one (``float8_weight``); layer
-        types add their own reasons."""
-        return computed_weight(self.base_layer) or float8_weight(self.base_layer, "unmerged")
+        computed from other tensors or a float8 one (``unwritable_weight``); layer types add their
+        own reasons."""
+        return unwritable_weight(self.base_layer, "unmerged")
 
     def init_ab(self, A: torch.Tensor, B: torch.Tensor, r: int) -> None:
         """Default init (``init_lora_weights=True``): A kaiming-uniform(a=√5), B = 0 (Hu et al. §4.1)."""
@@ -563,8 +569,7 @@ class LoraLayer(nn.Module):
         the whole model to another dtype changes the bits but not the update: that is let through.
         """
         _, subtracted = self._unmerge_plan(adapter_names)
-        computed = (computed_weight(self.base_layer, keep="merged") or float8_weight(self.base_layer, "merged")
-                    if subtracted else None)
+        computed = unwritable_weight(self.base_layer, "merged") if subtracted else None
         if computed:  # (made computed after the merge, a parametrization or pruning added since; cast to float8)
             return f"cannot unmerge {subtracted}: {computed}"
         stamps = self.__dict__.get("merge_stamps", {})
