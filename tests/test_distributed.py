@@ -364,6 +364,33 @@ def test_a_claim_the_other_process_never_saw_is_given_back(tmp_path):
     assert not run.exists()
 
 
+def test_the_first_process_refuses_a_named_output_that_holds_files_and_tells_the_others(tmp_path):
+    """Under torchrun the first process claims --output for all (the single-process check before
+    the claim is not what stops it there): a directory that holds files must be refused, not trained
+    into, and the refusal broadcast so every process raises it alike."""
+    from lorakit.train.distributed import Dist
+    from lorakit.train.loop import _claim_run_dir_once
+
+    sent = []
+
+    class Recording(Dist):
+        def broadcast_object(self, obj):
+            sent.append(obj)
+            return obj
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="notes.txt|holds|files"):
+        _claim_run_dir_once(run, TrainConfig(output=str(run)), Recording(world=2, rank=0))
+    assert sent and sent[0][0] is True  # the refusal, for the other processes to raise
+    assert sorted(p.name for p in run.iterdir()) == ["notes.txt"] and (run / "notes.txt").read_text() == "mine"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert _claim_run_dir_once(empty, TrainConfig(output=str(empty)), Recording(world=2, rank=0)) == (empty, False)
+    assert sent[-1] == (False, str(empty)) and (empty / "train_config.yaml").is_file()
+
+
 def test_a_lost_peer_is_one_line_naming_the_other_process(monkeypatch, capsys):
     import argparse
 
