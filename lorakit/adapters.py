@@ -271,6 +271,9 @@ def _strip(model: nn.Module, do_merge: bool, safe: bool = False) -> nn.Module:
     for name, wrapper in list(iter_saved_modules(model)):
         _set_submodule(model, name, wrapper.current() if do_merge else wrapper.original_module)
     model.__dict__.pop("_lorakit", None)
+    from lorakit.hf_methods import remove
+
+    remove(model)  # transformers' save_pretrained and adapter methods again
     restore_fast_paths(model)
     from lorakit.multi import detach_mixed_batch  # (multi imports this module)
 

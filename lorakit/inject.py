@@ -516,6 +516,9 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
         untied = prepare_residual_init(model, targets, config, init)
     _warn_rank_above_layer(model, targets, config)
     state = get_state(model, create=True)
+    from lorakit.hf_methods import install  # (save_pretrained and the PEFT-integration methods: lorakit's)
+
+    install(model)
     state.configs[adapter_name] = config
     if untied:
         state.untied[adapter_name] = untied
@@ -553,6 +556,9 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
         _remove_adapter_everywhere(model, adapter_name)
         if not state.configs:  # the first adapter failed: leave no lorakit state behind either
             model.__dict__.pop("_lorakit", None)
+            from lorakit.hf_methods import remove
+
+            remove(model)
         raise
     if not state.active:
         state.active = [adapter_name]

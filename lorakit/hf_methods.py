@@ -1,0 +1,143 @@
+"""What a transformers model's own adapter methods do once lorakit has injected into it.
+
+lorakit changes the model in place, so the object keeps transformers' methods. Two of them went
+wrong on it: ``save_pretrained`` (which ``transformers.Trainer`` calls for its checkpoints and
+``save_model``) wrote the whole model under lorakit's in-memory names, a file that
+``from_pretrained`` then loaded with every adapted weight missing and freshly initialised; and the
+PEFT-integration methods (``set_adapter``, ``load_adapter``, ...) worked on transformers' own PEFT
+adapters, failing with advice about PEFT versions, or adding PEFT layers beside lorakit's.
+
+So an injected ``PreTrainedModel`` gets, as attributes of its own (removed again by ``unload`` and
+``merge_and_unload``):
+
+- ``save_pretrained``: writes the adapters in PEFT's format and layout, as
+  ``PeftModel.save_pretrained`` does (adapter ``default`` in the directory, any other in a
+  subdirectory of its name);
+- ``set_adapter``, ``delete_adapter``, ``active_adapters``: lorakit's own;
+- the other PEFT-integration methods: an error naming the lorakit function to use.
+
+Only methods the model's class takes from transformers unchanged are replaced (a model with a
+``load_adapter`` of its own, e.g. wav2vec2's language adapters, keeps it).
+"""
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+#: PEFT-integration method -> what to use instead (the methods lorakit answers itself are in _OWN)
+_INSTEAD = {
+    "load_adapter": "lorakit.load_adapter(model, directory, adapter_name=..., is_trainable=...)",
+    "add_adapter": "lorakit.get_lora_model(model, lorakit.LoraConfig(...), adapter_name=...)",
+    "enable_adapters": "nothing: lorakit's adapters are on except inside `with lorakit.disable_adapters(model): ...`",
+    "disable_adapters": "`with lorakit.disable_adapters(model): ...`",
+    "get_adapter_state_dict": "lorakit.adapter_state_dict(model, adapter_name)",
+    "enable_peft_hotswap": "lorakit.hotswap_adapter(model, directory, adapter_name)",
+}
+
+
+def _save_pretrained(model: nn.Module, save_directory: str | Path, is_main_process: bool = True,
+                     state_dict: dict | None = None, selected_adapters: list[str] | None = None,
+                     safe_serialization: bool = True, **kwargs: Any) -> None:
+    """Write this model's LoRA adapters to ``save_directory`` in PEFT's format, as
+    ``PeftModel.save_pretrained`` does: adapter ``default`` in the directory itself, every other in a
+    subdirectory named after it (``selected_adapters``: only those). Nothing of the base model is
+    written: save a plain model with ``lorakit.merge_and_unload(model).save_pretrained(...)``.
+    ``is_main_process=False`` writes nothing (a later process of a distributed run)."""
+    from lorakit.inject import require_state
+    from lorakit.io import save_adapter
+
+    unknown = sorted(k for k, v in kwargs.items() if k not in ("max_shard_size", "save_peft_format") and v)
+    if state_dict is not None or not safe_serialization or unknown:
+        given = (["state_dict"] if state_dict is not None else []) + (
+            ["safe_serialization=False"] if not safe_serialization else []) + unknown
+        raise TypeError(f"save_pretrained of a model with lorakit adapters writes them in PEFT's format (safetensors, "
+                        f"from the model's own tensors) and takes no {', '.join(given)}; to write a plain model, "
+                        "merge first: lorakit.merge_and_unload(model).save_pretrained(...)")
+    state = require_state(model)
+    names = list(state.configs) if selected_adapters is None else list(selected_adapters)
+    missing = [n for n in names if n not in state.configs]
+    if missing or not names:
+        raise ValueError(f"selected_adapters: {missing or names!r} - this model's adapters are {list(state.configs)}")
+    if not is_main_process:
+        return
+    root = Path(save_directory)
+    for name in names:
+        if "/" in name or "\\" in name:
+            raise ValueError(f"adapter {name!r} would be saved in a subdirectory named after it, and a name with a "
+                             "path separator would leave the directory: save it with lorakit.save_adapter(model, "
+                             "directory, adapter_name)")
+    for name in names:
+        save_adapter(model, root if name == "default" else root / name, adapter_name=name)
+
+
+def _set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
+    """``lorakit.set_adapter(model, adapter_name)``: make these adapters the active ones."""
+    from lorakit.adapters import set_adapter
+
+    set_adapter(model, adapter_name)
+
+
+def _delete_adapter(model: nn.Module, adapter_names: str | list[str]) -> None:
+    """``lorakit.delete_adapter(model, name)`` for each name given."""
+    from lorakit.adapters import delete_adapter
+
+    for name in [adapter_names] if isinstance(adapter_names, str) else list(adapter_names):
+        delete_adapter(model, name)
+
+
+def _active_adapters(model: nn.Module) -> list[str]:
+    """``lorakit.active_adapters(model)``: the names of the active adapters."""
+    from lorakit.adapters import active_adapters
+
+    return active_adapters(model)
+
+
+def _refuse(model: nn.Module, method: str, *args: Any, **kwargs: Any) -> Any:
+    raise TypeError(f"model.{method} is transformers' method for PEFT adapters, and this model's adapters are "
+                    f"lorakit's: use {_INSTEAD[method]}")
+
+
+_OWN = {"save_pretrained": _save_pretrained, "set_adapter": _set_adapter, "delete_adapter": _delete_adapter,
+        "active_adapters": _active_adapters}
+
+
+def _replaceable(model: nn.Module) -> list[str]:
+    """The method names to give ``model`` an attribute of its own for: those its class takes
+    unchanged from transformers' ``PreTrainedModel`` / ``PeftAdapterMixin`` (none for a model
+    that is not a transformers model)."""
+    modeling = sys.modules.get("transformers.modeling_utils")  # (a transformers model imported it)
+    if modeling is None or not isinstance(model, modeling.PreTrainedModel):
+        return []
+    cls = type(model)
+    names = [n for n in ("set_adapter", "delete_adapter", "active_adapters", *_INSTEAD)
+             if getattr(cls, n, None) is getattr(modeling.PeftAdapterMixin, n, object())]
+    if getattr(cls, "save_pretrained", None) is modeling.PreTrainedModel.save_pretrained:
+        names.append("save_pretrained")
+    return names
+
+
+def install(model: nn.Module) -> None:
+    """Give an injected transformers model the methods above (see the module docstring)."""
+    for name in _replaceable(model):
+        if name in model.__dict__:
+            continue
+        impl = _OWN.get(name)
+        if impl is not None:
+            method = functools.partial(impl, model)
+            method.__doc__ = impl.__doc__
+        else:
+            method = functools.partial(_refuse, model, name)
+            method.__doc__ = f"Refused on a model with lorakit adapters: use {_INSTEAD[name]}."
+        model.__dict__[name] = method
+
+
+def remove(model: nn.Module) -> None:
+    """Undo ``install``: the model's class methods again."""
+    for name in (*_OWN, *_INSTEAD):
+        value = model.__dict__.get(name)
+        if isinstance(value, functools.partial) and value.func in (*_OWN.values(), _refuse):
+            del model.__dict__[name]

@@ -1,0 +1,154 @@
+"""transformers' own save_pretrained and adapter methods on a model lorakit injected into.
+
+save_pretrained (which transformers.Trainer calls for its checkpoints and save_model) wrote the
+whole model under lorakit's in-memory names, which from_pretrained loaded with every adapted weight
+freshly initialised; the PEFT-integration methods worked on transformers' PEFT adapters instead.
+"""
+from __future__ import annotations
+
+import copy
+import io
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import lorakit as lk
+from tests.conftest import tiny_llama
+
+IDS = torch.tensor([[5, 9, 3, 7, 11, 4]])
+
+
+def _two_adapters():
+    model = tiny_llama()
+    lk.get_lora_model(model, lk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["up_proj"], init_lora_weights=False),
+                      adapter_name="other")
+    return model
+
+
+def test_save_pretrained_writes_the_adapters_in_peft_layout_that_peft_and_lorakit_load(tmp_path):
+    import peft
+
+    model = _two_adapters()
+    assert model.save_pretrained(tmp_path) is None
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "other"]
+    assert json.loads((tmp_path / "other" / "adapter_config.json").read_text())["r"] == 2
+    with torch.no_grad():
+        want = model(IDS).logits
+        theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()(IDS).logits
+        torch.testing.assert_close(theirs, want, rtol=0, atol=1e-6)
+        lk.set_adapter(model, "other")
+        want_other = model(IDS).logits
+        ours = lk.load_adapter(tiny_llama(), tmp_path / "other", adapter_name="other").eval()(IDS).logits
+        assert torch.equal(ours, want_other)
+
+
+def test_save_pretrained_options(tmp_path):
+    model = _two_adapters()
+    model.save_pretrained(tmp_path / "sel", selected_adapters=["other"])
+    assert sorted(p.name for p in (tmp_path / "sel").iterdir()) == ["other"]
+    model.save_pretrained(tmp_path / "later", is_main_process=False)  # a later process of a distributed run
+    assert not (tmp_path / "later").exists()
+    with pytest.raises(ValueError, match="'nope'.*'default', 'other'"):
+        model.save_pretrained(tmp_path / "bad", selected_adapters=["nope"])
+    for kwargs, named in (({"state_dict": model.state_dict()}, "state_dict"),
+                          ({"safe_serialization": False}, "safe_serialization=False"),
+                          ({"push_to_hub": True}, "push_to_hub")):
+        with pytest.raises(TypeError, match=named + ".*merge_and_unload"):
+            model.save_pretrained(tmp_path / "bad", **kwargs)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_trainer_checkpoints_and_save_model_hold_the_adapter(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_llama()
+    lk.get_lora_model(model, lk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 101, (8, 12), generator=g)]
+    args = TrainingArguments(str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, save_steps=1,
+                             report_to=[], use_cpu=True, learning_rate=1e-2, disable_tqdm=True)
+    trainer = Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    for d in (tmp_path / "out" / "checkpoint-2", tmp_path / "final"):
+        assert (d / "adapter_model.safetensors").is_file() and not (d / "model.safetensors").exists()
+    model.eval()
+    with torch.no_grad():
+        reloaded = lk.load_adapter(tiny_llama(), tmp_path / "final")(IDS).logits
+        assert torch.equal(reloaded, model(IDS).logits)
+        assert not torch.equal(reloaded, tiny_llama()(IDS).logits)  # (it trained)
+
+
+def test_peft_integration_methods_use_lorakits_or_name_it(tmp_path):
+    model = _two_adapters()
+    assert model.active_adapters() == ["default"]
+    model.set_adapter("other")
+    assert lk.active_adapters(model) == ["other"]
+    model.save_pretrained(tmp_path)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for call, use in ((lambda: model.load_adapter(str(tmp_path)), "lorakit.load_adapter"),
+                      (lambda: model.add_adapter(None), "lorakit.get_lora_model"),
+                      (lambda: model.disable_adapters(), "lorakit.disable_adapters"),
+                      (lambda: model.enable_adapters(), "lorakit.disable_adapters"),
+                      (lambda: model.get_adapter_state_dict(), "lorakit.adapter_state_dict")):
+        with pytest.raises(TypeError, match=use):
+            call()
+    after = model.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(after[k], v) for k, v in before.items())
+    model.delete_adapter(["default"])
+    assert lk.active_adapters(model) == ["other"] and list(lk.inject.require_state(model).configs) == ["other"]
+
+
+def test_unload_gives_back_transformers_methods_and_copies_keep_their_own(tmp_path):
+    from transformers import PreTrainedModel
+
+    model = _two_adapters()
+    clone = copy.deepcopy(model)
+    assert clone.save_pretrained.args[0] is clone
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    loaded.save_pretrained(tmp_path / "pickled")
+    assert (tmp_path / "pickled" / "adapter_model.safetensors").is_file()
+    lk.merge_and_unload(model)
+    assert "save_pretrained" not in model.__dict__ and "set_adapter" not in model.__dict__
+    assert model.save_pretrained.__func__ is PreTrainedModel.save_pretrained
+    model.save_pretrained(tmp_path / "merged")  # a plain model again
+    assert (tmp_path / "merged" / "model.safetensors").is_file()
+    lk.unload(clone)
+    assert not any(n in clone.__dict__ for n in ("save_pretrained", "load_adapter", "active_adapters"))
+
+
+def test_only_transformers_models_and_their_unchanged_methods_are_given_lorakits():
+    from transformers import LlamaForCausalLM
+
+    plain = nn.Sequential(nn.Linear(4, 4))
+    lk.get_lora_model(plain, lk.LoraConfig(r=2, target_modules=["0"]))
+    assert "save_pretrained" not in plain.__dict__ and not hasattr(plain, "save_pretrained")
+
+    class OwnAdapters(LlamaForCausalLM):  # (as wav2vec2's language adapters)
+        def load_adapter(self, target_lang):
+            return target_lang
+
+    model = OwnAdapters(tiny_llama().config)
+    lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert model.load_adapter("spa") == "spa" and "save_pretrained" in model.__dict__
+
+
+def test_a_first_injection_that_fails_leaves_transformers_methods(monkeypatch):
+    model = tiny_llama()
+    with pytest.raises(ValueError):
+        lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="a.b")
+    model2 = tiny_llama()
+
+    def boom(self, *a, **k):
+        raise RuntimeError("boom")
+    monkeypatch.setattr(lk.layers.LoraLayer, "add_adapter", boom)
+    with pytest.raises(RuntimeError, match="boom"):
+        lk.get_lora_model(model2, lk.LoraConfig(r=2, target_modules=["q_proj"]))
+    for m in (model, model2):
+        assert not any(n in m.__dict__ for n in ("save_pretrained", "set_adapter", "load_adapter"))
