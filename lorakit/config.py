@@ -246,6 +246,11 @@ class LoraConfig:
         """
         if not isinstance(data, dict):
             raise ValueError(f"{source}: expected a JSON object, found {type(data).__name__}")
+        import enum
+
+        # (a PEFT config's own to_dict() holds its enums, PeftType.LORA and TaskType, and sets)
+        data = {k: v.value if isinstance(v, enum.Enum) else sorted(v) if isinstance(v, (set, frozenset)) else v
+                for k, v in data.items()}
         peft_type = data.get("peft_type", "LORA")
         if str(peft_type).upper() != "LORA":
             raise ValueError(f"{source}: peft_type is {peft_type!r}; lorakit reads LoRA adapters only ('LORA')")

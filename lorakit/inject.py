@@ -839,6 +839,14 @@ def _mark_one(model: nn.Module, state: Any, name: str) -> None:
             p.requires_grad_(True)
 
 
+def _lorakit_config(config: Any) -> LoraConfig:
+    """``config``, or PEFT's ``LoraConfig`` as lorakit's (what lorakit does not implement refused by
+    name, as when its adapter_config.json is loaded)."""
+    if isinstance(config, LoraConfig) or not (callable(getattr(config, "to_dict", None)) and hasattr(config, "peft_type")):
+        return config  # (anything else: inject_adapter's TypeError)
+    return LoraConfig.from_dict(config.to_dict(), source=f"PEFT's {type(config).__name__}")
+
+
 def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
     """Inject a trainable LoRA adapter into ``model`` in place; the first adapter freezes everything else.
 
@@ -847,7 +855,8 @@ def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "de
 
     Args:
         model: Any ``nn.Module`` (a transformers model, a torchvision net, your own).
-        config: Which modules to adapt and how.
+        config: Which modules to adapt and how: a ``lorakit.LoraConfig``, or PEFT's ``LoraConfig``
+            (read as its ``adapter_config.json`` would be: ``LoraConfig.from_dict(config.to_dict())``).
         adapter_name: Name of the adapter (several can live on one model).
 
     Returns:
@@ -856,6 +865,7 @@ def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     Raises:
         ValueError: the targets match nothing or an unsupported module type, or the name is taken.
     """
+    config = _lorakit_config(config)
     state = get_state(model)
     first = state is None or not state.configs  # (after its last adapter was deleted, a model starts afresh)
     inject_adapter(model, config, adapter_name)

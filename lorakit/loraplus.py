@@ -110,10 +110,22 @@ def create_loraplus_optimizer(model: nn.Module, lr: float, ratio: float = 16.0, 
         weight_decay: Weight decay of A and B.
         optimizer_cls: Any ``torch.optim.Optimizer`` class.
         lr_embedding: Optional learning rate of embedding adapters.
-        **optimizer_kwargs: Passed to ``optimizer_cls`` (e.g. ``betas``, ``eps``).
+        **optimizer_kwargs: Passed to ``optimizer_cls`` (e.g. ``betas``, ``eps``); PEFT's names
+            ``loraplus_lr_ratio`` and ``loraplus_lr_embedding`` are taken as ``ratio`` and
+            ``lr_embedding`` (PEFT gives embedding adapters 1e-6 unless told otherwise; lorakit
+            gives them the A / B rule unless ``lr_embedding`` is set).
 
     Returns:
         The optimizer.
     """
-    groups = loraplus_param_groups(model, lr, ratio=ratio, weight_decay=weight_decay, lr_embedding=lr_embedding)
+    ours = {"ratio": ratio, "lr_embedding": lr_embedding}
+    for peft_name, name, default in (("loraplus_lr_ratio", "ratio", 16.0), ("loraplus_lr_embedding", "lr_embedding", None)):
+        if peft_name in optimizer_kwargs:  # (passed on, they reached the optimizer class, which knows neither)
+            given = optimizer_kwargs.pop(peft_name)
+            if ours[name] != default and ours[name] != given:
+                raise TypeError(f"create_loraplus_optimizer: {peft_name} (PEFT's name for {name}) and {name} both "
+                                f"given, {given!r} and {ours[name]!r}: give one")
+            ours[name] = given
+    groups = loraplus_param_groups(model, lr, ratio=ours["ratio"], weight_decay=weight_decay,
+                                   lr_embedding=ours["lr_embedding"])
     return optimizer_cls(groups, lr=lr, **optimizer_kwargs)

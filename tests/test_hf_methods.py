@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 import lorakit as lk
-from tests.conftest import tiny_llama
+from conftest import tiny_llama
 
 IDS = torch.tensor([[5, 9, 3, 7, 11, 4]])
 

@@ -1119,3 +1119,21 @@ def test_an_empty_layers_to_transform_targets_every_layer():  # PEFT: [] = all l
     m = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=[]))
     wrapped = [n for n, mod in m.named_modules() if n.endswith("q_proj") and hasattr(mod, "lora_A")]
     assert len(wrapped) == 2  # both decoder layers of the tiny Llama
+
+
+def test_a_peft_lora_config_is_taken_as_its_adapter_config_json_would_be():
+    """get_lora_model(model, peft.LoraConfig(...)) said "expected a lorakit LoraConfig", and
+    LoraConfig.from_dict(peft_config.to_dict()) that peft_type PeftType.LORA was not 'LORA'."""
+    import peft
+
+    theirs = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
+                             init_lora_weights=False)
+    config = lk.LoraConfig.from_dict(theirs.to_dict())
+    assert (config.r, config.lora_alpha, sorted(config.target_modules), config.task_type) == (
+        4, 8, ["q_proj", "v_proj"], "CAUSAL_LM")
+    model = lk.get_lora_model(tiny_llama(), theirs)
+    assert sorted(n.rsplit(".", 1)[-1] for n, _ in lk.iter_lora_layers(model)) == ["q_proj"] * 2 + ["v_proj"] * 2
+    with pytest.raises(ValueError, match="PEFT's LoraConfig.*use_qalora"):
+        lk.get_lora_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], use_qalora=True))
+    with pytest.raises(TypeError, match="expected a lorakit LoraConfig, got dict"):
+        lk.get_lora_model(tiny_llama(), {"r": 4})

@@ -106,3 +106,13 @@ def test_no_weight_decay_on_trainable_biases():
     cfg = SimpleNamespace(lora_plus_ratio=0, learning_rate=1e-3, weight_decay=0.1)
     for group in _make_optimizer(m, params, cfg).param_groups:
         assert (group["weight_decay"] == 0.0) == any(id(p) in biases for p in group["params"])
+
+
+def test_peft_keyword_names_are_taken():
+    """PEFT's loraplus_lr_ratio / loraplus_lr_embedding reached AdamW, whose TypeError named neither."""
+    ours = lk.create_loraplus_optimizer(_model(), lr=1e-3, ratio=8, lr_embedding=1e-6)
+    peftish = lk.create_loraplus_optimizer(_model(), lr=1e-3, loraplus_lr_ratio=8, loraplus_lr_embedding=1e-6)
+    assert [(g["name"], g["lr"]) for g in peftish.param_groups] == [(g["name"], g["lr"]) for g in ours.param_groups]
+    assert any(g["lr"] == 8e-3 for g in peftish.param_groups) and any(g["lr"] == 1e-6 for g in peftish.param_groups)
+    with pytest.raises(TypeError, match="loraplus_lr_ratio.*ratio.*give one"):
+        lk.create_loraplus_optimizer(_model(), lr=1e-3, ratio=4, loraplus_lr_ratio=8)

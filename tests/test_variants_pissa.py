@@ -239,6 +239,10 @@ def test_saving_a_pissa_niter_adapter_unconverted_warns(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         lk.save_adapter(model, tmp_path / "converted", convert_to_lora=True)
+        lk.load_adapter(tiny_llama(), tmp_path / "converted")  # (a plain LoRA: loads as it was saved)
+    # loading the unconverted one redoes the randomised SVD: said so (it was silent)
+    with pytest.warns(UserWarning, match="randomised SVD.*convert_to_lora=True"):
+        lk.load_adapter(tiny_llama(), tmp_path / "as_is")
 
 
 @pytest.mark.parametrize("init", ["pissa", "olora"])
