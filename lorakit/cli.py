@@ -13,12 +13,11 @@ import sys
 
 from lorakit import __version__
 
-# Modules that contribute subcommands, in the order they appear in ``lorakit --help``.
-# A module that is missing (a feature not built yet) is skipped, not an error.
+# Modules that contribute subcommands, in the order they appear in ``lorakit --help`` (both are part
+# of the package: one missing is an installation error, raised, not a command left out of the help)
 _COMMAND_MODULES = (
     "lorakit.train.cli",
     "lorakit.analysis.cli",
-    "lorakit.serve.cli",
 )
 
 
@@ -31,12 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lorakit {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name is not None and name.startswith(exc.name):
-                continue  # that feature area is not installed / not built
-            raise
+        module = importlib.import_module(name)
         module.register(subparsers)
     return parser
 

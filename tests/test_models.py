@@ -199,7 +199,9 @@ def test_a_changed_gguf_file_is_not_served_from_the_old_entry_and_stale_temporar
     assert models.default_model_path() == first and len(fake_gguf) == 2
     assert not stale.exists() and fresh.exists()
     gguf = models.default_gguf_path()
-    os.utime(gguf, ns=(gguf.stat().st_atime_ns, gguf.stat().st_mtime_ns + 10**9))  # same size, rewritten
+    os.utime(gguf, ns=(gguf.stat().st_atime_ns, gguf.stat().st_mtime_ns + 10**9))  # installed again: same bytes
+    assert models.default_model_path() == first and len(fake_gguf) == 2  # (a new mtime was a new 517 MB entry)
+    gguf.write_bytes(b"GGUF" + bytes(99) + b"x")  # same size, other bytes
     second = models.default_model_path()
     assert second != first and len(fake_gguf) == 3  # (only its size keyed the entry: the old one was reused)
 
