@@ -8,7 +8,7 @@ from typing import Any, Iterator
 import torch
 from torch import nn
 
-from lorakit.inject import (_remove_adapter_everywhere, _set_submodule, check_model, iter_lora_layers,
+from lorakit.inject import (_remove_adapter_everywhere, _set_submodule, check_model, forget_model, iter_lora_layers,
                             iter_saved_modules, mark_trainable, require_state, restore_fast_paths, retie,
                             untie_tied_for_merge)
 
@@ -270,14 +270,8 @@ def _strip(model: nn.Module, do_merge: bool, safe: bool = False) -> nn.Module:
         _set_submodule(model, name, layer.base_layer)
     for name, wrapper in list(iter_saved_modules(model)):
         _set_submodule(model, name, wrapper.current() if do_merge else wrapper.original_module)
-    model.__dict__.pop("_lorakit", None)
-    from lorakit.hf_methods import remove
-
-    remove(model)  # transformers' save_pretrained and adapter methods again
+    forget_model(model)  # (transformers' save_pretrained and adapter methods again)
     restore_fast_paths(model)
-    from lorakit.multi import detach_mixed_batch  # (multi imports this module)
-
-    detach_mixed_batch(model)
     return model
 
 

@@ -94,7 +94,8 @@ class LoraConfig:
             ``"TOKEN_CLS"`` add the heads ``classifier`` and ``score``, ``"QUESTION_ANS"`` adds
             ``qa_outputs``, to ``modules_to_save`` (those the model has).
         base_model_name_or_path: Where the base model came from; informational.
-        inference_mode: Written by PEFT; True means the adapter loads frozen.
+        inference_mode: Written by PEFT; True means the adapter loads (and ``get_lora_model``
+            makes it) frozen.
     """
 
     r: int = 8

@@ -39,39 +39,61 @@ _INSTEAD = {
 }
 
 
+#: what transformers.Trainer reads back into the model when it resumes or loads its best checkpoint
+TRAINER_WEIGHTS = "model.safetensors"
+
+
 def _save_pretrained(model: nn.Module, save_directory: str | Path, is_main_process: bool = True,
                      state_dict: dict | None = None, selected_adapters: list[str] | None = None,
                      safe_serialization: bool = True, **kwargs: Any) -> None:
     """Write this model's LoRA adapters to ``save_directory`` in PEFT's format, as
     ``PeftModel.save_pretrained`` does: adapter ``default`` in the directory itself, every other in a
-    subdirectory named after it (``selected_adapters``: only those). Nothing of the base model is
-    written: save a plain model with ``lorakit.merge_and_unload(model).save_pretrained(...)``.
-    ``is_main_process=False`` writes nothing (a later process of a distributed run)."""
-    from lorakit.inject import require_state
-    from lorakit.io import save_adapter
+    subdirectory named after it (``selected_adapters``: only those). No base weights are written
+    (save a plain model with ``lorakit.merge_and_unload(model).save_pretrained(...)``), and no
+    ``config.json``, so ``from_pretrained`` never takes the directory for a whole model.
 
-    unknown = sorted(k for k, v in kwargs.items() if k not in ("max_shard_size", "save_peft_format") and v)
-    if state_dict is not None or not safe_serialization or unknown:
-        given = (["state_dict"] if state_dict is not None else []) + (
-            ["safe_serialization=False"] if not safe_serialization else []) + unknown
-        raise TypeError(f"save_pretrained of a model with lorakit adapters writes them in PEFT's format (safetensors, "
-                        f"from the model's own tensors) and takes no {', '.join(given)}; to write a plain model, "
-                        "merge first: lorakit.merge_and_unload(model).save_pretrained(...)")
-    state = require_state(model)
-    names = list(state.configs) if selected_adapters is None else list(selected_adapters)
-    missing = [n for n in names if n not in state.configs]
+    Beside them, ``model.safetensors`` holds the model's trainable tensors under their in-memory
+    names: what ``transformers.Trainer`` loads back into the model (``load_state_dict(...,
+    strict=False)``) when it resumes from a checkpoint or loads the best one at the end.
+    ``state_dict`` (which Trainer passes for a wrapped model) is not needed: the tensors are read
+    from the model. ``is_main_process=False`` writes nothing (a later process of a distributed run)."""
+    from safetensors.torch import save
+
+    from lorakit.inject import get_state
+    from lorakit.io import atomic_write_bytes, save_adapter
+
+    refused = {"push_to_hub": "lorakit writes a directory; upload it yourself (huggingface_hub.upload_folder)",
+               "path_initial_model_for_weight_conversion": "save a PiSSA / OLoRA adapter converted with "
+               "lorakit.save_adapter(model, directory, adapter_name, convert_to_lora=True)",
+               "save_embedding_layers": "lorakit saves no embedding layers beside the adapters"}
+    for name, why in refused.items():
+        if kwargs.pop(name, None) not in (None, False, "auto"):
+            raise TypeError(f"save_pretrained of a model with lorakit adapters: {name} is not supported: {why}")
+    unknown = sorted(k for k, v in kwargs.items() if k not in ("max_shard_size", "save_peft_format", "token") and v)
+    if not safe_serialization or unknown:
+        given = (["safe_serialization=False"] if not safe_serialization else []) + unknown
+        raise TypeError(f"save_pretrained of a model with lorakit adapters writes them in PEFT's format "
+                        f"(safetensors) and takes no {', '.join(given)}; to write a plain model, merge first: "
+                        "lorakit.merge_and_unload(model).save_pretrained(...)")
+    state = get_state(model)
+    configs = state.configs if state is not None else {}
+    names = list(configs) if selected_adapters is None else list(selected_adapters)
+    missing = [n for n in names if n not in configs]
     if missing or not names:
-        raise ValueError(f"selected_adapters: {missing or names!r} - this model's adapters are {list(state.configs)}")
-    if not is_main_process:
-        return
-    root = Path(save_directory)
+        raise ValueError(f"selected_adapters: {missing or names!r} - this model's adapters are {list(configs)}")
     for name in names:
         if "/" in name or "\\" in name:
             raise ValueError(f"adapter {name!r} would be saved in a subdirectory named after it, and a name with a "
                              "path separator would leave the directory: save it with lorakit.save_adapter(model, "
                              "directory, adapter_name)")
+    if not is_main_process:
+        return
+    root = Path(save_directory)
     for name in names:
         save_adapter(model, root if name == "default" else root / name, adapter_name=name)
+    trainable = {k: p.detach().contiguous() for k, p in model.named_parameters() if p.requires_grad}
+    if trainable:
+        atomic_write_bytes(root / TRAINER_WEIGHTS, save(trainable, metadata={"format": "pt"}))
 
 
 def _set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
@@ -82,10 +104,12 @@ def _set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:
 
 
 def _delete_adapter(model: nn.Module, adapter_names: str | list[str]) -> None:
-    """``lorakit.delete_adapter(model, name)`` for each name given."""
-    from lorakit.adapters import delete_adapter
+    """``lorakit.delete_adapter(model, name)`` for each name given (all checked first)."""
+    from lorakit.adapters import _check_names, delete_adapter
 
-    for name in [adapter_names] if isinstance(adapter_names, str) else list(adapter_names):
+    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    _check_names(model, names)  # (an unknown name after the first deleted it, and the error named neither)
+    for name in names:
         delete_adapter(model, name)
 
 

@@ -554,12 +554,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
                 module.active_adapter = state.active[0]
     except Exception:
         _remove_adapter_everywhere(model, adapter_name)
-        if not state.configs:  # the first adapter failed: leave no lorakit state behind either
-            model.__dict__.pop("_lorakit", None)
-            from lorakit.hf_methods import remove
-
-            remove(model)
-        raise
+        raise  # (the first adapter failing leaves no lorakit state behind either: forget_model)
     if not state.active:
         state.active = [adapter_name]
     from lorakit.multi import attach_mixed_batch  # here, not at the top: multi imports this module
@@ -783,6 +778,19 @@ def _remove_adapter_everywhere(model: nn.Module, adapter_name: str) -> None:
         state.trainable.discard(adapter_name)
         if adapter_name in state.active:
             state.active.remove(adapter_name)
+        if not state.configs:  # the last one (deleted, or a first injection / load that failed)
+            forget_model(model)
+
+
+def forget_model(model: nn.Module) -> None:
+    """Drop what lorakit keeps on ``model`` itself: its state, the mixed-batch hooks and the
+    methods ``lorakit.hf_methods`` gave it (the model is then as lorakit found it)."""
+    model.__dict__.pop("_lorakit", None)
+    from lorakit.hf_methods import remove
+    from lorakit.multi import detach_mixed_batch  # (multi imports this module)
+
+    remove(model)
+    detach_mixed_batch(model)
 
 
 def mark_trainable(model: nn.Module, freeze_all: bool = False, only: str | None = None) -> None:
@@ -844,7 +852,11 @@ def _lorakit_config(config: Any) -> LoraConfig:
     name, as when its adapter_config.json is loaded)."""
     if isinstance(config, LoraConfig) or not (callable(getattr(config, "to_dict", None)) and hasattr(config, "peft_type")):
         return config  # (anything else: inject_adapter's TypeError)
-    return LoraConfig.from_dict(config.to_dict(), source=f"PEFT's {type(config).__name__}")
+    source = f"PEFT's {type(config).__name__}"
+    if getattr(config, "ensure_weight_tying", False):  # (ignored in a file, where it only explains a refusal)
+        raise ValueError(f"{source}: ensure_weight_tying=True ties the output head's adapter to the input "
+                         "embedding's, which lorakit does not implement")
+    return LoraConfig.from_dict(config.to_dict(), source=source)
 
 
 def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "default") -> nn.Module:
@@ -870,6 +882,7 @@ def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     first = state is None or not state.configs  # (after its last adapter was deleted, a model starts afresh)
     inject_adapter(model, config, adapter_name)
     state = require_state(model)
-    state.trainable.add(adapter_name)
+    if not config.inference_mode:  # (inference_mode=True: the adapter starts frozen, as in PEFT)
+        state.trainable.add(adapter_name)
     mark_trainable(model, freeze_all=first, only=adapter_name)
     return model

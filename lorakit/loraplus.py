@@ -111,21 +111,22 @@ def create_loraplus_optimizer(model: nn.Module, lr: float, ratio: float = 16.0, 
         optimizer_cls: Any ``torch.optim.Optimizer`` class.
         lr_embedding: Optional learning rate of embedding adapters.
         **optimizer_kwargs: Passed to ``optimizer_cls`` (e.g. ``betas``, ``eps``); PEFT's names
-            ``loraplus_lr_ratio`` and ``loraplus_lr_embedding`` are taken as ``ratio`` and
-            ``lr_embedding`` (PEFT gives embedding adapters 1e-6 unless told otherwise; lorakit
+            ``loraplus_lr_ratio``, ``loraplus_lr_embedding`` and ``loraplus_weight_decay`` are taken
+            as ``ratio``, ``lr_embedding`` and ``weight_decay`` (PEFT gives embedding adapters 1e-6 unless told otherwise; lorakit
             gives them the A / B rule unless ``lr_embedding`` is set).
 
     Returns:
         The optimizer.
     """
-    ours = {"ratio": ratio, "lr_embedding": lr_embedding}
-    for peft_name, name, default in (("loraplus_lr_ratio", "ratio", 16.0), ("loraplus_lr_embedding", "lr_embedding", None)):
+    ours = {"ratio": ratio, "lr_embedding": lr_embedding, "weight_decay": weight_decay}
+    for peft_name, name, default in (("loraplus_lr_ratio", "ratio", 16.0), ("loraplus_lr_embedding", "lr_embedding", None),
+                                     ("loraplus_weight_decay", "weight_decay", 0.0)):
         if peft_name in optimizer_kwargs:  # (passed on, they reached the optimizer class, which knows neither)
             given = optimizer_kwargs.pop(peft_name)
             if ours[name] != default and ours[name] != given:
                 raise TypeError(f"create_loraplus_optimizer: {peft_name} (PEFT's name for {name}) and {name} both "
                                 f"given, {given!r} and {ours[name]!r}: give one")
             ours[name] = given
-    groups = loraplus_param_groups(model, lr, ratio=ours["ratio"], weight_decay=weight_decay,
+    groups = loraplus_param_groups(model, lr, ratio=ours["ratio"], weight_decay=ours["weight_decay"],
                                    lr_embedding=ours["lr_embedding"])
     return optimizer_cls(groups, lr=lr, **optimizer_kwargs)

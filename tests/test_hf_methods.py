@@ -30,11 +30,18 @@ def _two_adapters():
 
 def test_save_pretrained_writes_the_adapters_in_peft_layout_that_peft_and_lorakit_load(tmp_path):
     import peft
+    from safetensors.torch import load_file
 
     model = _two_adapters()
+    lk.set_trainable(model, ["default"])
     assert model.save_pretrained(tmp_path) is None
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "other"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
+                                                            "model.safetensors", "other"]
     assert json.loads((tmp_path / "other" / "adapter_config.json").read_text())["r"] == 2
+    assert not (tmp_path / "config.json").exists()  # (from_pretrained never takes it for a whole model)
+    # model.safetensors: the trainable tensors under their in-memory names, for transformers.Trainer
+    trainer_file = load_file(tmp_path / "model.safetensors")
+    assert trainer_file.keys() == {n for n, p in model.named_parameters() if p.requires_grad} != set()
     with torch.no_grad():
         want = model(IDS).logits
         theirs = peft.PeftModel.from_pretrained(tiny_llama(), tmp_path).eval()(IDS).logits
@@ -47,39 +54,57 @@ def test_save_pretrained_writes_the_adapters_in_peft_layout_that_peft_and_loraki
 
 def test_save_pretrained_options(tmp_path):
     model = _two_adapters()
-    model.save_pretrained(tmp_path / "sel", selected_adapters=["other"])
-    assert sorted(p.name for p in (tmp_path / "sel").iterdir()) == ["other"]
+    model.save_pretrained(tmp_path / "sel", selected_adapters=["other"], state_dict=model.state_dict())
+    assert sorted(p.name for p in (tmp_path / "sel").iterdir()) == ["model.safetensors", "other"]
     model.save_pretrained(tmp_path / "later", is_main_process=False)  # a later process of a distributed run
     assert not (tmp_path / "later").exists()
     with pytest.raises(ValueError, match="'nope'.*'default', 'other'"):
         model.save_pretrained(tmp_path / "bad", selected_adapters=["nope"])
-    for kwargs, named in (({"state_dict": model.state_dict()}, "state_dict"),
-                          ({"safe_serialization": False}, "safe_serialization=False"),
-                          ({"push_to_hub": True}, "push_to_hub")):
-        with pytest.raises(TypeError, match=named + ".*merge_and_unload"):
+    for kwargs, named in (({"safe_serialization": False}, "safe_serialization=False.*merge_and_unload"),
+                          ({"push_to_hub": True}, "push_to_hub.*upload_folder"),
+                          ({"path_initial_model_for_weight_conversion": "x"}, "convert_to_lora=True"),
+                          ({"variant": "fp16"}, "variant.*merge_and_unload")):
+        with pytest.raises(TypeError, match=named):
             model.save_pretrained(tmp_path / "bad", **kwargs)
     assert not (tmp_path / "bad").exists()
+    model.save_pretrained(tmp_path / "peft_defaults", save_embedding_layers="auto", max_shard_size="5GB")
+    assert (tmp_path / "peft_defaults" / "adapter_model.safetensors").is_file()
 
 
-def test_trainer_checkpoints_and_save_model_hold_the_adapter(tmp_path):
+def test_trainer_checkpoints_hold_the_adapter_and_resume_and_best_model_load_them(tmp_path):
+    """The checkpoints became adapters (PEFT's format); Trainer then found no weights it could read
+    back: resume_from_checkpoint and load_best_model_at_end failed (caught by a review)."""
     from transformers import Trainer, TrainingArguments
 
-    model = tiny_llama()
-    lk.get_lora_model(model, lk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    def fresh():
+        model = tiny_llama()
+        lk.get_lora_model(model, lk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        return model
+
     g = torch.Generator().manual_seed(0)
     data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 101, (8, 12), generator=g)]
-    args = TrainingArguments(str(tmp_path / "out"), max_steps=2, per_device_train_batch_size=4, save_steps=1,
-                             report_to=[], use_cpu=True, learning_rate=1e-2, disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=data)
-    trainer.train()
-    trainer.save_model(str(tmp_path / "final"))
-    for d in (tmp_path / "out" / "checkpoint-2", tmp_path / "final"):
-        assert (d / "adapter_model.safetensors").is_file() and not (d / "model.safetensors").exists()
-    model.eval()
+    kw = dict(per_device_train_batch_size=4, report_to=[], use_cpu=True, learning_rate=1e-2, disable_tqdm=True,
+              save_steps=1, seed=0)
+    model = fresh()
+    Trainer(model=model, args=TrainingArguments(str(tmp_path / "a"), max_steps=2, **kw), train_dataset=data).train()
+    for d in (tmp_path / "a" / "checkpoint-1", tmp_path / "a" / "checkpoint-2"):
+        assert (d / "adapter_model.safetensors").is_file() and not (d / "config.json").exists()
+    resumed = fresh()
+    Trainer(model=resumed, args=TrainingArguments(str(tmp_path / "a"), max_steps=2, **kw),
+            train_dataset=data).train(resume_from_checkpoint=str(tmp_path / "a" / "checkpoint-1"))
+    model.eval(), resumed.eval()
     with torch.no_grad():
-        reloaded = lk.load_adapter(tiny_llama(), tmp_path / "final")(IDS).logits
+        assert torch.equal(resumed(IDS).logits, model(IDS).logits)
+        reloaded = lk.load_adapter(tiny_llama(), tmp_path / "a" / "checkpoint-2")(IDS).logits
         assert torch.equal(reloaded, model(IDS).logits)
         assert not torch.equal(reloaded, tiny_llama()(IDS).logits)  # (it trained)
+    best = fresh()
+    trainer = Trainer(model=best, args=TrainingArguments(str(tmp_path / "b"), max_steps=2, eval_strategy="steps",
+                                                         eval_steps=1, load_best_model_at_end=True, **kw),
+                      train_dataset=data, eval_dataset=data[:4])
+    trainer.train()  # (raised FileNotFoundError: pytorch_model.bin)
+    trainer.save_model(str(tmp_path / "final"))
+    assert (tmp_path / "final" / "adapter_model.safetensors").is_file()
 
 
 def test_peft_integration_methods_use_lorakits_or_name_it(tmp_path):
@@ -139,7 +164,7 @@ def test_only_transformers_models_and_their_unchanged_methods_are_given_lorakits
     assert model.load_adapter("spa") == "spa" and "save_pretrained" in model.__dict__
 
 
-def test_a_first_injection_that_fails_leaves_transformers_methods(monkeypatch):
+def test_a_first_injection_that_fails_leaves_transformers_methods(monkeypatch, tmp_path):
     model = tiny_llama()
     with pytest.raises(ValueError):
         lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="a.b")
@@ -150,5 +175,40 @@ def test_a_first_injection_that_fails_leaves_transformers_methods(monkeypatch):
     monkeypatch.setattr(lk.layers.LoraLayer, "add_adapter", boom)
     with pytest.raises(RuntimeError, match="boom"):
         lk.get_lora_model(model2, lk.LoraConfig(r=2, target_modules=["q_proj"]))
-    for m in (model, model2):
-        assert not any(n in m.__dict__ for n in ("save_pretrained", "set_adapter", "load_adapter"))
+    monkeypatch.undo()
+    # a load that fails after the injection (a Ctrl-C while the tensors are copied in)
+    saved = tiny_llama()
+    lk.get_lora_model(saved, lk.LoraConfig(r=2, target_modules=["q_proj"]))
+    lk.save_adapter(saved, tmp_path)
+    model3 = tiny_llama()
+    monkeypatch.setattr(lk.io, "check_fits", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        lk.load_adapter(model3, tmp_path)
+    for m in (model, model2, model3):
+        assert not any(n in m.__dict__ for n in ("_lorakit", "save_pretrained", "set_adapter", "load_adapter"))
+
+
+def test_deleting_the_last_adapter_gives_back_the_plain_model(tmp_path):
+    """The model kept an empty lorakit state and lorakit's save_pretrained, which then refused to save,
+    and unload / merge_and_unload refused too ("no LoRA adapters")."""
+    from transformers import PreTrainedModel
+
+    model = _two_adapters()
+    model.delete_adapter(["default", "other"])
+    assert not any(n in model.__dict__ for n in ("_lorakit", "save_pretrained", "active_adapters"))
+    assert model.save_pretrained.__func__ is PreTrainedModel.save_pretrained
+    assert not list(lk.iter_lora_layers(model)) and type(model.model.layers[0].self_attn.q_proj) is nn.Linear
+    with torch.no_grad():
+        assert torch.equal(model(IDS).logits, tiny_llama()(IDS).logits)
+    lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["q_proj"]))  # starts afresh
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_config.json").is_file()
+
+
+def test_peft_style_delete_checks_every_name_first_and_inference_mode_freezes():
+    model = _two_adapters()
+    with pytest.raises(ValueError, match="nope"):
+        model.delete_adapter(["default", "nope"])  # ("default" was gone before the error, which named neither)
+    assert list(lk.inject.require_state(model).configs) == ["default", "other"]
+    frozen = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"], inference_mode=True))
+    assert lk.count_parameters(frozen)[0] == 0  # (trained 512 numbers where PEFT trains none)

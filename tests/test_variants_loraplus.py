@@ -113,6 +113,8 @@ def test_peft_keyword_names_are_taken():
     ours = lk.create_loraplus_optimizer(_model(), lr=1e-3, ratio=8, lr_embedding=1e-6)
     peftish = lk.create_loraplus_optimizer(_model(), lr=1e-3, loraplus_lr_ratio=8, loraplus_lr_embedding=1e-6)
     assert [(g["name"], g["lr"]) for g in peftish.param_groups] == [(g["name"], g["lr"]) for g in ours.param_groups]
+    decayed = lk.create_loraplus_optimizer(_model(), lr=1e-3, loraplus_weight_decay=0.1)
+    assert {g["weight_decay"] for g in decayed.param_groups if g["name"] in ("lora_A", "lora_B")} == {0.1}
     assert any(g["lr"] == 8e-3 for g in peftish.param_groups) and any(g["lr"] == 1e-6 for g in peftish.param_groups)
     with pytest.raises(TypeError, match="loraplus_lr_ratio.*ratio.*give one"):
         lk.create_loraplus_optimizer(_model(), lr=1e-3, ratio=4, loraplus_lr_ratio=8)
