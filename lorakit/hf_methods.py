@@ -17,7 +17,9 @@ So an injected ``PreTrainedModel`` gets, as attributes of its own (removed again
 - the other PEFT-integration methods: an error naming the lorakit function to use.
 
 Only methods the model's class takes from transformers unchanged are replaced (a model with a
-``load_adapter`` of its own, e.g. wav2vec2's language adapters, keeps it).
+``load_adapter`` of its own, e.g. wav2vec2's language adapters, keeps it), and a model that also
+holds transformers' own PEFT adapters keeps the methods that manage them (only ``save_pretrained``
+is lorakit's there).
 """
 from __future__ import annotations
 
@@ -139,6 +141,8 @@ def _replaceable(model: nn.Module) -> list[str]:
     cls = type(model)
     names = [n for n in ("set_adapter", "delete_adapter", "active_adapters", *_INSTEAD)
              if getattr(cls, n, None) is getattr(modeling.PeftAdapterMixin, n, object())]
+    if getattr(model, "_hf_peft_config_loaded", False):
+        names = []  # (the model holds transformers' own PEFT adapters too: those methods manage them)
     if getattr(cls, "save_pretrained", None) is modeling.PreTrainedModel.save_pretrained:
         names.append("save_pretrained")
     return names

@@ -212,3 +212,11 @@ def test_peft_style_delete_checks_every_name_first_and_inference_mode_freezes():
     assert list(lk.inject.require_state(model).configs) == ["default", "other"]
     frozen = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"], inference_mode=True))
     assert lk.count_parameters(frozen)[0] == 0  # (trained 512 numbers where PEFT trains none)
+
+
+def test_a_model_with_transformers_own_peft_adapters_keeps_their_methods():
+    model = tiny_llama()
+    model._hf_peft_config_loaded = True  # (as transformers' add_adapter / load_adapter set it)
+    lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert "save_pretrained" in model.__dict__
+    assert not any(n in model.__dict__ for n in ("set_adapter", "enable_adapters", "disable_adapters", "load_adapter"))
