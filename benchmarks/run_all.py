@@ -87,6 +87,9 @@ def main() -> int:
             continue
         print(proc.stdout, flush=True)
         parts.append(f"## {title}\n\n{proc.stdout.strip()}\n\n(ran in {elapsed:.0f} s)\n")
+    total = time.perf_counter() - suite_start
+    over = "" if total <= 900 else " (over the issue's 15 minutes: see the machine's speed in the sections' times)"
+    parts.append(f"The suite ran in {total:.0f} s, budget {args.budget:.0f} s{over}.\n")
     Path(args.out).write_text("\n".join(parts))
     print(f"wrote {args.out}")
     return 1 if failed else 0
