@@ -7,12 +7,13 @@ wrong on it: ``save_pretrained`` (which ``transformers.Trainer`` calls for its c
 PEFT-integration methods (``set_adapter``, ``load_adapter``, ...) worked on transformers' own PEFT
 adapters, failing with advice about PEFT versions, or adding PEFT layers beside lorakit's.
 
-So an injected ``PreTrainedModel`` gets, as attributes of its own (removed again by ``unload`` and
-``merge_and_unload``):
+So an injected ``PreTrainedModel`` gets, as attributes of its own (removed again by ``unload``,
+``merge_and_unload`` and the deletion of its last adapter):
 
 - ``save_pretrained``: writes the adapters in PEFT's format and layout, as
   ``PeftModel.save_pretrained`` does (adapter ``default`` in the directory, any other in a
-  subdirectory of its name);
+  subdirectory of its name), plus the trainable tensors that ``transformers.Trainer`` reads back
+  when it resumes or loads its best checkpoint;
 - ``set_adapter``, ``delete_adapter``, ``active_adapters``: lorakit's own;
 - the other PEFT-integration methods: an error naming the lorakit function to use.
 
