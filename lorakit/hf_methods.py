@@ -72,7 +72,9 @@ def _save_pretrained(model: nn.Module, save_directory: str | Path, is_main_proce
     for name, why in refused.items():
         if kwargs.pop(name, None) not in (None, False, "auto"):
             raise TypeError(f"save_pretrained of a model with lorakit adapters: {name} is not supported: {why}")
-    unknown = sorted(k for k, v in kwargs.items() if k not in ("max_shard_size", "save_peft_format", "token") and v)
+    # (transformers' own keywords that change nothing here, given at their defaults or not)
+    harmless = ("max_shard_size", "save_peft_format", "save_original_format", "token")
+    unknown = sorted(k for k, v in kwargs.items() if k not in harmless and v)
     if not safe_serialization or unknown:
         given = (["safe_serialization=False"] if not safe_serialization else []) + unknown
         raise TypeError(f"save_pretrained of a model with lorakit adapters writes them in PEFT's format "
@@ -110,7 +112,7 @@ def _delete_adapter(model: nn.Module, adapter_names: str | list[str]) -> None:
     """``lorakit.delete_adapter(model, name)`` for each name given (all checked first)."""
     from lorakit.adapters import _check_names, delete_adapter
 
-    names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+    names = list(dict.fromkeys([adapter_names] if isinstance(adapter_names, str) else adapter_names))  # (a repeat: once)
     _check_names(model, names)  # (an unknown name after the first deleted it, and the error named neither)
     for name in names:
         delete_adapter(model, name)

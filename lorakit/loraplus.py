@@ -98,7 +98,7 @@ def loraplus_param_groups(model: nn.Module, lr: float, ratio: float = 16.0, weig
     return groups
 
 
-def create_loraplus_optimizer(model: nn.Module, lr: float, ratio: float = 16.0, weight_decay: float = 0.0,
+def create_loraplus_optimizer(model: nn.Module, lr: float, ratio: float | None = None, weight_decay: float | None = None,
                               optimizer_cls: type[torch.optim.Optimizer] = torch.optim.AdamW,
                               lr_embedding: float | None = None, **optimizer_kwargs: Any) -> torch.optim.Optimizer:
     """An optimizer (AdamW by default) over ``loraplus_param_groups(model, lr, ratio, weight_decay)``.
@@ -106,8 +106,8 @@ def create_loraplus_optimizer(model: nn.Module, lr: float, ratio: float = 16.0, 
     Args:
         model: A model with trainable LoRA adapters.
         lr: Learning rate of A; B gets ``ratio · lr``.
-        ratio: λ = η_B / η_A (16 in the paper).
-        weight_decay: Weight decay of A and B.
+        ratio: λ = η_B / η_A (default 16, as in the paper).
+        weight_decay: Weight decay of A and B (default 0).
         optimizer_cls: Any ``torch.optim.Optimizer`` class.
         lr_embedding: Optional learning rate of embedding adapters.
         **optimizer_kwargs: Passed to ``optimizer_cls`` (e.g. ``betas``, ``eps``); PEFT's names
@@ -119,14 +119,16 @@ def create_loraplus_optimizer(model: nn.Module, lr: float, ratio: float = 16.0, 
         The optimizer.
     """
     ours = {"ratio": ratio, "lr_embedding": lr_embedding, "weight_decay": weight_decay}
-    for peft_name, name, default in (("loraplus_lr_ratio", "ratio", 16.0), ("loraplus_lr_embedding", "lr_embedding", None),
-                                     ("loraplus_weight_decay", "weight_decay", 0.0)):
+    for peft_name, name in (("loraplus_lr_ratio", "ratio"), ("loraplus_lr_embedding", "lr_embedding"),
+                            ("loraplus_weight_decay", "weight_decay")):
         if peft_name in optimizer_kwargs:  # (passed on, they reached the optimizer class, which knows neither)
             given = optimizer_kwargs.pop(peft_name)
-            if ours[name] != default and ours[name] != given:
+            if ours[name] is not None and ours[name] != given:
                 raise TypeError(f"create_loraplus_optimizer: {peft_name} (PEFT's name for {name}) and {name} both "
                                 f"given, {given!r} and {ours[name]!r}: give one")
             ours[name] = given
+    ours["ratio"] = 16.0 if ours["ratio"] is None else ours["ratio"]
+    ours["weight_decay"] = 0.0 if ours["weight_decay"] is None else ours["weight_decay"]
     groups = loraplus_param_groups(model, lr, ratio=ours["ratio"], weight_decay=ours["weight_decay"],
                                    lr_embedding=ours["lr_embedding"])
     return optimizer_cls(groups, lr=lr, **optimizer_kwargs)

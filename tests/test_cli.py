@@ -187,3 +187,16 @@ def test_a_training_runs_messages_outlive_its_stdout(monkeypatch, capsys):
     err = capsys.readouterr().err
     assert "stdout cannot be written any more" in err and err.index("step 2") < err.index("step 3")
     assert "step 1" not in err
+
+
+# ---- mutation round 7 (/tmp/mutants7): each test fails on a planted mutant
+
+
+def test_help_lists_the_training_commands_before_the_analysis_ones(capsys):  # CL2
+    from lorakit.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("    ") and line.split()]
+    assert listed.index("train") < listed.index("merge") < listed.index("lowrank") < listed.index("sweep")

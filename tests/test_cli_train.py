@@ -2,6 +2,7 @@
 integration run on the real embedded SmolLM2-135M-Instruct."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -863,3 +864,36 @@ def test_the_progress_bar_only_on_a_terminal_else_log_lines(tmp_path, files, mon
     out, err = capsys.readouterr()
     assert ("step 2/4 loss" in out and "step 4/4 loss" in out) is not terminal
     assert ("train:" in err and "4/4" in err) is terminal
+
+
+# ---- mutation round 7 (/tmp/mutants7): each test fails on a planted mutant
+
+
+@pytest.mark.parametrize("stream", ["closed", "no_isatty"])
+def test_stderr_that_cannot_say_is_not_a_terminal(monkeypatch, stream):  # T03, T04
+    from lorakit.train.cli import _stderr_is_terminal
+
+    if stream == "closed":
+        s = io.StringIO()
+        s.close()  # (isatty on a closed file: ValueError)
+    else:
+        s = object()  # (a stand-in without isatty: AttributeError)
+    monkeypatch.setattr(sys, "stderr", s)
+    assert _stderr_is_terminal() is False
+
+
+def test_no_progress_on_a_terminal_prints_log_lines_and_no_bar(tmp_path, monkeypatch, capsys):  # T05, T06
+    from tiny_lm import save_tiny_model, toy_records, write_jsonl
+
+    from lorakit.cli import main
+
+    model = save_tiny_model(tmp_path / "model")
+    data = write_jsonl(toy_records(32), tmp_path / "train.jsonl")
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True, raising=False)
+    args = ["train", "--model", str(model), "--data", str(data), "--max-steps", "4", "--batch-size", "8",
+            "--precision", "fp32", "--output", str(tmp_path / "run"), "--no-progress",
+            "--target-modules", "q_proj,v_proj", "--logging-steps", "2"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert "step 2/4 loss" in out and "step 4/4 loss" in out
+    assert not ("train:" in err and "4/4" in err)

@@ -7,6 +7,9 @@ freshly initialised; the PEFT-integration methods worked on transformers' PEFT a
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
 import io
 import json
 
@@ -220,3 +223,129 @@ def test_a_model_with_transformers_own_peft_adapters_keeps_their_methods():
     lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["q_proj"]))
     assert "save_pretrained" in model.__dict__
     assert not any(n in model.__dict__ for n in ("set_adapter", "enable_adapters", "disable_adapters", "load_adapter"))
+
+
+# ---- mutation round 7 (/tmp/mutants7): each test fails on a planted mutant
+
+
+def test_enable_peft_hotswap_is_refused_naming_hotswap_adapter():  # H02
+    model = _two_adapters()
+    with pytest.raises(TypeError, match=r"lorakit\.hotswap_adapter"):
+        model.enable_peft_hotswap()
+
+
+def test_save_pretrained_takes_transformers_harmless_keywords(tmp_path):  # H08, H09, H10
+    model = _two_adapters()
+    model.save_pretrained(tmp_path / "a", save_peft_format=True, token="hf_dummy", variant=None,
+                          distributed_checkpoint=False, push_to_hub=False)
+    assert (tmp_path / "a" / "adapter_model.safetensors").is_file()
+
+
+def test_save_pretrained_with_no_selected_adapter_is_refused(tmp_path):  # H12, H13
+    model = _two_adapters()
+    with pytest.raises(ValueError, match="selected_adapters"):
+        model.save_pretrained(tmp_path / "none", selected_adapters=[])
+    assert not (tmp_path / "none").exists()
+
+
+def test_an_adapter_name_with_a_slash_is_refused_by_save_pretrained(tmp_path):  # H14
+    model = tiny_llama()
+    lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["q_proj"]), adapter_name="x/y")
+    with pytest.raises(ValueError, match="path separator"):
+        model.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_frozen_model_writes_no_trainer_weights_file(tmp_path):  # H18
+    model = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"], inference_mode=True))
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "model.safetensors").exists()
+
+
+def test_a_non_contiguous_trainable_parameter_is_saved(tmp_path):  # H19
+    from safetensors.torch import load_file
+
+    model = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"]))
+    n = model.model.norm.weight.numel()
+    strided = nn.Parameter(torch.arange(2 * n, dtype=torch.float32)[::2])  # a view: not contiguous
+    assert not strided.is_contiguous()
+    model.model.norm.weight = strided  # (trained alongside the adapter)
+    model.save_pretrained(tmp_path)
+    assert torch.equal(load_file(tmp_path / "model.safetensors")["model.norm.weight"], strided.detach())
+
+
+def test_delete_adapter_takes_a_single_name():  # H23
+    model = _two_adapters()
+    model.delete_adapter("default")
+    assert list(lk.inject.require_state(model).configs) == ["other"]
+
+
+def test_active_adapters_lists_every_active_adapter():  # H24
+    model = _two_adapters()
+    lk.set_adapter(model, ["default", "other"])
+    assert model.active_adapters() == lk.active_adapters(model) == ["default", "other"]
+
+
+def test_a_plain_module_is_injected_without_transformers_imported():  # H26
+    code = ("import sys, torch.nn as nn, lorakit as lk\n"
+            "m = lk.get_lora_model(nn.Sequential(nn.Linear(4, 4)), lk.LoraConfig(r=2, target_modules=['0']))\n"
+            "lk.unload(m)\n"
+            "print('transformers.modeling_utils' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"
+
+
+def test_a_model_class_with_its_own_save_pretrained_keeps_it():  # H29
+    from transformers import LlamaForCausalLM
+
+    class OwnSave(LlamaForCausalLM):
+        def save_pretrained(self, directory, **kwargs):
+            return ("own", directory)
+
+    model = OwnSave(tiny_llama().config)
+    lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert "save_pretrained" not in model.__dict__ and model.save_pretrained("d") == ("own", "d")
+    assert "set_adapter" in model.__dict__  # (the adapter methods are still lorakit's)
+
+
+def test_a_method_the_user_set_on_the_instance_is_kept_through_injection_and_unload():  # H30, H32
+    model = tiny_llama()
+
+    def mine(*args, **kwargs):
+        return "mine"
+    model.save_pretrained = mine
+    model.load_adapter = mine
+    lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert model.save_pretrained is mine and model.load_adapter is mine
+    assert "set_adapter" in model.__dict__
+    lk.unload(model)
+    assert model.save_pretrained is mine and model.load_adapter is mine
+    assert "set_adapter" not in model.__dict__
+
+
+def test_the_trainer_weights_file_says_its_format(tmp_path):  # H20
+    from safetensors import safe_open
+
+    model = _two_adapters()
+    model.save_pretrained(tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        assert f.metadata() == {"format": "pt"}  # (what transformers' loaders check)
+
+
+def test_an_unknown_selected_adapter_writes_nothing(tmp_path):  # H34
+    model = _two_adapters()
+    with pytest.raises(ValueError, match="'nope'.*'default', 'other'"):
+        model.save_pretrained(tmp_path / "bad", selected_adapters=["default", "nope"])
+    assert not (tmp_path / "bad").exists()  # (checked before anything is written)
+
+
+def test_repeated_names_and_transformers_defaults_passed_explicitly(tmp_path):
+    """(mutation round 7's bugs) delete_adapter(["other", "other"]) deleted it, then raised "unknown
+    adapter"; save_pretrained refused save_original_format=True, transformers' own default."""
+    model = _two_adapters()
+    model.delete_adapter(["other", "other"])
+    assert list(lk.inject.require_state(model).configs) == ["default"]
+    model.save_pretrained(tmp_path, save_original_format=True, distributed_checkpoint=False, variant=None)
+    assert (tmp_path / "adapter_model.safetensors").is_file()

@@ -1137,3 +1137,50 @@ def test_a_peft_lora_config_is_taken_as_its_adapter_config_json_would_be():
         lk.get_lora_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"], use_qalora=True))
     with pytest.raises(TypeError, match="expected a lorakit LoraConfig, got dict"):
         lk.get_lora_model(tiny_llama(), {"r": 4})
+
+
+# ---- mutation round 7 (/tmp/mutants7): each test fails on a planted mutant
+
+
+def test_a_transformers_model_config_is_not_taken_for_a_peft_config():  # I07
+    model = tiny_llama()
+    with pytest.raises(TypeError, match="expected a lorakit LoraConfig"):
+        lk.get_lora_model(model, model.config)  # (has to_dict(), but no peft_type)
+
+
+def test_peft_ensure_weight_tying_is_refused_by_name():  # I08
+    import warnings
+
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = peft.LoraConfig(r=4, target_modules=["q_proj"], ensure_weight_tying=True)
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="PEFT's LoraConfig: ensure_weight_tying=True"):
+        lk.get_lora_model(model, theirs)
+    assert not list(lk.iter_lora_layers(model)) and "_lorakit" not in model.__dict__
+
+
+def test_from_dict_takes_a_frozenset_as_a_sorted_list():  # C03
+    config = lk.LoraConfig.from_dict({"r": 2, "lora_alpha": 4, "target_modules": frozenset({"v_proj", "q_proj"})})
+    assert config.target_modules == ["q_proj", "v_proj"]
+    assert lk.LoraConfig.from_dict(config.to_dict()).target_modules == ["q_proj", "v_proj"]
+
+
+def test_a_peft_config_made_adapter_saves_and_loads(tmp_path):  # C02
+    import json
+
+    import peft
+
+    theirs = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["v_proj", "q_proj"], init_lora_weights=False)
+    assert isinstance(theirs.to_dict()["target_modules"], set)  # (what from_dict must turn into a list)
+    config = lk.LoraConfig.from_dict(theirs.to_dict())
+    assert config.target_modules == ["q_proj", "v_proj"]
+    model = lk.get_lora_model(tiny_llama(), theirs)
+    lk.save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"] == ["q_proj", "v_proj"]
+    # a set anywhere else, as a PEFT config's to_dict() may hold: taken as the sorted list
+    config = lk.LoraConfig.from_dict({"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
+                                      "layers_to_transform": {1, 0}, "trainable_token_indices": set()})
+    assert config.layers_to_transform == [0, 1]

@@ -340,3 +340,28 @@ def test_float8_weights_are_refused_by_name_both_ways():
         lk.unmerge(m)
     assert m[0].merged_adapters == ["default"]
     assert all(torch.equal(v.view(torch.uint8), state[k].view(torch.uint8)) for k, v in m.state_dict().items())
+
+
+# ---- mutation round 7 (/tmp/mutants7): each test fails on a planted mutant
+
+
+def test_deleting_an_unmerged_adapter_beside_a_merged_one_on_a_now_computed_weight():  # B05
+    """Only the adapters an operation takes out are checked for a computed weight: deleting one
+    that was never merged subtracts nothing and is let through."""
+    from torch.nn.utils import parametrizations
+
+    torch.manual_seed(0)
+    cfg = lk.LoraConfig(r=2, target_modules=["0", "2"], init_lora_weights=False)
+    m = lk.get_lora_model(nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 6)), cfg)
+    lk.get_lora_model(m, cfg, adapter_name="other")
+    lk.set_adapter(m, "default")
+    lk.merge(m)
+    for i in (0, 2):
+        parametrizations.weight_norm(m[i].base_layer)  # (after the merge: the weight is computed now)
+    x = torch.randn(3, 6)
+    with torch.no_grad():
+        before = m(x)
+    lk.delete_adapter(m, "other")
+    assert list(lk.inject.require_state(m).configs) == ["default"] and m[0].merged_adapters == ["default"]
+    with torch.no_grad():
+        torch.testing.assert_close(m(x), before, rtol=0, atol=0)

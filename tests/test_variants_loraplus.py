@@ -118,3 +118,20 @@ def test_peft_keyword_names_are_taken():
     assert any(g["lr"] == 8e-3 for g in peftish.param_groups) and any(g["lr"] == 1e-6 for g in peftish.param_groups)
     with pytest.raises(TypeError, match="loraplus_lr_ratio.*ratio.*give one"):
         lk.create_loraplus_optimizer(_model(), lr=1e-3, ratio=4, loraplus_lr_ratio=8)
+
+
+# ---- mutation round 7 (/tmp/mutants7): each test fails on a planted mutant
+
+
+def test_the_same_ratio_under_both_names_is_taken():  # L04
+    opt = lk.create_loraplus_optimizer(_model(), lr=1e-3, ratio=8, loraplus_lr_ratio=8)
+    assert any(g["lr"] == 8e-3 for g in opt.param_groups)
+    opt = lk.create_loraplus_optimizer(_model(), lr=1e-3, weight_decay=0.1, loraplus_weight_decay=0.1)
+    assert {g["weight_decay"] for g in opt.param_groups if g["name"] in ("lora_A", "lora_B")} == {0.1}
+
+
+def test_an_explicit_ratio_equal_to_the_default_still_conflicts_with_peft_s_name():
+    # (ratio=16.0 was taken for "not given", and loraplus_lr_ratio=8 silently won)
+    with pytest.raises(TypeError, match="give one"):
+        lk.create_loraplus_optimizer(_model(), lr=1e-3, ratio=16.0, loraplus_lr_ratio=8)
+    assert any(g["lr"] == 16e-3 for g in lk.create_loraplus_optimizer(_model(), lr=1e-3).param_groups)

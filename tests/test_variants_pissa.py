@@ -315,3 +315,22 @@ def test_convert_to_lora_refuses_a_dora_adapter(tmp_path):
     with pytest.raises(ValueError, match="cannot express a DoRA adapter"):
         lk.save_adapter(m, tmp_path / "out", convert_to_lora=True)
     assert not (tmp_path / "out" / "adapter_model.safetensors").exists()
+
+
+# ---- mutation round 7 (/tmp/mutants7): each test fails on a planted mutant
+
+
+@pytest.mark.parametrize("init", ["pissa_niter_1", "pissa"])
+def test_only_a_randomised_init_warns_on_load_and_the_warning_points_at_the_caller(tmp_path, init):  # O02, O03
+    model = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=init))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        lk.save_adapter(model, tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lk.load_adapter(tiny_llama(), tmp_path)
+    svd = [w for w in caught if "randomised SVD" in str(w.message)]
+    if init == "pissa":  # (deterministic: loading recomputes exactly what was trained against)
+        assert not svd
+    else:
+        assert len(svd) == 1 and svd[0].filename == __file__
