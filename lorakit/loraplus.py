@@ -112,8 +112,8 @@ def create_loraplus_optimizer(model: nn.Module, lr: float, ratio: float | None =
         lr_embedding: Optional learning rate of embedding adapters.
         **optimizer_kwargs: Passed to ``optimizer_cls`` (e.g. ``betas``, ``eps``); PEFT's names
             ``loraplus_lr_ratio``, ``loraplus_lr_embedding`` and ``loraplus_weight_decay`` are taken
-            as ``ratio``, ``lr_embedding`` and ``weight_decay`` (PEFT gives embedding adapters 1e-6 unless told otherwise; lorakit
-            gives them the A / B rule unless ``lr_embedding`` is set).
+            as ``ratio``, ``lr_embedding`` and ``weight_decay`` (PEFT gives embedding adapters 1e-6
+            unless told otherwise; lorakit gives them the A / B rule unless ``lr_embedding`` is set).
 
     Returns:
         The optimizer.
