@@ -58,8 +58,10 @@ def _save_pretrained(model: nn.Module, save_directory: str | Path, is_main_proce
     Beside them, ``model.safetensors`` holds the model's trainable tensors under their in-memory
     names: what ``transformers.Trainer`` loads back into the model (``load_state_dict(...,
     strict=False)``) when it resumes from a checkpoint or loads the best one at the end.
-    ``state_dict`` (which Trainer passes for a wrapped model) is not needed: the tensors are read
-    from the model. ``is_main_process=False`` writes nothing (a later process of a distributed run)."""
+    ``state_dict`` (which Trainer passes for a wrapped model, e.g. ``torch.compile``'s) gives those
+    tensors' names as Trainer will load them back; the adapters' are read from the model. A
+    ``model.safetensors`` that lorakit did not write (a model's own weights) is never overwritten: the
+    save is refused. ``is_main_process=False`` writes nothing (a later process of a distributed run)."""
     from safetensors.torch import save
 
     from lorakit.inject import get_state
@@ -94,11 +96,48 @@ def _save_pretrained(model: nn.Module, save_directory: str | Path, is_main_proce
     if not is_main_process:
         return
     root = Path(save_directory)
+    ours = _trainer_weights_are_ours(root / TRAINER_WEIGHTS)
+    if ours is False:  # (e.g. the base model's own directory: its weights must not be overwritten)
+        raise FileExistsError(f"{root / TRAINER_WEIGHTS} exists and was not written by lorakit (a model's weights?); "
+                              "save the adapters to another directory, or with lorakit.save_adapter(model, "
+                              "directory, adapter_name), which writes only the adapter's files")
     for name in names:
         save_adapter(model, root if name == "default" else root / name, adapter_name=name)
-    trainable = {k: p.detach().contiguous() for k, p in model.named_parameters() if p.requires_grad}
+    trainable = {}
+    if selected_adapters is None:  # (what Trainer saves: every trainable tensor; a selection is for the adapters)
+        wanted = {k for k, p in model.named_parameters() if p.requires_grad}
+        if state_dict is not None:  # Trainer's, for a wrapped model (torch.compile): its keys are what it loads back
+            trainable = {k: v.detach().contiguous() for k, v in state_dict.items() if _unwrapped(k) in wanted}
+        else:
+            trainable = {k: p.detach().contiguous() for k, p in model.named_parameters() if p.requires_grad}
     if trainable:
-        atomic_write_bytes(root / TRAINER_WEIGHTS, save(trainable, metadata={"format": "pt"}))
+        atomic_write_bytes(root / TRAINER_WEIGHTS, save(trainable, metadata=_TRAINER_METADATA))
+    elif ours:  # (a stale one of an earlier save would be loaded back)
+        (root / TRAINER_WEIGHTS).unlink()
+
+
+_TRAINER_METADATA = {"format": "pt", "lorakit": "trainable tensors for transformers.Trainer"}
+
+
+def _trainer_weights_are_ours(path: Path) -> bool | None:
+    """None where ``path`` does not exist, else whether lorakit's ``save_pretrained`` wrote it."""
+    if not path.exists():
+        return None
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            return (fh.metadata() or {}).get("lorakit") == _TRAINER_METADATA["lorakit"]
+    except Exception:  # (not a safetensors file lorakit can read: not ours either)
+        return False
+
+
+def _unwrapped(key: str) -> str:
+    """A state_dict key of a wrapped model (``torch.compile``'s ``_orig_mod.``, DDP's ``module.``)
+    as the model's own parameter name."""
+    while key.startswith(("_orig_mod.", "module.")):
+        key = key.split(".", 1)[1]
+    return key
 
 
 def _set_adapter(model: nn.Module, adapter_name: str | list[str]) -> None:

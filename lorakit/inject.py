@@ -552,7 +552,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str = "de
             module.add_adapter(adapter_name)
             if state.active and adapter_name not in state.active:
                 module.active_adapter = state.active[0]
-    except Exception:
+    except BaseException:  # (a Ctrl-C too: PiSSA / OLoRA spend seconds per layer in this loop)
         _remove_adapter_everywhere(model, adapter_name)
         raise  # (the first adapter failing leaves no lorakit state behind either: forget_model)
     if not state.active:
@@ -884,5 +884,13 @@ def get_lora_model(model: nn.Module, config: LoraConfig, adapter_name: str = "de
     state = require_state(model)
     if not config.inference_mode:  # (inference_mode=True: the adapter starts frozen, as in PEFT)
         state.trainable.add(adapter_name)
+    else:
+        import warnings
+
+        # (PEFT writes inference_mode: true into every adapter_config.json it saves, so a config read
+        # from one makes a frozen adapter: said, not silent)
+        warnings.warn(f"adapter {adapter_name!r} is created frozen: its config has inference_mode=True (as PEFT "
+                      "writes into every saved adapter_config.json); set inference_mode=False to train it, or "
+                      f"lorakit.set_trainable(model, [{adapter_name!r}])", stacklevel=2)
     mark_trainable(model, freeze_all=first, only=adapter_name)
     return model

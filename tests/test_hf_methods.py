@@ -58,7 +58,7 @@ def test_save_pretrained_writes_the_adapters_in_peft_layout_that_peft_and_loraki
 def test_save_pretrained_options(tmp_path):
     model = _two_adapters()
     model.save_pretrained(tmp_path / "sel", selected_adapters=["other"], state_dict=model.state_dict())
-    assert sorted(p.name for p in (tmp_path / "sel").iterdir()) == ["model.safetensors", "other"]
+    assert sorted(p.name for p in (tmp_path / "sel").iterdir()) == ["other"]  # (Trainer's file: full saves only)
     model.save_pretrained(tmp_path / "later", is_main_process=False)  # a later process of a distributed run
     assert not (tmp_path / "later").exists()
     with pytest.raises(ValueError, match="'nope'.*'default', 'other'"):
@@ -213,7 +213,8 @@ def test_peft_style_delete_checks_every_name_first_and_inference_mode_freezes():
     with pytest.raises(ValueError, match="nope"):
         model.delete_adapter(["default", "nope"])  # ("default" was gone before the error, which named neither)
     assert list(lk.inject.require_state(model).configs) == ["default", "other"]
-    frozen = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"], inference_mode=True))
+    with pytest.warns(UserWarning, match="created frozen.*inference_mode=True"):
+        frozen = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"], inference_mode=True))
     assert lk.count_parameters(frozen)[0] == 0  # (trained 512 numbers where PEFT trains none)
 
 
@@ -257,7 +258,8 @@ def test_an_adapter_name_with_a_slash_is_refused_by_save_pretrained(tmp_path):  
 
 
 def test_a_frozen_model_writes_no_trainer_weights_file(tmp_path):  # H18
-    model = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"], inference_mode=True))
+    with pytest.warns(UserWarning, match="created frozen"):
+        model = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=2, target_modules=["q_proj"], inference_mode=True))
     model.save_pretrained(tmp_path)
     assert (tmp_path / "adapter_model.safetensors").is_file()
     assert not (tmp_path / "model.safetensors").exists()
@@ -331,7 +333,7 @@ def test_the_trainer_weights_file_says_its_format(tmp_path):  # H20
     model = _two_adapters()
     model.save_pretrained(tmp_path)
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
-        assert f.metadata() == {"format": "pt"}  # (what transformers' loaders check)
+        assert f.metadata()["format"] == "pt"  # (what transformers' loaders check)
 
 
 def test_an_unknown_selected_adapter_writes_nothing(tmp_path):  # H34
@@ -349,3 +351,40 @@ def test_repeated_names_and_transformers_defaults_passed_explicitly(tmp_path):
     assert list(lk.inject.require_state(model).configs) == ["default"]
     model.save_pretrained(tmp_path, save_original_format=True, distributed_checkpoint=False, variant=None)
     assert (tmp_path / "adapter_model.safetensors").is_file()
+
+
+
+def test_review11_a_wrapped_models_keys_a_models_own_weights_a_ctrl_c_and_stale_files(tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    model = _two_adapters()
+    lk.set_trainable(model, ["default"])
+    # Trainer hands a torch.compile'd model's state_dict ("_orig_mod." keys) and loads the file back
+    # into that wrapper: the names must be the wrapper's (they matched nothing, and the resume
+    # silently started from a fresh adapter)
+    wrapped = {"_orig_mod." + k: v for k, v in model.state_dict().items()}
+    model.save_pretrained(tmp_path / "compiled", state_dict=wrapped)
+    keys = set(load_file(tmp_path / "compiled" / "model.safetensors"))
+    assert keys == {"_orig_mod." + n for n, p in model.named_parameters() if p.requires_grad}
+    # a directory holding a model's own weights (the base model's directory) is never overwritten
+    plain = tiny_llama()
+    plain.save_pretrained(tmp_path / "base")
+    before = (tmp_path / "base" / "model.safetensors").read_bytes()
+    with pytest.raises(FileExistsError, match="not written by lorakit"):
+        model.save_pretrained(tmp_path / "base")
+    assert (tmp_path / "base" / "model.safetensors").read_bytes() == before
+    assert not (tmp_path / "base" / "adapter_config.json").exists()
+    # lorakit's own file is replaced, and removed where nothing trains any more (it would be loaded back)
+    model.save_pretrained(tmp_path / "again")
+    lk.set_trainable(model, [])
+    model.save_pretrained(tmp_path / "again")
+    assert not (tmp_path / "again" / "model.safetensors").exists()
+    # a Ctrl-C during a first injection leaves nothing (it left the state, the methods, half-wrapped layers)
+    fresh = tiny_llama()
+
+    def interrupted(self, *a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(lk.layers.LoraLayer, "add_adapter", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        lk.get_lora_model(fresh, lk.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    assert not any(n in fresh.__dict__ for n in ("_lorakit", "save_pretrained")) and not list(lk.iter_lora_layers(fresh))
