@@ -245,3 +245,22 @@ def test_a_pickled_weights_file_is_refused_by_name(tmp_path):
 def test_lowrank_refuses_a_seed_of_2_pow_63(capsys):
     assert main(["lowrank", "--seed", str(2**63), "--json"]) == 2
     assert "--seed" in capsys.readouterr().err
+
+
+def test_plots_under_a_home_matplotlib_cannot_write_are_quiet(tmp_path):
+    """matplotlib's first import logged two warnings about its config directory before every plot
+    (a read-only HOME); the plot was written all the same."""
+    import os
+    import subprocess
+    import sys
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": i, "loss": 1.0 / i}) + "\n" for i in range(1, 5)))
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
+    env.update(HOME="/proc", LORAKIT_CACHE_DIR=str(tmp_path / "cache"))  # (/proc: not writable, even for root)
+    code = ("from pathlib import Path; from lorakit.train.loop import plot_losses; "
+            f"plot_losses(Path({str(log)!r}), Path({str(tmp_path / 'loss.png')!r}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    assert "Matplotlib" not in out.stderr and "mkdir" not in out.stderr, out.stderr

@@ -5,13 +5,31 @@ from pathlib import Path
 from typing import Any, Sequence
 
 
-def _pyplot() -> Any:
+def pyplot() -> Any:
+    """``matplotlib.pyplot`` on the Agg backend (no display: always render to files).
+
+    matplotlib's first import, where its config directory cannot be written (a read-only HOME),
+    logged two warnings about it before every plot lorakit makes; it then works from a temporary
+    directory it removes at exit, so those warnings are kept off lorakit's output."""
+    import logging
+    import sys
+
+    if "matplotlib" not in sys.modules:
+        log = logging.getLogger("matplotlib")
+        level = log.level
+        log.setLevel(logging.ERROR)
+        try:
+            import matplotlib
+        finally:
+            log.setLevel(level)
     import matplotlib
 
-    matplotlib.use("Agg", force=True)  # no display: always render to files
+    matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
     return plt
+
+
 
 
 def _save(fig: Any, path: str | Path) -> Path:
@@ -27,14 +45,14 @@ def _save(fig: Any, path: str | Path) -> Path:
         png = io.BytesIO()
         fig.savefig(png, format="png", dpi=110)
     finally:
-        _pyplot().close(fig)
+        pyplot().close(fig)
     atomic_write_bytes(out, png.getvalue())
     return out
 
 
 def plot_param_table(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
     """LoRA parameters and compression ratio against rank (log-log)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     ranks = [r["rank"] for r in rows]
     ax.loglog(ranks, [r["lora_params"] for r in rows], "o-", label="LoRA parameters r(d+k)")
@@ -53,7 +71,7 @@ def plot_param_table(rows: Sequence[dict[str, Any]], path: str | Path) -> Path:
 def plot_error_vs_rank(series: dict[str, tuple[Sequence[int], Sequence[float]]], path: str | Path,
                        true_rank: int | None = None, title: str = "Truncated-SVD reconstruction error") -> Path:
     """Relative reconstruction error against rank, one line per matrix."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, (ranks, errs) in series.items():
         ax.plot(ranks, [max(e, 1e-17) for e in errs], "o-", label=label)
@@ -71,7 +89,7 @@ def plot_spectra(spectra: dict[str, Sequence[float]], path: str | Path, title: s
     """Normalised singular values (left) and cumulative energy (right) per matrix."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     for label, s in spectra.items():
         s = np.asarray(s, dtype=float)
@@ -97,7 +115,7 @@ def plot_spectra(spectra: dict[str, Sequence[float]], path: str | Path, title: s
 def plot_memory_breakdown(estimates: Sequence[dict[str, Any]], path: str | Path, title: str) -> Path:
     """Stacked bars of what is live at each method's peak: weights, gradients, optimizer states,
     activations, temporaries (they sum to the peak)."""
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     parts = ("weights", "gradients", "optimizer_states", "activations", "transient")
     labels = [e["method"] for e in estimates]
@@ -119,7 +137,7 @@ def plot_module_bars(names: Sequence[str], values: dict[str, Sequence[float]], p
     """Grouped bars per module (e.g. effective rank at 90% / 99%, or relative error)."""
     import numpy as np
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(max(6, 0.25 * len(names) + 2), 4))
     x = np.arange(len(names))
     width = 0.8 / max(1, len(values))

@@ -132,9 +132,9 @@ def sweep_table(rows: list[dict[str, Any]]) -> str:
 
 def plot_sweep(rows: list[dict[str, Any]], path: str | Path) -> Path:
     """Eval loss, accuracy and step time against rank (log-2 axis), as a PNG."""
-    from lorakit.analysis.plots import _pyplot, _save
+    from lorakit.analysis.plots import pyplot, _save
 
-    plt = _pyplot()
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     rows = sorted(rows, key=lambda row: row["rank"])  # (in the order given, the lines zigzagged)
     ranks = [row["rank"] for row in rows]

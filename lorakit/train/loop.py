@@ -399,10 +399,9 @@ def _read_checkpoint_file(path: Path, name: str, read: Callable[[Path], Any]) ->
 # --------------------------------------------------------------------------- outputs
 def plot_losses(log_path: Path, out_png: Path) -> None:
     """Draw the loss curve (train per step, eval points) from ``log.jsonl`` into a PNG."""
-    import matplotlib
+    from lorakit.analysis.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     steps, losses, esteps, elosses = [], [], [], []
     for line in log_path.read_text(encoding="utf-8").splitlines():
