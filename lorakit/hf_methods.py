@@ -107,7 +107,8 @@ def _save_pretrained(model: nn.Module, save_directory: str | Path, is_main_proce
     if selected_adapters is None:  # (what Trainer saves: every trainable tensor; a selection is for the adapters)
         wanted = {k for k, p in model.named_parameters() if p.requires_grad}
         if state_dict is not None:  # Trainer's, for a wrapped model (torch.compile): its keys are what it loads back
-            trainable = {k: v.detach().contiguous() for k, v in state_dict.items() if _unwrapped(k) in wanted}
+            trainable = {k: v.detach().contiguous() for k, v in state_dict.items()
+                         if k in wanted or _unwrapped(k) in wanted}  # (a submodule of its own named 'module' stays)
         else:
             trainable = {k: p.detach().contiguous() for k, p in model.named_parameters() if p.requires_grad}
     if trainable:

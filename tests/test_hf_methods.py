@@ -388,3 +388,19 @@ def test_review11_a_wrapped_models_keys_a_models_own_weights_a_ctrl_c_and_stale_
     with pytest.raises(KeyboardInterrupt):
         lk.get_lora_model(fresh, lk.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
     assert not any(n in fresh.__dict__ for n in ("_lorakit", "save_pretrained")) and not list(lk.iter_lora_layers(fresh))
+
+
+def test_a_submodule_named_module_keeps_its_name_in_the_trainer_file(tmp_path):
+    """(the wrapper prefixes "module." / "_orig_mod." are stripped only from names the model lacks)"""
+    from safetensors.torch import load_file
+    from transformers import LlamaForCausalLM
+
+    class WithModule(LlamaForCausalLM):
+        def __init__(self, config):
+            super().__init__(config)
+            self.module = nn.Linear(4, 4)
+
+    model = WithModule(tiny_llama().config)
+    lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["module"]))
+    model.save_pretrained(tmp_path, state_dict=model.state_dict())
+    assert set(load_file(tmp_path / "model.safetensors")) == {"module.lora_A.default", "module.lora_B.default"}
