@@ -9,7 +9,7 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from lorakit.layers import register_layer_type
-from lorakit.layers.base import LoraLayer, runs_own_forward
+from lorakit.layers.base import LoraLayer, dropping, runs_own_forward
 from lorakit.layers.fused import add_lora_no_grad, autocast_on, fused_lora_add, writes_in_place
 
 #: Mixed-adapter batches with at most this many tokens (decode steps, short prompts) take the
@@ -101,11 +101,10 @@ class LoraLinear(LoraLayer):
             if not active:  # a merged model: the base layer alone, as merge_and_unload leaves it (no plan here:
                 return base(x)  # a mixed batch on a layer with merged adapters took the generic path above)
         # a dropout module left in training mode (Monte Carlo dropout) drops: the generic path (see
-        # dropout_p). Its mode first, read straight from the module: in eval mode nothing more is done
+        # dropout_p); the active adapters' modules, or in a mixed batch any adapter's
         drops = mods["lora_dropout"]._modules
-        for name in (active if plan is None else drops):  # (a mixed batch: any adapter's)
-            dropout = drops.get(name)
-            if dropout is not None and dropout.__dict__["training"] and self.drops_now():
+        for name in (active if plan is None else drops):
+            if dropping(drops.get(name)):
                 return super().forward(x)
         W = base.__dict__["_parameters"].get("weight")
         # (a tensor subclass as weight — quantized, distributed, fake — may implement F.linear its own way)
