@@ -105,12 +105,11 @@ def _save_pretrained(model: nn.Module, save_directory: str | Path, is_main_proce
         save_adapter(model, root if name == "default" else root / name, adapter_name=name)
     trainable = {}
     if selected_adapters is None:  # (what Trainer saves: every trainable tensor; a selection is for the adapters)
-        wanted = {k for k, p in model.named_parameters() if p.requires_grad}
+        trainable = {k: p for k, p in model.named_parameters() if p.requires_grad}
         if state_dict is not None:  # Trainer's, for a wrapped model (torch.compile): its keys are what it loads back
-            trainable = {k: v.detach().contiguous() for k, v in state_dict.items()
-                         if k in wanted or _unwrapped(k) in wanted}  # (a submodule of its own named 'module' stays)
-        else:
-            trainable = {k: p.detach().contiguous() for k, p in model.named_parameters() if p.requires_grad}
+            trainable = {k: v for k, v in state_dict.items()
+                         if k in trainable or _unwrapped(k) in trainable}  # (a submodule of its own named 'module' stays)
+        trainable = {k: v.detach().contiguous() for k, v in trainable.items()}
     if trainable:
         atomic_write_bytes(root / TRAINER_WEIGHTS, save(trainable, metadata=_TRAINER_METADATA))
     elif ours:  # (a stale one of an earlier save would be loaded back)

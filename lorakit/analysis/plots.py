@@ -30,8 +30,6 @@ def pyplot() -> Any:
     return plt
 
 
-
-
 def _save(fig: Any, path: str | Path) -> Path:
     """Render ``fig`` as a PNG at ``path``: whole or not at all (an error or Ctrl-C while rendering
     left a truncated file under the final name)."""
