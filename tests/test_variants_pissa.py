@@ -334,3 +334,61 @@ def test_only_a_randomised_init_warns_on_load_and_the_warning_points_at_the_call
         assert not svd
     else:
         assert len(svd) == 1 and svd[0].filename == __file__
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_residual_init_on_a_layer_with_a_merged_adapter_is_refused_with_the_model_untouched(init):
+    """The init would decompose W + the merged update, and a load redoes it on W alone (the saved file
+    was 0.13 off on load, with no warning)."""
+    model = tiny_llama()
+    lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), adapter_name="a")
+    lk.merge(model, ["a"])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"adapter\(s\) \['a'\] are merged into it"):
+        lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=init),
+                          adapter_name="p")
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    lk.unmerge(model)  # then it is allowed
+    lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=init), adapter_name="p")
+
+
+def _residual_and_plain(init="pissa"):
+    model = tiny_llama()
+    lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=init), adapter_name="a")
+    lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["q_proj", "v_proj"], init_lora_weights=False),
+                      adapter_name="b")
+    return model
+
+
+def test_an_adapter_on_another_adapter_s_residual_base_warns_on_save_and_loads_right_after_it(tmp_path):
+    """Adapter b shares q_proj with the PiSSA adapter a, whose init changed that weight: b's file fits
+    the residual base. Saving says so (it said nothing, and b loaded alone was 2.8 off); loaded after a,
+    it is right; the adapter that shares nothing with a, and a itself, save without that warning."""
+    model = _residual_and_plain()
+    x = _x_llama()
+    lk.set_adapter(model, ["a", "b"])
+    want = _logits(model, x)
+    with pytest.warns(UserWarning, match=r"adapter 'b' sits on base weights .* adapter\(s\) \['a'\] changed"):
+        lk.save_adapter(model, tmp_path / "b", "b")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lk.save_adapter(model, tmp_path / "a", "a", convert_to_lora=True)
+    fresh = lk.load_adapter(tiny_llama(), tmp_path / "a", adapter_name="a")
+    lk.load_adapter(fresh, tmp_path / "b", adapter_name="b")
+    lk.set_adapter(fresh, ["a", "b"])
+    torch.testing.assert_close(_logits(fresh, x), want)
+
+
+def test_a_combination_including_a_residual_adapter_warns_on_save_and_convert_to_lora_says_why_not(tmp_path):
+    """combine_adapters({a: PiSSA, b}) is right in memory but sits on a's residual base; its file was
+    2.06 off on the original base with no warning, and convert_to_lora claimed it 'already fits the
+    original base'."""
+    model = _residual_and_plain()
+    lk.combine_adapters(model, {"a": 1.0, "b": 1.0}, "mix", method="cat")
+    with pytest.warns(UserWarning, match=r"adapter 'mix' sits on base weights .* \['a'\]"):
+        lk.save_adapter(model, tmp_path / "mix", "mix")
+    with pytest.raises(ValueError, match=r"residual initialisation of adapter\(s\) \['a'\] changed") as err:
+        lk.save_adapter(model, tmp_path / "mix2", "mix", convert_to_lora=True)
+    assert "already fits" not in str(err.value)
+    assert not (tmp_path / "mix2").exists()

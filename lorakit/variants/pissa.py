@@ -120,6 +120,13 @@ def _check_target(module: nn.Module, r: int, init: str, path: str | None = None)
         raise ValueError(f"{init!r} initialisation applies to Linear and GPT-2 Conv1D layers; {path or 'this layer'} "
                          f"is a {type(base).__name__} (PEFT refuses it there too): leave it out of target_modules "
                          "or use the default initialisation")
+    merged = list(getattr(module, "merged_adapters", None) or [])
+    if kind == "linear" and merged:
+        # (the init decomposes W + the merged updates; a load redoes it on W alone: the file would not fit)
+        raise ValueError(f"{where}{init!r} initialisation decomposes the weight it finds, but adapter(s) {merged} "
+                         "are merged into it, and loading the adapter would redo the decomposition on the weight "
+                         "without them: unmerge first (lorakit.unmerge), or make them part of the base "
+                         "(lorakit.merge_and_unload)")
     if kind == "linear":
         smallest = min(base.weight.shape[0], base.weight[0].numel())
         if r > smallest:
@@ -218,6 +225,19 @@ def is_convertible(init_lora_weights: bool | str) -> bool:
     return isinstance(init_lora_weights, str) and init_lora_weights.lower().startswith(CONVERTIBLE_PREFIXES)
 
 
+def residual_owners(model: nn.Module, adapter_name: str) -> list[str]:
+    """The other adapters whose PiSSA/OLoRA initialisation wrote a residual into a base weight that
+    adapter ``adapter_name`` sits on (their A₀, B₀ are kept on the layer), sorted."""
+    from lorakit.inject import iter_lora_layers
+
+    owners: set[str] = set()
+    for _, layer in iter_lora_layers(model):
+        store = getattr(layer, "lora_init_A", None)
+        if adapter_name in layer.lora_A and isinstance(store, BufferDict):
+            owners.update(name for name in store._buffers if name != adapter_name)
+    return sorted(owners)
+
+
 def convert_to_lora(model: nn.Module, adapter_name: str, tensors: dict[str, torch.Tensor],
                     config: "LoraConfig") -> tuple[dict[str, torch.Tensor], "LoraConfig"]:
     """Rewrite a PiSSA/OLoRA adapter's saved tensors as a rank-2r LoRA against the original base.
@@ -243,6 +263,12 @@ def convert_to_lora(model: nn.Module, adapter_name: str, tensors: dict[str, torc
     from lorakit.io import PREFIX
 
     if not is_convertible(config.init_lora_weights):
+        owners = residual_owners(model, adapter_name)
+        if owners:
+            raise ValueError(f"convert_to_lora converts a PiSSA/OLoRA adapter's own residual; adapter {adapter_name!r} "
+                             f"(init_lora_weights={config.init_lora_weights!r}) sits on base weights that the "
+                             f"residual initialisation of adapter(s) {owners} changed, which it does not undo: "
+                             f"its file fits that residual base (load {owners} first)")
         raise ValueError(f"convert_to_lora needs a PiSSA/OLoRA adapter; adapter {adapter_name!r} has "
                          f"init_lora_weights={config.init_lora_weights!r} and already fits the original base")
     if config.use_dora:
