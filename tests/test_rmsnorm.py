@@ -18,7 +18,7 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda a, b: RMSNormFn.apply(a, b, 1e-5), (h, w))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_output_is_bit_identical_to_the_module(dtype):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -33,9 +33,11 @@ def test_output_is_bit_identical_to_the_module(dtype):
     g = torch.randn_like(y)
     got = torch.autograd.grad(y, (h, norm.weight), g)
     want = torch.autograd.grad(ref, (h, norm.weight), g)
-    tol = 1e-5 if dtype == torch.float32 else 2e-2
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+    if dtype == torch.float32:  # (dL/dh by another formula than autograd's chain: rounds otherwise)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    else:  # both gradients bit for bit (mutation round 8, R05: grad·w rounded in another order)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
 
 
 def test_lora_node_rebuilding_its_input_gives_the_same_gradients_in_float64():
