@@ -174,7 +174,7 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
 
 
-def _warn_residual_of_others(model: nn.Module, adapter_name: str) -> None:
+def _warn_residual_of_others(model: nn.Module, adapter_name: str, convertible: bool) -> None:
     """Warn when another adapter's PiSSA/OLoRA initialisation changed a base weight this adapter sits
     on: the file is against that residual base, which loading this adapter alone does not rebuild."""
     from lorakit.variants.pissa import residual_owners
@@ -183,10 +183,12 @@ def _warn_residual_of_others(model: nn.Module, adapter_name: str) -> None:
     if owners:
         import warnings
 
-        warnings.warn(f"adapter {adapter_name!r} sits on base weights that the PiSSA/OLoRA initialisation of adapter(s) "
-                      f"{owners} changed (W - s*B0*A0), so its file fits that residual base: load {owners} first "
-                      "(unconverted); loaded alone on the original model it is off by their initial update "
-                      "(convert_to_lora does not undo another adapter's residual)", stacklevel=3)
+        how = ("all saved with convert_to_lora=True" if convertible else
+               "saved with convert_to_lora=True, or unconverted and loaded first")
+        warnings.warn(f"adapter {adapter_name!r} shares base weights with the PiSSA/OLoRA adapter(s) {owners}, whose "
+                      "initialisation changed them (W - s*B0*A0), so its file fits that residual base: load it "
+                      f"together with {owners} ({how}); loaded alone on the original model it is off by their "
+                      "initial update", stacklevel=3)
 
 
 def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "default",
@@ -241,7 +243,9 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
                       "PEFT and lorakit load it (they redo the initialisation on the base first), but vLLM refuses "
                       "it and llama.cpp adds it to the original base, which is wrong; for serving, save it with "
                       "convert_to_lora=True (a plain LoRA against the original base)", stacklevel=2)
-    _warn_residual_of_others(model, adapter_name)
+    from lorakit.variants.pissa import is_convertible
+
+    _warn_residual_of_others(model, adapter_name, is_convertible(state.configs[adapter_name].init_lora_weights))
     _warn_dilated_conv(model, adapter_name)
     config.target_modules = target_modules_for_file(model, config)
     directory = adapter_dir(directory)

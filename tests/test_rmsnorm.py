@@ -22,6 +22,7 @@ def test_gradcheck_float64():
 def test_output_is_bit_identical_to_the_module(dtype):
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
+    torch.manual_seed(0)
     norm = LlamaRMSNorm(16, eps=1e-5).to(dtype)
     with torch.no_grad():
         norm.weight.normal_()
@@ -36,8 +37,12 @@ def test_output_is_bit_identical_to_the_module(dtype):
     if dtype == torch.float32:  # (dL/dh by another formula than autograd's chain: rounds otherwise)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    else:  # both gradients bit for bit (mutation round 8, R05: grad·w rounded in another order)
-        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    else:  # dL/dw bit for bit; dL/dh, by its own formula, rounds the other way in at most an element or
+        # two of 448 (worst over 100 seeds: 1), where grad·w rounded in another order (mutation round 8,
+        # R05) moved ~150
+        assert torch.equal(got[1], want[1])
+        assert int((got[0] != want[0]).sum()) <= got[0].numel() // 100
+        torch.testing.assert_close(got[0], want[0], rtol=2e-2, atol=2e-2)
 
 
 def test_lora_node_rebuilding_its_input_gives_the_same_gradients_in_float64():

@@ -254,6 +254,10 @@ class LoraLayer(nn.Module):
             variant.on_delete(self, name)
         for store in (self.lora_A, self.lora_B, self.lora_dropout):
             del store[name]
+        for attr in ("lora_init_A", "lora_init_B"):  # a PiSSA/OLoRA adapter's A0, B0 (variants/pissa.py);
+            store = getattr(self, attr, None)         # its residual stays in the base weight, as in PEFT
+            if store is not None and name in store:
+                del store[name]
         for store in (self.r, self.lora_alpha, self.scaling):
             store.pop(name, None)
         if name in self.active_adapters:

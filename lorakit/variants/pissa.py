@@ -268,9 +268,10 @@ def convert_to_lora(model: nn.Module, adapter_name: str, tensors: dict[str, torc
             raise ValueError(f"convert_to_lora converts a PiSSA/OLoRA adapter's own residual; adapter {adapter_name!r} "
                              f"(init_lora_weights={config.init_lora_weights!r}) sits on base weights that the "
                              f"residual initialisation of adapter(s) {owners} changed, which it does not undo: "
-                             f"its file fits that residual base (load {owners} first)")
+                             f"save it unconverted and load it together with {owners}")
         raise ValueError(f"convert_to_lora needs a PiSSA/OLoRA adapter; adapter {adapter_name!r} has "
-                         f"init_lora_weights={config.init_lora_weights!r} and already fits the original base")
+                         f"init_lora_weights={config.init_lora_weights!r}: saved as is, it is already a plain LoRA "
+                         "against the base weights it sits on")
     if config.use_dora:
         raise ValueError("convert_to_lora cannot express a DoRA adapter as plain LoRA (the magnitude rescales W)")
     out = dict(tensors)
