@@ -88,14 +88,28 @@ def measure_step_peak(
         loss.backward()
         optimizer.step()
 
+    import gc
+
     step = step_fn or default_step
     model.train()
     for _ in range(max(0, warmup)):
         step()
     optimizer.zero_grad(set_to_none=True)
+    # Tensors a step leaves in reference cycles (a forward's outputs can form some) live until the
+    # cycle collector runs, whose timing depends on every object the process made before: run
+    # mid-step, it freed them before the peak, and the measured peak fell by their size (a CI run:
+    # 0.61 MB, a logits tensor, under the usual value). So: earlier steps' cycles collected now, and
+    # the collector paused while the step is measured.
+    gc.collect()
     baseline = live_tensor_bytes(_state_tensors(model, optimizer, [input_ids]))
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        step()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            step()
+    finally:
+        if enabled:
+            gc.enable()
     # Memory events carry the signed size of one allocation (+) or free (-) and a timestamp.
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == MEMORY_EVENT]
     events.sort(key=lambda e: e.start_ns())
