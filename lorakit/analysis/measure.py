@@ -14,6 +14,7 @@ A warm-up step runs first so that the optimizer states exist, as in every step b
 """
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -87,8 +88,6 @@ def measure_step_peak(
         loss = model(input_ids=input_ids, labels=input_ids).loss
         loss.backward()
         optimizer.step()
-
-    import gc
 
     step = step_fn or default_step
     model.train()
