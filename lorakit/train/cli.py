@@ -364,9 +364,41 @@ def cmd_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_cache(args: argparse.Namespace) -> int:
+    """List the model cache (the embedded model's conversions), or with ``--clean`` delete all but
+    the entry this installation loads."""
+    from lorakit.analysis.estimate import human as size
+    from lorakit.models import cache_dir, cache_entries, clean_cache
+
+    what = {"in use": "in use: the entry this installation loads",
+            "other": "another version's conversion (other environments may load it)",
+            "incomplete": "incomplete or damaged (a load converts again)",
+            "temporary": "a conversion's temporary (running now, or left by one that was killed)"}
+    root = cache_dir()
+    print(f"lorakit's cache: {root} (set LORAKIT_CACHE_DIR to move it)")
+    if args.clean:
+        removed, failed = clean_cache()
+        for e in removed:
+            print(f"  removed {e.path.relative_to(root)} ({size(e.bytes)}; {e.state})")
+        for e, why in failed:
+            print(f"lorakit cache: error: could not remove {e.path}: {why}", file=sys.stderr)
+        print(f"freed {size(sum(e.bytes for e in removed))}" if removed else "nothing removed")
+    entries = cache_entries()
+    for e in entries:
+        print(f"  {e.path.relative_to(root)}  {size(e.bytes)}  {what[e.state]}")
+    if not entries:
+        print("  (no models cached)")
+    else:
+        print(f"total {size(sum(e.bytes for e in entries))}")
+        if not args.clean and any(e.state != "in use" for e in entries):
+            print("(lorakit cache --clean deletes all but the entry in use; temporaries only an hour after their last "
+                  "change)")
+    return 2 if args.clean and failed else 0
+
+
 # --------------------------------------------------------------------------- registration
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add train / generate / chat / eval / merge to the ``lorakit`` parser."""
+    """Add train / generate / chat / eval / merge / cache to the ``lorakit`` parser."""
     fmt = argparse.RawDescriptionHelpFormatter
     p = subparsers.add_parser(
         "train", help="fine-tune a causal LM with LoRA (no arguments: the CPU demo)", formatter_class=fmt,
@@ -422,3 +454,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _add_model_flags(p, adapter_required=True)
     p.add_argument("--out", required=True, help="output directory (must not exist or be empty)")
     p.set_defaults(func=cmd_merge)
+
+    p = subparsers.add_parser(
+        "cache", help="list the model cache (the embedded model's conversions); --clean deletes old ones",
+        description="List lorakit's model cache: the embedded model converted once per installation "
+        "(~520 MB each; entries of other transformers / gguf versions stay, as other environments may use "
+        "them).")
+    p.add_argument("--clean", action="store_true",
+                   help="delete every entry but the one this installation loads (another environment converts "
+                        "again, ~20 s, on its next load); a temporary only an hour after its last change")
+    p.set_defaults(func=cmd_cache)
