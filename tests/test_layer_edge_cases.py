@@ -57,21 +57,27 @@ def test_quantize_model_keeps_each_layers_training_mode():  # mutation round 9: 
     assert not any(m.training for m in model.modules())
 
 
-class _Dilated(nn.Module):
-    def __init__(self):
+class _Conv(nn.Module):
+    def __init__(self, *args, **kwargs):
         super().__init__()
-        self.conv = nn.Conv2d(3, 4, 3, padding=2, dilation=2)
+        self.conv = nn.Conv2d(*args, **kwargs)
 
     def forward(self, x):
         return self.conv(x)
 
 
-def test_lora_on_a_dilated_conv2d_equals_its_merged_weight():  # mutation round 9: C1
+def _conv_lora(*args, **kwargs):
+    """A model of one ``nn.Conv2d(*args, **kwargs)`` with a LoRA adapter whose B is random."""
     torch.manual_seed(0)
-    m = lk.get_lora_model(_Dilated(), lk.LoraConfig(r=2, lora_alpha=2, target_modules=["conv"]))
+    m = lk.get_lora_model(_Conv(*args, **kwargs), lk.LoraConfig(r=2, lora_alpha=2, target_modules=["conv"]))
     with torch.no_grad():
         for p in m.conv.lora_B.values():
             p.normal_()
+    return m
+
+
+def test_lora_on_a_dilated_conv2d_equals_its_merged_weight():  # mutation round 9: C1
+    m = _conv_lora(3, 4, 3, padding=2, dilation=2)
     x = torch.randn(2, 3, 9, 9)
     with torch.no_grad():
         unmerged = m(x)
@@ -80,21 +86,8 @@ def test_lora_on_a_dilated_conv2d_equals_its_merged_weight():  # mutation round 
     torch.testing.assert_close(unmerged, merged, rtol=1e-4, atol=1e-5)
 
 
-class _Grouped2(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 3, padding=1, groups=2)
-
-    def forward(self, x):
-        return self.conv(x)
-
-
 def test_merging_a_conv_of_two_groups_is_refused_too():  # mutation round 9: C5
-    torch.manual_seed(0)
-    m = lk.get_lora_model(_Grouped2(), lk.LoraConfig(r=2, lora_alpha=2, target_modules=["conv"]))
-    with torch.no_grad():
-        for p in m.conv.lora_B.values():
-            p.normal_()
+    m = _conv_lora(4, 4, 3, padding=1, groups=2)
     weight = m.conv.base_layer.weight.detach().clone()
     with pytest.raises(ValueError, match=r"groups=2.*reaches across the groups"):
         lk.merge(m)
