@@ -182,8 +182,9 @@ class CacheEntry:
     path: Path
     bytes: int
     #: "in use" (the entry this installation loads), "other" (another version's or another file's
-    #: conversion: other environments may load it), "incomplete" (a damaged or unfinished entry),
-    #: "temporary" (a conversion running now or killed: a dot-named sibling)
+    #: conversion: other environments may load it), "incomplete" (no valid completion record: damaged,
+    #: an older lorakit's conversion, or not lorakit's), "temporary" (a conversion running now or
+    #: killed: a dot-named sibling), "leftover" (what a removal set aside and could not delete)
     state: str
     #: seconds since it last changed (its newest file)
     age_s: float
@@ -215,7 +216,9 @@ def cache_entries() -> list[CacheEntry]:
     now = time.time()
     for path in sorted(root.iterdir()) if root.is_dir() else []:
         size, mtime = _tree_size_and_mtime(path)
-        if path.name.startswith("."):
+        if path.name.startswith(".") and (".removing-" in path.name or ".broken-" in path.name):
+            state = "leftover"
+        elif path.name.startswith("."):
             state = "temporary"
         elif current is not None and path == current and entry_complete(path):
             state = "in use"
@@ -231,11 +234,12 @@ def clean_cache(stale_after_s: float = 3600.0) -> tuple[list[CacheEntry], list[t
     """Delete the model cache's entries other than the one this installation loads: other
     versions' conversions (an environment with those versions converts again, ~20 s, on its next
     load), incomplete entries, and temporaries unchanged for ``stale_after_s`` (a conversion running
-    now is younger). Each is first renamed aside (atomic: no process finds it half deleted), then
-    deleted. Returns (what was removed, what could not be: with the system's reason)."""
+    now is younger), and what earlier removals left. Each is first renamed aside (atomic: a load
+    that starts later never finds it half deleted; one that is reading it at that moment fails), then
+    deleted. Returns (what was removed, what could not be or only in part: with the system's reason)."""
     removed, failed = [], []
     for entry in cache_entries():
-        if entry.state == "in use" or (entry.state == "temporary" and entry.age_s < stale_after_s):
+        if entry.state == "in use" or (entry.state == "temporary" and entry.age_s < stale_after_s):  # (a leftover goes)
             continue
         aside = entry.path.with_name(f".{entry.path.name.lstrip('.')}.removing-{os.getpid()}")
         try:
@@ -245,11 +249,18 @@ def clean_cache(stale_after_s: float = 3600.0) -> tuple[list[CacheEntry], list[t
         except OSError as exc:  # (a cache shared read-only)
             failed.append((entry, exc.strerror or str(exc)))
             continue
-        if aside.is_dir() and not aside.is_symlink():
-            shutil.rmtree(aside, ignore_errors=True)
+        errors: list[str] = []
+        try:
+            if aside.is_dir() and not aside.is_symlink():
+                shutil.rmtree(aside, onerror=lambda _fn, path, exc: errors.append(f"{path}: {exc[1]}"))
+            else:
+                aside.unlink(missing_ok=True)
+        except OSError as exc:
+            errors.append(str(exc))
+        if os.path.lexists(aside):  # (a file another user owns, an immutable one: part of it is left)
+            failed.append((entry, f"{errors[0] if errors else 'not deleted'}; what is left is in {aside}"))
         else:
-            aside.unlink(missing_ok=True)
-        removed.append(entry)
+            removed.append(entry)
     return removed, failed
 
 

@@ -348,3 +348,32 @@ def test_cache_clean_names_an_entry_it_cannot_remove(fake_gguf, monkeypatch, cap
     captured = capsys.readouterr()
     assert f"could not remove {other}: Permission denied" in captured.err and "nothing removed" in captured.out
     assert other.is_dir() and models.entry_complete(other) and current.is_dir()
+
+
+def test_cache_clean_counts_an_entry_it_could_only_partly_delete_as_not_removed(fake_gguf, monkeypatch, capsys):
+    import shutil
+
+    from lorakit.cli import main
+
+    current = models.default_model_path()
+    old = current.parent / "SmolLM2-135M-Instruct-Q4_1-98362432-tf5.17.0"  # an older lorakit's entry: no marker
+    (old / "sub").mkdir(parents=True)
+    (old / "sub" / "model.safetensors").write_bytes(bytes(100))
+    assert {e.path: e.state for e in models.cache_entries()}[old] == "incomplete"
+    assert main(["cache"]) == 0
+    assert "an older lorakit's conversion" in capsys.readouterr().out
+    rmtree = shutil.rmtree
+
+    def stuck(path, onerror=None, **kw):  # (a file another user owns: the directory stays)
+        onerror(None, str(Path(path) / "sub" / "model.safetensors"), (PermissionError, PermissionError("denied"), None))
+    monkeypatch.setattr(shutil, "rmtree", stuck)
+    assert main(["cache", "--clean"]) == 2
+    captured = capsys.readouterr()
+    assert "nothing removed" in captured.out and "could not remove" in captured.err and "denied" in captured.err
+    left = [p for p in current.parent.iterdir() if ".removing-" in p.name]
+    assert len(left) == 1 and str(left[0]) in captured.err
+    assert {e.path: e.state for e in models.cache_entries()}[left[0]] == "leftover"
+    monkeypatch.setattr(shutil, "rmtree", rmtree)
+    removed, failed = models.clean_cache()  # a leftover goes at once, whatever its age
+    assert [e.path for e in removed] == [left[0]] and failed == []
+    assert [p.name for p in current.parent.iterdir()] == [current.name]

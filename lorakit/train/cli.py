@@ -372,8 +372,9 @@ def cmd_cache(args: argparse.Namespace) -> int:
 
     what = {"in use": "in use: the entry this installation loads",
             "other": "another version's conversion (other environments may load it)",
-            "incomplete": "incomplete or damaged (a load converts again)",
-            "temporary": "a conversion's temporary (running now, or left by one that was killed)"}
+            "incomplete": "no valid completion record (damaged, an older lorakit's conversion, or not lorakit's)",
+            "temporary": "a conversion's temporary (running now, or left by one that was killed)",
+            "leftover": "what a removal set aside and could not delete"}
     root = cache_dir()
     print(f"lorakit's cache: {root} (set LORAKIT_CACHE_DIR to move it)")
     if args.clean:
@@ -462,5 +463,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "them).")
     p.add_argument("--clean", action="store_true",
                    help="delete every entry but the one this installation loads (another environment converts "
-                        "again, ~20 s, on its next load); a temporary only an hour after its last change")
+                        "again, ~20 s, on its next load; one loading a deleted entry at that moment fails, and "
+                        "converts when run again); a temporary only an hour after its last change")
     p.set_defaults(func=cmd_cache)
