@@ -270,7 +270,8 @@ def print_ratio_table(header: str, rows: list[tuple]) -> None:
     print(f"| {header} |\n|---|---|---|---|")
     for label, whole, peak, saved, *_ in rows:
         t = f"{ratio_stats([a / b for a, b in whole])}, best {min(a for a, _ in whole) / min(b for _, b in whole):.3f}"
-        print(f"| {label} | {t} | {ratio_stats(peak)} | {ratio_stats(saved)} |")
+        mem = [ratio_stats(v) if v else "not measured (--no-peer-memory)" for v in (peak, saved)]
+        print(f"| {label} | {t} | {' | '.join(mem)} |")
 
 
 def main() -> None:
@@ -279,6 +280,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="timed steps per process; the fastest counts")
     ap.add_argument("--pairs", type=int, default=3,
                     help="alternating step pairs in one process: lorakit / PEFT (step time) and LoRA / full")
+    ap.add_argument("--no-peer-memory", action="store_true",
+                    help="no fresh processes for the other PEFT setups (PEFT with lorakit's loss, under autocast): "
+                         "their rows give the step time only (the lean plan of make bench: three processes fewer)")
     ap.add_argument("--worker", nargs=5, metavar=("KIND", "WORKLOAD", "STEPS", "DROPOUT", "DTYPE"),
                     help=argparse.SUPPRESS)
     ap.add_argument("--pair-worker", nargs=5, metavar=("KINDS", "WORKLOAD", "DROPOUT", "DTYPE", "ROUNDS"),
@@ -298,7 +302,7 @@ def main() -> None:
         kinds = ("lorakit", "peft", *others)
         runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
         for repeat in range(args.repeats):
-            for kind in kinds if repeat == 0 else kinds[:2]:  # (the other PEFT setups: once)
+            for kind in kinds if repeat == 0 and not args.no_peer_memory else kinds[:2]:  # (the others: once)
                 runs[kind].append(run_worker(script, [kind, workload, str(args.steps), str(dropout), dtype]))
                 print(f"  {workload} p={dropout} {dtype} {kind}: {runs[kind][-1]}", file=sys.stderr, flush=True)
         pair = run_worker(script, [], extra=["--pair-worker", ",".join(kinds), workload, str(dropout), dtype,
@@ -319,12 +323,14 @@ def main() -> None:
     full = run_worker(script, [], extra=["--pair-worker", "lorakit,lorakit-plain,full", "lm", "0", "fp32", str(args.pairs)])
     print(f"  lora vs full: {full}", file=sys.stderr, flush=True)
     print(f"Machine: {machine()}\n")
-    print(f"Command: `python benchmarks/train_step.py --repeats {args.repeats} --steps {args.steps} --pairs {args.pairs}`\n")
+    print(f"Command: `python benchmarks/train_step.py --repeats {args.repeats} --steps {args.steps} --pairs {args.pairs}"
+          f"{' --no-peer-memory' if args.no_peer_memory else ''}`\n")
     print(f"Step time: {args.pairs} rounds in one process of one step of each setup (lorakit, PEFT and, where the "
           "second table lists one, another PEFT setup; each on its own copy of one loaded model), who goes first "
           "rotating; median of the per-round ratios (min–max), and best = fastest ÷ fastest. Peak RSS "
           f"and saved bytes: each setup alone in a fresh process ({args.repeats} interleaved "
-          "repeat(s) of lorakit and PEFT, one of the other PEFT setups), so each peak is its own; every process "
+          f"repeat(s) of lorakit and PEFT, {'none' if args.no_peer_memory else 'one'} of the other PEFT setups), so "
+          "each peak is its own; every process "
           "imports peft. Saved bytes: the storages autograd "
           "keeps for backward (`saved_tensors_hooks`), plus lorakit's dropout masks, which its nodes keep as bits.\n")
     counts = {key: rows[0][4][key][0]["trainable"] for key in ("lorakit", "peft")}
