@@ -168,14 +168,13 @@ def pair_worker(kinds: tuple[str, ...], workload: str, dropout: float, dtype: st
     if "full" in kinds:  # the attention's own work, which LoRA and full steps do alike (see attention_step)
         steppers["attention"] = (attention_step(config, batch["input_ids"].shape, dtype),)
         kinds = (*kinds, "attention")
-    for fn, *_ in steppers.values():
-        fn()  # warm-up; allocates the optimizer states
-    if "full" in kinds:
-        # a second warm-up round: after one warm-up step of each, the first timed LoRA step still
-        # faulted in ~130,000 fresh pages (the full step's warm-up had grown and given back the heap:
-        # its 0.5 GB of gradients, 1 GB of AdamW state) and ran 10-20% slower (4.84 s against 4.18 /
-        # 4.27 in the next rounds), later ones 5; with the lean plan's two rounds that moved the
-        # LoRA ÷ full median by half as much. After this round the first timed LoRA step faulted 5 times.
+    # Warm-up (allocates the optimizer states): one round, two beside a full step. After one warm-up
+    # step of each, the first timed LoRA step still faulted in ~130,000 fresh pages (the full step's
+    # warm-up had grown and given back the heap: its 0.5 GB of gradients, 1 GB of AdamW state) and ran
+    # 10-20% slower (4.84 s against 4.18 / 4.27 in the next rounds), later ones 5; with the lean plan's
+    # two rounds that moved the LoRA ÷ full median by half as much. After a second round the first
+    # timed LoRA step faulted 5 times.
+    for _ in range(2 if "full" in kinds else 1):
         for fn, *_ in steppers.values():
             fn()
     times: dict[str, list[tuple[float, float]]] = {kind: [] for kind in kinds}

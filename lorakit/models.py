@@ -140,7 +140,8 @@ def default_model_path() -> Path:
         if target.exists():  # a damaged entry (a file truncated, changed or deleted): set aside and rebuild
             print(f"lorakit: the cached model in {target} is incomplete or damaged; converting it again",
                   file=sys.stderr)
-            _remove_entry(target)
+            with contextlib.suppress(OSError):  # (what cannot go stays aside, out of the way: convert anyway)
+                _remove_entry(target)
         print(f"lorakit: converting the embedded {DEFAULT_MODEL_NAME} GGUF once into {target} (about 20 s)...",
               file=sys.stderr)
         convert_gguf(gguf, target)
@@ -164,15 +165,31 @@ def entry_complete(entry: Path) -> bool:
         return False
 
 
-def _remove_entry(entry: Path) -> None:
-    """Move a damaged cache entry aside (an atomic rename, so no other process loads it half
-    deleted), then delete it."""
-    aside = entry.with_name(f".{entry.name}.broken-{os.getpid()}")
+def _remove_entry(entry: Path, tag: str = "broken") -> bool:
+    """Move a cache entry aside as ``.<name>.<tag>-<pid>`` (an atomic rename: a load that starts later
+    never finds it half deleted), then delete it. Returns False when another process moved or
+    removed it first.
+
+    Raises:
+        OSError: it cannot be renamed (the system's error), or only part of it was deleted (the
+            first error, and where what is left lies).
+    """
+    aside = entry.with_name(f".{entry.name.lstrip('.')}.{tag}-{os.getpid()}")
     try:
         os.rename(entry, aside)
-    except OSError:
-        return  # another process got there first
-    shutil.rmtree(aside, ignore_errors=True)
+    except FileNotFoundError:
+        return False
+    errors: list[str] = []
+    try:
+        if aside.is_dir() and not aside.is_symlink():
+            shutil.rmtree(aside, onerror=lambda _fn, path, exc: errors.append(f"{path}: {exc[1]}"))
+        else:
+            aside.unlink(missing_ok=True)
+    except OSError as exc:
+        errors.append(str(exc))
+    if os.path.lexists(aside):  # (a file another user owns, an immutable one: part of it is left)
+        raise OSError(f"{errors[0] if errors else 'not deleted'}; what is left is in {aside}")
+    return True
 
 
 @dataclass
@@ -220,12 +237,10 @@ def cache_entries() -> list[CacheEntry]:
             state = "leftover"
         elif path.name.startswith("."):
             state = "temporary"
-        elif current is not None and path == current and entry_complete(path):
-            state = "in use"
-        elif entry_complete(path):
-            state = "other"
-        else:
+        elif not entry_complete(path):
             state = "incomplete"
+        else:
+            state = "in use" if path == current else "other"
         entries.append(CacheEntry(path, size, state, max(now - mtime, 0.0)))
     return entries
 
@@ -241,26 +256,11 @@ def clean_cache(stale_after_s: float = 3600.0) -> tuple[list[CacheEntry], list[t
     for entry in cache_entries():
         if entry.state == "in use" or (entry.state == "temporary" and entry.age_s < stale_after_s):  # (a leftover goes)
             continue
-        aside = entry.path.with_name(f".{entry.path.name.lstrip('.')}.removing-{os.getpid()}")
         try:
-            os.rename(entry.path, aside)
-        except FileNotFoundError:
-            continue  # another process moved or removed it first
-        except OSError as exc:  # (a cache shared read-only)
+            if _remove_entry(entry.path, "removing"):  # (False: another process moved or removed it first)
+                removed.append(entry)
+        except OSError as exc:  # (a cache shared read-only, a file another user owns)
             failed.append((entry, exc.strerror or str(exc)))
-            continue
-        errors: list[str] = []
-        try:
-            if aside.is_dir() and not aside.is_symlink():
-                shutil.rmtree(aside, onerror=lambda _fn, path, exc: errors.append(f"{path}: {exc[1]}"))
-            else:
-                aside.unlink(missing_ok=True)
-        except OSError as exc:
-            errors.append(str(exc))
-        if os.path.lexists(aside):  # (a file another user owns, an immutable one: part of it is left)
-            failed.append((entry, f"{errors[0] if errors else 'not deleted'}; what is left is in {aside}"))
-        else:
-            removed.append(entry)
     return removed, failed
 
 
