@@ -192,6 +192,40 @@ def _remove_entry(entry: Path, tag: str = "broken") -> bool:
     return True
 
 
+@contextlib.contextmanager
+def _entry_lock(entry: Path, exclusive: bool) -> Iterator[bool]:
+    """An advisory lock (``flock``) on a cache entry's directory, held for the block.
+
+    Shared (``exclusive=False``): a load holds it while it reads the entry, waiting for a removal
+    under way; yields False when the entry is gone or was replaced before the lock was taken (the
+    caller converts again). Exclusive: ``clean_cache`` holds it while it removes the entry, without
+    waiting; yields False when a load holds the shared lock. Where locks are unavailable (no
+    ``fcntl``, a file system without ``flock``, an entry that is a file) it yields whether the entry
+    exists.
+    """
+    try:
+        import fcntl
+        fd = os.open(entry, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except (ImportError, OSError):  # (Windows; an entry that is a file, or gone)
+        yield entry.exists()
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
+        except BlockingIOError:
+            yield False
+            return
+        except OSError:  # (no flock on this file system: unlocked, as before)
+            pass
+        try:  # (the directory we locked is still the one at this path: a removal renames it away first)
+            same = os.path.samestat(os.fstat(fd), os.stat(entry))
+        except OSError:
+            same = False
+        yield same
+    finally:
+        os.close(fd)
+
+
 @dataclass
 class CacheEntry:
     """One item of the model cache (``<cache>/models``), as ``cache_entries`` finds it."""
@@ -249,18 +283,23 @@ def clean_cache(stale_after_s: float = 3600.0) -> tuple[list[CacheEntry], list[t
     """Delete the model cache's entries other than the one this installation loads: other
     versions' conversions (an environment with those versions converts again, ~20 s, on its next
     load), incomplete entries, and temporaries unchanged for ``stale_after_s`` (a conversion running
-    now is younger), and what earlier removals left. Each is first renamed aside (atomic: a load
-    that starts later never finds it half deleted; one that is reading it at that moment fails), then
-    deleted. Returns (what was removed, what could not be or only in part: with the system's reason)."""
+    now is younger), and what earlier removals left. An entry that a load holds (its shared lock:
+    another environment's lorakit reading it now) is left. Each is first renamed aside (atomic: a
+    load that starts later never finds it half deleted), then deleted. Returns (what was removed,
+    what could not be or only in part: with the reason)."""
     removed, failed = [], []
     for entry in cache_entries():
         if entry.state == "in use" or (entry.state == "temporary" and entry.age_s < stale_after_s):  # (a leftover goes)
             continue
-        try:
-            if _remove_entry(entry.path, "removing"):  # (False: another process moved or removed it first)
-                removed.append(entry)
-        except OSError as exc:  # (a cache shared read-only, a file another user owns)
-            failed.append((entry, exc.strerror or str(exc)))
+        with _entry_lock(entry.path, exclusive=True) as free:
+            if not free and entry.path.exists():
+                failed.append((entry, "a running process is loading it (try again when it has finished)"))
+                continue
+            try:
+                if _remove_entry(entry.path, "removing"):  # (False: another process moved or removed it first)
+                    removed.append(entry)
+            except OSError as exc:  # (a cache shared read-only, a file another user owns)
+                failed.append((entry, exc.strerror or str(exc)))
     return removed, failed
 
 
@@ -373,6 +412,24 @@ def resolve_model_path(name_or_path: str | Path | None) -> Path:
     )
 
 
+@contextlib.contextmanager
+def _resolved_for_reading(name_or_path: str | Path | None) -> Iterator[Path]:
+    """``resolve_model_path(name_or_path)``, and where that is an entry of the model cache, its
+    shared lock held for the block: ``lorakit cache --clean`` run meanwhile (from an environment to
+    which this entry is another version's) leaves it alone. An entry removed between the two is
+    converted again."""
+    for _ in range(3):
+        path = resolve_model_path(name_or_path)
+        if path.is_file() or path.parent != cache_dir() / "models":
+            yield path
+            return
+        with _entry_lock(path, exclusive=False) as present:
+            if present:
+                yield path
+                return
+    raise OSError(f"the cached model {str(path)!r} was removed three times while it was being loaded")
+
+
 def load_model_and_tokenizer(
     name_or_path: str | Path | None = None, dtype: torch.dtype = torch.float32
 ) -> tuple[Any, Any]:
@@ -392,15 +449,17 @@ def load_model_and_tokenizer(
             carries transformers' reason).
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = resolve_model_path(name_or_path)
-    if path.is_file():
-        model, tokenizer = _load_gguf(path, dtype)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    with _resolved_for_reading(name_or_path) as path:
+        gguf = path.is_file()
+        if gguf:
+            model, tokenizer = _load_gguf(path, dtype)
+        else:
+            from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        with _unreadable_model(path):
-            tokenizer = AutoTokenizer.from_pretrained(path)
-            model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+            with _unreadable_model(path):
+                tokenizer = AutoTokenizer.from_pretrained(path)
+                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    if not gguf:
         _ensure_pad_token(tokenizer)
         if name_or_path is None or str(name_or_path) in ("", DEFAULT_MODEL_NAME, "default"):
             # its name, not the cache directory's path (which adapters saved from it recorded as their
@@ -443,13 +502,13 @@ def load_tokenizer(name_or_path: str | Path | None = None) -> Any:
     files are read; a ``.gguf`` file has to be parsed as a whole, so that case loads both.
     """
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    path = resolve_model_path(name_or_path)
-    if path.is_file():
-        return _load_gguf(path, torch.float32)[1]
-    from transformers import AutoTokenizer
+    with _resolved_for_reading(name_or_path) as path:
+        if path.is_file():
+            return _load_gguf(path, torch.float32)[1]
+        from transformers import AutoTokenizer
 
-    with _unreadable_model(path):
-        tokenizer = AutoTokenizer.from_pretrained(path)
+        with _unreadable_model(path):
+            tokenizer = AutoTokenizer.from_pretrained(path)
     _ensure_pad_token(tokenizer)
     return tokenizer
 

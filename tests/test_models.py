@@ -377,3 +377,71 @@ def test_cache_clean_counts_an_entry_it_could_only_partly_delete_as_not_removed(
     removed, failed = models.clean_cache()  # a leftover goes at once, whatever its age
     assert [e.path for e in removed] == [left[0]] and failed == []
     assert [p.name for p in current.parent.iterdir()] == [current.name]
+
+
+def test_cache_clean_leaves_an_entry_a_load_is_reading_and_a_load_converts_one_removed_under_it(
+        fake_gguf, monkeypatch, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from lorakit.cli import main
+
+    entry = models.default_model_path()
+    entry_path = models.default_entry_path
+    real_from_pretrained = AutoModelForCausalLM.from_pretrained.__func__
+    seen = []
+
+    def another_environment(gguf=None):  # (whose own entry is another: to it this one is another version's)
+        return entry.with_name(entry.name + "-elsewhere")
+
+    def from_pretrained_while_another_environment_cleans(cls, *a, **k):
+        if not seen:
+            monkeypatch.setattr(models, "default_entry_path", another_environment)
+            seen.append(models.clean_cache())
+            monkeypatch.setattr(models, "default_entry_path", entry_path)
+        return real_from_pretrained(cls, *a, **k)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", classmethod(from_pretrained_while_another_environment_cleans))
+    model, _tok = models.load_model_and_tokenizer()
+    (removed, failed), = seen
+    assert removed == [] and [(e.path, why) for e, why in failed] == [
+        (entry, "a running process is loading it (try again when it has finished)")]
+    assert models.entry_complete(entry) and model.config.name_or_path == models.DEFAULT_MODEL_NAME
+    assert len(fake_gguf) == 1
+
+    # the same from the command line of that environment: named, exit status 2, the entry kept
+    with models._entry_lock(entry, exclusive=False) as present:
+        assert present
+        monkeypatch.setattr(models, "default_entry_path", another_environment)
+        assert main(["cache", "--clean"]) == 2
+        monkeypatch.setattr(models, "default_entry_path", entry_path)
+    assert f"could not remove {entry}: a running process is loading it" in capsys.readouterr().err
+    assert models.entry_complete(entry)
+    monkeypatch.setattr(models, "default_entry_path", another_environment)
+    assert [e.path for e in models.clean_cache()[0]] == [entry]  # once the load is done, it goes
+    monkeypatch.setattr(models, "default_entry_path", entry_path)
+
+    # an entry removed between a load's check and its lock: the load converts it again
+    models.default_model_path()
+    resolve = models.resolve_model_path
+    removals = []
+
+    def resolve_then_removed(name_or_path):
+        path = resolve(name_or_path)
+        if not removals:
+            removals.append(models._remove_entry(path, "removing"))  # (as a clean elsewhere does)
+        return path
+    monkeypatch.setattr(models, "resolve_model_path", resolve_then_removed)
+    model, _tok = models.load_model_and_tokenizer()
+    assert removals == [True] and len(fake_gguf) == 3 and models.entry_complete(entry)
+
+    # ... or removed while the load waited for its lock (a clean held it): the same
+    import fcntl
+    monkeypatch.setattr(models, "resolve_model_path", resolve)
+    flock, removals = fcntl.flock, []
+
+    def removed_while_waiting(fd, op):
+        if not removals:
+            removals.append(models._remove_entry(entry, "removing"))
+        return flock(fd, op)
+    monkeypatch.setattr(fcntl, "flock", removed_while_waiting)
+    model, _tok = models.load_model_and_tokenizer()
+    assert removals == [True] and len(fake_gguf) == 4 and models.entry_complete(entry)
