@@ -27,8 +27,9 @@ ROOT = Path(__file__).resolve().parents[1]
 # (title, script, {plan: arguments}); "quick" is --quick's smoke run
 SUITE = [
     ("Training step: lorakit vs PEFT, LoRA vs full fine-tuning (issue 7: 1, 3)", "train_step.py",
-     {"full": ["--repeats", "2", "--steps", "1", "--pairs", "3"],
-      "lean": ["--repeats", "1", "--steps", "1", "--pairs", "2", "--no-peer-memory"],
+     {"full": ["--repeats", "2", "--steps", "1", "--pairs", "3", "--full-rounds", "3"],
+      "lean": ["--repeats", "1", "--steps", "1", "--pairs", "2", "--full-rounds", "3", "--no-plain-lora",
+               "--no-peer-memory"],
       "quick": ["--repeats", "1", "--steps", "1", "--pairs", "2"]}),
     ("Time to the same quality: `lorakit train` vs the transformers + PEFT recipe (issue 7: 2)", "time_to_quality.py",
      {"full": ["--steps", "18", "--eval-every", "6", "--eval-samples", "128", "--seeds", "2"],
@@ -47,7 +48,8 @@ SUITE = [
 #: ``--plan auto``: the calibration forward's time on the machine the plans were timed on (an AMD
 #: EPYC, 2 cores: the fastest of 4 fp32 forwards of the embedded model at 4 x 128, 2 threads), and
 #: each plan's whole-suite seconds there (lean: 749-861 s in four runs, before its training step's
-#: --no-peer-memory took three of its ~15 s processes off; full: ~1220 s before
+#: --no-peer-memory took three of its ~15 s processes off and --no-plain-lora ran the LoRA ÷ full
+#: worker's three rounds in the time of two; full: ~1220 s before
 #: the LoRA ÷ full worker's second warm-up round, ~30 s more since). Another machine's projection
 #: scales them by its own time; this machine's own calibration varied from 0.87 to 1.25 s with load.
 CALIBRATION_REF_S = 0.95

@@ -35,7 +35,9 @@ alike: the whole step, and forward + backward alone — the part the floor descr
 also runs AdamW over all N weights, which the floor leaves out). The same rounds time the model's
 attention alone (every layer's SDPA call, forward + backward, at the step's shapes): work both
 steps do alike, which the floor leaves out too; the table also holds forward + backward against
-the floor with that work added.
+the floor with that work added. ``--no-plain-lora`` leaves the second LoRA setup out (a round then
+takes ~2/3 of the time: the lean plan of ``make bench`` runs three rounds, ``--full-rounds 3``, in
+the time of two: with two, one slow step moved the median by half its delay).
 """
 from __future__ import annotations
 
@@ -279,6 +281,11 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2, help="timed steps per process; the fastest counts")
     ap.add_argument("--pairs", type=int, default=3,
                     help="alternating step pairs in one process: lorakit / PEFT (step time) and LoRA / full")
+    ap.add_argument("--full-rounds", type=int, default=None,
+                    help="rounds of the LoRA ÷ full worker (default: --pairs)")
+    ap.add_argument("--no-plain-lora", action="store_true",
+                    help="LoRA ÷ full without the row of LoRA without the training kernels (a round then takes "
+                         "~2/3 of the time: the lean plan of make bench runs three rounds in the time of two)")
     ap.add_argument("--no-peer-memory", action="store_true",
                     help="no fresh processes for the other PEFT setups (PEFT with lorakit's loss, under autocast): "
                          "their rows give the step time only (the lean plan of make bench: three processes fewer)")
@@ -319,11 +326,14 @@ def main() -> None:
             else:
                 extra_rows.append((f"{label} vs {PEER_LABELS[peer]}", *row[1:]))
     # LoRA ÷ full: once, on the fp32 lm workload without dropout, all three models in one process
-    full = run_worker(script, [], extra=["--pair-worker", "lorakit,lorakit-plain,full", "lm", "0", "fp32", str(args.pairs)])
+    full_rounds = args.pairs if args.full_rounds is None else args.full_rounds
+    full_kinds = "lorakit,full" if args.no_plain_lora else "lorakit,lorakit-plain,full"
+    full = run_worker(script, [], extra=["--pair-worker", full_kinds, "lm", "0", "fp32", str(full_rounds)])
     print(f"  lora vs full: {full}", file=sys.stderr, flush=True)
     print(f"Machine: {machine()}\n")
     print(f"Command: `python benchmarks/train_step.py --repeats {args.repeats} --steps {args.steps} --pairs {args.pairs}"
-          f"{' --no-peer-memory' if args.no_peer_memory else ''}`\n")
+          f"{f' --full-rounds {args.full_rounds}' if args.full_rounds is not None else ''}"
+          f"{' --no-plain-lora' if args.no_plain_lora else ''}{' --no-peer-memory' if args.no_peer_memory else ''}`\n")
     print(f"Step time: {args.pairs} rounds in one process of one step of each setup (lorakit, PEFT and, where the "
           "second table lists one, another PEFT setup; each on its own copy of one loaded model), who goes first "
           "rotating; median of the per-round ratios (min–max), and best = fastest ÷ fastest. Peak RSS "
@@ -351,7 +361,7 @@ def main() -> None:
     print_ratio_table("workload vs | step time | peak RSS | saved-for-backward", extra_rows)
     trainable, frozen = full["params"]["lorakit"]
     floor = 2 / 3 + trainable / frozen
-    print(f"\nLoRA ÷ full fine-tuning (lm, dropout 0, fp32; {args.pairs} rounds of one step each in one process "
+    print(f"\nLoRA ÷ full fine-tuning (lm, dropout 0, fp32; {full_rounds} rounds of one step each in one process "
           f"after two warm-up rounds, who goes first rotating; arithmetic floor 2/3 + P/N = {floor:.3f}):\n")
     # the attention's share of the full step's forward + backward, per round: a floor that also counts
     # that work (the same in both steps) is floor + (1 - floor) * share
@@ -362,6 +372,9 @@ def main() -> None:
     print("|---|---|---|---|---|")
     for kind, label in (("lorakit", "as `lorakit train` runs it (LoRA layers, training kernels, loss at labels)"),
                         ("lorakit-plain", "the same ops as the full step (LoRA layers and loss, no training kernels)")):
+        if kind not in full["times"]:
+            print(f"| {label} | not measured (--no-plain-lora) | | | |")
+            continue
         cols = []
         for k in (0, 1):  # whole step, forward + backward
             lora, fullt = [t[k] for t in full["times"][kind]], [t[k] for t in full["times"]["full"]]
