@@ -412,6 +412,15 @@ def resolve_model_path(name_or_path: str | Path | None) -> Path:
     )
 
 
+def _in_cache(path: Path) -> bool:
+    """Whether ``path`` is an entry of the model cache (False where there is no cache directory:
+    a model directory given by path loads without a home directory)."""
+    try:
+        return path.parent == cache_dir() / "models"
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def _resolved_for_reading(name_or_path: str | Path | None) -> Iterator[Path]:
     """``resolve_model_path(name_or_path)``, and where that is an entry of the model cache, its
@@ -420,7 +429,7 @@ def _resolved_for_reading(name_or_path: str | Path | None) -> Iterator[Path]:
     converted again."""
     for _ in range(3):
         path = resolve_model_path(name_or_path)
-        if path.is_file() or path.parent != cache_dir() / "models":
+        if path.is_file() or not _in_cache(path):
             yield path
             return
         with _entry_lock(path, exclusive=False) as present:

@@ -228,6 +228,19 @@ def test_no_home_directory_is_a_clear_error(monkeypatch):
         models.cache_dir()
 
 
+def test_a_model_directory_loads_without_a_home_directory(monkeypatch, tmp_path):
+    directory = save_tiny_model(tmp_path / "m")
+    for var in ("LORAKIT_CACHE_DIR", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+
+    def no_home():
+        raise RuntimeError("Could not determine home directory.")
+    monkeypatch.setattr(Path, "home", staticmethod(no_home))
+    model, tok = models.load_model_and_tokenizer(directory)
+    assert not model.training and tok.pad_token is not None and model.config.hidden_size == 32
+    assert models.load_tokenizer(directory).get_vocab() == tok.get_vocab()
+
+
 # M1: the cache key holds the gguf reader's version too (its reader changed between versions)
 def test_cache_is_keyed_on_the_gguf_readers_version(fake_gguf, monkeypatch):
     real = importlib.metadata.version
