@@ -333,7 +333,7 @@ class LoraConfig:
             raise FileNotFoundError(f"{path} not found: an adapter directory holds {CONFIG_NAME} and "
                                     f"adapter_model.safetensors{hint}")
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(path.read_text(encoding="utf-8-sig"))  # (a BOM: as an editor may write)
         except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise ValueError(f"{path}: not valid JSON ({exc})") from None
         return cls.from_dict(data, source=str(path))

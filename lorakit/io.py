@@ -143,7 +143,8 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-            os.fchmod(handle.fileno(), default_mode())  # mkstemp's file is private
+            if hasattr(os, "fchmod"):  # (not on Windows before Python 3.13, where modes are no matter)
+                os.fchmod(handle.fileno(), default_mode())  # mkstemp's file is private
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -427,7 +428,7 @@ def _sets_weight_tying(directory: Path) -> bool:
     """Whether the adapter's config sets PEFT's ``ensure_weight_tying`` (ignored on load: it changes
     nothing lorakit can load, but it explains a refusal of the tensors)."""
     try:
-        return bool(json.loads((directory / CONFIG_NAME).read_text()).get("ensure_weight_tying"))
+        return bool(json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8-sig")).get("ensure_weight_tying"))
     except (OSError, ValueError, AttributeError):
         return False
 

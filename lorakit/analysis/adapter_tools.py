@@ -395,7 +395,7 @@ def _write_adapter(out: str | Path, config: dict[str, Any], tensors: dict[str, t
     def write(tmp: Path) -> None:
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         # fields sorted, rank / alpha patterns in their order (the first match wins: see LoraConfig.save)
-        (tmp / CONFIG_NAME).write_text(json.dumps(dict(sorted(config.items())), indent=2))
+        (tmp / CONFIG_NAME).write_text(json.dumps(dict(sorted(config.items())), indent=2), encoding="utf-8", newline="\n")
     return write_new_directory(out, write)
 
 

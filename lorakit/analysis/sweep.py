@@ -110,7 +110,7 @@ def _train_each(base: TrainConfig, ranks: list[int], out_dir: Path, load: Callab
             log(f"rank {r} was interrupted at step {result.steps}/{result.total_steps}; the sweep stops here (finish "
                 f"that run with: {resume_command(result.run_dir)})")
             raise KeyboardInterrupt
-        steps = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text().splitlines()]
+        steps = [json.loads(line) for line in (result.run_dir / "log.jsonl").read_text(encoding="utf-8").splitlines()]
         # each step's own duration (elapsed_s is rounded to 10 ms, more than a tiny model's step);
         # the first step is left out (warm-up)
         times = [s["step_s"] for s in steps[1:]]

@@ -9,7 +9,6 @@ import argparse
 import contextlib
 import json
 import os
-import shlex
 import sys
 from dataclasses import fields
 from pathlib import Path
@@ -127,7 +126,7 @@ def process_tag() -> str:
 def cmd_train(args: argparse.Namespace) -> int:
     """Handler of ``lorakit train``."""
     _quiet_transformers(pick_threads=False)  # train() samples the machine once, after --threads
-    from lorakit.train.loop import NonFiniteLossError, train
+    from lorakit.train.loop import NonFiniteLossError, shell_quote, train
 
     cfg = config_from_args(args)
     log = stdout_log()
@@ -140,8 +139,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 130
     if not _first_process():
         return 0
-    where = (f"--model {shlex.quote(str(result.run_dir / 'model'))}" if cfg.method == "full"
-             else f"--adapter {shlex.quote(str(result.run_dir))}")
+    where = (f"--model {shell_quote(str(result.run_dir / 'model'))}" if cfg.method == "full"
+             else f"--adapter {shell_quote(str(result.run_dir))}")
     from lorakit.train.data import BUILTIN_TASK
 
     builtin = cfg.data is None or cfg.data == BUILTIN_TASK

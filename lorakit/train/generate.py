@@ -30,7 +30,16 @@ RUN_INFO = "lorakit_run.json"
 
 # --------------------------------------------------------------------------- precision
 def cpu_supports_bf16() -> bool:
-    """True if this CPU computes bf16 natively (AVX512-BF16 or AMX); else bf16 would be emulated."""
+    """True if this CPU computes bf16 natively (AVX512-BF16 or AMX); else bf16 would be emulated.
+
+    Asks torch's CPU probes (any operating system), then ``/proc/cpuinfo`` (Linux, a torch without
+    the probes)."""
+    for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+        try:
+            if getattr(torch.cpu, probe, lambda: False)():
+                return True
+        except Exception:  # noqa: BLE001 (a private probe: any failure means "not known to")
+            pass
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as fh:
             flags = fh.read()
@@ -64,20 +73,29 @@ def autocast(precision: str) -> ContextManager[Any]:
 
 
 def busy_cores(window: float = 0.3) -> float | None:
-    """How many cores other work keeps busy right now, from two ``/proc/stat`` samples (Linux).
+    """How many cores other work keeps busy right now, from two ``/proc/stat`` samples (Linux;
+    elsewhere psutil's CPU use over the same window).
 
     Unlike the load average (a one-minute moving average, still high for a minute after a pip
     install or a finished job), this sees the machine as it is when training starts. Returns None
-    where ``/proc/stat`` cannot be read.
+    where neither can be read.
     """
     def sample() -> tuple[int, int]:
-        with open("/proc/stat") as handle:
+        with open("/proc/stat", encoding="ascii") as handle:
             values = [int(v) for v in handle.readline().split()[1:]]
         idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
         return sum(values) - idle, sum(values)
 
     try:
         busy0, total0 = sample()
+    except (OSError, ValueError, IndexError):
+        try:
+            import psutil  # (accelerate's dependency)
+
+            return psutil.cpu_percent(interval=window) / 100 * (os.cpu_count() or 1)
+        except ImportError:
+            return None
+    try:
         time.sleep(window)
         busy1, total1 = sample()
     except (OSError, ValueError, IndexError):

@@ -34,8 +34,8 @@ import hashlib
 import json
 import math
 import os
-import resource
 import shlex
+import subprocess
 import shutil
 import signal
 import sys
@@ -315,14 +315,20 @@ def _write_checkpoint_files(tmp: Path, model: Any, optimizer: torch.optim.Optimi
         save_run_adapter(model, tmp / "adapter", cfg)
 
 
+def shell_quote(arg: str, windows: bool = os.name == "nt") -> str:
+    """``arg`` quoted for a command line the user copies: POSIX shell quoting, cmd.exe's on Windows
+    (which takes no single quotes)."""
+    return subprocess.list2cmdline([arg]) if windows else shlex.quote(arg)
+
+
 def resume_command(run_dir: Path, dist: Dist = Dist()) -> str:
     """The command that continues the run (with as many processes: a checkpoint needs that many)."""
     if dist.world == 1:
-        return f"lorakit train --resume {shlex.quote(str(run_dir))}"
+        return f"lorakit train --resume {shell_quote(str(run_dir))}"
     if os.environ.get("LOCAL_WORLD_SIZE", str(dist.world)) == str(dist.world):  # one machine
-        return f"torchrun --nproc-per-node {dist.world} -m lorakit.cli train --resume {shlex.quote(str(run_dir))}"
+        return f"torchrun --nproc-per-node {dist.world} -m lorakit.cli train --resume {shell_quote(str(run_dir))}"
     return (f"the same torchrun launch ({dist.world} processes) of: -m lorakit.cli train --resume "
-            f"{shlex.quote(str(run_dir))}")
+            f"{shell_quote(str(run_dir))}")
 
 
 def find_checkpoint(run_dir: Path) -> Path | None:
@@ -480,7 +486,17 @@ def results_table(result: TrainResult, cfg: TrainConfig) -> str:
 
 
 def peak_memory_mb() -> float:
-    """Peak resident memory of this process in MB (Linux reports ru_maxrss in KiB)."""
+    """Peak resident memory of this process in MB (Linux reports ru_maxrss in KiB, macOS in bytes;
+    Windows has no ``resource`` module: psutil's peak working set there, NaN without psutil)."""
+    try:
+        import resource
+    except ImportError:
+        try:
+            import psutil  # (accelerate's dependency)
+
+            return psutil.Process().memory_info().peak_wset / 2**20
+        except (ImportError, AttributeError):
+            return float("nan")
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 1024 if sys.platform != "darwin" else rss / 2**20
 
@@ -1140,8 +1156,8 @@ def _holds_files(path: Path) -> str:
             (path / name).exists() for name in ("adapter_config.json", "adapter_model.safetensors", "model", RUN_INFO)):
         # (a run killed before its first checkpoint: --resume refuses it, so pointing there was a loop)
         return (f"output directory {str(path)!r} holds a run that stopped before its first checkpoint, so there "
-                f"is nothing to resume: delete {shlex.quote(str(path))} and run again, or choose another --output")
-    return (f"output directory {str(path)!r} already holds files; pass --resume {shlex.quote(str(path))} to "
+                f"is nothing to resume: delete {shell_quote(str(path))} and run again, or choose another --output")
+    return (f"output directory {str(path)!r} already holds files; pass --resume {shell_quote(str(path))} to "
             "continue that run, or choose another --output")
 
 
