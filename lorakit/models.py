@@ -494,7 +494,10 @@ def _unreadable_model(path: Path) -> Iterator[None]:
 
     try:
         yield
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, UnicodeDecodeError) as exc:
+    # (ImportError, AttributeError: transformers 4.57 converting a slow tokenizer where the tokenizer files are
+    # missing: protobuf absent, or a None vocabulary)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError, UnicodeDecodeError, ImportError,
+            AttributeError) as exc:
         reason = " ".join(str(exc).split()) or type(exc).__name__  # (its first line alone ended at "one of: ")
         if len(reason) > 300:
             reason = reason[:300] + " ..."

@@ -154,6 +154,22 @@ def test_a_model_directory_without_tokenizer_files_says_so(tmp_path):
         models.load_model_and_tokenizer(path)
 
 
+@pytest.mark.parametrize("error", [ImportError("requires the protobuf library"),
+                                   AttributeError("'NoneType' object has no attribute 'endswith'")])
+def test_a_tokenizer_conversion_failing_on_an_older_transformers_is_one_clear_error(tmp_path, monkeypatch, error):
+    """transformers 4.57 converting a slow tokenizer where the tokenizer files are missing raised these
+    (a dependency-floor audit), past the clear error."""
+    from transformers import AutoTokenizer
+
+    path = save_tiny_model(tmp_path / "m")
+
+    def fails(*a, **k):
+        raise error
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", fails)
+    with pytest.raises(ValueError, match=f"model directory .*could not be loaded: {str(error)[:20]}"):
+        models.load_model_and_tokenizer(path)
+
+
 def test_cache_is_keyed_on_the_converting_transformers_version(fake_gguf, monkeypatch):
     """A conversion by another transformers version (its GGUF reader changed: 5.17 read the eos token
     differently) is not reused: the new version converts its own."""
