@@ -275,13 +275,21 @@ def print_ratio_table(header: str, rows: list[tuple]) -> None:
         print(f"| {label} | {t} | {' | '.join(mem)} |")
 
 
+def positive(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=2, help="timed steps per process; the fastest counts")
-    ap.add_argument("--pairs", type=int, default=3,
+    ap.add_argument("--repeats", type=positive, default=2)
+    ap.add_argument("--steps", type=positive, default=2, help="timed steps per process; the fastest counts")
+    ap.add_argument("--pairs", type=positive, default=3,
                     help="alternating step pairs in one process: lorakit / PEFT (step time) and LoRA / full")
-    ap.add_argument("--full-rounds", type=int, default=None,
+    ap.add_argument("--full-rounds", type=positive, default=None,
                     help="rounds of the LoRA ÷ full worker (default: --pairs)")
     ap.add_argument("--no-plain-lora", action="store_true",
                     help="LoRA ÷ full without the row of LoRA without the training kernels (a round then takes "

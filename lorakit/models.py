@@ -200,25 +200,29 @@ def _entry_lock(entry: Path, exclusive: bool) -> Iterator[bool]:
     under way; yields False when the entry is gone or was replaced before the lock was taken (the
     caller converts again). Exclusive: ``clean_cache`` holds it while it removes the entry, without
     waiting; yields False when a load holds the shared lock. Where locks are unavailable (no
-    ``fcntl``, a file system without ``flock``, an entry that is a file) it yields whether the entry
-    exists.
+    ``fcntl``, a file system without ``flock`` on directories as NFS, an entry that is a file) it
+    yields whether the entry exists. (Each ``yield`` is outside an ``except`` clause, so that an
+    error of the block is not reported as raised while handling the one caught here.)
     """
+    fd = None
     try:
         import fcntl
         fd = os.open(entry, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except (ImportError, OSError):  # (Windows; an entry that is a file, or gone)
+        pass
+    if fd is None:
         yield entry.exists()
         return
     try:
+        held = True
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
         except BlockingIOError:
-            yield False
-            return
+            held = False
         except OSError:  # (no flock on this file system: unlocked, as before)
             pass
         try:  # (the directory we locked is still the one at this path: a removal renames it away first)
-            same = os.path.samestat(os.fstat(fd), os.stat(entry))
+            same = held and os.path.samestat(os.fstat(fd), os.stat(entry))
         except OSError:
             same = False
         yield same
@@ -293,7 +297,8 @@ def clean_cache(stale_after_s: float = 3600.0) -> tuple[list[CacheEntry], list[t
             continue
         with _entry_lock(entry.path, exclusive=True) as free:
             if not free and entry.path.exists():
-                failed.append((entry, "a running process is loading it (try again when it has finished)"))
+                failed.append((entry, "another process holds it: a load reading it, or another clean removing it "
+                                      "(try again when it has finished)"))
                 continue
             try:
                 if _remove_entry(entry.path, "removing"):  # (False: another process moved or removed it first)
@@ -415,8 +420,8 @@ def resolve_model_path(name_or_path: str | Path | None) -> Path:
 def _in_cache(path: Path) -> bool:
     """Whether ``path`` is an entry of the model cache (False where there is no cache directory:
     a model directory given by path loads without a home directory)."""
-    try:
-        return path.parent == cache_dir() / "models"
+    try:  # (the same directory however named: a relative path, a symlink to the cache)
+        return os.path.samefile(path.parent, cache_dir() / "models")
     except OSError:
         return False
 

@@ -432,7 +432,8 @@ def test_cache_clean_leaves_an_entry_a_load_is_reading_and_a_load_converts_one_r
     model, _tok = models.load_model_and_tokenizer()
     (removed, failed), = seen
     assert removed == [] and [(e.path, why) for e, why in failed] == [
-        (entry, "a running process is loading it (try again when it has finished)")]
+        (entry, "another process holds it: a load reading it, or another clean removing it (try again when it "
+                "has finished)")]
     assert models.entry_complete(entry) and model.config.name_or_path == models.DEFAULT_MODEL_NAME
     assert len(fake_gguf) == 1
 
@@ -442,11 +443,20 @@ def test_cache_clean_leaves_an_entry_a_load_is_reading_and_a_load_converts_one_r
         monkeypatch.setattr(models, "default_entry_path", another_environment)
         assert main(["cache", "--clean"]) == 2
         monkeypatch.setattr(models, "default_entry_path", entry_path)
-    assert f"could not remove {entry}: a running process is loading it" in capsys.readouterr().err
+    assert f"could not remove {entry}: another process holds it: a load reading it" in capsys.readouterr().err
     assert models.entry_complete(entry)
     monkeypatch.setattr(models, "default_entry_path", another_environment)
     assert [e.path for e in models.clean_cache()[0]] == [entry]  # once the load is done, it goes
     monkeypatch.setattr(models, "default_entry_path", entry_path)
+
+    # the entry named by a relative path or through a symlink to the cache is still the cache's
+    import os
+
+    link = entry.parent.parent.parent / "cache-link"
+    link.symlink_to(entry.parent.parent)
+    assert models._in_cache(link / "models" / entry.name)
+    assert models._in_cache(Path(os.path.relpath(entry)))
+    assert not models._in_cache(entry.parent.parent / "elsewhere" / entry.name)
 
     # an entry removed between a load's check and its lock: the load converts it again
     models.default_model_path()

@@ -43,6 +43,7 @@ def test_an_adapter_config_in_utf8_with_a_byte_order_mark_loads(tmp_path):
     config["base_model_name_or_path"] = "José/模型"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(config, ensure_ascii=False).encode("utf-8"))
     assert lk.LoraConfig.load(tmp_path / "a").base_model_name_or_path == "José/模型"
+    assert generate.read_json_object(path)["base_model_name_or_path"] == "José/模型"  # (lorakit generate --adapter)
     fresh = tiny_llama()
     lk.load_adapter(fresh, tmp_path / "a")
     assert any(n.endswith("q_proj") for n, _ in lk.iter_lora_layers(fresh))
@@ -73,3 +74,20 @@ def test_commands_to_copy_are_quoted_for_the_shell_they_run_in(monkeypatch, tmp_
     run = tmp_path / "my run's dir"
     assert loop.resume_command(run) == f"lorakit train --resume '{str(run)[:-len(run.name)]}my run'\"'\"'s dir'"
     assert loop.shell_quote(r"C:\Users\me\runs\my run", windows=True) == r'"C:\Users\me\runs\my run"'
+    assert loop.shell_quote(r"C:\runs\a&b", windows=True) == r'"C:\runs\a&b"'  # (cmd.exe splits at &)
+    assert loop.shell_quote(r"C:\runs\plain", windows=True) == r"C:\runs\plain"
+
+
+def test_without_fcntl_an_error_of_a_cache_load_is_not_chained_to_the_missing_module(monkeypatch, tmp_path):
+    from lorakit import models
+
+    monkeypatch.setitem(sys.modules, "fcntl", None)
+    entry = tmp_path / "models" / "e"
+    entry.mkdir(parents=True)
+    try:
+        with models._entry_lock(entry, exclusive=False) as present:
+            assert present
+            raise RuntimeError("in the block")
+    except RuntimeError as exc:
+        assert exc.__context__ is None
+

@@ -462,6 +462,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "them).")
     p.add_argument("--clean", action="store_true",
                    help="delete every entry but the one this installation loads (another environment converts "
-                        "again, ~20 s, on its next load; an entry that one is loading at that moment is left and "
-                        "named, exit status 2); a temporary only an hour after its last change")
+                        "again, ~20 s, on its next load; an entry that such an environment is loading at that "
+                        "moment is left and named, exit status 2); a temporary only an hour after its last change")
     p.set_defaults(func=cmd_cache)

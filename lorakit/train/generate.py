@@ -488,7 +488,7 @@ def read_json_object(path: str | Path) -> dict[str, Any]:
     """
     path = Path(path)
     try:
-        value = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(path.read_text(encoding="utf-8-sig"))  # (a BOM: as an editor may write)
     except UnicodeDecodeError as exc:
         raise ValueError(f"{str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:

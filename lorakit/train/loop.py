@@ -35,9 +35,9 @@ import json
 import math
 import os
 import shlex
-import subprocess
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -316,9 +316,14 @@ def _write_checkpoint_files(tmp: Path, model: Any, optimizer: torch.optim.Optimi
 
 
 def shell_quote(arg: str, windows: bool = os.name == "nt") -> str:
-    """``arg`` quoted for a command line the user copies: POSIX shell quoting, cmd.exe's on Windows
-    (which takes no single quotes)."""
-    return subprocess.list2cmdline([arg]) if windows else shlex.quote(arg)
+    """``arg`` quoted for a command line the user copies: POSIX shell quoting, or on Windows (no
+    single quotes there) double quotes wherever cmd.exe would split or redirect at a character."""
+    if not windows:
+        return shlex.quote(arg)
+    quoted = subprocess.list2cmdline([arg])
+    if not quoted.startswith('"') and any(c in arg for c in "&|<>^()"):
+        quoted = f'"{quoted}"'
+    return quoted
 
 
 def resume_command(run_dir: Path, dist: Dist = Dist()) -> str:
