@@ -172,6 +172,11 @@ def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[
     params = dict(model.named_parameters(remove_duplicate=False))
     for key in _bias_keys(model, config, adapter_name):
         out[PREFIX + key] = params[key]
+    meta = [k for k, v in out.items() if v.is_meta]
+    if meta:  # (torch's own error said "Cannot copy out of meta tensor")
+        raise ValueError(f"adapter {adapter_name!r} has tensors on the meta device, with no data to save ({len(meta)}, "
+                         f"first {meta[0]}): the model was moved to 'meta', or accelerate's cpu_offload / disk_offload "
+                         "was applied after the adapters were added")
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
 
 

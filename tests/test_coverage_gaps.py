@@ -180,3 +180,48 @@ def test_a_run_from_a_worker_thread_trains_and_leaves_the_signal_handlers_alone(
     assert not t.is_alive() and "exc" not in out, out.get("exc")  # (signal.signal raises off the main thread)
     assert out["res"].steps == 2 and not out["res"].interrupted
     assert {s: signal.getsignal(s) for s in before} == before
+
+
+# ---------------------------------------------------------------- accelerate's offload (a big-model audit)
+def _offload_reference():
+    cfg = lk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    reference = tiny_llama()
+    torch.manual_seed(0)
+    lk.get_lora_model(reference, cfg)
+    ids = torch.randint(3, 100, (2, 6))
+    with torch.no_grad():
+        expected = reference(ids).logits
+    return cfg, reference, ids, expected
+
+
+def test_a_merge_into_weights_accelerate_offloads_is_refused_and_changes_nothing():
+    """The weight of an offloaded layer is on the meta device between forwards: the merge wrote into
+    nothing, counted the adapter as merged and lost its update (0.19 off on the logits)."""
+    from accelerate import cpu_offload
+
+    cfg, reference, ids, expected = _offload_reference()
+    model = tiny_llama()
+    cpu_offload(model, execution_device=torch.device("cpu"))
+    torch.manual_seed(0)
+    lk.get_lora_model(model, cfg)  # (the same adapter weights: same seed, adapters made on the CPU)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected)
+    with pytest.raises(ValueError, match="on the meta device .*accelerate offloads this layer"):
+        lk.merge_and_unload(model)
+    assert not any(layer.merged_adapters for _, layer in lk.iter_lora_layers(model))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, expected)
+
+
+def test_adapters_moved_to_meta_by_an_offload_after_injection_are_an_error_not_garbage(tmp_path):
+    from accelerate import cpu_offload
+
+    cfg, reference, ids, expected = _offload_reference()
+    cpu_offload(reference, execution_device=torch.device("cpu"))  # (moves lora_A / lora_B to meta too)
+    with pytest.raises(RuntimeError, match=r"adapter\(s\) \['default'\] are on the meta device"), torch.no_grad():
+        reference(ids)
+    with pytest.raises(RuntimeError, match="on the meta device"):
+        reference(ids)  # (with gradients: the generic path)
+    with pytest.raises(ValueError, match="tensors on the meta device, with no data to save"):
+        lk.save_adapter(reference, tmp_path / "a")
+    assert not (tmp_path / "a").exists()

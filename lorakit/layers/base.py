@@ -64,10 +64,23 @@ def float8_weight(module: nn.Module, keep: str) -> str | None:
     return None
 
 
+def meta_weight(module: nn.Module, keep: str) -> str | None:
+    """Why a merge into ``module.weight`` (or an unmerge out of it) is refused, or None: a weight on
+    the meta device, which holds no data: a layer accelerate offloads (``device_map`` with "cpu" or
+    "disk" entries, ``cpu_offload``) keeps its weight there between forwards. The write did nothing,
+    silently, and the adapter was counted as merged (its update lost; an unmerge then failed)."""
+    weight = getattr(module, "weight", None)
+    if isinstance(weight, torch.Tensor) and weight.is_meta:
+        how = ("accelerate offloads this layer" if hasattr(module, "_hf_hook") else "the model is not materialised")
+        return (f"the {type(module).__name__}'s weight is on the meta device ({how}): there is no data to merge "
+                f"into; keep the adapter {keep}, or load the model without offloading to merge")
+    return None
+
+
 def unwritable_weight(module: nn.Module, keep: str) -> str | None:
     """Why lorakit cannot add an update into ``module.weight`` or take it out again, or None:
-    ``computed_weight`` or ``float8_weight`` (what a merge and an unmerge both refuse)."""
-    return computed_weight(module, keep) or float8_weight(module, keep)
+    ``computed_weight``, ``float8_weight`` or ``meta_weight`` (what a merge and an unmerge both refuse)."""
+    return computed_weight(module, keep) or float8_weight(module, keep) or meta_weight(module, keep)
 
 
 def dropping(dropout: nn.Module | None) -> bool:
@@ -294,6 +307,7 @@ class LoraLayer(nn.Module):
         if plan is not None:
             return self.mixed_forward(x, result, plan)
         live = self.live_adapters()
+        self.refuse_meta_adapters(live)
         narrow = None
         wide = self.sum_dtype(result, live)
         if wide is not None:
@@ -305,6 +319,19 @@ class LoraLayer(nn.Module):
             else:
                 result = self.add_lora(name, x, result)
         return result if narrow is None else result.to(narrow)
+
+    def refuse_meta_adapters(self, names: list[str]) -> None:
+        """Raise where an adapter to be applied has its weights on the meta device (accelerate's
+        ``cpu_offload`` / ``disk_offload`` applied after injection moves them there, and lorakit reads
+        them without calling the modules its hooks sit on): a product of a meta tensor with CPU ones
+        returns uninitialised memory, without an error (the outputs were NaN or garbage)."""
+        As, Bs = self.lora_A._parameters, self.lora_B._parameters
+        meta = [n for n in names if n in As and (As[n].is_meta or Bs[n].is_meta)]
+        if meta:
+            raise RuntimeError(
+                f"{type(self).__name__}: the weights of adapter(s) {meta} are on the meta device (no data: an "
+                "accelerate cpu_offload / disk_offload applied after the adapters were added moves them there); "
+                "add the adapters after offloading, or load their weights again (load_adapter_weights)")
 
     def sum_dtype(self, result: torch.Tensor, live: list[str]) -> torch.dtype | None:
         """With several adapters on a half-precision output, the dtype to sum their updates in (the

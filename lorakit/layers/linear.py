@@ -126,6 +126,7 @@ class LoraLinear(LoraLayer):
         else:
             result = self.own_output(base(x))
             in_place = writes_in_place(result, x)  # else add_lora (fused_lora_add) finds its own way
+            self.refuse_meta_adapters(active)  # (a hooked base layer: accelerate's offload may have moved them)
         if plan is not None:  # a mixed batch: repeat a kept layout for these rows if the root checked it
             stacks = d.get("_batched")
             layout = stacks.ready(plan, x) if direct and stacks is not None else None
