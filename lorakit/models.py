@@ -472,7 +472,8 @@ def load_model_and_tokenizer(
 
             with _unreadable_model(path):
                 tokenizer = AutoTokenizer.from_pretrained(path)
-                model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+                model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
+                _refuse_missing_weights(info)
     if not gguf:
         _ensure_pad_token(tokenizer)
         if name_or_path is None or str(name_or_path) in ("", DEFAULT_MODEL_NAME, "default"):
@@ -489,6 +490,20 @@ def load_model_and_tokenizer(
 
 
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def _refuse_missing_weights(info: dict[str, Any]) -> None:
+    """Raise where the weight files lacked some of the model's tensors: transformers initialises them
+    at random and only logs it (a config.json of another architecture than the weights, a single
+    ``model.safetensors`` left beside a sharded model's index: the commands trained, generated and
+    merged on random weights, exit status 0, a different model at each load). A tied head is not
+    missing (transformers does not list it)."""
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ValueError(f"its weight files lack {len(missing)} of the model's tensors ({shown}), which would be "
+                         "initialised at random: do config.json and the weights belong to the same model, and are "
+                         "all the weight files there?")
 
 
 @contextlib.contextmanager

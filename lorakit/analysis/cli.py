@@ -372,7 +372,7 @@ def register(subparsers: Any) -> None:
                    help="also analyse a model's weights: a local model directory, or no value for the embedded model")
     p.add_argument("--module", default=None,
                    help=f"regex on module names (default: layer 0's projections); the first "
-                        f"{names.MAX_MATRICES} matching matrices are analysed, and the output says when more match")
+                        f"{names.MAX_MATRICES} matching matrices (in layer order) are analysed, and the output says when more match")
     _common(p)
 
     p = _add(subparsers, "recommend", cmd_recommend, "recommend LoRA rank and alpha",

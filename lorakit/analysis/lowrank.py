@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import torch
 
-from lorakit.analysis.adapter_tools import energy_rank, svdvals_tall, truncation_error
+from lorakit.analysis.adapter_tools import energy_rank, natural_key, svdvals_tall, truncation_error
 from lorakit.analysis.names import LESSON_RANKS, LESSON_SYNTHETIC, MAX_MATRICES  # noqa: F401 (the lab's names, here too)
 from lorakit.analysis.weights import LazyWeights, check_finite, open_weights, source_label
 
@@ -142,7 +142,7 @@ def select_weights_counted(source: str | None, module: str | None = None,
     sd = open_weights(source)  # (one tensor at a time: only the matrices shown are read)
     shape = sd.shape if isinstance(sd, LazyWeights) else (lambda key: tuple(sd[key].shape))
     out, matched = {}, 0
-    for key in sd:
+    for key in sorted(sd, key=natural_key):  # (layer order, whatever the files': layers.2 before layers.10)
         if key.endswith(".weight") and pattern.search(key[: -len(".weight")]) and len(shape(key)) == 2:
             matched += 1
             if len(out) < limit:

@@ -7,5 +7,5 @@ from __future__ import annotations
 
 LESSON_RANKS = (1, 2, 4, 8, 16, 32, 64)  # the parameter table's ranks
 LESSON_SYNTHETIC = {"size": 100, "true_rank": 5, "ranks": (1, 2, 5, 10, 20, 50)}  # the synthetic SVD demo
-MAX_MATRICES = 16  # model matrices analysed at most (the first ones matching, in the weights files' order)
+MAX_MATRICES = 16  # model matrices analysed at most (the first ones matching, in layer order)
 TASKS = ("simple", "medium", "complex")  # the rank rule table's task kinds

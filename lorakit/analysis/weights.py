@@ -95,11 +95,41 @@ def safetensors_files(source: str | Path) -> list[Path]:
             raise ValueError(f"{index}: 'weight_map' must map tensor names to file names")
         return [path / n for n in sorted(set(weight_map.values()))]
     files = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("adapter_model"))
+    if (path / "model.safetensors").is_file():  # (what transformers loads there: never a second copy beside it)
+        return [path / "model.safetensors"]
+    if len(files) > 1:
+        return _shards_without_index(path, files)
     if files:
         return files
     if any(path.glob("*.bin")) or any(path.glob("*.pt")):
         raise ValueError(f"model directory {str(source)!r} has only pickled weights; save it with safetensors")
     raise FileNotFoundError(f"no safetensors weights in {str(source)!r}")
+
+
+def _shards_without_index(path: Path, files: list[Path]) -> list[Path]:
+    """Several safetensors files and no index: all the shards of one sharded save
+    (``<name>-00001-of-0000N.safetensors`` ... every one of the N), else refused. Reading whatever
+    files were there took 5 shards of 6 for the whole model, or let an extra copy's tensors
+    (``model_ema.safetensors``) overwrite the model's, silently.
+
+    Raises:
+        FileNotFoundError: shards of the save are missing (named).
+        ValueError: the files are not the shards of one save.
+    """
+    import re
+
+    parts = [re.fullmatch(r"(.+)-(\d+)-of-(\d+)\.safetensors", f.name) for f in files]
+    if all(parts) and len({(m.group(1), m.group(3)) for m in parts}) == 1:
+        total, width = int(parts[0].group(3)), len(parts[0].group(3))
+        missing = sorted(set(range(1, total + 1)) - {int(m.group(2)) for m in parts})
+        if missing:
+            names = [f"{parts[0].group(1)}-{i:0{width}d}-of-{parts[0].group(3)}.safetensors" for i in missing]
+            raise FileNotFoundError(f"model directory {str(path)!r} lacks {len(missing)} of its {total} weight shards: "
+                                    f"{', '.join(names[:3])}{' ...' if len(names) > 3 else ''}")
+        return files
+    raise ValueError(f"model directory {str(path)!r} holds several safetensors files and neither "
+                     f"model.safetensors nor an index (model.safetensors.index.json) saying which are the model: "
+                     f"{', '.join(f.name for f in files[:4])}{' ...' if len(files) > 4 else ''}; give one file's path")
 
 
 def load_state_dict(source: str | Path | None, keys: list[str] | None = None) -> dict[str, torch.Tensor]:
