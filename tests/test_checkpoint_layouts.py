@@ -66,6 +66,9 @@ def test_an_extra_copy_beside_the_model_s_weights_is_not_read_over_them(tmp_path
     save_file({k: v + 1 for k, v in state.items()}, str(directory / "model_ema.safetensors"))
     read = weights.load_state_dict(directory)
     assert all(torch.equal(read[k], state[k]) for k in state)  # model.safetensors, as transformers loads
+    directory2, shards = _sharded(tmp_path)  # a model.safetensors left beside a sharded save: what transformers loads
+    save_file(state, str(directory2 / "model.safetensors"))
+    assert weights.safetensors_files(directory2) == [directory2 / "model.safetensors"]
     (directory / "model.safetensors").rename(directory / "weights_a.safetensors")
     with pytest.raises(ValueError, match="several safetensors files and neither model.safetensors nor an index"):
         weights.load_state_dict(directory)

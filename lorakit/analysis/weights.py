@@ -88,6 +88,8 @@ def safetensors_files(source: str | Path) -> list[Path]:
         if path.suffix != ".safetensors":
             raise ValueError(f"{str(source)!r} is not a .safetensors file (pickled weights are not loaded)")
         return [path]
+    if (path / "model.safetensors").is_file():  # (what transformers loads first: an index or a copy beside it aside)
+        return [path / "model.safetensors"]
     index = path / "model.safetensors.index.json"
     if index.is_file():
         weight_map = read_json(index).get("weight_map")
@@ -95,8 +97,6 @@ def safetensors_files(source: str | Path) -> list[Path]:
             raise ValueError(f"{index}: 'weight_map' must map tensor names to file names")
         return [path / n for n in sorted(set(weight_map.values()))]
     files = sorted(p for p in path.glob("*.safetensors") if not p.name.startswith("adapter_model"))
-    if (path / "model.safetensors").is_file():  # (what transformers loads there: never a second copy beside it)
-        return [path / "model.safetensors"]
     if len(files) > 1:
         return _shards_without_index(path, files)
     if files:
