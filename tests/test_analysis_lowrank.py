@@ -240,6 +240,8 @@ def test_a_pickled_weights_file_is_refused_by_name(tmp_path):
     torch.save({"a": torch.ones(1)}, tmp_path / "pytorch_model.bin")
     with pytest.raises(ValueError, match="not a .safetensors file"):
         weights.safetensors_files(tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="has only pickled weights.*save_pretrained"):
+        weights.safetensors_files(tmp_path)
 
 
 def test_lowrank_refuses_a_seed_of_2_pow_63(capsys):

@@ -102,7 +102,9 @@ def safetensors_files(source: str | Path) -> list[Path]:
     if files:
         return files
     if any(path.glob("*.bin")) or any(path.glob("*.pt")):
-        raise ValueError(f"model directory {str(source)!r} has only pickled weights; save it with safetensors")
+        raise ValueError(f"model directory {str(source)!r} has only pickled weights, which the lab does not read "
+                         "(unpickling runs code); save it with safetensors: load it with transformers and "
+                         "save_pretrained (safetensors is its default)")
     raise FileNotFoundError(f"no safetensors weights in {str(source)!r}")
 
 
