@@ -72,14 +72,18 @@ def open_safetensors(file: Path) -> Iterator[Any]:
 
 
 def safetensors_files(source: str | Path) -> list[Path]:
-    """The safetensors files holding a model's weights.
+    """The safetensors files holding a model's weights, chosen as transformers chooses them:
+    ``model.safetensors`` where there is one, else the shards an index names, else (no index) every
+    shard of one sharded save.
 
     Args:
         source: a model directory or a single ``.safetensors`` file.
 
     Raises:
-        FileNotFoundError: if the path does not exist or holds no safetensors weights.
-        ValueError: if it holds only pickled weights.
+        FileNotFoundError: if the path does not exist, holds no safetensors weights, or lacks shards
+            of a sharded save without an index (named).
+        ValueError: if it holds only pickled weights, or several safetensors files that are neither
+            ``model.safetensors`` nor one save's shards.
     """
     path = resolve(source)
     if not path.exists():
@@ -88,7 +92,7 @@ def safetensors_files(source: str | Path) -> list[Path]:
         if path.suffix != ".safetensors":
             raise ValueError(f"{str(source)!r} is not a .safetensors file (pickled weights are not loaded)")
         return [path]
-    if (path / "model.safetensors").is_file():  # (what transformers loads first: an index or a copy beside it aside)
+    if (path / "model.safetensors").is_file():  # (transformers loads it first: before an index, beside any copy)
         return [path / "model.safetensors"]
     index = path / "model.safetensors.index.json"
     if index.is_file():
