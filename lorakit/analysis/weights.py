@@ -135,7 +135,7 @@ def _shards_without_index(path: Path, files: list[Path]) -> list[Path]:
         return files
     raise ValueError(f"model directory {str(path)!r} holds several safetensors files and neither "
                      f"model.safetensors nor an index (model.safetensors.index.json) saying which are the model: "
-                     f"{', '.join(f.name for f in files[:4])}{' ...' if len(files) > 4 else ''}; give one file's path")
+                     f"{', '.join(f.name for f in files[:4])}{' ...' if len(files) > 4 else ''}; give the model's file's path, or move the other files out")
 
 
 def load_state_dict(source: str | Path | None, keys: list[str] | None = None) -> dict[str, torch.Tensor]:

@@ -69,7 +69,7 @@ def meta_weight(module: nn.Module, keep: str) -> str | None:
     the meta device, which holds no data: a layer accelerate offloads (``device_map`` with "cpu" or
     "disk" entries, ``cpu_offload``) keeps its weight there between forwards. The write did nothing,
     silently, and the adapter was counted as merged (its update lost; an unmerge then failed)."""
-    weight = getattr(module, "weight", None)
+    weight = module._parameters.get("weight")  # (not a computed ``weight``: an NF4 layer's would dequantise)
     if isinstance(weight, torch.Tensor) and weight.is_meta:
         how = ("accelerate offloads this layer" if hasattr(module, "_hf_hook") else "the model is not materialised")
         return (f"the {type(module).__name__}'s weight is on the meta device ({how}): there is no data to merge "
