@@ -333,7 +333,7 @@ def main() -> None:
                              *row[1:]))
             else:
                 extra_rows.append((f"{label} vs {PEER_LABELS[peer]}", *row[1:]))
-    # LoRA ÷ full: once, on the fp32 lm workload without dropout, all three models in one process
+    # LoRA ÷ full: once, on the fp32 lm workload without dropout, its models (two with --no-plain-lora) in one process
     full_rounds = args.pairs if args.full_rounds is None else args.full_rounds
     full_kinds = "lorakit,full" if args.no_plain_lora else "lorakit,lorakit-plain,full"
     full = run_worker(script, [], extra=["--pair-worker", full_kinds, "lm", "0", "fp32", str(full_rounds)])

@@ -165,7 +165,12 @@ def entry_complete(entry: Path) -> bool:
         return False
 
 
-def _remove_entry(entry: Path, tag: str = "broken") -> bool:
+#: The tags ``_remove_entry`` names what it sets aside with: a damaged entry a load rebuilds, an entry
+#: ``clean_cache`` removes (``cache_entries`` lists what is left of either as a leftover).
+_BROKEN, _REMOVING = "broken", "removing"
+
+
+def _remove_entry(entry: Path, tag: str = _BROKEN) -> bool:
     """Move a cache entry aside as ``.<name>.<tag>-<pid>`` (an atomic rename: a load that starts later
     never finds it half deleted), then delete it. Returns False when another process moved or
     removed it first.
@@ -271,7 +276,7 @@ def cache_entries() -> list[CacheEntry]:
     now = time.time()
     for path in sorted(root.iterdir()) if root.is_dir() else []:
         size, mtime = _tree_size_and_mtime(path)
-        if path.name.startswith(".") and (".removing-" in path.name or ".broken-" in path.name):
+        if path.name.startswith(".") and any(f".{tag}-" in path.name for tag in (_BROKEN, _REMOVING)):
             state = "leftover"
         elif path.name.startswith("."):
             state = "temporary"
@@ -301,7 +306,7 @@ def clean_cache(stale_after_s: float = 3600.0) -> tuple[list[CacheEntry], list[t
                                       "(try again when it has finished)"))
                 continue
             try:
-                if _remove_entry(entry.path, "removing"):  # (False: another process moved or removed it first)
+                if _remove_entry(entry.path, _REMOVING):  # (False: another process moved or removed it first)
                     removed.append(entry)
             except OSError as exc:  # (a cache shared read-only, a file another user owns)
                 failed.append((entry, exc.strerror or str(exc)))
