@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from lorakit.layers.guard import cast_print, same_up_to_cast
+from lorakit.layers.offload import materialized, readable, stored_tensor
 from lorakit.variants import LoraVariant, add_rounded_once, get_init_method
 
 
@@ -66,15 +67,15 @@ def float8_weight(module: nn.Module, keep: str) -> str | None:
 
 def meta_weight(module: nn.Module, keep: str) -> str | None:
     """Why a merge into ``module.weight`` (or an unmerge out of it) is refused, or None: a weight on
-    the meta device, which holds no data: a layer accelerate offloads (``device_map`` with "cpu" or
-    "disk" entries, ``cpu_offload``) keeps its weight there between forwards. The write did nothing,
-    silently, and the adapter was counted as merged (its update lost; an unmerge then failed)."""
-    weight = module._parameters.get("weight")  # (not a computed ``weight``: an NF4 layer's would dequantise)
-    if isinstance(weight, torch.Tensor) and weight.is_meta:
-        how = ("accelerate offloads this layer" if hasattr(module, "_hf_hook") else "the model is not materialised")
-        return (f"the {type(module).__name__}'s weight is on the meta device ({how}): there is no data to merge "
-                f"into; keep the adapter {keep}, or load the model without offloading to merge")
-    return None
+    the meta device, which holds no data, and not offloaded by accelerate (whose hook keeps the
+    weight in its offload map: ``lorakit.layers.offload``, where merges go). A write to the meta
+    tensor did nothing, silently, and the adapter was counted as merged (its update lost)."""
+    if readable(module):  # (the parameter itself, not a computed ``weight``: an NF4 layer's would dequantise)
+        return None
+    how = ("accelerate offloads this layer, but its hook does not hold the weight" if hasattr(module, "_hf_hook")
+           else "the model is not materialised")
+    return (f"the {type(module).__name__}'s weight is on the meta device ({how}): there is no data to merge "
+            f"into; keep the adapter {keep}, or load the model with its weights to merge")
 
 
 def unwritable_weight(module: nn.Module, keep: str) -> str | None:
@@ -252,7 +253,8 @@ class LoraLayer(nn.Module):
         elif isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian":
             self.init_gaussian(A, B, self.r[name])
         elif isinstance(init_lora_weights, str):
-            get_init_method(init_lora_weights)(self, name, init_lora_weights)
+            with materialized(self.base_layer, write=True):  # (PiSSA / OLoRA write a residual into the weight)
+                get_init_method(init_lora_weights)(self, name, init_lora_weights)
         else:
             raise ValueError(f"init_lora_weights must be True, False, 'gaussian' or a method name, got {init_lora_weights!r}")
 
@@ -476,7 +478,7 @@ class LoraLayer(nn.Module):
     def _folded(self, pending: list[str]) -> torch.Tensor:
         """The weight with ``pending`` folded in, in that order, from the weight as it is now."""
         dequantize = getattr(self.base_layer, "dequantize_weight", None)
-        start = dequantize() if callable(dequantize) else self.base_layer.weight
+        start = dequantize() if callable(dequantize) else stored_tensor(self.base_layer)
         start = start.detach().to(torch.promote_types(start.dtype, torch.float32))
         work = start.clone()
         for name in pending:
@@ -510,10 +512,11 @@ class LoraLayer(nn.Module):
         blocked = self.why_not_mergeable()
         if blocked:
             raise ValueError(f"cannot merge {pending}: {blocked}; the layer is unchanged")
-        pending, new = self.merged_weight(adapter_names)
-        if safe and not torch.isfinite(new).all():
-            raise ValueError(f"merging adapter(s) {pending} gives non-finite weights; the layer is unchanged")
-        self._write_merge(pending, new)
+        with materialized(self.base_layer, write=True):  # (an offloaded weight: merged into its offload map)
+            pending, new = self.merged_weight(adapter_names)
+            if safe and not torch.isfinite(new).all():
+                raise ValueError(f"merging adapter(s) {pending} gives non-finite weights; the layer is unchanged")
+            self._write_merge(pending, new)
 
     def _note_write(self) -> None:
         """After lorakit wrote the base weight: where a merge untied it (``untied_from``, see
@@ -552,17 +555,18 @@ class LoraLayer(nn.Module):
         why = self.unmerge_blocker(adapter_names)
         if why:
             raise ValueError(f"{why}; the layer is unchanged")
-        if len(chosen) < len(tail):
-            calls = self.__dict__.get("merge_calls", {})
-            again: dict[int, list[str]] = {}
-            for name in tail:
-                if name not in chosen:
-                    again.setdefault(calls.get(name, -1), []).append(name)
-            self._unmerge_in_order(tail)
-            for _, names in sorted(again.items()):
-                self._write_merge(names, self._folded(names))
-            return
-        self._unmerge_in_order(chosen)
+        with materialized(self.base_layer, write=True):
+            if len(chosen) < len(tail):
+                calls = self.__dict__.get("merge_calls", {})
+                again: dict[int, list[str]] = {}
+                for name in tail:
+                    if name not in chosen:
+                        again.setdefault(calls.get(name, -1), []).append(name)
+                self._unmerge_in_order(tail)
+                for _, names in sorted(again.items()):
+                    self._write_merge(names, self._folded(names))
+            else:
+                self._unmerge_in_order(chosen)
 
     def _unmerge_plan(self, adapter_names: list[str] | None) -> tuple[list[str], list[str]]:
         """``(adapters to take out, adapters unmerge subtracts)``: the second is longer where a

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from lorakit.layers.offload import stored_tensor
 from lorakit.variants import LoraVariant, add_rounded_once, register_variant
 
 if TYPE_CHECKING:
@@ -59,7 +60,7 @@ def _magnitude_shape(layer: "LoraLayer") -> tuple[int, ...]:
 def base_weight(layer: "LoraLayer") -> torch.Tensor:
     """The base weight as a dense tensor (dequantised when the base layer stores it quantised)."""
     dequantize = getattr(layer.base_layer, "dequantize_weight", None)
-    return dequantize() if callable(dequantize) else layer.base_layer.weight
+    return dequantize() if callable(dequantize) else stored_tensor(layer.base_layer)
 
 
 def _channel_view(layer: "LoraLayer", per_channel: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -119,7 +120,7 @@ class DoraVariant(LoraVariant):
         if scale.dim() > result.dim():  # an unbatched (C, H, W) input to a Conv2d: (out, 1, 1)
             scale = scale.reshape(scale.shape[scale.dim() - result.dim():])
         dropout = layer.lora_dropout[name]
-        bias = getattr(layer.base_layer, "bias", None)
+        bias = stored_tensor(layer.base_layer, "bias")
         if not layer.dropout_p(name):  # (no dropout, or its module in eval mode: see LoraLayer.dropout_p)
             x_branch, base_out = x, result
         else:
