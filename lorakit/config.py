@@ -332,11 +332,33 @@ class LoraConfig:
                     f"give one of those" if inner else "")
             raise FileNotFoundError(f"{path} not found: an adapter directory holds {CONFIG_NAME} and "
                                     f"adapter_model.safetensors{hint}")
-        try:
-            data = json.loads(path.read_text(encoding="utf-8-sig"))  # (a BOM: as an editor may write)
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise ValueError(f"{path}: not valid JSON ({exc})") from None
-        return cls.from_dict(data, source=str(path))
+        return cls.from_dict(read_json_object(path), source=str(path))
+
+
+def read_json_object(path: str | Path, bom: bool = True) -> dict[str, Any]:
+    """The JSON object in the file ``path`` (an adapter's or a run's metadata, a model's config.json);
+    the one reader of such files in lorakit.
+
+    Args:
+        bom: Take a UTF-8 byte-order mark at the start (as an editor may write). False for files that
+            transformers reads too (a model's config.json, a checkpoint index), since it refuses one.
+
+    Raises:
+        ValueError: naming the file, if it is not UTF-8 text, not valid JSON (or nested too deep to
+            read) or holds something other than an object.
+    """
+    path = Path(path)
+    try:
+        value = json.loads(path.read_text(encoding="utf-8-sig" if bom else "utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except RecursionError:
+        raise ValueError(f"{path}: not valid JSON (nested too deep to read)") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path}: expected a JSON object, found {type(value).__name__}")
+    return value
 
 
 #: How the matchers use a ``rank_pattern`` / ``alpha_pattern`` key and a ``layers_pattern`` (PEFT's

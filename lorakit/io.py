@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import glob
-import json
 import os
 import shutil
 import tempfile
@@ -23,7 +22,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from lorakit.config import CONFIG_NAME, LoraConfig
+from lorakit.config import CONFIG_NAME, LoraConfig, read_json_object
 from lorakit.inject import (ModulesToSave, _find_saved_module_names, _remove_adapter_everywhere,
                             find_target_modules, get_state, inject_adapter, iter_lora_layers,
                             iter_saved_modules, mark_trainable, model_biases, require_state,
@@ -433,8 +432,8 @@ def _sets_weight_tying(directory: Path) -> bool:
     """Whether the adapter's config sets PEFT's ``ensure_weight_tying`` (ignored on load: it changes
     nothing lorakit can load, but it explains a refusal of the tensors)."""
     try:
-        return bool(json.loads((directory / CONFIG_NAME).read_text(encoding="utf-8-sig")).get("ensure_weight_tying"))
-    except (OSError, ValueError, AttributeError):
+        return bool(read_json_object(directory / CONFIG_NAME).get("ensure_weight_tying"))
+    except (OSError, ValueError):
         return False
 
 

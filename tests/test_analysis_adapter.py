@@ -417,7 +417,7 @@ def test_mismatched_factor_ranks_are_refused(tmp_path):
 @pytest.mark.parametrize("content,message", [
     (b"[1, 2]", "expected a JSON object"),
     (b"{not json", "not valid JSON"),
-    (b'{"r": 4, "lora_alpha": "\xff"}', "not valid JSON"),
+    (b'{"r": 4, "lora_alpha": "\xff"}', "not UTF-8 text (invalid start byte at byte 24)"),
 ], ids=["list", "bad-json", "not-utf8"])
 def test_unreadable_adapter_config_names_the_file(tmp_path, capsys, content, message):
     path, _ = _peft_adapter(tmp_path, r=4, lora_alpha=8)

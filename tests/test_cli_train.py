@@ -296,12 +296,12 @@ def test_corrupt_adapter_and_run_metadata_name_the_file(trained, tmp_path, capsy
     (adapter / "adapter_config.json").write_text("[1, 2]")
     assert main(["generate", "--adapter", str(adapter), "hi"]) == 2
     err = capsys.readouterr().err
-    assert "adapter_config.json' must hold a JSON object" in err and "Traceback" not in err
+    assert "adapter_config.json: expected a JSON object" in err and "Traceback" not in err
     run = tmp_path / "run"
     shutil.copytree(trained["run"], run)
     (run / "lorakit_run.json").write_text("{oops")
     assert main(["generate", "--adapter", str(run), "hi"]) == 2
-    assert "lorakit_run.json' is not valid JSON" in capsys.readouterr().err
+    assert "lorakit_run.json: not valid JSON" in capsys.readouterr().err
 
 
 def test_merge_cli_full_finetune_run_is_explained(trained, tmp_path, capsys):

@@ -297,7 +297,7 @@ def test_a_json_file_that_is_not_utf8_is_named(tmp_path):
 
     path = tmp_path / "lorakit_run.json"
     path.write_bytes(b'{"base": "caf\xe9"}')
-    with pytest.raises(ValueError, match=r"lorakit_run.json' is not UTF-8 text \(.* at byte 13\)"):
+    with pytest.raises(ValueError, match=r"lorakit_run.json: not UTF-8 text \(.* at byte 13\)"):
         gen.read_run_info(tmp_path)
 
 

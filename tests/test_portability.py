@@ -9,6 +9,7 @@ import subprocess
 import sys
 import types
 
+import pytest
 import torch
 from conftest import tiny_llama
 
@@ -47,6 +48,37 @@ def test_an_adapter_config_in_utf8_with_a_byte_order_mark_loads(tmp_path):
     fresh = tiny_llama()
     lk.load_adapter(fresh, tmp_path / "a")
     assert any(n.endswith("q_proj") for n, _ in lk.iter_lora_layers(fresh))
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"[1, 2]", "expected a JSON object, found list"),
+    (b'{"r": 4', "not valid JSON (Expecting ',' delimiter at line 1, column 8)"),
+    (b'{"r": "caf\xe9"}', "not UTF-8 text (invalid continuation byte at byte 10)"),
+    (b"[" * 100_000 + b"]" * 100_000, "not valid JSON (nested too deep to read)"),
+])
+def test_one_json_reader_names_the_file_and_what_is_wrong_for_every_caller(tmp_path, content, message):
+    """``lorakit.config.read_json_object`` is what LoraConfig.load, lorakit generate's metadata and
+    the lab's config / index reads use (four copies before, with four wordings)."""
+    from lorakit.analysis import weights
+    from lorakit.config import read_json_object
+
+    (tmp_path / "adapter_config.json").write_bytes(content)
+    (tmp_path / "config.json").write_bytes(content)
+    for read in (lambda: lk.LoraConfig.load(tmp_path), lambda: generate.read_json_object(tmp_path / "adapter_config.json"),
+                 lambda: weights.load_config(tmp_path), lambda: read_json_object(tmp_path / "config.json", bom=False)):
+        with pytest.raises(ValueError) as caught:
+            read()
+        assert str(caught.value).startswith(str(tmp_path)) and message in str(caught.value), str(caught.value)
+
+
+def test_a_byte_order_mark_is_taken_in_lorakit_s_own_files_not_in_those_transformers_reads(tmp_path):
+    from lorakit.config import read_json_object
+
+    path = tmp_path / "config.json"
+    path.write_bytes(b'\xef\xbb\xbf{"model_type": "llama"}')
+    assert read_json_object(path) == {"model_type": "llama"}
+    with pytest.raises(ValueError, match="Unexpected UTF-8 BOM"):  # (transformers' own json.load refuses it)
+        read_json_object(path, bom=False)
 
 
 def test_bf16_is_detected_from_torch_s_probes_without_proc(monkeypatch):

@@ -649,7 +649,7 @@ def test_corrupt_run_info_names_the_file(tmp_path, tok, data_files):
     cfg = _cfg(tmp_path, data_files, max_steps=2)
     train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
     (tmp_path / "run" / "lorakit_run.json").write_text('{"finished": tru')
-    with pytest.raises(ValueError, match=r"lorakit_run.json' is not valid JSON"):
+    with pytest.raises(ValueError, match=r"lorakit_run.json: not valid JSON"):
         train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
 
 

@@ -299,9 +299,9 @@ def load_shape(model: ModelShape | dict[str, Any] | str | Path) -> ModelShape:
     cfg_path = path / "config.json" if path.is_dir() else path
     if not cfg_path.is_file():
         raise FileNotFoundError(f"model directory {key!r} has no config.json")
-    from lorakit.analysis.weights import read_json
+    from lorakit.config import read_json_object
 
-    return ModelShape.from_config(read_json(cfg_path), name=path.name or key)
+    return ModelShape.from_config(read_json_object(cfg_path, bom=False), name=path.name or key)
 
 
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> str:

@@ -8,13 +8,14 @@ into a cached transformers directory, read the same way; a ``.gguf`` file is loa
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from safetensors import SafetensorError, safe_open
+
+from lorakit.config import read_json_object
 
 DEFAULT_NAMES = (None, "", "default", "embedded")
 
@@ -44,21 +45,6 @@ def _gguf_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
     model, _tokenizer = load_model_and_tokenizer(path)
     return {k: v.detach() for k, v in model.state_dict().items()}
-
-
-def read_json(path: Path) -> dict[str, Any]:
-    """A JSON object from ``path``.
-
-    Raises:
-        ValueError: the file is not UTF-8, not valid JSON, or not a JSON object (the file is named).
-    """
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ValueError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object, found {type(data).__name__}")
-    return data
 
 
 @contextlib.contextmanager
@@ -96,7 +82,7 @@ def safetensors_files(source: str | Path) -> list[Path]:
         return [path / "model.safetensors"]
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        weight_map = read_json(index).get("weight_map")
+        weight_map = read_json_object(index, bom=False).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(n, str) for n in weight_map.values()):
             raise ValueError(f"{index}: 'weight_map' must map tensor names to file names")
         return [path / n for n in sorted(set(weight_map.values()))]
@@ -229,7 +215,7 @@ def load_config(source: str | Path | None) -> dict[str, Any]:
     cfg = path / "config.json" if path.is_dir() else path.parent / "config.json"
     if not cfg.is_file():
         raise FileNotFoundError(f"no config.json next to model {str(source)!r}")
-    return read_json(cfg)
+    return read_json_object(cfg, bom=False)
 
 
 def source_label(source: str | Path | None) -> str:

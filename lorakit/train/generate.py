@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import sys
@@ -22,6 +21,7 @@ from typing import Any, Callable, ContextManager
 import torch
 import torch.nn.functional as F
 
+from lorakit.config import read_json_object
 from lorakit.train.data import (IGNORE_INDEX, Example, Tokenized, check_text, encode_prompt, pad_id_of,
                                 iter_eval_batches, normalize_answer, tokenize_example)
 
@@ -480,22 +480,6 @@ def evaluate(model: Any, tokenizer: Any, examples: list[Example], max_length: in
 
 
 # --------------------------------------------------------------------------- loading
-def read_json_object(path: str | Path) -> dict[str, Any]:
-    """A JSON file holding an object (a run's or an adapter's metadata).
-
-    Raises:
-        ValueError: naming the file, if it is not UTF-8 JSON or holds something other than an object.
-    """
-    path = Path(path)
-    try:
-        value = json.loads(path.read_text(encoding="utf-8-sig"))  # (a BOM: as an editor may write)
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{str(path)!r} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{str(path)!r} is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{str(path)!r} must hold a JSON object, got {type(value).__name__}")
-    return value
 
 
 def read_run_info(directory: str | Path) -> dict[str, Any]:
