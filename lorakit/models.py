@@ -370,9 +370,14 @@ def _load_gguf(gguf_file: Path, dtype: torch.dtype) -> tuple[Any, Any]:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
         tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
-        model = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=dtype,
+                                                           output_loading_info=True)
     except (ValueError, OSError, KeyError) as exc:  # empty, truncated or not a GGUF model file
         raise ValueError(f"{gguf_file}: not a readable GGUF model file ({exc})") from exc
+    # (tensors transformers' GGUF reader finds no name for are initialised at random, as in a directory)
+    _refuse_missing_weights(info, f"{gguf_file} lacks", "transformers' GGUF reader did not find them in the file "
+                            "(does it read this architecture only in part?); convert the model to a transformers "
+                            "model directory another way")
     # The weights are now plain dense tensors; drop the GGUF marker so the saved directory is an
     # ordinary model (transformers would otherwise look for the .gguf file when reloading it).
     if hasattr(model.config, "quantization_config"):
@@ -497,18 +502,20 @@ def load_model_and_tokenizer(
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 
-def _refuse_missing_weights(info: dict[str, Any]) -> None:
+def _refuse_missing_weights(info: dict[str, Any], lack: str = "its weight files lack",
+                            ask: str = "do config.json and the weights belong to the same model, and are all "
+                                       "the weight files there?") -> None:
     """Raise where the weight files lacked some of the model's tensors: transformers initialises them
     at random and only logs it (a config.json of another architecture than the weights, a single
     ``model.safetensors`` left beside a sharded model's index: the commands trained, generated and
-    merged on random weights, exit status 0, a different model at each load). A tied head is not
-    missing (transformers does not list it)."""
+    merged on random weights, exit status 0, a different model at each load; a GGUF file whose
+    tensors the reader cannot name). A tied head is not missing (transformers does not list it).
+    The message is ``lack`` (what lacks them), the count and names, then ``ask``."""
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
-        raise ValueError(f"its weight files lack {len(missing)} of the model's tensors ({shown}), which would be "
-                         "initialised at random: do config.json and the weights belong to the same model, and are "
-                         "all the weight files there?")
+        raise ValueError(f"{lack} {len(missing)} of the model's tensors ({shown}), which would be initialised at "
+                         f"random: {ask}")
 
 
 @contextlib.contextmanager

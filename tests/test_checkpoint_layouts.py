@@ -26,6 +26,29 @@ def test_weights_of_another_model_are_refused_not_initialised_at_random(tmp_path
         models.load_model_and_tokenizer(llama)
 
 
+def test_a_gguf_file_whose_tensors_the_reader_leaves_out_is_refused(tmp_path, monkeypatch):
+    """transformers' GGUF reader initialises the tensors it finds no name for at random, as it does
+    for a directory (here its answer is stood in for: the loading info it gives lists them)."""
+    import transformers
+    from tiny_lm import tiny_llama_lm, tiny_tokenizer
+
+    tok = tiny_tokenizer()
+    calls = []
+
+    def from_pretrained(path, **kwargs):
+        calls.append(kwargs)
+        info = {"missing_keys": ["model.layers.0.mlp.up_proj.weight", "model.norm.weight"]}
+        return (tiny_llama_lm(tok), info) if kwargs.get("output_loading_info") else tiny_llama_lm(tok)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", lambda *a, **k: tok)
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(ValueError, match=r"model.gguf lacks 2 of the model's tensors \(model.layers.0.mlp.up_proj.weight, "
+                                         r"model.norm.weight\), which would be initialised at random: transformers' GGUF"):
+        models.load_model_and_tokenizer(gguf)
+    assert calls and all(c.get("gguf_file") == "model.gguf" for c in calls)
+
+
 def test_a_tied_model_has_no_missing_weights(tmp_path):
     from tiny_lm import tiny_llama_lm, tiny_tokenizer
 
