@@ -368,20 +368,19 @@ def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, sc
     if set(saved) != set(params):
         missing, extra = sorted(set(params) - set(saved))[:3], sorted(set(saved) - set(params))[:3]
         raise ValueError(f"checkpoint {path} does not fit the model: missing {missing}, unexpected {extra}")
+    for name, p in params.items():  # (every file read and checked before anything is changed)
+        if p.shape != saved[name].shape:
+            raise ValueError(f"checkpoint {path}: {name} has shape {list(saved[name].shape)}, "
+                             f"the model expects {list(p.shape)}")
+    optimizer_state, scheduler_state, rng = [_read_checkpoint_file(path, name, lambda f: torch.load(f, weights_only=True))
+                                             for name in ("optimizer.pt", "scheduler.pt", "rng.pt")]
+    _read_checkpoint_file(path, "optimizer.pt", lambda f: optimizer.load_state_dict(optimizer_state))
+    _read_checkpoint_file(path, "scheduler.pt", lambda f: scheduler.load_state_dict(scheduler_state))
     with torch.no_grad():
         for name, p in params.items():
-            if p.shape != saved[name].shape:
-                raise ValueError(f"checkpoint {path}: {name} has shape {list(saved[name].shape)}, "
-                                 f"the model expects {list(p.shape)}")
             p.copy_(saved[name])
-    _read_checkpoint_file(path, "optimizer.pt", lambda f: optimizer.load_state_dict(torch.load(f, weights_only=True)))
-    _read_checkpoint_file(path, "scheduler.pt", lambda f: scheduler.load_state_dict(torch.load(f, weights_only=True)))
-
-    def restore_rng(f: Path) -> None:
-        rng = torch.load(f, weights_only=True)
-        torch.set_rng_state(rng["ranks"][dist.rank] if "ranks" in rng else rng["torch"])
-
-    _read_checkpoint_file(path, "rng.pt", restore_rng)
+    _read_checkpoint_file(path, "rng.pt", lambda f: torch.set_rng_state(
+        rng["ranks"][dist.rank] if "ranks" in rng else rng["torch"]))
     return state
 
 
