@@ -286,3 +286,58 @@ def test_ctrl_c_during_a_chat_reply_drops_that_message_and_keeps_the_session(mon
     # the interrupted message left the history: the second prompt is the second message alone
     assert prompts[1] == encode_prompt(tok, [{"role": "user", "content": "good film"}])
     assert len(prompts) == 2  # the blank line was not sent
+
+
+# ------------------------------------------------------------------ evaluation shared over processes (loop.py 234-242)
+class _TwoProcesses:
+    """Rank ``rank`` of 2: ``share`` deals out every 2nd example; ``gather_objects`` returns this
+    process's part in its place and ``other`` in the other's."""
+
+    def __init__(self, rank, other):
+        self.world, self.rank, self.other = 2, rank, other
+
+    def share(self, items):
+        return items[self.rank::2]
+
+    def gather_objects(self, part):
+        return [part, self.other] if self.rank == 0 else [self.other, part]
+
+
+def _part(examples, loss, correct):
+    return {"loss": loss, "n_labels": 2 * len(examples), "n": len(examples), "n_generated": len(examples),
+            "predictions": [{"example": i, "correct": c} for i, c in enumerate(correct)]}
+
+
+def test_a_process_whose_share_has_nothing_to_score_takes_the_others_result(monkeypatch):
+    from lorakit.train import loop
+    from lorakit.train.generate import NothingToScore
+
+    def evaluate(model, tokenizer, share, *args):
+        raise NothingToScore("eval data: nothing to score")  # (this process's share: answers cut off)
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    other = _part(["b", "d"], 0.5, [True, False])  # rank 1 scored examples 1 and 3
+    result = loop.evaluate_shared(_TwoProcesses(0, other), None, None, ["a", "b", "c", "d"], 64, 2, "fp32")
+    assert result["loss"] == 0.5 and result["n"] == 2 and result["n_dropped"] == 2
+    assert [q["example"] for q in result["predictions"]] == [1, 3] and result["accuracy"] == 0.5
+
+
+def test_shares_are_combined_weighted_by_their_labels_and_in_the_examples_order(monkeypatch):
+    from lorakit.train import loop
+
+    monkeypatch.setattr(loop, "evaluate", lambda model, tok, share, *a: _part(share, 1.0, [True] * len(share)))
+    other = _part(["b"], 4.0, [False])  # rank 1: example 1 (2 labels, loss 4); rank 0: examples 0 and 2 (4 labels)
+    result = loop.evaluate_shared(_TwoProcesses(0, other), None, None, ["a", "b", "c"], 64, 2, "fp32")
+    assert result["loss"] == (1.0 * 4 + 4.0 * 2) / 6 and result["n_labels"] == 6
+    assert [(q["example"], q["correct"]) for q in result["predictions"]] == [(0, True), (1, False), (2, True)]
+
+
+def test_when_no_share_has_anything_to_score_every_process_raises(monkeypatch):
+    from lorakit.train import loop
+    from lorakit.train.generate import NothingToScore
+
+    def evaluate(model, tokenizer, share, *args):
+        raise NothingToScore("eval data: every answer was cut off")
+    monkeypatch.setattr(loop, "evaluate", evaluate)
+    for rank in (0, 1):
+        with pytest.raises(NothingToScore, match="every answer was cut off"):
+            loop.evaluate_shared(_TwoProcesses(rank, None), None, None, ["a", "b"], 64, 2, "fp32")
