@@ -122,7 +122,7 @@ def _resumable(r, v_rank=None):
                                            rank_pattern={"v_proj": v_rank or r}))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
     return model, opt, sched
 
 
@@ -135,9 +135,10 @@ def _saved(tmp_path):
     from lorakit.train.loop import save_checkpoint
 
     model, opt, sched = _resumable(4)
-    with torch.no_grad():  # (other values than a fresh model of the same seed has: a copy would show)
-        for p in opt.param_groups[0]["params"]:
-            p.add_(1.0)
+    for p in opt.param_groups[0]["params"]:  # (one step: other values than a fresh model of the same seed
+        p.grad = torch.ones_like(p)           # has, an optimizer state and a later learning rate)
+    opt.step()
+    sched.step()
     return save_checkpoint(tmp_path, model, opt, sched, {"step": 1, "world_size": 1, "tokens": 10, "train_seconds": 1.0,
                                                         "epoch": 0, "micro_batch": 1}, TrainConfig(rank=4))
 
@@ -156,17 +157,29 @@ def test_resuming_into_a_model_of_another_rank_names_the_tensor_and_changes_noth
     assert all(torch.equal(after[n], before[n]) for n in before) and not opt.state and sched.get_last_lr() == lr
 
 
-def test_a_checkpoint_whose_optimizer_state_is_corrupt_changes_nothing(tmp_path):
+@pytest.mark.parametrize("name, content", [
+    ("optimizer.pt", b"not a torch file"),
+    ("scheduler.pt", "not a scheduler state"),  # (read, then refused by the scheduler after the optimizer took its own)
+    ("rng.pt", {"cpu": "no 'torch' key"}),
+    ("rng.pt", {"torch": torch.zeros(3)}),  # (refused by set_rng_state, which came last)
+])
+def test_a_checkpoint_with_an_unusable_file_changes_nothing(tmp_path, name, content):
+    """Found by a review (/tmp/review19): the RNG state was checked only as it was set, after the
+    parameters and optimizer were restored, and a scheduler refusal came after the optimizer's load."""
     from lorakit.train.loop import load_checkpoint
 
     ckpt = _saved(tmp_path)
-    (ckpt / "optimizer.pt").write_bytes(b"not a torch file")
+    if isinstance(content, bytes):
+        (ckpt / name).write_bytes(content)
+    else:
+        torch.save(content, ckpt / name)
     model, opt, sched = _resumable(4)
-    before = _trainable(model)
-    with pytest.raises(ValueError, match=r"is unreadable: optimizer.pt"):
+    before, lr, rng = _trainable(model), sched.get_last_lr(), torch.get_rng_state()
+    with pytest.raises(ValueError, match=rf"is unreadable: {name}"):
         load_checkpoint(ckpt, model, opt, sched)
     after = _trainable(model)
     assert all(torch.equal(after[n], before[n]) for n in before) and not opt.state
+    assert sched.get_last_lr() == lr and opt.param_groups[0]["lr"] == lr[0] and torch.equal(torch.get_rng_state(), rng)
 
 
 # ------------------------------------------------------------------ Ctrl-C in a command (cli.py 63)

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import copy
 import hashlib
 import json
 import math
@@ -372,15 +373,32 @@ def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, sc
         if p.shape != saved[name].shape:
             raise ValueError(f"checkpoint {path}: {name} has shape {list(saved[name].shape)}, "
                              f"the model expects {list(p.shape)}")
-    optimizer_state, scheduler_state, rng = [_read_checkpoint_file(path, name, lambda f: torch.load(f, weights_only=True))
-                                             for name in ("optimizer.pt", "scheduler.pt", "rng.pt")]
-    _read_checkpoint_file(path, "optimizer.pt", lambda f: optimizer.load_state_dict(optimizer_state))
-    _read_checkpoint_file(path, "scheduler.pt", lambda f: scheduler.load_state_dict(scheduler_state))
+    optimizer_state, scheduler_state = [_read_checkpoint_file(path, name, lambda f: torch.load(f, weights_only=True))
+                                        for name in ("optimizer.pt", "scheduler.pt")]
+    rng = _read_checkpoint_file(path, "rng.pt", lambda f: _rng_state(torch.load(f, weights_only=True), dist.rank))
+    # (the optimizer and scheduler check what they are given only as they take it: given back as they
+    # were if either refuses)
+    before = copy.deepcopy(optimizer.state_dict()), copy.deepcopy(scheduler.state_dict())
+    try:
+        _read_checkpoint_file(path, "optimizer.pt", lambda f: optimizer.load_state_dict(optimizer_state))
+        _read_checkpoint_file(path, "scheduler.pt", lambda f: scheduler.load_state_dict(scheduler_state))
+    except ValueError:
+        optimizer.load_state_dict(before[0])
+        scheduler.load_state_dict(before[1])
+        raise
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(saved[name])
-    _read_checkpoint_file(path, "rng.pt", lambda f: torch.set_rng_state(
-        rng["ranks"][dist.rank] if "ranks" in rng else rng["torch"]))
+    torch.set_rng_state(rng)
+    return state
+
+
+def _rng_state(saved: Any, rank: int) -> torch.Tensor:
+    """This process's torch RNG state in ``rng.pt`` (one per process of a distributed run), checked
+    to be what ``torch.set_rng_state`` takes."""
+    state = saved["ranks"][rank] if isinstance(saved, dict) and "ranks" in saved else saved["torch"]
+    if not isinstance(state, torch.Tensor) or state.dtype != torch.uint8 or state.shape != torch.get_rng_state().shape:
+        raise ValueError("not a torch RNG state")
     return state
 
 
