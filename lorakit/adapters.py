@@ -199,9 +199,18 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool =
     if safe:
         _check_merge_finite(model, adapter_names)
     _untie_before_merge(model, adapter_names)
+    _remember_unmerged(model)
     for _, layer in iter_lora_layers(model):
         layer.merge(adapter_names, safe=safe)
     return model
+
+
+def _remember_unmerged(model: nn.Module) -> None:
+    """``LoraLayer.remember_unmerged`` on every layer with nothing merged yet, before any merges
+    (offloaded weights tied to each other are found tied only while none is merged)."""
+    for _, layer in iter_lora_layers(model):
+        if not layer.merged_adapters:
+            layer.remember_unmerged()
 
 
 def _refuse_changing_merges(model: nn.Module, adapter_names: list[str] | None) -> None:
@@ -258,6 +267,7 @@ def _strip(model: nn.Module, do_merge: bool, safe: bool = False) -> nn.Module:
         _check_merge_finite(model, None)
     if do_merge:
         _untie_before_merge(model)
+        _remember_unmerged(model)
     else:
         _refuse_changed_merges(model)
     for name, layer in list(iter_lora_layers(model)):

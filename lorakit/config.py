@@ -354,6 +354,8 @@ def read_json_object(path: str | Path, bom: bool = True) -> dict[str, Any]:
         raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except ValueError as exc:  # (an integer beyond Python's digit limit for conversion)
+        raise ValueError(f"{path}: not readable JSON ({exc})") from None
     except RecursionError:
         raise ValueError(f"{path}: not valid JSON (nested too deep to read)") from None
     if not isinstance(value, dict):

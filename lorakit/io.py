@@ -297,11 +297,16 @@ _FILE_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def check_fits(tensors: dict[str, torch.Tensor], dest: dict[str, torch.Tensor], params: dict[str, torch.Tensor],
                source: str) -> None:
     """Refuse a file tensor whose values overflow the dtype of the tensor it loads into (a float64
-    1e300 is finite in the file and inf in a float32 adapter), before anything is copied. The
+    1e300 is finite in the file and inf in a float32 adapter), or that would load into a tensor on
+    the meta device (an offloaded base layer's bias), before anything is copied. The
     tensor a key loads into: the adapter's (``dest``), else the model parameter it names (``params``,
     without ``PREFIX``), as the loaders' copy loops find it."""
     for key, tensor in tensors.items():
         target = dest.get(key, params.get(key[len(PREFIX):]))
+        if target is not None and target.is_meta:  # (a copy into it does nothing, silently)
+            raise ValueError(f"{source}: tensor {key!r} would load into a model tensor on the meta device (a base "
+                             "layer accelerate offloads keeps its bias there, loading it per forward; a bias cannot "
+                             "be loaded or trained there): load the model without offloading those layers")
         if target is None or not tensor.is_floating_point() or not target.is_floating_point():
             continue
         if tensor.dtype != target.dtype and not bool(torch.isfinite(tensor.to(target.dtype)).all()):

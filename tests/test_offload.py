@@ -148,3 +148,63 @@ def test_a_meta_weight_with_no_offload_map_is_still_refused():
     with pytest.raises(ValueError, match="the model is not materialised"):
         lk.merge(model)
     assert not any(layer.merged_adapters for _, layer in lk.iter_lora_layers(model))
+
+
+@pytest.mark.parametrize("targets", [["lm_head"], ["embed_tokens", "lm_head"]])
+def test_unmerging_a_tied_offloaded_head_gives_the_tie_back_as_on_a_plain_model(tmp_path, targets):
+    """Found by a review (/tmp/review19): the head kept W + ΔW − ΔW and its tie was gone for good;
+    on a plainly loaded model the unmerge ties the original weight back."""
+    ids = torch.randint(3, 100, (2, 6))
+    reference = _with_adapter(tiny_llama(tie=True), "lora", targets)
+    model = tiny_llama(tie=True)
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    model = _with_adapter(model, "lora", targets)
+    head, embed = model.lm_head.base_layer, model.model.embed_tokens
+    embed = getattr(embed, "base_layer", embed)
+    assert stored_tensor(head).data_ptr() == stored_tensor(embed).data_ptr()  # (tied in the offload map)
+    with pytest.warns(UserWarning, match="tied"):
+        lk.merge(reference)
+    lk.merge(model)
+    assert torch.equal(_logits(model, ids), _logits(reference, ids))
+    assert not torch.equal(stored_tensor(head), stored_tensor(embed))
+    lk.unmerge(reference)
+    lk.unmerge(model)
+    assert torch.equal(_logits(model, ids), _logits(reference, ids))
+    assert stored_tensor(head).data_ptr() == stored_tensor(embed).data_ptr()
+
+
+def test_a_merge_into_weights_a_device_map_keeps_on_the_cpu_replaces_them_there():
+    """accelerate keeps device_map "cpu" entries in its loader's state dict (read before its files):
+    the merged weight replaces the entry there, not in front of it (the old one was kept too)."""
+    import gc
+    import weakref
+
+    from accelerate.hooks import attach_align_device_hook_on_blocks
+    from accelerate.utils import OffloadedWeightsLoader
+
+    model = tiny_llama()
+    blocks = ["model.embed_tokens", "model.rotary_emb", "model.layers.0", "model.layers.1", "model.norm", "lm_head"]
+    loader = OffloadedWeightsLoader(state_dict={k: v.clone() for k, v in model.state_dict().items()})
+    attach_align_device_hook_on_blocks(model, execution_device={k: torch.device("cpu") for k in blocks},
+                                       offload={k: True for k in blocks}, weights_map=loader)
+    model = _with_adapter(model, "lora")
+    q = model.model.layers[0].self_attn.q_proj
+    old = weakref.ref(loader.state_dict["model.layers.0.self_attn.q_proj.weight"])
+    lk.merge(model)
+    gc.collect()
+    assert old() is None and torch.equal(loader.state_dict["model.layers.0.self_attn.q_proj.weight"],
+                                         stored_tensor(q.base_layer))
+
+
+def test_an_adapter_with_biases_is_refused_on_offloaded_layers_and_the_model_is_left_as_it_was(tmp_path):
+    """Their biases sit on the meta device too: the load copied the saved biases into nothing."""
+    ids = torch.randint(3, 100, (2, 6))
+    source = tiny_llama(bias=True)
+    lk.get_lora_model(source, lk.LoraConfig(r=4, target_modules=["q_proj"], bias="lora_only"))
+    lk.save_adapter(source, tmp_path / "a")
+    model = tiny_llama(bias=True)
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    before = _logits(model, ids)
+    with pytest.raises(ValueError, match="on the meta device .* a bias cannot be loaded or trained there"):
+        lk.load_adapter(model, tmp_path / "a")
+    assert not list(lk.iter_lora_layers(model)) and torch.equal(_logits(model, ids), before)

@@ -55,6 +55,7 @@ def test_an_adapter_config_in_utf8_with_a_byte_order_mark_loads(tmp_path):
     (b'{"r": 4', "not valid JSON (Expecting ',' delimiter at line 1, column 8)"),
     (b'{"r": "caf\xe9"}', "not UTF-8 text (invalid continuation byte at byte 10)"),
     (b"[" * 100_000 + b"]" * 100_000, "not valid JSON (nested too deep to read)"),
+    (b'{"r": ' + b"9" * 5000 + b"}", "not readable JSON (Exceeds the limit"),
 ])
 def test_one_json_reader_names_the_file_and_what_is_wrong_for_every_caller(tmp_path, content, message):
     """``lorakit.config.read_json_object`` is what LoraConfig.load, lorakit generate's metadata and

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from lorakit.layers.guard import cast_print, same_up_to_cast
-from lorakit.layers.offload import materialized, readable, stored_tensor
+from lorakit.layers.offload import materialized, readable, remember, stored_tensor
 from lorakit.variants import LoraVariant, add_rounded_once, get_init_method
 
 
@@ -73,7 +73,8 @@ def meta_weight(module: nn.Module, keep: str) -> str | None:
     if readable(module):  # (the parameter itself, not a computed ``weight``: an NF4 layer's would dequantise)
         return None
     how = ("accelerate offloads this layer, but its hook does not hold the weight" if hasattr(module, "_hf_hook")
-           else "the model is not materialised")
+           else "the model is not materialised, or an enclosing module's accelerate hook holds the weight, as "
+                "with cpu_offload's preload_module_classes")
     return (f"the {type(module).__name__}'s weight is on the meta device ({how}): there is no data to merge "
             f"into; keep the adapter {keep}, or load the model with its weights to merge")
 
@@ -253,6 +254,7 @@ class LoraLayer(nn.Module):
         elif isinstance(init_lora_weights, str) and init_lora_weights.lower() == "gaussian":
             self.init_gaussian(A, B, self.r[name])
         elif isinstance(init_lora_weights, str):
+            self.__dict__.pop("offload_unmerged", None)  # (remembered before this write: stale after it)
             with materialized(self.base_layer, write=True):  # (PiSSA / OLoRA write a residual into the weight)
                 get_init_method(init_lora_weights)(self, name, init_lora_weights)
         else:
@@ -507,16 +509,28 @@ class LoraLayer(nn.Module):
                 (the layer is unchanged: the weight is written once, after every adapter is folded in).
         """
         pending = self.merge_order(adapter_names)
-        if not pending:
-            return
-        blocked = self.why_not_mergeable()
-        if blocked:
-            raise ValueError(f"cannot merge {pending}: {blocked}; the layer is unchanged")
-        with materialized(self.base_layer, write=True):  # (an offloaded weight: merged into its offload map)
-            pending, new = self.merged_weight(adapter_names)
-            if safe and not torch.isfinite(new).all():
-                raise ValueError(f"merging adapter(s) {pending} gives non-finite weights; the layer is unchanged")
-            self._write_merge(pending, new)
+        blocked = self.why_not_mergeable() if pending else None
+        if not self.merged_adapters:  # (an offloaded weight: what an unmerge of all puts back; see remember)
+            self.remember_unmerged()
+        try:
+            if blocked:
+                raise ValueError(f"cannot merge {pending}: {blocked}; the layer is unchanged")
+            if pending:
+                with materialized(self.base_layer, write=True):  # (an offloaded weight: merged into its offload map)
+                    pending, new = self.merged_weight(adapter_names)
+                    if safe and not torch.isfinite(new).all():
+                        raise ValueError(f"merging adapter(s) {pending} gives non-finite weights; the layer is unchanged")
+                    self._write_merge(pending, new)
+        finally:
+            if not self.merged_adapters:  # (nothing merged after all: what was remembered would go stale)
+                self.__dict__.pop("offload_unmerged", None)
+
+    def remember_unmerged(self) -> None:
+        """Before the first merge into an offloaded base weight: how an unmerge of every adapter puts
+        the stored value back (``lorakit.layers.offload.remember``). ``lorakit.merge`` calls it on
+        every layer before any merges, so that weights tied to each other are all found tied."""
+        if "offload_unmerged" not in self.__dict__:
+            self.__dict__["offload_unmerged"] = remember(self.base_layer)
 
     def _note_write(self) -> None:
         """After lorakit wrote the base weight: where a merge untied it (``untied_from``, see
@@ -567,6 +581,9 @@ class LoraLayer(nn.Module):
                     self._write_merge(names, self._folded(names))
             else:
                 self._unmerge_in_order(chosen)
+        put_back = self.__dict__.pop("offload_unmerged", None) if not self.merged_adapters else None
+        if put_back is not None:
+            put_back()
 
     def _unmerge_plan(self, adapter_names: list[str] | None) -> tuple[list[str], list[str]]:
         """``(adapters to take out, adapters unmerge subtracts)``: the second is longer where a

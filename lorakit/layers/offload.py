@@ -25,7 +25,7 @@ holds parameters); a meta weight without one stays unreadable (``base.meta_weigh
 """
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -103,18 +103,69 @@ class _Written(Mapping):
         return sum(1 for _ in self)
 
 
-def _store(hook: Any, name: str, value: torch.Tensor) -> None:
-    """Make ``value`` the offload map's ``name`` (replacing the entry, not writing into its tensor)."""
-    weights_map = hook.weights_map
+def _in_memory(weights_map: Mapping, name: str) -> tuple[dict, str] | None:
+    """``(dict, key)`` where an offload map keeps ``name`` as a tensor in memory: cpu_offload's state
+    dict, or the in-memory part of accelerate's ``OffloadedWeightsLoader`` (device_map "cpu"
+    entries: read first, before its files); None where the map reads it from a file."""
+    if isinstance(weights_map, dict):
+        return weights_map, name
     below, prefix = getattr(weights_map, "dataset", None), getattr(weights_map, "prefix", None)
-    if isinstance(below, dict) and isinstance(prefix, str):
-        below[prefix + name] = value  # (cpu_offload's state dict: the old tensor goes, not kept twice)
-    elif isinstance(weights_map, dict):
-        weights_map[name] = value
-    else:  # (a lazy reader of files: never written; the new value is kept in memory in front of it)
-        if not isinstance(weights_map, _Written):
-            hook.weights_map = weights_map = _Written(weights_map)
-        weights_map.written[name] = value
+    if not isinstance(prefix, str):
+        return None
+    if isinstance(below, dict):
+        return below, prefix + name
+    in_memory = getattr(below, "state_dict", None)
+    if isinstance(in_memory, dict) and prefix + name in in_memory:
+        return in_memory, prefix + name
+    return None
+
+
+def _store(hook: Any, name: str, value: torch.Tensor) -> None:
+    """Make ``value`` the offload map's ``name``, replacing the entry (not writing into its tensor,
+    and not keeping the old one beside it where the map holds it in memory)."""
+    weights_map = hook.weights_map
+    place = _in_memory(weights_map, name)
+    if place is not None:
+        place[0][place[1]] = value
+        return
+    if not isinstance(weights_map, _Written):  # (a lazy reader of files: the new value kept in memory in front)
+        hook.weights_map = weights_map = _Written(weights_map)
+    weights_map.written[name] = value
+
+
+def write(module: nn.Module, name: str, value: torch.Tensor) -> bool:
+    """Make ``value`` the stored value of ``module``'s offloaded tensor ``name`` (its offload map's
+    entry, replaced: the old tensor is not written into); False, doing nothing, where the tensor is
+    not offloaded."""
+    if _offloaded_value(module, name) is None:
+        return False
+    _store(offload_hook(module), name, value.detach().to("cpu"))
+    return True
+
+
+def remember(module: nn.Module) -> Callable[[], bool] | None:
+    """Before a merge first writes ``module``'s offloaded weight: a function that puts the value
+    stored now back and says whether it did (None where the weight is not offloaded), for an unmerge
+    of every adapter. As on a plainly loaded model, where ``lorakit.unmerge`` ties a tied weight back:
+    only a value another map entry shares (a tied weight in memory, cpu_offload's state dict) is
+    kept for it, at no cost; for any other the function does nothing, and the unmerge leaves
+    W + ΔW − ΔW, as it does on a plainly loaded model."""
+    value = _offloaded_value(module, "weight")
+    if value is None:
+        return None
+    place = _in_memory(offload_hook(module).weights_map, "weight")
+    shared = place is not None and any(
+        other is not value and isinstance(other, torch.Tensor) and other.data_ptr() == value.data_ptr()
+        for other in place[0].values())
+    kept = value if shared else None
+
+    def put_back() -> bool:
+        hook = offload_hook(module)
+        if kept is None or hook is None:
+            return False
+        _store(hook, "weight", kept)
+        return True
+    return put_back
 
 
 @contextmanager
