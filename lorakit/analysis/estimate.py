@@ -88,7 +88,7 @@ class ModelShape:
         vocab_size: vocabulary V.
         tie_word_embeddings: whether lm_head shares the embedding matrix.
         attention_bias: q/k/v/o carry biases.
-        qkv_bias: q/k/v carry biases, o does not (Qwen2, whose config has no ``attention_bias``).
+        qkv_bias: q/k/v carry biases, o does not (Qwen2, whatever its config's ``attention_bias``).
         mlp_bias: gate/up/down carry biases.
         name: label for reports.
     """
@@ -165,10 +165,12 @@ class ModelShape:
             head_dim=size("head_dim", h // heads),
             vocab_size=size("vocab_size"),
             tie_word_embeddings=bool(tie),
-            attention_bias=bool(config.get("attention_bias", False)),
+            # (transformers' Qwen2 gives q/k/v biases and o none whatever its config says: an
+            # "attention_bias" key there, false or true, is not read; it was here)
+            attention_bias=model_type != "qwen2" and bool(config.get("attention_bias", False)),
             mlp_bias=bool(config.get("mlp_bias", False)),
             name=name,
-            qkv_bias=config.get("model_type") == "qwen2" and "attention_bias" not in config,
+            qkv_bias=model_type == "qwen2",
             norms=_NORMS.get(model_type, (2, 1, 0)),
         )
 
