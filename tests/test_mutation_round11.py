@@ -4,8 +4,6 @@ ops/linear_cross_entropy, analysis/recommend, variants/dora and pissa, analysis/
 one for the bug a survivor showed (the estimator read a Qwen2 config's ``attention_bias``)."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
