@@ -133,16 +133,6 @@ def _store(hook: Any, name: str, value: torch.Tensor) -> None:
     weights_map.written[name] = value
 
 
-def write(module: nn.Module, name: str, value: torch.Tensor) -> bool:
-    """Make ``value`` the stored value of ``module``'s offloaded tensor ``name`` (its offload map's
-    entry, replaced: the old tensor is not written into); False, doing nothing, where the tensor is
-    not offloaded."""
-    if _offloaded_value(module, name) is None:
-        return False
-    _store(offload_hook(module), name, value.detach().to("cpu"))
-    return True
-
-
 def remember(module: nn.Module) -> Callable[[], bool] | None:
     """Before a merge first writes ``module``'s offloaded weight: a function that puts the value
     stored now back and says whether it did (None where the weight is not offloaded), for an unmerge

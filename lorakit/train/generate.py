@@ -480,8 +480,6 @@ def evaluate(model: Any, tokenizer: Any, examples: list[Example], max_length: in
 
 
 # --------------------------------------------------------------------------- loading
-
-
 def read_run_info(directory: str | Path) -> dict[str, Any]:
     """The ``lorakit_run.json`` of a run directory, or {} if absent.
 

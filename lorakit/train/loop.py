@@ -49,6 +49,7 @@ from typing import Any, Callable
 import torch
 import yaml
 
+from lorakit.config import read_json_object
 from lorakit.inject import get_state
 from lorakit.io import atomic_write_bytes, write_new_directory
 from lorakit.models import checkpointing_on, disable_checkpointing, enable_checkpointing
@@ -58,8 +59,8 @@ from lorakit.train.data import (BUILTIN_TASK, Example, Tokenized, collate, epoch
                                 load_examples, pad_id_of, read_jsonl, tokenize_all, write_jsonl)
 from lorakit.train.distributed import Dist, setup as setup_distributed
 from lorakit.train.generate import (RUN_INFO, NothingToScore, auto_threads, autocast, eval_loss_sum, evaluate,
-                                    fit_to_positions, format_metric, loss_sum, quantize_qlora_base, read_json_object,
-                                    read_run_info, resolve_precision)
+                                    fit_to_positions, format_metric, loss_sum, quantize_qlora_base, read_run_info,
+                                    resolve_precision)
 
 CHECKPOINT = "checkpoint"
 
