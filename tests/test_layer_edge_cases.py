@@ -185,3 +185,17 @@ def test_a_merged_qlora_run_is_folded_into_the_dense_base(tmp_path):  # mutation
     got = merged.model.layers[0].self_attn.q_proj.weight
     want = expected.model.layers[0].self_attn.q_proj.weight
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_an_embedding_s_update_is_laid_out_like_its_weight_and_equals_b_a_transposed():
+    """ΔW of an Embedding was a transposed view of B A: its sum with the weight (every merge, DoRA's
+    column norm at every forward) ran strided, ~3x slower than on a tensor laid out like the weight."""
+    import lorakit as lk
+
+    model = torch.nn.Sequential(torch.nn.Embedding(300, 24))
+    lk.get_lora_model(model, lk.LoraConfig(r=8, target_modules=["0"], init_lora_weights=False))
+    layer = model[0]
+    A, B = layer.lora_A["default"], layer.lora_B["default"]
+    delta = layer.delta_from(A, B)
+    assert delta.shape == layer.base_layer.weight.shape and delta.is_contiguous()
+    assert torch.equal(delta, (B @ A).T)

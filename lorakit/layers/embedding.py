@@ -68,4 +68,8 @@ class LoraEmbedding(LoraLayer):
         return out if scale is None else out * (scale.to(out.dtype) if isinstance(scale, torch.Tensor) else scale)
 
     def delta_from(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-        return (B @ A).T
+        # (B A)ᵀ computed as Aᵀ Bᵀ: the same products summed in the same order over r, laid out like the
+        # weight (num, dim) instead of a transposed view of (dim, num), whose sum with the weight (a
+        # merge, DoRA's column norm at every forward) ran ~3x slower, strided (0.21 s vs 0.06 s at
+        # 49152 x 576, one thread)
+        return A.T @ B.T
