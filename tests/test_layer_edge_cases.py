@@ -187,12 +187,15 @@ def test_a_merged_qlora_run_is_folded_into_the_dense_base(tmp_path):  # mutation
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_an_embedding_s_update_is_laid_out_like_its_weight_and_equals_b_a_transposed():
-    """ΔW of an Embedding was a transposed view of B A: its sum with the weight (every merge, DoRA's
-    column norm at every forward) ran strided, ~3x slower than on a tensor laid out like the weight."""
+@pytest.mark.parametrize("kind", ["embedding", "gpt2_conv1d"])
+def test_an_update_stored_transposed_is_laid_out_like_its_weight_and_equals_b_a_transposed(kind):
+    """ΔW of an Embedding and a GPT-2 Conv1D was a transposed view of B A: its sum with the weight
+    (every merge, DoRA's column norm at every forward) ran strided, ~3x slower than on a tensor laid
+    out like the weight."""
     import lorakit as lk
+    from transformers.pytorch_utils import Conv1D
 
-    model = torch.nn.Sequential(torch.nn.Embedding(300, 24))
+    model = torch.nn.Sequential(torch.nn.Embedding(300, 24) if kind == "embedding" else Conv1D(40, 24))
     lk.get_lora_model(model, lk.LoraConfig(r=8, target_modules=["0"], init_lora_weights=False))
     layer = model[0]
     A, B = layer.lora_A["default"], layer.lora_B["default"]
