@@ -190,8 +190,31 @@ def _replaceable(model: nn.Module) -> list[str]:
     return names
 
 
+def _quiet_frozen_keys(module: nn.Module, incompatible: Any) -> None:
+    """``load_state_dict`` post-hook on the model: a load of exactly its trainable tensors (what
+    ``transformers.Trainer`` loads back from lorakit's checkpoint on resuming, and from the best one
+    at the end) reports no missing keys: the frozen weights are not missing from an adapter's
+    checkpoint. Before, Trainer logged every frozen weight as "missing keys in the checkpoint model
+    loaded" (272 names on the embedded model). A load lacking anything else, or with unexpected keys,
+    reports its keys as torch does. (Strict or not: torch does not tell hooks which, so a strict load
+    of exactly the trainable tensors passes too.)"""
+    if incompatible.unexpected_keys or not incompatible.missing_keys:
+        return
+    trainable = {n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
+    if set(incompatible.missing_keys) == set(module.state_dict(keep_vars=True)) - trainable:
+        incompatible.missing_keys.clear()
+
+
+def _load_hook(model: nn.Module) -> int | None:
+    """The key of ``_quiet_frozen_keys`` among ``model``'s load_state_dict post-hooks, or None."""
+    return next((k for k, h in model._load_state_dict_post_hooks.items() if h is _quiet_frozen_keys), None)
+
+
 def install(model: nn.Module) -> None:
-    """Give an injected transformers model the methods above (see the module docstring)."""
+    """Give an injected transformers model the methods above (see the module docstring), and the
+    load hook that keeps Trainer from reporting the frozen weights missing (``_quiet_frozen_keys``)."""
+    if _replaceable(model) and _load_hook(model) is None:
+        model.register_load_state_dict_post_hook(_quiet_frozen_keys)
     for name in _replaceable(model):
         if name in model.__dict__:
             continue
@@ -206,7 +229,10 @@ def install(model: nn.Module) -> None:
 
 
 def remove(model: nn.Module) -> None:
-    """Undo ``install``: the model's class methods again."""
+    """Undo ``install``: the model's class methods again, and no load hook."""
+    key = _load_hook(model)
+    if key is not None:
+        del model._load_state_dict_post_hooks[key]
     for name in (*_OWN, *_INSTEAD):
         value = model.__dict__.get(name)
         if isinstance(value, functools.partial) and value.func in (*_OWN.values(), _refuse):

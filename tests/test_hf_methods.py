@@ -404,3 +404,40 @@ def test_a_submodule_named_module_keeps_its_name_in_the_trainer_file(tmp_path):
     lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["module"]))
     model.save_pretrained(tmp_path, state_dict=model.state_dict())
     assert set(load_file(tmp_path / "model.safetensors")) == {"module.lora_A.default", "module.lora_B.default"}
+
+
+def test_trainer_resuming_reports_no_frozen_weight_missing(tmp_path, monkeypatch):
+    """Trainer loads lorakit's checkpoint (the trainable tensors) with load_state_dict(strict=False)
+    and logged every frozen weight as "missing keys in the checkpoint model loaded"."""
+    from transformers import Trainer, TrainingArguments
+
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": ids, "labels": ids} for ids in torch.randint(3, 101, (4, 12), generator=g)]
+    kw = dict(per_device_train_batch_size=4, report_to=[], use_cpu=True, disable_tqdm=True, save_steps=1)
+
+    def fresh():
+        return lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    Trainer(model=fresh(), args=TrainingArguments(str(tmp_path), max_steps=1, **kw), train_dataset=data).train()
+    reported = []
+    monkeypatch.setattr(Trainer, "_issue_warnings_after_load", lambda self, result: reported.append(result))
+    Trainer(model=fresh(), args=TrainingArguments(str(tmp_path), max_steps=2, **kw),
+            train_dataset=data).train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    assert len(reported) == 1 and reported[0].missing_keys == [] and reported[0].unexpected_keys == []
+
+
+def test_only_a_load_of_exactly_the_trainable_tensors_is_quiet_about_the_frozen_ones():
+    model = lk.get_lora_model(tiny_llama(), lk.LoraConfig(r=4, target_modules=["q_proj"]))
+    trainable = {k: v.detach().clone() for k, v in model.named_parameters() if v.requires_grad}
+    assert model.load_state_dict(trainable, strict=False).missing_keys == []
+    one_less = dict(list(trainable.items())[1:])
+    assert len(model.load_state_dict(one_less, strict=False).missing_keys) > len(trainable)  # (all of them, as torch)
+    with_extra = {**trainable, "not.a.key": torch.zeros(1)}
+    result = model.load_state_dict(with_extra, strict=False)
+    assert result.unexpected_keys == ["not.a.key"] and "model.norm.weight" in result.missing_keys
+    full = model.state_dict()
+    del full["model.norm.weight"]
+    assert model.load_state_dict(full, strict=False).missing_keys == ["model.norm.weight"]
+    twin = copy.deepcopy(model)
+    lk.unload(model)  # (the hook goes with lorakit; the copy keeps its own)
+    assert "model.norm.weight" in model.load_state_dict({}, strict=False).missing_keys
+    assert twin.load_state_dict({k: v for k, v in twin.state_dict().items() if "lora_" in k}, strict=False).missing_keys == []
