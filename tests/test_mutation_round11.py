@@ -1,7 +1,8 @@
 """Tests from mutation round 11 (/tmp/mutants11: 110 mutants of loraplus, quant, train/data,
 ops/linear_cross_entropy, analysis/recommend, variants/dora and pissa, analysis/estimate; 75 caught,
 11 equivalent): one test per surviving mutant that was a gap, each checked to fail on its mutant, and
-one for the bug a survivor showed (the estimator read a Qwen2 config's ``attention_bias``)."""
+the bug a survivor showed (the estimator read a Qwen2 config's ``attention_bias``) is tested in
+test_analysis_estimate.py."""
 from __future__ import annotations
 
 import pytest
@@ -263,19 +264,3 @@ def test_qlora_activations_are_16_bit_whatever_the_precision_flag():
     a32 = E.estimate_memory(s, "qlora", precision="fp32").to_dict()["activations"]
     a16 = E.estimate_memory(s, "qlora", precision="bf16").to_dict()["activations"]
     assert a32 == a16 < E.estimate_memory(s, "lora", precision="fp32").to_dict()["activations"]
-
-
-# ---------------------------------------------------------------- estimate: Qwen2's biases (a bug e5 showed)
-@pytest.mark.parametrize("attention_bias", [None, False, True])
-def test_a_qwen2_config_counts_q_k_v_biases_whatever_its_attention_bias_key(attention_bias):
-    """transformers' Qwen2 gives q/k/v biases and o_proj none and does not read ``attention_bias``;
-    the estimator read it (under-counting with false, an o_proj bias too many with true)."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from lorakit.analysis.estimate import ModelShape
-
-    extra = {} if attention_bias is None else {"attention_bias": attention_bias}
-    config = Qwen2Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, **extra)
-    real = sum(p.numel() for p in Qwen2ForCausalLM(config).parameters())
-    assert ModelShape.from_config(config.to_dict()).total_params() == real

@@ -59,7 +59,12 @@ _FUSED_PROJECTIONS = {"phi3": "qkv_proj, gate_up_proj", "gpt_neox": "query_key_v
                       "bloom": "query_key_value", "gpt_bigcode": "c_attn", "phi": "dense, fc1/fc2"}
 # model types laid out as a Llama decoder (q/k/v/o, gate/up/down, RMSNorms), and their norm weights
 _LLAMA_LAYOUT = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite", "smollm3",
-                 "cohere", "starcoder2", "stablelm", "internlm2", "yi"}
+                 "cohere", "stablelm", "internlm2", "yi"}
+#: Model types whose transformers classes do not read a config's ``mlp_bias`` / ``attention_bias``
+#: (their MLPs have no biases; Mistral's attention none, Qwen2's q/k/v always: ``qkv_bias``), checked
+#: against the models transformers builds; a key there was counted.
+_IGNORES_MLP_BIAS = {"mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo"}
+_IGNORES_ATTENTION_BIAS = {"mistral", "qwen2"}
 _NORMS = {"gemma2": (4, 1, 0), "qwen3": (2, 1, 2), "olmo": (0, 0, 0)}
 
 
@@ -165,10 +170,8 @@ class ModelShape:
             head_dim=size("head_dim", h // heads),
             vocab_size=size("vocab_size"),
             tie_word_embeddings=bool(tie),
-            # (transformers' Qwen2 gives q/k/v biases and o none whatever its config says: an
-            # "attention_bias" key there, false or true, is not read; it was here)
-            attention_bias=model_type != "qwen2" and bool(config.get("attention_bias", False)),
-            mlp_bias=bool(config.get("mlp_bias", False)),
+            attention_bias=model_type not in _IGNORES_ATTENTION_BIAS and bool(config.get("attention_bias", False)),
+            mlp_bias=model_type not in _IGNORES_MLP_BIAS and bool(config.get("mlp_bias", False)),
             name=name,
             qkv_bias=model_type == "qwen2",
             norms=_NORMS.get(model_type, (2, 1, 0)),
