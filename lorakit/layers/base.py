@@ -458,11 +458,18 @@ class LoraLayer(nn.Module):
 
     # ---- merge -----------------------------------------------------------------------------------
 
-    def delta_weight(self, name: str) -> torch.Tensor:
-        """scaling · ΔW of adapter ``name`` in the base weight's layout (computed in float32 or better)."""
+    def delta_weight(self, name: str, for_norm: bool = False) -> torch.Tensor:
+        """scaling · ΔW of adapter ``name`` in the base weight's layout (computed in float32 or better);
+        ``for_norm``: as DoRA's forward forms it for its column norm (``norm_delta_from``)."""
         A, B = self.lora_A[name], self.lora_B[name]
         dtype = torch.promote_types(A.dtype, torch.float32)
-        return self.delta_from(A.to(dtype), B.to(dtype)) * self.scaling[name]
+        product = self.norm_delta_from if for_norm else self.delta_from
+        return product(A.to(dtype), B.to(dtype)) * self.scaling[name]
+
+    def norm_delta_from(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+        """ΔW as DoRA's forward forms it for its column norm: ``delta_from`` (a layer type where PEFT
+        forms that product otherwise overrides it, to give PEFT's norm to the bit)."""
+        return self.delta_from(A, B)
 
     def merged_weight(self, adapter_names: list[str] | None = None) -> tuple[list[str], torch.Tensor | None]:
         """What ``merge`` would write, without writing it: ``(adapters merged now, new weight)`` in

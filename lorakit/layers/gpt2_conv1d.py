@@ -29,4 +29,4 @@ if Conv1D is not None:
             return (self.base_layer.nf, r)
 
         def delta_from(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-            return A.T @ B.T  # ((B A)ᵀ laid out like the (in, out) weight: see LoraEmbedding.delta_from)
+            return (B @ A).T

@@ -95,7 +95,7 @@ class DoraVariant(LoraVariant):
     def _combined_weight(self, layer: "LoraLayer", name: str) -> torch.Tensor:
         """W + s·ΔW in the base weight's layout (fp32 or wider); builds B·A once."""
         weight = base_weight(layer)
-        return weight.to(torch.promote_types(weight.dtype, torch.float32)) + layer.delta_weight(name)
+        return weight.to(torch.promote_types(weight.dtype, torch.float32)) + layer.delta_weight(name, for_norm=True)
 
     def on_add(self, layer: "LoraLayer", name: str) -> None:
         if layer.rank_groups > 1:  # (PEFT 0.21.2 runs it, with a B.view(-1, r) @ A that is not the update's ΔW)
