@@ -201,7 +201,8 @@ def _quiet_frozen_keys(module: nn.Module, incompatible: Any) -> None:
     if incompatible.unexpected_keys or not incompatible.missing_keys:
         return
     trainable = {n for n, p in module.named_parameters(remove_duplicate=False) if p.requires_grad}
-    if set(incompatible.missing_keys) == set(module.state_dict(keep_vars=True)) - trainable:
+    # (nothing trainable: a load of nothing would match, and must report every key missing)
+    if trainable and set(incompatible.missing_keys) == set(module.state_dict(keep_vars=True)) - trainable:
         incompatible.missing_keys.clear()
 
 

@@ -106,9 +106,11 @@ def test_ckpt_step_of_a_checkpoint_with_a_bad_step_is_none(tmp_path):
     ckpt.mkdir()
     (ckpt / "trainer_state.json").write_text(json.dumps({"step": 7}))
     assert ckpt_step(tmp_path) == 7
-    for bad in ({"step": "seven"}, {"step": None}, {}):
+    for bad in ({"step": "seven"}, {"step": None}, {}, {"step": "12"}, {"step": 3.9}, {"step": True}, {"step": -1}):
         (ckpt / "trainer_state.json").write_text(json.dumps(bad))
         assert ckpt_step(tmp_path) is None
+    (ckpt / "trainer_state.json").write_text('{"step": Infinity}')  # (int() raised OverflowError, uncaught)
+    assert ckpt_step(tmp_path) is None
 
 
 # ------------------------------------------------------------------ checkpoint of another rank (loop.py 374)
@@ -354,3 +356,20 @@ def test_when_no_share_has_anything_to_score_every_process_raises(monkeypatch):
     for rank in (0, 1):
         with pytest.raises(NothingToScore, match="every answer was cut off"):
             loop.evaluate_shared(_TwoProcesses(rank, None), None, None, ["a", "b"], 64, 2, "fp32")
+
+
+def test_an_optimizer_state_of_another_rank_is_refused_before_anything_changes(tmp_path):
+    """optimizer.load_state_dict takes moments of the wrong shape, and the first step failed on them
+    (a review, /tmp/review20)."""
+    from lorakit.train.loop import load_checkpoint
+
+    ckpt = _saved(tmp_path)
+    state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    state["state"][0]["exp_avg"] = torch.zeros(8, 32)
+    torch.save(state, ckpt / "optimizer.pt")
+    model, opt, sched = _resumable(4)
+    before = _trainable(model)
+    with pytest.raises(ValueError, match=r"optimizer.pt: exp_avg of parameter 0 has shape \[8, 32\], the parameter \[4, 32\]"):
+        load_checkpoint(ckpt, model, opt, sched)
+    after = _trainable(model)
+    assert all(torch.equal(after[n], before[n]) for n in before) and not opt.state

@@ -437,6 +437,10 @@ def test_only_a_load_of_exactly_the_trainable_tensors_is_quiet_about_the_frozen_
     full = model.state_dict()
     del full["model.norm.weight"]
     assert model.load_state_dict(full, strict=False).missing_keys == ["model.norm.weight"]
+    frozen = copy.deepcopy(model).requires_grad_(False)  # (nothing trainable: a load of nothing is no match)
+    assert "model.norm.weight" in frozen.load_state_dict({}, strict=False).missing_keys
+    with pytest.raises(RuntimeError, match="Missing key"):
+        frozen.load_state_dict({})
     twin = copy.deepcopy(model)
     lk.unload(model)  # (the hook goes with lorakit; the copy keeps its own)
     assert "model.norm.weight" in model.load_state_dict({}, strict=False).missing_keys

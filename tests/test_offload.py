@@ -208,3 +208,22 @@ def test_an_adapter_with_biases_is_refused_on_offloaded_layers_and_the_model_is_
     with pytest.raises(ValueError, match="on the meta device .* a bias cannot be loaded or trained there"):
         lk.load_adapter(model, tmp_path / "a")
     assert not list(lk.iter_lora_layers(model)) and torch.equal(_logits(model, ids), before)
+
+
+def test_unmerging_a_deepcopy_of_a_merged_offloaded_model_leaves_the_original_alone():
+    """What an unmerge puts back was a closure over the original's layer: unmerging a copy put the
+    original's head back behind its back (a review, /tmp/review20)."""
+    import copy
+
+    ids = torch.randint(3, 100, (2, 6))
+    model = tiny_llama(tie=True)
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    model = _with_adapter(model, "lora", ["lm_head"])
+    lk.merge(model)
+    before = _logits(model, ids)
+    twin = copy.deepcopy(model)
+    lk.unmerge(twin)
+    assert torch.equal(_logits(model, ids), before) and model.lm_head.merged_adapters == ["default"]
+    assert stored_tensor(twin.lm_head.base_layer).data_ptr() == stored_tensor(twin.model.embed_tokens).data_ptr()
+    lk.unmerge(model)
+    assert torch.equal(_logits(model, ids), _logits(twin, ids))

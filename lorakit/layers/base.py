@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from lorakit.layers.guard import cast_print, same_up_to_cast
-from lorakit.layers.offload import materialized, readable, remember, stored_tensor
+from lorakit.layers.offload import materialized, put_back, readable, remember, stored_tensor
 from lorakit.variants import LoraVariant, add_rounded_once, get_init_method
 
 
@@ -533,9 +533,10 @@ class LoraLayer(nn.Module):
                 self.__dict__.pop("offload_unmerged", None)
 
     def remember_unmerged(self) -> None:
-        """Before the first merge into an offloaded base weight: how an unmerge of every adapter puts
-        the stored value back (``lorakit.layers.offload.remember``). ``lorakit.merge`` calls it on
-        every layer before any merges, so that weights tied to each other are all found tied."""
+        """Before the first merge into an offloaded base weight: the stored value an unmerge of every
+        adapter puts back, where there is one to keep (``lorakit.layers.offload.remember``).
+        ``lorakit.merge`` calls it on every layer before any merges, so that weights tied to each
+        other are all found tied."""
         if "offload_unmerged" not in self.__dict__:
             self.__dict__["offload_unmerged"] = remember(self.base_layer)
 
@@ -588,9 +589,9 @@ class LoraLayer(nn.Module):
                     self._write_merge(names, self._folded(names))
             else:
                 self._unmerge_in_order(chosen)
-        put_back = self.__dict__.pop("offload_unmerged", None) if not self.merged_adapters else None
-        if put_back is not None:
-            put_back()
+        kept = self.__dict__.pop("offload_unmerged", None) if not self.merged_adapters else None
+        if kept is not None:
+            put_back(self.base_layer, kept)
 
     def _unmerge_plan(self, adapter_names: list[str] | None) -> tuple[list[str], list[str]]:
         """``(adapters to take out, adapters unmerge subtracts)``: the second is longer where a

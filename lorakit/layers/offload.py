@@ -25,7 +25,7 @@ holds parameters); a meta weight without one stays unreadable (``base.meta_weigh
 """
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from typing import Any
 
@@ -133,13 +133,14 @@ def _store(hook: Any, name: str, value: torch.Tensor) -> None:
     weights_map.written[name] = value
 
 
-def remember(module: nn.Module) -> Callable[[], bool] | None:
-    """Before a merge first writes ``module``'s offloaded weight: a function that puts the value
-    stored now back and says whether it did (None where the weight is not offloaded), for an unmerge
-    of every adapter. As on a plainly loaded model, where ``lorakit.unmerge`` ties a tied weight back:
-    only a value another map entry shares (a tied weight in memory, cpu_offload's state dict) is
-    kept for it, at no cost; for any other the function does nothing, and the unmerge leaves
-    W + ΔW − ΔW, as it does on a plainly loaded model."""
+def remember(module: nn.Module) -> torch.Tensor | None:
+    """Before a merge first writes ``module``'s offloaded weight: the value stored now, for
+    ``put_back`` after an unmerge of every adapter, where the map keeps it in memory and another
+    entry shares its storage (a tied weight, cpu_offload's state dict: keeping it costs nothing,
+    and putting it back ties the weight again, as ``lorakit.unmerge`` does on a plainly loaded
+    model); else None, and the unmerge leaves W + ΔW − ΔW, as on a plainly loaded model. The
+    tensor itself is kept (in the layer's ``__dict__``), so a deepcopy of the model copies it with
+    the map it shares storage with."""
     value = _offloaded_value(module, "weight")
     if value is None:
         return None
@@ -147,15 +148,14 @@ def remember(module: nn.Module) -> Callable[[], bool] | None:
     shared = place is not None and any(
         other is not value and isinstance(other, torch.Tensor) and other.data_ptr() == value.data_ptr()
         for other in place[0].values())
-    kept = value if shared else None
+    return value if shared else None
 
-    def put_back() -> bool:
-        hook = offload_hook(module)
-        if kept is None or hook is None:
-            return False
-        _store(hook, "weight", kept)
-        return True
-    return put_back
+
+def put_back(module: nn.Module, value: torch.Tensor) -> None:
+    """Make ``value`` (``remember``'s) ``module``'s stored weight again, where it is still offloaded."""
+    hook = offload_hook(module)
+    if hook is not None and _offloaded_value(module, "weight") is not None:
+        _store(hook, "weight", value)
 
 
 @contextmanager

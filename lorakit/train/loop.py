@@ -376,6 +376,7 @@ def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, sc
                              f"the model expects {list(p.shape)}")
     optimizer_state, scheduler_state = [_read_checkpoint_file(path, name, lambda f: torch.load(f, weights_only=True))
                                         for name in ("optimizer.pt", "scheduler.pt")]
+    _read_checkpoint_file(path, "optimizer.pt", lambda f: _check_optimizer_state(optimizer, optimizer_state))
     rng = _read_checkpoint_file(path, "rng.pt", lambda f: _rng_state(torch.load(f, weights_only=True), dist.rank))
     # (the optimizer and scheduler check what they are given only as they take it: given back as they
     # were if either refuses)
@@ -392,6 +393,19 @@ def load_checkpoint(path: Path, model: Any, optimizer: torch.optim.Optimizer, sc
             p.copy_(saved[name])
     torch.set_rng_state(rng)
     return state
+
+
+def _check_optimizer_state(optimizer: torch.optim.Optimizer, saved: Any) -> None:
+    """Refuse an optimizer state whose per-parameter tensors (AdamW's moments) do not have their
+    parameter's shape: ``load_state_dict`` takes it, and the first step failed on it."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, entry in saved["state"].items():
+        if not 0 <= index < len(params):
+            raise ValueError(f"state for parameter {index}, the optimizer has {len(params)}")
+        for key, value in entry.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != params[index].shape:
+                raise ValueError(f"{key} of parameter {index} has shape {list(value.shape)}, the parameter "
+                                 f"{list(params[index].shape)}")
 
 
 def _rng_state(saved: Any, rank: int) -> torch.Tensor:
@@ -1269,9 +1283,10 @@ def ckpt_step(run_dir: Path) -> int | None:
     if ckpt is None:
         return None
     try:
-        return int(read_json_object(ckpt / "trainer_state.json").get("step"))
-    except (ValueError, TypeError):
+        step = read_json_object(ckpt / "trainer_state.json").get("step")
+    except (OSError, ValueError):
         return None
+    return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
 
 
 def _discard_new_run(run_dir: Path, created: bool, log: Callable[[str], None]) -> None:
