@@ -13,7 +13,9 @@ residual) and a merge or a residual writes a new one. Here:
   value when the parameter is on meta;
 - ``materialized`` puts a private copy of the base weight in place for the duration of a block and,
   when asked, stores what the block left in it back into the offload map afterwards (the layer is
-  on meta again after the block, as accelerate keeps it).
+  on meta again after the block, as accelerate keeps it);
+- ``remember`` / ``put_back`` keep a tied weight's shared value across a merge, for an unmerge of
+  every adapter to tie it again (as ``lorakit.unmerge`` does on a plainly loaded model).
 
 The map's old value is replaced, never written into: it may be shared with other holders or be a
 read-only memory map of a file. Replaced values live in memory (a disk-offloaded layer that was
