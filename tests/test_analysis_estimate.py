@@ -443,7 +443,8 @@ def test_measured_peak_does_not_depend_on_when_the_cycle_collector_runs():
     assert memory.peak - memory.baseline >= 3 << 20
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "granite"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "granite",
+                                        "cohere", "stablelm"])
 @pytest.mark.parametrize("bias", [{}, {"attention_bias": True}, {"attention_bias": False}, {"mlp_bias": True}])
 def test_the_parameter_count_is_the_model_transformers_builds_whatever_bias_keys_the_config_holds(model_type, bias):
     """A config's ``attention_bias`` / ``mlp_bias`` counted where transformers' class ignores them

@@ -61,11 +61,12 @@ _FUSED_PROJECTIONS = {"phi3": "qkv_proj, gate_up_proj", "gpt_neox": "query_key_v
 _LLAMA_LAYOUT = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite", "smollm3",
                  "cohere", "stablelm", "internlm2", "yi"}
 #: Model types whose transformers classes do not read a config's ``mlp_bias`` / ``attention_bias``
-#: (their MLPs have no biases; Mistral's attention none, Qwen2's q/k/v always: ``qkv_bias``), checked
-#: against the models transformers builds; a key there was counted.
-_IGNORES_MLP_BIAS = {"mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo"}
-_IGNORES_ATTENTION_BIAS = {"mistral", "qwen2"}
-_NORMS = {"gemma2": (4, 1, 0), "qwen3": (2, 1, 2), "olmo": (0, 0, 0)}
+#: (their MLPs have no biases; Mistral's attention none, Qwen2's q/k/v always: ``qkv_bias``; StableLM's
+#: follow ``use_qkv_bias``, not read here), checked against the models transformers builds; a key
+#: there was counted.
+_IGNORES_MLP_BIAS = {"mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "cohere", "stablelm"}
+_IGNORES_ATTENTION_BIAS = {"mistral", "qwen2", "stablelm"}
+_NORMS = {"gemma2": (4, 1, 0), "qwen3": (2, 1, 2), "olmo": (0, 0, 0), "cohere": (1, 1, 0), "stablelm": (4, 2, 0)}
 
 
 def _default_tie(model_type: str | None) -> bool:
@@ -111,7 +112,8 @@ class ModelShape:
     name: str = "model"
     qkv_bias: bool = False
     #: normalisation weights: (hidden-wide per layer, hidden-wide at the end, head_dim-wide per layer):
-    #: Llama (2, 1, 0); Gemma2 (4, 1, 0); Qwen3's q/k norms (2, 1, 2); OLMo's LayerNorm has none (0, 0, 0)
+    #: Llama (2, 1, 0); Gemma2 (4, 1, 0); Qwen3's q/k norms (2, 1, 2); OLMo's LayerNorm has none (0, 0, 0);
+    #: Cohere one norm a layer (1, 1, 0); StableLM LayerNorms with biases (4, 2, 0)
     norms: tuple[int, int, int] = (2, 1, 0)
 
     @classmethod
