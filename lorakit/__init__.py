@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # what the lazy attributes below resolve to, for type checker
     from lorakit.multi import BASE_NAME, CombineReport, adapter_batch, combine_adapters, generate, hotswap_adapter
     from lorakit.lesson import apply_lora_to_model, load_lora_weights, merge_lora_weights, save_lora_weights
     from lorakit.ops import fuse_swiglu_mlps, unfuse_swiglu_mlps
+    from lorakit.variants.dora import dora_caching
 
 #: public name -> the module that defines it
 _EXPORTS = {
@@ -50,6 +51,7 @@ _EXPORTS = {
     "apply_lora_to_model": "lorakit.lesson", "load_lora_weights": "lorakit.lesson",
     "merge_lora_weights": "lorakit.lesson", "save_lora_weights": "lorakit.lesson",
     "fuse_swiglu_mlps": "lorakit.ops", "unfuse_swiglu_mlps": "lorakit.ops",
+    "dora_caching": "lorakit.variants.dora",
 }
 
 
@@ -79,6 +81,7 @@ __all__ = [
     "apply_lora_to_model",
     "count_parameters",
     "delete_adapter",
+    "dora_caching",
     "disable_adapters",
     "find_target_modules",
     "get_lora_model",

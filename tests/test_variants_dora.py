@@ -400,3 +400,71 @@ def test_dora_dropout_in_training_drops_the_branch_and_the_rescaled_base_term():
     want = x @ W.T + b + (scale - 1) * (xd @ W.T) + scale * s * (xd @ A.T @ B.T)
     assert not torch.equal(xd, x)
     torch.testing.assert_close(got.detach(), want, rtol=1e-12, atol=1e-12)
+
+
+def _dora_embedding_and_linear():
+    model = tiny_llama()
+    lk.get_lora_model(model, lk.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], use_dora=True))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for _, layer in lk.iter_lora_layers(model):
+            for store in (layer.lora_A, layer.lora_B):
+                store["default"].copy_(torch.randn(store["default"].shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def test_dora_caching_reuses_the_norm_while_nothing_changes_and_gives_the_same_outputs(monkeypatch):
+    from lorakit.layers.base import LoraLayer
+
+    model = _dora_embedding_and_linear()
+    ids = torch.randint(3, 100, (2, 6))
+    with torch.no_grad():
+        expected = model(ids).logits
+    calls = []
+    real = LoraLayer.delta_weight
+    monkeypatch.setattr(LoraLayer, "delta_weight", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    with lk.dora_caching(), torch.no_grad():
+        first = model(ids).logits
+        formed = len(calls)
+        second = model(ids).logits
+    assert formed == 3 and len(calls) == formed  # (embed_tokens and two q_proj: formed once, then reused)
+    assert torch.equal(first, expected) and torch.equal(second, expected)
+    with torch.no_grad():
+        model(ids)
+    assert len(calls) == 2 * formed  # (outside the block: formed at every forward, as before)
+
+
+@pytest.mark.parametrize("change", ["B in place", "B replaced", "base weight in place", "scaling", "training mode"])
+def test_dora_caching_sees_every_change_but_a_data_edit(change):
+    model = _dora_embedding_and_linear()
+    ids = torch.randint(3, 100, (2, 6))
+    q = model.model.layers[0].self_attn.q_proj
+    with lk.dora_caching(), torch.no_grad():
+        model(ids)
+        if change == "B in place":
+            q.lora_B["default"].mul_(2)
+        elif change == "B replaced":
+            q.lora_B["default"] = torch.nn.Parameter(q.lora_B["default"] * 2)
+        elif change == "base weight in place":
+            q.base_layer.weight.mul_(1.5)
+        elif change == "scaling":
+            q.scaling["default"] *= 2
+        else:  # (no cache in training mode: even an edit through .data, which no version counter sees)
+            model.train()
+            model(ids)
+            q.lora_B["default"].data.mul_(2)
+        got = model(ids).logits
+    with torch.no_grad():
+        assert torch.equal(got, model(ids).logits)  # (as computed without the cache)
+
+
+def test_a_model_with_a_dora_norm_kept_copies_and_pickles():
+    import pickle
+
+    model = _dora_embedding_and_linear()
+    ids = torch.randint(3, 100, (2, 6))
+    with lk.dora_caching(), torch.no_grad():
+        expected = model(ids).logits
+        twin = copy.deepcopy(model)
+        again = pickle.loads(pickle.dumps(model))
+        assert torch.equal(twin(ids).logits, expected) and torch.equal(again(ids).logits, expected)
