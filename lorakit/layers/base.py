@@ -524,6 +524,10 @@ class LoraLayer(nn.Module):
                 raise ValueError(f"cannot merge {pending}: {blocked}; the layer is unchanged")
             if pending:
                 with materialized(self.base_layer, write=True):  # (an offloaded weight: merged into its offload map)
+                    if not safe and len(pending) == 1 and self._adds_in_place(pending[0]):
+                        self.base_layer.weight.add_(self.delta_weight(pending[0]))
+                        self._note_merge(pending)
+                        return
                     pending, new = self.merged_weight(adapter_names)
                     if safe and not torch.isfinite(new).all():
                         raise ValueError(f"merging adapter(s) {pending} gives non-finite weights; the layer is unchanged")
@@ -548,9 +552,24 @@ class LoraLayer(nn.Module):
         if record is not None:
             record["written"] = cast_print(self.base_layer.weight)
 
+    def _adds_in_place(self, name: str) -> bool:
+        """Whether merging (or unmerging) plain adapter ``name`` alone can add (subtract) its update
+        into the weight in place: a float32 / float64 weight of its own, where ``W + ΔW`` computed
+        into a copy, as ``merged_weight`` does, and written back has the same bits; one pass over
+        the weight instead of three (merge + unmerge of one Linear ran 2-2.8x PEFT's time, which
+        adds in place)."""
+        weight = self.base_layer._parameters.get("weight")
+        return (name not in self.variants and isinstance(weight, torch.Tensor)
+                and weight.dtype in (torch.float32, torch.float64)
+                and not callable(getattr(self.base_layer, "dequantize_weight", None)))
+
     def _write_merge(self, pending: list[str], new: torch.Tensor) -> None:
         weight = self.base_layer.weight
         weight.copy_(new.to(weight.dtype))
+        self._note_merge(pending)
+
+    def _note_merge(self, pending: list[str]) -> None:
+        """The bookkeeping of a merge of ``pending`` written into the weight."""
         self._note_write()
         self.merged_adapters.extend(pending)
         stamps = self.__dict__.setdefault("merge_stamps", {})
@@ -659,10 +678,12 @@ class LoraLayer(nn.Module):
         for name in reversed(chosen):
             variant = self.variants.get(name)
             if variant is not None:
-                old = variant.unmerged_weight(self, name)
+                weight.copy_(variant.unmerged_weight(self, name).to(weight.dtype))
+            elif self._adds_in_place(name):  # (the same bits as the copy below)
+                weight.sub_(self.delta_weight(name))
             else:
-                old = weight.to(torch.promote_types(weight.dtype, torch.float32)) - self.delta_weight(name)
-            weight.copy_(old.to(weight.dtype))
+                weight.copy_((weight.to(torch.promote_types(weight.dtype, torch.float32)) - self.delta_weight(name))
+                             .to(weight.dtype))
             self._note_write()
             self.merged_adapters.remove(name)
             self.__dict__.get("merge_stamps", {}).pop(name, None)

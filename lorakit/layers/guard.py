@@ -6,6 +6,8 @@ an edit made since. A fingerprint is a few integers where a copy would be the wh
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 #: Knuth's multiplicative hashing constant (about 2^32 / golden ratio): spreads positions over the
@@ -25,9 +27,22 @@ def bits_fingerprint(tensor: torch.Tensor) -> int:
         step = 1 << 20  # in chunks of 2^20 entries: two int64 temporaries of a chunk, not of the tensor
         for start in range(0, flat.numel(), step):
             bits = flat[start:start + step].to(torch.int64, copy=True)  # a copy: the products must not write the tensor
-            weights = torch.arange(start, start + bits.numel(), dtype=torch.int64, device=bits.device)
-            total += int(bits.mul_(weights.mul_(_KNUTH).bitwise_or_(1)).sum())
+            total += int(bits.mul_(_position_weights(start, bits.numel(), bits.device)).sum())
         return (total + (1 << 63)) % (1 << 64) - (1 << 63)  # wrapping int64, as one sum gave
+
+
+@functools.lru_cache(maxsize=16)
+def _kept_position_weights(start: int, n: int, device: torch.device) -> torch.Tensor:
+    return (torch.arange(start, start + n, dtype=torch.int64, device=device) * _KNUTH).bitwise_or_(1)
+
+
+def _position_weights(start: int, n: int, device: torch.device) -> torch.Tensor:
+    """(start + i)·K | 1 for i < n, in wrapping int64: kept for up to 16 sizes of up to 2^16 entries
+    (adapter-sized tensors; a merge and an unmerge fingerprint the same A and B ten times), else
+    made anew."""
+    if n <= 1 << 16:
+        return _kept_position_weights(start, n, device)
+    return (torch.arange(start, start + n, dtype=torch.int64, device=device) * _KNUTH).bitwise_or_(1)
 
 
 #: Narrower float dtypes a cast may round a tensor through and back (``model.float().double()``).
