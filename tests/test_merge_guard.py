@@ -365,3 +365,24 @@ def test_deleting_an_unmerged_adapter_beside_a_merged_one_on_a_now_computed_weig
     assert list(lk.inject.require_state(m).configs) == ["default"] and m[0].merged_adapters == ["default"]
     with torch.no_grad():
         torch.testing.assert_close(m(x), before, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_merge_in_place_writes_the_bits_of_the_merge_into_a_copy(dtype):
+    """One plain adapter merges into a float32 / float64 weight in place (``W += ΔW``); with
+    ``safe=True`` the weight is computed into a copy, checked, and written: the same bits, and an
+    unmerge in place gives the copy path's bits too."""
+    import copy
+
+    import lorakit as lk
+
+    model = tiny_llama().to(dtype)
+    lk.get_lora_model(model, lk.LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    twin = copy.deepcopy(model)
+    lk.merge(model)
+    lk.merge(twin, safe=True)
+    for (_, a), (_, b) in zip(lk.iter_lora_layers(model), lk.iter_lora_layers(twin)):
+        assert torch.equal(a.base_layer.weight, b.base_layer.weight)
+        expected = (b.base_layer.weight.to(torch.promote_types(dtype, torch.float32)) - b.delta_weight("default")).to(dtype)
+        a.unmerge()
+        assert torch.equal(a.base_layer.weight, expected)
