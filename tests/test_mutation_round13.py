@@ -3,7 +3,6 @@ ops/attention, analysis/lowrank, analysis/adapter_tools and train/distributed; 7
 equivalent, 24 gaps): one test per gap tested, each checked to fail on its mutant; no bug found."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
