@@ -31,18 +31,18 @@ def bits_fingerprint(tensor: torch.Tensor) -> int:
         return (total + (1 << 63)) % (1 << 64) - (1 << 63)  # wrapping int64, as one sum gave
 
 
-@functools.lru_cache(maxsize=16)
-def _kept_position_weights(start: int, n: int, device: torch.device) -> torch.Tensor:
+def _make_position_weights(start: int, n: int, device: torch.device) -> torch.Tensor:
     return (torch.arange(start, start + n, dtype=torch.int64, device=device) * _KNUTH).bitwise_or_(1)
+
+
+_kept_position_weights = functools.lru_cache(maxsize=16)(_make_position_weights)
 
 
 def _position_weights(start: int, n: int, device: torch.device) -> torch.Tensor:
     """(start + i)·K | 1 for i < n, in wrapping int64: kept for up to 16 sizes of up to 2^16 entries
     (adapter-sized tensors; a merge and an unmerge fingerprint the same A and B ten times), else
     made anew."""
-    if n <= 1 << 16:
-        return _kept_position_weights(start, n, device)
-    return (torch.arange(start, start + n, dtype=torch.int64, device=device) * _KNUTH).bitwise_or_(1)
+    return (_kept_position_weights if n <= 1 << 16 else _make_position_weights)(start, n, device)
 
 
 #: Narrower float dtypes a cast may round a tensor through and back (``model.float().double()``).
