@@ -124,11 +124,15 @@ class DoraVariant(LoraVariant):
         """‖W + s·B·A‖_c per output channel, shaped like m, computed in fp32 without autograd (inside
         ``dora_caching``, in eval mode, the forward's norm is kept while W, A, B and s are unchanged)."""
         with torch.no_grad():
-            key = self._cache_key(layer, name) if combined is None and _CACHING[0] and not layer.training else None
-            cached = self.__dict__.get("_norm_cache")
-            if key is not None and cached is not None and _same_key(cached[0], key):
-                return cached[1]
-            combined = self._combined_weight(layer, name) if combined is None else combined
+            key = None
+            if combined is None:
+                weight = base_weight(layer)  # (read once: an offloaded one may come from a file)
+                key = self._cache_key(layer, name, weight) if _CACHING[0] and not layer.training else None
+                cached = self.__dict__.get("_norm_cache")
+                if key is not None and cached is not None and _same_key(cached[0], key):
+                    return cached[1]
+                combined = weight.to(torch.promote_types(weight.dtype, torch.float32)) + layer.delta_weight(
+                    name, for_norm=True)  # (W + s·ΔW in the base weight's layout; B·A built once)
             axis = _out_axis(layer)
             dims = tuple(d for d in range(combined.dim()) if d != axis)
             norm = torch.linalg.vector_norm(combined, dim=dims).reshape(_magnitude_shape(layer))
@@ -137,23 +141,18 @@ class DoraVariant(LoraVariant):
             return norm
 
     @staticmethod
-    def _cache_key(layer: "LoraLayer", name: str) -> tuple | None:
-        """(weak reference, version) of W, A and B, and the scaling, or None where a tensor tracks
-        no version (an inference-mode tensor) or is made anew at each read (dequantised, read from a
-        file): nothing is cached then."""
-        dequantize = getattr(layer.base_layer, "dequantize_weight", None)
-        if callable(dequantize):
+    def _cache_key(layer: "LoraLayer", name: str, weight: torch.Tensor) -> tuple | None:
+        """(weak reference, version) of ``weight`` (W as read), A and B, and the scaling, or None where
+        a tensor tracks no version (an inference-mode tensor) or W is made anew at each read
+        (dequantised): nothing is cached then. (W read from an offload file is a new tensor at each
+        read too: its key never matches.)"""
+        if callable(getattr(layer.base_layer, "dequantize_weight", None)):
             return None
         try:
-            tensors = (stored_tensor(layer.base_layer), layer.lora_A[name], layer.lora_B[name])
+            tensors = (weight, layer.lora_A[name], layer.lora_B[name])
             return (tuple((weakref.ref(t), t._version) for t in tensors), float(layer.scaling[name]))
         except (RuntimeError, TypeError):
             return None
-
-    def _combined_weight(self, layer: "LoraLayer", name: str) -> torch.Tensor:
-        """W + s·ΔW in the base weight's layout (fp32 or wider); builds B·A once."""
-        weight = base_weight(layer)
-        return weight.to(torch.promote_types(weight.dtype, torch.float32)) + layer.delta_weight(name, for_norm=True)
 
     def on_add(self, layer: "LoraLayer", name: str) -> None:
         if layer.rank_groups > 1:  # (PEFT 0.21.2 runs it, with a B.view(-1, r) @ A that is not the update's ΔW)
