@@ -1,6 +1,9 @@
 """Tests from mutation round 13 (/tmp/mutants13: 108 mutants over ops/swiglu, ops/rmsnorm,
 ops/attention, analysis/lowrank, analysis/adapter_tools and train/distributed; 77 caught, 6
-equivalent, 24 gaps): one test per gap tested, each checked to fail on its mutant; no bug found."""
+equivalent, 24 gaps): one test per gap tested, each checked to fail on its mutant; no bug found.
+t21 and t10 were tested a session later; t36 (extract's rank_pattern without the unchanged
+candidates) is equivalent: an unchanged module is left out of target_modules, so the key's anchoring
+changes nothing that loads."""
 from __future__ import annotations
 
 import numpy as np
@@ -266,3 +269,40 @@ def test_resize_with_energy_keeps_a_module_whose_update_is_zero(tmp_path):  # t5
     b = next(t for k, t in out.items() if "layers.0." in k and "lora_B" in k)
     a = next(t for k, t in out.items() if "layers.0." in k and "lora_A" in k)
     assert a.shape[0] == 1 and not bool((b.double() @ a.double()).any())
+
+
+def test_inspect_totals_count_the_tensors_that_are_not_lora_factors(tmp_path):  # t21
+    peft = pytest.importorskip("peft")
+    from conftest import tiny_llama
+
+    from lorakit.analysis.adapter_tools import inspect_adapter
+
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj"],
+                                                           modules_to_save=["lm_head"]))
+    pm.save_pretrained(tmp_path / "a")
+    rep = inspect_adapter(tmp_path / "a")
+    head = pm.base_model.model.lm_head.modules_to_save["default"].weight.numel()
+    lora = sum(p.numel() for n, p in pm.named_parameters() if "lora_" in n)
+    assert rep["totals"]["other_tensors"] and rep["totals"]["params"] == lora + head
+
+
+def test_a_grouped_conv_adapter_whose_outputs_do_not_split_into_the_groups_is_refused(tmp_path):  # t10
+    import json
+
+    from safetensors.torch import save_file
+
+    from lorakit.analysis.adapter_tools import read_adapter
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 4, "target_modules": ["conv"]}))
+    # r 4 and B holding 2 of them: 2 groups, but 5 output channels do not split into 2
+    save_file({"base_model.model.conv.lora_A.weight": torch.randn(4, 3, 3, 3),
+               "base_model.model.conv.lora_B.weight": torch.randn(5, 2, 1, 1)},
+              str(tmp_path / "a" / "adapter_model.safetensors"))
+    with pytest.raises(ValueError, match="'conv'.*must agree.*groups"):
+        read_adapter(tmp_path / "a")
+    save_file({"base_model.model.conv.lora_A.weight": torch.randn(4, 3, 3, 3),
+               "base_model.model.conv.lora_B.weight": torch.randn(6, 2, 1, 1)},
+              str(tmp_path / "a" / "adapter_model.safetensors"))
+    assert read_adapter(tmp_path / "a").modules["conv"].kind == "conv2d"
