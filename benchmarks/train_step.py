@@ -297,6 +297,10 @@ def main() -> None:
     ap.add_argument("--no-peer-memory", action="store_true",
                     help="no fresh processes for the other PEFT setups (PEFT with lorakit's loss, under autocast): "
                          "their rows give the step time only (the lean plan of make bench: three processes fewer)")
+    ap.add_argument("--no-peer-rows", action="store_true",
+                    help="no other PEFT setups at all (the second table's rows: PEFT with lorakit's loss, under "
+                         "autocast); their rounds take a third of the step-time processes (the leaner plan of make "
+                         "bench)")
     ap.add_argument("--worker", nargs=5, metavar=("KIND", "WORKLOAD", "STEPS", "DROPOUT", "DTYPE"),
                     help=argparse.SUPPRESS)
     ap.add_argument("--pair-worker", nargs=5, metavar=("KINDS", "WORKLOAD", "DROPOUT", "DTYPE", "ROUNDS"),
@@ -313,7 +317,7 @@ def main() -> None:
     script = Path(__file__)
     rows, extra_rows = [], []
     for workload, dropout, dtype, others in WORKLOADS:
-        kinds = ("lorakit", "peft", *others)
+        kinds = ("lorakit", "peft", *(() if args.no_peer_rows else others))
         runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
         for repeat in range(args.repeats):
             for kind in kinds if repeat == 0 and not args.no_peer_memory else kinds[:2]:  # (the others: once)
@@ -341,7 +345,8 @@ def main() -> None:
     print(f"Machine: {machine()}\n")
     print(f"Command: `python benchmarks/train_step.py --repeats {args.repeats} --steps {args.steps} --pairs {args.pairs}"
           f"{f' --full-rounds {args.full_rounds}' if args.full_rounds is not None else ''}"
-          f"{' --no-plain-lora' if args.no_plain_lora else ''}{' --no-peer-memory' if args.no_peer_memory else ''}`\n")
+          f"{' --no-plain-lora' if args.no_plain_lora else ''}{' --no-peer-memory' if args.no_peer_memory else ''}"
+          f"{' --no-peer-rows' if args.no_peer_rows else ''}`\n")
     print(f"Step time: {args.pairs} rounds in one process of one step of each setup (lorakit, PEFT and, where the "
           "second table lists one, another PEFT setup; each on its own copy of one loaded model), who goes first "
           "rotating; median of the per-round ratios (min–max), and best = fastest ÷ fastest. Peak RSS "
@@ -366,7 +371,10 @@ def main() -> None:
           "left of the ratio is lorakit's LoRA layers and training kernels; under bf16 autocast with its input "
           "casting off (`peft.helpers.disable_input_dtype_casting`) PEFT runs the rank-r products in bf16 as "
           "lorakit does, with its usual loss.\n")
-    print_ratio_table("workload vs | step time | peak RSS | saved-for-backward", extra_rows)
+    if extra_rows:
+        print_ratio_table("workload vs | step time | peak RSS | saved-for-backward", extra_rows)
+    else:
+        print("(not measured: --no-peer-rows)")
     trainable, frozen = full["params"]["lorakit"]
     floor = 2 / 3 + trainable / frozen
     print(f"\nLoRA ÷ full fine-tuning (lm, dropout 0, fp32; {full_rounds} rounds of one step each in one process "
