@@ -443,8 +443,8 @@ def test_measured_peak_does_not_depend_on_when_the_cycle_collector_runs():
     assert memory.peak - memory.baseline >= 3 << 20
 
 
-@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "granite",
-                                        "cohere", "stablelm"])
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2",
+                                        "olmo3", "granite", "cohere", "stablelm"])
 @pytest.mark.parametrize("bias", [{}, {"attention_bias": True}, {"attention_bias": False}, {"mlp_bias": True}])
 def test_the_parameter_count_is_the_model_transformers_builds_whatever_bias_keys_the_config_holds(model_type, bias):
     """A config's ``attention_bias`` / ``mlp_bias`` counted where transformers' class ignores them
@@ -456,3 +456,35 @@ def test_the_parameter_count_is_the_model_transformers_builds_whatever_bias_keys
                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, **bias)
     real = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     assert ModelShape.from_config(config.to_dict()).total_params() == real
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen3", "gemma", "gemma2", "olmo2", "granite"])
+def test_a_config_without_head_dim_takes_its_classes_default_as_transformers_does(model_type):
+    """Gemma's and Qwen3's config classes default head_dim to 256 and 128, not hidden / heads: a
+    config.json that leaves it out was estimated at a tenth of the model (a later session's check)."""
+    import warnings
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=100, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    with torch.device("meta"):
+        real = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    d = config.to_dict()
+    d.pop("head_dim", None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # every one a type the estimator knows
+        shape = ModelShape.from_config(d)
+    assert shape.total_params() == real
+    assert shape.head_dim == (getattr(config, "head_dim", None) or 8)
+    # an explicit null is hidden / heads, as Llama's class resolves it
+    assert ModelShape.from_config(d | {"head_dim": None}).head_dim == 8
+
+
+@pytest.mark.parametrize("model_type", ["starcoder2", "arcee"])
+def test_a_model_whose_mlp_has_no_gate_is_refused(model_type):
+    # they were estimated as Llama with the warning, 19.5% over the models transformers builds
+    base = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, vocab_size=100)
+    with pytest.raises(ValueError, match=f"'{model_type}' has an MLP without a gate"):
+        ModelShape.from_config(base | {"model_type": model_type})

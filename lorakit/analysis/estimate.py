@@ -58,15 +58,36 @@ _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 _FUSED_PROJECTIONS = {"phi3": "qkv_proj, gate_up_proj", "gpt_neox": "query_key_value", "falcon": "query_key_value",
                       "bloom": "query_key_value", "gpt_bigcode": "c_attn", "phi": "dense, fc1/fc2"}
 # model types laid out as a Llama decoder (q/k/v/o, gate/up/down, RMSNorms), and their norm weights
-_LLAMA_LAYOUT = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite", "smollm3",
-                 "cohere", "stablelm", "internlm2", "yi"}
+_LLAMA_LAYOUT = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "olmo3", "granite",
+                 "smollm3", "cohere", "stablelm", "internlm2", "yi"}
+# model types whose MLP has no gate (an up / down pair), which the Llama layout's three would overcount
+_UNGATED_MLP = {"starcoder2": "c_fc / c_proj with biases, LayerNorms", "arcee": "up_proj / down_proj",
+                "apertus": "up_proj / down_proj"}
 #: Model types whose transformers classes do not read a config's ``mlp_bias`` / ``attention_bias``
 #: (their MLPs have no biases; Mistral's attention none, Qwen2's q/k/v always: ``qkv_bias``; StableLM's
 #: follow ``use_qkv_bias``, not read here), checked against the models transformers builds; a key
 #: there was counted.
-_IGNORES_MLP_BIAS = {"mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "cohere", "stablelm"}
+_IGNORES_MLP_BIAS = {"mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "olmo3", "cohere", "stablelm"}
 _IGNORES_ATTENTION_BIAS = {"mistral", "qwen2", "stablelm"}
 _NORMS = {"gemma2": (4, 1, 0), "qwen3": (2, 1, 2), "olmo": (0, 0, 0), "cohere": (1, 1, 0), "stablelm": (4, 2, 0)}
+#: model types whose q / k norms span all heads' width (OLMo2's q_norm is num_heads x head_dim wide)
+_FULL_WIDTH_QK_NORMS = {"olmo2", "olmo3"}
+
+
+def _default_head_dim(model_type: str | None, config: dict[str, Any]) -> int | None:
+    """The ``head_dim`` transformers' config class for ``model_type`` gives a config that leaves the
+    key out (Gemma's class 256, Qwen3's 128, not hidden_size / num_attention_heads); None where the
+    class derives none or transformers does not know the type."""
+    try:
+        from transformers import CONFIG_MAPPING
+
+        if model_type not in CONFIG_MAPPING:
+            return None
+        keys = {k: config[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads") if k in config}
+        value = getattr(CONFIG_MAPPING[model_type](**keys), "head_dim", None)
+    except Exception:  # (no transformers, or a config class that refuses these keys)
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 
 
 def _default_tie(model_type: str | None) -> bool:
@@ -115,6 +136,8 @@ class ModelShape:
     #: Llama (2, 1, 0); Gemma2 (4, 1, 0); Qwen3's q/k norms (2, 1, 2); OLMo's LayerNorm has none (0, 0, 0);
     #: Cohere one norm a layer (1, 1, 0); StableLM LayerNorms with biases (4, 2, 0)
     norms: tuple[int, int, int] = (2, 1, 0)
+    #: a q and a k norm per layer as wide as q's and k's outputs (OLMo2), not one head's
+    full_width_qk_norms: bool = False
 
     @classmethod
     def from_config(cls, config: dict[str, Any], name: str = "model") -> ModelShape:
@@ -150,6 +173,9 @@ class ModelShape:
         if model_type in _FUSED_PROJECTIONS:
             raise ValueError(f"config of {name!r}: model_type {model_type!r} fuses its projections "
                              f"({_FUSED_PROJECTIONS[model_type]}), which the estimator's Llama layout does not have")
+        if model_type in _UNGATED_MLP:
+            raise ValueError(f"config of {name!r}: model_type {model_type!r} has an MLP without a gate "
+                             f"({_UNGATED_MLP[model_type]}); the estimator's Llama layout counts gate, up and down")
         if model_type is not None and model_type not in _LLAMA_LAYOUT:
             warnings.warn(f"config of {name!r}: model_type {model_type!r} is not one the estimator knows "
                           f"({', '.join(sorted(_LLAMA_LAYOUT))}); it is estimated as a Llama-style dense decoder",
@@ -160,6 +186,8 @@ class ModelShape:
         if heads % kv:
             raise ValueError(f"config of {name!r}: num_attention_heads ({heads}) must be a multiple of "
                              f"num_key_value_heads ({kv})")
+        # a config that leaves head_dim out takes its class's default (Gemma 256, Qwen3 128), as transformers does
+        head_dim = (None if "head_dim" in config else _default_head_dim(model_type, config)) or h // heads
         tie = config.get("tie_word_embeddings")
         if tie is None:  # the config class's own default: Gemma ties, Llama does not
             tie = _default_tie(model_type)
@@ -169,7 +197,7 @@ class ModelShape:
             num_layers=size("num_hidden_layers"),
             num_heads=heads,
             num_kv_heads=kv,
-            head_dim=size("head_dim", h // heads),
+            head_dim=size("head_dim", head_dim),
             vocab_size=size("vocab_size"),
             tie_word_embeddings=bool(tie),
             attention_bias=model_type not in _IGNORES_ATTENTION_BIAS and bool(config.get("attention_bias", False)),
@@ -177,6 +205,7 @@ class ModelShape:
             name=name,
             qkv_bias=model_type == "qwen2",
             norms=_NORMS.get(model_type, (2, 1, 0)),
+            full_width_qk_norms=model_type in _FULL_WIDTH_QK_NORMS,
         )
 
     def linear_shapes(self) -> dict[str, tuple[int, int]]:
@@ -192,6 +221,8 @@ class ModelShape:
         """Parameters of one decoder layer (linears, biases, two RMSNorm weights)."""
         shapes = self.linear_shapes()
         n = sum(o * i for o, i in shapes.values()) + self.norms[0] * self.hidden_size + self.norms[2] * self.head_dim
+        if self.full_width_qk_norms:
+            n += shapes["q_proj"][0] + shapes["k_proj"][0]
         if self.attention_bias:
             n += sum(shapes[k][0] for k in ("q_proj", "k_proj", "v_proj", "o_proj"))
         elif self.qkv_bias:
