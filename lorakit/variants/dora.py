@@ -84,9 +84,11 @@ def dora_caching() -> Iterator[None]:
     and reuses it while W, A, B and the scaling are unchanged, instead of forming W + s·B·A at every
     forward (for a 16-token decode of a DoRA Embedding, nearly all of its time). As PEFT's
     ``DoraCaching``, but the norm is checked against the tensors at each forward (the same tensors,
-    unchanged by any in-place edit: their version counters), so an optimizer step, a load or a
-    ``copy_`` is seen. Not seen: an edit through ``.data`` (which bypasses the version counter) inside
-    the block. Outside it, or in training mode, nothing is cached (the default)."""
+    unchanged by any in-place edit: their version counters; of the same dtype, device and storage;
+    under the same autocast state and inference mode), so an optimizer step, a load, a ``copy_``
+    or a cast or move of the model is seen. Not seen: an in-place edit through ``.data`` (which
+    bypasses the version counter) inside the block. Outside it, or in training mode, nothing is
+    cached (the default), and a layer drops its kept norm at its first forward there."""
     before = _CACHING[0]
     _CACHING[0] = True
     try:
@@ -96,8 +98,8 @@ def dora_caching() -> Iterator[None]:
 
 
 def _same_key(old: tuple, new: tuple) -> bool:
-    (old_refs, old_scale), (new_refs, new_scale) = old, new
-    return old_scale == new_scale and all(a() is not None and a() is b() and va == vb
+    (old_refs, old_state), (new_refs, new_state) = old, new
+    return old_state == new_state and all(a() is not None and a() is b() and va == vb
                                           for (a, va), (b, vb) in zip(old_refs, new_refs))
 
 
@@ -129,8 +131,10 @@ class DoraVariant(LoraVariant):
                 weight = base_weight(layer)  # (read once: an offloaded one may come from a file)
                 key = self._cache_key(layer, name, weight) if _CACHING[0] and not layer.training else None
                 cached = self.__dict__.get("_norm_cache")
-                if key is not None and cached is not None and _same_key(cached[0], key):
-                    return cached[1]
+                if cached is not None:
+                    if key is not None and _same_key(cached[0], key):
+                        return cached[1]
+                    self._norm_cache = None  # (stale, or caching off: not kept past its use)
                 combined = weight.to(torch.promote_types(weight.dtype, torch.float32)) + layer.delta_weight(
                     name, for_norm=True)  # (W + s·ΔW in the base weight's layout; B·A built once)
             axis = _out_axis(layer)
@@ -142,15 +146,22 @@ class DoraVariant(LoraVariant):
 
     @staticmethod
     def _cache_key(layer: "LoraLayer", name: str, weight: torch.Tensor) -> tuple | None:
-        """(weak reference, version) of ``weight`` (W as read), A and B, and the scaling, or None where
-        a tensor tracks no version (an inference-mode tensor) or W is made anew at each read
-        (dequantised): nothing is cached then. (W read from an offload file is a new tensor at each
-        read too: its key never matches.)"""
+        """(weak reference, version) of ``weight`` (W as read), A and B, then what else the norm
+        depends on: the scaling, each tensor's dtype, device and storage (a cast or move of the
+        model, ``.to()``, ``.half()``, reassigns ``.data``: the same tensor, the same version), and
+        the autocast state and inference mode (a norm made in inference mode cannot be saved for a
+        later backward). None where a tensor tracks no version (an inference-mode tensor) or W is
+        made anew at each read (dequantised): nothing is cached then. (W read from an offload file
+        is a new tensor at each read too: its key never matches.)"""
         if callable(getattr(layer.base_layer, "dequantize_weight", None)):
             return None
         try:
             tensors = (weight, layer.lora_A[name], layer.lora_B[name])
-            return (tuple((weakref.ref(t), t._version) for t in tensors), float(layer.scaling[name]))
+            device = weight.device.type
+            state = (float(layer.scaling[name]), tuple((t.dtype, t.device, t.data_ptr()) for t in tensors),
+                     torch.is_autocast_enabled(device), torch.get_autocast_dtype(device),
+                     torch.is_inference_mode_enabled())
+            return tuple((weakref.ref(t), t._version) for t in tensors), state
         except (RuntimeError, TypeError):
             return None
 
