@@ -6,8 +6,8 @@ into docs/benchmarks.md. A benchmark that fails is reported in the file with its
 
 Three plans of repeats: ``full``, ``lean`` (fewer rounds and repeats, one time-to-quality seed:
 every ratio still with a spread, but wider) and ``leaner`` (for a slow day: two LoRA ÷ full rounds,
-twelve time-to-quality steps, no second PEFT setup in the step-time rounds and no one-thread
-inference table). The suite must finish within its budget (15 minutes by default) on CPUs that
+two time-to-quality evaluations a run instead of three, no second PEFT setup in the step-time rounds
+and no one-thread inference table). The suite must finish within its budget (15 minutes by default) on CPUs that
 differ twofold in speed, so ``--plan auto`` (the default) first times the embedded model's forward
 in a fresh process (~8 s) and runs the first plan whose projected time fits 85% of the budget
 (``leaner`` where none does); after each benchmark it projects the rest of the suite again from the
@@ -30,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # (title, script, {plan: arguments}, {plan: seconds}); "quick" is --quick's smoke run. The seconds
 # are each benchmark's time under each plan on the machine the plans were timed on (an AMD EPYC,
-# 2 cores, whose calibration forward takes CALIBRATION_REF_S): lean and leaner from runs of them
-# there, scaled by the machine's calibration that day; full from its whole-suite time (~1250 s)
-# shared out as lean's.
+# 2 cores, whose calibration forward takes CALIBRATION_REF_S): lean's and leaner's from runs of
+# them there, scaled by that day's speed (leaner's time to quality from its twelve-step run, plus
+# the six steps more); full's from its whole-suite time (~1250 s) shared out as lean's.
 SUITE = [
     ("Training step: lorakit vs PEFT, LoRA vs full fine-tuning (issue 7: 1, 3)", "train_step.py",
      {"full": ["--repeats", "2", "--steps", "1", "--pairs", "3", "--full-rounds", "3"],
@@ -45,8 +45,8 @@ SUITE = [
     ("Time to the same quality: `lorakit train` vs the transformers + PEFT recipe (issue 7: 2)", "time_to_quality.py",
      {"full": ["--steps", "18", "--eval-every", "6", "--eval-samples", "128", "--seeds", "2"],
       "lean": ["--steps", "18", "--eval-every", "6", "--eval-samples", "128", "--seeds", "1"],
-      "leaner": ["--steps", "12", "--eval-every", "6", "--eval-samples", "128", "--seeds", "1"], "quick": ["--quick"]},
-     {"full": 400, "lean": 215, "leaner": 137}),
+      "leaner": ["--steps", "18", "--eval-every", "9", "--eval-samples", "128", "--seeds", "1"], "quick": ["--quick"]},
+     {"full": 400, "lean": 215, "leaner": 165}),
     ("Inference: unmerged / merged vs base, 2 threads (wall clock) and 1 thread (CPU time) (issue 7: 4)",
      "inference.py", {"full": ["--rounds", "3", "--one-thread-rounds", "2"], "lean": ["--rounds", "2", "--one-thread-rounds", "1"],
                       "leaner": ["--rounds", "2", "--one-thread-rounds", "0"],
