@@ -7,12 +7,12 @@ into docs/benchmarks.md. A benchmark that fails is reported in the file with its
 Three plans of repeats: ``full``, ``lean`` (fewer rounds and repeats, one time-to-quality seed:
 every ratio still with a spread, but wider) and ``leaner`` (for a slow day: two LoRA ÷ full rounds,
 two time-to-quality evaluations a run instead of three, no second PEFT setup in the step-time rounds
-and no one-thread inference table). The suite must finish within its budget (15 minutes by default) on CPUs that
-differ twofold in speed, so ``--plan auto`` (the default) first times the embedded model's forward
-in a fresh process (~8 s) and runs the first plan whose projected time fits 85% of the budget
-(``leaner`` where none does); after each benchmark it projects the rest of the suite again from the
-time the benchmarks so far took, and goes on with a leaner plan where the rest would not fit what
-is left of the budget. The file says which plan ran each benchmark and why.
+and no one-thread inference table). The suite must finish within its budget (15 minutes by default)
+on CPUs that differ twofold in speed, so ``--plan auto`` (the default) first times the embedded
+model's forward in a fresh process (~8 s) and runs the first plan whose projected time fits 85% of
+the budget (``leaner`` where none does); after each benchmark it projects the rest of the suite
+again from the time the benchmarks so far took, and goes on with a leaner plan where the rest would
+not fit what is left of the budget. The file says which plan ran each benchmark and why.
 
     python benchmarks/run_all.py [--plan auto|full|lean|leaner] [--budget SECONDS] [--quick]
 """
