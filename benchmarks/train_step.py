@@ -298,9 +298,9 @@ def main() -> None:
                     help="no fresh processes for the other PEFT setups (PEFT with lorakit's loss, under autocast): "
                          "their rows give the step time only (the lean plan of make bench: three processes fewer)")
     ap.add_argument("--no-peer-rows", action="store_true",
-                    help="no other PEFT setups at all (the second table's rows: PEFT with lorakit's loss, under "
-                         "autocast); their rounds take a third of the step-time processes (the leaner plan of make "
-                         "bench)")
+                    help="no PEFT with lorakit's loss (the second table's fp32 rows; PEFT under bf16 autocast, the "
+                         "bf16 row at the same arithmetic, stays): a third of the fp32 step-time rounds (the leaner "
+                         "plan of make bench)")
     ap.add_argument("--worker", nargs=5, metavar=("KIND", "WORKLOAD", "STEPS", "DROPOUT", "DTYPE"),
                     help=argparse.SUPPRESS)
     ap.add_argument("--pair-worker", nargs=5, metavar=("KINDS", "WORKLOAD", "DROPOUT", "DTYPE", "ROUNDS"),
@@ -317,7 +317,7 @@ def main() -> None:
     script = Path(__file__)
     rows, extra_rows = [], []
     for workload, dropout, dtype, others in WORKLOADS:
-        kinds = ("lorakit", "peft", *(() if args.no_peer_rows else others))
+        kinds = ("lorakit", "peft", *(o for o in others if not (args.no_peer_rows and o == "peft-sameloss")))
         runs: dict[str, list[dict]] = {kind: [] for kind in kinds}
         for repeat in range(args.repeats):
             for kind in kinds if repeat == 0 and not args.no_peer_memory else kinds[:2]:  # (the others: once)
@@ -357,7 +357,8 @@ def main() -> None:
           "keeps for backward (`saved_tensors_hooks`), plus lorakit's dropout masks, which its nodes keep as bits.\n")
     counts = {key: rows[0][4][key][0]["trainable"] for key in ("lorakit", "peft")}
     print(f"What is compared: the same model, adapters (r {RANK} on all linear layers: {counts['lorakit']:,} trainable "
-          f"numbers in lorakit, {counts['peft']:,} in PEFT), batch and AdamW; lorakit as `lorakit train` runs it "
+          f"numbers in lorakit, {counts['peft']:,} in PEFT), batch and AdamW (torch's default implementation on "
+          "both sides here; `lorakit train` itself uses the fused one); lorakit as `lorakit train` runs it "
           "(its LoRA layers and training kernels, and the head + loss computed only at label positions, in chunks) "
           "against PEFT's usual `model(**batch).loss` (full logits). So in the sft row lorakit's head runs on the "
           f"{BATCH * ANSWER} label rows, PEFT's on all {BATCH * SEQ}. In the "
