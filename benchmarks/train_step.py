@@ -364,7 +364,9 @@ def main() -> None:
           f"{BATCH * ANSWER} label rows, PEFT's on all {BATCH * SEQ}. In the "
           "bf16 row both keep the adapter weights in fp32, but lorakit runs the rank-r products in bf16 (as bf16 "
           "autocast would; fp32 accumulation) and PEFT in fp32 (it casts each adapted layer's input to fp32, which "
-          "is most of its saved bytes there): lorakit's default, not the same arithmetic.\n")
+          "is most of its saved bytes there): lorakit's default, not the same arithmetic (the second table holds "
+          "PEFT under bf16 autocast, which is); lorakit's attention kernel also replaces SDPA there (it engages in "
+          "bf16 only, at up to 256 causal keys, as in `lorakit train`).\n")
     print_ratio_table("workload | step time lorakit ÷ PEFT | peak RSS lorakit ÷ PEFT | saved-for-backward lorakit ÷ PEFT",
                       rows)
     print("\nWhose is each ratio: lorakit against PEFT set up otherwise in the same runs. With lorakit's loss "
