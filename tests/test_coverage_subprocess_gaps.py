@@ -358,18 +358,20 @@ def test_when_no_share_has_anything_to_score_every_process_raises(monkeypatch):
             loop.evaluate_shared(_TwoProcesses(rank, None), None, None, ["a", "b"], 64, 2, "fp32")
 
 
-def test_an_optimizer_state_of_another_rank_is_refused_before_anything_changes(tmp_path):
+@pytest.mark.parametrize("moment, shape", [(lambda m: torch.zeros(8, 32), "8, 32"),
+                                           (lambda m: m.T.contiguous(), "32, 4")])  # (as many values: round 14's l5)
+def test_an_optimizer_state_of_another_rank_is_refused_before_anything_changes(tmp_path, moment, shape):
     """optimizer.load_state_dict takes moments of the wrong shape, and the first step failed on them
     (a review, /tmp/review20)."""
     from lorakit.train.loop import load_checkpoint
 
     ckpt = _saved(tmp_path)
     state = torch.load(ckpt / "optimizer.pt", weights_only=True)
-    state["state"][0]["exp_avg"] = torch.zeros(8, 32)
+    state["state"][0]["exp_avg"] = moment(state["state"][0]["exp_avg"])
     torch.save(state, ckpt / "optimizer.pt")
     model, opt, sched = _resumable(4)
     before = _trainable(model)
-    with pytest.raises(ValueError, match=r"optimizer.pt: exp_avg of parameter 0 has shape \[8, 32\], the parameter \[4, 32\]"):
+    with pytest.raises(ValueError, match=rf"optimizer.pt: exp_avg of parameter 0 has shape \[{shape}\], the parameter \[4, 32\]"):
         load_checkpoint(ckpt, model, opt, sched)
     after = _trainable(model)
     assert all(torch.equal(after[n], before[n]) for n in before) and not opt.state

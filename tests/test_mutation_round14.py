@@ -353,22 +353,8 @@ def test_three_missing_tensors_are_named_without_a_count_of_more():  # m2
 
 # ---- load_checkpoint (train/loop.py) -------------------------------------------------------
 
-def test_an_optimizer_state_with_transposed_moments_is_refused_before_anything_changes(tmp_path):  # l5
-    from test_coverage_subprocess_gaps import _resumable, _saved, _trainable
-
-    from lorakit.train.loop import load_checkpoint
-
-    ckpt = _saved(tmp_path)
-    state = torch.load(ckpt / "optimizer.pt", weights_only=True)
-    state["state"][0]["exp_avg"] = state["state"][0]["exp_avg"].T.contiguous()  # (32, 4): as many values
-    torch.save(state, ckpt / "optimizer.pt")
-    model, opt, sched = _resumable(4)
-    before = _trainable(model)
-    with pytest.raises(ValueError, match=r"exp_avg of parameter 0 has shape \[32, 4\], the parameter \[4, 32\]"):
-        load_checkpoint(ckpt, model, opt, sched)
-    after = _trainable(model)
-    assert all(torch.equal(after[n], before[n]) for n in before) and not opt.state
-
+# l5 (moments transposed, as many values): a case of test_coverage_subprocess_gaps's
+# test_an_optimizer_state_of_another_rank_is_refused_before_anything_changes
 
 def test_an_optimizer_state_for_a_parameter_the_optimizer_lacks_is_refused_naming_it(tmp_path):  # l3
     from test_coverage_subprocess_gaps import _resumable, _saved
