@@ -367,17 +367,24 @@ def test_deleting_an_unmerged_adapter_beside_a_merged_one_on_a_now_computed_weig
         torch.testing.assert_close(m(x), before, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_a_merge_in_place_writes_the_bits_of_the_merge_into_a_copy(dtype):
-    """One plain adapter merges into a float32 / float64 weight in place (``W += ΔW``); with
+@pytest.mark.parametrize("dtype, adapter_dtype", [(torch.float32, None), (torch.float64, None), (torch.bfloat16, None),
+                                                  (torch.float16, None), (torch.bfloat16, torch.float32),
+                                                  (torch.float16, torch.float32), (torch.float32, torch.float64)])
+def test_a_merge_in_place_writes_the_bits_of_the_merge_into_a_copy(dtype, adapter_dtype):
+    """One plain adapter merges into a floating-point weight in place (``W += ΔW``); with
     ``safe=True`` the weight is computed into a copy, checked, and written: the same bits, and an
-    unmerge in place gives the copy path's bits too."""
+    unmerge in place gives the copy path's bits too (also a float32 adapter on a 16-bit base, as
+    ``lorakit train`` keeps it on a bf16 one: the add computes in float32 and rounds once)."""
     import copy
 
     import lorakit as lk
 
     model = tiny_llama().to(dtype)
     lk.get_lora_model(model, lk.LoraConfig(r=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False))
+    if adapter_dtype is not None:
+        for _, layer in lk.iter_lora_layers(model):
+            layer.lora_A.to(adapter_dtype)
+            layer.lora_B.to(adapter_dtype)
     twin = copy.deepcopy(model)
     lk.merge(model)
     lk.merge(twin, safe=True)

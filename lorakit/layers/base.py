@@ -554,13 +554,14 @@ class LoraLayer(nn.Module):
 
     def _adds_in_place(self, name: str) -> bool:
         """Whether merging (or unmerging) plain adapter ``name`` alone can add (subtract) its update
-        into the weight in place: a float32 / float64 weight of its own, where ``W + ΔW`` computed
-        into a copy, as ``merged_weight`` does, and written back has the same bits; one pass over
-        the weight instead of three (merge + unmerge of one Linear ran 2-2.8x PEFT's time, which
-        adds in place)."""
+        into the weight in place: a floating-point weight of its own (float16 / bfloat16 / float32 /
+        float64), where ``W + ΔW`` computed into a copy, as ``merged_weight`` does, and written back
+        has the same bits (an in-place add computes in the wider of the two dtypes and rounds once
+        into the weight's, as the copy path does); one pass over the weight instead of three
+        (merge + unmerge of one Linear ran 2-2.8x PEFT's time, which adds in place)."""
         weight = self.base_layer._parameters.get("weight")
         return (name not in self.variants and isinstance(weight, torch.Tensor)
-                and weight.dtype in (torch.float32, torch.float64)
+                and weight.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64)
                 and not callable(getattr(self.base_layer, "dequantize_weight", None)))
 
     def _write_merge(self, pending: list[str], new: torch.Tensor) -> None:
