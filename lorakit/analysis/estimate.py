@@ -56,13 +56,16 @@ INT8_STATE_BYTES = 1 + 4 / 256
 _MOE_KEYS = ("num_local_experts", "num_experts", "n_routed_experts")
 # model types whose projections are fused into one matrix (no q_proj / gate_proj modules)
 _FUSED_PROJECTIONS = {"phi3": "qkv_proj, gate_up_proj", "gpt_neox": "query_key_value", "falcon": "query_key_value",
-                      "bloom": "query_key_value", "gpt_bigcode": "c_attn", "phi": "dense, fc1/fc2"}
+                      "bloom": "query_key_value", "gpt_bigcode": "c_attn", "phi": "dense, fc1/fc2",
+                      "persimmon": "query_key_value"}
 # model types laid out as a Llama decoder (q/k/v/o, gate/up/down, RMSNorms), and their norm weights
 _LLAMA_LAYOUT = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "olmo3", "granite",
                  "smollm3", "cohere", "stablelm", "internlm2", "yi"}
 # model types whose MLP has no gate (an up / down pair), which the Llama layout's three would overcount
 _UNGATED_MLP = {"starcoder2": "c_fc / c_proj with biases, LayerNorms", "arcee": "up_proj / down_proj",
-                "apertus": "up_proj / down_proj"}
+                "apertus": "up_proj / down_proj", "nemotron": "up_proj / down_proj"}
+# model types whose classes take head_dim as hidden_size / num_attention_heads whatever the config says
+_IGNORES_HEAD_DIM = {"stablelm"}
 #: Model types whose transformers classes do not read a config's ``mlp_bias`` / ``attention_bias``
 #: (their MLPs have no biases; Mistral's attention none, Qwen2's q/k/v always: ``qkv_bias``; StableLM's
 #: follow ``use_qkv_bias``, not read here), checked against the models transformers builds; a key
@@ -188,6 +191,8 @@ class ModelShape:
                              f"num_key_value_heads ({kv})")
         # a config that leaves head_dim out takes its class's default (Gemma 256, Qwen3 128), as transformers does
         head_dim = (None if "head_dim" in config else _default_head_dim(model_type, config)) or h // heads
+        if model_type not in _IGNORES_HEAD_DIM:
+            head_dim = size("head_dim", head_dim)
         tie = config.get("tie_word_embeddings")
         if tie is None:  # the config class's own default: Gemma ties, Llama does not
             tie = _default_tie(model_type)
@@ -197,7 +202,7 @@ class ModelShape:
             num_layers=size("num_hidden_layers"),
             num_heads=heads,
             num_kv_heads=kv,
-            head_dim=size("head_dim", head_dim),
+            head_dim=head_dim,
             vocab_size=size("vocab_size"),
             tie_word_embeddings=bool(tie),
             attention_bias=model_type not in _IGNORES_ATTENTION_BIAS and bool(config.get("attention_bias", False)),
