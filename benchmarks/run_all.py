@@ -47,7 +47,8 @@ SUITE = [
       "lean": ["--steps", "18", "--eval-every", "6", "--eval-samples", "128", "--seeds", "1"],
       "leaner": ["--steps", "18", "--eval-every", "9", "--eval-samples", "128", "--seeds", "1"], "quick": ["--quick"]},
      {"full": 400, "lean": 215, "leaner": 165}),
-    ("Inference: unmerged / merged vs base, 2 threads (wall clock) and 1 thread (CPU time) (issue 7: 4)",
+    ("Inference: unmerged / merged vs base, 2 threads (wall clock; full and lean plans: also 1 thread, CPU time) "
+     "(issue 7: 4)",
      "inference.py", {"full": ["--rounds", "3", "--one-thread-rounds", "2"], "lean": ["--rounds", "2", "--one-thread-rounds", "1"],
                       "leaner": ["--rounds", "2", "--one-thread-rounds", "0"],
                       "quick": ["--rounds", "1", "--one-thread-rounds", "1"]},
@@ -172,7 +173,7 @@ def main() -> int:
     else:
         plan, why = args.plan, f"--plan {args.plan}"
     print(f"== plan {plan}: {why}", flush=True)
-    first_plan, replans = plan, []
+    first_plan, replans, ran = plan, [], []  # (ran: the plan of each benchmark started)
     command = " ".join(["python benchmarks/run_all.py", *sys.argv[1:]])
     parts = [f"# Benchmarks\n\nWritten by `{command}`" + (" (`make bench`)" if not sys.argv[1:] else "") + " on "
              f"{datetime.date.today().isoformat()}, plan **{plan}** ({why}). Each table says what its ratios "
@@ -199,10 +200,13 @@ def main() -> int:
             if new_plan != plan:
                 replans.append(f"from \"{title}\" on, plan **{new_plan}**: the benchmarks so far ran at {speed:.2f} x "
                                f"the plans' machine, projecting the rest at {plan_seconds(plan, rest) * speed:.0f} s "
-                               f"under plan {plan} against {FIT:.0%} of the {left:.0f} s left")
+                               f"under plan {plan} against {FIT:.0%} of the {left:.0f} s left"
+                               + ("" if need <= FIT * left else f" (under {new_plan} too, {need:.0f} s: the budget "
+                                  "stops what does not fit)"))
                 print(f"== re-planned: {replans[-1]}", flush=True)
                 plan = new_plan
         cmd = [sys.executable, str(path), *plans[plan]]
+        ran.append(plan)
         print(f"== {title}: {' '.join(cmd[1:])}", flush=True)
         start = time.perf_counter()
         try:
@@ -225,7 +229,7 @@ def main() -> int:
         parts.append(f"## {title}\n\n{proc.stdout.strip()}\n\n(ran in {elapsed:.0f} s{under})\n")
     total = time.perf_counter() - suite_start
     over = "" if total <= 900 else " (over the issue's 15 minutes: see the machine's speed in the sections' times)"
-    plans_run = first_plan if not replans else f"{first_plan}, then {plan}"
+    plans_run = ", then ".join(dict.fromkeys(ran)) or first_plan
     parts.append(f"The suite ran in {total:.0f} s (plan {plans_run}, the calibration included), budget "
                  f"{args.budget:.0f} s{over}." + "".join(f" Re-planned {r}." for r in replans) + "\n")
     Path(args.out).write_text("\n".join(parts))

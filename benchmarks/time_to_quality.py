@@ -182,7 +182,6 @@ def run_lorakit(cfg) -> tuple[dict[int, dict], dict[int, float]]:
         inits.append(shared_init(injected, cfg.seed))
         kernels(injected)
 
-    loop.use_lora_training_kernels = init_then_kernels
     with tempfile.TemporaryDirectory() as tmp:
         cfg.output = str(Path(tmp) / "run")
         # train()'s own before / after evaluations (outside its training time) on one held-out
@@ -190,6 +189,7 @@ def run_lorakit(cfg) -> tuple[dict[int, dict], dict[int, float]]:
         # took ~18 s of each run's process (with generation for the accuracy)
         cfg.eval_data = str(Path(tmp) / "one.jsonl")
         write_jsonl(load_examples(None, "test")[:1], cfg.eval_data)
+        loop.use_lora_training_kernels = init_then_kernels
         try:
             result = train(cfg, model=model, tokenizer=tokenizer, progress=False, on_step=on_step,
                            log=lambda s: print("  " + s, file=sys.stderr, flush=True))

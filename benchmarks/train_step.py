@@ -369,15 +369,14 @@ def main() -> None:
           "bf16 only, at up to 256 causal keys, as in `lorakit train`).\n")
     print_ratio_table("workload | step time lorakit ÷ PEFT | peak RSS lorakit ÷ PEFT | saved-for-backward lorakit ÷ PEFT",
                       rows)
-    print("\nWhose is each ratio: lorakit against PEFT set up otherwise in the same runs. With lorakit's loss "
-          "(head + loss at label positions, in chunks) PEFT keeps the usual recipe's LoRA layers, so what is "
-          "left of the ratio is lorakit's LoRA layers and training kernels; under bf16 autocast with its input "
-          "casting off (`peft.helpers.disable_input_dtype_casting`) PEFT runs the rank-r products in bf16 as "
-          "lorakit does, with its usual loss.\n")
-    if extra_rows:
-        print_ratio_table("workload vs | step time | peak RSS | saved-for-backward", extra_rows)
-    else:
-        print("(not measured: --no-peer-rows)")
+    print("\nWhose is each ratio: lorakit against PEFT set up otherwise in the same runs. "
+          + ("" if args.no_peer_rows else "With lorakit's loss (head + loss at label positions, in chunks) PEFT "
+             "keeps the usual recipe's LoRA layers, so what is left of the ratio is lorakit's LoRA layers and "
+             "training kernels; ")
+          + "under bf16 autocast with its input casting off (`peft.helpers.disable_input_dtype_casting`) PEFT runs "
+          "the rank-r products in bf16 as lorakit does, with its usual loss."
+          + (" (PEFT with lorakit's loss not measured: --no-peer-rows.)" if args.no_peer_rows else "") + "\n")
+    print_ratio_table("workload vs | step time | peak RSS | saved-for-backward", extra_rows)
     trainable, frozen = full["params"]["lorakit"]
     floor = 2 / 3 + trainable / frozen
     print(f"\nLoRA ÷ full fine-tuning (lm, dropout 0, fp32; {full_rounds} rounds of one step each in one process "
