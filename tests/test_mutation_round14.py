@@ -15,10 +15,14 @@ import lorakit as lk
 from conftest import tiny_llama
 
 
-def _fc_with(specs: dict[str, dict], dtype=torch.float64) -> nn.Module:
+def _fc_with(specs: dict[str, dict], dtype=torch.float64, head: bool = False) -> nn.Module:
+    """``fc`` (6 -> 5) with the adapters of ``specs`` (name: LoraConfig fields) on it, and with
+    ``head`` a second layer (5 -> 3) after it, for modules_to_save."""
     torch.manual_seed(0)
     m = nn.Sequential()
     m.add_module("fc", nn.Linear(6, 5).to(dtype))
+    if head:
+        m.add_module("head", nn.Linear(5, 3).to(dtype))
     for name, kw in specs.items():
         lk.get_lora_model(m, lk.LoraConfig(**{"r": 2, "lora_alpha": 4, "target_modules": ["fc"],
                                               "init_lora_weights": False, **kw}), adapter_name=name)
