@@ -188,34 +188,39 @@ def test_a_merged_qlora_run_is_folded_into_the_dense_base(tmp_path):  # mutation
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_an_embedding_s_merge_and_dora_norm_are_peft_s_to_the_bit(dtype):
+@pytest.mark.parametrize("dtype, shape", [(torch.float32, (300, 24)), (torch.float64, (300, 24)),
+                                          (torch.float64, (100, 32))])
+def test_an_embedding_s_merge_and_dora_norm_are_peft_s_to_the_bit(dtype, shape):
     """PEFT merges an Embedding's update as (B A)ᵀ and its DoRA forward forms Aᵀ Bᵀ for the column
     norm: float64 sums them differently (a review, /tmp/review20, found 5e-15 after lorakit used
     Aᵀ Bᵀ for both); the norm's product is also laid out like the weight, whose sum with the weight
-    at every DoRA forward ran ~3x slower strided."""
+    at every DoRA forward ran ~3x slower strided. At (300, 24) the two products happen to agree to
+    the bit; at (100, 32) in float64 they differ (mutation round 14's b23 / b24)."""
     import peft
 
     import lorakit as lk
 
+    num, dim = shape
     torch.manual_seed(0)
-    base = torch.nn.Sequential(torch.nn.Embedding(300, 24)).to(dtype)
+    base = torch.nn.Sequential(torch.nn.Embedding(num, dim)).to(dtype)
     ours = lk.get_lora_model(copy.deepcopy(base), lk.LoraConfig(r=8, target_modules=["0"], use_dora=True))
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=8, target_modules=["0"], use_dora=True))
     layer, peft_layer = ours[0], theirs.base_model.model[0]
     with torch.no_grad():
-        peft_layer.lora_embedding_A["default"].copy_(torch.randn(8, 300, dtype=dtype))
-        peft_layer.lora_embedding_B["default"].copy_(torch.randn(24, 8, dtype=dtype))
+        peft_layer.lora_embedding_A["default"].copy_(torch.randn(8, num, dtype=dtype))
+        peft_layer.lora_embedding_B["default"].copy_(torch.randn(dim, 8, dtype=dtype))
         layer.lora_A["default"].copy_(peft_layer.lora_embedding_A["default"])
         layer.lora_B["default"].copy_(peft_layer.lora_embedding_B["default"])
     A, B = layer.lora_A["default"], layer.lora_B["default"]
+    if shape == (100, 32):
+        assert not torch.equal((B @ A).T, A.T @ B.T)  # (the two products differ here)
     assert layer.norm_delta_from(A, B).is_contiguous() and torch.equal(layer.delta_from(A, B), (B @ A).T)
     norm = layer.variants["default"].weight_norm(layer, "default")
     peft_norm = peft_layer.lora_magnitude_vector["default"].get_weight_norm(
         peft_layer.base_layer.weight, peft_layer.lora_magnitude_vector["default"].get_lora_weight(A.T, B.T),
         scaling=peft_layer.scaling["default"])
     assert torch.equal(norm.reshape(-1), peft_norm.reshape(-1).to(norm.dtype))
-    ids = torch.randint(0, 300, (3, 5))
+    ids = torch.randint(0, num, (3, 5))
     with torch.no_grad():  # (the two forwards order their arithmetic differently: the same up to rounding)
         torch.testing.assert_close(ours(ids), theirs(ids))
     lk.merge(ours)

@@ -13,6 +13,8 @@ from torch import nn
 
 import lorakit as lk
 from conftest import tiny_llama
+from test_variants_dora import _counting_norms
+from test_variants_dora import _dora_embedding_and_linear as _dora_model
 
 
 def _fc_with(specs: dict[str, dict], dtype=torch.float64, head: bool = False) -> nn.Module:
@@ -93,32 +95,8 @@ def test_a_tie_split_by_a_merge_comes_back_after_a_delete_and_an_unmerge():  # b
     assert m.lm_head.base_layer.weight is m.model.embed_tokens.weight
 
 
-def test_an_embedding_s_merge_and_dora_norm_are_peft_s_to_the_bit_where_the_products_differ():  # b23, b24
-    """At (100, 32) in float64, (B A)ᵀ and Aᵀ Bᵀ differ in their last bits (at the (300, 24) of
-    test_layer_edge_cases they happen to agree): PEFT merges with the first, forms its norm with the second."""
-    import peft
-
-    dtype = torch.float64
-    torch.manual_seed(0)
-    base = torch.nn.Sequential(torch.nn.Embedding(100, 32)).to(dtype)
-    ours = lk.get_lora_model(copy.deepcopy(base), lk.LoraConfig(r=8, target_modules=["0"], use_dora=True))
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=8, target_modules=["0"], use_dora=True))
-    layer, peft_layer = ours[0], theirs.base_model.model[0]
-    with torch.no_grad():
-        peft_layer.lora_embedding_A["default"].copy_(torch.randn(8, 100, dtype=dtype))
-        peft_layer.lora_embedding_B["default"].copy_(torch.randn(32, 8, dtype=dtype))
-        layer.lora_A["default"].copy_(peft_layer.lora_embedding_A["default"])
-        layer.lora_B["default"].copy_(peft_layer.lora_embedding_B["default"])
-    A, B = layer.lora_A["default"], layer.lora_B["default"]
-    assert not torch.equal((B @ A).T, A.T @ B.T)  # (the two products differ here)
-    norm = layer.variants["default"].weight_norm(layer, "default")
-    peft_norm = peft_layer.lora_magnitude_vector["default"].get_weight_norm(
-        peft_layer.base_layer.weight, peft_layer.lora_magnitude_vector["default"].get_lora_weight(A.T, B.T),
-        scaling=peft_layer.scaling["default"])
-    assert torch.equal(norm.reshape(-1), peft_norm.reshape(-1).to(norm.dtype))
-    lk.merge(ours)
-    theirs.merge_adapter()
-    assert torch.equal(layer.base_layer.weight, peft_layer.base_layer.weight)
+# b23, b24 (an Embedding's merge and DoRA norm against PEFT where (B A)ᵀ and Aᵀ Bᵀ differ): a case of
+# test_layer_edge_cases's test_an_embedding_s_merge_and_dora_norm_are_peft_s_to_the_bit
 
 
 # ---- offloaded weights (accelerate) -----------------------------------------------------------
@@ -189,26 +167,6 @@ def test_an_adapter_whose_first_two_entries_traded_places_while_merged_is_not_un
 
 
 # ---- dora_caching (variants/dora.py) --------------------------------------------------------
-
-def _dora_model():
-    model = tiny_llama()
-    lk.get_lora_model(model, lk.LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"], use_dora=True))
-    g = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for _, layer in lk.iter_lora_layers(model):
-            for store in (layer.lora_A, layer.lora_B):
-                store["default"].copy_(torch.randn(store["default"].shape, generator=g) * 0.1)
-    return model.eval()
-
-
-def _counting_norms(monkeypatch):
-    from lorakit.layers.base import LoraLayer
-
-    calls = []
-    real = LoraLayer.delta_weight
-    monkeypatch.setattr(LoraLayer, "delta_weight", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
-    return calls
-
 
 def test_a_nested_dora_caching_block_leaves_the_outer_one_caching(monkeypatch):  # d3
     model = _dora_model()

@@ -413,16 +413,22 @@ def _dora_embedding_and_linear():
     return model.eval()
 
 
-def test_dora_caching_reuses_the_norm_while_nothing_changes_and_gives_the_same_outputs(monkeypatch):
+def _counting_norms(monkeypatch) -> list:
+    """A list that grows by one at every ΔW a LoRA layer forms (DoRA's norm forms one per forward)."""
     from lorakit.layers.base import LoraLayer
 
+    calls = []
+    real = LoraLayer.delta_weight
+    monkeypatch.setattr(LoraLayer, "delta_weight", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    return calls
+
+
+def test_dora_caching_reuses_the_norm_while_nothing_changes_and_gives_the_same_outputs(monkeypatch):
     model = _dora_embedding_and_linear()
     ids = torch.randint(3, 100, (2, 6))
     with torch.no_grad():
         expected = model(ids).logits
-    calls = []
-    real = LoraLayer.delta_weight
-    monkeypatch.setattr(LoraLayer, "delta_weight", lambda self, *a, **k: calls.append(1) or real(self, *a, **k))
+    calls = _counting_norms(monkeypatch)
     with lk.dora_caching(), torch.no_grad():
         first = model(ids).logits
         formed = len(calls)
