@@ -77,31 +77,33 @@ _NORMS = {"gemma2": (4, 1, 0), "qwen3": (2, 1, 2), "olmo": (0, 0, 0), "cohere": 
 _FULL_WIDTH_QK_NORMS = {"olmo2", "olmo3"}
 
 
-def _default_head_dim(model_type: str | None, config: dict[str, Any]) -> int | None:
-    """The ``head_dim`` transformers' config class for ``model_type`` gives a config that leaves the
-    key out (Gemma's class 256, Qwen3's 128, not hidden_size / num_attention_heads); None where the
-    class derives none or transformers does not know the type."""
+def _class_default(model_type: str | None, attr: str, keys: dict[str, Any] | None = None) -> Any:
+    """``attr`` of the config transformers' class for ``model_type`` builds from ``keys`` (its own
+    defaults for the rest: what a config.json that leaves ``attr`` out gets), None where
+    transformers does not know the type or the class refuses the keys."""
     try:
         from transformers import CONFIG_MAPPING
 
         if model_type not in CONFIG_MAPPING:
             return None
-        keys = {k: config[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads") if k in config}
-        value = getattr(CONFIG_MAPPING[model_type](**keys), "head_dim", None)
-    except Exception:  # (no transformers, or a config class that refuses these keys)
+        return getattr(CONFIG_MAPPING[model_type](**(keys or {})), attr, None)
+    except Exception:  # (no transformers, or a config class that needs or refuses arguments)
         return None
+
+
+def _default_head_dim(model_type: str | None, config: dict[str, Any]) -> int | None:
+    """The ``head_dim`` transformers' config class for ``model_type`` gives a config that leaves the
+    key out (Gemma's class 256, Qwen3's 128, not hidden_size / num_attention_heads); None where the
+    class derives none or transformers does not know the type."""
+    keys = {k: config[k] for k in ("hidden_size", "num_attention_heads", "num_key_value_heads") if k in config}
+    value = _class_default(model_type, "head_dim", keys)
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 
 
 def _default_tie(model_type: str | None) -> bool:
     """transformers' default ``tie_word_embeddings`` for ``model_type`` (a config.json may leave it
     out: Gemma's do, and Gemma ties), False where transformers does not know the type."""
-    try:
-        from transformers import CONFIG_MAPPING
-
-        return bool(CONFIG_MAPPING[model_type]().tie_word_embeddings) if model_type in CONFIG_MAPPING else False
-    except Exception:  # (no transformers, or a config class that needs arguments)
-        return False
+    return bool(_class_default(model_type, "tie_word_embeddings"))
 
 
 @dataclass(frozen=True)
