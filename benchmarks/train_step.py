@@ -19,8 +19,11 @@ rank-r products in bf16, as autocast would, PEFT in fp32):
 PEFT runs the usual recipe: ``model(input_ids, attention_mask, labels).loss``. lorakit runs what
 ``lorakit train`` runs: ``get_lora_model`` + ``use_lora_training_kernels`` (fused SwiGLU tails and
 RMSNorms; its attention, causal in blocks of 64 queries, engages in bf16 only) and its training loss
-(``lorakit.train.generate.loss_sum``: head + loss only at label positions, chunked). The full
-fine-tuning step uses lorakit's loss too, so LoRA ÷ full compares like with like.
+(``lorakit.train.generate.loss_sum``: head + loss only at label positions, chunked); in fp32 the
+frozen weights' products go to oneDNN (``lorakit.layers.gemm``; PEFT's, through ``nn.Linear``, to
+torch's default MKL). The full fine-tuning step uses lorakit's loss and the same products
+(``same_products_for_full``: every ``nn.Linear``'s forward, dL/dx and dL/dW through
+``lorakit.layers.gemm``), so LoRA ÷ full compares like with like.
 
 Two more PEFT setups say how much of each ratio is whose: ``peft-sameloss`` is PEFT's LoRA with
 lorakit's loss (what is left is the LoRA layers and training kernels), and ``peft-autocast`` (bf16
@@ -42,6 +45,7 @@ the time of two: with two, one slow step moved the median by half its delay).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -112,7 +116,9 @@ def setup(kind: str, model, batch: dict, dropout: float = 0.0):
         lk.get_lora_model(model, lk.LoraConfig(r=RANK, lora_alpha=2 * RANK, lora_dropout=dropout, target_modules="all-linear"))
         if kind == "lorakit":
             use_lora_training_kernels(model)
-    elif kind != "full":
+    elif kind == "full":
+        same_products_for_full(model)
+    else:
         raise ValueError(f"unknown setup {kind!r}: expected 'peft', 'peft-sameloss', 'peft-autocast', "
                          "'lorakit', 'lorakit-plain' or 'full'")
 
@@ -121,6 +127,59 @@ def setup(kind: str, model, batch: dict, dropout: float = 0.0):
         return loss / n
 
     return model, loss_fn
+
+
+class _TrainedLinearForward:
+    """An ``nn.Linear``'s instance forward for the full fine-tuning step: its products (forward, dL/dx,
+    dL/dW) by ``lorakit.layers.gemm``, the kernels lorakit's LoRA step runs its frozen products with
+    (oneDNN for fp32 on the CPU, torch's own otherwise)."""
+
+    def __init__(self, module) -> None:
+        self.module = module
+
+    def __call__(self, x):
+        return _trained_linear().apply(x, self.module.weight, self.module.bias)
+
+
+@functools.cache
+def _trained_linear():
+    """The autograd Function of ``_TrainedLinearForward`` (made once; torch is imported lazily here)."""
+    import torch
+
+    from lorakit.layers import gemm
+
+    class TrainedLinear(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, bias):
+            ctx.save_for_backward(x, weight)
+            ctx.has_bias = bias is not None
+            return gemm.linear(x, weight, bias)
+
+        @staticmethod
+        def backward(ctx, grad):
+            x, weight = ctx.saved_tensors
+            g2, x2 = grad.reshape(-1, grad.shape[-1]), x.reshape(-1, x.shape[-1])
+            need = ctx.needs_input_grad
+            gx = gemm.times_weight(g2, weight).view(x.shape) if need[0] else None
+            gw = gemm.linear(g2.T, x2.T) if need[1] else None        # gᵀ x
+            gb = g2.sum(0) if ctx.has_bias and need[2] else None
+            return gx, gw, gb
+
+    return TrainedLinear
+
+
+def same_products_for_full(model) -> int:
+    """Give every ``nn.Linear`` of ``model`` the products of ``lorakit.layers.gemm`` (so the full
+    fine-tuning step and the LoRA steps it is compared with multiply alike: oneDNN for fp32 on the
+    CPU); returns how many. The head's products are ``linear_cross_entropy``'s, on both sides."""
+    from torch import nn
+
+    count = 0
+    for module in model.modules():
+        if type(module) is nn.Linear:
+            module.forward = _TrainedLinearForward(module)
+            count += 1
+    return count
 
 
 def pair_worker(kinds: tuple[str, ...], workload: str, dropout: float, dtype: str, steps: int) -> dict:
@@ -359,7 +418,8 @@ def main() -> None:
     print(f"What is compared: the same model, adapters (r {RANK} on all linear layers: {counts['lorakit']:,} trainable "
           f"numbers in lorakit, {counts['peft']:,} in PEFT), batch and AdamW (torch's default implementation on "
           "both sides here; `lorakit train` itself uses the fused one); lorakit as `lorakit train` runs it "
-          "(its LoRA layers and training kernels, and the head + loss computed only at label positions, in chunks) "
+          "(its LoRA layers and training kernels, its fp32 products with the frozen weights in oneDNN where torch's "
+          "own `nn.Linear` runs MKL's sgemm, and the head + loss computed only at label positions, in chunks) "
           "against PEFT's usual `model(**batch).loss` (full logits). So in the sft row lorakit's head runs on the "
           f"{BATCH * ANSWER} label rows, PEFT's on all {BATCH * SEQ}. In the "
           "bf16 row both keep the adapter weights in fp32, but lorakit runs the rank-r products in bf16 (as bf16 "
@@ -406,7 +466,9 @@ def main() -> None:
           "counts the weights' products of forward and backward only: the full step's AdamW over all N weights, "
           "which the whole-step ratio includes, is not in it, nor are the attention's own products (no weights; "
           "the same in both steps), so forward + backward is the column to hold against it. The full step runs "
-          "lorakit's loss but none of the training kernels, which engage only around frozen weights (fused "
+          "lorakit's loss and its products' kernels (in fp32 oneDNN's, for the forward, dL/dx and dL/dW of every "
+          "linear layer, as the LoRA steps multiply) but none of the training kernels, which engage only around "
+          "frozen weights (fused "
           "SwiGLU tail, q/k/v as one node, RMSNorm output recomputed): the second row does the same work as the "
           "full step less the frozen weights' gradients; the first is what the kernels take off that. "
           "The last column holds forward + backward against that floor with the attention added, measured in "

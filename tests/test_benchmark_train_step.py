@@ -4,11 +4,12 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from conftest import tiny_llama
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from train_step import attention_step  # noqa: E402
+from train_step import attention_step, make_batch, setup  # noqa: E402
 
 
 def _sdpa_calls(monkeypatch, fn) -> list[tuple]:
@@ -37,3 +38,33 @@ def test_attention_step_makes_the_models_own_attention_calls(monkeypatch):
     assert step_calls == model_calls  # same count, shapes, dtype, causal flag, with gradients
     seconds = step()
     assert seconds[0] == seconds[1] > 0  # (whole, forward + backward): attention has no optimizer step
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_full_step_with_lorakits_products_gives_the_plain_full_steps_gradients(dtype, monkeypatch):
+    """``setup("full")`` multiplies through lorakit.layers.gemm (oneDNN in fp32, as the LoRA steps it
+    is compared with): every weight's gradient as the model's own modules give it (float64: torch's
+    ops, the same bits; float32: within rounding)."""
+    import copy
+
+    from lorakit.layers import gemm
+    from lorakit.train.generate import loss_sum
+
+    model = tiny_llama().to(dtype).train()
+    batch = make_batch("lm", 101, (2, 9))
+    plain = copy.deepcopy(model)
+    patched, loss_fn = setup("full", model, batch)
+    linears = [m for m in patched.modules() if type(m) is torch.nn.Linear]
+    assert len(linears) == 15 and all("forward" in m.__dict__ for m in linears)  # 2 x 7, and the head
+    calls, real = [], gemm.linear
+    monkeypatch.setattr(gemm, "linear", lambda *a: calls.append(1) or real(*a))
+    loss_fn().backward()
+    assert len(calls) >= 2 * 2 * 7  # each layer's forward and dL/dW
+    loss, n = loss_sum(plain, batch)
+    (loss / n).backward()
+    got = dict(patched.named_parameters())
+    for name, p in plain.named_parameters():
+        if dtype == torch.float64:
+            assert torch.equal(got[name].grad, p.grad), name
+        else:
+            torch.testing.assert_close(got[name].grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)

@@ -142,7 +142,9 @@ def test_no_grad_h_buffer_under_no_grad(monkeypatch):  # mutation round 8: L01
 
 def test_logits_buffer_is_no_larger_than_the_tokens(monkeypatch):  # mutation round 8: L02
     from lorakit.ops.linear_cross_entropy import linear_cross_entropy
-    h, w, y = torch.randn(3, 8), torch.randn(50, 8), torch.randint(0, 50, (3,))
+    # (float64: the path with one logits buffer; oneDNN's fp32 one makes each chunk's logits, see
+    # test_gemm.py)
+    h, w, y = torch.randn(3, 8, dtype=torch.float64), torch.randn(50, 8, dtype=torch.float64), torch.randint(0, 50, (3,))
     made, real = [], torch.empty
     monkeypatch.setattr(torch, "empty", lambda *a, **k: (lambda t: made.append(t.numel()) or t)(real(*a, **k)))
     linear_cross_entropy(h, w, y, chunk_size=1000)

@@ -303,7 +303,7 @@ class LoraLayer(nn.Module):
         rounded once to the output's dtype (``sum_dtype``). Subclasses may take faster paths that
         compute the same (``LoraLinear.forward``).
         """
-        result = self.base_layer(x, *args, **kwargs)
+        result = self.base_output(x, *args, **kwargs)
         if self.disabled:
             return result
         result = self.own_output(result)
@@ -323,6 +323,10 @@ class LoraLayer(nn.Module):
             else:
                 result = self.add_lora(name, x, result)
         return result if narrow is None else result.to(narrow)
+
+    def base_output(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """The base layer's output for ``x``: its call (layer types may compute the same faster)."""
+        return self.base_layer(x, *args, **kwargs)
 
     def refuse_meta_adapters(self, names: list[str]) -> None:
         """Raise where an adapter to be applied has its weights on the meta device (accelerate's

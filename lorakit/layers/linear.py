@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module
 
-from lorakit.layers import register_layer_type
+from lorakit.layers import gemm, register_layer_type
 from lorakit.layers.base import LoraLayer, dropping, runs_own_forward
 from lorakit.layers.fused import add_lora_no_grad, autocast_on, fused_lora_add, writes_in_place
 
@@ -147,6 +147,21 @@ class LoraLinear(LoraLayer):
         if in_place:
             return result.copy_(total)
         return total.to(result.dtype)
+
+    def base_output(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        """With gradients on, a plain frozen fp32 ``nn.Linear`` base on the CPU (no hooks: see
+        ``plain_linear``) computes through ``lorakit.layers.gemm.frozen_linear`` (oneDNN's products,
+        ~1.4x faster than torch's MKL ones here; the gradient of x only, as autograd's would be);
+        anything else calls the base layer. Without gradients the base layer is called, so inference
+        gives its bits exactly."""
+        base = self.base_layer
+        if not args and not kwargs and torch.is_grad_enabled() and plain_linear(base) and not autocast_on(x):
+            p = base._parameters
+            W, b = p["weight"], p["bias"]
+            if (W is not None and not W.requires_grad and (b is None or not b.requires_grad)
+                    and gemm.uses_onednn(x, W, *(() if b is None else (b,)))):
+                return gemm.frozen_linear(x, W, b)
+        return base(x, *args, **kwargs)
 
     def nested_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The forward for a nested tensor (``nn.TransformerEncoder`` hands its layers one in eval

@@ -30,12 +30,12 @@ from typing import Any
 
 import torch
 from torch.autograd.function import once_differentiable
-import torch.nn.functional as F
 from torch import nn
 
 from lorakit.layers.fused import (KeepMask, add_branch, add_product, branch_dtype, branch_grads, first_order_only,
                                   norm_recipe, recompute_norm)
 from lorakit.layers.linear import LoraLinear
+from lorakit.layers import gemm
 from lorakit.ops.patching import forward_body, patch_forwards, unpatch_forwards
 
 
@@ -83,7 +83,7 @@ class SharedInputLinears(torch.autograd.Function):
         drops: list[KeepMask | None] = [None] * len(members)
         hs: list[torch.Tensor | None] = [None] * len(members)
         with torch.autocast(device_type=x.device.type, enabled=False):
-            outs = [F.linear(x, W, b) for W, b, _, _ in members]
+            outs = [gemm.linear(x, W, b) for W, b, _, _ in members]
             if adapted:
                 cd = branch_dtype(outs[adapted[0]].dtype, members[adapted[0]][2].dtype)
                 x2 = x.reshape(-1, x.shape[-1])
@@ -131,7 +131,7 @@ class SharedInputLinears(torch.autograd.Function):
                 if g is None:
                     continue
                 g2 = g.reshape(-1, g.shape[-1]).to(W.dtype)
-                gx = g2 @ W if gx is None else gx.addmm_(g2, W)             # (tokens, in), one buffer
+                gx = gemm.times_weight(g2, W) if gx is None else gemm.add_times_weight(gx, g2, W)  # (tokens, in)
         results: list[torch.Tensor | None] = [None] * (3 + len(flat))
         if adapted:
             cd = hs[adapted[0]].dtype

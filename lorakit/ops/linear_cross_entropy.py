@@ -13,6 +13,7 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from lorakit.layers.fused import first_order_only
+from lorakit.layers import gemm
 
 #: Upper bound on the elements of one chunk's logits (fp32: 64 MB, the only chunk-sized buffer).
 CHUNK_ELEMENTS = 1 << 24
@@ -36,15 +37,22 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # One logits buffer for every chunk. A fresh one per chunk briefly held two (the next chunk's
         # product exists before the previous one is released), at the step's memory peak: the
         # benchmark's fp32 step peaked ~100 MB higher (benchmarks/train_step.py, 2 runs each).
-        buf = torch.empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=acc, device=hidden.device)
+        # (oneDNN's product, gemm.linear, makes its own output: then one chunk's logits at a time,
+        # each released before the next is computed)
+        dnn = gemm.uses_onednn(hidden, weight)
+        buf = None if dnn else torch.empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=acc, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk]
             y = labels[start:start + chunk]
-            logits = buf[:h.shape[0]]
-            if h.dtype == acc and weight.dtype == acc:
-                torch.mm(h, weight.T, out=logits)
+            if buf is None:
+                logits = probs = None  # (the previous chunk's, released before this one's exists)
+                logits = gemm.linear(h, weight)
             else:
-                logits.copy_(h @ weight.T)
+                logits = buf[:h.shape[0]]
+                if h.dtype == acc and weight.dtype == acc:
+                    torch.mm(h, weight.T, out=logits)
+                else:
+                    logits.copy_(h @ weight.T)
             if bias is not None:
                 logits += bias.to(acc)
             rows = torch.arange(y.shape[0], device=y.device)
@@ -58,9 +66,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
             probs.div_(norm)
             probs[rows, y] -= 1.0
             if grad_h is not None:
-                grad_h[start:start + chunk] = (probs.to(weight.dtype) @ weight).to(hidden.dtype)
+                grad_h[start:start + chunk] = gemm.times_weight(probs.to(weight.dtype), weight).to(hidden.dtype)
             if grad_w is not None:
-                grad_w += probs.T @ h.to(acc)
+                grad_w += gemm.linear(probs.T, h.to(acc).T)  # probsᵀ h
             if grad_b is not None:
                 grad_b += probs.sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)

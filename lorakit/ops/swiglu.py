@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.layers.fused import KeepMask, add_branch, branch_dtype, branch_grads, first_order_only
+from lorakit.layers import gemm
 from lorakit.ops.grouped import linear_plan, shared_input_linears
 from lorakit.ops.patching import forward_body, patch_forwards, unpatch_forwards
 
@@ -35,7 +36,7 @@ class _SwiGLUDown(torch.autograd.Function):
     def forward(ctx, gate: torch.Tensor, up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                 A: torch.Tensor | None, B: torch.Tensor | None, scale: float, drop: KeepMask | None) -> torch.Tensor:
         prod = F.silu(gate).mul_(up)  # one (tokens, intermediate) allocation instead of two
-        out = F.linear(prod, weight, bias)
+        out = gemm.linear(prod, weight, bias)
         h = None
         if A is not None:
             x2 = prod.reshape(-1, prod.shape[-1]).to(branch_dtype(out.dtype, A.dtype))
@@ -51,7 +52,7 @@ class _SwiGLUDown(torch.autograd.Function):
         gate, up, weight, A, B, h = ctx.saved_tensors
         scale, drop = ctx.scale, ctx.drop
         g2 = grad.reshape(-1, grad.shape[-1])
-        grad_prod = (g2.to(weight.dtype) @ weight).to(gate.dtype).reshape(gate.shape)  # through the frozen base
+        grad_prod = gemm.times_weight(g2.to(weight.dtype), weight).to(gate.dtype).reshape(gate.shape)  # through the frozen base
         silu = F.silu(gate)  # the forward's silu(g), bit for bit (gate · σ(gate) may round differently)
         need = ctx.needs_input_grad
         grad_A = grad_B = None

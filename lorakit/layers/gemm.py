@@ -1,0 +1,99 @@
+"""fp32 products with frozen weights on the CPU, through oneDNN instead of MKL.
+
+For a float32 ``F.linear`` / ``mm`` on the CPU, torch calls MKL's sgemm; torch's oneDNN build
+(``torch.ops.mkldnn._linear_pointwise``, the kernel inductor uses for CPU linears) computes the same
+products in the same precision (float32 inputs, float32 accumulation: no bf16 / tf32 rounding) and,
+on this repo's 2-core AMD EPYC (AVX-512), ran the products of the embedded model's training step
+1.35-1.45x faster (1024 tokens: 138-157 GFLOP/s against 204-219 for the layers' shapes, 121 against
+162-177 for the 49152-wide head; benchmarks/train_step.py has the whole step). The two kernels sum
+in other orders, so the results differ in the last bits: against a float64 product both are off by
+a few float32 roundings of the sum (max 1-5e-6 on unit-scale products of 576 / 1536 terms).
+
+The functions here take oneDNN where it is there and on (``torch.backends.mkldnn.enabled``: turn
+it off with ``torch.backends.mkldnn.flags(enabled=False)`` to get torch's own kernels back), for
+plain float32 CPU tensors outside ``torch.compile``, and torch's own op otherwise (float64, half
+precision, a GPU, tensor subclasses: the same ops as before). lorakit uses them where it computes a
+training step's products itself: the frozen base of a LoRA Linear with gradients on
+(``frozen_linear``), the grouped q / k / v and gate / up nodes and the SwiGLU tail
+(``lorakit.ops.grouped``, ``lorakit.ops.swiglu``), and the head of ``lorakit.ops.linear_cross_entropy``.
+Inference (no gradients) keeps torch's kernels, so a model with adapters whose B is zero gives the
+base model's bits exactly.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.autograd import forward_ad
+
+#: oneDNN's linear (x Wᵀ + b) and its variant with a sum post-op (other + x Wᵀ), or None without oneDNN.
+_ONEDNN = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+_ONEDNN_SUM = None if _ONEDNN is None else _ONEDNN.binary
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
+def uses_onednn(*tensors: torch.Tensor) -> bool:
+    """Whether products of ``tensors`` (a left operand, then weights / biases) go to oneDNN: all of
+    them plain float32 CPU tensors, oneDNN built and enabled, no torch.compile tracing."""
+    if _ONEDNN is None:
+        return False
+    for t in tensors:
+        if type(t) not in _PLAIN or t.dtype is not torch.float32 or t.device.type != "cpu":
+            return False
+    return torch.backends.mkldnn.enabled and not torch.compiler.is_compiling()
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` without autograd (call it under no_grad or inside an autograd
+    Function): oneDNN where ``uses_onednn``, else ``F.linear``. ``x``: (..., in); ``weight``: (out, in)."""
+    if x.dim() and uses_onednn(x, weight, *(() if bias is None else (bias,))) and x.shape[-1] and weight.shape[0]:
+        out = _ONEDNN(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
+        # (an unsafe view, as F.linear's matmul makes: not a view for autograd, so the output of an
+        # autograd Function computed with it may be changed in place later)
+        return out if x.dim() == 2 else torch.ops.aten._unsafe_view(out, (*x.shape[:-1], weight.shape[0]))
+    return F.linear(x, weight, bias)
+
+
+def times_weight(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``g @ weight`` for a 2-D ``g`` (tokens, out) and ``weight`` (out, in): dL/dx through a frozen
+    linear layer, a fresh (tokens, in) tensor. No autograd (as ``linear``)."""
+    if uses_onednn(g, weight) and g.shape[1] and weight.shape[1]:
+        return _ONEDNN(g, weight.t(), None, "none", [], "")
+    return g @ weight
+
+
+def add_times_weight(into: torch.Tensor, g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``into + g @ weight``: written into ``into`` (``addmm_``) by torch's kernel; with oneDNN a
+    fresh tensor (its product with the sum as a post-op): use the returned tensor."""
+    if uses_onednn(into, g, weight) and g.shape[1] and weight.shape[1]:
+        return _ONEDNN_SUM(g, into, weight.t(), None, "add")
+    return into.addmm_(g, weight)
+
+
+class _FrozenLinear(torch.autograd.Function):
+    """``linear(x, W, b)`` for a frozen W (and b): the gradient of x only, ``times_weight``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(weight)
+        return linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (weight,) = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return None, None, None
+        if torch.is_grad_enabled():  # backward(create_graph=True): an op autograd can differentiate again
+            return grad @ weight, None, None
+        return times_weight(grad.reshape(-1, grad.shape[-1]), weight).view(*grad.shape[:-1], weight.shape[1]), None, None
+
+
+def frozen_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` with gradients for ``x`` only (``weight`` and ``bias`` must not
+    require grad), its products by ``linear`` and ``times_weight``: a fresh tensor (not a view),
+    which a LoRA branch may be added into in place. Under torch.func transforms (``grad``, ``vmap``)
+    and forward-mode AD, which its autograd Function does not support, ``F.linear`` itself."""
+    if weight.requires_grad or (bias is not None and bias.requires_grad):
+        raise ValueError("frozen_linear: the weight and bias must be frozen (requires_grad=False)")
+    if torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0:
+        return F.linear(x, weight, bias)
+    return _FrozenLinear.apply(x, weight, bias)

@@ -1,0 +1,232 @@
+"""lorakit.layers.gemm: fp32 CPU products with frozen weights through oneDNN, and where they are used."""
+from __future__ import annotations
+
+import weakref
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import lora_llama
+
+import lorakit as lk
+from lorakit.layers import gemm
+
+onednn = pytest.mark.skipif(gemm._ONEDNN is None, reason="torch built without oneDNN")
+
+
+def _close_to_float64(got: torch.Tensor, exact: torch.Tensor) -> None:
+    """``got`` (float32) within a few float32 roundings of a sum of ~100 unit-scale terms of ``exact``."""
+    assert got.dtype == torch.float32 and got.shape == exact.shape
+    torch.testing.assert_close(got.double(), exact, rtol=1e-5, atol=2e-5)
+
+
+@onednn
+def test_which_tensors_take_onednn():
+    x, w = torch.randn(4, 8), torch.randn(3, 8)
+    assert gemm.uses_onednn(x, w)
+    assert gemm.uses_onednn(x, torch.nn.Parameter(w, requires_grad=False))
+    assert not gemm.uses_onednn(x.double(), w.double())
+    assert not gemm.uses_onednn(x.bfloat16(), w.bfloat16())
+    assert not gemm.uses_onednn(x, w.double())  # every tensor must be float32
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert not gemm.uses_onednn(x, w)
+
+    class Sub(torch.Tensor):
+        pass
+
+    assert not gemm.uses_onednn(x, w.as_subclass(Sub))  # a subclass may multiply its own way
+
+
+@onednn
+@pytest.mark.parametrize("shape", [(7, 96), (2, 5, 96), (96,), (0, 96)])
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_is_f_linear_in_float32(shape, bias):
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(*shape, generator=g), torch.randn(40, 96, generator=g)
+    b = torch.randn(40, generator=g) if bias else None
+    out = gemm.linear(x, w, b)
+    _close_to_float64(out, F.linear(x.double(), w.double(), None if b is None else b.double()))
+    assert out._base is None  # not a view: an autograd Function's output made with it may be edited in place
+
+
+@onednn
+def test_times_weight_and_its_sum_are_the_products_in_float32():
+    g = torch.Generator().manual_seed(1)
+    grad, w, into = torch.randn(9, 40, generator=g), torch.randn(40, 96, generator=g), torch.randn(9, 96, generator=g)
+    _close_to_float64(gemm.times_weight(grad, w), grad.double() @ w.double())
+    _close_to_float64(gemm.add_times_weight(into.clone(), grad, w), into.double() + grad.double() @ w.double())
+    # transposed operands (the head's dL/dW is linear(probsᵀ, hᵀ))
+    h = torch.randn(9, 96, generator=g)
+    _close_to_float64(gemm.linear(grad.T, h.T), grad.double().T @ h.double())
+
+
+def test_without_onednn_the_ops_are_torchs_own_bit_for_bit():
+    g = torch.Generator().manual_seed(2)
+    for dtype in (torch.float64, torch.float32):
+        x, w, b = (torch.randn(*s, generator=g, dtype=dtype) for s in ((3, 4, 96), (40, 96), (40,)))
+        grad, into = torch.randn(12, 40, generator=g, dtype=dtype), torch.randn(12, 96, generator=g, dtype=dtype)
+        with torch.backends.mkldnn.flags(enabled=dtype != torch.float32):  # float32: oneDNN turned off
+            assert torch.equal(gemm.linear(x, w, b), F.linear(x, w, b))
+            assert torch.equal(gemm.times_weight(grad, w), grad @ w)
+            expected = into.clone().addmm_(grad, w)
+            kept = into.clone()
+            summed = gemm.add_times_weight(kept, grad, w)
+            assert summed is kept and torch.equal(summed, expected)  # torch's addmm_, into the tensor given
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_frozen_linear_gives_f_linears_input_gradient(dtype):
+    g = torch.Generator().manual_seed(3)
+    w, b = torch.randn(40, 96, generator=g, dtype=dtype), torch.randn(40, generator=g, dtype=dtype)
+    x = torch.randn(2, 5, 96, generator=g, dtype=dtype, requires_grad=True)
+    up = torch.randn(2, 5, 40, generator=g, dtype=dtype)
+    out = gemm.frozen_linear(x, w, b)
+    (gx,) = torch.autograd.grad(out, x, up)
+    x64 = x.detach().double().requires_grad_()
+    ref = F.linear(x64, w.double(), b.double())
+    (gx64,) = torch.autograd.grad(ref, x64, up.double())
+    if dtype == torch.float64:  # torch's own ops: the same bits
+        assert torch.equal(out, ref) and torch.equal(gx, gx64)
+    else:
+        _close_to_float64(out.detach(), ref.detach())
+        _close_to_float64(gx, gx64)
+
+
+def test_frozen_linear_second_order_gradients():
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    x = torch.randn(3, 8, generator=g, dtype=torch.float64, requires_grad=True)
+
+    def penalty(lin):
+        (gx,) = torch.autograd.grad(lin(x).pow(3).sum(), x, create_graph=True)
+        return torch.autograd.grad(gx.pow(2).sum(), x)[0]
+
+    torch.testing.assert_close(penalty(lambda t: gemm.frozen_linear(t, w)), penalty(lambda t: F.linear(t, w)))
+
+
+def test_frozen_linear_refuses_a_trained_weight():
+    w = torch.randn(6, 8, requires_grad=True)
+    with pytest.raises(ValueError, match="frozen"):
+        gemm.frozen_linear(torch.randn(3, 8), w)
+    with pytest.raises(ValueError, match="frozen"):
+        gemm.frozen_linear(torch.randn(3, 8), w.detach(), torch.zeros(6, requires_grad=True))
+
+
+def _routed(monkeypatch, layer, x) -> int:
+    """How many times ``layer(x)`` (with gradients, if on) computed its base through ``frozen_linear``."""
+    calls, real = [], gemm.frozen_linear
+    monkeypatch.setattr(gemm, "frozen_linear", lambda *a: calls.append(1) or real(*a))
+    layer(x)
+    monkeypatch.undo()
+    return len(calls)
+
+
+@onednn
+def test_lora_linear_base_takes_frozen_linear_only_where_that_is_its_call(monkeypatch):
+    torch.manual_seed(0)
+    model = lk.get_lora_model(torch.nn.Sequential(torch.nn.Linear(16, 8)), lk.LoraConfig(r=2, target_modules=["0"]))
+    layer = model[0]
+    x = torch.randn(3, 16, requires_grad=True)
+    assert _routed(monkeypatch, layer, x) == 1
+    with torch.no_grad():  # inference: the base layer's own call (its bits)
+        assert _routed(monkeypatch, layer, x) == 0
+    handle = layer.base_layer.register_forward_hook(lambda m, i, o: None)
+    assert _routed(monkeypatch, layer, x) == 0  # a hook on the base layer must run
+    handle.remove()
+    layer.base_layer.weight.requires_grad_(True)
+    assert _routed(monkeypatch, layer, x) == 0  # a trained base weight needs its own gradient
+    layer.base_layer.weight.requires_grad_(False)
+    with torch.backends.mkldnn.flags(enabled=False):
+        assert _routed(monkeypatch, layer, x) == 0
+    model.double()
+    assert _routed(monkeypatch, layer, x.double()) == 0
+
+
+@onednn
+def test_a_lora_step_in_float32_matches_the_float64_step():
+    """Every product of a float32 step (base, grouped q/k/v and gate/up, SwiGLU tail, head) through
+    oneDNN: the adapter gradients within float32 rounding of the float64 step's."""
+    from lorakit.train.generate import loss_sum
+    from lorakit.train.loop import use_lora_training_kernels
+
+    import copy
+
+    grads = {}
+    model64 = lora_llama(dtype=torch.float64)
+    for dtype in (torch.float32, torch.float64):
+        model = copy.deepcopy(model64).to(dtype)  # the same weights in both
+        use_lora_training_kernels(model)
+        ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(5))
+        loss, n = loss_sum(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+        (loss / n).backward()
+        grads[dtype] = {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
+    assert grads[torch.float32].keys() == grads[torch.float64].keys() and len(grads[torch.float32]) == 28
+    for k, g32 in grads[torch.float32].items():
+        torch.testing.assert_close(g32.double(), grads[torch.float64][k], rtol=2e-4, atol=2e-6, msg=k)
+
+
+@onednn
+def test_every_product_with_a_frozen_weight_in_a_step_goes_to_onednn(monkeypatch):
+    """A float32 LoRA step with the training kernels on a 2-layer Llama: per layer the forward's 7
+    base products (q, k, v, o, gate, up, down) and the backward's dL/dx through them (q, gate, o,
+    down alone; k, v, up summed into the first; none for the first layer's q, k, v, whose input comes
+    from the frozen embeddings), and the head's logits and dL/dh (one chunk, both in the forward:
+    ``linear_cross_entropy`` computes dL/dh there)."""
+    from lorakit.train.generate import loss_sum
+    from lorakit.train.loop import use_lora_training_kernels
+
+    model = lora_llama(dtype=torch.float32)
+    use_lora_training_kernels(model)
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(7))
+    calls = {"linear": 0, "sum": 0}
+
+    def counting(kind, real):
+        return lambda *a: calls.__setitem__(kind, calls[kind] + 1) or real(*a)
+
+    monkeypatch.setattr(gemm, "_ONEDNN", counting("linear", gemm._ONEDNN))
+    monkeypatch.setattr(gemm, "_ONEDNN_SUM", counting("sum", gemm._ONEDNN_SUM))
+    loss, n = loss_sum(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
+    assert calls == {"linear": 2 * 7 + 2, "sum": 0}
+    (loss / n).backward()
+    assert calls == {"linear": 2 * 7 + 2 + (3 + 4), "sum": 1 + 3}
+
+
+@onednn
+@pytest.mark.parametrize("trained", [False, True])
+def test_linear_cross_entropy_in_float32_through_onednn(trained):
+    from lorakit.ops import linear_cross_entropy
+
+    g = torch.Generator().manual_seed(6)
+    h = torch.randn(40, 32, generator=g, requires_grad=True)
+    w = (torch.randn(300, 32, generator=g) * 0.2).requires_grad_(trained)
+    b = torch.randn(300, generator=g).requires_grad_(trained)
+    y = torch.randint(0, 300, (40,), generator=g)
+    loss = linear_cross_entropy(h, w, y, bias=b, chunk_size=16)
+    wrt = (h, w, b) if trained else (h,)
+    got = torch.autograd.grad(loss, wrt)
+    leaves = [t.detach().double().requires_grad_() for t in wrt]
+    h64, w64, b64 = leaves if trained else (leaves[0], w.double(), b.double())
+    ref = F.cross_entropy(h64 @ w64.T + b64, y, reduction="sum")
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-6, atol=1e-4)
+    for a, e in zip(got, torch.autograd.grad(ref, leaves)):
+        _close_to_float64(a, e)
+
+
+@onednn
+def test_head_chunks_logits_are_released_before_the_next_are_made(monkeypatch):
+    import importlib
+
+    lce = importlib.import_module("lorakit.ops.linear_cross_entropy")
+    made, alive_at_make, real = [], [], gemm.linear
+
+    def spy(a, w, b=None):
+        alive_at_make.append(sum(r() is not None for r in made))
+        out = real(a, w, b)
+        made.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(gemm, "linear", spy)
+    h, w, y = torch.randn(50, 8), torch.randn(30, 8), torch.randint(0, 30, (50,))
+    loss = lce.linear_cross_entropy(h, w, y, chunk_size=8)
+    assert len(made) == 7 and alive_at_make == [0] * 7  # 7 chunks, each made with no other alive
+    torch.testing.assert_close(loss.double(), F.cross_entropy(h.double() @ w.double().T, y, reduction="sum"))
