@@ -50,6 +50,17 @@ def test_linear_is_f_linear_in_float32(shape, bias):
 
 
 @onednn
+def test_a_bias_that_is_not_contiguous_memory_is_read_as_its_values():
+    """oneDNN reads the bias as contiguous memory: a strided view (a column of a packed tensor) or an
+    expanded one (stride 0) gave wrong outputs (off by ~3, or NaN) before it was made contiguous."""
+    g = torch.Generator().manual_seed(8)
+    x, w = torch.randn(5, 24, generator=g), torch.randn(8, 24, generator=g)
+    for b in (torch.randn(8, 3, generator=g)[:, 0], torch.randn(1, generator=g).expand(8)):
+        assert not b.is_contiguous()
+        _close_to_float64(gemm.linear(x, w, b), F.linear(x.double(), w.double(), b.double()))
+
+
+@onednn
 def test_times_weight_and_its_sum_are_the_products_in_float32():
     g = torch.Generator().manual_seed(1)
     grad, w, into = torch.randn(9, 40, generator=g), torch.randn(40, 96, generator=g), torch.randn(9, 96, generator=g)
@@ -133,6 +144,17 @@ def test_lora_linear_base_takes_frozen_linear_only_where_that_is_its_call(monkey
     handle = layer.base_layer.register_forward_hook(lambda m, i, o: None)
     assert _routed(monkeypatch, layer, x) == 0  # a hook on the base layer must run
     handle.remove()
+    with lk.disable_adapters(model):  # the base model's output, bitwise (gradients on or not)
+        assert _routed(monkeypatch, layer, x) == 0
+        assert torch.equal(layer(x), layer.base_layer(x))
+    layer.lora_A["default"].requires_grad_(False)
+    assert _routed(monkeypatch, layer, x) == 1  # x still wants its gradient
+    frozen_x = x.detach()
+    assert _routed(monkeypatch, layer, frozen_x) == 0  # nothing needs a gradient: the base layer's call
+    layer.lora_B["default"].requires_grad_(False)
+    assert _routed(monkeypatch, layer, frozen_x) == 0
+    layer.lora_A["default"].requires_grad_(True)
+    assert _routed(monkeypatch, layer, frozen_x) == 1  # the adapter wants its gradient
     layer.base_layer.weight.requires_grad_(True)
     assert _routed(monkeypatch, layer, x) == 0  # a trained base weight needs its own gradient
     layer.base_layer.weight.requires_grad_(False)
@@ -213,6 +235,24 @@ def test_linear_cross_entropy_in_float32_through_onednn(trained):
 
 
 @onednn
+def test_an_evaluation_loss_keeps_torchs_kernel(monkeypatch):
+    """Under no_grad the head's products are torch's (the loss has the bits it had before oneDNN)."""
+    import importlib
+
+    lce = importlib.import_module("lorakit.ops.linear_cross_entropy")
+    calls, real = [], gemm._ONEDNN
+    monkeypatch.setattr(gemm, "_ONEDNN", lambda *a: calls.append(1) or real(*a))
+    h, w, y = torch.randn(20, 8), torch.randn(30, 8), torch.randint(0, 30, (20,))
+    with torch.no_grad():
+        loss = lce.linear_cross_entropy(h, w, y, chunk_size=8)
+    assert calls == []
+    with torch.backends.mkldnn.flags(enabled=False), torch.no_grad():
+        assert torch.equal(loss, lce.linear_cross_entropy(h, w, y, chunk_size=8))
+    lce.linear_cross_entropy(h.requires_grad_(), w, y, chunk_size=8)
+    assert len(calls) == 2 * 3  # with gradients: each chunk's logits and dL/dh
+
+
+@onednn
 def test_head_chunks_logits_are_released_before_the_next_are_made(monkeypatch):
     import importlib
 
@@ -226,7 +266,8 @@ def test_head_chunks_logits_are_released_before_the_next_are_made(monkeypatch):
         return out
 
     monkeypatch.setattr(gemm, "linear", spy)
-    h, w, y = torch.randn(50, 8), torch.randn(30, 8), torch.randint(0, 30, (50,))
+    h, w, y = torch.randn(50, 8, requires_grad=True), torch.randn(30, 8), torch.randint(0, 30, (50,))
     loss = lce.linear_cross_entropy(h, w, y, chunk_size=8)
-    assert len(made) == 7 and alive_at_make == [0] * 7  # 7 chunks, each made with no other alive
-    torch.testing.assert_close(loss.double(), F.cross_entropy(h.double() @ w.double().T, y, reduction="sum"))
+    assert len(made) == 7 and alive_at_make == [0] * 7  # 7 chunks' logits, each made with no other alive
+    torch.testing.assert_close(loss.double(), F.cross_entropy(h.double() @ w.double().T, y, reduction="sum"),
+                               rtol=1e-6, atol=1e-4)

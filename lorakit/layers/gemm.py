@@ -7,17 +7,20 @@ on this repo's 2-core AMD EPYC (AVX-512), ran the products of the embedded model
 1.35-1.45x faster (1024 tokens: 138-157 GFLOP/s against 204-219 for the layers' shapes, 121 against
 162-177 for the 49152-wide head; benchmarks/train_step.py has the whole step). The two kernels sum
 in other orders, so the results differ in the last bits: against a float64 product both are off by
-a few float32 roundings of the sum (max 1-5e-6 on unit-scale products of 576 / 1536 terms).
+a few float32 roundings of the sum, oneDNN's somewhat more (a review measured RMS errors of
+3.9-5.9e-7 against MKL's 2.5-3.8e-7, max 3-5e-6 against 1.5-3e-6, on unit-scale products of
+576 / 1536 terms at the model's shapes).
 
 The functions here take oneDNN where it is there and on (``torch.backends.mkldnn.enabled``: turn
 it off with ``torch.backends.mkldnn.flags(enabled=False)`` to get torch's own kernels back), for
 plain float32 CPU tensors outside ``torch.compile``, and torch's own op otherwise (float64, half
 precision, a GPU, tensor subclasses: the same ops as before). lorakit uses them where it computes a
-training step's products itself: the frozen base of a LoRA Linear with gradients on
+training step's products itself: the frozen base of a LoRA Linear when something needs a gradient
 (``frozen_linear``), the grouped q / k / v and gate / up nodes and the SwiGLU tail
-(``lorakit.ops.grouped``, ``lorakit.ops.swiglu``), and the head of ``lorakit.ops.linear_cross_entropy``.
-Inference (no gradients) keeps torch's kernels, so a model with adapters whose B is zero gives the
-base model's bits exactly.
+(``lorakit.ops.grouped``, ``lorakit.ops.swiglu``), and the head of ``lorakit.ops.linear_cross_entropy``
+with gradients on. Inference (no gradients, or nothing that needs one) and a disabled layer keep
+torch's kernels, so there a model with adapters whose B is zero gives the base model's bits exactly;
+a training forward (gradients wanted) equals them to rounding.
 """
 from __future__ import annotations
 
@@ -46,6 +49,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     """``F.linear(x, weight, bias)`` without autograd (call it under no_grad or inside an autograd
     Function): oneDNN where ``uses_onednn``, else ``F.linear``. ``x``: (..., in); ``weight``: (out, in)."""
     if x.dim() and uses_onednn(x, weight, *(() if bias is None else (bias,))) and x.shape[-1] and weight.shape[0]:
+        if bias is not None and not bias.is_contiguous():  # (oneDNN reads the bias as contiguous memory)
+            bias = bias.contiguous()
         out = _ONEDNN(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
         # (an unsafe view, as F.linear's matmul makes: not a view for autograd, so the output of an
         # autograd Function computed with it may be changed in place later)
@@ -63,7 +68,8 @@ def times_weight(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def add_times_weight(into: torch.Tensor, g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``into + g @ weight``: written into ``into`` (``addmm_``) by torch's kernel; with oneDNN a
-    fresh tensor (its product with the sum as a post-op): use the returned tensor."""
+    fresh tensor (its product with the sum as a post-op; ``into`` is released by the caller, so two
+    such buffers exist for a moment): use the returned tensor."""
     if uses_onednn(into, g, weight) and g.shape[1] and weight.shape[1]:
         return _ONEDNN_SUM(g, into, weight.t(), None, "add")
     return into.addmm_(g, weight)

@@ -37,9 +37,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # One logits buffer for every chunk. A fresh one per chunk briefly held two (the next chunk's
         # product exists before the previous one is released), at the step's memory peak: the
         # benchmark's fp32 step peaked ~100 MB higher (benchmarks/train_step.py, 2 runs each).
-        # (oneDNN's product, gemm.linear, makes its own output: then one chunk's logits at a time,
-        # each released before the next is computed)
-        dnn = gemm.uses_onednn(hidden, weight)
+        # With gradients, oneDNN's product (gemm.linear: fp32 on the CPU), which makes its own output:
+        # then one chunk's logits at a time, each released before the next is computed. An evaluation
+        # (no_grad) keeps torch's kernel, its loss the same bits as before.
+        dnn = grad_mode and gemm.uses_onednn(hidden, weight)
         buf = None if dnn else torch.empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=acc, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk]
