@@ -11,6 +11,7 @@ from torch import nn
 from lorakit.inject import (_remove_adapter_everywhere, _set_submodule, check_model, forget_model, iter_lora_layers,
                             iter_saved_modules, mark_trainable, require_state, restore_fast_paths, retie,
                             untie_tied_for_merge)
+from lorakit.layers.base import LoraLayer
 
 
 def _check_names(model: nn.Module, names: list[str]) -> None:
@@ -20,10 +21,11 @@ def _check_names(model: nn.Module, names: list[str]) -> None:
         raise ValueError(f"unknown adapter(s) {unknown}; this model has {list(state.configs)}")
 
 
-def _refuse_changed_merges(model: nn.Module, adapter_names: list[str] | None = None) -> None:
+def _refuse_changed_merges(layers: list[tuple[str, LoraLayer]], adapter_names: list[str] | None = None) -> None:
     """Before a model-level operation unmerges ``adapter_names`` (default: all merged ones), check
-    every layer (``LoraLayer.unmerge_blocker``), so that a refusal leaves the whole model as it was."""
-    for path, layer in iter_lora_layers(model):
+    every layer (``LoraLayer.unmerge_blocker``; ``layers``: the model's ``iter_lora_layers``), so that
+    a refusal leaves the whole model as it was."""
+    for path, layer in layers:
         if not layer.merged_adapters:
             continue
         why = layer.unmerge_blocker(adapter_names)
@@ -129,7 +131,7 @@ def delete_adapter(model: nn.Module, adapter_name: str) -> None:
 
     if adapter_name in names_in_open_batches(model):
         raise ValueError(f"adapter {adapter_name!r} is in use by an open adapter_batch block; delete it after the block")
-    _refuse_changed_merges(model, [adapter_name])
+    _refuse_changed_merges(list(iter_lora_layers(model)), [adapter_name])
     state = require_state(model)
     # what is active once it is gone (the first adapter left if it was the only active one), checked
     # before the removal: the set_adapter below must not refuse after the adapter is gone
@@ -150,8 +152,9 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     then come back to rounding (W + ΔW − ΔW), as with PEFT.
     """
     require_state(model)
-    _refuse_changed_merges(model)
-    layers = [layer for _, layer in iter_lora_layers(model)]
+    pairs = list(iter_lora_layers(model))
+    _refuse_changed_merges(pairs)
+    layers = [layer for _, layer in pairs]
     wrappers = [w for _, w in iter_saved_modules(model)]
     merged = {id(layer): list(layer.merged_adapters) for layer in layers}
     for layer in layers:
@@ -171,7 +174,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             wrapper.disabled = False
 
 
-def _untie_before_merge(model: nn.Module, adapter_names: list[str] | None = None) -> None:
+def _untie_before_merge(model: nn.Module, layers: list[tuple[str, LoraLayer]], adapter_names: list[str] | None = None) -> None:
     """Give every LoRA layer about to merge whose base weight is shared (tied) its own copy first.
 
     A tied weight (e.g. SmolLM2's input embedding is also its output head) would otherwise carry the
@@ -180,8 +183,7 @@ def _untie_before_merge(model: nn.Module, adapter_names: list[str] | None = None
     ``nn.Linear`` as ``a`` and ``b``, LoRA on ``a``), the layer gets its own module first, so the
     other name keeps the original weight. ``retie`` restores the sharing once nothing is merged.
     """
-    untie_tied_for_merge(model, [(name, layer) for name, layer in iter_lora_layers(model)
-                                 if layer.merge_order(adapter_names)])
+    untie_tied_for_merge(model, [(name, layer) for name, layer in layers if layer.merge_order(adapter_names)])
 
 
 def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool = False) -> nn.Module:
@@ -194,39 +196,40 @@ def merge(model: nn.Module, adapter_names: list[str] | None = None, safe: bool =
         adapter_names = _as_names(adapter_names, "adapter_names")
         _check_names(model, adapter_names)
     require_state(model)
-    _refuse_changing_merges(model, adapter_names)
-    _warn_already_merged(model, adapter_names)
+    layers = list(iter_lora_layers(model))  # (one walk over the modules for every step below)
+    _refuse_changing_merges(layers, adapter_names)
+    _warn_already_merged(layers, adapter_names)
     if safe:
-        _check_merge_finite(model, adapter_names)
-    _untie_before_merge(model, adapter_names)
-    _remember_unmerged(model)
-    for _, layer in iter_lora_layers(model):
+        _check_merge_finite(layers, adapter_names)
+    _untie_before_merge(model, layers, adapter_names)
+    _remember_unmerged(layers)
+    for _, layer in layers:
         layer.merge(adapter_names, safe=safe)
     return model
 
 
-def _remember_unmerged(model: nn.Module) -> None:
+def _remember_unmerged(layers: list[tuple[str, LoraLayer]]) -> None:
     """``LoraLayer.remember_unmerged`` on every layer with nothing merged yet, before any merges
     (offloaded weights tied to each other are found tied only while none is merged)."""
-    for _, layer in iter_lora_layers(model):
+    for _, layer in layers:
         if not layer.merged_adapters:
             layer.remember_unmerged()
 
 
-def _refuse_changing_merges(model: nn.Module, adapter_names: list[str] | None) -> None:
+def _refuse_changing_merges(layers: list[tuple[str, LoraLayer]], adapter_names: list[str] | None) -> None:
     """Before a model-level merge changes anything: every layer's ``merge_would_change`` (a variant
     merged out of order, a computed weight), so that a refusal leaves the whole model as it was."""
-    for path, layer in iter_lora_layers(model):
+    for path, layer in layers:
         why = layer.merge_would_change(adapter_names)
         if why:
             raise ValueError(f"{path}: {why}; the model is unchanged")
 
 
-def _warn_already_merged(model: nn.Module, adapter_names: list[str] | None) -> None:
+def _warn_already_merged(layers: list[tuple[str, LoraLayer]], adapter_names: list[str] | None) -> None:
     """Warn about requested (or active) adapters that are merged already: merging one again does
     nothing (its update is in the weights once), which a caller expecting it twice should know."""
     already: dict[str, None] = {}
-    for _, layer in iter_lora_layers(model):
+    for _, layer in layers:
         names = layer.active_adapters if adapter_names is None else adapter_names
         already.update((n, None) for n in names if n in layer.merged_adapters)
     if already:
@@ -234,10 +237,10 @@ def _warn_already_merged(model: nn.Module, adapter_names: list[str] | None) -> N
                       "(call unmerge first to merge anew)", stacklevel=3)
 
 
-def _check_merge_finite(model: nn.Module, adapter_names: list[str] | None) -> None:
+def _check_merge_finite(layers: list[tuple[str, LoraLayer]], adapter_names: list[str] | None) -> None:
     """``safe`` merging: every layer's merged weight is computed and checked before any is written,
     so that a non-finite one leaves the whole model as it was (not only its own layer)."""
-    for path, layer in iter_lora_layers(model):
+    for path, layer in layers:
         pending, new = layer.merged_weight(adapter_names)
         if pending and not torch.isfinite(new).all():
             raise ValueError(f"merging adapter(s) {pending} into {path} gives non-finite weights; "
@@ -252,8 +255,9 @@ def unmerge(model: nn.Module) -> nn.Module:
             them would leave wrong base weights); the model is unchanged.
     """
     require_state(model)  # (a model without adapters was a silent no-op, while merge refused it)
-    _refuse_changed_merges(model)
-    for _, layer in iter_lora_layers(model):
+    layers = list(iter_lora_layers(model))
+    _refuse_changed_merges(layers)
+    for _, layer in layers:
         layer.unmerge()
     retie(model)
     return model
@@ -261,16 +265,17 @@ def unmerge(model: nn.Module) -> nn.Module:
 
 def _strip(model: nn.Module, do_merge: bool, safe: bool = False) -> nn.Module:
     require_state(model)
+    layers = list(iter_lora_layers(model))
     if do_merge:
-        _refuse_changing_merges(model, None)
+        _refuse_changing_merges(layers, None)
     if do_merge and safe:
-        _check_merge_finite(model, None)
+        _check_merge_finite(layers, None)
     if do_merge:
-        _untie_before_merge(model)
-        _remember_unmerged(model)
+        _untie_before_merge(model, layers)
+        _remember_unmerged(layers)
     else:
-        _refuse_changed_merges(model)
-    for name, layer in list(iter_lora_layers(model)):
+        _refuse_changed_merges(layers)
+    for name, layer in layers:
         if do_merge:
             layer.merge(safe=safe)
         elif layer.merged_adapters:

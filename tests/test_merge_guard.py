@@ -13,7 +13,7 @@ from torch import nn
 import lorakit as lk
 from conftest import tiny_llama
 from lorakit.inject import iter_lora_layers
-from lorakit.layers.guard import bits_fingerprint, cast_print, same_up_to_cast
+from lorakit.layers.guard import bits_fingerprint, bits_fingerprints, cast_print, same_up_to_cast
 
 TARGETS = ["q_proj", "v_proj", "down_proj", "embed_tokens"]
 
@@ -49,6 +49,34 @@ def _edit_b(m, name="a"):
     with torch.no_grad():
         layer.lora_B[name].mul_(2.0)
     return layer
+
+
+def _fingerprint_by_hand(t: torch.Tensor) -> int:
+    """The fingerprint's definition in Python integers: Σ bitsᵢ · ((i · 2654435761) | 1), wrapped to int64."""
+    flat = t.reshape(-1)
+    if flat.is_floating_point():
+        flat = flat.view({2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+    mask = (1 << 64) - 1
+    total = sum(int(v) * (((i * 2654435761) & mask) | 1) for i, v in enumerate(flat.tolist())) & mask
+    return total - (1 << 64) if total >= 1 << 63 else total
+
+
+def test_fingerprints_of_several_tensors_at_once_are_each_ones_own():
+    g = torch.Generator().manual_seed(0)
+    t = torch.randn(37, generator=g) * 1e3
+    group = [t, t.to(torch.bfloat16), t.half(), t.to(torch.bfloat16).half(), t.double(),
+             torch.randint(-9, 9, (37,), generator=g), t.half().to(torch.bfloat16)]
+    expected = [_fingerprint_by_hand(x) for x in group]
+    assert bits_fingerprints(group) == expected == [bits_fingerprint(x) for x in group]
+    assert bits_fingerprints([]) == []
+    # over the 2^20-entry chunks: as one sum (chunked, wrapped) gives, the 16-bit pair in one stack
+    big = torch.randn(2 ** 20 + 3, generator=g)
+    pair = [big.to(torch.bfloat16), big.half()]
+    got = bits_fingerprints(pair)
+    for x, f in zip(pair, got):
+        bits = x.view(torch.int16).to(torch.int64)
+        weights = (torch.arange(bits.numel(), dtype=torch.int64) * 2654435761).bitwise_or_(1)
+        assert f == int((bits * weights).sum())  # (int64 sums wrap as the definition's modulo does)
 
 
 def test_fingerprint_sees_any_bit_and_order_change_and_equal_copies_agree():

@@ -468,7 +468,7 @@ class LoraLayer(nn.Module):
         A, B = self.lora_A[name], self.lora_B[name]
         dtype = torch.promote_types(A.dtype, torch.float32)
         product = self.norm_delta_from if for_norm else self.delta_from
-        return product(A.to(dtype), B.to(dtype)) * self.scaling[name]
+        return product(A.to(dtype), B.to(dtype)).mul_(self.scaling[name])  # (a fresh product: scaled in place)
 
     def norm_delta_from(self, A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
         """ΔW as DoRA's forward forms it for its column norm: ``delta_from`` (a layer type where PEFT

@@ -19,16 +19,39 @@ def bits_fingerprint(tensor: torch.Tensor) -> int:
     """An integer that changes with any change to ``tensor``'s bits or their order (a position-
     weighted sum of the bit patterns, in wrapping int64 arithmetic): equal tensors, on any device,
     give equal fingerprints."""
+    return bits_fingerprints([tensor])[0]
+
+
+def _as_integers(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` flat, a float's bit patterns as the integers of its width (a view, no copy)."""
+    flat = tensor.detach().reshape(-1)
+    if flat.is_floating_point() or flat.is_complex():
+        flat = flat.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
+    return flat
+
+
+def bits_fingerprints(tensors: list[torch.Tensor]) -> list[int]:
+    """``bits_fingerprint`` of each of ``tensors`` (all with the same number of elements, on one
+    device): those whose bits are integers of one type (a tensor's casts to bfloat16 and float16,
+    say) stacked and summed in one pass, not one pass each."""
+    prints = [0] * len(tensors)
     with torch.no_grad():
-        flat = tensor.detach().reshape(-1)
-        if flat.is_floating_point() or flat.is_complex():
-            flat = flat.view({1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[flat.element_size()])
-        total = 0
+        flats = [_as_integers(t) for t in tensors]
+        groups: dict[torch.dtype, list[int]] = {}
+        for i, flat in enumerate(flats):
+            groups.setdefault(flat.dtype, []).append(i)
+        n = flats[0].numel() if flats else 0
         step = 1 << 20  # in chunks of 2^20 entries: two int64 temporaries of a chunk, not of the tensor
-        for start in range(0, flat.numel(), step):
-            bits = flat[start:start + step].to(torch.int64, copy=True)  # a copy: the products must not write the tensor
-            total += int(bits.mul_(_position_weights(start, bits.numel(), bits.device)).sum())
-        return (total + (1 << 63)) % (1 << 64) - (1 << 63)  # wrapping int64, as one sum gave
+        for members in groups.values():
+            totals = [0] * len(members)
+            for start in range(0, n, step):
+                # a copy (to int64): the products must not write the tensors
+                bits = torch.stack([flats[i][start:start + step] for i in members]).to(torch.int64)
+                sums = bits.mul_(_position_weights(start, bits.shape[1], bits.device)).sum(dim=1).tolist()
+                totals = [t + s for t, s in zip(totals, sums)]
+            for i, total in zip(members, totals):
+                prints[i] = (total + (1 << 63)) % (1 << 64) - (1 << 63)  # wrapping int64, as one sum gave
+    return prints
 
 
 def _make_position_weights(start: int, n: int, device: torch.device) -> torch.Tensor:
@@ -53,17 +76,17 @@ def cast_print(tensor: torch.Tensor) -> tuple:
     """``(dtype, fingerprint, {chain of narrower dtypes: fingerprint of the tensor cast along it})``
     for ``same_up_to_cast``: what a change check keeps of a tensor instead of a copy (chains of one
     and two casts: ``model.half()``, ``model.half().bfloat16()``)."""
-    narrower: dict[tuple[torch.dtype, ...], int] = {}
+    chains: dict[tuple[torch.dtype, ...], torch.Tensor] = {}
     if tensor.is_floating_point():
         size = tensor.element_size()
         ok = [d for d in _ROUND_TRIPS if d != tensor.dtype and torch.empty((), dtype=d).element_size() <= size]
         for first in ok:
-            once = tensor.to(first)
-            narrower[(first,)] = bits_fingerprint(once)
+            once = chains[(first,)] = tensor.to(first)
             for second in ok:
                 if second != first and torch.empty((), dtype=second).element_size() <= once.element_size():
-                    narrower[(first, second)] = bits_fingerprint(once.to(second))
-    return tensor.dtype, bits_fingerprint(tensor), narrower
+                    chains[(first, second)] = once.to(second)
+    prints = bits_fingerprints([tensor, *chains.values()])  # (the 16-bit casts in one pass)
+    return tensor.dtype, prints[0], dict(zip(chains, prints[1:]))
 
 
 def same_up_to_cast(then: tuple, tensor: torch.Tensor) -> bool:
