@@ -68,3 +68,28 @@ def test_full_step_with_lorakits_products_gives_the_plain_full_steps_gradients(d
             assert torch.equal(got[name].grad, p.grad), name
         else:
             torch.testing.assert_close(got[name].grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_full_step_products_with_a_bias(dtype):
+    """same_products_for_full on linear layers with a bias (Qwen2's q/k/v) and without: every
+    nn.Linear patched (the count returned), outputs and gradients, the bias's included, as the
+    modules' own."""
+    import copy
+
+    from train_step import same_products_for_full
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.Tanh(), torch.nn.Linear(10, 6, bias=False)).to(dtype)
+    plain = copy.deepcopy(model)
+    assert same_products_for_full(model) == 2
+    x = torch.randn(2, 5, 12, dtype=dtype, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    out, ref = model(x), plain(x2)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    up = torch.randn_like(out)
+    out.backward(up)
+    ref.backward(up)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(model.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)

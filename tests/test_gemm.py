@@ -103,16 +103,34 @@ def test_frozen_linear_gives_f_linears_input_gradient(dtype):
         _close_to_float64(gx, gx64)
 
 
-def test_frozen_linear_second_order_gradients():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_frozen_linear_second_order_gradients(dtype):
+    """backward(create_graph=True): float32's first-order backward is oneDNN's, which autograd cannot
+    differentiate, so that backward runs torch's op instead; the second-order gradient is F.linear's."""
     g = torch.Generator().manual_seed(4)
-    w = torch.randn(6, 8, generator=g, dtype=torch.float64)
-    x = torch.randn(3, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(6, 8, generator=g, dtype=dtype)
+    x = torch.randn(3, 8, generator=g, dtype=dtype, requires_grad=True)
 
     def penalty(lin):
         (gx,) = torch.autograd.grad(lin(x).pow(3).sum(), x, create_graph=True)
         return torch.autograd.grad(gx.pow(2).sum(), x)[0]
 
-    torch.testing.assert_close(penalty(lambda t: gemm.frozen_linear(t, w)), penalty(lambda t: F.linear(t, w)))
+    tol = None if dtype == torch.float64 else 1e-4
+    torch.testing.assert_close(penalty(lambda t: gemm.frozen_linear(t, w)), penalty(lambda t: F.linear(t, w)),
+                               rtol=tol, atol=tol)
+
+
+@onednn
+def test_products_over_zero_terms_are_zeros():
+    """A layer with 0 input features (or dL/dx through one with 0 outputs): sums of no terms, zeros
+    (oneDNN cannot make a primitive for them: torch's kernels run)."""
+    x, w, b = torch.randn(3, 0), torch.randn(4, 0), torch.randn(4)
+    assert torch.equal(gemm.linear(x, w, b), F.linear(x, w, b))
+    assert torch.equal(gemm.linear(x, w), torch.zeros(3, 4))
+    g, w2 = torch.randn(3, 0), torch.randn(0, 5)
+    assert torch.equal(gemm.times_weight(g, w2), torch.zeros(3, 5))
+    into = torch.randn(3, 5)
+    assert torch.equal(gemm.add_times_weight(into.clone(), g, w2), into)
 
 
 def test_frozen_linear_refuses_a_trained_weight():
@@ -162,6 +180,22 @@ def test_lora_linear_base_takes_frozen_linear_only_where_that_is_its_call(monkey
         assert _routed(monkeypatch, layer, x) == 0
     model.double()
     assert _routed(monkeypatch, layer, x.double()) == 0
+
+
+@onednn
+def test_base_routing_looks_at_the_active_adapters_only(monkeypatch):
+    """With x frozen, the base takes frozen_linear where an active adapter wants a gradient."""
+    torch.manual_seed(0)
+    model = lk.get_lora_model(torch.nn.Sequential(torch.nn.Linear(16, 8)), lk.LoraConfig(r=2, target_modules=["0"]))
+    lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules=["0"]), adapter_name="other")
+    layer = model[0]
+    x = torch.randn(3, 16)
+    lk.set_adapter(model, ["default", "other"])
+    layer.lora_A["default"].requires_grad_(True)
+    layer.lora_A["other"].requires_grad_(False)
+    assert _routed(monkeypatch, layer, x) == 1  # one of the active adapters wants its gradient
+    lk.set_adapter(model, "other")
+    assert _routed(monkeypatch, layer, x) == 0  # only an inactive one does
 
 
 @onednn

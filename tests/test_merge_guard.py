@@ -79,6 +79,14 @@ def test_fingerprints_of_several_tensors_at_once_are_each_ones_own():
         assert f == int((bits * weights).sum())  # (int64 sums wrap as the definition's modulo does)
 
 
+def test_fingerprint_over_chunks_wraps_to_int64():
+    """The chunks' sums, added in Python, wrap as one int64 sum does (an overflow across chunks)."""
+    t = torch.zeros(2 ** 20 + 1, dtype=torch.int64)
+    t[0], t[-1] = 2 ** 63 - 1, 1  # weights 1 and (2^20 · 2654435761) | 1
+    total = (2 ** 63 - 1) + ((2 ** 20 * 2654435761) | 1)
+    assert bits_fingerprint(t) == (total + 2 ** 63) % 2 ** 64 - 2 ** 63
+
+
 def test_fingerprint_sees_any_bit_and_order_change_and_equal_copies_agree():
     t = torch.randn(5, 7)
     f = bits_fingerprint(t)
