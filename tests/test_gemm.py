@@ -24,6 +24,8 @@ def _close_to_float64(got: torch.Tensor, exact: torch.Tensor) -> None:
 def test_which_tensors_take_onednn():
     x, w = torch.randn(4, 8), torch.randn(3, 8)
     assert gemm.uses_onednn(x, w)
+    assert gemm.uses_onednn(x, w, None)  # (no bias)
+    assert not gemm.uses_onednn(x, w, torch.zeros(3, dtype=torch.float64))  # a bias of another dtype
     assert gemm.uses_onednn(x, torch.nn.Parameter(w, requires_grad=False))
     assert not gemm.uses_onednn(x.double(), w.double())
     assert not gemm.uses_onednn(x.bfloat16(), w.bfloat16())

@@ -34,12 +34,15 @@ _ONEDNN_SUM = None if _ONEDNN is None else _ONEDNN.binary
 _PLAIN = (torch.Tensor, torch.nn.Parameter)
 
 
-def uses_onednn(*tensors: torch.Tensor) -> bool:
-    """Whether products of ``tensors`` (a left operand, then weights / biases) go to oneDNN: all of
-    them plain float32 CPU tensors, oneDNN built and enabled, no torch.compile tracing."""
+def uses_onednn(*tensors: torch.Tensor | None) -> bool:
+    """Whether products of ``tensors`` (a left operand, then weights / biases; None for a missing
+    bias is skipped) go to oneDNN: all of them plain float32 CPU tensors, oneDNN built and enabled,
+    no torch.compile tracing."""
     if _ONEDNN is None:
         return False
     for t in tensors:
+        if t is None:
+            continue
         if type(t) not in _PLAIN or t.dtype is not torch.float32 or t.device.type != "cpu":
             return False
     return torch.backends.mkldnn.enabled and not torch.compiler.is_compiling()
@@ -48,7 +51,7 @@ def uses_onednn(*tensors: torch.Tensor) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` without autograd (call it under no_grad or inside an autograd
     Function): oneDNN where ``uses_onednn``, else ``F.linear``. ``x``: (..., in); ``weight``: (out, in)."""
-    if x.dim() and uses_onednn(x, weight, *(() if bias is None else (bias,))) and x.shape[-1] and weight.shape[0]:
+    if x.dim() and uses_onednn(x, weight, bias) and x.shape[-1] and weight.shape[0]:
         if bias is not None and not bias.is_contiguous():  # (oneDNN reads the bias as contiguous memory)
             bias = bias.contiguous()
         out = _ONEDNN(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")

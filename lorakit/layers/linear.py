@@ -162,7 +162,7 @@ class LoraLinear(LoraLayer):
             As = self.lora_A._parameters
             if (W is not None and not W.requires_grad and (b is None or not b.requires_grad)
                     and (x.requires_grad or any(As[n].requires_grad for n in self.active_adapters if n in As))
-                    and gemm.uses_onednn(x, W, *(() if b is None else (b,)))):
+                    and gemm.uses_onednn(x, W, b)):
                 return gemm.frozen_linear(x, W, b)
         return base(x, *args, **kwargs)
 
