@@ -668,6 +668,16 @@ def _tied_llama_with(targets, names=("a",)):
     return m
 
 
+def tied_pair(first: str, second: str, r: int = 2):
+    """A tied tiny Llama with adapter "a" on module ``first`` and "b" on ``second`` (the two tied ones,
+    ``lm_head`` / ``embed_tokens``), both active."""
+    m = tiny_llama(tie=True)
+    lk.get_lora_model(m, lk.LoraConfig(r=r, target_modules=[first], init_lora_weights=False), adapter_name="a")
+    lk.get_lora_model(m, lk.LoraConfig(r=r, target_modules=[second], init_lora_weights=False), adapter_name="b")
+    lk.set_adapter(m, ["a", "b"])
+    return m
+
+
 def test_both_tied_modules_targeted_tie_again():
     """Both copies untied, and nothing held the original: it stayed untied (25,056 parameters for 21,824)."""
     m = _tied_llama_with(["embed_tokens", "lm_head"])
@@ -775,11 +785,8 @@ def test_merging_tied_modules_in_two_calls_ties_again_exactly():
     """The first merge untied lm_head, the second wrote into the original (then held by the embedding
     alone): no tie after unload, both weights 3.7e-9 off."""
     for order in (["a", "b"], ["b", "a"]):
-        m = tiny_llama(tie=True)
-        W = m.lm_head.weight.detach().clone()
-        lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False), adapter_name="a")
-        lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["embed_tokens"], init_lora_weights=False), adapter_name="b")
-        lk.set_adapter(m, ["a", "b"])
+        m = tied_pair("lm_head", "embed_tokens")
+        W = m.lm_head.base_layer.weight.detach().clone()
         for name in order:
             with pytest.warns(UserWarning, match="tied"):
                 lk.merge(m, [name])
@@ -791,10 +798,7 @@ def test_merging_tied_modules_in_two_calls_ties_again_exactly():
 def test_the_tie_flag_comes_back_only_with_the_whole_tie():
     """Deleting one of two merged adapters re-tied its module and set tie_word_embeddings while the other
     still held a merged copy: transformers' tie_weights() then moved the logits 0.24."""
-    m = tiny_llama(tie=True)
-    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["embed_tokens"], init_lora_weights=False), adapter_name="a")
-    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["lm_head"], init_lora_weights=False), adapter_name="b")
-    lk.set_adapter(m, ["a", "b"])
+    m = tied_pair("embed_tokens", "lm_head")
     with pytest.warns(UserWarning, match="tied"):
         lk.merge(m)
     lk.delete_adapter(m, "a")

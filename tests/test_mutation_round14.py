@@ -13,6 +13,7 @@ from torch import nn
 
 import lorakit as lk
 from conftest import tiny_llama
+from test_inject import tied_pair
 from test_variants_dora import _counting_norms
 from test_variants_dora import _dora_embedding_and_linear as _dora_model
 
@@ -82,11 +83,7 @@ def test_a_dora_merge_made_after_a_plain_unmerge_goes_back_in_as_its_own_merge()
 def test_a_tie_split_by_a_merge_comes_back_after_a_delete_and_an_unmerge():  # b21
     """A merge records the bits it wrote into an untied weight: the tie's check on a holder still
     merged (here at delete_adapter) must not take it for edited and drop the tie."""
-    torch.manual_seed(0)
-    m = tiny_llama(tie=True)
-    lk.get_lora_model(m, lk.LoraConfig(r=4, target_modules=["lm_head"], init_lora_weights=False), adapter_name="a")
-    lk.get_lora_model(m, lk.LoraConfig(r=4, target_modules=["embed_tokens"], init_lora_weights=False), adapter_name="b")
-    lk.set_adapter(m, ["a", "b"])
+    m = tied_pair("lm_head", "embed_tokens", r=4)  # (tiny_llama seeds itself)
     with pytest.warns(UserWarning, match="tied"):
         lk.merge(m)
     assert m.lm_head.base_layer.weight is not m.model.embed_tokens.base_layer.weight
