@@ -123,6 +123,25 @@ def test_frozen_linear_second_order_gradients(dtype):
 
 
 @onednn
+def test_shapes_that_do_not_fit_get_torchs_error_naming_them():
+    """A wrong input width (a LoRA Linear's base, with gradients on) is refused as nn.Linear refuses
+    it, naming the shapes, not by oneDNN's "could not create a primitive descriptor"."""
+    w, b = torch.randn(5, 8), torch.randn(5)
+    with pytest.raises(RuntimeError, match=r"shapes cannot be multiplied \(3x7 and 8x5\)"):
+        gemm.linear(torch.randn(3, 7), w)
+    with pytest.raises(RuntimeError, match="size"):
+        gemm.linear(torch.randn(3, 8), w, torch.randn(4))  # a bias of the wrong length
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        gemm.times_weight(torch.randn(3, 4), w)
+    with pytest.raises(RuntimeError, match="size"):
+        gemm.add_times_weight(torch.randn(3, 7), torch.randn(3, 5), w)
+    model = lk.get_lora_model(torch.nn.Sequential(torch.nn.Linear(8, 5)), lk.LoraConfig(r=2, target_modules=["0"]))
+    with pytest.raises(RuntimeError, match=r"shapes cannot be multiplied \(3x7 and 8x5\)"):
+        model(torch.randn(3, 7, requires_grad=True))
+    assert torch.equal(gemm.linear(torch.randn(0, 8), w, b), torch.empty(0, 5))  # (no rows: fine)
+
+
+@onednn
 def test_products_over_zero_terms_are_zeros():
     """A layer with 0 input features (or dL/dx through one with 0 outputs): sums of no terms, zeros
     (oneDNN cannot make a primitive for them: torch's kernels run)."""

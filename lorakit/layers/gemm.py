@@ -51,7 +51,9 @@ def uses_onednn(*tensors: torch.Tensor | None) -> bool:
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` without autograd (call it under no_grad or inside an autograd
     Function): oneDNN where ``uses_onednn``, else ``F.linear``. ``x``: (..., in); ``weight``: (out, in)."""
-    if x.dim() and uses_onednn(x, weight, bias) and x.shape[-1] and weight.shape[0]:
+    # (shapes that do not fit, or no terms to sum, take F.linear: its error names them; oneDNN's would not)
+    if (x.dim() and weight.dim() == 2 and x.shape[-1] == weight.shape[1] and x.shape[-1] and weight.shape[0]
+            and (bias is None or bias.shape == weight.shape[:1]) and uses_onednn(x, weight, bias)):
         if bias is not None and not bias.is_contiguous():  # (oneDNN reads the bias as contiguous memory)
             bias = bias.contiguous()
         out = _ONEDNN(x.reshape(-1, x.shape[-1]), weight, bias, "none", [], "")
@@ -64,7 +66,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def times_weight(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``g @ weight`` for a 2-D ``g`` (tokens, out) and ``weight`` (out, in): dL/dx through a frozen
     linear layer, a fresh (tokens, in) tensor. No autograd (as ``linear``)."""
-    if uses_onednn(g, weight) and g.shape[1] and weight.shape[1]:
+    if g.dim() == weight.dim() == 2 and g.shape[1] == weight.shape[0] and g.shape[1] and weight.shape[1] and uses_onednn(g, weight):
         return _ONEDNN(g, weight.t(), None, "none", [], "")
     return g @ weight
 
@@ -73,7 +75,8 @@ def add_times_weight(into: torch.Tensor, g: torch.Tensor, weight: torch.Tensor) 
     """``into + g @ weight``: written into ``into`` (``addmm_``) by torch's kernel; with oneDNN a
     fresh tensor (its product with the sum as a post-op; ``into`` is released by the caller, so two
     such buffers exist for a moment): use the returned tensor."""
-    if uses_onednn(into, g, weight) and g.shape[1] and weight.shape[1]:
+    if (g.dim() == weight.dim() == 2 and g.shape[1] == weight.shape[0] and into.shape == (g.shape[0], weight.shape[1])
+            and g.shape[1] and weight.shape[1] and uses_onednn(into, g, weight)):
         return _ONEDNN_SUM(g, into, weight.t(), None, "add")
     return into.addmm_(g, weight)
 
