@@ -173,7 +173,7 @@ def setup() -> Dist:
     if not dist.is_available():
         raise RuntimeError("this torch build has no torch.distributed: run in a single process")
     init_gloo()
-    atexit.register(_close_at_exit)
+    atexit.register(close_group)  # while the interpreter is still whole (see init_gloo)
     return Dist(world=dist.get_world_size(), rank=dist.get_rank())
 
 
@@ -196,10 +196,17 @@ def init_gloo(**kwargs: Any) -> None:
     dist.init_process_group(backend="gloo", **kwargs)
 
 
-def _close_at_exit() -> None:
-    """Destroy the group ``setup`` started while the interpreter is still whole (gloo's threads
-    torn down at interpreter finalisation can abort the process)."""
+def close_group() -> None:
+    """Destroy the default process group, if one is up, such that its gloo threads end now.
+
+    ``destroy_process_group`` drops torch's own references to the group; gloo's threads end when
+    the last one goes. A reference held by a garbage cycle (a frame kept by a caught exception's
+    traceback, say) keeps them running until the collector next runs, which at interpreter exit
+    may be too late (see ``init_gloo``): the collector runs here, so they end with the call."""
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_initialized():
         dist.destroy_process_group()
+        gc.collect()
