@@ -1339,17 +1339,24 @@ def test_sigterm_or_sighup_before_the_loop_cleans_up_like_ctrl_c(tmp_path, tok, 
         if step == 2:
             os.kill(os.getpid(), getattr(signal, sig))
 
-    before = signal.getsignal(getattr(signal, sig))
-    cfg = _cfg(tmp_path, data_files, max_steps=3)
-    monkeypatch.setattr(loop, "tokenize_all", stop_while_loading)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
-    assert not (tmp_path / "run").exists() and signal.getsignal(getattr(signal, sig)) is before
-    monkeypatch.setattr(loop, "tokenize_all", real)
-    res = train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, on_step=stop_mid_loop, log=_quiet)
-    assert res.interrupted and res.steps == 2  # in the loop: finish the step, keep a checkpoint
-    res = train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
-    assert res.steps == 3 and not res.interrupted and signal.getsignal(getattr(signal, sig)) is before
+    signum = getattr(signal, sig)
+    inherited = signal.getsignal(signum)
+    if inherited is signal.SIG_IGN:  # started under nohup, and a run keeps ignoring an ignored signal
+        signal.signal(signum, signal.SIG_DFL)
+    try:
+        before = signal.getsignal(getattr(signal, sig))
+        cfg = _cfg(tmp_path, data_files, max_steps=3)
+        monkeypatch.setattr(loop, "tokenize_all", stop_while_loading)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+        assert not (tmp_path / "run").exists() and signal.getsignal(getattr(signal, sig)) is before
+        monkeypatch.setattr(loop, "tokenize_all", real)
+        res = train(cfg, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, on_step=stop_mid_loop, log=_quiet)
+        assert res.interrupted and res.steps == 2  # in the loop: finish the step, keep a checkpoint
+        res = train(cfg, resume=True, model=tiny_llama_lm(tok), tokenizer=tok, progress=False, log=_quiet)
+        assert res.steps == 3 and not res.interrupted and signal.getsignal(getattr(signal, sig)) is before
+    finally:
+        signal.signal(signum, inherited)
 
 
 def test_a_run_in_progress_locks_its_directory(tmp_path, tok, data_files):
