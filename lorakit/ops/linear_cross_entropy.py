@@ -69,7 +69,11 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if grad_h is not None:
                 grad_h[start:start + chunk] = gemm.times_weight(probs.to(weight.dtype), weight).to(hidden.dtype)
             if grad_w is not None:
-                grad_w += gemm.linear(probs.T, h.to(acc).T)  # probsᵀ h
+                # probsᵀ h summed into the one (V, d) buffer in place (torch's addmm_). oneDNN's faster
+                # product makes a fresh (V, d) tensor per chunk (113 MB for the embedded model, mapped
+                # anew from the OS each time, ~28,000 page faults): its fp32 full fine-tuning head took
+                # 0.68-0.81 s a step that way, 0.47-0.55 s this way (1024 tokens, 4 chunks).
+                grad_w.addmm_(probs.T, h.to(acc))
             if grad_b is not None:
                 grad_b += probs.sum(0)
         ctx.save_for_backward(grad_h, grad_w, grad_b)
