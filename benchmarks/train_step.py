@@ -466,16 +466,16 @@ def main() -> None:
         print(f"| {label} | {' | '.join(cols)} |")
     faults = {k: statistics.median(t[2] for t in full["times"][k]) for k in ("lorakit", "full")}
     print(f"\nMinor page faults per step (median): LoRA {faults['lorakit']:,.0f}, full {faults['full']:,.0f} (each a "
-          "fresh 4 KiB page the allocator maps: the full step's gradients and AdamW temporaries are model-sized, "
-          "and where glibc hands such memory back and maps it again, the time that costs is in the full step "
-          "but not in the floor).")
+          "fresh 4 KiB page the allocator maps: the full step's gradients are model-sized, the tied embedding's "
+          "alone 113 MB, and where glibc hands such memory back and maps it again, the time that costs, ~2.5 µs a "
+          "page here, is in the full step but not in the floor; docs/training.md has a glibc setting that keeps it).")
     print("\nMedian of the per-round ratios (min–max); best = fastest LoRA step ÷ fastest full step "
           "(noise only ever slows a step down). Both steps use fused AdamW, as `lorakit train` does. The floor "
           "counts the weights' products of forward and backward only: the full step's AdamW over all N weights, "
           "which the whole-step ratio includes, is not in it, nor are the attention's own products (no weights; "
           "the same in both steps), so forward + backward is the column to hold against it. The full step runs "
-          "lorakit's loss and its products' kernels (in fp32 oneDNN's, for the forward, dL/dx and dL/dW of every "
-          "linear layer, as the LoRA steps multiply) but none of the training kernels, which engage only around "
+          "lorakit's loss (whose head sums its weight gradient in place) and its products' kernels (in fp32 "
+          "oneDNN's, for the forward, dL/dx and dL/dW of every other linear layer, as the LoRA steps multiply) but none of the training kernels, which engage only around "
           "frozen weights (fused "
           "SwiGLU tail, q/k/v as one node, RMSNorm output recomputed): the second row does the same work as the "
           "full step less the frozen weights' gradients; the first is what the kernels take off that. "
