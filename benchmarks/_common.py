@@ -80,10 +80,11 @@ def timed(fn, repeats: int) -> list[float]:
     return out
 
 
-def run_worker(script: Path, args: list[str], timeout: float = 900, extra: list[str] | None = None) -> dict:
-    """Run ``script --worker args`` (or ``script *extra`` when given) in a fresh interpreter; return
-    the JSON it prints last."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore")
+def run_worker(script: Path, args: list[str], timeout: float = 900, extra: list[str] | None = None,
+               env: dict[str, str] | None = None) -> dict:
+    """Run ``script --worker args`` (or ``script *extra`` when given) in a fresh interpreter, with
+    ``env`` added to its environment; return the JSON it prints last."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error", PYTHONWARNINGS="ignore", **(env or {}))
     argv = extra if extra is not None else ["--worker", *args]
     proc = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True,
                           timeout=timeout, env=env, cwd=ROOT)

@@ -40,13 +40,18 @@ attention alone (every layer's SDPA call, forward + backward, at the step's shap
 steps do alike, which the floor leaves out too; the table also holds forward + backward against
 the floor with that work added. ``--no-plain-lora`` leaves the second LoRA setup out (a round then
 takes ~2/3 of the time: the lean plan of ``make bench`` runs three rounds, ``--full-rounds 3``, in
-the time of two: with two, one slow step moved the median by half its delay).
+the time of two: with two, one slow step moved the median by half its delay). That process runs
+with glibc keeping the memory it frees (``KEEP_FREED``): with glibc's defaults the full step's
+model-sized buffers were mapped anew from the OS each step, 144,000-510,000 page faults a step
+(~2.5 µs each here) depending on the order of earlier allocations, and the ratio moved with them
+(0.51-0.72 over runs); ``--glibc-defaults`` measures that way.
 """
 from __future__ import annotations
 
 import argparse
 import functools
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -180,6 +185,17 @@ def same_products_for_full(model) -> int:
             module.forward = _TrainedLinearForward(module)
             count += 1
     return count
+
+
+#: glibc's tunables under which freed memory stays with the process (no mmap'd chunks, no trimming):
+#: the LoRA ÷ full worker's allocator (docs/training.md, "Memory given back and mapped again").
+KEEP_FREED = "glibc.malloc.mmap_max=0:glibc.malloc.trim_threshold=68719476736"
+
+
+def keep_freed_tunables() -> str:
+    """``GLIBC_TUNABLES`` for a worker: this environment's own, with ``KEEP_FREED`` after them."""
+    own = os.environ.get("GLIBC_TUNABLES")
+    return f"{own}:{KEEP_FREED}" if own else KEEP_FREED
 
 
 def pair_worker(kinds: tuple[str, ...], workload: str, dropout: float, dtype: str, steps: int) -> dict:
@@ -363,6 +379,9 @@ def main() -> None:
                     help="no PEFT with lorakit's loss (the second table's fp32 rows; PEFT under bf16 autocast, the "
                          "bf16 row at the same arithmetic, stays): a third of the fp32 step-time rounds (the leaner "
                          "plan of make bench)")
+    ap.add_argument("--glibc-defaults", action="store_true",
+                    help="LoRA ÷ full with glibc's default allocator settings (default: its process keeps freed "
+                         f"memory, GLIBC_TUNABLES={KEEP_FREED})")
     ap.add_argument("--worker", nargs=5, metavar=("KIND", "WORKLOAD", "STEPS", "DROPOUT", "DTYPE"),
                     help=argparse.SUPPRESS)
     ap.add_argument("--pair-worker", nargs=5, metavar=("KINDS", "WORKLOAD", "DROPOUT", "DTYPE", "ROUNDS"),
@@ -402,13 +421,14 @@ def main() -> None:
     # LoRA ÷ full: once, on the fp32 lm workload without dropout, its models (two with --no-plain-lora) in one process
     full_rounds = args.pairs if args.full_rounds is None else args.full_rounds
     full_kinds = "lorakit,full" if args.no_plain_lora else "lorakit,lorakit-plain,full"
-    full = run_worker(script, [], extra=["--pair-worker", full_kinds, "lm", "0", "fp32", str(full_rounds)])
+    full = run_worker(script, [], extra=["--pair-worker", full_kinds, "lm", "0", "fp32", str(full_rounds)],
+                      env=None if args.glibc_defaults else {"GLIBC_TUNABLES": keep_freed_tunables()})
     print(f"  lora vs full: {full}", file=sys.stderr, flush=True)
     print(f"Machine: {machine()}\n")
     print(f"Command: `python benchmarks/train_step.py --repeats {args.repeats} --steps {args.steps} --pairs {args.pairs}"
           f"{f' --full-rounds {args.full_rounds}' if args.full_rounds is not None else ''}"
           f"{' --no-plain-lora' if args.no_plain_lora else ''}{' --no-peer-memory' if args.no_peer_memory else ''}"
-          f"{' --no-peer-rows' if args.no_peer_rows else ''}`\n")
+          f"{' --no-peer-rows' if args.no_peer_rows else ''}{' --glibc-defaults' if args.glibc_defaults else ''}`\n")
     print(f"Step time: {args.pairs} rounds in one process of one step of each setup (lorakit, PEFT and, where the "
           "second table lists one, another PEFT setup; each on its own copy of one loaded model), who goes first "
           "rotating; median of the per-round ratios (min–max), and best = fastest ÷ fastest. Peak RSS "
@@ -442,8 +462,11 @@ def main() -> None:
     print_ratio_table("workload vs | step time | peak RSS | saved-for-backward", extra_rows)
     trainable, frozen = full["params"]["lorakit"]
     floor = 2 / 3 + trainable / frozen
+    allocator = ("glibc's default allocator settings" if args.glibc_defaults else
+                 f"glibc keeping freed memory for the next step, GLIBC_TUNABLES={KEEP_FREED}, for both steps alike")
     print(f"\nLoRA ÷ full fine-tuning (lm, dropout 0, fp32; {full_rounds} rounds of one step each in one process "
-          f"after two warm-up rounds, who goes first rotating; arithmetic floor 2/3 + P/N = {floor:.3f}):\n")
+          f"after two warm-up rounds, who goes first rotating, with {allocator}; arithmetic floor 2/3 + P/N = "
+          f"{floor:.3f}):\n")
     # the attention's share of the full step's forward + backward, per round: a floor that also counts
     # that work (the same in both steps) is floor + (1 - floor) * share
     shares = [a[1] / f[1] for a, f in zip(full["times"]["attention"], full["times"]["full"])]
@@ -468,7 +491,10 @@ def main() -> None:
     print(f"\nMinor page faults per step (median): LoRA {faults['lorakit']:,.0f}, full {faults['full']:,.0f} (each a "
           "fresh 4 KiB page the allocator maps: the full step's gradients are model-sized, the tied embedding's "
           "alone 113 MB, and where glibc hands such memory back and maps it again, the time that costs, ~2.5 µs a "
-          "page here, is in the full step but not in the floor; docs/training.md has a glibc setting that keeps it).")
+          "page here, is in the full step but not in the floor. glibc's defaults map the full step's model-sized "
+          "buffers anew each step: 144,000–510,000 faults a full step were measured so, and LoRA ÷ full moved "
+          "between 0.51 and 0.72 over runs with them; so this worker keeps freed memory unless --glibc-defaults, "
+          "as docs/training.md suggests for long runs).")
     print("\nMedian of the per-round ratios (min–max); best = fastest LoRA step ÷ fastest full step "
           "(noise only ever slows a step down). Both steps use fused AdamW, as `lorakit train` does. The floor "
           "counts the weights' products of forward and backward only: the full step's AdamW over all N weights, "

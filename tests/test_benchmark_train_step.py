@@ -1,6 +1,9 @@
 """benchmarks/train_step.py times the attention alone as the model's training step runs it."""
 from __future__ import annotations
 
+import os
+import platform
+import subprocess
 import sys
 from pathlib import Path
 
@@ -93,3 +96,32 @@ def test_full_step_products_with_a_bias(dtype):
     torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-6)
     for (name, p), q in zip(model.named_parameters(), plain.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+_REFAULTS = """
+import resource, torch
+torch.empty(50_000_000).fill_(1.0)  # 200 MB, freed at once
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+torch.empty(50_000_000).fill_(1.0)  # the same again
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc's tunables")
+def test_the_full_workers_allocator_keeps_freed_memory(monkeypatch):
+    """The LoRA ÷ full worker's GLIBC_TUNABLES make a second model-sized buffer reuse the first's pages
+    (glibc's defaults map it anew: ~49,000 page faults for 200 MB), and keep a caller's own tunables."""
+    import train_step
+
+    def refaults(env):
+        out = subprocess.run([sys.executable, "-c", _REFAULTS], env=env, capture_output=True, text=True, check=True)
+        return int(out.stdout.split()[-1])
+
+    base = {k: v for k, v in os.environ.items() if k != "GLIBC_TUNABLES"}
+    thp = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+    if not (thp.exists() and "[always]" in thp.read_text()):  # (with 2 MB pages a fresh map faults ~100 times)
+        assert refaults(base) > 40_000
+    monkeypatch.delenv("GLIBC_TUNABLES", raising=False)
+    assert refaults(dict(base, GLIBC_TUNABLES=train_step.keep_freed_tunables())) < 1_000
+    monkeypatch.setenv("GLIBC_TUNABLES", "glibc.malloc.arena_max=2")
+    assert train_step.keep_freed_tunables() == "glibc.malloc.arena_max=2:" + train_step.KEEP_FREED
