@@ -63,10 +63,16 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
     return F.linear(x, weight, bias)
 
 
+def _times_weight_fits(g: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``g @ weight`` is a product oneDNN can take: two matrices that fit, with terms to sum
+    and columns to make (else torch's op, whose error names the shapes)."""
+    return g.dim() == weight.dim() == 2 and g.shape[1] == weight.shape[0] and bool(g.shape[1]) and bool(weight.shape[1])
+
+
 def times_weight(g: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """``g @ weight`` for a 2-D ``g`` (tokens, out) and ``weight`` (out, in): dL/dx through a frozen
     linear layer, a fresh (tokens, in) tensor. No autograd (as ``linear``)."""
-    if g.dim() == weight.dim() == 2 and g.shape[1] == weight.shape[0] and g.shape[1] and weight.shape[1] and uses_onednn(g, weight):
+    if _times_weight_fits(g, weight) and uses_onednn(g, weight):
         return _ONEDNN(g, weight.t(), None, "none", [], "")
     return g @ weight
 
@@ -75,8 +81,7 @@ def add_times_weight(into: torch.Tensor, g: torch.Tensor, weight: torch.Tensor) 
     """``into + g @ weight``: written into ``into`` (``addmm_``) by torch's kernel; with oneDNN a
     fresh tensor (its product with the sum as a post-op; ``into`` is released by the caller, so two
     such buffers exist for a moment): use the returned tensor."""
-    if (g.dim() == weight.dim() == 2 and g.shape[1] == weight.shape[0] and into.shape == (g.shape[0], weight.shape[1])
-            and g.shape[1] and weight.shape[1] and uses_onednn(into, g, weight)):
+    if _times_weight_fits(g, weight) and into.shape == (g.shape[0], weight.shape[1]) and uses_onednn(into, g, weight):
         return _ONEDNN_SUM(g, into, weight.t(), None, "add")
     return into.addmm_(g, weight)
 
