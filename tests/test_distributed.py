@@ -63,12 +63,17 @@ def _worker(rank: int, world: int, store: str, cfg: dict, resume: bool, stop_at:
     # which a pending connection of the transport can keep a while after the group has gone (a suite
     # run on a fresh machine once found it alone still running here): it gets up to 10 s.
     assert [n for n in _gloo_threads() if n.startswith("pt_gloo")] == [], _gloo_threads()
-    deadline = time.monotonic() + 10
-    while _gloo_threads() and time.monotonic() < deadline:
+    left = _gloo_threads_after(10)
+    if left:
+        print(f"rank {rank}: gloo's transport thread still running 10 s after close_group: {left}", file=sys.stderr)
+
+
+def _gloo_threads_after(seconds: float) -> list[str]:
+    """This process's gloo threads once none is left, or ``seconds`` have passed."""
+    deadline = time.monotonic() + seconds
+    while (left := _gloo_threads()) and time.monotonic() < deadline:
         time.sleep(0.01)
-    if _gloo_threads():
-        print(f"rank {rank}: gloo's transport thread still running 10 s after close_group: {_gloo_threads()}",
-              file=sys.stderr)
+    return left
 
 
 def _gloo_threads() -> list[str]:
@@ -197,11 +202,11 @@ def test_ctrl_c_in_one_process_stops_both_after_the_same_step_and_the_resume_is_
 
 def _cycle_worker(rank: int, store: str, out: str) -> None:
     """A one-process group that a garbage cycle also holds; what is left of gloo after ``close_group``."""
+    import gc
+
     import torch.distributed as dist
 
     import lorakit.train.distributed as d
-
-    import gc
 
     gc.disable()  # (only close_group's own collection may free the cycle)
     d.init_gloo(init_method=f"file://{store}", rank=rank, world_size=1)
@@ -212,10 +217,8 @@ def _cycle_worker(rank: int, store: str, out: str) -> None:
     running = _gloo_threads()
     d.close_group()
     after = _gloo_threads()
-    deadline = time.monotonic() + 10  # gloo's transport thread may take a moment (see _worker)
-    while _gloo_threads() and time.monotonic() < deadline:
-        time.sleep(0.01)
-    Path(out).write_text(json.dumps({"before": running, "after": after, "later": _gloo_threads()}))
+    later = _gloo_threads_after(10)  # gloo's transport thread may take a moment (see _worker)
+    Path(out).write_text(json.dumps({"before": running, "after": after, "later": later}))
 
 
 def test_close_group_ends_gloo_even_when_a_garbage_cycle_holds_the_group(tmp_path):
