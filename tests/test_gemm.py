@@ -12,6 +12,16 @@ import lorakit as lk
 from lorakit.layers import gemm
 
 onednn = pytest.mark.skipif(gemm._ONEDNN is None, reason="torch built without oneDNN")
+DEFAULT_MIN_MACS = gemm.ONEDNN_MIN_MACS
+
+
+@pytest.fixture(autouse=True)
+def onednn_for_every_size():
+    """The tests here check oneDNN's path on small tensors: every size goes to it. (Not monkeypatch:
+    ``_routed`` undoes its patches mid-test.) The size rule's own tests set the threshold themselves."""
+    gemm.ONEDNN_MIN_MACS = 0
+    yield
+    gemm.ONEDNN_MIN_MACS = DEFAULT_MIN_MACS
 
 
 def _close_to_float64(got: torch.Tensor, exact: torch.Tensor) -> None:
@@ -220,20 +230,23 @@ def test_base_routing_looks_at_the_active_adapters_only(monkeypatch):
 
 
 @onednn
-def test_a_lora_step_in_float32_matches_the_float64_step():
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_a_lora_step_in_float32_matches_the_float64_step(dropout):
     """Every product of a float32 step (base, grouped q/k/v and gate/up, SwiGLU tail, head) through
-    oneDNN: the adapter gradients within float32 rounding of the float64 step's."""
+    oneDNN: the adapter gradients within float32 rounding of the float64 step's. With LoRA dropout
+    both steps draw the same masks (same seed, same shapes)."""
     from lorakit.train.generate import loss_sum
     from lorakit.train.loop import use_lora_training_kernels
 
     import copy
 
     grads = {}
-    model64 = lora_llama(dtype=torch.float64)
+    model64 = lora_llama(dtype=torch.float64, dropout=dropout)
     for dtype in (torch.float32, torch.float64):
         model = copy.deepcopy(model64).to(dtype)  # the same weights in both
         use_lora_training_kernels(model)
         ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(5))
+        torch.manual_seed(12)
         loss, n = loss_sum(model, {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids})
         (loss / n).backward()
         grads[dtype] = {k: p.grad for k, p in model.named_parameters() if p.requires_grad}
@@ -326,3 +339,86 @@ def test_head_chunks_logits_are_released_before_the_next_are_made(monkeypatch):
     assert len(made) == 7 and alive_at_make == [0] * 7  # 7 chunks' logits, each made with no other alive
     torch.testing.assert_close(loss.double(), F.cross_entropy(h.double() @ w.double().T, y, reduction="sum"),
                                rtol=1e-6, atol=1e-4)
+
+
+def _onednn_calls(monkeypatch) -> list:
+    calls = []
+    for name in ("_ONEDNN", "_ONEDNN_SUM"):
+        real = getattr(gemm, name)
+        monkeypatch.setattr(gemm, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    return calls
+
+
+@onednn
+def test_products_below_the_threshold_keep_torchs_kernel_bit_for_bit(monkeypatch):
+    """oneDNN's fixed cost per call outweighs its faster kernel on small products: below
+    ``ONEDNN_MIN_MACS`` multiply-adds (rows × weight elements) torch's own ops run, with their bits."""
+    assert DEFAULT_MIN_MACS == 1 << 23
+    gemm.ONEDNN_MIN_MACS = 10 * 12 * 8  # x (2, 5, 12) and W (8, 12): 10 rows × 96 elements, exactly
+    calls = _onednn_calls(monkeypatch)
+    g = torch.Generator().manual_seed(9)
+    x, w, b = torch.randn(2, 5, 12, generator=g), torch.randn(8, 12, generator=g), torch.randn(8, generator=g)
+    gemm.linear(x, w, b)
+    assert calls == ["_ONEDNN"]  # at the threshold: oneDNN
+    small_x, small_w = x[:, :4], w[:7]
+    for out, ref in ((gemm.linear(small_x, w, b), F.linear(small_x, w, b)),      # 8 rows x 96
+                     (gemm.linear(x, small_w, b[:7]), F.linear(x, small_w, b[:7]))):  # 10 rows x 84
+        assert torch.equal(out, ref) and out._base is None
+    grad = torch.randn(9, 8, generator=g)  # 9 rows x 96 elements
+    into = torch.randn(9, 12, generator=g)
+    assert torch.equal(gemm.times_weight(grad, w), grad @ w)
+    summed = gemm.add_times_weight(kept := into.clone(), grad, w)
+    assert summed is kept and torch.equal(summed, into.clone().addmm_(grad, w))
+    assert calls == ["_ONEDNN"]
+    gemm.times_weight(torch.randn(10, 8), w)
+    gemm.add_times_weight(torch.randn(10, 12), torch.randn(10, 8), w)
+    assert calls == ["_ONEDNN", "_ONEDNN", "_ONEDNN_SUM"]
+
+
+@onednn
+def test_a_small_lora_layer_computes_its_base_with_its_own_call(monkeypatch):
+    """A LoRA Linear's base takes ``frozen_linear`` (oneDNN) only for a product worth it."""
+    torch.manual_seed(0)
+    model = lk.get_lora_model(torch.nn.Sequential(torch.nn.Linear(16, 8)), lk.LoraConfig(r=2, target_modules=["0"]))
+    x = torch.randn(3, 16, requires_grad=True)
+    gemm.ONEDNN_MIN_MACS = 3 * 16 * 8 + 1
+    assert _routed(monkeypatch, model[0], x) == 0
+    gemm.ONEDNN_MIN_MACS = 3 * 16 * 8
+    assert _routed(monkeypatch, model[0], x) == 1
+
+
+@onednn
+def test_a_head_below_the_threshold_keeps_torchs_kernel(monkeypatch):
+    from lorakit.ops import linear_cross_entropy
+
+    gemm.ONEDNN_MIN_MACS = DEFAULT_MIN_MACS
+    calls = _onednn_calls(monkeypatch)
+    g = torch.Generator().manual_seed(10)
+    h = torch.randn(40, 32, generator=g, requires_grad=True)
+    w, y = torch.randn(300, 32, generator=g) * 0.2, torch.randint(0, 300, (40,), generator=g)
+    loss = linear_cross_entropy(h, w, y, chunk_size=16)
+    (gh,) = torch.autograd.grad(loss, h)
+    assert calls == []
+    h64 = h.detach().double().requires_grad_()
+    ref = F.cross_entropy(h64 @ w.double().T, y, reduction="sum")
+    torch.testing.assert_close(loss.double(), ref.detach(), rtol=1e-6, atol=1e-4)
+    _close_to_float64(gh, torch.autograd.grad(ref, h64)[0])
+
+
+@pytest.mark.parametrize("min_macs", [0, DEFAULT_MIN_MACS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_biased_product_of_a_batch_may_be_edited_in_place_after_the_node(min_macs, dtype):
+    """F.linear of a 1-D or 3-D input with a bias is a view of its 2-D addmm; returned from an
+    autograd Function and edited in place, autograd refused it ("Output 0 of _FrozenLinear is a
+    view and is being modified inplace"). gemm.linear's output is never a view, on either kernel."""
+    gemm.ONEDNN_MIN_MACS = min_macs
+    g = torch.Generator().manual_seed(11)
+    w, b = torch.randn(4, 8, generator=g, dtype=dtype), torch.randn(4, generator=g, dtype=dtype)
+    for shape in ((2, 3, 8), (8,)):
+        x = torch.randn(*shape, generator=g, dtype=dtype, requires_grad=True)
+        y = gemm.frozen_linear(x, w, b)
+        assert y._base is None
+        if dtype == torch.float64 or min_macs:
+            assert torch.equal(y, F.linear(x, w, b))  # torch's kernel: its bits
+        y.mul_(2.0).sum().backward()
+        torch.testing.assert_close(x.grad, (2 * w.sum(0)).expand(shape))

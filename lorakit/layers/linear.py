@@ -152,8 +152,8 @@ class LoraLinear(LoraLayer):
         """Where a gradient is wanted (gradients on, and x or an active adapter requiring grad), a
         plain frozen fp32 ``nn.Linear`` base on the CPU (no hooks: see ``plain_linear``) computes
         through ``lorakit.layers.gemm.frozen_linear`` (oneDNN's products, ~1.4x faster than torch's
-        MKL ones here; the gradient of x only, as autograd's would be); anything else calls the base
-        layer. So inference, and a disabled layer (``disable_adapters``), give its bits exactly."""
+        MKL ones here; the gradient of x only, as autograd's would be) where the product is big
+        enough for oneDNN to pay (``gemm.worth_onednn``); anything else calls the base layer. So inference, and a disabled layer (``disable_adapters``), give its bits exactly."""
         base = self.base_layer
         if (not args and not kwargs and torch.is_grad_enabled() and not self.disabled and plain_linear(base)
                 and not autocast_on(x)):
@@ -162,7 +162,7 @@ class LoraLinear(LoraLayer):
             As = self.lora_A._parameters
             if (W is not None and not W.requires_grad and (b is None or not b.requires_grad)
                     and (x.requires_grad or any(As[n].requires_grad for n in self.active_adapters if n in As))
-                    and gemm.uses_onednn(x, W, b)):
+                    and gemm.uses_onednn(x, W, b) and gemm.worth_onednn(x, W)):
                 return gemm.frozen_linear(x, W, b)
         return base(x, *args, **kwargs)
 

@@ -32,8 +32,8 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch import nn
 
-from lorakit.layers.fused import (KeepMask, add_branch, add_product, branch_dtype, branch_grads, first_order_only,
-                                  norm_recipe, recompute_norm)
+from lorakit.layers.fused import (KeepMask, _as, add_branch, add_product, branch_dtype, branch_grads,
+                                  first_order_only, norm_recipe, recompute_norm)
 from lorakit.layers.linear import LoraLinear
 from lorakit.layers import gemm
 from lorakit.ops.patching import forward_body, patch_forwards, unpatch_forwards
@@ -91,7 +91,7 @@ class SharedInputLinears(torch.autograd.Function):
                 tokens = x2.shape[0]
                 plain = [i for i in adapted if not (ps and ps[i])]
                 if plain:
-                    h = x2 @ torch.cat([members[i][2].to(cd) for i in plain]).T   # (tokens, Σ r)
+                    h = x2 @ torch.cat([_as(members[i][2], cd) for i in plain]).T   # (tokens, Σ r)
                     start = 0
                     for i in plain:
                         r = members[i][2].shape[0]
@@ -130,7 +130,7 @@ class SharedInputLinears(torch.autograd.Function):
             for g, (W, _, _, _) in zip(grads, members):
                 if g is None:
                     continue
-                g2 = g.reshape(-1, g.shape[-1]).to(W.dtype)
+                g2 = _as(g.reshape(-1, g.shape[-1]), W.dtype)
                 gx = gemm.times_weight(g2, W) if gx is None else gemm.add_times_weight(gx, g2, W)  # (tokens, in)
         results: list[torch.Tensor | None] = [None] * (3 + len(flat))
         if adapted:
@@ -165,10 +165,10 @@ class SharedInputLinears(torch.autograd.Function):
                 if g is None:
                     ghs.append(torch.zeros(tokens, r, dtype=cd, device=hs[i].device))
                 else:
-                    g2 = g.reshape(-1, g.shape[-1]).to(cd)
+                    g2 = _as(g.reshape(-1, g.shape[-1]), cd)
                     if need[3 + 4 * i + 3]:
-                        results[3 + 4 * i + 3] = (g2.T @ hs[i]).to(B.dtype).mul_(s)   # (out, r)
-                    ghs.append((g2 @ B.to(cd)).mul_(s))                      # (tokens, r)
+                        results[3 + 4 * i + 3] = _as(g2.T @ hs[i], B.dtype).mul_(s)     # (out, r)
+                    ghs.append((g2 @ _as(B, cd)).mul_(s))                    # (tokens, r)
             if plain:
                 gh = torch.cat(ghs, dim=1) if len(ghs) > 1 else ghs[0]      # (tokens, Σ r)
                 need_A = [need[3 + 4 * i + 2] for i in plain]
@@ -179,10 +179,10 @@ class SharedInputLinears(torch.autograd.Function):
                         A = members[i][2]
                         r = A.shape[0]
                         if want:
-                            results[3 + 4 * i + 2] = gA[start:start + r].to(A.dtype)
+                            results[3 + 4 * i + 2] = _as(gA[start:start + r], A.dtype)
                         start += r
                 if need_x:
-                    A_cat = torch.cat([members[i][2].to(cd) for i in plain])
+                    A_cat = torch.cat([_as(members[i][2], cd) for i in plain])
                     if gx is None:
                         gx = gh @ A_cat
                     elif gx.dtype == cd:
@@ -190,7 +190,7 @@ class SharedInputLinears(torch.autograd.Function):
                     else:
                         gx.add_((gh @ A_cat).to(gx.dtype))
         if gx is not None:
-            results[0] = gx.reshape(x_shape).to(x_dtype)  # None when no output was used
+            results[0] = _as(gx.reshape(x_shape), x_dtype)  # None when no output was used
         return tuple(results)
 
 

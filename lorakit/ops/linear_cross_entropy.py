@@ -40,7 +40,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         # With gradients, oneDNN's product (gemm.linear: fp32 on the CPU), which makes its own output:
         # then one chunk's logits at a time, each released before the next is computed. An evaluation
         # (no_grad) keeps torch's kernel, its loss the same bits as before.
-        dnn = grad_mode and gemm.uses_onednn(hidden, weight)
+        dnn = grad_mode and gemm.uses_onednn(hidden, weight) and gemm.worth_onednn(hidden[:chunk], weight)
         buf = None if dnn else torch.empty(min(chunk, hidden.shape[0]), weight.shape[0], dtype=acc, device=hidden.device)
         for start in range(0, hidden.shape[0], chunk):
             h = hidden[start:start + chunk]
