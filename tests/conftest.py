@@ -15,6 +15,27 @@ warnings.filterwarnings("ignore", message=".*eos_token_id.*")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 
+def _library_default_kernels_min_numel() -> int:
+    from lorakit.layers import fused
+
+    return fused.KERNELS_MIN_NUMEL
+
+
+#: (read before any test changes it)
+DEFAULT_KERNELS_MIN_NUMEL = _library_default_kernels_min_numel()
+
+
+@pytest.fixture(autouse=True)
+def _kernels_at_every_size():
+    """The tests run lorakit's training kernels on tiny models, which by default take autograd's plain
+    ops below ``KERNELS_MIN_NUMEL`` input elements (tests/test_kernel_size.py checks that rule)."""
+    from lorakit.layers import fused
+
+    fused.KERNELS_MIN_NUMEL = 0
+    yield
+    fused.KERNELS_MIN_NUMEL = DEFAULT_KERNELS_MIN_NUMEL
+
+
 @pytest.fixture(autouse=True)
 def _sigint_as_in_a_terminal():
     """Every test sees SIGINT handled as Python does by default (KeyboardInterrupt), the old handler
@@ -26,6 +47,19 @@ def _sigint_as_in_a_terminal():
     old = signal.signal(signal.SIGINT, signal.default_int_handler)
     yield
     signal.signal(signal.SIGINT, old)
+
+
+def graph_node_names(fn) -> set[str]:
+    """The class names of every autograd node reachable from ``fn`` (a tensor's ``grad_fn``)."""
+    seen, todo, names = set(), [fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        todo.extend(n for n, _ in node.next_functions)
+    return names
 
 
 def tiny_llama(seed: int = 0, tie: bool = False, bias: bool = False):

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 import lorakit as lk
-from conftest import Wrap
+from conftest import Wrap, graph_node_names
 from lorakit.layers.fused import FusedLoraLinear, KeepMask, dropout_mask, fused_lora_add, pack_bits, unpack_bits
 
 
@@ -727,18 +727,6 @@ def _view_output_layer(kind, dtype=torch.float64, p=0.0):
     return model
 
 
-def _nodes(fn):
-    seen, todo, names = set(), [fn], []
-    while todo:
-        node = todo.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        names.append(type(node).__name__)
-        todo.extend(n for n, _ in node.next_functions)
-    return names
-
-
 @pytest.mark.parametrize("kind", ["linear_bias", "conv1d"])
 @pytest.mark.parametrize("p", [0.0, 0.3])
 def test_a_3d_input_to_a_view_making_base_takes_the_fused_node(kind, p):
@@ -750,7 +738,7 @@ def test_a_3d_input_to_a_view_making_base_takes_the_fused_node(kind, p):
     x = torch.randn(2, 5, 10, dtype=torch.float64, requires_grad=True)
     torch.manual_seed(1)
     y = model(x)
-    assert "FusedLoraLinearBackward" in _nodes(y.grad_fn) and y.shape == (2, 5, 12)
+    assert "FusedLoraLinearBackward" in graph_node_names(y.grad_fn) and y.shape == (2, 5, 12)
     g = torch.randn_like(y)
     grads = torch.autograd.grad(y, (x, A, B), g)
     x2 = x.detach().reshape(10, 10).requires_grad_()
@@ -823,7 +811,7 @@ def test_inference_under_autocast_runs_the_fused_nodes_ops_without_the_node(kind
     x = torch.randn(2, 5, 10)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         want = model(x)
-    assert "FusedLoraLinearBackward" in _nodes(want.grad_fn)
+    assert "FusedLoraLinearBackward" in graph_node_names(want.grad_fn)
     calls = []
     forward = FusedLoraLinear.forward
     monkeypatch.setattr(FusedLoraLinear, "forward", staticmethod(lambda *a: calls.append(1) or forward(*a)))

@@ -30,6 +30,20 @@ from lorakit.variants import add_rounded_once
 
 _RESOLUTION = 1 << 16
 
+#: lorakit's training kernels (this module's fused LoRA node; ``lorakit.ops``' RMSNorm, q / k / v and
+#: SwiGLU nodes) engage for inputs of at least this many elements (tokens × width). Below it
+#: autograd's plain ops run: there the kernels' Python per call (their forward and backward are
+#: Python functions) costs more than the work they save. Tiny Llamas' LoRA step ÷ PEFT's (1 thread,
+#: 150 interleaved steps): hidden 32 × 32 tokens 1.144 with the kernels, 1.029 without; hidden
+#: 64 × 256 tokens (16,384 elements) 1.050 / 1.033; hidden 128 × 512 tokens 0.911 / 1.030. Set it
+#: to 0 to run the kernels at every size (the test suite does, to test them on tiny models).
+KERNELS_MIN_NUMEL = 1 << 14
+
+
+def kernels_pay(x: torch.Tensor) -> bool:
+    """Whether a layer input ``x`` is big enough for the training kernels (``KERNELS_MIN_NUMEL``)."""
+    return x.numel() >= KERNELS_MIN_NUMEL
+
 
 #: Attribute a fused RMSNorm (``lorakit.ops.rmsnorm``) sets on its output: ``(h, weight, rstd,
 #: SharedRecompute())``, from which ``recompute_norm`` rebuilds that output bit for bit, so LoRA nodes
@@ -498,7 +512,9 @@ def fused_lora_add(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: to
     all of a tensor (``F.linear`` of a 3-D input with a bias, GPT-2's ``Conv1D``: their 2-D
     ``addmm`` result), the branch is added into that tensor and the view made again. Falls back to
     autograd's out-of-place ops where writing into ``result`` would not be safe (a view of part of
-    a tensor, or a leaf autograd may need unchanged); both paths draw the same kind of mask.
+    a tensor, or a leaf autograd may need unchanged), and for inputs too small for the node to pay
+    (``kernels_pay``) where those ops are the same arithmetic (not on a bf16 base, whose node runs
+    the products in bf16, nor under autocast); both paths draw the same kind of mask.
     """
     whole = whole_base(result)
     if whole is not None:
@@ -517,7 +533,8 @@ def fused_lora_add(result: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: to
     # plain autograd ops also under torch.func transforms (grad, vmap) and forward-mode AD, which
     # a custom autograd.Function with an in-place forward does not support
     fallback = (result._base is not None or result.is_leaf and result.requires_grad
-                or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0)
+                or torch._C._are_functorch_transforms_active() or forward_ad._current_level >= 0
+                or not kernels_pay(x) and result.dtype != torch.bfloat16 and not autocast_on(x))
     drop = KeepMask((x.numel() // x.shape[-1], x.shape[-1]), p, x.device, reuse=not fallback) if use_dropout else None
     if fallback:  # autograd keeps the mask here: it must be a tensor of its own
         x2 = x.reshape(-1, x.shape[-1]).to(A.dtype)

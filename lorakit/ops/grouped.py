@@ -35,7 +35,7 @@ from torch import nn
 from lorakit.layers.fused import (KeepMask, _as, add_branch, add_product, branch_dtype, branch_grads,
                                   first_order_only, norm_recipe, recompute_norm)
 from lorakit.layers.linear import LoraLinear
-from lorakit.layers import gemm
+from lorakit.layers import fused, gemm
 from lorakit.ops.patching import forward_body, patch_forwards, unpatch_forwards
 
 
@@ -196,8 +196,9 @@ class SharedInputLinears(torch.autograd.Function):
 
 def shared_input_linears(x: torch.Tensor, modules: list[nn.Module]) -> list[torch.Tensor] | None:
     """``[m(x) for m in modules]`` as one ``SharedInputLinears`` node, or None where that would not be
-    equivalent (see the module docstring) or would gain nothing (nothing needs a gradient)."""
-    if not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type):
+    equivalent (see the module docstring) or would gain nothing (nothing needs a gradient, or an input
+    too small for the node to pay: ``lorakit.layers.fused.kernels_pay``)."""
+    if not torch.is_grad_enabled() or torch.is_autocast_enabled(x.device.type) or not fused.kernels_pay(x):
         return None
     plans = [linear_plan(m) for m in modules]
     if any(p is None for p in plans):

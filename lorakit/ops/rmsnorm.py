@@ -22,6 +22,7 @@ from torch import nn
 from lorakit.layers.fused import RMSNORM_RECIPE as RECIPE
 from lorakit.layers.fused import SharedRecompute, first_order_only
 from lorakit.layers.fused import recompute_norm as recompute
+from lorakit.layers import fused
 from lorakit.ops.patching import forward_body, patch_forwards, unpatch_forwards
 
 _BODY = [
@@ -86,7 +87,7 @@ class _FusedNormForward:
         # under torch.compile too: dynamo cannot trace the output's recipe tag and the shared
         # rebuild's counters (side effects), and the graph it made gave wrong gradients (0.13 off
         # on a 0.13 scale for a tiny Llama with the aot_eager backend)
-        if (not torch.is_grad_enabled() or hidden_states.dtype == torch.float64
+        if (not torch.is_grad_enabled() or hidden_states.dtype == torch.float64 or not fused.kernels_pay(hidden_states)
                 or torch.is_autocast_enabled(hidden_states.device.type) or torch.compiler.is_compiling()):
             return type(m).forward(m, hidden_states)
         return RMSNormFn.apply(hidden_states, m.weight, m.variance_epsilon)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lorakit.layers.fused import KeepMask, add_branch, branch_dtype, branch_grads, first_order_only
-from lorakit.layers import gemm
+from lorakit.layers import fused, gemm
 from lorakit.ops.grouped import linear_plan, shared_input_linears
 from lorakit.ops.patching import forward_body, patch_forwards, unpatch_forwards
 
@@ -81,7 +81,8 @@ class _FusedMLPForward:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
-        plan = linear_plan(m.down_proj) if torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type) else None
+        plan = (linear_plan(m.down_proj) if torch.is_grad_enabled() and not torch.is_autocast_enabled(x.device.type)
+                and fused.kernels_pay(x) else None)  # (a small input: the plain MLP, see KERNELS_MIN_NUMEL)
         if plan is None:
             return type(m).forward(m, x)
         weight, bias, A, B, scale, p = plan
