@@ -153,7 +153,8 @@ class LoraLinear(LoraLayer):
         plain frozen fp32 ``nn.Linear`` base on the CPU (no hooks: see ``plain_linear``) computes
         through ``lorakit.layers.gemm.frozen_linear`` (oneDNN's products, ~1.4x faster than torch's
         MKL ones here; the gradient of x only, as autograd's would be) where the product is big
-        enough for oneDNN to pay (``gemm.worth_onednn``); anything else calls the base layer. So inference, and a disabled layer (``disable_adapters``), give its bits exactly."""
+        enough for oneDNN to pay (``gemm.worth_onednn``); anything else calls the base layer. So
+        inference, and a disabled layer (``disable_adapters``), give its bits exactly."""
         base = self.base_layer
         if (not args and not kwargs and torch.is_grad_enabled() and not self.disabled and plain_linear(base)
                 and not autocast_on(x)):
