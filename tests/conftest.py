@@ -14,26 +14,22 @@ warnings.filterwarnings("ignore", message=".*bos_token_id.*")
 warnings.filterwarnings("ignore", message=".*eos_token_id.*")
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
+from lorakit.layers import fused, gemm  # noqa: E402
 
-def _library_default_kernels_min_numel() -> int:
-    from lorakit.layers import fused
-
-    return fused.KERNELS_MIN_NUMEL
-
-
-#: (read before any test changes it)
-DEFAULT_KERNELS_MIN_NUMEL = _library_default_kernels_min_numel()
+#: The library's size rules, read before any test changes them.
+DEFAULT_KERNELS_MIN_NUMEL, DEFAULT_ONEDNN_MIN_MACS = fused.KERNELS_MIN_NUMEL, gemm.ONEDNN_MIN_MACS
 
 
 @pytest.fixture(autouse=True)
 def _kernels_at_every_size():
-    """The tests run lorakit's training kernels on tiny models, which by default take autograd's plain
-    ops below ``KERNELS_MIN_NUMEL`` input elements (tests/test_kernel_size.py checks that rule)."""
-    from lorakit.layers import fused
-
-    fused.KERNELS_MIN_NUMEL = 0
+    """The tests run lorakit's training kernels and oneDNN's products on tiny models, which by default
+    take autograd's plain ops below ``KERNELS_MIN_NUMEL`` input elements and torch's kernel below
+    ``ONEDNN_MIN_MACS`` multiply-adds (tests/test_kernel_size.py and test_gemm.py check those rules,
+    setting the thresholds themselves). Not monkeypatch: test_gemm's ``_routed`` undoes its patches
+    mid-test."""
+    fused.KERNELS_MIN_NUMEL = gemm.ONEDNN_MIN_MACS = 0
     yield
-    fused.KERNELS_MIN_NUMEL = DEFAULT_KERNELS_MIN_NUMEL
+    fused.KERNELS_MIN_NUMEL, gemm.ONEDNN_MIN_MACS = DEFAULT_KERNELS_MIN_NUMEL, DEFAULT_ONEDNN_MIN_MACS
 
 
 @pytest.fixture(autouse=True)

@@ -6,22 +6,12 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import lora_llama
+from conftest import DEFAULT_ONEDNN_MIN_MACS as DEFAULT_MIN_MACS, lora_llama
 
 import lorakit as lk
 from lorakit.layers import gemm
 
 onednn = pytest.mark.skipif(gemm._ONEDNN is None, reason="torch built without oneDNN")
-DEFAULT_MIN_MACS = gemm.ONEDNN_MIN_MACS
-
-
-@pytest.fixture(autouse=True)
-def onednn_for_every_size():
-    """The tests here check oneDNN's path on small tensors: every size goes to it. (Not monkeypatch:
-    ``_routed`` undoes its patches mid-test.) The size rule's own tests set the threshold themselves."""
-    gemm.ONEDNN_MIN_MACS = 0
-    yield
-    gemm.ONEDNN_MIN_MACS = DEFAULT_MIN_MACS
 
 
 def _close_to_float64(got: torch.Tensor, exact: torch.Tensor) -> None:

@@ -144,7 +144,6 @@ def test_the_full_steps_products_all_go_to_onednn_in_float32(monkeypatch):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 10), nn.Tanh(), nn.Linear(10, 6, bias=False))
     assert same_products_for_full(model) == 2
-    monkeypatch.setattr(gemm, "ONEDNN_MIN_MACS", 0)  # (products this small keep MKL otherwise: gemm.worth_onednn)
     calls = []
     real = gemm._ONEDNN
     monkeypatch.setattr(gemm, "_ONEDNN", lambda *a: calls.append(a[0].shape) or real(*a))
