@@ -159,7 +159,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     merged = {id(layer): list(layer.merged_adapters) for layer in layers}
     for layer in layers:
         if layer.merged_adapters:
-            layer.unmerge()
+            layer.unmerge(check=False)  # (checked above)
         layer.disabled = True
     for wrapper in wrappers:
         wrapper.disabled = True
@@ -258,7 +258,7 @@ def unmerge(model: nn.Module) -> nn.Module:
     layers = list(iter_lora_layers(model))
     _refuse_changed_merges(layers)
     for _, layer in layers:
-        layer.unmerge()
+        layer.unmerge(check=False)  # (every layer checked above)
     retie(model)
     return model
 
@@ -277,9 +277,9 @@ def _strip(model: nn.Module, do_merge: bool, safe: bool = False) -> nn.Module:
         _refuse_changed_merges(layers)
     for name, layer in layers:
         if do_merge:
-            layer.merge(safe=safe)
+            layer.merge(safe=safe, stamp=False)  # (the layer goes: nothing will unmerge it)
         elif layer.merged_adapters:
-            layer.unmerge()
+            layer.unmerge(check=False)  # (checked above)
     retie(model)  # (merge_and_unload too: a tie whose holders ended up with nothing merged)
     for name, layer in list(iter_lora_layers(model)):
         _set_submodule(model, name, layer.base_layer)

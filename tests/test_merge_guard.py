@@ -429,3 +429,95 @@ def test_a_merge_in_place_writes_the_bits_of_the_merge_into_a_copy(dtype, adapte
         expected = (b.base_layer.weight.to(torch.promote_types(dtype, torch.float32)) - b.delta_weight("default")).to(dtype)
         a.unmerge()
         assert torch.equal(a.base_layer.weight, expected)
+
+
+def test_merge_and_unload_takes_no_fingerprints_and_gives_merge_s_weights(monkeypatch):
+    """merge_and_unload removes the layers, so nothing ever unmerges: it skips the merge stamps
+    (about half its time), and its weights are those lk.merge writes, bit for bit."""
+    from lorakit.layers.base import LoraLayer
+
+    stamped = []
+    real = LoraLayer.merge_stamp
+    monkeypatch.setattr(LoraLayer, "merge_stamp", lambda self, name: stamped.append(name) or real(self, name))
+    merged = lk.merge(_model(names=("a", "b")))
+    layers = sum(1 for _ in iter_lora_layers(merged))
+    assert len(stamped) == 2 * layers  # (lk.merge stamps each adapter it folds in)
+    stamped.clear()
+    plain = lk.merge_and_unload(_model(names=("a", "b")))
+    assert stamped == []
+    for _, layer in iter_lora_layers(merged):
+        layer.merged_adapters.clear()  # (strip the layers without unmerging: the merged weights as written)
+    expect = lk.unload(merged).state_dict()
+    got = plain.state_dict()
+    assert got.keys() == expect.keys()
+    for k in expect:
+        assert torch.equal(got[k], expect[k]), k
+
+
+def test_a_layer_merged_without_a_stamp_unmerges_without_the_check():
+    m = _model()
+    layer = m.model.layers[0].self_attn.q_proj
+    before = layer.base_layer.weight.detach().clone()
+    layer.merge(stamp=False)
+    assert layer.merged_adapters == ["a"] and "a" not in layer.merge_stamps
+    _edit_b(m)  # (with a stamp this unmerge is refused: test_put_back_the_unmerge_...)
+    layer.unmerge()
+    assert not torch.allclose(layer.base_layer.weight, before)  # subtracted the edited update
+
+
+def test_a_merge_stamp_takes_the_casts_fingerprints_only_when_a_cast_comes():
+    """A merge keeps the bits' fingerprint alone (one pass per tensor); a module cast (``_apply``)
+    adds the casts' first, from the tensors as merged, so a cast of the model still unmerges, and
+    a cast of the copy of a merged model takes them from the copy."""
+    m = _model()
+    lk.merge(m)
+    layer = m.model.layers[0].self_attn.q_proj
+    prints = layer.merge_stamps["a"][1]
+    assert prints and all(p[2] is None for p in prints)
+    twin = copy.deepcopy(m)
+    m.half()
+    assert all(p[2] for p in m.model.layers[0].self_attn.q_proj.merge_stamps["a"][1])
+    assert all(p[2] is None for p in twin.model.layers[0].self_attn.q_proj.merge_stamps["a"][1])
+    lk.unmerge(m)
+    twin.bfloat16()
+    lk.unmerge(twin)
+    assert not any(layer.merged_adapters for _, layer in iter_lora_layers(twin))
+
+
+def test_a_narrowing_cast_that_bypasses_the_module_is_refused():
+    """Rounding an adapter by hand (``.data`` of another dtype, no module cast) left no casts'
+    fingerprints to recognise it by: the unmerge refuses, as for any change, with the model as it was."""
+    m = _model()
+    lk.merge(m)
+    layer = m.model.layers[0].self_attn.q_proj
+    layer.lora_B["a"].data = layer.lora_B["a"].data.half()
+    before = _weights(m)
+    with pytest.raises(ValueError, match="changed"):
+        lk.unmerge(m)
+    _assert_same(m, before)
+
+
+def test_a_cast_after_an_edit_leaves_the_stamp_without_chains():
+    m = _model()
+    lk.merge(m)
+    layer = m.model.layers[0].self_attn.q_proj
+    _edit_b(m)
+    m.double()  # (B was edited first: no casts' fingerprints are taken from it; A's are)
+    a_print, b_print = layer.merge_stamps["a"][1]
+    assert a_print[2] and b_print[2] is None
+    with pytest.raises(ValueError, match="changed"):
+        lk.unmerge(m)
+
+
+def test_model_level_unmerge_checks_each_layer_once(monkeypatch):
+    from lorakit.layers.base import LoraLayer
+
+    m = _model(names=("a", "b"))
+    lk.merge(m)
+    calls = []
+    real = LoraLayer.unmerge_blocker
+    monkeypatch.setattr(LoraLayer, "unmerge_blocker", lambda self, names=None: calls.append(self) or real(self, names))
+    lk.unmerge(m)
+    layers = [layer for _, layer in iter_lora_layers(m)]
+    assert len(calls) == len(layers) and {id(c) for c in calls} == {id(layer) for layer in layers}
+    assert not any(layer.merged_adapters for layer in layers)

@@ -79,21 +79,38 @@ def cast_print(tensor: torch.Tensor) -> tuple:
     chains: dict[tuple[torch.dtype, ...], torch.Tensor] = {}
     if tensor.is_floating_point():
         size = tensor.element_size()
-        ok = [d for d in _ROUND_TRIPS if d != tensor.dtype and torch.empty((), dtype=d).element_size() <= size]
+        ok = [d for d in _ROUND_TRIPS if d != tensor.dtype and d.itemsize <= size]
         for first in ok:
             once = chains[(first,)] = tensor.to(first)
             for second in ok:
-                if second != first and torch.empty((), dtype=second).element_size() <= once.element_size():
+                if second != first and second.itemsize <= first.itemsize:
                     chains[(first, second)] = once.to(second)
     prints = bits_fingerprints([tensor, *chains.values()])  # (the 16-bit casts in one pass)
     return tensor.dtype, prints[0], dict(zip(chains, prints[1:]))
 
 
+def bits_print(tensor: torch.Tensor) -> tuple:
+    """What ``cast_print`` keeps, less the narrower chains (``None`` in their place: one pass over the
+    tensor instead of five for a float32 one): enough for ``same_up_to_cast`` to recognise the
+    tensor unchanged, or widened; ``with_chains`` adds the chains while the tensor is still the same
+    (before a cast, ``LoraLayer._apply``). A tensor narrowed before that counts as changed."""
+    return tensor.dtype, bits_fingerprint(tensor), None
+
+
+def with_chains(then: tuple, tensor: torch.Tensor) -> tuple:
+    """``then`` (a ``bits_print`` or ``cast_print``) with its narrower chains, taken from ``tensor``
+    if it is still exactly what ``then`` saw; else ``then`` as it is (a changed tensor stays changed)."""
+    dtype, print_, narrower = then
+    if narrower is not None or tensor.dtype != dtype or bits_fingerprint(tensor) != print_:
+        return then
+    return cast_print(tensor)
+
+
 def same_up_to_cast(then: tuple, tensor: torch.Tensor) -> bool:
     """Whether ``tensor`` is what ``cast_print`` saw, or that cast: to a wider dtype and maybe back
     (the same values), or through one or two narrower dtypes (its values then exactly those of the
-    original rounded along them), in whatever dtype it is now. Anything else is a change (an edit,
-    a load; an edit with a cast too)."""
+    original rounded along them; not for a ``bits_print`` whose chains were never taken), in
+    whatever dtype it is now. Anything else is a change (an edit, a load; an edit with a cast too)."""
     dtype, print_, narrower = then
     if tensor.dtype == dtype:
         if bits_fingerprint(tensor) == print_:
@@ -102,7 +119,7 @@ def same_up_to_cast(then: tuple, tensor: torch.Tensor) -> bool:
         back = tensor.to(dtype)
         if bits_fingerprint(back) == print_ and torch.equal(back.to(tensor.dtype), tensor):
             return True  # widened (or narrowed losslessly), same values
-    for chain, chain_print in narrower.items():
+    for chain, chain_print in (narrower or {}).items():
         rounded = tensor.to(chain[-1])
         if torch.equal(rounded.to(tensor.dtype), tensor) and bits_fingerprint(rounded) == chain_print:
             return True

@@ -126,23 +126,23 @@ class LoraLinearNF4(LoraLinear):
     """LoRA on an NF4 base (QLoRA): forward as ``LoraLinear``; merging goes into a dense copy."""
 
     @torch.no_grad()
-    def merge(self, adapter_names: list[str] | None = None, safe: bool = False) -> None:
+    def merge(self, adapter_names: list[str] | None = None, safe: bool = False, *, stamp: bool = True) -> None:
         if self.merge_order(adapter_names) and isinstance(self.base_layer, LinearNF4):
             # Merge into a dequantised dense copy; never re-quantise (see module docstring).
             self.quantized_base = self.base_layer
             self.base_layer = self.quantized_base.to_linear()
             try:
-                super().merge(adapter_names, safe=safe)
+                super().merge(adapter_names, safe=safe, stamp=stamp)
             except BaseException:
                 self.base_layer = self.quantized_base
                 del self.quantized_base
                 raise
             return
-        super().merge(adapter_names, safe=safe)
+        super().merge(adapter_names, safe=safe, stamp=stamp)
 
     @torch.no_grad()
-    def unmerge(self, adapter_names: list[str] | None = None) -> None:
-        super().unmerge(adapter_names)
+    def unmerge(self, adapter_names: list[str] | None = None, *, check: bool = True) -> None:
+        super().unmerge(adapter_names, check=check)
         if not self.merged_adapters and isinstance(getattr(self, "quantized_base", None), LinearNF4):
             self.base_layer = self.quantized_base  # the exact NF4 weights, not a re-quantisation
             del self.quantized_base
