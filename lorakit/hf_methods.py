@@ -62,10 +62,9 @@ def _save_pretrained(model: nn.Module, save_directory: str | Path, is_main_proce
     tensors' names as Trainer will load them back; the adapters' are read from the model. A
     ``model.safetensors`` that lorakit did not write (a model's own weights) is never overwritten: the
     save is refused. ``is_main_process=False`` writes nothing (a later process of a distributed run)."""
-    from safetensors.torch import save
 
     from lorakit.inject import get_state
-    from lorakit.io import atomic_write_bytes, save_adapter
+    from lorakit.io import atomic_save_tensors, save_adapter
 
     refused = {"push_to_hub": "lorakit writes a directory; upload it yourself (huggingface_hub.upload_folder)",
                "path_initial_model_for_weight_conversion": "save a PiSSA / OLoRA adapter converted with "
@@ -111,7 +110,7 @@ def _save_pretrained(model: nn.Module, save_directory: str | Path, is_main_proce
                          if k in trainable or _unwrapped(k) in trainable}  # (a submodule of its own named 'module' stays)
         trainable = {k: v.detach().contiguous() for k, v in trainable.items()}
     if trainable:
-        atomic_write_bytes(root / TRAINER_WEIGHTS, save(trainable, metadata=_TRAINER_METADATA))
+        atomic_save_tensors(root / TRAINER_WEIGHTS, trainable, _TRAINER_METADATA)
     elif ours:  # (a stale one of an earlier save would be loaded back)
         (root / TRAINER_WEIGHTS).unlink()
 

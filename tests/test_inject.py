@@ -1188,3 +1188,32 @@ def test_a_peft_config_made_adapter_saves_and_loads(tmp_path):  # C02
     config = lk.LoraConfig.from_dict({"r": 2, "lora_alpha": 4, "target_modules": ["q_proj"],
                                       "layers_to_transform": {1, 0}, "trainable_token_indices": set()})
     assert config.layers_to_transform == [0, 1]
+
+
+_NAMES = ["q_proj", "model.layers.0.self_attn.q_proj", "model.layers.10.mlp.up_proj", "a..b", "a.", ".a", "", "fc",
+          "block.fc", "x.fc.y", "layers.0", "model.layers.0", "0", "a.b.c.d.e.f"]
+_LISTS = [["q_proj"], ["layers.0.self_attn.q_proj"], ["fc", "up_proj"], ["self_attn"], [".a", ""], ["a."],
+          ["model.layers.0.self_attn.q_proj"], [], ["b", "a..b"], ["d.e.f", "c"], ["0"]]
+
+
+def test_name_matching_by_set_look_ups_is_the_suffix_rule():
+    """_name_matches looks a list's entries up as a set, once per dot of the name (save_adapter's
+    check of PEFT's reading of "all-linear" matched every module against 210 names): the same
+    answers as testing each entry as the name or a dotted suffix, for lists and frozensets."""
+    from lorakit.inject import _name_matches
+
+    for entries in _LISTS:
+        for name in _NAMES:
+            expect = name in entries or any(name.endswith("." + p) for p in entries)
+            assert _name_matches(entries, name) is expect, (entries, name)
+            assert _name_matches(frozenset(entries), name) is expect, (entries, name)
+
+
+def test_inside_a_wrapper_by_its_name_s_prefixes_is_the_prefix_rule():
+    from lorakit.inject import _inside_lora
+
+    wrappers = [set(), {"model.layers.0.self_attn.q_proj"}, {"a", "x.fc"}, {""}, {"a."}, {"model", "layers.0"}]
+    for found in wrappers:
+        for name in _NAMES + ["model.layers.0.self_attn.q_proj.lora_A", "x.fc.y.z", "a.b"]:
+            expect = any(name.startswith(p + ".") for p in found)
+            assert _inside_lora(name, found) is expect, (found, name)

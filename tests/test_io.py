@@ -1099,3 +1099,25 @@ def test_unsupported_peft_fields_left_empty_are_accepted():
 
 def test_peft_type_is_read_case_insensitively():
     assert lk.LoraConfig.from_dict({**_PEFT_BASE, "peft_type": "lora"}).r == 2
+
+
+def test_tensors_saved_atomically_are_synced_by_the_name_they_end_under(tmp_path, monkeypatch, _umask_022):
+    """safetensors' save_file puts a file of its own at the path it is given (a rename over the
+    temporary): the sync and the mode go to that file, by name, not to the temporary mkstemp made;
+    the bytes are save()'s, and a failed write leaves no temporary and no file."""
+    from safetensors.torch import save
+
+    from lorakit.io import atomic_save_tensors
+
+    tensors = {"a": torch.arange(6.0).view(2, 3), "b": torch.ones(4, dtype=torch.bfloat16)}
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: synced.append(os.fstat(fd).st_ino) or fsync(fd))
+    out = tmp_path / "w.safetensors"
+    atomic_save_tensors(out, tensors, {"format": "pt"})
+    assert out.read_bytes() == save(tensors, metadata={"format": "pt"})
+    assert synced == [os.stat(out).st_ino]
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o644
+    with pytest.raises(TypeError):  # (safetensors refuses a non-string metadata value)
+        atomic_save_tensors(tmp_path / "bad.safetensors", tensors, {"format": 1})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
