@@ -21,7 +21,8 @@ layer) and takes no fingerprints. The table also says whether the two libraries'
 the same bits (both adapters hold the same numbers).
 
 Adapter: r = 16, alpha 32 on all linear layers of the embedded SmolLM2-135M-Instruct (fp32), non-zero
-A and B. Ratios: medians of the per-round ratios (min–max).
+A and B. One round first, untimed (one-time costs: imports, first allocations); then ratios: medians
+of the per-round ratios (min–max), the garbage collector paused during each timed call.
 
 Run: ``python benchmarks/adapter_ops.py`` (``--rounds N``, default 5).
 """
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import os
 import statistics
 import sys
@@ -90,9 +92,17 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def _timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
+    """``(fn(), seconds)``, with Python's cyclic garbage collector run before and paused during the
+    call (as ``timeit`` does): a collection over the heap of the copies of the model this script
+    keeps, falling into one library's call and not the other's, moved single rounds by 2-6x."""
+    gc.collect()
+    gc.disable()
+    try:
+        start = time.perf_counter()
+        out = fn()
+        return out, time.perf_counter() - start
+    finally:
+        gc.enable()
 
 
 def run(rounds: int, command: str, base) -> dict:
@@ -115,7 +125,7 @@ def run(rounds: int, command: str, base) -> dict:
         "unmerge": {"lorakit": lambda: lk.unmerge(ours), "peft": theirs.unmerge_adapter},
     }
     with tempfile.TemporaryDirectory() as tmp:
-        for i in range(rounds):
+        for i in range(-1, rounds):  # (round -1: the warm-up, untimed)
             order = ("lorakit", "peft") if i % 2 == 0 else ("peft", "lorakit")
             for op in OPS:
                 if op in ("inject", "load", "merge_and_unload"):  # (each on fresh copies, made off the clock)
@@ -136,6 +146,7 @@ def run(rounds: int, command: str, base) -> dict:
                 else:
                     for who in order:
                         times[op][who].append(_timed(calls[op][who])[1])
+    times = {op: {who: seconds[1:] for who, seconds in t.items()} for op, t in times.items()}  # (less the warm-up)
     ratios = {op: [a / b for a, b in zip(t["lorakit"], t["peft"])] for op, t in times.items()}
     print(f"Machine: {machine()}\n")
     print(f"Command: `{command}`\n")

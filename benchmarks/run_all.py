@@ -62,7 +62,7 @@ SUITE = [
      {"full": 58, "lean": 53, "leaner": 38}),
     ("Adapter operations: lorakit vs PEFT (inject, save, load, merge_and_unload; merge, then unmerge)", "adapter_ops.py",
      {"full": ["--rounds", "5"], "lean": ["--rounds", "3"], "leaner": ["--rounds", "3"], "quick": ["--rounds", "1"]},
-     {"full": 40, "lean": 27, "leaner": 27}),
+     {"full": 48, "lean": 35, "leaner": 35}),
     ("GPU rows: training step, LoRA vs full, inference on CUDA, fp32 and bf16 (issue 7)", "gpu.py",
      {"full": ["--steps", "6", "--rounds", "7"], "lean": ["--steps", "6", "--rounds", "7"],
       "leaner": ["--steps", "6", "--rounds", "7"], "quick": ["--quick"]},

@@ -29,7 +29,7 @@ def test_the_peft_model_holds_lorakit_s_adapter_numbers():
 
 
 def test_a_short_run_prints_a_row_per_operation(capsys):
-    result = adapter_ops.run(2, "python benchmarks/adapter_ops.py --rounds 2", tiny_llama())
+    result = adapter_ops.run(1, "python benchmarks/adapter_ops.py --rounds 1", tiny_llama())
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and line.split("|")[1].strip() in adapter_ops.OPS]
     assert [r.split("|")[1].strip() for r in rows] == list(adapter_ops.OPS)
@@ -37,4 +37,4 @@ def test_a_short_run_prints_a_row_per_operation(capsys):
         cells = [c.strip() for c in row.strip("|").split("|")]
         assert float(cells[1].split()[0]) > 0 and float(cells[2]) >= 0 and float(cells[3]) >= 0
     assert result["same_bits"] is True and "the same bits as PEFT's: yes" in out
-    assert all(len(v) == 2 for v in result["ratios"].values())
+    assert all(len(v) == 1 for v in result["ratios"].values())  # (the warm-up round left out)
