@@ -101,9 +101,10 @@ def with_chains(then: tuple, tensor: torch.Tensor) -> tuple:
     """``then`` (a ``bits_print`` or ``cast_print``) with its narrower chains, taken from ``tensor``
     if it is still exactly what ``then`` saw; else ``then`` as it is (a changed tensor stays changed)."""
     dtype, print_, narrower = then
-    if narrower is not None or tensor.dtype != dtype or bits_fingerprint(tensor) != print_:
+    if narrower is not None or tensor.dtype != dtype:
         return then
-    return cast_print(tensor)
+    full = cast_print(tensor)  # (its own fingerprint is among them: the tensor is read for it once)
+    return full if full[1] == print_ else then
 
 
 def same_up_to_cast(then: tuple, tensor: torch.Tensor) -> bool:
