@@ -206,14 +206,19 @@ def test_an_embedding_s_merge_and_dora_norm_are_peft_s_to_the_bit(dtype, shape):
     ours = lk.get_lora_model(copy.deepcopy(base), lk.LoraConfig(r=8, target_modules=["0"], use_dora=True))
     theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=8, target_modules=["0"], use_dora=True))
     layer, peft_layer = ours[0], theirs.base_model.model[0]
+    for _ in range(20):
+        A, B = torch.randn(8, num, dtype=dtype), torch.randn(dim, 8, dtype=dtype)
+        # (100, 32): values for which the two products differ to the bit, so that the checks below tell
+        # them apart: on a 2-core AMD EPYC the first draw did; on a 2-core Intel Xeon (AMX) MKL sums
+        # both alike for every draw tried, and there these checks cannot tell the two apart
+        if shape != (100, 32) or not torch.equal((B @ A).T, A.T @ B.T):
+            break
     with torch.no_grad():
-        peft_layer.lora_embedding_A["default"].copy_(torch.randn(8, num, dtype=dtype))
-        peft_layer.lora_embedding_B["default"].copy_(torch.randn(dim, 8, dtype=dtype))
-        layer.lora_A["default"].copy_(peft_layer.lora_embedding_A["default"])
-        layer.lora_B["default"].copy_(peft_layer.lora_embedding_B["default"])
+        peft_layer.lora_embedding_A["default"].copy_(A)
+        peft_layer.lora_embedding_B["default"].copy_(B)
+        layer.lora_A["default"].copy_(A)
+        layer.lora_B["default"].copy_(B)
     A, B = layer.lora_A["default"], layer.lora_B["default"]
-    if shape == (100, 32):
-        assert not torch.equal((B @ A).T, A.T @ B.T)  # (the two products differ here)
     assert layer.norm_delta_from(A, B).is_contiguous() and torch.equal(layer.delta_from(A, B), (B @ A).T)
     norm = layer.variants["default"].weight_norm(layer, "default")
     peft_norm = peft_layer.lora_magnitude_vector["default"].get_weight_norm(
