@@ -79,6 +79,17 @@ def test_fingerprints_of_several_tensors_at_once_are_each_ones_own():
         assert f == int((bits * weights).sum())  # (int64 sums wrap as the definition's modulo does)
 
 
+def test_one_tensors_fingerprint_wraps_to_int64_within_a_chunk_as_the_definition_does():
+    """bits_fingerprint of one CPU tensor of up to a chunk is an int64 dot product: its overflow wraps
+    as the definition's modulo; integer, boolean and non-contiguous tensors, empty ones too."""
+    big = torch.tensor([2 ** 63 - 1, -2 ** 63, 2 ** 62 + 5, -7], dtype=torch.int64)
+    g = torch.Generator().manual_seed(1)
+    cases = [big, big.flip(0), torch.tensor([True, False, True]), torch.randint(0, 255, (9,), generator=g).to(torch.uint8),
+             torch.randn(6, 4, generator=g).t(), torch.randn(5, generator=g).double() * 1e300, torch.zeros(0)]
+    for t in cases:
+        assert bits_fingerprint(t) == _fingerprint_by_hand(t) == bits_fingerprints([t, t.clone()])[0], t
+
+
 def test_fingerprint_over_chunks_wraps_to_int64():
     """The chunks' sums, added in Python, wrap as one int64 sum does (an overflow across chunks)."""
     t = torch.zeros(2 ** 20 + 1, dtype=torch.int64)
