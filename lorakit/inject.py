@@ -152,6 +152,19 @@ def iter_lora_layers(model: nn.Module) -> Iterator[tuple[str, LoraLayer]]:
             yield name, module
 
 
+def lora_and_saved_modules(model: nn.Module) -> tuple[list[tuple[str, LoraLayer]], list[tuple[str, ModulesToSave]]]:
+    """``(list(iter_lora_layers(model)), list(iter_saved_modules(model)))`` from one walk over the modules."""
+    check_model(model)
+    layers: list[tuple[str, LoraLayer]] = []
+    wrappers: list[tuple[str, ModulesToSave]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            layers.append((name, module))
+        if isinstance(module, ModulesToSave):
+            wrappers.append((name, module))
+    return layers, wrappers
+
+
 def iter_saved_modules(model: nn.Module) -> Iterator[tuple[str, ModulesToSave]]:
     """Yield ``(module path, ModulesToSave)`` for every fully trained module in ``model``."""
     for name, module in model.named_modules():
@@ -271,13 +284,18 @@ def find_target_modules(model: nn.Module, config: LoraConfig) -> list[str]:
             existing module names), or matches a module type that has no LoRA layer.
     """
     check_model(model)
+    return _find_targets(model, config, list(model.named_modules()))
+
+
+def _find_targets(model: nn.Module, config: LoraConfig, named: list[tuple[str, nn.Module]]) -> list[str]:
+    """``find_target_modules`` on ``named``, the model's ``named_modules()`` (one walk over the modules
+    for every step below, and for several calls on one model: ``target_modules_for_file``)."""
     if not isinstance(config, LoraConfig):
         raise TypeError(f"expected a lorakit LoraConfig, got {type(config).__name__}")
     if config.target_modules is None:
         raise ValueError("LoraConfig.target_modules is required, e.g. ['q_proj', 'v_proj'] or 'all-linear'")
     all_linear = isinstance(config.target_modules, str) and config.target_modules.lower() == ALL_LINEAR
     linear_types = _linear_like_types()
-    named = list(model.named_modules())  # (one walk over the modules for every step below)
     heads = _output_head_names(model, named) if all_linear else set()
     if all_linear and not heads and str(config.task_type).upper() == "SEQ_CLS":
         # PEFT's rule for classification models: the top-level score / classifier head is not a target
@@ -403,9 +421,11 @@ def target_modules_for_file(model: nn.Module, config: LoraConfig) -> list[str] |
     targets = config.target_modules
     if not (isinstance(targets, str) and targets.lower() == ALL_LINEAR):
         return targets
-    ours = find_target_modules(model, config)
-    linear = find_target_modules(model, replace(config, exclude_modules=None, modules_to_save=None))
-    peft_reading = find_target_modules(model, replace(config, target_modules=sorted(linear)))
+    check_model(model)
+    named = list(model.named_modules())
+    ours = _find_targets(model, config, named)
+    linear = _find_targets(model, replace(config, exclude_modules=None, modules_to_save=None), named)
+    peft_reading = _find_targets(model, replace(config, target_modules=sorted(linear)), named)
     if set(peft_reading) == set(ours):
         return targets
     return "(?:" + "|".join(re.escape(n) for n in sorted(ours)) + ")"

@@ -25,7 +25,7 @@ from torch import nn
 from lorakit.config import CONFIG_NAME, LoraConfig, read_json_object
 from lorakit.inject import (ModulesToSave, _find_saved_module_names, _remove_adapter_everywhere,
                             find_target_modules, get_state, inject_adapter, iter_lora_layers,
-                            iter_saved_modules, mark_trainable, model_biases, require_state,
+                            iter_saved_modules, lora_and_saved_modules, mark_trainable, model_biases, require_state,
                             target_modules_for_file, with_task_heads)
 from lorakit.layers import LoraLayer, lora_class_for
 from lorakit.variants import variant_for
@@ -183,21 +183,40 @@ def _bias_keys(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str = "default") -> dict[str, torch.Tensor]:
-    """The tensors of adapter ``adapter_name`` under their PEFT on-disk names."""
+    """The tensors of adapter ``adapter_name`` under their PEFT on-disk names (copies, on the CPU)."""
+    return _adapter_tensors(model, adapter_name, copies=True)
+
+
+def _adapter_tensors(model: nn.Module, adapter_name: str, copies: bool) -> dict[str, torch.Tensor]:
+    """``adapter_state_dict``; with ``copies=False`` a CPU tensor that is already contiguous is the
+    adapter's own (detached), not a copy: for a caller that only reads them at once (``save_adapter``
+    writing the file; a copy of every tensor was a tenth of its time on the embedded model)."""
     state = require_state(model)
     if adapter_name not in state.configs:
         raise ValueError(f"unknown adapter {adapter_name!r}; this model has {list(state.configs)}")
     config = state.configs[adapter_name]
     out = adapter_destinations(model, adapter_name)
-    params = dict(model.named_parameters(remove_duplicate=False))
-    for key in _bias_keys(model, config, adapter_name):
-        out[PREFIX + key] = params[key]
+    biases = _bias_keys(model, config, adapter_name)
+    if biases:
+        params = dict(model.named_parameters(remove_duplicate=False))
+        for key in biases:
+            out[PREFIX + key] = params[key]
     meta = [k for k, v in out.items() if v.is_meta]
     if meta:  # (torch's own error said "Cannot copy out of meta tensor")
         raise ValueError(f"adapter {adapter_name!r} has tensors on the meta device, with no data to save ({len(meta)}, "
                          f"first {meta[0]}): the model was moved to 'meta', or accelerate's cpu_offload / disk_offload "
                          "was applied after the adapters were added")
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
+    if copies:
+        return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
+    tensors, storages = {}, set()
+    for k, v in out.items():
+        v = v.detach().to("cpu").contiguous()
+        storage = v.untyped_storage().data_ptr()
+        # (tensors sharing memory — one parameter in two layers, views of one buffer — are copied:
+        # safetensors refuses to write shared memory)
+        tensors[k] = v.clone() if storage in storages else v
+        storages.add(storage)
+    return tensors
 
 
 def _warn_residual_of_others(model: nn.Module, adapter_name: str, convertible: bool) -> None:
@@ -237,7 +256,9 @@ def save_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
         ValueError: ``convert_to_lora`` on an adapter that was not initialised with PiSSA/OLoRA.
     """
     state = require_state(model)
-    tensors = adapter_state_dict(model, adapter_name)
+    # (the adapter's own tensors where they are contiguous CPU ones: written to the file below and
+    # dropped, and convert_to_lora builds new ones without writing these)
+    tensors = _adapter_tensors(model, adapter_name, copies=False)
     config = LoraConfig(**{k: v for k, v in vars(state.configs[adapter_name]).items()})
     if config.base_model_name_or_path is None:
         name = getattr(getattr(model, "config", None), "_name_or_path", None) or getattr(getattr(model, "config", None), "name_or_path", None)
@@ -617,7 +638,8 @@ def load_adapter(model: nn.Module, directory: str | Path, adapter_name: str = "d
 def adapter_destinations(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     """On-disk key -> the live tensor of adapter ``adapter_name`` that the key loads into."""
     out: dict[str, torch.Tensor] = {}
-    for path, layer in iter_lora_layers(model):
+    layers, wrappers = lora_and_saved_modules(model)
+    for path, layer in layers:
         if adapter_name not in layer.lora_A:
             continue
         disk_a, disk_b = layer.disk_names
@@ -627,7 +649,7 @@ def adapter_destinations(model: nn.Module, adapter_name: str) -> dict[str, torch
         if variant is not None:
             for attr, disk in variant.saved_stores.items():
                 out[f"{PREFIX}{path}.{disk}"] = getattr(layer, attr)[adapter_name]
-    for path, wrapper in iter_saved_modules(model):
+    for path, wrapper in wrappers:
         if adapter_name in wrapper.modules_to_save:
             module = wrapper.modules_to_save[adapter_name]
             for key, tensor in module.state_dict(keep_vars=True).items():

@@ -1121,3 +1121,26 @@ def test_tensors_saved_atomically_are_synced_by_the_name_they_end_under(tmp_path
     with pytest.raises(TypeError):  # (safetensors refuses a non-string metadata value)
         atomic_save_tensors(tmp_path / "bad.safetensors", tensors, {"format": 1})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["w.safetensors"]
+
+
+def test_save_writes_adapter_tensors_that_share_memory_and_leaves_them_as_they_were(tmp_path):
+    """save_adapter writes the adapter's own contiguous tensors without copying them first; tensors
+    that share memory (views of one buffer, one parameter in two layers), which safetensors refuses
+    to write as they are, are copied: the file loads back to the same values, and the model keeps its
+    tensors (the same objects, the same storage)."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 8))
+    lk.get_lora_model(m, lk.LoraConfig(r=2, target_modules=["0", "1", "2"], init_lora_weights=False))
+    buf = torch.randn(32)
+    with torch.no_grad():
+        m[0].lora_A["default"].data = buf[:16].view(2, 8)
+        m[1].lora_A["default"].data = buf[16:].view(2, 8)
+    m[2].lora_B["default"] = m[1].lora_B["default"]
+    own = m[2].lora_A["default"]
+    before = {k: v.clone() for k, v in lk.adapter_state_dict(m).items()}
+    lk.save_adapter(m, tmp_path)
+    saved = load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert saved.keys() == before.keys() and all(torch.equal(saved[k], v) for k, v in before.items())
+    assert m[0].lora_A["default"].data_ptr() == buf.data_ptr() and m[2].lora_A["default"] is own
+    assert m[2].lora_B["default"] is m[1].lora_B["default"]
+    assert all(torch.equal(v, lk.adapter_state_dict(m)[k]) for k, v in before.items())
