@@ -942,3 +942,16 @@ def test_keep_mask_keeps_with_exactly_its_stated_probability_at_the_smallest_thr
     kept = int(km.get().sum())
     expected = (1 << 24) * km.keep
     assert abs(kept - expected) < 5 * expected ** 0.5, kept
+
+
+def test_b_grad_product_is_g_transposed_times_h_in_b_s_layout():
+    """dL/dB's product, formed as (hᵀ g)ᵀ, is gᵀ h (float64), contiguous like B (so autograd keeps it
+    as B's gradient without a copy), for a column slice of a wider h too (the grouped node's)."""
+    from lorakit.layers.fused import b_grad_product
+
+    g = torch.randn(37, 11, dtype=torch.float64)
+    wide = torch.randn(37, 12, dtype=torch.float64)
+    for h in (wide[:, :4].contiguous(), wide[:, 4:8]):
+        got = b_grad_product(g, h)
+        assert got.shape == (11, 4) and got.is_contiguous()
+        torch.testing.assert_close(got, g.T @ h, rtol=1e-12, atol=1e-12)

@@ -314,6 +314,16 @@ def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def b_grad_product(g2: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``g2ᵀ h`` (out, r), dL/dB's product for dL/d(out) = ``g2`` (tokens, out) and ``h`` (tokens, r),
+    formed as ``(hᵀ g2)ᵀ`` and made contiguous (B's own layout): the same dot products, which MKL
+    runs as an (r, tokens) × (tokens, out) product 1.7x faster in float32 (1024 tokens, 576 and
+    1536 outputs: 74 against 130 µs and 337 against 583, 2 threads; bfloat16 0.94-0.98x; a column
+    slice of a wider h alike). With several threads MKL may split the sums otherwise, so the last
+    bits can differ from ``g2.T @ h``'s."""
+    return (h.T @ g2).T.contiguous()
+
+
 def branch_grads(g2: torch.Tensor, x2_of: Callable[[], torch.Tensor], A: torch.Tensor, B: torch.Tensor,
                  h: torch.Tensor, scale: float, drop: KeepMask | None, need_x: bool, need_A: bool,
                  need_B: bool, grad_x_into: torch.Tensor | None = None
@@ -331,7 +341,7 @@ def branch_grads(g2: torch.Tensor, x2_of: Callable[[], torch.Tensor], A: torch.T
     g2, Bc = _as(g2, cd), _as(B, cd)                               # (a no-op .to costs ~1 µs a call)
     grad_x = grad_A = grad_B = None
     if need_B:
-        grad_B = _as(g2.T @ h, B.dtype).mul_(scale)                # (out, r)
+        grad_B = _as(b_grad_product(g2, h), B.dtype).mul_(scale)   # (out, r)
     if not (need_x or need_A):
         return grad_x, grad_A, grad_B
     gh = (g2 @ Bc).mul_(scale * (drop.inv_keep if drop is not None else 1.0))   # (tokens, r)

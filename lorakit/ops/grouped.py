@@ -32,8 +32,8 @@ import torch
 from torch.autograd.function import once_differentiable
 from torch import nn
 
-from lorakit.layers.fused import (KeepMask, _as, add_branch, add_product, branch_dtype, branch_grads,
-                                  first_order_only, norm_recipe, recompute_norm)
+from lorakit.layers.fused import (KeepMask, _as, add_branch, add_product, b_grad_product, branch_dtype,
+                                  branch_grads, first_order_only, norm_recipe, recompute_norm)
 from lorakit.layers.linear import LoraLinear
 from lorakit.layers import fused, gemm
 from lorakit.ops.patching import forward_body, patch_forwards, unpatch_forwards
@@ -167,7 +167,7 @@ class SharedInputLinears(torch.autograd.Function):
                 else:
                     g2 = _as(g.reshape(-1, g.shape[-1]), cd)
                     if need[3 + 4 * i + 3]:
-                        results[3 + 4 * i + 3] = _as(g2.T @ hs[i], B.dtype).mul_(s)     # (out, r)
+                        results[3 + 4 * i + 3] = _as(b_grad_product(g2, hs[i]), B.dtype).mul_(s)  # (out, r)
                     ghs.append((g2 @ _as(B, cd)).mul_(s))                    # (tokens, r)
             if plain:
                 gh = torch.cat(ghs, dim=1) if len(ghs) > 1 else ghs[0]      # (tokens, Σ r)
