@@ -24,11 +24,16 @@ def bits_fingerprint(tensor: torch.Tensor) -> int:
     weighted sum of the bit patterns, in wrapping int64 arithmetic): equal tensors, on any device,
     give equal fingerprints."""
     flat = _as_integers(tensor)
-    if flat.device.type == "cpu" and flat.numel() <= _CHUNK:
-        # (a merge's A or B) the same wrapping sum as one int64 dot product: no temporary for the
-        # products, nor bits_fingerprints' grouping (half the time for an adapter-sized tensor)
-        return int(torch.dot(flat.to(torch.int64), _position_weights(0, flat.numel(), flat.device)))
+    if flat.device.type == "cpu" and flat.numel() <= _CHUNK:  # (a merge's A or B: without bits_fingerprints'
+        return _dot_sum(flat, 0)                              # grouping, half the time of the products and sum)
     return bits_fingerprints([tensor])[0]
+
+
+def _dot_sum(chunk: torch.Tensor, start: int) -> int:
+    """Σ bitsᵢ · weight(start + i) over one chunk of one tensor's integers (``_as_integers``), as one
+    int64 dot product on the CPU: the same wrapping sum as the stacked products and sum, without
+    their temporaries (a stack of one and the products)."""
+    return int(torch.dot(chunk.to(torch.int64), _position_weights(start, chunk.numel(), chunk.device)))
 
 
 def _as_integers(tensor: torch.Tensor) -> torch.Tensor:
@@ -54,6 +59,9 @@ def bits_fingerprints(tensors: list[torch.Tensor]) -> list[int]:
         for members in groups.values():
             totals = [0] * len(members)
             for start in range(0, n, step):
+                if len(members) == 1 and flats[members[0]].device.type == "cpu":
+                    totals[0] += _dot_sum(flats[members[0]][start:start + step], start)
+                    continue
                 # a copy (to int64): the products must not write the tensors
                 bits = torch.stack([flats[i][start:start + step] for i in members]).to(torch.int64)
                 sums = bits.mul_(_position_weights(start, bits.shape[1], bits.device)).sum(dim=1).tolist()
