@@ -206,15 +206,13 @@ def _adapter_tensors(model: nn.Module, adapter_name: str, copies: bool) -> dict[
         raise ValueError(f"adapter {adapter_name!r} has tensors on the meta device, with no data to save ({len(meta)}, "
                          f"first {meta[0]}): the model was moved to 'meta', or accelerate's cpu_offload / disk_offload "
                          "was applied after the adapters were added")
-    if copies:
-        return {k: v.detach().to("cpu").contiguous().clone() for k, v in out.items()}
     tensors, storages = {}, set()
     for k, v in out.items():
         v = v.detach().to("cpu").contiguous()
         storage = v.untyped_storage().data_ptr()
-        # (tensors sharing memory — one parameter in two layers, views of one buffer — are copied:
-        # safetensors refuses to write shared memory)
-        tensors[k] = v.clone() if storage in storages else v
+        # (without copies, tensors sharing memory — one parameter in two layers, views of one
+        # buffer — are still copied: safetensors refuses to write shared memory)
+        tensors[k] = v.clone() if copies or storage in storages else v
         storages.add(storage)
     return tensors
 
