@@ -184,6 +184,14 @@ def test_default_chunk_on_the_cpu_keeps_one_chunks_logits_within_cpu_chunk_bytes
     assert chunks[-1] == 2
 
 
+@pytest.mark.parametrize("rows", [0, 3])
+def test_an_empty_vocabulary_is_refused_by_name(rows):
+    from lorakit.ops.linear_cross_entropy import linear_cross_entropy
+
+    with pytest.raises(ValueError, match="no rows"):
+        linear_cross_entropy(torch.randn(rows, 8), torch.randn(0, 8), torch.zeros(rows, dtype=torch.long))
+
+
 def test_no_bias_gradient_buffer_under_no_grad(monkeypatch):  # mutation round 8: L08
     from lorakit.ops.linear_cross_entropy import linear_cross_entropy
     h, w, y = torch.randn(6, 8), torch.randn(50, 8), torch.randint(0, 50, (6,))

@@ -130,6 +130,9 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"linear_cross_entropy: hidden {tuple(hidden.shape)} and weight {tuple(weight.shape)} do not fit (N, d) x (V, d)")
+    if weight.shape[0] == 0:  # (the default chunk divided by it: a ZeroDivisionError)
+        raise ValueError(f"linear_cross_entropy: weight {tuple(weight.shape)} has no rows (an empty vocabulary): "
+                         "there are no logits to take a loss over")
     if labels.shape != hidden.shape[:1]:
         raise ValueError(f"linear_cross_entropy: labels {tuple(labels.shape)} must be ({hidden.shape[0]},)")
     if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
