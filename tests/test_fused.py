@@ -632,6 +632,7 @@ def _first_order_kernels():
     from lorakit.ops.attention import ShortAttention
     from lorakit.ops.grouped import SharedInputLinears
     from lorakit.ops.rmsnorm import RMSNormFn
+    from lorakit.ops.rotary import RotaryFn
     from lorakit.ops.swiglu import _SwiGLUDown
 
     torch.manual_seed(0)
@@ -647,10 +648,11 @@ def _first_order_kernels():
         ("attention", "restore_attention", lambda: ShortAttention.apply(q, q[:, :1], q[:, :1], None, 0.5, True).float(), (q,)),
         ("linear_cross_entropy", "F.cross_entropy",
          lambda: linear_cross_entropy(x, head, torch.tensor([0, 1, 2])), (x, head)),
+        ("rotary embedding", "unfuse_qkv_projections", lambda: RotaryFn.apply(x, w.detach(), w.detach().flip(0)), (x,)),
     ]
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(6))
 def test_first_order_kernels_refuse_create_graph_instead_of_dropping_terms(case):
     # once_differentiable raised only where the incoming gradient required grad: at the root of the
     # graph (the loss) linear_cross_entropy got a constant 1, answered constants, and a gradient

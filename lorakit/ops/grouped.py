@@ -23,9 +23,20 @@ mixed-adapter batch. ``fuse_qkv_projections(model)`` routes the attention module
 whose forward projects ``hidden_states`` with ``self.q_proj``, ``self.k_proj`` and ``self.v_proj``
 (Llama, SmolLM2, Qwen2, Mistral, ...) through it; the SwiGLU tail (``lorakit.ops.swiglu``) groups
 gate and up itself. Gradients equal the separate layers' (tests compare them in float64).
+
+Where the attention's forward is transformers 5's Llama text (``LLAMA_ATTENTION_BODY``; SmolLM2,
+Gemma, Granite and some thirty others) and its RoPE function gives Llama's numbers, the grouped
+outputs go on through lorakit's own copy of that forward, which applies RoPE to q and k as
+``lorakit.ops.rotary`` nodes instead of transformers' five-op formula; otherwise (another text, a
+deprecated ``past_key_values`` argument, cos / sin the node does not stand for) the module's own
+forward runs with the grouped outputs served to its projections. On the embedded model (4 × 256
+tokens, r = 16 all-linear) the LoRA forward + backward took 0.953 of its time in fp32 (median of
+10 interleaved rounds, 0.84-1.01) and 0.959 in bf16 (0.94-1.01).
 """
 from __future__ import annotations
 
+import hashlib
+import inspect
 from typing import Any
 
 import torch
@@ -37,6 +48,7 @@ from lorakit.layers.fused import (KeepMask, _as, add_branch, add_product, b_grad
 from lorakit.layers.linear import LoraLinear
 from lorakit.layers import fused, gemm
 from lorakit.ops.patching import forward_body, patch_forwards, unpatch_forwards
+from lorakit.ops.rotary import apply_rotary, rotary_applies
 
 
 def linear_plan(module: nn.Module):
@@ -237,11 +249,76 @@ class _Served:
         return type(self.module).forward(self.module, x, *args, **kwargs)
 
 
+#: sha256 of ``forward_body`` of transformers 5's ``LlamaAttention.forward`` (project q, k, v; RoPE
+#: with the module's ``apply_rotary_pos_emb``; an optional cache update; the configured attention
+#: function; ``o_proj``), which ``_llama_attention`` computes with lorakit's nodes. Some thirty other
+#: transformers attention classes (Gemma, Granite, Helium, Qwen2-MoE, ...) have the same text; their
+#: module's RoPE function must also be the Llama formula (``_rope_is_llama``, checked on numbers).
+LLAMA_ATTENTION_BODY = "188c5c14bdfa4bc940c06d5d7fc43185f830345744af471073b1c684e0c1791d"
+_ROPE_CHECKED: dict[str, bool] = {}
+
+
+def _module_globals(module: nn.Module) -> dict:
+    return inspect.unwrap(type(module).forward).__globals__
+
+
+def _rope_is_llama(module: nn.Module) -> bool:
+    """Whether the ``apply_rotary_pos_emb`` that ``module``'s forward calls gives ``RotaryFn``'s
+    values on random float64 inputs (Llama's formula: not an interleaved or partial rotation);
+    checked once per modeling module."""
+    name = type(module).__module__
+    if name not in _ROPE_CHECKED:
+        rope = _module_globals(module).get("apply_rotary_pos_emb")
+        gen = torch.Generator().manual_seed(0)
+        q, k = (torch.randn(2, n, 3, 8, generator=gen, dtype=torch.float64) for n in (4, 2))
+        cos, sin = (torch.randn(2, 3, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+        try:
+            with torch.no_grad():
+                want = rope(q, k, cos, sin)
+            got = apply_rotary(q, k, cos, sin)
+            _ROPE_CHECKED[name] = all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(got, want))
+        except Exception:  # not callable so, other shapes, ...: the module's own forward then
+            _ROPE_CHECKED[name] = False
+    return _ROPE_CHECKED[name]
+
+
+def _llama_attention(m: nn.Module, hidden_states: torch.Tensor, outs: list[torch.Tensor], args: tuple,
+                     kwargs: dict) -> Any:
+    """``LlamaAttention.forward`` (transformers 5) with the grouped projections' outputs ``outs`` and
+    RoPE as ``RotaryFn`` nodes, or None where ``RotaryFn`` does not stand for its RoPE (a deprecated
+    ``past_key_values`` argument, cos / sin of other shapes or dtypes: ``rotary_applies``); the caller
+    then runs the module's own forward."""
+    def bind(position_embeddings=None, attention_mask=None, cache=None, **rest):
+        return position_embeddings, attention_mask, cache, rest
+    position_embeddings, attention_mask, cache, rest = bind(*args, **kwargs)
+    if "past_key_values" in rest or not isinstance(position_embeddings, (tuple, list)):
+        return None
+    hidden_shape = (*hidden_states.shape[:-1], -1, m.head_dim)
+    q, k, v = (out.view(hidden_shape).transpose(1, 2) for out in outs)
+    cos, sin = position_embeddings
+    if not rotary_applies(q, k, cos, sin):
+        return None
+    q, k = apply_rotary(q, k, cos, sin)
+    if cache is not None:
+        k, v = cache.update(k, v, m.layer_idx, kwargs=rest)
+    names = _module_globals(m)
+    attention = names["ALL_ATTENTION_FUNCTIONS"].get_interface(m.config._attn_implementation,
+                                                                 names["eager_attention_forward"])
+    attn_output, attn_weights = attention(m, q, k, v, attention_mask, dropout=0.0 if not m.training else m.attention_dropout,
+                                          scaling=m.scaling, **rest)
+    attn_output = attn_output.reshape(*hidden_states.shape[:-1], -1).contiguous()
+    return m.o_proj(attn_output), attn_weights
+
+
 class _FusedQKVForward:
     """Instance ``forward`` of an attention module whose q, k, v projections are grouped."""
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
+        body = forward_body(module)
+        #: whether ``_llama_attention`` stands for the module's forward (RoPE as ``RotaryFn`` nodes)
+        self.llama = (body is not None and hashlib.sha256("\n".join(body).encode()).hexdigest() == LLAMA_ATTENTION_BODY
+                      and _rope_is_llama(module))
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         m = self.module
@@ -251,6 +328,10 @@ class _FusedQKVForward:
             outs = shared_input_linears(hidden_states, list(projections))
         if outs is None:
             return type(m).forward(m, hidden_states, *args, **kwargs)
+        if self.llama:
+            result = _llama_attention(m, hidden_states, outs, args, kwargs)
+            if result is not None:
+                return result
         for p, out in zip(projections, outs):
             p.forward = _Served(p, hidden_states, out)
         try:
