@@ -6,9 +6,10 @@ measures lorakit's step ÷ PEFT's there, for
 
 * ``lorakit``: as ``lorakit train`` runs it (LoRA layers and training kernels) with the library's
   size rules: the kernels engage from ``lorakit.layers.fused.KERNELS_MIN_NUMEL`` input elements,
-  oneDNN's fp32 products from ``lorakit.layers.gemm.ONEDNN_MIN_MACS`` multiply-adds;
-* ``every size``: the same with both thresholds at 0 (kernels and oneDNN at every size, as before
-  the rules existed);
+  oneDNN's fp32 products from ``lorakit.layers.gemm.ONEDNN_MIN_MACS`` multiply-adds on CPUs where
+  it pays (``gemm.ONEDNN_PAYS``: not on Intel's, with MKL);
+* ``every size``: the same with both thresholds at 0 and oneDNN on any CPU (kernels and oneDNN at
+  every size, as before the rules existed);
 * ``no kernels``: lorakit's LoRA layers alone (no ``use_lora_training_kernels``), with the rules.
 
 Each model: 2 decoder layers, intermediate 2 x hidden, vocab 256, r = 8 on all linear layers, AdamW
@@ -107,18 +108,18 @@ def measure(hidden: int, batch: int, seq: int, rounds: int, warmup: int = 5) -> 
     """Per-round step times of every configuration, interleaved (one step of each per round)."""
     from lorakit.layers import fused, gemm
 
-    rules = (fused.KERNELS_MIN_NUMEL, gemm.ONEDNN_MIN_MACS)
+    rules = (fused.KERNELS_MIN_NUMEL, gemm.ONEDNN_MIN_MACS, gemm.ONEDNN_PAYS)
     steps = steppers(hidden, batch, seq)
     times: dict[str, list[float]] = {kind: [] for kind in KINDS}
     try:
         for i in range(warmup + rounds):
             for kind in KINDS:
-                fused.KERNELS_MIN_NUMEL, gemm.ONEDNN_MIN_MACS = (0, 0) if kind == "every size" else rules
+                fused.KERNELS_MIN_NUMEL, gemm.ONEDNN_MIN_MACS, gemm.ONEDNN_PAYS = (0, 0, True) if kind == "every size" else rules
                 t = steps[kind]()
                 if i >= warmup:
                     times[kind].append(t)
     finally:
-        fused.KERNELS_MIN_NUMEL, gemm.ONEDNN_MIN_MACS = rules
+        fused.KERNELS_MIN_NUMEL, gemm.ONEDNN_MIN_MACS, gemm.ONEDNN_PAYS = rules
     return times
 
 

@@ -18,6 +18,7 @@ from lorakit.layers import fused, gemm  # noqa: E402
 
 #: The library's size rules, read before any test changes them.
 DEFAULT_KERNELS_MIN_NUMEL, DEFAULT_ONEDNN_MIN_MACS = fused.KERNELS_MIN_NUMEL, gemm.ONEDNN_MIN_MACS
+DEFAULT_ONEDNN_PAYS = gemm.ONEDNN_PAYS
 
 
 @pytest.fixture(autouse=True)
@@ -25,11 +26,14 @@ def _kernels_at_every_size():
     """The tests run lorakit's training kernels and oneDNN's products on tiny models, which by default
     take autograd's plain ops below ``KERNELS_MIN_NUMEL`` input elements and torch's kernel below
     ``ONEDNN_MIN_MACS`` multiply-adds (tests/test_kernel_size.py and test_gemm.py check those rules,
-    setting the thresholds themselves). Not monkeypatch: test_gemm's ``_routed`` undoes its patches
-    mid-test."""
+    setting the thresholds themselves), and oneDNN also on CPUs where it does not pay
+    (``gemm.ONEDNN_PAYS``: Intel's, with MKL), so its paths are tested on every machine. Not
+    monkeypatch: test_gemm's ``_routed`` undoes its patches mid-test."""
     fused.KERNELS_MIN_NUMEL = gemm.ONEDNN_MIN_MACS = 0
+    gemm.ONEDNN_PAYS = True
     yield
     fused.KERNELS_MIN_NUMEL, gemm.ONEDNN_MIN_MACS = DEFAULT_KERNELS_MIN_NUMEL, DEFAULT_ONEDNN_MIN_MACS
+    gemm.ONEDNN_PAYS = DEFAULT_ONEDNN_PAYS
 
 
 @pytest.fixture(autouse=True)

@@ -29,7 +29,7 @@ def test_bad_rounds_are_refused(capsys):
 def test_a_short_run_prints_a_row_per_shape_and_restores_the_rules(capsys):
     from lorakit.layers import fused, gemm
 
-    rules = (fused.KERNELS_MIN_NUMEL, gemm.ONEDNN_MIN_MACS)
+    rules = (fused.KERNELS_MIN_NUMEL, gemm.ONEDNN_MIN_MACS, gemm.ONEDNN_PAYS)
     small_models.main(["--shapes", "16x1x4,32x2x8", "--rounds", "2"])
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| 16, ") or line.startswith("| 32, ")]
@@ -39,4 +39,4 @@ def test_a_short_run_prints_a_row_per_shape_and_restores_the_rules(capsys):
         assert len(cells) == 5 and float(cells[1]) > 0
         assert all(float(c.split()[0]) > 0 for c in cells[2:])  # "median (min–max)" ratios
     assert "Command: `python benchmarks/small_models.py --shapes 16x1x4,32x2x8 --rounds 2`" in out
-    assert (fused.KERNELS_MIN_NUMEL, gemm.ONEDNN_MIN_MACS) == rules
+    assert (fused.KERNELS_MIN_NUMEL, gemm.ONEDNN_MIN_MACS, gemm.ONEDNN_PAYS) == rules

@@ -412,3 +412,55 @@ def test_a_biased_product_of_a_batch_may_be_edited_in_place_after_the_node(min_m
             assert torch.equal(y, F.linear(x, w, b))  # torch's kernel: its bits
         y.mul_(2.0).sum().backward()
         torch.testing.assert_close(x.grad, (2 * w.sum(0)).expand(shape))
+
+
+@pytest.mark.parametrize("vendor, mkl, pays", [("GenuineIntel", True, False), ("GenuineIntel", False, True),
+                                               ("AuthenticAMD", True, True), ("", True, True)])
+def test_onednn_pays_except_on_intel_s_cpus_with_mkl(vendor, mkl, pays):
+    assert gemm._onednn_pays(vendor, mkl) is pays
+
+
+def test_the_cpu_vendor_is_read_from_the_system(monkeypatch):
+    import builtins
+    import platform
+    from pathlib import Path
+
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        lines = [ln for ln in cpuinfo.read_text(errors="replace").splitlines() if ln.startswith("vendor_id")]
+        if lines:
+            assert gemm._cpu_vendor() == lines[0].partition(":")[2].strip()
+    real_open = builtins.open
+
+    def no_cpuinfo(path, *a, **k):
+        if str(path) == "/proc/cpuinfo":
+            raise FileNotFoundError(path)
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(builtins, "open", no_cpuinfo)
+    monkeypatch.setattr(platform, "processor", lambda: "Intel64 Family 6 Model 167 Stepping 1, GenuineIntel")
+    assert gemm._cpu_vendor() == "GenuineIntel"   # Windows' description
+    monkeypatch.setattr(platform, "processor", lambda: "arm")
+    assert gemm._cpu_vendor() == ""
+
+
+@onednn
+def test_where_onednn_does_not_pay_every_product_keeps_torch_s_kernel_bit_for_bit(monkeypatch):
+    gemm.ONEDNN_PAYS = False
+    calls = _onednn_calls(monkeypatch)
+    g = torch.Generator().manual_seed(12)
+    x, w, b = torch.randn(2, 5, 12, generator=g), torch.randn(8, 12, generator=g), torch.randn(8, generator=g)
+    grad, into = torch.randn(9, 8, generator=g), torch.randn(9, 12, generator=g)
+    assert torch.equal(gemm.linear(x, w, b), F.linear(x, w, b))
+    assert torch.equal(gemm.times_weight(grad, w), grad @ w)
+    assert torch.equal(gemm.add_times_weight(into.clone(), grad, w), into.clone().addmm_(grad, w))
+    model = lora_llama(dtype=torch.float32)
+    from lorakit.train.loop import use_lora_training_kernels
+
+    use_lora_training_kernels(model)
+    ids = torch.randint(3, 101, (2, 8), generator=g)
+    model(ids, labels=ids).loss.backward()
+    assert calls == []
+    gemm.ONEDNN_PAYS = True
+    model(ids, labels=ids).loss.backward()
+    assert calls  # (the same step with oneDNN paying: its products there)

@@ -22,6 +22,15 @@ with gradients on. Inference (no gradients, or nothing that needs one) and a dis
 torch's kernels, so there a model with adapters whose B is zero gives the base model's bits exactly;
 a training forward (gradients wanted) equals them to rounding.
 
+On Intel CPUs it is the other way round: MKL is Intel's library, and on a 2-core Intel Xeon
+(AVX-512, AMX) its sgemm ran the same products as fast or faster (1024 tokens, 2 threads, median
+of 7: x Wᵀ to 1536 outputs 326-341 against 244-318 GFLOP/s, dL/dx of that layer 326-330 against
+220-312, the 49152-wide head's dL/dx at 160 rows 290-299 against 193-205; no shape slower beyond
+the noise), and the benchmark's fp32 LoRA step took 0.937x oneDNN's time (8 interleaved rounds).
+MKL's fastest paths are for Intel's own processors (on the EPYC it lost by the margins above), so
+``ONEDNN_PAYS`` is False on an Intel CPU with torch's MKL, and every product there keeps torch's
+kernel, training included (``_onednn_pays``; set the attribute to choose otherwise).
+
 Small products stay with MKL: oneDNN's call costs a fixed ~20 µs here against MKL's ~6, so it only
 pays from ``ONEDNN_MIN_MACS`` multiply-adds (rows × in × out) up. Measured side by side at 1 and 2
 threads (x Wᵀ and g W, median of 200 calls): 32 × 32 × 32 took 15 / 24 µs with oneDNN against 2-7
@@ -45,6 +54,34 @@ _PLAIN = (torch.Tensor, torch.nn.Parameter)
 ONEDNN_MIN_MACS = 1 << 23
 
 
+def _cpu_vendor() -> str:
+    """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...) where the system tells it
+    (Linux's /proc/cpuinfo, Windows' processor description), else ""."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("vendor_id"):
+                    return line.partition(":")[2].strip()
+    except OSError:
+        pass
+    text = platform.processor()  # Windows: "Intel64 Family 6 Model 167 Stepping 1, GenuineIntel"
+    return next((v for v in ("GenuineIntel", "AuthenticAMD") if v in text), "")
+
+
+def _onednn_pays(vendor: str, mkl: bool) -> bool:
+    """Whether oneDNN's fp32 products pay on a CPU of ``vendor`` whose torch has MKL (``mkl``): not
+    on Intel's with MKL (module docstring); elsewhere, as measured on an AMD EPYC, they do."""
+    return not (mkl and vendor == "GenuineIntel")
+
+
+#: Whether big fp32 products take oneDNN at all on this machine (module docstring): False on an
+#: Intel CPU where torch has MKL. Set it to True (or False) to choose; ``ONEDNN_MIN_MACS`` still
+#: applies.
+ONEDNN_PAYS = _onednn_pays(_cpu_vendor(), torch.backends.mkl.is_available())
+
+
 def uses_onednn(*tensors: torch.Tensor | None) -> bool:
     """Whether products of ``tensors`` (a left operand, then weights / biases; None for a missing
     bias is skipped) go to oneDNN: all of them plain float32 CPU tensors, oneDNN built and enabled,
@@ -60,9 +97,11 @@ def uses_onednn(*tensors: torch.Tensor | None) -> bool:
 
 
 def worth_onednn(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether the product of ``x`` (..., k) with ``weight`` (k values per output, any layout) is
-    big enough for oneDNN to pay (``ONEDNN_MIN_MACS``): rows of x × weight's elements."""
-    return x.dim() > 0 and x.shape[-1] > 0 and x.numel() // x.shape[-1] * weight.numel() >= ONEDNN_MIN_MACS
+    """Whether oneDNN pays for the product of ``x`` (..., k) with ``weight`` (k values per output,
+    any layout): on this CPU (``ONEDNN_PAYS``) and at this size (``ONEDNN_MIN_MACS``: rows of x ×
+    weight's elements)."""
+    return (ONEDNN_PAYS and x.dim() > 0 and x.shape[-1] > 0
+            and x.numel() // x.shape[-1] * weight.numel() >= ONEDNN_MIN_MACS)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

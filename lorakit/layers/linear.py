@@ -152,8 +152,8 @@ class LoraLinear(LoraLayer):
         """Where a gradient is wanted (gradients on, and x or an active adapter requiring grad), a
         plain frozen fp32 ``nn.Linear`` base on the CPU (no hooks: see ``plain_linear``) computes
         through ``lorakit.layers.gemm.frozen_linear`` (oneDNN's products, ~1.4x faster than torch's
-        MKL ones here; the gradient of x only, as autograd's would be) where the product is big
-        enough for oneDNN to pay (``gemm.worth_onednn``); anything else calls the base layer. So
+        MKL ones on an AMD EPYC; the gradient of x only, as autograd's would be) where oneDNN pays
+        (``gemm.worth_onednn``: not on Intel CPUs, and not for small products); anything else calls the base layer. So
         inference, and a disabled layer (``disable_adapters``), give its bits exactly."""
         base = self.base_layer
         if (not args and not kwargs and torch.is_grad_enabled() and not self.disabled and plain_linear(base)
