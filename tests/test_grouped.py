@@ -118,9 +118,6 @@ def test_projections_get_their_forward_back_and_copies_work():
     assert fuse_qkv_projections(model) == 2 == fuse_qkv_projections(model)
     ids = torch.randint(3, 101, (2, 5))
     attn = model.model.layers[0].self_attn
-    # the module's own forward with q/k/v served (lorakit's own Llama forward, with the RoPE node,
-    # takes the grouped outputs directly: tests/test_rotary.py)
-    attn.forward.llama = False
 
     def fail(*args):
         assert "forward" in attn.q_proj.__dict__           # q/k/v are served during the attention forward

@@ -165,3 +165,41 @@ def test_the_rope_check_is_made_once_per_modeling_module(monkeypatch):
     for _ in range(2):
         assert fuse_qkv_projections(lora_llama()) == 2
     assert checks == [1]
+
+
+def test_hooks_on_the_projections_run_on_the_llama_path(rope_calls):
+    # the projections are called as modules with the grouped outputs served: a forward hook that edits
+    # q's output (activation steering) is applied as in the module's own forward
+    _known_body()
+    model = lora_llama()
+    seen = []
+
+    def steer(module, args, out):
+        seen.append(out.shape)
+        return out * 1.5
+
+    handle = model.model.layers[1].self_attn.q_proj.register_forward_hook(steer)
+    ids = torch.randint(3, 101, (2, 7), generator=torch.Generator().manual_seed(2))
+    reference = loss_and_grads(model, ids)
+    fuse_qkv_projections(model)
+    rope_calls.clear()
+    seen.clear()
+    result = loss_and_grads(model, ids)
+    assert seen == [(2, 7, 32)] and len(rope_calls) == 4
+    assert_same_in_float64(result, reference)
+    handle.remove()
+
+
+def test_cos_and_sin_the_node_does_not_stand_for_take_the_module_s_rope(rope_calls):
+    # cos / sin in float32 for a float64 model: transformers' formula promotes; the node is not used
+    _known_body()
+    model = lora_llama()
+    rotary_emb = model.model.rotary_emb
+    real = type(rotary_emb).forward
+    rotary_emb.forward = lambda x, position_ids: tuple(t.float() for t in real(rotary_emb, x, position_ids))
+    ids = torch.randint(3, 101, (2, 7), generator=torch.Generator().manual_seed(3))
+    reference = loss_and_grads(model, ids)
+    fuse_qkv_projections(model)
+    rope_calls.clear()
+    assert_same_in_float64(loss_and_grads(model, ids), reference)
+    assert rope_calls == []
