@@ -20,8 +20,8 @@ PEFT runs the usual recipe: ``model(input_ids, attention_mask, labels).loss``. l
 ``lorakit train`` runs: ``get_lora_model`` + ``use_lora_training_kernels`` (fused SwiGLU tails and
 RMSNorms; its attention, causal in blocks of 64 queries, engages in bf16 only) and its training loss
 (``lorakit.train.generate.loss_sum``: head + loss only at label positions, chunked); in fp32 the
-frozen weights' products go to oneDNN (``lorakit.layers.gemm``; PEFT's, through ``nn.Linear``, to
-torch's default MKL). The full fine-tuning step uses lorakit's loss and the same products
+frozen weights' products go to oneDNN where it pays (``lorakit.layers.gemm``: not on Intel CPUs,
+where they stay with MKL, as PEFT's through ``nn.Linear`` do everywhere). The full fine-tuning step uses lorakit's loss and the same products
 (``same_products_for_full``: every ``nn.Linear``'s forward, dL/dx and dL/dW through
 ``lorakit.layers.gemm``), so LoRA ÷ full compares like with like.
 
@@ -137,7 +137,7 @@ def setup(kind: str, model, batch: dict, dropout: float = 0.0):
 class _TrainedLinearForward:
     """An ``nn.Linear``'s instance forward for the full fine-tuning step: its products (forward, dL/dx,
     dL/dW) by ``lorakit.layers.gemm``, the kernels lorakit's LoRA step runs its frozen products with
-    (oneDNN for fp32 on the CPU, torch's own otherwise)."""
+    (oneDNN for fp32 on a CPU where it pays, torch's own otherwise)."""
 
     def __init__(self, module) -> None:
         self.module = module
@@ -175,8 +175,8 @@ def _trained_linear():
 
 def same_products_for_full(model) -> int:
     """Give every ``nn.Linear`` of ``model`` the products of ``lorakit.layers.gemm`` (so the full
-    fine-tuning step and the LoRA steps it is compared with multiply alike: oneDNN for fp32 on the
-    CPU); returns how many. The head's products are ``linear_cross_entropy``'s, on both sides."""
+    fine-tuning step and the LoRA steps it is compared with multiply alike: oneDNN for fp32 on a CPU
+    where it pays, ``gemm.ONEDNN_PAYS``); returns how many. The head's products are ``linear_cross_entropy``'s, on both sides."""
     from torch import nn
 
     count = 0
@@ -438,11 +438,15 @@ def main() -> None:
           "imports peft. Saved bytes: the storages autograd "
           "keeps for backward (`saved_tensors_hooks`), plus lorakit's dropout masks, which its nodes keep as bits.\n")
     counts = {key: rows[0][4][key][0]["trainable"] for key in ("lorakit", "peft")}
+    from lorakit.layers import gemm
+
+    kernel = ("oneDNN where torch's own `nn.Linear` runs MKL's sgemm" if gemm.ONEDNN_PAYS else
+              "MKL's sgemm, as torch's own `nn.Linear` (oneDNN does not pay on an Intel CPU: `lorakit.layers.gemm`)")
     print(f"What is compared: the same model, adapters (r {RANK} on all linear layers: {counts['lorakit']:,} trainable "
           f"numbers in lorakit, {counts['peft']:,} in PEFT), batch and AdamW (torch's default implementation on "
           "both sides here; `lorakit train` itself uses the fused one); lorakit as `lorakit train` runs it "
-          "(its LoRA layers and training kernels, its fp32 products with the frozen weights in oneDNN where torch's "
-          "own `nn.Linear` runs MKL's sgemm, and the head + loss computed only at label positions, in chunks) "
+          f"(its LoRA layers and training kernels, its fp32 products with the frozen weights in {kernel}, "
+          "and the head + loss computed only at label positions, in chunks) "
           "against PEFT's usual `model(**batch).loss` (full logits). So in the sft row lorakit's head runs on the "
           f"{BATCH * ANSWER} label rows, PEFT's on all {BATCH * SEQ}. In the "
           "bf16 row both keep the adapter weights in fp32, but lorakit runs the rank-r products in bf16 (as bf16 "
@@ -501,7 +505,7 @@ def main() -> None:
           "which the whole-step ratio includes, is not in it, nor are the attention's own products (no weights; "
           "the same in both steps), so forward + backward is the column to hold against it. The full step runs "
           "lorakit's loss (whose head sums its weight gradient in place) and its products' kernels (in fp32 "
-          "oneDNN's, for the forward, dL/dx and dL/dW of every other linear layer, as the LoRA steps multiply) but none of the training kernels, which engage only around "
+          f"{'oneDNN' if gemm.ONEDNN_PAYS else 'MKL'}'s, for the forward, dL/dx and dL/dW of every other linear layer, as the LoRA steps multiply) but none of the training kernels, which engage only around "
           "frozen weights (fused "
           "SwiGLU tail, q/k/v as one node, RMSNorm output recomputed): the second row does the same work as the "
           "full step less the frozen weights' gradients; the first is what the kernels take off that. "
