@@ -26,7 +26,10 @@ On Intel CPUs it is the other way round: MKL is Intel's library, and on a 2-core
 (AVX-512, AMX) its sgemm ran the same products as fast or faster (1024 tokens, 2 threads, median
 of 7: x Wᵀ to 1536 outputs 326-341 against 244-318 GFLOP/s, dL/dx of that layer 326-330 against
 220-312, the 49152-wide head's dL/dx at 160 rows 290-299 against 193-205; no shape slower beyond
-the noise), and the benchmark's fp32 LoRA step took 0.937x oneDNN's time (8 interleaved rounds).
+the noise). The embedded model's fp32 LoRA step (4 x 256 tokens, r 16 all-linear, training
+kernels), forward + backward, alone in its process: 2.44-2.61 s against 2.77-2.94 (two processes
+each, 6 steps); two models in one process, interleaved: 0.937x oneDNN's time (8 rounds), 0.985x
+with glibc keeping freed memory (the train-step benchmark's LoRA / full setting).
 MKL's fastest paths are for Intel's own processors (on the EPYC it lost by the margins above), so
 ``ONEDNN_PAYS`` is False on an Intel CPU with torch's MKL, and every product there keeps torch's
 kernel, training included (``_onednn_pays``; set the attribute to choose otherwise).
