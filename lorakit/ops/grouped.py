@@ -348,7 +348,8 @@ def _is_qkv_attention(module: nn.Module) -> bool:
 def fuse_qkv_projections(model: nn.Module) -> int:
     """Group the q, k and v projections of every attention module of ``model`` that computes them
     from ``hidden_states`` (one ``SharedInputLinears`` node when equivalent, the module's own forward
-    otherwise); returns how many modules were switched. ``unfuse_qkv_projections`` undoes it."""
+    otherwise; on a transformers Llama attention also RoPE as ``lorakit.ops.rotary`` nodes: module
+    docstring); returns how many modules were switched. ``unfuse_qkv_projections`` undoes it."""
     return patch_forwards(model, _FusedQKVForward, _is_qkv_attention)
 
 
