@@ -76,13 +76,15 @@ def test_what_the_node_does_not_stand_for():
     assert not rotary_applies(q, k, cos, sin[..., :4])
 
 
-def _known_body():
-    from transformers import LlamaConfig
-    from transformers.models.llama.modeling_llama import LlamaAttention
+def _known_body(family: str = "Llama"):
+    import transformers
 
-    body = forward_body(LlamaAttention(LlamaConfig(hidden_size=8, num_attention_heads=2), 0))
-    if body is None or hashlib.sha256("\n".join(body).encode()).hexdigest() != grouped.LLAMA_ATTENTION_BODY:
-        pytest.skip("this transformers' LlamaAttention.forward is not the one the RoPE node's forward stands for")
+    config = getattr(transformers, f"{family}Config")(hidden_size=8, num_attention_heads=2, num_key_value_heads=1)
+    module = getattr(transformers, f"{family}ForCausalLM").__module__
+    attention = getattr(__import__(module, fromlist=["_"]), f"{family}Attention")(config, 0)
+    body = forward_body(attention)
+    if body is None or hashlib.sha256("\n".join(body).encode()).hexdigest() not in grouped.ATTENTION_BODIES:
+        pytest.skip(f"this transformers' {family}Attention.forward is not one the RoPE node's forward stands for")
 
 
 @pytest.fixture
@@ -102,7 +104,8 @@ def test_the_llama_attention_with_the_node_equals_its_own_forward(rope_calls, us
     ids = torch.randint(3, 101, (3, 9), generator=torch.Generator().manual_seed(0))
     reference = loss_and_grads(model, ids)
     assert fuse_qkv_projections(model) == 2
-    assert all(m.forward.llama for m in model.modules() if isinstance(m.__dict__.get("forward"), grouped._FusedQKVForward))
+    assert all(m.forward.variant.name == "llama" for m in model.modules()
+               if isinstance(m.__dict__.get("forward"), grouped._FusedQKVForward))
     rope_calls.clear()
     result = loss_and_grads(model, ids)
     assert rope_calls == [(3, 4, 9, 8), (3, 2, 9, 8)] * 2  # q and k of both layers
@@ -150,7 +153,7 @@ def test_an_attention_whose_rope_is_not_llama_s_keeps_its_own(rope_calls):
     reference = loss_and_grads(model, ids)
     assert fuse_qkv_projections(model) == 1
     attention = model.model.layers[0].self_attn
-    assert not attention.forward.llama and not grouped._rope_is_llama(attention)
+    assert attention.forward.variant is None and not grouped._rope_is_llama(attention)
     rope_calls.clear()
     assert_same_in_float64(loss_and_grads(model, ids), reference)
     assert rope_calls == []
@@ -203,3 +206,38 @@ def test_cos_and_sin_the_node_does_not_stand_for_take_the_module_s_rope(rope_cal
     rope_calls.clear()
     assert_same_in_float64(loss_and_grads(model, ids), reference)
     assert rope_calls == []
+
+
+@pytest.mark.parametrize("family, variant", [("Qwen2", "qwen2"), ("Mistral", "mistral"), ("Qwen3", "qwen3"), ("Gemma", "llama")])
+def test_the_other_known_attention_forwards_equal_their_own(rope_calls, monkeypatch, family, variant):
+    # Qwen2's and Mistral's pass a sliding window to the attention function (set here, on one layer of
+    # two for Qwen2), Qwen3's norms q and k per head before RoPE; Gemma's is Llama's text
+    import transformers
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    windows = []
+    sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+    monkeypatch.setitem(ALL_ATTENTION_FUNCTIONS, "sdpa", lambda *a, **k: windows.append(k.get("sliding_window")) or sdpa(*a, **k))
+
+    _known_body(family)
+    extra = {"Qwen2": dict(use_sliding_window=True, sliding_window=3, max_window_layers=1),
+             "Mistral": dict(sliding_window=3), "Qwen3": dict(use_sliding_window=True, sliding_window=3, max_window_layers=1)}
+    cfg = getattr(transformers, f"{family}Config")(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0,
+                                                   **extra.get(family, {}))
+    torch.manual_seed(0)
+    model = getattr(transformers, f"{family}ForCausalLM")(cfg).double()
+    lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    model.train()
+    ids = torch.randint(1, 50, (2, 7), generator=torch.Generator().manual_seed(0))
+    model.config._attn_implementation = "sdpa"
+    reference = loss_and_grads(model, ids)
+    passed, windows[:] = list(windows), []
+    assert fuse_qkv_projections(model) == 2
+    assert [layer.self_attn.forward.variant.name for layer in model.model.layers] == [variant] * 2
+    rope_calls.clear()
+    assert_same_in_float64(loss_and_grads(model, ids), reference)
+    assert len(rope_calls) == 4
+    assert windows == passed and len(passed) == 2  # the same window arguments, layer by layer
+    if family in extra:
+        assert 3 in passed

@@ -24,8 +24,9 @@ whose forward projects ``hidden_states`` with ``self.q_proj``, ``self.k_proj`` a
 (Llama, SmolLM2, Qwen2, Mistral, ...) through it; the SwiGLU tail (``lorakit.ops.swiglu``) groups
 gate and up itself. Gradients equal the separate layers' (tests compare them in float64).
 
-Where the attention's forward is transformers 5's Llama text (``LLAMA_ATTENTION_BODY``; SmolLM2,
-Gemma, Granite and some thirty others) and its RoPE function gives Llama's numbers, the grouped
+Where the attention's forward is transformers 5's Llama text, or Qwen2's, Mistral's or Qwen3's
+(``ATTENTION_BODIES``; SmolLM2, Gemma, Granite, Mixtral, Qwen3-MoE and some forty others) and its
+RoPE function gives Llama's numbers, the grouped
 outputs go on through lorakit's own copy of that forward, which applies RoPE to q and k as
 ``lorakit.ops.rotary`` nodes (where they stand for it: cos / sin of q's dtype and positions)
 instead of transformers' five-op formula; otherwise (another text, a deprecated
@@ -38,7 +39,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch.autograd.function import once_differentiable
@@ -250,12 +251,30 @@ class _Served:
         return type(self.module).forward(self.module, x, *args, **kwargs)
 
 
-#: sha256 of ``forward_body`` of transformers 5's ``LlamaAttention.forward`` (project q, k, v; RoPE
-#: with the module's ``apply_rotary_pos_emb``; an optional cache update; the configured attention
-#: function; ``o_proj``), which ``_llama_attention`` computes with lorakit's nodes. Some thirty other
-#: transformers attention classes (Gemma, Granite, Helium, Qwen2-MoE, ...) have the same text; their
-#: module's RoPE function must also be the Llama formula (``_rope_is_llama``, checked on numbers).
-LLAMA_ATTENTION_BODY = "188c5c14bdfa4bc940c06d5d7fc43185f830345744af471073b1c684e0c1791d"
+class _Variant(NamedTuple):
+    """What a known attention forward adds to Llama's (``_llama_attention``)."""
+    name: str
+    qk_norm: bool                                 # q and k normed per head before the transpose (Qwen3)
+    extra: Callable[[nn.Module], dict[str, Any]]  # keyword arguments it adds to the attention call
+
+
+#: sha256 of ``forward_body`` of the transformers 5 attention forwards that ``_llama_attention``
+#: computes with lorakit's nodes, step for step: Llama's (project q, k, v; RoPE with the module's
+#: ``apply_rotary_pos_emb``; an optional cache update; the configured attention function;
+#: ``o_proj``), and two that differ from it in one respect each: Qwen2's and Mistral's pass a
+#: ``sliding_window`` to the attention function, Qwen3's norms q and k per head first. About forty
+#: other transformers attention classes have one of these texts (Gemma, Granite, Ministral, Mixtral,
+#: Qwen3-MoE, ...); their module's RoPE function must also be the Llama formula (``_rope_is_llama``,
+#: checked on numbers: GLM's, with Llama's text, is not).
+ATTENTION_BODIES: dict[str, _Variant] = {
+    "188c5c14bdfa4bc940c06d5d7fc43185f830345744af471073b1c684e0c1791d": _Variant("llama", False, lambda m: {}),
+    "9c0d7936d42c57f331177048d795eac0c5ad4100d23055f560693ba82b21d9be":
+        _Variant("qwen2", False, lambda m: {"sliding_window": m.sliding_window}),
+    "723ed076636398a041c183f1f08a24878d5aa84529b70f2480ee4cc4ca49c158":
+        _Variant("mistral", False, lambda m: {"sliding_window": getattr(m.config, "sliding_window", None)}),
+    "6de7f1c9e04d6f3d7aeee9a699d7751aefffad06b2689b9866fe43c09d89c1c0":
+        _Variant("qwen3", True, lambda m: {"sliding_window": m.sliding_window}),
+}
 _ROPE_CHECKED: dict[str, bool] = {}
 
 
@@ -283,16 +302,18 @@ def _rope_is_llama(module: nn.Module) -> bool:
     return _ROPE_CHECKED[name]
 
 
-def _llama_attention(m: nn.Module, hidden_states: torch.Tensor, position_embeddings=None, attention_mask=None,
-                     cache=None, **kwargs: Any) -> Any:
-    """``LlamaAttention.forward`` of transformers 5 (the text ``LLAMA_ATTENTION_BODY``), step for
-    step, with RoPE as ``RotaryFn`` nodes where they stand for the module's RoPE function
-    (``rotary_applies``; else that function). The projections are called as modules: the grouped
-    outputs are served to them, with their hooks."""
+def _llama_attention(m: nn.Module, variant: _Variant, hidden_states: torch.Tensor, position_embeddings=None,
+                     attention_mask=None, cache=None, **kwargs: Any) -> Any:
+    """The attention forward of ``variant`` (``ATTENTION_BODIES``: Llama's, or one that differs from it
+    in one respect), step for step, with RoPE as ``RotaryFn`` nodes where they stand for the module's
+    RoPE function (``rotary_applies``; else that function). The projections are called as modules:
+    the grouped outputs are served to them, with their hooks."""
     names = _module_globals(m)
     hidden_shape = (*hidden_states.shape[:-1], -1, m.head_dim)
-    q = m.q_proj(hidden_states).view(hidden_shape).transpose(1, 2)
-    k = m.k_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+    q, k = m.q_proj(hidden_states).view(hidden_shape), m.k_proj(hidden_states).view(hidden_shape)
+    if variant.qk_norm:
+        q, k = m.q_norm(q), m.k_norm(k)
+    q, k = q.transpose(1, 2), k.transpose(1, 2)
     v = m.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
     cos, sin = position_embeddings
     rope = apply_rotary if rotary_applies(q, k, cos, sin) else names["apply_rotary_pos_emb"]
@@ -302,7 +323,7 @@ def _llama_attention(m: nn.Module, hidden_states: torch.Tensor, position_embeddi
     attention = names["ALL_ATTENTION_FUNCTIONS"].get_interface(m.config._attn_implementation,
                                                                  names["eager_attention_forward"])
     out, weights = attention(m, q, k, v, attention_mask, dropout=0.0 if not m.training else m.attention_dropout,
-                             scaling=m.scaling, **kwargs)
+                             scaling=m.scaling, **variant.extra(m), **kwargs)
     return m.o_proj(out.reshape(*hidden_states.shape[:-1], -1).contiguous()), weights
 
 
@@ -312,9 +333,9 @@ class _FusedQKVForward:
     def __init__(self, module: nn.Module) -> None:
         self.module = module
         body = forward_body(module)
-        #: whether ``_llama_attention`` stands for the module's forward (RoPE as ``RotaryFn`` nodes)
-        self.llama = (body is not None and hashlib.sha256("\n".join(body).encode()).hexdigest() == LLAMA_ATTENTION_BODY
-                      and _rope_is_llama(module))
+        variant = None if body is None else ATTENTION_BODIES.get(hashlib.sha256("\n".join(body).encode()).hexdigest())
+        #: the known forward ``_llama_attention`` computes for the module (RoPE as ``RotaryFn`` nodes), or None
+        self.variant = variant if variant is not None and _rope_is_llama(module) else None
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         m = self.module
@@ -327,8 +348,8 @@ class _FusedQKVForward:
         for p, out in zip(projections, outs):
             p.forward = _Served(p, hidden_states, out)
         try:
-            if self.llama and "past_key_values" not in kwargs:  # (that deprecated name: the module's own)
-                return _llama_attention(m, hidden_states, *args, **kwargs)
+            if self.variant is not None and "past_key_values" not in kwargs:  # (that deprecated name: the module's own)
+                return _llama_attention(m, self.variant, hidden_states, *args, **kwargs)
             return type(m).forward(m, hidden_states, *args, **kwargs)
         finally:
             for p in projections:
