@@ -241,3 +241,24 @@ def test_the_other_known_attention_forwards_equal_their_own(rope_calls, monkeypa
     assert windows == passed and len(passed) == 2  # the same window arguments, layer by layer
     if family in extra:
         assert 3 in passed
+
+
+def test_a_model_with_the_known_forwards_pickles_and_copies():
+    import copy
+    import pickle
+
+    _known_body("Qwen2")
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    cfg = Qwen2Config(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+                      num_key_value_heads=2, pad_token_id=0)
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(cfg).double()
+    lk.get_lora_model(model, lk.LoraConfig(r=2, target_modules="all-linear", init_lora_weights=False))
+    fuse_qkv_projections(model)
+    model.train()
+    ids = torch.randint(1, 50, (2, 5), generator=torch.Generator().manual_seed(0))
+    reference = loss_and_grads(model, ids)
+    for other in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert other.model.layers[0].self_attn.forward.variant.name == "qwen2"
+        assert_same_in_float64(loss_and_grads(other, ids), reference)

@@ -258,6 +258,19 @@ class _Variant(NamedTuple):
     extra: Callable[[nn.Module], dict[str, Any]]  # keyword arguments it adds to the attention call
 
 
+# (functions, not lambdas: the wrapper that holds a variant is pickled with the model)
+def _no_extra(m: nn.Module) -> dict[str, Any]:
+    return {}
+
+
+def _own_window(m: nn.Module) -> dict[str, Any]:
+    return {"sliding_window": m.sliding_window}
+
+
+def _config_window(m: nn.Module) -> dict[str, Any]:
+    return {"sliding_window": getattr(m.config, "sliding_window", None)}
+
+
 #: sha256 of ``forward_body`` of the transformers 5 attention forwards that ``_llama_attention``
 #: computes with lorakit's nodes, step for step: Llama's (project q, k, v; RoPE with the module's
 #: ``apply_rotary_pos_emb``; an optional cache update; the configured attention function;
@@ -267,13 +280,10 @@ class _Variant(NamedTuple):
 #: Qwen3-MoE, ...); their module's RoPE function must also be the Llama formula (``_rope_is_llama``,
 #: checked on numbers: GLM's, with Llama's text, is not).
 ATTENTION_BODIES: dict[str, _Variant] = {
-    "188c5c14bdfa4bc940c06d5d7fc43185f830345744af471073b1c684e0c1791d": _Variant("llama", False, lambda m: {}),
-    "9c0d7936d42c57f331177048d795eac0c5ad4100d23055f560693ba82b21d9be":
-        _Variant("qwen2", False, lambda m: {"sliding_window": m.sliding_window}),
-    "723ed076636398a041c183f1f08a24878d5aa84529b70f2480ee4cc4ca49c158":
-        _Variant("mistral", False, lambda m: {"sliding_window": getattr(m.config, "sliding_window", None)}),
-    "6de7f1c9e04d6f3d7aeee9a699d7751aefffad06b2689b9866fe43c09d89c1c0":
-        _Variant("qwen3", True, lambda m: {"sliding_window": m.sliding_window}),
+    "188c5c14bdfa4bc940c06d5d7fc43185f830345744af471073b1c684e0c1791d": _Variant("llama", False, _no_extra),
+    "9c0d7936d42c57f331177048d795eac0c5ad4100d23055f560693ba82b21d9be": _Variant("qwen2", False, _own_window),
+    "723ed076636398a041c183f1f08a24878d5aa84529b70f2480ee4cc4ca49c158": _Variant("mistral", False, _config_window),
+    "6de7f1c9e04d6f3d7aeee9a699d7751aefffad06b2689b9866fe43c09d89c1c0": _Variant("qwen3", True, _own_window),
 }
 _ROPE_CHECKED: dict[str, bool] = {}
 
