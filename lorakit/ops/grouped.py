@@ -274,8 +274,8 @@ def _config_window(m: nn.Module) -> dict[str, Any]:
 #: sha256 of ``forward_body`` of the transformers 5 attention forwards that ``_llama_attention``
 #: computes with lorakit's nodes, step for step: Llama's (project q, k, v; RoPE with the module's
 #: ``apply_rotary_pos_emb``; an optional cache update; the configured attention function;
-#: ``o_proj``), and two that differ from it in one respect each: Qwen2's and Mistral's pass a
-#: ``sliding_window`` to the attention function, Qwen3's norms q and k per head first. About forty
+#: ``o_proj``), and three that differ from it: Qwen2's and Mistral's pass a ``sliding_window`` to
+#: the attention function, Qwen3's does that and norms q and k per head first. About forty
 #: other transformers attention classes have one of these texts (Gemma, Granite, Ministral, Mixtral,
 #: Qwen3-MoE, ...); their module's RoPE function must also be the Llama formula (``_rope_is_llama``,
 #: checked on numbers: GLM's, with Llama's text, is not).
@@ -314,8 +314,8 @@ def _rope_is_llama(module: nn.Module) -> bool:
 
 def _llama_attention(m: nn.Module, variant: _Variant, hidden_states: torch.Tensor, position_embeddings=None,
                      attention_mask=None, cache=None, **kwargs: Any) -> Any:
-    """The attention forward of ``variant`` (``ATTENTION_BODIES``: Llama's, or one that differs from it
-    in one respect), step for step, with RoPE as ``RotaryFn`` nodes where they stand for the module's
+    """The attention forward of ``variant`` (``ATTENTION_BODIES``: Llama's, or one that adds to it a
+    window argument and q / k norms), step for step, with RoPE as ``RotaryFn`` nodes where they stand for the module's
     RoPE function (``rotary_applies``; else that function). The projections are called as modules:
     the grouped outputs are served to them, with their hooks."""
     names = _module_globals(m)
