@@ -159,12 +159,12 @@ def test_an_attention_whose_rope_is_not_llama_s_keeps_its_own(rope_calls):
     assert rope_calls == []
 
 
-def test_the_rope_check_is_made_once_per_modeling_module(monkeypatch):
+def test_the_rope_check_is_made_once_per_attention_class(monkeypatch):
     _known_body()
     checks = []
     real = grouped.apply_rotary
     monkeypatch.setattr(grouped, "apply_rotary", lambda *a: checks.append(1) or real(*a))
-    monkeypatch.setattr(grouped, "_ROPE_CHECKED", {})
+    monkeypatch.setattr(grouped, "_VARIANTS", {})
     for _ in range(2):
         assert fuse_qkv_projections(lora_llama()) == 2
     assert checks == [1]

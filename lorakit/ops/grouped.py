@@ -285,7 +285,8 @@ ATTENTION_BODIES: dict[str, _Variant] = {
     "723ed076636398a041c183f1f08a24878d5aa84529b70f2480ee4cc4ca49c158": _Variant("mistral", False, _config_window),
     "6de7f1c9e04d6f3d7aeee9a699d7751aefffad06b2689b9866fe43c09d89c1c0": _Variant("qwen3", True, _own_window),
 }
-_ROPE_CHECKED: dict[str, bool] = {}
+#: Per attention class: the known forward ``_llama_attention`` computes for it, or None (``_variant_of``).
+_VARIANTS: dict[type, _Variant | None] = {}
 
 
 def _module_globals(module: nn.Module) -> dict:
@@ -294,22 +295,30 @@ def _module_globals(module: nn.Module) -> dict:
 
 def _rope_is_llama(module: nn.Module) -> bool:
     """Whether the ``apply_rotary_pos_emb`` that ``module``'s forward calls gives ``RotaryFn``'s
-    values on random float64 inputs (Llama's formula: not an interleaved or partial rotation);
-    checked once per modeling module."""
-    name = type(module).__module__
-    if name not in _ROPE_CHECKED:
-        rope = _module_globals(module).get("apply_rotary_pos_emb")
-        gen = torch.Generator().manual_seed(0)
-        q, k = (torch.randn(2, n, 3, 8, generator=gen, dtype=torch.float64) for n in (4, 2))
-        cos, sin = (torch.randn(2, 3, 8, generator=gen, dtype=torch.float64) for _ in range(2))
-        try:
-            with torch.no_grad():
-                want = rope(q, k, cos, sin)
-            got = apply_rotary(q, k, cos, sin)
-            _ROPE_CHECKED[name] = all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(got, want))
-        except Exception:  # not callable so, other shapes, ...: the module's own forward then
-            _ROPE_CHECKED[name] = False
-    return _ROPE_CHECKED[name]
+    values on random float64 inputs (Llama's formula: not an interleaved or partial rotation)."""
+    rope = _module_globals(module).get("apply_rotary_pos_emb")
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, n, 3, 8, generator=gen, dtype=torch.float64) for n in (4, 2))
+    cos, sin = (torch.randn(2, 3, 8, generator=gen, dtype=torch.float64) for _ in range(2))
+    try:
+        with torch.no_grad():
+            want = rope(q, k, cos, sin)
+        got = apply_rotary(q, k, cos, sin)
+        return all(torch.allclose(a, b, rtol=1e-12, atol=1e-12) for a, b in zip(got, want))
+    except Exception:  # not callable so, other shapes, ...: the module's own forward then
+        return False
+
+
+def _variant_of(module: nn.Module) -> _Variant | None:
+    """The known forward ``_llama_attention`` computes for ``module`` (its text in ``ATTENTION_BODIES``
+    and its RoPE function Llama's: ``_rope_is_llama``), or None; worked out once per class (reading
+    and hashing the source was half of fusing the embedded model's 30 layers: 28 of ~50 ms)."""
+    cls = type(module)
+    if cls not in _VARIANTS:
+        body = forward_body(module)
+        variant = None if body is None else ATTENTION_BODIES.get(hashlib.sha256("\n".join(body).encode()).hexdigest())
+        _VARIANTS[cls] = variant if variant is not None and _rope_is_llama(module) else None
+    return _VARIANTS[cls]
 
 
 def _llama_attention(m: nn.Module, variant: _Variant, hidden_states: torch.Tensor, position_embeddings=None,
@@ -342,10 +351,8 @@ class _FusedQKVForward:
 
     def __init__(self, module: nn.Module) -> None:
         self.module = module
-        body = forward_body(module)
-        variant = None if body is None else ATTENTION_BODIES.get(hashlib.sha256("\n".join(body).encode()).hexdigest())
         #: the known forward ``_llama_attention`` computes for the module (RoPE as ``RotaryFn`` nodes), or None
-        self.variant = variant if variant is not None and _rope_is_llama(module) else None
+        self.variant = _variant_of(module)
 
     def __call__(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
         m = self.module
