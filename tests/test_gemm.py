@@ -438,9 +438,14 @@ def test_the_cpu_vendor_is_read_from_the_system(monkeypatch):
         return real_open(path, *a, **k)
 
     monkeypatch.setattr(builtins, "open", no_cpuinfo)
+    monkeypatch.setattr(gemm.sys, "platform", "win32")
     monkeypatch.setattr(platform, "processor", lambda: "Intel64 Family 6 Model 167 Stepping 1, GenuineIntel")
     assert gemm._cpu_vendor() == "GenuineIntel"   # Windows' description
     monkeypatch.setattr(platform, "processor", lambda: "arm")
+    assert gemm._cpu_vendor() == ""
+    # elsewhere without /proc/cpuinfo (macOS): no processor query (a `uname -p` subprocess there)
+    monkeypatch.setattr(gemm.sys, "platform", "darwin")
+    monkeypatch.setattr(platform, "processor", lambda: pytest.fail("platform.processor() was called"))
     assert gemm._cpu_vendor() == ""
 
 

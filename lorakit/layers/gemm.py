@@ -43,6 +43,8 @@ its LoRA step through oneDNN in 1.34x PEFT's time.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 from torch.autograd import forward_ad
@@ -59,7 +61,9 @@ ONEDNN_MIN_MACS = 1 << 23
 
 def _cpu_vendor() -> str:
     """The CPU's vendor string ("GenuineIntel", "AuthenticAMD", ...) where the system tells it
-    (Linux's /proc/cpuinfo, Windows' processor description), else ""."""
+    (Linux's /proc/cpuinfo, Windows' processor description), else "". Read at import: elsewhere
+    (macOS, an ARM Linux without a vendor line) ``platform.processor()`` would run ``uname -p`` in a
+    subprocess (~7 ms), and does not name the vendor there anyway."""
     import platform
 
     try:
@@ -69,7 +73,9 @@ def _cpu_vendor() -> str:
                     return line.partition(":")[2].strip()
     except OSError:
         pass
-    text = platform.processor()  # Windows: "Intel64 Family 6 Model 167 Stepping 1, GenuineIntel"
+    if sys.platform != "win32":
+        return ""
+    text = platform.processor()  # "Intel64 Family 6 Model 167 Stepping 1, GenuineIntel"
     return next((v for v in ("GenuineIntel", "AuthenticAMD") if v in text), "")
 
 
